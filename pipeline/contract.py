@@ -1,0 +1,176 @@
+"""The FLUX.2 [klein] API's vocabulary, in one place.
+
+Everything the client validates against, and everything the simulator enforces, comes from
+here, so the two cannot drift apart. The source is ``shared/api-contract.md``; where public
+documentation leaves a point open (for example what an image costs) this module fixes it and
+says so.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Final
+
+# --- request parameters -------------------------------------------------------------------
+
+#: 1k output size (width, height) of each aspect-ratio preset.
+ASPECT_RATIOS: Final[dict[str, tuple[int, int]]] = {
+    "square_1_1": (1024, 1024),
+    "widescreen_16_9": (1344, 768),
+    "social_story_9_16": (768, 1344),
+    "portrait_2_3": (832, 1216),
+    "traditional_3_4": (960, 1280),
+    "vertical_1_2": (704, 1408),
+    "horizontal_2_1": (1408, 704),
+    "social_post_4_5": (896, 1152),
+    "standard_3_2": (1216, 832),
+    "classic_4_3": (1280, 960),
+}
+DEFAULT_ASPECT_RATIO: Final = "square_1_1"
+
+RESOLUTIONS: Final = ("1k", "2k")
+DEFAULT_RESOLUTION: Final = "1k"
+MAX_SIDE: Final = 2048
+SIDE_MULTIPLE: Final = 16
+
+OUTPUT_FORMATS: Final = ("png", "jpeg")
+DEFAULT_OUTPUT_FORMAT: Final = "jpeg"
+#: MIME type and file extension of each output format.
+FORMAT_MIME: Final = {"png": "image/png", "jpeg": "image/jpeg"}
+FORMAT_EXT: Final = {"png": "png", "jpeg": "jpg"}
+
+SEED_MIN: Final = 0
+SEED_MAX: Final = 4_294_967_295
+
+SAFETY_MIN: Final = 0
+SAFETY_MAX: Final = 5
+DEFAULT_SAFETY: Final = 2
+
+#: Request fields that carry reference images, in order.
+REFERENCE_FIELDS: Final = ("input_image", "input_image_2", "input_image_3", "input_image_4")
+MAX_REFERENCES: Final = len(REFERENCE_FIELDS)
+#: Reference image formats the API accepts as they are; others are converted first.
+REFERENCE_MIME: Final = ("image/jpeg", "image/png")
+
+#: Dialect B's bounds on an explicit width/height.
+BFL_MIN_SIDE: Final = 64
+BFL_MAX_PIXELS: Final = 4_000_000
+BFL_MODELS: Final = ("flux-2-klein-4b", "flux-2-klein-9b")
+
+
+def _floor16(value: float) -> int:
+    return int(value) // SIDE_MULTIPLE * SIDE_MULTIPLE
+
+
+def output_size(aspect_ratio: str, resolution: str) -> tuple[int, int]:
+    """Width and height the API promises for a preset (the contract's table, computed).
+
+    2k doubles the 1k size; a side past 2048 scales both sides down in proportion so the
+    longer side is 2048, then each side is floored to a multiple of 16.
+    """
+    width, height = ASPECT_RATIOS[aspect_ratio]
+    if resolution == "1k":
+        return width, height
+    if resolution != "2k":
+        raise ValueError(f"unknown resolution {resolution!r}")
+    width, height = width * 2, height * 2
+    longest = max(width, height)
+    if longest <= MAX_SIDE:
+        return width, height
+    # Integer arithmetic so no float rounding can move a side across a multiple of 16.
+    return (
+        width * MAX_SIDE // longest // SIDE_MULTIPLE * SIDE_MULTIPLE,
+        height * MAX_SIDE // longest // SIDE_MULTIPLE * SIDE_MULTIPLE,
+    )
+
+
+def bfl_size(aspect_ratio: str, resolution: str) -> tuple[int, int]:
+    """Dialect B's explicit width/height for a preset: the same table, capped to 4 MP."""
+    width, height = output_size(aspect_ratio, resolution)
+    if width * height <= BFL_MAX_PIXELS:
+        return width, height
+    scale = math.sqrt(BFL_MAX_PIXELS / (width * height))
+    return _floor16(width * scale), _floor16(height * scale)
+
+
+def cost_credits(width: int, height: int) -> float:
+    """What one image costs, in credits: one credit per output megapixel, to the hundredth.
+
+    Public price lists change and differ by vendor; the contract leaves the figure open, so
+    this is the project's fixed model. The simulator charges it and the planner estimates
+    with it, which makes ``--dry-run`` estimates and real spend comparable.
+    """
+    return round(width * height / 1_000_000, 2)
+
+
+# --- task statuses --------------------------------------------------------------------------
+
+
+class KleinStatus(StrEnum):
+    """Dialect A task statuses."""
+
+    CREATED = "CREATED"
+    IN_PROGRESS = "IN_PROGRESS"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+
+
+class BflStatus(StrEnum):
+    """Dialect B task statuses."""
+
+    PENDING = "Pending"
+    READY = "Ready"
+    ERROR = "Error"
+    REQUEST_MODERATED = "Request Moderated"
+    CONTENT_MODERATED = "Content Moderated"
+    TASK_NOT_FOUND = "Task not found"
+
+
+class RowStatus(StrEnum):
+    """The one terminal state every input row ends in, as the output manifest records it."""
+
+    SUCCEEDED = "succeeded"
+    MODERATED = "moderated"
+    FAILED = "failed"
+    REJECTED = "rejected"
+    SKIPPED = "skipped"
+
+
+# --- rate-limit tiers -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Tier:
+    """What a key on a tier may do: a name and two limits. Data, not code."""
+
+    name: str
+    max_active: int
+    submits_per_minute: int
+
+    def __post_init__(self) -> None:
+        if self.max_active < 1 or self.submits_per_minute < 1:
+            raise ValueError(f"tier {self.name!r}: limits must be at least 1")
+
+
+TIERS: Final[dict[str, Tier]] = {
+    tier.name: tier
+    for tier in (
+        Tier("trial", 2, 120),
+        Tier("standard", 24, 3600),
+        Tier("scale", 96, 14400),
+        Tier("enterprise", 384, 57600),
+    )
+}
+DEFAULT_TIER: Final = "standard"
+
+#: How long a delivery URL stays valid after the task is ready (both dialects).
+RESULT_URL_TTL_S: Final = 600.0
+
+
+# --- dialect A paths and headers ------------------------------------------------------------
+
+KLEIN_PATH: Final = "/v1/ai/text-to-image/flux-2-klein"
+KLEIN_KEY_HEADERS: Final = ("x-freepik-api-key", "x-magnific-api-key")
+BFL_KEY_HEADER: Final = "x-key"
