@@ -1,0 +1,31 @@
+"""The exceptions klein-batch raises, in one place.
+
+```
+KleinError                 anything klein-batch reports to a person (no traceback needed)
+├── ConfigError            the run cannot start: bad option, missing API key, bad sink URI
+├── ManifestError          the manifest as a whole is unusable (unreadable, no prompt column)
+└── ReferenceError         one reference image is unusable (the row is rejected, the run goes on)
+```
+
+Row-level problems are not exceptions: they become ``Rejection`` records and the valid rows
+still run. Messages never contain secrets: API keys and webhook secrets are not passed to
+any of these.
+"""
+
+from __future__ import annotations
+
+
+class KleinError(Exception):
+    """A problem to report to the user as a message, not a traceback."""
+
+
+class ConfigError(KleinError):
+    """The run cannot start as configured."""
+
+
+class ManifestError(KleinError):
+    """The manifest file as a whole cannot be used; the message names the file."""
+
+
+class ReferenceError(KleinError):  # noqa: A001 - shadows a builtin only inside this package
+    """A reference image cannot be used; the message says why, the caller says where."""

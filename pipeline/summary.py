@@ -1,0 +1,87 @@
+"""The shapes a run reports itself in: live progress snapshots and the final summary.
+
+The CLI renders these, ``run.json`` serialises ``RunSummary``, and the Python API returns it,
+so all three always agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from enum import IntEnum
+
+from pipeline.contract import RowStatus
+
+
+class ExitCode(IntEnum):
+    """The CLI's documented exit codes."""
+
+    #: Every row of the manifest succeeded.
+    OK = 0
+    #: The run finished, but some rows ended moderated, failed, rejected or skipped.
+    PARTIAL = 1
+    #: The run could not start: bad options, unreadable manifest, missing API key, ...
+    CANNOT_START = 2
+
+
+@dataclass(slots=True)
+class ProgressSnapshot:
+    """What the progress display shows; sent a few times a second while a run goes."""
+
+    total: int
+    counts: dict[str, int]
+    in_flight: int
+    images_per_s: float
+    credits: float
+    elapsed_s: float
+    eta_s: float | None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.values())
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """A finished run, as `run.json` records it and `run_manifest` returns it."""
+
+    run_id: str
+    manifest: str
+    output: str
+    dialect: str
+    tier: str
+    max_active: int
+    submits_per_minute: int
+    total_rows: int
+    counts: dict[str, int] = field(default_factory=dict)
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    images_per_s: float = 0.0
+    latency_p50_s: float | None = None
+    latency_p95_s: float | None = None
+    credits: float = 0.0
+    submits: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    polls: int = 0
+    #: Submits whose response was lost (dropped connection, kill); each may have been paid.
+    ambiguous_submits: int = 0
+    resumed_rows: int = 0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def elapsed_s(self) -> float:
+        return max(0.0, self.finished_at - self.started_at)
+
+    @property
+    def succeeded(self) -> int:
+        return self.counts.get(RowStatus.SUCCEEDED, 0)
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.succeeded == self.total_rows else ExitCode.PARTIAL
+
+    def to_dict(self) -> dict[str, object]:
+        data = asdict(self)
+        data["elapsed_s"] = round(self.elapsed_s, 3)
+        data["exit_code"] = int(self.exit_code)
+        return data
