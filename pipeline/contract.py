@@ -41,6 +41,11 @@ DEFAULT_OUTPUT_FORMAT: Final = "jpeg"
 FORMAT_MIME: Final = {"png": "image/png", "jpeg": "image/jpeg"}
 FORMAT_EXT: Final = {"png": "png", "jpeg": "jpg"}
 
+#: Longest prompt the pipeline sends, in characters. The contract sets no limit; this is the
+#: project's own cap, so that a runaway cell (a pasted document) is rejected with a clear
+#: message instead of being sent and billed.
+PROMPT_MAX_CHARS: Final = 10_000
+
 SEED_MIN: Final = 0
 SEED_MAX: Final = 4_294_967_295
 
