@@ -1,0 +1,216 @@
+"""Showing a run's progress: a live bar for people, plain lines for logs.
+
+A person at a terminal wants one bar that redraws in place; a cron job's log wants a line
+every few seconds that still reads well in ``less``. Progress is only ever a view: any
+failure while drawing it is swallowed (once, with a note) so it can never stop a run that is
+spending real credits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from types import TracebackType
+from typing import Final, Literal, Self, TextIO
+
+from rich.console import Console, RenderableType
+from rich.progress import BarColumn, Progress, TaskID, TextColumn
+from rich.text import Text
+
+from pipeline.contract import RowStatus
+from pipeline.summary import ProgressSnapshot
+
+Mode = Literal["auto", "bar", "plain", "off"]
+MODES: Final = ("auto", "bar", "plain", "off")
+
+#: Order the per-status counts are shown in; the ones a person watches first come first.
+_SHOWN: Final = (
+    RowStatus.SUCCEEDED,
+    RowStatus.FAILED,
+    RowStatus.MODERATED,
+    RowStatus.REJECTED,
+    RowStatus.SKIPPED,
+)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``1h02m``, ``4m05s``, ``12s``: short enough for a bar, exact enough to plan with."""
+    if seconds is None or seconds != seconds or seconds < 0:  # None, NaN or nonsense
+        return "?"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _counts(snapshot: ProgressSnapshot) -> str:
+    parts = [f"{status.value} {snapshot.counts.get(status, 0)}" for status in _SHOWN[:4]]
+    skipped = snapshot.counts.get(RowStatus.SKIPPED, 0)
+    if skipped:
+        parts.append(f"skipped {skipped}")
+    return " · ".join(parts)
+
+
+def format_line(snapshot: ProgressSnapshot) -> str:
+    """One self-contained log line: every figure a person grepping a log would look for."""
+    done = snapshot.done
+    percent = 100.0 * done / snapshot.total if snapshot.total else 100.0
+    return (
+        f"progress {done}/{snapshot.total} ({percent:.1f}%) · {_counts(snapshot)}"
+        f" · in flight {snapshot.in_flight} · {snapshot.images_per_s:.2f} img/s"
+        f" · ETA {format_duration(snapshot.eta_s)} · {snapshot.credits:.2f} credits"
+        f" · elapsed {format_duration(snapshot.elapsed_s)}"
+    )
+
+
+class ProgressDisplay:
+    """``on_progress`` callback for ``run_manifest``, used as a context manager.
+
+    ``mode="auto"`` draws a live bar when the stream is a terminal and writes plain lines
+    (one every ``interval_s`` of run time, plus one at the end) otherwise. Snapshots may
+    arrive from another thread (the run's event loop), so drawing is serialised.
+    """
+
+    def __init__(
+        self,
+        *,
+        stream: TextIO | None = None,
+        mode: Mode = "auto",
+        interval_s: float = 5.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"progress mode {mode!r}: expected one of {', '.join(MODES)}")
+        self._stream = stream if stream is not None else sys.stdout
+        if mode == "auto":
+            mode = "bar" if _isatty(self._stream) else "plain"
+        self.mode: Mode = mode
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last: ProgressSnapshot | None = None
+        self._last_printed_at: float | None = None
+        self._last_printed: ProgressSnapshot | None = None
+        self._progress: Progress | None = None
+        self._task: TaskID | None = None
+        self._broken = False
+
+    def __enter__(self) -> Self:
+        if self.mode == "bar":
+            self._guard(self._start_bar)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __call__(self, snapshot: ProgressSnapshot) -> None:
+        """Take a snapshot; never raises, whatever the terminal or stream does."""
+        with self._lock:
+            self._last = snapshot
+            if self._broken or self.mode == "off":
+                return
+            if self.mode == "bar":
+                self._guard(self._draw_bar, snapshot)
+            elif self._due(snapshot):
+                self._guard(self._print_line, snapshot)
+
+    update = __call__
+
+    def close(self) -> None:
+        """Finish the display: the bar is left at its last state, the log gets a final line."""
+        with self._lock:
+            if self.mode == "bar" and self._progress is not None:
+                if self._last is not None:
+                    self._guard(self._draw_bar, self._last)
+                self._guard(self._progress.stop)
+                self._progress = None
+            elif (
+                self.mode == "plain"
+                and self._last is not None
+                and self._last is not self._last_printed
+            ):
+                self._guard(self._print_line, self._last)
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _guard(self, action: Callable[..., object], *args: object) -> None:
+        if self._broken:
+            return
+        try:
+            action(*args)
+        except Exception as exc:  # a view must never take the run down with it
+            self._broken = True
+            with contextlib.suppress(Exception):  # stderr itself is gone: nothing left to tell
+                sys.stderr.write(
+                    f"note: progress display turned off ({exc.__class__.__name__}: {exc})\n"
+                )
+
+    def _due(self, snapshot: ProgressSnapshot) -> bool:
+        # Run time from the snapshot, not the wall clock, so the cadence follows the run.
+        if self._last_printed_at is None:
+            return True
+        return snapshot.elapsed_s - self._last_printed_at >= self._interval_s
+
+    def _print_line(self, snapshot: ProgressSnapshot) -> None:
+        self._stream.write(format_line(snapshot) + "\n")
+        self._stream.flush()
+        self._last_printed_at = snapshot.elapsed_s
+        self._last_printed = snapshot
+
+    def _start_bar(self) -> None:
+        console = Console(file=self._stream, force_terminal=True)
+        self._progress = _TwoLineProgress(
+            TextColumn("[bold]klein-batch"),
+            BarColumn(bar_width=30),
+            TextColumn("{task.completed}/{task.fields[of]}"),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("ETA {task.fields[eta]}"),
+            TextColumn("{task.fields[credits]}"),
+            console=console,
+            refresh_per_second=4,
+        )
+        self._task = self._progress.add_task(
+            "run", total=None, of="?", rate="", eta="?", credits=""
+        )
+        self._progress.start()
+
+    def _draw_bar(self, snapshot: ProgressSnapshot) -> None:
+        if not isinstance(self._progress, _TwoLineProgress) or self._task is None:
+            return
+        self._progress.status = f"{_counts(snapshot)} · in flight {snapshot.in_flight}"
+        self._progress.update(
+            self._task,
+            total=snapshot.total,
+            completed=snapshot.done,
+            of=snapshot.total,
+            rate=f"{snapshot.images_per_s:.2f} img/s",
+            eta=format_duration(snapshot.eta_s),
+            credits=f"{snapshot.credits:.2f} credits",
+        )
+
+
+class _TwoLineProgress(Progress):
+    """The bar on one line, the per-status counts under it, so both fit 80 columns."""
+
+    status: str = "starting"
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        yield Text("  " + self.status, overflow="ellipsis", no_wrap=True)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
