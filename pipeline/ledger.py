@@ -1,0 +1,598 @@
+"""The run's journal: what was asked, acknowledged and finished, per row key.
+
+It is the resume identity of a destination: running the same manifest into the same DEST
+again reads it to skip finished rows and to poll, never resubmit, tasks the API already
+acknowledged (those were paid for). It lives in ``DEST/.klein/ledger.sqlite``.
+
+Durability. SQLite in WAL mode with ``synchronous=NORMAL``: a commit appends to the WAL
+file and returns without an fsync. A ``kill -9`` of the process does not lose the operating
+system's page cache, so every committed transaction survives it; only a power loss or a
+kernel crash can drop the last few commits (acceptable: the API's own task list is the
+fallback for that). ``record_ack`` commits before it returns, so an acknowledged task id is
+on disk before the engine hands the task on. Intents and outcomes ride along with the next
+commit (an ack or ``flush()``, which the run calls every ~0.2 s and at the end), which keeps
+each call a few microseconds.
+
+Concurrency. One process writes (the run). Any number of readers (``klein-batch status``)
+may open the file with ``Ledger.open(path, readonly=True)`` at any time: WAL readers see
+the last committed state and never block the writer.
+
+Exactly once. ``plan`` returns ``"submit"`` only for a key with no acknowledged task in
+flight: a key with an ack and no final outcome is always ``"poll"``. An intent without an
+ack (the submit's response was lost to a kill or a dropped connection) is submitted again,
+and counted by ``ambiguous_submits`` because it may have been paid.
+
+Schema. Versioned in the ``meta`` table (``schema_version``); ``open`` refuses a newer
+version and is where a later version migrates an older one.
+
+Tables:
+
+- ``tasks``, one row per key across runs: the request (without reference specs, which
+  may be megabytes of inline base64; the outcome keeps their digests), intent and ack
+  state, the final status and outcome.
+- ``run_rows``, this run's map from manifest row index to key (or to a rejection); reset by
+  ``start_run``, so it always describes the manifest being run now.
+- ``runs``, one row per ``start_run`` (manifest name, dialect, options; never secrets).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from pipeline.contract import RowStatus
+from pipeline.errors import ConfigError
+from pipeline.rows import ImageRequest, Outcome, Rejection, Row
+
+#: Where a destination keeps its ledger, relative to DEST.
+LEDGER_RELPATH = ".klein/ledger.sqlite"
+
+SCHEMA_VERSION = 1
+
+#: Statuses that settle a key for good: a rerun skips it (``failed`` only until
+#: ``retry_failed``). ``rejected`` and ``skipped`` describe one run, not the image.
+FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.FAILED})
+
+_SQL_IN_CHUNK = 500
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    started_at REAL NOT NULL,
+    info TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    key TEXT PRIMARY KEY,
+    request TEXT,
+    intents INTEGER NOT NULL DEFAULT 0,
+    intent_pending INTEGER NOT NULL DEFAULT 0,
+    lost_acks INTEGER NOT NULL DEFAULT 0,
+    task_id TEXT,
+    poll_url TEXT,
+    submitted_at REAL,
+    ack_cost REAL,
+    ack_run TEXT,
+    status TEXT,
+    outcome TEXT,
+    finished_at REAL,
+    latency REAL,
+    credits REAL,
+    finished_run TEXT
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_rows (
+    idx INTEGER PRIMARY KEY,
+    key TEXT,
+    dup_of INTEGER,
+    retry INTEGER NOT NULL DEFAULT 0,
+    rejection TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS run_rows_key ON run_rows(key);
+"""
+
+
+class Action(StrEnum):
+    """What the engine does with a planned row."""
+
+    #: New, or failed before and ``retry_failed``: submit it.
+    SUBMIT = "submit"
+    #: Acknowledged earlier and not finished: poll its task id, never resubmit.
+    POLL = "poll"
+    #: A final outcome is already recorded: skip it.
+    DONE = "done"
+    #: The key already appears at another row of this run: reject it, naming that row.
+    DUPLICATE = "duplicate"
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """One row's plan, with what the ledger already knows about its key."""
+
+    row: Row
+    action: Action
+    task_id: str | None = None
+    poll_url: str | None = None
+    #: Submits already made for this key (the engine continues counting from here).
+    attempts: int = 0
+    #: 0-based index of the first row of this run with the same key.
+    duplicate_of: int | None = None
+    #: The outcome recorded by an earlier run, if any.
+    previous: Outcome | None = None
+
+
+_OUTCOME_FIELDS = tuple(
+    f.name for f in fields(Outcome) if f.name not in ("index", "key", "status", "request")
+)
+
+
+def _request_to_json(request: ImageRequest | None) -> str | None:
+    if request is None:
+        return None
+    return json.dumps(
+        [
+            request.prompt,
+            request.aspect_ratio,
+            request.resolution,
+            request.seed,
+            request.safety_tolerance,
+            request.output_format,
+        ],
+        ensure_ascii=False,
+    )
+
+
+def _request_from_json(text: str | None) -> ImageRequest | None:
+    if not text:
+        return None
+    prompt, aspect_ratio, resolution, seed, safety, output_format = json.loads(text)
+    return ImageRequest(prompt, aspect_ratio, resolution, seed, safety, output_format)
+
+
+def _outcome_to_json(outcome: Outcome) -> str:
+    data: dict[str, Any] = {}
+    for name in _OUTCOME_FIELDS:
+        value = getattr(outcome, name)
+        if name == "reference_digests":
+            value = list(value)
+        if value is not None and value != [] and value != {}:
+            data[name] = value
+    return json.dumps(data, ensure_ascii=False, default=str)
+
+
+def _outcome_from_json(
+    index: int, key: str, status: str, request_json: str | None, outcome_json: str | None
+) -> Outcome:
+    data: dict[str, Any] = json.loads(outcome_json) if outcome_json else {}
+    if "reference_digests" in data:
+        data["reference_digests"] = tuple(data["reference_digests"])
+    return Outcome(
+        index=index,
+        key=key,
+        status=RowStatus(status),
+        request=_request_from_json(request_json),
+        **data,
+    )
+
+
+def _chunks(items: Sequence[str], size: int = _SQL_IN_CHUNK) -> Iterable[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Ledger:
+    """The SQLite journal of one destination. Not thread-safe: use it from one thread."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, readonly: bool) -> None:
+        self._conn = conn
+        self.path = path
+        self.readonly = readonly
+        self._run_id: str | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, *, readonly: bool = False) -> Ledger:
+        """Open (the writer creates it) the ledger at ``path``."""
+        path = Path(path)
+        try:
+            if readonly:
+                if not path.is_file():
+                    raise ConfigError(f"no ledger at {path}: nothing has run into this folder yet")
+                conn = sqlite3.connect(
+                    f"{path.resolve().as_uri()}?mode=ro", uri=True, isolation_level=None
+                )
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                conn = sqlite3.connect(path, isolation_level=None)
+            conn.execute("PRAGMA busy_timeout = 10000")
+            if not readonly:
+                conn.execute("PRAGMA journal_mode = WAL")
+                conn.execute("PRAGMA synchronous = NORMAL")
+            ledger = cls(conn, path, readonly=readonly)
+            ledger._prepare()
+        except sqlite3.DatabaseError as exc:
+            raise ConfigError(
+                f"cannot use the run ledger {path}: {exc}; it may be damaged or not a ledger "
+                f"(move it away to start this destination from scratch)"
+            ) from exc
+        return ledger
+
+    def _prepare(self) -> None:
+        if self.readonly:
+            version = self._meta("schema_version")
+        else:
+            # Idempotent DDL; a later schema version migrates here, keyed on schema_version.
+            self._conn.executescript(_SCHEMA)
+            self._conn.execute(
+                "INSERT OR IGNORE INTO meta(name, value) VALUES ('schema_version', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+            version = self._meta("schema_version")
+        if version is None or int(version) > SCHEMA_VERSION:
+            raise ConfigError(
+                f"the run ledger {self.path} has schema version {version}; this klein-batch "
+                f"reads version {SCHEMA_VERSION} or older: upgrade klein-batch"
+            )
+        self._run_id = self._meta("current_run")
+
+    def _meta(self, name: str) -> str | None:
+        row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def close(self) -> None:
+        if not self.readonly and self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+        self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _begin(self) -> None:
+        if not self._conn.in_transaction:
+            self._conn.execute("BEGIN")
+
+    def flush(self) -> None:
+        """Commit the intents and outcomes recorded since the last commit."""
+        if self._conn.in_transaction:
+            self._conn.execute("COMMIT")
+
+    @property
+    def run_id(self) -> str | None:
+        return self._run_id
+
+    # --- planning ---------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, info: dict[str, object]) -> None:
+        """Record a run (never pass secrets in ``info``) and start its row map afresh."""
+        self._begin()
+        self._conn.execute(
+            "INSERT OR REPLACE INTO runs(run_id, started_at, info) VALUES (?, ?, ?)",
+            (run_id, time.time(), json.dumps(info, default=str, sort_keys=True)),
+        )
+        self._conn.execute("DELETE FROM run_rows")
+        self._conn.execute(
+            "INSERT OR REPLACE INTO meta(name, value) VALUES ('current_run', ?)", (run_id,)
+        )
+        self._conn.execute("COMMIT")
+        self._run_id = run_id
+
+    def plan(self, rows: Sequence[Row], *, retry_failed: bool = False) -> list[Planned]:
+        """Decide each row's action from what earlier runs recorded, and map it to its key."""
+        if not rows:
+            return []
+        keys = list(dict.fromkeys(row.key for row in rows))
+        first_idx: dict[str, int] = {}
+        known: dict[str, tuple[Any, ...]] = {}
+        for chunk in _chunks(keys):
+            marks = ",".join("?" * len(chunk))
+            first_idx.update(
+                self._conn.execute(
+                    f"SELECT key, idx FROM run_rows WHERE key IN ({marks})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+            )
+            for record in self._conn.execute(
+                "SELECT key, task_id, poll_url, intents, status, request, outcome "  # noqa: S608
+                f"FROM tasks WHERE key IN ({marks})",
+                chunk,
+            ):
+                known[record[0]] = record
+
+        planned: list[Planned] = []
+        map_rows: list[tuple[int, str | None, int | None, int]] = []
+        new_requests: list[tuple[str, str | None]] = []
+        for row in rows:
+            first = first_idx.get(row.key)
+            if first is not None and first != row.index:
+                planned.append(Planned(row, Action.DUPLICATE, duplicate_of=first))
+                map_rows.append((row.index, None, first, 0))
+                continue
+            first_idx[row.key] = row.index
+            record = known.get(row.key)
+            retry = 0
+            if record is None:
+                planned.append(Planned(row, Action.SUBMIT))
+                new_requests.append((row.key, _request_to_json(row.request)))
+            else:
+                _, task_id, poll_url, intents, status, request_json, outcome_json = record
+                previous = (
+                    _outcome_from_json(row.index, row.key, status, request_json, outcome_json)
+                    if status is not None
+                    else None
+                )
+                if status in FINAL_STATUSES and not (retry_failed and status == RowStatus.FAILED):
+                    action = Action.DONE
+                elif status in FINAL_STATUSES:
+                    action, retry = Action.SUBMIT, 1
+                elif task_id is not None:
+                    action = Action.POLL
+                else:
+                    action = Action.SUBMIT
+                    new_requests.append((row.key, _request_to_json(row.request)))
+                planned.append(
+                    Planned(
+                        row,
+                        action,
+                        task_id=task_id if action is Action.POLL else None,
+                        poll_url=poll_url if action is Action.POLL else None,
+                        attempts=int(intents),
+                        previous=previous,
+                    )
+                )
+            map_rows.append((row.index, row.key, None, retry))
+
+        self._begin()
+        # A row planned twice in one run replaces its own mapping, never another row's.
+        self._conn.executemany(
+            "INSERT INTO run_rows(idx, key, dup_of, retry) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT(idx) DO UPDATE SET key = excluded.key, dup_of = excluded.dup_of, "
+            "retry = excluded.retry",
+            map_rows,
+        )
+        # The request is refreshed only while nothing was sent for the key yet.
+        self._conn.executemany(
+            "INSERT INTO tasks(key, request) VALUES (?, ?) ON CONFLICT(key) DO UPDATE "
+            "SET request = excluded.request WHERE task_id IS NULL AND status IS NULL",
+            new_requests,
+        )
+        self._conn.execute("COMMIT")
+        return planned
+
+    def record_rejections(self, rejections: Sequence[Rejection]) -> None:
+        """Record rows of this run that will not be sent; final for this run only."""
+        if not rejections:
+            return
+        self._begin()
+        self._conn.executemany(
+            "INSERT INTO run_rows(idx, rejection) VALUES (?, ?) "
+            "ON CONFLICT(idx) DO UPDATE SET rejection = excluded.rejection",
+            [
+                (
+                    rej.index,
+                    json.dumps(
+                        {
+                            "reason": rej.reason,
+                            "column": rej.column,
+                            "key": rej.key,
+                            "prompt": rej.prompt,
+                        },
+                        ensure_ascii=False,
+                    ),
+                )
+                for rej in rejections
+            ],
+        )
+        self._conn.execute("COMMIT")
+
+    # --- the task lifecycle -----------------------------------------------------------------
+
+    def record_intent(self, key: str) -> None:
+        """Note that a submit for ``key`` is about to be POSTed (committed with the next ack).
+
+        A new submit supersedes a final outcome (``retry_failed``), so that outcome is
+        cleared; an earlier intent still waiting for its answer is counted as lost.
+        """
+        self._begin()
+        self._conn.execute(
+            "INSERT INTO tasks(key, intents, intent_pending) VALUES (?, 1, 1) "
+            "ON CONFLICT(key) DO UPDATE SET intents = intents + 1, "
+            "lost_acks = lost_acks + intent_pending, intent_pending = 1, "
+            "task_id = CASE WHEN status IS NULL THEN task_id END, "
+            "poll_url = CASE WHEN status IS NULL THEN poll_url END, "
+            "outcome = NULL, status = NULL, finished_at = NULL, latency = NULL, "
+            "credits = NULL, finished_run = NULL",
+            (key,),
+        )
+
+    def record_refused(self, key: str) -> None:
+        """The submit was answered without a task (400, 402, 429, 5xx): not ambiguous."""
+        self._begin()
+        self._conn.execute("UPDATE tasks SET intent_pending = 0 WHERE key = ?", (key,))
+
+    def record_ack(
+        self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
+    ) -> None:
+        """Record an acknowledged task; committed before this returns (survives kill -9)."""
+        self._begin()
+        self._conn.execute(
+            "INSERT INTO tasks(key, intents, task_id, poll_url, submitted_at, ack_cost, ack_run) "
+            "VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "intent_pending = 0, task_id = excluded.task_id, poll_url = excluded.poll_url, "
+            "submitted_at = excluded.submitted_at, ack_cost = excluded.ack_cost, "
+            "ack_run = excluded.ack_run",
+            (key, task_id, poll_url, submitted_at, cost, self._run_id),
+        )
+        self._conn.execute("COMMIT")
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        """Record how a key ended; committed by the next ``flush()`` or ack."""
+        self._begin()
+        self._conn.execute(
+            "INSERT INTO tasks(key, request, status, outcome, finished_at, latency, credits, "
+            "finished_run) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+            "request = COALESCE(excluded.request, request), status = excluded.status, "
+            "outcome = excluded.outcome, finished_at = excluded.finished_at, "
+            "latency = excluded.latency, credits = excluded.credits, "
+            "finished_run = excluded.finished_run, "
+            "task_id = COALESCE(task_id, json_extract(excluded.outcome, '$.task_id'))",
+            (
+                outcome.key,
+                _request_to_json(outcome.request),
+                str(outcome.status),
+                _outcome_to_json(outcome),
+                outcome.finished_at,
+                outcome.latency_s,
+                outcome.cost_credits,
+                self._run_id,
+            ),
+        )
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def _require_run(self) -> str:
+        if self._run_id is None:
+            raise RuntimeError("no run recorded in this ledger yet: call start_run() first")
+        return self._run_id
+
+    def counts(self) -> dict[str, int]:
+        """This run's rows by status, plus ``pending`` (not sent) and ``in_flight`` (acked)."""
+        run_id = self._require_run()
+        result = {status.value: 0 for status in RowStatus}
+        result.update(pending=0, in_flight=0)
+        query = """
+            SELECT CASE
+                WHEN r.rejection IS NOT NULL THEN 'rejected'
+                WHEN t.status = 'failed' AND r.retry = 1
+                     AND COALESCE(t.finished_run, '') <> :run THEN 'pending'
+                WHEN t.status IS NOT NULL THEN t.status
+                WHEN t.task_id IS NOT NULL THEN 'in_flight'
+                ELSE 'pending' END AS state, COUNT(*)
+            FROM run_rows r LEFT JOIN tasks t ON t.key = r.key
+            GROUP BY state
+        """
+        for state, count in self._conn.execute(query, {"run": run_id}):
+            result[state] = result.get(state, 0) + int(count)
+        return result
+
+    def ambiguous_submits(self) -> int:
+        """Submits of this run's keys whose response never came: each may have been paid."""
+        self._require_run()
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(t.lost_acks + t.intent_pending), 0) "
+            "FROM run_rows r JOIN tasks t ON t.key = r.key"
+        ).fetchone()
+        return int(row[0])
+
+    def outcomes_for(self, start_idx: int, end_idx: int) -> list[Outcome]:
+        """One Outcome per mapped row of this run in ``[start_idx, end_idx)``, by index.
+
+        Rows not finished are reported ``skipped`` with the reason (a rerun resumes them);
+        rows this run never planned or rejected are absent.
+        """
+        self._require_run()
+        query = """
+            SELECT r.idx, r.key, r.rejection, t.status, t.request, t.outcome, t.task_id,
+                   t.submitted_at, t.intents
+            FROM run_rows r LEFT JOIN tasks t ON t.key = r.key
+            WHERE r.idx >= ? AND r.idx < ? ORDER BY r.idx
+        """
+        outcomes: list[Outcome] = []
+        for (
+            idx,
+            key,
+            rejection,
+            status,
+            request_json,
+            outcome_json,
+            task_id,
+            sub,
+            intents,
+        ) in self._conn.execute(query, (start_idx, end_idx)):
+            if rejection is not None:
+                rej = json.loads(rejection)
+                extra: dict[str, object] = {}
+                if rej.get("column"):
+                    extra["column"] = rej["column"]
+                if rej.get("prompt") is not None:
+                    extra["prompt"] = rej["prompt"]
+                outcomes.append(
+                    Outcome(
+                        index=idx,
+                        key=rej.get("key") or key or "",
+                        status=RowStatus.REJECTED,
+                        reason=rej["reason"],
+                        extra=extra,
+                    )
+                )
+            elif status is not None:
+                outcomes.append(_outcome_from_json(idx, key, status, request_json, outcome_json))
+            elif key is None:
+                outcomes.append(
+                    Outcome(
+                        index=idx,
+                        key="",
+                        status=RowStatus.SKIPPED,
+                        reason="duplicate key, not recorded as rejected: the run stopped early",
+                    )
+                )
+            else:
+                reason = (
+                    f"not finished: task {task_id} was still running when the run stopped; "
+                    "run again to collect it"
+                    if task_id is not None
+                    else "not submitted: the run stopped before this row; run again to resume"
+                )
+                outcomes.append(
+                    Outcome(
+                        index=idx,
+                        key=key,
+                        status=RowStatus.SKIPPED,
+                        request=_request_from_json(request_json),
+                        reason=reason,
+                        task_id=task_id,
+                        submitted_at=sub,
+                        attempts=int(intents or 0),
+                    )
+                )
+        return outcomes
+
+    def latencies(self) -> list[float]:
+        """Queue-to-done seconds of the rows that succeeded in this run (the planning figure)."""
+        run_id = self._require_run()
+        return [
+            float(value)
+            for (value,) in self._conn.execute(
+                "SELECT latency FROM tasks WHERE finished_run = ? AND status = 'succeeded' "
+                "AND latency IS NOT NULL",
+                (run_id,),
+            )
+        ]
+
+    def credits(self) -> float:
+        """Credits spent by this run: finished tasks' cost, or the ack's quote while running."""
+        run_id = self._require_run()
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(CASE WHEN finished_run = :run THEN COALESCE(credits, 0) "
+            "ELSE COALESCE(ack_cost, 0) END), 0) FROM tasks "
+            "WHERE finished_run = :run OR (ack_run = :run AND status IS NULL)",
+            {"run": run_id},
+        ).fetchone()
+        return round(float(row[0]), 6)

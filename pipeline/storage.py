@@ -1,0 +1,178 @@
+"""Where a run's outputs go: images, the output manifest, the run summary.
+
+The engine and the writers only see the `Sink` protocol, so a later S3 sink slots in
+without touching them; `open_sink` is the one place that turns a user's ``--out`` into a
+sink. Every write is atomic (a reader never sees half an image or half a manifest, and a
+``kill -9`` mid-write leaves the previous file or nothing), because a resumed run and the
+data team downstream both trust that a file which exists is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from pipeline.errors import ConfigError
+
+#: Writes larger than this go to a worker thread so the event loop keeps polling.
+INLINE_WRITE_LIMIT = 1 << 20
+
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination for a run's files, addressed by paths relative to its root."""
+
+    def uri(self, relpath: str) -> str:
+        """The address a data team uses to read ``relpath`` back (recorded in the manifest)."""
+        ...
+
+    async def put(self, relpath: str, data: bytes, content_type: str) -> str:
+        """Store ``data`` atomically at ``relpath``; returns its URI."""
+        ...
+
+    async def put_file(self, relpath: str, local_path: Path, content_type: str) -> str:
+        """Store a local file's content atomically at ``relpath``; returns its URI."""
+        ...
+
+    async def get(self, relpath: str) -> bytes | None:
+        """The stored bytes, or None when nothing is stored there."""
+        ...
+
+    async def exists(self, relpath: str) -> bool: ...
+
+    def local_path(self, relpath: str) -> Path | None:
+        """The real file behind ``relpath`` for a local sink; None for remote sinks."""
+        ...
+
+
+class LocalSink:
+    """A folder on this machine.
+
+    Paths are checked after normalisation and symlink resolution, so a key such as
+    ``../../etc/passwd`` or a symlink planted inside the folder cannot write outside it.
+    """
+
+    def __init__(self, root: str | Path, *, fsync: bool = False) -> None:
+        root_path = Path(root).expanduser()
+        if root_path.exists() and not root_path.is_dir():
+            raise ConfigError(f"output {root_path} is a file; expected a folder (or a new path)")
+        try:
+            root_path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create output folder {root_path}: {exc.strerror}") from exc
+        self.root = root_path.resolve()
+        #: fsync each file before renaming it: survives power loss, not only a process kill.
+        self.fsync = fsync
+
+    def __repr__(self) -> str:
+        return f"LocalSink({str(self.root)!r})"
+
+    def _path(self, relpath: str) -> Path:
+        if not relpath or "\x00" in relpath:
+            raise ValueError(f"invalid output path {relpath!r}: expected a relative file path")
+        pure = PurePosixPath(relpath)
+        if (
+            pure.is_absolute()
+            or relpath.startswith(("\\", "~"))
+            or re.match(r"^[A-Za-z]:", relpath)
+        ):
+            raise ValueError(
+                f"invalid output path {relpath!r}: absolute paths are not allowed; "
+                f"expected a path relative to {self.root}"
+            )
+        target = (self.root / pure).resolve()
+        if target == self.root or not target.is_relative_to(self.root):
+            raise ValueError(
+                f"invalid output path {relpath!r}: it leads outside the output folder {self.root}"
+            )
+        return target
+
+    def uri(self, relpath: str) -> str:
+        # A plain absolute path, not file://: polars, PIL and shells all open it as it is.
+        return str(self._path(relpath))
+
+    def local_path(self, relpath: str) -> Path | None:
+        return self._path(relpath)
+
+    def _write_atomic(self, target: Path, data: bytes | None, source: Path | None) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                if source is not None:
+                    with source.open("rb") as src:
+                        shutil.copyfileobj(src, handle, 1 << 20)
+                else:
+                    handle.write(data or b"")
+                if self.fsync:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.replace(tmp_name, target)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+
+    async def put(self, relpath: str, data: bytes, content_type: str) -> str:
+        target = self._path(relpath)
+        if len(data) > INLINE_WRITE_LIMIT:
+            await asyncio.to_thread(self._write_atomic, target, data, None)
+        else:
+            self._write_atomic(target, data, None)
+        return str(target)
+
+    async def put_file(self, relpath: str, local_path: Path, content_type: str) -> str:
+        target = self._path(relpath)
+        await asyncio.to_thread(self._write_atomic, target, None, Path(local_path))
+        return str(target)
+
+    async def get(self, relpath: str) -> bytes | None:
+        target = self._path(relpath)
+        try:
+            size = target.stat().st_size
+        except FileNotFoundError:
+            return None
+        if size > INLINE_WRITE_LIMIT:
+            return await asyncio.to_thread(target.read_bytes)
+        return target.read_bytes()
+
+    async def exists(self, relpath: str) -> bool:
+        return self._path(relpath).is_file()
+
+
+def open_sink(uri: str | Path) -> Sink:
+    """Turn ``--out`` into a sink: a local path or ``file://`` URI now, ``s3://`` later."""
+    if isinstance(uri, Path):
+        return LocalSink(uri)
+    text = uri.strip()
+    if not text:
+        raise ConfigError("no output given; expected a folder path (or file:// URI)")
+    match = _SCHEME.match(text)
+    if match is None:
+        return LocalSink(text)
+    scheme = match["scheme"].lower()
+    if scheme == "file":
+        parsed = urlparse(text)
+        if parsed.netloc not in ("", "localhost"):
+            raise ConfigError(
+                f"output {text!r}: file:// URIs must name a local path (file:///path), "
+                f"not host {parsed.netloc!r}"
+            )
+        return LocalSink(unquote(parsed.path))
+    if scheme == "s3":
+        raise ConfigError(
+            f"S3 output needs the S3 sink, which this version does not include yet: "
+            f"cannot write to {text!r}; write to a local folder instead"
+        )
+    raise ConfigError(
+        f"output {text!r}: unsupported scheme {scheme!r}; expected a local folder or a file:// URI"
+    )
