@@ -118,7 +118,12 @@ class _Where:
         return f"{self.path}: setting {setting}"
 
     def fail(self, setting: str, value: object, expected: str) -> ConfigError:
-        return ConfigError(f"{self.name(setting)} = {value!r} is not allowed; expected {expected}")
+        shown = (
+            f"{self.name(setting)} {value!r}"
+            if self.path is None
+            else (f"{self.name(setting)} = {value!r}")
+        )
+        return ConfigError(f"{shown} is not allowed; expected {expected}")
 
 
 def _one_of(values: object) -> str:

@@ -1,0 +1,294 @@
+"""Checking a manifest without sending anything: what ``validate`` and ``run --dry-run`` show.
+
+A catalog team wants to know before spending credits which rows will be refused and why,
+which reference files are missing, whether two rows ask for the same image, and what the
+run will cost. The manifest is streamed in batches like a real run, so checking a million
+rows needs no more memory than running them (apart from the set of keys seen, which is
+what duplicate detection costs).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+import pyarrow as pa
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.contract import REFERENCE_FIELDS, cost_credits, output_size
+from pipeline.manifest import Defaults, ManifestReader, iter_rows
+from pipeline.rows import Rejection, Row
+from pipeline.summary import ExitCode
+
+#: Full messages kept per column; enough to see the pattern without drowning the summary.
+EXAMPLES_PER_COLUMN: Final = 3
+#: Longest duplicate and reference listings printed before "... and N more".
+MAX_LISTED: Final = 10
+_ROW_LABEL: Final = "(whole row)"
+_BASE64: Final = re.compile(r"[A-Za-z0-9+/=\s]+")
+#: Inline base64 shorter than this is implausible for an image; such strings are paths.
+_MIN_INLINE_CHARS: Final = 256
+
+
+@dataclass(slots=True)
+class ColumnRejections:
+    """The rows refused because of one column: how many, and the first few messages."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ReferenceProblem:
+    """A local reference file that cannot be used, and the rows that point at it."""
+
+    spec: str
+    path: str
+    problem: str
+    rows: list[int] = field(default_factory=list)
+    row_count: int = 0
+
+
+@dataclass(slots=True)
+class CheckReport:
+    """What a check found; ``render()`` is the human summary, the fields are for code."""
+
+    source: str
+    total: int = 0
+    #: Rows that would be sent (or skipped as duplicates): valid with usable references.
+    valid: int = 0
+    rejected: int = 0
+    rejections: dict[str, ColumnRejections] = field(default_factory=dict)
+    #: Rows whose key was already seen earlier in the manifest (run once, not paid twice).
+    duplicates: int = 0
+    duplicate_examples: list[str] = field(default_factory=list)
+    references_checked: bool = True
+    reference_files: int = 0
+    reference_urls: int = 0
+    reference_inline: int = 0
+    reference_problems: dict[str, ReferenceProblem] = field(default_factory=dict)
+    by_preset: Counter[str] = field(default_factory=Counter)
+    by_resolution: Counter[str] = field(default_factory=Counter)
+    by_format: Counter[str] = field(default_factory=Counter)
+    estimated_credits: float = 0.0
+    limit: int | None = None
+
+    @property
+    def to_send(self) -> int:
+        """Images the run would pay for: valid rows, each key once."""
+        return self.valid - self.duplicates
+
+    @property
+    def exit_code(self) -> ExitCode:
+        return ExitCode.OK if self.rejected == 0 else ExitCode.PARTIAL
+
+    def render(self) -> str:
+        """A plain-text summary that reads the same in a terminal and in a CI log."""
+        out: list[str] = []
+        scope = f" (first {self.limit} rows)" if self.limit is not None else ""
+        out.append(f"{self.source}: {self.total} rows checked{scope}")
+        out.append(f"  valid       {self.valid}")
+        out.append(f"  rejected    {self.rejected}")
+        if self.duplicates:
+            out.append(
+                f"  duplicates  {self.duplicates} (same key as an earlier row: run once, "
+                "not paid twice)"
+            )
+        if self.rejections:
+            out += ["", "Rejected rows by column:"]
+            ordered = sorted(self.rejections.items(), key=lambda item: -item[1].count)
+            for column, group in ordered:
+                noun = "row" if group.count == 1 else "rows"
+                out.append(f"  {column}: {group.count} {noun}")
+                out += [f"    {message}" for message in group.examples]
+                if group.count > len(group.examples):
+                    out.append(f"    ... and {group.count - len(group.examples)} more")
+        if self.duplicate_examples:
+            out += ["", "Duplicate keys:"]
+            out += [f"  {example}" for example in self.duplicate_examples]
+            if self.duplicates > len(self.duplicate_examples):
+                out.append(f"  ... and {self.duplicates - len(self.duplicate_examples)} more")
+        out += ["", self._references_line()]
+        problems = list(self.reference_problems.values())
+        for problem in problems[:MAX_LISTED]:
+            rows = ", ".join(str(row) for row in problem.rows)
+            more = "" if problem.row_count <= len(problem.rows) else ", ..."
+            noun = "row" if problem.row_count == 1 else "rows"
+            out.append(
+                f"  {problem.spec}: {problem.problem} ({problem.row_count} {noun}: {rows}{more})"
+            )
+        if len(problems) > MAX_LISTED:
+            out.append(f"  ... and {len(problems) - MAX_LISTED} more files")
+        out += ["", f"To send: {self.to_send} images"]
+        if self.to_send:
+            out.append(f"  by preset:      {_counter_line(self.by_preset)}")
+            out.append(f"  by resolution:  {_counter_line(self.by_resolution)}")
+            out.append(f"  by format:      {_counter_line(self.by_format)}")
+        out.append(
+            f"Estimated cost: {self.estimated_credits:.2f} credits "
+            "(one credit per output megapixel; rejected and duplicate rows cost nothing)"
+        )
+        return "\n".join(out)
+
+    def _references_line(self) -> str:
+        if not self.references_checked:
+            return "Reference files: not checked"
+        bad = len(self.reference_problems)
+        parts = [f"{self.reference_files} local files checked, {bad} missing or unusable"]
+        if self.reference_urls:
+            parts.append(
+                f"{self.reference_urls} URLs not fetched (checked when the run loads them)"
+            )
+        if self.reference_inline:
+            parts.append(f"{self.reference_inline} inline images")
+        return "Reference files: " + "; ".join(parts)
+
+
+def _counter_line(counter: Counter[str]) -> str:
+    return " · ".join(f"{name} {count}" for name, count in counter.most_common())
+
+
+def reference_kind(spec: str) -> str:
+    """``url``, ``inline`` or ``file``: only files can be checked without the network."""
+    lowered = spec[:8].lower()
+    if lowered.startswith(("http://", "https://")):
+        return "url"
+    if lowered.startswith("data:"):
+        return "inline"
+    if len(spec) >= _MIN_INLINE_CHARS and _BASE64.fullmatch(spec[:4096]):
+        return "inline"
+    return "file"
+
+
+def check_reference_file(path: Path) -> str | None:
+    """Why a local reference file cannot be used, or None when it is a readable image."""
+    if not path.exists():
+        return "file not found"
+    if not path.is_file():
+        return "not a file"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except UnidentifiedImageError:
+        return "not an image (expected JPEG or PNG, or another format Pillow can convert)"
+    except OSError as exc:
+        return f"cannot be read ({exc.__class__.__name__}: {exc})"
+    except Exception as exc:  # Pillow raises assorted errors on corrupt files
+        return f"broken image ({exc.__class__.__name__}: {exc})"
+    return None
+
+
+class _ReferenceChecker:
+    """Checks each distinct local file once; catalogs reuse one product shot many times."""
+
+    def __init__(self, base_dir: Path | None, report: CheckReport) -> None:
+        self._base_dir = base_dir if base_dir is not None else Path.cwd()
+        self._report = report
+        self._seen: dict[str, str | None] = {}
+
+    def problems(self, row: Row, source: str) -> list[tuple[str, str]]:
+        """(column, message) for each unusable reference of the row."""
+        found: list[tuple[str, str]] = []
+        for column, spec in zip(REFERENCE_FIELDS, row.request.references, strict=False):
+            if not spec:
+                continue
+            kind = reference_kind(spec)
+            if kind == "url":
+                self._report.reference_urls += 1
+                continue
+            if kind == "inline":
+                self._report.reference_inline += 1
+                continue
+            path = Path(spec).expanduser()
+            if not path.is_absolute():
+                path = self._base_dir / path
+            resolved = str(path)
+            if resolved not in self._seen:
+                self._seen[resolved] = check_reference_file(path)
+                self._report.reference_files += 1
+            problem = self._seen[resolved]
+            if problem is None:
+                continue
+            entry = self._report.reference_problems.setdefault(
+                resolved, ReferenceProblem(spec=spec, path=resolved, problem=problem)
+            )
+            entry.row_count += 1
+            if len(entry.rows) < MAX_LISTED:
+                entry.rows.append(row.index + 1)
+            found.append(
+                (
+                    column,
+                    f"{source} row {row.index + 1}, column {column}: reference {spec!r}: "
+                    f"{problem} (looked for {resolved})",
+                )
+            )
+        return found
+
+
+def _reject(report: CheckReport, column: str | None, message: str) -> None:
+    group = report.rejections.setdefault(column or _ROW_LABEL, ColumnRejections())
+    group.count += 1
+    if len(group.examples) < EXAMPLES_PER_COLUMN:
+        group.examples.append(message)
+
+
+def check_manifest(
+    source: str | Path | pl.DataFrame | pa.Table,
+    *,
+    defaults: Defaults,
+    limit: int | None = None,
+    check_references: bool = True,
+    batch_size: int = 10_000,
+) -> CheckReport:
+    """Validate a manifest the way a run would, without sending anything.
+
+    Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
+    problem is counted and grouped in the report instead.
+    """
+    reader = ManifestReader(source, batch_size=batch_size, limit=limit)
+    report = CheckReport(source=reader.name, limit=limit, references_checked=check_references)
+    checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
+    seen: set[str] = set()
+    for rows, rejections in iter_rows(reader, defaults):
+        report.total += len(rows) + len(rejections)
+        _count_rejections(report, rejections)
+        for row in rows:
+            problems = checker.problems(row, reader.name) if checker else []
+            if problems:
+                report.rejected += 1
+                for column, message in problems:
+                    _reject(report, column, message)
+                continue
+            report.valid += 1
+            if row.key in seen:
+                report.duplicates += 1
+                if len(report.duplicate_examples) < MAX_LISTED:
+                    report.duplicate_examples.append(
+                        f"{reader.name} row {row.index + 1}: key {row.key!r} already used by "
+                        "an earlier row"
+                    )
+                continue
+            seen.add(row.key)
+            request = row.request
+            report.by_preset[request.aspect_ratio] += 1
+            report.by_resolution[request.resolution] += 1
+            report.by_format[request.output_format] += 1
+            report.estimated_credits += cost_credits(
+                *output_size(request.aspect_ratio, request.resolution)
+            )
+    report.estimated_credits = round(report.estimated_credits, 2)
+    return report
+
+
+def _count_rejections(report: CheckReport, rejections: Iterable[Rejection]) -> None:
+    for rejection in rejections:
+        report.rejected += 1
+        _reject(report, rejection.column, rejection.reason)

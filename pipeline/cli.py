@@ -1,0 +1,551 @@
+"""The ``klein-batch`` command: run a manifest, check one, or serve the simulator.
+
+The command line is a thin layer over ``run_manifest`` and ``check_manifest``: it gathers
+options (config file first, flags over it), reads the API key from the environment, shows
+progress and turns every expected problem into one ``error: ...`` line with a documented
+exit code, so scripts and cron jobs can tell "some rows failed" from "never started".
+Heavy modules (the engine, the simulator) are imported only by the command that needs them,
+which keeps ``--help`` and ``validate`` quick.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Final, NoReturn
+
+import typer
+
+from pipeline.config import (
+    API_KEY_ENV,
+    DIALECTS,
+    RunConfig,
+    check_target,
+    load_config,
+    merge_flags,
+)
+from pipeline.contract import (
+    ASPECT_RATIOS,
+    DEFAULT_ASPECT_RATIO,
+    DEFAULT_OUTPUT_FORMAT,
+    DEFAULT_RESOLUTION,
+    DEFAULT_SAFETY,
+    DEFAULT_TIER,
+    OUTPUT_FORMATS,
+    RESOLUTIONS,
+    SAFETY_MAX,
+    SAFETY_MIN,
+    TIERS,
+    Tier,
+)
+from pipeline.errors import ConfigError, KleinError
+from pipeline.progress import MODES
+from pipeline.summary import ExitCode
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Defaults
+
+#: Exit code after Ctrl-C (the shell's convention for SIGINT): the run can be resumed.
+EXIT_INTERRUPTED: Final = 130
+#: Exit code of an unexpected internal error (a bug in klein-batch, reported with a traceback).
+EXIT_INTERNAL: Final = 70
+
+_EXIT_CODES_HELP: Final = (
+    f"Exit codes: {int(ExitCode.OK)} every row succeeded; {int(ExitCode.PARTIAL)} finished "
+    f"with some rows not succeeded (or, for validate, some rows rejected); "
+    f"{int(ExitCode.CANNOT_START)} could not start (bad option, unreadable manifest, missing "
+    f"API key); {EXIT_INTERRUPTED} interrupted (run the same command again to resume); "
+    f"{EXIT_INTERNAL} internal error."
+)
+_INTERNAL_ERROR: Final = (
+    "error: klein-batch hit an internal error (a bug, not your input); "
+    "the traceback above says where"
+)
+_TIER_HELP: Final = ", ".join(
+    f"{t.name} ({t.max_active} active, {t.submits_per_minute}/min)" for t in TIERS.values()
+)
+
+app = typer.Typer(
+    name="klein-batch",
+    help="Bulk image generation through the FLUX.2 [klein] API: a manifest of prompts in, "
+    "images and a Parquet output manifest out.",
+    epilog=_EXIT_CODES_HELP,
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+# --- shared options ---------------------------------------------------------------------------
+
+ManifestArg = Annotated[
+    Path,
+    typer.Argument(
+        metavar="MANIFEST",
+        help="The manifest: a CSV or Parquet file with a prompt column.",
+        show_default=False,
+    ),
+]
+AspectRatioOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--aspect-ratio",
+        metavar="PRESET",
+        help=f"Default for rows without one; one of: {', '.join(ASPECT_RATIOS)}. "
+        f"[default: {DEFAULT_ASPECT_RATIO}]",
+        show_default=False,
+    ),
+]
+ResolutionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--resolution",
+        metavar="1k|2k",
+        help=f"Default for rows without one; one of: {', '.join(RESOLUTIONS)}. "
+        f"[default: {DEFAULT_RESOLUTION}]",
+        show_default=False,
+    ),
+]
+OutputFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--output-format",
+        metavar="png|jpeg",
+        help=f"Default for rows without one; one of: {', '.join(OUTPUT_FORMATS)}. "
+        f"[default: {DEFAULT_OUTPUT_FORMAT}]",
+        show_default=False,
+    ),
+]
+SafetyOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--safety-tolerance",
+        metavar="0-5",
+        help=f"Default for rows without one; {SAFETY_MIN} (strict) to {SAFETY_MAX} (lenient). "
+        f"[default: {DEFAULT_SAFETY}]",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        metavar="FILE",
+        help='A TOML file with the same settings (flag names, e.g. tier = "scale"); '
+        "flags win over the file.",
+        show_default=False,
+    ),
+]
+LimitOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--limit", metavar="N", help="Only the first N rows of the manifest.", show_default=False
+    ),
+]
+
+
+# --- error reporting ------------------------------------------------------------------------
+
+
+def _secrets() -> list[str]:
+    return [value for env in API_KEY_ENV.values() if (value := os.environ.get(env, "").strip())]
+
+
+def _redact(text: str) -> str:
+    for secret in _secrets():
+        text = text.replace(secret, "***")
+    return text
+
+
+def _fail(message: str, code: int = ExitCode.CANNOT_START) -> NoReturn:
+    typer.echo(f"error: {_redact(message)}", err=True)
+    raise typer.Exit(int(code))
+
+
+@contextmanager
+def _reported() -> Iterator[None]:
+    """Expected problems become one line and exit 2; our own bugs keep their traceback.
+
+    Tracebacks are printed by hand (not Python's hook) so any API key that slipped into a
+    message is masked first.
+    """
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KleinError as exc:
+        _fail(str(exc))
+    except Exception:
+        text = "".join(traceback.format_exception(*sys.exc_info()))
+        sys.stderr.write(_redact(text))
+        sys.stderr.write(_INTERNAL_ERROR + "\n")
+        raise typer.Exit(EXIT_INTERNAL) from None
+
+
+def _settings(config_path: Path | None, **flags: object) -> RunConfig:
+    base = load_config(config_path) if config_path is not None else RunConfig()
+    return merge_flags(base, **flags)
+
+
+def _defaults(config: RunConfig) -> Defaults:
+    from pipeline.manifest import Defaults
+
+    return Defaults(
+        aspect_ratio=config.aspect_ratio,
+        resolution=config.resolution,
+        safety_tolerance=config.safety_tolerance,
+        output_format=config.output_format,
+    )
+
+
+def _check_manifest_path(manifest: Path) -> None:
+    # A clear message before any reader gets to guess at a missing file or a folder.
+    if not manifest.exists():
+        raise ConfigError(f"{manifest}: manifest not found")
+    if manifest.is_dir():
+        raise ConfigError(f"{manifest}: is a folder; expected a CSV or Parquet manifest file")
+
+
+# --- validate -------------------------------------------------------------------------------
+
+
+@app.command(epilog=_EXIT_CODES_HELP)
+def validate(
+    manifest: ManifestArg,
+    aspect_ratio: AspectRatioOpt = None,
+    resolution: ResolutionOpt = None,
+    output_format: OutputFormatOpt = None,
+    safety_tolerance: SafetyOpt = None,
+    limit: LimitOpt = None,
+    no_references: Annotated[
+        bool,
+        typer.Option("--no-references", help="Skip checking local reference image files."),
+    ] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Check a manifest without sending anything, and summarise what a run would do.
+
+    Exit 0 when every row is valid, 1 when some rows would be rejected, 2 when the manifest
+    cannot be read at all.
+    """
+    with _reported():
+        settings = _settings(
+            config,
+            aspect_ratio=aspect_ratio,
+            resolution=resolution,
+            output_format=output_format,
+            safety_tolerance=safety_tolerance,
+            limit=limit,
+        )
+        _check_manifest_path(manifest)
+        from pipeline.check import check_manifest
+
+        report = check_manifest(
+            manifest,
+            defaults=_defaults(settings),
+            limit=settings.limit,
+            check_references=not no_references,
+        )
+    typer.echo(report.render())
+    raise typer.Exit(int(report.exit_code))
+
+
+# --- run ------------------------------------------------------------------------------------
+
+
+def _plan_text(settings: RunConfig, limits: Tier, to_send: int) -> str:
+    if settings.sim:
+        target = "the bundled simulator"
+    elif settings.api_url:
+        target = (
+            f"{settings.api_url} (dialect {settings.dialect}, key from ${settings.api_key_env})"
+        )
+    else:
+        target = "no API chosen yet (pass --api-url URL or --sim to run)"
+    minutes = to_send / limits.submits_per_minute
+    lines = [
+        "",
+        "Plan (dry run: nothing was sent):",
+        f"  send to:  {target}",
+        f"  output:   {settings.out}",
+        f"  limits:   tier {limits.name}: {limits.max_active} active tasks, "
+        f"{limits.submits_per_minute} submits per minute",
+        f"  at least: {minutes:.1f} minutes at the submit limit, before generation time",
+    ]
+    if settings.retry_failed:
+        lines.append("  retry:    rows that failed in an earlier run into this output are retried")
+    return "\n".join(lines)
+
+
+def _resume_hint(out: str) -> str:
+    command = shlex.join(["klein-batch", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
+    return (
+        f"interrupted: finished and acknowledged tasks are recorded in {out}; "
+        f"run the same command again to resume (no acknowledged task is paid for twice):\n"
+        f"  {command}"
+    )
+
+
+@app.command(epilog=_EXIT_CODES_HELP)
+def run(
+    manifest: ManifestArg,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            "-o",
+            metavar="DEST",
+            help="Output folder: images/, manifest.parquet, run.json and the resume journal.",
+            show_default=False,
+        ),
+    ] = None,
+    api_url: Annotated[
+        str | None,
+        typer.Option(
+            "--api-url",
+            metavar="URL",
+            help="API base URL, e.g. https://api.freepik.com. The key is read from "
+            f"${API_KEY_ENV['klein']} (dialect klein) or ${API_KEY_ENV['bfl']} (dialect bfl), "
+            "never from a flag.",
+            show_default=False,
+        ),
+    ] = None,
+    sim: Annotated[
+        bool,
+        typer.Option("--sim", help="Start the bundled simulator in-process and run against it."),
+    ] = False,
+    sim_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--sim-config",
+            metavar="FILE",
+            help="Simulator settings (TOML: latency, faults, keys); implies --sim.",
+            show_default=False,
+        ),
+    ] = None,
+    dialect: Annotated[
+        str | None,
+        typer.Option(
+            "--dialect",
+            metavar="klein|bfl",
+            help=f"API dialect; one of: {', '.join(DIALECTS)}. [default: klein]",
+            show_default=False,
+        ),
+    ] = None,
+    tier: Annotated[
+        str | None,
+        typer.Option(
+            "--tier",
+            metavar="NAME",
+            help=f"Rate-limit tier of the key; one of: {_TIER_HELP} (a config file may add "
+            f"more). [default: {DEFAULT_TIER}]",
+            show_default=False,
+        ),
+    ] = None,
+    max_active: Annotated[
+        int | None,
+        typer.Option(
+            "--max-active",
+            metavar="N",
+            help="Active tasks at once (overrides the tier's).",
+            show_default=False,
+        ),
+    ] = None,
+    submits_per_minute: Annotated[
+        int | None,
+        typer.Option(
+            "--submits-per-minute",
+            metavar="M",
+            help="Submit requests per sliding minute (overrides the tier's).",
+            show_default=False,
+        ),
+    ] = None,
+    limit: LimitOpt = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Validate, print the plan and its cost estimate, send nothing."
+        ),
+    ] = False,
+    retry_failed: Annotated[
+        bool,
+        typer.Option("--retry-failed", help="Retry the rows that failed in an earlier run."),
+    ] = False,
+    aspect_ratio: AspectRatioOpt = None,
+    resolution: ResolutionOpt = None,
+    output_format: OutputFormatOpt = None,
+    safety_tolerance: SafetyOpt = None,
+    config: ConfigOpt = None,
+    progress: Annotated[
+        str,
+        typer.Option(
+            "--progress",
+            metavar="auto|bar|plain|off",
+            help="Progress display; one of: auto (a bar on a terminal, log lines otherwise), "
+            "bar, plain, off.",
+        ),
+    ] = "auto",
+) -> None:
+    """Generate an image for every row of MANIFEST into --out DEST (resumable).
+
+    Rerunning the same command after a crash or Ctrl-C finishes the job: done rows are
+    skipped and tasks already accepted by the API are polled, never paid for twice.
+    """
+    with _reported():
+        if progress not in MODES:
+            raise ConfigError(
+                f"--progress {progress!r} is not allowed; expected one of {', '.join(MODES)}"
+            )
+        settings = _settings(
+            config,
+            out=out,
+            api_url=api_url,
+            sim=sim or None,
+            sim_config=str(sim_config) if sim_config is not None else None,
+            dialect=dialect,
+            tier=tier,
+            max_active=max_active,
+            submits_per_minute=submits_per_minute,
+            limit=limit,
+            dry_run=dry_run or None,
+            retry_failed=retry_failed or None,
+            aspect_ratio=aspect_ratio,
+            resolution=resolution,
+            output_format=output_format,
+            safety_tolerance=safety_tolerance,
+        )
+        if not settings.out:
+            raise ConfigError('--out DEST is required (or set out = "..." in the config file)')
+        _check_manifest_path(manifest)
+        limits = settings.limits()
+        if settings.dry_run:
+            _dry_run(manifest, settings, limits)
+        _run(manifest, settings, limits, progress)
+
+
+def _dry_run(manifest: Path, settings: RunConfig, limits: Tier) -> NoReturn:
+    from pipeline.check import check_manifest
+
+    report = check_manifest(
+        manifest,
+        defaults=_defaults(settings),
+        limit=settings.limit,
+    )
+    typer.echo(report.render())
+    typer.echo(_plan_text(settings, limits, report.to_send))
+    raise typer.Exit(int(report.exit_code))
+
+
+def _api_key(settings: RunConfig) -> str | None:
+    if settings.sim:
+        return None
+    key = os.environ.get(settings.api_key_env, "").strip()
+    if not key:
+        raise ConfigError(
+            f"${settings.api_key_env} is not set: export the API key for {settings.api_url} "
+            "in that environment variable (keys are never taken as flags or from config files)"
+        )
+    return key
+
+
+def _run(manifest: Path, settings: RunConfig, limits: Tier, progress: str) -> NoReturn:
+    check_target(settings)
+    api_key = _api_key(settings)
+
+    from pipeline.progress import ProgressDisplay
+    from pipeline.report import format_summary
+    from pipeline.run import run_manifest
+    from pipeline.sim.config import SimConfig
+
+    sim: bool | SimConfig = settings.sim
+    if settings.sim_config is not None:
+        sim = SimConfig.from_toml(settings.sim_config)
+    out = str(settings.out)
+    try:
+        with ProgressDisplay(mode=progress) as display:  # type: ignore[arg-type]
+            summary = run_manifest(
+                manifest,
+                out,
+                api_url=None if settings.sim else settings.api_url,
+                api_key=api_key,
+                sim=sim,
+                dialect=settings.dialect,
+                tier=settings.tier if settings.tier in TIERS else DEFAULT_TIER,
+                max_active=limits.max_active,
+                submits_per_minute=limits.submits_per_minute,
+                defaults=_defaults(settings),
+                limit=settings.limit,
+                retry_failed=settings.retry_failed,
+                on_progress=display,
+            )
+    except KeyboardInterrupt:
+        typer.echo(_resume_hint(out), err=True)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    typer.echo(format_summary(summary))
+    raise typer.Exit(int(summary.exit_code))
+
+
+# --- sim ------------------------------------------------------------------------------------
+
+
+@app.command("sim")
+def sim_command(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="Simulator settings (TOML: keys, tiers, latency, faults, moderation).",
+            show_default=False,
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option("--host", metavar="HOST", help="Address to listen on.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on.")] = 8765,
+) -> None:
+    """Serve the bundled API simulator (both dialects) until Ctrl-C."""
+    with _reported():
+        from pipeline.sim import serve
+        from pipeline.sim.config import KeyConfig, SimConfig
+
+        sim_config = SimConfig.from_toml(config) if config is not None else SimConfig()
+        default_key = KeyConfig().key
+        typer.echo(f"klein-batch simulator on http://{host}:{port} (Ctrl-C to stop)")
+        for key in sim_config.keys:
+            # The built-in demo key is public (it is in the source); configured keys are not.
+            shown = key.key if key.key == default_key else "<from your config>"
+            typer.echo(f"  key {key.name}: tier {key.tier}, FREEPIK_API_KEY={shown}")
+        typer.echo(f"  operator stats: http://{host}:{port}/_sim/stats")
+        try:
+            serve(sim_config, host, port)
+        except KeyboardInterrupt:
+            typer.echo("simulator stopped")
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+def main() -> None:
+    """Console-script entry point (``klein-batch``).
+
+    Commands report their own errors; this is the last net for anything that escapes them
+    (an import failing, say), so it still gets the internal-error exit code and no secret.
+    """
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception:
+        sys.stderr.write(_redact("".join(traceback.format_exception(*sys.exc_info()))))
+        sys.stderr.write(_INTERNAL_ERROR + "\n")
+        sys.exit(EXIT_INTERNAL)
+
+
+if __name__ == "__main__":
+    main()
