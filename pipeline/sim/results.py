@@ -1,0 +1,151 @@
+"""Result images: signed, expiring URLs and the download endpoint behind them.
+
+An image is rendered at its first download, not at submit, because most load tests only
+ever fetch each image once and many never poll to the end; a bounded LRU (by total bytes)
+keeps recent images so a retried or truncated download costs a memcpy, not a render.
+The URL carries its expiry and an HMAC of (task, extension, expiry), so a client cannot
+extend the lifetime by editing the query string.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+from collections import OrderedDict
+from email.utils import formatdate
+
+from aiohttp import web
+
+from pipeline.contract import FORMAT_EXT, FORMAT_MIME, KleinStatus
+from pipeline.sim import images
+from pipeline.sim.responses import cut, json_response
+from pipeline.sim.state import SimState, Task
+
+RESULTS_PREFIX = "/_sim/results/"
+_EXT_FORMAT = {ext: fmt for fmt, ext in FORMAT_EXT.items()}
+_SLOW_TICKS_PER_S = 20
+
+
+class ImageCache:
+    """Recently rendered images, evicted oldest-first once ``max_bytes`` is exceeded."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+
+    def get(self, key: tuple[object, ...]) -> bytes | None:
+        data = self._items.get(key)
+        if data is not None:
+            self._items.move_to_end(key)
+        return data
+
+    def put(self, key: tuple[object, ...], data: bytes) -> None:
+        if len(data) > self.max_bytes or key in self._items:
+            return
+        self._items[key] = data
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= len(old)
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
+class Results:
+    """Builds result URLs and serves them."""
+
+    def __init__(self, state: SimState, secret: bytes) -> None:
+        self._state = state
+        self._secret = secret
+        self.cache = ImageCache(state.config.image_cache_bytes)
+
+    def _sig(self, task_id: str, ext: str, expires: int) -> str:
+        message = f"{task_id}.{ext}.{expires}".encode()
+        return hmac.new(self._secret, message, hashlib.sha256).hexdigest()[:32]
+
+    def url(self, task: Task, base_url: str) -> str:
+        ext = FORMAT_EXT[task.fmt]
+        sig = self._sig(task.task_id, ext, task.expires)
+        return f"{base_url}{RESULTS_PREFIX}{task.task_id}.{ext}?expires={task.expires}&sig={sig}"
+
+    def image(self, task: Task) -> bytes:
+        key = (task.prompt, task.seed, task.width, task.height, task.fmt, task.ref_digests)
+        data = self.cache.get(key)
+        if data is None:
+            data = images.render_image(
+                prompt=task.prompt,
+                seed=task.seed,
+                width=task.width,
+                height=task.height,
+                fmt=task.fmt,
+                references=self._state.reference_bytes(task),
+            )
+            self.cache.put(key, data)
+        return data
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        state = self._state
+        now = state.clock()
+        task_id, _, ext = request.match_info["name"].rpartition(".")
+        expires_raw = request.query.get("expires", "")
+        sig = request.query.get("sig", "")
+        if not expires_raw.isdigit() or not hmac.compare_digest(
+            sig.encode(), self._sig(task_id, ext, int(expires_raw)).encode()
+        ):
+            return json_response(
+                {"message": "Result URL signature is missing or invalid; use the URL as given"},
+                status=403,
+            )
+        expires = int(expires_raw)
+        task = state.tasks.get(task_id)
+        if now >= expires:
+            if task is not None:
+                task.key.counters.downloads_expired += 1
+            return json_response(
+                {
+                    "message": "Result URL expired at "
+                    f"{formatdate(expires, usegmt=True)}; poll the task for a fresh one"
+                },
+                status=403,
+            )
+        if task is None or _EXT_FORMAT.get(ext) != task.fmt:
+            return json_response({"message": "Result not found"}, status=404)
+        state.advance(task.key, now)
+        if task.status(now) != KleinStatus.COMPLETED:
+            return json_response({"message": "Result not found"}, status=404)
+        n = task.downloads
+        task.downloads += 1
+        faults = state.config.faults
+        key = task.key
+        if state.fault(key, "download_503", task_id, n, faults.download.error_503):
+            return json_response({"message": "Service unavailable"}, status=503)
+        if state.fault(key, "download_500", task_id, n, faults.download.error_500):
+            return json_response({"message": "Internal server error"}, status=500)
+        data = self.image(task)
+        key.counters.downloads += 1
+        mime = FORMAT_MIME[task.fmt]
+        if state.fault(key, "download_drop", task_id, n, faults.download.drop):
+            return await cut(request, data, send=0, content_type=mime)
+        if state.fault(key, "download_truncate", task_id, n, faults.truncate):
+            return await cut(request, data, send=len(data) // 2, content_type=mime)
+        if state.fault(key, "download_slow", task_id, n, faults.slow):
+            return await self._slow(request, data, mime, faults.slow_bytes_per_s)
+        return web.Response(body=data, content_type=mime)
+
+    async def _slow(
+        self, request: web.Request, data: bytes, mime: str, rate: int
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse()
+        resp.content_type = mime
+        resp.content_length = len(data)
+        await resp.prepare(request)
+        chunk = max(1, rate // _SLOW_TICKS_PER_S)
+        for start in range(0, len(data), chunk):
+            await resp.write(data[start : start + chunk])
+            await asyncio.sleep(chunk / rate)
+        await resp.write_eof()
+        return resp
