@@ -9,9 +9,10 @@ file and returns without an fsync. A ``kill -9`` of the process does not lose th
 system's page cache, so every committed transaction survives it; only a power loss or a
 kernel crash can drop the last few commits (acceptable: the API's own task list is the
 fallback for that). ``record_ack`` commits before it returns, so an acknowledged task id is
-on disk before the engine hands the task on. Intents and outcomes ride along with the next
-commit (an ack or ``flush()``, which the run calls every ~0.2 s and at the end), which keeps
-each call a few microseconds.
+on disk before the engine hands the task on; ``record_intent`` commits too, so a kill during
+the POST is still counted as an ambiguous submit. Outcomes ride along with the next commit
+(an ack, an intent or ``flush()``, which the run calls every ~0.2 s and at the end): a lost
+outcome only costs a poll of an already-paid task on resume, never a second submit.
 
 Concurrency. One process writes (the run). Any number of readers (``klein-batch status``)
 may open the file with ``Ledger.open(path, readonly=True)`` at any time: WAL readers see
@@ -405,7 +406,9 @@ class Ledger:
     # --- the task lifecycle -----------------------------------------------------------------
 
     def record_intent(self, key: str) -> None:
-        """Note that a submit for ``key`` is about to be POSTed (committed with the next ack).
+        """Note that a submit for ``key`` is about to be POSTed; committed before returning.
+
+        Committed so that a kill during the POST still shows up as an ambiguous submit.
 
         A new submit supersedes a final outcome (``retry_failed``), so that outcome is
         cleared; an earlier intent still waiting for its answer is counted as lost.
@@ -421,6 +424,7 @@ class Ledger:
             "credits = NULL, finished_run = NULL",
             (key,),
         )
+        self._conn.execute("COMMIT")
 
     def record_refused(self, key: str) -> None:
         """The submit was answered without a task (400, 402, 429, 5xx): not ambiguous."""

@@ -1,0 +1,267 @@
+"""The output manifest: exactly one Parquet row per input row, whatever happened to it.
+
+It is built at the end of a run by reading the input manifest again, batch by batch, and
+joining each batch with the ledger's outcomes for that index range. One row group is
+written per batch, so memory stays flat from ten rows to a million: no step holds more
+than one batch of input and its outcomes.
+
+Schema (fixed, in this order; data teams rely on it):
+
+=====================  ==========================  ===============================================
+column                 type                        meaning
+=====================  ==========================  ===============================================
+row                    int64                       1-based data row of the input manifest
+key                    string                      the row's stable key (null if never keyed)
+status                 string                      succeeded, moderated, failed, rejected, skipped
+reason                 string                      why the row did not succeed (null if it did)
+prompt                 string                      prompt as sent (as given, for rejected rows)
+aspect_ratio           string                      preset sent
+resolution             string                      ``1k`` or ``2k``
+seed                   int64                       seed sent (always set for sent rows)
+safety_tolerance       int64                       0 (strict) .. 5 (lenient)
+output_format          string                      ``png`` or ``jpeg`` as requested
+reference_digests      list<string>                sha256 of each reference image, in order
+output_uri             string                      where the image is stored
+sha256                 string                      hex sha256 of the stored image bytes
+width                  int64                       pixel width of the stored image
+height                 int64                       pixel height of the stored image
+format                 string                      format of the stored image
+bytes                  int64                       size of the stored image
+task_id                string                      the provider's task id
+attempts               int64                       submit attempts
+queued_at              timestamp[us, UTC]          when the row was queued
+submitted_at           timestamp[us, UTC]          when its task was acknowledged
+finished_at            timestamp[us, UTC]          when it reached its final status
+latency_s              float64                     queue-to-done seconds
+cost_credits           float64                     credits charged (0 when not charged)
+=====================  ==========================  ===============================================
+
+Then every extra column of the input, with its original type. An input column whose name
+is one of the above is written as ``input_<name>``.
+
+Rows the run never reached (it stopped early) are ``skipped`` with a reason saying so, so
+that "one row per input row" holds even after a crash; a rerun resumes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.contract import RowStatus
+from pipeline.errors import KleinError
+from pipeline.ledger import Ledger
+from pipeline.rows import Outcome
+from pipeline.storage import Sink
+
+OUTPUT_MANIFEST_SCHEMA_VERSION = "1"
+PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
+
+_TS = pa.timestamp("us", tz="UTC")
+
+FIXED_SCHEMA = pa.schema(
+    [
+        ("row", pa.int64()),
+        ("key", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("prompt", pa.string()),
+        ("aspect_ratio", pa.string()),
+        ("resolution", pa.string()),
+        ("seed", pa.int64()),
+        ("safety_tolerance", pa.int64()),
+        ("output_format", pa.string()),
+        ("reference_digests", pa.list_(pa.string())),
+        ("output_uri", pa.string()),
+        ("sha256", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+        ("format", pa.string()),
+        ("bytes", pa.int64()),
+        ("task_id", pa.string()),
+        ("attempts", pa.int64()),
+        ("queued_at", _TS),
+        ("submitted_at", _TS),
+        ("finished_at", _TS),
+        ("latency_s", pa.float64()),
+        ("cost_credits", pa.float64()),
+    ]
+)
+FIXED_COLUMNS: tuple[str, ...] = tuple(FIXED_SCHEMA.names)
+
+_NOT_REACHED = "not processed: the run stopped before reaching this row; run again to resume"
+
+
+class ManifestSource(Protocol):
+    """What this module needs from ``pipeline.manifest.ManifestReader``."""
+
+    @property
+    def extra_columns(self) -> Sequence[str]: ...
+
+    def batches(self) -> Iterator[pl.DataFrame]: ...
+
+
+def output_column_names(extra_columns: Sequence[str]) -> list[str]:
+    """Names the input's extra columns get in the output: ``input_`` prefixed on collision."""
+    used = set(FIXED_COLUMNS)
+    names: list[str] = []
+    for name in extra_columns:
+        out = name
+        while out in used:
+            out = f"input_{out}"
+        used.add(out)
+        names.append(out)
+    return names
+
+
+def _micros(value: float | None) -> int | None:
+    return None if value is None else round(value * 1_000_000)
+
+
+def _fixed_columns(
+    indices: list[int], outcomes: dict[int, Outcome], raw_prompts: list[Any] | None
+) -> dict[str, list[Any]]:
+    cols: dict[str, list[Any]] = {name: [] for name in FIXED_COLUMNS}
+    for pos, idx in enumerate(indices):
+        outcome = outcomes.get(idx)
+        raw_prompt = raw_prompts[pos] if raw_prompts is not None else None
+        if outcome is None:
+            outcome = Outcome(index=idx, key="", status=RowStatus.SKIPPED, reason=_NOT_REACHED)
+        request = outcome.request
+        prompt: Any = request.prompt if request is not None else outcome.extra.get("prompt")
+        if prompt is None and raw_prompt is not None:
+            prompt = raw_prompt
+        cols["row"].append(idx + 1)
+        cols["key"].append(outcome.key or None)
+        cols["status"].append(str(outcome.status))
+        cols["reason"].append(outcome.reason)
+        cols["prompt"].append(None if prompt is None else str(prompt))
+        cols["aspect_ratio"].append(request.aspect_ratio if request else None)
+        cols["resolution"].append(request.resolution if request else None)
+        cols["seed"].append(request.seed if request else None)
+        cols["safety_tolerance"].append(request.safety_tolerance if request else None)
+        cols["output_format"].append(request.output_format if request else None)
+        cols["reference_digests"].append(list(outcome.reference_digests))
+        cols["output_uri"].append(outcome.output_uri)
+        cols["sha256"].append(outcome.sha256)
+        cols["width"].append(outcome.width)
+        cols["height"].append(outcome.height)
+        cols["format"].append(outcome.format)
+        cols["bytes"].append(outcome.bytes)
+        cols["task_id"].append(outcome.task_id)
+        cols["attempts"].append(outcome.attempts)
+        cols["queued_at"].append(_micros(outcome.queued_at))
+        cols["submitted_at"].append(_micros(outcome.submitted_at))
+        cols["finished_at"].append(_micros(outcome.finished_at))
+        cols["latency_s"].append(outcome.latency_s)
+        cols["cost_credits"].append(float(outcome.cost_credits or 0.0))
+    return cols
+
+
+def _extra_arrays(
+    batch: pl.DataFrame, extra_columns: Sequence[str]
+) -> tuple[list[pa.Array], list[pa.DataType]]:
+    if not extra_columns:
+        return [], []
+    table = batch.select(list(extra_columns)).to_arrow(compat_level=pl.CompatLevel.oldest())
+    arrays = [table.column(i).combine_chunks() for i in range(table.num_columns)]
+    return arrays, [array.type for array in arrays]
+
+
+def _conform(
+    array: pa.Array, target: pa.DataType, name: str, source_name: str, first_row: int
+) -> pa.Array:
+    if array.type == target:
+        return array
+    try:
+        return array.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise KleinError(
+            f"{source_name}: column {name!r} changes type at row {first_row}: it holds "
+            f"{array.type} there but {target} in earlier rows; give the column one type"
+        ) from exc
+
+
+def _build_parquet(reader: ManifestSource, ledger: Ledger, path: Path) -> int:
+    """Write the joined manifest to ``path``; returns the number of rows written."""
+    extra_columns = [name for name in reader.extra_columns if name != "__index"]
+    out_names = output_column_names(extra_columns)
+    source_name = str(getattr(reader, "name", "manifest"))
+    writer: pq.ParquetWriter | None = None
+    schema: pa.Schema | None = None
+    extra_types: list[pa.DataType] = []
+    written = 0
+    try:
+        for batch in reader.batches():
+            if batch.height == 0:
+                continue
+            indices = batch.get_column("__index").cast(pl.Int64).to_list()
+            outcomes = {
+                outcome.index: outcome
+                for outcome in ledger.outcomes_for(min(indices), max(indices) + 1)
+            }
+            raw_prompts = (
+                batch.get_column("prompt").to_list() if "prompt" in batch.columns else None
+            )
+            fixed = _fixed_columns(indices, outcomes, raw_prompts)
+            arrays, types = _extra_arrays(batch, extra_columns)
+            if schema is None:
+                # An all-null first batch says nothing about a column's type: text is safest.
+                extra_types = [pa.string() if pa.types.is_null(t) else t for t in types]
+                schema = pa.schema(
+                    list(FIXED_SCHEMA)
+                    + [pa.field(n, t) for n, t in zip(out_names, extra_types, strict=True)],
+                    metadata={"klein_batch.schema_version": OUTPUT_MANIFEST_SCHEMA_VERSION},
+                )
+                writer = pq.ParquetWriter(path, schema, compression="zstd")
+            columns = [pa.array(fixed[field.name], type=field.type) for field in FIXED_SCHEMA]
+            columns += [
+                _conform(array, target, name, source_name, indices[0] + 1)
+                for array, target, name in zip(arrays, extra_types, extra_columns, strict=True)
+            ]
+            table = pa.Table.from_arrays(columns, schema=schema)
+            assert writer is not None
+            writer.write_table(table, row_group_size=table.num_rows)
+            written += table.num_rows
+        if writer is None:
+            schema = pa.schema(
+                list(FIXED_SCHEMA) + [pa.field(n, pa.string()) for n in out_names],
+                metadata={"klein_batch.schema_version": OUTPUT_MANIFEST_SCHEMA_VERSION},
+            )
+            writer = pq.ParquetWriter(path, schema, compression="zstd")
+    finally:
+        if writer is not None:
+            writer.close()
+    return written
+
+
+async def write_output_manifest(
+    reader: ManifestSource, ledger: Ledger, sink: Sink, *, relpath: str = "manifest.parquet"
+) -> str:
+    """Join the input manifest with the ledger and store the Parquet file; returns its URI.
+
+    The file is built in a temporary file (beside the destination when the sink is local,
+    so no second disk is needed) and then stored atomically: a reader never sees a
+    half-written manifest.
+    """
+    local = sink.local_path(relpath)
+    tmp_dir = local.parent if local is not None else None
+    if tmp_dir is not None:
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".manifest-", suffix=".parquet.tmp", dir=tmp_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _build_parquet(reader, ledger, tmp)
+        return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)

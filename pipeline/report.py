@@ -1,0 +1,79 @@
+"""How a finished run reports itself: ``run.json`` for machines, a few lines for people.
+
+Both are rendered from the same ``RunSummary`` so the CLI's last lines, the JSON file and
+the Python API's return value can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+
+from pipeline.contract import RowStatus
+from pipeline.storage import Sink
+from pipeline.summary import RunSummary
+
+RUN_JSON_RELPATH = "run.json"
+
+
+def _percentile(ordered: list[float], fraction: float) -> float:
+    # Linear interpolation between closest ranks (numpy's default), so p50 of an even
+    # count is the midpoint and small samples do not jump between neighbours.
+    position = (len(ordered) - 1) * fraction
+    low = math.floor(position)
+    high = math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def latency_percentiles(values: Iterable[float]) -> tuple[float | None, float | None]:
+    """Median and 95th percentile of latencies; ``(None, None)`` when nothing finished."""
+    ordered = sorted(float(v) for v in values if v is not None and math.isfinite(v))
+    if not ordered:
+        return None, None
+    return _percentile(ordered, 0.50), _percentile(ordered, 0.95)
+
+
+async def write_run_json(sink: Sink, summary: RunSummary) -> str:
+    """Store the summary as pretty ``run.json`` beside the outputs; returns its URI."""
+    text = json.dumps(summary.to_dict(), indent=2, sort_keys=False, default=str) + "\n"
+    return await sink.put(RUN_JSON_RELPATH, text.encode("utf-8"), "application/json")
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 120:
+        return f"{value:.1f} s"
+    minutes, seconds = divmod(round(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def format_summary(summary: RunSummary) -> str:
+    """The CLI's closing lines: what happened to every row, how fast, at what cost, where."""
+    counts = summary.counts
+    parts = [f"{counts.get(status, 0):,} {status}" for status in RowStatus]
+    others = sorted(name for name in counts if name not in set(RowStatus))
+    parts += [f"{counts[name]:,} {name}" for name in others if counts[name]]
+    lines = [
+        f"{summary.total_rows:,} rows: " + ", ".join(parts),
+        f"time {_seconds(summary.elapsed_s)}, {summary.images_per_s:.2f} images/s; "
+        f"latency p50 {_seconds(summary.latency_p50_s)}, p95 {_seconds(summary.latency_p95_s)}",
+        f"credits {summary.credits:,.2f}; submits {summary.submits:,}, "
+        f"retries {summary.retries:,}, rate-limited (429) {summary.rate_limited:,}",
+    ]
+    if summary.resumed_rows:
+        lines.append(f"resumed: {summary.resumed_rows:,} rows were already done or in flight")
+    if summary.ambiguous_submits:
+        lines.append(
+            f"warning: {summary.ambiguous_submits:,} submits lost their response "
+            "(each may have been charged)"
+        )
+    if summary.errors:
+        top = sorted(summary.errors.items(), key=lambda item: (-item[1], item[0]))[:5]
+        lines.append("errors: " + ", ".join(f"{name} x{count:,}" for name, count in top))
+    lines.append(f"output: {summary.output} (manifest.parquet, run.json, images/)")
+    return "\n".join(lines)
