@@ -9,7 +9,8 @@ what duplicate detection costs).
 
 from __future__ import annotations
 
-import os
+import asyncio
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterable
@@ -19,10 +20,11 @@ from typing import Final
 
 import polars as pl
 import pyarrow as pa
-from PIL import Image, UnidentifiedImageError
 
 from pipeline.contract import REFERENCE_FIELDS, cost_credits, output_size
+from pipeline.errors import ReferenceError
 from pipeline.manifest import Defaults, ManifestReader, iter_rows
+from pipeline.references import ReferenceStore
 from pipeline.rows import Rejection, Row
 from pipeline.summary import ExitCode
 
@@ -31,9 +33,7 @@ EXAMPLES_PER_COLUMN: Final = 3
 #: Longest duplicate and reference listings printed before "... and N more".
 MAX_LISTED: Final = 10
 _ROW_LABEL: Final = "(whole row)"
-_BASE64: Final = re.compile(r"[A-Za-z0-9+/=\s]+")
-#: Inline base64 shorter than this is implausible for an image; such strings are paths.
-_MIN_INLINE_CHARS: Final = 256
+_SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
 @dataclass(slots=True)
@@ -49,7 +49,6 @@ class ReferenceProblem:
     """A local reference file that cannot be used, and the rows that point at it."""
 
     spec: str
-    path: str
     problem: str
     rows: list[int] = field(default_factory=list)
     row_count: int = 0
@@ -71,7 +70,6 @@ class CheckReport:
     references_checked: bool = True
     reference_files: int = 0
     reference_urls: int = 0
-    reference_inline: int = 0
     reference_problems: dict[str, ReferenceProblem] = field(default_factory=dict)
     by_preset: Counter[str] = field(default_factory=Counter)
     by_resolution: Counter[str] = field(default_factory=Counter)
@@ -140,13 +138,9 @@ class CheckReport:
         if not self.references_checked:
             return "Reference files: not checked"
         bad = len(self.reference_problems)
-        parts = [f"{self.reference_files} local files checked, {bad} missing or unusable"]
+        parts = [f"{self.reference_files} distinct local references checked, {bad} unusable"]
         if self.reference_urls:
-            parts.append(
-                f"{self.reference_urls} URLs not fetched (checked when the run loads them)"
-            )
-        if self.reference_inline:
-            parts.append(f"{self.reference_inline} inline images")
+            parts.append(f"{self.reference_urls} URL uses not fetched (the run checks them)")
         return "Reference files: " + "; ".join(parts)
 
 
@@ -155,44 +149,47 @@ def _counter_line(counter: Counter[str]) -> str:
 
 
 def reference_kind(spec: str) -> str:
-    """``url``, ``inline`` or ``file``: only files can be checked without the network."""
-    lowered = spec[:8].lower()
-    if lowered.startswith(("http://", "https://")):
+    """``url`` or ``local`` (a file or inline data): only local ones are checked offline."""
+    match = _SCHEME.match(spec.strip())
+    if match and match.group(1).lower() in ("http", "https"):
         return "url"
-    if lowered.startswith("data:"):
-        return "inline"
-    if len(spec) >= _MIN_INLINE_CHARS and _BASE64.fullmatch(spec[:4096]):
-        return "inline"
-    return "file"
+    return "local"
 
 
-def check_reference_file(path: Path) -> str | None:
-    """Why a local reference file cannot be used, or None when it is a readable image."""
-    if not path.exists():
-        return "file not found"
-    if not path.is_file():
-        return "not a file"
-    if not os.access(path, os.R_OK):
-        return "cannot be read (permission denied)"
-    try:
-        with Image.open(path) as image:
-            image.verify()
-    except UnidentifiedImageError:
-        return "not an image (expected JPEG or PNG, or another format Pillow can convert)"
-    except OSError as exc:
-        return f"cannot be read ({exc.__class__.__name__}: {exc})"
-    except Exception as exc:  # Pillow raises assorted errors on corrupt files
-        return f"broken image ({exc.__class__.__name__}: {exc})"
-    return None
+def _describe(spec: str) -> str:
+    text = spec.strip()
+    if len(text) <= 120:
+        return repr(text)
+    return f"inline image ({len(text)} characters)"
 
 
 class _ReferenceChecker:
-    """Checks each distinct local file once; catalogs reuse one product shot many times."""
+    """Loads each distinct local reference once, exactly as a run would.
+
+    Files and inline images go through the run's own ``ReferenceStore`` (path confinement,
+    size cap, decoding, conversion), so ``validate`` refuses what the run would refuse and
+    nothing else. URLs are counted, not fetched: checking must not touch the network.
+    """
 
     def __init__(self, base_dir: Path | None, report: CheckReport) -> None:
-        self._base_dir = base_dir if base_dir is not None else Path.cwd()
+        self._store = ReferenceStore(base_dir)
+        self._loop = asyncio.new_event_loop()
         self._report = report
         self._seen: dict[str, str | None] = {}
+
+    def close(self) -> None:
+        self._loop.close()
+
+    def _problem(self, spec: str) -> str | None:
+        cache_key = spec if len(spec) <= 512 else hashlib.sha256(spec.encode()).hexdigest()
+        if cache_key not in self._seen:
+            self._report.reference_files += 1
+            try:
+                self._loop.run_until_complete(self._store.load(spec))
+                self._seen[cache_key] = None
+            except ReferenceError as exc:
+                self._seen[cache_key] = str(exc)
+        return self._seen[cache_key]
 
     def problems(self, row: Row, source: str) -> list[tuple[str, str]]:
         """(column, message) for each unusable reference of the row."""
@@ -200,25 +197,15 @@ class _ReferenceChecker:
         for column, spec in zip(REFERENCE_FIELDS, row.request.references, strict=False):
             if not spec:
                 continue
-            kind = reference_kind(spec)
-            if kind == "url":
+            if reference_kind(spec) == "url":
                 self._report.reference_urls += 1
                 continue
-            if kind == "inline":
-                self._report.reference_inline += 1
-                continue
-            path = Path(spec).expanduser()
-            if not path.is_absolute():
-                path = self._base_dir / path
-            resolved = str(path)
-            if resolved not in self._seen:
-                self._seen[resolved] = check_reference_file(path)
-                self._report.reference_files += 1
-            problem = self._seen[resolved]
+            problem = self._problem(spec)
             if problem is None:
                 continue
+            shown = _describe(spec)
             entry = self._report.reference_problems.setdefault(
-                resolved, ReferenceProblem(spec=spec, path=resolved, problem=problem)
+                shown, ReferenceProblem(spec=shown, problem=problem)
             )
             entry.row_count += 1
             if len(entry.rows) < MAX_LISTED:
@@ -226,8 +213,7 @@ class _ReferenceChecker:
             found.append(
                 (
                     column,
-                    f"{source} row {row.index + 1}, column {column}: reference {spec!r}: "
-                    f"{problem} (looked for {resolved})",
+                    f"{source} row {row.index + 1}, column {column}: reference {shown}: {problem}",
                 )
             )
         return found
@@ -256,6 +242,21 @@ def check_manifest(
     reader = ManifestReader(source, batch_size=batch_size, limit=limit)
     report = CheckReport(source=reader.name, limit=limit, references_checked=check_references)
     checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
+    try:
+        _check_rows(report, reader, defaults, checker)
+    finally:
+        if checker is not None:
+            checker.close()
+    report.estimated_credits = round(report.estimated_credits, 2)
+    return report
+
+
+def _check_rows(
+    report: CheckReport,
+    reader: ManifestReader,
+    defaults: Defaults,
+    checker: _ReferenceChecker | None,
+) -> None:
     seen: set[str] = set()
     for rows, rejections in iter_rows(reader, defaults):
         report.total += len(rows) + len(rejections)
@@ -284,8 +285,6 @@ def check_manifest(
             report.estimated_credits += cost_credits(
                 *output_size(request.aspect_ratio, request.resolution)
             )
-    report.estimated_credits = round(report.estimated_credits, 2)
-    return report
 
 
 def _count_rejections(report: CheckReport, rejections: Iterable[Rejection]) -> None:

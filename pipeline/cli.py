@@ -44,7 +44,7 @@ from pipeline.contract import (
     Tier,
 )
 from pipeline.errors import ConfigError, KleinError
-from pipeline.progress import MODES
+from pipeline.progress import MODES, format_duration
 from pipeline.summary import ExitCode
 
 if TYPE_CHECKING:
@@ -267,7 +267,7 @@ def _plan_text(settings: RunConfig, limits: Tier, to_send: int) -> str:
         )
     else:
         target = "no API chosen yet (pass --api-url URL or --sim to run)"
-    minutes = to_send / limits.submits_per_minute
+    floor_s = 60.0 * to_send / limits.submits_per_minute
     lines = [
         "",
         "Plan (dry run: nothing was sent):",
@@ -275,7 +275,7 @@ def _plan_text(settings: RunConfig, limits: Tier, to_send: int) -> str:
         f"  output:   {settings.out}",
         f"  limits:   tier {limits.name}: {limits.max_active} active tasks, "
         f"{limits.submits_per_minute} submits per minute",
-        f"  at least: {minutes:.1f} minutes at the submit limit, before generation time",
+        f"  at least: {format_duration(floor_s)} at the submit limit, plus generation time",
     ]
     if settings.retry_failed:
         lines.append("  retry:    rows that failed in an earlier run into this output are retried")
