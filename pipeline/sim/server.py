@@ -140,9 +140,16 @@ class SimServer:
     """A running simulator on ``host:port`` (port 0 picks a free one)."""
 
     def __init__(
-        self, config: SimConfig | None = None, *, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: SimConfig | None = None,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config if config is not None else SimConfig()
+        #: Unix-seconds clock the simulated API runs on; tests pass a fake one to skip time.
+        self.clock = clock
         self.host = host
         self.port = port
         self._app: web.Application | None = None
@@ -162,7 +169,7 @@ class SimServer:
         return self._app[SIM_KEY]
 
     async def start(self) -> None:
-        self._app = create_app(self.config)
+        self._app = create_app(self.config, clock=self.clock)
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
