@@ -21,6 +21,8 @@ from pipeline.rows import ImageRequest
 MAX_KEY_CHARS: Final = 120
 _DIGEST_CHARS: Final = 8
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# One encoder, built once: json.dumps with options builds a new one per call.
+_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _DOT_RUN = re.compile(r"\.(?=\.)")
 _SAFE_AS_IS = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,119}")
 
@@ -58,16 +60,38 @@ def request_key(request: ImageRequest, *, seed_given: bool = True) -> str:
     spot duplicates. With ``seed_given=False`` the seed is left out: the seed of such a row
     is itself derived from this key, and the key must not depend on it.
     """
-    fields: list[object] = [
+    return content_key(
         request.prompt,
         request.aspect_ratio,
         request.resolution,
         request.safety_tolerance,
         request.output_format,
-        list(request.references),
+        request.references,
         request.seed if seed_given else None,
-    ]
-    canonical = json.dumps(fields, ensure_ascii=False, separators=(",", ":"))
+    )
+
+
+def content_key(
+    prompt: str,
+    aspect_ratio: str,
+    resolution: str,
+    safety_tolerance: int,
+    output_format: str,
+    references: tuple[str, ...],
+    seed: int | None,
+) -> str:
+    """``request_key`` from the fields themselves, for the manifest's hot loop."""
+    canonical = _ENCODER.encode(
+        [
+            prompt,
+            aspect_ratio,
+            resolution,
+            safety_tolerance,
+            output_format,
+            list(references),
+            seed,
+        ]
+    )
     return "r-" + _digest(canonical, 24)
 
 

@@ -1,0 +1,765 @@
+"""Read a manifest in batches and turn each row into a request or a rejection.
+
+Catalog manifests run to millions of rows and come from spreadsheets, data warehouses and
+hand edits, so this module never holds the whole file, never lets one bad row stop the
+others, and says exactly which file, row and column is wrong and what would be allowed.
+CSV cells stay text (SKU ``00123`` stays ``00123``); Parquet columns keep their types.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import math
+import re
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline import contract
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.keys import content_key, derive_seed, safe_key
+from pipeline.references import SPEC_SCHEMES
+from pipeline.rows import ImageRequest, Rejection, Row
+
+#: Columns the pipeline reads; every other column is carried through untouched.
+KNOWN_COLUMNS: Final = (
+    "id",
+    "prompt",
+    "aspect_ratio",
+    "resolution",
+    "seed",
+    "safety_tolerance",
+    "output_format",
+    *contract.REFERENCE_FIELDS,
+)
+#: 0-based data-row position, added to every batch.
+INDEX_COLUMN: Final = "__index"
+#: Set on rows the reader could not split into fields (a CSV line with too many or too few
+#: fields); such rows carry no values and are rejected with this text.
+ERROR_COLUMN: Final = "__error"
+
+_DELIMITERS: Final = (",", ";", "\t")
+_DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
+_PARQUET_SUFFIXES: Final = (".parquet", ".pq")
+_HEAD_BYTES: Final = 64 * 1024
+_CSV_BLOCK_BYTES: Final = 1 << 20
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
+_OUTPUT_FORMAT_ALIASES: Final = {"jpg": "jpeg"}
+
+
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """Values for cells left empty (or columns left out): the contract's, or the user's."""
+
+    aspect_ratio: str = contract.DEFAULT_ASPECT_RATIO
+    resolution: str = contract.DEFAULT_RESOLUTION
+    safety_tolerance: int = contract.DEFAULT_SAFETY
+    output_format: str = contract.DEFAULT_OUTPUT_FORMAT
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        # Defaults come from the command line or config: a bad one stops the run up front.
+        if self.aspect_ratio not in contract.ASPECT_RATIOS:
+            raise ConfigError(
+                f"default aspect_ratio {self.aspect_ratio!r} is not allowed; expected one of "
+                + ", ".join(contract.ASPECT_RATIOS)
+            )
+        if self.resolution not in contract.RESOLUTIONS:
+            raise ConfigError(
+                f"default resolution {self.resolution!r} is not allowed; expected 1k or 2k"
+            )
+        if self.output_format not in contract.OUTPUT_FORMATS:
+            raise ConfigError(
+                f"default output_format {self.output_format!r} is not allowed; expected png or jpeg"
+            )
+        safety = self.safety_tolerance
+        if (
+            isinstance(safety, bool)
+            or not isinstance(safety, int)
+            or not contract.SAFETY_MIN <= safety <= contract.SAFETY_MAX
+        ):
+            raise ConfigError(
+                f"default safety_tolerance {safety!r} is not allowed; expected a whole "
+                f"number from {contract.SAFETY_MIN} to {contract.SAFETY_MAX}"
+            )
+        seed = self.seed
+        if seed is not None and (
+            isinstance(seed, bool)
+            or not isinstance(seed, int)
+            or not contract.SEED_MIN <= seed <= contract.SEED_MAX
+        ):
+            raise ConfigError(
+                f"default seed {seed!r} is not allowed; expected a whole number from "
+                f"{contract.SEED_MIN} to {contract.SEED_MAX}"
+            )
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _CsvFormat:
+    encoding: str
+    delimiter: str
+    header: list[str]
+
+
+@dataclass(slots=True)
+class _BadLine:
+    target: int
+    line: int | None
+    text: str
+
+
+@dataclass(slots=True)
+class _Columns:
+    """The source's column names, as found and as the pipeline uses them."""
+
+    source: list[str]
+    names: list[str]
+    extra: list[str] = field(default_factory=list)
+
+
+def _normalise_columns(found: list[str], file_name: str) -> _Columns:
+    known = {name.lower(): name for name in KNOWN_COLUMNS}
+    names: list[str] = []
+    for position, raw in enumerate(found, start=1):
+        stripped = raw.strip()
+        if not stripped:
+            stripped = f"column_{position}"
+        names.append(known.get(stripped.lower(), stripped))
+    seen: dict[str, str] = {}
+    for raw, name in zip(found, names, strict=True):
+        if name in seen:
+            raise ManifestError(
+                f"{file_name}: columns {seen[name]!r} and {raw!r} both mean {name!r} "
+                "(names are compared after trimming spaces, and known columns "
+                "case-insensitively); keep one of them"
+            )
+        seen[name] = raw
+    if INDEX_COLUMN in names or ERROR_COLUMN in names:
+        raise ManifestError(
+            f"{file_name}: column names {INDEX_COLUMN!r} and {ERROR_COLUMN!r} are reserved "
+            "for the pipeline; rename that column"
+        )
+    if "prompt" not in names:
+        shown = ", ".join(repr(name) for name in found[:20])
+        if len(found) > 20:
+            shown += f", ... ({len(found)} columns)"
+        hint = ""
+        if len(found) == 1 and any(d in found[0] for d in _DELIMITERS):
+            hint = (
+                " The header was read as a single column: is the delimiter right? "
+                "Use commas, semicolons or tabs (or a .tsv name for tabs)."
+            )
+        raise ManifestError(
+            f"{file_name}: no 'prompt' column; found {shown or 'no columns'}. Every "
+            f"manifest needs a 'prompt' column; the others it understands are "
+            f"{', '.join(c for c in KNOWN_COLUMNS if c != 'prompt')}.{hint}"
+        )
+    extra = [name for name in names if name not in KNOWN_COLUMNS]
+    return _Columns(source=list(found), names=names, extra=extra)
+
+
+def _check_types(schema: pl.Schema, file_name: str) -> None:
+    """Refuse known columns whose type cannot hold what the contract asks for.
+
+    A whole column of the wrong type is a file problem, not a row problem: reporting it
+    once beats rejecting every row with the same message.
+    """
+    for name, dtype in schema.items():
+        if name not in KNOWN_COLUMNS:
+            continue
+        textual = dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
+        if name in ("seed", "safety_tolerance"):
+            ok = textual or dtype.is_numeric()
+            expected = "whole numbers (or text holding them)"
+        elif name == "id":
+            ok = textual or dtype.is_integer() or dtype.is_float()
+            expected = "text or whole numbers"
+        elif name in contract.REFERENCE_FIELDS:
+            ok = textual or dtype == pl.Binary
+            expected = "text (a path, URL, data: URI or base64) or binary image bytes"
+        else:
+            ok = textual
+            expected = "text"
+        if not ok:
+            raise ManifestError(f"{file_name}: column {name} has type {dtype}; expected {expected}")
+
+
+def _utf8_error_line(path: Path) -> int | None:
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return None
+
+
+def _not_utf8(name: str, line: int | None) -> ManifestError:
+    where = f" (line {line})" if line else ""
+    return ManifestError(
+        f"{name}: bytes that are not valid UTF-8{where}; the manifest must be UTF-8 "
+        "(with or without a byte-order mark) or UTF-16 with a byte-order mark. "
+        "Re-save it as 'CSV UTF-8'."
+    )
+
+
+def _sniff_csv(path: Path, name: str) -> _CsvFormat:
+    with path.open("rb") as handle:
+        head = handle.read(_HEAD_BYTES)
+        whole = len(head) < _HEAD_BYTES
+    encoding = "utf-8"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif b"\x00" in head:
+        raise ManifestError(
+            f"{name}: contains NUL bytes: it looks like UTF-16 without a byte-order mark or "
+            "a binary file; the manifest must be UTF-8 text (or UTF-16 with a byte-order "
+            "mark), CSV or Parquet"
+        )
+    if head.startswith(b"PK\x03\x04"):
+        raise ManifestError(
+            f"{name}: looks like an Excel workbook or a zip archive; export it as CSV "
+            "(UTF-8) or Parquet"
+        )
+    decoder = codecs.getincrementaldecoder("utf-8-sig" if encoding == "utf-8" else encoding)()
+    try:
+        text = decoder.decode(head, final=whole)
+    except UnicodeDecodeError as exc:
+        line = head[: exc.start].count(b"\n") + 1 if encoding == "utf-8" else None
+        raise _not_utf8(name, line) from None
+    if not text.strip():
+        raise ManifestError(
+            f"{name}: the file is empty; expected a header line naming the columns "
+            "(at least 'prompt') and one row per image"
+        )
+    header_line, _, rest = text.lstrip("\r\n").partition("\n")
+    header_line = header_line.rstrip("\r")
+    if whole and not rest.strip():
+        raise ManifestError(
+            f"{name}: has a header line but no data rows; expected one row per image"
+        )
+    if path.suffix.lower() == ".tsv":
+        delimiter = "\t"
+    else:
+        unquoted = re.sub(r'"[^"]*"', "", header_line)
+        counts = {d: unquoted.count(d) for d in _DELIMITERS}
+        delimiter = max(_DELIMITERS, key=lambda d: counts[d])
+        if counts[delimiter] == 0:
+            delimiter = ","
+    header = next(csv.reader([header_line], delimiter=delimiter))
+    return _CsvFormat(encoding=encoding, delimiter=delimiter, header=header)
+
+
+class ManifestReader:
+    """A manifest opened for reading in batches; problems with the whole file show up here.
+
+    The file is checked on construction (exists, readable, has a header with a prompt
+    column, has rows, known columns have usable types) so a run fails before it starts
+    rather than halfway through.
+    """
+
+    def __init__(
+        self,
+        source: str | Path | pl.DataFrame | pa.Table,
+        *,
+        batch_size: int = 10_000,
+        limit: int | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        if limit is not None and limit < 0:
+            raise ConfigError(f"limit must be 0 or more, got {limit}")
+        self.batch_size = batch_size
+        self.limit = limit
+        self._frame: pl.DataFrame | None = None
+        self._table: pa.Table | None = None
+        self._csv: _CsvFormat | None = None
+        self._parquet: pq.ParquetFile | None = None
+        self.path: Path | None = None
+        if isinstance(source, pl.DataFrame):
+            self.name, self.base_dir = "<dataframe>", None
+            self._frame = source
+            found = list(source.columns)
+            schema = source.schema
+        elif isinstance(source, pa.Table):
+            self.name, self.base_dir = "<table>", None
+            self._table = source
+            found = list(source.column_names)
+            schema = self._polars_schema(source.schema)
+        elif isinstance(source, str | Path):
+            path = Path(source)
+            self.path = path
+            self.name = path.name
+            self.base_dir = path.resolve().parent
+            found, schema = self._open_file(path)
+        else:
+            raise ConfigError(
+                f"a manifest must be a file path, a polars DataFrame or a pyarrow Table, "
+                f"not {type(source).__name__}"
+            )
+        self._columns = _normalise_columns(found, self.name)
+        self.columns: list[str] = self._columns.names
+        self.extra_columns: list[str] = self._columns.extra
+        if schema is not None:
+            renamed = pl.Schema(dict(zip(self._columns.names, schema.values(), strict=True)))
+            _check_types(renamed, self.name)
+
+    def _polars_schema(self, schema: pa.Schema) -> pl.Schema:
+        try:
+            return pl.from_arrow(schema.empty_table()).schema  # type: ignore[union-attr]
+        except Exception as exc:  # polars refuses some arrow types
+            raise ManifestError(
+                f"{self.name}: has a column type that cannot be read ({exc})"
+            ) from None
+
+    def _open_file(self, path: Path) -> tuple[list[str], pl.Schema | None]:
+        if not path.exists():
+            raise ManifestError(f"{path}: no such file; expected a CSV or Parquet manifest")
+        if not path.is_file():
+            raise ManifestError(f"{path}: is not a file; expected a CSV or Parquet manifest")
+        try:
+            with path.open("rb") as handle:
+                magic = handle.read(4)
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from None
+        if magic == b"PAR1":
+            return self._open_parquet(path)
+        if path.suffix.lower() in _PARQUET_SUFFIXES and magic:
+            raise ManifestError(
+                f"{self.name}: has a Parquet name but is not a Parquet file (it does not "
+                "start with PAR1); expected a Parquet file, or rename it to .csv"
+            )
+        self._csv = _sniff_csv(path, self.name)
+        return self._csv.header, None
+
+    def _open_parquet(self, path: Path) -> tuple[list[str], pl.Schema]:
+        try:
+            parquet = pq.ParquetFile(path)
+        except Exception as exc:
+            raise ManifestError(
+                f"{self.name}: is not a readable Parquet file ({exc}); expected a Parquet "
+                "file written by polars, pyarrow, pandas or Spark"
+            ) from None
+        if parquet.metadata.num_rows == 0:
+            raise ManifestError(f"{self.name}: has no rows; expected one row per image")
+        self._parquet = parquet
+        schema = parquet.schema_arrow
+        return list(schema.names), self._polars_schema(schema)
+
+    # -- batches -----------------------------------------------------------------------------
+
+    def batches(self) -> Iterator[pl.DataFrame]:
+        """Batches of at most ``batch_size`` rows, in file order, with ``__index`` added."""
+        remaining = self.limit
+        pending: list[pl.DataFrame] = []
+        held = 0
+        for chunk in self._chunks():
+            if remaining is not None:
+                if remaining <= 0:
+                    break
+                chunk = chunk.head(remaining)
+                remaining -= chunk.height
+            pending.append(chunk)
+            held += chunk.height
+            while held >= self.batch_size:
+                joined = pl.concat(pending, how="vertical_relaxed")
+                yield joined.head(self.batch_size)
+                rest = joined.slice(self.batch_size)
+                pending, held = ([rest], rest.height) if rest.height else ([], 0)
+        if held:
+            yield pl.concat(pending, how="vertical_relaxed")
+
+    def _chunks(self) -> Iterator[pl.DataFrame]:
+        names = self._columns.names
+        if self._frame is not None:
+            frame = self._frame.rename(dict(zip(self._frame.columns, names, strict=True)))
+            for offset in range(0, frame.height, self.batch_size):
+                part = frame.slice(offset, self.batch_size)
+                yield part.with_columns(
+                    pl.int_range(offset, offset + part.height, dtype=pl.Int64).alias(INDEX_COLUMN)
+                )
+            return
+        if self._table is not None:
+            yield from self._indexed(self._table.to_batches(max_chunksize=self.batch_size))
+            return
+        if self._parquet is not None:
+            try:
+                yield from self._indexed(self._parquet.iter_batches(batch_size=self.batch_size))
+            except (OSError, pa.ArrowException) as exc:
+                raise ManifestError(f"{self.name}: Parquet data cannot be read ({exc})") from None
+            return
+        yield from self._csv_chunks()
+
+    def _indexed(
+        self, batches: Iterator[pa.RecordBatch] | list[pa.RecordBatch]
+    ) -> Iterator[pl.DataFrame]:
+        offset = 0
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            frame = pl.from_arrow(batch)
+            assert isinstance(frame, pl.DataFrame)
+            frame.columns = self._columns.names
+            yield frame.with_columns(
+                pl.int_range(offset, offset + frame.height, dtype=pl.Int64).alias(INDEX_COLUMN)
+            )
+            offset += frame.height
+
+    def _csv_chunks(self) -> Iterator[pl.DataFrame]:
+        assert self._csv is not None and self.path is not None
+        fmt = self._csv
+        width = len(fmt.header)
+        positional = [f"f{i}" for i in range(width)]
+        bad: deque[_BadLine] = deque()
+
+        def on_invalid(row: pacsv.InvalidRow) -> str:
+            # Physical line numbers: line 1 is the header, so line - 2 is the data row's
+            # position when no cell spans several lines (otherwise it is corrected below).
+            line = row.number
+            target = line - 2 if line is not None else -1
+            text = (
+                f"{row.actual_columns} fields where the header has {row.expected_columns}; "
+                f"quote cells that contain the delimiter "
+                f"({_DELIMITER_NAMES[fmt.delimiter]})"
+            )
+            bad.append(_BadLine(target=target, line=line, text=text))
+            return "skip"
+
+        reader = pacsv.open_csv(
+            self.path,
+            read_options=pacsv.ReadOptions(
+                column_names=positional,
+                skip_rows=1,
+                block_size=_CSV_BLOCK_BYTES,
+                encoding=fmt.encoding,
+                use_threads=False,
+            ),
+            parse_options=pacsv.ParseOptions(
+                delimiter=fmt.delimiter,
+                newlines_in_values=True,
+                invalid_row_handler=on_invalid,
+            ),
+            convert_options=pacsv.ConvertOptions(
+                column_types=dict.fromkeys(positional, pa.string()),
+                strings_can_be_null=False,
+            ),
+        )
+        next_index = 0
+        names = self._columns.names
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except UnicodeDecodeError:
+                raise _not_utf8(self.name, None) from None
+            except pa.ArrowInvalid as exc:
+                if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
+                    line = _utf8_error_line(self.path) if fmt.encoding == "utf-8" else None
+                    raise _not_utf8(self.name, line) from None
+                raise ManifestError(f"{self.name}: cannot be read as CSV ({exc})") from None
+            good = batch.num_rows
+            indices: list[int] = []
+            placed: list[tuple[int, _BadLine]] = []
+            if not bad or bad[0].target >= next_index + good + len(bad):
+                indices = list(range(next_index, next_index + good))
+                next_index += good
+            else:
+                while len(indices) < good:
+                    if bad and bad[0].target <= next_index:
+                        placed.append((next_index, bad.popleft()))
+                    else:
+                        indices.append(next_index)
+                    next_index += 1
+            frame = pl.from_arrow(batch)
+            assert isinstance(frame, pl.DataFrame)
+            frame.columns = names
+            frame = frame.with_columns(pl.Series(INDEX_COLUMN, indices, dtype=pl.Int64))
+            if placed:
+                frame = pl.concat([frame, self._bad_frame(placed)], how="diagonal_relaxed").sort(
+                    INDEX_COLUMN
+                )
+            yield frame
+        if bad:
+            leftovers = [(next_index + offset, item) for offset, item in enumerate(bad)]
+            yield self._bad_frame(leftovers)
+
+    def _bad_frame(self, placed: list[tuple[int, _BadLine]]) -> pl.DataFrame:
+        columns: dict[str, pl.Series] = {
+            name: pl.Series(name, [None] * len(placed), dtype=pl.String)
+            for name in self._columns.names
+        }
+        columns[INDEX_COLUMN] = pl.Series(INDEX_COLUMN, [i for i, _ in placed], dtype=pl.Int64)
+        columns[ERROR_COLUMN] = pl.Series(
+            ERROR_COLUMN,
+            [
+                (f" (line {item.line}): " if item.line is not None else ": ") + item.text
+                for _, item in placed
+            ],
+            dtype=pl.String,
+        )
+        return pl.DataFrame(columns)
+
+
+# --- validation -----------------------------------------------------------------------------
+
+
+def _text(batch: pl.DataFrame, name: str) -> pl.Series:
+    """A known column as text (null where absent), whatever type the source gave it."""
+    if name not in batch.columns:
+        return pl.Series(name, [None] * batch.height, dtype=pl.String)
+    series = batch.get_column(name)
+    dtype = series.dtype
+    if dtype == pl.String:
+        return series
+    if dtype == pl.Binary:
+        return series.bin.encode("base64")
+    if dtype.is_float():
+        whole = series.is_finite() & (series == series.floor()) & (series.abs() < 2**53)
+        as_int = series.cast(pl.Int64, strict=False).cast(pl.String)
+        return (
+            pl.DataFrame({"v": series, "w": whole, "i": as_int})
+            .select(pl.when(pl.col("w")).then(pl.col("i")).otherwise(pl.col("v").cast(pl.String)))
+            .to_series()
+            .alias(name)
+        )
+    return series.cast(pl.String)
+
+
+def _number(batch: pl.DataFrame, name: str, low: int, high: int) -> tuple[pl.Series, pl.Series]:
+    """Parsed whole numbers (null = use the default) and a mask of cells that are not."""
+    if name not in batch.columns:
+        empty = pl.Series(name, [None] * batch.height, dtype=pl.Int64)
+        return empty, pl.Series([False] * batch.height)
+    series = batch.get_column(name)
+    if series.dtype.is_numeric():
+        value = series.cast(pl.Float64)
+        given = value.is_not_null()
+    else:
+        text = series.cast(pl.String).str.strip_chars()
+        given = text.is_not_null() & (text != "")
+        value = text.cast(pl.Float64, strict=False)
+    ok = value.is_finite() & (value == value.floor()) & (value >= low) & (value <= high)
+    ok = ok.fill_null(False)
+    bad = given & ~ok
+    parsed = value.set(~ok, None).cast(pl.Int64).alias(name)
+    return parsed, bad
+
+
+def _choice(
+    series: pl.Series, allowed: tuple[str, ...], aliases: dict[str, str]
+) -> tuple[pl.Series, pl.Series]:
+    cleaned = series.str.strip_chars().str.to_lowercase()
+    if aliases:
+        cleaned = cleaned.replace(aliases)
+    given = cleaned.is_not_null() & (cleaned != "")
+    bad = given & ~cleaned.is_in(list(allowed))
+    return pl.Series(series.name, cleaned).set(~given, None), bad.fill_null(False)
+
+
+def _show(value: object, limit: int = 60) -> str:
+    if isinstance(value, str) and len(value) > limit:
+        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    return repr(value)
+
+
+def _expected(name: str, defaults: Defaults) -> str:
+    if name == "aspect_ratio":
+        return f"one of {', '.join(contract.ASPECT_RATIOS)} (empty means {defaults.aspect_ratio})"
+    if name == "resolution":
+        return f"1k or 2k (empty means {defaults.resolution})"
+    if name == "output_format":
+        return f"png or jpeg (jpg also accepted; empty means {defaults.output_format})"
+    if name == "seed":
+        return f"a whole number from {contract.SEED_MIN} to {contract.SEED_MAX}"
+    if name == "safety_tolerance":
+        return (
+            f"a whole number from {contract.SAFETY_MIN} (strict) to {contract.SAFETY_MAX} "
+            f"(lenient) (empty means {defaults.safety_tolerance})"
+        )
+    return (
+        "a file path relative to the manifest, an https:// URL, a data:image/...;base64, "
+        "URI or base64 text"
+    )
+
+
+def validate_batch(
+    batch: pl.DataFrame, *, source_name: str, defaults: Defaults
+) -> tuple[list[Row], list[Rejection]]:
+    """Check one batch against the contract: valid rows become requests, others rejections.
+
+    Checks run column-wise in polars; Python only touches each row once to build its
+    request and key, and writes messages only for the rows that need one.
+    """
+    height = batch.height
+    if height == 0:
+        return [], []
+    index = batch.get_column(INDEX_COLUMN).to_list()
+    row_error = (
+        batch.get_column(ERROR_COLUMN).to_list()
+        if ERROR_COLUMN in batch.columns
+        else [None] * height
+    )
+    ids = _text(batch, "id").str.strip_chars().to_list()
+    prompt = _text(batch, "prompt")
+    prompt_chars = prompt.str.len_chars()
+    prompt_bad = (
+        prompt.is_null()
+        | (prompt.str.strip_chars() == "")
+        | (prompt_chars > contract.PROMPT_MAX_CHARS)
+    ).fill_null(True)
+
+    aspect, aspect_bad = _choice(_text(batch, "aspect_ratio"), tuple(contract.ASPECT_RATIOS), {})
+    resolution, resolution_bad = _choice(_text(batch, "resolution"), contract.RESOLUTIONS, {})
+    fmt, fmt_bad = _choice(
+        _text(batch, "output_format"), contract.OUTPUT_FORMATS, _OUTPUT_FORMAT_ALIASES
+    )
+    seed, seed_bad = _number(batch, "seed", contract.SEED_MIN, contract.SEED_MAX)
+    safety, safety_bad = _number(
+        batch, "safety_tolerance", contract.SAFETY_MIN, contract.SAFETY_MAX
+    )
+    refs: list[pl.Series] = []
+    refs_bad: list[pl.Series] = []
+    for name in contract.REFERENCE_FIELDS:
+        spec = _text(batch, name).str.strip_chars()
+        scheme = spec.str.extract(_SCHEME.pattern, 1).str.to_lowercase()
+        refs_bad.append(
+            (scheme.is_not_null() & ~scheme.is_in(sorted(SPEC_SCHEMES))).fill_null(False)
+        )
+        refs.append(spec.set(spec == "", None))
+
+    checks: list[tuple[str, pl.Series]] = [
+        ("aspect_ratio", aspect_bad),
+        ("resolution", resolution_bad),
+        ("seed", seed_bad),
+        ("safety_tolerance", safety_bad),
+        ("output_format", fmt_bad),
+        *zip(contract.REFERENCE_FIELDS, refs_bad, strict=True),
+    ]
+    any_bad = prompt_bad
+    for _, mask in checks:
+        any_bad = any_bad | mask
+    any_bad_list = any_bad.to_list()
+    has_row_error = ERROR_COLUMN in batch.columns
+
+    prompts = prompt.to_list()
+    aspects = aspect.to_list()
+    resolutions = resolution.to_list()
+    formats = fmt.to_list()
+    seeds = seed.to_list()
+    safeties = safety.to_list()
+    ref_lists = [r.to_list() for r in refs]
+    ref_rows = list(zip(*ref_lists, strict=True))
+
+    rows: list[Row] = []
+    rejections: list[Rejection] = []
+    default_seed = defaults.seed
+    for i in range(height):
+        if any_bad_list[i] or (has_row_error and row_error[i] is not None):
+            rejections.append(
+                _reject(
+                    batch,
+                    i,
+                    index[i],
+                    ids[i],
+                    prompts[i],
+                    row_error[i],
+                    checks,
+                    source_name,
+                    defaults,
+                )
+            )
+            continue
+        references = tuple(r for r in ref_rows[i] if r is not None)
+        row_seed = seeds[i]
+        if row_seed is None:
+            row_seed = default_seed
+        row_safety = safeties[i]
+        prompt_text = prompts[i]
+        aspect_ratio = aspects[i] or defaults.aspect_ratio
+        resolution_value = resolutions[i] or defaults.resolution
+        safety_value = defaults.safety_tolerance if row_safety is None else row_safety
+        format_value = formats[i] or defaults.output_format
+        raw_id = ids[i]
+        if raw_id:
+            key = safe_key(raw_id)
+        else:
+            key = content_key(
+                prompt_text,
+                aspect_ratio,
+                resolution_value,
+                safety_value,
+                format_value,
+                references,
+                row_seed,
+            )
+        request = ImageRequest(
+            prompt=prompt_text,
+            aspect_ratio=aspect_ratio,
+            resolution=resolution_value,
+            seed=derive_seed(key) if row_seed is None else row_seed,
+            safety_tolerance=safety_value,
+            output_format=format_value,
+            references=references,
+        )
+        rows.append(Row(index=index[i], key=key, request=request))
+    return rows, rejections
+
+
+def _reject(
+    batch: pl.DataFrame,
+    position: int,
+    index: int,
+    raw_id: str | None,
+    prompt: str | None,
+    row_error: str | None,
+    checks: list[tuple[str, pl.Series]],
+    source_name: str,
+    defaults: Defaults,
+) -> Rejection:
+    number = index + 1
+    key = safe_key(raw_id) if raw_id else f"row-{number}"
+    where = f"{source_name} row {number}"
+    if row_error is not None:
+        return Rejection(index=index, reason=f"{where}{row_error}", key=key)
+    column: str
+    if prompt is None or not prompt.strip():
+        column = "prompt"
+        reason = f"{where}, column prompt: is empty; every row needs a prompt"
+    elif len(prompt) > contract.PROMPT_MAX_CHARS:
+        column = "prompt"
+        reason = (
+            f"{where}, column prompt: {len(prompt)} characters is too long; expected at "
+            f"most {contract.PROMPT_MAX_CHARS} characters"
+        )
+    else:
+        column = next(name for name, mask in checks if mask[position])
+        value = batch.get_column(column)[position]
+        if isinstance(value, bytes):
+            value = f"<{len(value)} bytes>"
+        elif isinstance(value, float) and math.isnan(value):
+            value = "NaN"
+        reason = (
+            f"{where}, column {column}: {_show(value)} is not allowed; expected "
+            f"{_expected(column, defaults)}"
+        )
+    return Rejection(index=index, reason=reason, column=column, key=key, prompt=prompt)
+
+
+def iter_rows(
+    reader: ManifestReader, defaults: Defaults
+) -> Iterator[tuple[list[Row], list[Rejection]]]:
+    """Validated rows and rejections, batch by batch, in manifest order."""
+    for batch in reader.batches():
+        yield validate_batch(batch, source_name=reader.name, defaults=defaults)
