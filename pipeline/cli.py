@@ -516,18 +516,21 @@ def sim_command(
 
         sim_config = SimConfig.from_toml(config) if config is not None else SimConfig()
         default_key = KeyConfig().key
-        typer.echo(f"klein-batch simulator on http://{host}:{port} (Ctrl-C to stop)")
-        for key in sim_config.keys:
-            # The built-in demo key is public (it is in the source); configured keys are not.
-            shown = key.key if key.key == default_key else "<from your config>"
-            typer.echo(f"  key {key.name}: tier {key.tier}, FREEPIK_API_KEY={shown}")
-        typer.echo(f"  operator stats: http://{host}:{port}/_sim/stats")
+
+        def announce(line: str) -> None:
+            # serve() knows the real port (``--port 0`` picks a free one).
+            typer.echo(f"{line} (Ctrl-C to stop)")
+            for key in sim_config.keys:
+                # The built-in demo key is public (it is in the source); configured keys are not.
+                shown = key.key if key.key == default_key else "<the key from your config>"
+                typer.echo(f"  key {key.name}: tier {key.tier}; FREEPIK_API_KEY={shown}")
+            sys.stdout.flush()
+
         try:
-            serve(sim_config, host, port)
-        except KeyboardInterrupt:
-            typer.echo("simulator stopped")
+            serve(sim_config, host, port, announce=announce)
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        typer.echo("simulator stopped")
 
 
 def main() -> None:

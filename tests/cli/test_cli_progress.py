@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import re
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -131,3 +133,24 @@ def test_durations_and_empty_totals() -> None:
         total=0, counts={}, in_flight=0, images_per_s=0.0, credits=0.0, elapsed_s=0.0, eta_s=None
     )
     assert format_line(empty).startswith("progress 0/0 (100.0%)")
+
+
+def test_auto_mode_writes_plain_lines_to_a_pipe() -> None:
+    script = (
+        "from pipeline.progress import ProgressDisplay\n"
+        "from pipeline.summary import ProgressSnapshot\n"
+        "with ProgressDisplay() as display:\n"
+        "    for i in range(3):\n"
+        "        display(ProgressSnapshot(total=3, counts={'succeeded': i}, in_flight=1,\n"
+        "                images_per_s=1.0, credits=float(i), elapsed_s=i * 10.0, eta_s=1.0))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert [line.split(" (")[0] for line in lines] == [
+        "progress 0/3",
+        "progress 1/3",
+        "progress 2/3",
+    ]
+    assert not ANSI.search(result.stdout)
