@@ -185,6 +185,14 @@ class SimConfig:
 
         if not self.keys:
             raise ConfigError(f"{source}: setting keys is empty; expected at least one [[keys]]")
+        for name, tier in self.tiers.items():
+            for attr in ("max_active", "submits_per_minute"):
+                if getattr(tier, attr) < 1:
+                    raise bad(
+                        f"tiers.{name}.{attr}",
+                        "expected a whole number of at least 1",
+                        getattr(tier, attr),
+                    )
         tiers = self.tier_table()
         names: set[str] = set()
         values: set[str] = set()
@@ -209,10 +217,6 @@ class SimConfig:
                     raise bad(f"{where}.{attr}", "expected a whole number of at least 1", value)
             if key.credits is not None:
                 positive(f"{where}.credits", key.credits, zero=True)
-        for name, tier in self.tiers.items():
-            for attr in ("max_active", "submits_per_minute"):
-                if getattr(tier, attr) < 1:
-                    raise bad(f"tiers.{name}.{attr}", "expected a whole number of at least 1", 0)
         lat = self.latency
         positive("latency.median_s", lat.median_s)
         if lat.p95_s < lat.median_s:
