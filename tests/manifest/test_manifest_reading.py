@@ -1,0 +1,236 @@
+"""Reading manifests: formats, delimiters, encodings, batches, and unusable files."""
+
+from __future__ import annotations
+
+import codecs
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from manifest_helpers import read_all, write
+
+from pipeline.errors import ManifestError
+from pipeline.keys import derive_seed
+from pipeline.manifest import INDEX_COLUMN, ManifestReader
+
+CSV = "id,prompt,seed,sku\nA1,a red mug,42,00123\nA2,a blue mug,,007\n"
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("comma.csv", CSV),
+        ("semi.csv", CSV.replace(",", ";")),
+        ("tabs.csv", CSV.replace(",", "\t")),
+        ("tabs.tsv", CSV.replace(",", "\t")),
+        ("crlf.csv", CSV.replace("\n", "\r\n")),
+    ],
+)
+def test_delimiters_and_line_endings(tmp_path: Path, name: str, text: str) -> None:
+    rows, rejections = read_all(write(tmp_path / name, text))
+    assert rejections == []
+    assert [(r.key, r.request.prompt, r.request.seed) for r in rows] == [
+        ("A1", "a red mug", 42),
+        ("A2", "a blue mug", derive_seed("A2")),
+    ]
+
+
+def test_tsv_name_means_tab_even_with_commas_in_cells(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.tsv", "prompt\tsku\nmug, red, glossy\t1\n")
+    rows, _ = read_all(path)
+    assert rows[0].request.prompt == "mug, red, glossy"
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16"])
+def test_encodings(tmp_path: Path, encoding: str) -> None:
+    path = write(tmp_path / "m.csv", "prompt,title\ncafé crème mug,Tasse\n", encoding)
+    if encoding == "utf-16":
+        assert path.read_bytes()[:2] in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)
+    rows, rejections = read_all(path)
+    assert rejections == []
+    assert rows[0].request.prompt == "café crème mug"
+
+
+def test_csv_cells_stay_text_and_extras_carry_through(tmp_path: Path) -> None:
+    path = write(tmp_path / "catalog.csv", " ID ,Prompt, sku ,NA\nA1,mug,00123,NA\n")
+    reader = ManifestReader(path)
+    assert reader.name == "catalog.csv"
+    assert reader.base_dir == tmp_path.resolve()
+    assert reader.columns == ["id", "prompt", "sku", "NA"]
+    assert reader.extra_columns == ["sku", "NA"]
+    batch = next(reader.batches())
+    assert batch.get_column("sku").to_list() == ["00123"]
+    assert batch.get_column("NA").to_list() == ["NA"]
+    assert batch.get_column(INDEX_COLUMN).to_list() == [0]
+
+
+def test_quoted_cells_with_delimiters_and_newlines(tmp_path: Path) -> None:
+    path = write(tmp_path / "m.csv", 'prompt,sku\n"mug, red\nsecond line ""quoted""",1\nbag,2\n')
+    rows, rejections = read_all(path)
+    assert rejections == []
+    assert rows[0].request.prompt == 'mug, red\nsecond line "quoted"'
+    assert [r.index for r in rows] == [0, 1]
+
+
+def test_batches_limit_and_index(tmp_path: Path) -> None:
+    lines = "".join(f"p{i},{i}\n" for i in range(25))
+    path = write(tmp_path / "m.csv", "prompt,n\n" + lines)
+    reader = ManifestReader(path, batch_size=10)
+    sizes = [b.height for b in reader.batches()]
+    assert sizes == [10, 10, 5]
+    indices = [i for b in reader.batches() for i in b.get_column(INDEX_COLUMN).to_list()]
+    assert indices == list(range(25))
+    rows, _ = read_all(path, batch_size=4, limit=7)
+    assert [r.index for r in rows] == list(range(7))
+    assert [r.request.prompt for r in rows][-1] == "p6"
+
+
+def test_parquet_by_extension_and_by_magic(tmp_path: Path) -> None:
+    table = pa.table(
+        {
+            "id": ["A1", "A2"],
+            "prompt": ["mug", "bag"],
+            "seed": pa.array([42, None], pa.int64()),
+            "price": [9.5, 12.0],
+        }
+    )
+    pq.write_table(table, tmp_path / "m.parquet")
+    pq.write_table(table, tmp_path / "export.dat")
+    for name in ("m.parquet", "export.dat"):
+        reader = ManifestReader(tmp_path / name)
+        batch = next(reader.batches())
+        assert batch.get_column("price").dtype == pl.Float64  # Parquet keeps its types
+        rows, rejections = read_all(tmp_path / name)
+        assert rejections == []
+        assert rows[0].request.seed == 42
+
+
+def test_parquet_streams_in_batches(tmp_path: Path) -> None:
+    table = pa.table({"prompt": [f"p{i}" for i in range(1000)]})
+    pq.write_table(table, tmp_path / "m.parquet", row_group_size=100)
+    reader = ManifestReader(tmp_path / "m.parquet", batch_size=256)
+    sizes = [b.height for b in reader.batches()]
+    assert sizes == [256, 256, 256, 232]
+
+
+def test_in_memory_frames() -> None:
+    frame = pl.DataFrame({"prompt": ["mug", "bag", "lamp"], "sku": ["1", "2", "3"]})
+    reader = ManifestReader(frame, batch_size=2)
+    assert reader.name == "<dataframe>"
+    assert reader.base_dir is None
+    assert reader.extra_columns == ["sku"]
+    rows, _ = read_all(frame, batch_size=2)
+    assert [r.index for r in rows] == [0, 1, 2]
+    arrow_rows, _ = read_all(frame.to_arrow())
+    assert [r.request for r in arrow_rows] == [r.request for r in rows]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "is empty"),
+        (b"\n\n  \n", "is empty"),
+        (b"prompt,seed\n", "no data rows"),
+        (b"\xef\xbb\xbfprompt,seed\r\n", "no data rows"),
+        (b"title,seed\nmug,1\n", "no 'prompt' column; found 'title', 'seed'"),
+        (b"prompt|seed\nmug|1\n", "no 'prompt' column"),
+        (b"prompt,Prompt\nmug,mug\n", "both mean 'prompt'"),
+        (b"PK\x03\x04rest-of-a-zip", "Excel"),
+        (b"p\x00r\x00o\x00m\x00p\x00t\x00", "UTF-16 without a byte-order mark"),
+    ],
+)
+def test_unusable_files(tmp_path: Path, content: bytes, expected: str) -> None:
+    (tmp_path / "bad.csv").write_bytes(content)
+    with pytest.raises(ManifestError) as err:
+        read_all(tmp_path / "bad.csv")
+    assert "bad.csv" in str(err.value)
+    assert expected in str(err.value)
+
+
+def test_wrong_delimiter_hint(tmp_path: Path) -> None:
+    write(tmp_path / "m.csv", "titel|prompt|seed\nx|mug|1\n")
+    with pytest.raises(ManifestError, match="no 'prompt' column") as err:
+        ManifestReader(tmp_path / "m.csv")
+    assert "delimiter" not in str(err.value)  # one column without , ; or tab: no hint
+    write(tmp_path / "s.tsv", "prompt;seed\nmug;1\n")
+    with pytest.raises(ManifestError, match="is the delimiter right"):
+        ManifestReader(tmp_path / "s.tsv")
+
+
+def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
+    content = "prompt,sku\n" + "".join(f"mug {i},{i}\n" for i in range(5))
+    (tmp_path / "latin.csv").write_bytes(content.encode() + "crème,9\n".encode("latin-1"))
+    with pytest.raises(ManifestError) as err:
+        read_all(tmp_path / "latin.csv")
+    message = str(err.value)
+    assert message.startswith("latin.csv:")
+    assert "line 7" in message
+    assert "UTF-8" in message
+
+
+def test_undecodable_header(tmp_path: Path) -> None:
+    (tmp_path / "h.csv").write_bytes("prompt,crème\nmug,1\n".encode("cp1252"))
+    with pytest.raises(ManifestError, match=r"h\.csv: .*not valid UTF-8 \(line 1\)"):
+        ManifestReader(tmp_path / "h.csv")
+
+
+def test_missing_or_fake_files(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="no such file"):
+        ManifestReader(tmp_path / "nope.csv")
+    with pytest.raises(ManifestError, match="is not a file"):
+        ManifestReader(tmp_path)
+    write(tmp_path / "fake.parquet", "prompt\nmug\n")
+    with pytest.raises(ManifestError, match="not a Parquet file"):
+        ManifestReader(tmp_path / "fake.parquet")
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1" + b"\x00" * 40)
+    with pytest.raises(ManifestError, match=r"broken\.parquet: is not a readable Parquet"):
+        ManifestReader(tmp_path / "broken.parquet")
+    pq.write_table(pa.table({"prompt": pa.array([], pa.string())}), tmp_path / "e.parquet")
+    with pytest.raises(ManifestError, match="has no rows"):
+        ManifestReader(tmp_path / "e.parquet")
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "expected"),
+    [
+        ("prompt", pa.array([1, 2]), "column prompt has type Int64; expected text"),
+        ("seed", pa.array([[1], [2]]), "column seed has type List"),
+        ("input_image", pa.array([{"a": 1}, {"a": 2}]), "column input_image has type Struct"),
+        ("aspect_ratio", pa.array([1.5, 2.5]), "column aspect_ratio has type Float64"),
+    ],
+)
+def test_parquet_columns_of_the_wrong_type(
+    tmp_path: Path, column: str, values: pa.Array, expected: str
+) -> None:
+    data = {"prompt": pa.array(["mug", "bag"]), column: values}
+    pq.write_table(pa.table(data), tmp_path / "typed.parquet")
+    with pytest.raises(ManifestError) as err:
+        ManifestReader(tmp_path / "typed.parquet")
+    assert str(err.value).startswith("typed.parquet: ")
+    assert expected in str(err.value)
+
+
+def test_ragged_rows_are_rejected_and_the_rest_run(tmp_path: Path) -> None:
+    text = "prompt,sku\nmug,1\nbag,with,comma\nlamp,3\nshort\ncandle,5\n"
+    rows, rejections = read_all(write(tmp_path / "r.csv", text))
+    assert [(r.index, r.request.prompt) for r in rows] == [(0, "mug"), (2, "lamp"), (4, "candle")]
+    assert [r.index for r in rejections] == [1, 3]
+    assert rejections[0].reason == (
+        "r.csv row 2 (line 3): 3 fields where the header has 2; quote cells that contain "
+        "the delimiter (comma)"
+    )
+    assert rejections[1].reason.startswith("r.csv row 4 (line 5): 1 fields")
+    assert rejections[1].key == "row-4"
+
+
+def test_ragged_rows_across_many_blocks_keep_indices_unique(tmp_path: Path) -> None:
+    lines = []
+    for i in range(30_000):
+        lines.append(f"prompt {i} {'x' * 40},{i}" + (",extra" if i % 997 == 0 else ""))
+    path = write(tmp_path / "big.csv", "prompt,n\n" + "\n".join(lines) + "\n")
+    rows, rejections = read_all(path, batch_size=4096)
+    assert sorted([r.index for r in rows] + [r.index for r in rejections]) == list(range(30_000))
+    assert {r.index for r in rejections} == set(range(0, 30_000, 997))
+    assert all(r.request.prompt.startswith(f"prompt {r.index} ") for r in rows)
