@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.contract import DEFAULT_TIER, RESULT_URL_TTL_S, SAFETY_MAX, TIERS, Tier
+from pipeline.contract import (
+    DEFAULT_TIER,
+    MAX_REFERENCES,
+    RESULT_URL_TTL_S,
+    SAFETY_MAX,
+    TIERS,
+    Tier,
+)
 from pipeline.errors import ConfigError
 
 RETRY_AFTER_MODES = ("seconds", "http-date", "none", "mixed")
@@ -151,6 +158,10 @@ class SimConfig:
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{path}: not valid TOML ({exc})") from None
         return cls.from_dict(data, source=str(path))
+
+    def max_body_bytes(self) -> int:
+        """Largest submit body: four references at the size limit, base64, plus the rest."""
+        return (self.max_reference_bytes * 4 // 3 + 1024) * MAX_REFERENCES + 1024 * 1024
 
     def tier_table(self) -> dict[str, Tier]:
         """Contract presets, overridden and extended by ``tiers``."""

@@ -252,7 +252,11 @@ class KleinApi:
                 },
                 state.retry_after(wait, now),
             )
-        raw = await request.read()
+        try:
+            raw = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            limit = self.state.config.max_body_bytes()
+            return self._refuse(key, 413, {"message": f"Request body is larger than {limit} bytes"})
         try:
             parsed = parse_submit(
                 raw,

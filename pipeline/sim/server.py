@@ -21,7 +21,6 @@ from typing import Any
 
 from aiohttp import web
 
-from pipeline.contract import MAX_REFERENCES
 from pipeline.sim.config import SimConfig
 from pipeline.sim.klein import KleinApi
 from pipeline.sim.responses import is_loopback, json_response
@@ -71,9 +70,7 @@ def create_app(
     holder.append(klein)
     sim = Sim(state, results, webhooks, klein)
 
-    # Room for four references at the largest accepted size, base64-encoded, plus the rest.
-    max_body = (config.max_reference_bytes * 4 // 3 + 1024) * MAX_REFERENCES + 1024 * 1024
-    app = web.Application(client_max_size=max_body)
+    app = web.Application(client_max_size=config.max_body_bytes())
     app[SIM_KEY] = sim
     klein.add_routes(app)
     app.router.add_get(RESULTS_PREFIX + "{name}", results.handle)

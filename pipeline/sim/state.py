@@ -396,7 +396,11 @@ class SimState:
     # --- reporting --------------------------------------------------------------------------
 
     def stats(self) -> dict[str, Any]:
-        """Counters per key name (never the key value) and totals, exact as of now."""
+        """Counters per key name (never the key value) and totals, exact as of now.
+
+        Totals are sums over keys; ``totals.max_active`` is therefore the sum of each key's
+        own high-water mark, an upper bound on the server-wide peak.
+        """
         now = self.clock()
         per_key: dict[str, dict[str, Any]] = {}
         for key in self.keys.values():

@@ -236,3 +236,17 @@ async def test_random_moderation_rate_and_custom_words() -> None:
         low = await client.wait(await client.submit(prompt="Banana!", safety_tolerance=2))
         high = await client.wait(await client.submit(prompt="Banana!", safety_tolerance=3))
         assert (low["status"], high["status"]) == ("FAILED", "COMPLETED")
+
+
+async def test_oversized_reference_and_body_are_refused() -> None:
+    config = fast_config(max_reference_bytes=1000)
+    async with SimServer(config) as server, aiohttp.ClientSession() as s:
+        client = Client(server, s)
+        big = reference_b64()
+        resp = await client.submit_raw({"prompt": "x", "input_image": big + "A" * 4000})
+        assert resp.status == 400
+        assert (await resp.json())["invalid_params"][0]["name"] == "input_image"
+        resp = await client.submit_raw({"prompt": "x" * (config.max_body_bytes() + 10)})
+        assert resp.status == 413
+        assert "larger than" in (await resp.json())["message"]
+        assert server.stats()["keys"]["demo"]["submits_refused"] == 2
