@@ -373,12 +373,12 @@ class ManifestReader:
             pending.append(chunk)
             held += chunk.height
             while held >= self.batch_size:
-                joined = pl.concat(pending, how="vertical_relaxed")
+                joined = pl.concat(pending, how="diagonal_relaxed")
                 yield joined.head(self.batch_size)
                 rest = joined.slice(self.batch_size)
                 pending, held = ([rest], rest.height) if rest.height else ([], 0)
         if held:
-            yield pl.concat(pending, how="vertical_relaxed")
+            yield pl.concat(pending, how="diagonal_relaxed")
 
     def _chunks(self) -> Iterator[pl.DataFrame]:
         names = self._columns.names

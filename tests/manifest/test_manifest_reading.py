@@ -225,6 +225,15 @@ def test_ragged_rows_are_rejected_and_the_rest_run(tmp_path: Path) -> None:
     assert rejections[1].key == "row-4"
 
 
+@pytest.mark.parametrize("batch_size", [1, 2, 100])
+def test_ragged_last_row(tmp_path: Path, batch_size: int) -> None:
+    path = write(tmp_path / "r.csv", "prompt,sku\nmug,1\nbag,2\nlamp;3\n")
+    rows, rejections = read_all(path, batch_size=batch_size)
+    assert [r.index for r in rows] == [0, 1]
+    assert [(r.index, r.key) for r in rejections] == [(2, "row-3")]
+    assert rejections[0].reason.startswith("r.csv row 3 (line 4): 1 fields where")
+
+
 def test_ragged_rows_across_many_blocks_keep_indices_unique(tmp_path: Path) -> None:
     lines = []
     for i in range(30_000):
