@@ -33,6 +33,8 @@ EXAMPLES_PER_COLUMN: Final = 3
 #: Longest duplicate and reference listings printed before "... and N more".
 MAX_LISTED: Final = 10
 _ROW_LABEL: Final = "(whole row)"
+#: Width of the by-preset/resolution/format lists before they wrap.
+_WRAP: Final = 64
 _SCHEME: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 
 
@@ -145,7 +147,18 @@ class CheckReport:
 
 
 def _counter_line(counter: Counter[str]) -> str:
-    return " · ".join(f"{name} {count}" for name, count in counter.most_common())
+    # Ten presets do not fit one line; continuation lines line up under the first.
+    lines: list[str] = []
+    line = ""
+    for name, count in counter.most_common():
+        item = f"{name} {count}"
+        if line and len(line) + 3 + len(item) > _WRAP:
+            lines.append(line + " ·")
+            line = item
+        else:
+            line = f"{line} · {item}" if line else item
+    lines.append(line)
+    return ("\n" + " " * 18).join(lines)
 
 
 def reference_kind(spec: str) -> str:

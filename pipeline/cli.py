@@ -475,7 +475,8 @@ def _run(manifest: Path, settings: RunConfig, limits: Tier, progress: str) -> No
                 api_key=api_key,
                 sim=sim,
                 dialect=settings.dialect,
-                tier=settings.tier if settings.tier in TIERS else DEFAULT_TIER,
+                # A tier from a config file reaches the run as its explicit limits.
+                tier=settings.tier if settings.tier in TIERS else None,
                 max_active=limits.max_active,
                 submits_per_minute=limits.submits_per_minute,
                 defaults=_defaults(settings),
