@@ -32,7 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         serve(config, args.host, args.port, announce=lambda line: print(line, flush=True))
     except OSError as exc:
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror}", file=sys.stderr)
+        print(
+            f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -10,6 +10,7 @@ extend the lifetime by editing the query string.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 from collections import OrderedDict
@@ -62,6 +63,7 @@ class Results:
         self._state = state
         self._secret = secret
         self.cache = ImageCache(state.config.image_cache_bytes)
+        self._rendering: dict[tuple[object, ...], asyncio.Future[bytes]] = {}
 
     def _sig(self, task_id: str, ext: str, expires: int) -> str:
         message = f"{task_id}.{ext}.{expires}".encode()
@@ -72,19 +74,32 @@ class Results:
         sig = self._sig(task.task_id, ext, task.expires)
         return f"{base_url}{RESULTS_PREFIX}{task.task_id}.{ext}?expires={task.expires}&sig={sig}"
 
-    def image(self, task: Task) -> bytes:
+    async def image(self, task: Task) -> bytes:
+        """The task's image bytes, rendered once and shared by concurrent downloads.
+
+        Rendering runs in a worker thread (Pillow and numpy release the GIL while they
+        work) so a 2k PNG never stalls the polls and submits of every other client.
+        """
         key = (task.prompt, task.seed, task.width, task.height, task.fmt, task.ref_digests)
         data = self.cache.get(key)
-        if data is None:
-            data = images.render_image(
+        if data is not None:
+            return data
+        pending = self._rendering.get(key)
+        if pending is None:
+            render = functools.partial(
+                images.render_image,
                 prompt=task.prompt,
                 seed=task.seed,
                 width=task.width,
                 height=task.height,
                 fmt=task.fmt,
-                references=self._state.reference_bytes(task),
+                references=list(self._state.reference_bytes(task)),
             )
-            self.cache.put(key, data)
+            pending = asyncio.get_running_loop().run_in_executor(None, render)
+            self._rendering[key] = pending
+            pending.add_done_callback(lambda _: self._rendering.pop(key, None))
+        data = await asyncio.shield(pending)
+        self.cache.put(key, data)
         return data
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -125,7 +140,7 @@ class Results:
             return json_response({"message": "Service unavailable"}, status=503)
         if state.fault(key, "download_500", task_id, n, faults.download.error_500):
             return json_response({"message": "Internal server error"}, status=500)
-        data = self.image(task)
+        data = await self.image(task)
         key.counters.downloads += 1
         mime = FORMAT_MIME[task.fmt]
         if state.fault(key, "download_drop", task_id, n, faults.download.drop):

@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 
 from pipeline.contract import KleinStatus
-from pipeline.sim.state import SimState, Task
+from pipeline.sim.state import COMPLETED, SimState, Task
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class WebhookSender:
         job.add_done_callback(self._jobs.discard)
 
     async def _timeline(self, task: Task) -> None:
-        final = KleinStatus.COMPLETED if task.outcome == "completed" else KleinStatus.FAILED
+        final = KleinStatus.COMPLETED if task.outcome == COMPLETED else KleinStatus.FAILED
         for status, at in (
             (KleinStatus.CREATED, task.created_at),
             (KleinStatus.IN_PROGRESS, task.started_at),
