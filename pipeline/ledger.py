@@ -74,7 +74,8 @@ CREATE TABLE IF NOT EXISTS runs (
     info TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS tasks (
-    key TEXT PRIMARY KEY,
+    id INTEGER PRIMARY KEY,
+    key TEXT NOT NULL UNIQUE,
     request TEXT,
     intents INTEGER NOT NULL DEFAULT 0,
     intent_pending INTEGER NOT NULL DEFAULT 0,
@@ -90,7 +91,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     latency REAL,
     credits REAL,
     finished_run TEXT
-) WITHOUT ROWID;
+);
 CREATE TABLE IF NOT EXISTS run_rows (
     idx INTEGER PRIMARY KEY,
     key TEXT,
@@ -216,6 +217,9 @@ class Ledger:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, isolation_level=None)
             conn.execute("PRAGMA busy_timeout = 10000")
+            # Keys are digests, so inserts land all over the B-trees: a 2 MB default cache
+            # would turn a million-row plan into random disk reads.
+            conn.execute("PRAGMA cache_size = -131072")
             if not readonly:
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
