@@ -50,7 +50,7 @@ _DELIMITERS: Final = (",", ";", "\t")
 _DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
 _PARQUET_SUFFIXES: Final = (".parquet", ".pq")
 _HEAD_BYTES: Final = 64 * 1024
-_CSV_BLOCK_BYTES: Final = 1 << 20
+_CSV_BLOCK_BYTES: Final = 16 << 20
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _OUTPUT_FORMAT_ALIASES: Final = {"jpg": "jpeg"}
 
@@ -433,6 +433,11 @@ class ManifestReader:
                 f"quote cells that contain the delimiter "
                 f"({_DELIMITER_NAMES[fmt.delimiter]})"
             )
+            if row.text is not None and row.text.count('"') % 2:
+                text += (
+                    ', and check for a quote (") that is opened and never closed: it joins '
+                    "the following lines into this row"
+                )
             bad.append(_BadLine(target=target, line=line, text=text))
             return "skip"
 
@@ -468,6 +473,13 @@ class ManifestReader:
                 if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
                     line = _utf8_error_line(self.path) if fmt.encoding == "utf-8" else None
                     raise _not_utf8(self.name, line) from None
+                if "straddl" in str(exc):
+                    raise ManifestError(
+                        f"{self.name}: a single row is larger than "
+                        f"{_CSV_BLOCK_BYTES >> 20} MB (row {next_index + 1} or later); "
+                        'look for a quote (") that is opened and never closed; prompts are '
+                        f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
+                    ) from None
                 raise ManifestError(f"{self.name}: cannot be read as CSV ({exc})") from None
             good = batch.num_rows
             indices: list[int] = []

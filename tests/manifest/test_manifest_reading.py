@@ -243,3 +243,20 @@ def test_ragged_rows_across_many_blocks_keep_indices_unique(tmp_path: Path) -> N
     assert sorted([r.index for r in rows] + [r.index for r in rejections]) == list(range(30_000))
     assert {r.index for r in rejections} == set(range(0, 30_000, 997))
     assert all(r.request.prompt.startswith(f"prompt {r.index} ") for r in rows)
+
+
+def test_unclosed_quote_is_explained(tmp_path: Path) -> None:
+    rows, rejections = read_all(write(tmp_path / "q.csv", 'prompt,sku\nmug,1\n"bag,2\nlamp,3\n'))
+    assert [r.request.prompt for r in rows] == ["mug"]
+    assert "opened and never closed" in rejections[0].reason
+    assert rejections[0].reason.startswith("q.csv row 2 (line 3): 1 fields")
+
+
+def test_huge_cell_is_one_rejection_not_a_dead_file(tmp_path: Path) -> None:
+    text = 'prompt,sku\nmug,1\n"' + "x" * 3_000_000 + '",2\nbag,3\n'
+    rows, rejections = read_all(write(tmp_path / "huge.csv", text))
+    assert [r.index for r in rows] == [0, 2]
+    assert rejections[0].reason == (
+        "huge.csv row 2, column prompt: 3000000 characters is too long; expected at most "
+        "10000 characters"
+    )
