@@ -167,9 +167,13 @@ def _analyse(data: bytes) -> _Reference:
     return _Reference(None, palette)
 
 
-def _reference(data: bytes) -> _Reference:
-    digest = hashlib.blake2b(data, digest_size=20).digest()
-    result = _references.get_or_make(digest, lambda: _analyse(data))
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=20).digest()
+
+
+def _reference(data: bytes, digest: bytes | None = None) -> _Reference:
+    key = digest if digest is not None else _digest(data)
+    result = _references.get_or_make(key, lambda: _analyse(data))
     assert isinstance(result, _Reference)
     return result
 
@@ -453,20 +457,23 @@ def _caption_stamps(text: str, width: int, height: int) -> list[_Stamp]:
 
 def _scene(prompt: str, seed: int, width: int, height: int, references: Sequence[bytes]) -> _Scene:
     """Everything about the picture that the inputs decide; the size only scales it."""
+    # Composition comes from the prompt and seed alone, colours also from the references, so
+    # the same prompt with another reference is recognisably the same picture recoloured.
     key = hashlib.blake2b(digest_size=32, person=b"klein-sim-img")
     key.update(struct.pack(">Q", seed))
     key.update(prompt.encode("utf-8", "surrogatepass"))
+    tint = key.copy()
     palettes = []
     for data in references:
         blob = bytes(data)
-        key.update(b"\x00ref" + hashlib.blake2b(blob, digest_size=20).digest())
-        ref = _reference(blob)
+        digest = _digest(blob)
+        tint.update(b"\x00ref" + digest)
+        ref = _reference(blob, digest)
         if ref.palette:
             palettes.append(ref.palette)
     # random.Random's random() sequence for an int seed is stable across Python versions.
     rng = random.Random(int.from_bytes(key.digest(), "big"))
-
-    colours = _palette(rng, palettes)
+    colours = _palette(random.Random(int.from_bytes(tint.digest(), "big")), palettes)
     base = colours[0]
     short = min(width, height)
     horizon = round(height * (0.58 + 0.14 * rng.random()))
