@@ -49,6 +49,7 @@ from pipeline.summary import ExitCode
 
 if TYPE_CHECKING:
     from pipeline.manifest import Defaults
+    from pipeline.sim.config import SimConfig
 
 #: Exit code after Ctrl-C (the shell's convention for SIGINT): the run can be resumed.
 EXIT_INTERRUPTED: Final = 130
@@ -441,6 +442,23 @@ def _dry_run(manifest: Path, settings: RunConfig, limits: Tier) -> NoReturn:
     raise typer.Exit(int(report.exit_code))
 
 
+def demo_sim_config(tier: str, limits: Tier) -> SimConfig:
+    """The simulator ``--sim`` starts: one key whose limits are the ones the run asked for.
+
+    The demo should show a run using its whole tier; a simulated key on a smaller tier
+    would only answer 429s. A ``--sim-config`` file keeps full control instead (that is how
+    a mismatch between client and server limits is rehearsed).
+    """
+    from pipeline.sim.config import KeyConfig, SimConfig
+
+    key = KeyConfig(
+        tier=tier if tier in TIERS else DEFAULT_TIER,
+        max_active=limits.max_active,
+        submits_per_minute=limits.submits_per_minute,
+    )
+    return SimConfig(keys=[key])
+
+
 def _api_key(settings: RunConfig) -> str | None:
     if settings.sim:
         return None
@@ -465,6 +483,8 @@ def _run(manifest: Path, settings: RunConfig, limits: Tier, progress: str) -> No
     sim: bool | SimConfig = settings.sim
     if settings.sim_config is not None:
         sim = SimConfig.from_toml(settings.sim_config)
+    elif settings.sim:
+        sim = demo_sim_config(settings.tier, limits)
     out = str(settings.out)
     try:
         with ProgressDisplay(mode=progress) as display:  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -77,3 +78,48 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path) -> None:
     assert "run the same command again to resume" in err
     assert f"klein-batch run {CATALOG} --out {out} --sim-config {slow}" in err
     assert "Traceback" not in err
+
+
+def test_sim_key_gets_the_limits_the_run_asks_for() -> None:
+    from pipeline.cli import demo_sim_config
+    from pipeline.contract import Tier
+    from pipeline.sim import SimServer
+
+    config = demo_sim_config("nightly", Tier("nightly", 30, 500))
+    with SimServer.in_thread(config) as sim:
+        demo = sim.stats()["keys"]["demo"]
+    assert (demo["max_active_limit"], demo["submits_per_minute_limit"]) == (30, 500)
+    scale = demo_sim_config("scale", Tier("scale", 96, 14400))
+    assert scale.keys[0].tier == "scale"
+
+
+def test_run_summary_records_the_chosen_limits(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [
+            KLEIN_BATCH,
+            "run",
+            str(CATALOG),
+            "--out",
+            str(out),
+            "--sim",
+            "--tier",
+            "trial",
+            "--submits-per-minute",
+            "90",
+            "--limit",
+            "2",
+            "--progress",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        env=env(),
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert (summary["max_active"], summary["submits_per_minute"]) == (2, 90)
+    assert summary["rate_limited"] == 0
+    assert pl.read_parquet(out / "manifest.parquet").height == 2
+    assert "progress " not in result.stdout
