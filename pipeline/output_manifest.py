@@ -45,6 +45,7 @@ that "one row per input row" holds even after a crash; a rerun resumes them.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import tempfile
@@ -243,6 +244,12 @@ def _build_parquet(reader: ManifestSource, ledger: Ledger, path: Path) -> int:
     return written
 
 
+def _build_with_own_connection(reader: ManifestSource, ledger_path: Path, tmp: Path) -> int:
+    # SQLite connections belong to their thread; a read-only one sees every committed row.
+    with Ledger.open(ledger_path, readonly=True) as own:
+        return _build_parquet(reader, own, tmp)
+
+
 async def write_output_manifest(
     reader: ManifestSource, ledger: Ledger, sink: Sink, *, relpath: str = "manifest.parquet"
 ) -> str:
@@ -250,7 +257,8 @@ async def write_output_manifest(
 
     The file is built in a temporary file (beside the destination when the sink is local,
     so no second disk is needed) and then stored atomically: a reader never sees a
-    half-written manifest.
+    half-written manifest. The join runs in a worker thread with its own read-only ledger
+    connection, so a million-row manifest does not stall the event loop.
     """
     local = sink.local_path(relpath)
     tmp_dir = local.parent if local is not None else None
@@ -260,7 +268,8 @@ async def write_output_manifest(
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        _build_parquet(reader, ledger, tmp)
+        ledger.flush()
+        await asyncio.to_thread(_build_with_own_connection, reader, ledger.path, tmp)
         return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
     finally:
         with contextlib.suppress(OSError):
