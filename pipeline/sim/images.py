@@ -344,6 +344,12 @@ _SIZES = (0.12, 0.15, 0.18, 0.21, 0.24, 0.28)  # of the shorter side; discrete s
 _ASPECTS = (0.6, 0.8, 1.0, 1.25, 1.6)
 
 
+def _unit(short: int) -> int:
+    """The length shape sizes are fractions of: the shorter side, rounded to 256 pixels, so
+    the ten presets share a handful of mask sizes instead of each drawing its own."""
+    return max(256, round(short / 256) * 256)
+
+
 def _snap(value: float) -> int:
     return max(_MASK_STEP, round(value / _MASK_STEP) * _MASK_STEP)
 
@@ -434,11 +440,11 @@ def _text_mask(text: str, size: int) -> Image.Image:
 def _caption_stamps(text: str, width: int, height: int) -> list[_Stamp]:
     """A small dark plate with the caption, bottom left, like a contact-sheet label."""
     short = min(width, height)
-    size = max(10, short // 44)
+    size = max(10, _unit(short) // 44)
     margin = max(6, short // 48)
     pad = margin // 2
     glyphs = _text_mask(text, size)
-    plate_w = min(width - 2 * margin, _snap(glyphs.width - size + 2 * pad + _MASK_STEP / 2))
+    plate_w = min(width - 2 * margin, -(-(glyphs.width - size + 2 * pad) // 32) * 32)
     plate_h = _snap(glyphs.height + 2 * pad)
     if plate_w <= 2 * pad or plate_h >= height // 3:
         return []
@@ -489,7 +495,7 @@ def _scene(prompt: str, seed: int, width: int, height: int, references: Sequence
     placed = []
     for index in range(3 + int(rng.random() * 3)):
         kind = _pick(rng, SHAPES)
-        size = short * _pick(rng, _SIZES)
+        size = _unit(short) * _pick(rng, _SIZES)
         aspect = 1.0 if kind in ("circle", "ring") else _pick(rng, _ASPECTS)
         shape_w, shape_h = _snap(size * aspect**0.5), _snap(size / aspect**0.5)
         centre = width * (0.12 + 0.76 * rng.random())
@@ -657,6 +663,17 @@ def _dirty_regions(scene: _Scene) -> list[tuple[int, int, int, int]]:
     return boxes
 
 
+def _backdrop_blocks(column: bytes) -> Image.Image:
+    """One 16x16 block per MCU row of the backdrop, side by side in a single row.
+
+    A wide, one-block-tall image encodes faster than the same blocks stacked up.
+    """
+    rows = len(column) // (3 * _MCU)
+    blocks = np.frombuffer(column, dtype=np.uint8).reshape(rows, _MCU, 1, 3)
+    blocks = np.broadcast_to(blocks, (rows, _MCU, _MCU, 3)).transpose(1, 0, 2, 3)
+    return Image.fromarray(np.ascontiguousarray(blocks).reshape(_MCU, rows * _MCU, 3), "RGB")
+
+
 def _spliced_jpeg(scene: _Scene) -> bytes:
     """Encode only the blocks the stamps touch; every other block repeats its row's backdrop.
 
@@ -666,8 +683,7 @@ def _spliced_jpeg(scene: _Scene) -> bytes:
     """
     width, height = scene.width, scene.height
     cols = -(-width // _MCU)
-    strip = Image.frombuffer("RGB", (1, height), scene.column, "raw", "RGB", 0, 1)
-    header, sof, row_segments = _split_jpeg(_jpeg(strip.resize((_MCU, height))))
+    header, sof, row_segments = _split_jpeg(_jpeg(_backdrop_blocks(scene.column)))
     patches: dict[int, list[tuple[int, int, list[bytes]]]] = {}
     for c0, r0, c1, r1 in _dirty_regions(scene):
         box = (c0 * _MCU, r0 * _MCU, min(width, c1 * _MCU), min(height, r1 * _MCU))
