@@ -509,7 +509,10 @@ def _scene(prompt: str, seed: int, width: int, height: int, references: Sequence
         colour = colours[1 + index % (len(colours) - 1)]
         placed.append((bottom, index, kind, shape_w, shape_h, centre, colour, standing))
     for bottom, _, kind, shape_w, shape_h, centre, colour, standing in sorted(placed):
-        left, top = round(centre - shape_w / 2), max(round(bottom - shape_h), short // 24)
+        # Kept inside the frame, as a product photographer would.
+        inset = short // 24
+        left = max(inset, min(round(centre - shape_w / 2), width - inset - shape_w))
+        top = max(round(bottom - shape_h), inset)
         if standing:
             shadow = _shape_mask("circle", shape_w, _snap(shape_h * 0.18), 70)
             stamps.append(
