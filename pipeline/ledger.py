@@ -217,10 +217,11 @@ class Ledger:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 conn = sqlite3.connect(path, isolation_level=None)
             conn.execute("PRAGMA busy_timeout = 10000")
-            # Keys are digests, so inserts land all over the B-trees: a 2 MB default cache
-            # would turn a million-row plan into random disk reads.
-            conn.execute("PRAGMA cache_size = -131072")
             if not readonly:
+                # Keys are digests, so inserts land all over the B-trees: with the 2 MB
+                # default cache a million-row plan rereads pages on every batch. Bounded
+                # (64 MB), so memory stays flat however long the manifest.
+                conn.execute("PRAGMA cache_size = -65536")
                 conn.execute("PRAGMA journal_mode = WAL")
                 conn.execute("PRAGMA synchronous = NORMAL")
             ledger = cls(conn, path, readonly=readonly)
