@@ -10,7 +10,6 @@ reproduces the same image instead of paying for a different one.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from typing import Final
 
@@ -21,8 +20,6 @@ from pipeline.rows import ImageRequest
 MAX_KEY_CHARS: Final = 120
 _DIGEST_CHARS: Final = 8
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
-# One encoder, built once: json.dumps with options builds a new one per call.
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 _DOT_RUN = re.compile(r"\.(?=\.)")
 _SAFE_AS_IS = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,119}")
 
@@ -80,17 +77,17 @@ def content_key(
     references: tuple[str, ...],
     seed: int | None,
 ) -> str:
-    """``request_key`` from the fields themselves, for the manifest's hot loop."""
-    canonical = _ENCODER.encode(
-        [
-            prompt,
-            aspect_ratio,
-            resolution,
-            safety_tolerance,
-            output_format,
-            list(references),
-            seed,
-        ]
+    """``request_key`` from the fields themselves, for the manifest's hot loop.
+
+    Every text is length-prefixed, so no choice of characters in a prompt or reference can
+    make two different requests encode alike.
+    """
+    refs = "".join(f"{len(ref)}:{ref}" for ref in references)
+    canonical = (
+        f"v1|{len(prompt)}:{prompt}|{len(aspect_ratio)}:{aspect_ratio}|"
+        f"{len(resolution)}:{resolution}|{safety_tolerance}|"
+        f"{len(output_format)}:{output_format}|{len(references)}:{refs}|"
+        f"{'-' if seed is None else seed}"
     )
     return "r-" + _digest(canonical, 24)
 

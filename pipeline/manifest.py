@@ -408,13 +408,14 @@ class ManifestReader:
         for batch in batches:
             if batch.num_rows == 0:
                 continue
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            frame.columns = self._columns.names
-            yield frame.with_columns(
-                pl.int_range(offset, offset + frame.height, dtype=pl.Int64).alias(INDEX_COLUMN)
-            )
-            offset += frame.height
+            for start in range(0, batch.num_rows, self.batch_size):
+                frame = pl.from_arrow(batch.slice(start, self.batch_size))
+                assert isinstance(frame, pl.DataFrame)
+                frame.columns = self._columns.names
+                yield frame.with_columns(
+                    pl.int_range(offset, offset + frame.height, dtype=pl.Int64).alias(INDEX_COLUMN)
+                )
+                offset += frame.height
 
     def _csv_chunks(self) -> Iterator[pl.DataFrame]:
         assert self._csv is not None and self.path is not None
@@ -494,15 +495,27 @@ class ManifestReader:
                     else:
                         indices.append(next_index)
                     next_index += 1
-            frame = pl.from_arrow(batch)
-            assert isinstance(frame, pl.DataFrame)
-            frame.columns = names
-            frame = frame.with_columns(pl.Series(INDEX_COLUMN, indices, dtype=pl.Int64))
-            if placed:
-                frame = pl.concat([frame, self._bad_frame(placed)], how="diagonal_relaxed").sort(
-                    INDEX_COLUMN
-                )
-            yield frame
+            # Convert to polars a batch_size slice at a time (arrow slices are zero-copy), so
+            # a 16 MB block never exists as one polars frame next to its arrow original.
+            waiting = deque(placed)
+            for start in range(0, max(good, 1), self.batch_size):
+                part = batch.slice(start, self.batch_size)
+                part_indices = indices[start : start + self.batch_size]
+                frame = pl.from_arrow(part)
+                assert isinstance(frame, pl.DataFrame)
+                frame.columns = names
+                frame = frame.with_columns(pl.Series(INDEX_COLUMN, part_indices, dtype=pl.Int64))
+                last_part = start + self.batch_size >= good
+                upto = part_indices[-1] if part_indices and not last_part else None
+                mine: list[tuple[int, _BadLine]] = []
+                while waiting and (upto is None or waiting[0][0] < upto):
+                    mine.append(waiting.popleft())
+                if mine:
+                    frame = pl.concat([frame, self._bad_frame(mine)], how="diagonal_relaxed").sort(
+                        INDEX_COLUMN
+                    )
+                if frame.height:
+                    yield frame
         if bad:
             leftovers = [(next_index + offset, item) for offset, item in enumerate(bad)]
             yield self._bad_frame(leftovers)
@@ -527,57 +540,53 @@ class ManifestReader:
 # --- validation -----------------------------------------------------------------------------
 
 
-def _text(batch: pl.DataFrame, name: str) -> pl.Series:
+def _text(batch: pl.DataFrame, name: str) -> pl.Expr:
     """A known column as text (null where absent), whatever type the source gave it."""
     if name not in batch.columns:
-        return pl.Series(name, [None] * batch.height, dtype=pl.String)
-    series = batch.get_column(name)
-    dtype = series.dtype
+        return pl.lit(None, dtype=pl.String)
+    column = pl.col(name)
+    dtype = batch.schema[name]
     if dtype == pl.String:
-        return series
+        return column
     if dtype == pl.Binary:
-        return series.bin.encode("base64")
+        return column.bin.encode("base64")
     if dtype.is_float():
-        whole = series.is_finite() & (series == series.floor()) & (series.abs() < 2**53)
-        as_int = series.cast(pl.Int64, strict=False).cast(pl.String)
+        whole = column.is_finite() & (column == column.floor()) & (column.abs() < 2**53)
         return (
-            pl.DataFrame({"v": series, "w": whole, "i": as_int})
-            .select(pl.when(pl.col("w")).then(pl.col("i")).otherwise(pl.col("v").cast(pl.String)))
-            .to_series()
-            .alias(name)
+            pl.when(whole)
+            .then(column.cast(pl.Int64, strict=False).cast(pl.String))
+            .otherwise(column.cast(pl.String))
         )
-    return series.cast(pl.String)
+    return column.cast(pl.String)
 
 
-def _number(batch: pl.DataFrame, name: str, low: int, high: int) -> tuple[pl.Series, pl.Series]:
+def _number(batch: pl.DataFrame, name: str, low: int, high: int) -> tuple[pl.Expr, pl.Expr]:
     """Parsed whole numbers (null = use the default) and a mask of cells that are not."""
     if name not in batch.columns:
-        empty = pl.Series(name, [None] * batch.height, dtype=pl.Int64)
-        return empty, pl.Series([False] * batch.height)
-    series = batch.get_column(name)
-    if series.dtype.is_numeric():
-        value = series.cast(pl.Float64)
+        return pl.lit(None, dtype=pl.Int64), pl.lit(False)
+    column = pl.col(name)
+    if batch.schema[name].is_numeric():
+        value = column.cast(pl.Float64)
         given = value.is_not_null()
     else:
-        text = series.cast(pl.String).str.strip_chars()
+        text = column.cast(pl.String).str.strip_chars()
         given = text.is_not_null() & (text != "")
         value = text.cast(pl.Float64, strict=False)
-    ok = value.is_finite() & (value == value.floor()) & (value >= low) & (value <= high)
-    ok = ok.fill_null(False)
-    bad = given & ~ok
-    parsed = value.set(~ok, None).cast(pl.Int64).alias(name)
-    return parsed, bad
+    ok = (
+        value.is_finite() & (value == value.floor()) & (value >= low) & (value <= high)
+    ).fill_null(False)
+    return pl.when(ok).then(value.cast(pl.Int64, strict=False)), given & ~ok
 
 
 def _choice(
-    series: pl.Series, allowed: tuple[str, ...], aliases: dict[str, str]
-) -> tuple[pl.Series, pl.Series]:
-    cleaned = series.str.strip_chars().str.to_lowercase()
+    text: pl.Expr, allowed: tuple[str, ...], aliases: dict[str, str]
+) -> tuple[pl.Expr, pl.Expr]:
+    cleaned = text.str.strip_chars().str.to_lowercase()
     if aliases:
         cleaned = cleaned.replace(aliases)
     given = cleaned.is_not_null() & (cleaned != "")
-    bad = given & ~cleaned.is_in(list(allowed))
-    return pl.Series(series.name, cleaned).set(~given, None), bad.fill_null(False)
+    bad = (given & ~cleaned.is_in(list(allowed))).fill_null(False)
+    return pl.when(given).then(cleaned), bad
 
 
 def _show(value: object, limit: int = 60) -> str:
@@ -611,27 +620,12 @@ def validate_batch(
 ) -> tuple[list[Row], list[Rejection]]:
     """Check one batch against the contract: valid rows become requests, others rejections.
 
-    Checks run column-wise in polars; Python only touches each row once to build its
-    request and key, and writes messages only for the rows that need one.
+    Every check is one polars expression evaluated in a single pass; Python touches each
+    row once to build its request and key, and writes messages only for rejected rows.
     """
-    height = batch.height
-    if height == 0:
+    if batch.height == 0:
         return [], []
-    index = batch.get_column(INDEX_COLUMN).to_list()
-    row_error = (
-        batch.get_column(ERROR_COLUMN).to_list()
-        if ERROR_COLUMN in batch.columns
-        else [None] * height
-    )
-    ids = _text(batch, "id").str.strip_chars().to_list()
     prompt = _text(batch, "prompt")
-    prompt_chars = prompt.str.len_chars()
-    prompt_bad = (
-        prompt.is_null()
-        | (prompt.str.strip_chars() == "")
-        | (prompt_chars > contract.PROMPT_MAX_CHARS)
-    ).fill_null(True)
-
     aspect, aspect_bad = _choice(_text(batch, "aspect_ratio"), tuple(contract.ASPECT_RATIOS), {})
     resolution, resolution_bad = _choice(_text(batch, "resolution"), contract.RESOLUTIONS, {})
     fmt, fmt_bad = _choice(
@@ -641,102 +635,132 @@ def validate_batch(
     safety, safety_bad = _number(
         batch, "safety_tolerance", contract.SAFETY_MIN, contract.SAFETY_MAX
     )
-    refs: list[pl.Series] = []
-    refs_bad: list[pl.Series] = []
-    for name in contract.REFERENCE_FIELDS:
-        spec = _text(batch, name).str.strip_chars()
-        scheme = spec.str.extract(_SCHEME.pattern, 1).str.to_lowercase()
-        refs_bad.append(
-            (scheme.is_not_null() & ~scheme.is_in(sorted(SPEC_SCHEMES))).fill_null(False)
-        )
-        refs.append(spec.set(spec == "", None))
-
-    checks: list[tuple[str, pl.Series]] = [
+    checks: list[tuple[str, pl.Expr]] = [
         ("aspect_ratio", aspect_bad),
         ("resolution", resolution_bad),
         ("seed", seed_bad),
         ("safety_tolerance", safety_bad),
         ("output_format", fmt_bad),
-        *zip(contract.REFERENCE_FIELDS, refs_bad, strict=True),
     ]
-    any_bad = prompt_bad
-    for _, mask in checks:
-        any_bad = any_bad | mask
-    any_bad_list = any_bad.to_list()
-    has_row_error = ERROR_COLUMN in batch.columns
-
-    prompts = prompt.to_list()
-    aspects = aspect.to_list()
-    resolutions = resolution.to_list()
-    formats = fmt.to_list()
-    seeds = seed.to_list()
-    safeties = safety.to_list()
-    ref_lists = [r.to_list() for r in refs]
-    ref_rows = list(zip(*ref_lists, strict=True))
-
+    refs: list[pl.Expr] = []
+    for name in contract.REFERENCE_FIELDS:
+        spec = _text(batch, name).str.strip_chars()
+        scheme = spec.str.extract(_SCHEME.pattern, 1).str.to_lowercase()
+        checks.append(
+            (name, (scheme.is_not_null() & ~scheme.is_in(sorted(SPEC_SCHEMES))).fill_null(False))
+        )
+        refs.append(pl.when(spec != "").then(spec).alias(name))
+    prompt_bad = (
+        prompt.is_null()
+        | (prompt.str.strip_chars() == "")
+        | (prompt.str.len_chars() > contract.PROMPT_MAX_CHARS)
+    ).fill_null(True)
+    any_bad = pl.any_horizontal(prompt_bad, *(mask for _, mask in checks))
+    if ERROR_COLUMN in batch.columns:
+        any_bad = any_bad | pl.col(ERROR_COLUMN).is_not_null()
+    table = batch.select(
+        pl.col(INDEX_COLUMN).alias("index"),
+        _text(batch, "id").str.strip_chars().alias("id"),
+        prompt.alias("prompt"),
+        aspect.alias("aspect_ratio"),
+        resolution.alias("resolution"),
+        fmt.alias("output_format"),
+        seed.alias("seed"),
+        safety.alias("safety_tolerance"),
+        *refs,
+        any_bad.alias("bad"),
+    )
     rows: list[Row] = []
-    rejections: list[Rejection] = []
+    bad_positions: list[int] = []
     default_seed = defaults.seed
-    for i in range(height):
-        if any_bad_list[i] or (has_row_error and row_error[i] is not None):
-            rejections.append(
-                _reject(
-                    batch,
-                    i,
-                    index[i],
-                    ids[i],
-                    prompts[i],
-                    row_error[i],
-                    checks,
-                    source_name,
-                    defaults,
-                )
-            )
+    default_aspect = defaults.aspect_ratio
+    default_resolution = defaults.resolution
+    default_format = defaults.output_format
+    default_safety = defaults.safety_tolerance
+    columns = [table.get_column(name).to_list() for name in table.columns]
+    for position, (
+        index,
+        raw_id,
+        prompt_text,
+        aspect_value,
+        resolution_value,
+        format_value,
+        seed_value,
+        safety_value,
+        ref1,
+        ref2,
+        ref3,
+        ref4,
+        bad,
+    ) in enumerate(zip(*columns, strict=True)):
+        if bad:
+            bad_positions.append(position)
             continue
-        references = tuple(r for r in ref_rows[i] if r is not None)
-        row_seed = seeds[i]
-        if row_seed is None:
-            row_seed = default_seed
-        row_safety = safeties[i]
-        prompt_text = prompts[i]
-        aspect_ratio = aspects[i] or defaults.aspect_ratio
-        resolution_value = resolutions[i] or defaults.resolution
-        safety_value = defaults.safety_tolerance if row_safety is None else row_safety
-        format_value = formats[i] or defaults.output_format
-        raw_id = ids[i]
+        references = tuple(r for r in (ref1, ref2, ref3, ref4) if r is not None)
+        if seed_value is None:
+            seed_value = default_seed
+        aspect_value = aspect_value or default_aspect
+        resolution_value = resolution_value or default_resolution
+        format_value = format_value or default_format
+        if safety_value is None:
+            safety_value = default_safety
         if raw_id:
             key = safe_key(raw_id)
         else:
             key = content_key(
                 prompt_text,
-                aspect_ratio,
+                aspect_value,
                 resolution_value,
                 safety_value,
                 format_value,
                 references,
-                row_seed,
+                seed_value,
             )
         request = ImageRequest(
             prompt=prompt_text,
-            aspect_ratio=aspect_ratio,
+            aspect_ratio=aspect_value,
             resolution=resolution_value,
-            seed=derive_seed(key) if row_seed is None else row_seed,
+            seed=derive_seed(key) if seed_value is None else seed_value,
             safety_tolerance=safety_value,
             output_format=format_value,
             references=references,
         )
-        rows.append(Row(index=index[i], key=key, request=request))
+        rows.append(Row(index=index, key=key, request=request))
+    rejections: list[Rejection] = []
+    if bad_positions:
+        # The index column makes literal masks (absent columns) broadcast to every row.
+        masks = batch.select(pl.col(INDEX_COLUMN), *(mask.alias(name) for name, mask in checks))
+        errors = (
+            batch.get_column(ERROR_COLUMN)
+            if ERROR_COLUMN in batch.columns
+            else pl.Series([None] * batch.height, dtype=pl.String)
+        )
+        ids, prompts, indices = columns[1], columns[2], columns[0]
+        for position in bad_positions:
+            rejections.append(
+                _reject(
+                    batch,
+                    {name: masks.get_column(name)[position] for name, _ in checks},
+                    position,
+                    indices[position],
+                    ids[position],
+                    prompts[position],
+                    errors[position],
+                    source_name,
+                    defaults,
+                )
+            )
     return rows, rejections
 
 
 def _reject(
     batch: pl.DataFrame,
+    problems: dict[str, bool],
     position: int,
     index: int,
     raw_id: str | None,
     prompt: str | None,
     row_error: str | None,
-    checks: list[tuple[str, pl.Series]],
     source_name: str,
     defaults: Defaults,
 ) -> Rejection:
@@ -756,7 +780,7 @@ def _reject(
             f"most {contract.PROMPT_MAX_CHARS} characters"
         )
     else:
-        column = next(name for name, mask in checks if mask[position])
+        column = next(name for name, problem in problems.items() if problem)
         value = batch.get_column(column)[position]
         if isinstance(value, bytes):
             value = f"<{len(value)} bytes>"
