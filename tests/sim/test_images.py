@@ -255,6 +255,12 @@ def corrupt_idat(png: bytes) -> bytes:
     return png[:start] + bytes(b ^ 0x5A for b in png[start : start + 40]) + png[start + 40 :]
 
 
+def huge_jpeg(jpeg: bytes) -> bytes:
+    """A small JPEG whose frame header claims 9000 x 8000 pixels (72 MP)."""
+    sof = jpeg.index(b"\xff\xc0") + 5
+    return jpeg[:sof] + struct.pack(">HH", 8000, 9000) + jpeg[sof + 4 :]
+
+
 def test_other_formats_garbage_and_broken_files_are_refused_with_a_reason() -> None:
     jpeg = encoded(noisy((200, 40, 40), size=(256, 256)), "JPEG", quality=90)
     png = encoded(noisy((200, 40, 40), size=(256, 256)), "PNG")
@@ -278,6 +284,7 @@ def test_other_formats_garbage_and_broken_files_are_refused_with_a_reason() -> N
         "png without end": (png[:-12], "truncated or corrupt PNG"),
         "corrupt png": (corrupt_idat(png), "truncated or corrupt PNG"),
         "png too large": (bomb, "PNG image has too many pixels to decode safely"),
+        "jpeg too large": (huge_jpeg(jpeg), "JPEG image has too many pixels to decode safely"),
     }
     for name, (data, reason) in cases.items():
         got = check_reference(data)
