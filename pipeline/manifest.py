@@ -139,6 +139,11 @@ def _normalise_columns(found: list[str], file_name: str) -> _Columns:
     seen: dict[str, str] = {}
     for raw, name in zip(found, names, strict=True):
         if name in seen:
+            if seen[name].strip() == raw.strip():
+                raise ManifestError(
+                    f"{file_name}: column {raw.strip()!r} appears twice; column names must "
+                    "be unique"
+                )
             raise ManifestError(
                 f"{file_name}: columns {seen[name]!r} and {raw!r} both mean {name!r} "
                 "(names are compared after trimming spaces, and known columns "
@@ -218,19 +223,20 @@ def _sniff_csv(path: Path, name: str) -> _CsvFormat:
     with path.open("rb") as handle:
         head = handle.read(_HEAD_BYTES)
         whole = len(head) < _HEAD_BYTES
-    encoding = "utf-8"
-    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        encoding = "utf-16"
-    elif b"\x00" in head:
-        raise ManifestError(
-            f"{name}: contains NUL bytes: it looks like UTF-16 without a byte-order mark or "
-            "a binary file; the manifest must be UTF-8 text (or UTF-16 with a byte-order "
-            "mark), CSV or Parquet"
-        )
     if head.startswith(b"PK\x03\x04"):
         raise ManifestError(
             f"{name}: looks like an Excel workbook or a zip archive; export it as CSV "
             "(UTF-8) or Parquet"
+        )
+    encoding = "utf-8"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    elif head.count(b"\x00") > len(head) // 8:
+        # A stray NUL in a cell is text; NULs everywhere mean UTF-16 without a BOM or binary.
+        raise ManifestError(
+            f"{name}: is full of NUL bytes: it looks like UTF-16 without a byte-order mark "
+            "or a binary file; the manifest must be UTF-8 text (or UTF-16 with a "
+            "byte-order mark), CSV or Parquet"
         )
     decoder = codecs.getincrementaldecoder("utf-8-sig" if encoding == "utf-8" else encoding)()
     try:
@@ -293,7 +299,7 @@ class ManifestReader:
             found = list(source.columns)
             schema = source.schema
         elif isinstance(source, pa.Table):
-            self.name, self.base_dir = "<table>", None
+            self.name, self.base_dir = "<dataframe>", None
             self._table = source
             found = list(source.column_names)
             schema = self._polars_schema(source.schema)

@@ -137,6 +137,7 @@ def test_in_memory_frames() -> None:
         (b"title,seed\nmug,1\n", "no 'prompt' column; found 'title', 'seed'"),
         (b"prompt|seed\nmug|1\n", "no 'prompt' column"),
         (b"prompt,Prompt\nmug,mug\n", "both mean 'prompt'"),
+        (b"prompt,notes, notes\nmug,a,b\n", "column 'notes' appears twice"),
         (b"PK\x03\x04rest-of-a-zip", "Excel"),
         (b"p\x00r\x00o\x00m\x00p\x00t\x00", "UTF-16 without a byte-order mark"),
     ],
@@ -147,6 +148,13 @@ def test_unusable_files(tmp_path: Path, content: bytes, expected: str) -> None:
         read_all(tmp_path / "bad.csv")
     assert "bad.csv" in str(err.value)
     assert expected in str(err.value)
+
+
+def test_stray_nul_in_a_cell_is_just_text(tmp_path: Path) -> None:
+    (tmp_path / "nul.csv").write_bytes(b"prompt,sku\nmug\x00,1\nbag,2\n")
+    rows, rejections = read_all(tmp_path / "nul.csv")
+    assert [r.request.prompt for r in rows] == ["mug\x00", "bag"]
+    assert rejections == []
 
 
 def test_wrong_delimiter_hint(tmp_path: Path) -> None:
