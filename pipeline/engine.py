@@ -1,0 +1,669 @@
+"""The async fan-out: submit, wait, download, verify, store; one place for retries.
+
+One coroutine per row in flight carries the row from its submit to its outcome, so every
+row ends in exactly one terminal state however its steps fail. Three things are shared:
+
+- the ``SlotController`` and ``SubmitRateLimiter`` (``limits.py``) decide when a submit may
+  go; they keep the server's slots full without waiting to learn that a task finished;
+- the poll scheduler polls each task first when a learned share of tasks (``poll_quantile``)
+  is done, then backs off, so most images cost one poll;
+- the journal (``ledger.py``) records every acknowledged task id before anything else
+  happens to it, so a rerun polls it instead of paying for it again.
+
+The engine knows tasks, not dialects: requests and responses go through a ``Provider``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import itertools
+import json
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import aiohttp
+
+from pipeline.contract import FORMAT_EXT, FORMAT_MIME, REFERENCE_FIELDS, RowStatus, cost_credits
+from pipeline.errors import ReferenceError
+from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
+from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
+from pipeline.references import Reference, ReferenceStore
+from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
+from pipeline.rows import Outcome, Row
+from pipeline.storage import Sink
+from pipeline.verify import InvalidImage, inspect_image
+
+log = logging.getLogger(__name__)
+
+#: Largest image body accepted from a result URL (a 2k PNG is well under this).
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+class Journal(Protocol):
+    """The part of the ledger the engine writes to."""
+
+    def record_intent(self, key: str) -> None: ...
+
+    def record_refused(self, key: str) -> None: ...
+
+    def record_ack(
+        self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
+    ) -> None: ...
+
+    def flush(self) -> None: ...
+
+
+@dataclass(slots=True)
+class Job:
+    """A row to carry to its outcome; ``task_id`` set means resume by polling it."""
+
+    row: Row
+    source: str
+    queued_at: float
+    task_id: str | None = None
+    poll_url: str | None = None
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class EngineSettings:
+    max_active: int
+    submits_per_minute: int
+    expected_latency_s: float = 1.0
+    #: Share of probe submits allowed to come back 429 (see ``limits.SlotController``).
+    refusal_target: float = 0.25
+    #: Share of tasks that should be finished at their first poll.
+    poll_quantile: float = 0.85
+    #: A task still unfinished after this long is given up (``failed``, rerun polls it again).
+    task_timeout_s: float = 900.0
+    request_timeout_s: float = 60.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    download_concurrency: int = 32
+    poll_concurrency: int = 64
+    webhook_url: str | None = None
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Counters the run summary and the benchmarks report."""
+
+    submits: int = 0
+    accepted: int = 0
+    rate_limited: int = 0
+    polls: int = 0
+    downloads: int = 0
+    retries: int = 0
+    ambiguous_submits: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+class _Abort(Exception):
+    """The API refused the key or ran out of credits: no further submits can succeed."""
+
+
+@dataclass(slots=True)
+class _Tracked:
+    job: Job
+    task_id: str
+    poll_url: str
+    submitted_at: float
+    done: asyncio.Future[TaskState]
+    polls: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Engine:
+    """Carries jobs to outcomes within the tier; see the module docstring for the shape."""
+
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        session: aiohttp.ClientSession,
+        sink: Sink,
+        references: ReferenceStore,
+        journal: Journal,
+        settings: EngineSettings,
+        on_outcome: Callable[[Outcome], None],
+    ) -> None:
+        self._provider = provider
+        self._session = session
+        self._sink = sink
+        self._refs = references
+        self._journal = journal
+        self._settings = settings
+        self._on_outcome = on_outcome
+        self.stats = EngineStats()
+        self.slots = SlotController(
+            settings.max_active,
+            expected_latency_s=settings.expected_latency_s,
+            refusal_target=settings.refusal_target,
+        )
+        self._rate = SubmitRateLimiter(settings.submits_per_minute)
+        self._first_poll = QuantileTracker(settings.poll_quantile, settings.expected_latency_s)
+        self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
+        self._downloads = asyncio.Semaphore(settings.download_concurrency)
+        self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)
+        self._heap: list[tuple[float, int, _Tracked]] = []
+        self._seq = itertools.count()
+        self._wake = asyncio.Event()
+        self._by_task: dict[str, _Tracked] = {}
+        self._polling: set[asyncio.Task[None]] = set()
+        self._abort_reason: str | None = None
+
+    # --- public -------------------------------------------------------------------------------
+
+    @property
+    def abort_reason(self) -> str | None:
+        """Why submitting stopped early (bad key, no credits), or None."""
+        return self._abort_reason
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._by_task)
+
+    def stop_submitting(self, reason: str) -> None:
+        """No new submits from now on; rows not yet submitted end ``skipped`` with ``reason``."""
+        if self._abort_reason is None:
+            self._abort_reason = reason
+
+    def notify_finished(self, task_id: str) -> None:
+        """A webhook said this task changed state: poll it now instead of at its turn."""
+        tracked = self._by_task.get(task_id)
+        if tracked is not None and not tracked.done.done():
+            self._schedule(tracked, 0.0)
+
+    async def run(self, jobs: AsyncIterator[Job]) -> EngineStats:
+        """Carry every job to an outcome; returns when the last one has ended."""
+        scheduler = asyncio.create_task(self._schedule_polls(), name="poll-scheduler")
+        # Enough rows in the air to fill every slot the controller may hold, plus downloads.
+        gate = asyncio.Semaphore(
+            self.slots.max_outstanding + self._settings.download_concurrency + 16
+        )
+        running: set[asyncio.Task[None]] = set()
+        try:
+            async for job in jobs:
+                await gate.acquire()
+                task = asyncio.create_task(self._carry(job, gate))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            if running:
+                await asyncio.gather(*running)
+        finally:
+            scheduler.cancel()
+            pending = [*running, *self._polling]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(scheduler, *pending, return_exceptions=True)
+            log.info(
+                "engine done: %d submits, %d accepted, %d refused as probes, %d refused under "
+                "contention, effective limit %d, first poll at %.2f s",
+                self.stats.submits,
+                self.stats.accepted,
+                self.slots.refused_probes,
+                self.slots.refused_contention,
+                self.slots.effective_limit,
+                self._first_poll.value,
+            )
+        return self.stats
+
+    # --- one row, start to end ----------------------------------------------------------------
+
+    async def _carry(self, job: Job, gate: asyncio.Semaphore) -> None:
+        try:
+            outcome = await self._outcome_of(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not lose the row: it ends failed, with why
+            log.exception("internal error on row %s", job.row.key)
+            outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
+        finally:
+            gate.release()
+        self._on_outcome(outcome)
+
+    async def _outcome_of(self, job: Job) -> Outcome:
+        request = job.row.request
+        references: list[Reference] = []
+        for column, spec in zip(REFERENCE_FIELDS, request.references, strict=False):
+            try:
+                references.append(await self._refs.load(spec, self._session))
+            except ReferenceError as exc:
+                if job.task_id is not None:
+                    break  # already submitted in an earlier run: the digests are a nicety
+                reason = f"{job.source} row {job.row.index + 1}, column {column}: {exc}"
+                return self._outcome(job, RowStatus.REJECTED, reason=reason)
+        digests = tuple(r.digest for r in references)
+        if job.task_id is None:
+            if self._abort_reason:
+                return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
+            body = self._provider.submit_body(request, references, self._settings.webhook_url)
+            try:
+                submitted = await self._submit(job, body)
+            except _Abort:
+                return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
+            except _RowError as exc:
+                return self._outcome(job, exc.status, reason=exc.reason, digests=digests)
+            except Transient as exc:
+                reason = f"submit failed after {job.attempts} attempts: {exc.reason}"
+                return self._outcome(job, RowStatus.FAILED, reason=reason, digests=digests)
+            submitted_at = time.time()
+            self._journal.record_ack(
+                job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
+            )
+            tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
+            self._schedule(tracked, self._first_poll.value)
+        else:
+            self.slots.adopt()
+            tracked = self._track(job, job.task_id, job.poll_url or "", job.queued_at)
+            self._schedule(tracked, 0.0)
+        try:
+            state = await self._wait(tracked)
+        except _RowError as exc:
+            return self._outcome(
+                job,
+                exc.status,
+                reason=exc.reason,
+                task_id=tracked.task_id,
+                digests=digests,
+                submitted_at=tracked.submitted_at,
+            )
+        finally:
+            self._by_task.pop(tracked.task_id, None)
+            self.slots.finished()
+        if state.phase != "completed":
+            status = RowStatus.MODERATED if state.phase == "moderated" else RowStatus.FAILED
+            return self._outcome(
+                job,
+                status,
+                reason=state.reason,
+                task_id=tracked.task_id,
+                digests=digests,
+                submitted_at=tracked.submitted_at,
+            )
+        return await self._fetch_and_store(job, tracked, state, digests)
+
+    # --- submit -------------------------------------------------------------------------------
+
+    async def _submit(self, job: Job, body: dict[str, Any]) -> Submitted:
+        """Submit until acknowledged; 429s are flow control, not failures."""
+        payload = json.dumps(body).encode()
+        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
+            with attempt:
+                while True:
+                    if self._abort_reason:
+                        raise _Abort
+                    permit = await self.slots.acquire()
+                    if self._abort_reason:
+                        self.slots.abandoned(permit)
+                        raise _Abort
+                    await self._rate.acquire()
+                    job.attempts += 1
+                    result = await self._submit_once(job, payload, permit)
+                    if result is not None:
+                        return result
+                    job.attempts -= 1  # a 429 is not an attempt: it was never taken
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _submit_once(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
+        key = job.row.key
+        self._journal.record_intent(key)
+        self._journal.flush()
+        self.stats.submits += 1
+        headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
+        try:
+            async with self._session.post(
+                self._provider.submit_url(), data=payload, headers=headers, timeout=self._timeout
+            ) as response:
+                status = response.status
+                body = await _read_json(response)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except aiohttp.ClientConnectorError as exc:
+            # Never reached the server: safe to send again.
+            self.slots.abandoned(permit)
+            self._journal.record_refused(key)
+            raise Transient(f"cannot connect: {exc.os_error or exc}") from None
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            # The request may have reached the server: the intent stays open in the journal
+            # and is counted as a possibly paid duplicate if we submit again.
+            self.slots.abandoned(permit)
+            self.stats.ambiguous_submits += 1
+            raise Transient(f"submit answer lost: {type(exc).__name__}") from None
+        if status == 200:
+            try:
+                submitted = self._provider.parse_submit(body)
+            except ProtocolError as exc:
+                self.slots.abandoned(permit)
+                self.stats.ambiguous_submits += 1
+                raise Transient(f"bad submit answer: {exc}") from None
+            self.slots.accepted(permit)
+            self.stats.accepted += 1
+            return submitted
+        self._journal.record_refused(key)
+        if status == 429:
+            self.stats.rate_limited += 1
+            speculative = permit.speculative
+            self.slots.refused(permit)
+            if not speculative and retry_after:
+                # We believed a slot was free: another client holds the key. Its hint counts.
+                await asyncio.sleep(min(retry_after, self._settings.retry.max_retry_after_s))
+            return None
+        self.slots.abandoned(permit)
+        message = self._provider.error_message(status, body)
+        self.stats.errors[f"submit {status}"] += 1
+        if status >= 500:
+            raise Transient(message, retry_after=retry_after)
+        if status in (401, 403):
+            self.stop_submitting(f"the API refused the key ({message}); nothing more was submitted")
+            raise _Abort
+        if status == 402:
+            self.stop_submitting(f"out of credits ({message}); rows not yet submitted were skipped")
+            raise _Abort
+        raise _RowError(RowStatus.REJECTED, f"the API refused the request: {message}")
+
+    # --- waiting ------------------------------------------------------------------------------
+
+    def _track(self, job: Job, task_id: str, poll_url: str, submitted_at: float) -> _Tracked:
+        future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
+        tracked = _Tracked(job, task_id, poll_url, submitted_at, future)
+        self._by_task[task_id] = tracked
+        return tracked
+
+    def _schedule(self, tracked: _Tracked, delay: float) -> None:
+        due = time.monotonic() + delay
+        heapq.heappush(self._heap, (due, next(self._seq), tracked))
+        if self._heap[0][2] is tracked:
+            self._wake.set()
+
+    async def _wait(self, tracked: _Tracked) -> TaskState:
+        try:
+            return await tracked.done
+        except Transient as exc:
+            raise _RowError(
+                RowStatus.FAILED, f"polling failed after retries: {exc.reason}"
+            ) from None
+
+    async def _schedule_polls(self) -> None:
+        while True:
+            now = time.monotonic()
+            while self._heap and self._heap[0][0] <= now:
+                _, _, tracked = heapq.heappop(self._heap)
+                if not tracked.done.done():
+                    poll = asyncio.create_task(self._poll_task(tracked))
+                    self._polling.add(poll)
+                    poll.add_done_callback(self._polling.discard)
+            self._wake.clear()
+            timeout = self._heap[0][0] - now if self._heap else None
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _poll_task(self, tracked: _Tracked) -> None:
+        if tracked.done.done():
+            return
+        try:
+            async with self._poll_gate:
+                state = await self._poll(tracked)
+        except _RowError as exc:
+            if not tracked.done.done():
+                tracked.done.set_exception(exc)
+            return
+        except Exception as exc:
+            if not tracked.done.done():
+                tracked.done.set_exception(exc)
+            return
+        if tracked.done.done():
+            return
+        first = tracked.polls == 1 and tracked.job.task_id is None
+        if first:
+            self._first_poll.observe(state.phase != "pending")
+            self.slots.set_latency(self._first_poll.value)
+        if state.phase != "pending":
+            tracked.done.set_result(state)
+            return
+        age = time.monotonic() - tracked.started
+        if age > self._settings.task_timeout_s:
+            tracked.done.set_exception(
+                _RowError(
+                    RowStatus.FAILED,
+                    f"task {tracked.task_id} still {state.raw_status or 'unfinished'} after "
+                    f"{age:.0f} s; gave up waiting",
+                )
+            )
+            return
+        # Back off geometrically after the first poll: tail tasks cost a few polls each.
+        self._schedule(tracked, min(max(0.5 * age, 0.05), 10.0))
+
+    async def _poll(self, tracked: _Tracked) -> TaskState:
+        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
+            with attempt:
+                return await self._poll_once(tracked)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _poll_once(self, tracked: _Tracked) -> TaskState:
+        tracked.polls += 1
+        self.stats.polls += 1
+        try:
+            async with self._session.get(
+                tracked.poll_url, headers=self._provider.auth_headers(), timeout=self._timeout
+            ) as response:
+                status = response.status
+                body = await _read_json(response)
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise Transient(f"poll failed: {type(exc).__name__}") from None
+        if status == 200:
+            try:
+                return self._provider.parse_poll(body)
+            except ProtocolError as exc:
+                raise Transient(f"bad poll answer: {exc}") from None
+        message = self._provider.error_message(status, body)
+        self.stats.errors[f"poll {status}"] += 1
+        if status == 429 or status >= 500:
+            raise Transient(message, retry_after=retry_after)
+        if status == 404:
+            raise _RowError(
+                RowStatus.FAILED,
+                f"task {tracked.task_id} is unknown to the API ({message}); "
+                "rerun with --retry-failed to submit it again",
+            )
+        if status in (401, 403):
+            self.stop_submitting(f"the API refused the key while polling ({message})")
+        raise _RowError(RowStatus.FAILED, f"polling task {tracked.task_id} failed: {message}")
+
+    # --- download, verify, store --------------------------------------------------------------
+
+    async def _fetch_and_store(
+        self, job: Job, tracked: _Tracked, state: TaskState, digests: tuple[str, ...]
+    ) -> Outcome:
+        request = job.row.request
+        expected = self._provider.output_size(request)
+        url = state.image_url or ""
+        refreshed = False
+        async with self._downloads:
+            while True:
+                try:
+                    data = await self._download(url, request.output_format, expected)
+                    break
+                except _Expired as exc:
+                    if refreshed:
+                        return self._outcome(
+                            job,
+                            RowStatus.FAILED,
+                            task_id=tracked.task_id,
+                            digests=digests,
+                            reason=f"result URL expired before it could be downloaded ({exc})",
+                            submitted_at=tracked.submitted_at,
+                        )
+                    refreshed = True
+                    try:
+                        fresh = await self._poll(tracked)
+                    except (_RowError, Transient) as err:
+                        reason = f"result expired and re-polling failed: {err}"
+                        return self._outcome(
+                            job, RowStatus.FAILED, reason=reason, task_id=tracked.task_id
+                        )
+                    if fresh.phase != "completed" or not fresh.image_url:
+                        return self._outcome(
+                            job,
+                            RowStatus.FAILED,
+                            task_id=tracked.task_id,
+                            digests=digests,
+                            reason=f"result expired and the task now says {fresh.raw_status}",
+                        )
+                    url = fresh.image_url
+                except Transient as exc:
+                    return self._outcome(
+                        job,
+                        RowStatus.FAILED,
+                        task_id=tracked.task_id,
+                        digests=digests,
+                        reason=f"download failed after retries: {exc.reason}",
+                        submitted_at=tracked.submitted_at,
+                    )
+                except _RowError as exc:
+                    return self._outcome(
+                        job,
+                        exc.status,
+                        task_id=tracked.task_id,
+                        digests=digests,
+                        reason=exc.reason,
+                        submitted_at=tracked.submitted_at,
+                    )
+        info, body = data
+        relpath = f"images/{job.row.key}.{FORMAT_EXT[info.format]}"
+        uri = await self._sink.put(relpath, body, FORMAT_MIME[info.format])
+        return self._outcome(
+            job,
+            RowStatus.SUCCEEDED,
+            task_id=tracked.task_id,
+            digests=digests,
+            submitted_at=tracked.submitted_at,
+            output_uri=uri,
+            sha256=info.sha256,
+            width=info.width,
+            height=info.height,
+            format=info.format,
+            size=info.size,
+            cost=cost_credits(info.width, info.height),
+        )
+
+    async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
+        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
+            with attempt:
+                return await self._download_once(url, fmt, expected)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _download_once(
+        self, url: str, fmt: str, expected: tuple[int, int]
+    ) -> tuple[Any, bytes]:
+        self.stats.downloads += 1
+        try:
+            # Result URLs are signed and may live on another host: never send the API key.
+            async with self._session.get(url, timeout=self._timeout) as response:
+                status = response.status
+                if status == 200:
+                    length = response.content_length
+                    if length is not None and length > MAX_IMAGE_BYTES:
+                        raise _RowError(RowStatus.FAILED, f"image of {length} bytes is too large")
+                    chunks: list[bytes] = []
+                    received = 0
+                    async for chunk in response.content.iter_chunked(1 << 18):
+                        received += len(chunk)
+                        if received > MAX_IMAGE_BYTES:
+                            raise _RowError(RowStatus.FAILED, "image body is too large")
+                        chunks.append(chunk)
+                    data = b"".join(chunks)
+                    if length is not None and len(data) != length:
+                        raise Transient(f"image body cut short ({len(data)} of {length} bytes)")
+                else:
+                    await response.read()
+                retry_after = parse_retry_after(response.headers.get("Retry-After"))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Transient(f"download failed: {type(exc).__name__}") from None
+        if status in (403, 404, 410):
+            raise _Expired(f"HTTP {status}")
+        if status != 200:
+            self.stats.errors[f"download {status}"] += 1
+            raise Transient(f"download answered HTTP {status}", retry_after=retry_after)
+        try:
+            if len(data) > 1_000_000:
+                info = await asyncio.to_thread(
+                    inspect_image, data, expected_format=fmt, expected_size=expected
+                )
+            else:
+                info = inspect_image(data, expected_format=fmt, expected_size=expected)
+        except InvalidImage as exc:
+            raise Transient(f"downloaded image is invalid: {exc}") from None
+        return info, data
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _count_retry(self, error: Transient) -> None:
+        self.stats.retries += 1
+        log.debug("retrying after: %s", error.reason)
+
+    def _outcome(
+        self,
+        job: Job,
+        status: RowStatus,
+        *,
+        reason: str | None = None,
+        task_id: str | None = None,
+        digests: Sequence[str] = (),
+        submitted_at: float | None = None,
+        output_uri: str | None = None,
+        sha256: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        format: str | None = None,
+        size: int | None = None,
+        cost: float = 0.0,
+    ) -> Outcome:
+        return Outcome(
+            index=job.row.index,
+            key=job.row.key,
+            status=status,
+            request=job.row.request,
+            reason=reason,
+            reference_digests=tuple(digests),
+            task_id=task_id,
+            output_uri=output_uri,
+            sha256=sha256,
+            width=width,
+            height=height,
+            format=format,
+            bytes=size,
+            attempts=job.attempts,
+            queued_at=job.queued_at,
+            submitted_at=submitted_at,
+            finished_at=time.time(),
+            cost_credits=cost,
+        )
+
+
+class _RowError(Exception):
+    """This row ends now, with this status and reason."""
+
+    def __init__(self, status: RowStatus, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class _Expired(Exception):
+    """The result URL no longer serves the image."""
+
+
+async def _read_json(response: aiohttp.ClientResponse) -> Any:
+    text = await response.read()
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

@@ -1,0 +1,240 @@
+"""Client-side limits: the submit-rate window and the active-task slot controller.
+
+The server frees a slot the moment a task finishes, not when we find out, and polling every
+task often enough to notice at once would cost many polls per image. So the slot controller
+keeps two counts: tasks we hold that are not yet known to be finished, and a lower bound on
+how many of those have in fact finished (each submit the server accepts while we believed
+every slot busy proves one more did). While that bound says a slot is free, it submits at
+once; when every slot may be busy it *probes*: one submit at a time, spaced so that a share
+``refusal_target`` of probes is refused with 429. A refused probe costs one request and no
+credits; an accepted one reuses a slot within a fraction of a task's duration of its
+freeing. ``benchmarks/`` measures the trade: slot utilisation against 429s.
+
+A 429 that arrives while the bound says a slot is free means someone else shares the key:
+the controller then shrinks its own limit multiplicatively and grows it back by one slot
+per ``limit`` accepted submits (AIMD, as TCP and botocore's adaptive mode do), never past
+the tier's limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+
+from pipeline.contract import TIERS, Tier
+from pipeline.errors import ConfigError
+
+
+def resolve_tier(
+    name: str | None = None, max_active: int | None = None, submits_per_minute: int | None = None
+) -> Tier:
+    """The limits a run obeys: a named tier, with any explicit limit overriding it."""
+    if name is not None and name not in TIERS:
+        allowed = ", ".join(TIERS)
+        raise ConfigError(f"unknown tier {name!r}; allowed: {allowed}")
+    base = TIERS[name or "standard"]
+    for label, value in (("max active", max_active), ("submits per minute", submits_per_minute)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{label} must be at least 1, got {value}")
+    if max_active is None and submits_per_minute is None:
+        return base
+    return Tier(
+        name if name is not None else "custom",
+        max_active if max_active is not None else base.max_active,
+        submits_per_minute if submits_per_minute is not None else base.submits_per_minute,
+    )
+
+
+class SubmitRateLimiter:
+    """At most ``per_minute`` submit requests in any sliding 60-second window.
+
+    Every request counts, accepted or refused, as the server counts them. A small margin
+    covers the time between our clock and the server's receipt.
+    """
+
+    def __init__(self, per_minute: int, *, window_s: float = 60.0, margin_s: float = 0.05) -> None:
+        self._per_minute = per_minute
+        self._window = window_s + margin_s
+        self._sent: collections.deque[float] = collections.deque()
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            while True:
+                now = time.monotonic()
+                while self._sent and now - self._sent[0] >= self._window:
+                    self._sent.popleft()
+                if len(self._sent) < self._per_minute:
+                    self._sent.append(now)
+                    return
+                await asyncio.sleep(self._sent[0] + self._window - now)
+
+
+@dataclass(slots=True)
+class Permit:
+    """One submit request in the air; tells the controller how to read its answer."""
+
+    speculative: bool
+    settled: bool = False
+
+
+class SlotController:
+    """Decides when the next submit may go, from what the server's answers prove."""
+
+    def __init__(
+        self,
+        limit: int,
+        *,
+        expected_latency_s: float = 1.0,
+        refusal_target: float = 0.25,
+        max_outstanding: int | None = None,
+    ) -> None:
+        if not 0.0 < refusal_target < 1.0:
+            raise ConfigError(f"refusal target must be between 0 and 1, got {refusal_target}")
+        self.limit = limit
+        self._effective = float(limit)
+        self._held = 0  # submitted or acknowledged, not yet known finished
+        self._finished_lb = 0  # of those, how many have certainly finished
+        self._probing = False
+        self._next_probe = 0.0
+        self._probe_scale = 1.0
+        self._latency_s = expected_latency_s
+        self._target = refusal_target
+        self._max_outstanding = max_outstanding or 4 * limit + 16
+        self._grow_credit = 0.0
+        self._changed = asyncio.Event()
+        self.refused_probes = 0
+        self.refused_contention = 0
+
+    # --- what the engine reads ---------------------------------------------------------------
+
+    @property
+    def effective_limit(self) -> int:
+        return max(1, int(self._effective))
+
+    @property
+    def max_outstanding(self) -> int:
+        return self._max_outstanding
+
+    @property
+    def held(self) -> int:
+        return self._held
+
+    def _busy_upper_bound(self) -> int:
+        return self._held - self._finished_lb
+
+    def set_latency(self, seconds: float) -> None:
+        """Typical task duration, learned by the collector; spaces the probes."""
+        self._latency_s = max(0.01, seconds)
+
+    # --- the protocol ------------------------------------------------------------------------
+
+    async def acquire(self) -> Permit:
+        """Wait until a submit may go, and count it as holding a slot."""
+        while True:
+            now = time.monotonic()
+            if self._held < self._max_outstanding:
+                if self._busy_upper_bound() < self.effective_limit:
+                    self._held += 1
+                    return Permit(speculative=False)
+                if not self._probing and now >= self._next_probe:
+                    self._probing = True
+                    self._held += 1
+                    return Permit(speculative=True)
+            self._changed.clear()
+            timeout = None
+            if not self._probing and self._held < self._max_outstanding:
+                timeout = max(0.0, self._next_probe - now)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout)
+
+    def accepted(self, permit: Permit) -> None:
+        """The server took the task: it proves our busy slots are at most the limit."""
+        if permit.settled:
+            return
+        permit.settled = True
+        self._finished_lb = max(self._finished_lb, self._held - self.limit)
+        if permit.speculative:
+            self._probing = False
+            # Accepted probes pull the next one closer; refused ones push it away. The
+            # multiplicative steps balance when refusals are ``refusal_target`` of probes.
+            self._probe_scale *= 1.0 - 0.1 * self._target / (1.0 - self._target)
+            self._probe_scale = max(self._probe_scale, 0.01)
+        if self._busy_upper_bound() >= self.effective_limit:
+            self._schedule_probe()
+        if self._effective < self.limit:
+            self._grow_credit += 1.0 / self._effective
+            if self._grow_credit >= 1.0:
+                self._grow_credit = 0.0
+                self._effective = min(float(self.limit), self._effective + 1.0)
+        self._changed.set()
+
+    def refused(self, permit: Permit) -> None:
+        """A 429: a probe that came too early, or another client holding our slots."""
+        if permit.settled:
+            return
+        permit.settled = True
+        self._held -= 1
+        if permit.speculative:
+            self._probing = False
+            self.refused_probes += 1
+            self._probe_scale = min(self._probe_scale * 1.1, 100.0)
+        else:
+            # We were sure a slot was free: someone else is using the key.
+            self.refused_contention += 1
+            self._effective = max(1.0, self._effective * 0.75)
+            self._grow_credit = 0.0
+        self._schedule_probe()
+        self._changed.set()
+
+    def abandoned(self, permit: Permit) -> None:
+        """The submit ended without a task (an error): give the slot back."""
+        if permit.settled:
+            return
+        permit.settled = True
+        self._held -= 1
+        if permit.speculative:
+            self._probing = False
+        self._changed.set()
+
+    def finished(self) -> None:
+        """A task we held is now known to be finished (or abandoned for good)."""
+        self._held = max(0, self._held - 1)
+        self._finished_lb = max(0, self._finished_lb - 1)
+        self._changed.set()
+
+    def adopt(self) -> None:
+        """Count a task from an earlier run (resumed, still possibly running) as held."""
+        self._held += 1
+        self._changed.set()
+
+    def _schedule_probe(self) -> None:
+        spacing = self._probe_scale * self._latency_s / max(1, self.effective_limit)
+        self._next_probe = time.monotonic() + min(spacing, 30.0)
+
+
+class QuantileTracker:
+    """Online estimate of one quantile of task duration, from done/not-done answers alone.
+
+    A poll only tells whether a task finished by the time we asked, not when it finished,
+    so the usual averages are biased. The Robbins-Monro update below moves the estimate up
+    when a task was still running at it and down when it was done, and settles where a share
+    ``q`` of tasks are done: exactly the moment to poll each task first.
+    """
+
+    def __init__(self, q: float, initial_s: float, *, step: float = 0.15) -> None:
+        self.q = q
+        self._log = math.log(max(initial_s, 1e-3))
+        self._step = step
+
+    @property
+    def value(self) -> float:
+        return math.exp(self._log)
+
+    def observe(self, done: bool) -> None:
+        self._log += self._step * (self.q - (1.0 if done else 0.0))
+        self._log = min(max(self._log, math.log(0.005)), math.log(3600.0))

@@ -1,0 +1,78 @@
+"""One module per API dialect; the engine sees only the small interface defined here.
+
+A provider turns an ``ImageRequest`` into the dialect's HTTP request and the dialect's
+responses into ``Submitted`` and ``TaskState``. It performs no I/O itself, so the engine
+keeps the one retry loop and the one HTTP session, and a new dialect is a new module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from pipeline.errors import ConfigError
+from pipeline.references import Reference
+from pipeline.rows import ImageRequest
+
+Phase = Literal["pending", "completed", "failed", "moderated"]
+
+
+class ProtocolError(Exception):
+    """A response that does not follow the dialect: treated as a transient server fault."""
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """The server's acknowledgement of a submit: from here on the task is polled, never resent."""
+
+    task_id: str
+    poll_url: str
+    cost: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskState:
+    """A poll's answer, reduced to what the engine acts on."""
+
+    phase: Phase
+    raw_status: str
+    image_url: str | None = None
+    reason: str | None = None
+
+
+class Provider(Protocol):
+    """What the engine needs from a dialect."""
+
+    dialect: str
+
+    def submit_url(self) -> str: ...
+
+    def auth_headers(self) -> Mapping[str, str]: ...
+
+    def submit_body(
+        self,
+        request: ImageRequest,
+        references: Sequence[Reference],
+        webhook_url: str | None,
+    ) -> dict[str, Any]: ...
+
+    def parse_submit(self, body: Any) -> Submitted: ...
+
+    def parse_poll(self, body: Any) -> TaskState: ...
+
+    def error_message(self, status: int, body: Any) -> str: ...
+
+    def output_size(self, request: ImageRequest) -> tuple[int, int]: ...
+
+
+DIALECTS = ("klein",)
+
+
+def make_provider(dialect: str, base_url: str, api_key: str) -> Provider:
+    """The provider for a dialect name, as the CLI's ``--dialect`` spells it."""
+    if dialect == "klein":
+        from pipeline.providers.klein import KleinProvider
+
+        return KleinProvider(base_url, api_key)
+    raise ConfigError(f"unknown dialect {dialect!r}; allowed: {', '.join(DIALECTS)}")

@@ -1,0 +1,103 @@
+"""Dialect A: the FLUX.2 [klein] task API as sold by Freepik/Magnific."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from pipeline.contract import KLEIN_PATH, REFERENCE_FIELDS, KleinStatus, output_size
+from pipeline.providers import ProtocolError, Submitted, TaskState
+from pipeline.references import Reference
+from pipeline.rows import ImageRequest
+
+
+class KleinProvider:
+    """Builds dialect A requests and reads its responses (tolerant of unknown statuses)."""
+
+    dialect = "klein"
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        self._base = base_url.rstrip("/")
+        self._headers = {"x-freepik-api-key": api_key}
+
+    def __repr__(self) -> str:  # never show the key
+        return f"KleinProvider({self._base!r})"
+
+    def submit_url(self) -> str:
+        return self._base + KLEIN_PATH
+
+    def auth_headers(self) -> Mapping[str, str]:
+        return self._headers
+
+    def submit_body(
+        self,
+        request: ImageRequest,
+        references: Sequence[Reference],
+        webhook_url: str | None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt": request.prompt,
+            "aspect_ratio": request.aspect_ratio,
+            "resolution": request.resolution,
+            "seed": request.seed,
+            "safety_tolerance": request.safety_tolerance,
+            "output_format": request.output_format,
+        }
+        for field, reference in zip(REFERENCE_FIELDS, references, strict=False):
+            body[field] = reference.b64
+        if webhook_url:
+            body["webhook_url"] = webhook_url
+        return body
+
+    def parse_submit(self, body: Any) -> Submitted:
+        data = _data(body)
+        task_id = data.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise ProtocolError("submit response has no task_id")
+        return Submitted(task_id=task_id, poll_url=f"{self.submit_url()}/{task_id}")
+
+    def parse_poll(self, body: Any) -> TaskState:
+        data = _data(body)
+        status = str(data.get("status", ""))
+        nsfw = data.get("has_nsfw") or []
+        flagged = isinstance(nsfw, list) and any(v is True for v in nsfw)
+        if status == KleinStatus.COMPLETED:
+            if flagged:
+                # Production may answer COMPLETED with a blanked image: still moderated.
+                return TaskState("moderated", status, reason="moderated by the API (has_nsfw)")
+            generated = data.get("generated") or []
+            if (
+                not isinstance(generated, list)
+                or not generated
+                or not isinstance(generated[0], str)
+            ):
+                raise ProtocolError("COMPLETED task without a generated image URL")
+            return TaskState("completed", status, image_url=generated[0])
+        if status == KleinStatus.FAILED:
+            if flagged:
+                return TaskState("moderated", status, reason="moderated by the API (has_nsfw)")
+            return TaskState("failed", status, reason="the API reported the task FAILED")
+        # CREATED, IN_PROGRESS, and any status the contract does not know: not finished.
+        return TaskState("pending", status)
+
+    def error_message(self, status: int, body: Any) -> str:
+        if isinstance(body, dict):
+            message = body.get("message") or body.get("detail")
+            params = body.get("invalid_params")
+            if isinstance(params, list) and params:
+                details = "; ".join(
+                    f"{p.get('name')}: {p.get('reason')}" for p in params if isinstance(p, dict)
+                )
+                return f"HTTP {status}: {message} ({details})"
+            if message:
+                return f"HTTP {status}: {message}"
+        return f"HTTP {status}"
+
+    def output_size(self, request: ImageRequest) -> tuple[int, int]:
+        return output_size(request.aspect_ratio, request.resolution)
+
+
+def _data(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+        raise ProtocolError("response is not an object with a 'data' object")
+    return body["data"]

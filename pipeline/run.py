@@ -1,0 +1,382 @@
+"""The Python API: one call runs a manifest end to end, as ``klein-batch run`` does.
+
+```python
+from pipeline import run_manifest
+
+summary = run_manifest("catalog.csv", "out/", sim=True)   # or api_url=..., key in $FREEPIK_API_KEY
+print(summary.counts, summary.images_per_s)
+```
+
+The stages meet here and nowhere else: the manifest is read and validated batch by batch,
+the ledger decides what each row needs (submit, poll an earlier task, nothing), the engine
+carries rows to outcomes, and the output manifest and ``run.json`` are written from the
+ledger at the end, also when the run is interrupted, so a rerun of the same call resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import polars as pl
+import pyarrow as pa
+
+from pipeline.contract import RowStatus
+from pipeline.engine import Engine, EngineSettings, Job
+from pipeline.errors import ConfigError
+from pipeline.ledger import Action, Ledger
+from pipeline.limits import resolve_tier
+from pipeline.manifest import Defaults, ManifestReader, validate_batch
+from pipeline.output_manifest import write_output_manifest
+from pipeline.providers import make_provider
+from pipeline.references import ReferenceStore
+from pipeline.report import latency_percentiles, write_run_json
+from pipeline.rows import Outcome, Rejection, Row
+from pipeline.storage import open_sink
+from pipeline.summary import ProgressSnapshot, RunSummary
+
+#: Environment variable holding the API key, per dialect. Keys are never flags or parameters
+#: that could end up in shell history, logs or Prefect run parameters.
+KEY_ENV = {"klein": "FREEPIK_API_KEY", "bfl": "BFL_API_KEY"}
+
+ManifestSource = str | Path | pl.DataFrame | pa.Table
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """Everything that shapes a run except the secrets; the CLI and config file fill it."""
+
+    dialect: str = "klein"
+    tier: str | None = None
+    max_active: int | None = None
+    submits_per_minute: int | None = None
+    defaults: Defaults = field(default_factory=Defaults)
+    limit: int | None = None
+    retry_failed: bool = False
+    batch_size: int = 2_000
+    expected_latency_s: float = 1.0
+    refusal_target: float = 0.25
+    poll_quantile: float = 0.85
+    task_timeout_s: float = 900.0
+    max_reference_bytes: int = 10 * 1024 * 1024
+    allow_private_urls: bool = False
+    progress_interval_s: float = 0.25
+
+
+def run_manifest(
+    manifest: ManifestSource,
+    out: str | Path,
+    *,
+    api_url: str | None = None,
+    api_key: str | None = None,
+    sim: bool | object = False,
+    dialect: str = "klein",
+    tier: str | None = None,
+    max_active: int | None = None,
+    submits_per_minute: int | None = None,
+    defaults: Defaults | None = None,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    on_progress: Callable[[ProgressSnapshot], None] | None = None,
+    options: RunOptions | None = None,
+) -> RunSummary:
+    """Run a manifest to completion and return its summary (also written to ``run.json``).
+
+    ``sim=True`` (or a ``pipeline.sim.SimConfig``) starts the bundled simulator in this
+    process instead of calling a real API. Keyword arguments override ``options``.
+    """
+    opts = options or RunOptions()
+    opts.dialect = dialect
+    opts.tier = tier if tier is not None else opts.tier
+    opts.max_active = max_active if max_active is not None else opts.max_active
+    if submits_per_minute is not None:
+        opts.submits_per_minute = submits_per_minute
+    opts.defaults = defaults or opts.defaults
+    opts.limit = limit if limit is not None else opts.limit
+    opts.retry_failed = retry_failed or opts.retry_failed
+    if sim is not False and sim is not None:
+        from pipeline.sim import SimConfig, SimServer
+
+        config = sim if isinstance(sim, SimConfig) else SimConfig()
+        with SimServer.in_thread(config) as server:
+            key = config.keys[0].key
+            return asyncio.run(
+                arun_manifest(
+                    manifest,
+                    out,
+                    api_url=server.url,
+                    api_key=key,
+                    options=opts,
+                    on_progress=on_progress,
+                )
+            )
+    return asyncio.run(
+        arun_manifest(
+            manifest, out, api_url=api_url, api_key=api_key, options=opts, on_progress=on_progress
+        )
+    )
+
+
+async def arun_manifest(
+    manifest: ManifestSource,
+    out: str | Path,
+    *,
+    api_url: str | None,
+    api_key: str | None = None,
+    options: RunOptions | None = None,
+    on_progress: Callable[[ProgressSnapshot], None] | None = None,
+) -> RunSummary:
+    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect)."""
+    opts = options or RunOptions()
+    limits = resolve_tier(opts.tier, opts.max_active, opts.submits_per_minute)
+    if not api_url:
+        raise ConfigError("no API URL: pass --api-url URL, or --sim for the bundled simulator")
+    env_name = KEY_ENV.get(opts.dialect, "FREEPIK_API_KEY")
+    key = api_key or os.environ.get(env_name, "")
+    if not key:
+        raise ConfigError(f"no API key: set the environment variable {env_name}")
+    provider = make_provider(opts.dialect, api_url, key)
+    sink = open_sink(out)
+    reader = ManifestReader(manifest, batch_size=opts.batch_size, limit=opts.limit)
+    local_root = sink.local_path(".klein")
+    if local_root is None:
+        raise ConfigError(f"output {out!s} is not a local folder; S3 output needs the S3 sink")
+    local_root.mkdir(parents=True, exist_ok=True)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
+    with Ledger.open(local_root / "ledger.sqlite") as ledger:
+        ledger.start_run(
+            run_id,
+            {
+                "manifest": reader.name,
+                "dialect": opts.dialect,
+                "api_url": api_url,
+                "tier": limits.name,
+                "max_active": limits.max_active,
+                "submits_per_minute": limits.submits_per_minute,
+                "limit": opts.limit,
+                "retry_failed": opts.retry_failed,
+            },
+        )
+        run = _Run(run_id, reader, ledger, opts, on_progress)
+        summary = RunSummary(
+            run_id=run_id,
+            manifest=reader.name,
+            output=str(out),
+            dialect=opts.dialect,
+            tier=limits.name,
+            max_active=limits.max_active,
+            submits_per_minute=limits.submits_per_minute,
+            total_rows=0,
+            started_at=time.time(),
+        )
+        settings = EngineSettings(
+            max_active=limits.max_active,
+            submits_per_minute=limits.submits_per_minute,
+            expected_latency_s=opts.expected_latency_s,
+            refusal_target=opts.refusal_target,
+            poll_quantile=opts.poll_quantile,
+            task_timeout_s=opts.task_timeout_s,
+        )
+        references = ReferenceStore(
+            reader.base_dir,
+            max_bytes=opts.max_reference_bytes,
+            allow_private_urls=opts.allow_private_urls,
+        )
+        connector = aiohttp.TCPConnector(limit=max(100, 4 * limits.max_active))
+        engine: Engine | None = None
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                engine = Engine(
+                    provider=provider,
+                    session=session,
+                    sink=sink,
+                    references=references,
+                    journal=ledger,
+                    settings=settings,
+                    on_outcome=run.record,
+                )
+                run.engine = engine
+                await run.drive(engine)
+        finally:
+            # Also on Ctrl-C or a crash: what was learned is written down for the rerun.
+            await asyncio.shield(run.finish(sink, summary, engine))
+    return summary
+
+
+class _Run:
+    """The bookkeeping of one run: feeding jobs, counting outcomes, reporting progress."""
+
+    def __init__(
+        self,
+        run_id: str,
+        reader: ManifestReader,
+        ledger: Ledger,
+        opts: RunOptions,
+        on_progress: Callable[[ProgressSnapshot], None] | None,
+    ) -> None:
+        self.run_id = run_id
+        self.reader = reader
+        self.ledger = ledger
+        self.opts = opts
+        self.on_progress = on_progress
+        self.engine: Engine | None = None
+        self.counts: Counter[str] = Counter()
+        self.seen = 0
+        self.total: int | None = None
+        self.resumed = 0
+        self.credits = 0.0
+        self.started = time.monotonic()
+        self._last_flush = 0.0
+
+    # --- feeding -------------------------------------------------------------------------------
+
+    async def drive(self, engine: Engine) -> None:
+        counter = asyncio.create_task(asyncio.to_thread(self._count_rows))
+        reporter = asyncio.create_task(self._report_progress())
+        try:
+            await engine.run(self._jobs())
+        finally:
+            reporter.cancel()
+            counter.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reporter
+            self.ledger.flush()
+
+    def _count_rows(self) -> None:
+        total = 0
+        for batch in self.reader.batches():
+            total += batch.height
+        self.total = total
+
+    async def _jobs(self) -> AsyncIterator[Job]:
+        batches: Iterator[pl.DataFrame] = iter(self.reader.batches())
+        defaults = self.opts.defaults
+        name = self.reader.name
+        while True:
+            validated = await asyncio.to_thread(_next_validated, batches, name, defaults)
+            if validated is None:
+                return
+            rows, rejections = validated
+            self.seen += len(rows) + len(rejections)
+            queued_at = time.time()
+            self._reject(rejections)
+            duplicates: list[Rejection] = []
+            for planned in self.ledger.plan(rows, retry_failed=self.opts.retry_failed):
+                row = planned.row
+                if planned.action is Action.DONE:
+                    self.resumed += 1
+                    status = planned.previous.status if planned.previous else RowStatus.SUCCEEDED
+                    self.counts[str(status)] += 1
+                elif planned.action is Action.DUPLICATE:
+                    first = (planned.duplicate_of or 0) + 1
+                    duplicates.append(
+                        Rejection(
+                            index=row.index,
+                            reason=(
+                                f"{name} row {row.index + 1}, column id: key {row.key!r} "
+                                f"repeats row {first}; each row needs its own id (or a "
+                                "different request)"
+                            ),
+                            column="id",
+                            key=row.key,
+                            prompt=row.request.prompt,
+                        )
+                    )
+                elif planned.action is Action.POLL:
+                    self.resumed += 1
+                    yield Job(
+                        row, name, queued_at, planned.task_id, planned.poll_url, planned.attempts
+                    )
+                else:
+                    yield Job(row, name, queued_at, attempts=planned.attempts)
+            self._reject(duplicates)
+
+    def _reject(self, rejections: list[Rejection]) -> None:
+        if rejections:
+            self.ledger.record_rejections(rejections)
+            self.counts[RowStatus.REJECTED] += len(rejections)
+
+    # --- outcomes and progress -----------------------------------------------------------------
+
+    def record(self, outcome: Outcome) -> None:
+        self.ledger.record_outcome(outcome)
+        self.counts[str(outcome.status)] += 1
+        self.credits += outcome.cost_credits
+        now = time.monotonic()
+        if now - self._last_flush > 0.2:
+            self._last_flush = now
+            self.ledger.flush()
+
+    def snapshot(self) -> ProgressSnapshot:
+        elapsed = time.monotonic() - self.started
+        done = sum(self.counts.values())
+        fresh = done - self.resumed
+        rate = fresh / elapsed if elapsed > 0 else 0.0
+        total = self.total if self.total is not None else max(self.seen, done)
+        eta = (total - done) / rate if rate > 0 and total >= done else None
+        return ProgressSnapshot(
+            total=total,
+            counts=dict(self.counts),
+            in_flight=self.engine.in_flight if self.engine else 0,
+            images_per_s=rate,
+            credits=round(self.credits, 2),
+            elapsed_s=elapsed,
+            eta_s=eta,
+        )
+
+    async def _report_progress(self) -> None:
+        while True:
+            await asyncio.sleep(self.opts.progress_interval_s)
+            self.ledger.flush()
+            if self.on_progress is not None:
+                self.on_progress(self.snapshot())
+
+    # --- the end ---------------------------------------------------------------------------------
+
+    async def finish(self, sink: object, summary: RunSummary, engine: Engine | None) -> None:
+        self.ledger.flush()
+        await write_output_manifest(self.reader, self.ledger, sink)  # type: ignore[arg-type]
+        counts = self.ledger.counts()
+        summary.finished_at = time.time()
+        summary.counts = {str(status): counts.get(str(status), 0) for status in RowStatus}
+        unfinished = counts.get("pending", 0) + counts.get("in_flight", 0)
+        summary.counts[RowStatus.SKIPPED] += unfinished
+        summary.total_rows = sum(summary.counts.values())
+        fresh = summary.counts[RowStatus.SUCCEEDED] - min(
+            self.resumed, summary.counts[RowStatus.SUCCEEDED]
+        )
+        summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
+        summary.latency_p50_s, summary.latency_p95_s = latency_percentiles(self.ledger.latencies())
+        summary.credits = round(self.ledger.credits(), 2)
+        summary.ambiguous_submits = self.ledger.ambiguous_submits()
+        summary.resumed_rows = self.resumed
+        if engine is not None:
+            stats = engine.stats
+            summary.submits = stats.submits
+            summary.retries = stats.retries
+            summary.rate_limited = stats.rate_limited
+            summary.polls = stats.polls
+            summary.errors = dict(stats.errors)
+            if engine.abort_reason:
+                summary.errors["aborted: " + engine.abort_reason] = 1
+        await write_run_json(sink, summary)  # type: ignore[arg-type]
+        if self.on_progress is not None:
+            self.on_progress(self.snapshot())
+
+
+def _next_validated(
+    batches: Iterator[pl.DataFrame], name: str, defaults: Defaults
+) -> tuple[list[Row], list[Rejection]] | None:
+    """Read and validate the next batch (in a worker thread: it is the CPU-heavy part)."""
+    batch = next(batches, None)
+    if batch is None:
+        return None
+    return validate_batch(batch, source_name=name, defaults=defaults)
