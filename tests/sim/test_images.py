@@ -205,6 +205,16 @@ def test_a_red_reference_makes_a_redder_picture_than_a_blue_one() -> None:
         assert redness(with_blue) < -30
 
 
+def test_a_transparent_cut_out_lends_its_product_colour_not_its_hidden_pixels() -> None:
+    # Fully transparent pixels keep whatever colour the editor left there: here red.
+    cut_out = Image.new("RGBA", (200, 200), (255, 0, 0, 0))
+    cut_out.paste(noisy((40, 70, 220), size=(90, 90)), (55, 55))
+    data = encoded(cut_out, "PNG")
+    args = {"prompt": "a product", "seed": 4, "width": 512, "height": 512, "fmt": "png"}
+    # A blue product on white: no trace of the hidden red.
+    assert redness(render_image(**args, references=[data])) < -5
+
+
 def test_several_references_all_lend_colours() -> None:
     red = encoded(noisy((210, 35, 30)), "JPEG", quality=90)
     green = encoded(noisy((30, 200, 40), seed=2), "PNG")
