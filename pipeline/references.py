@@ -21,10 +21,13 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Final
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
@@ -88,9 +91,19 @@ def _public_url(url: str) -> str:
 async def _fetch_http(
     store: ReferenceStore, url: str, session: aiohttp.ClientSession | None
 ) -> bytes:
-    if session is None:
-        async with aiohttp.ClientSession() as own:
-            return await _fetch_http(store, url, own)
+    if session is None or not store.allow_private_urls:
+        # A session of our own whose resolver refuses non-public addresses: the check in
+        # _check_host gives the clear message, this one closes the gap where DNS answers
+        # differently when the connection is made (rebinding). References are fetched once
+        # per distinct URL, so the lost connection pooling costs little.
+        resolver = None if store.allow_private_urls else _PublicOnlyResolver()
+        connector = aiohttp.TCPConnector(resolver=resolver, limit=4)
+        async with aiohttp.ClientSession(connector=connector) as own:
+            return await _fetch(store, url, own)
+    return await _fetch(store, url, session)
+
+
+async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession) -> bytes:
     current = url
     for _hop in range(MAX_REDIRECTS + 1):
         parsed = URL(current)
@@ -138,6 +151,16 @@ async def _fetch_http(
             raise ReferenceError(
                 f"URL {_public_url(current)} timed out after {store.timeout_s:g} s"
             ) from None
+        except aiohttp.ClientConnectorError as exc:
+            if "non-public address" in str(exc.os_error):
+                raise ReferenceError(
+                    f"URL {_public_url(current)}: {exc.os_error}; such URLs are refused so a "
+                    "manifest cannot reach an internal network (allow them with "
+                    "allow_private_urls)"
+                ) from None
+            raise ReferenceError(
+                f"URL {_public_url(current)} could not be fetched (cannot connect to {parsed.host})"
+            ) from None
         except aiohttp.ClientError as exc:
             raise ReferenceError(
                 f"URL {_public_url(current)} could not be fetched ({type(exc).__name__})"
@@ -146,6 +169,26 @@ async def _fetch_http(
         f"URL {_public_url(url)} redirects more than {MAX_REDIRECTS} times; "
         f"at most {MAX_REDIRECTS} redirects are followed"
     )
+
+
+class _PublicOnlyResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver, but never to a non-public address."""
+
+    def __init__(self) -> None:
+        self._inner = ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        for result in results:
+            address = ipaddress.ip_address(str(result["host"]).split("%", 1)[0])
+            if not _is_public(address):
+                raise OSError(f"{host} resolves to the non-public address {address}")
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 #: How each URL scheme is fetched; add one entry to support another (s3:// comes later).
@@ -257,9 +300,14 @@ class ReferenceStore:
         if task is None:
             task = asyncio.ensure_future(self._load(parsed, session))
             self._inflight[parsed.cache_key] = task
-            task.add_done_callback(lambda _t: self._inflight.pop(parsed.cache_key, None))
+            task.add_done_callback(partial(self._settled, parsed.cache_key))
         # shield: one caller being cancelled must not cancel the load others wait for.
         return await asyncio.shield(task)
+
+    def _settled(self, cache_key: str, task: asyncio.Task[Reference]) -> None:
+        self._inflight.pop(cache_key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here too, in case every waiter was cancelled
 
     async def _load(self, spec: _Spec, session: aiohttp.ClientSession | None) -> Reference:
         if spec.kind == "file":
@@ -387,10 +435,7 @@ class ReferenceStore:
             raise ReferenceError(f"host {host!r} cannot be resolved") from None
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-            mapped = getattr(address, "ipv4_mapped", None)
-            if mapped is not None:
-                address = mapped
-            if not address.is_global or address.is_multicast:
+            if not _is_public(address):
                 raise ReferenceError(
                     f"host {host!r} resolves to {address}, a private, loopback, link-local, "
                     "multicast or reserved address; such URLs are refused so a manifest "
@@ -403,6 +448,13 @@ class ReferenceStore:
         if size is None:
             return f"{what} larger than {limit}; at most {limit} is allowed"
         return f"{what} {size / 1024 / 1024:.1f} MB; at most {limit} is allowed"
+
+
+def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    if mapped is not None:  # ::ffff:127.0.0.1 is 127.0.0.1
+        address = mapped
+    return address.is_global and not address.is_multicast
 
 
 def _sha(text: str) -> str:

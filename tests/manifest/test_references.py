@@ -296,3 +296,20 @@ async def test_url_size_cap_status_and_timeout(server: _Server) -> None:
 
 def test_schemes_table_lists_fetchable_schemes() -> None:
     assert {"https", "http", "data"} <= SPEC_SCHEMES
+
+
+async def test_dns_rebinding_is_caught_at_connect_time(
+    server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The up-front check is fooled (as by a DNS answer that changes between two lookups);
+    # the connection itself must still refuse to reach a loopback address.
+    async def fooled(self: ReferenceStore, host: str, port: int) -> None:
+        return None
+
+    monkeypatch.setattr(ReferenceStore, "_check_host", fooled)
+    port = server.url.split(":")[2].split("/")[0]
+    store = _store(allow_private_urls=False)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(ReferenceError, match=r"non-public address (127\.0\.0\.1|::1)"):
+            await store.load(f"http://localhost:{port}/img/shot.png", session)
+    assert server.hits == {}
