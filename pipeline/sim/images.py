@@ -643,9 +643,15 @@ def _marker_run(phase: int, count: int) -> tuple[bytes, ...]:
     return tuple(_RST[(phase + k) % 8] for k in range(count))
 
 
+@lru_cache(maxsize=64)
+def _separators(phase: int, count: int) -> tuple[bytes, ...]:
+    """``segment.join`` of these is the segment ``count`` times, each followed by its marker."""
+    return (b"", *_marker_run(phase, count))
+
+
 def _repeat(segment: bytes, phase: int, count: int) -> bytes:
     """``count`` copies of one MCU's bytes, each followed by its restart marker."""
-    cycle = b"".join([segment + marker for marker in _marker_run(phase % 8, min(count, 8))])
+    cycle = segment.join(_separators(phase % 8, min(count, 8)))
     if count <= 8:
         return cycle
     full, rest = divmod(count, 8)
