@@ -210,10 +210,11 @@ def _utf8_error_line(path: Path) -> int | None:
     return None
 
 
-def _not_utf8(name: str, line: int | None) -> ManifestError:
+def _not_utf8(name: str, line: int | None, encoding: str = "utf-8") -> ManifestError:
     where = f" (line {line})" if line else ""
+    label = "UTF-16" if encoding == "utf-16" else "UTF-8"
     return ManifestError(
-        f"{name}: bytes that are not valid UTF-8{where}; the manifest must be UTF-8 "
+        f"{name}: bytes that are not valid {label}{where}; the manifest must be UTF-8 "
         "(with or without a byte-order mark) or UTF-16 with a byte-order mark. "
         "Re-save it as 'CSV UTF-8'."
     )
@@ -243,7 +244,7 @@ def _sniff_csv(path: Path, name: str) -> _CsvFormat:
         text = decoder.decode(head, final=whole)
     except UnicodeDecodeError as exc:
         line = head[: exc.start].count(b"\n") + 1 if encoding == "utf-8" else None
-        raise _not_utf8(name, line) from None
+        raise _not_utf8(name, line, encoding) from None
     if not text.strip():
         raise ManifestError(
             f"{name}: the file is empty; expected a header line naming the columns "
@@ -475,11 +476,11 @@ class ManifestReader:
             except StopIteration:
                 break
             except UnicodeDecodeError:
-                raise _not_utf8(self.name, None) from None
+                raise _not_utf8(self.name, None, fmt.encoding) from None
             except pa.ArrowInvalid as exc:
                 if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
                     line = _utf8_error_line(self.path) if fmt.encoding == "utf-8" else None
-                    raise _not_utf8(self.name, line) from None
+                    raise _not_utf8(self.name, line, fmt.encoding) from None
                 if "straddl" in str(exc):
                     raise ManifestError(
                         f"{self.name}: a single row is larger than "

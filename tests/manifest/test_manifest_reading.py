@@ -178,6 +178,13 @@ def test_undecodable_bytes_name_the_line(tmp_path: Path) -> None:
     assert "UTF-8" in message
 
 
+def test_broken_utf16(tmp_path: Path) -> None:
+    body = "prompt,sku\nmug,1\n".encode("utf-16-le") + b"\x00\xd8a\x00,\x001\x00\n\x00"
+    (tmp_path / "u16.csv").write_bytes(codecs.BOM_UTF16_LE + body)
+    with pytest.raises(ManifestError, match=r"u16\.csv: bytes that are not valid UTF-16"):
+        read_all(tmp_path / "u16.csv")
+
+
 def test_undecodable_header(tmp_path: Path) -> None:
     (tmp_path / "h.csv").write_bytes("prompt,crème\nmug,1\n".encode("cp1252"))
     with pytest.raises(ManifestError, match=r"h\.csv: .*not valid UTF-8 \(line 1\)"):
