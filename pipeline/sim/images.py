@@ -755,8 +755,8 @@ def render_image(
             raise ValueError(
                 f"{name} must be an integer from {MIN_SIDE} to {MAX_SIDE}, not {side!r}"
             )
-    if not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, not {seed!r}")
+    if not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer from 0 to 2**64 - 1, not {seed!r}")
     scene = _scene(prompt, seed, width, height, references)
     if fmt == "png":
         return _png(_paint(scene, (0, 0, width, height)))

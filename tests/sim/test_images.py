@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline import contract
@@ -108,6 +110,20 @@ def test_spliced_jpeg_is_byte_identical_to_encoding_the_whole_picture() -> None:
         assert images._spliced_jpeg(scene) == whole
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    prompt=st.text(max_size=300),
+    seed=st.integers(min_value=0, max_value=2**64 - 1),
+    size=st.tuples(st.integers(16, 320), st.integers(16, 320)),
+    fmt=st.sampled_from(contract.OUTPUT_FORMATS),
+)
+def test_any_prompt_and_seed_give_a_valid_image(
+    prompt: str, seed: int, size: tuple[int, int], fmt: str
+) -> None:
+    data = render_image(prompt=prompt, seed=seed, width=size[0], height=size[1], fmt=fmt)
+    assert decode(data).size == size
+
+
 def test_bad_arguments_are_refused_with_what_is_allowed() -> None:
     with pytest.raises(ValueError, match=r"fmt must be one of png, jpeg, not 'gif'"):
         render_image(prompt="x", seed=1, width=64, height=64, fmt="gif")
@@ -115,8 +131,10 @@ def test_bad_arguments_are_refused_with_what_is_allowed() -> None:
         render_image(prompt="x", seed=1, width=0, height=64, fmt="png")
     with pytest.raises(ValueError, match=r"height must be an integer"):
         render_image(prompt="x", seed=1, width=64, height=64.0, fmt="png")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"seed must be a non-negative integer, not -1"):
+    with pytest.raises(ValueError, match=r"seed must be an integer from 0 to 2\*\*64 - 1, not -1"):
         render_image(prompt="x", seed=-1, width=64, height=64, fmt="jpeg")
+    with pytest.raises(ValueError, match=r"seed must be an integer"):
+        render_image(prompt="x", seed=2**64, width=64, height=64, fmt="jpeg")
 
 
 # --- determinism and variety ----------------------------------------------------------------
