@@ -206,7 +206,7 @@ async def server() -> AsyncIterator[_Server]:
         if name == "to-private":
             raise web.HTTPFound("http://10.1.2.3/shot.png")
         if name == "slow":
-            await asyncio.sleep(5)
+            await asyncio.sleep(1.5)
         return web.Response(status=404)
 
     app = web.Application()
