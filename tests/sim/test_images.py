@@ -11,6 +11,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,26 @@ def test_same_inputs_give_the_same_bytes_in_another_process() -> None:
         timeout=120,
     )
     assert out.stdout.strip() == str(digests()).replace("'", '"')
+
+
+def test_rendering_from_many_threads_gives_the_same_bytes_as_one_at_a_time() -> None:
+    # The server renders in worker threads; the shared mask, glyph and reference caches
+    # must not let one image leak into another.
+    ref = encoded(noisy((20, 160, 160)), "PNG")
+    jobs = [
+        {
+            "prompt": f"thread job {i}",
+            "seed": i,
+            "width": (1024, 1344, 704)[i % 3],
+            "height": (1024, 768, 1408)[i % 3],
+            "fmt": ("jpeg", "png")[i % 2],
+            "references": [ref] if i % 4 == 0 else [],
+        }
+        for i in range(24)
+    ]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = list(pool.map(lambda job: render_image(**job), jobs))
+    assert parallel == [render_image(**job) for job in jobs]
 
 
 def test_different_prompts_and_seeds_give_visibly_different_pictures() -> None:
