@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import math
+import tempfile
 from pathlib import Path
 
 import polars as pl
@@ -244,3 +247,35 @@ def test_every_row_is_accounted_for(cells: list[tuple[str, ...]]) -> None:
     for rejection in rejections:
         assert rejection.reason.startswith(f"<dataframe> row {rejection.index + 1}, column ")
         assert rejection.key
+
+
+@given(
+    st.lists(
+        st.text(
+            alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+            min_size=1,
+            max_size=40,
+        ),
+        min_size=1,
+        max_size=15,
+    ),
+    st.sampled_from([",", ";", "\t"]),
+)
+@settings(max_examples=60, deadline=None)
+def test_csv_text_survives_any_characters(prompts: list[str], delimiter: str) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    writer.writerow(["sku", "prompt"])
+    for number, prompt in enumerate(prompts):
+        writer.writerow([f"{number:05d}", prompt])
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "awkward.csv"
+        path.write_text(buffer.getvalue(), encoding="utf-8")
+        rows, rejections = read_all(path, batch_size=4)
+    assert sorted([r.index for r in rows] + [r.index for r in rejections]) == list(
+        range(len(prompts))
+    )
+    for row in rows:
+        assert row.request.prompt == prompts[row.index]
+    for rejection in rejections:
+        assert not prompts[rejection.index].strip()
