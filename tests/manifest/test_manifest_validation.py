@@ -264,13 +264,14 @@ def test_every_row_is_accounted_for(cells: list[tuple[str, ...]]) -> None:
 @settings(max_examples=60, deadline=None)
 def test_csv_text_survives_any_characters(prompts: list[str], delimiter: str) -> None:
     buffer = io.StringIO()
-    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\n")
+    # "\r\n" makes the writer quote cells holding either character.
+    writer = csv.writer(buffer, delimiter=delimiter, lineterminator="\r\n")
     writer.writerow(["sku", "prompt"])
     for number, prompt in enumerate(prompts):
         writer.writerow([f"{number:05d}", prompt])
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "awkward.csv"
-        path.write_text(buffer.getvalue(), encoding="utf-8")
+        path.write_bytes(buffer.getvalue().encode("utf-8"))
         rows, rejections = read_all(path, batch_size=4)
     assert sorted([r.index for r in rows] + [r.index for r in rejections]) == list(
         range(len(prompts))
