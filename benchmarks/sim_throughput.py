@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import re
 import shutil
@@ -108,32 +107,54 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def start_server(config: Path) -> tuple[asyncio.subprocess.Process, str, bool]:
+async def start_server(
+    config: Path, log: Path
+) -> tuple[asyncio.subprocess.Process, str, bool, asyncio.Task[None]]:
+    """Start the simulator and read its announced URL; stderr goes to ``log`` (a full pipe
+    would stall the server mid-benchmark), stdout keeps being drained for the same reason."""
     pinned = shutil.which("taskset") is not None
     command = [sys.executable, "-m", "pipeline.sim", "--config", str(config), "--port", "0"]
     if pinned:
         command = ["taskset", "-c", "0", *command]
-    process = await asyncio.create_subprocess_exec(
-        *command,
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    with log.open("wb") as stderr:
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            cwd=REPO,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=stderr,
+        )
     assert process.stdout is not None
+    stdout = process.stdout
     try:
-        line = await asyncio.wait_for(process.stdout.readline(), timeout=30)
+        line = await asyncio.wait_for(stdout.readline(), timeout=30)
     except TimeoutError:
-        process.kill()
-        raise SystemExit("the simulator did not announce its URL within 30 s") from None
+        line = b""
     found = re.search(rb"(http://127\.0\.0\.1:\d+)", line)
     if not found:
-        error = b""
-        if process.stderr is not None:
-            with contextlib.suppress(TimeoutError):
-                error = await asyncio.wait_for(process.stderr.read(), timeout=5)
-        raise SystemExit(f"the simulator did not start: {(line + error).decode(errors='replace')}")
-    return process, found.group(1).decode(), pinned
+        if process.returncode is None:
+            process.kill()
+        await process.wait()
+        logged = await asyncio.to_thread(log.read_text, errors="replace")
+        error = logged.strip().splitlines()[-5:]
+        said = [part for part in (line.decode(errors="replace").strip(), *error) if part]
+        raise SystemExit("the simulator did not start: " + " / ".join(said or ["no output"]))
+
+    async def drain() -> None:
+        while await stdout.read(65536):
+            pass
+
+    return process, found.group(1).decode(), pinned, asyncio.create_task(drain())
+
+
+async def stop_server(process: asyncio.subprocess.Process) -> None:
+    if process.returncode is None:
+        process.terminate()
+        try:
+            await asyncio.wait_for(process.wait(), timeout=10)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
 
 
 def retry_after(value: str | None) -> float:
@@ -193,8 +214,9 @@ async def one_image(
     load.latencies.append(time.perf_counter() - began)
 
 
-async def drive(base: str, first: int, images: int, concurrency: int, poll_s: float) -> Load:
-    load = Load()
+async def drive(
+    base: str, first: int, images: int, concurrency: int, poll_s: float, load: Load
+) -> None:
     queue = iter(range(first, first + images))
 
     async def worker(session: aiohttp.ClientSession) -> None:
@@ -204,41 +226,43 @@ async def drive(base: str, first: int, images: int, concurrency: int, poll_s: fl
     connector = aiohttp.TCPConnector(limit=concurrency)
     async with aiohttp.ClientSession(connector=connector) as session:
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    return load
 
 
 async def bench_server(args: argparse.Namespace) -> dict[str, str]:
+    load = Load()
+    timed_out = False
     with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
         config = Path(tmp) / "sim.toml"
         config.write_text(CONFIG.format(median=args.latency, p95=args.latency * 2.5))
-        process, base, pinned = await start_server(config)
+        process, base, pinned, drainer = await start_server(config, Path(tmp) / "sim.log")
         try:
+            warm = Load()
             await asyncio.wait_for(
-                drive(base, 10_000_000, args.warmup, args.concurrency, args.poll), args.timeout
+                drive(base, 10_000_000, args.warmup, args.concurrency, args.poll, warm),
+                args.timeout,
             )
             cpu_before = cpu_seconds(process.pid)
             client_before = time.process_time()
             began = time.perf_counter()
-            load = await asyncio.wait_for(
-                drive(base, 0, args.images, args.concurrency, args.poll), args.timeout
-            )
+            try:
+                await asyncio.wait_for(
+                    drive(base, 0, args.images, args.concurrency, args.poll, load), args.timeout
+                )
+            except TimeoutError:
+                timed_out = True  # report what finished in time
             elapsed = time.perf_counter() - began
             client_cpu = time.process_time() - client_before
             cpu_after = cpu_seconds(process.pid)
         finally:
-            if process.returncode is None:
-                process.terminate()
-                try:
-                    await asyncio.wait_for(process.wait(), timeout=10)
-                except TimeoutError:
-                    process.kill()
-                    await process.wait()
+            await stop_server(process)
+            drainer.cancel()
     rate = load.done / elapsed
     where = "CPU 0" if pinned else "unpinned CPUs"
     setup = f"{args.concurrency} in flight, latency median {args.latency * 1000:.0f} ms"
     rows = {
         f"end to end, 1k JPEG (simulator on {where}, enterprise key, {setup})": (
-            f"**{rate:.0f} images/s** ({load.done} in {elapsed:.1f} s)"
+            f"**{rate:.0f} images/s** ({load.done} in {elapsed:.1f} s"
+            + (f", stopped by --timeout {args.timeout:.0f} s)" if timed_out else ")")
         ),
         "failed / other errors / 429s": (
             f"{load.failed} / {load.other_errors} / {load.refused_429}"
