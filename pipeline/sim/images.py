@@ -247,7 +247,7 @@ def _palette(rng: random.Random, references: Sequence[tuple[RGB, ...]]) -> list[
 
 Box = tuple[int, int, int, int]
 _BLOCK = 8  # granularity of the solid/empty analysis of a mask
-_PLAN_DEPTH = 4
+_PLAN_DEPTH = 3
 
 
 @dataclass(frozen=True, slots=True)
