@@ -146,7 +146,11 @@ class Engine:
             refusal_target=settings.refusal_target,
         )
         self._rate = SubmitRateLimiter(settings.submits_per_minute)
-        self._first_poll = QuantileTracker(settings.poll_quantile, settings.expected_latency_s)
+        self._first_poll = QuantileTracker(
+            settings.poll_quantile,
+            settings.expected_latency_s,
+            step=min(0.1, 0.5 / settings.max_active),
+        )
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)

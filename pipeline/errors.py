@@ -27,5 +27,5 @@ class ManifestError(KleinError):
     """The manifest file as a whole cannot be used; the message names the file."""
 
 
-class ReferenceError(KleinError):  # noqa: A001 - shadows a builtin only inside this package
+class ReferenceError(KleinError):
     """A reference image cannot be used; the message says why, the caller says where."""

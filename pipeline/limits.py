@@ -224,9 +224,13 @@ class QuantileTracker:
     so the usual averages are biased. The Robbins-Monro update below moves the estimate up
     when a task was still running at it and down when it was done, and settles where a share
     ``q`` of tasks are done: exactly the moment to poll each task first.
+
+    Each answer arrives one task duration after the estimate it judges was used, while
+    about ``limit`` other answers are on their way: the step must be small against
+    ``1 / limit`` or the estimate overshoots and swings (a delayed feedback loop).
     """
 
-    def __init__(self, q: float, initial_s: float, *, step: float = 0.15) -> None:
+    def __init__(self, q: float, initial_s: float, *, step: float = 0.05) -> None:
         self.q = q
         self._log = math.log(max(initial_s, 1e-3))
         self._step = step
