@@ -194,6 +194,10 @@ class Engine:
         try:
             async for job in jobs:
                 await gate.acquire()
+                if job.task_id is None:
+                    # Queue-to-done starts when the engine takes the row, not when the
+                    # manifest batch was read: otherwise it measures manifest position.
+                    job.queued_at = time.time()
                 task = asyncio.create_task(self._carry(job, gate))
                 running.add(task)
                 task.add_done_callback(running.discard)
