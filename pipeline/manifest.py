@@ -282,13 +282,19 @@ class ManifestReader:
         *,
         batch_size: int = 10_000,
         limit: int | None = None,
+        offset: int = 0,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if limit is not None and limit < 0:
             raise ConfigError(f"limit must be 0 or more, got {limit}")
+        if offset < 0:
+            raise ConfigError(f"offset must be 0 or more, got {offset}")
         self.batch_size = batch_size
         self.limit = limit
+        #: Data rows skipped before the first batch; ``__index`` keeps counting from the file's
+        #: first row, so a shard's messages and output rows name the original row numbers.
+        self.offset = offset
         self._frame: pl.DataFrame | None = None
         self._table: pa.Table | None = None
         self._csv: _CsvFormat | None = None
@@ -367,11 +373,18 @@ class ManifestReader:
     # -- batches -----------------------------------------------------------------------------
 
     def batches(self) -> Iterator[pl.DataFrame]:
-        """Batches of at most ``batch_size`` rows, in file order, with ``__index`` added."""
+        """Batches of at most ``batch_size`` rows, in file order, with ``__index`` added.
+
+        With ``offset`` the rows before it are skipped (``limit`` then counts from there).
+        """
         remaining = self.limit
         pending: list[pl.DataFrame] = []
         held = 0
         for chunk in self._chunks():
+            if self.offset:
+                chunk = chunk.filter(pl.col(INDEX_COLUMN) >= self.offset)
+                if chunk.height == 0:
+                    continue
             if remaining is not None:
                 if remaining <= 0:
                     break
@@ -391,27 +404,49 @@ class ManifestReader:
         names = self._columns.names
         if self._frame is not None:
             frame = self._frame.rename(dict(zip(self._frame.columns, names, strict=True)))
-            for offset in range(0, frame.height, self.batch_size):
+            for offset in range(self.offset, frame.height, self.batch_size):
                 part = frame.slice(offset, self.batch_size)
                 yield part.with_columns(
                     pl.int_range(offset, offset + part.height, dtype=pl.Int64).alias(INDEX_COLUMN)
                 )
             return
         if self._table is not None:
-            yield from self._indexed(self._table.to_batches(max_chunksize=self.batch_size))
+            table = self._table.slice(min(self.offset, self._table.num_rows))
+            yield from self._indexed(
+                table.to_batches(max_chunksize=self.batch_size),
+                first=self._table.num_rows - table.num_rows,
+            )
             return
         if self._parquet is not None:
+            # Whole row groups before the offset are never decoded: a late shard of a big
+            # file starts near its rows instead of reading everything before them.
+            groups, skipped = self._row_groups_from(self.offset)
             try:
-                yield from self._indexed(self._parquet.iter_batches(batch_size=self.batch_size))
+                yield from self._indexed(
+                    self._parquet.iter_batches(batch_size=self.batch_size, row_groups=groups),
+                    first=skipped,
+                )
             except (OSError, pa.ArrowException) as exc:
                 raise ManifestError(f"{self.name}: Parquet data cannot be read ({exc})") from None
             return
         yield from self._csv_chunks()
 
+    def _row_groups_from(self, row: int) -> tuple[list[int], int]:
+        """Row groups holding data row ``row`` and later, and how many rows come before them."""
+        assert self._parquet is not None
+        metadata = self._parquet.metadata
+        skipped = 0
+        for group in range(metadata.num_row_groups):
+            rows = metadata.row_group(group).num_rows
+            if skipped + rows > row:
+                return list(range(group, metadata.num_row_groups)), skipped
+            skipped += rows
+        return [], skipped
+
     def _indexed(
-        self, batches: Iterator[pa.RecordBatch] | list[pa.RecordBatch]
+        self, batches: Iterator[pa.RecordBatch] | list[pa.RecordBatch], *, first: int = 0
     ) -> Iterator[pl.DataFrame]:
-        offset = 0
+        offset = first
         for batch in batches:
             if batch.num_rows == 0:
                 continue
