@@ -128,7 +128,9 @@ class _Columns:
     extra: list[str] = field(default_factory=list)
 
 
-def _normalise_columns(found: list[str], file_name: str) -> _Columns:
+def _normalise_columns(
+    found: list[str], file_name: str, *, require_prompt: bool = True
+) -> _Columns:
     known = {name.lower(): name for name in KNOWN_COLUMNS}
     names: list[str] = []
     for position, raw in enumerate(found, start=1):
@@ -155,7 +157,7 @@ def _normalise_columns(found: list[str], file_name: str) -> _Columns:
             f"{file_name}: column names {INDEX_COLUMN!r} and {ERROR_COLUMN!r} are reserved "
             "for the pipeline; rename that column"
         )
-    if "prompt" not in names:
+    if require_prompt and "prompt" not in names:
         shown = ", ".join(repr(name) for name in found[:20])
         if len(found) > 20:
             shown += f", ... ({len(found)} columns)"
@@ -283,6 +285,7 @@ class ManifestReader:
         batch_size: int = 10_000,
         limit: int | None = None,
         offset: int = 0,
+        require_prompt: bool = True,
     ) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -321,7 +324,8 @@ class ManifestReader:
                 f"a manifest must be a file path, a polars DataFrame or a pyarrow Table, "
                 f"not {type(source).__name__}"
             )
-        self._columns = _normalise_columns(found, self.name)
+        # A prompt template (pipeline/templates.py) builds prompts from other columns.
+        self._columns = _normalise_columns(found, self.name, require_prompt=require_prompt)
         self.columns: list[str] = self._columns.names
         self.extra_columns: list[str] = self._columns.extra
         if schema is not None:
