@@ -40,7 +40,7 @@ from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.rows import Outcome, Rejection, Row
-from pipeline.storage import open_sink
+from pipeline.storage import Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
@@ -69,6 +69,12 @@ class RunOptions:
     max_reference_bytes: int = 10 * 1024 * 1024
     allow_private_urls: bool = False
     progress_interval_s: float = 0.25
+    #: Skip this many data rows first (a shard's row range is ``offset`` + ``limit`` rows);
+    #: rows keep their original numbers in messages and in the output manifest.
+    offset: int = 0
+    #: Row index -> index of an earlier row with the same key that another run (an earlier
+    #: shard) owns: such rows are rejected as duplicates here, never paid for twice.
+    earlier_duplicates: dict[int, int] = field(default_factory=dict)
 
 
 def run_manifest(
@@ -127,14 +133,18 @@ def run_manifest(
 
 async def arun_manifest(
     manifest: ManifestSource,
-    out: str | Path,
+    out: str | Path | Sink,
     *,
     api_url: str | None,
     api_key: str | None = None,
     options: RunOptions | None = None,
     on_progress: Callable[[ProgressSnapshot], None] | None = None,
 ) -> RunSummary:
-    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect)."""
+    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
+
+    ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
+    and partial manifest apart while sharing ``images/``).
+    """
     opts = options or RunOptions()
     limits = resolve_tier(opts.tier, opts.max_active, opts.submits_per_minute)
     if not api_url:
@@ -144,8 +154,10 @@ async def arun_manifest(
     if not key:
         raise ConfigError(f"no API key: set the environment variable {env_name}")
     provider = make_provider(opts.dialect, api_url, key)
-    sink = open_sink(out)
-    reader = ManifestReader(manifest, batch_size=opts.batch_size, limit=opts.limit)
+    sink = out if isinstance(out, Sink) else open_sink(out)
+    reader = ManifestReader(
+        manifest, batch_size=opts.batch_size, limit=opts.limit, offset=opts.offset
+    )
     local_root = sink.local_path(".klein")
     if local_root is None:
         raise ConfigError(f"output {out!s} is not a local folder; S3 output needs the S3 sink")
@@ -265,6 +277,10 @@ class _Run:
             if validated is None:
                 return
             rows, rejections = validated
+            if self.opts.earlier_duplicates:
+                rows, rejections = _earlier_duplicates(
+                    rows, rejections, self.opts.earlier_duplicates, name
+                )
             self.seen += len(rows) + len(rejections)
             queued_at = time.time()
             self._reject(rejections)
@@ -370,6 +386,36 @@ class _Run:
         await write_run_json(sink, summary)  # type: ignore[arg-type]
         if self.on_progress is not None:
             self.on_progress(self.snapshot())
+
+
+def _duplicate_reason(name: str, row: Row, first_index: int) -> str:
+    return (
+        f"{name} row {row.index + 1}, column id: key {row.key!r} repeats row {first_index + 1}; "
+        "each row needs its own id (or a different request)"
+    )
+
+
+def _earlier_duplicates(
+    rows: list[Row], rejections: list[Rejection], earlier: dict[int, int], name: str
+) -> tuple[list[Row], list[Rejection]]:
+    """Move rows whose key an earlier shard owns from ``rows`` to the rejections."""
+    kept: list[Row] = []
+    moved = list(rejections)
+    for row in rows:
+        first = earlier.get(row.index)
+        if first is None:
+            kept.append(row)
+            continue
+        moved.append(
+            Rejection(
+                index=row.index,
+                reason=_duplicate_reason(name, row, first),
+                column="id",
+                key=row.key,
+                prompt=row.request.prompt,
+            )
+        )
+    return kept, moved
 
 
 def _next_validated(
