@@ -34,6 +34,14 @@ class Row:
     #: Stable, path-safe key: the output file name and the resume identity.
     key: str
     request: ImageRequest
+    #: How messages name the row when ``row {index + 1}`` would not (a variation of a
+    #: product row: ``row 3, variation studio.1``); None for a plain manifest row.
+    label: str | None = None
+
+    @property
+    def where(self) -> str:
+        """``row 7`` or the label: what a message puts after the file name."""
+        return self.label or f"row {self.index + 1}"
 
 
 @dataclass(frozen=True, slots=True)
