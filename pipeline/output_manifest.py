@@ -41,6 +41,11 @@ is one of the above is written as ``input_<name>``.
 
 Rows the run never reached (it stopped early) are ``skipped`` with a reason saying so, so
 that "one row per input row" holds even after a crash; a rerun resumes them.
+
+With a variation matrix (``pipeline/variations.py``) the rule is one row per (input row,
+variation): ``row`` repeats for each variation of that input row, and a ``variation``
+column (the slug in the key) and one column per axis that is not a request parameter
+(``style``) come first among the extra columns.
 """
 
 from __future__ import annotations
@@ -101,6 +106,14 @@ FIXED_COLUMNS: tuple[str, ...] = tuple(FIXED_SCHEMA.names)
 _NOT_REACHED = "not processed: the run stopped before reaching this row; run again to resume"
 
 
+class RowExpander(Protocol):
+    """Turns input rows into the rows that were planned (``variations.Catalog``)."""
+
+    def output_columns(self, extra_columns: Sequence[str]) -> list[str]: ...
+
+    def expand_output(self, batch: pl.DataFrame) -> pl.DataFrame: ...
+
+
 class ManifestSource(Protocol):
     """What this module needs from ``pipeline.manifest.ManifestReader``."""
 
@@ -128,7 +141,10 @@ def _micros(value: float | None) -> int | None:
 
 
 def _fixed_columns(
-    indices: list[int], outcomes: dict[int, Outcome], raw_prompts: list[Any] | None
+    indices: list[int],
+    outcomes: dict[int, Outcome],
+    raw_prompts: list[Any] | None,
+    rows: list[int] | None = None,
 ) -> dict[str, list[Any]]:
     cols: dict[str, list[Any]] = {name: [] for name in FIXED_COLUMNS}
     for pos, idx in enumerate(indices):
@@ -140,7 +156,7 @@ def _fixed_columns(
         prompt: Any = request.prompt if request is not None else outcome.extra.get("prompt")
         if prompt is None and raw_prompt is not None:
             prompt = raw_prompt
-        cols["row"].append(idx + 1)
+        cols["row"].append((rows[pos] if rows is not None else idx) + 1)
         cols["key"].append(outcome.key or None)
         cols["status"].append(str(outcome.status))
         cols["reason"].append(outcome.reason)
@@ -191,9 +207,13 @@ def _conform(
         ) from exc
 
 
-def _build_parquet(reader: ManifestSource, ledger: Ledger, path: Path) -> int:
+def _build_parquet(
+    reader: ManifestSource, ledger: Ledger, path: Path, expander: RowExpander | None = None
+) -> int:
     """Write the joined manifest to ``path``; returns the number of rows written."""
     extra_columns = [name for name in reader.extra_columns if name != "__index"]
+    if expander is not None:
+        extra_columns = expander.output_columns(extra_columns)
     out_names = output_column_names(extra_columns)
     source_name = str(getattr(reader, "name", "manifest"))
     writer: pq.ParquetWriter | None = None
@@ -204,7 +224,10 @@ def _build_parquet(reader: ManifestSource, ledger: Ledger, path: Path) -> int:
         for batch in reader.batches():
             if batch.height == 0:
                 continue
+            if expander is not None:
+                batch = expander.expand_output(batch)
             indices = batch.get_column("__index").cast(pl.Int64).to_list()
+            rows = batch.get_column("__row").to_list() if "__row" in batch.columns else None
             outcomes = {
                 outcome.index: outcome
                 for outcome in ledger.outcomes_for(min(indices), max(indices) + 1)
@@ -212,7 +235,7 @@ def _build_parquet(reader: ManifestSource, ledger: Ledger, path: Path) -> int:
             raw_prompts = (
                 batch.get_column("prompt").to_list() if "prompt" in batch.columns else None
             )
-            fixed = _fixed_columns(indices, outcomes, raw_prompts)
+            fixed = _fixed_columns(indices, outcomes, raw_prompts, rows)
             arrays, types = _extra_arrays(batch, extra_columns)
             if schema is None:
                 # An all-null first batch says nothing about a column's type: text is safest.
@@ -244,14 +267,21 @@ def _build_parquet(reader: ManifestSource, ledger: Ledger, path: Path) -> int:
     return written
 
 
-def _build_with_own_connection(reader: ManifestSource, ledger_path: Path, tmp: Path) -> int:
+def _build_with_own_connection(
+    reader: ManifestSource, ledger_path: Path, tmp: Path, expander: RowExpander | None = None
+) -> int:
     # SQLite connections belong to their thread; a read-only one sees every committed row.
     with Ledger.open(ledger_path, readonly=True) as own:
-        return _build_parquet(reader, own, tmp)
+        return _build_parquet(reader, own, tmp, expander)
 
 
 async def write_output_manifest(
-    reader: ManifestSource, ledger: Ledger, sink: Sink, *, relpath: str = "manifest.parquet"
+    reader: ManifestSource,
+    ledger: Ledger,
+    sink: Sink,
+    *,
+    relpath: str = "manifest.parquet",
+    expander: RowExpander | None = None,
 ) -> str:
     """Join the input manifest with the ledger and store the Parquet file; returns its URI.
 
@@ -269,7 +299,7 @@ async def write_output_manifest(
     tmp = Path(tmp_name)
     try:
         ledger.flush()
-        await asyncio.to_thread(_build_with_own_connection, reader, ledger.path, tmp)
+        await asyncio.to_thread(_build_with_own_connection, reader, ledger.path, tmp, expander)
         return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
     finally:
         with contextlib.suppress(OSError):
