@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, REFERENCE_FIELDS, RowStatus, cost_credits
 from pipeline.errors import ReferenceError
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
@@ -69,6 +70,8 @@ class Job:
     task_id: str | None = None
     poll_url: str | None = None
     attempts: int = 0
+    #: Credits held against the budget for this row's submit until its outcome is known.
+    reserved: float = 0.0
 
 
 @dataclass(slots=True)
@@ -131,8 +134,10 @@ class Engine:
         journal: Journal,
         settings: EngineSettings,
         on_outcome: Callable[[Outcome], None],
+        budget: Budget | None = None,
     ) -> None:
         self._provider = provider
+        self._budget = budget
         self._session = session
         self._sink = sink
         self._refs = references
@@ -233,6 +238,9 @@ class Engine:
             outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
         finally:
             gate.release()
+        if job.reserved and self._budget is not None:
+            self._budget.settle(job.reserved, outcome.cost_credits)
+            job.reserved = 0.0
         self._on_outcome(outcome)
 
     async def _outcome_of(self, job: Job) -> Outcome:
@@ -244,12 +252,18 @@ class Engine:
             except ReferenceError as exc:
                 if job.task_id is not None:
                     break  # already submitted in an earlier run: the digests are a nicety
-                reason = f"{job.source} row {job.row.index + 1}, column {column}: {exc}"
+                reason = f"{job.source} {job.row.where}, column {column}: {exc}"
                 return self._outcome(job, RowStatus.REJECTED, reason=reason)
         digests = tuple(r.digest for r in references)
         if job.task_id is None:
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
+            if self._budget is not None:
+                # Reserved before the POST: an accepted task is charged whatever happens next.
+                cost = cost_credits(*self._provider.output_size(request))
+                if not await self._budget.reserve(cost):
+                    return self._outcome(job, RowStatus.SKIPPED, reason=self._budget.reason(cost))
+                job.reserved = cost
             body = self._provider.submit_body(request, references, self._settings.webhook_url)
             try:
                 submitted = await self._submit(job, body)
