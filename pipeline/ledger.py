@@ -48,7 +48,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from pipeline.contract import RowStatus
+from pipeline.contract import RowStatus, cost_credits, output_size
 from pipeline.errors import ConfigError
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 
@@ -605,3 +605,61 @@ class Ledger:
             {"run": run_id},
         ).fetchone()
         return round(float(row[0]), 6)
+
+    # --- the destination as a whole (budgets, ``klein-batch status``) ------------------------
+
+    def destination_credits(self) -> float:
+        """Credits spent into this destination by every run, plus tasks still in flight.
+
+        An acknowledged task without an outcome will be charged when it completes, so it
+        counts at its quoted cost, or at the contract's price for the size it asked for.
+        """
+        (spent,) = self._conn.execute(
+            "SELECT COALESCE(SUM(credits), 0) FROM tasks WHERE status IS NOT NULL"
+        ).fetchone()
+        total = float(spent)
+        for ack_cost, request_json in self._conn.execute(
+            "SELECT ack_cost, request FROM tasks WHERE status IS NULL AND task_id IS NOT NULL"
+        ):
+            if ack_cost is not None:
+                total += float(ack_cost)
+                continue
+            request = _request_from_json(request_json)
+            if request is not None:
+                total += cost_credits(*output_size(request.aspect_ratio, request.resolution))
+        return round(total, 6)
+
+    def run_info(self) -> dict[str, Any]:
+        """The current run's recorded options and milestones, with ``run_id``/``started_at``."""
+        run_id = self._require_run()
+        row = self._conn.execute(
+            "SELECT started_at, info FROM runs WHERE run_id = ?", (run_id,)
+        ).fetchone()
+        info: dict[str, Any] = json.loads(row[1]) if row else {}
+        info.update(run_id=run_id, started_at=float(row[0]) if row else None)
+        return info
+
+    def update_run_info(self, **updates: object) -> None:
+        """Merge milestones (``total``, ``finished_at``) into the current run's record."""
+        info = self.run_info()
+        info.pop("run_id", None)
+        info.pop("started_at", None)
+        info.update(updates)
+        self._begin()
+        self._conn.execute(
+            "UPDATE runs SET info = ? WHERE run_id = ?",
+            (json.dumps(info, default=str, sort_keys=True), self._require_run()),
+        )
+        self._conn.execute("COMMIT")
+
+    def finish_times(self) -> list[float]:
+        """Unix times at which this run's rows reached an outcome (for rates and ETAs)."""
+        run_id = self._require_run()
+        return [
+            float(value)
+            for (value,) in self._conn.execute(
+                "SELECT finished_at FROM tasks WHERE finished_run = ? AND finished_at IS NOT NULL "
+                "ORDER BY finished_at",
+                (run_id,),
+            )
+        ]
