@@ -150,7 +150,7 @@ class LocalSink:
 
 
 def open_sink(uri: str | Path) -> Sink:
-    """Turn ``--out`` into a sink: a local path or ``file://`` URI now, ``s3://`` later."""
+    """Turn ``--out`` into a sink: a local path, a ``file://`` URI or ``s3://bucket/prefix``."""
     if isinstance(uri, Path):
         return LocalSink(uri)
     text = uri.strip()
@@ -169,10 +169,10 @@ def open_sink(uri: str | Path) -> Sink:
             )
         return LocalSink(unquote(parsed.path))
     if scheme == "s3":
-        raise ConfigError(
-            f"S3 output needs the S3 sink, which this version does not include yet: "
-            f"cannot write to {text!r}; write to a local folder instead"
-        )
+        from pipeline.s3 import S3Sink  # boto3 loads only for S3 outputs
+
+        return S3Sink(text)
     raise ConfigError(
-        f"output {text!r}: unsupported scheme {scheme!r}; expected a local folder or a file:// URI"
+        f"output {text!r}: unsupported scheme {scheme!r}; expected a local folder, a file:// "
+        "URI or s3://bucket/prefix"
     )

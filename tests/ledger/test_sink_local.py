@@ -134,7 +134,7 @@ def test_open_sink_dispatch(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("uri", "message"),
     [
-        ("s3://bucket/prefix", "S3 output needs"),
+        ("s3://Bad_Bucket/prefix", "not a valid bucket name"),
         ("gs://bucket/prefix", "unsupported scheme 'gs'"),
         ("file://example.com/x", "not host 'example.com'"),
         ("   ", "no output given"),
