@@ -15,6 +15,7 @@ import binascii
 import hashlib
 import io
 import ipaddress
+import posixpath
 import re
 import socket
 import warnings
@@ -191,8 +192,25 @@ class _PublicOnlyResolver(AbstractResolver):
         await self._inner.close()
 
 
-#: How each URL scheme is fetched; add one entry to support another (s3:// comes later).
-FETCHERS: dict[str, Fetcher] = {"https": _fetch_http, "http": _fetch_http}
+async def _fetch_s3(
+    store: ReferenceStore, url: str, session: aiohttp.ClientSession | None
+) -> bytes:
+    """An ``s3://bucket/key`` reference, through boto3 in a worker thread, with the size cap."""
+    from pipeline import s3  # boto3 loads only when a manifest uses S3
+
+    try:
+        location = s3.S3Uri.parse(url, what="reference")
+    except ValueError as exc:
+        raise ReferenceError(str(exc)) from None
+    if not location.key:
+        raise ReferenceError(f"{url!r} names a bucket, not an object; expected s3://bucket/key")
+    data = await asyncio.to_thread(s3.read_capped, location, store.max_bytes, store._too_big)
+    store.stats["fetches"] += 1
+    return data
+
+
+#: How each URL scheme is fetched; add one entry to support another.
+FETCHERS: dict[str, Fetcher] = {"https": _fetch_http, "http": _fetch_http, "s3": _fetch_s3}
 #: Schemes a reference may use (``data:`` is decoded inline).
 SPEC_SCHEMES: Final = frozenset({"data", *FETCHERS})
 
@@ -270,6 +288,10 @@ class ReferenceStore:
         cache_bytes: int = 256 * 1024 * 1024,
         max_pixels: int = MAX_PIXELS,
     ) -> None:
+        #: ``s3://bucket/folder/`` when the manifest lives in S3: relative paths resolve there.
+        self.base_uri: str | None = None
+        if isinstance(base_dir, str) and base_dir[:5].lower() == "s3://":
+            self.base_uri, base_dir = base_dir.rstrip("/") + "/", None
         self.base_dir = Path(base_dir).resolve() if base_dir is not None else None
         self.max_bytes = max_bytes
         self.allow_private_urls = allow_private_urls
@@ -368,6 +390,8 @@ class ReferenceStore:
         return self._file_spec(text)
 
     def _file_spec(self, text: str) -> _Spec:
+        if self.base_uri is not None:
+            return self._s3_relative_spec(text)
         raw = Path(text)
         base = self.base_dir if self.base_dir is not None else Path.cwd().resolve()
         if raw.is_absolute() and not self.allow_outside:
@@ -392,6 +416,23 @@ class ReferenceStore:
         if info.st_size > self.max_bytes:
             raise ReferenceError(self._too_big(info.st_size))
         return _Spec("file", f"file:{resolved}:{info.st_mtime_ns}:{info.st_size}", path=resolved)
+
+    def _s3_relative_spec(self, text: str) -> _Spec:
+        """A path relative to an S3 manifest's folder: the same confinement as on disk."""
+        assert self.base_uri is not None
+        if text.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", text):
+            raise ReferenceError(
+                f"absolute path {text!r} is refused; expected a path relative to the "
+                f"manifest's folder ({self.base_uri})"
+            )
+        normal = posixpath.normpath(text.replace("\\", "/"))
+        if normal == ".." or normal.startswith("../") or normal == ".":
+            raise ReferenceError(
+                f"path {text!r} leads outside the manifest's folder ({self.base_uri}) "
+                "through '..'; expected an object inside that folder"
+            )
+        url = self.base_uri + normal
+        return _Spec("url", "url:" + url, url=url)
 
     # -- loading ---------------------------------------------------------------------------
 
