@@ -313,6 +313,17 @@ class ManifestReader:
             self._table = source
             found = list(source.column_names)
             schema = self._polars_schema(source.schema)
+        elif isinstance(source, str) and source[:5].lower() == "s3://":
+            from pipeline.s3 import delete_when_collected, fetch_manifest
+
+            # A local copy, streamed to disk: read (and re-read) like a file, memory flat.
+            copy = fetch_manifest(source)
+            delete_when_collected(self, copy.path)
+            self.path = copy.path
+            self.name = copy.name
+            #: For S3 manifests, the ``s3://bucket/folder/`` relative references resolve in.
+            self.base_dir = copy.base_uri  # type: ignore[assignment]
+            found, schema = self._open_file(copy.path)
         elif isinstance(source, str | Path):
             path = Path(source)
             self.path = path
