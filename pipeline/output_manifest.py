@@ -183,6 +183,18 @@ def _fixed_columns(
     return cols
 
 
+def outcomes_table(outcomes: Sequence[Outcome]) -> pa.Table:
+    """Outcomes as the fixed columns of the output manifest (no input columns).
+
+    For records written while a run goes (partial manifests of remote outputs): the same
+    columns and types as the final manifest, so both read back the same way.
+    """
+    indices = [outcome.index for outcome in outcomes]
+    fixed = _fixed_columns(indices, {o.index: o for o in outcomes}, None)
+    columns = [pa.array(fixed[f.name], type=f.type) for f in FIXED_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=FIXED_SCHEMA)
+
+
 def _extra_arrays(
     batch: pl.DataFrame, extra_columns: Sequence[str]
 ) -> tuple[list[pa.Array], list[pa.DataType]]:
