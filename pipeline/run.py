@@ -38,6 +38,7 @@ from pipeline.manifest import Defaults, ManifestReader, validate_batch
 from pipeline.output_manifest import write_output_manifest
 from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
+from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.rows import Outcome, Rejection, Row
 from pipeline.storage import Sink, open_sink
@@ -159,11 +160,14 @@ async def arun_manifest(
         manifest, batch_size=opts.batch_size, limit=opts.limit, offset=opts.offset
     )
     local_root = sink.local_path(".klein")
+    remote: RemoteJournal | None = None
     if local_root is None:
-        raise ConfigError(f"output {out!s} is not a local folder; S3 output needs the S3 sink")
+        # A remote output: the ledger lives in a local work dir, mirrored to the output.
+        remote = await RemoteJournal.open(sink)
+        local_root = remote.work_dir
     local_root.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    with Ledger.open(local_root / "ledger.sqlite") as ledger:
+    with remote.open_ledger() if remote else Ledger.open(local_root / "ledger.sqlite") as ledger:
         ledger.start_run(
             run_id,
             {
@@ -177,6 +181,8 @@ async def arun_manifest(
                 "retry_failed": opts.retry_failed,
             },
         )
+        if remote is not None:
+            remote.start(run_id)
         run = _Run(run_id, reader, ledger, opts, on_progress)
         summary = RunSummary(
             run_id=run_id,
@@ -219,7 +225,13 @@ async def arun_manifest(
                 await run.drive(engine)
         finally:
             # Also on Ctrl-C or a crash: what was learned is written down for the rerun.
-            await asyncio.shield(run.finish(sink, summary, engine))
+            published = False
+            try:
+                await asyncio.shield(run.finish(sink, summary, engine))
+                published = True
+            finally:
+                if remote is not None:
+                    await asyncio.shield(remote.close(published=published))
     return summary
 
 

@@ -1,0 +1,335 @@
+"""The run's journal when the output is in S3: a local SQLite ledger, mirrored to the output.
+
+SQLite needs a local file, and a Prefect worker or a spot instance may vanish with its
+disk. So the ledger lives in a work dir on this machine (keyed by the output URI) and is
+copied to ``<out>/.klein/ledger.sqlite`` as a consistent snapshot (SQLite's backup API,
+from its own connection, so the run never waits for it) every few seconds and at the end.
+Meanwhile every outcome and rejection the run records goes, within a few seconds, into an
+append-only part ``<out>/.klein/parts/<run id>/part-NNNNNN.parquet`` (the output manifest's
+fixed columns), so a crash loses at most a few seconds of records, and the data team can
+watch a long run land. When the final ``manifest.parquet`` is stored the parts are removed.
+
+Which ledger a rerun trusts: each snapshot carries a generation id (object metadata) that
+the uploader also writes to ``snapshot.generation`` in its work dir. If the output's
+snapshot has the generation this work dir last uploaded, the local ledger is the same or
+newer and is used; otherwise (another machine ran since, or this machine never ran into
+this output) the snapshot is downloaded. No work dir at all is the "resume from S3 alone"
+case. Acks recorded after the last snapshot are lost with the machine: their tasks are
+submitted again on resume (at most one snapshot interval's worth).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final, Protocol, runtime_checkable
+
+import pyarrow.parquet as pq
+
+from pipeline.contract import RowStatus
+from pipeline.errors import ConfigError
+from pipeline.ledger import LEDGER_RELPATH, Ledger
+from pipeline.output_manifest import PARQUET_CONTENT_TYPE, outcomes_table
+from pipeline.rows import Outcome, Rejection
+
+log = logging.getLogger(__name__)
+
+#: Root of the per-output work dirs (default: ``$XDG_CACHE_HOME/klein-batch/outputs``).
+WORK_DIR_ENV: Final = "KLEIN_BATCH_WORK_DIR"
+#: Seconds between syncs to the output (default 5).
+SYNC_INTERVAL_ENV: Final = "KLEIN_BATCH_SYNC_S"
+DEFAULT_SYNC_INTERVAL_S: Final = 5.0
+#: A snapshot upload may take at most this share of the time (large ledgers sync less often).
+_SNAPSHOT_DUTY: Final = 0.25
+PARTS_RELDIR: Final = ".klein/parts"
+_GENERATION_FILE: Final = "snapshot.generation"
+_GENERATION_META: Final = "klein-generation"
+_SQLITE_CONTENT_TYPE: Final = "application/vnd.sqlite3"
+
+
+@runtime_checkable
+class RemoteStore(Protocol):
+    """What the journal needs from a remote sink beyond ``Sink`` (``S3Sink`` has it all)."""
+
+    def uri(self, relpath: str) -> str: ...
+
+    async def put_file(
+        self,
+        relpath: str,
+        local_path: Path,
+        content_type: str,
+        *,
+        metadata: dict[str, str] | None = None,
+    ) -> str: ...
+
+    async def head(self, relpath: str) -> dict[str, Any] | None: ...
+
+    async def download(self, relpath: str, target: Path) -> None: ...
+
+    async def list(self, relprefix: str) -> list[str]: ...
+
+    async def delete(self, relpaths: list[str]) -> None: ...
+
+
+def work_dir_for(uri: str) -> Path:
+    """This machine's work dir for an output: stable per URI, outside the output itself."""
+    root = os.environ.get(WORK_DIR_ENV, "").strip()
+    if root:
+        base = Path(root).expanduser()
+    else:
+        cache = os.environ.get("XDG_CACHE_HOME", "").strip()
+        base = (Path(cache) if cache else Path.home() / ".cache") / "klein-batch" / "outputs"
+    digest = hashlib.sha256(uri.encode("utf-8")).hexdigest()[:20]
+    return base / digest
+
+
+def _sync_interval() -> float:
+    raw = os.environ.get(SYNC_INTERVAL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_SYNC_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 3600:
+        raise ConfigError(
+            f"${SYNC_INTERVAL_ENV} {raw!r} is not allowed; expected seconds from 0.05 to 3600"
+        )
+    return value
+
+
+class NotingLedger(Ledger):
+    """A ledger that also keeps what it records, for the next part of the partial manifest."""
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, readonly: bool) -> None:
+        super().__init__(conn, path, readonly=readonly)
+        self.notes: list[Outcome] = []
+
+    def record_outcome(self, outcome: Outcome) -> None:
+        super().record_outcome(outcome)
+        self.notes.append(outcome)
+
+    def record_rejections(self, rejections: Sequence[Rejection]) -> None:
+        super().record_rejections(rejections)
+        for rejection in rejections:
+            extra: dict[str, object] = {}
+            if rejection.prompt is not None:
+                extra["prompt"] = rejection.prompt
+            self.notes.append(
+                Outcome(
+                    index=rejection.index,
+                    key=rejection.key or "",
+                    status=RowStatus.REJECTED,
+                    reason=rejection.reason,
+                    extra=extra,
+                )
+            )
+
+    def take_notes(self) -> list[Outcome]:
+        notes, self.notes = self.notes, []
+        return notes
+
+
+class RemoteJournal:
+    """Keeps one run's ledger in a local work dir and mirrors it to an S3 output."""
+
+    def __init__(self, sink: RemoteStore, work_dir: Path, *, interval_s: float) -> None:
+        self.sink = sink
+        self.work_dir = work_dir
+        self.ledger_path = work_dir / "ledger.sqlite"
+        self.interval_s = interval_s
+        #: Where the ledger came from: "remote" (downloaded), "local" or "new".
+        self.source = "new"
+        self.snapshots = 0
+        self.parts = 0
+        self._ledger: NotingLedger | None = None
+        self._run_id = "run"
+        self._ticker: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._next_snapshot = 0.0
+
+    # -- opening ---------------------------------------------------------------------------
+
+    @classmethod
+    async def open(
+        cls, sink: object, *, work_dir: Path | None = None, interval_s: float | None = None
+    ) -> RemoteJournal:
+        """Pick the freshest ledger for ``sink`` (local work dir or the output's snapshot)."""
+        if not isinstance(sink, RemoteStore):
+            raise ConfigError(
+                f"output {sink!r} is neither a local folder nor an S3 location; the run "
+                "journal needs one of them"
+            )
+        journal = cls(
+            sink,
+            work_dir or work_dir_for(sink.uri(".klein")),
+            interval_s=interval_s if interval_s is not None else _sync_interval(),
+        )
+        await journal._restore()
+        return journal
+
+    async def _restore(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        (self.work_dir / "output.txt").write_text(self.sink.uri(".klein") + "\n", encoding="utf-8")
+        remote = await self.sink.head(LEDGER_RELPATH)
+        local = self.ledger_path.is_file()
+        if remote is None:
+            self.source = "local" if local else "new"
+            return
+        generation = (remote.get("Metadata") or {}).get(_GENERATION_META)
+        if local and generation and generation == self._local_generation():
+            self.source = "local"
+            return
+        if local:
+            log.warning(
+                "the ledger in %s is older than the one in %s (another machine ran since); "
+                "using the output's",
+                self.work_dir,
+                self.sink.uri(LEDGER_RELPATH),
+            )
+        # A stale WAL next to a replaced database would be replayed into it: remove both.
+        for suffix in ("-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(str(self.ledger_path) + suffix)
+        await self.sink.download(LEDGER_RELPATH, self.ledger_path)
+        if generation:
+            self._write_generation(generation)
+        self.source = "remote"
+
+    def _local_generation(self) -> str | None:
+        try:
+            return (self.work_dir / _GENERATION_FILE).read_text(encoding="utf-8").strip()
+        except OSError:
+            return None
+
+    def _write_generation(self, generation: str) -> None:
+        target = self.work_dir / _GENERATION_FILE
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text(generation + "\n", encoding="utf-8")
+        os.replace(tmp, target)
+
+    def open_ledger(self) -> NotingLedger:
+        """The run's ledger (in the work dir); ``start`` begins mirroring it."""
+        ledger = NotingLedger.open(self.ledger_path)
+        assert isinstance(ledger, NotingLedger)
+        self._ledger = ledger
+        return ledger
+
+    # -- syncing ---------------------------------------------------------------------------
+
+    def start(self, run_id: str) -> None:
+        """Mirror the ledger every ``interval_s`` from now on (call after ``start_run``)."""
+        self._run_id = run_id
+        self._ticker = asyncio.create_task(self._tick(), name="remote-journal")
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval_s)
+            try:
+                await self.sync()
+            except Exception as exc:  # the run goes on; the next tick tries again
+                log.warning(
+                    "could not sync the run journal to %s: %s", self.sink.uri(".klein"), exc
+                )
+
+    async def sync(self, *, snapshot: bool = False) -> None:
+        """Write the records noted since the last sync, and a snapshot when one is due."""
+        ledger = self._ledger
+        if ledger is None:
+            return
+        async with self._lock:
+            ledger.flush()
+            notes = ledger.take_notes()
+            if notes:
+                try:
+                    await self._write_part(notes)
+                except BaseException:
+                    ledger.notes[:0] = notes  # kept for the next sync
+                    raise
+            if snapshot or time.monotonic() >= self._next_snapshot:
+                await self._snapshot()
+
+    async def _write_part(self, notes: list[Outcome]) -> None:
+        fd, name = tempfile.mkstemp(prefix=".part-", suffix=".parquet", dir=self.work_dir)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            table = outcomes_table(notes)
+            await asyncio.to_thread(pq.write_table, table, tmp, compression="zstd")
+            relpath = f"{PARTS_RELDIR}/{self._run_id}/part-{self.parts + 1:06d}.parquet"
+            await self.sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
+            self.parts += 1
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    async def _snapshot(self) -> None:
+        started = time.monotonic()
+        fd, name = tempfile.mkstemp(prefix=".snapshot-", suffix=".sqlite", dir=self.work_dir)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            await asyncio.to_thread(_backup, self.ledger_path, tmp)
+            generation = uuid.uuid4().hex
+            await self.sink.put_file(
+                LEDGER_RELPATH,
+                tmp,
+                _SQLITE_CONTENT_TYPE,
+                metadata={_GENERATION_META: generation},
+            )
+            self._write_generation(generation)
+            self.snapshots += 1
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        took = time.monotonic() - started
+        self._next_snapshot = time.monotonic() + max(self.interval_s, took / _SNAPSHOT_DUTY)
+
+    async def close(self, *, published: bool) -> None:
+        """Stop mirroring, write the last records and snapshot; tidy parts once published.
+
+        ``published``: the final ``manifest.parquet`` was stored, so the parts are redundant.
+        """
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._ticker
+            self._ticker = None
+        try:
+            await self.sync(snapshot=True)
+        except Exception as exc:
+            log.warning(
+                "could not store the final run journal in %s (%s); the local copy in %s "
+                "resumes this output on this machine",
+                self.sink.uri(".klein"),
+                exc,
+                self.work_dir,
+            )
+            return
+        if published:
+            try:
+                await self.sink.delete(await self.sink.list(PARTS_RELDIR))
+            except Exception as exc:
+                log.warning("could not remove the partial manifests in %s: %s", PARTS_RELDIR, exc)
+
+
+def _backup(source: Path, target: Path) -> None:
+    """A consistent copy of the ledger as committed now, from a connection of our own."""
+    src = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        dst = sqlite3.connect(target)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
