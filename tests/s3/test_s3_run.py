@@ -1,0 +1,183 @@
+"""Whole runs with S3 in and out: manifest and references from S3, outputs and journal to S3.
+
+The simulator runs in-process on 127.0.0.1 with small latencies; S3 is moto's server.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+from PIL import Image
+from s3_helpers import FaultyProxy
+
+from pipeline import s3
+from pipeline.errors import ManifestError, ReferenceError
+from pipeline.manifest import ManifestReader
+from pipeline.references import ReferenceStore
+from pipeline.remote_journal import work_dir_for
+from pipeline.run import run_manifest
+from pipeline.sim import SimConfig
+from pipeline.sim.config import LatencyConfig
+
+FAST = LatencyConfig(median_s=0.05, p95_s=0.1)
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def catalog_csv(bucket: str, rows: int) -> str:
+    lines = ["id,prompt,input_image,sku,output_format"]
+    for i in range(rows):
+        if i % 3 == 0:
+            ref = "shots/red.png"  # relative to the manifest's folder in S3
+        elif i % 3 == 1:
+            ref = f"s3://{bucket}/library/blue.png"  # an absolute S3 reference
+        else:
+            ref = ""
+        fmt = "png" if i % 4 == 0 else "jpeg"
+        lines.append(f"p{i:03d},product shot {i} on white,{ref},SKU-{i:05d},{fmt}")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def catalog(bucket: str, s3_client: Any) -> str:
+    """s3://bucket/catalogs/night.csv with 12 rows and its reference images in S3."""
+    s3_client.put_object(Bucket=bucket, Key="catalogs/shots/red.png", Body=png((200, 30, 30)))
+    s3_client.put_object(Bucket=bucket, Key="library/blue.png", Body=png((30, 30, 200)))
+    body = catalog_csv(bucket, 12).encode()
+    s3_client.put_object(Bucket=bucket, Key="catalogs/night.csv", Body=body)
+    return f"s3://{bucket}/catalogs/night.csv"
+
+
+def read_s3_parquet(uri: str, endpoint: str) -> pl.DataFrame:
+    """What a data team does: polars straight from the S3 object."""
+    return pl.read_parquet(
+        uri,
+        storage_options={
+            "aws_endpoint_url": endpoint,
+            "aws_region": "us-east-1",
+            "aws_allow_http": "true",
+        },
+    )
+
+
+def sim() -> SimConfig:
+    return SimConfig(latency=FAST)
+
+
+def test_manifest_reader_streams_an_s3_manifest_through_a_temp_copy(catalog: str) -> None:
+    reader = ManifestReader(catalog, batch_size=5)
+    assert reader.name == "night.csv"
+    assert reader.base_dir == catalog.rsplit("/", 1)[0] + "/"
+    assert reader.extra_columns == ["sku"]
+    copy = reader.path
+    assert copy is not None and copy.is_file() and copy.suffix == ".csv"
+    heights = [batch.height for batch in reader.batches()]
+    assert heights == [5, 5, 2]
+    del reader
+    import gc
+
+    gc.collect()
+    assert not copy.exists()  # the temp copy goes with the reader
+
+
+def test_a_missing_s3_manifest_names_the_object(bucket: str) -> None:
+    with pytest.raises(ManifestError, match=rf"s3://{bucket}/nope.csv: no such object"):
+        ManifestReader(f"s3://{bucket}/nope.csv")
+
+
+async def test_references_resolve_against_the_manifest_prefix_with_the_size_cap(
+    catalog: str, bucket: str, s3_client: Any
+) -> None:
+    store = ReferenceStore(catalog.rsplit("/", 1)[0] + "/", max_bytes=20_000)
+    red = await store.load("shots/red.png")
+    blue = await store.load(f"s3://{bucket}/library/blue.png")
+    assert (red.width, red.height, blue.mime) == (48, 32, "image/png")
+    assert red.digest != blue.digest
+    assert store.stats["fetches"] == 2
+    with pytest.raises(ReferenceError, match="outside the manifest's folder"):
+        await store.load("../library/blue.png")
+    with pytest.raises(ReferenceError, match="no such object"):
+        await store.load("shots/missing.png")
+    s3_client.put_object(Bucket=bucket, Key="catalogs/shots/huge.png", Body=b"x" * 30_000)
+    with pytest.raises(ReferenceError, match=r"at most 0\.019\d* MB is allowed"):
+        await store.load("shots/huge.png")
+
+
+def test_a_run_from_s3_to_s3_leaves_images_manifest_and_summary_beside_each_other(
+    catalog: str, bucket: str, s3_client: Any, endpoint: str
+) -> None:
+    out = f"s3://{bucket}/outputs/night"
+    summary = run_manifest(catalog, out, sim=sim())
+    assert summary.counts["succeeded"] == 12, summary.errors
+    manifest = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
+    assert manifest.height == 12
+    assert manifest["sku"].to_list() == [f"SKU-{i:05d}" for i in range(12)]
+    assert set(manifest["status"]) == {"succeeded"}
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="outputs/night/")
+    keys = {item["Key"] for item in listed["Contents"]}
+    for row in manifest.iter_rows(named=True):
+        ext = "png" if row["output_format"] == "png" else "jpg"
+        assert row["output_uri"] == f"{out}/images/{row['key']}.{ext}"
+        key = row["output_uri"].removeprefix(f"s3://{bucket}/")
+        head = s3_client.head_object(Bucket=bucket, Key=key)
+        assert head["ContentType"] == ("image/png" if ext == "png" else "image/jpeg")
+        assert head["ContentLength"] == row["bytes"]
+    refs = manifest.filter(pl.col("reference_digests").list.len() > 0)
+    assert refs.height == 8  # 4 relative + 4 absolute S3 references
+    assert "outputs/night/run.json" in keys
+    assert "outputs/night/.klein/ledger.sqlite" in keys
+    # The final manifest supersedes the partial ones.
+    assert not [k for k in keys if "/.klein/parts/" in k]
+    ledger_head = s3_client.head_object(Bucket=bucket, Key="outputs/night/.klein/ledger.sqlite")
+    assert ledger_head["ContentType"] == "application/vnd.sqlite3"
+
+
+def test_a_rerun_without_the_work_dir_resumes_from_s3_alone(
+    catalog: str, bucket: str, work_root: Path
+) -> None:
+    out = f"s3://{bucket}/outputs/again"
+    first = run_manifest(catalog, out, sim=sim(), limit=7)
+    assert first.counts["succeeded"] == 7
+    work = work_dir_for(f"{out}/.klein")
+    assert (work / "ledger.sqlite").is_file()
+    shutil.rmtree(work_root)  # a fresh machine: nothing local
+    second = run_manifest(catalog, out, sim=sim())
+    assert second.resumed_rows == 7
+    assert second.submits == 5  # only the rows the first run never reached
+    assert second.counts["succeeded"] == 12
+
+
+def test_a_flaky_s3_loses_nothing(
+    catalog: str, bucket: str, s3_client: Any, endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = f"s3://{bucket}/outputs/flaky"
+    monkeypatch.setenv("KLEIN_BATCH_SYNC_S", "0.1")  # journal syncs go through the faults too
+    with FaultyProxy(endpoint, error_rate=0.2, drop_rate=0.15, seed=11) as proxy:
+        s3.configure(endpoint_url=proxy.url)
+        s3.reset_clients()
+        proxy.fail_next(4, 503)  # down for a while at the start (manifest download)
+        proxy.drop_next_puts(2, after=True)  # stored, but the client never hears so
+        proxy.drop_next_puts(2, after=False)  # lost on the way
+        summary = run_manifest(catalog, out, sim=sim())
+    s3.configure(endpoint_url=endpoint)
+    s3.reset_clients()
+    assert proxy.counts["error 503"] + proxy.counts["error 500"] >= 8
+    assert proxy.counts["dropped after"] >= 2 and proxy.counts["dropped before"] >= 2
+    manifest = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
+    assert manifest.height == 12
+    assert manifest["row"].to_list() == list(range(1, 13))  # every row exactly once
+    succeeded = manifest.filter(pl.col("status") == "succeeded")
+    assert succeeded.height == summary.counts["succeeded"] == 12
+    for row in succeeded.iter_rows(named=True):
+        key = row["output_uri"].removeprefix(f"s3://{bucket}/")
+        body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert len(body) == row["bytes"]
