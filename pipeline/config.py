@@ -62,6 +62,9 @@ class RunConfig:
     resolution: str = DEFAULT_RESOLUTION
     output_format: str = DEFAULT_OUTPUT_FORMAT
     safety_tolerance: int = DEFAULT_SAFETY
+    #: S3 endpoint for s3:// manifests, references and outputs (MinIO, R2, a local server);
+    #: None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS itself.
+    s3_endpoint_url: str | None = None
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
 
@@ -101,6 +104,7 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "resolution": str,
     "output_format": str,
     "safety_tolerance": int,
+    "s3_endpoint_url": str,
 }
 SETTINGS: Final = tuple(_SETTING_TYPES)
 _TYPE_WORDS: Final = {str: "a string", bool: "true or false", int: "a whole number"}
@@ -152,6 +156,8 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
         raise where.fail(setting, value, "a whole number of at least 1")
     if setting == "api_url" and not str(value).startswith(("http://", "https://")):
         raise where.fail(setting, value, "an http:// or https:// URL, e.g. https://api.freepik.com")
+    if setting == "s3_endpoint_url" and not str(value).startswith(("http://", "https://")):
+        raise where.fail(setting, value, "an http:// or https:// URL, e.g. http://127.0.0.1:9000")
     if setting in ("out", "api_url", "sim_config") and not str(value).strip():
         raise where.fail(setting, value, "a non-empty value")
     return value
