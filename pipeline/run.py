@@ -18,10 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +30,11 @@ import aiohttp
 import polars as pl
 import pyarrow as pa
 
+from pipeline.budget import Budget
 from pipeline.contract import RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError
+from pipeline.html_report import write_html_report
 from pipeline.ledger import Action, Ledger
 from pipeline.limits import resolve_tier
 from pipeline.manifest import Defaults, ManifestReader, validate_batch
@@ -43,6 +46,7 @@ from pipeline.report import latency_percentiles, write_run_json
 from pipeline.rows import Outcome, Rejection, Row
 from pipeline.storage import Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
+from pipeline.variations import Catalog
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
 #: that could end up in shell history, logs or Prefect run parameters.
@@ -76,6 +80,10 @@ class RunOptions:
     #: Row index -> index of an earlier row with the same key that another run (an earlier
     #: shard) owns: such rows are rejected as duplicates here, never paid for twice.
     earlier_duplicates: dict[int, int] = field(default_factory=dict)
+    #: Prompt template and variation matrix (``pipeline/variations.py``); None: plain rows.
+    catalog: Catalog | None = None
+    #: Credits this output may spend in all, in flight included (``pipeline/budget.py``).
+    max_credits: float | None = None
 
 
 def run_manifest(
@@ -94,6 +102,10 @@ def run_manifest(
     retry_failed: bool = False,
     on_progress: Callable[[ProgressSnapshot], None] | None = None,
     options: RunOptions | None = None,
+    prompt_template: str | None = None,
+    vary: Sequence[str] = (),
+    variations: Sequence[str | Path] = (),
+    max_credits: float | None = None,
 ) -> RunSummary:
     """Run a manifest to completion and return its summary (also written to ``run.json``).
 
@@ -109,6 +121,14 @@ def run_manifest(
     opts.defaults = defaults or opts.defaults
     opts.limit = limit if limit is not None else opts.limit
     opts.retry_failed = retry_failed or opts.retry_failed
+    if prompt_template is not None or vary or variations:
+        opts.catalog = Catalog.build(
+            prompt_template=prompt_template, vary=vary, variations=variations
+        )
+    if max_credits is not None:
+        if max_credits < 0:
+            raise ConfigError(f"max_credits {max_credits!r} is not allowed; expected 0 or more")
+        opts.max_credits = max_credits
     if sim is not False and sim is not None:
         from pipeline.sim import SimConfig, SimServer
 
@@ -157,8 +177,14 @@ async def arun_manifest(
     provider = make_provider(opts.dialect, api_url, key)
     sink = out if isinstance(out, Sink) else open_sink(out)
     reader = ManifestReader(
-        manifest, batch_size=opts.batch_size, limit=opts.limit, offset=opts.offset
+        manifest,
+        batch_size=opts.batch_size,
+        limit=opts.limit,
+        offset=opts.offset,
+        require_prompt=opts.catalog is None or opts.catalog.requires_prompt,
     )
+    if opts.catalog is not None:
+        opts.catalog.check(reader)
     local_root = sink.local_path(".klein")
     remote: RemoteJournal | None = None
     if local_root is None:
@@ -179,6 +205,11 @@ async def arun_manifest(
                 "submits_per_minute": limits.submits_per_minute,
                 "limit": opts.limit,
                 "retry_failed": opts.retry_failed,
+                # For `klein-batch status` (from another process) and report.html.
+                "max_credits": opts.max_credits,
+                "variations": opts.catalog.size if opts.catalog else 1,
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
             },
         )
         if remote is not None:
@@ -220,6 +251,7 @@ async def arun_manifest(
                     journal=ledger,
                     settings=settings,
                     on_outcome=run.record,
+                    budget=run.budget,
                 )
                 run.engine = engine
                 await run.drive(engine)
@@ -259,6 +291,13 @@ class _Run:
         self.credits = 0.0
         self.started = time.monotonic()
         self._last_flush = 0.0
+        self._total_noted = False
+        #: What earlier runs into this output spent or left in flight counts against it.
+        self.budget = (
+            Budget(opts.max_credits, committed=ledger.destination_credits())
+            if opts.max_credits is not None
+            else None
+        )
 
     # --- feeding -------------------------------------------------------------------------------
 
@@ -276,8 +315,9 @@ class _Run:
 
     def _count_rows(self) -> None:
         total = 0
+        per_row = self.opts.catalog.size if self.opts.catalog else 1
         for batch in self.reader.batches():
-            total += batch.height
+            total += batch.height * per_row
         self.total = total
 
     async def _jobs(self) -> AsyncIterator[Job]:
@@ -285,7 +325,9 @@ class _Run:
         defaults = self.opts.defaults
         name = self.reader.name
         while True:
-            validated = await asyncio.to_thread(_next_validated, batches, name, defaults)
+            validated = await asyncio.to_thread(
+                _next_validated, batches, name, defaults, self.opts.catalog
+            )
             if validated is None:
                 return
             rows, rejections = validated
@@ -304,14 +346,15 @@ class _Run:
                     status = planned.previous.status if planned.previous else RowStatus.SUCCEEDED
                     self.counts[str(status)] += 1
                 elif planned.action is Action.DUPLICATE:
-                    first = (planned.duplicate_of or 0) + 1
+                    first = planned.duplicate_of or 0
+                    first_row = self.opts.catalog.label(first) if self.opts.catalog else None
                     duplicates.append(
                         Rejection(
                             index=row.index,
                             reason=(
-                                f"{name} row {row.index + 1}, column id: key {row.key!r} "
-                                f"repeats row {first}; each row needs its own id (or a "
-                                "different request)"
+                                f"{name} {row.where}, column id: key {row.key!r} "
+                                f"repeats {first_row or f'row {first + 1}'}; each row needs "
+                                "its own id (or a different request)"
                             ),
                             column="id",
                             key=row.key,
@@ -363,6 +406,9 @@ class _Run:
     async def _report_progress(self) -> None:
         while True:
             await asyncio.sleep(self.opts.progress_interval_s)
+            if self.total is not None and not self._total_noted:
+                self._total_noted = True  # `klein-batch status` shows progress against it
+                self.ledger.update_run_info(total=self.total)
             self.ledger.flush()
             if self.on_progress is not None:
                 self.on_progress(self.snapshot())
@@ -371,7 +417,12 @@ class _Run:
 
     async def finish(self, sink: object, summary: RunSummary, engine: Engine | None) -> None:
         self.ledger.flush()
-        await write_output_manifest(self.reader, self.ledger, sink)  # type: ignore[arg-type]
+        await write_output_manifest(
+            self.reader,
+            self.ledger,
+            sink,  # type: ignore[arg-type]
+            expander=self.opts.catalog,
+        )
         counts = self.ledger.counts()
         summary.finished_at = time.time()
         summary.counts = {str(status): counts.get(str(status), 0) for status in RowStatus}
@@ -396,13 +447,25 @@ class _Run:
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
         await write_run_json(sink, summary)  # type: ignore[arg-type]
+        self.ledger.update_run_info(
+            ended_at=summary.finished_at,
+            total=summary.total_rows,
+            complete=unfinished == 0,
+        )
+        catalog = self.opts.catalog
+        await write_html_report(
+            sink,  # type: ignore[arg-type]
+            summary,
+            axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
+            max_credits=self.opts.max_credits,
+        )
         if self.on_progress is not None:
             self.on_progress(self.snapshot())
 
 
 def _duplicate_reason(name: str, row: Row, first_index: int) -> str:
     return (
-        f"{name} row {row.index + 1}, column id: key {row.key!r} repeats row {first_index + 1}; "
+        f"{name} {row.where}, column id: key {row.key!r} repeats row {first_index + 1}; "
         "each row needs its own id (or a different request)"
     )
 
@@ -431,10 +494,12 @@ def _earlier_duplicates(
 
 
 def _next_validated(
-    batches: Iterator[pl.DataFrame], name: str, defaults: Defaults
+    batches: Iterator[pl.DataFrame], name: str, defaults: Defaults, catalog: Catalog | None = None
 ) -> tuple[list[Row], list[Rejection]] | None:
     """Read and validate the next batch (in a worker thread: it is the CPU-heavy part)."""
     batch = next(batches, None)
     if batch is None:
         return None
+    if catalog is not None:
+        return catalog.validate(batch, source_name=name, defaults=defaults)
     return validate_batch(batch, source_name=name, defaults=defaults)

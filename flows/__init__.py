@@ -1,0 +1,22 @@
+"""Prefect flows for klein-batch: a catalog run split into shards, one Prefect task each.
+
+The flows are thin: every row is still carried by ``pipeline.run.arun_manifest``; what this
+package adds is the Prefect side of a nightly catalog job (scheduling, retries per shard,
+artifacts, and spreading shards over workers that share one API key's budget).
+
+- ``generate_catalog`` (``flows/catalog.py``): validate, shard, run, merge, publish.
+- ``generate_catalog_shard``: one shard as its own flow, for ``run_deployment`` scale-out.
+"""
+
+from __future__ import annotations
+
+__all__ = ["generate_catalog", "generate_catalog_shard"]
+
+
+def __getattr__(name: str) -> object:
+    # Importing Prefect costs about a second; `flows.shards` and friends stay cheap to import.
+    if name in __all__:
+        from flows import catalog
+
+        return getattr(catalog, name)
+    raise AttributeError(name)
