@@ -1,0 +1,629 @@
+"""``DEST/report.html``: the page a catalog team opens after a run instead of a Parquet file.
+
+One self-contained file: a contact sheet of every image (grouped by product, one column per
+variation), each with its prompt on hover and its seed and status below; the rows that
+did not succeed with their reasons; throughput over time, a latency histogram and credits,
+drawn as inline SVG. No script, no external CSS, fonts or images.
+
+Thumbnails are inline (``data:`` JPEG, 128 px on the longer side, about 3-5 KB each) rather
+than files in a ``thumbs/`` folder: a page downloaded alone from S3 (the console's
+Download, ``aws s3 cp``, a presigned link, an e-mail attachment) then still shows every
+image, where relative links would break the moment the page leaves its folder. The cost is
+size: about 5 MB per thousand images, so the contact sheet stops at ``MAX_TILES`` images
+(10,000, ~50 MB) and says so; ``loading="lazy"`` and ``content-visibility`` keep the browser
+from decoding and laying out what is off screen. Thumbnails of a local output are cached
+in ``.klein/thumbs/`` so a rerun only makes the new ones.
+
+The page is built from ``manifest.parquet`` (the run's record of every row), so it shows
+exactly what the data team sees, and from the run summary for the figures of this run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import html
+import io
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+import pyarrow.parquet as pq
+from PIL import Image
+
+from pipeline.contract import RowStatus
+from pipeline.storage import Sink
+from pipeline.summary import RunSummary
+
+log = logging.getLogger(__name__)
+
+REPORT_RELPATH: Final = "report.html"
+THUMBS_RELDIR: Final = ".klein/thumbs"
+#: Longest side of a thumbnail, in pixels.
+THUMB_PX: Final = 128
+THUMB_QUALITY: Final = 72
+#: Images shown on the contact sheet at most; the rest are counted, not drawn.
+MAX_TILES: Final = 10_000
+#: Rows listed in the table of problems at most (grouped counts cover all of them).
+MAX_PROBLEMS: Final = 2_000
+
+_STATUS_COLOURS: Final = {
+    RowStatus.SUCCEEDED: "#2e7d32",
+    RowStatus.MODERATED: "#ef6c00",
+    RowStatus.FAILED: "#c62828",
+    RowStatus.REJECTED: "#6a1b9a",
+    RowStatus.SKIPPED: "#616161",
+}
+_COLUMNS: Final = (
+    "row",
+    "key",
+    "status",
+    "reason",
+    "prompt",
+    "seed",
+    "aspect_ratio",
+    "resolution",
+    "output_uri",
+    "format",
+    "width",
+    "height",
+    "finished_at",
+    "latency_s",
+    "cost_credits",
+)
+
+
+@dataclass(slots=True)
+class _Image:
+    """What a tile needs: where the image is and what it is called."""
+
+    key: str
+    relpath: str
+    local: Path | None
+
+
+async def write_html_report(
+    sink: Sink,
+    summary: RunSummary,
+    *,
+    axes: Sequence[str] = (),
+    max_credits: float | None = None,
+    relpath: str = REPORT_RELPATH,
+    max_tiles: int = MAX_TILES,
+) -> str | None:
+    """Build the report from ``manifest.parquet`` and store it; returns its URI.
+
+    A report is a view: any failure is logged and swallowed (returns None), never allowed
+    to fail a run that has already spent its credits.
+    """
+    try:
+        manifest = await _read_manifest(sink)
+        thumbs = await _thumbnails(sink, manifest, max_tiles)
+        page = await asyncio.to_thread(
+            render_report,
+            manifest,
+            summary,
+            thumbs,
+            axes=axes,
+            max_credits=max_credits,
+            max_tiles=max_tiles,
+        )
+        return await sink.put(relpath, page.encode("utf-8"), "text/html; charset=utf-8")
+    except Exception as exc:  # a view must never take the run down with it
+        log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
+        return None
+
+
+async def _read_manifest(sink: Sink) -> pl.DataFrame:
+    local = sink.local_path("manifest.parquet")
+    if local is not None:
+        table = await asyncio.to_thread(pq.read_table, local)
+    else:
+        data = await sink.get("manifest.parquet")
+        if data is None:
+            raise FileNotFoundError("manifest.parquet is not in the output")
+        table = pq.read_table(io.BytesIO(data))
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
+
+
+def _relpath(key: str, fmt: str | None) -> str:
+    return f"images/{key}.{'png' if fmt == 'png' else 'jpg'}"
+
+
+async def _thumbnails(sink: Sink, manifest: pl.DataFrame, max_tiles: int) -> dict[str, str]:
+    """``key -> base64 JPEG`` for the succeeded rows that will be drawn."""
+    done = manifest.filter(pl.col("status") == RowStatus.SUCCEEDED).head(max_tiles)
+    images = [
+        _Image(key, _relpath(key, fmt), sink.local_path(_relpath(key, fmt)))
+        for key, fmt in zip(done["key"].to_list(), done["format"].to_list(), strict=True)
+        if key
+    ]
+    cache = sink.local_path(THUMBS_RELDIR)
+    remote: dict[str, bytes] = {}
+    missing = [image for image in images if image.local is None]
+    if missing:
+        gate = asyncio.Semaphore(16)
+
+        async def fetch(image: _Image) -> None:
+            async with gate:
+                data = await sink.get(image.relpath)
+            if data is not None:
+                remote[image.key] = data
+
+        await asyncio.gather(*(fetch(image) for image in missing))
+    return await asyncio.to_thread(_make_thumbnails, images, remote, cache)
+
+
+def _make_thumbnails(
+    images: list[_Image], remote: dict[str, bytes], cache: Path | None
+) -> dict[str, str]:
+    def one(image: _Image) -> tuple[str, bytes | None]:
+        cached = cache / f"{image.key}.jpg" if cache is not None else None
+        if cached is not None and image.local is not None:
+            try:
+                if cached.stat().st_mtime >= image.local.stat().st_mtime:
+                    return image.key, cached.read_bytes()
+            except OSError:
+                pass
+        try:
+            if image.local is not None:
+                data = image.local.read_bytes()
+            elif image.key in remote:
+                data = remote[image.key]
+            else:
+                return image.key, None
+            thumb = thumbnail(data)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return image.key, None
+        if cached is not None:
+            try:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+                tmp.write_bytes(thumb)
+                os.replace(tmp, cached)
+            except OSError:
+                pass
+        return image.key, thumb
+
+    workers = max(2, min(8, os.cpu_count() or 2))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        made = list(pool.map(one, images))
+    return {key: base64.b64encode(data).decode("ascii") for key, data in made if data}
+
+
+def thumbnail(data: bytes, size: int = THUMB_PX) -> bytes:
+    """A small JPEG of an image; JPEGs are decoded at reduced scale (draft mode), fast."""
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format == "JPEG":
+            image.draft("RGB", (size * 2, size * 2))
+        image.thumbnail((size, size), Image.Resampling.BILINEAR)
+        rgb = image.convert("RGB")
+    out = io.BytesIO()
+    rgb.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
+    return out.getvalue()
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _product_key(key: str | None, variation: str | None) -> str:
+    if key and variation and key.endswith(f"--{variation}"):
+        return key[: -len(variation) - 2]
+    return key or ""
+
+
+def render_report(
+    manifest: pl.DataFrame,
+    summary: RunSummary,
+    thumbs: dict[str, str],
+    *,
+    axes: Sequence[str] = (),
+    max_credits: float | None = None,
+    max_tiles: int = MAX_TILES,
+) -> str:
+    """The whole page as text (pure: tests render it without a run)."""
+    has_variations = "variation" in manifest.columns
+    axis_columns = [a for a in axes if a in manifest.columns]
+    extra = _label_columns(manifest, axis_columns)
+    body = [
+        _header(summary, manifest, max_credits),
+        _charts(manifest, summary),
+        _contact_sheet(manifest, thumbs, has_variations, extra, max_tiles),
+        _problems(manifest, has_variations),
+    ]
+    title = f"klein-batch report: {summary.manifest} ({summary.run_id})"
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
+        + "".join(body)
+        + "</body></html>\n"
+    )
+
+
+def _label_columns(manifest: pl.DataFrame, axes: Sequence[str]) -> list[str]:
+    """Up to four input columns that say what a product is (title, sku, colour...)."""
+    fixed_end = manifest.columns.index("cost_credits") + 1
+    skip = {"variation", *axes}
+    chosen = [c for c in manifest.columns[fixed_end:] if c not in skip]
+    preferred = [c for c in chosen if c.lower() in ("title", "name", "sku", "color", "colour")]
+    rest = [c for c in chosen if c not in preferred]
+    return (preferred + rest)[:4]
+
+
+def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | None) -> str:
+    counts = Counter(manifest["status"].to_list())
+    tiles = [
+        f'<div class="stat"><b style="color:{_STATUS_COLOURS[status]}">'
+        f"{counts.get(status, 0):,}</b>{_e(status)}</div>"
+        for status in RowStatus
+    ]
+    output_credits = float(manifest["cost_credits"].fill_null(0).sum())
+    figures = [
+        ("images/s", f"{summary.images_per_s:.2f}"),
+        ("latency p50", _seconds(summary.latency_p50_s)),
+        ("latency p95", _seconds(summary.latency_p95_s)),
+        ("credits this run", f"{summary.credits:,.2f}"),
+        ("credits, all rows", f"{output_credits:,.2f}"),
+        ("elapsed", _seconds(summary.elapsed_s)),
+    ]
+    if max_credits is not None:
+        figures.append(("budget", f"{max_credits:,.2f}"))
+    tiles += [f'<div class="stat"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in figures]
+    started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.started_at))
+    return (
+        f"<header><h1>{_e(summary.manifest)}</h1><p>run {_e(summary.run_id)} · started "
+        f"{started} · {manifest.height:,} rows · tier {_e(summary.tier)} "
+        f"({summary.max_active} active, {summary.submits_per_minute}/min) · "
+        f'<a href="#problems">problems</a></p><div class="stats">{"".join(tiles)}</div></header>'
+    )
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    if value < 100:
+        return f"{value:.2f} s"
+    minutes, seconds = divmod(round(value), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+# --- charts ---------------------------------------------------------------------------------
+
+_W: Final = 560
+_H: Final = 200
+_PAD_L: Final = 46
+_PAD_B: Final = 26
+_PAD_T: Final = 12
+_PAD_R: Final = 46
+
+
+def _charts(manifest: pl.DataFrame, summary: RunSummary) -> str:
+    this_run = manifest.filter(
+        pl.col("finished_at").is_not_null()
+        & (pl.col("finished_at").dt.epoch("ms") >= int(summary.started_at * 1000) - 1)
+    )
+    return (
+        '<section class="charts">'
+        f"<figure><figcaption>Throughput and credits over this run</figcaption>"
+        f"{_throughput_svg(this_run, summary)}</figure>"
+        f"<figure><figcaption>Latency, queue to done (succeeded in this run)</figcaption>"
+        f"{_latency_svg(this_run, summary)}</figure>"
+        "</section>"
+    )
+
+
+def _axes(y_max: float, y_label: str, x_labels: list[tuple[float, str]]) -> list[str]:
+    parts = [
+        f'<line x1="{_PAD_L}" y1="{_H - _PAD_B}" x2="{_W - _PAD_R}" y2="{_H - _PAD_B}" '
+        'class="ax"/>',
+        f'<line x1="{_PAD_L}" y1="{_PAD_T}" x2="{_PAD_L}" y2="{_H - _PAD_B}" class="ax"/>',
+        f'<text x="4" y="{_PAD_T + 4}" class="lbl">{_e(y_label)}</text>',
+    ]
+    for fraction in (0.5, 1.0):
+        y = _H - _PAD_B - fraction * (_H - _PAD_B - _PAD_T)
+        parts.append(
+            f'<text x="{_PAD_L - 4}" y="{y + 4:.1f}" class="tick" text-anchor="end">'
+            f"{_short(y_max * fraction)}</text>"
+            f'<line x1="{_PAD_L}" y1="{y:.1f}" x2="{_W - _PAD_R}" y2="{y:.1f}" class="grid"/>'
+        )
+    for x, text in x_labels:
+        parts.append(
+            f'<text x="{x:.1f}" y="{_H - 8}" class="tick" text-anchor="middle">{_e(text)}</text>'
+        )
+    return parts
+
+
+def _short(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _svg(parts: list[str], label: str) -> str:
+    return (
+        f'<svg viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}" role="img" '
+        f'aria-label="{_e(label)}">' + "".join(parts) + "</svg>"
+    )
+
+
+def _empty_svg(text: str) -> str:
+    return _svg(
+        [f'<text x="{_W / 2}" y="{_H / 2}" text-anchor="middle" class="lbl">{_e(text)}</text>'],
+        text,
+    )
+
+
+def _throughput_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
+    if rows.height == 0:
+        return _empty_svg("nothing finished in this run (all rows were done earlier)")
+    start = summary.started_at
+    ends = [t.timestamp() for t in rows["finished_at"].to_list()]
+    span = max(max(ends), summary.finished_at or 0.0) - start
+    span = max(span, 1.0)
+    bins = max(1, min(60, math.ceil(span)))
+    width = span / bins
+    done = [0] * bins
+    credits = [0.0] * bins
+    for end, status, cost in zip(
+        ends, rows["status"].to_list(), rows["cost_credits"].to_list(), strict=True
+    ):
+        slot = min(bins - 1, max(0, int((end - start) / width)))
+        if status == RowStatus.SUCCEEDED:
+            done[slot] += 1
+        credits[slot] += float(cost or 0.0)
+    rates = [count / width for count in done]
+    y_max = max(rates) or 1.0
+    cumulative: list[float] = []
+    running = 0.0
+    for value in credits:
+        running += value
+        cumulative.append(running)
+    c_max = cumulative[-1] or 1.0
+    plot_w = _W - _PAD_L - _PAD_R
+    plot_h = _H - _PAD_B - _PAD_T
+    bar_w = plot_w / bins
+    parts = _axes(
+        y_max,
+        "images/s",
+        [(_PAD_L, "0 s"), (_PAD_L + plot_w, _seconds(span))],
+    )
+    for i, rate in enumerate(rates):
+        h = plot_h * rate / y_max
+        parts.append(
+            f'<rect x="{_PAD_L + i * bar_w + 0.5:.1f}" y="{_H - _PAD_B - h:.1f}" '
+            f'width="{max(bar_w - 1, 0.5):.1f}" height="{h:.1f}" class="bar"/>'
+        )
+    points = " ".join(
+        f"{_PAD_L + (i + 1) * bar_w:.1f},{_H - _PAD_B - plot_h * value / c_max:.1f}"
+        for i, value in enumerate(cumulative)
+    )
+    parts.append(f'<polyline points="{_PAD_L:.1f},{_H - _PAD_B} {points}" class="line"/>')
+    parts.append(
+        f'<text x="{_W - 4}" y="{_PAD_T + 4}" class="lbl credits" text-anchor="end">'
+        f"credits {_short(c_max)}</text>"
+    )
+    return _svg(parts, "throughput over time")
+
+
+def _latency_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
+    values = [
+        float(v)
+        for v, status in zip(rows["latency_s"].to_list(), rows["status"].to_list(), strict=True)
+        if v is not None and status == RowStatus.SUCCEEDED
+    ]
+    if not values:
+        return _empty_svg("no image succeeded in this run")
+    top = max(values) or 1.0
+    bins = 30
+    width = top / bins
+    counts = [0] * bins
+    for value in values:
+        counts[min(bins - 1, int(value / width))] += 1
+    y_max = max(counts)
+    plot_w = _W - _PAD_L - _PAD_R
+    plot_h = _H - _PAD_B - _PAD_T
+    bar_w = plot_w / bins
+    parts = _axes(float(y_max), "images", [(_PAD_L, "0 s"), (_PAD_L + plot_w, _seconds(top))])
+    for i, count in enumerate(counts):
+        h = plot_h * count / y_max
+        parts.append(
+            f'<rect x="{_PAD_L + i * bar_w + 0.5:.1f}" y="{_H - _PAD_B - h:.1f}" '
+            f'width="{max(bar_w - 1, 0.5):.1f}" height="{h:.1f}" class="bar"/>'
+        )
+    for name, value in (("p50", summary.latency_p50_s), ("p95", summary.latency_p95_s)):
+        if value is None:
+            continue
+        x = _PAD_L + plot_w * min(value, top) / top
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{_PAD_T}" x2="{x:.1f}" y2="{_H - _PAD_B}" class="mark"/>'
+            f'<text x="{x + 3:.1f}" y="{_PAD_T + 10}" class="tick">{name} '
+            f"{_seconds(value)}</text>"
+        )
+    return _svg(parts, "latency histogram")
+
+
+# --- contact sheet --------------------------------------------------------------------------
+
+
+def _tile(row: dict[str, Any], thumbs: dict[str, str], caption: str) -> str:
+    status = row["status"]
+    key = row["key"] or ""
+    seed = row["seed"]
+    hover = row["prompt"] or ""
+    if status != RowStatus.SUCCEEDED and row["reason"]:
+        hover = f"{hover}\n\n{status}: {row['reason']}" if hover else f"{status}: {row['reason']}"
+    data = thumbs.get(key) if status == RowStatus.SUCCEEDED else None
+    if data is not None:
+        width, height = row["width"] or 1, row["height"] or 1
+        scale = THUMB_PX / max(width, height)
+        visual = (
+            f'<img loading="lazy" decoding="async" alt="{_e(key)}" '
+            f'width="{max(1, round(width * scale))}" height="{max(1, round(height * scale))}" '
+            f'src="data:image/jpeg;base64,{data}">'
+        )
+    else:
+        visual = f'<div class="ph">{_e(status)}</div>'
+    seed_text = f"seed {seed}" if seed is not None else "no seed"
+    return (
+        f'<figure class="tile st-{_e(status)}" title="{_e(hover)}">{visual}'
+        f'<figcaption><span class="cap">{_e(caption)}</span>'
+        f'<span class="meta">{_e(seed_text)} · <i>{_e(status)}</i></span></figcaption></figure>'
+    )
+
+
+def _contact_sheet(
+    manifest: pl.DataFrame,
+    thumbs: dict[str, str],
+    has_variations: bool,
+    label_columns: list[str],
+    max_tiles: int,
+) -> str:
+    columns = [c for c in (*_COLUMNS, "variation", *label_columns) if c in manifest.columns]
+    shown = manifest.head(max_tiles).select(columns)
+    groups: list[str] = []
+    current_row: int | None = None
+    tiles: list[str] = []
+    heading = ""
+
+    def close() -> None:
+        if tiles:
+            groups.append(
+                f'<section class="product"><h3>{heading}</h3>'
+                f'<div class="tiles">{"".join(tiles)}</div></section>'
+            )
+
+    if has_variations:
+        for row in shown.iter_rows(named=True):
+            if row["row"] != current_row:
+                close()
+                tiles = []
+                current_row = row["row"]
+                labels = " · ".join(
+                    f"{_e(c)} {_e(row[c])}" for c in label_columns if row.get(c) not in (None, "")
+                )
+                heading = (
+                    f"{_e(_product_key(row['key'], row['variation']))} "
+                    f"<small>row {row['row']}{' · ' + labels if labels else ''}</small>"
+                )
+            tiles.append(_tile(row, thumbs, row["variation"] or ""))
+        close()
+        body = "".join(groups)
+    else:
+        body = (
+            '<div class="tiles">'
+            + "".join(
+                _tile(row, thumbs, f"row {row['row']} · {row['key'] or ''}")
+                for row in shown.iter_rows(named=True)
+            )
+            + "</div>"
+        )
+    more = ""
+    if manifest.height > max_tiles:
+        more = (
+            f'<p class="note">Showing the first {max_tiles:,} of {manifest.height:,} images; '
+            "every row is in manifest.parquet.</p>"
+        )
+    return f'<section id="sheet"><h2>Contact sheet</h2>{more}{body}</section>'
+
+
+def _problems(manifest: pl.DataFrame, has_variations: bool) -> str:
+    problems = manifest.filter(pl.col("status") != RowStatus.SUCCEEDED)
+    if problems.height == 0:
+        return (
+            '<section id="problems"><h2>Problems</h2>'
+            '<p class="ok">Every row succeeded.</p></section>'
+        )
+    grouped = (
+        problems.with_columns(pl.col("reason").fill_null("").str.slice(0, 160).alias("why"))
+        .group_by("status", "why")
+        .len()
+        .sort("len", descending=True)
+        .head(20)
+    )
+    summary_rows = "".join(
+        f'<tr><td class="st-{_e(s)}">{_e(s)}</td><td>{n:,}</td><td>{_e(w)}</td></tr>'
+        for s, w, n in grouped.iter_rows()
+    )
+    cells = ["row", *(("variation",) if has_variations else ()), "key", "status", "reason"]
+    listed = problems.head(MAX_PROBLEMS).select(cells)
+    lines = "".join(
+        "<tr>"
+        + "".join(
+            f'<td class="st-{_e(value)}">{_e(value)}</td>'
+            if name == "status"
+            else f"<td>{_e(value)}</td>"
+            for name, value in zip(cells, values, strict=True)
+        )
+        + "</tr>"
+        for values in listed.iter_rows()
+    )
+    more = (
+        f'<p class="note">Listing {MAX_PROBLEMS:,} of {problems.height:,}; filter '
+        "manifest.parquet on status for the rest.</p>"
+        if problems.height > MAX_PROBLEMS
+        else ""
+    )
+    head = "".join(f"<th>{_e(c)}</th>" for c in cells)
+    return (
+        f'<section id="problems"><h2>Problems: {problems.height:,} rows did not succeed</h2>'
+        f'<table class="groups"><tr><th>status</th><th>rows</th><th>reason</th></tr>'
+        f"{summary_rows}</table>{more}"
+        f'<table id="failures" class="list"><tr>{head}</tr>{lines}</table></section>'
+    )
+
+
+_CSS: Final = """
+:root{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;color:#222;background:#fafafa}
+body{margin:0 auto;padding:16px 24px;max-width:1400px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 10px}
+h3{font-size:14px;margin:14px 0 6px}h3 small{color:#666;font-weight:400;margin-left:8px}
+header p{color:#555;margin:0 0 12px;font-size:13px}
+.stats{display:flex;flex-wrap:wrap;gap:8px}
+.stat{background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:6px 12px;
+font-size:12px;color:#555;min-width:86px}
+.stat b{display:block;font-size:18px;color:#222}
+.charts{display:flex;flex-wrap:wrap;gap:16px;margin-top:16px}
+.charts figure{margin:0;background:#fff;border:1px solid #e0e0e0;border-radius:6px;padding:8px}
+.charts figcaption{font-size:13px;color:#444;margin-bottom:4px}
+svg .ax{stroke:#888}svg .grid{stroke:#eee}svg .bar{fill:#5c6bc0}
+svg .line{fill:none;stroke:#ef6c00;stroke-width:2}svg .mark{stroke:#c62828;stroke-dasharray:4 3}
+svg .lbl{font-size:11px;fill:#555}svg .tick{font-size:10px;fill:#666}svg .credits{fill:#ef6c00}
+.product{content-visibility:auto;contain-intrinsic-size:auto 190px}
+.tiles{display:flex;flex-wrap:wrap;gap:8px}
+.tile{margin:0;width:136px;background:#fff;border:1px solid #e0e0e0;border-radius:4px;
+padding:4px;font-size:11px;border-top:3px solid #2e7d32}
+.tile img{display:block;margin:0 auto;max-width:128px;max-height:128px;height:auto}
+.tile .ph{height:96px;display:flex;align-items:center;justify-content:center;color:#fff;
+font-weight:600;border-radius:3px;background:#9e9e9e}
+.tile figcaption{margin-top:3px;line-height:1.3}
+.tile .cap{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.tile .meta{color:#666}
+.tile:hover{outline:2px solid #5c6bc0}
+.st-moderated{border-top-color:#ef6c00}.st-moderated .ph{background:#ef6c00}
+.st-failed{border-top-color:#c62828}.st-failed .ph{background:#c62828}
+.st-rejected{border-top-color:#6a1b9a}.st-rejected .ph{background:#6a1b9a}
+.st-skipped{border-top-color:#616161}.st-skipped .ph{background:#616161}
+table{border-collapse:collapse;font-size:12px;background:#fff;margin-bottom:12px}
+th,td{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:top}
+td.st-failed{color:#c62828}td.st-moderated{color:#ef6c00}td.st-rejected{color:#6a1b9a}
+td.st-skipped{color:#616161}
+.note{color:#666;font-size:13px}.ok{color:#2e7d32}
+"""
