@@ -65,6 +65,12 @@ class RunConfig:
     #: S3 endpoint for s3:// manifests, references and outputs (MinIO, R2, a local server);
     #: None: $AWS_ENDPOINT_URL_S3, $AWS_ENDPOINT_URL, else AWS itself.
     s3_endpoint_url: str | None = None
+    #: Catalog workflow (pipeline/variations.py, pipeline/budget.py): a prompt template,
+    #: variation axes (``AXIS=V1,V2``), variation CSVs, and a credit budget for the output.
+    prompt_template: str | None = None
+    vary: tuple[str, ...] = ()
+    variations: tuple[str, ...] = ()
+    max_credits: float | None = None
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
 
@@ -105,9 +111,19 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "output_format": str,
     "safety_tolerance": int,
     "s3_endpoint_url": str,
+    "prompt_template": str,
+    "vary": list,
+    "variations": list,
+    "max_credits": float,
 }
 SETTINGS: Final = tuple(_SETTING_TYPES)
-_TYPE_WORDS: Final = {str: "a string", bool: "true or false", int: "a whole number"}
+_TYPE_WORDS: Final = {
+    str: "a string",
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    list: "a list of strings",
+}
 
 
 class _Where:
@@ -137,6 +153,16 @@ def _one_of(values: object) -> str:
 def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]) -> object:
     """Type- and range-check one setting, returning its typed value."""
     expected_type = _SETTING_TYPES[setting]
+    if expected_type is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if expected_type is list and isinstance(value, tuple):
+        value = list(value)
+    if expected_type is list and isinstance(value, list):
+        if not all(isinstance(item, str) and item.strip() for item in value):
+            raise where.fail(setting, value, _TYPE_WORDS[list] + " (none empty)")
+        return tuple(value)
+    if setting == "max_credits" and isinstance(value, float) and not value >= 0:
+        raise where.fail(setting, value, "a number of credits, 0 or more")
     # bool is an int subclass: `max_active = true` must not pass as 1.
     if not isinstance(value, expected_type) or (expected_type is int and isinstance(value, bool)):
         raise where.fail(setting, value, _TYPE_WORDS[expected_type])
@@ -243,6 +269,11 @@ def load_config(path: str | Path) -> RunConfig:
         value = settings.get(name)
         if isinstance(value, str) and "://" not in value:
             settings[name] = str(path.parent / Path(value).expanduser())
+    if "variations" in settings:
+        settings["variations"] = tuple(
+            str(path.parent / Path(str(item)).expanduser())
+            for item in settings["variations"]  # type: ignore[attr-defined]
+        )
     return _build(RunConfig(tiers=tiers), settings)
 
 
