@@ -78,6 +78,9 @@ class CheckReport:
     by_format: Counter[str] = field(default_factory=Counter)
     estimated_credits: float = 0.0
     limit: int | None = None
+    #: Images per manifest row and the matrix's shape, with a variation matrix.
+    per_row: int = 1
+    matrix: str | None = None
 
     @property
     def to_send(self) -> int:
@@ -92,7 +95,14 @@ class CheckReport:
         """A plain-text summary that reads the same in a terminal and in a CI log."""
         out: list[str] = []
         scope = f" (first {self.limit} rows)" if self.limit is not None else ""
-        out.append(f"{self.source}: {self.total} rows checked{scope}")
+        if self.matrix is not None:
+            rows = self.total // max(self.per_row, 1)
+            out.append(
+                f"{self.source}: {rows} rows x {self.per_row} variations ({self.matrix}) = "
+                f"{self.total} images checked{scope}"
+            )
+        else:
+            out.append(f"{self.source}: {self.total} rows checked{scope}")
         out.append(f"  valid       {self.valid}")
         out.append(f"  rejected    {self.rejected}")
         if self.duplicates:
@@ -189,6 +199,7 @@ class _ReferenceChecker:
         self._loop = asyncio.new_event_loop()
         self._report = report
         self._seen: dict[str, str | None] = {}
+        self.per_row = report.per_row
 
     def close(self) -> None:
         self._loop.close()
@@ -222,12 +233,9 @@ class _ReferenceChecker:
             )
             entry.row_count += 1
             if len(entry.rows) < MAX_LISTED:
-                entry.rows.append(row.index + 1)
+                entry.rows.append(row.index // self.per_row + 1)
             found.append(
-                (
-                    column,
-                    f"{source} row {row.index + 1}, column {column}: reference {shown}: {problem}",
-                )
+                (column, f"{source} {row.where}, column {column}: reference {shown}: {problem}")
             )
         return found
 

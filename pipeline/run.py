@@ -43,6 +43,7 @@ from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
+from pipeline.retry import RetryPolicy
 from pipeline.rows import Outcome, Rejection, Row
 from pipeline.storage import Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
@@ -73,6 +74,10 @@ class RunOptions:
     task_timeout_s: float = 900.0
     max_reference_bytes: int = 10 * 1024 * 1024
     allow_private_urls: bool = False
+    #: Fetch ``http://`` reference URLs too (default: https only).
+    allow_http: bool = False
+    #: How hard each step (submit, poll, download) retries before its row ends ``failed``.
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress_interval_s: float = 0.25
     #: Skip this many data rows first (a shard's row range is ``offset`` + ``limit`` rows);
     #: rows keep their original numbers in messages and in the output manifest.
@@ -233,11 +238,13 @@ async def arun_manifest(
             refusal_target=opts.refusal_target,
             poll_quantile=opts.poll_quantile,
             task_timeout_s=opts.task_timeout_s,
+            retry=opts.retry,
         )
         references = ReferenceStore(
             reader.base_dir,
             max_bytes=opts.max_reference_bytes,
             allow_private_urls=opts.allow_private_urls,
+            allow_http=opts.allow_http,
         )
         connector = aiohttp.TCPConnector(limit=max(100, 4 * limits.max_active))
         engine: Engine | None = None
