@@ -27,6 +27,7 @@ from pipeline.manifest import Defaults, ManifestReader, iter_rows
 from pipeline.references import ReferenceStore
 from pipeline.rows import Rejection, Row
 from pipeline.summary import ExitCode
+from pipeline.variations import Catalog
 
 #: Full messages kept per column; enough to see the pattern without drowning the summary.
 EXAMPLES_PER_COLUMN: Final = 3
@@ -254,17 +255,30 @@ def check_manifest(
     limit: int | None = None,
     check_references: bool = True,
     batch_size: int = 10_000,
+    catalog: Catalog | None = None,
 ) -> CheckReport:
     """Validate a manifest the way a run would, without sending anything.
+
+    With a ``catalog`` (prompt template, variation matrix) every variation of every row is
+    checked and counted, so the estimate is what the run will spend.
 
     Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
     problem is counted and grouped in the report instead.
     """
-    reader = ManifestReader(source, batch_size=batch_size, limit=limit)
+    reader = ManifestReader(
+        source,
+        batch_size=batch_size,
+        limit=limit,
+        require_prompt=catalog is None or catalog.requires_prompt,
+    )
     report = CheckReport(source=reader.name, limit=limit, references_checked=check_references)
+    if catalog is not None:
+        catalog.check(reader)
+        report.per_row = catalog.size
+        report.matrix = catalog.matrix.describe() if catalog.matrix else None
     checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
     try:
-        _check_rows(report, reader, defaults, checker)
+        _check_rows(report, reader, defaults, checker, catalog)
     finally:
         if checker is not None:
             checker.close()
@@ -277,9 +291,11 @@ def _check_rows(
     reader: ManifestReader,
     defaults: Defaults,
     checker: _ReferenceChecker | None,
+    catalog: Catalog | None = None,
 ) -> None:
     seen: set[str] = set()
-    for rows, rejections in iter_rows(reader, defaults):
+    batches = catalog.iter_rows(reader, defaults) if catalog else iter_rows(reader, defaults)
+    for rows, rejections in batches:
         report.total += len(rows) + len(rejections)
         _count_rejections(report, rejections)
         for row in rows:
@@ -294,8 +310,7 @@ def _check_rows(
                 report.duplicates += 1
                 if len(report.duplicate_examples) < MAX_LISTED:
                     report.duplicate_examples.append(
-                        f"{reader.name} row {row.index + 1}: key {row.key!r} already used by "
-                        "an earlier row"
+                        f"{reader.name} {row.where}: key {row.key!r} already used by an earlier row"
                     )
                 continue
             seen.add(row.key)
