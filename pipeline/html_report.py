@@ -25,7 +25,6 @@ import base64
 import html
 import io
 import logging
-import math
 import os
 import time
 from collections import Counter
@@ -309,7 +308,7 @@ _W: Final = 560
 _H: Final = 200
 _PAD_L: Final = 46
 _PAD_B: Final = 26
-_PAD_T: Final = 12
+_PAD_T: Final = 24
 _PAD_R: Final = 46
 
 
@@ -333,7 +332,7 @@ def _axes(y_max: float, y_label: str, x_labels: list[tuple[float, str]]) -> list
         f'<line x1="{_PAD_L}" y1="{_H - _PAD_B}" x2="{_W - _PAD_R}" y2="{_H - _PAD_B}" '
         'class="ax"/>',
         f'<line x1="{_PAD_L}" y1="{_PAD_T}" x2="{_PAD_L}" y2="{_H - _PAD_B}" class="ax"/>',
-        f'<text x="4" y="{_PAD_T + 4}" class="lbl">{_e(y_label)}</text>',
+        f'<text x="4" y="12" class="lbl">{_e(y_label)}</text>',
     ]
     for fraction in (0.5, 1.0):
         y = _H - _PAD_B - fraction * (_H - _PAD_B - _PAD_T)
@@ -378,7 +377,8 @@ def _throughput_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
     ends = [t.timestamp() for t in rows["finished_at"].to_list()]
     span = max(max(ends), summary.finished_at or 0.0) - start
     span = max(span, 1.0)
-    bins = max(1, min(60, math.ceil(span)))
+    # About 48 bars whatever the length: seconds for a demo, minutes for a night's run.
+    bins = 48
     width = span / bins
     done = [0] * bins
     credits = [0.0] * bins
@@ -417,7 +417,7 @@ def _throughput_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
     )
     parts.append(f'<polyline points="{_PAD_L:.1f},{_H - _PAD_B} {points}" class="line"/>')
     parts.append(
-        f'<text x="{_W - 4}" y="{_PAD_T + 4}" class="lbl credits" text-anchor="end">'
+        f'<text x="{_W - 4}" y="12" class="lbl credits" text-anchor="end">'
         f"credits {_short(c_max)}</text>"
     )
     return _svg(parts, "throughput over time")
@@ -454,7 +454,8 @@ def _latency_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
         x = _PAD_L + plot_w * min(value, top) / top
         parts.append(
             f'<line x1="{x:.1f}" y1="{_PAD_T}" x2="{x:.1f}" y2="{_H - _PAD_B}" class="mark"/>'
-            f'<text x="{x + 3:.1f}" y="{_PAD_T + 10}" class="tick">{name} '
+            f'<text x="{x + 3:.1f}" y="{_PAD_T - 4 + (10 if name == "p95" else 0)}" '
+            f'class="tick">{name} '
             f"{_seconds(value)}</text>"
         )
     return _svg(parts, "latency histogram")
@@ -481,6 +482,7 @@ def _tile(row: dict[str, Any], thumbs: dict[str, str], caption: str) -> str:
         )
     else:
         visual = f'<div class="ph">{_e(status)}</div>'
+    visual = f'<div class="vis">{visual}</div>'
     seed_text = f"seed {seed}" if seed is not None else "no seed"
     return (
         f'<figure class="tile st-{_e(status)}" title="{_e(hover)}">{visual}'
@@ -611,7 +613,8 @@ svg .lbl{font-size:11px;fill:#555}svg .tick{font-size:10px;fill:#666}svg .credit
 .tile{margin:0;width:136px;background:#fff;border:1px solid #e0e0e0;border-radius:4px;
 padding:4px;font-size:11px;border-top:3px solid #2e7d32}
 .tile img{display:block;margin:0 auto;max-width:128px;max-height:128px;height:auto}
-.tile .ph{height:96px;display:flex;align-items:center;justify-content:center;color:#fff;
+.tile .vis{height:128px;display:flex;align-items:center;justify-content:center}
+.tile .ph{height:96px;width:100%;display:flex;align-items:center;justify-content:center;color:#fff;
 font-weight:600;border-radius:3px;background:#9e9e9e}
 .tile figcaption{margin-top:3px;line-height:1.3}
 .tile .cap{display:block;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}

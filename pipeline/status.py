@@ -1,0 +1,236 @@
+"""``klein-batch status DEST``: how a run into DEST is doing, from its journal alone.
+
+A nightly job runs in cron, a container or a Prefect worker; whoever wants to know how far
+it got should not need its logs or its manifest. The ledger already holds everything: the
+rows planned, each outcome and when it came, the tasks in flight, the credits. This module
+opens it read-only (SQLite WAL readers never block the writer), so it is safe to call
+while the run is going in another process, as often as you like.
+
+A run is ``running`` while its process is alive (same machine: checked by pid), ``finished``
+once it recorded its end with no row left unfinished, and ``stopped`` when it ended early
+(Ctrl-C, budget, credits) or died without recording an end (kill -9, a lost machine): in
+both cases running the same command again resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+from pipeline.contract import RowStatus
+from pipeline.errors import ConfigError
+from pipeline.ledger import LEDGER_RELPATH, Ledger
+from pipeline.progress import format_duration
+
+#: Finishes within this many seconds before the latest one set the current rate.
+RATE_WINDOW_S: Final = 60.0
+
+
+@dataclass(slots=True)
+class RunStatus:
+    """A run's state as its journal tells it; ``render()`` for people, ``to_dict()`` for code."""
+
+    dest: str
+    run_id: str
+    manifest: str
+    state: str
+    started_at: float
+    total: int | None
+    counts: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0
+    pending: int = 0
+    images_per_s: float = 0.0
+    eta_s: float | None = None
+    elapsed_s: float = 0.0
+    credits_run: float = 0.0
+    credits_output: float = 0.0
+    max_credits: float | None = None
+    last_activity_s: float | None = None
+    note: str | None = None
+
+    @property
+    def done(self) -> int:
+        return sum(self.counts.get(str(status), 0) for status in RowStatus)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["done"] = self.done
+        return data
+
+    def render(self) -> str:
+        total = self.total if self.total is not None else self.done + self.pending + self.in_flight
+        percent = 100.0 * self.done / total if total else 100.0
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started_at))
+        lines = [
+            f"{self.dest}: {self.state} · run {self.run_id} · {self.manifest}",
+            f"  started   {started} · {'running for' if self.state == 'running' else 'ran'} "
+            f"{format_duration(self.elapsed_s)}",
+            f"  progress  {self.done:,}/{total:,} ({percent:.1f}%)"
+            + ("" if self.total is not None else " (total still being counted)"),
+            "  rows      "
+            + " · ".join(f"{status} {self.counts.get(str(status), 0):,}" for status in RowStatus)
+            + f" · in flight {self.in_flight:,} · not started {self.pending:,}",
+        ]
+        rate = f"  rate      {self.images_per_s:.2f} images/s"
+        if self.state == "running":
+            rate += f" · ETA {format_duration(self.eta_s)}"
+        lines.append(rate)
+        credits = (
+            f"  credits   {self.credits_run:,.2f} this run · {self.credits_output:,.2f} "
+            "in this output (spent and in flight)"
+        )
+        if self.max_credits is not None:
+            credits += f" · budget {self.max_credits:,.2f}"
+        lines.append(credits)
+        if self.last_activity_s is not None and self.state != "finished":
+            lines.append(f"  last      activity {format_duration(self.last_activity_s)} ago")
+        if self.note:
+            lines.append(f"  note      {self.note}")
+        return "\n".join(lines)
+
+
+def _alive(pid: object, host: object) -> bool | None:
+    """Whether the run's process still exists; None when it ran on another machine."""
+    if host != socket.gethostname() or not isinstance(pid, int):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def ledger_path(dest: str | Path) -> Path:
+    """Where DEST's journal is, for a local output folder (or ``file://`` URI)."""
+    text = str(dest)
+    if text.startswith("file://"):
+        text = text[len("file://") :]
+    folder = Path(text).expanduser()
+    if not folder.exists():
+        raise ConfigError(f"{dest}: no such output folder")
+    if not folder.is_dir():
+        raise ConfigError(f"{dest}: is a file; expected the output folder given to --out")
+    path = folder / LEDGER_RELPATH
+    if not path.is_file():
+        raise ConfigError(
+            f"{dest}: no run journal ({LEDGER_RELPATH}); nothing has run into this folder yet"
+        )
+    return path
+
+
+def read_status(dest: str | Path, *, now: float | None = None) -> RunStatus:
+    """The status of the latest run into ``dest`` (local folder or ``s3://`` output)."""
+    text = str(dest)
+    if text[:5].lower() == "s3://":
+        return _remote_status(text, now=now)
+    return status_from_ledger(ledger_path(dest), text, now=now)
+
+
+def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> RunStatus:
+    """Read a journal (read-only) into a ``RunStatus``."""
+    now = time.time() if now is None else now
+    with Ledger.open(path, readonly=True) as ledger:
+        if ledger.run_id is None:
+            raise ConfigError(f"{dest}: the journal has no run recorded yet")
+        info = ledger.run_info()
+        counts = ledger.counts()
+        finishes = ledger.finish_times()
+        credits_run = ledger.credits()
+        credits_output = ledger.destination_credits()
+    started = float(info.get("started_at") or now)
+    ended = info.get("ended_at")
+    alive = _alive(info.get("pid"), info.get("host"))
+    in_flight = counts.pop("in_flight", 0)
+    pending = counts.pop("pending", 0)
+    note = None
+    if ended is not None:
+        state = "finished" if info.get("complete") else "stopped"
+        if state == "stopped":
+            note = "the run ended before every row did; run the same command again to resume"
+    elif alive is False:
+        state = "stopped"
+        note = (
+            "the run's process is gone without recording its end (killed or crashed); "
+            "run the same command again to resume"
+        )
+    else:
+        state = "running"
+        if alive is None:
+            note = f"running on {info.get('host', 'another machine')} (liveness not checked)"
+    last = max([*finishes[-1:], started])
+    end_time = float(ended) if ended is not None else now
+    elapsed = max(0.0, end_time - started)
+    if state == "running":
+        # The recent pace, not the average: a run slows down in its tail and speeds up after
+        # a resume, and the ETA should follow.
+        window_start = max(now - RATE_WINDOW_S, started)
+        recent = sum(1 for t in finishes if t >= window_start)
+        rate = recent / (now - window_start) if now > window_start else 0.0
+    else:
+        rate = len(finishes) / elapsed if elapsed > 0 else 0.0
+    total = info.get("total")
+    status = RunStatus(
+        dest=dest,
+        run_id=str(info.get("run_id")),
+        manifest=str(info.get("manifest", "?")),
+        state=state,
+        started_at=started,
+        total=int(total) if total is not None else None,
+        counts={str(k): int(v) for k, v in counts.items()},
+        in_flight=in_flight,
+        pending=pending,
+        images_per_s=round(rate, 3),
+        elapsed_s=elapsed,
+        credits_run=round(credits_run, 2),
+        credits_output=round(credits_output, 2),
+        max_credits=info.get("max_credits"),
+        last_activity_s=max(0.0, now - last) if state != "finished" else None,
+        note=note,
+    )
+    if state == "running" and rate > 0:
+        total_rows = status.total if status.total is not None else None
+        if total_rows is not None:
+            status.eta_s = max(0, total_rows - status.done) / rate
+    return status
+
+
+def _remote_status(dest: str, *, now: float | None) -> RunStatus:
+    """An S3 output: this machine's live journal if it runs here, else the mirrored snapshot."""
+    import asyncio
+
+    from pipeline.remote_journal import work_dir_for
+    from pipeline.storage import open_sink
+
+    sink = open_sink(dest)
+    local = work_dir_for(sink.uri(".klein")) / "ledger.sqlite"
+    if local.is_file():
+        return status_from_ledger(local, dest, now=now)
+    with tempfile.TemporaryDirectory(prefix="klein-status-") as tmp:
+        target = Path(tmp) / "ledger.sqlite"
+        download = getattr(sink, "download", None)
+        if download is None:
+            raise ConfigError(f"{dest}: this output cannot be read for its journal")
+        try:
+            asyncio.run(download(LEDGER_RELPATH, target))
+        except Exception as exc:
+            raise ConfigError(
+                f"{dest}: no run journal found ({LEDGER_RELPATH}): {exc}; nothing has run "
+                "into this output yet, or its first snapshot is still being written"
+            ) from None
+        status = status_from_ledger(target, dest, now=now)
+    status.note = (status.note + "; " if status.note else "") + (
+        "read from the output's journal snapshot (a few seconds behind a live run)"
+    )
+    return status
+
+
+def render_json(status: RunStatus) -> str:
+    return json.dumps(status.to_dict(), indent=2, default=str)
