@@ -50,6 +50,7 @@ from pipeline.summary import ExitCode
 if TYPE_CHECKING:
     from pipeline.manifest import Defaults
     from pipeline.sim.config import SimConfig
+    from pipeline.variations import Catalog
 
 #: Exit code after Ctrl-C (the shell's convention for SIGINT): the run can be resumed.
 EXIT_INTERRUPTED: Final = 130
@@ -148,6 +149,47 @@ LimitOpt = Annotated[
         "--limit", metavar="N", help="Only the first N rows of the manifest.", show_default=False
     ),
 ]
+TemplateOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--prompt-template",
+        metavar="TEXT",
+        help="Build each prompt from the row's columns (and variation axes), e.g. "
+        "'Studio photo of {title} in {color}, {style}'; the manifest then needs no prompt "
+        "column. A row with an empty field is rejected.",
+        show_default=False,
+    ),
+]
+VaryOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--vary",
+        metavar="AXIS=V1,V2",
+        help="Cross every row with these values (repeatable; axes multiply), e.g. "
+        "style=studio,lifestyle or aspect_ratio=square_1_1,portrait_2_3 or seed=1,2.",
+        show_default=False,
+    ),
+]
+VariationsOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--variations",
+        metavar="CSV",
+        help="A CSV of variations (header: axis names; one variation per row), crossed with "
+        "every row and with other axes (repeatable).",
+        show_default=False,
+    ),
+]
+MaxCreditsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--max-credits",
+        metavar="N",
+        help="Budget for this output: spend plus in-flight cost never passes N credits "
+        "(earlier runs into DEST count); rows that do not fit end skipped (reason budget).",
+        show_default=False,
+    ),
+]
 
 
 # --- error reporting ------------------------------------------------------------------------
@@ -212,6 +254,27 @@ def _check_manifest_path(manifest: Path) -> None:
         raise ConfigError(f"{manifest}: is a folder; expected a CSV or Parquet manifest file")
 
 
+def _catalog_flags(
+    prompt_template: str | None, vary: list[str] | None, variations: list[Path] | None
+) -> dict[str, object]:
+    return {
+        "prompt_template": prompt_template,
+        "vary": list(vary) if vary else None,
+        "variations": [str(path) for path in variations] if variations else None,
+    }
+
+
+def _catalog(settings: RunConfig) -> Catalog | None:
+    """The prompt template and variation matrix asked for (checked here, before any work)."""
+    from pipeline.variations import Catalog
+
+    return Catalog.build(
+        prompt_template=settings.prompt_template,
+        vary=settings.vary,
+        variations=settings.variations,
+    )
+
+
 # --- validate -------------------------------------------------------------------------------
 
 
@@ -223,6 +286,9 @@ def validate(
     output_format: OutputFormatOpt = None,
     safety_tolerance: SafetyOpt = None,
     limit: LimitOpt = None,
+    prompt_template: TemplateOpt = None,
+    vary: VaryOpt = None,
+    variations: VariationsOpt = None,
     no_references: Annotated[
         bool,
         typer.Option("--no-references", help="Skip checking local reference image files."),
@@ -242,6 +308,7 @@ def validate(
             output_format=output_format,
             safety_tolerance=safety_tolerance,
             limit=limit,
+            **_catalog_flags(prompt_template, vary, variations),
         )
         _check_manifest_path(manifest)
         from pipeline.check import check_manifest
@@ -251,6 +318,7 @@ def validate(
             defaults=_defaults(settings),
             limit=settings.limit,
             check_references=not no_references,
+            catalog=_catalog(settings),
         )
     typer.echo(report.render())
     raise typer.Exit(int(report.exit_code))
@@ -259,7 +327,9 @@ def validate(
 # --- run ------------------------------------------------------------------------------------
 
 
-def _plan_text(settings: RunConfig, limits: Tier, to_send: int) -> str:
+def _plan_text(
+    settings: RunConfig, limits: Tier, to_send: int, estimate: float | None = None
+) -> str:
     if settings.sim:
         target = "the bundled simulator"
     elif settings.api_url:
@@ -280,6 +350,17 @@ def _plan_text(settings: RunConfig, limits: Tier, to_send: int) -> str:
     ]
     if settings.retry_failed:
         lines.append("  retry:    rows that failed in an earlier run into this output are retried")
+    if settings.max_credits is not None and estimate is not None:
+        budget = settings.max_credits
+        if estimate <= budget:
+            lines.append(f"  budget:   {budget:g} credits covers the estimate ({estimate:.2f})")
+        else:
+            share = int(to_send * budget / estimate) if estimate else 0
+            lines.append(
+                f"  budget:   {budget:g} credits is below the estimate ({estimate:.2f}): about "
+                f"{share} of {to_send} images fit; the rest end skipped (budget). Credits "
+                "already spent into this output count too."
+            )
     return "\n".join(lines)
 
 
@@ -367,6 +448,10 @@ def run(
         ),
     ] = None,
     limit: LimitOpt = None,
+    prompt_template: TemplateOpt = None,
+    vary: VaryOpt = None,
+    variations: VariationsOpt = None,
+    max_credits: MaxCreditsOpt = None,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -415,6 +500,8 @@ def run(
             limit=limit,
             dry_run=dry_run or None,
             retry_failed=retry_failed or None,
+            max_credits=max_credits,
+            **_catalog_flags(prompt_template, vary, variations),
             aspect_ratio=aspect_ratio,
             resolution=resolution,
             output_format=output_format,
@@ -436,9 +523,10 @@ def _dry_run(manifest: Path, settings: RunConfig, limits: Tier) -> NoReturn:
         manifest,
         defaults=_defaults(settings),
         limit=settings.limit,
+        catalog=_catalog(settings),
     )
     typer.echo(report.render())
-    typer.echo(_plan_text(settings, limits, report.to_send))
+    typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits))
     raise typer.Exit(int(report.exit_code))
 
 
@@ -503,12 +591,45 @@ def _run(manifest: Path, settings: RunConfig, limits: Tier, progress: str) -> No
                 limit=settings.limit,
                 retry_failed=settings.retry_failed,
                 on_progress=display,
+                prompt_template=settings.prompt_template,
+                vary=settings.vary,
+                variations=settings.variations,
+                max_credits=settings.max_credits,
             )
     except KeyboardInterrupt:
         typer.echo(_resume_hint(out), err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
     typer.echo(format_summary(summary))
     raise typer.Exit(int(summary.exit_code))
+
+
+# --- status ---------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    dest: Annotated[
+        str,
+        typer.Argument(metavar="DEST", help="The output given to --out (a folder or s3:// URI)."),
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the figures as JSON (for scripts).")
+    ] = False,
+) -> None:
+    """How the latest run into DEST is doing: rows by status, progress, rate, ETA, credits.
+
+    Reads the run's journal only (read-only), so it works while the run is still going in
+    another process, after it finished, and after it was killed. Exit 0 when the run
+    finished with every row succeeded, 1 otherwise (running, stopped, or rows not
+    succeeded), 2 when DEST has no run.
+    """
+    with _reported():
+        from pipeline.status import read_status, render_json
+
+        found = read_status(dest)
+    typer.echo(render_json(found) if as_json else found.render())
+    complete = found.state == "finished" and found.done == found.counts.get("succeeded", 0)
+    raise typer.Exit(int(ExitCode.OK if complete else ExitCode.PARTIAL))
 
 
 # --- sim ------------------------------------------------------------------------------------
