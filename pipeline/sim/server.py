@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from pipeline.sim.bfl import BflApi
 from pipeline.sim.config import SimConfig
 from pipeline.sim.klein import KleinApi
 from pipeline.sim.responses import is_loopback, json_response
@@ -42,9 +43,12 @@ class Sim:
     results: Results
     webhooks: WebhookSender
     klein: KleinApi
+    bfl: BflApi | None = None
 
     def reset(self) -> None:
         self.webhooks.cancel_all()
+        if self.bfl is not None:
+            self.bfl.cancel_all()
         self.results.cache.clear()
         self.state.reset()
 
@@ -55,7 +59,7 @@ SIM_KEY = web.AppKey("klein_sim", Sim)
 def create_app(
     config: SimConfig | None = None, *, clock: Callable[[], float] = time.time
 ) -> web.Application:
-    """The simulator as an aiohttp application (dialect A, results, operator endpoints)."""
+    """The simulator as an aiohttp application (both dialects, results, operator endpoints)."""
     config = config if config is not None else SimConfig()
     config.validate()
     state = SimState(config, clock=clock)
@@ -68,11 +72,13 @@ def create_app(
     )  # fmt: skip
     klein = KleinApi(state, results, webhooks)
     holder.append(klein)
-    sim = Sim(state, results, webhooks, klein)
+    bfl = BflApi(state, results)
+    sim = Sim(state, results, webhooks, klein, bfl)
 
     app = web.Application(client_max_size=config.max_body_bytes())
     app[SIM_KEY] = sim
     klein.add_routes(app)
+    bfl.add_routes(app)
     app.router.add_get(RESULTS_PREFIX + "{name}", results.handle)
     app.router.add_get(STATS_PATH, _stats)
     app.router.add_post(RESET_PATH, _reset)
