@@ -86,10 +86,22 @@ app = typer.Typer(
 # --- shared options ---------------------------------------------------------------------------
 
 ManifestArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         metavar="MANIFEST",
-        help="The manifest: a CSV or Parquet file with a prompt column.",
+        help="The manifest: a CSV or Parquet file with a prompt column (a path or "
+        "s3://bucket/key).",
+        show_default=False,
+    ),
+]
+S3EndpointOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3 endpoint for s3:// manifests, references and outputs (MinIO, R2, a local "
+        "server), e.g. http://127.0.0.1:9000. [default: $AWS_ENDPOINT_URL_S3 or "
+        "$AWS_ENDPOINT_URL, else AWS]. Credentials come from the standard AWS chain.",
         show_default=False,
     ),
 ]
@@ -196,7 +208,8 @@ MaxCreditsOpt = Annotated[
 
 
 def _secrets() -> list[str]:
-    return [value for env in API_KEY_ENV.values() if (value := os.environ.get(env, "").strip())]
+    names = (*API_KEY_ENV.values(), "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    return [value for env in names if (value := os.environ.get(env, "").strip())]
 
 
 def _redact(text: str) -> str:
@@ -246,12 +259,24 @@ def _defaults(config: RunConfig) -> Defaults:
     )
 
 
-def _check_manifest_path(manifest: Path) -> None:
+def _check_manifest_path(text: str) -> str | Path:
+    """The manifest to read: a Path, or an s3:// URI as given (checked when it is fetched)."""
+    if text[:5].lower() == "s3://":
+        return text
+    manifest = Path(text)
     # A clear message before any reader gets to guess at a missing file or a folder.
     if not manifest.exists():
         raise ConfigError(f"{manifest}: manifest not found")
     if manifest.is_dir():
         raise ConfigError(f"{manifest}: is a folder; expected a CSV or Parquet manifest file")
+    return manifest
+
+
+def _configure_s3(settings: RunConfig) -> None:
+    if settings.s3_endpoint_url:
+        from pipeline.s3 import configure
+
+        configure(endpoint_url=settings.s3_endpoint_url)
 
 
 def _catalog_flags(
@@ -293,6 +318,7 @@ def validate(
         bool,
         typer.Option("--no-references", help="Skip checking local reference image files."),
     ] = False,
+    s3_endpoint_url: S3EndpointOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Check a manifest without sending anything, and summarise what a run would do.
@@ -309,12 +335,14 @@ def validate(
             safety_tolerance=safety_tolerance,
             limit=limit,
             **_catalog_flags(prompt_template, vary, variations),
+            s3_endpoint_url=s3_endpoint_url,
         )
-        _check_manifest_path(manifest)
+        source = _check_manifest_path(manifest)
+        _configure_s3(settings)
         from pipeline.check import check_manifest
 
         report = check_manifest(
-            manifest,
+            source,
             defaults=_defaults(settings),
             limit=settings.limit,
             check_references=not no_references,
@@ -382,7 +410,8 @@ def run(
             "--out",
             "-o",
             metavar="DEST",
-            help="Output folder: images/, manifest.parquet, run.json and the resume journal.",
+            help="Output folder or s3://bucket/prefix: images/, manifest.parquet, run.json "
+            "and the resume journal.",
             show_default=False,
         ),
     ] = None,
@@ -466,6 +495,7 @@ def run(
     resolution: ResolutionOpt = None,
     output_format: OutputFormatOpt = None,
     safety_tolerance: SafetyOpt = None,
+    s3_endpoint_url: S3EndpointOpt = None,
     config: ConfigOpt = None,
     progress: Annotated[
         str,
@@ -506,17 +536,19 @@ def run(
             resolution=resolution,
             output_format=output_format,
             safety_tolerance=safety_tolerance,
+            s3_endpoint_url=s3_endpoint_url,
         )
         if not settings.out:
             raise ConfigError('--out DEST is required (or set out = "..." in the config file)')
-        _check_manifest_path(manifest)
+        source = _check_manifest_path(manifest)
+        _configure_s3(settings)
         limits = settings.limits()
         if settings.dry_run:
-            _dry_run(manifest, settings, limits)
-        _run(manifest, settings, limits, progress)
+            _dry_run(source, settings, limits)
+        _run(source, settings, limits, progress)
 
 
-def _dry_run(manifest: Path, settings: RunConfig, limits: Tier) -> NoReturn:
+def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoReturn:
     from pipeline.check import check_manifest
 
     report = check_manifest(
@@ -559,7 +591,7 @@ def _api_key(settings: RunConfig) -> str | None:
     return key
 
 
-def _run(manifest: Path, settings: RunConfig, limits: Tier, progress: str) -> NoReturn:
+def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str) -> NoReturn:
     check_target(settings)
     api_key = _api_key(settings)
 
