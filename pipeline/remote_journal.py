@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import socket
 import sqlite3
 import tempfile
 import time
@@ -51,6 +53,8 @@ DEFAULT_SYNC_INTERVAL_S: Final = 5.0
 #: A snapshot upload may take at most this share of the time (large ledgers sync less often).
 _SNAPSHOT_DUTY: Final = 0.25
 PARTS_RELDIR: Final = ".klein/parts"
+#: Which machine and process last opened the output (written first: the write probe).
+WRITER_RELPATH: Final = ".klein/writer.json"
 _GENERATION_FILE: Final = "snapshot.generation"
 _GENERATION_META: Final = "klein-generation"
 _SQLITE_CONTENT_TYPE: Final = "application/vnd.sqlite3"
@@ -61,6 +65,8 @@ class RemoteStore(Protocol):
     """What the journal needs from a remote sink beyond ``Sink`` (``S3Sink`` has it all)."""
 
     def uri(self, relpath: str) -> str: ...
+
+    async def put(self, relpath: str, data: bytes, content_type: str) -> str: ...
 
     async def put_file(
         self,
@@ -180,6 +186,10 @@ class RemoteJournal:
     async def _restore(self) -> None:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         (self.work_dir / "output.txt").write_text(self.sink.uri(".klein") + "\n", encoding="utf-8")
+        # Also the write probe: a wrong bucket or missing permission stops the run here,
+        # before any credit is spent on images that could not be stored.
+        writer = {"host": socket.gethostname(), "pid": os.getpid(), "opened_at": time.time()}
+        await self.sink.put(WRITER_RELPATH, json.dumps(writer).encode(), "application/json")
         remote = await self.sink.head(LEDGER_RELPATH)
         local = self.ledger_path.is_file()
         if remote is None:

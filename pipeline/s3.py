@@ -274,6 +274,19 @@ def head(location: S3Uri) -> dict[str, Any] | None:
         raise storage_error(exc, "read", location) from None
 
 
+def bucket_exists(bucket: str) -> bool:
+    """Whether the bucket exists (a HEAD answers 404 alike for a missing key or bucket)."""
+    try:
+        client().head_bucket(Bucket=bucket)
+    except _s3_failures() as exc:
+        if _code(exc) in ("404", "NoSuchBucket", "NotFound"):
+            return False
+        if _code(exc) in _DENIED:
+            return True  # it exists; whether we may read the object shows next
+        raise storage_error(exc, "read", f"s3://{bucket}") from None
+    return True
+
+
 def download(location: S3Uri, target: Path) -> None:
     """Stream an object to a local file (ranged GETs in parts: memory stays flat)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -333,6 +346,8 @@ def fetch_manifest(uri: str) -> DownloadedManifest:
     path = Path(name)
     try:
         if head(location) is None:
+            if not bucket_exists(location.bucket):
+                raise ConfigError(f"manifest {location}: bucket {location.bucket!r} does not exist")
             raise ManifestError(f"{location}: no such object; expected a CSV or Parquet manifest")
         download(location, path)
     except BaseException:
