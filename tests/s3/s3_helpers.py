@@ -15,6 +15,7 @@ signatures, checksums), except the ones it is told to spoil:
 from __future__ import annotations
 
 import asyncio
+import io
 import random
 import threading
 from collections import Counter
@@ -22,7 +23,9 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import polars as pl
 from aiohttp import web
+from PIL import Image
 
 _HOP_BY_HOP = frozenset(
     {
@@ -190,3 +193,38 @@ class FaultyProxy:
         self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(10)
         self._loop.close()
+
+
+# --- test data ---------------------------------------------------------------------------
+
+
+def png(colour: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
+    out = io.BytesIO()
+    Image.new("RGB", size, colour).save(out, format="PNG")
+    return out.getvalue()
+
+
+def catalog_csv(bucket: str, rows: int) -> str:
+    lines = ["id,prompt,input_image,sku,output_format"]
+    for i in range(rows):
+        if i % 3 == 0:
+            ref = "shots/red.png"  # relative to the manifest's folder in S3
+        elif i % 3 == 1:
+            ref = f"s3://{bucket}/library/blue.png"  # an absolute S3 reference
+        else:
+            ref = ""
+        fmt = "png" if i % 4 == 0 else "jpeg"
+        lines.append(f"p{i:03d},product shot {i} on white,{ref},SKU-{i:05d},{fmt}")
+    return "\n".join(lines) + "\n"
+
+
+def read_s3_parquet(uri: str, endpoint: str) -> pl.DataFrame:
+    """What a data team does: polars straight from the S3 object."""
+    return pl.read_parquet(
+        uri,
+        storage_options={
+            "aws_endpoint_url": endpoint,
+            "aws_region": "us-east-1",
+            "aws_allow_http": "true",
+        },
+    )

@@ -5,46 +5,24 @@ The simulator runs in-process on 127.0.0.1 with small latencies; S3 is moto's se
 
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
-from PIL import Image
-from s3_helpers import FaultyProxy
+from s3_helpers import FaultyProxy, catalog_csv, png, read_s3_parquet
 
 from pipeline import s3
-from pipeline.errors import ManifestError, ReferenceError
+from pipeline.errors import ConfigError, ManifestError, ReferenceError
 from pipeline.manifest import ManifestReader
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import work_dir_for
 from pipeline.run import run_manifest
-from pipeline.sim import SimConfig
+from pipeline.sim import SimConfig, SimServer
 from pipeline.sim.config import LatencyConfig
 
 FAST = LatencyConfig(median_s=0.05, p95_s=0.1)
-
-
-def png(colour: tuple[int, int, int], size: tuple[int, int] = (48, 32)) -> bytes:
-    out = io.BytesIO()
-    Image.new("RGB", size, colour).save(out, format="PNG")
-    return out.getvalue()
-
-
-def catalog_csv(bucket: str, rows: int) -> str:
-    lines = ["id,prompt,input_image,sku,output_format"]
-    for i in range(rows):
-        if i % 3 == 0:
-            ref = "shots/red.png"  # relative to the manifest's folder in S3
-        elif i % 3 == 1:
-            ref = f"s3://{bucket}/library/blue.png"  # an absolute S3 reference
-        else:
-            ref = ""
-        fmt = "png" if i % 4 == 0 else "jpeg"
-        lines.append(f"p{i:03d},product shot {i} on white,{ref},SKU-{i:05d},{fmt}")
-    return "\n".join(lines) + "\n"
 
 
 @pytest.fixture
@@ -55,18 +33,6 @@ def catalog(bucket: str, s3_client: Any) -> str:
     body = catalog_csv(bucket, 12).encode()
     s3_client.put_object(Bucket=bucket, Key="catalogs/night.csv", Body=body)
     return f"s3://{bucket}/catalogs/night.csv"
-
-
-def read_s3_parquet(uri: str, endpoint: str) -> pl.DataFrame:
-    """What a data team does: polars straight from the S3 object."""
-    return pl.read_parquet(
-        uri,
-        storage_options={
-            "aws_endpoint_url": endpoint,
-            "aws_region": "us-east-1",
-            "aws_allow_http": "true",
-        },
-    )
 
 
 def sim() -> SimConfig:
@@ -181,3 +147,19 @@ def test_a_flaky_s3_loses_nothing(
         key = row["output_uri"].removeprefix(f"s3://{bucket}/")
         body = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
         assert len(body) == row["bytes"]
+
+
+def test_an_output_bucket_that_does_not_exist_stops_the_run_before_any_submit(
+    catalog: str,
+) -> None:
+    config = sim()
+    with SimServer.in_thread(config) as server:
+        with pytest.raises(ConfigError, match="bucket 'klein-no-such-output' does not exist"):
+            run_manifest(
+                catalog,
+                "s3://klein-no-such-output/x",
+                api_url=server.url,
+                api_key=config.keys[0].key,
+            )
+        stats = server.stats()
+    assert sum(key["submits_accepted"] for key in stats["keys"].values()) == 0
