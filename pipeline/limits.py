@@ -99,6 +99,7 @@ class SlotController:
         self._effective = float(limit)
         self._held = 0  # submitted or acknowledged, not yet known finished
         self._finished_lb = 0  # of those, how many have certainly finished
+        self._in_air = 0  # of those, submits still waiting for their answer
         self._probing = False
         self._next_probe = 0.0
         self._probe_scale = 1.0
@@ -140,10 +141,12 @@ class SlotController:
             if self._held < self._max_outstanding:
                 if self._busy_upper_bound() < self.effective_limit:
                     self._held += 1
+                    self._in_air += 1
                     return Permit(speculative=False)
                 if not self._probing and now >= self._next_probe:
                     self._probing = True
                     self._held += 1
+                    self._in_air += 1
                     return Permit(speculative=True)
             self._changed.clear()
             timeout = None
@@ -157,7 +160,10 @@ class SlotController:
         if permit.settled:
             return
         permit.settled = True
-        self._finished_lb = max(self._finished_lb, self._held - self.limit)
+        self._in_air -= 1
+        # Only our acknowledged tasks are on the server's count; submits still in the air
+        # may not have reached it, so they prove nothing about finishes.
+        self._finished_lb = max(self._finished_lb, self._held - self._in_air - self.limit)
         if permit.speculative:
             self._probing = False
             # Accepted probes pull the next one closer; refused ones push it away. The
@@ -178,11 +184,18 @@ class SlotController:
         if permit.settled:
             return
         permit.settled = True
+        # More of our own submits were out than the key has slots (a probe overtook an
+        # ordinary submit on the wire, as in the first burst): the 429 is our own doing and
+        # says nothing about other clients.
+        overcommitted = self._busy_upper_bound() > self.limit
         self._held -= 1
+        self._in_air -= 1
         if permit.speculative:
             self._probing = False
             self.refused_probes += 1
             self._probe_scale = min(self._probe_scale * 1.1, 100.0)
+        elif overcommitted:
+            self.refused_probes += 1
         else:
             # We were sure a slot was free: someone else is using the key.
             self.refused_contention += 1
@@ -197,6 +210,7 @@ class SlotController:
             return
         permit.settled = True
         self._held -= 1
+        self._in_air -= 1
         if permit.speculative:
             self._probing = False
         self._changed.set()
