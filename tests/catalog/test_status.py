@@ -1,0 +1,152 @@
+"""`klein-batch status DEST` on a run going in another process, a finished one, a killed one."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from catalog_helpers import clean_env, run
+
+from pipeline.errors import ConfigError
+from pipeline.sim import SimServer
+from pipeline.status import read_status
+
+KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
+SLOW_SIM = """
+[[keys]]
+max_active = 2
+submits_per_minute = 6000
+[latency]
+median_s = 0.4
+p95_s = 0.5
+"""
+
+
+def _start(tmp_path: Path, rows: int) -> tuple[subprocess.Popen[str], Path]:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,title\n" + "".join(f"p{i},product {i}\n" for i in range(rows)), encoding="utf-8"
+    )
+    config = tmp_path / "sim.toml"
+    config.write_text(SLOW_SIM, encoding="utf-8")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            KLEIN_BATCH,
+            "run",
+            str(manifest),
+            "--out",
+            str(out),
+            "--sim-config",
+            str(config),
+            "--max-active",
+            "2",
+            "--prompt-template",
+            "photo of {title}",
+            "--vary",
+            "seed=1,2",
+            "--max-credits",
+            "500",
+            "--progress",
+            "off",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=clean_env(),
+    )
+    return proc, out
+
+
+def _wait_for_progress(out: Path, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            found = read_status(out)
+        except ConfigError:
+            found = None
+        if found is not None and found.done >= 1 and found.total is not None:
+            return
+        time.sleep(0.1)
+    raise AssertionError("the run made no progress")
+
+
+def test_status_of_a_run_going_in_another_process_and_after_it_finished(
+    tmp_path: Path,
+) -> None:
+    proc, out = _start(tmp_path, rows=8)
+    try:
+        _wait_for_progress(out, proc)
+        going = read_status(out)
+        assert going.state == "running"
+        assert going.total == 16  # 8 rows x 2 seeds
+        assert 1 <= going.done < 16
+        assert going.in_flight + going.pending + going.done == 16
+        assert going.max_credits == 500
+        text = subprocess.run(
+            [KLEIN_BATCH, "status", str(out)], capture_output=True, text=True, check=False
+        )
+        assert text.returncode == 1  # not finished yet
+        assert text.stdout.startswith(f"{out}: running · run ")
+        assert "progress  " in text.stdout
+        assert "ETA" in text.stdout
+        assert "budget 500.00" in text.stdout
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    done = read_status(out)
+    assert done.state == "finished"
+    assert done.done == done.counts["succeeded"] == 16
+    assert done.in_flight == done.pending == 0
+    assert done.credits_run == done.credits_output == pytest.approx(16 * 1.05)
+    as_json = subprocess.run(
+        [KLEIN_BATCH, "status", str(out), "--json"], capture_output=True, text=True, check=False
+    )
+    assert as_json.returncode == 0
+    figures = json.loads(as_json.stdout)
+    assert figures["state"] == "finished"
+    assert figures["counts"]["succeeded"] == 16
+    assert figures["images_per_s"] > 0
+
+
+def test_status_of_a_killed_run_says_stopped_and_how_to_resume(tmp_path: Path) -> None:
+    proc, out = _start(tmp_path, rows=40)
+    try:
+        _wait_for_progress(out, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    found = read_status(out)
+    assert found.state == "stopped"
+    assert found.done < 80
+    assert "run the same command again to resume" in (found.note or "")
+    assert "stopped" in found.render()
+
+
+def test_status_of_an_in_process_run_and_of_nothing(tmp_path: Path, sim: SimServer) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ConfigError, match="no such output folder"):
+        read_status(out)
+    out.mkdir()
+    with pytest.raises(ConfigError, match="nothing has run into this folder yet"):
+        read_status(out)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt\na,red mug\nb,\n", encoding="utf-8")
+    run(manifest, out, sim)
+    found = read_status(out)
+    assert found.state == "finished"  # a rejected row is an outcome, not unfinished work
+    assert found.counts["succeeded"] == 1
+    assert found.counts["rejected"] == 1
+    assert found.total == 2
