@@ -664,6 +664,24 @@ def status(
     raise typer.Exit(int(ExitCode.OK if complete else ExitCode.PARTIAL))
 
 
+# --- flow -----------------------------------------------------------------------------------
+
+
+@app.command(
+    "flow",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def flow_command(ctx: typer.Context) -> None:
+    """Run MANIFEST as the generate-catalog Prefect flow, in shards (flow --help for options).
+
+    Prefect's ephemeral mode unless PREFECT_API_URL is set; flows/cli.py parses the options.
+    """
+    from flows.cli import run as run_flow
+
+    raise typer.Exit(run_flow(list(ctx.args), prog="klein-batch flow"))
+
+
 # --- sim ------------------------------------------------------------------------------------
 
 
