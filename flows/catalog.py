@@ -73,6 +73,8 @@ DEFAULT_API_URL = "https://api.freepik.com"
 SHARD_DEPLOYMENT = "generate-catalog-shard/catalog-shard"
 #: How often a dispatched shard's state is checked (it runs for minutes).
 POLL_S = 2.0
+#: Pause before a failed shard is tried again (a dropped worker, a blip of the API).
+RETRY_DELAY_S = 5.0
 
 
 class ShardsFailed(KleinError):
@@ -188,7 +190,6 @@ async def generate_catalog_shard(job: ShardJob) -> dict[str, Any]:
     task_run_name="shard-{job.index}",
     cache_policy=NO_CACHE,
     retries=2,
-    retry_delay_seconds=5,
 )
 async def shard_task(job: ShardJob, deployment: str | None = None) -> dict[str, Any]:
     """One shard: here, or as a sub-flow run of ``deployment`` on a worker."""
@@ -499,7 +500,7 @@ async def _run_shards(
     """Run every shard, ``parallel`` at a time; progress moves as each one finishes."""
     logger = get_run_logger()
     gate = asyncio.Semaphore(parallel)
-    runner = shard_task.with_options(retries=retries)
+    runner = shard_task.with_options(retries=retries, retry_delay_seconds=RETRY_DELAY_S)
 
     async def one(shard: ShardSpec) -> tuple[ShardSpec, dict[str, Any] | BaseException]:
         async with gate:

@@ -1,0 +1,85 @@
+"""``klein-batch flow`` as a user runs it: a fresh process, Prefect's ephemeral mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+
+REPO = Path(__file__).resolve().parents[2]
+KLEIN_BATCH = Path(sys.executable).with_name("klein-batch")
+
+FAST_SIM = """
+[[keys]]
+name = "cli"
+key = "sk-cli-flow-test-1234"
+tier = "standard"
+
+[latency]
+median_s = 0.05
+p95_s = 0.1
+"""
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FREEPIK", "BFL"))}
+    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+def test_flow_command_runs_the_example_catalog_in_ephemeral_mode(tmp_path: Path) -> None:
+    sim_toml = tmp_path / "sim.toml"
+    sim_toml.write_text(FAST_SIM, encoding="utf-8")
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [
+            str(KLEIN_BATCH),
+            "flow",
+            str(REPO / "manifests/examples/catalog.csv"),
+            "--sim-config",
+            str(sim_toml),
+            "--out",
+            str(out),
+            "--shard-size",
+            "8",
+        ],
+        env=_env(tmp_path / "prefect"),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "20 rows: 20 succeeded" in done.stdout
+    manifest = pl.read_parquet(out / "manifest.parquet")
+    assert manifest["row"].to_list() == list(range(1, 21))
+    assert set(manifest["status"]) == {"succeeded"}
+    summary = json.loads((out / "run.json").read_text())
+    assert [s["rows"] for s in summary["shards"]] == [[1, 8], [9, 16], [17, 20]]
+    assert "sk-cli-flow-test-1234" not in done.stdout + done.stderr
+
+
+def test_flow_command_names_a_bad_option_without_a_traceback(tmp_path: Path) -> None:
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("prompt\nred mug\n", encoding="utf-8")
+    env = _env(tmp_path / "prefect")
+    for args, message in (
+        (["--sim", "--out", str(tmp_path / "o"), "--tier", "gold"], "--tier 'gold' is not allowed"),
+        (["--sim", "--out", str(tmp_path / "o"), "--shard-size", "0"], "--shard-size 0"),
+        (["--out", str(tmp_path / "o"), "--api-url", "https://api.example.com"], "FREEPIK_API_KEY"),
+        (["--sim"], "--out DEST is required"),
+    ):
+        done = subprocess.run(
+            [str(KLEIN_BATCH), "flow", str(manifest), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (args, done.stderr)
+        assert message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr
