@@ -30,6 +30,7 @@ import socket
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,18 @@ class ShardJob(BaseModel):
     occupy: int = Field(default=1, ge=1)
     #: Where this job came from: (parent flow run, attempt), to spot a stale shard.json.
     token: str = ""
+
+
+def _dated(location: str) -> str:
+    """``{date}`` in an output becomes the run's scheduled day (UTC), so each night of a
+    scheduled catalog gets its own folder, and a late retry still finds its own."""
+    if "{date}" not in location:
+        return location
+    from prefect.runtime import flow_run
+
+    scheduled = flow_run.scheduled_start_time
+    day = scheduled.astimezone(UTC) if scheduled is not None else datetime.now(UTC)
+    return location.replace("{date}", day.strftime("%Y-%m-%d"))
 
 
 def _absolute(location: str) -> str:
@@ -230,27 +243,41 @@ async def validate_task(
     image_defaults = defaults.to_defaults()
     report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
     logger.info("validation:\n%s", report.render())
-    scan = await asyncio.to_thread(scan_keys, manifest, defaults=image_defaults, limit=limit)
     sink = open_sink(out)
     stored = await sink.get(PLAN_RELPATH)
-    if stored is not None:
-        previous = StoredPlan.from_bytes(stored)
-        if previous.shard_size != shard_size:
-            # The shards' ledgers are the resume state: other ranges would pay twice.
-            logger.warning(
-                "%s was started with shard_size %d; keeping it (asked for %d)",
-                out,
-                previous.shard_size,
-                shard_size,
-            )
-            shard_size = previous.shard_size
-    elif await sink.exists(LEDGER_RELPATH):
+    previous = StoredPlan.from_bytes(stored) if stored is not None else None
+    if previous is not None and previous.shard_size != shard_size:
+        # The shards' ledgers are the resume state: other ranges would pay twice.
+        logger.warning(
+            "%s was started with shard_size %d; keeping it (asked for %d)",
+            out,
+            previous.shard_size,
+            shard_size,
+        )
+        shard_size = previous.shard_size
+    if previous is None and await sink.exists(LEDGER_RELPATH):
         raise ConfigError(
             f"{out} holds a run of `klein-batch run` (its journal is {LEDGER_RELPATH}); a "
             "flow would not see what that run already paid for: finish it with "
             "`klein-batch run`, or give the flow a new output"
         )
-    plan = StoredPlan(manifest=report.source, total_rows=scan.total_rows, shard_size=shard_size)
+    scan = await asyncio.to_thread(
+        scan_keys, manifest, defaults=image_defaults, limit=limit, shard_size=shard_size
+    )
+    moved = previous.moved_shard(scan.first_keys) if previous is not None else None
+    if moved is not None:
+        raise ConfigError(
+            f"{out} holds a catalog run of a manifest whose rows were in other places: shard "
+            f"{moved} (row {moved * shard_size + 1}) starts with another row than before. "
+            "Shards are row ranges, so rows that moved would be paid for twice; write this "
+            "manifest to a new output (an out ending in /{date} gives each night its own)"
+        )
+    plan = StoredPlan(
+        manifest=report.source,
+        total_rows=scan.total_rows,
+        shard_size=shard_size,
+        first_keys=scan.first_keys,
+    )
     await sink.put(
         DUPLICATES_RELPATH, duplicates_to_bytes(scan.duplicates), "application/octet-stream"
     )
@@ -297,7 +324,8 @@ async def generate_catalog(
 
     Args:
         manifest: CSV or Parquet manifest (a path the workers can read, or s3://).
-        out: output folder (or s3://): images/, manifest.parquet, run.json.
+        out: output folder (or s3://): images/, manifest.parquet, run.json; ``{date}`` in
+            it becomes the run's scheduled day, e.g. ``s3://catalog/nightly/{date}``.
         api_url: API base URL.
         dialect: ``klein`` or ``bfl``.
         tier: the key's rate-limit tier; ``max_active``/``submits_per_minute`` override it.
@@ -329,7 +357,7 @@ async def generate_catalog(
     plan_shards(1, shard_size)  # checks shard_size
     await resolve_api_key(api_key_block, dialect)  # fail before validating a big manifest
     manifest = _absolute(manifest)
-    out = _absolute(out)
+    out = _absolute(_dated(out))
     sink = open_sink(out)
 
     checked = await validate_task(manifest, out, image_defaults, limit, shard_size)

@@ -131,6 +131,9 @@ class ScanResult:
     total_rows: int
     #: (row index, index of the earlier row with the same key) for repeated keys.
     duplicates: pl.DataFrame
+    #: Key of each shard's first row (None when that row is rejected): what a rerun into
+    #: the same output compares, to notice rows that moved between shards.
+    first_keys: dict[int, str | None]
 
 
 def scan_keys(
@@ -138,15 +141,23 @@ def scan_keys(
     *,
     defaults: Defaults,
     limit: int | None,
+    shard_size: int,
     batch_size: int = 10_000,
     on_batch: Callable[[int], None] | None = None,
 ) -> ScanResult:
     """Count rows and find repeated keys, holding only (index, key) pairs, not rows."""
     reader = ManifestReader(manifest, batch_size=batch_size, limit=limit)
     parts: list[pl.DataFrame] = []
+    first_keys: dict[int, str | None] = {}
     total = 0
     for rows, rejections in iter_rows(reader, defaults):
         total += len(rows) + len(rejections)
+        for row in rows:
+            if row.index % shard_size == 0:
+                first_keys[row.index // shard_size] = row.key
+        for rejection in rejections:
+            if rejection.index % shard_size == 0:
+                first_keys[rejection.index // shard_size] = None
         if rows:
             parts.append(
                 pl.DataFrame(
@@ -158,7 +169,7 @@ def scan_keys(
             on_batch(total)
     empty = pl.DataFrame(schema={"index": pl.Int64, "first": pl.Int64})
     if not parts:
-        return ScanResult(total_rows=total, duplicates=empty)
+        return ScanResult(total_rows=total, duplicates=empty, first_keys=first_keys)
     keys = pl.concat(parts)
     duplicates = (
         keys.with_columns(pl.col("index").min().over("key").alias("first"))
@@ -166,7 +177,7 @@ def scan_keys(
         .select("index", "first")
         .sort("index")
     )
-    return ScanResult(total_rows=total, duplicates=duplicates)
+    return ScanResult(total_rows=total, duplicates=duplicates, first_keys=first_keys)
 
 
 def earlier_duplicates(duplicates: pl.DataFrame, shard: ShardSpec) -> dict[int, int]:
@@ -204,9 +215,12 @@ class StoredPlan:
     manifest: str
     total_rows: int
     shard_size: int
+    first_keys: dict[int, str | None]
 
     def to_bytes(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2) + "\n").encode("utf-8")
+        data = asdict(self)
+        data["first_keys"] = {str(k): v for k, v in sorted(self.first_keys.items())}
+        return (json.dumps(data, indent=2) + "\n").encode("utf-8")
 
     @classmethod
     def from_bytes(cls, data: bytes) -> StoredPlan:
@@ -215,4 +229,13 @@ class StoredPlan:
             manifest=str(raw["manifest"]),
             total_rows=int(raw["total_rows"]),
             shard_size=int(raw["shard_size"]),
+            first_keys={int(k): v for k, v in dict(raw.get("first_keys") or {}).items()},
         )
+
+    def moved_shard(self, current: dict[int, str | None]) -> int | None:
+        """The first shard whose first row is another row than before (rows were inserted
+        or removed), or None when every shard both plans know starts at the same row."""
+        for index in sorted(set(self.first_keys) & set(current)):
+            if self.first_keys[index] != current[index]:
+                return index
+        return None

@@ -201,3 +201,12 @@ async def test_failed_shard_is_retried_and_resumes(
         assert sim.stats()["keys"]["flow"]["submits_accepted"] == 0
     assert again.is_completed()
     assert (await again.result())["resumed_rows"] == 12
+
+    # A manifest whose rows moved (one inserted on top) would shift every shard: refused.
+    write_catalog(manifest, [("new", "a new first row", "S0"), *rows])
+    moved = await catalog.generate_catalog(
+        str(manifest), str(out), api_url="http://127.0.0.1:9", shard_size=6, return_state=True
+    )
+    assert moved.is_failed()
+    error = await moved.result(raise_on_failure=False)
+    assert "shard 0 (row 1) starts with another row than before" in str(error)

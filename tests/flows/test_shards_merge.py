@@ -69,12 +69,13 @@ def test_scan_finds_keys_repeated_across_shards(tmp_path: Path) -> None:
     rows[3] = ("id2", "again", "")  # repeats index 2 inside the first shard
     rows[5] = ("", "", "")  # rejected: keyless, not a duplicate
     manifest = write_catalog(tmp_path / "m.csv", rows)
-    scan = scan_keys(manifest, defaults=Defaults(), limit=None)
+    scan = scan_keys(manifest, defaults=Defaults(), limit=None, shard_size=5)
     assert scan.total_rows == 10
     assert scan.duplicates.rows() == [(3, 2), (7, 1)]
     first, second = ShardSpec(0, 0, 5), ShardSpec(1, 5, 10)
     assert earlier_duplicates(scan.duplicates, first) == {}  # its own ledger names row 3's
     assert earlier_duplicates(scan.duplicates, second) == {7: 1}
+    assert scan.first_keys == {0: "id0", 1: None}
 
 
 def _part(path: Path, start: int, count: int, extra: pa.Array) -> Path:
