@@ -9,8 +9,8 @@ append-only part ``<out>/.klein/parts/<run id>/part-NNNNNN.parquet`` (the output
 fixed columns), so a crash loses at most a few seconds of records, and the data team can
 watch a long run land. When the final ``manifest.parquet`` is stored the parts are removed.
 
-Which ledger a rerun trusts: each snapshot carries a generation id (object metadata) that
-the uploader also writes to ``snapshot.generation`` in its work dir. If the output's
+Which ledger a rerun trusts: after each snapshot the uploader stores a new generation id in
+``<out>/.klein/ledger.generation`` and in ``snapshot.generation`` in its work dir. If the output's
 snapshot has the generation this work dir last uploaded, the local ledger is the same or
 newer and is used; otherwise (another machine ran since, or this machine never ran into
 this output) the snapshot is downloaded. No work dir at all is the "resume from S3 alone"
@@ -33,7 +33,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Final, Protocol, runtime_checkable
 
 import pyarrow.parquet as pq
 
@@ -56,7 +56,7 @@ PARTS_RELDIR: Final = ".klein/parts"
 #: Which machine and process last opened the output (written first: the write probe).
 WRITER_RELPATH: Final = ".klein/writer.json"
 _GENERATION_FILE: Final = "snapshot.generation"
-_GENERATION_META: Final = "klein-generation"
+GENERATION_RELPATH: Final = ".klein/ledger.generation"
 _SQLITE_CONTENT_TYPE: Final = "application/vnd.sqlite3"
 
 
@@ -68,16 +68,11 @@ class RemoteStore(Protocol):
 
     async def put(self, relpath: str, data: bytes, content_type: str) -> str: ...
 
-    async def put_file(
-        self,
-        relpath: str,
-        local_path: Path,
-        content_type: str,
-        *,
-        metadata: dict[str, str] | None = None,
-    ) -> str: ...
+    async def put_file(self, relpath: str, local_path: Path, content_type: str) -> str: ...
 
-    async def head(self, relpath: str) -> dict[str, Any] | None: ...
+    async def get(self, relpath: str) -> bytes | None: ...
+
+    async def exists(self, relpath: str) -> bool: ...
 
     async def download(self, relpath: str, target: Path) -> None: ...
 
@@ -190,12 +185,13 @@ class RemoteJournal:
         # before any credit is spent on images that could not be stored.
         writer = {"host": socket.gethostname(), "pid": os.getpid(), "opened_at": time.time()}
         await self.sink.put(WRITER_RELPATH, json.dumps(writer).encode(), "application/json")
-        remote = await self.sink.head(LEDGER_RELPATH)
+        remote = await self.sink.exists(LEDGER_RELPATH)
         local = self.ledger_path.is_file()
-        if remote is None:
+        if not remote:
             self.source = "local" if local else "new"
             return
-        generation = (remote.get("Metadata") or {}).get(_GENERATION_META)
+        stored = await self.sink.get(GENERATION_RELPATH)
+        generation = stored.decode("ascii", "replace").strip() if stored else None
         if local and generation and generation == self._local_generation():
             self.source = "local"
             return
@@ -290,12 +286,10 @@ class RemoteJournal:
         try:
             await asyncio.to_thread(_backup, self.ledger_path, tmp)
             generation = uuid.uuid4().hex
-            await self.sink.put_file(
-                LEDGER_RELPATH,
-                tmp,
-                _SQLITE_CONTENT_TYPE,
-                metadata={_GENERATION_META: generation},
-            )
+            await self.sink.put_file(LEDGER_RELPATH, tmp, _SQLITE_CONTENT_TYPE)
+            # After the snapshot: a crash in between leaves the older id, which only makes
+            # this machine trust its own (newer) ledger and others download the snapshot.
+            await self.sink.put(GENERATION_RELPATH, generation.encode(), "text/plain")
             self._write_generation(generation)
             self.snapshots += 1
         finally:

@@ -45,6 +45,7 @@ async def test_a_fresh_output_starts_new_and_leaves_snapshot_parts_and_writer(
     listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/.klein/")
     keys = sorted(item["Key"] for item in listed["Contents"])
     assert keys == [
+        "out/.klein/ledger.generation",
         "out/.klein/ledger.sqlite",
         "out/.klein/parts/run-1/part-000001.parquet",
         "out/.klein/writer.json",
