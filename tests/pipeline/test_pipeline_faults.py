@@ -1,0 +1,102 @@
+"""Each fault the simulator can inject, alone, on a few hundred rows.
+
+Whatever goes wrong, every row ends in exactly one terminal state, no row is lost, every
+image called succeeded is verified on disk, and the only submits the simulator may see
+twice are those whose answer the client never received (``ambiguous_submits``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import polars as pl
+import pytest
+from pipeline_helpers import check_output, key_stats, run_against, statuses, write_catalog
+
+from pipeline.sim import EndpointFaults, FaultConfig, ModerationConfig, SimServer
+
+ROWS = 200
+
+FAULTS: dict[str, tuple[FaultConfig, str]] = {
+    "submit-503": (FaultConfig(seed=1, submit=EndpointFaults(error_503=0.25)), "submit_503"),
+    "submit-500": (FaultConfig(seed=2, submit=EndpointFaults(error_500=0.25)), "submit_500"),
+    "submit-drop": (FaultConfig(seed=3, submit=EndpointFaults(drop=0.2)), "submit_drop"),
+    "poll-503": (FaultConfig(seed=4, poll=EndpointFaults(error_503=0.2)), "poll_503"),
+    "poll-500": (FaultConfig(seed=5, poll=EndpointFaults(error_500=0.2)), "poll_500"),
+    "poll-drop": (FaultConfig(seed=6, poll=EndpointFaults(drop=0.2)), "poll_drop"),
+    "download-503": (FaultConfig(seed=7, download=EndpointFaults(error_503=0.2)), "download_503"),
+    "download-500": (FaultConfig(seed=8, download=EndpointFaults(error_500=0.2)), "download_500"),
+    "download-drop": (FaultConfig(seed=9, download=EndpointFaults(drop=0.2)), "download_drop"),
+    "truncated": (FaultConfig(seed=10, truncate=0.25), "download_truncate"),
+    "slow": (FaultConfig(seed=11, slow=0.1, slow_bytes_per_s=4_000_000), "download_slow"),
+    "task-failed": (FaultConfig(seed=12, task_failed=0.15), "task_failed"),
+}
+
+
+@pytest.mark.parametrize("name", list(FAULTS))
+def test_one_fault_alone(name: str, start_sim: Callable[..., SimServer], tmp_path: Path) -> None:
+    faults, counter = FAULTS[name]
+    server = start_sim(faults=faults)
+    manifest = write_catalog(tmp_path / "in", ROWS)
+    out = tmp_path / "out"
+
+    summary = run_against(server, manifest, out)
+
+    table = check_output(out, ROWS, summary)
+    stats = key_stats(server)
+    assert stats["faults"].get(counter, 0) > 0, f"the fault {counter} never fired: {stats}"
+    assert stats["duplicate_submits"] <= summary.ambiguous_submits
+    if name == "submit-drop":
+        # Every dropped answer is counted; the task it created is the only possible duplicate.
+        assert summary.ambiguous_submits >= stats["faults"]["submit_drop"] > 0
+    else:
+        assert summary.ambiguous_submits == 0
+        assert stats["duplicate_submits"] == 0
+    counts = statuses(table)
+    if name == "task-failed":
+        failed = table.filter(pl.col("status") == "failed")
+        assert failed.height == stats["tasks_failed"] > 0
+        assert set(failed["reason"].to_list()) == {"the API reported the task FAILED"}
+        assert failed["output_uri"].null_count() == failed.height
+        assert counts["succeeded"] == ROWS - failed.height
+    else:
+        # Transient faults at these rates are all absorbed by the retry loop.
+        assert counts == {"succeeded": ROWS}, table.filter(pl.col("status") != "succeeded")
+    if name.startswith(("poll", "download", "truncated", "submit-5")):
+        assert summary.retries > 0
+
+
+def test_moderation_by_word_and_tolerance(
+    start_sim: Callable[..., SimServer], tmp_path: Path
+) -> None:
+    server = start_sim(moderation=ModerationConfig(words=["forbidden"], pass_tolerance=4))
+    n = 120
+    # Every third row mentions the word; half of those are lenient enough to pass.
+    prompts = [f"mug {i} with forbidden print" if i % 3 == 0 else f"mug {i}" for i in range(n)]
+    tolerance = [str(4 if i % 6 == 0 else 1) for i in range(n)]
+    manifest = write_catalog(
+        tmp_path / "in", n, extra={"safety_tolerance": tolerance}, prompt=prompts
+    )
+
+    summary = run_against(server, manifest, tmp_path / "out")
+
+    table = check_output(tmp_path / "out", n, summary)
+    expected = {i for i in range(n) if i % 3 == 0 and i % 6 != 0}
+    moderated = table.filter(pl.col("status") == "moderated")
+    assert set((moderated["row"] - 1).to_list()) == expected
+    assert moderated["reason"].str.contains("moderated").all()
+    assert moderated["cost_credits"].sum() == 0
+    assert statuses(table) == {"succeeded": n - len(expected), "moderated": len(expected)}
+    stats = key_stats(server)
+    assert stats["tasks_moderated"] == len(expected)
+
+
+def test_random_moderation(start_sim: Callable[..., SimServer], tmp_path: Path) -> None:
+    server = start_sim(moderation=ModerationConfig(rate=0.2), faults=FaultConfig(seed=13))
+    summary = run_against(server, write_catalog(tmp_path / "in", ROWS), tmp_path / "out")
+
+    table = check_output(tmp_path / "out", ROWS, summary)
+    counts = statuses(table)
+    assert counts["moderated"] == key_stats(server)["tasks_moderated"] > 0
+    assert counts["succeeded"] + counts["moderated"] == ROWS

@@ -1,0 +1,107 @@
+"""The happy path over real HTTP: every row succeeds and the output says so exactly."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import polars as pl
+import pyarrow as pa
+import pytest
+from pipeline_helpers import check_output, key_stats, run_against, statuses, write_catalog
+
+from pipeline.contract import ASPECT_RATIOS
+from pipeline.sim import SimServer
+
+
+def test_csv_catalog_every_row_succeeds(sim: SimServer, tmp_path: Path) -> None:
+    n = 60
+    presets = list(ASPECT_RATIOS)
+    manifest = write_catalog(
+        tmp_path / "in",
+        n,
+        extra={
+            "aspect_ratio": [presets[i % len(presets)] for i in range(n)],
+            "resolution": ["2k" if i % 15 == 0 else "1k" for i in range(n)],
+            "seed": [str(i * 7) for i in range(n)],
+            "category": ["kitchen" if i % 2 else "garden" for i in range(n)],
+        },
+    )
+    out = tmp_path / "out"
+    summary = run_against(sim, manifest, out)
+
+    table = check_output(out, n, summary)
+    assert statuses(table) == {"succeeded": n}
+    assert table["key"].to_list() == [f"item-{i:04d}" for i in range(n)]
+    assert table["seed"].to_list() == [i * 7 for i in range(n)]
+    # Extra CSV columns come back as the text they were (SKU zeros kept).
+    assert table["sku"].to_list() == [f"SKU{i:05d}" for i in range(n)]
+    assert table["category"].dtype == pl.String
+    stats = key_stats(sim)
+    assert stats["submits_accepted"] == n
+    assert stats["duplicate_submits"] == 0
+    report = json.loads((out / "run.json").read_text())
+    assert report["exit_code"] == 0
+    assert report["credits"] == pytest.approx(stats["credits_charged"])
+    assert report["credits"] == pytest.approx(table["cost_credits"].sum())
+    assert report["latency_p50_s"] is not None
+    assert summary.exit_code == 0
+
+
+def test_parquet_input_keeps_extra_column_types(sim: SimServer, tmp_path: Path) -> None:
+    n = 12
+    when = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+    table = pa.table(
+        {
+            "prompt": [f"garden chair {i}" for i in range(n)],
+            "sku": pa.array(list(range(1000, 1000 + n)), pa.int32()),
+            "price": pa.array([9.5 + i for i in range(n)], pa.float64()),
+            "in_stock": pa.array([i % 3 != 0 for i in range(n)], pa.bool_()),
+            "tags": pa.array([["outdoor", f"t{i}"] for i in range(n)], pa.list_(pa.string())),
+            "listed": pa.array([when] * n, pa.timestamp("ms", tz="UTC")),
+            "output_format": ["png" if i % 2 else "jpeg" for i in range(n)],
+        }
+    )
+    source = tmp_path / "chairs.parquet"
+    import pyarrow.parquet as pq
+
+    pq.write_table(table, source)
+    out = tmp_path / "out"
+    summary = run_against(sim, source, out)
+
+    result = check_output(out, n, summary)
+    assert statuses(result) == {"succeeded": n}
+    schema = pq.read_schema(out / "manifest.parquet")
+    assert schema.field("sku").type == pa.int32()
+    assert schema.field("price").type == pa.float64()
+    assert schema.field("in_stock").type == pa.bool_()
+    # polars hands lists back as large lists: the same values, a wider offset type.
+    tags = schema.field("tags").type
+    assert pa.types.is_list(tags) or pa.types.is_large_list(tags)
+    assert pa.types.is_timestamp(schema.field("listed").type)
+    assert result["sku"].to_list() == list(range(1000, 1000 + n))
+    assert result["tags"].to_list()[5] == ["outdoor", "t5"]
+    assert result["format"].to_list() == ["png" if i % 2 else "jpeg" for i in range(n)]
+    # Rows without an id get a stable key and a derived seed, recorded for reruns.
+    assert result["key"].n_unique() == n
+    assert result["seed"].null_count() == 0
+
+
+def test_rerun_of_a_finished_run_sends_nothing(sim: SimServer, tmp_path: Path) -> None:
+    manifest = write_catalog(tmp_path / "in", 20)
+    out = tmp_path / "out"
+    run_against(sim, manifest, out)
+    before = key_stats(sim)
+    first = pl.read_parquet(out / "manifest.parquet")
+
+    again = run_against(sim, manifest, out)
+
+    after = key_stats(sim)
+    assert after["submits_accepted"] == before["submits_accepted"]
+    assert after["polls"] == before["polls"]
+    second = check_output(out, 20, again)
+    assert again.resumed_rows == 20
+    assert second.select("key", "sha256", "task_id").equals(
+        first.select("key", "sha256", "task_id")
+    )

@@ -1,0 +1,180 @@
+"""Resume: a real ``klein-batch run`` killed mid-run, then run again to the end.
+
+The simulator runs in its own process so it outlives the pipeline and remembers every task;
+the pipeline is killed once the ledger holds acknowledged tasks that have not finished. The
+rerun must poll those tasks, not pay for them again, and finish every row.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import time
+from pathlib import Path
+
+import polars as pl
+import pytest
+from pipeline_helpers import (
+    KLEIN_BATCH,
+    SIM_KEY,
+    SimProcess,
+    check_output,
+    cli_env,
+    statuses,
+    wait_for,
+    write_catalog,
+)
+
+ROWS = 120
+SIM_TOML = """
+[latency]
+median_s = 0.4
+p95_s = 0.8
+
+[[keys]]
+name = "demo"
+key = "sim-demo-key"
+max_active = 12
+"""
+
+
+def acked(ledger: Path) -> dict[str, tuple[str, str | None]]:
+    """key -> (task id, final status or None) for every acknowledged task in the ledger."""
+    if not ledger.exists():
+        return {}
+    conn = sqlite3.connect(f"{ledger.resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        rows = conn.execute(
+            "SELECT key, task_id, status FROM tasks WHERE task_id IS NOT NULL"
+        ).fetchall()
+    except sqlite3.OperationalError:  # the run has not created its tables yet
+        return {}
+    finally:
+        conn.close()
+    return {key: (task_id, status) for key, task_id, status in rows}
+
+
+def in_flight(ledger: Path) -> int:
+    return sum(1 for _, status in acked(ledger).values() if status is None)
+
+
+@pytest.fixture
+def sim_process(tmp_path: Path) -> SimProcess:
+    config = tmp_path / "sim.toml"
+    config.write_text(SIM_TOML, encoding="utf-8")
+    process = SimProcess(config)
+    yield process
+    process.stop()
+
+
+def run_command(manifest: Path, out: Path, url: str) -> list[str]:
+    return [
+        *(KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url),
+        *("--max-active", "12", "--progress", "off"),
+    ]
+
+
+def start_run(manifest: Path, out: Path, url: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        run_command(manifest, out, url),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
+    )
+
+
+def interrupt_mid_run(
+    proc: subprocess.Popen[str], ledger: Path, signum: int
+) -> tuple[str, str, dict[str, tuple[str, str | None]]]:
+    try:
+        # Mid-run: some rows done, some tasks acknowledged and still running on the server.
+        wait_for(
+            lambda: sum(1 for _, s in acked(ledger).values() if s) >= 10 and in_flight(ledger) >= 5,
+            what="acknowledged tasks in flight",
+        )
+        proc.send_signal(signum)
+        started = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        print(f"exited {time.monotonic() - started:.2f} s after the signal")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return out, err, acked(ledger)
+
+
+def rerun_and_check(
+    manifest: Path, out: Path, sim: SimProcess, before: dict[str, tuple[str, str | None]]
+) -> pl.DataFrame:
+    stats_before = sim.stats()
+    rerun = subprocess.run(
+        run_command(manifest, out, sim.url),
+        capture_output=True,
+        text=True,
+        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
+        timeout=180,
+    )
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    assert "Traceback" not in rerun.stderr
+    table = check_output(out, ROWS)
+    assert statuses(table) == {"succeeded": ROWS}
+    stats = sim.stats()
+    report = json.loads((out / "run.json").read_text())
+    # Every task acknowledged before the interruption was collected, not submitted again.
+    final = dict(zip(table["key"].to_list(), table["task_id"].to_list(), strict=True))
+    for key, (task_id, _) in before.items():
+        assert final[key] == task_id, key
+    unfinished = ROWS - sum(1 for _, status in before.values() if status)
+    assert report["resumed_rows"] >= sum(1 for _, status in before.values() if status)
+    # The rerun submitted only rows never acknowledged; at most the lost answers repeat.
+    new_submits = stats["submits_accepted"] - stats_before["submits_accepted"]
+    assert (
+        new_submits
+        <= unfinished
+        - sum(1 for _, s in before.values() if s is None)
+        + (report["ambiguous_submits"])
+    )
+    assert stats["duplicate_submits"] <= report["ambiguous_submits"]
+    assert stats["submits_accepted"] == ROWS + stats["duplicate_submits"]
+    return table
+
+
+@pytest.mark.slow
+def test_kill_9_mid_run_then_rerun_finishes_without_paying_twice(
+    sim_process: SimProcess, tmp_path: Path
+) -> None:
+    manifest = write_catalog(tmp_path / "in", ROWS)
+    out = tmp_path / "out"
+    ledger = out / ".klein" / "ledger.sqlite"
+    proc = start_run(manifest, out, sim_process.url)
+
+    _, _, before = interrupt_mid_run(proc, ledger, signal.SIGKILL)
+
+    assert proc.returncode == -signal.SIGKILL
+    assert any(status is None for _, status in before.values())
+    # A killed run wrote no output manifest for this run; the rerun writes the whole of it.
+    rerun_and_check(manifest, out, sim_process, before)
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_the_rerun_resumes(sim_process: SimProcess, tmp_path: Path) -> None:
+    manifest = write_catalog(tmp_path / "in", ROWS)
+    out = tmp_path / "out"
+    ledger = out / ".klein" / "ledger.sqlite"
+    proc = start_run(manifest, out, sim_process.url)
+
+    _, err, before = interrupt_mid_run(proc, ledger, signal.SIGINT)
+
+    assert proc.returncode == 130, err
+    assert "run the same command again to resume" in err
+    assert "Traceback" not in err
+    # An interrupted run still accounts for every row: unfinished ones are skipped, saying why.
+    partial = check_output(out, ROWS)
+    skipped = partial.filter(pl.col("status") == "skipped")
+    assert skipped.height > 0
+    assert skipped["reason"].str.contains("run again").all()
+    before = acked(ledger)
+    rerun_and_check(manifest, out, sim_process, before)
