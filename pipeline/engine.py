@@ -21,6 +21,7 @@ import heapq
 import itertools
 import json
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -44,6 +45,16 @@ log = logging.getLogger(__name__)
 
 #: Largest image body accepted from a result URL (a 2k PNG is well under this).
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+#: Consecutive 429s, with no submit accepted in between, beyond what probing explains: a
+#: limit the client was not told (a per-minute limit, another job on the key). The server
+#: counts refused submits against its sliding minute too, so a client that keeps knocking
+#: can hold the window full for ever; from here on one scout submit goes per round, after
+#: the server's Retry-After or, without one, a pause doubling from ``STORM_FIRST_PAUSE_S``
+#: up to a whole minute (the window then surely drains).
+STORM_REFUSALS = 8
+STORM_FIRST_PAUSE_S = 0.5
+STORM_MAX_PAUSE_S = 61.0
 
 
 class Journal(Protocol):
@@ -165,6 +176,10 @@ class Engine:
         self._by_task: dict[str, _Tracked] = {}
         self._polling: set[asyncio.Task[None]] = set()
         self._abort_reason: str | None = None
+        self._refusal_streak = 0
+        self._storm_round = 0
+        self._quiet_until = 0.0
+        self._scout = asyncio.Lock()
 
     # --- public -------------------------------------------------------------------------------
 
@@ -320,17 +335,55 @@ class Engine:
                 while True:
                     if self._abort_reason:
                         raise _Abort
-                    permit = await self.slots.acquire()
-                    if self._abort_reason:
-                        self.slots.abandoned(permit)
-                        raise _Abort
-                    await self._rate.acquire()
-                    job.attempts += 1
-                    result = await self._submit_once(job, payload, permit)
+                    if self._storm_round:
+                        async with self._scout:  # one submit at a time while 429s storm
+                            # Only the scout (this lock's holder) extends a pause.
+                            pause = self._quiet_until - time.monotonic()
+                            if pause > 0:
+                                await asyncio.sleep(pause)
+                            if not self._storm_round:
+                                continue  # it ended while we queued: back to full speed
+                            result = await self._send(job, payload)
+                    else:
+                        result = await self._send(job, payload)
                     if result is not None:
                         return result
-                    job.attempts -= 1  # a 429 is not an attempt: it was never taken
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _send(self, job: Job, payload: bytes) -> Submitted | None:
+        """One submit request within the limits; None when it was refused with a 429."""
+        permit = await self.slots.acquire()
+        if self._abort_reason:
+            self.slots.abandoned(permit)
+            raise _Abort
+        await self._rate.acquire()
+        job.attempts += 1
+        result = await self._submit_once(job, payload, permit)
+        if result is None:
+            job.attempts -= 1  # a 429 is not an attempt: it was never taken
+        return result
+
+    def _refused_storm(self, retry_after: float | None) -> None:
+        """Count a 429; past ``STORM_REFUSALS`` in a row, pause every submitter (a round)."""
+        self._refusal_streak += 1
+        now = time.monotonic()
+        if self._refusal_streak < STORM_REFUSALS or now < self._quiet_until:
+            return  # probing explains it, or an answer already in the air during a pause
+        self._storm_round += 1
+        if retry_after:
+            pause = min(retry_after, self._settings.retry.max_retry_after_s)
+            why = "as Retry-After asks"
+        else:
+            backoff = STORM_FIRST_PAUSE_S * 2.0 ** (self._storm_round - 1)
+            pause = min(STORM_MAX_PAUSE_S, backoff * random.uniform(0.5, 1.0))
+            why = "no Retry-After: backing off"
+        self._quiet_until = now + pause
+        log.warning(
+            "%d submits refused (429) in a row: pausing submits for %.1f s (%s)",
+            self._refusal_streak,
+            pause,
+            why,
+        )
 
     async def _submit_once(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
         key = job.row.key
@@ -365,12 +418,14 @@ class Engine:
                 raise Transient(f"bad submit answer: {exc}") from None
             self.slots.accepted(permit)
             self.stats.accepted += 1
+            self._refusal_streak = self._storm_round = 0
             return submitted
         self._journal.record_refused(key)
         if status == 429:
             self.stats.rate_limited += 1
             speculative = permit.speculative
             self.slots.refused(permit)
+            self._refused_storm(retry_after)
             if not speculative and retry_after:
                 # We believed a slot was free: another client holds the key. Its hint counts.
                 await asyncio.sleep(min(retry_after, self._settings.retry.max_retry_after_s))

@@ -286,7 +286,9 @@ def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | No
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.started_at))
     return (
         f"<header><h1>{_e(summary.manifest)}</h1><p>run {_e(summary.run_id)} · started "
-        f"{started} · {manifest.height:,} rows · tier {_e(summary.tier)} "
+        f"{started} · {manifest.height:,} "
+        f"{'images (rows x variations)' if 'variation' in manifest.columns else 'rows'} · "
+        f"tier {_e(summary.tier)} "
         f"({summary.max_active} active, {summary.submits_per_minute}/min) · "
         f'<a href="#problems">problems</a></p><div class="stats">{"".join(tiles)}</div></header>'
     )
@@ -304,7 +306,7 @@ def _seconds(value: float | None) -> str:
 
 # --- charts ---------------------------------------------------------------------------------
 
-_W: Final = 560
+_W: Final = 520
 _H: Final = 200
 _PAD_L: Final = 46
 _PAD_B: Final = 26

@@ -1,0 +1,59 @@
+"""Regenerate docs/report.png: the README's catalog demo run, its report in Chromium.
+
+    .venv/bin/python tests/browser/make_screenshot.py [OUT_DIR]
+
+Runs the demo (the example catalog, a prompt template, 3 styles x 2 aspect ratios) on the
+bundled simulator, opens ``OUT_DIR/report.html`` in headless Chromium and stores the top of
+the page as a 256-colour PNG (a modest file for the repository).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import sys
+import tempfile
+from pathlib import Path
+
+from cdp import Browser, find_chromium
+from PIL import Image
+
+from pipeline import run_manifest
+
+REPO = Path(__file__).resolve().parents[2]
+TEMPLATE = "{style} product photo of a {color} {title} in {material}"
+VARY = ["style=studio,lifestyle,outdoor", "aspect_ratio=square_1_1,portrait_2_3"]
+
+
+async def _shot(url: str, width: int, height: int) -> bytes:
+    binary = find_chromium()
+    if binary is None:
+        raise SystemExit("chromium is not installed (apt-get install -y chromium)")
+    async with Browser(binary, width=width, height=height) as page:
+        await page.open(url)
+        await page.evaluate(
+            "Promise.all([...document.images].map((i) => { i.loading = 'eager'; "
+            "return i.decode().catch(() => null); })).then(() => true)"
+        )
+        return await page.screenshot(width, height)
+
+
+def main() -> None:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="klein-demo-"))
+    summary = run_manifest(
+        REPO / "manifests" / "examples" / "catalog.csv",
+        out,
+        sim=True,
+        prompt_template=TEMPLATE,
+        vary=VARY,
+    )
+    print(summary.counts, f"{summary.credits:.2f} credits")
+    png = asyncio.run(_shot((out / "report.html").resolve().as_uri(), 1200, 1050))
+    image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256)
+    target = REPO / "docs" / "report.png"
+    image.save(target, optimize=True)
+    print(f"wrote {target} ({target.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    main()
