@@ -76,6 +76,7 @@ def summary_markdown(
     shards: int,
     share: int,
     failed_shards: list[int],
+    report_uri: str | None = None,
 ) -> str:
     counts = summary.counts
     lines = [
@@ -115,6 +116,9 @@ def summary_markdown(
         f"- [run summary]({link(run_json_uri)}) `{run_json_uri}`",
         f"- [images]({link(images_uri)}) `{images_uri}`",
     ]
+    if report_uri:
+        # The page people look at: contact sheet, problems, throughput (pipeline/html_report.py).
+        lines.append(f"- [report.html]({link(report_uri)}) `{report_uri}`")
     return "\n".join(lines) + "\n"
 
 

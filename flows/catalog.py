@@ -63,6 +63,7 @@ from pipeline.contract import (
     DEFAULT_SAFETY,
 )
 from pipeline.errors import ConfigError, KleinError
+from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
 from pipeline.limits import resolve_tier
 from pipeline.manifest import Defaults
@@ -436,6 +437,7 @@ async def generate_catalog(
             "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
         }
         run_json_uri = await write_run_json(sink, summary, extra)
+        report_uri = await write_html_report(sink, summary)
         summary_data = summary.to_dict() | extra
         await artifacts.publish_summary(
             artifacts.summary_markdown(
@@ -446,6 +448,7 @@ async def generate_catalog(
                 shards=len(shards),
                 share=share.occupy,
                 failed_shards=[],
+                report_uri=report_uri,
             )
         )
         logger.info("catalog done: %s", _counts_text(summary.counts))
