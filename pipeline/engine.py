@@ -100,6 +100,10 @@ class EngineSettings:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     download_concurrency: int = 32
     poll_concurrency: int = 64
+    #: The API cannot know tasks of earlier runs (``--sim`` starts a fresh simulator per
+    #: run): a resumed row takes the image an earlier run stored, else is submitted again,
+    #: never polled. Not for a real API: a task it forgot may still have been charged.
+    resubmit_unknown: bool = False
     webhook_url: str | None = None
 
 
@@ -270,6 +274,15 @@ class Engine:
                 reason = f"{job.source} {job.row.where}, column {column}: {exc}"
                 return self._outcome(job, RowStatus.REJECTED, reason=reason)
         digests = tuple(r.digest for r in references)
+        if job.task_id is not None and self._settings.resubmit_unknown:
+            # Tasks of earlier runs are unknown to this API (a fresh simulator): take the
+            # image an earlier run stored, else submit the row again.
+            stored = await self._stored_outcome(job, job.task_id, job.queued_at, digests)
+            if stored is not None:
+                return stored
+            log.info("row %s: resubmitting task %s of an earlier run", job.row.key, job.task_id)
+            job.task_id = job.poll_url = None
+            return await self._outcome_of(job)
         if job.task_id is None:
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
@@ -299,20 +312,31 @@ class Engine:
             self.slots.adopt()
             tracked = self._track(job, job.task_id, job.poll_url or "", job.queued_at)
             self._schedule(tracked, 0.0)
+        failure: _RowError | None = None
         try:
             state = await self._wait(tracked)
         except _RowError as exc:
+            failure = exc
+        finally:
+            self._by_task.pop(tracked.task_id, None)
+            self.slots.finished()
+        if failure is not None:
+            if isinstance(failure, _UnknownTask) and job.task_id is not None:
+                # Resumed, and the API no longer knows the task: the earlier run may have
+                # stored its image before it was stopped.
+                stored = await self._stored_outcome(
+                    job, tracked.task_id, tracked.submitted_at, digests
+                )
+                if stored is not None:
+                    return stored
             return self._outcome(
                 job,
-                exc.status,
-                reason=exc.reason,
+                failure.status,
+                reason=failure.reason,
                 task_id=tracked.task_id,
                 digests=digests,
                 submitted_at=tracked.submitted_at,
             )
-        finally:
-            self._by_task.pop(tracked.task_id, None)
-            self.slots.finished()
         if state.phase != "completed":
             status = RowStatus.MODERATED if state.phase == "moderated" else RowStatus.FAILED
             return self._outcome(
@@ -543,7 +567,7 @@ class Engine:
         if status == 429 or status >= 500:
             raise Transient(message, retry_after=retry_after)
         if status == 404:
-            raise _RowError(
+            raise _UnknownTask(
                 RowStatus.FAILED,
                 f"task {tracked.task_id} is unknown to the API ({message}); "
                 "rerun with --retry-failed to submit it again",
@@ -567,6 +591,12 @@ class Engine:
                     data = await self._download(url, request.output_format, expected)
                     break
                 except _Expired as exc:
+                    if job.task_id is not None:
+                        stored = await self._stored_outcome(
+                            job, tracked.task_id, tracked.submitted_at, digests
+                        )
+                        if stored is not None:
+                            return stored
                     if refreshed:
                         return self._outcome(
                             job,
@@ -621,6 +651,47 @@ class Engine:
             digests=digests,
             submitted_at=tracked.submitted_at,
             output_uri=uri,
+            sha256=info.sha256,
+            width=info.width,
+            height=info.height,
+            format=info.format,
+            size=info.size,
+            cost=cost_credits(info.width, info.height),
+        )
+
+    async def _stored_outcome(
+        self, job: Job, task_id: str, submitted_at: float, digests: tuple[str, ...]
+    ) -> Outcome | None:
+        """A resumed row's image as an earlier run stored it, verified; None if there is none.
+
+        A run stopped between storing an image and committing its outcome leaves the file
+        and an open task in the ledger. When the result URL has since expired, or the API
+        has forgotten the task, that file is the image (already paid for): use it.
+        """
+        request = job.row.request
+        relpath = f"images/{job.row.key}.{FORMAT_EXT[request.output_format]}"
+        if not await self._sink.exists(relpath):
+            return None
+        data = await self._sink.get(relpath)
+        if data is None:
+            return None
+        try:
+            info = await asyncio.to_thread(
+                inspect_image,
+                data,
+                expected_format=request.output_format,
+                expected_size=self._provider.output_size(request),
+            )
+        except InvalidImage as exc:
+            log.warning("stored image %s is not usable (%s): not taken as done", relpath, exc)
+            return None
+        return self._outcome(
+            job,
+            RowStatus.SUCCEEDED,
+            task_id=task_id,
+            digests=digests,
+            submitted_at=submitted_at,
+            output_uri=self._sink.uri(relpath),
             sha256=info.sha256,
             width=info.width,
             height=info.height,
@@ -730,6 +801,10 @@ class _RowError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class _UnknownTask(_RowError):
+    """The API answers 404 for the task: it was forgotten (or never existed there)."""
 
 
 class _Expired(Exception):

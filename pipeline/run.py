@@ -29,6 +29,7 @@ from pathlib import Path
 import aiohttp
 import polars as pl
 import pyarrow as pa
+from yarl import URL
 
 from pipeline.budget import Budget
 from pipeline.contract import RowStatus
@@ -78,6 +79,11 @@ class RunOptions:
     allow_http: bool = False
     #: How hard each step (submit, poll, download) retries before its row ends ``failed``.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Submit again a resumed task the API answers 404 for, instead of failing the row. Set
+    #: by ``sim=True``: each run starts a fresh simulator that knows no earlier task, and
+    #: resubmitting to it costs nothing real. Against a real API leave it off (a forgotten
+    #: task may have been charged); ``--retry-failed`` resubmits such rows on request.
+    resubmit_unknown: bool = False
     progress_interval_s: float = 0.25
     #: Skip this many data rows first (a shard's row range is ``offset`` + ``limit`` rows);
     #: rows keep their original numbers in messages and in the output manifest.
@@ -138,6 +144,7 @@ def run_manifest(
         from pipeline.sim import SimConfig, SimServer
 
         config = sim if isinstance(sim, SimConfig) else SimConfig()
+        opts.resubmit_unknown = True
         with SimServer.in_thread(config) as server:
             key = config.keys[0].key
             return asyncio.run(
@@ -204,7 +211,7 @@ async def arun_manifest(
             {
                 "manifest": reader.name,
                 "dialect": opts.dialect,
-                "api_url": api_url,
+                "api_url": _without_credentials(api_url),
                 "tier": limits.name,
                 "max_active": limits.max_active,
                 "submits_per_minute": limits.submits_per_minute,
@@ -239,6 +246,7 @@ async def arun_manifest(
             poll_quantile=opts.poll_quantile,
             task_timeout_s=opts.task_timeout_s,
             retry=opts.retry,
+            resubmit_unknown=opts.resubmit_unknown,
         )
         references = ReferenceStore(
             reader.base_dir,
@@ -498,6 +506,14 @@ def _earlier_duplicates(
             )
         )
     return kept, moved
+
+
+def _without_credentials(url: str) -> str:
+    """The API URL as written down: a ``user:password@`` in it is a secret, never recorded."""
+    try:
+        return str(URL(url).with_user(None))
+    except (TypeError, ValueError):
+        return "<unparseable URL>"
 
 
 def _next_validated(

@@ -20,8 +20,11 @@ def start_sim() -> Iterator[Callable[..., SimServer]]:
     """Start a simulator (in a thread, on an ephemeral port) with the given config changes."""
     with contextlib.ExitStack() as stack:
 
-        def start(config: SimConfig | None = None, **changes: object) -> SimServer:
-            return stack.enter_context(SimServer.in_thread(config or sim_config(**changes)))
+        def start(
+            config: SimConfig | None = None, *, port: int = 0, **changes: object
+        ) -> SimServer:
+            server = SimServer.in_thread(config or sim_config(**changes), port=port)
+            return stack.enter_context(server)
 
         yield start
 
