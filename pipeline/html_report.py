@@ -5,13 +5,14 @@ variation), each with its prompt on hover and its seed and status below; the row
 did not succeed with their reasons; throughput over time, a latency histogram and credits,
 drawn as inline SVG. No script, no external CSS, fonts or images.
 
-Thumbnails are inline (``data:`` JPEG, 128 px on the longer side, about 3-5 KB each) rather
+Thumbnails are inline (``data:`` JPEG, 128 px on the longer side, 1-3 KB each) rather
 than files in a ``thumbs/`` folder: a page downloaded alone from S3 (the console's
 Download, ``aws s3 cp``, a presigned link, an e-mail attachment) then still shows every
 image, where relative links would break the moment the page leaves its folder. The cost is
-size: about 5 MB per thousand images, so the contact sheet stops at ``MAX_TILES`` images
-(10,000, ~50 MB) and says so; ``loading="lazy"`` and ``content-visibility`` keep the browser
-from decoding and laying out what is off screen. Thumbnails of a local output are cached
+size: about 2.4 MB per thousand images (``benchmarks/report_html.py``: 24 MB for 10,000,
+loaded by Chromium in about a second), so the contact sheet stops at ``MAX_TILES`` images
+and says so; ``loading="lazy"`` and ``content-visibility`` keep the browser from decoding
+and laying out what is off screen. Thumbnails of a local output are cached
 in ``.klein/thumbs/`` so a rerun only makes the new ones.
 
 The page is built from ``manifest.parquet`` (the run's record of every row), so it shows
@@ -204,7 +205,7 @@ def thumbnail(data: bytes, size: int = THUMB_PX) -> bytes:
     """A small JPEG of an image; JPEGs are decoded at reduced scale (draft mode), fast."""
     with Image.open(io.BytesIO(data)) as image:
         if image.format == "JPEG":
-            image.draft("RGB", (size * 2, size * 2))
+            image.draft("RGB", (size, size))  # decodes at 1/8 scale for a 1k image
         image.thumbnail((size, size), Image.Resampling.BILINEAR)
         rgb = image.convert("RGB")
     out = io.BytesIO()
