@@ -108,6 +108,7 @@ class SlotController:
         self._max_outstanding = max_outstanding or 4 * limit + 16
         self._grow_credit = 0.0
         self._changed = asyncio.Event()
+        self._turn = asyncio.Lock()
         self.refused_probes = 0
         self.refused_contention = 0
 
@@ -135,7 +136,15 @@ class SlotController:
     # --- the protocol ------------------------------------------------------------------------
 
     async def acquire(self) -> Permit:
-        """Wait until a submit may go, and count it as holding a slot."""
+        """Wait until a submit may go, and count it as holding a slot.
+
+        Callers queue on a lock, so each change wakes the row at the head of the queue
+        rather than every waiting row (hundreds of wake-ups per submit at the scale tier).
+        """
+        async with self._turn:
+            return await self._acquire()
+
+    async def _acquire(self) -> Permit:
         while True:
             now = time.monotonic()
             if self._held < self._max_outstanding:
