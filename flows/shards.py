@@ -13,9 +13,10 @@ naming the first row, as a single run does.
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -108,7 +109,14 @@ class ShardSink:
     def local_path(self, relpath: str) -> Path | None:
         return self.base.local_path(self.map(relpath))
 
+    def unmap(self, relpath: str) -> str:
+        """A path of the base sink as this shard names it (inverse of ``map``)."""
+        mine = self.folder + "/"
+        return relpath[len(mine) :] if relpath.startswith(mine) else relpath
+
     def __getattr__(self, name: str) -> Any:
+        # Remote sinks add methods (download, list, delete, ...); paths in and out are mapped
+        # so the journal's own calls (list then delete, say) stay inside the shard's folder.
         attribute = getattr(self.base, name)
         if not callable(attribute):
             return attribute
@@ -116,9 +124,17 @@ class ShardSink:
         def mapped(*args: Any, **kwargs: Any) -> Any:
             if args and isinstance(args[0], str):
                 args = (self.map(args[0]), *args[1:])
-            return attribute(*args, **kwargs)
+            elif args and isinstance(args[0], list):
+                args = ([self.map(p) if isinstance(p, str) else p for p in args[0]], *args[1:])
+            result = attribute(*args, **kwargs)
+            if name == "list" and inspect.isawaitable(result):
+                return self._unmapped(result)
+            return result
 
         return mapped
+
+    async def _unmapped(self, listing: Awaitable[list[str]]) -> list[str]:
+        return [self.unmap(path) for path in await listing]
 
 
 # --- the planning scan --------------------------------------------------------------------------

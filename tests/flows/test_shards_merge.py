@@ -63,6 +63,37 @@ def test_shard_sink_shares_images_and_keeps_the_rest(tmp_path: Path) -> None:
     assert sink.uri("images/a.jpg") == str((tmp_path / "images/a.jpg").resolve())
 
 
+class _Remote(LocalSink):
+    """A local folder posing as a remote sink, to see what the shard view passes on."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.deleted: list[str] = []
+
+    async def list(self, relprefix: str) -> list[str]:
+        return sorted(
+            str(p.relative_to(self.root)) for p in (self.root / relprefix).rglob("*") if p.is_file()
+        )
+
+    async def delete(self, relpaths: list[str]) -> None:
+        self.deleted += relpaths
+
+
+def test_shard_sink_maps_paths_of_remote_only_methods(tmp_path: Path) -> None:
+    base = _Remote(tmp_path)
+    sink = ShardSink(base, ".klein/shards/2")
+
+    async def listing() -> list[str]:
+        await sink.put(".klein/parts/a.parquet", b"x", "application/octet-stream")
+        await base.put(".klein/parts/other.parquet", b"y", "application/octet-stream")
+        found = await sink.list(".klein/parts")
+        await sink.delete(found)
+        return found
+
+    assert asyncio.run(listing()) == [".klein/parts/a.parquet"]
+    assert base.deleted == [".klein/shards/2/.klein/parts/a.parquet"]
+
+
 def test_scan_finds_keys_repeated_across_shards(tmp_path: Path) -> None:
     rows = [(f"id{n}", f"prompt {n}", "") for n in range(10)]
     rows[7] = ("id1", "again", "")  # repeats row 2 (index 1), in a later shard
