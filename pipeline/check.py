@@ -21,7 +21,7 @@ from typing import Final
 import polars as pl
 import pyarrow as pa
 
-from pipeline.contract import REFERENCE_FIELDS, cost_credits, output_size
+from pipeline.contract import cost_credits, output_size
 from pipeline.errors import ReferenceError
 from pipeline.manifest import Defaults, ManifestReader, iter_rows
 from pipeline.references import ReferenceStore
@@ -219,7 +219,7 @@ class _ReferenceChecker:
     def problems(self, row: Row, source: str) -> list[tuple[str, str]]:
         """(column, message) for each unusable reference of the row."""
         found: list[tuple[str, str]] = []
-        for column, spec in zip(REFERENCE_FIELDS, row.request.references, strict=False):
+        for column, spec in row.request.reference_specs():
             if not spec:
                 continue
             if reference_kind(spec) == "url":

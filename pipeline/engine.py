@@ -31,7 +31,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pipeline.budget import Budget
-from pipeline.contract import FORMAT_EXT, FORMAT_MIME, REFERENCE_FIELDS, RowStatus, cost_credits
+from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
 from pipeline.errors import ReferenceError
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
@@ -265,7 +265,7 @@ class Engine:
     async def _outcome_of(self, job: Job) -> Outcome:
         request = job.row.request
         references: list[Reference] = []
-        for column, spec in zip(REFERENCE_FIELDS, request.references, strict=False):
+        for column, spec in request.reference_specs():
             try:
                 references.append(await self._refs.load(spec, self._session))
             except ReferenceError as exc:

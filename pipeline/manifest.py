@@ -753,7 +753,18 @@ def validate_batch(
         if bad:
             bad_positions.append(position)
             continue
-        references = tuple(r for r in (ref1, ref2, ref3, ref4) if r is not None)
+        if ref1 is None and ref2 is None and ref3 is None and ref4 is None:
+            references = reference_columns = ()
+        else:
+            given = [
+                (column, spec)
+                for column, spec in zip(
+                    contract.REFERENCE_FIELDS, (ref1, ref2, ref3, ref4), strict=True
+                )
+                if spec is not None
+            ]
+            references = tuple(spec for _, spec in given)
+            reference_columns = tuple(column for column, _ in given)
         if seed_value is None:
             seed_value = default_seed
         aspect_value = aspect_value or default_aspect
@@ -781,6 +792,7 @@ def validate_batch(
             safety_tolerance=safety_value,
             output_format=format_value,
             references=references,
+            reference_columns=reference_columns,
         )
         rows.append(Row(index=index, key=key, request=request))
     rejections: list[Rejection] = []

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pipeline.contract import RowStatus
+from pipeline.contract import REFERENCE_FIELDS, RowStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +23,14 @@ class ImageRequest:
     output_format: str
     #: Reference specs as the manifest gave them (path, URL, base64 or data: URI), in order.
     references: tuple[str, ...] = ()
+    #: The manifest column of each reference, so that a message names the right one when
+    #: an earlier reference cell is empty (default: ``input_image``, ``input_image_2``, ...).
+    reference_columns: tuple[str, ...] = ()
+
+    def reference_specs(self) -> tuple[tuple[str, str], ...]:
+        """(column, spec) for each reference, in order."""
+        columns = self.reference_columns or REFERENCE_FIELDS[: len(self.references)]
+        return tuple(zip(columns, self.references, strict=True))
 
 
 @dataclass(frozen=True, slots=True)
