@@ -1,0 +1,95 @@
+"""The catalog flow with its manifest and output in S3 (moto's server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+from flow_helpers import PROMPTS, write_catalog
+from moto.server import ThreadedMotoServer
+
+from pipeline import s3
+from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SECRET = "sk-flow-s3-test-91c4"
+DUMMY_AWS = {
+    "AWS_ACCESS_KEY_ID": "klein-flow-test-access",
+    "AWS_SECRET_ACCESS_KEY": "klein-flow-test-secret",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+@pytest.fixture
+def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    for name, value in DUMMY_AWS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    monkeypatch.setenv("KLEIN_BATCH_WORK_DIR", str(tmp_path / "work"))
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
+    s3.reset_clients()
+    name = f"klein-flow-{uuid.uuid4().hex[:8]}"
+    s3.client().create_bucket(Bucket=name)
+    try:
+        yield name
+    finally:
+        s3.reset_clients()
+        server.stop()
+
+
+async def test_flow_reads_and_writes_s3(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.catalog import generate_catalog
+
+    monkeypatch.setenv("FREEPIK_API_KEY", SECRET)
+    rows = [(f"s{n}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, 12)]
+    local = write_catalog(tmp_path / "catalog.csv", rows)
+    client = s3.client()
+    client.put_object(Bucket=bucket, Key="in/catalog.csv", Body=local.read_bytes())
+    config = SimConfig(
+        keys=[KeyConfig(name="s3", key=SECRET, max_active=8)],
+        latency=LatencyConfig(median_s=0.05, p95_s=0.1),
+    )
+    async with SimServer(config) as sim:
+        state = await generate_catalog(
+            f"s3://{bucket}/in/catalog.csv",
+            f"s3://{bucket}/out/{{date}}",
+            api_url=sim.url,
+            tier=None,
+            max_active=8,
+            shard_size=4,
+            parallel_shards=2,
+            return_state=True,
+        )
+        accepted = sim.stats()["keys"]["s3"]["submits_accepted"]
+    assert state.is_completed(), state.message
+    result = await state.result()
+    out = result["output"]
+    assert out.startswith(f"s3://{bucket}/out/20")
+    prefix = out.removeprefix(f"s3://{bucket}/")
+
+    body = client.get_object(Bucket=bucket, Key=f"{prefix}/manifest.parquet")["Body"].read()
+    done = pl.read_parquet(io.BytesIO(body))
+    assert done["row"].to_list() == list(range(1, 12))
+    assert set(done["status"]) == {"succeeded"} and accepted == 11
+    assert all(uri.startswith(f"s3://{bucket}/{prefix}/images/") for uri in done["output_uri"])
+    listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/images/")
+    assert listed["KeyCount"] == 11
+    summary = json.loads(client.get_object(Bucket=bucket, Key=f"{prefix}/run.json")["Body"].read())
+    assert [s["rows"] for s in summary["shards"]] == [[1, 4], [5, 8], [9, 11]]
+    shard_ledger = client.head_object(
+        Bucket=bucket, Key=f"{prefix}/.klein/shards/2/.klein/ledger.sqlite"
+    )
+    assert shard_ledger["ContentLength"] > 0
+    assert os.environ["FREEPIK_API_KEY"] not in json.dumps(summary)
