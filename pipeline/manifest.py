@@ -53,6 +53,8 @@ _HEAD_BYTES: Final = 64 * 1024
 _CSV_BLOCK_BYTES: Final = 16 << 20
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _OUTPUT_FORMAT_ALIASES: Final = {"jpg": "jpeg"}
+#: How a binary (Parquet) reference cell is passed on: its bytes as a data: URI.
+BINARY_REFERENCE_PREFIX: Final = "data:image/binary;base64,"
 
 
 @dataclass(frozen=True, slots=True)
@@ -606,7 +608,9 @@ def _text(batch: pl.DataFrame, name: str) -> pl.Expr:
     if dtype == pl.String:
         return column
     if dtype == pl.Binary:
-        return column.bin.encode("base64")
+        # Bytes are an image, never a path: as a data: URI, a short or broken one is still
+        # checked as an image instead of being looked up as a file named like its base64.
+        return pl.concat_str(pl.lit(BINARY_REFERENCE_PREFIX), column.bin.encode("base64"))
     if dtype.is_float():
         whole = column.is_finite() & (column == column.floor()) & (column.abs() < 2**53)
         return (

@@ -207,7 +207,7 @@ def test_parquet_typed_ids_and_binary_references(tmp_path: Path) -> None:
     rows, rejections = read_all(table)
     assert rejections == []
     assert [r.key for r in rows] == ["1001", "1002"]
-    assert rows[0].request.references == ("iVBOR2Zha2U=",)
+    assert rows[0].request.references == ("data:image/binary;base64,iVBOR2Zha2U=",)
     assert rows[1].request.references == ()
 
 
