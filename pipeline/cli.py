@@ -61,7 +61,8 @@ _EXIT_CODES_HELP: Final = (
     f"Exit codes: {int(ExitCode.OK)} every row succeeded; {int(ExitCode.PARTIAL)} finished "
     f"with some rows not succeeded (or, for validate, some rows rejected); "
     f"{int(ExitCode.CANNOT_START)} could not start (bad option, unreadable manifest, missing "
-    f"API key); {EXIT_INTERRUPTED} interrupted (run the same command again to resume); "
+    f"API key, or the API refused the key); {EXIT_INTERRUPTED} interrupted (run the same "
+    f"command again to resume); "
     f"{EXIT_INTERNAL} internal error."
 )
 _INTERNAL_ERROR: Final = (

@@ -180,6 +180,8 @@ class Engine:
         self._by_task: dict[str, _Tracked] = {}
         self._polling: set[asyncio.Task[None]] = set()
         self._abort_reason: str | None = None
+        #: The API's answer when it refused the key (401/403), else None.
+        self.key_refused: str | None = None
         self._refusal_streak = 0
         self._storm_round = 0
         self._quiet_until = 0.0
@@ -460,6 +462,7 @@ class Engine:
         if status >= 500:
             raise Transient(message, retry_after=retry_after)
         if status in (401, 403):
+            self.key_refused = self.key_refused or message
             self.stop_submitting(f"the API refused the key ({message}); nothing more was submitted")
             raise _Abort
         if status == 402:
@@ -573,6 +576,7 @@ class Engine:
                 "rerun with --retry-failed to submit it again",
             )
         if status in (401, 403):
+            self.key_refused = self.key_refused or message
             self.stop_submitting(f"the API refused the key while polling ({message})")
         raise _RowError(RowStatus.FAILED, f"polling task {tracked.task_id} failed: {message}")
 

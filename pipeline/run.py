@@ -34,7 +34,7 @@ from yarl import URL
 from pipeline.budget import Budget
 from pipeline.contract import RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import Action, Ledger
 from pipeline.limits import resolve_tier
@@ -279,7 +279,27 @@ async def arun_manifest(
             finally:
                 if remote is not None:
                     await asyncio.shield(remote.close(published=published))
+    if engine is not None and engine.key_refused and not engine.stats.accepted:
+        where = f" in ${env_name}" if key == os.environ.get(env_name) else ""
+        raise KeyRefusedError(
+            f"the API at {_without_credentials(api_url)} refused the key{where} "
+            f"({engine.key_refused}); nothing was submitted; the output manifest in "
+            f"{summary.output} lists every row as skipped",
+            summary,
+        )
     return summary
+
+
+class KeyRefusedError(KleinError):
+    """The API refused the key before accepting any task: the run could not start.
+
+    Raised after the outputs are written (every row ``skipped``, saying why), so a data
+    team's tooling still finds a complete output manifest; ``summary`` is the run's.
+    """
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class _Run:
