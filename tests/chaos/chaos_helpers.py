@@ -120,9 +120,7 @@ def write_catalog(folder: Path, rows: int = 2_000, bad_every: int = 100) -> Path
         bad = bad_every and i % bad_every == bad_every - 1
         records["id"].append(f"sku-{i:06d}")
         records["prompt"].append(f"studio photo of product {i}, colour {i % 17}")
-        records["aspect_ratio"].append(
-            "square_9_9" if bad and i % 2 else aspects[i % len(aspects)]
-        )
+        records["aspect_ratio"].append("square_9_9" if bad and i % 2 else aspects[i % len(aspects)])
         records["resolution"].append("2k" if i % 250 == 0 else "1k")
         records["output_format"].append("png" if i % 10 == 3 else "jpeg")
         records["seed"].append("-1" if bad and not i % 2 else ("" if i % 3 else str(i * 7919)))

@@ -52,11 +52,7 @@ MATRIX: dict[str, tuple[dict[str, Any], bool]] = {
         True,
     ),
     "dropped-connections": (
-        {
-            "faults": _faults(
-                3, submit={"drop": 0.06}, poll={"drop": 0.06}, download={"drop": 0.06}
-            )
-        },
+        {"faults": _faults(3, submit={"drop": 0.06}, poll={"drop": 0.06}, download={"drop": 0.06})},
         True,
     ),
     "truncated-downloads": ({"faults": _faults(4, truncate=0.1)}, True),
@@ -87,7 +83,7 @@ MATRIX: dict[str, tuple[dict[str, Any], bool]] = {
                 task_failed=0.05,
             ),
             "moderation": {"rate": 0.05},
-            "result_ttl_s": 0.5,
+            "result_ttl_s": 5.0,
             "key": {"max_active": 64, "submits_per_minute": 20_000},
             "retry_after": "mixed",
         },
