@@ -1,0 +1,1 @@
+"""Reproducible benchmarks of klein-batch against the alternatives; ``python -m benchmarks.run``."""

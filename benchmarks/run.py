@@ -1,0 +1,438 @@
+"""The benchmark suite: every contender on the same manifests against the same simulator.
+
+    .venv/bin/python -m benchmarks.run            # the whole suite (under 15 minutes on 2 cores)
+    .venv/bin/python -m benchmarks.run --quick    # a smoke run of every part (under 2 minutes)
+
+For each scenario and contender a fresh simulator process starts on 127.0.0.1 (pinned to
+CPU 0 when there are two or more), the contender runs in its own process (pinned to the
+other CPUs) and the figures are taken from the simulator's counters and the kernel's
+account of the contender process (``benchmarks/harness.py``). Writes
+``benchmarks/results.json`` (raw figures) and ``benchmarks/RESULTS.md`` (tables, the
+machine, the date, the command). Every process is stopped by a timeout if it hangs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import secrets
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.harness import (
+    REPO,
+    Figures,
+    SimSettings,
+    Simulator,
+    measure,
+    run_process,
+    wait_sampling,
+)
+from benchmarks.report import render
+
+HERE = Path(__file__).resolve().parent
+PRESETS = (
+    "square_1_1",
+    "widescreen_16_9",
+    "portrait_2_3",
+    "social_post_4_5",
+    "classic_4_3",
+)
+SUBJECTS = ("leather handbag", "ceramic mug", "running shoe", "desk lamp", "wrist watch")
+SCENES = ("on marble", "in soft light", "on a beach", "studio shot", "floating")
+
+
+@dataclass(slots=True)
+class Scenario:
+    name: str
+    sim: SimSettings
+    #: Rows each contender runs (contenders left out do not run in this scenario).
+    rows: dict[str, int]
+    note: str = ""
+    figures: list[Figures] = field(default_factory=list)
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    """Row counts sized so the suite fits its time budget (see RESULTS.md for the sums)."""
+
+    def rows(
+        vendor: int, naive: int, prefect: int, klein: int, flow: int | None = None
+    ) -> dict[str, int]:
+        counts = {"vendor-sample": vendor, "naive-async": naive, "prefect-map": prefect}
+        counts["klein-batch"] = klein
+        counts["klein-batch-flow"] = klein if flow is None else flow
+        return {name: count for name, count in counts.items() if count}
+
+    standard = SimSettings("standard", 24, 3600, 1.0, 2.5)
+    scale = SimSettings("scale", 96, 14400, 0.5, 1.25)
+    if quick:
+        # A smoke run of every part but Prefect (its first start alone takes ~30 s here).
+        return [
+            Scenario("standard", standard, rows(4, 120, 0, 120, flow=0)),
+            Scenario("scale", scale, rows(0, 300, 0, 300, flow=0)),
+            Scenario("standard-faults", with_faults(standard), rows(0, 120, 0, 120, flow=0)),
+        ]
+    return [
+        Scenario("standard", standard, rows(30, 800, 300, 800)),
+        Scenario("scale", scale, rows(30, 2000, 500, 2000)),
+        Scenario("standard-faults", with_faults(standard), rows(0, 400, 0, 400)),
+        Scenario("scale-faults", with_faults(scale), rows(0, 1200, 0, 1200)),
+    ]
+
+
+def with_faults(settings: SimSettings) -> SimSettings:
+    """The same API on a bad day: 5% 503s and 2% dropped connections on every endpoint."""
+    return SimSettings(**{**_fields(settings), "error_503": 0.05, "drop": 0.02})
+
+
+def _fields(settings: SimSettings) -> dict[str, Any]:
+    return {name: getattr(settings, name) for name in SimSettings.__slots__}
+
+
+# --- manifests --------------------------------------------------------------------------------
+
+
+def write_manifest(path: Path, rows: int) -> None:
+    """Distinct 1k JPEG requests over five presets: nothing is served from a cache."""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "prompt", "aspect_ratio", "resolution", "seed", "output_format"])
+        for i in range(rows):
+            writer.writerow(
+                [
+                    f"sku-{i:07d}",
+                    f"{SUBJECTS[i % 5]} {SCENES[i // 5 % 5]}, product photo, variant {i}",
+                    PRESETS[i % len(PRESETS)],
+                    "1k",
+                    i,
+                    "jpeg",
+                ]
+            )
+
+
+def write_big_manifest(path: Path, rows: int) -> None:
+    """The sweep's manifests, written with polars (a million rows in a second or two)."""
+    import polars as pl
+
+    index = pl.int_range(0, rows, eager=True)
+    frame = pl.DataFrame({"i": index}).select(
+        pl.format("sku-{}", pl.col("i").cast(pl.String).str.zfill(7)).alias("id"),
+        pl.format("{} {}, product photo, variant {}", *_cycled_names(), pl.col("i")).alias(
+            "prompt"
+        ),
+        pl.col("i")
+        .mod(len(PRESETS))
+        .replace_strict(dict(enumerate(PRESETS)))
+        .alias("aspect_ratio"),
+        pl.lit("1k").alias("resolution"),
+        pl.col("i").alias("seed"),
+        pl.lit("jpeg").alias("output_format"),
+    )
+    frame.write_csv(path)
+
+
+def _cycled_names() -> list[Any]:
+    import polars as pl
+
+    subject = pl.col("i").mod(5).replace_strict(dict(enumerate(SUBJECTS)))
+    scene = (pl.col("i") // 5).mod(5).replace_strict(dict(enumerate(SCENES)))
+    return [subject, scene]
+
+
+# --- contenders -------------------------------------------------------------------------------
+
+
+def klein_batch_bin() -> list[str]:
+    script = Path(sys.executable).with_name("klein-batch")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+
+
+def flows_available() -> bool:
+    """Contender (e) needs the Prefect flow ``flows.catalog.generate_catalog`` (issue 4)."""
+    try:
+        from flows.catalog import generate_catalog  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def command_for(
+    contender: str, manifest: Path, url: str, out: Path, sim: SimSettings, rows: int
+) -> list[str]:
+    common = [str(manifest), "--api-url", url, "--out", str(out)]
+    if contender == "klein-batch":
+        return [
+            *klein_batch_bin(),
+            "run",
+            *common,
+            "--tier",
+            sim.tier,
+            "--limit",
+            str(rows),
+            "--progress",
+            "plain",
+        ]
+    if contender == "klein-batch-flow":
+        # Its own command line (``python -m flows.catalog``), defaults for shards.
+        limits = ["--tier", sim.tier, "--limit", str(rows)]
+        return [sys.executable, "-m", "flows.catalog", *common, *limits]
+    module = {
+        "vendor-sample": "vendor_sample",
+        "naive-async": "naive_async",
+        "prefect-map": "prefect_map",
+    }[contender]
+    return [
+        sys.executable,
+        "-m",
+        f"benchmarks.contenders.{module}",
+        *common,
+        "--max-active",
+        str(sim.max_active),
+        "--limit",
+        str(rows),
+    ]
+
+
+def contender_env(prefect_home: Path, key: str) -> dict[str, str]:
+    """A clean environment: the benchmark key, ephemeral Prefect, nothing of the caller's."""
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("PREFECT_", "FREEPIK_", "BFL_", "AWS_"))
+    }
+    env.update(
+        FREEPIK_API_KEY=key,
+        PYTHONPATH=str(REPO),
+        PREFECT_HOME=str(prefect_home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
+    return env
+
+
+def warm_prefect(prefect_home: Path, log_dir: Path) -> None:
+    """Create Prefect's local database once, untimed: a user's machine has it already, and
+    its first-time migrations (tens of seconds on one core) are not per-run overhead."""
+    code = "from prefect import flow\nflow(lambda: None, name='warm-up')()\n"
+    _, reaper, _ = run_process(
+        [sys.executable, "-c", code],
+        env=contender_env(prefect_home, "unused"),
+        log=log_dir / "prefect-warm-up.log",
+        timeout_s=300,
+        cpus=[],
+    )
+    reaper.join()
+
+
+def expected_seconds(sim: SimSettings, rows: int, contender: str) -> float:
+    """A generous upper bound on a contender's run, for its timeout."""
+    import math
+
+    sigma = math.log(sim.p95_s / sim.median_s) / 1.645
+    mean = sim.median_s * math.exp(sigma * sigma / 2)
+    if contender == "vendor-sample":
+        return rows * (mean + 1.0) * 2 + 60
+    return rows * mean / sim.max_active * 4 + 90
+
+
+def run_scenario(scenario: Scenario, cpus: tuple[list[int], list[int]], log_dir: Path) -> None:
+    sim_cpus, client_cpus = cpus
+    biggest = max(scenario.rows.values())
+    with tempfile.TemporaryDirectory(prefix=f"bench-{scenario.name}-") as tmp:
+        root = Path(tmp)
+        manifest = root / "manifest.csv"
+        write_manifest(manifest, biggest)
+        for contender, rows in scenario.rows.items():
+            if contender == "klein-batch-flow" and not flows_available():
+                continue
+            key = "bench-" + secrets.token_hex(12)
+            workdir = root / contender
+            workdir.mkdir()
+            out = workdir / "out"
+            with Simulator(scenario.sim, workdir, key, sim_cpus) as sim:
+                command = command_for(contender, manifest, sim.url, out, scenario.sim, rows)
+                log = log_dir / f"{scenario.name}-{contender}.log"
+                print(f"[{scenario.name}] {contender}: {rows} rows ...", flush=True)
+                figures = measure(
+                    contender,
+                    command,
+                    sim=sim,
+                    rows=rows,
+                    out=out,
+                    env=contender_env(log_dir / "prefect-home", key),
+                    log=log,
+                    timeout_s=expected_seconds(scenario.sim, rows, contender),
+                    cpus=client_cpus,
+                )
+            print(
+                f"    {figures.images}/{rows} images in {figures.wall_s:.1f} s, "
+                f"utilization {figures.utilization:.3f} "
+                f"(steady {figures.steady_utilization}), "
+                f"{figures.polls_per_image} polls/image, {figures.cpu_s_per_1000} CPU s/1000, "
+                f"{figures.peak_rss_mb:.0f} MB, first submit {figures.first_submit_s} s, "
+                f"{figures.rate_limited} 429s",
+                flush=True,
+            )
+            scenario.figures.append(figures)
+
+
+# --- the manifest-size sweep ------------------------------------------------------------------
+
+
+def run_sweep(sizes: list[int], full_runs: list[int], cpus: list[int], log_dir: Path) -> dict:
+    """Planning (``klein-batch run --dry-run``) at each size, and full runs where time allows."""
+    results: dict[str, Any] = {"dry_run": [], "full_run": []}
+    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
+        root = Path(tmp)
+        for size in sizes:
+            manifest = root / f"sweep-{size}.csv"
+            write_big_manifest(manifest, size)
+            command = [
+                *klein_batch_bin(),
+                "run",
+                str(manifest),
+                "--dry-run",
+                "--api-url",
+                "http://127.0.0.1:9",
+                "--out",
+                str(root / "dry"),
+            ]
+            env = contender_env(log_dir / "prefect-home", "unused")
+            print(f"[sweep] dry run, {size} rows ...", flush=True)
+            _, reaper, outcome = run_process(
+                command,
+                env=env,
+                log=log_dir / f"sweep-dry-{size}.log",
+                timeout_s=300,
+                cpus=cpus,
+            )
+            wait_sampling(reaper, outcome, 0.05)
+            wall = outcome["ended"] - outcome["started"]
+            entry = {
+                "rows": size,
+                "manifest_mb": round(manifest.stat().st_size / 2**20, 1),
+                "exit_code": outcome.get("exit_code"),
+                "timed_out": outcome["timed_out"],
+                "wall_s": round(wall, 3),
+                "cpu_s": round(outcome["cpu_s"], 3),
+                "cpu_us_per_row": round(outcome["cpu_s"] * 1e6 / size, 2),
+                "peak_rss_mb": round(outcome["memory"].peak_mb, 1),
+            }
+            print(f"    {entry}", flush=True)
+            results["dry_run"].append(entry)
+            manifest.unlink()
+        # The scale tier: an enterprise key would measure the simulator, which serves only
+        # about 100-300 images/s on one core, not the client.
+        full = SimSettings("scale", 96, 14400, 0.5, 1.25)
+        results["full_run_sim"] = full.describe()
+        for size in full_runs:
+            scenario = Scenario(f"sweep-full-{size}", full, {"klein-batch": size})
+            run_scenario(scenario, (cpus_for_sim(), cpus), log_dir)
+            results["full_run"].append(scenario.figures[0].as_dict())
+    return results
+
+
+# --- the machine and the report --------------------------------------------------------------
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": model,
+        "ram_gb": round(ram_gb, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def cpus_for_sim() -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[:1] if len(cpus) > 1 else []
+
+
+def cpus_for_client() -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    return cpus[1:] if len(cpus) > 1 else []
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run of every part")
+    parser.add_argument("--only", nargs="*", help="scenario names (and/or 'sweep') to run")
+    parser.add_argument("--contenders", nargs="*", help="contender names to run")
+    parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md/results.json go")
+    parser.add_argument("--render", action="store_true", help="only re-render RESULTS.md")
+    args = parser.parse_args()
+    json_path = args.out / "results.json"
+    if args.render:
+        (args.out / "RESULTS.md").write_text(render(json.loads(json_path.read_text())))
+        return 0
+
+    began = time.monotonic()
+    log_dir = Path(tempfile.mkdtemp(prefix="bench-logs-"))
+    print(f"logs in {log_dir}", flush=True)
+    cpus = (cpus_for_sim(), cpus_for_client())
+    results: dict[str, Any] = {
+        "command": shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
+        "quick": args.quick,
+        "machine": machine(),
+        "pinning": {"simulator": cpus[0] or "unpinned", "client": cpus[1] or "unpinned"},
+        "flows_available": flows_available(),
+        "scenarios": [],
+    }
+    chosen = []
+    for scenario in scenarios(args.quick):
+        if args.only and scenario.name not in args.only:
+            continue
+        if args.contenders:
+            scenario.rows = {k: v for k, v in scenario.rows.items() if k in args.contenders}
+        chosen.append(scenario)
+    if any(name in s.rows for s in chosen for name in ("prefect-map", "klein-batch-flow")):
+        started = time.monotonic()
+        warm_prefect(log_dir / "prefect-home", log_dir)
+        print(f"Prefect's local database created in {time.monotonic() - started:.0f} s", flush=True)
+    for scenario in chosen:
+        run_scenario(scenario, cpus, log_dir)
+        results["scenarios"].append(
+            {
+                "name": scenario.name,
+                "sim": _fields(scenario.sim),
+                "description": scenario.sim.describe(),
+                "figures": [f.as_dict() for f in scenario.figures],
+            }
+        )
+    if not args.only or "sweep" in args.only:
+        sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
+        full_runs = [] if args.quick else [1_000, 4_000]
+        results["sweep"] = run_sweep(sizes, full_runs, cpus[1], log_dir)
+    results["elapsed_s"] = round(time.monotonic() - began, 1)
+    results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2) + "\n")
+    (args.out / "RESULTS.md").write_text(render(results))
+    print(f"wrote {json_path} and RESULTS.md in {results['elapsed_s']:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
