@@ -16,6 +16,7 @@ The engine knows tasks, not dialects: requests and responses go through a ``Prov
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import heapq
 import itertools
@@ -104,7 +105,11 @@ class EngineSettings:
     #: run): a resumed row takes the image an earlier run stored, else is submitted again,
     #: never polled. Not for a real API: a task it forgot may still have been charged.
     resubmit_unknown: bool = False
+    #: Where the API should deliver webhooks; set means a receiver feeds ``notify_finished``.
     webhook_url: str | None = None
+    #: With webhooks, each task's first poll waits this many learned first-poll times: it
+    #: only catches webhooks that were lost, so it can come late and rarely.
+    webhook_poll_factor: float = 4.0
 
 
 @dataclass(slots=True)
@@ -118,6 +123,8 @@ class EngineStats:
     downloads: int = 0
     retries: int = 0
     ambiguous_submits: int = 0
+    #: Tasks whose end came by a verified webhook rather than a poll.
+    webhooks: int = 0
     errors: Counter[str] = field(default_factory=Counter)
 
 
@@ -164,6 +171,8 @@ class Engine:
             settings.max_active,
             expected_latency_s=settings.expected_latency_s,
             refusal_target=settings.refusal_target,
+            # Webhooks tell us when slots free: no need to probe for them.
+            probing=settings.webhook_url is None,
         )
         self._rate = SubmitRateLimiter(settings.submits_per_minute)
         self._first_poll = QuantileTracker(
@@ -180,6 +189,8 @@ class Engine:
         self._by_task: dict[str, _Tracked] = {}
         self._polling: set[asyncio.Task[None]] = set()
         self._abort_reason: str | None = None
+        #: Final states that arrived by webhook before their submit's answer was handled.
+        self._early: collections.OrderedDict[str, TaskState | None] = collections.OrderedDict()
         #: The API's answer when it refused the key (401/403), else None.
         self.key_refused: str | None = None
         self._refusal_streak = 0
@@ -203,11 +214,31 @@ class Engine:
         if self._abort_reason is None:
             self._abort_reason = reason
 
-    def notify_finished(self, task_id: str) -> None:
-        """A webhook said this task changed state: poll it now instead of at its turn."""
+    def notify_finished(self, task_id: str, state: TaskState | None = None) -> None:
+        """A webhook said this task finished: take its verified ``state``, or poll it now.
+
+        A state from a verified webhook ends the wait without a poll (the image URL comes
+        with it; an expired one is refreshed by polling). Deliveries that beat their
+        submit's answer are kept briefly, so a fast task's webhook is not lost to the race.
+        """
         tracked = self._by_task.get(task_id)
-        if tracked is not None and not tracked.done.done():
+        if tracked is None:
+            self._early[task_id] = state
+            while len(self._early) > 10_000:
+                self._early.popitem(last=False)
+            return
+        if tracked.done.done():
+            return
+        if state is None or state.phase == "pending":
             self._schedule(tracked, 0.0)
+            return
+        if tracked.job.task_id is None:
+            # The webhook is the finish time: learn the first-poll time from it directly.
+            elapsed = time.monotonic() - tracked.started
+            self._first_poll.observe(elapsed <= self._first_poll.value)
+            self.slots.set_latency(self._first_poll.value)
+        self.stats.webhooks += 1
+        tracked.done.set_result(state)
 
     async def run(self, jobs: AsyncIterator[Job]) -> EngineStats:
         """Carry every job to an outcome; returns when the last one has ended."""
@@ -309,7 +340,10 @@ class Engine:
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
-            self._schedule(tracked, self._first_poll.value)
+            first = self._first_poll.value
+            if self._settings.webhook_url:
+                first *= self._settings.webhook_poll_factor
+            self._schedule(tracked, first)
         else:
             self.slots.adopt()
             tracked = self._track(job, job.task_id, job.poll_url or "", job.queued_at)
@@ -476,6 +510,13 @@ class Engine:
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
         tracked = _Tracked(job, task_id, poll_url, submitted_at, future)
         self._by_task[task_id] = tracked
+        if task_id in self._early:
+            early = self._early.pop(task_id)
+            if early is not None and early.phase != "pending":
+                self.stats.webhooks += 1
+                future.set_result(early)
+            else:
+                self._schedule(tracked, 0.0)
         return tracked
 
     def _schedule(self, tracked: _Tracked, delay: float) -> None:
@@ -522,7 +563,10 @@ class Engine:
             return
         if tracked.done.done():
             return
-        first = tracked.polls == 1 and tracked.job.task_id is None
+        # With webhooks, timer polls come late on purpose and would bias the estimate.
+        first = (
+            tracked.polls == 1 and tracked.job.task_id is None and not self._settings.webhook_url
+        )
         if first:
             self._first_poll.observe(state.phase != "pending")
             self.slots.set_latency(self._first_poll.value)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import os
+import secrets
 import socket
 import time
 import uuid
@@ -49,6 +51,7 @@ from pipeline.rows import Outcome, Rejection, Row
 from pipeline.storage import Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.variations import Catalog
+from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
 #: that could end up in shell history, logs or Prefect run parameters.
@@ -95,6 +98,12 @@ class RunOptions:
     catalog: Catalog | None = None
     #: Credits this output may spend in all, in flight included (``pipeline/budget.py``).
     max_credits: float | None = None
+    #: Dialect bfl's model: ``klein-4b`` (default) or ``klein-9b``.
+    model: str | None = None
+    #: ``HOST:PORT`` to receive webhooks on (``pipeline/webhooks.py``); None: polling only.
+    webhook_listen: str | None = None
+    #: The address the API should call when it differs from ``http://HOST:PORT``.
+    webhook_public_url: str | None = None
 
 
 def run_manifest(
@@ -145,6 +154,14 @@ def run_manifest(
 
         config = sim if isinstance(sim, SimConfig) else SimConfig()
         opts.resubmit_unknown = True
+        hook_secret = None
+        if opts.webhook_listen:
+            # The simulated account signs with its key's secret (dialect klein); bfl tasks
+            # carry the run's own. Either way the run and the simulator agree on one.
+            config = copy.deepcopy(config)
+            first = config.keys[0]
+            first.webhook_secret = first.webhook_secret or secrets.token_urlsafe(24)
+            hook_secret = first.webhook_secret
         with SimServer.in_thread(config) as server:
             key = config.keys[0].key
             return asyncio.run(
@@ -155,6 +172,7 @@ def run_manifest(
                     api_key=key,
                     options=opts,
                     on_progress=on_progress,
+                    webhook_secret=hook_secret,
                 )
             )
     return asyncio.run(
@@ -172,8 +190,13 @@ async def arun_manifest(
     api_key: str | None = None,
     options: RunOptions | None = None,
     on_progress: Callable[[ProgressSnapshot], None] | None = None,
+    webhook_secret: str | None = None,
 ) -> RunSummary:
     """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
+
+    With ``options.webhook_listen`` the webhook signing secret is ``webhook_secret`` or the
+    dialect's environment variable (``pipeline.webhooks.WEBHOOK_SECRET_ENV``); dialect bfl
+    makes one up per run when neither is set, since the client sends it with each task.
 
     ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
     and partial manifest apart while sharing ``images/``).
@@ -186,7 +209,27 @@ async def arun_manifest(
     key = api_key or os.environ.get(env_name, "")
     if not key:
         raise ConfigError(f"no API key: set the environment variable {env_name}")
-    provider = make_provider(opts.dialect, api_url, key)
+    hook_secret = webhook_secret
+    if opts.webhook_listen and not hook_secret:
+        hook_secret = os.environ.get(WEBHOOK_SECRET_ENV.get(opts.dialect, ""), "").strip()
+        if not hook_secret and opts.dialect == "bfl":
+            hook_secret = secrets.token_urlsafe(24)
+    provider = make_provider(
+        opts.dialect, api_url, key, model=opts.model, webhook_secret=hook_secret
+    )
+    receiver: WebhookReceiver | None = None
+    if opts.webhook_listen:
+        host, port = parse_listen(opts.webhook_listen)
+        receiver = WebhookReceiver(
+            provider,
+            hook_secret or "",
+            lambda task_id, state: (
+                run.engine.notify_finished(task_id, state) if run.engine is not None else None
+            ),
+            host=host,
+            port=port,
+            public_url=opts.webhook_public_url,
+        )
     sink = out if isinstance(out, Sink) else open_sink(out)
     reader = ManifestReader(
         manifest,
@@ -248,6 +291,9 @@ async def arun_manifest(
             retry=opts.retry,
             resubmit_unknown=opts.resubmit_unknown,
         )
+        if receiver is not None:
+            await receiver.start()
+            settings.webhook_url = receiver.url
         references = ReferenceStore(
             reader.base_dir,
             max_bytes=opts.max_reference_bytes,
@@ -271,6 +317,8 @@ async def arun_manifest(
                 run.engine = engine
                 await run.drive(engine)
         finally:
+            if receiver is not None:
+                await asyncio.shield(receiver.stop())
             # Also on Ctrl-C or a crash: what was learned is written down for the rerun.
             published = False
             try:

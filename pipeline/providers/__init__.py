@@ -65,14 +65,36 @@ class Provider(Protocol):
 
     def output_size(self, request: ImageRequest) -> tuple[int, int]: ...
 
+    def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
+        """A verified webhook body: the task it is about and the state it reports."""
+        ...
 
-DIALECTS = ("klein",)
+
+DIALECTS = ("klein", "bfl")
 
 
-def make_provider(dialect: str, base_url: str, api_key: str) -> Provider:
-    """The provider for a dialect name, as the CLI's ``--dialect`` spells it."""
+def make_provider(
+    dialect: str,
+    base_url: str,
+    api_key: str,
+    *,
+    model: str | None = None,
+    webhook_secret: str | None = None,
+) -> Provider:
+    """The provider for a dialect name, as the CLI's ``--dialect`` spells it.
+
+    ``model`` picks dialect B's model (``klein-4b`` or ``klein-9b``); ``webhook_secret`` is
+    sent with each dialect B task so its webhooks come back signed (dialect A's signing
+    secret lives in the account, so the client only verifies with it).
+    """
     if dialect == "klein":
         from pipeline.providers.klein import KleinProvider
 
         return KleinProvider(base_url, api_key)
+    if dialect == "bfl":
+        from pipeline.providers.bfl import DEFAULT_MODEL, BflProvider
+
+        return BflProvider(
+            base_url, api_key, model=model or DEFAULT_MODEL, webhook_secret=webhook_secret
+        )
     raise ConfigError(f"unknown dialect {dialect!r}; allowed: {', '.join(DIALECTS)}")

@@ -80,6 +80,12 @@ class KleinProvider:
         # CREATED, IN_PROGRESS, and any status the contract does not know: not finished.
         return TaskState("pending", status)
 
+    def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
+        """A webhook body is the poll answer's ``data`` object, without the wrapper."""
+        if not isinstance(body, dict) or not isinstance(body.get("task_id"), str):
+            raise ProtocolError("webhook body has no task_id")
+        return body["task_id"], self.parse_poll({"data": body})
+
     def error_message(self, status: int, body: Any) -> str:
         if isinstance(body, dict):
             message = body.get("message") or body.get("detail")

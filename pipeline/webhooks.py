@@ -1,0 +1,244 @@
+"""The pipeline's webhook receiver: verified task endings, handed to the engine.
+
+``--webhook-listen HOST:PORT`` runs this aiohttp server inside the run; the API calls
+``--webhook-public-url`` (default ``http://HOST:PORT``) plus ``PATH``. A delivery is
+acted on only when it is proven to come from the API:
+
+- dialect klein (Svix convention): ``webhook-id``, ``webhook-timestamp`` and
+  ``webhook-signature: v1,<base64 HMAC-SHA256(key, "{id}.{timestamp}.{body}")>``; a
+  ``whsec_<base64>`` secret means the decoded bytes. Timestamps more than 5 minutes away
+  from now are refused, so a captured delivery cannot be replayed later, and an id seen
+  before is not acted on again.
+- dialect bfl: ``X-BFL-Signature: sha256=<hex HMAC-SHA256(secret, body)>``. The signature
+  covers the body only, so freshness cannot be proven; a replayed body names a task that
+  already ended and says the same thing again, so it is harmless, and the body's digest
+  serves as its id.
+
+Why a forged, stale or replayed delivery can do no harm anyway: the engine still polls
+every task on its own (later) schedule, so a delivery only makes a task end sooner, and a
+verified one carries the same answer a poll would give. Duplicates are answered 200 (so
+the sender stops retrying) and ignored. Bodies are size-capped. Signing secrets come from
+the environment (``WEBHOOK_SECRET_ENV``), never from a flag, and never appear in logs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import collections
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from aiohttp import web
+
+from pipeline.errors import ConfigError
+from pipeline.providers import ProtocolError, Provider, TaskState
+
+log = logging.getLogger(__name__)
+
+#: Environment variable holding the webhook signing secret, per dialect.
+WEBHOOK_SECRET_ENV: Final = {"klein": "FREEPIK_WEBHOOK_SECRET", "bfl": "BFL_WEBHOOK_SECRET"}
+PATH: Final = "/klein-batch/webhook"
+#: Deliveries signed longer ago than this (or this far in the future) are refused.
+TOLERANCE_S: Final = 300.0
+#: Task webhooks are small JSON objects; anything bigger is not one.
+MAX_BODY_BYTES: Final = 64 * 1024
+_SEEN_CAPACITY: Final = 200_000
+
+
+def secret_bytes(secret: str) -> bytes:
+    """The HMAC key a Svix-style secret stands for: ``whsec_<base64>`` decoded, else UTF-8."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret[len("whsec_") :], validate=True)
+        except (binascii.Error, ValueError):
+            pass
+    return secret.encode("utf-8")
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as given to ``--webhook-listen``."""
+    host, sep, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(
+            f"--webhook-listen {value!r} is not allowed; expected HOST:PORT, "
+            "e.g. 0.0.0.0:8787 or 127.0.0.1:0"
+        )
+    return host, int(port)
+
+
+class Refused(Exception):
+    """A delivery not acted on; ``status`` is what the sender is told."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class Verifier:
+    """Checks one dialect's signature scheme; returns the delivery's id for deduplication."""
+
+    def __init__(self, dialect: str, secret: str, *, clock: Callable[[], float] = time.time):
+        if dialect not in WEBHOOK_SECRET_ENV:
+            raise ConfigError(f"webhooks: unknown dialect {dialect!r}")
+        self.dialect = dialect
+        self._key = secret_bytes(secret) if dialect == "klein" else secret.encode("utf-8")
+        self._clock = clock
+
+    def verify(self, headers: Any, body: bytes) -> str:
+        if self.dialect == "klein":
+            return self._svix(headers, body)
+        return self._bfl(headers, body)
+
+    def _svix(self, headers: Any, body: bytes) -> str:
+        msg_id = headers.get("webhook-id", "")
+        stamp = headers.get("webhook-timestamp", "")
+        signatures = headers.get("webhook-signature", "")
+        if not msg_id or not stamp or not signatures:
+            raise Refused(401, "missing webhook-id, webhook-timestamp or webhook-signature")
+        try:
+            timestamp = int(stamp)
+        except ValueError:
+            raise Refused(400, "webhook-timestamp is not unix seconds") from None
+        payload = f"{msg_id}.{stamp}.".encode() + body
+        expected = base64.b64encode(hmac.new(self._key, payload, hashlib.sha256).digest())
+        if not any(
+            version == "v1" and hmac.compare_digest(sig.encode(), expected)
+            for version, _, sig in (part.partition(",") for part in signatures.split())
+        ):
+            raise Refused(401, "bad signature")
+        # Checked after the signature, so a forger cannot learn anything from the answer.
+        if abs(self._clock() - timestamp) > TOLERANCE_S:
+            raise Refused(400, "stale delivery (timestamp more than 5 minutes from now)")
+        return "svix:" + msg_id
+
+    def _bfl(self, headers: Any, body: bytes) -> str:
+        header = headers.get("X-BFL-Signature", "")
+        scheme, _, given = header.partition("=")
+        if scheme != "sha256" or not given:
+            raise Refused(401, "missing X-BFL-Signature: sha256=<hex>")
+        expected = hmac.new(self._key, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(given.strip().lower().encode(), expected.encode()):
+            raise Refused(401, "bad signature")
+        return "bfl:" + hashlib.sha256(body).hexdigest()
+
+
+@dataclass(slots=True)
+class ReceiverStats:
+    """What the receiver saw, for ``run.json`` and tests."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+class WebhookReceiver:
+    """An aiohttp server that verifies deliveries and reports task endings to ``on_state``."""
+
+    def __init__(
+        self,
+        provider: Provider,
+        secret: str,
+        on_state: Callable[[str, TaskState], None],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        public_url: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not secret:
+            env = WEBHOOK_SECRET_ENV.get(provider.dialect, "the webhook secret variable")
+            raise ConfigError(
+                f"webhooks need a signing secret: set ${env} (never a flag), so forged "
+                "deliveries can be told apart"
+            )
+        self._provider = provider
+        self._verifier = Verifier(provider.dialect, secret, clock=clock)
+        self._on_state = on_state
+        self.host = host
+        self.port = port
+        self._public = public_url.rstrip("/") if public_url else None
+        self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._runner: web.AppRunner | None = None
+        self.stats = ReceiverStats()
+
+    @property
+    def url(self) -> str:
+        """The address the API should call (``webhook_url`` in each submit)."""
+        if self._public:
+            return self._public if self._public.endswith(PATH) else self._public + PATH
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{PATH}"
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=MAX_BODY_BYTES)
+        app.router.add_post(PATH, self._handle)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise ConfigError(
+                f"--webhook-listen {self.host}:{self.port}: cannot listen ({exc.strerror or exc})"
+            ) from None
+        server = site._server
+        if server is not None and getattr(server, "sockets", None):
+            self.port = server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> WebhookReceiver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        try:
+            if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+                raise Refused(413, "body too large")
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise Refused(413, "body too large") from None
+            delivery_id = self._verifier.verify(request.headers, body)
+            if delivery_id in self._seen:
+                self.stats.duplicates += 1
+                return web.json_response({"ok": True, "duplicate": True})
+            try:
+                task_id, state = self._provider.parse_webhook(json.loads(body))
+            except (ValueError, ProtocolError) as exc:
+                raise Refused(400, f"not a task webhook ({exc})") from None
+        except Refused as refusal:
+            self.stats.refused[refusal.reason.split(" (")[0]] += 1
+            log.debug("webhook refused: %s", refusal.reason)
+            return web.json_response({"error": refusal.reason}, status=refusal.status)
+        self._remember(delivery_id)
+        self.stats.accepted += 1
+        if state.phase != "pending":
+            self._on_state(task_id, state)
+        return web.json_response({"ok": True})
+
+    def _remember(self, delivery_id: str) -> None:
+        now = time.monotonic()
+        self._seen[delivery_id] = now
+        seen = self._seen
+        # Ids older than the tolerance are refused as stale anyway; the cap bounds memory.
+        while seen and (
+            len(seen) > _SEEN_CAPACITY or now - next(iter(seen.values())) > 2 * TOLERANCE_S
+        ):
+            seen.popitem(last=False)
