@@ -14,6 +14,23 @@ A 429 that arrives while the bound says a slot is free means someone else shares
 the controller then shrinks its own limit multiplicatively and grows it back by one slot
 per ``limit`` accepted submits (AIMD, as TCP and botocore's adaptive mode do), never past
 the tier's limit.
+
+Sharing changes what probing costs. Alone on a key, a refused probe means "not yet" and
+the 25% refusal share is the price of filling slots within a fraction of a task of their
+freeing. With another job on the key, every slot we do not hold is taken by it, so most
+probes are refused and 429s reach a quarter of our submits. So once contention is seen,
+the controller stops probing for ``contention_hold_s`` (renewed by each contention 429) and
+relies on the AIMD window alone, as TCP does: the window counts our tasks not yet known to
+be finished, and it grows until the key is full, which the next 429 says. The trade: our
+own finished-but-unnoticed tasks now count against our window, so a job alone behind such
+a window keeps only about (task time) / (task time + detection delay) of the key busy; under
+sharing the other jobs fill that gap, and when the 429s stop for the hold period probing
+resumes and a lone job gets its full speed back. Each cut is taken from what we hold at
+the 429 (the server just said it is full, so our share right now is at most that), at most
+once per task duration (like TCP's one cut per round trip), and the window grows back by
+one slot per ``increase_every`` x window accepted submits, so that 429s stay near one per
+AIMD cycle: about ``1 / ((1 - backoff) * window * increase_every * window)`` of submits.
+Where finishes are known (webhooks), ``probing=False`` turns probes off altogether.
 """
 
 from __future__ import annotations
@@ -92,9 +109,15 @@ class SlotController:
         expected_latency_s: float = 1.0,
         refusal_target: float = 0.25,
         max_outstanding: int | None = None,
+        probing: bool = True,
+        backoff: float = 0.8,
+        increase_every: float = 2.0,
+        contention_hold_s: float | None = None,
     ) -> None:
         if not 0.0 < refusal_target < 1.0:
             raise ConfigError(f"refusal target must be between 0 and 1, got {refusal_target}")
+        if not 0.0 < backoff < 1.0:
+            raise ConfigError(f"backoff must be between 0 and 1, got {backoff}")
         self.limit = limit
         self._effective = float(limit)
         self._held = 0  # submitted or acknowledged, not yet known finished
@@ -109,6 +132,13 @@ class SlotController:
         self._grow_credit = 0.0
         self._changed = asyncio.Event()
         self._turn = asyncio.Lock()
+        self._probing_enabled = probing
+        self._backoff = backoff
+        self._increase_every = max(increase_every, 0.1)
+        self._hold_s = contention_hold_s
+        self._contended_until = 0.0
+        self._last_cut = -math.inf
+        self._paused_until = 0.0
         self.refused_probes = 0
         self.refused_contention = 0
 
@@ -117,6 +147,11 @@ class SlotController:
     @property
     def effective_limit(self) -> int:
         return max(1, int(self._effective))
+
+    @property
+    def contended(self) -> bool:
+        """Whether another client was seen on the key recently (probing is off meanwhile)."""
+        return time.monotonic() < self._contended_until
 
     @property
     def max_outstanding(self) -> int:
@@ -147,20 +182,22 @@ class SlotController:
     async def _acquire(self) -> Permit:
         while True:
             now = time.monotonic()
-            if self._held < self._max_outstanding:
+            if self._held < self._max_outstanding and now >= self._paused_until:
                 if self._busy_upper_bound() < self.effective_limit:
                     self._held += 1
                     self._in_air += 1
                     return Permit(speculative=False)
-                if not self._probing and now >= self._next_probe:
+                if self._may_probe(now):
                     self._probing = True
                     self._held += 1
                     self._in_air += 1
                     return Permit(speculative=True)
             self._changed.clear()
             timeout = None
-            if not self._probing and self._held < self._max_outstanding:
-                timeout = max(0.0, self._next_probe - now)
+            if self._may_probe(math.inf) and self._held < self._max_outstanding:
+                timeout = max(0.0, max(self._next_probe, self._contended_until) - now)
+            if now < self._paused_until:
+                timeout = min(timeout or math.inf, self._paused_until - now)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout)
 
@@ -182,7 +219,7 @@ class SlotController:
         if self._busy_upper_bound() >= self.effective_limit:
             self._schedule_probe()
         if self._effective < self.limit:
-            self._grow_credit += 1.0 / self._effective
+            self._grow_credit += 1.0 / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
                 self._grow_credit = 0.0
                 self._effective = min(float(self.limit), self._effective + 1.0)
@@ -201,15 +238,29 @@ class SlotController:
         self._in_air -= 1
         if permit.speculative:
             self._probing = False
+        if overcommitted and not permit.speculative:
+            self.refused_probes += 1
+        elif permit.speculative and self._held >= self.limit:
             self.refused_probes += 1
             self._probe_scale = min(self._probe_scale * 1.1, 100.0)
-        elif overcommitted:
-            self.refused_probes += 1
         else:
-            # We were sure a slot was free: someone else is using the key.
+            # We were sure a slot was free, or we hold fewer tasks than the key allows and
+            # the key is full anyway: someone else is using it.
             self.refused_contention += 1
-            self._effective = max(1.0, self._effective * 0.75)
-            self._grow_credit = 0.0
+            now = time.monotonic()
+            self._contended_until = now + (
+                self._hold_s if self._hold_s is not None else max(5.0, 20.0 * self._latency_s)
+            )
+            # The key is full right now, so our share is at most what we hold. The
+            # multiplicative cut comes at most once per task duration: answers to submits
+            # already in the air describe the same full moment.
+            if now - self._last_cut >= self._latency_s:
+                self._last_cut = now
+                self._effective = max(1.0, self._effective * self._backoff)
+                self._grow_credit = 0.0
+            # The key is full right now: the next submit waits for one of our tasks to
+            # finish, or a share of a task's duration, instead of asking again at once.
+            self._paused_until = now + self._latency_s / 2
         self._schedule_probe()
         self._changed.set()
 
@@ -228,12 +279,21 @@ class SlotController:
         """A task we held is now known to be finished (or abandoned for good)."""
         self._held = max(0, self._held - 1)
         self._finished_lb = max(0, self._finished_lb - 1)
+        self._paused_until = 0.0
         self._changed.set()
 
     def adopt(self) -> None:
         """Count a task from an earlier run (resumed, still possibly running) as held."""
         self._held += 1
         self._changed.set()
+
+    def _may_probe(self, now: float) -> bool:
+        return (
+            self._probing_enabled
+            and not self._probing
+            and now >= self._next_probe
+            and now >= self._contended_until
+        )
 
     def _schedule_probe(self) -> None:
         spacing = self._probe_scale * self._latency_s / max(1, self.effective_limit)
