@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,8 +144,33 @@ def check_run(manifest: Path, out: Path, *, full_decode_every: int = 10) -> pl.D
     - every row that did not succeed says why; no two rows share a task id;
     - DEST holds no image that the manifest does not account for.
     """
-    inputs = pl.read_csv(manifest, infer_schema=False)
     done = pl.read_parquet(out / "manifest.parquet")
+    root = out.resolve()
+
+    def read(uri: str) -> bytes:
+        path = Path(uri)
+        assert path.is_relative_to(root), path
+        return path.read_bytes()
+
+    stored = check_rows(manifest, done, read, full_decode_every=full_decode_every)
+    on_disk = {p.name for p in (out / "images").iterdir()} if (out / "images").exists() else set()
+    visible = {name for name in on_disk if not name.startswith(".")}
+    assert visible == stored, sorted(visible ^ stored)[:5]
+    return done
+
+
+def check_rows(
+    manifest: Path,
+    done: pl.DataFrame,
+    read: Callable[[str], bytes],
+    *,
+    full_decode_every: int = 10,
+) -> set[str]:
+    """``check_run`` for any sink: ``read(output_uri)`` fetches a stored image.
+
+    Returns the file names of the stored images.
+    """
+    inputs = pl.read_csv(manifest, infer_schema=False)
     assert done.height == inputs.height, (done.height, inputs.height)
     assert sorted(done["row"].to_list()) == list(range(1, inputs.height + 1))
     statuses = set(done["status"].to_list())
@@ -160,9 +185,7 @@ def check_run(manifest: Path, out: Path, *, full_decode_every: int = 10) -> pl.D
     succeeded = done.filter(pl.col("status") == "succeeded")
     stored: set[str] = set()
     for record in succeeded.iter_rows(named=True):
-        path = Path(record["output_uri"])
-        assert path.is_relative_to(out.resolve()), path
-        data = path.read_bytes()
+        data = read(record["output_uri"])
         assert hashlib.sha256(data).hexdigest() == record["sha256"], record["key"]
         assert len(data) == record["bytes"]
         with Image.open(io.BytesIO(data)) as image:
@@ -174,11 +197,8 @@ def check_run(manifest: Path, out: Path, *, full_decode_every: int = 10) -> pl.D
         assert size == output_size(record["aspect_ratio"], record["resolution"])
         assert size == (record["width"], record["height"])
         assert {"JPEG": "jpeg", "PNG": "png"}[fmt or ""] == record["output_format"]
-        stored.add(path.name)
-    on_disk = {p.name for p in (out / "images").iterdir()} if (out / "images").exists() else set()
-    visible = {name for name in on_disk if not name.startswith(".")}
-    assert visible == stored, sorted(visible ^ stored)[:5]
-    return done
+        stored.add(record["output_uri"].rsplit("/", 1)[-1])
+    return stored
 
 
 def kill_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -1,0 +1,150 @@
+"""No API key or webhook secret in anything a run leaves behind or prints, DEBUG logs included.
+
+Runs use distinctive secrets, faults that make the pipeline retry and explain itself, bad
+rows, and a refused key; then every byte of every output file (images, Parquet, run.json,
+the SQLite ledger and its WAL), every log record, stdout and stderr is searched for them.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.run import RunOptions, run_manifest
+from pipeline.sim import (
+    EndpointFaults,
+    FaultConfig,
+    KeyConfig,
+    LatencyConfig,
+    SimConfig,
+    SimServer,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chaos"))
+from chaos_helpers import sim_config, sim_process
+
+API_KEY = "kb-live-7Q2xVw9LmZ4rT8sN3pK6yH1c"
+WRONG_KEY = "kb-live-WRONGk3y5Hd8Jq2Lw7Xz0Pv"
+WEBHOOK_SECRET = "whsec_" + base64.b64encode(b"klein-batch-webhook-secret-9f3e").decode()
+SECRETS = (API_KEY, WRONG_KEY, WEBHOOK_SECRET, WEBHOOK_SECRET.removeprefix("whsec_"))
+
+MANIFEST = """id,prompt,seed,input_image
+m1,red mug,1,
+m2,blue mug,2,shots/missing.png
+m3,green mug,-4,
+m4,nsfw mug,4,
+m5,yellow mug,5,https://127.0.0.1/x.png
+m6,white mug,6,
+"""
+
+_DEBUG_CLI = """
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, filename=sys.argv[1],
+                    format="%(name)s %(levelname)s %(message)s")
+sys.argv = ["klein-batch", *sys.argv[2:]]
+from pipeline.cli import main
+main()
+"""
+
+
+def _leaks(blob: bytes) -> list[str]:
+    return [secret for secret in SECRETS if secret.encode() in blob]
+
+
+def _scan(*roots: Path) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for root in roots:
+        for path in [root] if root.is_file() else root.rglob("*"):
+            if path.is_file() and (leaked := _leaks(path.read_bytes())):
+                found[str(path)] = leaked
+    return found
+
+
+def _manifest(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "catalog.csv"
+    path.write_text(MANIFEST, encoding="utf-8")
+    return path
+
+
+def test_cli_run_with_debug_logs_leaks_no_key(tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path / "in")
+    home = tmp_path / "home"
+    home.mkdir()
+    config = sim_config(
+        key={"key": API_KEY, "webhook_secret": WEBHOOK_SECRET},
+        faults={
+            "seed": 3,
+            "submit": {"error_503": 0.3, "drop": 0.2},
+            "poll": {"error_500": 0.3},
+            "download": {"drop": 0.2},
+            "task_failed": 0.2,
+        },
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("FREEPIK_API_KEY", "BFL_API_KEY")}
+    env.update(HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    outputs: list[str] = []
+    with sim_process(config) as sim:
+        for key, out in ((API_KEY, "good"), (WRONG_KEY, "refused")):
+            log = tmp_path / f"{out}.log"
+            result = subprocess.run(
+                [
+                    *(sys.executable, "-c", _DEBUG_CLI, str(log), "run", str(manifest)),
+                    *("--out", str(tmp_path / out), "--api-url", sim.url, "--progress", "plain"),
+                ],
+                capture_output=True,
+                env={**env, "FREEPIK_API_KEY": key},
+                timeout=300,
+            )
+            assert result.returncode in ((0, 1) if key == API_KEY else (2,)), result.stderr
+            assert b"Traceback" not in result.stderr
+            outputs += [result.stdout.decode(), result.stderr.decode()]
+            assert log.stat().st_size > 0  # DEBUG logging really was on
+            assert not _leaks(result.stdout + result.stderr), out
+    assert "refused the key" in outputs[-1]  # the 401 was reported, without the key
+    assert "retrying after" in (tmp_path / "good.log").read_text()
+    assert _scan(tmp_path) == {}
+
+
+@pytest.fixture
+def debug_logs(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG)
+    for name in ("", "aiohttp", "aiohttp.client", "aiohttp.access", "pipeline", "asyncio"):
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    return caplog
+
+
+def test_api_run_with_webhooks_leaks_no_secret(
+    tmp_path: Path, debug_logs: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    manifest = _manifest(tmp_path / "in")
+    config = SimConfig(
+        keys=[KeyConfig(name="leak", key=API_KEY, webhook_secret=WEBHOOK_SECRET)],
+        latency=LatencyConfig(median_s=0.05, p95_s=0.1),
+        faults=FaultConfig(seed=5, submit=EndpointFaults(error_503=0.3), webhook_duplicate=0.5),
+    )
+    monkeypatch.setenv("FREEPIK_WEBHOOK_SECRET", WEBHOOK_SECRET)
+    with SimServer.in_thread(config) as sim:
+        summary = run_manifest(
+            manifest,
+            tmp_path / "out",
+            api_url=sim.url,
+            api_key=API_KEY,
+            options=RunOptions(webhook_listen="127.0.0.1:0", expected_latency_s=0.1),
+        )
+        stats = sim.stats()["keys"]["leak"]
+    assert stats["webhooks_sent"] > 0  # the run really received signed webhooks
+    assert summary.counts["succeeded"] >= 1
+    text = "\n".join(
+        f"{r.name} {r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in debug_logs.records
+    )
+    assert debug_logs.records, "DEBUG logging captured nothing"
+    assert not _leaks(text.encode())
+    assert not _leaks(repr(summary).encode())
+    assert _scan(tmp_path) == {}
