@@ -24,6 +24,7 @@ import typer
 from pipeline.config import (
     API_KEY_ENV,
     DIALECTS,
+    WEBHOOK_SECRET_ENV,
     RunConfig,
     check_target,
     load_config,
@@ -209,7 +210,12 @@ MaxCreditsOpt = Annotated[
 
 
 def _secrets() -> list[str]:
-    names = (*API_KEY_ENV.values(), "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+    names = (
+        *API_KEY_ENV.values(),
+        *WEBHOOK_SECRET_ENV.values(),
+        "AWS_SECRET_ACCESS_KEY",
+        "AWS_SESSION_TOKEN",
+    )
     return [value for env in names if (value := os.environ.get(env, "").strip())]
 
 
@@ -449,6 +455,37 @@ def run(
             show_default=False,
         ),
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            metavar="klein-4b|klein-9b",
+            help="Dialect bfl's model. [default: klein-4b]",
+            show_default=False,
+        ),
+    ] = None,
+    webhook_listen: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook-listen",
+            metavar="HOST:PORT",
+            help="Receive task webhooks on HOST:PORT (port 0 = any free port) instead of "
+            "polling for every task; lost deliveries are still polled. Signing secret from "
+            f"${WEBHOOK_SECRET_ENV['klein']} (klein) or ${WEBHOOK_SECRET_ENV['bfl']} (bfl; "
+            "made up per run when unset).",
+            show_default=False,
+        ),
+    ] = None,
+    webhook_public_url: Annotated[
+        str | None,
+        typer.Option(
+            "--webhook-public-url",
+            metavar="URL",
+            help="The URL the API should call, when it is not http://HOST:PORT (a tunnel, a "
+            "proxy); the receiver's path is appended unless the URL ends with it.",
+            show_default=False,
+        ),
+    ] = None,
     tier: Annotated[
         str | None,
         typer.Option(
@@ -525,6 +562,9 @@ def run(
             sim=sim or None,
             sim_config=str(sim_config) if sim_config is not None else None,
             dialect=dialect,
+            model=model,
+            webhook_listen=webhook_listen,
+            webhook_public_url=webhook_public_url,
             tier=tier,
             max_active=max_active,
             submits_per_minute=submits_per_minute,
@@ -598,7 +638,7 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
 
     from pipeline.progress import ProgressDisplay
     from pipeline.report import format_summary
-    from pipeline.run import run_manifest
+    from pipeline.run import RunOptions, run_manifest
     from pipeline.sim.config import SimConfig
 
     sim: bool | SimConfig = settings.sim
@@ -628,6 +668,11 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
                 vary=settings.vary,
                 variations=settings.variations,
                 max_credits=settings.max_credits,
+                options=RunOptions(
+                    model=settings.model,
+                    webhook_listen=settings.webhook_listen,
+                    webhook_public_url=settings.webhook_public_url,
+                ),
             )
     except KeyboardInterrupt:
         typer.echo(_resume_hint(out), err=True)

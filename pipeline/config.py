@@ -17,6 +17,7 @@ from typing import Final
 
 from pipeline.contract import (
     ASPECT_RATIOS,
+    BFL_MODELS,
     DEFAULT_ASPECT_RATIO,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_RESOLUTION,
@@ -36,6 +37,11 @@ DIALECTS: Final = ("klein", "bfl")
 #: Environment variable holding the API key of each dialect.
 API_KEY_ENV: Final = {"klein": "FREEPIK_API_KEY", "bfl": "BFL_API_KEY"}
 DEFAULT_DIALECT: Final = "klein"
+#: Environment variable holding the webhook signing secret of each dialect (never a flag).
+WEBHOOK_SECRET_ENV: Final = {"klein": "FREEPIK_WEBHOOK_SECRET", "bfl": "BFL_WEBHOOK_SECRET"}
+
+#: ``--model`` values of dialect bfl (the API path is ``/v1/flux-2-<model>``).
+BFL_MODEL_NAMES: Final = tuple(name.removeprefix("flux-2-") for name in BFL_MODELS)
 
 #: Settings whose value is a path; relative paths in a config file are relative to that file.
 _PATH_SETTINGS: Final = ("out", "sim_config")
@@ -71,6 +77,12 @@ class RunConfig:
     vary: tuple[str, ...] = ()
     variations: tuple[str, ...] = ()
     max_credits: float | None = None
+    #: Dialect bfl's model (``klein-4b`` or ``klein-9b``); None: ``klein-4b``.
+    model: str | None = None
+    #: ``HOST:PORT`` of the webhook receiver (port 0 = any free port); None: polling only.
+    webhook_listen: str | None = None
+    #: The URL the API should call when it differs from ``http://HOST:PORT``.
+    webhook_public_url: str | None = None
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
 
@@ -115,6 +127,9 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "vary": list,
     "variations": list,
     "max_credits": float,
+    "model": str,
+    "webhook_listen": str,
+    "webhook_public_url": str,
 }
 SETTINGS: Final = tuple(_SETTING_TYPES)
 _TYPE_WORDS: Final = {
@@ -184,6 +199,18 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
         raise where.fail(setting, value, "an http:// or https:// URL, e.g. https://api.freepik.com")
     if setting == "s3_endpoint_url" and not str(value).startswith(("http://", "https://")):
         raise where.fail(setting, value, "an http:// or https:// URL, e.g. http://127.0.0.1:9000")
+    if setting == "model" and value not in BFL_MODEL_NAMES:
+        raise where.fail(setting, value, _one_of(BFL_MODEL_NAMES) + " (dialect bfl)")
+    if setting == "webhook_listen":
+        host, sep, port = str(value).rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or int(port) > 65535:
+            raise where.fail(setting, value, "HOST:PORT, e.g. 127.0.0.1:8787 (port 0 = any free)")
+    if setting == "webhook_public_url" and not str(value).startswith(("http://", "https://")):
+        raise where.fail(
+            setting,
+            value,
+            "an http:// or https:// URL the API can reach, e.g. https://hooks.example",
+        )
     if setting in ("out", "api_url", "sim_config") and not str(value).strip():
         raise where.fail(setting, value, "a non-empty value")
     return value
@@ -322,4 +349,13 @@ def check_target(config: RunConfig) -> None:
         raise ConfigError(
             "no API to send to: pass --api-url URL (e.g. https://api.freepik.com) with the key "
             f"in ${config.api_key_env}, or --sim to use the bundled simulator"
+        )
+    if config.model is not None and config.dialect != "bfl":
+        raise ConfigError(
+            f"--model {config.model} is for --dialect bfl only (dialect {config.dialect} has one "
+            "model)"
+        )
+    if config.webhook_public_url is not None and config.webhook_listen is None:
+        raise ConfigError(
+            "--webhook-public-url needs --webhook-listen HOST:PORT (the receiver it points at)"
         )

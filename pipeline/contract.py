@@ -128,6 +128,8 @@ class BflStatus(StrEnum):
     PENDING = "Pending"
     READY = "Ready"
     ERROR = "Error"
+    #: Not in the contract's list, but BFL's own API answers it for a task that failed.
+    FAILED = "Failed"
     REQUEST_MODERATED = "Request Moderated"
     CONTENT_MODERATED = "Content Moderated"
     TASK_NOT_FOUND = "Task not found"

@@ -141,6 +141,8 @@ class _Tracked:
     done: asyncio.Future[TaskState]
     polls: int = 0
     started: float = field(default_factory=time.monotonic)
+    #: What the API said the task costs at submit (dialect bfl), else None: priced by size.
+    cost: float | None = None
 
 
 class Engine:
@@ -340,6 +342,7 @@ class Engine:
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
+            tracked.cost = submitted.cost
             first = self._first_poll.value
             if self._settings.webhook_url:
                 first *= self._settings.webhook_poll_factor
@@ -704,7 +707,7 @@ class Engine:
             height=info.height,
             format=info.format,
             size=info.size,
-            cost=cost_credits(info.width, info.height),
+            cost=cost_credits(info.width, info.height) if tracked.cost is None else tracked.cost,
         )
 
     async def _stored_outcome(

@@ -195,7 +195,7 @@ async def arun_manifest(
     """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
 
     With ``options.webhook_listen`` the webhook signing secret is ``webhook_secret`` or the
-    dialect's environment variable (``pipeline.webhooks.WEBHOOK_SECRET_ENV``); dialect bfl
+    dialect's environment variable (``pipeline.config.WEBHOOK_SECRET_ENV``); dialect bfl
     makes one up per run when neither is set, since the client sends it with each task.
 
     ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
@@ -526,6 +526,7 @@ class _Run:
             summary.retries = stats.retries
             summary.rate_limited = stats.rate_limited
             summary.polls = stats.polls
+            summary.webhooks = stats.webhooks
             summary.errors = dict(stats.errors)
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1

@@ -37,13 +37,12 @@ from typing import Any, Final
 
 from aiohttp import web
 
+from pipeline.config import WEBHOOK_SECRET_ENV
 from pipeline.errors import ConfigError
 from pipeline.providers import ProtocolError, Provider, TaskState
 
 log = logging.getLogger(__name__)
 
-#: Environment variable holding the webhook signing secret, per dialect.
-WEBHOOK_SECRET_ENV: Final = {"klein": "FREEPIK_WEBHOOK_SECRET", "bfl": "BFL_WEBHOOK_SECRET"}
 PATH: Final = "/klein-batch/webhook"
 #: Deliveries signed longer ago than this (or this far in the future) are refused.
 TOLERANCE_S: Final = 300.0

@@ -105,8 +105,8 @@ class BflProvider:
             return TaskState("completed", status, image_url=sample)
         if status in _MODERATED:
             return TaskState("moderated", status, reason=f"moderated by the API ({status})")
-        if status == BflStatus.ERROR:
-            return TaskState("failed", status, reason="the API reported the task Error")
+        if status in (BflStatus.ERROR, BflStatus.FAILED):
+            return TaskState("failed", status, reason=f"the API reported the task {status}")
         if status == BflStatus.TASK_NOT_FOUND:
             return TaskState(
                 "failed",

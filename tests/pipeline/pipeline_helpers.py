@@ -24,7 +24,7 @@ from typing import Any
 import polars as pl
 from PIL import Image
 
-from pipeline.contract import RowStatus, output_size
+from pipeline.contract import RowStatus, bfl_size, output_size
 from pipeline.output_manifest import FIXED_SCHEMA
 from pipeline.retry import RetryPolicy
 from pipeline.run import RunOptions, arun_manifest
@@ -106,8 +106,14 @@ def key_stats(server: SimServer, name: str = "demo") -> dict[str, Any]:
     return server.stats()["keys"][name]
 
 
-def check_output(out: Path, n_rows: int, summary: RunSummary | None = None) -> pl.DataFrame:
-    """Everything a data team relies on, checked row by row and image by image."""
+def check_output(
+    out: Path, n_rows: int, summary: RunSummary | None = None, *, dialect: str = "klein"
+) -> pl.DataFrame:
+    """Everything a data team relies on, checked row by row and image by image.
+
+    ``dialect`` picks the size table: dialect bfl caps a 2k square to fit 4 MP.
+    """
+    size_of = bfl_size if dialect == "bfl" else output_size
     manifest = pl.read_parquet(out / "manifest.parquet")
     assert manifest.height == n_rows
     assert manifest["row"].to_list() == list(range(1, n_rows + 1))
@@ -131,7 +137,7 @@ def check_output(out: Path, n_rows: int, summary: RunSummary | None = None) -> p
             image.load()
             assert image.format == {"jpeg": "JPEG", "png": "PNG"}[record["output_format"]]
             assert image.size == (record["width"], record["height"])
-            assert image.size == output_size(record["aspect_ratio"], record["resolution"])
+            assert image.size == size_of(record["aspect_ratio"], record["resolution"])
         assert record["format"] == record["output_format"]
         assert record["task_id"]
         assert record["cost_credits"] > 0
