@@ -1,0 +1,203 @@
+"""The webhook receiver over real HTTP: only proven, fresh, first-time deliveries act.
+
+Each test posts what an attacker or a flaky network would send (forged signatures, replays,
+stale or future timestamps, oversize bodies, duplicates) and checks both the HTTP answer and
+that the engine was told nothing it should not have been.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pipeline.errors import ConfigError
+from pipeline.providers import TaskState, make_provider
+from pipeline.sim import sign
+from pipeline.webhooks import MAX_BODY_BYTES, PATH, WebhookReceiver, parse_listen
+
+SECRET = "whsec_dGVzdC1zaWduaW5nLXNlY3JldC0xMjM0NTY="
+BFL_SECRET = "bfl-run-secret-42"
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as s:
+        yield s
+
+
+Receiver = tuple[WebhookReceiver, list[tuple[str, TaskState]], Clock]
+
+
+@pytest.fixture
+async def make_receiver() -> AsyncIterator[Callable[[str], Any]]:
+    started: list[WebhookReceiver] = []
+
+    async def make(dialect: str) -> Receiver:
+        seen: list[tuple[str, TaskState]] = []
+        clock = Clock(1_800_000_000.0)
+        secret = SECRET if dialect == "klein" else BFL_SECRET
+        receiver = WebhookReceiver(
+            make_provider(dialect, "http://127.0.0.1:9", "k"),
+            secret,
+            lambda task_id, state: seen.append((task_id, state)),
+            host="127.0.0.1",
+            port=0,
+            clock=clock,
+        )
+        await receiver.start()
+        started.append(receiver)
+        return receiver, seen, clock
+
+    yield make
+    for receiver in started:
+        await receiver.stop()
+
+
+def klein_body(task_id: str = "task-1", status: str = "COMPLETED") -> bytes:
+    generated = ["http://127.0.0.1:9/result.jpg"] if status == "COMPLETED" else []
+    body = {"task_id": task_id, "status": status, "generated": generated, "has_nsfw": [False]}
+    return json.dumps(body).encode()
+
+
+def svix_headers(body: bytes, msg_id: str, timestamp: int, secret: str = SECRET) -> dict[str, str]:
+    return {
+        "content-type": "application/json",
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(timestamp),
+        "webhook-signature": sign(secret, msg_id, timestamp, body),
+    }
+
+
+async def post(
+    session: aiohttp.ClientSession, receiver: WebhookReceiver, body: bytes, headers: dict[str, str]
+) -> int:
+    async with session.post(receiver.url, data=body, headers=headers) as response:
+        await response.read()
+        return response.status
+
+
+async def test_klein_signed_delivery_acts_once(
+    make_receiver: Callable[[str], Any], session: aiohttp.ClientSession
+) -> None:
+    receiver, seen, clock = await make_receiver("klein")
+    body = klein_body()
+    headers = svix_headers(body, "msg_1", int(clock.now))
+    assert await post(session, receiver, body, headers) == 200
+    assert await post(session, receiver, body, headers) == 200  # duplicate: ack, ignore
+    assert [(task, state.phase) for task, state in seen] == [("task-1", "completed")]
+    assert seen[0][1].image_url == "http://127.0.0.1:9/result.jpg"
+    assert receiver.stats.accepted == 1 and receiver.stats.duplicates == 1
+    # Progress deliveries are verified and acknowledged, but only endings reach the engine.
+    created = klein_body("task-2", "CREATED")
+    assert (
+        await post(session, receiver, created, svix_headers(created, "m2", int(clock.now))) == 200
+    )
+    assert len(seen) == 1
+
+
+async def test_klein_forged_stale_and_replayed_deliveries_are_refused(
+    make_receiver: Callable[[str], Any], session: aiohttp.ClientSession
+) -> None:
+    receiver, seen, clock = await make_receiver("klein")
+    body = klein_body()
+    now = int(clock.now)
+    forged = svix_headers(body, "msg_f", now, secret="whsec_" + "QUFBQQ==")
+    assert await post(session, receiver, body, forged) == 401
+    tampered = svix_headers(body, "msg_t", now)
+    assert await post(session, receiver, body.replace(b"task-1", b"task-9"), tampered) == 401
+    unsigned = {"webhook-id": "msg_u", "webhook-timestamp": str(now)}
+    assert await post(session, receiver, body, unsigned) == 401
+    assert await post(session, receiver, body, {}) == 401
+    # Correctly signed, but signed six minutes ago (or six minutes ahead): refused.
+    assert await post(session, receiver, body, svix_headers(body, "msg_old", now - 360)) == 400
+    assert await post(session, receiver, body, svix_headers(body, "msg_new", now + 360)) == 400
+    # A genuine delivery captured and replayed: ignored within 5 minutes, refused after.
+    genuine = svix_headers(body, "msg_ok", now)
+    assert await post(session, receiver, body, genuine) == 200
+    assert await post(session, receiver, body, genuine) == 200
+    clock.now += 301
+    assert await post(session, receiver, body, genuine) == 400
+    assert [task for task, _ in seen] == ["task-1"]
+    assert sum(receiver.stats.refused.values()) == 7
+
+
+async def test_oversize_and_malformed_bodies_are_refused(
+    make_receiver: Callable[[str], Any], session: aiohttp.ClientSession
+) -> None:
+    receiver, seen, clock = await make_receiver("klein")
+    now = int(clock.now)
+    huge = b'{"task_id": "t", "pad": "' + b"x" * (MAX_BODY_BYTES + 10) + b'"}'
+    assert await post(session, receiver, huge, svix_headers(huge, "msg_big", now)) == 413
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the cap still holds
+        for _ in range(MAX_BODY_BYTES // 1024 + 8):
+            yield b"x" * 1024
+
+    headers = {"webhook-id": "m", "webhook-timestamp": str(now), "webhook-signature": "v1,x"}
+    async with session.post(receiver.url, data=chunks(), headers=headers) as response:
+        assert response.status == 413
+    signed_junk = b"not json"
+    assert await post(session, receiver, signed_junk, svix_headers(signed_junk, "m3", now)) == 400
+    no_id = json.dumps({"status": "COMPLETED"}).encode()
+    assert await post(session, receiver, no_id, svix_headers(no_id, "m4", now)) == 400
+    assert seen == []
+    async with session.get(receiver.url) as response:
+        assert response.status == 405
+
+
+def bfl_headers(body: bytes, secret: str = BFL_SECRET) -> dict[str, str]:
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"content-type": "application/json", "X-BFL-Signature": f"sha256={digest}"}
+
+
+async def test_bfl_signature_and_duplicates(
+    make_receiver: Callable[[str], Any], session: aiohttp.ClientSession
+) -> None:
+    receiver, seen, _ = await make_receiver("bfl")
+    body = json.dumps(
+        {"id": "b-1", "status": "Ready", "result": {"sample": "http://127.0.0.1:9/s.jpg"}}
+    ).encode()
+    assert await post(session, receiver, body, bfl_headers(body, "wrong")) == 401
+    assert await post(session, receiver, body, {"content-type": "application/json"}) == 401
+    bad_scheme = {"X-BFL-Signature": "md5=" + hashlib.md5(body).hexdigest()}
+    assert await post(session, receiver, body, bad_scheme) == 401
+    assert seen == []
+    assert await post(session, receiver, body, bfl_headers(body)) == 200
+    assert await post(session, receiver, body, bfl_headers(body)) == 200
+    moderated = json.dumps({"id": "b-2", "status": "Content Moderated", "result": None}).encode()
+    assert await post(session, receiver, moderated, bfl_headers(moderated)) == 200
+    assert [(task, state.phase) for task, state in seen] == [
+        ("b-1", "completed"),
+        ("b-2", "moderated"),
+    ]
+    assert receiver.stats.duplicates == 1
+
+
+async def test_listen_address_port_zero_and_public_url() -> None:
+    assert parse_listen("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_listen("[::1]:8787") == ("::1", 8787)
+    for bad in ("8787", "host:", ":80", "127.0.0.1:99999", "127.0.0.1:http"):
+        with pytest.raises(ConfigError, match="--webhook-listen"):
+            parse_listen(bad)
+    provider = make_provider("bfl", "http://127.0.0.1:9", "k")
+    with pytest.raises(ConfigError, match="BFL_WEBHOOK_SECRET"):
+        WebhookReceiver(provider, "", lambda *_: None)
+    async with WebhookReceiver(provider, "s", lambda *_: None, port=0) as receiver:
+        assert receiver.port > 0
+        assert receiver.url == f"http://127.0.0.1:{receiver.port}{PATH}"
+    public = WebhookReceiver(provider, "s", lambda *_: None, public_url="https://hooks.example/")
+    assert public.url == "https://hooks.example" + PATH
