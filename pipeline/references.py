@@ -152,6 +152,17 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
             raise ReferenceError(
                 f"URL {_public_url(current)} timed out after {store.timeout_s:g} s"
             ) from None
+        except aiohttp.ClientConnectorCertificateError:
+            # Verification is never switched off: a manifest's URL must prove its host.
+            raise ReferenceError(
+                f"URL {_public_url(current)}: the TLS certificate of {parsed.host} could not "
+                "be verified (self-signed, expired or for another host); expected a "
+                "certificate trusted by this machine"
+            ) from None
+        except aiohttp.ClientSSLError:
+            raise ReferenceError(
+                f"URL {_public_url(current)}: the TLS handshake with {parsed.host} failed"
+            ) from None
         except aiohttp.ClientConnectorError as exc:
             if "non-public address" in str(exc.os_error):
                 raise ReferenceError(
