@@ -13,7 +13,13 @@ from typing import Any
 
 from pipeline.contract import BFL_KEY_HEADER, BFL_MODELS, REFERENCE_FIELDS, BflStatus, bfl_size
 from pipeline.errors import ConfigError
-from pipeline.providers import ProtocolError, Submitted, TaskState
+from pipeline.providers import (
+    ProtocolError,
+    Submitted,
+    TaskState,
+    mask_secrets,
+    secret_forms,
+)
 from pipeline.references import Reference
 from pipeline.rows import ImageRequest
 
@@ -47,6 +53,7 @@ class BflProvider:
         self._path = "/v1/" + path
         self._headers = {BFL_KEY_HEADER: api_key}
         self._webhook_secret = webhook_secret
+        self._secrets = secret_forms(base_url, api_key, webhook_secret)
 
     def __repr__(self) -> str:  # never show the key or the webhook secret
         return f"BflProvider({self._base!r}, {self._path!r})"
@@ -124,6 +131,10 @@ class BflProvider:
         return body["id"], self.parse_poll(body)
 
     def error_message(self, status: int, body: Any) -> str:
+        """The answer's own words (any secret it echoes masked): they become row reasons."""
+        return mask_secrets(self._error_message(status, body), self._secrets)
+
+    def _error_message(self, status: int, body: Any) -> str:
         if isinstance(body, dict):
             detail = body.get("detail")
             if isinstance(detail, list) and detail:

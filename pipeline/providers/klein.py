@@ -6,7 +6,13 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pipeline.contract import KLEIN_PATH, REFERENCE_FIELDS, KleinStatus, output_size
-from pipeline.providers import ProtocolError, Submitted, TaskState
+from pipeline.providers import (
+    ProtocolError,
+    Submitted,
+    TaskState,
+    mask_secrets,
+    secret_forms,
+)
 from pipeline.references import Reference
 from pipeline.rows import ImageRequest
 
@@ -19,6 +25,7 @@ class KleinProvider:
     def __init__(self, base_url: str, api_key: str) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"x-freepik-api-key": api_key}
+        self._secrets = secret_forms(base_url, api_key)
 
     def __repr__(self) -> str:  # never show the key
         return f"KleinProvider({self._base!r})"
@@ -87,6 +94,10 @@ class KleinProvider:
         return body["task_id"], self.parse_poll({"data": body})
 
     def error_message(self, status: int, body: Any) -> str:
+        """The answer's own words (any secret it echoes masked): they become row reasons."""
+        return mask_secrets(self._error_message(status, body), self._secrets)
+
+    def _error_message(self, status: int, body: Any) -> str:
         if isinstance(body, dict):
             message = body.get("message") or body.get("detail")
             params = body.get("invalid_params")

@@ -7,6 +7,7 @@ the SQLite ledger and its WAL), every log record, stdout and stderr is searched 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import os
@@ -14,7 +15,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
+import pyarrow.parquet as pq
 import pytest
+from aiohttp import web
 
 from pipeline.run import RunOptions, run_manifest
 from pipeline.sim import (
@@ -57,12 +61,28 @@ def _leaks(blob: bytes) -> list[str]:
     return [secret for secret in SECRETS if secret.encode() in blob]
 
 
-def _scan(*roots: Path) -> dict[str, list[str]]:
+def _contents(path: Path) -> bytes:
+    """A file's bytes, plus, for Parquet, every value and metadata entry decompressed.
+
+    The output manifest is zstd-compressed: a secret in it need not appear in its raw bytes.
+    """
+    data = path.read_bytes()
+    if data[:4] == b"PAR1":
+        table = pq.read_table(path)
+        metadata = table.schema.metadata or {}
+        data += repr(table.to_pylist()).encode("utf-8", "backslashreplace")
+        data += repr(metadata).encode() + b"".join(metadata.values())
+    return data
+
+
+def _scan(*roots: Path, secrets: tuple[str, ...] = SECRETS) -> dict[str, list[str]]:
     found: dict[str, list[str]] = {}
     for root in roots:
         for path in [root] if root.is_file() else root.rglob("*"):
-            if path.is_file() and (leaked := _leaks(path.read_bytes())):
-                found[str(path)] = leaked
+            if path.is_file():
+                blob = _contents(path)
+                if leaked := [s for s in secrets if s.encode() in blob]:
+                    found[str(path)] = leaked
     return found
 
 
@@ -87,8 +107,8 @@ def test_cli_run_with_debug_logs_leaks_no_key(tmp_path: Path) -> None:
             "task_failed": 0.2,
         },
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("FREEPIK_API_KEY", "BFL_API_KEY")}
-    env.update(HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env = _clean_env(home)
+    env["FREEPIK_WEBHOOK_SECRET"] = WEBHOOK_SECRET
     outputs: list[str] = []
     with sim_process(config) as sim:
         for key, out in ((API_KEY, "good"), (WRONG_KEY, "refused")):
@@ -97,6 +117,7 @@ def test_cli_run_with_debug_logs_leaks_no_key(tmp_path: Path) -> None:
                 [
                     *(sys.executable, "-c", _DEBUG_CLI, str(log), "run", str(manifest)),
                     *("--out", str(tmp_path / out), "--api-url", sim.url, "--progress", "plain"),
+                    *("--webhook-listen", "127.0.0.1:0"),
                 ],
                 capture_output=True,
                 env={**env, "FREEPIK_API_KEY": key},
@@ -107,9 +128,101 @@ def test_cli_run_with_debug_logs_leaks_no_key(tmp_path: Path) -> None:
             outputs += [result.stdout.decode(), result.stderr.decode()]
             assert log.stat().st_size > 0  # DEBUG logging really was on
             assert not _leaks(result.stdout + result.stderr), out
+        webhooks = sim.key_stats()["webhooks_sent"]
+    assert webhooks > 0  # the run received signed webhooks, so it held the secret
     assert "refused the key" in outputs[-1]  # the 401 was reported, without the key
     assert "retrying after" in (tmp_path / "good.log").read_text()
-    assert _scan(tmp_path) == {}
+    assert (tmp_path / "good" / "report.html").is_file()  # every output was written...
+    assert (tmp_path / "good" / "manifest.parquet").is_file()
+    assert _scan(tmp_path) == {}  # ...and none holds a secret
+
+
+def _clean_env(home: Path) -> dict[str, str]:
+    """The caller's environment without any real key or secret, with a private HOME."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("FREEPIK_API_KEY", "BFL_API_KEY", "FREEPIK_WEBHOOK_SECRET")
+        and k not in ("BFL_WEBHOOK_SECRET", "PREFECT_API_URL")
+    }
+    env.update(HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    return env
+
+
+#: The password of a ``user:password@`` API URL, and the Basic header aiohttp makes of it.
+URL_PASSWORD = "Pw0rd-in-the-url-4c8e"
+BASIC = base64.b64encode(f"kbuser:{URL_PASSWORD}".encode()).decode()
+ECHOED = (*SECRETS, URL_PASSWORD, BASIC)
+
+
+def _echoing_api(status: int) -> web.Application:
+    """An API (or a proxy before it) that quotes what it was sent in every error answer."""
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.json() if request.can_read_body else {}
+        heard = [
+            request.headers.get("x-freepik-api-key"),
+            request.headers.get("x-key"),
+            request.headers.get("Authorization"),
+            body.get("webhook_secret"),
+        ]
+        said = " ".join(str(value) for value in heard if value)
+        if request.path.endswith("flux-2-klein") or "/v1/flux-2-klein" in request.path:
+            detail = f"request refused for {said}"
+            return web.json_response(
+                {
+                    "message": detail,
+                    "detail": detail,
+                    "invalid_params": [{"name": "key", "reason": said}],
+                },
+                status=status,
+            )
+        return web.json_response({"message": f"unknown path for {said}"}, status=404)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+@pytest.mark.parametrize("dialect", ["klein", "bfl"])
+@pytest.mark.parametrize("status", [401, 422, 500])
+async def test_an_api_that_echoes_secrets_leaks_none_into_outputs(
+    dialect: str, status: int, tmp_path: Path
+) -> None:
+    manifest = _manifest(tmp_path / "in")
+    runner = web.AppRunner(_echoing_api(status))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    env = _clean_env(tmp_path)
+    key_env = "FREEPIK_API_KEY" if dialect == "klein" else "BFL_API_KEY"
+    env[key_env] = API_KEY
+    env["FREEPIK_WEBHOOK_SECRET" if dialect == "klein" else "BFL_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+    log = tmp_path / "run.log"
+    try:
+        result = await asyncio.to_thread(
+            subprocess.run,
+            [
+                *(sys.executable, "-c", _DEBUG_CLI, str(log), "run", str(manifest)),
+                *("--out", str(tmp_path / "out"), "--dialect", dialect, "--progress", "plain"),
+                *("--api-url", f"http://kbuser:{URL_PASSWORD}@127.0.0.1:{port}"),
+                *("--webhook-listen", "127.0.0.1:0"),
+            ],
+            capture_output=True,
+            env=env,
+            timeout=300,
+        )
+    finally:
+        await runner.cleanup()
+    assert b"Traceback" not in result.stderr, result.stderr
+    assert result.returncode == (2 if status == 401 else 1), result.stderr
+    blob = result.stdout + result.stderr + log.read_bytes()
+    assert [s for s in ECHOED if s.encode() in blob] == []
+    assert _scan(tmp_path / "out", secrets=ECHOED) == {}
+    # The answers were recorded, masked: the reason still says what the API said.
+    reasons = pl.read_parquet(tmp_path / "out" / "manifest.parquet")["reason"].to_list()
+    assert any("request refused for ***" in (reason or "") for reason in reasons), reasons
 
 
 @pytest.fixture
