@@ -16,7 +16,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from pipeline.config import API_KEY_ENV, RunConfig, check_target, load_config, merge_flags
 from pipeline.contract import TIERS
@@ -24,6 +24,20 @@ from pipeline.errors import KleinError
 from pipeline.summary import ExitCode
 
 EXIT_INTERRUPTED = 130
+
+#: Settings of ``klein-batch run`` that the flow does not carry out, with what they do. A
+#: config file shared with ``run`` may hold them; silently dropping a budget or a template
+#: would spend credits or make the wrong images, so the flow refuses to start instead.
+RUN_ONLY_SETTINGS: Final = {
+    "prompt_template": "prompt templates",
+    "vary": "variation matrices",
+    "variations": "variation matrices",
+    "max_credits": "credit budgets",
+    "dry_run": "dry runs",
+    "model": "choosing the bfl model",
+    "webhook_listen": "webhooks",
+    "webhook_public_url": "webhooks",
+}
 
 
 def build_parser(prog: str = "python -m flows.catalog") -> argparse.ArgumentParser:
@@ -51,7 +65,18 @@ def build_parser(prog: str = "python -m flows.catalog") -> argparse.ArgumentPars
     add("--resolution", metavar="1k|2k", help="default for rows without one")
     add("--output-format", metavar="png|jpeg", help="default for rows without one")
     add("--safety-tolerance", type=int, metavar="0-5", help="default for rows without one")
-    add("--config", metavar="FILE", help="TOML file with the same settings as `klein-batch run`")
+    add(
+        "--s3-endpoint-url",
+        metavar="URL",
+        help="S3 endpoint for s3:// manifests and outputs (MinIO, R2, a local server) "
+        "[$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS]",
+    )
+    add(
+        "--config",
+        metavar="FILE",
+        help="TOML file with the settings of `klein-batch run` (templates, variations, "
+        "budgets and dry runs are refused: the flow runs the rows as they are)",
+    )
     add("--shard-size", type=int, default=5_000, metavar="ROWS", help="rows per shard [5000]")
     add("--parallel-shards", type=int, default=4, metavar="N", help="shards at once [4]")
     add("--shard-retries", type=int, default=2, metavar="N", help="retries per shard [2]")
@@ -124,8 +149,23 @@ def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespace, R
         resolution=args.resolution,
         output_format=args.output_format,
         safety_tolerance=args.safety_tolerance,
+        s3_endpoint_url=args.s3_endpoint_url,
     )
+    _refuse_run_only(settings, args.config)
     return args, settings
+
+
+def _refuse_run_only(settings: RunConfig, config: str | None) -> None:
+    """One clear line for a setting only ``klein-batch run`` honours, never a silent drop."""
+    plain = RunConfig()
+    for name, what in RUN_ONLY_SETTINGS.items():
+        value = getattr(settings, name)
+        if value != getattr(plain, name):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise KleinError(
+                f"{config}: setting {name} = {shown!r} is not supported by the flow; "
+                f"{what} need `klein-batch run` (remove the setting to run the flow)"
+            )
 
 
 def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catalog") -> int:
@@ -135,6 +175,12 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catal
         if not settings.out:
             raise KleinError('--out DEST is required (or out = "..." in the config file)')
         check_target(settings)
+        if settings.s3_endpoint_url:
+            from pipeline.s3 import configure
+
+            # The flow's tasks run in this process (ephemeral mode, or the parent flow on a
+            # server); shards on workers read $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL there.
+            configure(endpoint_url=settings.s3_endpoint_url)
         manifest = args.manifest
         if "://" not in manifest and not Path(manifest).is_file():
             raise KleinError(f"{manifest}: manifest not found; expected a CSV or Parquet file")

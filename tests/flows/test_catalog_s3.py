@@ -93,3 +93,41 @@ async def test_flow_reads_and_writes_s3(
     )
     assert shard_ledger["ContentLength"] > 0
     assert os.environ["FREEPIK_API_KEY"] not in json.dumps(summary)
+
+
+def test_flow_command_takes_the_s3_endpoint_from_its_config_file(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`s3_endpoint_url` in the --config file reaches the flow's S3 reads and writes."""
+    from flows.cli import run
+
+    rows = [(f"c{n}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, 6)]
+    local = write_catalog(tmp_path / "catalog.csv", rows)
+    s3.client().put_object(Bucket=bucket, Key="in/catalog.csv", Body=local.read_bytes())
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    # Only the config file knows the endpoint now; the process-wide setting is put back after.
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("FREEPIK_API_KEY", raising=False)
+    monkeypatch.setattr(s3._settings, "endpoint_url", None)
+    s3.reset_clients()
+    sim_toml = tmp_path / "sim.toml"
+    sim_toml.write_text(
+        f'[[keys]]\nname = "cfg"\nkey = "{SECRET}"\ntier = "standard"\n\n'
+        "[latency]\nmedian_s = 0.05\np95_s = 0.1\n",
+        encoding="utf-8",
+    )
+    config = tmp_path / "flow.toml"
+    config.write_text(
+        f's3_endpoint_url = "{endpoint}"\nsim_config = "sim.toml"\n', encoding="utf-8"
+    )
+
+    args = ["--out", f"s3://{bucket}/out", "--config", str(config), "--shard-size", "3"]
+    code = run([f"s3://{bucket}/in/catalog.csv", *args])
+
+    assert code == 0
+    assert s3.endpoint_url() == endpoint
+    body = s3.client().get_object(Bucket=bucket, Key="out/manifest.parquet")["Body"].read()
+    done = pl.read_parquet(io.BytesIO(body))
+    assert done["row"].to_list() == list(range(1, 6))
+    assert set(done["status"]) == {"succeeded"}

@@ -83,3 +83,33 @@ def test_flow_command_names_a_bad_option_without_a_traceback(tmp_path: Path) -> 
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_flow_command_refuses_run_only_settings_of_a_shared_config(tmp_path: Path) -> None:
+    """A budget or template in a config shared with `run` must stop the flow, not be dropped."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,title\na,red mug,Mug\n", encoding="utf-8")
+    env = _env(tmp_path / "prefect")
+    for setting, message in (
+        ("max_credits = 10", "setting max_credits = 10.0 is not supported by the flow"),
+        ('prompt_template = "{title}"', "setting prompt_template = '{title}' is not supported"),
+        ('vary = ["style=studio,lifestyle"]', "variation matrices need `klein-batch run`"),
+        ("dry_run = true", "dry runs need `klein-batch run`"),
+    ):
+        config = tmp_path / "shared.toml"
+        config.write_text(setting + "\n", encoding="utf-8")
+        out = tmp_path / "out"
+        args = ["flow", str(manifest), "--sim", "--out", str(out), "--config", str(config)]
+        done = subprocess.run(
+            [str(KLEIN_BATCH), *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (setting, done.stdout, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {config}: setting "), lines
+        assert message in done.stderr, (setting, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert not out.exists(), setting  # nothing ran, nothing was spent
