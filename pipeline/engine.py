@@ -34,6 +34,7 @@ import aiohttp
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
 from pipeline.errors import ReferenceError
+from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
@@ -185,6 +186,9 @@ class Engine:
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)
+        #: Contact-sheet thumbnails still to make while verifying (report.html draws at most
+        #: MAX_TILES, from a local output's thumbnail cache; see ``_store_thumbnail``).
+        self._thumbs_left = MAX_TILES if sink.local_path(THUMBS_RELDIR) is not None else 0
         self._heap: list[tuple[float, int, _Tracked]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -695,6 +699,8 @@ class Engine:
         info, body = data
         relpath = f"images/{job.row.key}.{FORMAT_EXT[info.format]}"
         uri = await self._sink.put(relpath, body, FORMAT_MIME[info.format])
+        if info.thumbnail is not None:
+            await self._store_thumbnail(job.row.key, info.thumbnail)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
@@ -789,16 +795,38 @@ class Engine:
         if status != 200:
             self.stats.errors[f"download {status}"] += 1
             raise Transient(f"download answered HTTP {status}", retry_after=retry_after)
+        thumb = THUMB_PX if self._thumbs_left > 0 else None
         try:
             if len(data) > 1_000_000:
                 info = await asyncio.to_thread(
-                    inspect_image, data, expected_format=fmt, expected_size=expected
+                    inspect_image,
+                    data,
+                    expected_format=fmt,
+                    expected_size=expected,
+                    thumbnail_px=thumb,
+                    thumbnail_quality=THUMB_QUALITY,
                 )
             else:
-                info = inspect_image(data, expected_format=fmt, expected_size=expected)
+                info = inspect_image(
+                    data,
+                    expected_format=fmt,
+                    expected_size=expected,
+                    thumbnail_px=thumb,
+                    thumbnail_quality=THUMB_QUALITY,
+                )
         except InvalidImage as exc:
             raise Transient(f"downloaded image is invalid: {exc}") from None
         return info, data
+
+    async def _store_thumbnail(self, key: str, thumbnail: bytes) -> None:
+        """Put the verification decode's thumbnail where report.html looks for it first.
+
+        Written after the image, so the page's freshness check (thumbnail not older than
+        the image) accepts it. Only a cache: a failure here costs the page a decode later.
+        """
+        self._thumbs_left -= 1
+        with contextlib.suppress(OSError, ValueError):
+            await self._sink.put(f"{THUMBS_RELDIR}/{key}.jpg", thumbnail, "image/jpeg")
 
     # --- helpers ------------------------------------------------------------------------------
 

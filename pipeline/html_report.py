@@ -13,7 +13,9 @@ size: about 2.4 MB per thousand images (``benchmarks/report_html.py``: 24 MB for
 loaded by Chromium in about a second), so the contact sheet stops at ``MAX_TILES`` images
 and says so; ``loading="lazy"`` and ``content-visibility`` keep the browser from decoding
 and laying out what is off screen. Thumbnails of a local output are cached
-in ``.klein/thumbs/`` so a rerun only makes the new ones.
+in ``.klein/thumbs/`` so a rerun only makes the new ones; the engine writes them there as
+it verifies each JPEG (from the same 1/8-scale decode), so the page does not decode every
+image a second time at the end of the run.
 
 The page is built from ``manifest.parquet`` (the run's record of every row), so it shows
 exactly what the data team sees, and from the run summary for the figures of this run.
@@ -42,6 +44,7 @@ from PIL import Image
 from pipeline.contract import RowStatus
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
+from pipeline.verify import small_jpeg
 
 log = logging.getLogger(__name__)
 
@@ -206,11 +209,7 @@ def thumbnail(data: bytes, size: int = THUMB_PX) -> bytes:
     with Image.open(io.BytesIO(data)) as image:
         if image.format == "JPEG":
             image.draft("RGB", (size, size))  # decodes at 1/8 scale for a 1k image
-        image.thumbnail((size, size), Image.Resampling.BILINEAR)
-        rgb = image.convert("RGB")
-    out = io.BytesIO()
-    rgb.save(out, "JPEG", quality=THUMB_QUALITY, optimize=True)
-    return out.getvalue()
+        return small_jpeg(image, size, THUMB_QUALITY)
 
 
 # --- rendering ------------------------------------------------------------------------------
