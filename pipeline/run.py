@@ -371,6 +371,9 @@ class _Run:
         self.seen = 0
         self.total: int | None = None
         self.resumed = 0
+        #: Rows an earlier run finished, by status: counted as done, but not made by this run,
+        #: so the rate leaves them out. (Resumed in-flight rows finish here and count.)
+        self.earlier: Counter[str] = Counter()
         self.credits = 0.0
         self.started = time.monotonic()
         self._last_flush = 0.0
@@ -428,6 +431,7 @@ class _Run:
                     self.resumed += 1
                     status = planned.previous.status if planned.previous else RowStatus.SUCCEEDED
                     self.counts[str(status)] += 1
+                    self.earlier[str(status)] += 1
                 elif planned.action is Action.DUPLICATE:
                     first = planned.duplicate_of or 0
                     first_row = self.opts.catalog.label(first) if self.opts.catalog else None
@@ -472,7 +476,7 @@ class _Run:
     def snapshot(self) -> ProgressSnapshot:
         elapsed = time.monotonic() - self.started
         done = sum(self.counts.values())
-        fresh = done - self.resumed
+        fresh = done - self.earlier.total()
         rate = fresh / elapsed if elapsed > 0 else 0.0
         total = self.total if self.total is not None else max(self.seen, done)
         eta = (total - done) / rate if rate > 0 and total >= done else None
@@ -512,9 +516,7 @@ class _Run:
         unfinished = counts.get("pending", 0) + counts.get("in_flight", 0)
         summary.counts[RowStatus.SKIPPED] += unfinished
         summary.total_rows = sum(summary.counts.values())
-        fresh = summary.counts[RowStatus.SUCCEEDED] - min(
-            self.resumed, summary.counts[RowStatus.SUCCEEDED]
-        )
+        fresh = max(0, summary.counts[RowStatus.SUCCEEDED] - self.earlier[RowStatus.SUCCEEDED])
         summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.latency_p50_s, summary.latency_p95_s = latency_percentiles(self.ledger.latencies())
         summary.credits = round(self.ledger.credits(), 2)

@@ -8,6 +8,7 @@ rerun must poll those tasks, not pay for them again, and finish every row.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
 import subprocess
@@ -69,10 +70,10 @@ def sim_process(tmp_path: Path) -> SimProcess:
     process.stop()
 
 
-def run_command(manifest: Path, out: Path, url: str) -> list[str]:
+def run_command(manifest: Path, out: Path, url: str, progress: str = "off") -> list[str]:
     return [
         *(KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url),
-        *("--max-active", "12", "--progress", "off"),
+        *("--max-active", "12", "--progress", progress),
     ]
 
 
@@ -107,11 +108,15 @@ def interrupt_mid_run(
 
 
 def rerun_and_check(
-    manifest: Path, out: Path, sim: SimProcess, before: dict[str, tuple[str, str | None]]
-) -> pl.DataFrame:
+    manifest: Path,
+    out: Path,
+    sim: SimProcess,
+    before: dict[str, tuple[str, str | None]],
+    progress: str = "off",
+) -> tuple[pl.DataFrame, str]:
     stats_before = sim.stats()
     rerun = subprocess.run(
-        run_command(manifest, out, sim.url),
+        run_command(manifest, out, sim.url, progress),
         capture_output=True,
         text=True,
         env=cli_env(FREEPIK_API_KEY=SIM_KEY),
@@ -139,7 +144,11 @@ def rerun_and_check(
     )
     assert stats["duplicate_submits"] <= report["ambiguous_submits"]
     assert stats["submits_accepted"] == ROWS + stats["duplicate_submits"]
-    return table
+    # The rate counts what this run finished (resumed in-flight tasks included), never the
+    # rows earlier runs finished: so it is never negative and matches the run's new images.
+    new_images = ROWS - sum(1 for _, status in before.values() if status == "succeeded")
+    assert report["images_per_s"] * report["elapsed_s"] == pytest.approx(new_images, rel=0.01)
+    return table, rerun.stdout
 
 
 @pytest.mark.slow
@@ -156,7 +165,10 @@ def test_kill_9_mid_run_then_rerun_finishes_without_paying_twice(
     assert proc.returncode == -signal.SIGKILL
     assert any(status is None for _, status in before.values())
     # A killed run wrote no output manifest for this run; the rerun writes the whole of it.
-    rerun_and_check(manifest, out, sim_process, before)
+    _, progress = rerun_and_check(manifest, out, sim_process, before, progress="plain")
+    rates = [float(rate) for rate in re.findall(r"(-?[0-9.]+) img/s", progress)]
+    assert rates, progress
+    assert min(rates) >= 0, progress  # resumed in-flight rows are not "done before"
 
 
 @pytest.mark.slow
