@@ -27,6 +27,22 @@ INLINE_WRITE_LIMIT = 1 << 20
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*)://")
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file: 0o666 less the process umask.
+
+    ``mkstemp`` creates files 0600; renamed into place as they are, images, manifests and
+    report.html were readable by their owner alone, so a web server, a teammate or a CDN
+    sync job could not read what the run published. Read once, at import, because setting
+    the umask to read it is not thread-safe.
+    """
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 @runtime_checkable
 class Sink(Protocol):
     """A destination for a run's files, addressed by paths relative to its root."""
@@ -107,6 +123,7 @@ class LocalSink:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         try:
+            os.fchmod(fd, _FILE_MODE)
             with os.fdopen(fd, "wb") as handle:
                 if source is not None:
                     with source.open("rb") as src:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from pathlib import Path
 
@@ -47,6 +48,22 @@ async def test_large_writes_and_put_file(tmp_path: Path) -> None:
     assert uri == sink.uri("nested/manifest.parquet")
     assert source.exists()  # the caller's file is copied, not taken
     assert _leftovers(tmp_path) == []
+
+
+async def test_written_files_get_the_mode_any_new_file_gets(tmp_path: Path) -> None:
+    """Outputs are for others to read (a web server, a teammate): not mkstemp's 0600."""
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(b"made by open()")
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    sink = LocalSink(tmp_path / "out")
+    source = tmp_path / "local.parquet"
+    source.write_bytes(b"PAR1")
+    await sink.put("images/a.jpg", b"\xff\xd8small", "image/jpeg")
+    await sink.put("images/b.png", os.urandom(INLINE_WRITE_LIMIT + 1), "image/png")
+    await sink.put_file("manifest.parquet", source, "application/vnd.apache.parquet")
+    for relpath in ("images/a.jpg", "images/b.png", "manifest.parquet"):
+        mode = stat.S_IMODE((tmp_path / "out" / relpath).stat().st_mode)
+        assert mode == expected, (relpath, oct(mode), oct(expected))
 
 
 @pytest.mark.parametrize(
