@@ -256,7 +256,7 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catal
     print(
         f"{result.get('images_per_s', 0.0):.2f} images/s; credits {result.get('credits', 0.0):,.2f}"
     )
-    print(f"output: {result.get('output')} (manifest.parquet, run.json, images/)")
+    print(f"output: {result.get('output')} (manifest.parquet, run.json, report.html, images/)")
     return int(result.get("exit_code", ExitCode.PARTIAL))
 
 

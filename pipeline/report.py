@@ -75,5 +75,5 @@ def format_summary(summary: RunSummary) -> str:
     if summary.errors:
         top = sorted(summary.errors.items(), key=lambda item: (-item[1], item[0]))[:5]
         lines.append("errors: " + ", ".join(f"{name} x{count:,}" for name, count in top))
-    lines.append(f"output: {summary.output} (manifest.parquet, run.json, images/)")
+    lines.append(f"output: {summary.output} (manifest.parquet, run.json, report.html, images/)")
     return "\n".join(lines)

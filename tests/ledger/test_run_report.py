@@ -85,7 +85,9 @@ def test_format_summary_names_everything_a_person_checks() -> None:
     assert "1 submits lost their response" in text
     assert "resumed: 5 rows" in text
     assert "http_503 x3" in text
-    assert text.splitlines()[-1].startswith("output: /data/out")
+    assert text.splitlines()[-1] == (
+        "output: /data/out (manifest.parquet, run.json, report.html, images/)"
+    )
 
 
 def test_format_summary_of_an_empty_run() -> None:
