@@ -44,6 +44,8 @@ class SimSettings:
     error_503: float = 0.0
     drop: float = 0.0
     fault_seed: int = 1
+    #: Svix-style signing secret of the key's webhooks (the webhook contender sets one).
+    webhook_secret: str | None = None
 
     def toml(self, key: str) -> str:
         lines = [
@@ -55,6 +57,7 @@ class SimSettings:
             f'tier = "{self.tier}"',
             f"max_active = {self.max_active}",
             f"submits_per_minute = {self.submits_per_minute}",
+            *([f'webhook_secret = "{self.webhook_secret}"'] if self.webhook_secret else []),
             "",
             "[latency]",
             f"median_s = {self.median_s}",

@@ -7,11 +7,19 @@ changes) lives in ``benchmarks/notes.md`` and is appended as written.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 NOTES = Path(__file__).resolve().parent / "notes.md"
-KLEIN = ("klein-batch", "klein-batch-flow")
+#: Figures of the chaos soak (``tests/chaos/test_soak.py``), written when it is run with
+#: ``KLEIN_SOAK_REPORT=benchmarks/soak.json``; the section is left out while it is absent.
+SOAK = Path(__file__).resolve().parent / "soak.json"
+SOAK_COMMAND = (
+    "KLEIN_SOAK=1 KLEIN_SOAK_REPORT=benchmarks/soak.json "
+    ".venv/bin/python -m pytest -s -p no:cacheprovider tests/chaos/test_soak.py"
+)
+KLEIN = ("klein-batch", "klein-batch-webhook", "klein-batch-flow")
 
 HEADER = (
     "| contender | rows | images | wall s | utilization | steady util. | images/s "
@@ -97,7 +105,95 @@ def _goals(results: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render(results: dict[str, Any]) -> str:
+_SOAK_LABELS = {
+    "rows": "rows in the manifest",
+    "elapsed_s": "wall time, s",
+    "faults_injected": "faults injected (all kinds, 429s included)",
+    "rows_lost": "rows lost (no final status in the output manifest)",
+    "ambiguous_submits": "submits whose answer was lost (charged or not, unknown)",
+    "duplicate_submits": "tasks the simulator saw submitted twice (paid twice)",
+    "tasks_failed": "tasks the simulator ended FAILED",
+    "tasks_moderated": "tasks moderated",
+    "downloads_expired": "downloads refused as expired",
+}
+
+
+def _soak(soak: dict[str, Any]) -> list[str]:
+    """The chaos soak's figures: every fault at once on a long run, and what was lost."""
+    lines = [
+        "## Chaos soak",
+        "",
+        "`tests/chaos/test_soak.py`: klein-batch against the simulator with every fault of "
+        "the chaos matrix switched on at once (500s, 503s and dropped connections on "
+        "submit, poll and download, truncated and slow downloads, failed and moderated "
+        "tasks, result URLs that expire after 5 s, 429s in every Retry-After form). Produced "
+        f"with `{SOAK_COMMAND}` (`KLEIN_SOAK_ROWS` sets the size); this section is rendered "
+        "from `benchmarks/soak.json`.",
+        "",
+        "| figure | value |",
+        "|---|---:|",
+    ]
+    for name, label in _SOAK_LABELS.items():
+        if name in soak:
+            lines.append(f"| {label} | {_num(soak[name])} |")
+    for name, value in soak.items():
+        if name not in _SOAK_LABELS and not isinstance(value, dict | list):
+            lines.append(f"| {name} | {_num(value)} |")
+    for name in ("by_status", "faults"):
+        if isinstance(soak.get(name), dict) and soak[name]:
+            title = "rows by final status" if name == "by_status" else "faults by kind"
+            parts = ", ".join(f"{key} {value}" for key, value in sorted(soak[name].items()))
+            lines.append(f"| {title} | {parts} |")
+    lines.append("")
+    return lines
+
+
+def _simulator(results: dict[str, Any]) -> list[str]:
+    """What one simulator process serves here, against each scenario's ceiling."""
+    measured = results.get("sim_throughput")
+    if not measured:
+        return []
+    lines = ["## The simulator's own ceiling", ""]
+    if "error" in measured:
+        failed = f"`benchmarks/sim_throughput.py` failed in this run: {measured['error']}."
+        return [*lines, failed, ""]
+    rate = measured["figures"].get("images_per_s")
+    lines += [
+        f"Measured in the same run (`{measured['command']}`): one simulator process, pinned "
+        "like the scenarios' simulator, driven by a minimal load generator with short tasks, "
+        "so the figure is the simulator's capacity (HTTP, rendering and encoding every 1k "
+        "JPEG), not a tier's.",
+        "",
+        "| measure | result |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in measured["table"].items()),
+        "",
+    ]
+    if rate:
+        for scenario in results["scenarios"]:
+            ceiling = _ceiling(scenario["sim"])
+            if ceiling >= 0.7 * rate:
+                lines += [
+                    f"Scenario `{scenario['name']}`: its ceiling ({ceiling:.0f} images/s) is "
+                    f"{ceiling / rate:.0%} of what the simulator served here ({rate:.0f} "
+                    "images/s), so there the simulator, not the tier, is (or is close to) "
+                    "the limit: compare contenders with each other, not with 1.0.",
+                    "",
+                ]
+    return lines
+
+
+def load_soak(path: Path = SOAK) -> dict[str, Any] | None:
+    """The soak figures when ``benchmarks/soak.json`` exists and is readable, else None."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
+    """RESULTS.md; ``soak`` defaults to ``benchmarks/soak.json`` when present."""
     machine = results["machine"]
     out = [
         "# Benchmarks: how close to the tier's limit, side by side with the alternatives",
@@ -141,6 +237,7 @@ def render(results: dict[str, Any]) -> str:
         "",
         *_goals(results),
         "",
+        *_simulator(results),
     ]
     for scenario in results["scenarios"]:
         ceiling = _ceiling(scenario["sim"])
@@ -181,6 +278,16 @@ def render(results: dict[str, Any]) -> str:
             "`benchmarks/run.py` includes it automatically once `flows/` provides it.",
             "",
         ]
+    if not results.get("webhooks_available"):
+        out += [
+            "## Pending: klein-batch with webhooks",
+            "",
+            "The contender `klein-batch-webhook` (`klein-batch run --webhook-listen "
+            "127.0.0.1:0`, the simulator signing its deliveries) had not landed when this "
+            "suite ran: `klein-batch run --help` had no `--webhook-listen`. "
+            "`benchmarks/run.py` includes it automatically once the option exists.",
+            "",
+        ]
     sweep = results.get("sweep")
     if sweep:
         out += [
@@ -207,6 +314,18 @@ def render(results: dict[str, Any]) -> str:
                 *(_row(f) for f in sweep["full_run"]),
             ]
         out.append("")
+    soak = soak if soak is not None else load_soak()
+    if soak:
+        out += _soak(soak)
+    else:
+        out += [
+            "## Chaos soak",
+            "",
+            "Not run for this report. To add it (a long run: about 20,000 rows with every "
+            f"fault on), run `{SOAK_COMMAND}` and then "
+            "`.venv/bin/python -m benchmarks.run --render`.",
+            "",
+        ]
     if NOTES.exists():
         out += [NOTES.read_text().rstrip(), ""]
     return "\n".join(out)

@@ -14,6 +14,7 @@ machine, the date, the command). Every process is stopped by a timeout if it han
 from __future__ import annotations
 
 import argparse
+import base64
 import csv
 import datetime
 import json
@@ -62,14 +63,19 @@ class Scenario:
 
 
 def scenarios(quick: bool) -> list[Scenario]:
-    """Row counts sized so the suite fits its time budget (see RESULTS.md for the sums)."""
+    """Row counts sized so the suite fits its time budget (15 minutes on 2 shared cores).
+
+    The webhook contender runs where polls matter most (the standard tier); Prefect's
+    contenders pay 15-25 s of start-up per run, so they run fewer scenarios and rows.
+    """
 
     def rows(
-        vendor: int, naive: int, prefect: int, klein: int, flow: int | None = None
+        vendor: int, naive: int, prefect: int, klein: int, flow: int = 0, webhook: int = 0
     ) -> dict[str, int]:
         counts = {"vendor-sample": vendor, "naive-async": naive, "prefect-map": prefect}
         counts["klein-batch"] = klein
-        counts["klein-batch-flow"] = klein if flow is None else flow
+        counts["klein-batch-webhook"] = webhook
+        counts["klein-batch-flow"] = flow
         return {name: count for name, count in counts.items() if count}
 
     standard = SimSettings("standard", 24, 3600, 1.0, 2.5)
@@ -77,15 +83,15 @@ def scenarios(quick: bool) -> list[Scenario]:
     if quick:
         # A smoke run of every part but Prefect (its first start alone takes ~30 s here).
         return [
-            Scenario("standard", standard, rows(4, 120, 0, 120, flow=0)),
-            Scenario("scale", scale, rows(0, 300, 0, 300, flow=0)),
-            Scenario("standard-faults", with_faults(standard), rows(0, 120, 0, 120, flow=0)),
+            Scenario("standard", standard, rows(4, 120, 0, 120, webhook=120)),
+            Scenario("scale", scale, rows(0, 300, 0, 300)),
+            Scenario("standard-faults", with_faults(standard), rows(0, 120, 0, 120)),
         ]
     return [
-        Scenario("standard", standard, rows(30, 800, 300, 800)),
-        Scenario("scale", scale, rows(30, 2000, 500, 2000)),
+        Scenario("standard", standard, rows(20, 800, 300, 800, flow=800, webhook=800)),
+        Scenario("scale", scale, rows(20, 2000, 500, 2000, flow=2000)),
         Scenario("standard-faults", with_faults(standard), rows(0, 400, 0, 400)),
-        Scenario("scale-faults", with_faults(scale), rows(0, 1200, 0, 1200)),
+        Scenario("scale-faults", with_faults(scale), rows(0, 1200, 0, 1200, flow=1200)),
     ]
 
 
@@ -165,11 +171,41 @@ def flows_available() -> bool:
     return True
 
 
+def webhooks_available() -> bool:
+    """The webhook contender needs ``klein-batch run --webhook-listen`` (the webhook issue)."""
+    import subprocess
+
+    try:
+        shown = subprocess.run(
+            [*klein_batch_bin(), "run", "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            cwd=REPO,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--webhook-listen" in shown.stdout
+
+
+def available(contender: str) -> bool:
+    if contender == "klein-batch-flow":
+        return flows_available()
+    if contender == "klein-batch-webhook":
+        return webhooks_available()
+    return True
+
+
 def command_for(
     contender: str, manifest: Path, url: str, out: Path, sim: SimSettings, rows: int
 ) -> list[str]:
     common = [str(manifest), "--api-url", url, "--out", str(out)]
-    if contender == "klein-batch":
+    if contender in ("klein-batch", "klein-batch-webhook"):
+        # The webhook contender receives task endings on a free loopback port; it still
+        # polls, on its own slower schedule, in case a delivery is lost.
+        hooks = ["--webhook-listen", "127.0.0.1:0"] if contender == "klein-batch-webhook" else []
         return [
             *klein_batch_bin(),
             "run",
@@ -180,11 +216,15 @@ def command_for(
             str(rows),
             "--progress",
             "plain",
+            *hooks,
         ]
     if contender == "klein-batch-flow":
-        # Its own command line (``python -m flows.catalog``), defaults for shards.
+        # Its own command line (``python -m flows.catalog``), defaults for shards. The
+        # Prefect home is shared by the whole suite, and an existing global concurrency
+        # limit is respected as it is: a fresh name per run gets the tier's own slots.
         limits = ["--tier", sim.tier, "--limit", str(rows)]
-        return [sys.executable, "-m", "flows.catalog", *common, *limits]
+        lease = ["--concurrency-limit", f"bench-{sim.tier}-{secrets.token_hex(4)}"]
+        return [sys.executable, "-m", "flows.catalog", *common, *limits, *lease]
     module = {
         "vendor-sample": "vendor_sample",
         "naive-async": "naive_async",
@@ -202,7 +242,9 @@ def command_for(
     ]
 
 
-def contender_env(prefect_home: Path, key: str) -> dict[str, str]:
+def contender_env(
+    prefect_home: Path, key: str, webhook_secret: str | None = None
+) -> dict[str, str]:
     """A clean environment: the benchmark key, ephemeral Prefect, nothing of the caller's."""
     env = {
         name: value
@@ -216,6 +258,8 @@ def contender_env(prefect_home: Path, key: str) -> dict[str, str]:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
     )
+    if webhook_secret:
+        env["FREEPIK_WEBHOOK_SECRET"] = webhook_secret
     return env
 
 
@@ -244,6 +288,10 @@ def expected_seconds(sim: SimSettings, rows: int, contender: str) -> float:
     return rows * mean / sim.max_active * 4 + 90
 
 
+#: Whether each optional contender can run here, decided once per suite.
+ready: dict[str, bool] = {}
+
+
 def run_scenario(scenario: Scenario, cpus: tuple[list[int], list[int]], log_dir: Path) -> None:
     sim_cpus, client_cpus = cpus
     biggest = max(scenario.rows.values())
@@ -252,13 +300,20 @@ def run_scenario(scenario: Scenario, cpus: tuple[list[int], list[int]], log_dir:
         manifest = root / "manifest.csv"
         write_manifest(manifest, biggest)
         for contender, rows in scenario.rows.items():
-            if contender == "klein-batch-flow" and not flows_available():
+            if contender not in ready:
+                ready[contender] = available(contender)
+            if not ready[contender]:
                 continue
             key = "bench-" + secrets.token_hex(12)
+            settings = scenario.sim
+            hook_secret = None
+            if contender == "klein-batch-webhook":
+                hook_secret = "whsec_" + base64.b64encode(secrets.token_bytes(24)).decode()
+                settings = SimSettings(**{**_fields(settings), "webhook_secret": hook_secret})
             workdir = root / contender
             workdir.mkdir()
             out = workdir / "out"
-            with Simulator(scenario.sim, workdir, key, sim_cpus) as sim:
+            with Simulator(settings, workdir, key, sim_cpus) as sim:
                 command = command_for(contender, manifest, sim.url, out, scenario.sim, rows)
                 log = log_dir / f"{scenario.name}-{contender}.log"
                 print(f"[{scenario.name}] {contender}: {rows} rows ...", flush=True)
@@ -268,7 +323,7 @@ def run_scenario(scenario: Scenario, cpus: tuple[list[int], list[int]], log_dir:
                     sim=sim,
                     rows=rows,
                     out=out,
-                    env=contender_env(log_dir / "prefect-home", key),
+                    env=contender_env(log_dir / "prefect-home", key, hook_secret),
                     log=log,
                     timeout_s=expected_seconds(scenario.sim, rows, contender),
                     cpus=client_cpus,
@@ -341,6 +396,45 @@ def run_sweep(sizes: list[int], full_runs: list[int], cpus: list[int], log_dir: 
     return results
 
 
+# --- the simulator's own ceiling -------------------------------------------------------------
+
+
+def run_sim_throughput(quick: bool, log_dir: Path) -> dict[str, Any]:
+    """``benchmarks/sim_throughput.py`` in this run, on this machine and load.
+
+    At the scale tier the ceiling (about 164 images/s) is close to what one simulator
+    process serves on one core; this says whether a scale-tier figure is the client's
+    or the simulator's.
+    """
+    images = 300 if quick else 2000
+    target = log_dir / "sim-throughput.json"
+    command = [
+        sys.executable,
+        str(HERE / "sim_throughput.py"),
+        "--images",
+        str(images),
+        "--png-images",
+        "0",
+        "--json",
+        str(target),
+    ]
+    print(f"[simulator] throughput, {images} images ...", flush=True)
+    _, reaper, outcome = run_process(
+        command,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        log=log_dir / "sim-throughput.log",
+        timeout_s=300,
+        cpus=[],
+    )
+    reaper.join()
+    if outcome.get("exit_code") != 0 or not target.exists():
+        return {"error": f"exit code {outcome.get('exit_code')}, see sim-throughput.log"}
+    measured = json.loads(target.read_text())
+    measured["command"] = shlex.join(["python", "benchmarks/sim_throughput.py", *command[2:-2]])
+    print(f"    {measured['figures']}", flush=True)
+    return measured
+
+
 # --- the machine and the report --------------------------------------------------------------
 
 
@@ -378,7 +472,9 @@ def cpus_for_client() -> list[int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part")
-    parser.add_argument("--only", nargs="*", help="scenario names (and/or 'sweep') to run")
+    parser.add_argument(
+        "--only", nargs="*", help="scenario names (and/or 'sweep', 'simulator') to run"
+    )
     parser.add_argument("--contenders", nargs="*", help="contender names to run")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md/results.json go")
     parser.add_argument("--render", action="store_true", help="only re-render RESULTS.md")
@@ -398,6 +494,7 @@ def main() -> int:
         "machine": machine(),
         "pinning": {"simulator": cpus[0] or "unpinned", "client": cpus[1] or "unpinned"},
         "flows_available": flows_available(),
+        "webhooks_available": webhooks_available(),
         "scenarios": [],
     }
     chosen = []
@@ -411,6 +508,8 @@ def main() -> int:
         started = time.monotonic()
         warm_prefect(log_dir / "prefect-home", log_dir)
         print(f"Prefect's local database created in {time.monotonic() - started:.0f} s", flush=True)
+    if not args.only or "simulator" in args.only:
+        results["sim_throughput"] = run_sim_throughput(args.quick, log_dir)
     for scenario in chosen:
         run_scenario(scenario, cpus, log_dir)
         results["scenarios"].append(
@@ -423,7 +522,7 @@ def main() -> int:
         )
     if not args.only or "sweep" in args.only:
         sizes = [10_000, 100_000] if args.quick else [10_000, 100_000, 1_000_000]
-        full_runs = [] if args.quick else [1_000, 4_000]
+        full_runs = [] if args.quick else [4_000]
         results["sweep"] = run_sweep(sizes, full_runs, cpus[1], log_dir)
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import re
 import shutil
@@ -228,7 +229,8 @@ async def drive(
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
 
 
-async def bench_server(args: argparse.Namespace) -> dict[str, str]:
+async def bench_server(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, float]]:
+    """(table rows, raw figures): images/s end to end and CPU per image on both sides."""
     load = Load()
     timed_out = False
     with tempfile.TemporaryDirectory(prefix="sim-bench-") as tmp:
@@ -257,6 +259,7 @@ async def bench_server(args: argparse.Namespace) -> dict[str, str]:
             await stop_server(process)
             drainer.cancel()
     rate = load.done / elapsed
+    figures: dict[str, float] = {"images_per_s": round(rate, 1), "images": load.done}
     where = "CPU 0" if pinned else "unpinned CPUs"
     setup = f"{args.concurrency} in flight, latency median {args.latency * 1000:.0f} ms"
     rows = {
@@ -283,11 +286,13 @@ async def bench_server(args: argparse.Namespace) -> dict[str, str]:
         rows["simulator CPU per image (render + HTTP)"] = (
             f"{cpu_ms:.2f} ms (= {1000 / cpu_ms:.0f} images/s per core)"
         )
+        figures["simulator_cpu_ms_per_image"] = round(cpu_ms, 3)
     if load.done:
         # When this is close to 1000 / images/s, the load generator, not the simulator, is
         # what limits the end-to-end figure.
         rows["load generator CPU per image"] = f"{client_cpu * 1000 / load.done:.2f} ms"
-    return rows
+        figures["load_generator_cpu_ms_per_image"] = round(client_cpu * 1000 / load.done, 3)
+    return rows, figures
 
 
 def main() -> int:
@@ -300,12 +305,17 @@ def main() -> int:
     parser.add_argument("--warmup", type=int, default=200, help="untimed images first")
     parser.add_argument("--timeout", type=float, default=300, help="give up after (s)")
     parser.add_argument("--render-only", action="store_true", help="skip the server")
+    parser.add_argument(
+        "--json", type=Path, help="also write the table and the raw figures here (JSON)"
+    )
     args = parser.parse_args()
     if args.images < 1:
         parser.error("--images must be at least 1")
 
     rows: dict[str, str] = {}
+    figures: dict[str, float] = {}
     mean, median = bench_render(args.images, "jpeg")
+    figures["render_jpeg_ms_per_image"] = round(mean, 3)
     rows[f"in-process render + encode, 1k JPEG ({args.images} images, all presets)"] = (
         f"**{mean:.2f} ms/image** (median batch {median:.2f} ms; {1000 / mean:.0f} images/s)"
     )
@@ -319,12 +329,16 @@ def main() -> int:
         if len(cpus) > 1 and hasattr(os, "sched_setaffinity"):
             # Keep the load generator off the simulator's core.
             os.sched_setaffinity(0, [cpu for cpu in cpus if cpu != 0])
-        rows.update(asyncio.run(bench_server(args)))
+        served, measured = asyncio.run(bench_server(args))
+        rows.update(served)
+        figures.update(measured)
 
     print("| measure | result |")
     print("|---|---|")
     for name, value in rows.items():
         print(f"| {name} | {value} |")
+    if args.json:
+        args.json.write_text(json.dumps({"table": rows, "figures": figures}, indent=2) + "\n")
     return 0
 
 
