@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import io
 import ipaddress
 import ssl
 from collections.abc import AsyncIterator, Iterator
@@ -36,8 +37,6 @@ KEY = "kb-ref-test-key-5d1e"
 
 
 def _png() -> bytes:
-    import io
-
     out = io.BytesIO()
     Image.new("RGB", (40, 30), (10, 200, 10)).save(out, format="PNG")
     return out.getvalue()
