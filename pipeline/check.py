@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -83,11 +83,15 @@ class CheckReport:
     #: Images per manifest row and the matrix's shape, with a variation matrix.
     per_row: int = 1
     matrix: str | None = None
+    #: Rows an earlier run into the same DEST finished (kept) or left in flight (polled,
+    #: never paid again): a dry run into an existing DEST neither counts nor prices them.
+    earlier_done: int = 0
+    earlier_in_flight: int = 0
 
     @property
     def to_send(self) -> int:
-        """Images the run would pay for: valid rows, each key once."""
-        return self.valid - self.duplicates
+        """Images the run would pay for: valid rows, each key once, not already in DEST."""
+        return self.valid - self.duplicates - self.earlier_done - self.earlier_in_flight
 
     @property
     def exit_code(self) -> ExitCode:
@@ -111,6 +115,11 @@ class CheckReport:
             out.append(
                 f"  duplicates  {self.duplicates} (same key as an earlier row: run once, "
                 "not paid twice)"
+            )
+        if self.earlier_done or self.earlier_in_flight:
+            out.append(
+                f"  in DEST     {self.earlier_done} done by an earlier run, "
+                f"{self.earlier_in_flight} in flight (polled, not sent again)"
             )
         if self.rejections:
             out += ["", "Rejected rows by column:"]
@@ -302,11 +311,14 @@ def check_manifest(
     check_references: bool = True,
     batch_size: int = 10_000,
     catalog: Catalog | None = None,
+    earlier: Callable[[list[str]], dict[str, str]] | None = None,
 ) -> CheckReport:
     """Validate a manifest the way a run would, without sending anything.
 
     With a ``catalog`` (prompt template, variation matrix) every variation of every row is
-    checked and counted, so the estimate is what the run will spend.
+    checked and counted, so the estimate is what the run will spend. ``earlier`` maps keys
+    to ``"done"`` or ``"in_flight"`` for a DEST that already holds a run
+    (``Ledger.earlier_work``): those rows are counted apart, as the rerun skips or polls them.
 
     Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
     problem is counted and grouped in the report instead.
@@ -324,7 +336,7 @@ def check_manifest(
         report.matrix = catalog.matrix.describe() if catalog.matrix else None
     checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
     try:
-        _check_rows(report, reader, defaults, checker, catalog)
+        _check_rows(report, reader, defaults, checker, catalog, earlier)
     finally:
         if checker is not None:
             checker.close()
@@ -338,6 +350,7 @@ def _check_rows(
     defaults: Defaults,
     checker: _ReferenceChecker | None,
     catalog: Catalog | None = None,
+    earlier: Callable[[list[str]], dict[str, str]] | None = None,
 ) -> None:
     seen = SeenKeys()
     batches = catalog.iter_rows(reader, defaults) if catalog else iter_rows(reader, defaults)
@@ -354,6 +367,7 @@ def _check_rows(
                 continue
             usable.append(row)
         report.valid += len(usable)
+        fresh: list[Row] = []
         for row, new in zip(usable, seen.first_seen([row.key for row in usable]), strict=True):
             if not new:
                 report.duplicates += 1
@@ -361,6 +375,16 @@ def _check_rows(
                     report.duplicate_examples.append(
                         f"{reader.name} {row.where}: key {row.key!r} already used by an earlier row"
                     )
+                continue
+            fresh.append(row)
+        states = earlier([row.key for row in fresh]) if earlier and fresh else {}
+        for row in fresh:
+            state = states.get(row.key)
+            if state == "done":
+                report.earlier_done += 1
+                continue
+            if state == "in_flight":
+                report.earlier_in_flight += 1
                 continue
             request = row.request
             report.by_preset[request.aspect_ratio] += 1

@@ -15,7 +15,8 @@ import shlex
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final, NoReturn
 
@@ -363,7 +364,11 @@ def validate(
 
 
 def _plan_text(
-    settings: RunConfig, limits: Tier, to_send: int, estimate: float | None = None
+    settings: RunConfig,
+    limits: Tier,
+    to_send: int,
+    estimate: float | None = None,
+    committed: float = 0.0,
 ) -> str:
     if settings.sim:
         target = "the bundled simulator"
@@ -387,14 +392,24 @@ def _plan_text(
         lines.append("  retry:    rows that failed in an earlier run into this output are retried")
     if settings.max_credits is not None and estimate is not None:
         budget = settings.max_credits
-        if estimate <= budget:
-            lines.append(f"  budget:   {budget:g} credits covers the estimate ({estimate:.2f})")
-        else:
-            share = int(to_send * budget / estimate) if estimate else 0
+        # The budget covers the output: what earlier runs into it spent (or left in flight)
+        # comes off first, as the run's own Budget does.
+        left = max(0.0, budget - committed)
+        spent = (
+            f" ({committed:.2f} already spent or in flight in this output, {left:.2f} left)"
+            if committed
+            else ""
+        )
+        if estimate <= left:
             lines.append(
-                f"  budget:   {budget:g} credits is below the estimate ({estimate:.2f}): about "
-                f"{share} of {to_send} images fit; the rest end skipped (budget). Credits "
-                "already spent into this output count too."
+                f"  budget:   {budget:g} credits{spent} covers the estimate ({estimate:.2f})"
+            )
+        else:
+            share = int(to_send * left / estimate) if estimate else 0
+            lines.append(
+                f"  budget:   {budget:g} credits{spent} is below the estimate "
+                f"({estimate:.2f}): about {share} of {to_send} images fit; the rest end "
+                "skipped (budget)"
             )
     return "\n".join(lines)
 
@@ -591,15 +606,27 @@ def run(
 
 def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoReturn:
     from pipeline.check import check_manifest
+    from pipeline.status import earlier_journal
 
-    report = check_manifest(
-        manifest,
-        defaults=_defaults(settings),
-        limit=settings.limit,
-        catalog=_catalog(settings),
-    )
+    # Into an output that already holds a run, the rerun skips done rows and polls tasks in
+    # flight: the plan counts and prices only what it would send, so the figures match.
+    journal = earlier_journal(settings.out) if settings.out else nullcontext()
+    with journal as ledger:
+        earlier = (
+            partial(ledger.earlier_work, retry_failed=settings.retry_failed)
+            if ledger is not None
+            else None
+        )
+        committed = ledger.destination_credits() if ledger is not None else 0.0
+        report = check_manifest(
+            manifest,
+            defaults=_defaults(settings),
+            limit=settings.limit,
+            catalog=_catalog(settings),
+            earlier=earlier,
+        )
     typer.echo(report.render())
-    typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits))
+    typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
     raise typer.Exit(int(report.exit_code))
 
 

@@ -382,6 +382,27 @@ class Ledger:
         self._conn.execute("COMMIT")
         return planned
 
+    def earlier_work(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, str]:
+        """Which of ``keys`` a rerun would not pay for: ``"done"`` or ``"in_flight"``.
+
+        The same decision as ``plan`` (a final outcome is kept unless it failed and
+        ``retry_failed``; an acknowledged task is polled), made read-only, so that
+        ``run --dry-run`` into an existing DEST counts and prices only what the run sends.
+        """
+        found: dict[str, str] = {}
+        for chunk in _chunks(list(dict.fromkeys(keys))):
+            marks = ",".join("?" * len(chunk))
+            for key, task_id, status in self._conn.execute(
+                f"SELECT key, task_id, status FROM tasks WHERE key IN ({marks})",  # noqa: S608
+                chunk,
+            ):
+                if status in FINAL_STATUSES:
+                    if not (retry_failed and status == RowStatus.FAILED):
+                        found[key] = "done"
+                elif task_id is not None:
+                    found[key] = "in_flight"
+        return found
+
     def record_rejections(self, rejections: Sequence[Rejection]) -> None:
         """Record rows of this run that will not be sent; final for this run only."""
         if not rejections:

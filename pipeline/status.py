@@ -14,11 +14,13 @@ both cases running the same command again resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -230,6 +232,53 @@ def _remote_status(dest: str, *, now: float | None) -> RunStatus:
         "read from the output's journal snapshot (a few seconds behind a live run)"
     )
     return status
+
+
+@contextlib.contextmanager
+def earlier_journal(dest: str | Path) -> Iterator[Ledger | None]:
+    """DEST's journal, read-only, when a run already went into it; None for a new output.
+
+    For ``run --dry-run``: a rerun skips what is done and polls what is in flight, so the
+    plan prices only the rest. An S3 output's journal is this machine's live copy or the
+    mirrored snapshot, as ``klein-batch status`` reads it.
+    """
+    text = str(dest)
+    if text[:5].lower() != "s3://":
+        if text.startswith("file://"):
+            text = text[len("file://") :]
+        path = Path(text).expanduser() / LEDGER_RELPATH
+        if not path.is_file():
+            yield None
+            return
+        with Ledger.open(path, readonly=True) as ledger:
+            yield ledger
+        return
+
+    import asyncio
+
+    from pipeline.remote_journal import work_dir_for
+    from pipeline.storage import open_sink
+
+    sink = open_sink(text)
+    local = work_dir_for(sink.uri(".klein")) / "ledger.sqlite"
+    if local.is_file():
+        with Ledger.open(local, readonly=True) as ledger:
+            yield ledger
+        return
+    with tempfile.TemporaryDirectory(prefix="klein-plan-") as tmp:
+        target = Path(tmp) / "ledger.sqlite"
+        download = getattr(sink, "download", None)
+        found = False
+        if download is not None:
+            # No snapshot: nothing has run into this output yet (or the first is on its way).
+            with contextlib.suppress(Exception):
+                asyncio.run(download(LEDGER_RELPATH, target))
+                found = target.is_file()
+        if not found:
+            yield None
+            return
+        with Ledger.open(target, readonly=True) as ledger:
+            yield ledger
 
 
 def render_json(status: RunStatus) -> str:

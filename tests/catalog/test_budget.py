@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from catalog_helpers import accepted, charged, fast_sim, output, run
+from catalog_helpers import accepted, charged, clean_env, fast_sim, output, run
 
 from pipeline.sim import SimServer
 
+KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 #: Six square 1k images at 1.05 credits each: 6.30 credits in all.
 ROWS = pl.DataFrame(
     {"id": [f"p{i}" for i in range(6)], "prompt": [f"product {i}" for i in range(6)]}
@@ -69,3 +72,32 @@ def test_a_zero_budget_sends_nothing(tmp_path: Path, sim: SimServer) -> None:
     summary = run(ROWS, tmp_path / "out", sim, max_credits=0)
     assert summary.counts["skipped"] == 6
     assert accepted(sim) == 0
+
+
+def test_a_dry_run_into_a_stopped_output_prices_what_the_rerun_sends(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """The plan's count and cost for the rerun are the rerun's own figures, to the cent."""
+    manifest = tmp_path / "products.csv"
+    ROWS.write_csv(manifest)
+    budget = ("--max-credits", "100")
+    out = tmp_path / "out"
+    run(manifest, out, sim, max_credits=3.0)  # 2 images (2.10 credits), 4 skipped
+
+    dry = subprocess.run(
+        [KLEIN_BATCH, "run", str(manifest), "--sim", "--out", str(out), "--dry-run", *budget],
+        capture_output=True,
+        text=True,
+        env=clean_env(),
+        timeout=120,
+    )
+
+    assert dry.returncode == 0, dry.stderr
+    assert "in DEST     2 done by an earlier run, 0 in flight" in dry.stdout
+    assert "To send: 4 images" in dry.stdout
+    assert "Estimated cost: 4.20 credits" in dry.stdout
+    assert "(2.10 already spent or in flight in this output, 97.90 left) covers" in dry.stdout
+    before = accepted(sim)
+    rerun = run(manifest, out, sim, max_credits=100.0)
+    assert accepted(sim) - before == 4
+    assert rerun.credits == pytest.approx(4.2)

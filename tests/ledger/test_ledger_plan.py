@@ -316,3 +316,32 @@ def test_unusable_files_give_clear_errors(tmp_path: Path) -> None:
 def test_reading_before_any_run_is_a_clear_error(ledger_path: Path) -> None:
     with Ledger.open(ledger_path) as ledger, pytest.raises(RuntimeError, match="start_run"):
         ledger.counts()
+
+
+@pytest.mark.parametrize("retry_failed", [False, True])
+def test_earlier_work_read_only_agrees_with_the_plan(ledger_path: Path, retry_failed: bool) -> None:
+    """`run --dry-run` into an existing DEST leaves out exactly what the rerun will not send."""
+    new, acked, skipped, *finished = (make_row(i) for i in range(6))
+    statuses = (RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.FAILED)
+    with Ledger.open(ledger_path) as ledger:
+        ledger.start_run("run-1", {})
+        ledger.plan([new, acked, skipped, *finished])
+        ledger.record_intent(acked.key)
+        ledger.record_ack(acked.key, "task-a", "http://127.0.0.1:9/p/a", 5.0, 1.05)
+        ledger.record_outcome(Outcome(skipped.index, skipped.key, RowStatus.SKIPPED, reason="x"))
+        for row, status in zip(finished, statuses, strict=True):
+            ledger.record_intent(row.key)
+            ledger.record_ack(row.key, f"task-{row.key}", "http://127.0.0.1:9/p", 6.0, None)
+            _finish(ledger, row, status, reason=None if status == "succeeded" else "no")
+        ledger.flush()
+    rows = [new, acked, skipped, *finished]
+    with Ledger.open(ledger_path, readonly=True) as reader:
+        earlier = reader.earlier_work([row.key for row in rows], retry_failed=retry_failed)
+    with Ledger.open(ledger_path) as ledger:
+        ledger.start_run("run-2", {})
+        planned = ledger.plan(rows, retry_failed=retry_failed)
+    expected = {Action.DONE: "done", Action.POLL: "in_flight"}
+    from_plan = {p.row.key: expected[p.action] for p in planned if p.action in expected}
+    assert earlier == from_plan
+    assert earlier[acked.key] == "in_flight" and new.key not in earlier
+    assert (finished[2].key in earlier) is not retry_failed  # a failed row is retried
