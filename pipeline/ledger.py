@@ -673,14 +673,17 @@ class Ledger:
         )
         self._conn.execute("COMMIT")
 
-    def finish_times(self) -> list[float]:
-        """Unix times at which this run's rows reached an outcome (for rates and ETAs)."""
+    def finish_times(self, status: str | None = None) -> list[float]:
+        """Unix times at which this run's rows reached an outcome (for rates and ETAs).
+
+        ``status`` keeps only outcomes of that status (``succeeded``: the images made).
+        """
         run_id = self._require_run()
         return [
             float(value)
             for (value,) in self._conn.execute(
                 "SELECT finished_at FROM tasks WHERE finished_run = ? AND finished_at IS NOT NULL "
-                "ORDER BY finished_at",
-                (run_id,),
+                "AND (? IS NULL OR status = ?) ORDER BY finished_at",
+                (run_id, status, status),
             )
         ]

@@ -145,6 +145,7 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         info = ledger.run_info()
         counts = ledger.counts()
         finishes = ledger.finish_times()
+        images = len(ledger.finish_times(RowStatus.SUCCEEDED))
         credits_run = ledger.credits()
         credits_output = ledger.destination_credits()
     started = float(info.get("started_at") or now)
@@ -177,7 +178,9 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         recent = sum(1 for t in finishes if t >= window_start)
         rate = recent / (now - window_start) if now > window_start else 0.0
     else:
-        rate = len(finishes) / elapsed if elapsed > 0 else 0.0
+        # Images made over the run's life, as run.json counts them: rows skipped by the
+        # budget or refused are outcomes, not images.
+        rate = images / elapsed if elapsed > 0 else 0.0
     total = info.get("total")
     status = RunStatus(
         dest=dest,

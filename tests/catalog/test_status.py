@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import polars as pl
 import pytest
 from catalog_helpers import clean_env, run
 
@@ -150,3 +151,21 @@ def test_status_of_an_in_process_run_and_of_nothing(tmp_path: Path, sim: SimServ
     assert found.counts["succeeded"] == 1
     assert found.counts["rejected"] == 1
     assert found.total == 2
+
+
+def test_status_of_a_budget_stopped_run_counts_images_not_skipped_rows(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """After the run, status's rate is run.json's: images made, not rows that reached an end."""
+    rows = pl.DataFrame({"id": [f"p{i}" for i in range(8)], "prompt": ["mug"] * 8})
+    out = tmp_path / "out"
+    summary = run(rows, out, sim, max_credits=3.0)  # 2 images of 1.05, 6 rows skipped (budget)
+    assert summary.counts["succeeded"] == 2 and summary.counts["skipped"] == 6
+
+    status = read_status(out)
+
+    assert status.state == "finished"  # every row has its outcome; skipped ones say why
+    made = json.loads((out / "run.json").read_text())
+    # Both are images over the run's time: 2 images, whatever the 6 skipped rows did.
+    assert status.images_per_s * status.elapsed_s == pytest.approx(2, rel=0.05)
+    assert made["images_per_s"] * made["elapsed_s"] == pytest.approx(2, rel=0.05)
