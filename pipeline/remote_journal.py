@@ -188,6 +188,20 @@ class RemoteJournal:
         remote = await self.sink.exists(LEDGER_RELPATH)
         local = self.ledger_path.is_file()
         if not remote:
+            if local and self._local_generation() is not None:
+                # This work dir mirrored its ledger to the output before, yet the output holds
+                # no snapshot now: it was emptied (or its bucket recreated) since, and its
+                # images went with it. Trusting the local ledger would mark rows done whose
+                # images no longer exist, so it is set aside and the output starts afresh.
+                # (A run that crashed before its first snapshot has no generation: kept.)
+                aside = self._set_aside()
+                log.warning(
+                    "%s holds no run journal although this machine wrote one there: the "
+                    "output was emptied since; starting it afresh (old ledger kept as %s)",
+                    self.sink.uri(".klein"),
+                    aside,
+                )
+                local = False
             self.source = "local" if local else "new"
             return
         stored = await self.sink.get(GENERATION_RELPATH)
@@ -210,6 +224,17 @@ class RemoteJournal:
         if generation:
             self._write_generation(generation)
         self.source = "remote"
+
+    def _set_aside(self) -> Path:
+        """Move a stale local ledger (and its WAL and generation) out of the run's way."""
+        aside = self.work_dir / f"stale-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        aside.mkdir()
+        for name in (self.ledger_path.name, *(self.ledger_path.name + x for x in ("-wal", "-shm"))):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.work_dir / name, aside / name)
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(self.work_dir / _GENERATION_FILE, aside / _GENERATION_FILE)
+        return aside
 
     def _local_generation(self) -> str | None:
         try:

@@ -122,6 +122,31 @@ def test_a_rerun_without_the_work_dir_resumes_from_s3_alone(
     assert second.counts["succeeded"] == 12
 
 
+def test_a_rerun_into_an_emptied_output_makes_the_images_again(
+    catalog: str, bucket: str, s3_client: Any, endpoint: str
+) -> None:
+    """Deleting an output to redo it must not leave a manifest of images that do not exist."""
+    out = f"s3://{bucket}/outputs/redo"
+    first = run_manifest(catalog, out, sim=sim(), limit=5)
+    assert first.counts["succeeded"] == 5
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="outputs/redo/")["Contents"]
+    s3_client.delete_objects(
+        Bucket=bucket, Delete={"Objects": [{"Key": item["Key"]} for item in listed]}
+    )
+    work = work_dir_for(f"{out}/.klein")
+    assert (work / "ledger.sqlite").is_file()  # this machine still remembers the first run
+
+    second = run_manifest(catalog, out, sim=sim(), limit=5)
+
+    assert second.resumed_rows == 0
+    assert second.submits == 5
+    manifest = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
+    assert set(manifest["status"]) == {"succeeded"}
+    for uri in manifest["output_uri"]:
+        s3_client.head_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))
+    assert len(list(work.glob("stale-*/ledger.sqlite"))) == 1  # the old ledger, set aside
+
+
 def test_a_flaky_s3_loses_nothing(
     catalog: str, bucket: str, s3_client: Any, endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
