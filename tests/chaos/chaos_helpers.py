@@ -122,7 +122,9 @@ def write_catalog(folder: Path, rows: int = 2_000, bad_every: int = 100) -> Path
         records["prompt"].append(f"studio photo of product {i}, colour {i % 17}")
         records["aspect_ratio"].append("square_9_9" if bad and i % 2 else aspects[i % len(aspects)])
         records["resolution"].append("2k" if i % 250 == 0 else "1k")
-        records["output_format"].append("png" if i % 10 == 3 else "jpeg")
+        # PNGs cost the simulator, the client and the checks 2-3x a JPEG: 1 in 25 is plenty
+        # to cover the format without tipping the suite over its CI time budget.
+        records["output_format"].append("png" if i % 25 == 3 else "jpeg")
         records["seed"].append("-1" if bad and not i % 2 else ("" if i % 3 else str(i * 7919)))
         records["input_image"].append(
             "shots/red.png" if i % 11 == 0 else ("shots/blue.jpg" if i % 13 == 0 else "")
@@ -133,7 +135,7 @@ def write_catalog(folder: Path, rows: int = 2_000, bad_every: int = 100) -> Path
     return path
 
 
-def check_run(manifest: Path, out: Path, *, full_decode_every: int = 10) -> pl.DataFrame:
+def check_run(manifest: Path, out: Path, *, full_decode_every: int = 50) -> pl.DataFrame:
     """Assert the invariants every run keeps, whatever the faults; returns the output manifest.
 
     - every input row is in the output manifest exactly once, in exactly one terminal state;
@@ -164,7 +166,7 @@ def check_rows(
     done: pl.DataFrame,
     read: Callable[[str], bytes],
     *,
-    full_decode_every: int = 10,
+    full_decode_every: int = 50,
 ) -> set[str]:
     """``check_run`` for any sink: ``read(output_uri)`` fetches a stored image.
 

@@ -106,3 +106,9 @@ def test_s3_errors_and_drops_lose_no_row(moto: str, tmp_path: Path) -> None:
     assert names == stored
     assert summary.counts["succeeded"] == len(stored) == ROWS - ROWS // 100
     assert stats["duplicate_submits"] <= summary.ambiguous_submits
+    print(
+        f"\nchaos s3: {ROWS} rows {summary.counts}; "
+        f"S3 faults {dict(sorted(proxy.counts.items()))}, "
+        f"API faults {stats['faults']}; ambiguous submits {summary.ambiguous_submits}, "
+        f"duplicate submits {stats['duplicate_submits']}"
+    )

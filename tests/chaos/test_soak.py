@@ -1,8 +1,9 @@
 """The long variant of the chaos matrix, on demand: every fault at once on a big run.
 
 ``KLEIN_SOAK=1 .venv/bin/pytest -s tests/chaos/test_soak.py`` (or ``-m soak``);
-``KLEIN_SOAK_ROWS`` sets the size (default 20,000). It prints the figures recorded in
-``benchmarks/RESULTS.md`` ("Soak") and writes them to ``$KLEIN_SOAK_REPORT`` when set.
+``KLEIN_SOAK_ROWS`` sets the size (default 20,000). It prints its figures and writes them
+to ``benchmarks/soak.json`` (``$KLEIN_SOAK_REPORT`` names another file), which
+``benchmarks/report.py`` renders into ``benchmarks/RESULTS.md`` ("Chaos soak").
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ from pipeline.run import RunOptions, run_manifest
 pytestmark = [pytest.mark.soak, pytest.mark.timeout(7200)]
 
 ROWS = int(os.environ.get("KLEIN_SOAK_ROWS", "20000"))
+REPORT = Path(__file__).resolve().parents[2] / "benchmarks" / "soak.json"
+
+
+def _command() -> str:
+    """The command that reproduces this run, as RESULTS.md shows it."""
+    rows = f"KLEIN_SOAK_ROWS={ROWS} " if "KLEIN_SOAK_ROWS" in os.environ else ""
+    return (
+        f"KLEIN_SOAK=1 {rows}KLEIN_SOAK_REPORT=benchmarks/soak.json "
+        ".venv/bin/python -m pytest -s -p no:cacheprovider tests/chaos/test_soak.py"
+    )
 
 
 def test_soak_every_fault_at_once(tmp_path: Path) -> None:
@@ -44,7 +55,9 @@ def test_soak_every_fault_at_once(tmp_path: Path) -> None:
     by_status = dict(done.group_by("status").len().iter_rows())
     lost = ROWS - done.filter(pl.col("status").is_not_null()).height
     figures = {
+        "command": _command(),
         "rows": ROWS,
+        "rows_processed": done.height,
         "by_status": by_status,
         "faults_injected": sum(stats["faults"].values()) + stats["rate_limited"],
         "faults": {**stats["faults"], "rate_limited_429": stats["rate_limited"]},
@@ -55,10 +68,11 @@ def test_soak_every_fault_at_once(tmp_path: Path) -> None:
         "duplicate_submits": stats["duplicate_submits"],
         "rows_lost": lost,
         "elapsed_s": round(elapsed, 1),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d", time.gmtime()),
     }
     assert lost == 0
     assert stats["duplicate_submits"] <= summary.ambiguous_submits
     print("\nsoak figures:", json.dumps(figures, indent=2, sort_keys=True))
-    report = os.environ.get("KLEIN_SOAK_REPORT")
-    if report:
-        Path(report).write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    report = Path(os.environ.get("KLEIN_SOAK_REPORT") or REPORT)
+    report.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
