@@ -1,22 +1,26 @@
 """The chaos matrix's S3 column: a 2,000-row run into an S3 bucket that errors and drops.
 
-S3 is moto's server on 127.0.0.1 behind a fault-injecting proxy (503/500 answers, uploads
+S3 is moto's server on 127.0.0.1 (its own process) behind a fault-injecting proxy (503/500 answers, uploads
 dropped before or after they were stored); the API simulator adds its own 503s and dropped
 connections. The invariants are the same as for a local DEST, read back from the bucket.
 """
 
 from __future__ import annotations
 
-import logging
 import os
+import socket
+import subprocess
 import sys
+import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import polars as pl
 import pytest
 from chaos_helpers import CHAOS_KEY, check_rows, sim_config, sim_process, write_catalog
-from moto.server import ThreadedMotoServer
 
 from pipeline import s3
 from pipeline.run import RunOptions, run_manifest
@@ -34,25 +38,48 @@ CREDENTIALS = {
 }
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 @pytest.fixture
 def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    """moto's S3 server in its own process, so its work runs beside the pipeline's, not in it."""
     for name, value in CREDENTIALS.items():
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("KLEIN_BATCH_WORK_DIR", str(tmp_path / "work"))
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    url = f"http://{host}:{port}"
-    monkeypatch.setenv("AWS_ENDPOINT_URL", url)
-    s3.reset_clients()
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
     try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's server did not start") from None
+                time.sleep(0.1)
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        s3.reset_clients()
         yield url
     finally:
         s3.configure(endpoint_url=url)
         s3.reset_clients()
-        server.stop()
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def test_s3_errors_and_drops_lose_no_row(moto: str, tmp_path: Path) -> None:
@@ -85,13 +112,26 @@ def test_s3_errors_and_drops_lose_no_row(moto: str, tmp_path: Path) -> None:
     client = s3.client()
     assert sum(v for k, v in proxy.counts.items() if k.startswith(("error", "dropped"))) > 20
 
-    def read(uri: str) -> bytes:
+    def fetch(uri: str) -> bytes:
         assert uri.startswith(f"{out}/images/"), uri
         key = uri.removeprefix(f"s3://{bucket}/")
         return client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     done = read_s3_parquet(f"{out}/manifest.parquet", moto)
-    stored = check_rows(manifest, done, read)
+    # check_rows reads the succeeded rows in manifest order: fetch a few ahead, in threads,
+    # so moto (its own process) serves while this one checks.
+    wanted = iter(done.filter(pl.col("status") == "succeeded")["output_uri"].to_list())
+    ahead: deque[tuple[str, Future[bytes]]] = deque()
+    with ThreadPoolExecutor(max_workers=8) as pool:
+
+        def read(uri: str) -> bytes:
+            while len(ahead) < 16 and (nxt := next(wanted, None)) is not None:
+                ahead.append((nxt, pool.submit(fetch, nxt)))
+            fetched, future = ahead.popleft()
+            assert fetched == uri, (fetched, uri)
+            return future.result()
+
+        stored = check_rows(manifest, done, read)
     listed = client.list_objects_v2(Bucket=bucket, Prefix="night/2026-11-25/images/")
     names = set()
     while True:
