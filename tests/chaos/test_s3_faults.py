@@ -1,8 +1,9 @@
 """The chaos matrix's S3 column: a 2,000-row run into an S3 bucket that errors and drops.
 
-S3 is moto's server on 127.0.0.1 (its own process) behind a fault-injecting proxy (503/500 answers, uploads
-dropped before or after they were stored); the API simulator adds its own 503s and dropped
-connections. The invariants are the same as for a local DEST, read back from the bucket.
+S3 is moto's server on 127.0.0.1 (its own process) behind a fault-injecting proxy (503/500
+answers, uploads dropped before or after they were stored); the API simulator adds its own
+503s and dropped connections. The invariants are the same as for a local DEST, read back
+from the bucket.
 """
 
 from __future__ import annotations
