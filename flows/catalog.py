@@ -371,6 +371,12 @@ async def generate_catalog(
             logger.warning(
                 "global concurrency limit %r is inactive: leases do not limit", concurrency_limit
             )
+    # A limit left from a larger tier (it outlives runs in the Prefect server) does not widen
+    # the key; and as each running shard leases at least one slot, no more shards run at
+    # once than the key has slots: 4 shards of 1 on a 2-slot key would hold 4 and spend
+    # the run answering each other's 429s.
+    budget = max(1, min(budget, limits.max_active))
+    parallel = min(parallel, budget)
     share = share_of(limits, budget, parallel)
     logger.info(
         "%s: %d rows in %d shards of %d; %d at a time, %d of %d active tasks each%s",

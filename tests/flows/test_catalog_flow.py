@@ -210,3 +210,35 @@ async def test_failed_shard_is_retried_and_resumes(
     assert moved.is_failed()
     error = await moved.result(raise_on_failure=False)
     assert "shard 0 (row 1) starts with another row than before" in str(error)
+
+
+async def test_no_more_shards_run_at_once_than_the_key_has_slots(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 2-slot key with 4 parallel shards asked for: 2 at a time, 1 slot each, never 4."""
+    from flows.catalog import generate_catalog
+
+    monkeypatch.setenv("FREEPIK_API_KEY", SECRET)
+    rows = [(f"t{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, 13)]
+    manifest = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "out"
+    async with SimServer(sim_config(max_active=2)) as sim:
+        result = await generate_catalog(
+            str(manifest),
+            str(out),
+            api_url=sim.url,
+            tier=None,
+            max_active=2,
+            shard_size=3,
+            parallel_shards=4,
+            concurrency_limit=None,
+        )
+        stats = sim.stats()["keys"]["flow"]
+    summary = json.loads((out / "run.json").read_text())
+    assert result["counts"]["succeeded"] == 12
+    assert summary["parallel_shards"] == 2
+    assert summary["shard_share"] == 1
+    assert {shard["occupy"] for shard in summary["shards"]} == {1}
+    shard_runs = [json.loads((out / f".klein/shards/{n}/run.json").read_text()) for n in range(4)]
+    assert {run["max_active"] for run in shard_runs} == {1}
+    assert stats["max_active"] <= 2
