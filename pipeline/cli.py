@@ -11,6 +11,7 @@ which keeps ``--help`` and ``validate`` quick.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -220,10 +221,14 @@ def _secrets() -> list[str]:
     return [value for env in names if (value := os.environ.get(env, "").strip())]
 
 
+#: The password of a ``scheme://user:password@host`` URL (an --api-url, an endpoint).
+_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s'\"]*):[^/@\s'\"]+@")
+
+
 def _redact(text: str) -> str:
     for secret in _secrets():
         text = text.replace(secret, "***")
-    return text
+    return _URL_PASSWORD.sub(r"\1:***@", text)
 
 
 def _fail(message: str, code: int = ExitCode.CANNOT_START) -> NoReturn:

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Final
 
+from yarl import URL
+
 from pipeline.contract import (
     ASPECT_RATIOS,
     BFL_MODELS,
@@ -195,9 +197,9 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
         raise where.fail(setting, value, f"a whole number from {SAFETY_MIN} to {SAFETY_MAX}")
     if setting in ("max_active", "submits_per_minute", "limit") and value < 1:  # type: ignore[operator]
         raise where.fail(setting, value, "a whole number of at least 1")
-    if setting == "api_url" and not str(value).startswith(("http://", "https://")):
+    if setting == "api_url" and not _is_http_url(str(value)):
         raise where.fail(setting, value, "an http:// or https:// URL, e.g. https://api.freepik.com")
-    if setting == "s3_endpoint_url" and not str(value).startswith(("http://", "https://")):
+    if setting == "s3_endpoint_url" and not _is_http_url(str(value)):
         raise where.fail(setting, value, "an http:// or https:// URL, e.g. http://127.0.0.1:9000")
     if setting == "model" and value not in BFL_MODEL_NAMES:
         raise where.fail(setting, value, _one_of(BFL_MODEL_NAMES) + " (dialect bfl)")
@@ -214,6 +216,19 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
     if setting in ("out", "api_url", "sim_config") and not str(value).strip():
         raise where.fail(setting, value, "a non-empty value")
     return value
+
+
+def _is_http_url(text: str) -> bool:
+    """An http(s) URL with a host and a valid port.
+
+    Checked up front: a URL aiohttp cannot use (``host:notaport``) would otherwise fail
+    every submit as "answer lost" and warn of charges that cannot have happened.
+    """
+    try:
+        url = URL(text)
+        return url.scheme in ("http", "https") and bool(url.host) and url.port is not None
+    except (TypeError, ValueError):
+        return False
 
 
 def _unknown(name: str, where: _Where, allowed: tuple[str, ...]) -> ConfigError:

@@ -261,3 +261,30 @@ def test_api_run_with_webhooks_leaks_no_secret(
     assert not _leaks(text.encode())
     assert not _leaks(repr(summary).encode())
     assert _scan(tmp_path) == {}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://kbuser:{pw}@127.0.0.1:9",
+        "http://kbuser:{pw}@127.0.0.1:notaport",  # aiohttp could not use it: refused first
+        "http://kbuser:{pw}@[::1",
+    ],
+)
+def test_a_bad_api_url_is_refused_up_front_without_its_password(url: str, tmp_path: Path) -> None:
+    manifest = _manifest(tmp_path / "in")
+    result = subprocess.run(
+        [
+            *(sys.executable, "-c", _DEBUG_CLI, str(tmp_path / "run.log"), "run", str(manifest)),
+            *("--out", str(tmp_path / "out"), "--api-url", url.format(pw=URL_PASSWORD)),
+        ],
+        capture_output=True,
+        env={**_clean_env(tmp_path), "FREEPIK_API_KEY": API_KEY},
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    err = result.stderr.decode()
+    assert err.startswith("error: --api-url 'ftp://kbuser:***@" if "ftp" in url else "error: ")
+    assert "kbuser:***@" in err and "is not allowed" in err
+    assert URL_PASSWORD not in err + result.stdout.decode()
+    assert not (tmp_path / "out").exists()  # nothing ran, nothing was written
