@@ -13,6 +13,7 @@ The submit rate is a key-wide limit too, so each shard also gets ``k / L`` of it
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from typing import Final
 
 from pipeline.contract import Tier
+
+log = logging.getLogger(__name__)
 
 #: Name of the global concurrency limit that stands for the API key's active tasks.
 DEFAULT_LIMIT_NAME: Final = "klein-api-key"
@@ -90,15 +93,37 @@ async def leased(name: str | None, occupy: int) -> AsyncIterator[Lease]:
         return
     from prefect.concurrency.asyncio import concurrency
 
-    async with concurrency(
+    held = concurrency(
         name,
         occupy=occupy,
         lease_duration=LEASE_S,
         strict=True,
         raise_on_lease_renewal_failure=False,
-    ):
-        lease.acquired_at = time.time()
-        try:
-            yield lease
-        finally:
-            lease.released_at = time.time()
+    )
+    await held.__aenter__()
+    lease.acquired_at = time.time()
+    try:
+        yield lease
+    except BaseException as exc:
+        lease.released_at = time.time()
+        await _release(held, exc)
+        raise
+    lease.released_at = time.time()
+    await _release(held, None)
+
+
+async def _release(
+    held: contextlib.AbstractAsyncContextManager[object], exc: BaseException | None
+) -> None:
+    """Give the share back; if the server cannot be reached, the lease lapses in ``LEASE_S``.
+
+    Releasing needs the Prefect server, and Ctrl-C stops the ephemeral one before the shards
+    wind down. A failed release must not become the shard's error: Prefect would retry the
+    shard (and spend credits) after the user stopped the run, or fail a shard that worked.
+    """
+    try:
+        await held.__aexit__(type(exc) if exc else None, exc, exc.__traceback__ if exc else None)
+    except Exception as error:
+        log.warning(
+            "could not release the concurrency lease (%s); it lapses in %.0f s", error, LEASE_S
+        )

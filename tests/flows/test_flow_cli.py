@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -113,3 +115,42 @@ def test_flow_command_refuses_run_only_settings_of_a_shared_config(tmp_path: Pat
         assert message in done.stderr, (setting, done.stderr)
         assert "Traceback" not in done.stderr
         assert not out.exists(), setting  # nothing ran, nothing was spent
+
+
+def test_ctrl_c_stops_the_flow_without_retrying_its_shards(tmp_path: Path) -> None:
+    """One Ctrl-C ends `klein-batch flow` with 130; no shard is retried (and paid) after it."""
+    sim_toml = tmp_path / "sim.toml"
+    sim_toml.write_text(
+        FAST_SIM.replace("median_s = 0.05", "median_s = 2.0").replace("p95_s = 0.1", "p95_s = 3.0"),
+        encoding="utf-8",
+    )
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,prompt\n" + "".join(f"r{n},mug number {n}\n" for n in range(60)), encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    args = ["flow", str(manifest), "--sim-config", str(sim_toml), "--out", str(out)]
+    proc = subprocess.Popen(
+        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
+        env=_env(tmp_path / "prefect"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        images = out / "images"
+        for _ in range(1200):  # until shards are mid-run (at most 2 minutes)
+            if images.is_dir() and len(list(images.iterdir())) >= 5:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert "run the same command again to resume" in output
+    assert "Retry 1/" not in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]

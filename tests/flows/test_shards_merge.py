@@ -45,6 +45,44 @@ def test_shares_never_add_up_past_the_budget() -> None:
     assert (trial.occupy, trial.submits_per_minute) == (1, 60)
 
 
+class _ServerGone:
+    """A concurrency lease whose release fails, as when Ctrl-C stopped the Prefect server."""
+
+    entered = 0
+
+    async def __aenter__(self) -> None:
+        type(self).entered += 1
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        raise RuntimeError("The client cannot be started again after closing.")
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_a_failed_lease_release_never_becomes_the_shards_error(
+    monkeypatch: pytest.MonkeyPatch, stopped: bool
+) -> None:
+    """Else Prefect retries (and pays for) a shard the user stopped, or fails one that worked."""
+    import prefect.concurrency.asyncio
+
+    from flows.budget import leased
+
+    monkeypatch.setattr(prefect.concurrency.asyncio, "concurrency", lambda *a, **k: _ServerGone())
+
+    async def shard() -> str:
+        async with leased("klein-api-key", 2) as lease:
+            if stopped:
+                raise asyncio.CancelledError
+        assert lease.released_at >= lease.acquired_at > 0
+        return "done"
+
+    if stopped:
+        with pytest.raises(asyncio.CancelledError):
+            asyncio.run(shard())
+    else:
+        assert asyncio.run(shard()) == "done"
+    assert _ServerGone.entered >= 1
+
+
 def test_shard_sink_shares_images_and_keeps_the_rest(tmp_path: Path) -> None:
     base = LocalSink(tmp_path)
     sink = ShardSink(base, ".klein/shards/3")
