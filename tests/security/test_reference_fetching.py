@@ -254,11 +254,11 @@ async def test_redirects_to_private_addresses_are_refused(
 
 
 async def test_a_body_that_trickles_is_cut_by_the_total_timeout(plain: _Server) -> None:
+    # A per-read timeout would never fire (a byte comes every 0.05 s): the fetch would run
+    # its 10 s and end as "not an image". Only a total timeout ends it with this message.
     store = ReferenceStore(None, allow_http=True, allow_private_urls=True, timeout_s=0.5)
-    started = asyncio.get_running_loop().time()
     with pytest.raises(ReferenceError, match=r"timed out after 0\.5 s"):
         await store.load(f"{plain.url}/trickle")
-    assert asyncio.get_running_loop().time() - started < 5  # not 200 x 0.05 s
 
 
 async def test_an_endless_body_is_cut_at_the_size_cap(plain: _Server) -> None:
