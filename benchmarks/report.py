@@ -227,8 +227,11 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         "- **polls/image**, **429s**: the simulator's counters for the key. **extra paid**: "
         "tasks accepted (charged) beyond images stored (duplicates after lost submit answers, "
         "or work thrown away).",
-        "- **CPU s/1000 img**, **peak RSS**: `wait4` on the contender process (user + system "
-        "time and max RSS, including children it reaped, such as Prefect's temporary server).",
+        "- **CPU s/1000 img**: `wait4` on the contender process (user + system time, "
+        "including children it reaped, such as Prefect's temporary server). **peak RSS**: "
+        "the process's own high-water mark (`VmHWM`) plus its descendants' resident memory, "
+        "sampled from `/proc` (`wait4`'s max RSS would charge the harness's memory to "
+        "every child).",
         "- **first submit**: from process start to the first submit the simulator saw "
         "(imports and manifest reading included).",
         "- Each contender gets a fresh simulator process, the same CSV manifest (distinct 1k "
