@@ -6,9 +6,13 @@
 For each scenario and contender a fresh simulator process starts on 127.0.0.1 (pinned to
 CPU 0 when there are two or more), the contender runs in its own process (pinned to the
 other CPUs) and the figures are taken from the simulator's counters and the kernel's
-account of the contender process (``benchmarks/harness.py``). Writes
-``benchmarks/results.json`` (raw figures) and ``benchmarks/RESULTS.md`` (tables, the
-machine, the date, the command). Every process is stopped by a timeout if it hangs.
+account of the contender process (``benchmarks/harness.py``). The simulator's own
+capacity (``benchmarks/sim_throughput.py``) is measured in the same run, so a reader sees
+whether a ceiling is the tier's or the simulator's. Writes ``benchmarks/results.json``
+(raw figures) and ``benchmarks/RESULTS.md`` (tables, the machine, the date, the command,
+the chaos soak's figures from ``benchmarks/soak.json`` when present, and the discussion in
+``benchmarks/notes.md``); ``--render`` rewrites RESULTS.md from results.json alone. Every
+process is stopped by a timeout if it hangs.
 """
 
 from __future__ import annotations
