@@ -204,7 +204,8 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         "(the discussion is `benchmarks/notes.md`).",
         "",
         f"- **Command**: `{results['command']}`"
-        + (" (quick mode: smoke-sized runs)" if results.get("quick") else ""),
+        + (" (quick mode: smoke-sized runs)" if results.get("quick") else "")
+        + (f" at commit {results['commit']}" if results.get("commit") else ""),
         f"- **Machine**: {machine['nproc']} CPUs ({machine['cpu']}), {machine['ram_gb']} GB RAM, "
         f"Python {machine['python']}, {machine['platform']}",
         f"- **Date**: {machine['date']}; whole suite took {results.get('elapsed_s', 0):.0f} s",

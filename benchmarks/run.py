@@ -463,6 +463,32 @@ def machine() -> dict[str, Any]:
     }
 
 
+def source_commit() -> str | None:
+    """The commit measured, with ``+changes`` when the tree differs from it; None outside git."""
+    import subprocess
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + (" +changes" if changed else "")
+
+
 def cpus_for_sim() -> list[int]:
     cpus = sorted(os.sched_getaffinity(0))
     return cpus[:1] if len(cpus) > 1 else []
@@ -495,6 +521,7 @@ def main() -> int:
     results: dict[str, Any] = {
         "command": shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
         "quick": args.quick,
+        "commit": source_commit(),
         "machine": machine(),
         "pinning": {"simulator": cpus[0] or "unpinned", "client": cpus[1] or "unpinned"},
         "flows_available": flows_available(),
