@@ -117,6 +117,9 @@ class ShardJob(BaseModel):
     occupy: int = Field(default=1, ge=1)
     #: Where this job came from: (parent flow run, attempt), to spot a stale shard.json.
     token: str = ""
+    #: Submit again a task the API no longer knows (404) instead of failing its row: only
+    #: for a simulator started per run (``klein-batch flow --sim``), which forgets tasks.
+    resubmit_unknown: bool = False
 
 
 def _dated(location: str) -> str:
@@ -158,6 +161,7 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
         limit=spec.rows,
         retry_failed=job.retry_failed,
         earlier_duplicates=duplicates,
+        resubmit_unknown=job.resubmit_unknown,
     )
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
@@ -320,6 +324,7 @@ async def generate_catalog(
     limit: int | None = None,
     retry_failed: bool = False,
     shard_retries: int = 2,
+    resubmit_unknown: bool = False,
 ) -> dict[str, Any]:
     """Generate a catalog: every manifest row into ``out``, in shards, resumable.
 
@@ -343,6 +348,9 @@ async def generate_catalog(
         limit: only the first N rows.
         retry_failed: submit rows that failed in an earlier run again.
         shard_retries: Prefect retries of a failed shard (each resumes from its ledger).
+        resubmit_unknown: submit again a task the API answers 404 for (set by
+            ``klein-batch flow --sim``, whose simulator forgets the tasks of an earlier run;
+            against a real API leave it off: a forgotten task may have been charged).
     """
     logger = get_run_logger()
     started = time.time()
@@ -405,6 +413,7 @@ async def generate_catalog(
             api_key_block=api_key_block,
             concurrency_limit=concurrency_limit or None,
             token=f"{run_id}-{uuid.uuid4().hex[:8]}",
+            resubmit_unknown=resubmit_unknown,
         ),
         deployment=shard_deployment or None,
         parallel=parallel,
@@ -500,6 +509,7 @@ def _job_factory(
     api_key_block: str | None,
     concurrency_limit: str | None,
     token: str,
+    resubmit_unknown: bool = False,
 ) -> Any:
     def make(shard: ShardSpec) -> ShardJob:
         return ShardJob(
@@ -519,6 +529,7 @@ def _job_factory(
             concurrency_limit=concurrency_limit,
             occupy=share.occupy,
             token=token,
+            resubmit_unknown=resubmit_unknown,
         )
 
     return make

@@ -126,8 +126,16 @@ def _simulator(settings: RunConfig) -> Iterator[tuple[str | None, str | None]]:
         config = SimConfig.from_toml(settings.sim_config)
     else:
         config = demo_sim_config(settings.tier, settings.limits())
-    with SimServer.in_thread(config) as server:
-        yield server.url, config.keys[0].key
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(SimServer.in_thread(config))
+        try:
+            yield server.url, config.keys[0].key
+        except KeyboardInterrupt:
+            # Shards may still be winding down in Prefect's worker threads: stopped now, the
+            # simulator would fail their last polls and those rows would end failed instead
+            # of in flight. Its daemon thread ends with the process.
+            stack.pop_all()
+            raise
 
 
 def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespace, RunConfig]:
@@ -234,6 +242,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catal
     try:
         with _simulator(settings) as (sim_url, sim_key):
             parameters["api_url"] = sim_url or settings.api_url
+            # Each `--sim` run starts a simulator that knows no task of an earlier run.
+            parameters["resubmit_unknown"] = sim_url is not None
             key_env = settings.api_key_env if sim_key else ""
             with _environment(key_env, sim_key) if sim_key else contextlib.nullcontext():
                 result = asyncio.run(generate_catalog(**parameters))

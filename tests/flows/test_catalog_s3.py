@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 SECRET = "sk-flow-s3-test-91c4"
+KLEIN_BATCH = Path(sys.executable).with_name("klein-batch")
 DUMMY_AWS = {
     "AWS_ACCESS_KEY_ID": "klein-flow-test-access",
     "AWS_SECRET_ACCESS_KEY": "klein-flow-test-secret",
@@ -96,21 +99,17 @@ async def test_flow_reads_and_writes_s3(
 
 
 def test_flow_command_takes_the_s3_endpoint_from_its_config_file(
-    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    bucket: str, tmp_path: Path
 ) -> None:
-    """`s3_endpoint_url` in the --config file reaches the flow's S3 reads and writes."""
-    from flows.cli import run
+    """`s3_endpoint_url` in the --config file reaches the flow's S3 reads and writes.
 
+    `klein-batch flow` runs in a process of its own (as a user starts it), whose environment
+    names no endpoint: only the config file knows where the bucket is.
+    """
     rows = [(f"c{n}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, 6)]
     local = write_catalog(tmp_path / "catalog.csv", rows)
     s3.client().put_object(Bucket=bucket, Key="in/catalog.csv", Body=local.read_bytes())
     endpoint = os.environ["AWS_ENDPOINT_URL"]
-    # Only the config file knows the endpoint now; the process-wide setting is put back after.
-    monkeypatch.delenv("AWS_ENDPOINT_URL")
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.delenv("FREEPIK_API_KEY", raising=False)
-    monkeypatch.setattr(s3._settings, "endpoint_url", None)
-    s3.reset_clients()
     sim_toml = tmp_path / "sim.toml"
     sim_toml.write_text(
         f'[[keys]]\nname = "cfg"\nkey = "{SECRET}"\ntier = "standard"\n\n'
@@ -121,13 +120,24 @@ def test_flow_command_takes_the_s3_endpoint_from_its_config_file(
     config.write_text(
         f's3_endpoint_url = "{endpoint}"\nsim_config = "sim.toml"\n', encoding="utf-8"
     )
-
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "FREEPIK", "BFL", "AWS_ENDPOINT_URL"))
+    }
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
     args = ["--out", f"s3://{bucket}/out", "--config", str(config), "--shard-size", "3"]
-    code = run([f"s3://{bucket}/in/catalog.csv", *args])
 
-    assert code == 0
-    assert s3.endpoint_url() == endpoint
+    done = subprocess.run(
+        [str(KLEIN_BATCH), "flow", f"s3://{bucket}/in/catalog.csv", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     body = s3.client().get_object(Bucket=bucket, Key="out/manifest.parquet")["Body"].read()
-    done = pl.read_parquet(io.BytesIO(body))
-    assert done["row"].to_list() == list(range(1, 6))
-    assert set(done["status"]) == {"succeeded"}
+    manifest = pl.read_parquet(io.BytesIO(body))
+    assert manifest["row"].to_list() == list(range(1, 6))
+    assert set(manifest["status"]) == {"succeeded"}

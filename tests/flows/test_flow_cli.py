@@ -117,8 +117,11 @@ def test_flow_command_refuses_run_only_settings_of_a_shared_config(tmp_path: Pat
         assert not out.exists(), setting  # nothing ran, nothing was spent
 
 
-def test_ctrl_c_stops_the_flow_without_retrying_its_shards(tmp_path: Path) -> None:
-    """One Ctrl-C ends `klein-batch flow` with 130; no shard is retried (and paid) after it."""
+def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
+    tmp_path: Path,
+) -> None:
+    """One Ctrl-C ends `klein-batch flow` with 130, no shard retried (and paid) after it;
+    the same command again finishes every row, the ones in flight at the Ctrl-C included."""
     sim_toml = tmp_path / "sim.toml"
     sim_toml.write_text(
         FAST_SIM.replace("median_s = 0.05", "median_s = 2.0").replace("p95_s = 0.1", "p95_s = 3.0"),
@@ -154,3 +157,15 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards(tmp_path: Path) -> No
     assert "run the same command again to resume" in output
     assert "Retry 1/" not in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+
+    rerun = subprocess.run(
+        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
+        env=_env(tmp_path / "prefect"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert rerun.returncode == 0, rerun.stdout[-2000:] + rerun.stderr[-3000:]
+    done = pl.read_parquet(out / "manifest.parquet")
+    assert done["row"].to_list() == list(range(1, 61))
+    assert set(done["status"]) == {"succeeded"}, done.filter(pl.col("status") != "succeeded")
