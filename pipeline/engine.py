@@ -58,6 +58,14 @@ STORM_REFUSALS = 8
 STORM_FIRST_PAUSE_S = 0.5
 STORM_MAX_PAUSE_S = 61.0
 
+#: While another client shares the key (``SlotController.contended``), our window counts our
+#: tasks until we *notice* they finished, and the others take every slot we leave idle, so
+#: slow noticing costs us our share of the key. Tasks are then polled first at this share of
+#: the usual first-poll time and again every ``CONTENDED_REPOLL`` of it (more polls per image,
+#: only while sharing; polls count against no limit).
+CONTENDED_FIRST_POLL = 0.5
+CONTENDED_REPOLL = 0.05
+
 
 class Journal(Protocol):
     """The part of the ledger the engine writes to."""
@@ -142,6 +150,8 @@ class _Tracked:
     done: asyncio.Future[TaskState]
     polls: int = 0
     started: float = field(default_factory=time.monotonic)
+    #: Polled early and often because another client shares the key (see CONTENDED_*).
+    eager: bool = False
     #: What the API said the task costs at submit (dialect bfl), else None: priced by size.
     cost: float | None = None
 
@@ -350,6 +360,9 @@ class Engine:
             first = self._first_poll.value
             if self._settings.webhook_url:
                 first *= self._settings.webhook_poll_factor
+            elif self.slots.contended:
+                first *= CONTENDED_FIRST_POLL
+                tracked.eager = True
             self._schedule(tracked, first)
         else:
             self.slots.adopt()
@@ -551,8 +564,10 @@ class Engine:
                     poll.add_done_callback(self._polling.discard)
             self._wake.clear()
             timeout = self._heap[0][0] - now if self._heap else None
+            # asyncio.timeout, not wait_for: see SlotController._acquire (gh-86296).
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._wake.wait()
 
     async def _poll_task(self, tracked: _Tracked) -> None:
         if tracked.done.done():
@@ -571,8 +586,12 @@ class Engine:
         if tracked.done.done():
             return
         # With webhooks, timer polls come late on purpose and would bias the estimate.
+        # Eager polls (a shared key) come early on purpose too.
         first = (
-            tracked.polls == 1 and tracked.job.task_id is None and not self._settings.webhook_url
+            tracked.polls == 1
+            and tracked.job.task_id is None
+            and not self._settings.webhook_url
+            and not tracked.eager
         )
         if first:
             self._first_poll.observe(state.phase != "pending")
@@ -591,7 +610,10 @@ class Engine:
             )
             return
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
-        self._schedule(tracked, min(max(0.5 * age, 0.05), 10.0))
+        delay = min(max(0.5 * age, 0.05), 10.0)
+        if self.slots.contended and not self._settings.webhook_url:
+            delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
+        self._schedule(tracked, delay)
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
         async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):

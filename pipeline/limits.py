@@ -11,9 +11,8 @@ credits; an accepted one reuses a slot within a fraction of a task's duration of
 freeing. ``benchmarks/`` measures the trade: slot utilisation against 429s.
 
 A 429 that arrives while the bound says a slot is free means someone else shares the key:
-the controller then shrinks its own limit multiplicatively and grows it back by one slot
-per ``limit`` accepted submits (AIMD, as TCP and botocore's adaptive mode do), never past
-the tier's limit.
+the controller then shrinks its own limit multiplicatively and grows it back additively
+(AIMD, as TCP and botocore's adaptive mode do), never past the tier's limit.
 
 Sharing changes what probing costs. Alone on a key, a refused probe means "not yet" and
 the 25% refusal share is the price of filling slots within a fraction of a task of their
@@ -21,15 +20,26 @@ freeing. With another job on the key, every slot we do not hold is taken by it, 
 probes are refused and 429s reach a quarter of our submits. So once contention is seen,
 the controller stops probing for ``contention_hold_s`` (renewed by each contention 429) and
 relies on the AIMD window alone, as TCP does: the window counts our tasks not yet known to
-be finished, and it grows until the key is full, which the next 429 says. The trade: our
-own finished-but-unnoticed tasks now count against our window, so a job alone behind such
-a window keeps only about (task time) / (task time + detection delay) of the key busy; under
-sharing the other jobs fill that gap, and when the 429s stop for the hold period probing
-resumes and a lone job gets its full speed back. Each cut is taken from what we hold at
-the 429 (the server just said it is full, so our share right now is at most that), at most
-once per task duration (like TCP's one cut per round trip), and the window grows back by
-one slot per ``increase_every`` x window accepted submits, so that 429s stay near one per
-AIMD cycle: about ``1 / ((1 - backoff) * window * increase_every * window)`` of submits.
+be finished, and it grows until the key is full, which the next 429 says. Meanwhile:
+
+- each cut is taken from what we hold at the 429 plus the refused one (the server just
+  said the key is full, so that is our share right now), at most once per task duration
+  (like TCP's one cut per round trip), and the window grows by one slot per
+  ``increase_every`` x window accepted submits, and only while it is what holds us back
+  (RFC 7661: a window running ahead of what we hold would make the next cut meaningless);
+- for a task duration after a cut, one submit at a time, and a pause of half a task after
+  a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
+  one per submit on its way;
+- the engine polls our tasks early and often (``engine.CONTENDED_*``): our own
+  finished-but-unnoticed tasks count against our window, and the other clients take the
+  slots we leave idle meanwhile.
+
+429s then stay near one per AIMD cycle, about
+``1 / ((1 - backoff) * window * increase_every * window)`` of submits (~1-2% for two jobs on
+24 slots; ``tests/sharing``). When the 429s stop for the hold period, probing resumes and a
+lone job gets its full speed back. A refused probe is never taken for contention when our
+own tasks could have filled the key at the moment it was sent, so a lone job never enters
+this mode (its utilisation, polls per image and 429 share are unchanged; README).
 Where finishes are known (webhooks), ``probing=False`` turns probes off altogether.
 """
 
@@ -97,6 +107,8 @@ class Permit:
 
     speculative: bool
     settled: bool = False
+    #: Our tasks that may have been busy when it was sent (the probe's reason to exist).
+    busy_at_send: int = 0
 
 
 class SlotController:
@@ -111,7 +123,7 @@ class SlotController:
         max_outstanding: int | None = None,
         probing: bool = True,
         backoff: float = 0.8,
-        increase_every: float = 2.0,
+        increase_every: float = 1.5,
         contention_hold_s: float | None = None,
     ) -> None:
         if not 0.0 < refusal_target < 1.0:
@@ -182,24 +194,32 @@ class SlotController:
     async def _acquire(self) -> Permit:
         while True:
             now = time.monotonic()
-            if self._held < self._max_outstanding and now >= self._paused_until:
+            # For a task duration after a contention 429, one submit at a time: a full key
+            # then costs one 429, not one per submit already on its way.
+            serial = now < self._last_cut + self._latency_s and self._in_air > 0
+            if self._held < self._max_outstanding and now >= self._paused_until and not serial:
                 if self._busy_upper_bound() < self.effective_limit:
                     self._held += 1
                     self._in_air += 1
                     return Permit(speculative=False)
                 if self._may_probe(now):
                     self._probing = True
+                    busy = self._busy_upper_bound()
                     self._held += 1
                     self._in_air += 1
-                    return Permit(speculative=True)
+                    return Permit(speculative=True, busy_at_send=busy)
             self._changed.clear()
             timeout = None
             if self._may_probe(math.inf) and self._held < self._max_outstanding:
                 timeout = max(0.0, max(self._next_probe, self._contended_until) - now)
             if now < self._paused_until:
                 timeout = min(timeout or math.inf, self._paused_until - now)
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
+            # as the event is set (gh-86296), and a run stopped by Ctrl-C then waits here
+            # for ever, since every task that could set the event was just cancelled.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self._changed.wait()
 
     def accepted(self, permit: Permit) -> None:
         """The server took the task: it proves our busy slots are at most the limit."""
@@ -218,7 +238,9 @@ class SlotController:
             self._probe_scale = max(self._probe_scale, 0.01)
         if self._busy_upper_bound() >= self.effective_limit:
             self._schedule_probe()
-        if self._effective < self.limit:
+        # Grow only while the window is what holds us back (RFC 7661): a window that runs
+        # ahead of what we hold would make the next cut meaningless.
+        if self._effective < self.limit and self._held >= self.effective_limit - 1:
             self._grow_credit += 1.0 / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
                 self._grow_credit = 0.0
@@ -240,7 +262,11 @@ class SlotController:
             self._probing = False
         if overcommitted and not permit.speculative:
             self.refused_probes += 1
-        elif permit.speculative and self._held >= self.limit:
+        elif permit.speculative and permit.busy_at_send >= self.limit:
+            # Sent while our own tasks may have filled the key: "not yet", not another
+            # client, even if one of them was seen to finish while the answer was on its
+            # way (the server decided before that; counting it as contention would stop a
+            # lone job's probing for many task durations).
             self.refused_probes += 1
             self._probe_scale = min(self._probe_scale * 1.1, 100.0)
         else:
@@ -256,7 +282,9 @@ class SlotController:
             # already in the air describe the same full moment.
             if now - self._last_cut >= self._latency_s:
                 self._last_cut = now
-                self._effective = max(1.0, self._effective * self._backoff)
+                # Our share of the full key is what we hold plus the one just refused.
+                share = min(self._effective, float(self._held + 1))
+                self._effective = max(1.0, share * self._backoff)
                 self._grow_credit = 0.0
             # The key is full right now: the next submit waits for one of our tasks to
             # finish, or a share of a task's duration, instead of asking again at once.

@@ -37,7 +37,7 @@ def main(manifest: str, out: str, api_url: str, progress_path: str) -> int:
                 max_active=24,
                 submits_per_minute=20_000,
                 on_progress=record,
-                options=RunOptions(expected_latency_s=0.4, progress_interval_s=0.2),
+                options=RunOptions(expected_latency_s=1.0, progress_interval_s=0.2),
             )
         except KeyboardInterrupt:
             return 130

@@ -1,10 +1,17 @@
 """Two pipeline jobs and an interactive client on one simulator key.
 
 Each job is its own process, as two scheduled jobs would be, and so is the simulator; the
-third client (standing in for an interactive app) lives in the test and grabs slots at
-random moments. After a warm-up the test reads the simulator's counters over a window:
+third client (standing in for an interactive app: a request every two seconds or so,
+sometimes two at once, never polled) lives in the test and grabs slots at random moments.
+After a warm-up (the second job starts with every slot taken by the first, and AIMD needs a
+few cycles to even the shares out) the test reads the simulator's counters over a window:
 429s must stay under 2% of the jobs' submits, the key's slots must be at least 90% busy,
-and each job must get a fair share of the images.
+and each job must get at least half the images the other gets. Both jobs are then stopped
+with SIGINT, as Ctrl-C would, and must exit promptly (130) without a traceback.
+
+Tasks take about a second (median 1 s, p95 2 s): what a job loses to the key being shared
+is the time between a task finishing on the server and the job noticing, so the scenario
+keeps that small against a task's duration even on a loaded CI machine.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ from pipeline.contract import KLEIN_PATH
 HERE = Path(__file__).resolve().parent
 KEY = "sharing-test-key"
 SLOTS = 24
-WARMUP_S = 5.0
-WINDOW_S = 14.0
+WARMUP_S = 10.0
+WINDOW_S = 20.0
 ROWS = 3000
 DEBUG = [os.environ["DBG"]] if os.environ.get("DBG") else []
 CONFIG = f"""
@@ -45,8 +52,8 @@ max_active = {SLOTS}
 submits_per_minute = 100000
 
 [latency]
-median_s = 0.4
-p95_s = 0.8
+median_s = 1.0
+p95_s = 2.0
 """
 
 
@@ -63,8 +70,8 @@ class Grabber:
         async with aiohttp.ClientSession() as session:
             n = 0
             while not stop.is_set():
-                await asyncio.sleep(rng.expovariate(4.0))
-                for _ in range(rng.choice((1, 1, 1, 2, 3))):
+                await asyncio.sleep(rng.expovariate(0.5))
+                for _ in range(rng.choice((1, 1, 1, 2))):
                     n += 1
                     body = {"prompt": f"interactive request {n}", "seed": n}
                     async with session.post(url + KLEIN_PATH, json=body, headers=headers) as r:
@@ -123,20 +130,18 @@ async def test_two_jobs_and_a_grabber_share_a_key_politely(simulator: str, tmp_p
     env = {k: v for k, v in os.environ.items() if k != "BFL_API_KEY"}
     env["FREEPIK_API_KEY"] = KEY
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parents[1]), env.get("PYTHONPATH", "")])
-    jobs = []
+    jobs: list[tuple[asyncio.subprocess.Process, Path]] = []
     for name in ("a", "b"):
         manifest = tmp_path / f"{name}.csv"
         write_manifest(manifest, name)
         progress = tmp_path / f"{name}.progress"
         progress.touch()
-        proc = subprocess.Popen(  # noqa: ASYNC220 (starting a process does not block)
-            [sys.executable, *DEBUG, str(HERE / "job.py"), str(manifest), str(tmp_path / name),
-             simulator, str(progress)],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=(tmp_path / f"{name}.err").open("w"),
-            text=True,
-        )  # fmt: skip
+        with (tmp_path / f"{name}.err").open("w") as err:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, *DEBUG, str(HERE / "job.py"), str(manifest),
+                str(tmp_path / name), simulator, str(progress),
+                env=env, stdout=asyncio.subprocess.DEVNULL, stderr=err,
+            )  # fmt: skip
         jobs.append((proc, progress))
     grabber = Grabber()
     stop = asyncio.Event()
@@ -153,9 +158,10 @@ async def test_two_jobs_and_a_grabber_share_a_key_politely(simulator: str, tmp_p
         stop.set()
         await grabbing
         for proc, _ in jobs:
-            proc.send_signal(signal.SIGINT)
-        for proc, _ in jobs:
-            proc.wait(timeout=60)
+            if proc.returncode is None:
+                proc.send_signal(signal.SIGINT)
+        # Ctrl-C must end a job promptly, whatever it was waiting for (a slot, a pause).
+        await asyncio.wait_for(asyncio.gather(*(proc.wait() for proc, _ in jobs)), 60)
 
     for proc, progress in jobs:
         err = progress.with_suffix(".err").read_text(encoding="utf-8")

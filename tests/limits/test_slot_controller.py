@@ -1,0 +1,113 @@
+"""The slot controller alone: cancellation, sharing a key, and what a lone job keeps.
+
+Driven by hand (no server), so each rule is checked exactly: the controller is told what
+the server answered and must decide what the next submit may do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pipeline.limits import Permit, SlotController
+
+
+async def full(limit: int, **options: object) -> tuple[SlotController, list[Permit]]:
+    """A controller holding ``limit`` accepted tasks: every slot believed busy."""
+    slots = SlotController(limit, **options)  # type: ignore[arg-type]
+    permits = [await slots.acquire() for _ in range(limit)]
+    for permit in permits:
+        slots.accepted(permit)
+    return slots, permits
+
+
+async def test_a_cancelled_waiter_ends_even_when_a_slot_frees_at_that_moment() -> None:
+    # Ctrl-C cancels every row at once, and a cancelled row frees its slot: the waiters'
+    # event is set in the same loop turn as they are cancelled. They must still end.
+    slots, _ = await full(1, expected_latency_s=100.0)  # waits with a timeout (next probe)
+    waiter = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0.01)
+    assert not waiter.done()
+    slots.finished()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(waiter, 5)
+
+
+async def test_a_refused_probe_alone_is_not_contention() -> None:
+    slots, _ = await full(4, expected_latency_s=0.05)
+    probe = await asyncio.wait_for(slots.acquire(), 5)
+    assert probe.speculative
+    slots.refused(probe)
+    assert slots.refused_probes == 1 and slots.refused_contention == 0
+    assert slots.effective_limit == 4 and not slots.contended
+
+
+async def test_a_refused_probe_after_our_own_task_finished_is_not_contention() -> None:
+    # The 429 was decided before we noticed one of our tasks finish: still just a probe.
+    slots, _ = await full(4, expected_latency_s=0.05)
+    probe = await asyncio.wait_for(slots.acquire(), 5)
+    slots.finished()
+    slots.refused(probe)
+    assert slots.refused_contention == 0 and slots.effective_limit == 4
+    assert not slots.contended
+
+
+async def test_contention_cuts_to_our_share_once_per_task_duration_and_stops_probing() -> None:
+    slots = SlotController(10, expected_latency_s=10.0)
+    permits = [await slots.acquire() for _ in range(6)]
+    # The key is full although we hold 6 of 10: someone else is using it. Our share of
+    # the full key is what we hold (5 others) plus the refused one: the cut starts there.
+    slots.refused(permits[0])
+    assert slots.refused_contention == 1 and slots.contended
+    assert slots.effective_limit == 4  # 6 x 0.8
+    slots.refused(permits[1])  # an answer about the same full moment: no second cut
+    assert slots.effective_limit == 4
+    for permit in permits[2:]:
+        slots.accepted(permit)
+    # Four held, window 4, no probing while contended: nothing may go.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slots.acquire(), 0.2)
+
+
+async def test_one_submit_at_a_time_just_after_the_key_was_full() -> None:
+    slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=60.0)
+    slots.refused(await slots.acquire())  # contention seen; window cut to 1 x 0.8 -> 1
+    assert slots.contended
+    for _ in range(60):  # keep the window full: it grows back with accepted submits
+        while slots.held < slots.effective_limit:
+            slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+        slots.finished()
+    assert slots.effective_limit > 3
+    slots.set_latency(5.0)  # so the last cut is recent: the key was full a moment ago
+    slots.finished()
+    slots.finished()  # now at least two slots are free by our own count
+    first = await asyncio.wait_for(slots.acquire(), 5)
+    with pytest.raises(TimeoutError):  # a free slot, but the first answer is not in yet
+        await asyncio.wait_for(slots.acquire(), 0.1)
+    slots.accepted(first)
+    second = await asyncio.wait_for(slots.acquire(), 5)
+    assert not second.speculative
+
+
+async def test_the_window_grows_only_while_it_holds_us_back() -> None:
+    slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=0.0)
+    permits = [await slots.acquire() for _ in range(6)]
+    slots.refused(permits[0])  # share 6 -> window 4.8
+    for permit in permits[1:]:
+        slots.abandoned(permit)
+    assert slots.effective_limit == 4
+    for _ in range(200):  # one task at a time: the window never binds, so it stays
+        permit = await asyncio.wait_for(slots.acquire(), 5)
+        slots.accepted(permit)
+        slots.finished()
+    assert slots.effective_limit == 4
+    held = [await asyncio.wait_for(slots.acquire(), 5) for _ in range(4)]
+    for permit in held:
+        slots.accepted(permit)
+    for _ in range(400):  # now it binds: it grows back to the tier, never past it
+        slots.finished()
+        while slots.held < slots.effective_limit:
+            slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+    assert slots.effective_limit == 10
