@@ -33,6 +33,7 @@ import polars as pl
 import pyarrow as pa
 from yarl import URL
 
+from pipeline import dest_lock
 from pipeline.budget import Budget
 from pipeline.contract import RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
@@ -48,7 +49,7 @@ from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
 from pipeline.rows import Outcome, Rejection, Row
-from pipeline.storage import Sink, open_sink
+from pipeline.storage import LocalSink, Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.variations import Catalog
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
@@ -248,7 +249,17 @@ async def arun_manifest(
         local_root = remote.work_dir
     local_root.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    with remote.open_ledger() if remote else Ledger.open(local_root / "ledger.sqlite") as ledger:
+    with contextlib.ExitStack() as held:
+        held.enter_context(
+            dest_lock.hold(local_root, str(out) if not isinstance(out, Sink) else str(sink))
+        )
+        if isinstance(sink, LocalSink):
+            # Ours alone now: images a killed run left half-written go (their rows rerun).
+            for folder in (sink.root, sink.root / "images"):
+                dest_lock.sweep_partial_writes(folder)
+        ledger = held.enter_context(
+            remote.open_ledger() if remote else Ledger.open(local_root / "ledger.sqlite")
+        )
         ledger.start_run(
             run_id,
             {
