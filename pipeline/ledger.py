@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Final
 
 from pipeline.contract import RowStatus, cost_credits, output_size
 from pipeline.errors import ConfigError
@@ -60,6 +60,11 @@ SCHEMA_VERSION = 1
 #: Statuses that settle a key for good: a rerun skips it (``failed`` only until
 #: ``retry_failed``). ``rejected`` and ``skipped`` describe one run, not the image.
 FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.FAILED})
+
+#: How the engine's reason starts when the API accepted a task but its result could not be
+#: fetched (polls or downloads failed after every retry). Such a task may well have finished
+#: and been charged, so ``retry_failed`` polls its task id again instead of paying anew.
+UNFETCHED_REASONS: Final = ("polling failed after retries", "download failed after retries")
 
 _SQL_IN_CHUNK = 500
 
@@ -184,6 +189,11 @@ def _outcome_from_json(
         request=_request_from_json(request_json),
         **data,
     )
+
+
+def _unfetched(outcome: Outcome | None) -> bool:
+    """The row failed only because its accepted task's result never reached us."""
+    return outcome is not None and (outcome.reason or "").startswith(UNFETCHED_REASONS)
 
 
 def _chunks(items: Sequence[str], size: int = _SQL_IN_CHUNK) -> Iterable[Sequence[str]]:
@@ -346,6 +356,8 @@ class Ledger:
                 )
                 if status in FINAL_STATUSES and not (retry_failed and status == RowStatus.FAILED):
                     action = Action.DONE
+                elif status in FINAL_STATUSES and task_id is not None and _unfetched(previous):
+                    action, retry = Action.POLL, 1
                 elif status in FINAL_STATUSES:
                     action, retry = Action.SUBMIT, 1
                 elif task_id is not None:
@@ -392,13 +404,16 @@ class Ledger:
         found: dict[str, str] = {}
         for chunk in _chunks(list(dict.fromkeys(keys))):
             marks = ",".join("?" * len(chunk))
-            for key, task_id, status in self._conn.execute(
-                f"SELECT key, task_id, status FROM tasks WHERE key IN ({marks})",  # noqa: S608
+            for key, task_id, status, reason in self._conn.execute(
+                "SELECT key, task_id, status, json_extract(outcome, '$.reason') "  # noqa: S608
+                f"FROM tasks WHERE key IN ({marks})",
                 chunk,
             ):
                 if status in FINAL_STATUSES:
                     if not (retry_failed and status == RowStatus.FAILED):
                         found[key] = "done"
+                    elif task_id is not None and (reason or "").startswith(UNFETCHED_REASONS):
+                        found[key] = "in_flight"
                 elif task_id is not None:
                     found[key] = "in_flight"
         return found

@@ -321,18 +321,19 @@ def test_reading_before_any_run_is_a_clear_error(ledger_path: Path) -> None:
 @pytest.mark.parametrize("retry_failed", [False, True])
 def test_earlier_work_read_only_agrees_with_the_plan(ledger_path: Path, retry_failed: bool) -> None:
     """`run --dry-run` into an existing DEST leaves out exactly what the rerun will not send."""
-    new, acked, skipped, *finished = (make_row(i) for i in range(6))
-    statuses = (RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.FAILED)
+    new, acked, skipped, *finished = (make_row(i) for i in range(7))
+    statuses = (RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.FAILED, RowStatus.FAILED)
+    reasons = (None, "no", "no", "polling failed after retries: poll failed: 503")
     with Ledger.open(ledger_path) as ledger:
         ledger.start_run("run-1", {})
         ledger.plan([new, acked, skipped, *finished])
         ledger.record_intent(acked.key)
         ledger.record_ack(acked.key, "task-a", "http://127.0.0.1:9/p/a", 5.0, 1.05)
         ledger.record_outcome(Outcome(skipped.index, skipped.key, RowStatus.SKIPPED, reason="x"))
-        for row, status in zip(finished, statuses, strict=True):
+        for row, status, reason in zip(finished, statuses, reasons, strict=True):
             ledger.record_intent(row.key)
             ledger.record_ack(row.key, f"task-{row.key}", "http://127.0.0.1:9/p", 6.0, None)
-            _finish(ledger, row, status, reason=None if status == "succeeded" else "no")
+            _finish(ledger, row, status, reason=reason)
         ledger.flush()
     rows = [new, acked, skipped, *finished]
     with Ledger.open(ledger_path, readonly=True) as reader:
@@ -345,3 +346,8 @@ def test_earlier_work_read_only_agrees_with_the_plan(ledger_path: Path, retry_fa
     assert earlier == from_plan
     assert earlier[acked.key] == "in_flight" and new.key not in earlier
     assert (finished[2].key in earlier) is not retry_failed  # a failed row is retried
+    # ... unless only its result never arrived: then its task is polled again, not re-paid.
+    unfetched = next(p for p in planned if p.row.key == finished[3].key)
+    if retry_failed:
+        assert unfetched.action is Action.POLL and unfetched.task_id == f"task-{finished[3].key}"
+        assert earlier[finished[3].key] == "in_flight"
