@@ -32,6 +32,8 @@ from pipeline.progress import format_duration
 
 #: Finishes within this many seconds before the latest one set the current rate.
 RATE_WINDOW_S: Final = 60.0
+#: Where the catalog flow keeps one journal per shard and its plan (``flows/shards.py``).
+SHARDS_RELDIR: Final = ".klein/shards"
 
 
 @dataclass(slots=True)
@@ -122,6 +124,8 @@ def ledger_path(dest: str | Path) -> Path:
         raise ConfigError(f"{dest}: is a file; expected the output folder given to --out")
     path = folder / LEDGER_RELPATH
     if not path.is_file():
+        if (folder / SHARDS_RELDIR / "plan.json").is_file():
+            return path  # a catalog flow's output: read_status sums its shards' journals
         raise ConfigError(
             f"{dest}: no run journal ({LEDGER_RELPATH}); nothing has run into this folder yet"
         )
@@ -133,7 +137,80 @@ def read_status(dest: str | Path, *, now: float | None = None) -> RunStatus:
     text = str(dest)
     if text[:5].lower() == "s3://":
         return _remote_status(text, now=now)
-    return status_from_ledger(ledger_path(dest), text, now=now)
+    path = ledger_path(dest)
+    if not path.is_file():
+        return _flow_status(path.parent.parent, text, now=now)
+    return status_from_ledger(path, text, now=now)
+
+
+def _flow_status(folder: Path, dest: str, *, now: float | None = None) -> RunStatus:
+    """A catalog flow's output: one journal per shard (``klein-batch flow``), summed.
+
+    Progress counts against the flow's plan, so shards not started yet show as rows not
+    started; the run is ``running`` while any shard runs, ``finished`` once every shard is.
+    """
+    now = time.time() if now is None else now
+    try:
+        plan = json.loads((folder / SHARDS_RELDIR / "plan.json").read_text(encoding="utf-8"))
+        total, size = int(plan["total_rows"]), int(plan["shard_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{dest}: the catalog flow's plan cannot be read ({exc})") from None
+    expected = -(-total // size) if size > 0 else 0
+    shards: list[RunStatus] = []
+    for index in range(expected):
+        path = folder / SHARDS_RELDIR / str(index) / LEDGER_RELPATH
+        if path.is_file():
+            with contextlib.suppress(ConfigError):  # a shard still creating its journal
+                shards.append(status_from_ledger(path, f"{dest}#{index}", now=now))
+    if not shards:
+        raise ConfigError(f"{dest}: a catalog flow's output whose shards have not started yet")
+    counts: dict[str, int] = {str(status): 0 for status in RowStatus}
+    for shard in shards:
+        for status, count in shard.counts.items():
+            counts[status] = counts.get(status, 0) + count
+    states = {shard.state for shard in shards}
+    if "running" in states:
+        state = "running"
+    elif states == {"finished"} and len(shards) == expected:
+        state = "finished"
+    else:
+        state = "stopped"
+    started = min(shard.started_at for shard in shards)
+    ended = max(shard.started_at + shard.elapsed_s for shard in shards)
+    elapsed = max(0.0, (now if state == "running" else ended) - started)
+    in_flight = sum(shard.in_flight for shard in shards)
+    done = sum(counts.get(str(status), 0) for status in RowStatus)
+    if state == "running":
+        rate = sum(shard.images_per_s for shard in shards if shard.state == "running")
+    else:
+        made = sum(shard.images_per_s * shard.elapsed_s for shard in shards)
+        rate = made / elapsed if elapsed > 0 else 0.0
+    status = RunStatus(
+        dest=dest,
+        run_id=f"catalog flow, {len(shards)} of {expected} shards started",
+        manifest=str(plan.get("manifest", "?")),
+        state=state,
+        started_at=started,
+        total=total,
+        counts=counts,
+        in_flight=in_flight,
+        pending=max(0, total - done - in_flight),
+        images_per_s=round(rate, 3),
+        elapsed_s=elapsed,
+        credits_run=round(sum(shard.credits_run for shard in shards), 2),
+        credits_output=round(sum(shard.credits_output for shard in shards), 2),
+        last_activity_s=min(
+            (s.last_activity_s for s in shards if s.last_activity_s is not None), default=None
+        ),
+        note=(
+            "shards stopped before every row did; run the flow again to resume"
+            if state == "stopped"
+            else None
+        ),
+    )
+    if state == "running" and rate > 0:
+        status.eta_s = max(0, total - done) / rate
+    return status
 
 
 def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> RunStatus:

@@ -157,6 +157,14 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     assert "run the same command again to resume" in output
     assert "Retry 1/" not in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
+    # `klein-batch status` sums the shards' journals of a flow's output.
+    stopped = subprocess.run(
+        [str(KLEIN_BATCH), "status", str(out), "--json"], capture_output=True, text=True
+    )
+    assert stopped.returncode == 1, stopped.stderr
+    figures = json.loads(stopped.stdout)
+    assert figures["state"] == "stopped" and figures["total"] == 60
+    assert 5 <= figures["counts"]["succeeded"] < 60
 
     rerun = subprocess.run(
         [str(KLEIN_BATCH), *args, "--shard-size", "15"],
@@ -169,3 +177,8 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     done = pl.read_parquet(out / "manifest.parquet")
     assert done["row"].to_list() == list(range(1, 61))
     assert set(done["status"]) == {"succeeded"}, done.filter(pl.col("status") != "succeeded")
+    status_command = [str(KLEIN_BATCH), "status", str(out)]
+    finished = subprocess.run(status_command, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert finished.stdout.startswith(f"{out}: finished · run catalog flow, 4 of 4 shards")
+    assert "progress  60/60 (100.0%)" in finished.stdout
