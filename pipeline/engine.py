@@ -195,6 +195,12 @@ class Engine:
         )
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
+        #: Finished tasks whose image is not stored yet. Their result URLs expire (10 min
+        #: after ready), so while downloads lag, new submits wait rather than pile up
+        #: paid images that would expire in the queue.
+        self._unfetched = 0
+        self._fetch_room = asyncio.Event()
+        self._fetch_room.set()
         self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)
         #: Contact-sheet thumbnails still to make while verifying (report.html draws at most
         #: MAX_TILES, from a local output's thumbnail cache; see ``_store_thumbnail``).
@@ -333,6 +339,7 @@ class Engine:
             job.task_id = job.poll_url = None
             return await self._outcome_of(job)
         if job.task_id is None:
+            await self._room_to_fetch()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             if self._budget is not None:
@@ -403,7 +410,13 @@ class Engine:
                 digests=digests,
                 submitted_at=tracked.submitted_at,
             )
-        return await self._fetch_and_store(job, tracked, state, digests)
+        self._unfetched += 1
+        try:
+            return await self._fetch_and_store(job, tracked, state, digests)
+        finally:
+            self._unfetched -= 1
+            if self._unfetched < self._settings.download_concurrency:
+                self._fetch_room.set()
 
     # --- submit -------------------------------------------------------------------------------
 
@@ -430,9 +443,21 @@ class Engine:
                         return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _room_to_fetch(self) -> None:
+        """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
+        while self._unfetched >= self._settings.download_concurrency:
+            self._fetch_room.clear()
+            await self._fetch_room.wait()
+
     async def _send(self, job: Job, payload: bytes) -> Submitted | None:
         """One submit request within the limits; None when it was refused with a 429."""
-        permit = await self.slots.acquire()
+        while True:
+            await self._room_to_fetch()
+            permit = await self.slots.acquire()
+            # Rows queue for permits for a while: the download backlog may have grown since.
+            if self._unfetched < self._settings.download_concurrency:
+                break
+            self.slots.abandoned(permit)
         if self._abort_reason:
             self.slots.abandoned(permit)
             raise _Abort
@@ -662,62 +687,61 @@ class Engine:
         expected = self._provider.output_size(request)
         url = state.image_url or ""
         refreshed = False
-        async with self._downloads:
-            while True:
-                try:
-                    data = await self._download(url, request.output_format, expected)
-                    break
-                except _Expired as exc:
-                    if job.task_id is not None:
-                        stored = await self._stored_outcome(
-                            job, tracked.task_id, tracked.submitted_at, digests
-                        )
-                        if stored is not None:
-                            return stored
-                    if refreshed:
-                        return self._outcome(
-                            job,
-                            RowStatus.FAILED,
-                            task_id=tracked.task_id,
-                            digests=digests,
-                            reason=f"result URL expired before it could be downloaded ({exc})",
-                            submitted_at=tracked.submitted_at,
-                        )
-                    refreshed = True
-                    try:
-                        fresh = await self._poll(tracked)
-                    except (_RowError, Transient) as err:
-                        reason = f"result expired and re-polling failed: {err}"
-                        return self._outcome(
-                            job, RowStatus.FAILED, reason=reason, task_id=tracked.task_id
-                        )
-                    if fresh.phase != "completed" or not fresh.image_url:
-                        return self._outcome(
-                            job,
-                            RowStatus.FAILED,
-                            task_id=tracked.task_id,
-                            digests=digests,
-                            reason=f"result expired and the task now says {fresh.raw_status}",
-                        )
-                    url = fresh.image_url
-                except Transient as exc:
+        while True:
+            try:
+                data = await self._download(url, request.output_format, expected)
+                break
+            except _Expired as exc:
+                if job.task_id is not None:
+                    stored = await self._stored_outcome(
+                        job, tracked.task_id, tracked.submitted_at, digests
+                    )
+                    if stored is not None:
+                        return stored
+                if refreshed:
                     return self._outcome(
                         job,
                         RowStatus.FAILED,
                         task_id=tracked.task_id,
                         digests=digests,
-                        reason=f"download failed after retries: {exc.reason}",
+                        reason=f"result URL expired before it could be downloaded ({exc})",
                         submitted_at=tracked.submitted_at,
                     )
-                except _RowError as exc:
+                refreshed = True
+                try:
+                    fresh = await self._poll(tracked)
+                except (_RowError, Transient) as err:
+                    reason = f"result expired and re-polling failed: {err}"
+                    return self._outcome(
+                        job, RowStatus.FAILED, reason=reason, task_id=tracked.task_id
+                    )
+                if fresh.phase != "completed" or not fresh.image_url:
                     return self._outcome(
                         job,
-                        exc.status,
+                        RowStatus.FAILED,
                         task_id=tracked.task_id,
                         digests=digests,
-                        reason=exc.reason,
-                        submitted_at=tracked.submitted_at,
+                        reason=f"result expired and the task now says {fresh.raw_status}",
                     )
+                url = fresh.image_url
+            except Transient as exc:
+                return self._outcome(
+                    job,
+                    RowStatus.FAILED,
+                    task_id=tracked.task_id,
+                    digests=digests,
+                    reason=f"download failed after retries: {exc.reason}",
+                    submitted_at=tracked.submitted_at,
+                )
+            except _RowError as exc:
+                return self._outcome(
+                    job,
+                    exc.status,
+                    task_id=tracked.task_id,
+                    digests=digests,
+                    reason=exc.reason,
+                    submitted_at=tracked.submitted_at,
+                )
         info, body = data
         relpath = f"images/{job.row.key}.{FORMAT_EXT[info.format]}"
         uri = await self._sink.put(relpath, body, FORMAT_MIME[info.format])
@@ -782,7 +806,10 @@ class Engine:
     async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
         async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
             with attempt:
-                return await self._download_once(url, fmt, expected)
+                # A download slot per attempt, not across the backoff sleeps between them:
+                # a retrying download must not keep other finished tasks from theirs.
+                async with self._downloads:
+                    return await self._download_once(url, fmt, expected)
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _download_once(

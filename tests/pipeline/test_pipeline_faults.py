@@ -12,9 +12,16 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from pipeline_helpers import check_output, key_stats, run_against, statuses, write_catalog
+from pipeline_helpers import (
+    check_output,
+    fast_options,
+    key_stats,
+    run_against,
+    statuses,
+    write_catalog,
+)
 
-from pipeline.sim import EndpointFaults, FaultConfig, ModerationConfig, SimServer
+from pipeline.sim import EndpointFaults, FaultConfig, KeyConfig, ModerationConfig, SimServer
 
 ROWS = 200
 
@@ -100,3 +107,30 @@ def test_random_moderation(start_sim: Callable[..., SimServer], tmp_path: Path) 
     counts = statuses(table)
     assert counts["moderated"] == key_stats(server)["tasks_moderated"] > 0
     assert counts["succeeded"] + counts["moderated"] == ROWS
+
+
+def test_slow_downloads_hold_back_submits_instead_of_letting_results_expire(
+    start_sim: Callable[..., SimServer], tmp_path: Path
+) -> None:
+    """Tasks finish far faster than their images can be fetched; result URLs live 3 s.
+
+    A client that keeps submitting while downloads lag piles up paid results that expire in
+    its queue (a 60-slot key lets hundreds queue). The engine stops submitting while 32 finished
+    tasks wait for their images, so every result is fetched in time.
+    """
+    rows = 600
+    server = start_sim(
+        faults=FaultConfig(seed=21, slow=1.0, slow_bytes_per_s=100_000),
+        result_ttl_s=3.0,
+        keys=[KeyConfig(max_active=60, submits_per_minute=100_000)],
+    )
+    summary = run_against(
+        server,
+        write_catalog(tmp_path / "in", rows),
+        tmp_path / "out",
+        options=fast_options(max_active=60, submits_per_minute=100_000),
+    )
+    table = check_output(tmp_path / "out", rows, summary)
+    stats = key_stats(server)
+    assert stats["downloads_expired"] == 0, stats
+    assert statuses(table) == {"succeeded": rows}
