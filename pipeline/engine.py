@@ -63,7 +63,7 @@ STORM_MAX_PAUSE_S = 61.0
 #: slow noticing costs us our share of the key. Tasks are then polled first at this share of
 #: the usual first-poll time and again every ``CONTENDED_REPOLL`` of it (more polls per image,
 #: only while sharing; polls count against no limit).
-CONTENDED_FIRST_POLL = 0.5
+CONTENDED_FIRST_POLL = 0.3
 CONTENDED_REPOLL = 0.05
 
 
@@ -339,7 +339,9 @@ class Engine:
             job.task_id = job.poll_url = None
             return await self._outcome_of(job)
         if job.task_id is None:
-            await self._room_to_fetch()
+            while self._unfetched >= self._settings.download_concurrency:
+                self._fetch_room.clear()
+                await self._fetch_room.wait()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             if self._budget is not None:
@@ -443,21 +445,9 @@ class Engine:
                         return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _room_to_fetch(self) -> None:
-        """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
-        while self._unfetched >= self._settings.download_concurrency:
-            self._fetch_room.clear()
-            await self._fetch_room.wait()
-
     async def _send(self, job: Job, payload: bytes) -> Submitted | None:
         """One submit request within the limits; None when it was refused with a 429."""
-        while True:
-            await self._room_to_fetch()
-            permit = await self.slots.acquire()
-            # Rows queue for permits for a while: the download backlog may have grown since.
-            if self._unfetched < self._settings.download_concurrency:
-                break
-            self.slots.abandoned(permit)
+        permit = await self.slots.acquire()
         if self._abort_reason:
             self.slots.abandoned(permit)
             raise _Abort

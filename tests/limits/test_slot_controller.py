@@ -61,12 +61,13 @@ async def test_contention_cuts_to_our_share_once_per_task_duration_and_stops_pro
     # the full key is what we hold (5 others) plus the refused one: the cut starts there.
     slots.refused(permits[0])
     assert slots.refused_contention == 1 and slots.contended
-    assert slots.effective_limit == 4  # 6 x 0.8
+    assert slots.effective_limit == 5  # 6 x 0.9
     slots.refused(permits[1])  # an answer about the same full moment: no second cut
-    assert slots.effective_limit == 4
+    assert slots.effective_limit == 5
     for permit in permits[2:]:
         slots.accepted(permit)
-    # Four held, window 4, no probing while contended: nothing may go.
+    # Four held, window 5: a slot is free by our count, but the key was full a moment ago,
+    # so the next submit waits (half a task, or until one of ours finishes); no probes.
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(slots.acquire(), 0.2)
 
@@ -94,16 +95,16 @@ async def test_one_submit_at_a_time_just_after_the_key_was_full() -> None:
 async def test_the_window_grows_only_while_it_holds_us_back() -> None:
     slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=0.0)
     permits = [await slots.acquire() for _ in range(6)]
-    slots.refused(permits[0])  # share 6 -> window 4.8
+    slots.refused(permits[0])  # share 6 -> window 5.4
     for permit in permits[1:]:
         slots.abandoned(permit)
-    assert slots.effective_limit == 4
+    assert slots.effective_limit == 5
     for _ in range(200):  # one task at a time: the window never binds, so it stays
         permit = await asyncio.wait_for(slots.acquire(), 5)
         slots.accepted(permit)
         slots.finished()
-    assert slots.effective_limit == 4
-    held = [await asyncio.wait_for(slots.acquire(), 5) for _ in range(4)]
+    assert slots.effective_limit == 5
+    held = [await asyncio.wait_for(slots.acquire(), 5) for _ in range(5)]
     for permit in held:
         slots.accepted(permit)
     for _ in range(400):  # now it binds: it grows back to the tier, never past it
