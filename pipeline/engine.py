@@ -339,9 +339,7 @@ class Engine:
             job.task_id = job.poll_url = None
             return await self._outcome_of(job)
         if job.task_id is None:
-            while self._unfetched >= self._settings.download_concurrency:
-                self._fetch_room.clear()
-                await self._fetch_room.wait()
+            await self._room_to_fetch()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             if self._budget is not None:
@@ -445,9 +443,21 @@ class Engine:
                         return result
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _room_to_fetch(self) -> None:
+        """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
+        while self._unfetched >= self._settings.download_concurrency:
+            self._fetch_room.clear()
+            await self._fetch_room.wait()
+
     async def _send(self, job: Job, payload: bytes) -> Submitted | None:
         """One submit request within the limits; None when it was refused with a 429."""
-        permit = await self.slots.acquire()
+        while True:
+            await self._room_to_fetch()
+            permit = await self.slots.acquire()
+            # Rows queue for permits for a while: the download backlog may have grown since.
+            if self._unfetched < self._settings.download_concurrency:
+                break
+            self.slots.abandoned(permit)
         if self._abort_reason:
             self.slots.abandoned(permit)
             raise _Abort
