@@ -109,6 +109,9 @@ class ShardJob(BaseModel):
     tier: str | None = None
     max_active: int = Field(ge=1)
     submits_per_minute: int = Field(ge=1)
+    #: The key's own active limit; when ``max_active`` is less, it is this shard's share
+    #: and a hard cap (the engine never probes past it into other shards' slots).
+    key_max_active: int | None = None
     defaults: ImageDefaults = Field(default_factory=ImageDefaults)
     retry_failed: bool = False
     api_key_block: str | None = None
@@ -156,6 +159,7 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
         tier=job.tier,
         max_active=job.max_active,
         submits_per_minute=job.submits_per_minute,
+        key_max_active=job.key_max_active,
         defaults=job.defaults.to_defaults(),
         offset=job.start,
         limit=spec.rows,
@@ -408,6 +412,7 @@ async def generate_catalog(
             dialect=dialect,
             tier=tier,
             share=share,
+            key_max_active=limits.max_active,
             defaults=image_defaults,
             retry_failed=retry_failed,
             api_key_block=api_key_block,
@@ -504,6 +509,7 @@ def _job_factory(
     dialect: str,
     tier: str | None,
     share: Share,
+    key_max_active: int,
     defaults: ImageDefaults,
     retry_failed: bool,
     api_key_block: str | None,
@@ -523,6 +529,7 @@ def _job_factory(
             tier=tier,
             max_active=share.max_active,
             submits_per_minute=share.submits_per_minute,
+            key_max_active=key_max_active,
             defaults=defaults,
             retry_failed=retry_failed,
             api_key_block=api_key_block,

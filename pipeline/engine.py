@@ -119,6 +119,11 @@ class EngineSettings:
     #: With webhooks, each task's first poll waits this many learned first-poll times: it
     #: only catches webhooks that were lost, so it can come late and rarely.
     webhook_poll_factor: float = 4.0
+    #: Whether ``max_active`` is the key's own limit. Only then does a submit the server
+    #: accepts while all our slots seem busy prove that one of ours finished (probing).
+    #: A share of a key (``--max-active`` below the tier, a Prefect shard's lease) is a hard
+    #: cap: probing past it would take slots that belong to other jobs.
+    limit_is_the_keys: bool = True
 
 
 @dataclass(slots=True)
@@ -185,7 +190,7 @@ class Engine:
             expected_latency_s=settings.expected_latency_s,
             refusal_target=settings.refusal_target,
             # Webhooks tell us when slots free: no need to probe for them.
-            probing=settings.webhook_url is None,
+            probing=settings.webhook_url is None and settings.limit_is_the_keys,
         )
         self._rate = SubmitRateLimiter(settings.submits_per_minute)
         self._first_poll = QuantileTracker(

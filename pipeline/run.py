@@ -35,7 +35,7 @@ from yarl import URL
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
-from pipeline.contract import RowStatus
+from pipeline.contract import TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
@@ -69,6 +69,9 @@ class RunOptions:
     tier: str | None = None
     max_active: int | None = None
     submits_per_minute: int | None = None
+    #: The key's own active limit when ``max_active`` is only this run's share of it (a
+    #: Prefect shard's lease); with ``--tier`` the tier's limit plays this part.
+    key_max_active: int | None = None
     defaults: Defaults = field(default_factory=Defaults)
     limit: int | None = None
     retry_failed: bool = False
@@ -295,6 +298,7 @@ async def arun_manifest(
         settings = EngineSettings(
             max_active=limits.max_active,
             submits_per_minute=limits.submits_per_minute,
+            limit_is_the_keys=not _is_a_share(opts),
             expected_latency_s=opts.expected_latency_s,
             refusal_target=opts.refusal_target,
             poll_quantile=opts.poll_quantile,
@@ -588,6 +592,20 @@ def _earlier_duplicates(
             )
         )
     return kept, moved
+
+
+def _is_a_share(opts: RunOptions) -> bool:
+    """Whether the run's active limit is only part of its key's, so a hard cap.
+
+    ``--max-active`` alone describes the key's own contract; below ``--tier``'s limit, or
+    below ``key_max_active`` (a shard's lease), it is this run's share of the key.
+    """
+    if opts.max_active is None:
+        return False
+    key_limit = opts.key_max_active
+    if key_limit is None and opts.tier is not None:
+        key_limit = TIERS[opts.tier].max_active
+    return key_limit is not None and opts.max_active < key_limit
 
 
 def _without_credentials(url: str) -> str:
