@@ -36,7 +36,7 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
 
 429s then stay near one per AIMD cycle, about
 ``1 / ((1 - backoff) * window * increase_every * window)`` of submits, while a cut of 10%
-leaves little of the key idle (two jobs on 24 slots: ~1.3% 429s, ~91% busy;
+leaves little of the key idle (two jobs on 24 slots: ~1.4% 429s, ~92% busy;
 ``tests/sharing``). When the 429s stop for the hold period, probing resumes and a lone job
 gets its full speed back. A refused probe is never taken for contention when our
 own tasks could have filled the key at the moment it was sent, so a lone job never enters
@@ -124,7 +124,7 @@ class SlotController:
         max_outstanding: int | None = None,
         probing: bool = True,
         backoff: float = 0.9,
-        increase_every: float = 3.0,
+        increase_every: float = 3.5,
         contention_hold_s: float | None = None,
     ) -> None:
         if not 0.0 < refusal_target < 1.0:

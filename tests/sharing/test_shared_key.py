@@ -38,7 +38,7 @@ from pipeline.contract import KLEIN_PATH
 HERE = Path(__file__).resolve().parent
 KEY = "sharing-test-key"
 SLOTS = 24
-WARMUP_S = 10.0
+WARMUP_S = 15.0
 WINDOW_S = 40.0
 ROWS = 3000
 DEBUG = [os.environ["DBG"]] if os.environ.get("DBG") else []
