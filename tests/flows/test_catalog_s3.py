@@ -7,14 +7,12 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
 import pytest
-from flow_helpers import PROMPTS, write_catalog
-from moto.server import ThreadedMotoServer
+from flow_helpers import PROMPTS, moto_bucket, write_catalog
 
 from pipeline import s3
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
@@ -23,31 +21,18 @@ pytestmark = pytest.mark.usefixtures("prefect_api")
 
 SECRET = "sk-flow-s3-test-91c4"
 KLEIN_BATCH = Path(sys.executable).with_name("klein-batch")
-DUMMY_AWS = {
-    "AWS_ACCESS_KEY_ID": "klein-flow-test-access",
-    "AWS_SECRET_ACCESS_KEY": "klein-flow-test-secret",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @pytest.fixture
 def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    for name, value in DUMMY_AWS.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
-    monkeypatch.setenv("KLEIN_BATCH_WORK_DIR", str(tmp_path / "work"))
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    s3.reset_clients()
-    name = f"klein-flow-{uuid.uuid4().hex[:8]}"
-    s3.client().create_bucket(Bucket=name)
-    try:
+    with moto_bucket(
+        monkeypatch,
+        tmp_path / "work",
+        access="klein-flow-test-access",
+        secret="klein-flow-test-secret",
+        prefix="klein-flow",
+    ) as name:
         yield name
-    finally:
-        s3.reset_clients()
-        server.stop()
 
 
 async def test_flow_reads_and_writes_s3(

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from flow_helpers import PROMPTS, write_catalog
-from moto.server import ThreadedMotoServer
+from flow_helpers import PROMPTS, moto_bucket, write_catalog
 from test_catalog_flow import flow_run_records
 
 from pipeline import s3
@@ -91,24 +90,15 @@ def debug_logging() -> Iterator[None]:
 
 @pytest.fixture
 def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "klein-flow-leak-access")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", AWS_SECRET)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("FREEPIK_API_KEY", raising=False)
-    monkeypatch.setenv("KLEIN_BATCH_WORK_DIR", str(tmp_path / "work"))
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://{host}:{port}")
-    s3.reset_clients()
-    name = f"klein-leak-{uuid.uuid4().hex[:8]}"
-    s3.client().create_bucket(Bucket=name)
-    try:
+    with moto_bucket(
+        monkeypatch,
+        tmp_path / "work",
+        access="klein-flow-leak-access",
+        secret=AWS_SECRET,
+        prefix="klein-leak",
+    ) as name:
         yield name
-    finally:
-        s3.reset_clients()
-        server.stop()
 
 
 async def test_flow_with_s3_and_a_secret_block_leaks_no_secret(
