@@ -191,6 +191,17 @@ def reset_clients() -> None:
         _clients.clear()
 
 
+def reset() -> None:
+    """Back to the defaults: no configured endpoint or attempts, no cached clients.
+
+    The CLI configures once per process; a long-lived process (a notebook, a test session)
+    that pointed S3 at a server which is now gone calls this so later calls do not follow.
+    """
+    _settings.endpoint_url = None
+    _settings.max_attempts = DEFAULT_MAX_ATTEMPTS
+    reset_clients()
+
+
 def _transfer_config(threshold: int = MULTIPART_THRESHOLD) -> Any:
     from boto3.s3.transfer import TransferConfig
 

@@ -73,8 +73,7 @@ def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         s3.reset_clients()
         yield url
     finally:
-        s3.configure(endpoint_url=url)
-        s3.reset_clients()
+        s3.reset()  # the endpoint the test configured dies with this server
         server.terminate()
         try:
             server.wait(timeout=10)

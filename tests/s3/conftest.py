@@ -53,10 +53,9 @@ def moto_url() -> Iterator[str]:
 def endpoint(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """The moto endpoint, as $AWS_ENDPOINT_URL (how a user points klein-batch at it)."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_url)
-    monkeypatch.setattr(s3, "_settings", s3._Settings(max_attempts=s3.DEFAULT_MAX_ATTEMPTS))
-    s3.reset_clients()
+    s3.reset()
     yield moto_url
-    s3.reset_clients()
+    s3.reset()
 
 
 @pytest.fixture

@@ -114,15 +114,14 @@ async def test_a_missing_bucket_is_a_clear_error(endpoint: str) -> None:
 
 async def test_an_unreachable_endpoint_is_a_storage_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    s3.reset()
     s3.configure(max_attempts=2)
-    s3.reset_clients()
     try:
         sink = S3Sink("s3://klein-any/out")
         with pytest.raises(StorageError, match=r"cannot connect to http://127\.0\.0\.1:9"):
             await sink.put("run.json", b"{}", "application/json")
     finally:
-        s3.configure(max_attempts=s3.DEFAULT_MAX_ATTEMPTS)
-        s3.reset_clients()
+        s3.reset()
 
 
 async def test_500_503_and_dropped_uploads_are_retried_until_stored(
