@@ -375,7 +375,10 @@ class ManifestReader:
 
     def _open_parquet(self, path: Path) -> tuple[list[str], pl.Schema]:
         try:
-            parquet = pq.ParquetFile(path)
+            # No pre-buffering: pyarrow's read-range cache races across threads and now
+            # and then fails a read ('ReadRangeCache did not find matching cache entry');
+            # for a local file the coalesced reads it buys are worth nothing.
+            parquet = pq.ParquetFile(path, pre_buffer=False)
         except Exception as exc:
             raise ManifestError(
                 f"{self.name}: is not a readable Parquet file ({exc}); expected a Parquet "
