@@ -690,6 +690,20 @@ class Engine:
     ) -> Outcome:
         request = job.row.request
         expected = self._provider.output_size(request)
+        # The task completed, so the API has charged for it whatever happens to the image.
+        charged = cost_credits(*expected) if tracked.cost is None else tracked.cost
+
+        def lost(status: RowStatus, reason: str) -> Outcome:
+            return self._outcome(
+                job,
+                status,
+                reason=reason,
+                task_id=tracked.task_id,
+                digests=digests,
+                submitted_at=tracked.submitted_at,
+                cost=charged,
+            )
+
         url = state.image_url or ""
         refreshed = False
         while True:
@@ -704,49 +718,25 @@ class Engine:
                     if stored is not None:
                         return stored
                 if refreshed:
-                    return self._outcome(
-                        job,
+                    return lost(
                         RowStatus.FAILED,
-                        task_id=tracked.task_id,
-                        digests=digests,
-                        reason=f"result URL expired before it could be downloaded ({exc})",
-                        submitted_at=tracked.submitted_at,
+                        f"result URL expired before it could be downloaded ({exc})",
                     )
                 refreshed = True
                 try:
                     fresh = await self._poll(tracked)
                 except (_RowError, Transient) as err:
-                    reason = f"result expired and re-polling failed: {err}"
-                    return self._outcome(
-                        job, RowStatus.FAILED, reason=reason, task_id=tracked.task_id
-                    )
+                    return lost(RowStatus.FAILED, f"result expired and re-polling failed: {err}")
                 if fresh.phase != "completed" or not fresh.image_url:
-                    return self._outcome(
-                        job,
+                    return lost(
                         RowStatus.FAILED,
-                        task_id=tracked.task_id,
-                        digests=digests,
-                        reason=f"result expired and the task now says {fresh.raw_status}",
+                        f"result expired and the task now says {fresh.raw_status}",
                     )
                 url = fresh.image_url
             except Transient as exc:
-                return self._outcome(
-                    job,
-                    RowStatus.FAILED,
-                    task_id=tracked.task_id,
-                    digests=digests,
-                    reason=f"download failed after retries: {exc.reason}",
-                    submitted_at=tracked.submitted_at,
-                )
+                return lost(RowStatus.FAILED, f"download failed after retries: {exc.reason}")
             except _RowError as exc:
-                return self._outcome(
-                    job,
-                    exc.status,
-                    task_id=tracked.task_id,
-                    digests=digests,
-                    reason=exc.reason,
-                    submitted_at=tracked.submitted_at,
-                )
+                return lost(exc.status, exc.reason)
         info, body = data
         relpath = f"images/{job.row.key}.{FORMAT_EXT[info.format]}"
         uri = await self._sink.put(relpath, body, FORMAT_MIME[info.format])

@@ -21,6 +21,7 @@ from pipeline_helpers import (
     write_catalog,
 )
 
+from pipeline.retry import RetryPolicy
 from pipeline.sim import EndpointFaults, FaultConfig, KeyConfig, ModerationConfig, SimServer
 
 ROWS = 200
@@ -134,3 +135,29 @@ def test_slow_downloads_hold_back_submits_instead_of_letting_results_expire(
     stats = key_stats(server)
     assert stats["downloads_expired"] == 0, stats
     assert statuses(table) == {"succeeded": rows}
+
+
+def test_an_image_lost_after_its_task_completed_still_counts_as_paid(
+    start_sim: Callable[..., SimServer], tmp_path: Path
+) -> None:
+    """Every download fails: the API charged each completed task all the same.
+
+    Budgets, the summary and the manifest must count those credits (a rerun that pays again
+    is then visible as such), and the failed rows keep what identifies their task.
+    """
+    rows = 12
+    server = start_sim(faults=FaultConfig(seed=22, download=EndpointFaults(error_503=1.0)))
+    retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02)
+    summary = run_against(
+        server, write_catalog(tmp_path / "in", rows), tmp_path / "out",
+        options=fast_options(retry=retry),
+    )  # fmt: skip
+    table = check_output(tmp_path / "out", rows, summary)
+    assert statuses(table) == {"failed": rows}
+    assert all(r.startswith("download failed after retries") for r in table["reason"])
+    charged = key_stats(server)["credits_charged"]
+    assert charged > 0
+    assert table["cost_credits"].sum() == pytest.approx(charged)
+    assert summary.credits == pytest.approx(charged)
+    for column in ("task_id", "submitted_at"):
+        assert table[column].null_count() == 0, column
