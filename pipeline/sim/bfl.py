@@ -444,8 +444,7 @@ class BflApi:
                 {"id": task_id, "status": BflStatus.TASK_NOT_FOUND.value, "result": None,
                  "progress": None}
             )  # fmt: skip
-        n = task.polls
-        task.polls += 1
+        n = state.polled(task, now)
         faults = state.config.faults.poll
         if state.fault(key, "poll_503", task_id, n, faults.error_503):
             return json_response({"detail": "Service temporarily unavailable"}, status=503)

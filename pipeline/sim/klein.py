@@ -314,8 +314,7 @@ class KleinApi:
         task = state.get_task(key, task_id, now)
         if task is None:
             return json_response({"message": f"Task {task_id} not found"}, status=404)
-        n = task.polls
-        task.polls += 1
+        n = state.polled(task, now)
         faults = state.config.faults.poll
         if state.fault(key, "poll_503", task_id, n, faults.error_503):
             return json_response({"message": "Service temporarily unavailable"}, status=503)

@@ -76,6 +76,8 @@ class Task:
     ended: bool = False
     polls: int = 0
     downloads: int = 0
+    #: Whether a poll has already reported this task finished.
+    seen_finished: bool = False
 
     def status(self, now: float) -> KleinStatus:
         if now >= self.finished_at:
@@ -108,6 +110,10 @@ class Counters:
     tasks_moderated: int = 0
     webhooks_sent: int = 0
     webhooks_failed: int = 0
+    #: Tasks a poll reported finished, and the seconds between finishing and that poll:
+    #: while a key is shared, each such second is a slot nobody uses.
+    finishes_polled: int = 0
+    finish_poll_lag_s: float = 0.0
     faults: dict[str, int] = field(default_factory=dict)
 
 
@@ -362,6 +368,16 @@ class SimState:
             self.advance(key, now)
         return task
 
+    def polled(self, task: Task, now: float) -> int:
+        """Count a poll of ``task``; returns how many polls it had before (fault decisions)."""
+        n = task.polls
+        task.polls += 1
+        if not task.seen_finished and now >= task.finished_at:
+            task.seen_finished = True
+            task.key.counters.finishes_polled += 1
+            task.key.counters.finish_poll_lag_s += now - task.finished_at
+        return n
+
     def prune(self, now: float) -> int:
         """Forget tasks (and old body records) long past their result URL's expiry."""
         horizon = self.config.result_ttl_s + self.config.retention_s
@@ -416,6 +432,8 @@ class SimState:
                 "active": key.active,
                 "max_active": c.max_active,
                 "polls": c.polls,
+                "finishes_polled": c.finishes_polled,
+                "finish_poll_lag_s": round(c.finish_poll_lag_s, 6),
                 "list_calls": c.list_calls,
                 "downloads": c.downloads,
                 "downloads_expired": c.downloads_expired,
