@@ -690,7 +690,8 @@ class Engine:
     ) -> Outcome:
         request = job.row.request
         expected = self._provider.output_size(request)
-        # The task completed, so the API has charged for it whatever happens to the image.
+        # The task completed, so the API has charged for it whatever happens to the image
+        # (a verified image is exactly ``expected``: the price is the same either way).
         charged = cost_credits(*expected) if tracked.cost is None else tracked.cost
 
         def lost(status: RowStatus, reason: str) -> Outcome:
@@ -754,7 +755,7 @@ class Engine:
             height=info.height,
             format=info.format,
             size=info.size,
-            cost=cost_credits(info.width, info.height) if tracked.cost is None else tracked.cost,
+            cost=charged,
         )
 
     async def _stored_outcome(
