@@ -91,6 +91,27 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
         handle.close()
 
 
+def wait_for_workers(api: str, pool: str, names: set[str], timeout: float, logs: Path) -> None:
+    """Both workers polling before any run exists: a slow starter would see none of them."""
+    deadline = time.monotonic() + timeout
+    online: set[str] = set()
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            f"{api}/work_pools/{pool}/workers/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            workers = json.loads(answer.read())
+        online = {w["name"] for w in workers if w.get("status") == "ONLINE"}
+        if names <= online:
+            return
+        time.sleep(0.5)
+    found = "".join(p.read_text()[-1500:] for p in logs.glob("worker-*.log"))
+    raise AssertionError(f"workers online after {timeout} s: {sorted(online)}; {found}")
+
+
 def run(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
     done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{args}: {done.stdout[-2000:]} {done.stderr[-3000:]}"
@@ -188,6 +209,7 @@ def test_shards_spread_over_two_workers_sharing_one_key(tmp_path: Path) -> None:
             client | {"SECRET": KEY},
         )
         run([prefect, "--no-prompt", "deploy", "--all"], client)
+        wait_for_workers(api, "klein-pool", {"worker-a", "worker-b"}, 90, tmp_path)
         flow = subprocess.run(
             [
                 str(BIN / "python"),
