@@ -27,6 +27,15 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   (like TCP's one cut per round trip), and the window grows by one slot per
   ``increase_every`` x window accepted submits, and only while it is what holds us back
   (RFC 7661: a window running ahead of what we hold would make the next cut meaningless);
+- a job holding more of the full key than all the others together cuts deeper: ``backoff``
+  to the power of its share over theirs, at most by half. With webhooks a job refills its
+  own slots within milliseconds, so a second job starting on a full key gets a slot only
+  when the first gives one up, and plain AIMD would take minutes to even the split. At
+  that moment an interactive app holding a slot or two looks the same as a second job, so
+  a deep cut is provisional: if no 429 comes for ``UNDO_AFTER`` task durations nobody
+  took the room, and the window goes back to the plain cut. A window far below what the
+  others held grows up to ``MAX_GROWTH_BOOST`` times faster once the key has had room for
+  ``BOOST_AFTER_QUIET`` task durations, so the room a deep cut leaves does not idle;
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way;
@@ -36,12 +45,13 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
 
 429s then stay near one per AIMD cycle, about
 ``1 / ((1 - backoff) * window * increase_every * window)`` of submits, while a cut of 10%
-leaves little of the key idle (two jobs on 24 slots: ~1.4% 429s, ~92% busy;
-``tests/sharing``). When the 429s stop for the hold period, probing resumes and a lone job
-gets its full speed back. A refused probe is never taken for contention when our
-own tasks could have filled the key at the moment it was sent, so a lone job never enters
-this mode (its utilisation, polls per image and 429 share are unchanged; README).
-Where finishes are known (webhooks), ``probing=False`` turns probes off altogether.
+leaves little of the key idle (two jobs and an app on 24 slots: 1-1.5% 429s, 91-97% busy;
+``tests/sharing``, ``benchmarks/sharing.py``). When the 429s stop for the hold period,
+probing resumes and a lone job gets its full speed back. A refused probe is never taken for
+contention when our own tasks could have filled the key at the moment it was sent, so a
+lone job never enters this mode (its utilisation, polls per image and 429 share are
+unchanged; README). Where finishes are known (webhooks), ``probing=False`` turns probes off
+altogether.
 """
 
 from __future__ import annotations
@@ -55,6 +65,16 @@ from dataclasses import dataclass
 
 from pipeline.contract import TIERS, Tier
 from pipeline.errors import ConfigError
+
+#: The deepest single cut (TCP Reno's), for a job holding nearly the whole shared key.
+MAX_CUT = 0.5
+#: The most a window far below the others' holdings grows faster than plain AIMD.
+MAX_GROWTH_BOOST = 4.0
+#: Task durations without a contention 429 before such a window grows faster.
+BOOST_AFTER_QUIET = 3.0
+#: Task durations after a deep cut before it is undone (back to the plain cut) if no 429
+#: says the room it gave up was taken.
+UNDO_AFTER = 2.0
 
 
 def resolve_tier(
@@ -151,6 +171,10 @@ class SlotController:
         self._hold_s = contention_hold_s
         self._contended_until = 0.0
         self._last_cut = -math.inf
+        self._others = 0.0  # slots the others held when a 429 last said the key was full
+        self._last_contention = -math.inf
+        self._undo_to = 0.0  # the plain cut's window, while a deep cut may be undone
+        self._undo_at = math.inf
         self._paused_until = 0.0
         self.refused_probes = 0
         self.refused_contention = 0
@@ -195,6 +219,11 @@ class SlotController:
     async def _acquire(self) -> Permit:
         while True:
             now = time.monotonic()
+            if now >= self._undo_at:
+                # Nobody took the room the deep cut gave up (an interactive app, not a
+                # second job): keep only the plain cut.
+                self._effective = max(self._effective, self._undo_to)
+                self._undo_at = math.inf
             # For a task duration after a contention 429, one submit at a time: a full key
             # then costs one 429, not one per submit already on its way.
             serial = now < self._last_cut + self._latency_s and self._in_air > 0
@@ -213,8 +242,9 @@ class SlotController:
             timeout = None
             if self._may_probe(math.inf) and self._held < self._max_outstanding:
                 timeout = max(0.0, max(self._next_probe, self._contended_until) - now)
-            if now < self._paused_until:
-                timeout = min(timeout or math.inf, self._paused_until - now)
+            wake = min(self._paused_until if now < self._paused_until else math.inf, self._undo_at)
+            if wake < math.inf:
+                timeout = min(math.inf if timeout is None else timeout, wake - now)
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
             # as the event is set (gh-86296), and a run stopped by Ctrl-C then waits here
             # for ever, since every task that could set the event was just cancelled.
@@ -242,7 +272,7 @@ class SlotController:
         # Grow only while the window is what holds us back (RFC 7661): a window that runs
         # ahead of what we hold would make the next cut meaningless.
         if self._effective < self.limit and self._held >= self.effective_limit - 1:
-            self._grow_credit += 1.0 / (self._increase_every * self._effective)
+            self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
                 self._grow_credit = 0.0
                 self._effective = min(float(self.limit), self._effective + 1.0)
@@ -281,12 +311,20 @@ class SlotController:
             # The key is full right now, so our share is at most what we hold. The
             # multiplicative cut comes at most once per task duration: answers to submits
             # already in the air describe the same full moment.
+            # Our share of the full key is what we hold plus the one just refused; the
+            # others hold the rest.
+            share = min(self._effective, float(self._held + 1))
+            self._others = max(0.0, self.limit - share)
+            self._last_contention = now
             if now - self._last_cut >= self._latency_s:
                 self._last_cut = now
-                # Our share of the full key is what we hold plus the one just refused.
-                share = min(self._effective, float(self._held + 1))
-                self._effective = max(1.0, share * self._backoff)
+                factor = self._cut_factor(share)
+                self._effective = max(1.0, share * factor)
                 self._grow_credit = 0.0
+                self._undo_at = math.inf
+                if factor < self._backoff:
+                    self._undo_to = share * self._backoff
+                    self._undo_at = now + UNDO_AFTER * self._latency_s
             # The key is full right now: the next submit waits for one of our tasks to
             # finish, or a share of a task's duration, instead of asking again at once.
             self._paused_until = now + self._latency_s / 2
@@ -315,6 +353,39 @@ class SlotController:
         """Count a task from an earlier run (resumed, still possibly running) as held."""
         self._held += 1
         self._changed.set()
+
+    def _cut_factor(self, share: float) -> float:
+        """The multiplicative cut, deeper the more of the full key we hold than the others.
+
+        Holding more than everyone else together is above any fair share (two jobs or ten),
+        so the cut is ``backoff`` raised to that ratio: an even split keeps the plain 10%,
+        a job on 20 of 24 slots gives up 40% at once, and a newcomer gets room in seconds
+        rather than minutes of plain AIMD.
+        """
+        if self._others <= 0.0:
+            return MAX_CUT
+        return max(MAX_CUT, self._backoff ** max(1.0, share / self._others))
+
+    def _growth_boost(self) -> float:
+        """Faster growth for a small window beside others that held far more, once the key
+        has had room for us a while.
+
+        A job that joins a full key starts from a window of one beside a job holding nearly
+        all of it; after that job's deep cut (``_cut_factor``) the room it gave up would idle
+        for tens of seconds at plain AIMD's pace. Two signs are asked for: the others held
+        more than twice our window at the last contention 429, and no 429 has come for
+        ``BOOST_AFTER_QUIET`` task durations. At an even split of many jobs each window is
+        small beside the others together too, but there 429s come often enough that the
+        boost seldom applies.
+        """
+        quiet = time.monotonic() - self._last_contention
+        if (
+            not self.contended
+            or self._others <= 2.0 * self._effective
+            or quiet < BOOST_AFTER_QUIET * self._latency_s
+        ):
+            return 1.0
+        return min(MAX_GROWTH_BOOST, self._others / self._effective - 1.0)
 
     def _may_probe(self, now: float) -> bool:
         return (

@@ -95,7 +95,7 @@ async def test_one_submit_at_a_time_just_after_the_key_was_full() -> None:
 async def test_the_window_grows_only_while_it_holds_us_back() -> None:
     slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=0.0)
     permits = [await slots.acquire() for _ in range(6)]
-    slots.refused(permits[0])  # share 6 -> window 5.4
+    slots.refused(permits[0])  # share 6 of 10 -> window 6 x 0.9 ** 1.5 = 5.1
     for permit in permits[1:]:
         slots.abandoned(permit)
     assert slots.effective_limit == 5
@@ -112,3 +112,93 @@ async def test_the_window_grows_only_while_it_holds_us_back() -> None:
         while slots.held < slots.effective_limit:
             slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
     assert slots.effective_limit == 10
+
+
+async def test_a_job_holding_most_of_a_full_key_gives_up_more_at_once() -> None:
+    # 20 of 24 slots when the key is full: far above any fair share, so the cut is deep
+    # (0.9 ** (20 / 4), floored at a half) and a newcomer gets room in seconds. At an even
+    # split the cut stays the plain 10%.
+    greedy = SlotController(24, expected_latency_s=10.0)
+    for _ in range(19):
+        greedy.accepted(await greedy.acquire())
+    greedy.refused(await greedy.acquire())
+    assert greedy.refused_contention == 1
+    assert greedy.effective_limit == 11  # 20 x 0.59, not 18 (20 x 0.9)
+
+    even = SlotController(24, expected_latency_s=10.0)
+    for _ in range(11):
+        even.accepted(await even.acquire())
+    even.refused(await even.acquire())
+    assert even.effective_limit == 10  # 12 x 0.9
+
+
+async def accepted_submits_to_grow(slots: SlotController, by: int) -> int:
+    """Keep the window full and count the accepted submits until it has grown ``by``."""
+    target = slots.effective_limit + by
+    count = 0
+    while slots.effective_limit < target:
+        while slots.held < slots.effective_limit:
+            slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+            count += 1
+        slots.finished()
+        assert count < 10_000
+    return count
+
+
+async def test_a_small_window_beside_large_others_grows_faster_once_the_key_had_room() -> None:
+    # Each job holds 2 slots when the key fills. Beside 22 slots held by others (a newcomer
+    # next to an incumbent that just cut deep) the window grows up to four times faster
+    # than beside 2 (an even split: plain AIMD), but only after three task durations
+    # without a 429: where 429s keep coming the key has no room to grow into.
+    async def grown_after_refusal(limit: int, latency_s: float) -> int:
+        slots = SlotController(limit, expected_latency_s=latency_s, contention_hold_s=60.0)
+        slots.accepted(await slots.acquire())
+        slots.refused(await slots.acquire())  # share 2 -> window 1.8
+        assert slots.contended and slots.effective_limit == 1
+        await asyncio.sleep(0.05)  # quiet for 50 task durations of 1 ms, or none of 10 s
+        slots.finished()  # ends the pause after the 429
+        return await accepted_submits_to_grow(slots, 2)
+
+    newcomer = await grown_after_refusal(24, latency_s=0.001)
+    newcomer_amid_429s = await grown_after_refusal(24, latency_s=10.0)
+    even_split = await grown_after_refusal(4, latency_s=0.001)
+    assert newcomer * 3 <= even_split, (newcomer, even_split)
+    assert newcomer_amid_429s == even_split
+
+
+async def test_a_deep_cut_nobody_claims_is_undone_to_the_plain_cut() -> None:
+    # 20 of 24 slots and the key full: an app taking a slot or two looks the same as a
+    # second job at that moment. If no 429 comes for two task durations, nobody took the
+    # room: the window goes back to the plain cut (18), not to the deep one (11).
+    slots = SlotController(24, expected_latency_s=0.05, contention_hold_s=60.0)
+    for _ in range(19):
+        slots.accepted(await slots.acquire())
+    slots.refused(await slots.acquire())
+    assert slots.effective_limit == 11
+    for _ in range(19):
+        slots.finished()
+    await asyncio.sleep(0.12)  # more than two task durations, no 429
+    slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+    assert slots.effective_limit == 18  # 20 x 0.9
+
+
+async def test_a_deep_cut_stands_when_the_room_is_taken() -> None:
+    # A second 429 after the cut says another job took the room: the deep cut stands and
+    # the next one is measured from what we then hold.
+    slots = SlotController(24, expected_latency_s=0.05, contention_hold_s=60.0)
+    permits = [await slots.acquire() for _ in range(20)]
+    for permit in permits[:19]:
+        slots.accepted(permit)
+    slots.refused(permits[19])
+    assert slots.effective_limit == 11
+    for _ in range(19):
+        slots.finished()
+    for _ in range(7):
+        slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+    eighth = await asyncio.wait_for(slots.acquire(), 5)
+    await asyncio.sleep(0.06)  # a task duration on: a new full moment, a new cut
+    slots.refused(eighth)  # share 8 (7 held + this one), others 16: the plain cut
+    await asyncio.sleep(0.12)  # past when the first cut would have been undone
+    slots.finished()
+    slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+    assert slots.effective_limit == 7  # 8 x 0.9, never back to 18
