@@ -30,12 +30,13 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
 - a job holding more of the full key than all the others together cuts deeper: ``backoff``
   to the power of its share over theirs, at most by half. With webhooks a job refills its
   own slots within milliseconds, so a second job starting on a full key gets a slot only
-  when the first gives one up, and plain AIMD would take minutes to even the split. At
-  that moment an interactive app holding a slot or two looks the same as a second job, so
-  a deep cut is provisional: if no 429 comes for ``UNDO_AFTER`` task durations nobody
-  took the room, and the window goes back to the plain cut. A window far below what the
-  others held grows up to ``MAX_GROWTH_BOOST`` times faster once the key has had room for
-  ``BOOST_AFTER_QUIET`` task durations, so the room a deep cut leaves does not idle;
+  when the first gives one up, and plain AIMD would take minutes to even the split.
+  Meanwhile a window far below what the others held grows up to ``MAX_GROWTH_BOOST``
+  times faster once the key has had room for ``BOOST_AFTER_QUIET`` task durations, so the
+  room a deep cut leaves does not idle. An interactive app holding a slot or two when the
+  key fills looks the same as a second job, so beside an app the job gives up room the
+  app does not use: the app gets nearly every request, the key is ~75-85% busy
+  (``benchmarks/sharing.py``);
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way;
@@ -45,7 +46,7 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
 
 429s then stay near one per AIMD cycle, about
 ``1 / ((1 - backoff) * window * increase_every * window)`` of submits, while a cut of 10%
-leaves little of the key idle (two jobs and an app on 24 slots: 1-1.5% 429s, 91-97% busy;
+leaves little of the key idle (two jobs and an app on 24 slots: 0.9-1.5% 429s, 93-97% busy;
 ``tests/sharing``, ``benchmarks/sharing.py``). When the 429s stop for the hold period,
 probing resumes and a lone job gets its full speed back. A refused probe is never taken for
 contention when our own tasks could have filled the key at the moment it was sent, so a
@@ -72,9 +73,6 @@ MAX_CUT = 0.5
 MAX_GROWTH_BOOST = 4.0
 #: Task durations without a contention 429 before such a window grows faster.
 BOOST_AFTER_QUIET = 3.0
-#: Task durations after a deep cut before it is undone (back to the plain cut) if no 429
-#: says the room it gave up was taken.
-UNDO_AFTER = 2.0
 
 
 def resolve_tier(
@@ -173,8 +171,6 @@ class SlotController:
         self._last_cut = -math.inf
         self._others = 0.0  # slots the others held when a 429 last said the key was full
         self._last_contention = -math.inf
-        self._undo_to = 0.0  # the plain cut's window, while a deep cut may be undone
-        self._undo_at = math.inf
         self._paused_until = 0.0
         self.refused_probes = 0
         self.refused_contention = 0
@@ -219,11 +215,6 @@ class SlotController:
     async def _acquire(self) -> Permit:
         while True:
             now = time.monotonic()
-            if now >= self._undo_at:
-                # Nobody took the room the deep cut gave up (an interactive app, not a
-                # second job): keep only the plain cut.
-                self._effective = max(self._effective, self._undo_to)
-                self._undo_at = math.inf
             # For a task duration after a contention 429, one submit at a time: a full key
             # then costs one 429, not one per submit already on its way.
             serial = now < self._last_cut + self._latency_s and self._in_air > 0
@@ -242,9 +233,8 @@ class SlotController:
             timeout = None
             if self._may_probe(math.inf) and self._held < self._max_outstanding:
                 timeout = max(0.0, max(self._next_probe, self._contended_until) - now)
-            wake = min(self._paused_until if now < self._paused_until else math.inf, self._undo_at)
-            if wake < math.inf:
-                timeout = min(math.inf if timeout is None else timeout, wake - now)
+            if now < self._paused_until:
+                timeout = min(timeout or math.inf, self._paused_until - now)
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
             # as the event is set (gh-86296), and a run stopped by Ctrl-C then waits here
             # for ever, since every task that could set the event was just cancelled.
@@ -318,13 +308,8 @@ class SlotController:
             self._last_contention = now
             if now - self._last_cut >= self._latency_s:
                 self._last_cut = now
-                factor = self._cut_factor(share)
-                self._effective = max(1.0, share * factor)
+                self._effective = max(1.0, share * self._cut_factor(share))
                 self._grow_credit = 0.0
-                self._undo_at = math.inf
-                if factor < self._backoff:
-                    self._undo_to = share * self._backoff
-                    self._undo_at = now + UNDO_AFTER * self._latency_s
             # The key is full right now: the next submit waits for one of our tasks to
             # finish, or a share of a task's duration, instead of asking again at once.
             self._paused_until = now + self._latency_s / 2
