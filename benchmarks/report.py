@@ -15,6 +15,8 @@ NOTES = Path(__file__).resolve().parent / "notes.md"
 #: Figures of the chaos soak (``tests/chaos/test_soak.py``), written when it is run with
 #: ``KLEIN_SOAK_REPORT=benchmarks/soak.json``; the section is left out while it is absent.
 SOAK = Path(__file__).resolve().parent / "soak.json"
+#: Jobs sharing one key (``benchmarks/sharing.py``); the section is left out while absent.
+SHARING = Path(__file__).resolve().parent / "sharing.json"
 SOAK_COMMAND = (
     "KLEIN_SOAK=1 KLEIN_SOAK_REPORT=benchmarks/soak.json "
     ".venv/bin/python -m pytest -s -p no:cacheprovider tests/chaos/test_soak.py"
@@ -188,6 +190,45 @@ def _simulator(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _sharing(sharing: dict[str, Any]) -> list[str]:
+    """Jobs and an app on one key: the 429s, the key's busy share, and who got what."""
+    lines = [
+        "## Sharing a key",
+        "",
+        f"`benchmarks/sharing.py`: pipeline jobs (each its own process) and an interactive app "
+        f"(a request every ~2 s, never polled) on one simulated {sharing['slots']}-slot key, "
+        "tasks of ~1 s; figures over a 40 s window after a 15 s warm-up, from the simulator's "
+        "counters. **busy** is slot occupancy over the tier's limit (1.0 is the most any "
+        "clients can do); **fairness** is the least-served job's images over the best-served "
+        "one's. `tests/sharing` asserts the two-job webhook row: 429s < 2%, busy >= 0.90, "
+        f"fairness >= 0.5. Measured {sharing['date']} on {sharing['nproc']} CPUs with "
+        f"`.venv/bin/{sharing['command']}`; RESULTS.md renders `benchmarks/sharing.json`.",
+        "",
+        "| jobs | delivery | 429s of jobs' submits | busy | images per job | fairness "
+        "| app accepted / refused | polls/image |",
+        "|---:|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for run in sharing["runs"]:
+        per_job = run["per_job"]
+        fairness = min(per_job) / max(max(per_job), 1)
+        lines.append(
+            f"| {run['jobs']} | {run['delivery']} "
+            f"| {run['refused_429'] / max(run['submits'], 1):.2%} ({run['refused_429']}) "
+            f"| {run['occupancy']:.3f} | {', '.join(map(str, per_job))} | {fairness:.2f} "
+            f"| {run['app_accepted']} / {run['app_refused']} | {run['polls_per_image']:.1f} |"
+        )
+    return [*lines, ""]
+
+
+def load_sharing(path: Path = SHARING) -> dict[str, Any] | None:
+    """The sharing figures when ``benchmarks/sharing.json`` exists and is readable."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("runs") else None
+
+
 def load_soak(path: Path = SOAK) -> dict[str, Any] | None:
     """The soak figures when ``benchmarks/soak.json`` exists and is readable, else None."""
     try:
@@ -323,6 +364,9 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
                 *(_row(f) for f in sweep["full_run"]),
             ]
         out.append("")
+    sharing = load_sharing()
+    if sharing:
+        out += _sharing(sharing)
     soak = soak if soak is not None else load_soak()
     if soak:
         out += _soak(soak)

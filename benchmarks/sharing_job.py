@@ -1,10 +1,12 @@
-"""One pipeline job for the sharing test, run as its own process.
+"""One pipeline job of the sharing scenario (``benchmarks/sharing.py``), run as its own process.
 
-    python job.py MANIFEST OUT API_URL PROGRESS_FILE
+    python benchmarks/sharing_job.py MANIFEST OUT API_URL PROGRESS_FILE [polling|webhooks]
 
-The key comes from $FREEPIK_API_KEY as in production. Every progress snapshot is appended
-to PROGRESS_FILE as a JSON line with a wall-clock time, so the test can count what this job
-finished inside its measuring window. SIGINT ends the run the way Ctrl-C does (exit 130).
+The key comes from $FREEPIK_API_KEY as in production; with ``webhooks`` the job runs its
+receiver on 127.0.0.1 (a free port) and verifies deliveries with $FREEPIK_WEBHOOK_SECRET.
+Every progress snapshot is appended to PROGRESS_FILE as a JSON line with a wall-clock time,
+so the scenario can count what this job finished inside its measuring window. SIGINT ends the
+run the way Ctrl-C does (exit 130).
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from pipeline.run import RunOptions
 from pipeline.summary import ProgressSnapshot
 
 
-def main(manifest: str, out: str, api_url: str, progress_path: str) -> int:
+def main(
+    manifest: str, out: str, api_url: str, progress_path: str, delivery: str = "polling"
+) -> int:
     logging.basicConfig(level=os.environ.get("JOB_LOG", "WARNING"))
     with open(progress_path, "a", encoding="utf-8") as progress:
 
@@ -37,7 +41,11 @@ def main(manifest: str, out: str, api_url: str, progress_path: str) -> int:
                 max_active=24,
                 submits_per_minute=20_000,
                 on_progress=record,
-                options=RunOptions(expected_latency_s=1.0, progress_interval_s=0.2),
+                options=RunOptions(
+                    expected_latency_s=1.0,
+                    progress_interval_s=0.2,
+                    webhook_listen="127.0.0.1:0" if delivery == "webhooks" else None,
+                ),
             )
         except KeyboardInterrupt:
             return 130
@@ -45,4 +53,4 @@ def main(manifest: str, out: str, api_url: str, progress_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*sys.argv[1:5]))
+    sys.exit(main(*sys.argv[1:6]))
