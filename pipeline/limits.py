@@ -35,7 +35,7 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   times faster once the key has had room for ``BOOST_AFTER_QUIET`` task durations, so the
   room a deep cut leaves does not idle. An interactive app holding a slot or two when the
   key fills looks the same as a second job, so beside an app the job gives up room the
-  app does not use: the app gets nearly every request, the key is ~75-85% busy
+  app does not use: the app gets nearly every request, the key is 67-85% busy
   (``benchmarks/sharing.py``);
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
