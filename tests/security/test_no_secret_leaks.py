@@ -48,10 +48,16 @@ m6,white mug,6,
 """
 
 _DEBUG_CLI = """
-import logging, sys
+import logging, os, sys
 logging.basicConfig(level=logging.DEBUG, filename=sys.argv[1],
                     format="%(name)s %(levelname)s %(message)s")
 sys.argv = ["klein-batch", *sys.argv[2:]]
+if os.environ.get("KLEIN_TEST_QUICK_RETRIES"):
+    # Three quick attempts instead of eight with backoff: the retries are still made and
+    # logged, in seconds rather than twenty.
+    from pipeline.retry import RetryPolicy
+    RetryPolicy.__init__.__defaults__ = (3, 300.0, 0.05, 0.2, 120.0)
+    assert RetryPolicy().max_attempts == 3 and RetryPolicy().max_backoff_s == 0.2
 from pipeline.cli import main
 main()
 """
@@ -199,6 +205,7 @@ async def test_an_api_that_echoes_secrets_leaks_none_into_outputs(
     key_env = "FREEPIK_API_KEY" if dialect == "klein" else "BFL_API_KEY"
     env[key_env] = API_KEY
     env["FREEPIK_WEBHOOK_SECRET" if dialect == "klein" else "BFL_WEBHOOK_SECRET"] = WEBHOOK_SECRET
+    env["KLEIN_TEST_QUICK_RETRIES"] = "1"
     log = tmp_path / "run.log"
     try:
         result = await asyncio.to_thread(
