@@ -21,19 +21,18 @@ import datetime
 import json
 import os
 import random
-import re
 import shlex
 import signal
-import subprocess
+import string
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import aiohttp
 
+from benchmarks.harness import SimSettings, Simulator
 from pipeline.contract import KLEIN_PATH
 
 HERE = Path(__file__).resolve().parent
@@ -44,21 +43,16 @@ KEY = "sharing-test-key"
 SLOTS = 24
 ROWS = 3000
 HOOK_SECRET = "sharing-test-webhook-secret"
-CONFIG = f"""
-retry_after = "seconds"
-
-[[keys]]
-name = "shared"
-key = "{KEY}"
-tier = "standard"
-max_active = {SLOTS}
-submits_per_minute = 100000
-webhook_secret = "{HOOK_SECRET}"
-
-[latency]
-median_s = 1.0
-p95_s = 2.0
-"""
+#: Tasks of about a second: what sharing costs is the time between a task finishing on the
+#: server and its job noticing, so that stays small against a task's duration.
+SETTINGS = SimSettings(
+    tier="standard",
+    max_active=SLOTS,
+    submits_per_minute=100_000,
+    median_s=1.0,
+    p95_s=2.0,
+    webhook_secret=HOOK_SECRET,
+)
 
 
 @dataclass
@@ -126,30 +120,9 @@ class Figures:
         )
 
 
-@contextlib.contextmanager
-def simulator(workdir: Path) -> Iterator[str]:
-    """The simulator in its own process on 127.0.0.1 (a free port); yields its URL."""
-    config = workdir / "sim.toml"
-    config.write_text(CONFIG, encoding="utf-8")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.sim", "--config", str(config), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
-    try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:\d+", line)
-        if not match:
-            raise RuntimeError(
-                f"simulator did not start: {line}{proc.stderr.read() if proc.stderr else ''}"
-            )
-        yield match.group(0)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def simulator(workdir: Path) -> Simulator:
+    """The simulator in its own process on 127.0.0.1 (a free port), not pinned to a CPU."""
+    return Simulator(SETTINGS, workdir, KEY, cpus=[])
 
 
 def write_manifest(path: Path, job: str) -> None:
@@ -167,13 +140,8 @@ def done_at(progress: Path, when: float) -> int:
     return done
 
 
-async def stats(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
-    async with session.get(url + "/_sim/stats") as response:
-        return (await response.json())["keys"]["shared"]
-
-
 async def measure(
-    url: str,
+    sim: Simulator,
     workdir: Path,
     jobs: int,
     delivery: str,
@@ -181,7 +149,7 @@ async def measure(
     window_s: float = 40.0,
     debug: list[str] | None = None,
 ) -> Figures:
-    """Start ``jobs`` jobs and the app on the key at ``url``, read the counters over the
+    """Start ``jobs`` jobs and the app on ``sim``'s key, read the counters over the
     window after ``warmup_s``, then stop the jobs with SIGINT as Ctrl-C would.
 
     The jobs start together with every slot free, so the first to submit fills the key and
@@ -196,7 +164,7 @@ async def measure(
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     procs: list[tuple[asyncio.subprocess.Process, Path]] = []
     for n in range(jobs):
-        name = "abcdefghijklmnopqrstuvwxyz"[n]
+        name = string.ascii_lowercase[n]
         manifest = workdir / f"{name}.csv"
         write_manifest(manifest, name)
         progress = workdir / f"{name}.progress"
@@ -204,21 +172,20 @@ async def measure(
         with (workdir / f"{name}.err").open("w") as err:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, *(debug or []), str(JOB), str(manifest),
-                str(workdir / name), url, str(progress), delivery,
+                str(workdir / name), sim.url, str(progress), delivery,
                 env=env, stdout=asyncio.subprocess.DEVNULL, stderr=err,
             )  # fmt: skip
         procs.append((proc, progress))
     app = App()
     stop = asyncio.Event()
-    app_task = asyncio.create_task(app.run(url, stop))
+    app_task = asyncio.create_task(app.run(sim.url, stop))
     try:
-        async with aiohttp.ClientSession() as session:
-            await asyncio.sleep(warmup_s)
-            start, t0 = await stats(session, url), time.time()
-            app0 = (app.accepted, app.refused)
-            await asyncio.sleep(window_s)
-            end, t1 = await stats(session, url), time.time()
-            app1 = (app.accepted, app.refused)
+        await asyncio.sleep(warmup_s)
+        start, t0 = await asyncio.to_thread(sim.stats), time.time()
+        app0 = (app.accepted, app.refused)
+        await asyncio.sleep(window_s)
+        end, t1 = await asyncio.to_thread(sim.stats), time.time()
+        app1 = (app.accepted, app.refused)
     finally:
         stop.set()
         await app_task
@@ -255,8 +222,8 @@ async def measure(
 
 
 async def _scenario(jobs: int, delivery: str, warmup_s: float, window_s: float) -> Figures:
-    with tempfile.TemporaryDirectory(prefix="klein-sharing-") as tmp, simulator(Path(tmp)) as url:
-        return await measure(url, Path(tmp), jobs, delivery, warmup_s, window_s)
+    with tempfile.TemporaryDirectory(prefix="klein-sharing-") as tmp, simulator(Path(tmp)) as sim:
+        return await measure(sim, Path(tmp), jobs, delivery, warmup_s, window_s)
 
 
 def main(argv: list[str] | None = None) -> int:

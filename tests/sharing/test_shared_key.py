@@ -40,8 +40,8 @@ POLLING_ON_DEMAND = pytest.mark.skipif(
 @pytest.mark.slow
 @pytest.mark.parametrize("delivery", ["webhooks", pytest.param("polling", marks=POLLING_ON_DEMAND)])
 async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery: str) -> None:
-    with simulator(tmp_path) as url:
-        figures = await measure(url, tmp_path, jobs=2, delivery=delivery, debug=DEBUG)
+    with simulator(tmp_path) as sim:
+        figures = await measure(sim, tmp_path, jobs=2, delivery=delivery, debug=DEBUG)
     report = figures.line()
     print(report)
     for code, err in zip(figures.exit_codes, figures.errors, strict=True):
