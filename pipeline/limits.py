@@ -298,11 +298,10 @@ class SlotController:
             self._contended_until = now + (
                 self._hold_s if self._hold_s is not None else max(5.0, 20.0 * self._latency_s)
             )
-            # The key is full right now, so our share is at most what we hold. The
-            # multiplicative cut comes at most once per task duration: answers to submits
-            # already in the air describe the same full moment.
-            # Our share of the full key is what we hold plus the one just refused; the
-            # others hold the rest.
+            # The key is full right now: our share is what we hold plus the one just
+            # refused, and the others hold the rest. The multiplicative cut comes at most
+            # once per task duration: answers to submits already in the air describe the
+            # same full moment.
             share = min(self._effective, float(self._held + 1))
             self._others = max(0.0, self.limit - share)
             self._last_contention = now
