@@ -5,6 +5,10 @@ from pipeline import run_manifest
 
 summary = run_manifest("catalog.csv", "out/", sim=True)   # or api_url=..., key in $FREEPIK_API_KEY
 print(summary.counts, summary.images_per_s)
+
+# Every option of `klein-batch run`, as the command and the Prefect flow take them:
+spec = RunSpec(out="out/", sim=True, vary=("style=studio,lifestyle",), max_credits=50)
+summary = run_manifest("catalog.csv", spec=spec)
 ```
 
 The stages meet here and nowhere else: the manifest is read and validated batch by batch,
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import os
 import secrets
 import socket
@@ -27,6 +32,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 import polars as pl
@@ -35,7 +41,7 @@ from yarl import URL
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
-from pipeline.contract import TIERS, RowStatus
+from pipeline.contract import DEFAULT_TIER, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
@@ -49,14 +55,18 @@ from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
 from pipeline.rows import Outcome, Rejection, Row
+from pipeline.spec import API_KEY_ENV, RunSpec
 from pipeline.storage import LocalSink, Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.variations import Catalog
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
+if TYPE_CHECKING:
+    from pipeline.sim.config import SimConfig
+
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
 #: that could end up in shell history, logs or Prefect run parameters.
-KEY_ENV = {"klein": "FREEPIK_API_KEY", "bfl": "BFL_API_KEY"}
+KEY_ENV = API_KEY_ENV
 
 ManifestSource = str | Path | pl.DataFrame | pa.Table
 
@@ -109,11 +119,61 @@ class RunOptions:
     #: The address the API should call when it differs from ``http://HOST:PORT``.
     webhook_public_url: str | None = None
 
+    @classmethod
+    def from_spec(cls, spec: RunSpec, base: RunOptions | None = None) -> RunOptions:
+        """The engine's options for a run specification (the CLI's, a flow shard's, an API
+        caller's); ``base`` keeps the tuning knobs a spec does not carry (latencies,
+        intervals, a shard's offset)."""
+        opts = dataclasses.replace(base) if base is not None else cls()
+        limits = spec.limits()
+        opts.dialect = spec.dialect
+        # A tier from a config file reaches the run as its explicit limits.
+        opts.tier = spec.tier if spec.tier in TIERS else None
+        opts.max_active = limits.max_active
+        opts.submits_per_minute = limits.submits_per_minute
+        opts.defaults = Defaults(
+            aspect_ratio=spec.aspect_ratio,
+            resolution=spec.resolution,
+            safety_tolerance=spec.safety_tolerance,
+            output_format=spec.output_format,
+        )
+        opts.limit = spec.limit
+        opts.retry_failed = spec.retry_failed
+        opts.catalog = Catalog.build(
+            prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
+        )
+        opts.max_credits = spec.max_credits
+        opts.model = spec.model
+        opts.webhook_listen = spec.webhook_listen
+        opts.webhook_public_url = spec.webhook_public_url
+        return opts
+
+
+def simulator_for(spec: RunSpec) -> SimConfig | None:
+    """The simulator a spec asks for: its ``sim_config`` file, or, with ``sim`` alone, one
+    key whose limits are the ones the run asked for (the demo should show a run using its
+    whole tier; a simulated key on a smaller tier would only answer 429s). None: a real API.
+    """
+    from pipeline.sim.config import KeyConfig, SimConfig
+
+    if spec.sim_config is not None:
+        return SimConfig.from_toml(spec.sim_config)
+    if not spec.sim:
+        return None
+    limits = spec.limits()
+    key = KeyConfig(
+        tier=spec.tier if spec.tier in TIERS else DEFAULT_TIER,
+        max_active=limits.max_active,
+        submits_per_minute=limits.submits_per_minute,
+    )
+    return SimConfig(keys=[key])
+
 
 def run_manifest(
     manifest: ManifestSource,
-    out: str | Path,
+    out: str | Path | None = None,
     *,
+    spec: RunSpec | None = None,
     api_url: str | None = None,
     api_key: str | None = None,
     sim: bool | object = False,
@@ -135,7 +195,28 @@ def run_manifest(
 
     ``sim=True`` (or a ``pipeline.sim.SimConfig``) starts the bundled simulator in this
     process instead of calling a real API. Keyword arguments override ``options``.
+
+    ``spec`` (a ``pipeline.spec.RunSpec``) is the whole run as ``klein-batch run`` takes it:
+    with it the run's options, output, API URL and simulator come from the spec, and the
+    option keywords above are not used (``options`` still supplies tuning knobs).
     """
+    if spec is not None:
+        destination = out if out is not None else spec.out
+        if destination is None:
+            raise ConfigError('no output: pass out, or set out="..." in the RunSpec')
+        simulated = sim if sim is not False and sim is not None else simulator_for(spec)
+        return run_manifest(
+            manifest,
+            destination,
+            api_url=api_url or spec.api_url,
+            api_key=api_key,
+            sim=simulated if simulated is not None else False,
+            dialect=spec.dialect,
+            on_progress=on_progress,
+            options=RunOptions.from_spec(spec, options),
+        )
+    if out is None:
+        raise ConfigError("no output: pass out (a folder or s3:// URI)")
     opts = options or RunOptions()
     opts.dialect = dialect
     opts.tier = tier if tier is not None else opts.tier
