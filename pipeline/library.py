@@ -153,6 +153,11 @@ class _Index:
         fps = table.column("fingerprint").to_pylist()
         keys = np.array([bytes.fromhex(fp) for fp in fps], dtype="S32")
         order = np.argsort(keys, kind="stable")
+        # Segments overlap (a compaction beside a run's own segment): one entry per image.
+        ordered = keys[order]
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = ordered[1:] != ordered[:-1]
+        order = order[first]
         self.keys = keys[order]
         self.sha = np.array(
             [bytes.fromhex(v) for v in table.column("sha256").to_pylist()], dtype="S32"
@@ -173,7 +178,10 @@ class _Index:
             return None
         key = bytes.fromhex(fp)
         at = int(np.searchsorted(self.keys, key))
-        if at < len(self.keys) and self.keys[at] == key and at not in self.gone:
+        # numpy's "S" items drop trailing NUL bytes when read: pad back before comparing
+        # (one fingerprint in 256 ends with a zero byte).
+        found = at < len(self.keys) and bytes(self.keys[at]).ljust(32, b"\0") == key
+        if found and at not in self.gone:
             return at
         return None
 
