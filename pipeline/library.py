@@ -59,7 +59,7 @@ from pipeline.contract import FORMAT_EXT, FORMAT_MIME
 from pipeline.errors import KleinError
 from pipeline.fingerprint import fingerprint, model_name
 from pipeline.rows import ImageRequest
-from pipeline.storage import Sink, open_sink
+from pipeline.storage import DATE_HOLE, Sink, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ PREFIXES: Final = "0123456789abcdef"
 _READ_CONCURRENCY: Final = 16
 #: The folder a ``{date}`` output's library defaults to, beside the dated folders.
 DEFAULT_FOLDER: Final = "library"
-DATE_HOLE: Final = "{date}"
 
 INDEX_SCHEMA: Final = pa.schema(
     [
@@ -111,6 +110,16 @@ def default_library(out: str) -> str | None:
     if parent.endswith(":/"):  # s3://{date}: the bucket itself is dated; nothing above it
         return None
     return posixpath.join(parent, DEFAULT_FOLDER) if parent else DEFAULT_FOLDER
+
+
+def library_for(out: str | None, library: str | None, *, no_library: bool = False) -> str | None:
+    """The library a run uses: none with ``no_library``, else the one given, else the
+    default of a ``{date}`` output (``default_library``), else none."""
+    if no_library:
+        return None
+    if library:
+        return library
+    return default_library(out) if out else None
 
 
 def object_relpath(fp: str, fmt: str) -> str:
