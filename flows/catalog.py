@@ -37,7 +37,6 @@ import socket
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,10 +65,11 @@ from flows.shards import (
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
+from pipeline.library import library_for
 from pipeline.manifest import Defaults
 from pipeline.run import RunOptions, arun_manifest
 from pipeline.spec import RunSpec
-from pipeline.storage import open_sink
+from pipeline.storage import DATE_HOLE, dated, open_sink
 
 DEFAULT_API_URL = "https://api.freepik.com"
 #: The deployment of ``generate_catalog_shard`` that ``prefect.yaml`` defines.
@@ -112,13 +112,11 @@ class ShardJob(BaseModel):
 def _dated(location: str) -> str:
     """``{date}`` in an output becomes the run's scheduled day (UTC), so each night of a
     scheduled catalog gets its own folder, and a late retry still finds its own."""
-    if "{date}" not in location:
+    if DATE_HOLE not in location:
         return location
     from prefect.runtime import flow_run
 
-    scheduled = flow_run.scheduled_start_time
-    day = scheduled.astimezone(UTC) if scheduled is not None else datetime.now(UTC)
-    return location.replace("{date}", day.strftime("%Y-%m-%d"))
+    return dated(location, flow_run.scheduled_start_time)
 
 
 def _absolute(location: str) -> str:
@@ -371,8 +369,13 @@ async def generate_catalog(
     plan_shards(1, shard_size)  # checks shard_size
     await resolve_api_key(api_key_block, spec.dialect)  # fail before validating a big manifest
     manifest = _absolute(manifest)
+    library = library_for(spec.out, spec.library, no_library=spec.no_library)
     out = _absolute(_dated(spec.out))
-    spec = spec.replace(out=out, api_url=spec.api_url or DEFAULT_API_URL)
+    spec = spec.replace(
+        out=out,
+        api_url=spec.api_url or DEFAULT_API_URL,
+        library=_absolute(library) if library is not None else None,
+    )
     sink = open_sink(out)
 
     checked = await validate_task(manifest, spec, shard_size)

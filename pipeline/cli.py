@@ -10,6 +10,7 @@ which keeps ``--help`` and ``validate`` quick.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import os
 import re
@@ -41,6 +42,7 @@ from pipeline.spec import RunSpec, cli_options
 from pipeline.summary import ExitCode
 
 if TYPE_CHECKING:
+    from pipeline.library import Library
     from pipeline.manifest import Defaults
     from pipeline.variations import Catalog
 
@@ -426,13 +428,35 @@ def run(
             raise ConfigError(
                 f"--progress {progress!r} is not allowed; expected one of {', '.join(MODES)}"
             )
-        settings = spec_from(config, flags)
+        settings = _dated_out(spec_from(config, flags))
         source = _check_manifest_path(manifest)
         _configure_s3(settings)
         limits = settings.limits()
         if settings.dry_run:
             _dry_run(source, settings, limits)
         _run(source, settings, progress)
+
+
+def _dated_out(settings: RunConfig) -> RunConfig:
+    """``{date}`` in ``--out`` becomes today (UTC), and the output's library defaults to a
+    ``library`` folder beside the dated ones (``pipeline.library.library_for``)."""
+    from pipeline.library import library_for
+    from pipeline.storage import dated
+
+    assert settings.out is not None
+    library = library_for(settings.out, settings.library, no_library=settings.no_library)
+    return settings.replace(out=dated(settings.out), library=library)
+
+
+def _library(settings: RunConfig) -> Library | None:
+    """The run's library, opened (its index read) for a dry run's count; None without one."""
+    if not settings.library:
+        return None
+    from pipeline.library import Library
+
+    return asyncio.run(
+        Library.open(settings.library, dialect=settings.dialect, model=settings.model)
+    )
 
 
 def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoReturn:
@@ -455,6 +479,7 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,
+            library=_library(settings),
         )
     typer.echo(report.render())
     typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))

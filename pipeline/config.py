@@ -48,7 +48,7 @@ __all__ = [
 RunConfig = RunSpec
 
 #: Settings whose value is a path; relative paths in a config file are relative to that file.
-_PATH_SETTINGS: Final = ("out", "sim_config")
+_PATH_SETTINGS: Final = ("out", "sim_config", "library")
 
 
 def _unknown(name: str, where: Where, allowed: tuple[str, ...]) -> ConfigError:

@@ -229,6 +229,17 @@ class RunSpec(BaseModel):
         flag="--safety-tolerance",
         metavar="0-5",
     )
+    library: str | None = _option(
+        None,
+        "Image library (folder or s3://bucket/prefix): rows whose request it already holds "
+        "are copied from it (no submit, no cost; reused_from in the manifest) and every image "
+        "paid for is added. [default: DEST/../library when --out contains {date}]",
+        flag="--library",
+        metavar="URI",
+    )
+    no_library: bool = _option(
+        False, "Use no image library, not even a {date} output's.", flag="--no-library"
+    )
     s3_endpoint_url: str | None = _option(
         None,
         "S3 endpoint for s3:// manifests, references and outputs (MinIO, R2, a local "
@@ -335,6 +346,8 @@ SETTING_TYPES: Final[dict[str, type]] = {
     "model": str,
     "webhook_listen": str,
     "webhook_public_url": str,
+    "library": str,
+    "no_library": bool,
 }
 SETTINGS: Final = tuple(SETTING_TYPES)
 _TYPE_WORDS: Final = {
@@ -425,7 +438,7 @@ def check_setting(setting: str, value: object, where: Where, tiers: Any) -> obje
             value,
             "an http:// or https:// URL the API can reach, e.g. https://hooks.example",
         )
-    if setting in ("out", "api_url", "sim_config") and not str(value).strip():
+    if setting in ("out", "api_url", "sim_config", "library") and not str(value).strip():
         raise where.fail(setting, value, "a non-empty value")
     return value
 
