@@ -172,6 +172,9 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.CANNOT_START)
 
+    # Prefect's own 20 s for its ephemeral server to come up is short on a busy machine
+    # (a nightly host running other jobs): a flow that never started helps nobody.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.catalog import ShardsFailed, generate_catalog
 
     try:
