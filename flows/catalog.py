@@ -66,7 +66,6 @@ from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
 from pipeline.library import library_for
-from pipeline.manifest import Defaults
 from pipeline.run import RunOptions, arun_manifest
 from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
@@ -124,15 +123,6 @@ def _absolute(location: str) -> str:
     if "://" in location:
         return location
     return str(Path(location).expanduser().resolve())
-
-
-def _defaults(spec: RunSpec) -> Defaults:
-    return Defaults(
-        aspect_ratio=spec.aspect_ratio,
-        resolution=spec.resolution,
-        safety_tolerance=spec.safety_tolerance,
-        output_format=spec.output_format,
-    )
 
 
 #: Options of a run the flow does not carry out yet, with what they do: refused with one
@@ -261,7 +251,7 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
     logger = get_run_logger()
     out = str(spec.out)
     limit = spec.limit
-    image_defaults = _defaults(spec)
+    image_defaults = spec.image_defaults()
     report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)

@@ -43,7 +43,6 @@ from pipeline.summary import ExitCode
 
 if TYPE_CHECKING:
     from pipeline.library import Library
-    from pipeline.manifest import Defaults
     from pipeline.variations import Catalog
 
 #: Exit code after Ctrl-C (the shell's convention for SIGINT): the run can be resumed.
@@ -236,17 +235,6 @@ def _settings(config_path: Path | None, **flags: object) -> RunConfig:
     return merge_flags(base, **flags)
 
 
-def _defaults(config: RunConfig) -> Defaults:
-    from pipeline.manifest import Defaults
-
-    return Defaults(
-        aspect_ratio=config.aspect_ratio,
-        resolution=config.resolution,
-        safety_tolerance=config.safety_tolerance,
-        output_format=config.output_format,
-    )
-
-
 def _check_manifest_path(text: str) -> str | Path:
     """The manifest to read: a Path, or an s3:// URI as given (checked when it is fetched)."""
     if text[:5].lower() == "s3://":
@@ -319,7 +307,7 @@ def validate(
 
         report = check_manifest(
             source,
-            defaults=_defaults(settings),
+            defaults=settings.image_defaults(),
             limit=settings.limit,
             check_references=not no_references,
             catalog=_catalog(settings),
@@ -475,7 +463,7 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
         committed = ledger.destination_credits() if ledger is not None else 0.0
         report = check_manifest(
             manifest,
-            defaults=_defaults(settings),
+            defaults=settings.image_defaults(),
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,

@@ -138,12 +138,7 @@ class RunOptions:
         opts.tier = spec.tier if spec.tier in TIERS else None
         opts.max_active = limits.max_active
         opts.submits_per_minute = limits.submits_per_minute
-        opts.defaults = Defaults(
-            aspect_ratio=spec.aspect_ratio,
-            resolution=spec.resolution,
-            safety_tolerance=spec.safety_tolerance,
-            output_format=spec.output_format,
-        )
+        opts.defaults = spec.image_defaults()
         opts.limit = spec.limit
         opts.retry_failed = spec.retry_failed
         opts.catalog = Catalog.build(

@@ -30,7 +30,7 @@ How to add an option so that ``run`` and ``flow`` both get it
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from yarl import URL
@@ -51,6 +51,9 @@ from pipeline.contract import (
     Tier,
 )
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pipeline.manifest import Defaults
 
 #: API dialects the client speaks (see the API contract).
 DIALECTS: Final = ("klein", "bfl")
@@ -294,6 +297,17 @@ class RunSpec(BaseModel):
     def api_key_env(self) -> str:
         """The environment variable this run's API key is read from."""
         return API_KEY_ENV[self.dialect]
+
+    def image_defaults(self) -> Defaults:
+        """Values for manifest cells left empty (``pipeline.manifest.Defaults``)."""
+        from pipeline.manifest import Defaults
+
+        return Defaults(
+            aspect_ratio=self.aspect_ratio,
+            resolution=self.resolution,
+            safety_tolerance=self.safety_tolerance,
+            output_format=self.output_format,
+        )
 
     @property
     def has_catalog(self) -> bool:
