@@ -196,6 +196,47 @@ VariationsOpt = Annotated[
         show_default=False,
     ),
 ]
+CatalogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--catalog",
+        metavar="shopify|woocommerce",
+        help="MANIFEST is a shop's product export, read as the shop writes it: product "
+        "fields filled down onto variants, ids from the Handle/SKU, image-only lines "
+        "accounted for (merged). A [catalog] table in --config maps any other export.",
+        show_default=False,
+    ),
+]
+PerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--per",
+        metavar="product|variant",
+        help="With --catalog: one image per product, or one per variant. [default: product]",
+        show_default=False,
+    ),
+]
+ReferenceColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reference-column",
+        metavar="COLUMN",
+        help="The column holding each row's reference image, e.g. 'Image Src' (with "
+        "--catalog: the product's first image). [default: input_image]",
+        show_default=False,
+    ),
+]
+MissingReferenceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--missing-reference",
+        metavar="fail|text-only",
+        help="A reference URL that cannot be fetched: the row ends failed (--retry-failed "
+        "tries again), or text-only generates from the prompt alone and says so in its "
+        "reason. [default: fail]",
+        show_default=False,
+    ),
+]
 MaxCreditsOpt = Annotated[
     float | None,
     typer.Option(
@@ -293,12 +334,20 @@ def _configure_s3(settings: RunConfig) -> None:
 
 
 def _catalog_flags(
-    prompt_template: str | None, vary: list[str] | None, variations: list[Path] | None
+    prompt_template: str | None,
+    vary: list[str] | None,
+    variations: list[Path] | None,
+    catalog: str | None = None,
+    per: str | None = None,
+    reference_column: str | None = None,
 ) -> dict[str, object]:
     return {
         "prompt_template": prompt_template,
         "vary": list(vary) if vary else None,
         "variations": [str(path) for path in variations] if variations else None,
+        "catalog": catalog,
+        "per": per,
+        "reference_column": reference_column,
     }
 
 
@@ -324,6 +373,9 @@ def validate(
     output_format: OutputFormatOpt = None,
     safety_tolerance: SafetyOpt = None,
     limit: LimitOpt = None,
+    catalog: CatalogOpt = None,
+    per: PerOpt = None,
+    reference_column: ReferenceColumnOpt = None,
     prompt_template: TemplateOpt = None,
     vary: VaryOpt = None,
     variations: VariationsOpt = None,
@@ -347,7 +399,7 @@ def validate(
             output_format=output_format,
             safety_tolerance=safety_tolerance,
             limit=limit,
-            **_catalog_flags(prompt_template, vary, variations),
+            **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
             s3_endpoint_url=s3_endpoint_url,
         )
         source = _check_manifest_path(manifest)
@@ -360,6 +412,8 @@ def validate(
             limit=settings.limit,
             check_references=not no_references,
             catalog=_catalog(settings),
+            export=settings.export(),
+            reference_column=settings.reference_column,
         )
     typer.echo(report.render())
     raise typer.Exit(int(report.exit_code))
@@ -535,6 +589,10 @@ def run(
         ),
     ] = None,
     limit: LimitOpt = None,
+    catalog: CatalogOpt = None,
+    per: PerOpt = None,
+    reference_column: ReferenceColumnOpt = None,
+    missing_reference: MissingReferenceOpt = None,
     prompt_template: TemplateOpt = None,
     vary: VaryOpt = None,
     variations: VariationsOpt = None,
@@ -592,7 +650,8 @@ def run(
             dry_run=dry_run or None,
             retry_failed=retry_failed or None,
             max_credits=max_credits,
-            **_catalog_flags(prompt_template, vary, variations),
+            **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
+            missing_reference=missing_reference,
             aspect_ratio=aspect_ratio,
             resolution=resolution,
             output_format=output_format,
@@ -629,6 +688,8 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,
+            export=settings.export(),
+            reference_column=settings.reference_column,
         )
     typer.echo(report.render())
     typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
@@ -700,6 +761,9 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
                 vary=settings.vary,
                 variations=settings.variations,
                 max_credits=settings.max_credits,
+                catalog=settings.export(),
+                reference_column=settings.reference_column,
+                missing_reference=settings.missing_reference,
                 options=RunOptions(
                     model=settings.model,
                     webhook_listen=settings.webhook_listen,

@@ -33,7 +33,7 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
-from pipeline.errors import ReferenceError
+from pipeline.errors import ReferenceError, ReferenceUnreachable
 from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
@@ -41,6 +41,7 @@ from pipeline.references import Reference, ReferenceStore
 from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
 from pipeline.rows import Outcome, Row
 from pipeline.storage import Sink
+from pipeline.verdicts import reference_reason
 from pipeline.verify import InvalidImage, inspect_image
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,8 @@ class Job:
     attempts: int = 0
     #: Credits held against the budget for this row's submit until its outcome is known.
     reserved: float = 0.0
+    #: Said in the row's reason whatever its outcome (a reference left out, and why).
+    note: str | None = None
 
 
 @dataclass(slots=True)
@@ -124,6 +127,10 @@ class EngineSettings:
     #: A share of a key (``--max-active`` below the tier, a Prefect shard's lease) is a hard
     #: cap: probing past it would take slots that belong to other jobs.
     limit_is_the_keys: bool = True
+    #: A reference URL that cannot be fetched (``ReferenceUnreachable``) is left out and the
+    #: image generated from the prompt alone (``--missing-reference text-only``), instead of
+    #: the row ending ``failed``.
+    text_only_without_reference: bool = False
 
 
 @dataclass(slots=True)
@@ -331,8 +338,18 @@ class Engine:
             except ReferenceError as exc:
                 if job.task_id is not None:
                     break  # already submitted in an earlier run: the digests are a nicety
-                reason = f"{job.source} {job.row.where}, column {column}: {exc}"
-                return self._outcome(job, RowStatus.REJECTED, reason=reason)
+                reason = reference_reason(job.source, job.row.where, column, spec, str(exc))
+                if not isinstance(exc, ReferenceUnreachable):
+                    return self._outcome(job, RowStatus.REJECTED, reason=reason)
+                if not self._settings.text_only_without_reference:
+                    # Gone now is not gone for good: failed, so --retry-failed tries again.
+                    return self._outcome(
+                        job,
+                        RowStatus.FAILED,
+                        reason=f"{reason}; --retry-failed tries again, --missing-reference "
+                        "text-only generates from the prompt alone",
+                    )
+                job.note = f"generated from the prompt alone: {reason}"
         digests = tuple(r.digest for r in references)
         if job.task_id is not None and self._settings.resubmit_unknown:
             # Tasks of earlier runs are unknown to this API (a fresh simulator): take the
@@ -901,7 +918,7 @@ class Engine:
             key=job.row.key,
             status=status,
             request=job.row.request,
-            reason=reason,
+            reason=reason if reason is not None else job.note,
             reference_digests=tuple(digests),
             task_id=task_id,
             output_uri=output_uri,

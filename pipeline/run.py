@@ -35,14 +35,22 @@ from yarl import URL
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
-from pipeline.contract import TIERS, RowStatus
+from pipeline.config import MISSING_REFERENCE_CHOICES
+from pipeline.contract import MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import Action, Ledger
 from pipeline.limits import resolve_tier
-from pipeline.manifest import Defaults, ManifestReader, validate_batch
+from pipeline.manifest import (
+    MERGED_COLUMN,
+    Defaults,
+    ManifestReader,
+    lines_to_validate,
+    validate_batch,
+)
 from pipeline.output_manifest import write_output_manifest
+from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import RemoteJournal
@@ -52,6 +60,7 @@ from pipeline.rows import Outcome, Rejection, Row
 from pipeline.storage import LocalSink, Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.variations import Catalog
+from pipeline.verdicts import duplicate_rejection
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
@@ -108,6 +117,15 @@ class RunOptions:
     webhook_listen: str | None = None
     #: The address the API should call when it differs from ``http://HOST:PORT``.
     webhook_public_url: str | None = None
+    #: A shop's product export read as such (``pipeline/product_exports.py``): layout and
+    #: ``--per product|variant``; None: the manifest's rows as they are.
+    export: ExportSpec | None = None
+    #: The column holding each row's reference image (``--reference-column "Image Src"``);
+    #: None: ``input_image`` (and ``input_image_2``...).
+    reference_column: str | None = None
+    #: What a reference URL that cannot be fetched does to its row: ``fail`` (``failed``,
+    #: retried by ``--retry-failed``) or ``text-only`` (generated from the prompt alone).
+    missing_reference: str = "fail"
 
 
 def run_manifest(
@@ -130,13 +148,20 @@ def run_manifest(
     vary: Sequence[str] = (),
     variations: Sequence[str | Path] = (),
     max_credits: float | None = None,
+    catalog: str | ExportSpec | None = None,
+    per: str | None = None,
+    reference_column: str | None = None,
+    missing_reference: str | None = None,
 ) -> RunSummary:
     """Run a manifest to completion and return its summary (also written to ``run.json``).
 
     ``sim=True`` (or a ``pipeline.sim.SimConfig``) starts the bundled simulator in this
     process instead of calling a real API. Keyword arguments override ``options``.
+    ``catalog="shopify"`` or ``"woocommerce"`` (with ``per="product"`` or ``"variant"``)
+    reads a shop's product export as it is.
     """
     opts = options or RunOptions()
+    _export_options(opts, catalog, per, reference_column, missing_reference)
     opts.dialect = dialect
     opts.tier = tier if tier is not None else opts.tier
     opts.max_active = max_active if max_active is not None else opts.max_active
@@ -235,8 +260,10 @@ async def arun_manifest(
             public_url=opts.webhook_public_url,
         )
     sink = out if isinstance(out, Sink) else open_sink(out)
-    reader = ManifestReader(
+    reader = open_manifest(
         manifest,
+        export=opts.export,
+        reference_column=opts.reference_column,
         batch_size=opts.batch_size,
         limit=opts.limit,
         offset=opts.offset,
@@ -305,6 +332,7 @@ async def arun_manifest(
             task_timeout_s=opts.task_timeout_s,
             retry=opts.retry,
             resubmit_unknown=opts.resubmit_unknown,
+            text_only_without_reference=opts.missing_reference == "text-only",
         )
         if receiver is not None:
             await receiver.start()
@@ -418,7 +446,7 @@ class _Run:
         total = 0
         per_row = self.opts.catalog.size if self.opts.catalog else 1
         for batch in self.reader.batches():
-            total += batch.height * per_row
+            total += lines_to_validate(batch).height * per_row
         self.total = total
 
     async def _jobs(self) -> AsyncIterator[Job]:
@@ -427,7 +455,7 @@ class _Run:
         name = self.reader.name
         while True:
             validated = await asyncio.to_thread(
-                _next_validated, batches, name, defaults, self.opts.catalog
+                _next_validated, batches, name, defaults, self.opts.catalog, self.reader.shown_as
             )
             if validated is None:
                 return
@@ -448,19 +476,14 @@ class _Run:
                     self.counts[str(status)] += 1
                     self.earlier[str(status)] += 1
                 elif planned.action is Action.DUPLICATE:
-                    first = planned.duplicate_of or 0
-                    first_row = self.opts.catalog.label(first) if self.opts.catalog else None
+                    label = self.opts.catalog.label if self.opts.catalog else None
                     duplicates.append(
-                        Rejection(
-                            index=row.index,
-                            reason=(
-                                f"{name} {row.where}, column id: key {row.key!r} "
-                                f"repeats {first_row or f'row {first + 1}'}; each row needs "
-                                "its own id (or a different request)"
-                            ),
-                            column="id",
-                            key=row.key,
-                            prompt=row.request.prompt,
+                        duplicate_rejection(
+                            name,
+                            row,
+                            planned.duplicate_of or 0,
+                            label,
+                            self.reader.shown_as.get("id", "id"),
                         )
                     )
                 elif planned.action is Action.POLL:
@@ -530,6 +553,9 @@ class _Run:
         summary.counts = {str(status): counts.get(str(status), 0) for status in RowStatus}
         unfinished = counts.get("pending", 0) + counts.get("in_flight", 0)
         summary.counts[RowStatus.SKIPPED] += unfinished
+        merged = await asyncio.to_thread(_merged_lines, self.reader)
+        if merged:
+            summary.counts[MERGED_STATUS] = merged
         summary.total_rows = sum(summary.counts.values())
         fresh = max(0, summary.counts[RowStatus.SUCCEEDED] - self.earlier[RowStatus.SUCCEEDED])
         summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
@@ -564,11 +590,40 @@ class _Run:
             self.on_progress(self.snapshot())
 
 
-def _duplicate_reason(name: str, row: Row, first_index: int) -> str:
-    return (
-        f"{name} {row.where}, column id: key {row.key!r} repeats row {first_index + 1}; "
-        "each row needs its own id (or a different request)"
-    )
+def _export_options(
+    opts: RunOptions,
+    catalog: str | ExportSpec | None,
+    per: str | None,
+    reference_column: str | None,
+    missing_reference: str | None,
+) -> None:
+    """Apply the product-export keyword arguments of ``run_manifest`` to ``opts``."""
+    if catalog is not None:
+        opts.export = (
+            catalog if isinstance(catalog, ExportSpec) else ExportSpec(catalog, per or "product")
+        )
+    elif per is not None:
+        if opts.export is None:
+            raise ConfigError(
+                f"per={per!r} needs catalog='shopify' or 'woocommerce' (or a mapping): a "
+                "plain manifest already has one row per image"
+            )
+        opts.export = ExportSpec(opts.export.layout, per, opts.export.mapping)
+    if reference_column is not None:
+        opts.reference_column = reference_column
+    if missing_reference is not None:
+        opts.missing_reference = missing_reference
+    check_missing_reference(opts.missing_reference)
+
+
+def check_missing_reference(value: str) -> str:
+    """``fail`` or ``text-only``; anything else stops the run before it starts."""
+    if value not in MISSING_REFERENCE_CHOICES:
+        raise ConfigError(
+            f"--missing-reference {value!r} is not allowed; expected one of "
+            f"{', '.join(MISSING_REFERENCE_CHOICES)}"
+        )
+    return value
 
 
 def _earlier_duplicates(
@@ -582,16 +637,15 @@ def _earlier_duplicates(
         if first is None:
             kept.append(row)
             continue
-        moved.append(
-            Rejection(
-                index=row.index,
-                reason=_duplicate_reason(name, row, first),
-                column="id",
-                key=row.key,
-                prompt=row.request.prompt,
-            )
-        )
+        moved.append(duplicate_rejection(name, row, first))
     return kept, moved
+
+
+def _merged_lines(reader: ManifestReader) -> int:
+    """Input lines that make no image of their own (product exports), listed as merged."""
+    if MERGED_COLUMN not in reader.columns:
+        return 0
+    return sum(batch.get_column(MERGED_COLUMN).is_not_null().sum() for batch in reader.batches())
 
 
 def _is_a_share(opts: RunOptions) -> bool:
@@ -617,12 +671,16 @@ def _without_credentials(url: str) -> str:
 
 
 def _next_validated(
-    batches: Iterator[pl.DataFrame], name: str, defaults: Defaults, catalog: Catalog | None = None
+    batches: Iterator[pl.DataFrame],
+    name: str,
+    defaults: Defaults,
+    catalog: Catalog | None = None,
+    names: dict[str, str] | None = None,
 ) -> tuple[list[Row], list[Rejection]] | None:
     """Read and validate the next batch (in a worker thread: it is the CPU-heavy part)."""
     batch = next(batches, None)
     if batch is None:
         return None
     if catalog is not None:
-        return catalog.validate(batch, source_name=name, defaults=defaults)
-    return validate_batch(batch, source_name=name, defaults=defaults)
+        return catalog.validate(batch, source_name=name, defaults=defaults, names=names)
+    return validate_batch(batch, source_name=name, defaults=defaults, names=names)

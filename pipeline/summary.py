@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 
-from pipeline.contract import RowStatus
+from pipeline.contract import MERGED_STATUS, RowStatus
 
 
 class ExitCode(IntEnum):
@@ -80,7 +80,9 @@ class RunSummary:
 
     @property
     def exit_code(self) -> ExitCode:
-        return ExitCode.OK if self.succeeded == self.total_rows else ExitCode.PARTIAL
+        # Lines merged into another line's image (product exports) are not rows that failed.
+        done = self.succeeded + self.counts.get(MERGED_STATUS, 0)
+        return ExitCode.OK if done == self.total_rows else ExitCode.PARTIAL
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
