@@ -237,6 +237,16 @@ MissingReferenceOpt = Annotated[
         show_default=False,
     ),
 ]
+ReportColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--report-columns",
+        metavar="COL,COL",
+        help="Catalog columns report.html shows under each product, e.g. 'Variant SKU,Variant "
+        "Price'. [default: a few that look like a title, SKU or colour]",
+        show_default=False,
+    ),
+]
 MaxCreditsOpt = Annotated[
     float | None,
     typer.Option(
@@ -593,6 +603,7 @@ def run(
     per: PerOpt = None,
     reference_column: ReferenceColumnOpt = None,
     missing_reference: MissingReferenceOpt = None,
+    report_columns: ReportColumnsOpt = None,
     prompt_template: TemplateOpt = None,
     vary: VaryOpt = None,
     variations: VariationsOpt = None,
@@ -652,6 +663,11 @@ def run(
             max_credits=max_credits,
             **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
             missing_reference=missing_reference,
+            report_columns=(
+                [c.strip() for c in report_columns.split(",") if c.strip()]
+                if report_columns
+                else None
+            ),
             aspect_ratio=aspect_ratio,
             resolution=resolution,
             output_format=output_format,
@@ -765,6 +781,7 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
                 reference_column=settings.reference_column,
                 missing_reference=settings.missing_reference,
                 options=RunOptions(
+                    report_columns=tuple(settings.report_columns),
                     model=settings.model,
                     webhook_listen=settings.webhook_listen,
                     webhook_public_url=settings.webhook_public_url,

@@ -99,6 +99,8 @@ class RunConfig:
     reference_column: str | None = None
     #: ``fail`` or ``text-only``: what an unreachable reference URL does to its row.
     missing_reference: str = "fail"
+    #: Catalog columns report.html shows under each product (SKU, price...).
+    report_columns: tuple[str, ...] = ()
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
 
@@ -166,6 +168,7 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "per": str,
     "reference_column": str,
     "missing_reference": str,
+    "report_columns": list,
 }
 SETTINGS: Final = tuple(_SETTING_TYPES)
 _TYPE_WORDS: Final = {

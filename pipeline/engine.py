@@ -39,7 +39,7 @@ from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateL
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
 from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
-from pipeline.rows import Outcome, Row
+from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.verdicts import reference_reason
 from pipeline.verify import InvalidImage, inspect_image
@@ -96,6 +96,12 @@ class Job:
     reserved: float = 0.0
     #: Said in the row's reason whatever its outcome (a reference left out, and why).
     note: str | None = None
+    #: The product this image belongs to when a budget must stop at whole products, and
+    #: the requests of all of that product's images this run submits (this one included).
+    group: int | None = None
+    group_requests: tuple[ImageRequest, ...] = ()
+    #: Whether this job's image went through the budget (reserved or refused).
+    budgeted: bool = False
 
 
 @dataclass(slots=True)
@@ -327,6 +333,8 @@ class Engine:
         if job.reserved and self._budget is not None:
             self._budget.settle(job.reserved, outcome.cost_credits)
             job.reserved = 0.0
+        elif job.group is not None and not job.budgeted and self._budget is not None:
+            self._budget.forgo(job.group, self._cost(job.row.request))
         self._on_outcome(outcome)
 
     async def _outcome_of(self, job: Job) -> Outcome:
@@ -366,9 +374,18 @@ class Engine:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             if self._budget is not None:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
-                cost = cost_credits(*self._provider.output_size(request))
-                if not await self._budget.reserve(cost):
-                    return self._outcome(job, RowStatus.SKIPPED, reason=self._budget.reason(cost))
+                cost = self._cost(request)
+                group_cost = (
+                    sum(self._cost(sibling) for sibling in job.group_requests)
+                    if job.group is not None
+                    else None
+                )
+                job.budgeted = True
+                if not await self._budget.reserve(
+                    cost, group=job.group, group_cost=group_cost or 0.0
+                ):
+                    reason = self._budget.reason(cost, group_cost)
+                    return self._outcome(job, RowStatus.SKIPPED, reason=reason)
                 job.reserved = cost
             body = self._provider.submit_body(request, references, self._settings.webhook_url)
             try:
@@ -895,6 +912,10 @@ class Engine:
     def _count_retry(self, error: Transient) -> None:
         self.stats.retries += 1
         log.debug("retrying after: %s", error.reason)
+
+    def _cost(self, request: ImageRequest) -> float:
+        """What the API charges for ``request``'s image (the provider's size of it)."""
+        return cost_credits(*self._provider.output_size(request))
 
     def _outcome(
         self,

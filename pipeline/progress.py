@@ -61,8 +61,15 @@ def format_line(snapshot: ProgressSnapshot) -> str:
     """One self-contained log line: every figure a person grepping a log would look for."""
     done = snapshot.done
     percent = 100.0 * done / snapshot.total if snapshot.total else 100.0
+    head = f"progress {done}/{snapshot.total} ({percent:.1f}%)"
+    if snapshot.stopped:
+        made = snapshot.counts.get(RowStatus.SUCCEEDED, 0)
+        head = (
+            f"stopped: {snapshot.stopped} · {made}/{snapshot.total} images made "
+            f"({100.0 * snapshot.made_share:.1f}%)"
+        )
     return (
-        f"progress {done}/{snapshot.total} ({percent:.1f}%) · {_counts(snapshot)}"
+        f"{head} · {_counts(snapshot)}"
         f" · in flight {snapshot.in_flight} · {snapshot.images_per_s:.2f} img/s"
         f" · ETA {format_duration(snapshot.eta_s)} · {snapshot.credits:.2f} credits"
         f" · elapsed {format_duration(snapshot.elapsed_s)}"
@@ -188,6 +195,11 @@ class ProgressDisplay:
         if not isinstance(self._progress, _TwoLineProgress) or self._task is None:
             return
         self._progress.status = f"{_counts(snapshot)} · in flight {snapshot.in_flight}"
+        if snapshot.stopped:
+            self._progress.status = (
+                f"stopped: {snapshot.stopped} · {100.0 * snapshot.made_share:.0f}% of the "
+                f"images made · {self._progress.status}"
+            )
         self._progress.update(
             self._task,
             total=snapshot.total,

@@ -40,7 +40,7 @@ from pipeline.contract import MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
-from pipeline.ledger import Action, Ledger
+from pipeline.ledger import Action, Ledger, Planned
 from pipeline.limits import resolve_tier
 from pipeline.manifest import (
     MERGED_COLUMN,
@@ -56,7 +56,7 @@ from pipeline.references import ReferenceStore
 from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
-from pipeline.rows import Outcome, Rejection, Row
+from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 from pipeline.storage import LocalSink, Sink, open_sink
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.variations import Catalog
@@ -126,6 +126,9 @@ class RunOptions:
     #: What a reference URL that cannot be fetched does to its row: ``fail`` (``failed``,
     #: retried by ``--retry-failed``) or ``text-only`` (generated from the prompt alone).
     missing_reference: str = "fail"
+    #: Catalog columns report.html shows under each product (``--report-columns``); empty:
+    #: a few that look like a title, SKU or colour.
+    report_columns: tuple[str, ...] = ()
 
 
 def run_manifest(
@@ -468,7 +471,9 @@ class _Run:
             queued_at = time.time()
             self._reject(rejections)
             duplicates: list[Rejection] = []
-            for planned in self.ledger.plan(rows, retry_failed=self.opts.retry_failed):
+            planned_rows = self.ledger.plan(rows, retry_failed=self.opts.retry_failed)
+            groups = self._products(planned_rows)
+            for planned in planned_rows:
                 row = planned.row
                 if planned.action is Action.DONE:
                     self.resumed += 1
@@ -492,8 +497,27 @@ class _Run:
                         row, name, queued_at, planned.task_id, planned.poll_url, planned.attempts
                     )
                 else:
-                    yield Job(row, name, queued_at, attempts=planned.attempts)
+                    job = Job(row, name, queued_at, attempts=planned.attempts)
+                    if groups:
+                        job.group = row.index // self.opts.catalog.size  # type: ignore[union-attr]
+                        job.group_requests = groups[job.group]
+                    yield job
             self._reject(duplicates)
+
+    def _products(self, planned: list[Planned]) -> dict[int, tuple[ImageRequest, ...]]:
+        """Per product, the images this run submits, when a budget stops at whole products.
+
+        A batch holds every variation of its rows (``Catalog.validate``), so a product's
+        images are all here; those polled or done already were paid for before.
+        """
+        catalog = self.opts.catalog
+        if self.budget is None or catalog is None or catalog.size < 2:
+            return {}
+        groups: dict[int, list[ImageRequest]] = {}
+        for item in planned:
+            if item.action is Action.SUBMIT:
+                groups.setdefault(item.row.index // catalog.size, []).append(item.row.request)
+        return {product: tuple(requests) for product, requests in groups.items()}
 
     def _reject(self, rejections: list[Rejection]) -> None:
         if rejections:
@@ -526,6 +550,7 @@ class _Run:
             credits=round(self.credits, 2),
             elapsed_s=elapsed,
             eta_s=eta,
+            stopped="budget" if self.budget is not None and self.budget.stopped else None,
         )
 
     async def _report_progress(self) -> None:
@@ -573,11 +598,14 @@ class _Run:
             summary.errors = dict(stats.errors)
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
+        if self.budget is not None and self.budget.stopped:
+            summary.stopped = "budget"
         await write_run_json(sink, summary)  # type: ignore[arg-type]
         self.ledger.update_run_info(
             ended_at=summary.finished_at,
-            total=summary.total_rows,
+            total=summary.images_asked,
             complete=unfinished == 0,
+            stopped=summary.stopped,
         )
         catalog = self.opts.catalog
         await write_html_report(
@@ -585,6 +613,7 @@ class _Run:
             summary,
             axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
             max_credits=self.opts.max_credits,
+            columns=self.opts.report_columns,
         )
         if self.on_progress is not None:
             self.on_progress(self.snapshot())

@@ -34,10 +34,17 @@ class ProgressSnapshot:
     credits: float
     elapsed_s: float
     eta_s: float | None
+    #: Why the run stops short of its rows (``budget``), once it does; None otherwise.
+    stopped: str | None = None
 
     @property
     def done(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def made_share(self) -> float:
+        """Images made as a share of the images asked for (what a budget stop leaves)."""
+        return self.counts.get(RowStatus.SUCCEEDED, 0) / self.total if self.total else 1.0
 
 
 @dataclass(slots=True)
@@ -69,6 +76,8 @@ class RunSummary:
     ambiguous_submits: int = 0
     resumed_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    #: ``budget`` when ``--max-credits`` stopped the run before every image was made.
+    stopped: str | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -77,6 +86,16 @@ class RunSummary:
     @property
     def succeeded(self) -> int:
         return self.counts.get(RowStatus.SUCCEEDED, 0)
+
+    @property
+    def images_asked(self) -> int:
+        """Rows that ask for an image (lines merged into another's image do not)."""
+        return self.total_rows - self.counts.get(MERGED_STATUS, 0)
+
+    @property
+    def state(self) -> str:
+        """``finished``, or ``stopped: budget`` when the budget ended it early."""
+        return f"stopped: {self.stopped}" if self.stopped else "finished"
 
     @property
     def exit_code(self) -> ExitCode:
@@ -88,4 +107,5 @@ class RunSummary:
         data = asdict(self)
         data["elapsed_s"] = round(self.elapsed_s, 3)
         data["exit_code"] = int(self.exit_code)
+        data["state"] = self.state
         return data

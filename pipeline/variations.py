@@ -308,8 +308,9 @@ class Catalog:
     ) -> tuple[list[Row], list[Rejection]]:
         """``validate_batch`` for every variation of every row of ``batch``.
 
-        Variation-major: every row gets its first variation before any gets its second,
-        so a run cut short by a budget still covers the whole catalog once.
+        Product-major: a row's variations come together, in matrix order, so the run
+        makes a product's whole matrix before it starts the next and a budget stops at
+        whole products.
         """
         batch = lines_to_validate(batch)
         if batch.height == 0:
@@ -350,6 +351,8 @@ class Catalog:
                 all_rows.append(dataclasses.replace(row, index=index, label=self.label(index)))
             for rejection in rejections:
                 all_rejections.append(self._relabel(rejection, variation, source_name, size))
+        if self.matrix is not None:
+            all_rows.sort(key=lambda row: row.index)
         return all_rows, all_rejections
 
     def _fill(
