@@ -44,10 +44,10 @@ from pathlib import Path
 from typing import Any, Final
 
 import polars as pl
-import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.contract import MERGED_STATUS, RowStatus
+from pipeline.output_manifest import read_output_manifest
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
 from pipeline.templates import markup_in
@@ -122,7 +122,7 @@ async def write_html_report(
     to fail a run that has already spent its credits.
     """
     try:
-        manifest = await _read_manifest(sink)
+        manifest = await read_output_manifest(sink)
         thumbs = await _thumbnails(sink, manifest, max_tiles)
         page = await asyncio.to_thread(
             render_report,
@@ -138,20 +138,6 @@ async def write_html_report(
     except Exception as exc:  # a view must never take the run down with it
         log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
         return None
-
-
-async def _read_manifest(sink: Sink) -> pl.DataFrame:
-    local = sink.local_path("manifest.parquet")
-    if local is not None:
-        table = await asyncio.to_thread(pq.read_table, local)
-    else:
-        data = await sink.get("manifest.parquet")
-        if data is None:
-            raise FileNotFoundError("manifest.parquet is not in the output")
-        table = pq.read_table(io.BytesIO(data))
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
 
 
 def _relpath(key: str, fmt: str | None) -> str:

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -340,3 +341,20 @@ async def write_output_manifest(
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+async def read_output_manifest(sink: Sink, relpath: str = "manifest.parquet") -> pl.DataFrame:
+    """An output's ``manifest.parquet`` as a DataFrame (report.html, ``klein-batch export``)."""
+    local = sink.local_path(relpath)
+    if local is not None:
+        if not local.is_file():
+            raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
+        table = await asyncio.to_thread(pq.read_table, local)
+    else:
+        data = await sink.get(relpath)
+        if data is None:
+            raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
+        table = pq.read_table(io.BytesIO(data))
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame

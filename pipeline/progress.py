@@ -94,8 +94,10 @@ class ProgressDisplay:
         if mode not in MODES:
             raise ValueError(f"progress mode {mode!r}: expected one of {', '.join(MODES)}")
         self._stream = stream if stream is not None else sys.stdout
+        #: A Jupyter kernel's cell output: rich draws the bar there as a live widget.
+        self._jupyter = stream is None and in_jupyter()
         if mode == "auto":
-            mode = "bar" if _isatty(self._stream) else "plain"
+            mode = "bar" if self._jupyter or _isatty(self._stream) else "plain"
         self.mode: Mode = mode
         self._interval_s = interval_s
         self._lock = threading.Lock()
@@ -174,7 +176,11 @@ class ProgressDisplay:
         self._last_printed = snapshot
 
     def _start_bar(self) -> None:
-        console = Console(file=self._stream, force_terminal=True)
+        console = (
+            Console(force_jupyter=True)
+            if self._jupyter
+            else Console(file=self._stream, force_terminal=True)
+        )
         self._progress = _TwoLineProgress(
             TextColumn("[bold]klein-batch"),
             BarColumn(bar_width=30),
@@ -226,3 +232,15 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def in_jupyter() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook cell shows our output)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()  # type: ignore[attr-defined]
+    except Exception:  # an odd IPython: no bar rather than no run
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +139,7 @@ def run_manifest(
     api_url: str | None = None,
     api_key: str | None = None,
     sim: bool | object = False,
-    dialect: str = "klein",
+    dialect: str | None = None,
     tier: str | None = None,
     max_active: int | None = None,
     submits_per_minute: int | None = None,
@@ -155,17 +156,96 @@ def run_manifest(
     per: str | None = None,
     reference_column: str | None = None,
     missing_reference: str | None = None,
+    progress: bool = False,
 ) -> RunSummary:
     """Run a manifest to completion and return its summary (also written to ``run.json``).
 
     ``sim=True`` (or a ``pipeline.sim.SimConfig``) starts the bundled simulator in this
     process instead of calling a real API. Keyword arguments override ``options``.
     ``catalog="shopify"`` or ``"woocommerce"`` (with ``per="product"`` or ``"variant"``)
-    reads a shop's product export as it is.
+    reads a shop's product export as it is. ``progress=True`` shows a progress bar (in a
+    terminal, or in a Jupyter cell).
+
+    Called where an event loop already runs (every Jupyter cell), the run gets a loop of
+    its own in a worker thread and this call blocks until it ends, as it does elsewhere;
+    ``await arun_manifest(...)`` (same arguments) keeps the cell's loop free instead.
+    """
+    run = arun_manifest(
+        manifest,
+        out,
+        api_url=api_url,
+        api_key=api_key,
+        sim=sim,
+        dialect=dialect,
+        tier=tier,
+        max_active=max_active,
+        submits_per_minute=submits_per_minute,
+        defaults=defaults,
+        limit=limit,
+        retry_failed=retry_failed,
+        on_progress=on_progress,
+        options=options,
+        prompt_template=prompt_template,
+        vary=vary,
+        variations=variations,
+        max_credits=max_credits,
+        catalog=catalog,
+        per=per,
+        reference_column=reference_column,
+        missing_reference=missing_reference,
+        progress=progress,
+    )
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(run)
+    # A running loop in this thread (Jupyter, an async app): asyncio.run() would refuse.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="klein-run") as pool:
+        return pool.submit(asyncio.run, run).result()
+
+
+async def arun_manifest(
+    manifest: ManifestSource,
+    out: str | Path | Sink,
+    *,
+    api_url: str | None = None,
+    api_key: str | None = None,
+    sim: bool | object = False,
+    dialect: str | None = None,
+    tier: str | None = None,
+    max_active: int | None = None,
+    submits_per_minute: int | None = None,
+    defaults: Defaults | None = None,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    on_progress: Callable[[ProgressSnapshot], None] | None = None,
+    options: RunOptions | None = None,
+    prompt_template: str | None = None,
+    vary: Sequence[str] = (),
+    variations: Sequence[str | Path] = (),
+    max_credits: float | None = None,
+    catalog: str | ExportSpec | None = None,
+    per: str | None = None,
+    reference_column: str | None = None,
+    missing_reference: str | None = None,
+    progress: bool = False,
+    webhook_secret: str | None = None,
+) -> RunSummary:
+    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
+
+    Takes the same arguments as ``run_manifest`` (``sim=True`` included; ``options`` is
+    optional). With ``options.webhook_listen`` the webhook signing secret is
+    ``webhook_secret`` or the dialect's environment variable
+    (``pipeline.config.WEBHOOK_SECRET_ENV``); dialect bfl makes one up per run when neither
+    is set, since the client sends it with each task.
+
+    ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
+    and partial manifest apart while sharing ``images/``).
     """
     opts = options or RunOptions()
     _export_options(opts, catalog, per, reference_column, missing_reference)
-    opts.dialect = dialect
+    if dialect is not None:
+        opts.dialect = dialect
     opts.tier = tier if tier is not None else opts.tier
     opts.max_active = max_active if max_active is not None else opts.max_active
     if submits_per_minute is not None:
@@ -181,12 +261,26 @@ def run_manifest(
         if max_credits < 0:
             raise ConfigError(f"max_credits {max_credits!r} is not allowed; expected 0 or more")
         opts.max_credits = max_credits
-    if sim is not False and sim is not None:
+    with contextlib.ExitStack() as stack:
+        if progress and on_progress is None:
+            from pipeline.progress import ProgressDisplay
+
+            on_progress = stack.enter_context(ProgressDisplay(mode="auto"))
+        if sim is False or sim is None:
+            return await _arun(
+                manifest,
+                out,
+                api_url=api_url,
+                api_key=api_key,
+                options=opts,
+                on_progress=on_progress,
+                webhook_secret=webhook_secret,
+            )
         from pipeline.sim import SimConfig, SimServer
 
         config = sim if isinstance(sim, SimConfig) else SimConfig()
         opts.resubmit_unknown = True
-        hook_secret = None
+        hook_secret = webhook_secret
         if opts.webhook_listen:
             # The simulated account signs with its key's secret (dialect klein); bfl tasks
             # carry the run's own. Either way the run and the simulator agree on one.
@@ -194,46 +288,30 @@ def run_manifest(
             first = config.keys[0]
             first.webhook_secret = first.webhook_secret or secrets.token_urlsafe(24)
             hook_secret = first.webhook_secret
-        with SimServer.in_thread(config) as server:
-            key = config.keys[0].key
-            return asyncio.run(
-                arun_manifest(
-                    manifest,
-                    out,
-                    api_url=server.url,
-                    api_key=key,
-                    options=opts,
-                    on_progress=on_progress,
-                    webhook_secret=hook_secret,
-                )
-            )
-    return asyncio.run(
-        arun_manifest(
-            manifest, out, api_url=api_url, api_key=api_key, options=opts, on_progress=on_progress
+        server = stack.enter_context(SimServer.in_thread(config))
+        return await _arun(
+            manifest,
+            out,
+            api_url=server.url,
+            api_key=config.keys[0].key,
+            options=opts,
+            on_progress=on_progress,
+            webhook_secret=hook_secret,
         )
-    )
 
 
-async def arun_manifest(
+async def _arun(
     manifest: ManifestSource,
     out: str | Path | Sink,
     *,
     api_url: str | None,
-    api_key: str | None = None,
-    options: RunOptions | None = None,
-    on_progress: Callable[[ProgressSnapshot], None] | None = None,
-    webhook_secret: str | None = None,
+    api_key: str | None,
+    options: RunOptions,
+    on_progress: Callable[[ProgressSnapshot], None] | None,
+    webhook_secret: str | None,
 ) -> RunSummary:
-    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
-
-    With ``options.webhook_listen`` the webhook signing secret is ``webhook_secret`` or the
-    dialect's environment variable (``pipeline.config.WEBHOOK_SECRET_ENV``); dialect bfl
-    makes one up per run when neither is set, since the client sends it with each task.
-
-    ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
-    and partial manifest apart while sharing ``images/``).
-    """
-    opts = options or RunOptions()
+    """One run with its options settled: the stages wired together."""
+    opts = options
     limits = resolve_tier(opts.tier, opts.max_active, opts.submits_per_minute)
     if not api_url:
         raise ConfigError("no API URL: pass --api-url URL, or --sim for the bundled simulator")
