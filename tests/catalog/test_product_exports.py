@@ -225,3 +225,19 @@ def test_validate_reads_the_export_and_warns_about_markup(tmp_path: Path) -> Non
     )
     assert "Warning: 5 prompts still contain markup" in result.stdout
     assert "shopify_products.csv row 1: the prompt still contains markup ('<p>')" in (result.stdout)
+
+
+def test_a_budget_stop_and_a_rerun_of_an_export_pay_each_image_once(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    out = tmp_path / "out"
+    kwargs = {"catalog": "shopify", "per": "variant", "prompt_template": SHOP_TEMPLATE}
+    first = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=5.0, **kwargs)
+    # 8 variants x 2 styles; 5 credits make two whole variants (4 images of 1.05).
+    assert first.state == "stopped: budget" and first.counts["succeeded"] == 4
+    second = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=100.0, **kwargs)
+    assert second.state == "finished" and second.counts["succeeded"] == 16
+    assert accepted(sim) == 16  # the first run's four were not sent again
+    rows = output(out)
+    assert rows.height == 16 + 2  # every (variant, style), and the two image-only lines
+    assert rows.filter(pl.col("status") == "merged").height == 2
