@@ -274,6 +274,22 @@ def _id_source(export: ExportSpec) -> str:
 # --- helpers ------------------------------------------------------------------------------
 
 
+def _prepare(
+    frame: pl.DataFrame,
+    name: str,
+    layout: str,
+    required: Sequence[str],
+    reference_column: str | None,
+) -> tuple[pl.DataFrame, list[str]]:
+    """The export checked for its layout's columns, blank cells as nulls, and its input
+    columns (the derived ones left out)."""
+    _need(frame, required, name, layout)
+    if reference_column is not None and reference_column not in frame.columns:
+        raise ConfigError(f"--reference-column {reference_column!r}: {name} has no such column")
+    inputs = [c for c in frame.columns if not c.startswith(DERIVED_PREFIX)]
+    return _blank_to_null(frame, inputs), inputs
+
+
 def _need(frame: pl.DataFrame, columns: Sequence[str], name: str, layout: str) -> None:
     missing = [column for column in columns if column not in frame.columns]
     if missing:
@@ -358,11 +374,7 @@ def _shopify_is_variant_column(column: str) -> bool:
 def _shopify(
     frame: pl.DataFrame, name: str, per: str, reference_column: str | None
 ) -> pl.DataFrame:
-    _need(frame, _SHOPIFY_REQUIRED, name, "Shopify")
-    if reference_column is not None and reference_column not in frame.columns:
-        raise ConfigError(f"--reference-column {reference_column!r}: {name} has no such column")
-    inputs = [c for c in frame.columns if not c.startswith(DERIVED_PREFIX)]
-    frame = _blank_to_null(frame, inputs)
+    frame, inputs = _prepare(frame, name, "Shopify", _SHOPIFY_REQUIRED, reference_column)
     # The placeholder option of a product without options is no option at all.
     for number in (1, 2, 3):
         option, value = f"Option{number} Name", f"Option{number} Value"
@@ -500,11 +512,7 @@ def _woo_type(cell: str | None) -> str | None:
 def _woocommerce(
     frame: pl.DataFrame, name: str, per: str, reference_column: str | None
 ) -> pl.DataFrame:
-    _need(frame, _WOO_REQUIRED, name, "WooCommerce")
-    if reference_column is not None and reference_column not in frame.columns:
-        raise ConfigError(f"--reference-column {reference_column!r}: {name} has no such column")
-    inputs = [c for c in frame.columns if not c.startswith(DERIVED_PREFIX)]
-    frame = _blank_to_null(frame, inputs)
+    frame, inputs = _prepare(frame, name, "WooCommerce", _WOO_REQUIRED, reference_column)
     records = frame.select(inputs).to_dicts()
     by_id: dict[str, int] = {}
     by_sku: dict[str, int] = {}

@@ -8,13 +8,11 @@ variable product and its variations, simple, grouped and external products, a UT
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import polars as pl
 import pytest
-from catalog_helpers import accepted, clean_env, output, run
+from catalog_helpers import accepted, klein, output, run
 
 from pipeline.check import check_manifest
 from pipeline.errors import ConfigError, ManifestError
@@ -26,7 +24,6 @@ from pipeline.variations import Catalog
 EXPORTS = Path(__file__).resolve().parents[1] / "data" / "exports"
 SHOPIFY = EXPORTS / "shopify_products.csv"
 WOO = EXPORTS / "woocommerce_products.csv"
-KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 SHOP_TEMPLATE = "Studio photo of {Title} {Option1 Value?} {Option2 Value?}, {Body (HTML)|text}"
 
 
@@ -187,15 +184,18 @@ def test_a_mapping_in_the_config_file_reads_any_pim_export(tmp_path: Path) -> No
         'fill_down = ["title"]\n',
         encoding="utf-8",
     )
-    result = subprocess.run(
-        [
-            *(KLEIN_BATCH, "run", str(pim), "--config", str(config), "--per", "variant"),
-            *("--sim", "--out", str(tmp_path / "out"), "--progress", "off"),
-        ],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=120,
+    result = klein(
+        "run",
+        str(pim),
+        "--config",
+        str(config),
+        "--per",
+        "variant",
+        "--sim",
+        "--out",
+        str(tmp_path / "out"),
+        "--progress",
+        "off",
     )
     assert result.returncode == 0, result.stderr
     rows = output(tmp_path / "out").sort("row")
@@ -209,15 +209,13 @@ def test_a_mapping_in_the_config_file_reads_any_pim_export(tmp_path: Path) -> No
 
 
 def test_validate_reads_the_export_and_warns_about_markup(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            *(KLEIN_BATCH, "validate", str(SHOPIFY), "--catalog", "shopify"),
-            *("--prompt-template", "{Title}: {Body (HTML)}"),
-        ],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=120,
+    result = klein(
+        "validate",
+        str(SHOPIFY),
+        "--catalog",
+        "shopify",
+        "--prompt-template",
+        "{Title}: {Body (HTML)}",
     )
     assert result.returncode == 0, result.stderr
     assert "read as a Shopify export, one image per product; 5 input lines merged" in (

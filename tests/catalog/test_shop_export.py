@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from catalog_helpers import clean_env, run
+from catalog_helpers import klein, run
 
 from pipeline.errors import ConfigError
 from pipeline.output_manifest import read_output_manifest
@@ -19,7 +17,6 @@ from pipeline.sim import SimServer
 from pipeline.storage import LocalSink
 
 EXPORTS = Path(__file__).resolve().parents[1] / "data" / "exports"
-KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 CDN = "https://cdn.example.com/nightly"
 
 
@@ -37,15 +34,15 @@ def test_shopify_import_file_per_product_with_variations(tmp_path: Path, sim: Si
         prompt_template="{Title}, {style}",
         vary=["style=studio,loft"],
     )
-    result = subprocess.run(
-        [
-            *(KLEIN_BATCH, "export", str(out), "--catalog", "shopify", "--image-base-url", CDN),
-            *("--alt-template", "{Title} ({style})"),
-        ],
-        capture_output=True,
-        text=True,
-        env=clean_env(),
-        timeout=120,
+    result = klein(
+        "export",
+        str(out),
+        "--catalog",
+        "shopify",
+        "--image-base-url",
+        CDN,
+        "--alt-template",
+        "{Title} ({style})",
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == (
