@@ -49,8 +49,16 @@ ERROR_COLUMN: Final = "__error"
 #: Shopify image-only line, a variant under ``--per product``): what became of the line.
 #: Such lines are never validated or planned; the output manifest lists them as ``merged``.
 MERGED_COLUMN: Final = "__merged"
-#: Prefix of the columns the pipeline derives from an input (never carried to the output).
-DERIVED_PREFIX: Final = "__"
+#: Prefix of the columns ``pipeline/product_exports.py`` derives from an export.
+DERIVED_PREFIX: Final = "__catalog_"
+#: Column names the pipeline adds to batches; an input may not use them.
+RESERVED_COLUMNS: Final = frozenset((INDEX_COLUMN, ERROR_COLUMN, MERGED_COLUMN))
+
+
+def is_derived(name: str) -> bool:
+    """Whether a batch column is the pipeline's own, not one of the input's."""
+    return name in RESERVED_COLUMNS or name.startswith(DERIVED_PREFIX)
+
 
 _DELIMITERS: Final = (",", ";", "\t")
 _DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -173,15 +181,16 @@ def _normalise_columns(
                 "case-insensitively); keep one of them"
             )
         seen[name] = raw
-    reserved = [name for name in names if name.startswith(DERIVED_PREFIX)]
+    reserved = [name for name in names if is_derived(name)]
     if reserved and not derived_ok:
         raise ManifestError(
-            f"{file_name}: column name {reserved[0]!r} is reserved for the pipeline (names "
-            f"starting with {DERIVED_PREFIX!r}); rename that column"
+            f"{file_name}: column name {reserved[0]!r} is reserved for the pipeline "
+            f"({', '.join(sorted(RESERVED_COLUMNS))} and names starting with "
+            f"{DERIVED_PREFIX!r}); rename that column"
         )
     for role, source in roles.items():
         if source not in names:
-            shown = ", ".join([repr(name) for name in names if not name.startswith("__")][:20])
+            shown = ", ".join([repr(name) for name in names if not is_derived(name)][:20])
             raise ManifestError(
                 f"{file_name}: has no column {source!r} to take {role} from; columns: {shown}"
             )
@@ -212,7 +221,7 @@ def _input_columns(columns: _Columns) -> list[tuple[str, str]]:
     """
     pairs: list[tuple[str, str]] = []
     for raw, name in zip(columns.source, columns.names, strict=True):
-        if name.startswith(DERIVED_PREFIX):
+        if is_derived(name):
             continue
         pairs.append((name, raw.strip() or name))
     return pairs
@@ -392,7 +401,7 @@ class ManifestReader:
         #: How messages name a column the pipeline reads under another name (a role's
         #: source, e.g. ``input_image`` as ``Image Src``); set by whoever derived it.
         self.shown_as: dict[str, str] = {
-            role: source for role, source in self.roles.items() if not source.startswith("__")
+            role: source for role, source in self.roles.items() if not is_derived(source)
         }
         # A prompt template (pipeline/templates.py) builds prompts from other columns.
         self._columns = _normalise_columns(

@@ -41,7 +41,7 @@ import polars as pl
 import pyarrow as pa
 
 from pipeline.errors import ConfigError, ManifestError
-from pipeline.manifest import DERIVED_PREFIX, ERROR_COLUMN, MERGED_COLUMN, ManifestReader
+from pipeline.manifest import ERROR_COLUMN, MERGED_COLUMN, ManifestReader, is_derived
 
 #: ``--catalog`` values with a built-in layout.
 CATALOG_FORMATS: Final = ("shopify", "woocommerce")
@@ -286,14 +286,14 @@ def _prepare(
     _need(frame, required, name, layout)
     if reference_column is not None and reference_column not in frame.columns:
         raise ConfigError(f"--reference-column {reference_column!r}: {name} has no such column")
-    inputs = [c for c in frame.columns if not c.startswith(DERIVED_PREFIX)]
+    inputs = [c for c in frame.columns if not is_derived(c)]
     return _blank_to_null(frame, inputs), inputs
 
 
 def _need(frame: pl.DataFrame, columns: Sequence[str], name: str, layout: str) -> None:
     missing = [column for column in columns if column not in frame.columns]
     if missing:
-        shown = ", ".join(repr(c) for c in frame.columns if not c.startswith(DERIVED_PREFIX))
+        shown = ", ".join(repr(c) for c in frame.columns if not is_derived(c))
         raise ManifestError(
             f"{name}: has no column {missing[0]!r}, so it is not a {layout} product export; "
             f"found {shown[:400]}"
@@ -391,13 +391,15 @@ def _shopify(
                     .alias(option)
                 )
     handle = _cell("Handle")
-    frame = frame.with_columns(handle.alias("__handle"))
+    frame = frame.with_columns(handle.alias("__catalog_handle"))
     product_fields = [c for c in inputs if not _shopify_is_variant_column(c)]
-    frame = frame.with_columns(pl.col(c).forward_fill().over("__handle") for c in product_fields)
+    frame = frame.with_columns(
+        pl.col(c).forward_fill().over("__catalog_handle") for c in product_fields
+    )
     markers = [c for c in _SHOPIFY_VARIANT_MARKERS if c in frame.columns]
     lines = frame.select(
-        "__handle",
-        (pl.int_range(pl.len()).over("__handle") == 0).alias("first"),
+        "__catalog_handle",
+        (pl.int_range(pl.len()).over("__catalog_handle") == 0).alias("first"),
         (
             pl.any_horizontal([pl.col(c).is_not_null() for c in markers])
             if markers
@@ -415,7 +417,7 @@ def _shopify(
     first_row: dict[str, int] = {}
     variant_rows: dict[str, list[int]] = {}
     for position, line in enumerate(lines):
-        key = line["__handle"]
+        key = line["__catalog_handle"]
         if key is None:
             continue
         if line["first"]:
@@ -436,7 +438,7 @@ def _shopify(
     errors: list[str | None] = []
     references: list[str | None] = []
     for position, line in enumerate(lines):
-        key = line["__handle"]
+        key = line["__catalog_handle"]
         product_image = first_image[key][2] if key in first_image else None
         if key is None:
             ids.append(None)
@@ -476,7 +478,7 @@ def _shopify(
             merged.append(
                 _shopify_other_line(name, position, key, line, _rows_text(variant_rows[key]))
             )
-    frame = frame.drop("__handle")
+    frame = frame.drop("__catalog_handle")
     if reference_column is not None and reference_column not in ("Image Src", "Variant Image"):
         references = [
             None if v is None else str(v) for v in frame.get_column(reference_column).to_list()
@@ -622,7 +624,7 @@ def _woocommerce(
     out = (
         pl.DataFrame(filled, schema=frame.select(inputs).schema) if filled else frame.select(inputs)
     )
-    extra = [c for c in frame.columns if c.startswith(DERIVED_PREFIX)]
+    extra = [c for c in frame.columns if is_derived(c)]
     if extra:
         out = out.with_columns(frame.select(extra))
     return _finish(out, ids, merged, errors, references if reference_column else None)
@@ -650,12 +652,12 @@ def _mapped(
     ]
     for column in named:
         if column not in frame.columns:
-            shown = ", ".join(repr(c) for c in frame.columns if not c.startswith(DERIVED_PREFIX))
+            shown = ", ".join(repr(c) for c in frame.columns if not is_derived(c))
             raise ConfigError(
                 f"[catalog] names column {column!r}, but {name} has no such column; "
                 f"found {shown[:400]}"
             )
-    inputs = [c for c in frame.columns if not c.startswith(DERIVED_PREFIX)]
+    inputs = [c for c in frame.columns if not is_derived(c)]
     frame = _blank_to_null(frame, inputs)
     group = mapping.group_column
     if group is not None:
