@@ -49,7 +49,7 @@ BFL_MODEL_NAMES: Final = tuple(name.removeprefix("flux-2-") for name in BFL_MODE
 #: ``missing_reference``: what an unreachable reference URL does to its row.
 MISSING_REFERENCE_CHOICES: Final = ("fail", "text-only")
 #: Settings whose value is a path; relative paths in a config file are relative to that file.
-_PATH_SETTINGS: Final = ("out", "sim_config")
+_PATH_SETTINGS: Final = ("out", "sim_config", "library")
 #: Names that look like a place for a secret; refused so nobody commits a key by accident.
 _SECRET_SETTINGS: Final = ("api_key", "key", "freepik_api_key", "bfl_api_key", "webhook_secret")
 
@@ -101,6 +101,10 @@ class RunConfig:
     missing_reference: str = "fail"
     #: Catalog columns report.html shows under each product (SKU, price...).
     report_columns: tuple[str, ...] = ()
+    #: The image library (``pipeline/library.py``): a folder or ``s3://`` URI; None: the
+    #: default of a ``{date}`` output, unless ``no_library``.
+    library: str | None = None
+    no_library: bool = False
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
 
@@ -169,6 +173,8 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "reference_column": str,
     "missing_reference": str,
     "report_columns": list,
+    "library": str,
+    "no_library": bool,
 }
 SETTINGS: Final = tuple(_SETTING_TYPES)
 _TYPE_WORDS: Final = {
@@ -256,7 +262,10 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
         raise where.fail(setting, value, _one_of(PER_CHOICES))
     if setting == "missing_reference" and value not in MISSING_REFERENCE_CHOICES:
         raise where.fail(setting, value, _one_of(MISSING_REFERENCE_CHOICES))
-    if setting in ("out", "api_url", "sim_config", "reference_column") and not str(value).strip():
+    if (
+        setting in ("out", "api_url", "sim_config", "library", "reference_column")
+        and not str(value).strip()
+    ):
         raise where.fail(setting, value, "a non-empty value")
     return value
 

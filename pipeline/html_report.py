@@ -47,7 +47,8 @@ import polars as pl
 from PIL import Image
 
 from pipeline.contract import MERGED_STATUS, RowStatus
-from pipeline.output_manifest import read_output_manifest
+from pipeline.manifest import KNOWN_COLUMNS
+from pipeline.output_manifest import FIXED_COLUMNS, read_output_manifest
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
 from pipeline.templates import markup_in
@@ -260,9 +261,14 @@ def render_report(
 
 def _label_columns(manifest: pl.DataFrame, axes: Sequence[str]) -> list[str]:
     """Up to four input columns that say what a product is (title, sku, colour...)."""
-    fixed_end = manifest.columns.index("cost_credits") + 1
-    skip = {"variation", *axes}
-    chosen = [c for c in manifest.columns[fixed_end:] if c not in skip]
+    present = [manifest.columns.index(c) for c in FIXED_COLUMNS if c in manifest.columns]
+    fixed_end = max(present) + 1
+    # Not the columns a heading already shows (title, id), nor request columns given back
+    # as the input had them (``input_prompt``, ``seed``...).
+    skip = {"variation", *axes, *TITLE_COLUMNS, *ID_COLUMNS, *KNOWN_COLUMNS}
+    chosen = [
+        c for c in manifest.columns[fixed_end:] if c not in skip and not c.startswith("input_")
+    ]
     preferred = [c for c in chosen if c.lower() in ("title", "name", "sku", "color", "colour")]
     rest = [c for c in chosen if c not in preferred]
     return (preferred + rest)[:4]

@@ -73,6 +73,8 @@ def format_summary(summary: RunSummary) -> str:
             f"stopped: {summary.stopped} · {summary.succeeded:,} of {asked:,} images made "
             f"({share:.0f}%); rerun with a higher --max-credits to continue",
         )
+    if summary.reused_rows:
+        lines.append(f"library: {summary.reused_rows:,} images reused (not sent, no cost)")
     if summary.resumed_rows:
         lines.append(f"resumed: {summary.resumed_rows:,} rows were already done or in flight")
     if summary.ambiguous_submits:
