@@ -130,6 +130,11 @@ def record_relpath(fp: str) -> str:
     return f"{OBJECTS}/{fp[:2]}/{fp}.json"
 
 
+def thumbnail_relpath(fp: str) -> str:
+    """report.html's thumbnail of the image (local libraries only; a cache, not the truth)."""
+    return f"{OBJECTS}/{fp[:2]}/{fp}.thumb.jpg"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One image in the library: what its record and index entry say."""
@@ -323,21 +328,34 @@ class Library:
 
     def location(self, entry: Entry) -> str:
         """The library object's address, as ``reused_from`` records it."""
-        return self.sink.uri(object_relpath(entry.fingerprint, entry.format))
+        # Not ``sink.uri``: a local sink resolves symlinks on every call (a dozen lstat
+        # calls), and a library's own paths are hex digits, nothing to resolve.
+        return f"{self.uri}/{object_relpath(entry.fingerprint, entry.format)}"
 
-    async def reuse(self, fp: str, dest: Sink, relpath: str) -> Entry | None:
-        """Copy the library's image for ``fp`` to ``relpath`` in ``dest``; None when the
-        library has none (or its object is gone: the object is the truth)."""
+    async def reuse(self, fp: str, dest: Sink, relpath: str) -> tuple[Entry, str] | None:
+        """Copy the library's image for ``fp`` to ``relpath`` in ``dest``; returns its entry
+        and the copy's URI, or None when the library has none (or its object is gone: the
+        object is the truth)."""
         entry = self.lookup(fp)
         if entry is None:
             return None
         source = object_relpath(fp, entry.format)
-        if not await copy_object(self.sink, source, dest, relpath, FORMAT_MIME[entry.format]):
+        copied = await copy_object(self.sink, source, dest, relpath, FORMAT_MIME[entry.format])
+        if copied is None:
             log.warning("library %s lists %s but its image is gone: generating it", self.uri, fp)
             self._forget(fp)
             return None
         self.reused += 1
-        return entry
+        return entry, copied
+
+    async def reuse_thumbnail(self, fp: str, dest: Sink, relpath: str) -> bool:
+        """Link the report thumbnail of ``fp`` into a local ``dest``, if the library (local
+        too) has one; False otherwise (report.html then decodes the image)."""
+        source = self.sink.local_path(thumbnail_relpath(fp))
+        target = dest.local_path(relpath)
+        if source is None or target is None:
+            return False
+        return bool(_link_or_copy(source, target, link_only=True))
 
     # --- one producer per fingerprint in a run -----------------------------------------------
 
@@ -357,16 +375,27 @@ class Library:
 
     # --- adding ------------------------------------------------------------------------------
 
-    async def store(self, entry: Entry, data: bytes, dest: Sink, relpath: str) -> None:
+    async def store(
+        self,
+        entry: Entry,
+        data: bytes,
+        dest: Sink,
+        relpath: str,
+        thumbnail: bytes | None = None,
+    ) -> None:
         """Add an image the run made (``data``, also stored at ``relpath`` in ``dest``).
 
         The image first, only if absent (a concurrent run may have added the same
         fingerprint; its image stays, and so does its record), then the record, then the
-        index entry (in memory; written by ``flush``).
+        index entry (in memory; written by ``flush``). A local library also keeps the
+        report's ``thumbnail`` of it, so a night of copies need not decode every image
+        again for report.html.
         """
         fp = entry.fingerprint
         target = object_relpath(fp, entry.format)
         created = await self._put_if_absent(target, data, dest, relpath, entry.format)
+        if created and thumbnail is not None and self.sink.local_path(OBJECTS) is not None:
+            await self.sink.put(thumbnail_relpath(fp), thumbnail, "image/jpeg")
         record = record_relpath(fp)
         if not created:
             existing = await self.sink.get(record)
@@ -515,8 +544,9 @@ def _link_or_write_new(target: Path, source: Path | None, data: bytes) -> bool:
             os.unlink(tmp)
 
 
-def _link_or_copy(source: Path, target: Path) -> bool:
-    """Put ``source`` at ``target`` atomically: a hard link, or a copy across disks."""
+def _link_or_copy(source: Path, target: Path, *, link_only: bool = False) -> bool | None:
+    """Put ``source`` at ``target`` atomically: a hard link, or a copy across disks
+    (``link_only``: None instead of copying). False when ``source`` does not exist."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -527,6 +557,8 @@ def _link_or_copy(source: Path, target: Path) -> bool:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
+            if link_only:
+                return None
             try:
                 shutil.copyfile(source, tmp)
             except FileNotFoundError:
@@ -538,16 +570,24 @@ def _link_or_copy(source: Path, target: Path) -> bool:
             os.unlink(tmp)
 
 
-async def copy_object(source: Sink, src_rel: str, dest: Sink, dest_rel: str, mime: str) -> bool:
+async def copy_object(
+    source: Sink, src_rel: str, dest: Sink, dest_rel: str, mime: str
+) -> str | None:
     """Copy one object between sinks the cheapest way: a hard link on one disk, a
-    server-side copy within S3, else read and write; False when the source is missing."""
+    server-side copy within S3, else read and write. Returns the copy's URI, None when the
+    source is missing."""
     src_path, dest_path = source.local_path(src_rel), dest.local_path(dest_rel)
     if src_path is not None and dest_path is not None:
-        return await asyncio.to_thread(_link_or_copy, src_path, dest_path)
+        # A link is two quick system calls: in the loop, not a thread hop per image (which,
+        # on a busy machine, made a night of copies wait on thread scheduling).
+        linked = _link_or_copy(src_path, dest_path, link_only=True)
+        if linked is None:  # another disk: copy the bytes in a thread
+            linked = await asyncio.to_thread(_link_or_copy, src_path, dest_path)
+        return str(dest_path) if linked else None
     if src_path is None and dest_path is None and hasattr(dest, "copy_in"):
-        return bool(await dest.copy_in(dest_rel, source.uri(src_rel)))
+        copied = await dest.copy_in(dest_rel, source.uri(src_rel))
+        return dest.uri(dest_rel) if copied else None
     data = await source.get(src_rel)
     if data is None:
-        return False
-    await dest.put(dest_rel, data, mime)
-    return True
+        return None
+    return await dest.put(dest_rel, data, mime)
