@@ -158,29 +158,83 @@ class Entry:
         return cls(**{name: fields.get(name) for name in cls.__dataclass_fields__})
 
 
+#: The index columns a lookup needs (a reused row's outcome); the rest stays on disk.
+_LOOKUP_COLUMNS: Final = ("fingerprint", "format", "bytes", "sha256", "width", "height")
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10, dtype=np.uint8)
+_HEX[np.frombuffer(b"abcdef", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def _digests(column: pa.ChunkedArray) -> np.ndarray:
+    """64-character hex strings as 32 raw bytes each (``S32``), without a Python object per
+    value: a million of them as Python ``bytes`` took 700 MB at the peak of a load."""
+    array = column.combine_chunks()
+    n = len(array)
+    if n == 0:
+        return np.empty(0, dtype="S32")
+    buffers = array.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32, count=n + 1, offset=array.offset * 4)
+    if array.null_count or not np.all(np.diff(offsets) == 64):
+        raise ValueError("index holds a value that is not a 64-character hex digest")
+    data = np.frombuffer(buffers[2], dtype=np.uint8)
+    nibbles = _HEX[data[offsets[0] : offsets[0] + 64 * n].reshape(n, 64)]
+    if (nibbles == 255).any():
+        raise ValueError("index holds a value that is not a 64-character hex digest")
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view("S32").reshape(n)
+
+
+@dataclass(slots=True)
+class _Piece:
+    """One segment's lookup columns as numpy arrays (its Arrow table can go)."""
+
+    keys: np.ndarray
+    sha: np.ndarray
+    size: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    fmt: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Piece:
+        import pyarrow.compute as pc
+
+        return cls(
+            keys=_digests(table.column("fingerprint")),
+            sha=_digests(table.column("sha256")),
+            size=table.column("bytes").to_numpy().astype(np.int64),
+            width=table.column("width").to_numpy().astype(np.int32),
+            height=table.column("height").to_numpy().astype(np.int32),
+            # _FORMATS order: 0 png, 1 jpeg
+            fmt=pc.equal(table.column("format"), "jpeg").to_numpy().astype(np.uint8),
+        )
+
+
 class _Index:
     """Fingerprints in sorted numpy arrays (32 raw bytes each), with the columns a reused
-    row's outcome needs: about 90 bytes per entry, 90 MB for a million images."""
+    row's outcome needs: 81 bytes per entry, 81 MB for a million images."""
 
-    def __init__(self, tables: list[pa.Table]) -> None:
-        table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-        fps = table.column("fingerprint").to_pylist()
-        keys = np.array([bytes.fromhex(fp) for fp in fps], dtype="S32")
+    def __init__(self, pieces: list[_Piece]) -> None:
+        def joined(name: str, dtype: str) -> np.ndarray:
+            parts = [getattr(piece, name) for piece in pieces]
+            return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+        keys = joined("keys", "S32")
         order = np.argsort(keys, kind="stable")
         # Segments overlap (a compaction beside a run's own segment): one entry per image.
         ordered = keys[order]
         first = np.ones(len(order), dtype=bool)
         first[1:] = ordered[1:] != ordered[:-1]
         order = order[first]
+        del ordered, first
         self.keys = keys[order]
-        self.sha = np.array(
-            [bytes.fromhex(v) for v in table.column("sha256").to_pylist()], dtype="S32"
-        )[order]
-        self.size = table.column("bytes").to_numpy(zero_copy_only=False)[order]
-        self.width = table.column("width").to_numpy(zero_copy_only=False)[order]
-        self.height = table.column("height").to_numpy(zero_copy_only=False)[order]
-        formats = table.column("format").to_pylist()
-        self.fmt = np.array([_FORMATS.index(f) for f in formats], dtype=np.uint8)[order]
+        del keys
+        self.sha = joined("sha", "S32")[order]
+        self.size = joined("size", "int64")[order]
+        self.width = joined("width", "int32")[order]
+        self.height = joined("height", "int32")[order]
+        self.fmt = joined("fmt", "uint8")[order]
         #: Positions whose object turned out to be missing: misses from now on.
         self.gone: set[int] = set()
 
@@ -273,28 +327,50 @@ class Library:
                 by_prefix.setdefault(parts[1], []).append(rel)
         return by_prefix
 
-    async def _read_segment(self, rel: str) -> pa.Table | None:
+    async def _read_segment(self, rel: str, columns: tuple[str, ...]) -> pa.Table | None:
         data = await self.sink.get(rel)
         if data is None:
             return None  # compacted away by another run since the listing
+        schema = pa.schema([INDEX_SCHEMA.field(name) for name in columns])
         try:
-            table = pq.read_table(io.BytesIO(data))
-            return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+            return pq.read_table(io.BytesIO(data), columns=list(columns)).cast(schema)
         except (pa.ArrowException, KeyError, ValueError) as exc:
             log.warning("library index segment %s is unreadable (%s): skipped", rel, exc)
-            return pa.Table.from_pylist([], schema=INDEX_SCHEMA)
+            return schema.empty_table()
 
-    async def _read_segments(self, names: list[str]) -> tuple[list[pa.Table], list[str]]:
+    async def _read_segments(
+        self, names: list[str], columns: tuple[str, ...] = tuple(INDEX_SCHEMA.names)
+    ) -> tuple[list[pa.Table], list[str]]:
         """The segments that could be read, and the names of those that were gone."""
         gate = asyncio.Semaphore(_READ_CONCURRENCY)
 
         async def one(rel: str) -> pa.Table | None:
             async with gate:
-                return await self._read_segment(rel)
+                return await self._read_segment(rel, columns)
 
         tables = await asyncio.gather(*(one(rel) for rel in names))
         gone = [rel for rel, table in zip(names, tables, strict=True) if table is None]
         return [t for t in tables if t is not None], gone
+
+    async def _read_pieces(self, names: list[str]) -> tuple[list[_Piece], list[str]]:
+        """Like ``_read_segments`` for lookups: each segment's columns turned into numpy
+        arrays as soon as it arrives, so no more than a few Arrow tables live at once."""
+        gate = asyncio.Semaphore(_READ_CONCURRENCY)
+
+        async def one(rel: str) -> _Piece | None:
+            async with gate:
+                table = await self._read_segment(rel, _LOOKUP_COLUMNS)
+                if table is None:
+                    return None
+                try:
+                    return _Piece.of(table)
+                except (ValueError, pa.ArrowException) as exc:
+                    log.warning("library index segment %s is unreadable (%s): skipped", rel, exc)
+                    return _Piece.of(table.schema.empty_table())
+
+        pieces = await asyncio.gather(*(one(rel) for rel in names))
+        gone = [rel for rel, piece in zip(names, pieces, strict=True) if piece is None]
+        return [p for p in pieces if p is not None], gone
 
     async def load(self) -> None:
         """Read every index segment into memory (again, when another run compacted some
@@ -302,10 +378,10 @@ class Library:
         for _ in range(5):
             self._segments = await self._segment_names()
             names = [rel for rels in self._segments.values() for rel in rels]
-            tables, gone = await self._read_segments(names)
+            pieces, gone = await self._read_pieces(names)
             if not gone:
                 break
-        self._index = _Index(tables)
+        self._index = _Index(pieces)
         log.info("library %s: %d images indexed", self.uri, len(self._index))
 
     # --- looking up and reusing --------------------------------------------------------------
