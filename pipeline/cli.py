@@ -114,24 +114,31 @@ def run_option_parameters(only: Sequence[str] | None = None) -> list[inspect.Par
     for name, field in cli_options():
         if only is not None and name not in only:
             continue
-        extra = field.json_schema_extra
-        decls = [extra["flag"], *([extra["short"]] if "short" in extra else [])]
         kind = _flag_type(field.annotation)
-        option = typer.Option(
-            *decls,
-            metavar=extra.get("metavar"),
-            help=field.description,
-            show_default=False,
-        )
         parameters.append(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
-                annotation=Annotated[kind, option],
+                annotation=spec_option(name),
                 default=False if kind is bool else None,
             )
         )
     return parameters
+
+
+def spec_option(name: str) -> Any:
+    """The typer option of one spec field (for a command that takes just a few of them)."""
+    field = RunSpec.model_fields[name]
+    extra = field.json_schema_extra
+    assert isinstance(extra, dict)
+    decls = [extra["flag"], *([extra["short"]] if "short" in extra else [])]
+    option = typer.Option(
+        *decls, metavar=extra.get("metavar"), help=field.description, show_default=False
+    )
+    return Annotated[_flag_type(field.annotation), option]
+
+
+S3EndpointOpt = spec_option("s3_endpoint_url")
 
 
 def with_run_options(
@@ -272,6 +279,9 @@ def _catalog(settings: RunConfig) -> Catalog | None:
 #: The run options ``validate`` takes: what shapes rows and prompts, not where they go.
 VALIDATE_OPTIONS: Final = (
     "limit",
+    "catalog",
+    "per",
+    "reference_column",
     "prompt_template",
     "vary",
     "variations",
@@ -311,6 +321,8 @@ def validate(
             limit=settings.limit,
             check_references=not no_references,
             catalog=_catalog(settings),
+            export=settings.export(),
+            reference_column=settings.reference_column,
         )
     typer.echo(report.render())
     raise typer.Exit(int(report.exit_code))
@@ -467,6 +479,8 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,
+            export=settings.export(),
+            reference_column=settings.reference_column,
             library=_library(settings),
         )
     typer.echo(report.render())
@@ -533,6 +547,104 @@ def status(
     typer.echo(render_json(found) if as_json else found.render())
     complete = found.state == "finished" and found.done == found.counts.get("succeeded", 0)
     raise typer.Exit(int(ExitCode.OK if complete else ExitCode.PARTIAL))
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_command(
+    dest: Annotated[
+        str,
+        typer.Argument(metavar="DEST", help="The output given to --out (a folder or s3:// URI)."),
+    ],
+    catalog: Annotated[
+        str,
+        typer.Option(
+            "--catalog",
+            metavar="shopify|woocommerce|csv|json",
+            help="The import file to write: Shopify's product CSV (Handle, Image Src, Image "
+            "Position, Image Alt Text), WooCommerce's (ID, SKU, Images), or a plain CSV/JSON "
+            "of the images for any other system.",
+            show_default=False,
+        ),
+    ],
+    image_base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--image-base-url",
+            metavar="URL",
+            help="Where DEST is served from: each image is URL/images/<key>.jpg (required "
+            "for shopify and woocommerce; csv/json use the stored location without it).",
+            show_default=False,
+        ),
+    ] = None,
+    alt_template: Annotated[
+        str | None,
+        typer.Option(
+            "--alt-template",
+            metavar="TEXT",
+            help="Alt text from the row's columns, as a prompt template ('{Title}, {style}'). "
+            "[default: the prompt]",
+            show_default=False,
+        ),
+    ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            metavar="COL,COL",
+            help="csv/json: manifest columns to add to each record (e.g. 'Handle,Variant SKU').",
+            show_default=False,
+        ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="FILE",
+            help="Where to write it (a path or s3:// URI). [default: DEST/export/<name>]",
+            show_default=False,
+        ),
+    ] = None,
+    s3_endpoint_url: S3EndpointOpt = None,
+) -> None:
+    """Write the shop's import file for the images a run made into DEST.
+
+    Only succeeded images are exported; each points at --image-base-url. Exit 0 when the
+    file was written, 2 when it could not be (no run in DEST, columns missing).
+    """
+    with reported():
+        if s3_endpoint_url:
+            from pipeline.s3 import configure
+
+            configure(endpoint_url=s3_endpoint_url)
+        import asyncio
+
+        from pipeline.output_manifest import read_output_manifest
+        from pipeline.shop_export import build_export
+        from pipeline.storage import open_sink
+
+        sink = open_sink(dest)
+        manifest = asyncio.run(read_output_manifest(sink))
+        made = build_export(
+            manifest,
+            catalog,
+            image_base_url=image_base_url,
+            alt_template=alt_template,
+            columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else (),
+        )
+        if to is None:
+            where = asyncio.run(sink.put(f"export/{made.name}", made.data, made.content_type))
+        elif to[:5].lower() == "s3://":
+            folder, _, name = to.rstrip("/").rpartition("/")
+            where = asyncio.run(open_sink(folder).put(name, made.data, made.content_type))
+        else:
+            target = Path(to)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(made.data)
+            where = str(target)
+    typer.echo(f"wrote {where}: {made.images:,} images for {catalog}")
 
 
 # --- sim ------------------------------------------------------------------------------------

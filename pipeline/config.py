@@ -17,11 +17,13 @@ from typing import Final
 
 from pipeline.contract import TIERS, Tier
 from pipeline.errors import ConfigError
+from pipeline.product_exports import ExportMapping
 from pipeline.spec import (
     API_KEY_ENV,
     BFL_MODEL_NAMES,
     DEFAULT_DIALECT,
     DIALECTS,
+    MISSING_REFERENCE_CHOICES,
     SECRET_SETTINGS,
     SETTING_TYPES,
     SETTINGS,
@@ -36,6 +38,7 @@ __all__ = [
     "BFL_MODEL_NAMES",
     "DEFAULT_DIALECT",
     "DIALECTS",
+    "MISSING_REFERENCE_CHOICES",
     "SETTINGS",
     "WEBHOOK_SECRET_ENV",
     "RunConfig",
@@ -117,6 +120,10 @@ def load_config(path: str | Path) -> RunConfig:
     if "tiers" in raw:
         tiers.update(_parse_tiers(raw.pop("tiers"), where))
     settings: dict[str, object] = {}
+    if isinstance(raw.get("catalog"), dict):
+        # [catalog]: how to read the export of a PIM or marketplace (product_exports.py).
+        settings["catalog_mapping"] = ExportMapping.from_settings(raw.pop("catalog"), str(path))
+        settings["catalog"] = "mapping"
     for name, value in raw.items():
         if name in SECRET_SETTINGS:
             raise ConfigError(

@@ -51,6 +51,7 @@ from pipeline.contract import (
     Tier,
 )
 from pipeline.errors import ConfigError
+from pipeline.product_exports import CATALOG_FORMATS, PER_CHOICES, ExportMapping, ExportSpec
 
 if TYPE_CHECKING:
     from pipeline.manifest import Defaults
@@ -64,6 +65,8 @@ DEFAULT_DIALECT: Final = "klein"
 WEBHOOK_SECRET_ENV: Final = {"klein": "FREEPIK_WEBHOOK_SECRET", "bfl": "BFL_WEBHOOK_SECRET"}
 #: ``--model`` values of dialect bfl (the API path is ``/v1/flux-2-<model>``).
 BFL_MODEL_NAMES: Final = tuple(name.removeprefix("flux-2-") for name in BFL_MODELS)
+#: ``missing_reference``: what an unreachable reference URL does to its row.
+MISSING_REFERENCE_CHOICES: Final = ("fail", "text-only")
 #: Names that look like a place for a secret; refused so nobody commits a key by accident.
 SECRET_SETTINGS: Final = ("api_key", "key", "freepik_api_key", "bfl_api_key", "webhook_secret")
 
@@ -190,6 +193,46 @@ class RunSpec(BaseModel):
         flag="--variations",
         metavar="CSV",
     )
+    catalog: str | None = _option(
+        None,
+        "MANIFEST is a shop's product export, read as the shop writes it: product fields "
+        "filled down onto variants, ids from the Handle/SKU, image-only lines accounted for "
+        "(merged). A [catalog] table in --config maps any other export.",
+        flag="--catalog",
+        metavar="shopify|woocommerce",
+    )
+    per: str | None = _option(
+        None,
+        "With --catalog: one image per product, or one per variant. [default: product]",
+        flag="--per",
+        metavar="product|variant",
+    )
+    #: The ``[catalog]`` mapping of a config file, for exports of any other system.
+    catalog_mapping: ExportMapping | None = Field(
+        None, description="The [catalog] mapping of a config file (any other export)."
+    )
+    reference_column: str | None = _option(
+        None,
+        "The column holding each row's reference image, e.g. 'Image Src' (with --catalog: "
+        "the product's first image). [default: input_image]",
+        flag="--reference-column",
+        metavar="COLUMN",
+    )
+    missing_reference: str = _option(
+        "fail",
+        "A reference URL that cannot be fetched: the row ends failed (--retry-failed tries "
+        "again), or text-only generates from the prompt alone and says so in its reason. "
+        "[default: fail]",
+        flag="--missing-reference",
+        metavar="fail|text-only",
+    )
+    report_columns: tuple[str, ...] = _option(
+        (),
+        "Catalog columns report.html shows under each product, e.g. 'Variant SKU,Variant "
+        "Price' (repeatable). [default: a few that look like a title, SKU or colour]",
+        flag="--report-columns",
+        metavar="COL,COL",
+    )
     max_credits: float | None = _option(
         None,
         "Budget for this output: spend plus in-flight cost never passes N credits (earlier "
@@ -309,6 +352,22 @@ class RunSpec(BaseModel):
             output_format=self.output_format,
         )
 
+    def export(self) -> ExportSpec | None:
+        """The product export to read (``--catalog``/``--per`` or ``[catalog]``), if any."""
+        if self.catalog is None:
+            if self.per is not None:
+                raise ConfigError(
+                    f"--per {self.per} needs --catalog shopify|woocommerce (or a [catalog] "
+                    "mapping in the config file): a plain manifest has one row per image"
+                )
+            return None
+        if self.catalog == "mapping" and self.catalog_mapping is None:
+            raise ConfigError(
+                "--catalog mapping needs a [catalog] table in the --config file (id_column, "
+                "group_column, fill_down, reference_column)"
+            )
+        return ExportSpec(self.catalog, self.per or "product", self.catalog_mapping)
+
     @property
     def has_catalog(self) -> bool:
         """Whether rows are built from a template or crossed with variations."""
@@ -360,6 +419,11 @@ SETTING_TYPES: Final[dict[str, type]] = {
     "model": str,
     "webhook_listen": str,
     "webhook_public_url": str,
+    "catalog": str,
+    "per": str,
+    "reference_column": str,
+    "missing_reference": str,
+    "report_columns": list,
     "library": str,
     "no_library": bool,
 }
@@ -413,6 +477,13 @@ def check_setting(setting: str, value: object, where: Where, tiers: Any) -> obje
         value = str(value)
     if expected_type is list and isinstance(value, tuple):
         value = list(value)
+    if setting == "report_columns" and isinstance(value, str):
+        value = [value]
+    if setting == "report_columns" and isinstance(value, list):
+        # `--report-columns "SKU,Price"` and `report_columns = ["SKU", "Price"]` alike.
+        value = [
+            part.strip() for item in value if isinstance(item, str) for part in item.split(",")
+        ]
     if expected_type is list and isinstance(value, list):
         if not all(isinstance(item, str) and item.strip() for item in value):
             raise where.fail(setting, value, _TYPE_WORDS[list] + " (none empty)")
@@ -452,7 +523,16 @@ def check_setting(setting: str, value: object, where: Where, tiers: Any) -> obje
             value,
             "an http:// or https:// URL the API can reach, e.g. https://hooks.example",
         )
-    if setting in ("out", "api_url", "sim_config", "library") and not str(value).strip():
+    if setting == "catalog" and value not in (*CATALOG_FORMATS, "mapping"):
+        raise where.fail(setting, value, _one_of(CATALOG_FORMATS) + " (or a [catalog] mapping)")
+    if setting == "per" and value not in PER_CHOICES:
+        raise where.fail(setting, value, _one_of(PER_CHOICES))
+    if setting == "missing_reference" and value not in MISSING_REFERENCE_CHOICES:
+        raise where.fail(setting, value, _one_of(MISSING_REFERENCE_CHOICES))
+    if (
+        setting in ("out", "api_url", "sim_config", "library", "reference_column")
+        and not str(value).strip()
+    ):
         raise where.fail(setting, value, "a non-empty value")
     return value
 
