@@ -103,12 +103,11 @@ async def test_a_flow_on_s3_copies_from_its_dated_default_library_inside_s3(
         Key="in/catalog.csv",
         Body=write_catalog(tmp_path / "catalog.csv", rows).read_bytes(),
     )
-    common = {"tier": None, "max_active": 8, "shard_size": 4, "parallel_shards": 2}
+    common = {"shard_size": 4, "parallel_shards": 2}
     async with SimServer(sim_config()) as sim:
         first = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
-            f"s3://{bucket}/nightly/{{date}}",
-            api_url=sim.url,
+            RunSpec(out=f"s3://{bucket}/nightly/{{date}}", api_url=sim.url, max_active=8),
             return_state=True,
             **common,
         )
@@ -116,8 +115,7 @@ async def test_a_flow_on_s3_copies_from_its_dated_default_library_inside_s3(
         # The next night, into another dated folder: the default library is the same one.
         second = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
-            f"s3://{bucket}/nightly/{{date}}-again",
-            api_url=sim.url,
+            RunSpec(out=f"s3://{bucket}/nightly/{{date}}-again", api_url=sim.url, max_active=8),
             return_state=True,
             **common,
         )
