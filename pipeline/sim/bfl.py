@@ -229,13 +229,14 @@ class BflApi:
         """
         if status != BflStatus.READY:
             return None
+        start, end = round(task.started_at, 3), round(task.finished_at, 3)
         return {
             "sample": self.results.url(task, base_url),
             "seed": task.seed,
             "prompt": task.prompt,
-            "start_time": round(task.started_at, 3),
-            "end_time": round(task.finished_at, 3),
-            "duration": round(task.finished_at - task.started_at, 3),
+            "start_time": start,
+            "end_time": end,
+            "duration": round(end - start, 3),
         }
 
     def _forget_pruned(self) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from bfl_sim_helpers import HEADERS, KEY, MODEL, config, submit
 from PIL import Image
 
 from pipeline.contract import KLEIN_MODEL, KLEIN_PATH
@@ -22,16 +23,8 @@ from pipeline.errors import ConfigError
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
 from pipeline.sim.config import PriceConfig
 
-KEY = "sim-demo-key"
-BFL = {"x-key": KEY}
 KLEIN = {"x-freepik-api-key": KEY}
-
-
-def config(**changes: Any) -> SimConfig:
-    cfg = SimConfig(latency=LatencyConfig(median_s=0.05, p95_s=0.1))
-    for name, value in changes.items():
-        setattr(cfg, name, value)
-    return cfg
+BFL = HEADERS
 
 
 @pytest.fixture
@@ -41,12 +34,11 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
 
 
 async def bfl_submit(
-    server: SimServer, session: aiohttp.ClientSession, model: str = "flux-2-klein-4b", **body: Any
+    server: SimServer, session: aiohttp.ClientSession, model: str = MODEL, **body: Any
 ) -> dict[str, Any]:
-    body.setdefault("prompt", "a red shoe on white")
-    async with session.post(f"{server.url}/v1/{model}", json=body, headers=BFL) as r:
-        assert r.status == 200, await r.text()
-        return await r.json()
+    status, answer = await submit(server, session, model, **body)
+    assert status == 200, answer
+    return answer
 
 
 async def klein_submit(server: SimServer, session: aiohttp.ClientSession, **body: Any) -> str:
