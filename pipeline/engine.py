@@ -769,7 +769,7 @@ class Engine:
                 cost_credits=charged,
                 created_at=time.time(),
             )
-            await self._add_to_library(entry, body, relpath)
+            await self._add_to_library(entry, body, relpath, info.thumbnail)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
@@ -799,13 +799,14 @@ class Engine:
         fp = library.fingerprint(request, digests)
         relpath = f"images/{job.row.key}.{FORMAT_EXT[request.output_format]}"
         while True:
-            entry = await library.reuse(fp, self._sink, relpath)
-            if entry is not None:
+            reused = await library.reuse(fp, self._sink, relpath)
+            if reused is not None:
+                entry, uri = reused
                 outcome = self._outcome(
                     job,
                     RowStatus.SUCCEEDED,
                     digests=digests,
-                    output_uri=self._sink.uri(relpath),
+                    output_uri=uri,
                     sha256=entry.sha256,
                     width=entry.width,
                     height=entry.height,
@@ -813,6 +814,11 @@ class Engine:
                     size=entry.bytes,
                 )
                 outcome.reused_from = library.location(entry)
+                if self._thumbs_left > 0:
+                    # report.html's contact sheet: the library's thumbnail, not a decode.
+                    thumb = f"{THUMBS_RELDIR}/{job.row.key}.jpg"
+                    if await library.reuse_thumbnail(fp, self._sink, thumb):
+                        self._thumbs_left -= 1
                 return outcome
             making = library.claim(fp)
             if making is None:
@@ -820,12 +826,14 @@ class Engine:
                 return None
             await making.wait()
 
-    async def _add_to_library(self, entry: Entry, body: bytes, relpath: str) -> None:
+    async def _add_to_library(
+        self, entry: Entry, body: bytes, relpath: str, thumbnail: bytes | None
+    ) -> None:
         """Keep a paid image in the library; a library that fails to take it costs a later
         run a submit, never this row its image (it is in DEST already)."""
         assert self._library is not None
         try:
-            await self._library.store(entry, body, self._sink, relpath)
+            await self._library.store(entry, body, self._sink, relpath, thumbnail)
         except (KleinError, OSError, ValueError) as exc:
             log.warning("library %s did not take %s: %s", self._library.uri, relpath, exc)
 
