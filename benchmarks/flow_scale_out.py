@@ -21,12 +21,14 @@ least 0.9). The machine's load average is recorded with every pair.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
 import tempfile
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +57,11 @@ def load() -> str:
 
 
 def write_manifest(path: Path, rows: int) -> Path:
-    lines = ["id,prompt,sku"]
-    lines += [f"r{n:05d},{PROMPTS[n % len(PROMPTS)]} (variant {n}),SKU{n}" for n in range(rows)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with path.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "prompt", "sku"])
+        for n in range(rows):
+            writer.writerow([f"r{n:05d}", f"{PROMPTS[n % len(PROMPTS)]} (variant {n})", f"SKU{n}"])
     return path
 
 
@@ -89,7 +93,8 @@ def plain_run(manifest: Path, out: Path, pool: dict[str, Any]) -> dict[str, Any]
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=900)
     wall = time.monotonic() - started
     if done.returncode != 0:
-        raise RuntimeError(f"klein-batch run failed: {done.stderr[-2000:]}")
+        said = (done.stdout + done.stderr)[-2000:]
+        raise RuntimeError(f"klein-batch run exited {done.returncode}: {said}")
     return figures(sim_stats(pool["sim_url"]), wall)
 
 
@@ -112,8 +117,8 @@ def deployment_run(
         "from prefect.deployments.flow_runs import arun_deployment\n"
         "run = asyncio.run(arun_deployment('generate-catalog/nightly-catalog', "
         "parameters=json.loads(sys.argv[1]), timeout=None, poll_interval=1))\n"
-        "print(json.dumps({'state': run.state.type.value, 'start': run.start_time.timestamp(), "
-        "'end': run.end_time.timestamp()}))\n"
+        "print(json.dumps({'id': str(run.id), 'state': run.state.type.value, "
+        "'start': run.start_time.timestamp(), 'end': run.end_time.timestamp()}))\n"
     )
     started = time.monotonic()
     done = subprocess.run(
@@ -137,10 +142,29 @@ def deployment_run(
     for shard in summary.get("shards", []):
         workers[str(shard.get("worker"))] = workers.get(str(shard.get("worker")), 0) + 1
     result["shards_by_runner"] = workers
+    result["parent_timeline"] = timeline(pool["api"], parent["id"], parent["start"])
     result["runners"] = {
         name: run["state_type"] for name, run in sorted(runner_runs(pool["api"]).items())
     }
     return result
+
+
+def timeline(api: str, run_id: str, start: float) -> list[str]:
+    """The parent's log lines, seconds from its start: where its wall time went."""
+    body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "sort": "TIMESTAMP_ASC", "limit": 200}
+    request = urllib.request.Request(
+        f"{api}/logs/filter",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        logs = json.loads(answer.read())
+    lines = []
+    for entry in logs:
+        at = datetime.fromisoformat(entry["timestamp"]).timestamp() - start
+        lines.append(f"{at:7.2f} s  {entry['message'].splitlines()[0][:110]}")
+    return lines
 
 
 def main() -> None:

@@ -469,8 +469,9 @@ async def generate_catalog(
         library=library,
     )
     progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
+    winding_down: asyncio.Task[None] | None = None
     if shard_deployment:
-        results, failed = await _run_queue(
+        results, failed, winding_down = await _run_queue(
             shards,
             make_job,
             deployment=shard_deployment,
@@ -491,60 +492,69 @@ async def generate_catalog(
             progress_id=progress_id,
             total_rows=checked["total_rows"],
         )
-    await artifacts.publish_table(results)
+    try:
+        await artifacts.publish_table(results)
 
-    manifest_uri = sink.uri(MANIFEST_RELPATH)
-    summary_data: dict[str, Any] = {}
-    if not failed:
-        manifest_uri, stats = await merge_manifests(
-            sink,
-            [(shard.start, shard.stop, f"{shard.folder}/{MANIFEST_RELPATH}") for shard in shards],
-            fresh_after=started,
-        )
-        summary = combine(
-            run_id=run_id,
-            manifest=checked["source"],
-            output=out,
-            dialect=dialect,
-            tier=limits.name,
-            max_active=limits.max_active,
-            submits_per_minute=limits.submits_per_minute,
-            started_at=started,
-            finished_at=time.time(),
-            stats=stats,
-            shard_summaries=[info["summary"] for info in results],
-        )
-        extra = {
-            "shard_size": checked["shard_size"],
-            "parallel_shards": parallel,
-            "shard_share": share.occupy,
-            "concurrency_limit": concurrency_limit or None,
-            "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
-        }
-        run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(sink, summary)
-        summary_data = summary.to_dict() | extra
-        await artifacts.publish_summary(
-            artifacts.summary_markdown(
-                summary,
-                manifest_uri=manifest_uri,
-                run_json_uri=run_json_uri,
-                images_uri=sink.uri("images/x").rsplit("/", 1)[0],
-                shards=len(shards),
-                share=share.occupy,
-                failed_shards=[],
-                report_uri=report_uri,
+        manifest_uri = sink.uri(MANIFEST_RELPATH)
+        summary_data: dict[str, Any] = {}
+        if not failed:
+            manifest_uri, stats = await merge_manifests(
+                sink,
+                [
+                    (shard.start, shard.stop, f"{shard.folder}/{MANIFEST_RELPATH}")
+                    for shard in shards
+                ],
+                fresh_after=started,
             )
+            summary = combine(
+                run_id=run_id,
+                manifest=checked["source"],
+                output=out,
+                dialect=dialect,
+                tier=limits.name,
+                max_active=limits.max_active,
+                submits_per_minute=limits.submits_per_minute,
+                started_at=started,
+                finished_at=time.time(),
+                stats=stats,
+                shard_summaries=[info["summary"] for info in results],
+            )
+            extra = {
+                "shard_size": checked["shard_size"],
+                "parallel_shards": parallel,
+                "shard_share": share.occupy,
+                "concurrency_limit": concurrency_limit or None,
+                "shards": [
+                    _shard_entry(info) for info in sorted(results, key=lambda i: i["index"])
+                ],
+            }
+            run_json_uri = await write_run_json(sink, summary, extra)
+            report_uri = await write_html_report(sink, summary)
+            summary_data = summary.to_dict() | extra
+            await artifacts.publish_summary(
+                artifacts.summary_markdown(
+                    summary,
+                    manifest_uri=manifest_uri,
+                    run_json_uri=run_json_uri,
+                    images_uri=sink.uri("images/x").rsplit("/", 1)[0],
+                    shards=len(shards),
+                    share=share.occupy,
+                    failed_shards=[],
+                    report_uri=report_uri,
+                )
+            )
+            logger.info("catalog done: %s", _counts_text(summary.counts))
+            logger.info("output manifest: %s", manifest_uri)
+            return summary_data
+        names = ", ".join(str(n) for n in failed)
+        raise ShardsFailed(
+            f"shards {names} did not finish after {shard_retries} retries (their errors are in "
+            f"the task runs); the others are done: run the flow again with the same output to "
+            f"resume, nothing finished is paid for twice"
         )
-        logger.info("catalog done: %s", _counts_text(summary.counts))
-        logger.info("output manifest: %s", manifest_uri)
-        return summary_data
-    names = ", ".join(str(n) for n in failed)
-    raise ShardsFailed(
-        f"shards {names} did not finish after {shard_retries} retries (their errors are in "
-        f"the task runs); the others are done: run the flow again with the same output to "
-        f"resume, nothing finished is paid for twice"
-    )
+    finally:
+        if winding_down is not None:
+            await winding_down
 
 
 def _flow_run_id() -> str:
@@ -667,19 +677,20 @@ async def _run_queue(
     queue: ShardQueue,
     runners: int,
     progress_id: Any,
-) -> tuple[list[dict[str, Any]], list[int]]:
+) -> tuple[list[dict[str, Any]], list[int], asyncio.Task[None] | None]:
     """Run the shards from a queue: this process at once, ``runners - 1`` helper flow runs
     of ``deployment`` as soon as workers start them; ends when every shard is finished.
 
     This process is a runner too, so the key is busy while the workers start their
     processes, and the night ends even if every worker is lost. Helpers still running once
-    every shard is finished are ended (``_end_helpers``).
+    every shard is finished are ended (``_end_helpers``) by the task returned last, which
+    the caller awaits once it merged the shards.
     """
     from prefect.deployments.flow_runs import arun_deployment
 
     logger = get_run_logger()
     if not shards:
-        return [], []
+        return [], [], None
     template: ShardJob = make_job(shards[0])
     helpers: list[Any] = []
     for number in range(1, min(runners, len(shards))):
@@ -724,11 +735,18 @@ async def _run_queue(
             attempts=queue.attempts,
             on_shard=on_shard,
         )
-    finally:
+    except BaseException:
         await _end_helpers(helpers)
-    if not failed:
-        await forget_claims(template.out, shards)
-    return [finished[index] for index in sorted(finished)], failed
+        raise
+    # The helpers wind down while the flow merges (the key is idle from here on).
+    winding_down = asyncio.create_task(_wind_down(helpers, template.out, shards, not failed))
+    return [finished[index] for index in sorted(finished)], failed, winding_down
+
+
+async def _wind_down(helpers: list[Any], out: str, shards: list[ShardSpec], done: bool) -> None:
+    await _end_helpers(helpers)
+    if done:
+        await forget_claims(out, shards)
 
 
 #: How long helpers get to notice that every shard is finished and end by themselves.

@@ -6,9 +6,10 @@ share of the key that never grew when other shards finished, and a worker that d
 its shards with it for good (measured: the key 0.32 busy where one process kept it 0.75,
 and a lost worker hung the night). Here every runner, the parent flow's own process first
 and one long-lived process per helper flow run on the workers, pulls the next unfinished
-shard and runs it with the whole key, sharing it with the other runners by the engine's
-adaptive sharing (``pipeline/limits.py``: the share grows as others finish and shrinks as
-they start, from the API's own 429s, never a server round trip per request).
+shard (two at a time, ``LANES``) and runs it with the whole key, sharing it with the other
+runners by the engine's adaptive sharing (``pipeline/limits.py``: the share grows as
+others finish and shrinks as they start, from the API's own 429s, never a server round
+trip per request).
 
 A runner owns a shard while it holds that shard's claim: one slot of a Prefect global
 concurrency limit of 1 named after the output and the shard (so a rerun of the same output
@@ -48,6 +49,12 @@ RETRY_DELAY_S: Final = 5.0
 #: The longest a lost shard waits before a surviving runner takes it over: the lease, the
 #: server's repossessor loop (15 s by default) and one idle look.
 TAKEOVER_BOUND_S: Final = CLAIM_LEASE_S + 15.0 + IDLE_POLL_S
+
+#: Shards one runner runs at once. A shard's last tasks straggle (a p95 of twice the median)
+#: while the shard has nothing left to submit; a second lane fills those slots with the
+#: next shard, where one lane left the key idle at every shard's tail. The lanes share the
+#: key adaptively, as the runners do.
+LANES: Final = 2
 
 #: Called with each shard a runner finished (its shard.json) or gave up on (None).
 OnShard = Callable[[ShardSpec, dict[str, Any] | None], Awaitable[None]]
@@ -148,8 +155,9 @@ async def drain(
     run: Callable[[ShardSpec], Awaitable[dict[str, Any]]],
     attempts: int,
     on_shard: OnShard | None = None,
+    lanes: int = LANES,
 ) -> tuple[dict[int, dict[str, Any]], list[int]]:
-    """Run unfinished shards one at a time until every shard is finished by some runner.
+    """Run unfinished shards, ``lanes`` at a time, until every shard is finished by some runner.
 
     Returns the ``shard.json`` of every finished shard (by whichever runner) and the shards
     this runner gave up on after ``attempts`` failures of its own. While other runners hold
@@ -162,60 +170,81 @@ async def drain(
     failures: dict[int, int] = {}
     given_up: set[int] = set()
     not_before: dict[int, float] = {}
-    async with get_client() as client:
+    running_here: set[int] = set()
+
+    async def finish(shard: ShardSpec, info: dict[str, Any] | None) -> None:
+        if shard.index in finished or shard.index in given_up:
+            return
+        if info is None:
+            given_up.add(shard.index)
+        else:
+            finished[shard.index] = info
+        if on_shard is not None:
+            await on_shard(shard, info)
+
+    async def attempt(client: Any, shard: ShardSpec, lease: UUID, name: str) -> None:
+        outcome: dict[str, Any] | None = None
+        running_here.add(shard.index)
+        try:
+            async with _held(client, lease, name):
+                outcome = await finished_info(sink, shard.index, token)
+                if outcome is None:
+                    outcome = await run(shard)
+        except Exception as exc:
+            failures[shard.index] = failures.get(shard.index, 0) + 1
+            log.error(
+                "shard %d (rows %d-%d) failed (attempt %d of %d): %s",
+                shard.index,
+                shard.start + 1,
+                shard.stop,
+                failures[shard.index],
+                attempts,
+                exc,
+            )
+            if failures[shard.index] >= attempts:
+                await finish(shard, None)
+            else:
+                not_before[shard.index] = time.monotonic() + RETRY_DELAY_S
+        finally:
+            running_here.discard(shard.index)
+        if outcome is not None:
+            await finish(shard, outcome)
+
+    async def lane(client: Any) -> None:
         while True:
             waiting: list[ShardSpec] = []
             for shard in shards:
                 if shard.index in finished or shard.index in given_up:
                     continue
+                if shard.index in running_here:
+                    continue
                 info = await finished_info(sink, shard.index, token)
                 if info is not None:
-                    finished[shard.index] = info
-                    if on_shard is not None:
-                        await on_shard(shard, info)
+                    await finish(shard, info)
                 else:
                     waiting.append(shard)
             if not waiting:
-                return finished, sorted(given_up)
+                return  # the rest is finished, or running in another lane of this runner
             ran = False
             for shard in waiting:
-                if not_before.get(shard.index, 0.0) > time.monotonic():
+                if (
+                    shard.index in running_here
+                    or not_before.get(shard.index, 0.0) > time.monotonic()
+                ):
                     continue
                 name = claim_name(out, shard.index)
                 lease = await _try_claim(client, name)
                 if lease is None:
                     continue
                 ran = True
-                outcome: dict[str, Any] | None = None
-                try:
-                    async with _held(client, lease, name):
-                        outcome = await finished_info(sink, shard.index, token)
-                        if outcome is None:
-                            outcome = await run(shard)
-                except Exception as exc:
-                    failures[shard.index] = failures.get(shard.index, 0) + 1
-                    log.error(
-                        "shard %d (rows %d-%d) failed (attempt %d of %d): %s",
-                        shard.index,
-                        shard.start + 1,
-                        shard.stop,
-                        failures[shard.index],
-                        attempts,
-                        exc,
-                    )
-                    if failures[shard.index] >= attempts:
-                        given_up.add(shard.index)
-                        if on_shard is not None:
-                            await on_shard(shard, None)
-                    else:
-                        not_before[shard.index] = time.monotonic() + RETRY_DELAY_S
-                if outcome is not None:
-                    finished[shard.index] = outcome
-                    if on_shard is not None:
-                        await on_shard(shard, outcome)
+                await attempt(client, shard, lease, name)
                 break  # look at the queue afresh: others may have finished shards meanwhile
             if not ran:
                 await asyncio.sleep(IDLE_POLL_S)
+
+    async with get_client() as client:
+        await asyncio.gather(*(lane(client) for _ in range(max(1, lanes))))
+    return finished, sorted(given_up)
 
 
 async def forget_claims(out: str, shards: list[ShardSpec]) -> None:

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -37,6 +38,7 @@ from benchmarks.prefect_pool import (
     sim_stats,
     work_pool,
 )
+from benchmarks.prefect_pool import run as run_command
 
 pytestmark = pytest.mark.slow
 
@@ -226,3 +228,61 @@ def test_a_lost_worker_never_hangs_the_night(tmp_path: Path) -> None:
     states = sorted(run["state_type"] for run in runners.values())
     assert "CRASHED" in states and set(states) <= {"CRASHED", "COMPLETED", "CANCELLED"}, states
     assert KEY not in output
+
+
+def flow_run(api: str, run_id: str) -> dict[str, Any]:
+    return api_get(api, f"/flow_runs/{run_id}")
+
+
+@pytest.mark.timeout(900)
+def test_cancelling_the_night_ends_its_runners(tmp_path: Path) -> None:
+    """`prefect flow-run cancel` of a nightly-catalog run stops the parent on its worker and,
+    through the server's cancellation cleanup, the runner flow runs on the pool."""
+    manifest = write_catalog(
+        tmp_path / "catalog.csv",
+        [(f"c{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, LOST_ROWS + 1)],
+    )
+    parameters = {
+        "manifest": str(manifest),
+        "out": str(tmp_path / "out"),
+        "api_url": "",
+        "max_active": TIER_ACTIVE,
+        "shard_size": LOST_SHARD_SIZE,
+        "parallel_shards": 3,
+        "api_key_block": "freepik-api-key",
+        "shard_deployment": SHARD_DEPLOYMENT,
+    }
+    script = (
+        "import json, sys\n"
+        "from prefect.deployments import run_deployment\n"
+        "run = run_deployment('generate-catalog/nightly-catalog', "
+        "parameters=json.loads(sys.argv[1]), timeout=0)\n"
+        "print(run.id)\n"
+    )
+    with work_pool(tmp_path, LOST_SIM_TOML, KEY) as pool:
+        api = pool["api"]
+        parameters["api_url"] = pool["sim_url"]
+        parent = run_command(
+            [str(BIN / "python"), "-c", script, json.dumps(parameters)], pool["client"]
+        ).split()[-1]
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            states = {runner["state_type"] for runner in runner_runs(api).values()}
+            if "RUNNING" in states and flow_run(api, parent)["state_type"] == "RUNNING":
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError(f"no runner started: {runner_runs(api)}")
+        run_command([str(BIN / "prefect"), "flow-run", "cancel", parent], pool["client"])
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            ended = [flow_run(api, parent), *runner_runs(api).values()]
+            if all(one["state_type"] == "CANCELLED" for one in ended):
+                break
+            time.sleep(1)
+        else:
+            raise AssertionError([(one["name"], one["state_type"]) for one in ended])
+        submitted = sim_stats(pool["sim_url"])["submits_accepted"]
+        time.sleep(5)
+        assert sim_stats(pool["sim_url"])["submits_accepted"] == submitted  # nothing runs
+    assert submitted < LOST_ROWS  # it was stopped mid-night
