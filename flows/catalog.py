@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -338,7 +339,33 @@ def _counts_text(counts: dict[str, int]) -> str:
 # --- the catalog flow -----------------------------------------------------------------------------
 
 
-@flow(name="generate-catalog", log_prints=False)
+#: What ``end_runners`` cleans up after each night run in this process: (runner flow runs,
+#: output, shards), by the night's flow run id.
+_WIND_DOWN: dict[str, tuple[list[Any], str, list[ShardSpec]]] = {}
+
+
+async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
+    """State hook of ``generate-catalog``: end its runner flow runs and delete its claims.
+
+    It runs once the night's run has its final state, so neither the runners' exits nor the
+    clean-up count as the night's time (the key has nothing left to do by then).
+    """
+    night = _WIND_DOWN.pop(str(flow_run.id), None)
+    if night is None:
+        return
+    helpers, out, shards = night
+    await _end_helpers(helpers)
+    await forget_claims(out, shards)
+
+
+@flow(
+    name="generate-catalog",
+    log_prints=False,
+    on_completion=[end_runners],
+    on_failure=[end_runners],
+    on_crashed=[end_runners],
+    on_cancellation=[end_runners],
+)
 async def generate_catalog(
     manifest: str,
     out: str,
@@ -469,9 +496,8 @@ async def generate_catalog(
         library=library,
     )
     progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
-    winding_down: asyncio.Task[None] | None = None
     if shard_deployment:
-        results, failed, winding_down = await _run_queue(
+        results, failed = await _run_queue(
             shards,
             make_job,
             deployment=shard_deployment,
@@ -492,69 +518,60 @@ async def generate_catalog(
             progress_id=progress_id,
             total_rows=checked["total_rows"],
         )
-    try:
-        await artifacts.publish_table(results)
+    await artifacts.publish_table(results)
 
-        manifest_uri = sink.uri(MANIFEST_RELPATH)
-        summary_data: dict[str, Any] = {}
-        if not failed:
-            manifest_uri, stats = await merge_manifests(
-                sink,
-                [
-                    (shard.start, shard.stop, f"{shard.folder}/{MANIFEST_RELPATH}")
-                    for shard in shards
-                ],
-                fresh_after=started,
-            )
-            summary = combine(
-                run_id=run_id,
-                manifest=checked["source"],
-                output=out,
-                dialect=dialect,
-                tier=limits.name,
-                max_active=limits.max_active,
-                submits_per_minute=limits.submits_per_minute,
-                started_at=started,
-                finished_at=time.time(),
-                stats=stats,
-                shard_summaries=[info["summary"] for info in results],
-            )
-            extra = {
-                "shard_size": checked["shard_size"],
-                "parallel_shards": parallel,
-                "shard_share": share.occupy,
-                "concurrency_limit": concurrency_limit or None,
-                "shards": [
-                    _shard_entry(info) for info in sorted(results, key=lambda i: i["index"])
-                ],
-            }
-            run_json_uri = await write_run_json(sink, summary, extra)
-            report_uri = await write_html_report(sink, summary)
-            summary_data = summary.to_dict() | extra
-            await artifacts.publish_summary(
-                artifacts.summary_markdown(
-                    summary,
-                    manifest_uri=manifest_uri,
-                    run_json_uri=run_json_uri,
-                    images_uri=sink.uri("images/x").rsplit("/", 1)[0],
-                    shards=len(shards),
-                    share=share.occupy,
-                    failed_shards=[],
-                    report_uri=report_uri,
-                )
-            )
-            logger.info("catalog done: %s", _counts_text(summary.counts))
-            logger.info("output manifest: %s", manifest_uri)
-            return summary_data
-        names = ", ".join(str(n) for n in failed)
-        raise ShardsFailed(
-            f"shards {names} did not finish after {shard_retries} retries (their errors are in "
-            f"the task runs); the others are done: run the flow again with the same output to "
-            f"resume, nothing finished is paid for twice"
+    manifest_uri = sink.uri(MANIFEST_RELPATH)
+    summary_data: dict[str, Any] = {}
+    if not failed:
+        manifest_uri, stats = await merge_manifests(
+            sink,
+            [(shard.start, shard.stop, f"{shard.folder}/{MANIFEST_RELPATH}") for shard in shards],
+            fresh_after=started,
         )
-    finally:
-        if winding_down is not None:
-            await winding_down
+        summary = combine(
+            run_id=run_id,
+            manifest=checked["source"],
+            output=out,
+            dialect=dialect,
+            tier=limits.name,
+            max_active=limits.max_active,
+            submits_per_minute=limits.submits_per_minute,
+            started_at=started,
+            finished_at=time.time(),
+            stats=stats,
+            shard_summaries=[info["summary"] for info in results],
+        )
+        extra = {
+            "shard_size": checked["shard_size"],
+            "parallel_shards": parallel,
+            "shard_share": share.occupy,
+            "concurrency_limit": concurrency_limit or None,
+            "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
+        }
+        run_json_uri = await write_run_json(sink, summary, extra)
+        report_uri = await write_html_report(sink, summary)
+        summary_data = summary.to_dict() | extra
+        await artifacts.publish_summary(
+            artifacts.summary_markdown(
+                summary,
+                manifest_uri=manifest_uri,
+                run_json_uri=run_json_uri,
+                images_uri=sink.uri("images/x").rsplit("/", 1)[0],
+                shards=len(shards),
+                share=share.occupy,
+                failed_shards=[],
+                report_uri=report_uri,
+            )
+        )
+        logger.info("catalog done: %s", _counts_text(summary.counts))
+        logger.info("output manifest: %s", manifest_uri)
+        return summary_data
+    names = ", ".join(str(n) for n in failed)
+    raise ShardsFailed(
+        f"shards {names} did not finish after {shard_retries} retries (their errors are in "
+        f"the task runs); the others are done: run the flow again with the same output to "
+        f"resume, nothing finished is paid for twice"
+    )
 
 
 def _flow_run_id() -> str:
@@ -677,20 +694,19 @@ async def _run_queue(
     queue: ShardQueue,
     runners: int,
     progress_id: Any,
-) -> tuple[list[dict[str, Any]], list[int], asyncio.Task[None] | None]:
+) -> tuple[list[dict[str, Any]], list[int]]:
     """Run the shards from a queue: this process at once, ``runners - 1`` helper flow runs
     of ``deployment`` as soon as workers start them; ends when every shard is finished.
 
     This process is a runner too, so the key is busy while the workers start their
     processes, and the night ends even if every worker is lost. Helpers still running once
-    every shard is finished are ended (``_end_helpers``) by the task returned last, which
-    the caller awaits once it merged the shards.
+    every shard is finished are ended after the night's run ends (``end_runners``).
     """
     from prefect.deployments.flow_runs import arun_deployment
 
     logger = get_run_logger()
     if not shards:
-        return [], [], None
+        return [], []
     template: ShardJob = make_job(shards[0])
     helpers: list[Any] = []
     for number in range(1, min(runners, len(shards))):
@@ -735,18 +751,11 @@ async def _run_queue(
             attempts=queue.attempts,
             on_shard=on_shard,
         )
-    except BaseException:
-        await _end_helpers(helpers)
-        raise
-    # The helpers wind down while the flow merges (the key is idle from here on).
-    winding_down = asyncio.create_task(_wind_down(helpers, template.out, shards, not failed))
-    return [finished[index] for index in sorted(finished)], failed, winding_down
-
-
-async def _wind_down(helpers: list[Any], out: str, shards: list[ShardSpec], done: bool) -> None:
-    await _end_helpers(helpers)
-    if done:
-        await forget_claims(out, shards)
+    finally:
+        # Ended by the flow's state hooks, once the night's run has its final state: runners
+        # take a few seconds to notice the empty queue and exit, and the night is done.
+        _WIND_DOWN[_flow_run_id()] = (helpers, template.out, shards)
+    return [finished[index] for index in sorted(finished)], failed
 
 
 #: How long helpers get to notice that every shard is finished and end by themselves.
@@ -761,9 +770,13 @@ async def _end_helpers(helpers: list[Any]) -> None:
     and is marked crashed, its shards having been finished by the other runners.
     """
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import MissingContextError
     from prefect.states import Cancelled, Crashed
 
-    logger = get_run_logger()
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger(__name__)
     deadline = time.monotonic() + HELPER_GRACE_S
     async with get_client() as client:
         left = list(helpers)

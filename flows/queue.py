@@ -6,7 +6,7 @@ share of the key that never grew when other shards finished, and a worker that d
 its shards with it for good (measured: the key 0.32 busy where one process kept it 0.75,
 and a lost worker hung the night). Here every runner, the parent flow's own process first
 and one long-lived process per helper flow run on the workers, pulls the next unfinished
-shard (two at a time, ``LANES``) and runs it with the whole key, sharing it with the other
+shard (``LANES`` at a time) and runs it with the whole key, sharing it with the other
 runners by the engine's adaptive sharing (``pipeline/limits.py``: the share grows as
 others finish and shrinks as they start, from the API's own 429s, never a server round
 trip per request).
@@ -50,11 +50,11 @@ RETRY_DELAY_S: Final = 5.0
 #: server's repossessor loop (15 s by default) and one idle look.
 TAKEOVER_BOUND_S: Final = CLAIM_LEASE_S + 15.0 + IDLE_POLL_S
 
-#: Shards one runner runs at once. A shard's last tasks straggle (a p95 of twice the median)
-#: while the shard has nothing left to submit; a second lane fills those slots with the
-#: next shard, where one lane left the key idle at every shard's tail. The lanes share the
-#: key adaptively, as the runners do.
-LANES: Final = 2
+#: Shards one runner runs at once. Two lanes would fill the key at each shard's tail (its
+#: last tasks straggle while it has nothing left to submit), but two engines in one
+#: process sharing the key adaptively were slower than one on the 2-core benchmark
+#: machine (``benchmarks/RESULTS.md``), so a runner runs one shard at a time.
+LANES: Final = 1
 
 #: Called with each shard a runner finished (its shard.json) or gave up on (None).
 OnShard = Callable[[ShardSpec, dict[str, Any] | None], Awaitable[None]]
