@@ -709,6 +709,9 @@ async def _run_queue(
         return [], []
     template: ShardJob = make_job(shards[0])
     helpers: list[Any] = []
+    # Ended by the flow's state hooks once the night's run has its final state (runners
+    # take a few seconds to notice the empty queue and exit, and the night is done by then).
+    _WIND_DOWN[_flow_run_id()] = (helpers, template.out, shards)
     for number in range(1, min(runners, len(shards))):
         helper = await arun_deployment(
             name=deployment,
@@ -741,20 +744,15 @@ async def _run_queue(
             )
         await artifacts.update_progress(progress_id, done_rows, queue.total_rows)
 
-    try:
-        finished, failed = await drain(
-            shards,
-            sink=open_sink(template.out),
-            out=template.out,
-            token=template.token,
-            run=lambda shard: run_shard(make_job(shard)),
-            attempts=queue.attempts,
-            on_shard=on_shard,
-        )
-    finally:
-        # Ended by the flow's state hooks, once the night's run has its final state: runners
-        # take a few seconds to notice the empty queue and exit, and the night is done.
-        _WIND_DOWN[_flow_run_id()] = (helpers, template.out, shards)
+    finished, failed = await drain(
+        shards,
+        sink=open_sink(template.out),
+        out=template.out,
+        token=template.token,
+        run=lambda shard: run_shard(make_job(shard)),
+        attempts=queue.attempts,
+        on_shard=on_shard,
+    )
     return [finished[index] for index in sorted(finished)], failed
 
 
