@@ -49,6 +49,8 @@ def test_an_unchanged_catalog_is_copied_and_a_changed_row_is_sent(
 
     second = night(sim, manifest, tmp_path / "2026-12-02", library)
     assert accepted(sim) == 30, "an unchanged night sent submits"
+    page = (tmp_path / "2026-12-02" / "report.html").read_text(encoding="utf-8")
+    assert "<b>30</b>from the library" in page
     assert second["status"].to_list() == ["succeeded"] * 30
     assert second["cost_credits"].sum() == 0
     assert second["task_id"].null_count() == 30
