@@ -185,7 +185,7 @@ class CheckReport:
             out.append(f"  by format:      {_counter_line(self.by_format)}")
         out.append(
             f"Estimated cost: {self.estimated_credits:.2f} credits "
-            "(one credit per output megapixel; rejected rows cost nothing)"
+            "(published klein price per megapixel; rejected rows cost nothing)"
         )
         return "\n".join(out)
 

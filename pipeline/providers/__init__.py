@@ -68,6 +68,14 @@ class Provider(Protocol):
 
     def output_size(self, request: ImageRequest) -> tuple[int, int]: ...
 
+    def cost(self, request: ImageRequest, references: Sequence[Reference] = ()) -> float:
+        """The published price of ``request`` with ``references``, in credits.
+
+        What a budget reserves before a submit, and what a row records when the API does
+        not say what it charged (dialect A never does).
+        """
+        ...
+
     def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
         """A verified webhook body: the task it is about and the state it reports."""
         ...

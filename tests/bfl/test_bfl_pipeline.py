@@ -25,10 +25,17 @@ from pipeline_helpers import (
     write_catalog,
 )
 
-from pipeline.contract import ASPECT_RATIOS, bfl_size, cost_credits
-from pipeline.sim import FaultConfig, KeyConfig, ModerationConfig, SimServer
+from pipeline.contract import ASPECT_RATIOS, KLEIN_MODEL, bfl_size, output_size
+from pipeline.providers.bfl import DEFAULT_MODEL, MODELS
+from pipeline.sim import FaultConfig, KeyConfig, ModerationConfig, SimConfig, SimServer
 
 DIALECTS = ["klein", "bfl"]
+
+
+def sim_price(config: SimConfig, dialect: str, width: int, height: int) -> float:
+    """What ``config``'s simulator charges for one image the pipeline sends in ``dialect``."""
+    model = MODELS[DEFAULT_MODEL] if dialect == "bfl" else KLEIN_MODEL
+    return config.price(model).credits(width, height)
 
 
 def poll_urls(out: Path) -> list[str]:
@@ -58,7 +65,8 @@ def test_every_preset_and_resolution_succeeds(dialect: str, sim: SimServer, tmp_
     table = check_output(out, n, summary, dialect=dialect)
     assert statuses(table) == {"succeeded": n}
     for record in table.iter_rows(named=True):
-        assert record["cost_credits"] == cost_credits(record["width"], record["height"])
+        width, height = record["width"], record["height"]
+        assert record["cost_credits"] == sim_price(sim.config, dialect, width, height)
     square_2k = table.filter(
         (pl.col("aspect_ratio") == "square_1_1") & (pl.col("resolution") == "2k")
     )
@@ -71,8 +79,9 @@ def test_every_preset_and_resolution_succeeds(dialect: str, sim: SimServer, tmp_
     urls = poll_urls(out)
     assert len(urls) == n
     if dialect == "bfl":
-        # The simulator's polling_url names a regional-looking path: kept exactly as given.
-        assert all("/regional/eu/v1/get_result?id=" in url for url in urls), urls[:3]
+        # The simulator's polling_url names its regional listener: kept exactly as given.
+        regional = f"{sim.regional_url}/v1/get_result?id="
+        assert all(url.startswith(regional) for url in urls), urls[:3]
     assert stats["polls"] >= n
 
 
@@ -113,7 +122,8 @@ def test_moderated_and_failed_tasks_end_once_and_are_not_charged(
 def test_out_of_credits_skips_the_rest(
     dialect: str, start_sim: Callable[..., SimServer], tmp_path: Path
 ) -> None:
-    price = cost_credits(1024, 1024)
+    size = (bfl_size if dialect == "bfl" else output_size)("square_1_1", "1k")
+    price = sim_price(SimConfig(), dialect, *size)
     server = start_sim(keys=[KeyConfig(credits=round(4.5 * price, 2))])
     rows = 12
     out = tmp_path / "out"
