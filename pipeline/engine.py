@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pipeline.budget import Budget
-from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
+from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
 from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable
 from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
@@ -384,9 +384,10 @@ class Engine:
             await self._room_to_fetch()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
+            price = self._provider.cost(request, references)
             if self._budget is not None:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
-                cost = self._cost(request)
+                cost = price
                 group_cost = (
                     sum(self._cost(sibling) for sibling in job.group_requests)
                     if job.group is not None
@@ -414,7 +415,8 @@ class Engine:
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
-            tracked.cost = submitted.cost
+            # The API's own figure when it gives one (dialect B), else the published price.
+            tracked.cost = submitted.cost if submitted.cost is not None else price
             first = self._first_poll.value
             if self._settings.webhook_url:
                 first *= self._settings.webhook_poll_factor
@@ -738,7 +740,7 @@ class Engine:
         expected = self._provider.output_size(request)
         # The task completed, so the API has charged for it whatever happens to the image
         # (a verified image is exactly ``expected``: the price is the same either way).
-        charged = cost_credits(*expected) if tracked.cost is None else tracked.cost
+        charged = self._cost(request) if tracked.cost is None else tracked.cost
 
         def lost(status: RowStatus, reason: str) -> Outcome:
             return self._outcome(
@@ -907,7 +909,7 @@ class Engine:
             height=info.height,
             format=info.format,
             size=info.size,
-            cost=cost_credits(info.width, info.height),
+            cost=self._cost(request),
         )
 
     async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
@@ -991,8 +993,8 @@ class Engine:
         log.debug("retrying after: %s", error.reason)
 
     def _cost(self, request: ImageRequest) -> float:
-        """What the API charges for ``request``'s image (the provider's size of it)."""
-        return cost_credits(*self._provider.output_size(request))
+        """What the API charges for ``request``'s image: its model's published price."""
+        return self._provider.cost(request)
 
     def _outcome(
         self,
