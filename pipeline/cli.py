@@ -461,6 +461,7 @@ def _library(settings: RunConfig) -> Library | None:
 
 def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoReturn:
     from pipeline.check import check_manifest
+    from pipeline.providers import published_cost
     from pipeline.status import earlier_journal
 
     # Into an output that already holds a run, the rerun skips done rows and polls tasks in
@@ -482,6 +483,7 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             export=settings.export(),
             reference_column=settings.reference_column,
             library=_library(settings),
+            cost=published_cost(settings.dialect, settings.model),
         )
     typer.echo(report.render())
     typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))

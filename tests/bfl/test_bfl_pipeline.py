@@ -180,6 +180,20 @@ def test_cli_runs_dialect_bfl_against_the_bundled_simulator(tmp_path: Path) -> N
     )
     out = tmp_path / "out"
     args = [KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--sim", "--dialect", "bfl"]
+    # The plan prices the rows as klein 9B, at the sizes dialect B sends.
+    nine = SimConfig().price(MODELS["klein-9b"])
+    sizes = [bfl_size("square_1_1", "2k")] + [bfl_size("square_1_1", "1k")] * 5
+    estimate = round(sum(nine.credits(w, h) for w, h in sizes), 2)
+    assert estimate > round(sum(sim_price(SimConfig(), "bfl", w, h) for w, h in sizes), 2)
+    plan = subprocess.run(
+        [*args, "--model", "klein-9b", "--dry-run"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert f"Estimated cost: {estimate:.2f} credits" in plan.stdout
     done = subprocess.run(
         [*args, "--model", "klein-9b", "--progress", "off"],
         env=cli_env(),
@@ -191,6 +205,7 @@ def test_cli_runs_dialect_bfl_against_the_bundled_simulator(tmp_path: Path) -> N
     assert "6 succeeded" in done.stdout
     table = check_output(out, 6, dialect="bfl")
     assert table.filter(pl.col("resolution") == "2k")["width"].to_list() == [2000]
+    assert table["cost_credits"].sum() == pytest.approx(estimate)  # what the plan said
     report = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert report["dialect"] == "bfl"
 
