@@ -237,9 +237,15 @@ def _conform(
 
 
 def _build_parquet(
-    reader: ManifestSource, ledger: Ledger, path: Path, expander: RowExpander | None = None
+    reader: ManifestSource,
+    ledger: Ledger,
+    path: Path,
+    expander: RowExpander | None = None,
+    only_mapped: bool = False,
 ) -> int:
-    """Write the joined manifest to ``path``; returns the number of rows written."""
+    """Write the joined manifest to ``path``; returns the number of rows written.
+
+    ``only_mapped`` leaves out rows the run did not plan (another shard's rows)."""
     inputs = [(column, name) for column, name in reader.input_columns if column != "__index"]
     input_batch_names = [column for column, _ in inputs]
     added: list[str] = []
@@ -268,6 +274,12 @@ def _build_parquet(
                 outcome.index: outcome
                 for outcome in ledger.outcomes_for(min(indices), max(indices) + 1)
             }
+            if only_mapped:
+                batch = batch.filter(pl.Series([index in outcomes for index in indices]))
+                if batch.height == 0:
+                    continue
+                indices = batch.get_column("__index").cast(pl.Int64).to_list()
+                rows = batch.get_column("__row").to_list() if "__row" in batch.columns else None
             raw_prompts = (
                 batch.get_column("prompt").to_list() if "prompt" in batch.columns else None
             )
@@ -309,11 +321,15 @@ def _build_parquet(
 
 
 def _build_with_own_connection(
-    reader: ManifestSource, ledger_path: Path, tmp: Path, expander: RowExpander | None = None
+    reader: ManifestSource,
+    ledger_path: Path,
+    tmp: Path,
+    expander: RowExpander | None = None,
+    only_mapped: bool = False,
 ) -> int:
     # SQLite connections belong to their thread; a read-only one sees every committed row.
     with Ledger.open(ledger_path, readonly=True) as own:
-        return _build_parquet(reader, own, tmp, expander)
+        return _build_parquet(reader, own, tmp, expander, only_mapped)
 
 
 async def write_output_manifest(
@@ -323,8 +339,11 @@ async def write_output_manifest(
     *,
     relpath: str = "manifest.parquet",
     expander: RowExpander | None = None,
+    only_mapped: bool = False,
 ) -> str:
     """Join the input manifest with the ledger and store the Parquet file; returns its URI.
+
+    ``only_mapped``: only the rows this run planned (a flow shard's own rows).
 
     The file is built in a temporary file (beside the destination when the sink is local,
     so no second disk is needed) and then stored atomically: a reader never sees a
@@ -340,7 +359,9 @@ async def write_output_manifest(
     tmp = Path(tmp_name)
     try:
         ledger.flush()
-        await asyncio.to_thread(_build_with_own_connection, reader, ledger.path, tmp, expander)
+        await asyncio.to_thread(
+            _build_with_own_connection, reader, ledger.path, tmp, expander, only_mapped
+        )
         return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
     finally:
         with contextlib.suppress(OSError):
