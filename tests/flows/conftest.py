@@ -1,22 +1,14 @@
-"""Prefect for the flow tests: a private PREFECT_HOME and one temporary server per session.
+"""Prefect for the flow tests: one temporary server per session (per xdist worker).
 
-The environment is set before Prefect is imported anywhere in the session, so no test
-touches the user's ~/.prefect and nothing reports analytics.
+The private PREFECT_HOME of each test process is set in tests/conftest.py, before Prefect
+is imported anywhere.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Iterator
 
 import pytest
-
-_HOME = tempfile.mkdtemp(prefix="klein-prefect-home-")
-os.environ["PREFECT_HOME"] = _HOME
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-if not os.environ.get("PREFECT_API_URL"):
-    os.environ.pop("PREFECT_API_URL", None)
 
 
 @pytest.fixture(scope="session")
