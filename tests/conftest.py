@@ -49,7 +49,19 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
+def _start_order(item: pytest.Item) -> int:
+    """The long tests (marked slow) first: a worker that draws one at the end of the run
+    keeps the others waiting for it. Last, the tests that only collect what a background
+    scenario started at collection did (tests/pipeline/minute_storm.py): early, they would
+    hold a worker waiting for it. Every worker sorts alike, so xdist sees one order; the sort
+    is stable, so within each kind the files' order stays."""
+    if "minute_storm" in getattr(item, "fixturenames", ()):
+        return 2
+    return 0 if item.get_closest_marker("slow") is not None else 1
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_start_order)
     part = config.getoption("--part")
     if part == "all":
         return
