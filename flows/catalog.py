@@ -12,10 +12,13 @@ hour of orchestration alone, while a shard of thousands of rows keeps one event 
 HTTP session and one limiter busy. A shard that fails is retried by Prefect and resumes
 from its own ledger, so a retry never pays for an image twice.
 
-Shards run in this process (``parallel_shards`` at a time), or, with ``shard_deployment``,
-as sub-flows of the ``generate-catalog-shard`` deployment on a work pool: each worker runs
-whole shards, and every running shard leases its share of the API key's active tasks from a
-Prefect global concurrency limit once, for its whole life (see ``flows/budget.py``).
+Shards run in this process (``parallel_shards`` at a time, each leasing its share of the
+key from a Prefect global concurrency limit, ``flows/budget.py``), or, with
+``shard_deployment``, from a queue (``flows/queue.py``): this process and
+``parallel_shards - 1`` runner flow runs of the ``generate-catalog-shard`` deployment on a
+work pool each claim the next unfinished shard and run it with the whole key, shared
+adaptively; a runner's claim lapses when its worker dies and another runner resumes the
+shard, so the night ends by itself.
 
 ``python -m flows.catalog MANIFEST --out DEST [--sim]`` and ``klein-batch flow`` run it in
 Prefect's ephemeral mode (no server needed); see ``flows/cli.py``.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import sys
@@ -40,6 +44,7 @@ from pydantic import BaseModel, Field
 from flows import artifacts
 from flows.budget import DEFAULT_LIMIT_NAME, Share, ensure_limit, leased, share_of
 from flows.merge import MANIFEST_RELPATH, RUN_JSON_RELPATH, combine, merge_manifests, write_run_json
+from flows.queue import drain, forget_claims
 from flows.secrets import resolve_api_key
 from flows.shards import (
     DUPLICATES_RELPATH,
@@ -191,10 +196,53 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
     return info
 
 
+class ShardQueue(BaseModel):
+    """The shards a runner may claim: the parent's plan, recomputed where the runner is."""
+
+    total_rows: int = Field(ge=0)
+    shard_size: int = Field(ge=1)
+    #: Failures of one shard in one runner before that runner leaves it to the others.
+    attempts: int = Field(default=3, ge=1)
+
+
+def _job_for(template: ShardJob, shard: ShardSpec) -> ShardJob:
+    return template.model_copy(
+        update={"index": shard.index, "start": shard.start, "stop": shard.stop}
+    )
+
+
 @flow(name="generate-catalog-shard", log_prints=False)
-async def generate_catalog_shard(job: ShardJob) -> dict[str, Any]:
-    """One shard of a catalog as its own flow run, so a work pool can spread shards."""
+async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None) -> dict[str, Any]:
+    """Shards of a catalog on a worker of the pool: shard ``job.index``, or, with ``queue``,
+    whichever shards are unfinished, one after another, until every shard of the night is
+    finished by some runner (``flows/queue.py``)."""
     logger = get_run_logger()
+    if queue is not None:
+        shards = plan_shards(queue.total_rows, queue.shard_size)
+        ran: list[int] = []
+
+        async def run_here(shard: ShardSpec) -> dict[str, Any]:
+            info = await run_shard(_job_for(job, shard))
+            ran.append(shard.index)
+            logger.info(
+                "shard %d (rows %d-%d): %s",
+                shard.index,
+                shard.start + 1,
+                shard.stop,
+                _counts_text(info["summary"]["counts"]),
+            )
+            return info
+
+        finished, gave_up = await drain(
+            shards,
+            sink=open_sink(job.out),
+            out=job.out,
+            token=job.token,
+            run=run_here,
+            attempts=queue.attempts,
+        )
+        logger.info("ran shards %s; %d of %d finished", ran or "none", len(finished), len(shards))
+        return {"ran": ran, "gave_up": gave_up, "finished": len(finished)}
     logger.info(
         "shard %d: rows %d-%d, %d active tasks of limit %s",
         job.index,
@@ -214,29 +262,9 @@ async def generate_catalog_shard(job: ShardJob) -> dict[str, Any]:
     cache_policy=NO_CACHE,
     retries=2,
 )
-async def shard_task(job: ShardJob, deployment: str | None = None) -> dict[str, Any]:
-    """One shard: here, or as a sub-flow run of ``deployment`` on a worker."""
-    if deployment is None:
-        return await run_shard(job)
-    from prefect.deployments.flow_runs import arun_deployment
-
-    flow_run = await arun_deployment(
-        name=deployment,
-        parameters={"job": job.model_dump(mode="json")},
-        timeout=None,
-        poll_interval=POLL_S,
-        flow_run_name=f"shard-{job.index}",
-        tags=["klein-batch"],
-    )
-    state = flow_run.state
-    if state is None or not state.is_completed():
-        name = state.name if state is not None else "unknown"
-        raise KleinError(f"shard {job.index}: flow run {flow_run.name} ended {name}")
-    data = await open_sink(job.out).get(f"{shard_folder(job.index)}/{SHARD_INFO}")
-    info = json.loads(data) if data else None
-    if not info or info.get("token") != job.token:
-        raise KleinError(f"shard {job.index}: flow run {flow_run.name} left no shard.json")
-    return info
+async def shard_task(job: ShardJob) -> dict[str, Any]:
+    """One shard in this process, as a Prefect task (retried by Prefect, resumed by its ledger)."""
+    return await run_shard(job)
 
 
 # --- validation and planning ----------------------------------------------------------------------
@@ -311,7 +339,33 @@ def _counts_text(counts: dict[str, int]) -> str:
 # --- the catalog flow -----------------------------------------------------------------------------
 
 
-@flow(name="generate-catalog", log_prints=False)
+#: What ``end_runners`` cleans up after each night run in this process: (runner flow runs,
+#: output, shards), by the night's flow run id.
+_WIND_DOWN: dict[str, tuple[list[Any], str, list[ShardSpec]]] = {}
+
+
+async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
+    """State hook of ``generate-catalog``: end its runner flow runs and delete its claims.
+
+    It runs once the night's run has its final state, so neither the runners' exits nor the
+    clean-up count as the night's time (the key has nothing left to do by then).
+    """
+    night = _WIND_DOWN.pop(str(flow_run.id), None)
+    if night is None:
+        return
+    helpers, out, shards = night
+    await _end_helpers(helpers)
+    await forget_claims(out, shards)
+
+
+@flow(
+    name="generate-catalog",
+    log_prints=False,
+    on_completion=[end_runners],
+    on_failure=[end_runners],
+    on_crashed=[end_runners],
+    on_cancellation=[end_runners],
+)
 async def generate_catalog(
     manifest: str,
     out: str,
@@ -343,13 +397,15 @@ async def generate_catalog(
         dialect: ``klein`` or ``bfl``.
         tier: the key's rate-limit tier; ``max_active``/``submits_per_minute`` override it.
         shard_size: rows per shard (kept from the first run into the same output).
-        parallel_shards: shards running at once; each leases ``max_active // parallel_shards``
-            of the key's active tasks.
+        parallel_shards: shards running at once; here each leases
+            ``max_active // parallel_shards`` of the key's active tasks; with
+            ``shard_deployment``, this process plus ``parallel_shards - 1`` runner flow runs
+            on the pool, sharing the key adaptively.
         api_key_block: name of a Prefect Secret block holding the API key; empty reads
             ``$FREEPIK_API_KEY`` (``$BFL_API_KEY`` for bfl) where each shard runs.
         concurrency_limit: global concurrency limit standing for the key (created with the
             tier's active tasks if missing); empty runs shards without leases.
-        shard_deployment: run shards as sub-flows of this deployment (e.g.
+        shard_deployment: also run shards in runner flow runs of this deployment (e.g.
             ``generate-catalog-shard/catalog-shard``) on a work pool; empty runs them here.
         defaults: values for cells the manifest leaves empty.
         limit: only the first N rows.
@@ -399,44 +455,69 @@ async def generate_catalog(
     # the run answering each other's 429s.
     budget = max(1, min(budget, limits.max_active))
     parallel = min(parallel, budget)
-    share = share_of(limits, budget, parallel)
+    if shard_deployment:
+        # Runners pull whole shards from a queue, each with the whole key, shared with the
+        # other runners adaptively (flows/queue.py); a running shard holds one slot of the
+        # limit, so it counts the shards running on the key.
+        rate = max(1, limits.submits_per_minute * budget // limits.max_active)
+        share = Share(occupy=1, max_active=budget, submits_per_minute=rate)
+    else:
+        share = share_of(limits, budget, parallel)
     logger.info(
-        "%s: %d rows in %d shards of %d; %d at a time, %d of %d active tasks each%s",
+        "%s: %d rows in %d shards of %d; %d at a time, %s%s",
         checked["source"],
         checked["total_rows"],
         len(shards),
         checked["shard_size"],
         parallel,
-        share.occupy,
-        budget,
-        f" (on deployment {shard_deployment})" if shard_deployment else "",
+        f"sharing {budget} active tasks adaptively"
+        if shard_deployment
+        else f"{share.occupy} of {budget} active tasks each",
+        f" (this process and {parallel - 1} runners of deployment {shard_deployment})"
+        if shard_deployment
+        else "",
     )
     run_id = _flow_run_id()
-    progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
-    results, failed = await _run_shards(
-        shards,
-        _job_factory(
-            manifest=manifest,
-            out=out,
-            api_url=api_url,
-            dialect=dialect,
-            tier=tier,
-            share=share,
-            key_max_active=limits.max_active,
-            defaults=image_defaults,
-            retry_failed=retry_failed,
-            api_key_block=api_key_block,
-            concurrency_limit=concurrency_limit or None,
-            token=f"{run_id}-{uuid.uuid4().hex[:8]}",
-            resubmit_unknown=resubmit_unknown,
-            library=library,
-        ),
-        deployment=shard_deployment or None,
-        parallel=parallel,
-        retries=shard_retries,
-        progress_id=progress_id,
-        total_rows=checked["total_rows"],
+    token = f"{run_id}-{uuid.uuid4().hex[:8]}"
+    make_job = _job_factory(
+        manifest=manifest,
+        out=out,
+        api_url=api_url,
+        dialect=dialect,
+        tier=tier,
+        share=share,
+        key_max_active=limits.max_active,
+        defaults=image_defaults,
+        retry_failed=retry_failed,
+        api_key_block=api_key_block,
+        concurrency_limit=concurrency_limit or None,
+        token=token,
+        resubmit_unknown=resubmit_unknown,
+        library=library,
     )
+    progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
+    if shard_deployment:
+        results, failed = await _run_queue(
+            shards,
+            make_job,
+            deployment=shard_deployment,
+            queue=ShardQueue(
+                total_rows=checked["total_rows"],
+                shard_size=checked["shard_size"],
+                attempts=shard_retries + 1,
+            ),
+            runners=parallel,
+            progress_id=progress_id,
+        )
+    else:
+        results, failed = await _run_shards(
+            shards,
+            make_job,
+            parallel=parallel,
+            retries=shard_retries,
+            progress_id=progress_id,
+            total_rows=checked["total_rows"],
+        )
     await artifacts.publish_table(results)
 
     manifest_uri = sink.uri(MANIFEST_RELPATH)
@@ -559,7 +640,6 @@ async def _run_shards(
     shards: list[ShardSpec],
     make_job: Any,
     *,
-    deployment: str | None,
     parallel: int,
     retries: int,
     progress_id: Any,
@@ -573,7 +653,7 @@ async def _run_shards(
     async def one(shard: ShardSpec) -> tuple[ShardSpec, dict[str, Any] | BaseException]:
         async with gate:
             try:
-                return shard, await runner(make_job(shard), deployment)
+                return shard, await runner(make_job(shard))
             except Exception as exc:
                 return shard, exc
 
@@ -604,6 +684,133 @@ async def _run_shards(
             )
         await artifacts.update_progress(progress_id, done_rows, total_rows)
     return results, sorted(failed)
+
+
+async def _run_queue(
+    shards: list[ShardSpec],
+    make_job: Any,
+    *,
+    deployment: str,
+    queue: ShardQueue,
+    runners: int,
+    progress_id: Any,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Run the shards from a queue: this process at once, ``runners - 1`` helper flow runs
+    of ``deployment`` as soon as workers start them; ends when every shard is finished.
+
+    This process is a runner too, so the key is busy while the workers start their
+    processes, and the night ends even if every worker is lost. Helpers still running once
+    every shard is finished are ended after the night's run ends (``end_runners``).
+    """
+    from prefect.deployments.flow_runs import arun_deployment
+
+    logger = get_run_logger()
+    if not shards:
+        return [], []
+    template: ShardJob = make_job(shards[0])
+    helpers: list[Any] = []
+    # Ended by the flow's state hooks once the night's run has its final state (runners
+    # take a few seconds to notice the empty queue and exit, and the night is done by then).
+    _WIND_DOWN[_flow_run_id()] = (helpers, template.out, shards)
+    for number in range(1, min(runners, len(shards))):
+        helper = await arun_deployment(
+            name=deployment,
+            parameters={
+                "job": template.model_dump(mode="json"),
+                "queue": queue.model_dump(mode="json"),
+            },
+            timeout=0,
+            flow_run_name=f"shard-runner-{number}",
+            tags=["klein-batch"],
+        )
+        helpers.append(helper.id)
+    done_rows = 0
+
+    async def on_shard(shard: ShardSpec, info: dict[str, Any] | None) -> None:
+        nonlocal done_rows
+        done_rows += shard.rows
+        if info is None:
+            logger.error(
+                "shard %d (rows %d-%d) failed here", shard.index, shard.start + 1, shard.stop
+            )
+        else:
+            logger.info(
+                "shard %d (rows %d-%d) on %s: %s",
+                shard.index,
+                shard.start + 1,
+                shard.stop,
+                info.get("worker"),
+                _counts_text(info["summary"]["counts"]),
+            )
+        await artifacts.update_progress(progress_id, done_rows, queue.total_rows)
+
+    finished, failed = await drain(
+        shards,
+        sink=open_sink(template.out),
+        out=template.out,
+        token=template.token,
+        run=lambda shard: run_shard(make_job(shard)),
+        attempts=queue.attempts,
+        on_shard=on_shard,
+    )
+    return [finished[index] for index in sorted(finished)], failed
+
+
+#: How long helpers get to notice that every shard is finished and end by themselves.
+HELPER_GRACE_S = 30.0
+
+
+async def _end_helpers(helpers: list[Any]) -> None:
+    """End helper runs that did not end by themselves once the queue was empty.
+
+    A helper that never started (no worker free) is cancelled; one still running after
+    ``HELPER_GRACE_S`` lost its worker (kill -9, a lost machine: nothing reports its end),
+    and is marked crashed, its shards having been finished by the other runners.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import MissingContextError
+    from prefect.states import Cancelled, Crashed
+
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger(__name__)
+    deadline = time.monotonic() + HELPER_GRACE_S
+    async with get_client() as client:
+        left = list(helpers)
+        while left:
+            runs = [await client.read_flow_run(run_id) for run_id in left]
+            waiting = [run for run in runs if run.state is None or not run.state.is_final()]
+            never_started = [
+                run
+                for run in waiting
+                if run.state is None or run.state.is_scheduled() or run.state.is_pending()
+            ]
+            for run in never_started:
+                await client.set_flow_run_state(
+                    run.id, Cancelled(message="not needed: every shard is finished"), force=True
+                )
+            left = [run.id for run in waiting if run not in never_started]
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                for run_id in left:
+                    logger.warning(
+                        "shard runner %s did not end %.0f s after every shard finished: its "
+                        "worker is lost; marking it crashed",
+                        run_id,
+                        HELPER_GRACE_S,
+                    )
+                    await client.set_flow_run_state(
+                        run_id,
+                        Crashed(
+                            message="lost: stopped reporting; its shards were finished by "
+                            "other runners"
+                        ),
+                        force=True,
+                    )
+                return
+            await asyncio.sleep(POLL_S)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,9 @@ class ManifestError(KleinError):
 
 class ReferenceError(KleinError):
     """A reference image cannot be used; the message says why, the caller says where."""
+
+
+class ReferenceUnreachable(ReferenceError):
+    """A reference URL that could not be fetched now (timeout, refused connection, an HTTP
+    error): transient, so its row ends ``failed`` and ``--retry-failed`` tries again, unlike
+    a malformed or refused reference, which is ``rejected``."""
