@@ -143,8 +143,6 @@ NOT_IN_FLOW_YET = {
     "variations": "variation matrices",
     "max_credits": "credit budgets",
     "dry_run": "dry runs",
-    "catalog": "product exports (--catalog)",
-    "per": "product exports (--per)",
 }
 
 
@@ -286,7 +284,14 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
     out = str(spec.out)
     limit = spec.limit
     image_defaults = spec.image_defaults()
-    report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
+    report = await asyncio.to_thread(
+        check_manifest,
+        manifest,
+        defaults=image_defaults,
+        limit=limit,
+        export=spec.export(),
+        reference_column=spec.reference_column,
+    )
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
     stored = await sink.get(PLAN_RELPATH)
@@ -307,7 +312,13 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
             "`klein-batch run`, or give the flow a new output"
         )
     scan = await asyncio.to_thread(
-        scan_keys, manifest, defaults=image_defaults, limit=limit, shard_size=shard_size
+        scan_keys,
+        manifest,
+        defaults=image_defaults,
+        limit=limit,
+        shard_size=shard_size,
+        export=spec.export(),
+        reference_column=spec.reference_column,
     )
     moved = previous.moved_shard(scan.first_keys) if previous is not None else None
     if moved is not None:
