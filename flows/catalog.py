@@ -547,7 +547,7 @@ async def generate_catalog(
             "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
         }
         run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(sink, summary)
+        report_uri = await write_html_report(sink, summary, columns=spec.report_columns)
         summary_data = summary.to_dict() | extra
         await artifacts.publish_summary(
             artifacts.summary_markdown(
