@@ -133,28 +133,6 @@ def _absolute(location: str) -> str:
     return str(Path(location).expanduser().resolve())
 
 
-#: Options of a run the flow does not carry out yet, with what they do: refused with one
-#: clear line rather than dropped. A product export's image-only lines are accounted for by
-#: position, which key shards do not keep.
-NOT_IN_FLOW_YET = {
-    "catalog": "product exports (--catalog)",
-    "per": "product exports (--per)",
-}
-
-
-def refuse_unsupported(spec: RunSpec, where: str) -> None:
-    """One ``ConfigError`` naming a setting the flow cannot honour (``where`` says whence)."""
-    plain = RunSpec()
-    for name, what in NOT_IN_FLOW_YET.items():
-        value = getattr(spec, name)
-        if value != getattr(plain, name):
-            shown = list(value) if isinstance(value, tuple) else value
-            raise ConfigError(
-                f"{where}setting {name} = {shown!r} is not supported by the flow; "
-                f"{what} need `klein-batch run` (remove the setting to run the flow)"
-            )
-
-
 # --- one shard ------------------------------------------------------------------------------------
 
 
@@ -290,6 +268,7 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
         catalog=Catalog.build(
             prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
         ),
+        export=spec.export(),
         reference_column=spec.reference_column,
         library=library,
     )
@@ -303,7 +282,8 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
             "flow would not see what that run already paid for: finish it with "
             "`klein-batch run`, or give the flow a new output"
         )
-    manifest_rows = report.total // max(1, report.per_row)
+    # Input lines: every row (its variations counted once) and every merged line.
+    manifest_rows = report.total // max(1, report.per_row) + report.merged
     if previous is not None:
         # The shards' journals are the resume state: the same keys must find the same
         # shards, so the count stays whatever this manifest's size is now.
@@ -403,7 +383,6 @@ async def generate_catalog(
     started = time.time()
     if not spec.out:
         raise ConfigError("flow parameter spec.out is required (the output folder or s3:// URI)")
-    refuse_unsupported(spec, "flow parameter spec: ")
     if parallel_shards < 1:
         raise ConfigError(f"parallel_shards must be at least 1, got {parallel_shards}")
     if shard_retries < 0:
@@ -542,7 +521,9 @@ async def generate_catalog(
             "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
         }
         run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(sink, summary, max_credits=spec.max_credits)
+        report_uri = await write_html_report(
+            sink, summary, max_credits=spec.max_credits, columns=spec.report_columns
+        )
         summary_data = summary.to_dict() | extra
         await artifacts.publish_summary(
             artifacts.summary_markdown(

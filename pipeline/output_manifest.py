@@ -74,6 +74,7 @@ import pyarrow.parquet as pq
 
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.errors import KleinError
+from pipeline.keys import key_shard
 from pipeline.ledger import Ledger
 from pipeline.manifest import MERGED_COLUMN
 from pipeline.rows import Outcome
@@ -241,11 +242,11 @@ def _build_parquet(
     ledger: Ledger,
     path: Path,
     expander: RowExpander | None = None,
-    only_mapped: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> int:
     """Write the joined manifest to ``path``; returns the number of rows written.
 
-    ``only_mapped`` leaves out rows the run did not plan (another shard's rows)."""
+    ``shard`` (index, count) leaves out rows the run did not plan (another shard's)."""
     inputs = [(column, name) for column, name in reader.input_columns if column != "__index"]
     input_batch_names = [column for column, _ in inputs]
     added: list[str] = []
@@ -274,8 +275,20 @@ def _build_parquet(
                 outcome.index: outcome
                 for outcome in ledger.outcomes_for(min(indices), max(indices) + 1)
             }
-            if only_mapped:
-                batch = batch.filter(pl.Series([index in outcomes for index in indices]))
+            if shard is not None:
+                # This shard's rows, and its part of the lines that make no image (merged
+                # lines of a product export), so that every line is in exactly one shard.
+                lines = (
+                    batch.get_column(MERGED_COLUMN).is_not_null().to_list()
+                    if MERGED_COLUMN in batch.columns
+                    else [False] * batch.height
+                )
+                mine, count = shard
+                keep = [
+                    index in outcomes or (line and key_shard(f"line-{index}", count) == mine)
+                    for index, line in zip(indices, lines, strict=True)
+                ]
+                batch = batch.filter(pl.Series(keep))
                 if batch.height == 0:
                     continue
                 indices = batch.get_column("__index").cast(pl.Int64).to_list()
@@ -325,11 +338,11 @@ def _build_with_own_connection(
     ledger_path: Path,
     tmp: Path,
     expander: RowExpander | None = None,
-    only_mapped: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> int:
     # SQLite connections belong to their thread; a read-only one sees every committed row.
     with Ledger.open(ledger_path, readonly=True) as own:
-        return _build_parquet(reader, own, tmp, expander, only_mapped)
+        return _build_parquet(reader, own, tmp, expander, shard)
 
 
 async def write_output_manifest(
@@ -339,11 +352,11 @@ async def write_output_manifest(
     *,
     relpath: str = "manifest.parquet",
     expander: RowExpander | None = None,
-    only_mapped: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> str:
     """Join the input manifest with the ledger and store the Parquet file; returns its URI.
 
-    ``only_mapped``: only the rows this run planned (a flow shard's own rows).
+    ``shard``: only the rows this run planned (a flow shard's own rows).
 
     The file is built in a temporary file (beside the destination when the sink is local,
     so no second disk is needed) and then stored atomically: a reader never sees a
@@ -360,7 +373,7 @@ async def write_output_manifest(
     try:
         ledger.flush()
         await asyncio.to_thread(
-            _build_with_own_connection, reader, ledger.path, tmp, expander, only_mapped
+            _build_with_own_connection, reader, ledger.path, tmp, expander, shard
         )
         return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
     finally:

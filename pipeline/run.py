@@ -772,7 +772,7 @@ class _Run:
             self.ledger,
             sink,  # type: ignore[arg-type]
             expander=self.opts.catalog,
-            only_mapped=self.opts.shard is not None,
+            shard=self.opts.shard,
         )
         counts = self.ledger.counts()
         summary.finished_at = time.time()
