@@ -104,9 +104,8 @@ def deployment_run(
     reset(pool["sim_url"])
     parameters = {
         "manifest": str(manifest),
-        "out": str(out),
-        "api_url": pool["sim_url"],
-        "tier": "standard",
+        # The run specification (pipeline/spec.py), as a deployment's parameters carry it.
+        "spec": {"out": str(out), "api_url": pool["sim_url"], "tier": "standard"},
         "shard_size": shard_size,
         "parallel_shards": parallel,
         "api_key_block": "freepik-api-key",

@@ -3,9 +3,15 @@
 ```python
 from flows.catalog import generate_catalog
 
-generate_catalog("catalog.parquet", "out/night", api_url="https://api.freepik.com",
-                 tier="standard", shard_size=5_000, api_key_block="freepik-api-key")
+from pipeline.spec import RunSpec
+
+spec = RunSpec(out="out/night", api_url="https://api.freepik.com", tier="standard")
+generate_catalog("catalog.parquet", spec, shard_size=5_000, api_key_block="freepik-api-key")
 ```
+
+Every option of ``klein-batch run`` reaches the flow as one ``spec`` parameter
+(``pipeline.spec.RunSpec``): the flow and its shards read it, and nothing here declares an
+option again.
 
 A Prefect task per shard, never per row: at a million rows a task per row would cost an
 hour of orchestration alone, while a shard of thousands of rows keeps one event loop, one
@@ -60,19 +66,12 @@ from flows.shards import (
     scan_keys,
     shard_folder,
 )
-from pipeline.contract import (
-    DEFAULT_ASPECT_RATIO,
-    DEFAULT_OUTPUT_FORMAT,
-    DEFAULT_RESOLUTION,
-    DEFAULT_SAFETY,
-)
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
 from pipeline.library import library_for
-from pipeline.limits import resolve_tier
-from pipeline.manifest import Defaults
-from pipeline.run import KEY_ENV, RunOptions, arun_manifest
+from pipeline.run import RunOptions, arun_manifest
+from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
 
 DEFAULT_API_URL = "https://api.freepik.com"
@@ -88,19 +87,6 @@ class ShardsFailed(KleinError):
     """Some shards did not finish after their retries; a rerun resumes them."""
 
 
-class ImageDefaults(BaseModel):
-    """Values for manifest cells left empty (the same as ``klein-batch run``'s flags)."""
-
-    aspect_ratio: str = DEFAULT_ASPECT_RATIO
-    resolution: str = DEFAULT_RESOLUTION
-    safety_tolerance: int = DEFAULT_SAFETY
-    output_format: str = DEFAULT_OUTPUT_FORMAT
-    seed: int | None = None
-
-    def to_defaults(self) -> Defaults:
-        return Defaults(**self.model_dump())
-
-
 class ShardJob(BaseModel):
     """Everything one shard needs, on whichever worker runs it; never the API key."""
 
@@ -108,17 +94,14 @@ class ShardJob(BaseModel):
     start: int
     stop: int
     manifest: str
-    out: str
-    api_url: str
-    dialect: str = "klein"
-    tier: str | None = None
+    #: The run as the user asked for it, with ``out``, ``api_url`` and ``library`` resolved
+    #: by the flow.
+    spec: RunSpec
     max_active: int = Field(ge=1)
     submits_per_minute: int = Field(ge=1)
     #: The key's own active limit; when ``max_active`` is less, it is this shard's share
     #: and a hard cap (the engine never probes past it into other shards' slots).
     key_max_active: int | None = None
-    defaults: ImageDefaults = Field(default_factory=ImageDefaults)
-    retry_failed: bool = False
     api_key_block: str | None = None
     #: Global concurrency limit standing for the key; ``None`` runs without a lease.
     concurrency_limit: str | None = DEFAULT_LIMIT_NAME
@@ -128,8 +111,10 @@ class ShardJob(BaseModel):
     #: Submit again a task the API no longer knows (404) instead of failing its row: only
     #: for a simulator started per run (``klein-batch flow --sim``), which forgets tasks.
     resubmit_unknown: bool = False
-    #: The image library every shard copies from and adds to (``pipeline/library.py``).
-    library: str | None = None
+
+    @property
+    def out(self) -> str:
+        return str(self.spec.out)
 
 
 def _dated(location: str) -> str:
@@ -149,33 +134,53 @@ def _absolute(location: str) -> str:
     return str(Path(location).expanduser().resolve())
 
 
+#: Options of a run the flow does not carry out yet, with what they do: refused with one
+#: clear line rather than dropped (a dropped budget or template spends credits or makes the
+#: wrong images).
+NOT_IN_FLOW_YET = {
+    "prompt_template": "prompt templates",
+    "vary": "variation matrices",
+    "variations": "variation matrices",
+    "max_credits": "credit budgets",
+    "dry_run": "dry runs",
+}
+
+
+def refuse_unsupported(spec: RunSpec, where: str) -> None:
+    """One ``ConfigError`` naming a setting the flow cannot honour (``where`` says whence)."""
+    plain = RunSpec()
+    for name, what in NOT_IN_FLOW_YET.items():
+        value = getattr(spec, name)
+        if value != getattr(plain, name):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(
+                f"{where}setting {name} = {shown!r} is not supported by the flow; "
+                f"{what} need `klein-batch run` (remove the setting to run the flow)"
+            )
+
+
 # --- one shard ------------------------------------------------------------------------------------
 
 
 async def run_shard(job: ShardJob) -> dict[str, Any]:
     """Run one shard with the engine, inside its lease; returns (and stores) ``shard.json``."""
-    key = await resolve_api_key(job.api_key_block, job.dialect)
+    key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
     spec = ShardSpec(job.index, job.start, job.stop)
     sink = ShardSink(base, shard_folder(job.index))
     duplicates = earlier_duplicates(duplicates_from_bytes(await base.get(DUPLICATES_RELPATH)), spec)
-    options = RunOptions(
-        dialect=job.dialect,
-        tier=job.tier,
-        max_active=job.max_active,
-        submits_per_minute=job.submits_per_minute,
-        key_max_active=job.key_max_active,
-        defaults=job.defaults.to_defaults(),
-        offset=job.start,
-        limit=spec.rows,
-        retry_failed=job.retry_failed,
-        earlier_duplicates=duplicates,
-        resubmit_unknown=job.resubmit_unknown,
-        library=job.library,
-    )
+    options = RunOptions.from_spec(job.spec)
+    # The shard's part of the key and of the manifest; everything else is the spec's.
+    options.max_active = job.max_active
+    options.submits_per_minute = job.submits_per_minute
+    options.key_max_active = job.key_max_active
+    options.offset = job.start
+    options.limit = spec.rows
+    options.earlier_duplicates = duplicates
+    options.resubmit_unknown = job.resubmit_unknown
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
-            job.manifest, sink, api_url=job.api_url, api_key=key, options=options
+            job.manifest, sink, api_url=job.spec.api_url, api_key=key, options=options
         )
     info: dict[str, Any] = {
         "index": job.index,
@@ -271,15 +276,22 @@ async def shard_task(job: ShardJob) -> dict[str, Any]:
 
 
 @task(name="validate-manifest", cache_policy=NO_CACHE)
-async def validate_task(
-    manifest: str, out: str, defaults: ImageDefaults, limit: int | None, shard_size: int
-) -> dict[str, Any]:
+async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[str, Any]:
     """Check the manifest as a run would, find keys repeated across shards, fix the plan."""
     from pipeline.check import check_manifest
 
     logger = get_run_logger()
-    image_defaults = defaults.to_defaults()
-    report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
+    out = str(spec.out)
+    limit = spec.limit
+    image_defaults = spec.image_defaults()
+    report = await asyncio.to_thread(
+        check_manifest,
+        manifest,
+        defaults=image_defaults,
+        limit=limit,
+        export=spec.export(),
+        reference_column=spec.reference_column,
+    )
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
     stored = await sink.get(PLAN_RELPATH)
@@ -300,7 +312,13 @@ async def validate_task(
             "`klein-batch run`, or give the flow a new output"
         )
     scan = await asyncio.to_thread(
-        scan_keys, manifest, defaults=image_defaults, limit=limit, shard_size=shard_size
+        scan_keys,
+        manifest,
+        defaults=image_defaults,
+        limit=limit,
+        shard_size=shard_size,
+        export=spec.export(),
+        reference_column=spec.reference_column,
     )
     moved = previous.moved_shard(scan.first_keys) if previous is not None else None
     if moved is not None:
@@ -368,34 +386,25 @@ async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
 )
 async def generate_catalog(
     manifest: str,
-    out: str,
-    api_url: str = DEFAULT_API_URL,
-    dialect: str = "klein",
-    tier: str | None = "standard",
-    max_active: int | None = None,
-    submits_per_minute: int | None = None,
+    spec: RunSpec,
     shard_size: int = 5_000,
     parallel_shards: int = 4,
     api_key_block: str | None = None,
     concurrency_limit: str | None = DEFAULT_LIMIT_NAME,
     shard_deployment: str | None = None,
-    defaults: ImageDefaults | None = None,
-    limit: int | None = None,
-    retry_failed: bool = False,
     shard_retries: int = 2,
     resubmit_unknown: bool = False,
-    library: str | None = None,
-    no_library: bool = False,
 ) -> dict[str, Any]:
-    """Generate a catalog: every manifest row into ``out``, in shards, resumable.
+    """Generate a catalog: every manifest row into ``spec.out``, in shards, resumable.
 
     Args:
         manifest: CSV or Parquet manifest (a path the workers can read, or s3://).
-        out: output folder (or s3://): images/, manifest.parquet, run.json; ``{date}`` in
-            it becomes the run's scheduled day, e.g. ``s3://catalog/nightly/{date}``.
-        api_url: API base URL.
-        dialect: ``klein`` or ``bfl``.
-        tier: the key's rate-limit tier; ``max_active``/``submits_per_minute`` override it.
+        spec: the run, as ``klein-batch run`` takes it (``pipeline.spec.RunSpec``; a
+            mapping of its settings in a deployment's parameters). ``out`` is required;
+            ``{date}`` in it becomes the run's scheduled day, e.g.
+            ``s3://catalog/nightly/{date}``. ``api_url`` defaults to the Freepik API;
+            ``library`` (default with ``{date}`` in ``out``: a ``library`` folder beside the
+            dated ones) is where images are copied from instead of paid for.
         shard_size: rows per shard (kept from the first run into the same output).
         parallel_shards: shards running at once; here each leases
             ``max_active // parallel_shards`` of the key's active tasks; with
@@ -407,39 +416,34 @@ async def generate_catalog(
             tier's active tasks if missing); empty runs shards without leases.
         shard_deployment: also run shards in runner flow runs of this deployment (e.g.
             ``generate-catalog-shard/catalog-shard``) on a work pool; empty runs them here.
-        defaults: values for cells the manifest leaves empty.
-        limit: only the first N rows.
-        retry_failed: submit rows that failed in an earlier run again.
         shard_retries: Prefect retries of a failed shard (each resumes from its ledger).
         resubmit_unknown: submit again a task the API answers 404 for (set by
             ``klein-batch flow --sim``, whose simulator forgets the tasks of an earlier run;
             against a real API leave it off: a forgotten task may have been charged).
-        library: image library (folder or s3://) whose images are copied instead of paid
-            for, and which keeps every image paid for; default with ``{date}`` in ``out``:
-            a ``library`` folder beside the dated ones.
-        no_library: use no library, not even a ``{date}`` output's default.
     """
     logger = get_run_logger()
     started = time.time()
-    if dialect not in KEY_ENV:
-        raise ConfigError(f"dialect {dialect!r} is not allowed; expected one of klein, bfl")
+    if not spec.out:
+        raise ConfigError("flow parameter spec.out is required (the output folder or s3:// URI)")
+    refuse_unsupported(spec, "flow parameter spec: ")
     if parallel_shards < 1:
         raise ConfigError(f"parallel_shards must be at least 1, got {parallel_shards}")
     if shard_retries < 0:
         raise ConfigError(f"shard_retries must be 0 or more, got {shard_retries}")
-    limits = resolve_tier(tier, max_active, submits_per_minute)
-    image_defaults = defaults or ImageDefaults()
-    image_defaults.to_defaults()  # a bad default stops the flow before any work
+    limits = spec.limits()
     plan_shards(1, shard_size)  # checks shard_size
-    await resolve_api_key(api_key_block, dialect)  # fail before validating a big manifest
+    await resolve_api_key(api_key_block, spec.dialect)  # fail before validating a big manifest
     manifest = _absolute(manifest)
-    library = library_for(out, library, no_library=no_library)
-    if library is not None:
-        library = _absolute(library)
-    out = _absolute(_dated(out))
+    library = library_for(spec.out, spec.library, no_library=spec.no_library)
+    out = _absolute(_dated(spec.out))
+    spec = spec.replace(
+        out=out,
+        api_url=spec.api_url or DEFAULT_API_URL,
+        library=_absolute(library) if library is not None else None,
+    )
     sink = open_sink(out)
 
-    checked = await validate_task(manifest, out, image_defaults, limit, shard_size)
+    checked = await validate_task(manifest, spec, shard_size)
     shards = plan_shards(checked["total_rows"], checked["shard_size"])
     parallel = min(parallel_shards, max(1, len(shards)))
     budget = limits.max_active
@@ -481,19 +485,13 @@ async def generate_catalog(
     token = f"{run_id}-{uuid.uuid4().hex[:8]}"
     make_job = _job_factory(
         manifest=manifest,
-        out=out,
-        api_url=api_url,
-        dialect=dialect,
-        tier=tier,
+        spec=spec,
         share=share,
         key_max_active=limits.max_active,
-        defaults=image_defaults,
-        retry_failed=retry_failed,
         api_key_block=api_key_block,
         concurrency_limit=concurrency_limit or None,
         token=token,
         resubmit_unknown=resubmit_unknown,
-        library=library,
     )
     progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
     if shard_deployment:
@@ -532,7 +530,7 @@ async def generate_catalog(
             run_id=run_id,
             manifest=checked["source"],
             output=out,
-            dialect=dialect,
+            dialect=spec.dialect,
             tier=limits.name,
             max_active=limits.max_active,
             submits_per_minute=limits.submits_per_minute,
@@ -549,7 +547,7 @@ async def generate_catalog(
             "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
         }
         run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(sink, summary)
+        report_uri = await write_html_report(sink, summary, columns=spec.report_columns)
         summary_data = summary.to_dict() | extra
         await artifacts.publish_summary(
             artifacts.summary_markdown(
@@ -596,19 +594,13 @@ def _shard_entry(info: dict[str, Any]) -> dict[str, Any]:
 def _job_factory(
     *,
     manifest: str,
-    out: str,
-    api_url: str,
-    dialect: str,
-    tier: str | None,
+    spec: RunSpec,
     share: Share,
     key_max_active: int,
-    defaults: ImageDefaults,
-    retry_failed: bool,
     api_key_block: str | None,
     concurrency_limit: str | None,
     token: str,
     resubmit_unknown: bool = False,
-    library: str | None = None,
 ) -> Any:
     def make(shard: ShardSpec) -> ShardJob:
         return ShardJob(
@@ -616,21 +608,15 @@ def _job_factory(
             start=shard.start,
             stop=shard.stop,
             manifest=manifest,
-            out=out,
-            api_url=api_url,
-            dialect=dialect,
-            tier=tier,
+            spec=spec,
             max_active=share.max_active,
             submits_per_minute=share.submits_per_minute,
             key_max_active=key_max_active,
-            defaults=defaults,
-            retry_failed=retry_failed,
             api_key_block=api_key_block,
             concurrency_limit=concurrency_limit,
             occupy=share.occupy,
             token=token,
             resubmit_unknown=resubmit_unknown,
-            library=library,
         )
 
     return make
