@@ -279,6 +279,7 @@ async def shard_task(job: ShardJob) -> dict[str, Any]:
 async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[str, Any]:
     """Check the manifest as a run would, find keys repeated across shards, fix the plan."""
     from pipeline.check import check_manifest
+    from pipeline.providers import published_cost
 
     logger = get_run_logger()
     out = str(spec.out)
@@ -291,6 +292,7 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
         limit=limit,
         export=spec.export(),
         reference_column=spec.reference_column,
+        cost=published_cost(spec.dialect, spec.model),
     )
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
