@@ -94,10 +94,15 @@ def _goals(results: dict[str, Any]) -> list[str]:
                 continue
             steady = ours["steady_utilization"]
             goal = STEADY_GOALS.get((name, contender), 0.95)
-            lines.append(
-                f"| steady utilization >= {goal:g} | {name} | {contender} | {_num(steady, 3)} "
-                f"(whole run {_num(ours['utilization'], 3)}) "
-                f"| {_met(steady is not None and steady >= goal)} |"
+            # Under the production shape the goals are whole-run figures (below).
+            lines.extend(
+                []
+                if name == "production"
+                else [
+                    f"| steady utilization >= {goal:g} | {name} | {contender} | {_num(steady, 3)} "
+                    f"(whole run {_num(ours['utilization'], 3)}) "
+                    f"| {_met(steady is not None and steady >= goal)} |"
+                ]
             )
             polls = ours["polls_per_image"]
             most = 3 if name == "production" else 2

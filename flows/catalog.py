@@ -251,6 +251,7 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
     included), and fix the shard count of the output (kept from its first run)."""
     from pipeline.check import check_manifest
     from pipeline.library import Library
+    from pipeline.providers import published_cost
     from pipeline.variations import Catalog
 
     logger = get_run_logger()
@@ -271,6 +272,7 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
         export=spec.export(),
         reference_column=spec.reference_column,
         library=library,
+        cost=published_cost(spec.dialect, spec.model),
     )
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
