@@ -46,7 +46,7 @@ from pipeline.contract import (
     TIERS,
     Tier,
 )
-from pipeline.errors import ConfigError, KleinError
+from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.progress import MODES, format_duration
 from pipeline.summary import ExitCode
 
@@ -59,14 +59,21 @@ if TYPE_CHECKING:
 EXIT_INTERRUPTED: Final = 130
 #: Exit code of an unexpected internal error (a bug in klein-batch, reported with a traceback).
 EXIT_INTERNAL: Final = 70
+#: Exit code when the output or the run's journal cannot be written (disk full, read-only,
+#: permission; sysexits' EX_IOERR): the run stopped at once, the rerun collects what was paid.
+EXIT_STORAGE: Final = 74
+#: Exit code after SIGTERM (128 + 15, as a shell reports it): handled as Ctrl-C, resumable.
+EXIT_TERMINATED: Final = 143
 
 _EXIT_CODES_HELP: Final = (
     f"Exit codes: {int(ExitCode.OK)} every row succeeded; {int(ExitCode.PARTIAL)} finished "
     f"with some rows not succeeded (or, for validate, some rows rejected); "
     f"{int(ExitCode.CANNOT_START)} could not start (bad option, unreadable manifest, missing "
     f"API key, or the API refused the key); {EXIT_INTERRUPTED} interrupted (run the same "
-    f"command again to resume); "
-    f"{EXIT_INTERNAL} internal error."
+    f"command again to resume); {EXIT_TERMINATED} stopped by SIGTERM (likewise); "
+    f"{EXIT_STORAGE} the output or its journal could not be written (disk full, read-only, "
+    f"permission: fix it and run the same command again; nothing acknowledged is paid "
+    f"twice); {EXIT_INTERNAL} internal error."
 )
 _INTERNAL_ERROR: Final = (
     "error: klein-batch hit an internal error (a bug, not your input); "
@@ -247,6 +254,8 @@ def _reported() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
+    except StorageError as exc:
+        _fail(str(exc), EXIT_STORAGE)
     except KleinError as exc:
         _fail(str(exc))
     except Exception:
@@ -709,6 +718,9 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
     except KeyboardInterrupt:
         typer.echo(_resume_hint(out), err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        typer.echo(_resume_hint(out).replace("interrupted", "terminated (SIGTERM)", 1), err=True)
+        raise typer.Exit(EXIT_TERMINATED) from None
     typer.echo(format_summary(summary))
     raise typer.Exit(int(summary.exit_code))
 

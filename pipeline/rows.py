@@ -91,6 +91,10 @@ class Outcome:
     finished_at: float | None = None
     cost_credits: float = 0.0
     extra: dict[str, object] = field(default_factory=dict)
+    #: The API itself ended this row's task without an image we can still collect (it
+    #: failed, was forgotten, its result is gone): ``--retry-failed`` may pay for a new
+    #: one. False for every end on our side: the task is then polled again, never re-paid.
+    resubmit_on_retry: bool = False
 
     @property
     def latency_s(self) -> float | None:

@@ -18,15 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import polars as pl
@@ -37,7 +41,7 @@ from pipeline import dest_lock
 from pipeline.budget import Budget
 from pipeline.contract import TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
-from pipeline.errors import ConfigError, KleinError
+from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
 from pipeline.ledger import Action, Ledger
 from pipeline.limits import resolve_tier
@@ -49,10 +53,12 @@ from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
 from pipeline.rows import Outcome, Rejection, Row
-from pipeline.storage import LocalSink, Sink, open_sink
+from pipeline.storage import LocalSink, Sink, open_sink, write_failed
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.variations import Catalog
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
+
+log = logging.getLogger(__name__)
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
 #: that could end up in shell history, logs or Prefect run parameters.
@@ -168,7 +174,7 @@ def run_manifest(
             hook_secret = first.webhook_secret
         with SimServer.in_thread(config) as server:
             key = config.keys[0].key
-            return asyncio.run(
+            return _run_until_done(
                 arun_manifest(
                     manifest,
                     out,
@@ -179,11 +185,51 @@ def run_manifest(
                     webhook_secret=hook_secret,
                 )
             )
-    return asyncio.run(
+    return _run_until_done(
         arun_manifest(
             manifest, out, api_url=api_url, api_key=api_key, options=opts, on_progress=on_progress
         )
     )
+
+
+def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
+    """``asyncio.run`` with SIGTERM handled as Ctrl-C: the outputs are written, then it stops.
+
+    systemd, Kubernetes and Prefect stop a process with SIGTERM. Its default kills the
+    process at once (no output manifest, run.json or report.html); here it cancels the run
+    as Ctrl-C does, so ``arun_manifest`` writes them from the journal, and then raises
+    ``Terminated``. Only in the main thread (where signals are delivered).
+    """
+    terminated = False
+
+    async def main() -> RunSummary:
+        nonlocal terminated
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_term() -> None:
+            nonlocal terminated
+            if not terminated and task is not None:
+                terminated = True
+                task.cancel()
+
+        installed = False
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTERM, on_term)
+                installed = True
+        try:
+            return await run
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("stopped by SIGTERM; run the same command again to resume") from None
+        raise
 
 
 async def arun_manifest(
@@ -317,6 +363,7 @@ async def arun_manifest(
         )
         connector = aiohttp.TCPConnector(limit=max(100, 4 * limits.max_active))
         engine: Engine | None = None
+        stopped_by: BaseException | None = None
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
                 engine = Engine(
@@ -331,6 +378,9 @@ async def arun_manifest(
                 )
                 run.engine = engine
                 await run.drive(engine)
+        except BaseException as exc:
+            stopped_by = exc
+            raise
         finally:
             if receiver is not None:
                 await asyncio.shield(receiver.stop())
@@ -339,6 +389,11 @@ async def arun_manifest(
             try:
                 await asyncio.shield(run.finish(sink, summary, engine))
                 published = True
+            except StorageError as exc:
+                if stopped_by is None:
+                    raise
+                # What stopped the run says more (often the same full disk).
+                log.error("could not write every output of the stopped run: %s", exc)
             finally:
                 if remote is not None:
                     await asyncio.shield(remote.close(published=published))
@@ -466,7 +521,14 @@ class _Run:
                 elif planned.action is Action.POLL:
                     self.resumed += 1
                     yield Job(
-                        row, name, queued_at, planned.task_id, planned.poll_url, planned.attempts
+                        row,
+                        name,
+                        queued_at,
+                        planned.task_id,
+                        planned.poll_url,
+                        planned.attempts,
+                        submitted_at=planned.submitted_at,
+                        ack_cost=planned.ack_cost,
                     )
                 else:
                     yield Job(row, name, queued_at, attempts=planned.attempts)
@@ -508,22 +570,48 @@ class _Run:
     async def _report_progress(self) -> None:
         while True:
             await asyncio.sleep(self.opts.progress_interval_s)
-            if self.total is not None and not self._total_noted:
-                self._total_noted = True  # `klein-batch status` shows progress against it
-                self.ledger.update_run_info(total=self.total)
-            self.ledger.flush()
+            try:
+                if self.total is not None and not self._total_noted:
+                    self._total_noted = True  # `klein-batch status` shows progress against it
+                    self.ledger.update_run_info(total=self.total)
+                self.ledger.flush()
+            except StorageError as exc:
+                if self.engine is not None:
+                    self.engine.fail(exc)
+                return
             if self.on_progress is not None:
                 self.on_progress(self.snapshot())
 
     # --- the end ---------------------------------------------------------------------------------
 
     async def finish(self, sink: object, summary: RunSummary, engine: Engine | None) -> None:
-        self.ledger.flush()
-        await write_output_manifest(
-            self.reader,
-            self.ledger,
-            sink,  # type: ignore[arg-type]
-            expander=self.opts.catalog,
+        """Write the output manifest, ``run.json`` and ``report.html`` from the journal.
+
+        Each step is tried even when an earlier one could not write (a full disk may still
+        take the small files; a read-only images folder leaves DEST's root writable); the
+        first storage error is raised at the end.
+        """
+        failures: list[StorageError] = []
+
+        async def attempt(what: str, step: Callable[[], Awaitable[None] | None]) -> None:
+            try:
+                result = step()
+                if result is not None:
+                    await result
+            except StorageError as exc:
+                failures.append(exc)
+            except OSError as exc:  # a temporary file of the writers, say
+                failures.append(write_failed(what, exc))
+
+        await attempt("the run journal", self.ledger.flush)
+        await attempt(
+            "manifest.parquet",
+            lambda: write_output_manifest(
+                self.reader,
+                self.ledger,
+                sink,  # type: ignore[arg-type]
+                expander=self.opts.catalog,
+            ),
         )
         counts = self.ledger.counts()
         summary.finished_at = time.time()
@@ -547,21 +635,29 @@ class _Run:
             summary.errors = dict(stats.errors)
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
-        await write_run_json(sink, summary)  # type: ignore[arg-type]
-        self.ledger.update_run_info(
-            ended_at=summary.finished_at,
-            total=summary.total_rows,
-            complete=unfinished == 0,
+        await attempt("run.json", lambda: write_run_json(sink, summary))  # type: ignore[arg-type]
+        await attempt(
+            "the run journal",
+            lambda: self.ledger.update_run_info(
+                ended_at=summary.finished_at,
+                total=summary.total_rows,
+                complete=unfinished == 0,
+            ),
         )
         catalog = self.opts.catalog
-        await write_html_report(
-            sink,  # type: ignore[arg-type]
-            summary,
-            axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
-            max_credits=self.opts.max_credits,
+        await attempt(
+            "report.html",
+            lambda: write_html_report(
+                sink,  # type: ignore[arg-type]
+                summary,
+                axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
+                max_credits=self.opts.max_credits,
+            ),
         )
         if self.on_progress is not None:
             self.on_progress(self.snapshot())
+        if failures:
+            raise failures[0]
 
 
 def _duplicate_reason(name: str, row: Row, first_index: int) -> str:
