@@ -7,7 +7,6 @@ skips with the reason when this process may not mount.
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import sys
 import uuid
@@ -18,12 +17,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "pipeline"))
 
+from reliability_helpers import needs_root
 from sim_fixtures import sim, start_sim  # noqa: F401 (fixtures, found by name)
-
-
-def needs_root() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root: mounts a real tmpfs / sets chattr +i")
 
 
 @pytest.fixture
@@ -51,11 +46,3 @@ def tmpfs(tmp_path: Path) -> Iterator[Callable[[str, Path | None], Path]]:
         subprocess.run(["chattr", "-R", "-i", str(point)], capture_output=True, check=False)
         with contextlib.suppress(subprocess.CalledProcessError):
             subprocess.run(["umount", "-l", str(point)], capture_output=True, check=True)
-
-
-def chattr(flag: str, path: Path) -> None:
-    """``chattr +i`` / ``-i``: immutable even for root (unlike chmod)."""
-    needs_root()
-    done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        pytest.skip(f"chattr {flag} is not supported here: {done.stderr.strip()}")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import chattr
 from pipeline_helpers import SIM_KEY, check_output, fast_options, key_stats, write_catalog
+from reliability_helpers import chattr
 
 from pipeline.errors import StorageError
 from pipeline.ledger import LEDGER_RELPATH, Ledger

@@ -27,6 +27,16 @@ def _cli(manifest: Path, out: Path, url: str) -> list[str]:
     return [KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url]
 
 
+def _run_to_end(manifest: Path, out: Path, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        _cli(manifest, out, url),
+        capture_output=True,
+        text=True,
+        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
+        timeout=240,  # a hang fails here
+    )
+
+
 def _journal_ok(out: Path) -> tuple[int, int]:
     """(integrity check passed, acknowledged tasks) of the journal, read as `status` does."""
     path = out / LEDGER_RELPATH
@@ -52,13 +62,7 @@ def test_an_output_on_a_full_3mb_tmpfs_exits_74_and_the_rerun_pays_nothing_twice
     manifest = write_catalog(tmp_path / "in", n)
     out = tmpfs("3m")
 
-    first = subprocess.run(
-        _cli(manifest, out, sim.url),
-        capture_output=True,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-        timeout=240,  # a hang fails here
-    )
+    first = _run_to_end(manifest, out, sim.url)
 
     assert first.returncode == EXIT_STORAGE, first.stderr
     assert "No space left on device" in first.stderr
@@ -68,13 +72,7 @@ def test_an_output_on_a_full_3mb_tmpfs_exits_74_and_the_rerun_pays_nothing_twice
     assert acked == key_stats(sim)["submits_accepted"] > 0  # every paid task journaled
 
     _remount(out, "64m")
-    again = subprocess.run(
-        _cli(manifest, out, sim.url),
-        capture_output=True,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-        timeout=240,
-    )
+    again = _run_to_end(manifest, out, sim.url)
 
     assert again.returncode == 0, again.stderr
     assert key_stats(sim)["submits_accepted"] == n  # acknowledged tasks polled, not re-paid
@@ -129,13 +127,7 @@ def test_a_journal_whose_commit_fails_on_a_full_disk_ends_the_run_and_keeps_ever
     assert acked == paid < n  # stopped early, and every paid task is in the journal
 
     (journal / "filler").unlink()
-    again = subprocess.run(
-        _cli(manifest, out, sim.url),
-        capture_output=True,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-        timeout=240,
-    )
+    again = _run_to_end(manifest, out, sim.url)
 
     sizes = {p.name: p.stat().st_size for p in journal.rglob("*") if p.is_file()}
     assert again.returncode == 0, (again.stderr, sizes)
