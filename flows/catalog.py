@@ -24,12 +24,15 @@ Prefect's ephemeral mode (no server needed); see ``flows/cli.py``.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import os
 import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,6 +59,7 @@ from flows.shards import (
     scan_keys,
     shard_folder,
 )
+from pipeline import dest_lock
 from pipeline.contract import (
     DEFAULT_ASPECT_RATIO,
     DEFAULT_OUTPUT_FORMAT,
@@ -310,7 +314,35 @@ def _counts_text(counts: dict[str, int]) -> str:
 # --- the catalog flow -----------------------------------------------------------------------------
 
 
+def _one_writer(
+    generate: Callable[..., Awaitable[dict[str, Any]]],
+) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """The flow holds DEST's lock while it runs: the same lock as `klein-batch run`.
+
+    So a `run` into the flow's output (or a second flow) stops with exit 2 naming this
+    flow, and this flow stops the same way while a `run` holds it (``pipeline.dest_lock``:
+    an flock locally, a leased conditional-put object on S3). A lost S3 lease cancels
+    the flow: another writer may hold the output now.
+    """
+
+    @functools.wraps(generate)
+    async def holding_the_output(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = inspect.signature(generate).bind(*args, **kwargs).arguments["out"]
+        out = _absolute(_dated(out))
+        running = asyncio.current_task()
+
+        def lost(message: str) -> None:
+            if running is not None:
+                running.cancel(message)
+
+        async with dest_lock.holding(open_sink(out), out, kind="flow", on_lost=lost):
+            return await generate(*args, **kwargs)
+
+    return holding_the_output
+
+
 @flow(name="generate-catalog", log_prints=False)
+@_one_writer
 async def generate_catalog(
     manifest: str,
     out: str,

@@ -298,10 +298,24 @@ async def arun_manifest(
         local_root = remote.work_dir
     local_root.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    with contextlib.ExitStack() as held:
-        held.enter_context(
-            dest_lock.hold(local_root, str(out) if not isinstance(out, Sink) else str(sink))
-        )
+    lost_lock: list[str] = []
+    engines: list[Engine] = []
+
+    def lock_lost(message: str) -> None:
+        lost_lock.append(message)
+        for running in engines:
+            running.fail(StorageError(message))
+
+    async with contextlib.AsyncExitStack() as held:
+        if not isinstance(out, Sink):
+            # DEST's own lock, the one `klein-batch flow` takes too (a Sink passed in is a
+            # flow's shard: its flow holds DEST's lock, the shard its own journal's).
+            await held.enter_async_context(
+                dest_lock.holding(sink, str(out), kind="run", on_lost=lock_lost)
+            )
+        if isinstance(out, Sink) or remote is not None:
+            # The journal's folder on this machine (a shard's, or a remote output's work dir).
+            held.enter_context(dest_lock.hold(local_root, str(out)))
         if isinstance(sink, LocalSink):
             # Ours alone now: images a killed run left half-written go (their rows rerun).
             for folder in (sink.root, sink.root / "images"):
@@ -377,6 +391,9 @@ async def arun_manifest(
                     budget=run.budget,
                 )
                 run.engine = engine
+                engines.append(engine)
+                if lost_lock:
+                    engine.fail(StorageError(lost_lock[0]))
                 await run.drive(engine)
         except BaseException as exc:
             stopped_by = exc
