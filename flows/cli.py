@@ -237,6 +237,17 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catal
         return int(ExitCode.CANNOT_START)
 
     from flows.catalog import ImageDefaults, ShardsFailed, generate_catalog
+    from pipeline.dest_lock import check_free
+    from pipeline.storage import open_sink
+
+    out = str(settings.out)
+    if "{date}" not in out:
+        # Before Prefect starts: a busy output is said in one line (the flow holds the lock).
+        try:
+            asyncio.run(check_free(open_sink(out), out))
+        except KleinError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return int(ExitCode.CANNOT_START)
 
     parameters["defaults"] = ImageDefaults(**parameters["defaults"])
     try:

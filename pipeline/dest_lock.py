@@ -190,11 +190,7 @@ class S3Lease:
                 if is_not_found(exc):
                     continue  # released in between: try again
                 raise
-            holder = _parse_holder(found["Body"].read())
-            lease = holder.get("lease_s", DEFAULT_LEASE_S) if isinstance(holder, dict) else 0
-            age = _age_s(found)
-            if age <= float(lease):
-                raise _busy(self.destination, holder)
+            holder, lease, age = self._live(found)
             # Its holder stopped renewing (crashed): replace exactly that object, or lose
             # the race to another writer doing the same.
             if self._put(s3, {"IfMatch": found["ETag"]}):
@@ -202,10 +198,33 @@ class S3Lease:
                     "%s: took over the lock of %s, whose lease expired %.0f s ago",
                     self.destination,
                     describe(holder),
-                    age - float(lease),
+                    age - lease,
                 )
                 return
         raise _busy(self.destination, "a writer that keeps changing the lock")
+
+    def _live(self, found: dict[str, Any]) -> tuple[dict[str, Any] | str, float, float]:
+        """(holder, lease, age) of a lock object; ``DestinationBusy`` while its lease runs."""
+        holder = _parse_holder(found["Body"].read())
+        lease = float(holder.get("lease_s", DEFAULT_LEASE_S)) if isinstance(holder, dict) else 0.0
+        age = _age_s(found)
+        if age <= lease:
+            raise _busy(self.destination, holder)
+        return holder, lease, age
+
+    def check(self) -> None:
+        """Raise ``DestinationBusy`` if a live writer holds the lock; take nothing."""
+        from botocore.exceptions import ClientError
+
+        from pipeline.s3 import client, is_not_found
+
+        try:
+            found = client().get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as exc:
+            if is_not_found(exc):
+                return
+            raise
+        self._live(found)
 
     def renew(self) -> bool:
         """Extend the lease; False when it was lost (another writer replaced the lock)."""
@@ -308,6 +327,32 @@ async def holding(
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
         await asyncio.to_thread(lease.release)
+
+
+async def check_free(sink: object, destination: str) -> None:
+    """Raise ``DestinationBusy`` if a live writer holds DEST now; takes nothing.
+
+    For a one-line answer before a writer's slow start (Prefect's): ``holding`` is still
+    what keeps writers apart, this only says early what it would say later.
+    """
+    local = sink.local_path(LOCK_RELPATH)  # type: ignore[attr-defined]
+    if local is not None:
+        if not local.is_file():
+            return
+        fd = os.open(local, os.O_RDONLY)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise _busy(destination, _parse_holder(os.pread(fd, 1000, 0))) from None
+        finally:
+            os.close(fd)
+        return
+    from pipeline.s3 import S3Sink
+
+    if isinstance(sink, S3Sink):
+        where = sink.location(LOCK_RELPATH)
+        await asyncio.to_thread(S3Lease(where.bucket, where.key, destination, "run").check)
 
 
 def sweep_partial_writes(folder: Path) -> int:
