@@ -11,7 +11,6 @@ which keeps ``--help`` and ``validate`` quick.
 from __future__ import annotations
 
 import os
-import re
 import shlex
 import sys
 import traceback
@@ -49,6 +48,7 @@ from pipeline.contract import (
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.progress import MODES, format_duration
 from pipeline.summary import ExitCode
+from pipeline.urls import redact_credentials
 
 if TYPE_CHECKING:
     from pipeline.manifest import Defaults
@@ -228,14 +228,10 @@ def _secrets() -> list[str]:
     return [value for env in names if (value := os.environ.get(env, "").strip())]
 
 
-#: The password of a ``scheme://user:password@host`` URL (an --api-url, an endpoint).
-_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s'\"]*):[^/@\s'\"]+@")
-
-
 def _redact(text: str) -> str:
     for secret in _secrets():
         text = text.replace(secret, "***")
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    return redact_credentials(text)
 
 
 def _fail(message: str, code: int = ExitCode.CANNOT_START) -> NoReturn:

@@ -49,6 +49,7 @@ from pipeline.references import Reference, ReferenceStore
 from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
 from pipeline.rows import Outcome, Row
 from pipeline.storage import Sink
+from pipeline.urls import with_credentials_of
 from pipeline.verify import InvalidImage, inspect_image
 
 log = logging.getLogger(__name__)
@@ -449,7 +450,9 @@ class Engine:
         else:
             self.slots.adopt()
             submitted_at = job.submitted_at if job.submitted_at is not None else job.queued_at
-            tracked = self._track(job, job.task_id, job.poll_url or "", submitted_at)
+            # The journal keeps poll URLs without credentials: this run's API URL has them.
+            poll_url = with_credentials_of(job.poll_url or "", self._provider.submit_url())
+            tracked = self._track(job, job.task_id, poll_url, submitted_at)
             tracked.cost = job.ack_cost
             self._schedule(tracked, 0.0)
         failure: _RowError | None = None

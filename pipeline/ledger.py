@@ -61,6 +61,7 @@ from typing import Any, Final, TypeVar
 from pipeline.contract import RowStatus, cost_credits, output_size
 from pipeline.errors import ConfigError, StorageError
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
+from pipeline.urls import redact_credentials, without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +197,8 @@ def _outcome_to_json(outcome: Outcome) -> str:
         value = getattr(outcome, name)
         if name == "reference_digests":
             value = list(value)
+        elif name == "reason" and value:
+            value = redact_credentials(value)  # reasons quote URLs: never their passwords
         if value is not None and value != [] and value != {}:
             data[name] = value
     return json.dumps(data, ensure_ascii=False, default=str)
@@ -575,7 +578,7 @@ class Ledger:
                     rej.index,
                     json.dumps(
                         {
-                            "reason": rej.reason,
+                            "reason": redact_credentials(rej.reason),
                             "column": rej.column,
                             "key": rej.key,
                             "prompt": rej.prompt,
@@ -630,7 +633,8 @@ class Ledger:
             "intent_pending = 0, task_id = excluded.task_id, poll_url = excluded.poll_url, "
             "submitted_at = excluded.submitted_at, ack_cost = excluded.ack_cost, "
             "ack_run = excluded.ack_run",
-            (key, task_id, poll_url, submitted_at, cost, self._run_id),
+            # Credentials never reach the disk: the engine adds the run's back when polling.
+            (key, task_id, without_credentials(poll_url), submitted_at, cost, self._run_id),
         )
         self._conn.execute("COMMIT")
 

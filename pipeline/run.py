@@ -35,7 +35,6 @@ from typing import Any
 import aiohttp
 import polars as pl
 import pyarrow as pa
-from yarl import URL
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
@@ -55,6 +54,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.rows import Outcome, Rejection, Row
 from pipeline.storage import LocalSink, Sink, open_sink, write_failed
 from pipeline.summary import ProgressSnapshot, RunSummary
+from pipeline.urls import without_credentials
 from pipeline.variations import Catalog
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
@@ -328,7 +328,7 @@ async def arun_manifest(
             {
                 "manifest": reader.name,
                 "dialect": opts.dialect,
-                "api_url": _without_credentials(api_url),
+                "api_url": without_credentials(api_url),
                 "tier": limits.name,
                 "max_active": limits.max_active,
                 "submits_per_minute": limits.submits_per_minute,
@@ -417,7 +417,7 @@ async def arun_manifest(
     if engine is not None and engine.key_refused and not engine.stats.accepted:
         where = f" in ${env_name}" if key == os.environ.get(env_name) else ""
         raise KeyRefusedError(
-            f"the API at {_without_credentials(api_url)} refused the key{where} "
+            f"the API at {without_credentials(api_url)} refused the key{where} "
             f"({engine.key_refused}); nothing was submitted; the output manifest in "
             f"{summary.output} lists every row as skipped",
             summary,
@@ -719,14 +719,6 @@ def _is_a_share(opts: RunOptions) -> bool:
     if key_limit is None and opts.tier is not None:
         key_limit = TIERS[opts.tier].max_active
     return key_limit is not None and opts.max_active < key_limit
-
-
-def _without_credentials(url: str) -> str:
-    """The API URL as written down: a ``user:password@`` in it is a secret, never recorded."""
-    try:
-        return str(URL(url).with_user(None))
-    except (TypeError, ValueError):
-        return "<unparseable URL>"
 
 
 def _next_validated(
