@@ -17,6 +17,8 @@ NOTES = Path(__file__).resolve().parent / "notes.md"
 SOAK = Path(__file__).resolve().parent / "soak.json"
 #: Jobs sharing one key (``benchmarks/sharing.py``); the section is left out while absent.
 SHARING = Path(__file__).resolve().parent / "sharing.json"
+#: Nights with an image library (``benchmarks/library.py``); left out while absent.
+LIBRARY = Path(__file__).resolve().parent / "library.json"
 SOAK_COMMAND = (
     "KLEIN_SOAK=1 KLEIN_SOAK_REPORT=benchmarks/soak.json "
     ".venv/bin/python -m pytest -s -p no:cacheprovider tests/chaos/test_soak.py"
@@ -220,22 +222,60 @@ def _sharing(sharing: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
-def load_sharing(path: Path = SHARING) -> dict[str, Any] | None:
-    """The sharing figures when ``benchmarks/sharing.json`` exists and is readable."""
+def _library(library: dict[str, Any]) -> list[str]:
+    """Three nights into new dated folders with one library: what each one sent."""
+    nights = library["nights"]
+    lines = [
+        "## Image library: nights that pay only for what changed",
+        "",
+        f"`benchmarks/library.py`: three nights of `klein-batch run` (each its own process) "
+        f"of a {library['rows']:,}-row catalog into new dated folders, all with one "
+        f"`--library`, against one simulated key ({library['sim']}); submits from the "
+        "simulator's counters. Night 2 is the same catalog again; night 3 has "
+        f"{library['changed_rows']} prompts edited. Measured {library['date']} on "
+        f"{library['nproc']} CPUs, load {library['load_before']} before and "
+        f"{library['load_after']} after, with `.venv/bin/{library['command']}`; RESULTS.md "
+        "renders `benchmarks/library.json`.",
+        "",
+        "| night | rows changed | submits accepted | reused from the library | credits | wall s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    changed = ["first", "0 (same catalog)", str(library["changed_rows"])]
+    for name, night, edits in zip(("1", "2", "3"), nights, changed, strict=True):
+        lines.append(
+            f"| {name} ({night['out']}) | {edits} | {night['submits_accepted']:,} "
+            f"| {night['reused']:,} | {night['credits']:,.2f} | {night['wall_s']:.1f} |"
+        )
+    lines += [
+        "",
+        f"The unchanged night took {library['unchanged_time_ratio']:.1%} of the first "
+        "night's wall time (reading the manifest and the index, linking the images, writing "
+        "the output manifest and report); the edited night sent "
+        + ("exactly the edited rows." if library["changed_sent_exactly"] else "other rows too."),
+        "",
+    ]
+    return lines
+
+
+def _load(path: Path, required: str | None = None) -> dict[str, Any] | None:
+    """A benchmark's figures when its JSON file exists, is readable and has ``required``."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    return data if isinstance(data, dict) and data.get("runs") else None
+    if not isinstance(data, dict) or (required is not None and not data.get(required)):
+        return None
+    return data
+
+
+def load_sharing(path: Path = SHARING) -> dict[str, Any] | None:
+    """The sharing figures when ``benchmarks/sharing.json`` exists and is readable."""
+    return _load(path, "runs")
 
 
 def load_soak(path: Path = SOAK) -> dict[str, Any] | None:
     """The soak figures when ``benchmarks/soak.json`` exists and is readable, else None."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+    return _load(path)
 
 
 def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
@@ -367,6 +407,9 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
     sharing = load_sharing()
     if sharing:
         out += _sharing(sharing)
+    library = _load(LIBRARY, "nights")
+    if library:
+        out += _library(library)
     soak = soak if soak is not None else load_soak()
     if soak:
         out += _soak(soak)

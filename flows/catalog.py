@@ -33,7 +33,6 @@ import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -69,10 +68,11 @@ from pipeline.contract import (
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
+from pipeline.library import library_for
 from pipeline.limits import resolve_tier
 from pipeline.manifest import Defaults
 from pipeline.run import KEY_ENV, RunOptions, arun_manifest
-from pipeline.storage import open_sink
+from pipeline.storage import DATE_HOLE, dated, open_sink
 
 DEFAULT_API_URL = "https://api.freepik.com"
 #: The deployment of ``generate_catalog_shard`` that ``prefect.yaml`` defines.
@@ -127,18 +127,18 @@ class ShardJob(BaseModel):
     #: Submit again a task the API no longer knows (404) instead of failing its row: only
     #: for a simulator started per run (``klein-batch flow --sim``), which forgets tasks.
     resubmit_unknown: bool = False
+    #: The image library every shard copies from and adds to (``pipeline/library.py``).
+    library: str | None = None
 
 
 def _dated(location: str) -> str:
     """``{date}`` in an output becomes the run's scheduled day (UTC), so each night of a
     scheduled catalog gets its own folder, and a late retry still finds its own."""
-    if "{date}" not in location:
+    if DATE_HOLE not in location:
         return location
     from prefect.runtime import flow_run
 
-    scheduled = flow_run.scheduled_start_time
-    day = scheduled.astimezone(UTC) if scheduled is not None else datetime.now(UTC)
-    return location.replace("{date}", day.strftime("%Y-%m-%d"))
+    return dated(location, flow_run.scheduled_start_time)
 
 
 def _absolute(location: str) -> str:
@@ -170,6 +170,7 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
         retry_failed=job.retry_failed,
         earlier_duplicates=duplicates,
         resubmit_unknown=job.resubmit_unknown,
+        library=job.library,
     )
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
@@ -361,6 +362,8 @@ async def generate_catalog(
     retry_failed: bool = False,
     shard_retries: int = 2,
     resubmit_unknown: bool = False,
+    library: str | None = None,
+    no_library: bool = False,
 ) -> dict[str, Any]:
     """Generate a catalog: every manifest row into ``out``, in shards, resumable.
 
@@ -387,6 +390,10 @@ async def generate_catalog(
         resubmit_unknown: submit again a task the API answers 404 for (set by
             ``klein-batch flow --sim``, whose simulator forgets the tasks of an earlier run;
             against a real API leave it off: a forgotten task may have been charged).
+        library: image library (folder or s3://) whose images are copied instead of paid
+            for, and which keeps every image paid for; default with ``{date}`` in ``out``:
+            a ``library`` folder beside the dated ones.
+        no_library: use no library, not even a ``{date}`` output's default.
     """
     logger = get_run_logger()
     started = time.time()
@@ -402,6 +409,9 @@ async def generate_catalog(
     plan_shards(1, shard_size)  # checks shard_size
     await resolve_api_key(api_key_block, dialect)  # fail before validating a big manifest
     manifest = _absolute(manifest)
+    library = library_for(out, library, no_library=no_library)
+    if library is not None:
+        library = _absolute(library)
     out = _absolute(_dated(out))
     sink = open_sink(out)
 
@@ -451,6 +461,7 @@ async def generate_catalog(
             concurrency_limit=concurrency_limit or None,
             token=f"{run_id}-{uuid.uuid4().hex[:8]}",
             resubmit_unknown=resubmit_unknown,
+            library=library,
         ),
         deployment=shard_deployment or None,
         parallel=parallel,
@@ -548,6 +559,7 @@ def _job_factory(
     concurrency_limit: str | None,
     token: str,
     resubmit_unknown: bool = False,
+    library: str | None = None,
 ) -> Any:
     def make(shard: ShardSpec) -> ShardJob:
         return ShardJob(
@@ -569,6 +581,7 @@ def _job_factory(
             occupy=share.occupy,
             token=token,
             resubmit_unknown=resubmit_unknown,
+            library=library,
         )
 
     return make

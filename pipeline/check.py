@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from pipeline.contract import cost_credits, output_size
 from pipeline.errors import ReferenceError
+from pipeline.library import Library
 from pipeline.manifest import Defaults, ManifestReader, iter_rows
 from pipeline.references import ReferenceStore
 from pipeline.rows import Rejection, Row
@@ -87,11 +88,23 @@ class CheckReport:
     #: never paid again): a dry run into an existing DEST neither counts nor prices them.
     earlier_done: int = 0
     earlier_in_flight: int = 0
+    #: Rows whose image the library already holds, or an earlier row of this manifest
+    #: makes (same fingerprint): copied by the run, not sent, not priced.
+    library_hits: int = 0
+    #: The library checked against (``--library``), for the summary line.
+    library: str | None = None
 
     @property
     def to_send(self) -> int:
-        """Images the run would pay for: valid rows, each key once, not already in DEST."""
-        return self.valid - self.duplicates - self.earlier_done - self.earlier_in_flight
+        """Images the run would pay for: valid rows, each key once, not already in DEST,
+        not in the library."""
+        return (
+            self.valid
+            - self.duplicates
+            - self.earlier_done
+            - self.earlier_in_flight
+            - self.library_hits
+        )
 
     @property
     def exit_code(self) -> ExitCode:
@@ -120,6 +133,11 @@ class CheckReport:
             out.append(
                 f"  in DEST     {self.earlier_done} done by an earlier run, "
                 f"{self.earlier_in_flight} in flight (polled, not sent again)"
+            )
+        if self.library is not None:
+            out.append(
+                f"  in library  {self.library_hits} (copied from {self.library}, not sent; "
+                "rows with URL references are counted as sent)"
             )
         if self.rejections:
             out += ["", "Rejected rows by column:"]
@@ -209,22 +227,41 @@ class _ReferenceChecker:
         self._store = ReferenceStore(base_dir)
         self._loop = asyncio.new_event_loop()
         self._report = report
-        self._seen: dict[str, str | None] = {}
+        #: spec (or its digest) -> (problem or None, sha256 of the image as sent or None)
+        self._seen: dict[str, tuple[str | None, str | None]] = {}
         self.per_row = report.per_row
 
     def close(self) -> None:
         self._loop.close()
 
-    def _problem(self, spec: str) -> str | None:
+    def _load(self, spec: str) -> tuple[str | None, str | None]:
         cache_key = spec if len(spec) <= 512 else hashlib.sha256(spec.encode()).hexdigest()
         if cache_key not in self._seen:
             self._report.reference_files += 1
             try:
-                self._loop.run_until_complete(self._store.load(spec))
-                self._seen[cache_key] = None
+                reference = self._loop.run_until_complete(self._store.load(spec))
+                self._seen[cache_key] = (None, reference.digest)
             except ReferenceError as exc:
-                self._seen[cache_key] = str(exc)
+                self._seen[cache_key] = (str(exc), None)
         return self._seen[cache_key]
+
+    def _problem(self, spec: str) -> str | None:
+        return self._load(spec)[0]
+
+    def digests(self, row: Row) -> tuple[str, ...] | None:
+        """The row's reference digests as the run computes them (for its fingerprint);
+        None when one is a URL, which a check does not fetch."""
+        found: list[str] = []
+        for _, spec in row.request.reference_specs():
+            if not spec:
+                continue
+            if reference_kind(spec) == "url":
+                return None
+            digest = self._load(spec)[1]
+            if digest is None:
+                return None
+            found.append(digest)
+        return tuple(found)
 
     def problems(self, row: Row, source: str) -> list[tuple[str, str]]:
         """(column, message) for each unusable reference of the row."""
@@ -312,6 +349,7 @@ def check_manifest(
     batch_size: int = 10_000,
     catalog: Catalog | None = None,
     earlier: Callable[[list[str]], dict[str, str]] | None = None,
+    library: Library | None = None,
 ) -> CheckReport:
     """Validate a manifest the way a run would, without sending anything.
 
@@ -319,6 +357,9 @@ def check_manifest(
     checked and counted, so the estimate is what the run will spend. ``earlier`` maps keys
     to ``"done"`` or ``"in_flight"`` for a DEST that already holds a run
     (``Ledger.earlier_work``): those rows are counted apart, as the rerun skips or polls them.
+    With a ``library`` (``pipeline/library.py``, opened) rows whose fingerprint it holds, or
+    an earlier row makes, are counted apart too: the run copies them (references are
+    loaded to fingerprint them, so ``check_references`` must stay on).
 
     Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
     problem is counted and grouped in the report instead.
@@ -330,13 +371,15 @@ def check_manifest(
         require_prompt=catalog is None or catalog.requires_prompt,
     )
     report = CheckReport(source=reader.name, limit=limit, references_checked=check_references)
+    if library is not None:
+        report.library = library.uri
     if catalog is not None:
         catalog.check(reader)
         report.per_row = catalog.size
         report.matrix = catalog.matrix.describe() if catalog.matrix else None
     checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
     try:
-        _check_rows(report, reader, defaults, checker, catalog, earlier)
+        _check_rows(report, reader, defaults, checker, catalog, earlier, library)
     finally:
         if checker is not None:
             checker.close()
@@ -351,8 +394,11 @@ def _check_rows(
     checker: _ReferenceChecker | None,
     catalog: Catalog | None = None,
     earlier: Callable[[list[str]], dict[str, str]] | None = None,
+    library: Library | None = None,
 ) -> None:
     seen = SeenKeys()
+    #: Fingerprints of rows counted as sent: a later row with the same one is copied.
+    made = SeenKeys()
     batches = catalog.iter_rows(reader, defaults) if catalog else iter_rows(reader, defaults)
     for rows, rejections in batches:
         report.total += len(rows) + len(rejections)
@@ -378,6 +424,7 @@ def _check_rows(
                 continue
             fresh.append(row)
         states = earlier([row.key for row in fresh]) if earlier and fresh else {}
+        sent: list[Row] = []
         for row in fresh:
             state = states.get(row.key)
             if state == "done":
@@ -386,6 +433,10 @@ def _check_rows(
             if state == "in_flight":
                 report.earlier_in_flight += 1
                 continue
+            sent.append(row)
+        if library is not None and checker is not None:
+            sent = _library_misses(report, sent, library, checker, made)
+        for row in sent:
             request = row.request
             report.by_preset[request.aspect_ratio] += 1
             report.by_resolution[request.resolution] += 1
@@ -393,6 +444,39 @@ def _check_rows(
             report.estimated_credits += cost_credits(
                 *output_size(request.aspect_ratio, request.resolution)
             )
+
+
+def _library_misses(
+    report: CheckReport,
+    rows: list[Row],
+    library: Library,
+    checker: _ReferenceChecker,
+    made: SeenKeys,
+) -> list[Row]:
+    """The rows the run would send; counts the others (in the library, or made by an
+    earlier row of this manifest) as library hits."""
+    misses: list[Row] = []
+    fps: list[str] = []
+    for row in rows:
+        digests = checker.digests(row)
+        if digests is None:  # a URL reference: the run fingerprints it, a check cannot
+            misses.append(row)
+            continue
+        fp = library.fingerprint(row.request, digests)
+        if library.lookup(fp) is not None:
+            report.library_hits += 1
+            continue
+        fps.append(fp)
+        misses.append(row)
+    firsts = iter(made.first_seen(fps))
+    kept: list[Row] = []
+    for row in misses:
+        digests = checker.digests(row)
+        if digests is not None and not next(firsts):
+            report.library_hits += 1
+            continue
+        kept.append(row)
+    return kept
 
 
 def _count_rejections(report: CheckReport, rejections: Iterable[Rejection]) -> None:

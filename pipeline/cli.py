@@ -10,12 +10,14 @@ which keeps ``--help`` and ``validate`` quick.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shlex
 import sys
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Final, NoReturn
@@ -51,6 +53,7 @@ from pipeline.summary import ExitCode
 from pipeline.urls import redact_credentials
 
 if TYPE_CHECKING:
+    from pipeline.library import Library
     from pipeline.manifest import Defaults
     from pipeline.sim.config import SimConfig
     from pipeline.variations import Catalog
@@ -212,6 +215,21 @@ MaxCreditsOpt = Annotated[
         "(earlier runs into DEST count); rows that do not fit end skipped (reason budget).",
         show_default=False,
     ),
+]
+LibraryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--library",
+        metavar="URI",
+        help="Image library (folder or s3://bucket/prefix): rows whose request it already "
+        "holds are copied from it (no submit, no cost; reused_from in the manifest) and every "
+        "image paid for is added. [default: DEST/../library when --out contains {date}]",
+        show_default=False,
+    ),
+]
+NoLibraryOpt = Annotated[
+    bool,
+    typer.Option("--no-library", help="Use no image library, not even a {date} output's."),
 ]
 
 
@@ -544,6 +562,8 @@ def run(
     vary: VaryOpt = None,
     variations: VariationsOpt = None,
     max_credits: MaxCreditsOpt = None,
+    library: LibraryOpt = None,
+    no_library: NoLibraryOpt = False,
     dry_run: Annotated[
         bool,
         typer.Option(
@@ -597,6 +617,8 @@ def run(
             dry_run=dry_run or None,
             retry_failed=retry_failed or None,
             max_credits=max_credits,
+            library=library,
+            no_library=no_library or None,
             **_catalog_flags(prompt_template, vary, variations),
             aspect_ratio=aspect_ratio,
             resolution=resolution,
@@ -606,12 +628,35 @@ def run(
         )
         if not settings.out:
             raise ConfigError('--out DEST is required (or set out = "..." in the config file)')
+        settings = _dated_out(settings)
         source = _check_manifest_path(manifest)
         _configure_s3(settings)
         limits = settings.limits()
         if settings.dry_run:
             _dry_run(source, settings, limits)
         _run(source, settings, limits, progress)
+
+
+def _dated_out(settings: RunConfig) -> RunConfig:
+    """``{date}`` in ``--out`` becomes today (UTC), and the output's library defaults to a
+    ``library`` folder beside the dated ones (``pipeline.library.library_for``)."""
+    from pipeline.library import library_for
+    from pipeline.storage import dated
+
+    assert settings.out is not None
+    library = library_for(settings.out, settings.library, no_library=settings.no_library)
+    return replace(settings, out=dated(settings.out), library=library)
+
+
+def _library(settings: RunConfig) -> Library | None:
+    """The run's library, opened (its index read) for a dry run's count; None without one."""
+    if not settings.library:
+        return None
+    from pipeline.library import Library
+
+    return asyncio.run(
+        Library.open(settings.library, dialect=settings.dialect, model=settings.model)
+    )
 
 
 def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoReturn:
@@ -634,6 +679,7 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,
+            library=_library(settings),
         )
     typer.echo(report.render())
     typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
@@ -709,6 +755,7 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
                     model=settings.model,
                     webhook_listen=settings.webhook_listen,
                     webhook_public_url=settings.webhook_public_url,
+                    library=settings.library,
                 ),
             )
     except KeyboardInterrupt:

@@ -46,7 +46,7 @@ WEBHOOK_SECRET_ENV: Final = {"klein": "FREEPIK_WEBHOOK_SECRET", "bfl": "BFL_WEBH
 BFL_MODEL_NAMES: Final = tuple(name.removeprefix("flux-2-") for name in BFL_MODELS)
 
 #: Settings whose value is a path; relative paths in a config file are relative to that file.
-_PATH_SETTINGS: Final = ("out", "sim_config")
+_PATH_SETTINGS: Final = ("out", "sim_config", "library")
 #: Names that look like a place for a secret; refused so nobody commits a key by accident.
 _SECRET_SETTINGS: Final = ("api_key", "key", "freepik_api_key", "bfl_api_key", "webhook_secret")
 
@@ -85,6 +85,10 @@ class RunConfig:
     webhook_listen: str | None = None
     #: The URL the API should call when it differs from ``http://HOST:PORT``.
     webhook_public_url: str | None = None
+    #: The image library (``pipeline/library.py``): a folder or ``s3://`` URI; None: the
+    #: default of a ``{date}`` output, unless ``no_library``.
+    library: str | None = None
+    no_library: bool = False
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
 
@@ -132,6 +136,8 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "model": str,
     "webhook_listen": str,
     "webhook_public_url": str,
+    "library": str,
+    "no_library": bool,
 }
 SETTINGS: Final = tuple(_SETTING_TYPES)
 _TYPE_WORDS: Final = {
@@ -213,7 +219,7 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
             value,
             "an http:// or https:// URL the API can reach, e.g. https://hooks.example",
         )
-    if setting in ("out", "api_url", "sim_config") and not str(value).strip():
+    if setting in ("out", "api_url", "sim_config", "library") and not str(value).strip():
         raise where.fail(setting, value, "a non-empty value")
     return value
 

@@ -43,6 +43,7 @@ from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
 from pipeline.errors import KleinError, ReferenceError, StorageError
 from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
+from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
@@ -110,6 +111,8 @@ class Job:
     tracked: _Tracked | None = None
     #: sha256 of each reference image, in order (once loaded).
     digests: tuple[str, ...] = ()
+    #: The request fingerprint this row makes for the library (``Library.claim``), if any.
+    fingerprint: str | None = None
 
 
 @dataclass(slots=True)
@@ -201,8 +204,11 @@ class Engine:
         settings: EngineSettings,
         on_outcome: Callable[[Outcome], None],
         budget: Budget | None = None,
+        library: Library | None = None,
     ) -> None:
         self._provider = provider
+        #: Images made before, by request fingerprint (``pipeline/library.py``).
+        self._library = library
         self._budget = budget
         self._session = session
         self._sink = sink
@@ -383,6 +389,8 @@ class Engine:
             outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
         finally:
             gate.release()
+            if job.fingerprint is not None and self._library is not None:
+                self._library.release(job.fingerprint)  # rows waiting for it look again
         if job.reserved and self._budget is not None:
             self._budget.settle(job.reserved, outcome.cost_credits)
             job.reserved = 0.0
@@ -412,6 +420,10 @@ class Engine:
             log.info("row %s: resubmitting task %s of an earlier run", job.row.key, job.task_id)
             job.task_id = job.poll_url = None
             return await self._outcome_of(job)
+        if job.task_id is None and self._library is not None:
+            reused = await self._from_library(job, digests)
+            if reused is not None:
+                return reused
         if job.task_id is None:
             await self._room_to_fetch()
             if self._abort_reason:
@@ -830,6 +842,19 @@ class Engine:
             raise StorageError(str(exc)) from None
         if info.thumbnail is not None:
             await self._store_thumbnail(job.row.key, info.thumbnail)
+        if job.fingerprint is not None:
+            entry = Entry(
+                fingerprint=job.fingerprint,
+                format=info.format,
+                bytes=info.size,
+                sha256=info.sha256,
+                width=info.width,
+                height=info.height,
+                task_id=tracked.task_id,
+                cost_credits=self._charged(request, tracked, RowStatus.SUCCEEDED, False),
+                created_at=time.time(),
+            )
+            await self._add_to_library(entry, body, relpath)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
@@ -840,6 +865,50 @@ class Engine:
             format=info.format,
             size=info.size,
         )
+
+    # --- the library ----------------------------------------------------------------------------
+
+    async def _from_library(self, job: Job, digests: tuple[str, ...]) -> Outcome | None:
+        """The row's image copied from the library (succeeded, cost 0), or None: submit it.
+
+        Rows of this run asking for the same fingerprint wait for the first of them and then
+        take its image from the library, so the run pays for each fingerprint once.
+        """
+        library = self._library
+        assert library is not None
+        request = job.row.request
+        fp = library.fingerprint(request, digests)
+        relpath = f"images/{job.row.key}.{FORMAT_EXT[request.output_format]}"
+        while True:
+            entry = await library.reuse(fp, self._sink, relpath)
+            if entry is not None:
+                outcome = self._outcome(
+                    job,
+                    RowStatus.SUCCEEDED,
+                    digests=digests,
+                    output_uri=self._sink.uri(relpath),
+                    sha256=entry.sha256,
+                    width=entry.width,
+                    height=entry.height,
+                    format=entry.format,
+                    size=entry.bytes,
+                )
+                outcome.reused_from = library.location(entry)
+                return outcome
+            making = library.claim(fp)
+            if making is None:
+                job.fingerprint = fp
+                return None
+            await making.wait()
+
+    async def _add_to_library(self, entry: Entry, body: bytes, relpath: str) -> None:
+        """Keep a paid image in the library; a library that fails to take it costs a later
+        run a submit, never this row its image (it is in DEST already)."""
+        assert self._library is not None
+        try:
+            await self._library.store(entry, body, self._sink, relpath)
+        except (KleinError, OSError, ValueError) as exc:
+            log.warning("library %s did not take %s: %s", self._library.uri, relpath, exc)
 
     async def _stored_outcome(
         self, job: Job, task_id: str, submitted_at: float, digests: tuple[str, ...]

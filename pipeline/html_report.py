@@ -42,6 +42,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.contract import RowStatus
+from pipeline.output_manifest import FIXED_COLUMNS
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
 from pipeline.verify import small_jpeg
@@ -256,7 +257,8 @@ def render_report(
 
 def _label_columns(manifest: pl.DataFrame, axes: Sequence[str]) -> list[str]:
     """Up to four input columns that say what a product is (title, sku, colour...)."""
-    fixed_end = manifest.columns.index("cost_credits") + 1
+    present = [manifest.columns.index(c) for c in FIXED_COLUMNS if c in manifest.columns]
+    fixed_end = max(present) + 1
     skip = {"variation", *axes}
     chosen = [c for c in manifest.columns[fixed_end:] if c not in skip]
     preferred = [c for c in chosen if c.lower() in ("title", "name", "sku", "color", "colour")]

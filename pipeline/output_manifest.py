@@ -34,6 +34,8 @@ submitted_at           timestamp[us, UTC]          when its task was acknowledge
 finished_at            timestamp[us, UTC]          when it reached its final status
 latency_s              float64                     queue-to-done seconds
 cost_credits           float64                     credits charged (0 when not charged)
+reused_from            string                      the library object the image was copied from
+                                                   (``--library``; null when this run made it)
 =====================  ==========================  ===============================================
 
 Then every extra column of the input, with its original type. An input column whose name
@@ -99,6 +101,7 @@ FIXED_SCHEMA = pa.schema(
         ("finished_at", _TS),
         ("latency_s", pa.float64()),
         ("cost_credits", pa.float64()),
+        ("reused_from", pa.string()),
     ]
 )
 FIXED_COLUMNS: tuple[str, ...] = tuple(FIXED_SCHEMA.names)
@@ -180,6 +183,7 @@ def _fixed_columns(
         cols["finished_at"].append(_micros(outcome.finished_at))
         cols["latency_s"].append(outcome.latency_s)
         cols["cost_credits"].append(float(outcome.cost_credits or 0.0))
+        cols["reused_from"].append(outcome.reused_from)
     return cols
 
 

@@ -65,6 +65,8 @@ def format_summary(summary: RunSummary) -> str:
         f"credits {summary.credits:,.2f}; submits {summary.submits:,}, "
         f"retries {summary.retries:,}, rate-limited (429) {summary.rate_limited:,}",
     ]
+    if summary.reused_rows:
+        lines.append(f"library: {summary.reused_rows:,} images reused (not sent, no cost)")
     if summary.resumed_rows:
         lines.append(f"resumed: {summary.resumed_rows:,} rows were already done or in flight")
     if summary.ambiguous_submits:

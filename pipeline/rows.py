@@ -90,6 +90,9 @@ class Outcome:
     submitted_at: float | None = None
     finished_at: float | None = None
     cost_credits: float = 0.0
+    #: The library object a reused image was copied from (``pipeline/library.py``); None
+    #: for an image this run paid for.
+    reused_from: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
     #: The API itself ended this row's task without an image we can still collect (it
     #: failed, was forgotten, its result is gone): ``--retry-failed`` may pay for a new

@@ -43,6 +43,7 @@ from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
 from pipeline.ledger import Action, Ledger
+from pipeline.library import Library
 from pipeline.limits import resolve_tier
 from pipeline.manifest import Defaults, ManifestReader, validate_batch
 from pipeline.output_manifest import write_output_manifest
@@ -65,6 +66,8 @@ log = logging.getLogger(__name__)
 KEY_ENV = {"klein": "FREEPIK_API_KEY", "bfl": "BFL_API_KEY"}
 
 ManifestSource = str | Path | pl.DataFrame | pa.Table
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -114,6 +117,9 @@ class RunOptions:
     webhook_listen: str | None = None
     #: The address the API should call when it differs from ``http://HOST:PORT``.
     webhook_public_url: str | None = None
+    #: The image library (``pipeline/library.py``): a local folder or ``s3://`` URI whose
+    #: images are copied instead of paid for, and which keeps every image paid for here.
+    library: str | None = None
 
 
 def run_manifest(
@@ -290,6 +296,13 @@ async def arun_manifest(
     )
     if opts.catalog is not None:
         opts.catalog.check(reader)
+    # Opened (its index read) before anything is planned: a library that cannot be read
+    # stops the run before it starts, rather than making it pay for what it holds.
+    library = (
+        await Library.open(opts.library, dialect=opts.dialect, model=opts.model)
+        if opts.library
+        else None
+    )
     local_root = sink.local_path(".klein")
     remote: RemoteJournal | None = None
     if local_root is None:
@@ -389,6 +402,7 @@ async def arun_manifest(
                     settings=settings,
                     on_outcome=run.record,
                     budget=run.budget,
+                    library=library,
                 )
                 run.engine = engine
                 engines.append(engine)
@@ -401,6 +415,13 @@ async def arun_manifest(
         finally:
             if receiver is not None:
                 await asyncio.shield(receiver.stop())
+            if library is not None:
+                # Entries of images this run paid for: without them the next run would
+                # find the images only after a compaction lists the objects.
+                try:
+                    await asyncio.shield(library.close())
+                except KleinError as exc:
+                    log.warning("library %s: index not written (%s)", library.uri, exc)
             # Also on Ctrl-C or a crash: what was learned is written down for the rerun.
             published = False
             try:
@@ -462,6 +483,8 @@ class _Run:
         #: so the rate leaves them out. (Resumed in-flight rows finish here and count.)
         self.earlier: Counter[str] = Counter()
         self.credits = 0.0
+        #: Rows whose image came from the library (no submit, no cost).
+        self.reused = 0
         self.started = time.monotonic()
         self._last_flush = 0.0
         self._total_noted = False
@@ -561,6 +584,8 @@ class _Run:
     def record(self, outcome: Outcome) -> None:
         self.ledger.record_outcome(outcome)
         self.counts[str(outcome.status)] += 1
+        if outcome.reused_from is not None:
+            self.reused += 1
         self.credits += outcome.cost_credits
         now = time.monotonic()
         if now - self._last_flush > 0.2:
@@ -642,6 +667,7 @@ class _Run:
         summary.credits = round(self.ledger.credits(), 2)
         summary.ambiguous_submits = self.ledger.ambiguous_submits()
         summary.resumed_rows = self.resumed
+        summary.reused_rows = self.reused
         if engine is not None:
             stats = engine.stats
             summary.submits = stats.submits

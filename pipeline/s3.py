@@ -572,3 +572,50 @@ class S3Sink:
                 s3.delete_objects(Bucket=self.root.bucket, Delete={"Objects": keys, "Quiet": True})
 
             await self._call("delete objects under", self.root, remove)
+
+    # -- beyond the protocol: what the image library needs ---------------------------------
+
+    async def copy_in(self, relpath: str, source: str) -> bool:
+        """Copy the object ``source`` (an ``s3://`` URI) to ``relpath`` inside S3 (no bytes
+        through this machine); False when ``source`` does not exist."""
+        where = self.location(relpath)
+        origin = S3Uri.parse(source, what="copy source")
+        s3 = self._client()
+
+        def copy() -> bool:
+            try:
+                s3.copy_object(
+                    Bucket=where.bucket,
+                    Key=where.key,
+                    CopySource={"Bucket": origin.bucket, "Key": origin.key},
+                )
+            except _s3_failures() as exc:
+                if is_not_found(exc):
+                    return False
+                raise
+            return True
+
+        return await self._call("copy to", where, copy)
+
+    async def put_if_absent(self, relpath: str, data: bytes, content_type: str) -> bool:
+        """Store ``data`` at ``relpath`` unless an object is already there (a conditional
+        put, ``If-None-Match: *``); True when this call created it."""
+        where = self.location(relpath)
+        s3 = self._client()
+
+        def put() -> bool:
+            try:
+                s3.put_object(
+                    Bucket=where.bucket,
+                    Key=where.key,
+                    Body=data,
+                    ContentType=content_type,
+                    IfNoneMatch="*",
+                )
+            except _s3_failures() as exc:
+                if _code(exc) in ("412", "PreconditionFailed", "409", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+
+        return await self._call("write", where, put)

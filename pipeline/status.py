@@ -144,22 +144,47 @@ def read_status(dest: str | Path, *, now: float | None = None) -> RunStatus:
 
 
 def _flow_status(folder: Path, dest: str, *, now: float | None = None) -> RunStatus:
-    """A catalog flow's output: one journal per shard (``klein-batch flow``), summed.
+    """A local catalog flow's output (``klein-batch flow``): its shards' journals, summed."""
+    try:
+        plan = json.loads((folder / SHARDS_RELDIR / "plan.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{dest}: the catalog flow's plan cannot be read ({exc})") from None
+    journals = {
+        index: folder / shard_ledger_relpath(index) for index in range(_shard_count(plan, dest))
+    }
+    return flow_status(plan, journals, dest, now=now)
+
+
+def shard_ledger_relpath(index: int) -> str:
+    """Where shard ``index`` of a catalog flow keeps its journal, relative to the output."""
+    return f"{SHARDS_RELDIR}/{index}/{LEDGER_RELPATH}"
+
+
+def _shard_count(plan: object, dest: str) -> int:
+    try:
+        assert isinstance(plan, dict)
+        total, size = int(plan["total_rows"]), int(plan["shard_size"])
+    except (AssertionError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{dest}: the catalog flow's plan cannot be read ({exc})") from None
+    return -(-total // size) if size > 0 else 0
+
+
+def flow_status(
+    plan: dict[str, Any], journals: dict[int, Path], dest: str, *, now: float | None = None
+) -> RunStatus:
+    """A catalog flow's output: one journal per shard, summed (``journals`` maps each shard
+    to its journal file, which may not exist yet).
 
     Progress counts against the flow's plan, so shards not started yet show as rows not
     started; the run is ``running`` while any shard runs, ``finished`` once every shard is.
     """
     now = time.time() if now is None else now
-    try:
-        plan = json.loads((folder / SHARDS_RELDIR / "plan.json").read_text(encoding="utf-8"))
-        total, size = int(plan["total_rows"]), int(plan["shard_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{dest}: the catalog flow's plan cannot be read ({exc})") from None
-    expected = -(-total // size) if size > 0 else 0
+    expected = _shard_count(plan, dest)
+    total = int(plan["total_rows"])
     shards: list[RunStatus] = []
     for index in range(expected):
-        path = folder / SHARDS_RELDIR / str(index) / LEDGER_RELPATH
-        if path.is_file():
+        path = journals.get(index)
+        if path is not None and path.is_file():
             with contextlib.suppress(ConfigError):  # a shard still creating its journal
                 shards.append(status_from_ledger(path, f"{dest}#{index}", now=now))
     if not shards:
@@ -285,33 +310,88 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
 
 
 def _remote_status(dest: str, *, now: float | None) -> RunStatus:
-    """An S3 output: this machine's live journal if it runs here, else the mirrored snapshot."""
+    """An S3 output of ``run`` or ``flow``: journals this machine writes live, else the
+    snapshots the writers mirror into the output (a few seconds behind a live run)."""
     import asyncio
 
-    from pipeline.remote_journal import work_dir_for
     from pipeline.storage import open_sink
 
     sink = open_sink(dest)
-    local = work_dir_for(sink.uri(".klein")) / "ledger.sqlite"
-    if local.is_file():
-        return status_from_ledger(local, dest, now=now)
     with tempfile.TemporaryDirectory(prefix="klein-status-") as tmp:
-        target = Path(tmp) / "ledger.sqlite"
-        download = getattr(sink, "download", None)
-        if download is None:
-            raise ConfigError(f"{dest}: this output cannot be read for its journal")
-        try:
-            asyncio.run(download(LEDGER_RELPATH, target))
-        except Exception as exc:
-            raise ConfigError(
-                f"{dest}: no run journal found ({LEDGER_RELPATH}): {exc}; nothing has run "
-                "into this output yet, or its first snapshot is still being written"
-            ) from None
-        status = status_from_ledger(target, dest, now=now)
-    status.note = (status.note + "; " if status.note else "") + (
-        "read from the output's journal snapshot (a few seconds behind a live run)"
-    )
+        journal, snapshot = asyncio.run(
+            _fetch_journal(sink, LEDGER_RELPATH, Path(tmp) / "run.sqlite")
+        )
+        if journal is not None:
+            status = status_from_ledger(journal, dest, now=now)
+        else:
+            plan_bytes = asyncio.run(_get(sink, f"{SHARDS_RELDIR}/plan.json", dest))
+            if plan_bytes is None:
+                raise ConfigError(
+                    f"{dest}: no run journal found ({LEDGER_RELPATH}) and no catalog flow plan "
+                    f"({SHARDS_RELDIR}/plan.json): nothing has run into this output yet, or "
+                    "its first snapshot is still being written"
+                )
+            try:
+                plan = json.loads(plan_bytes)
+            except ValueError as exc:
+                raise ConfigError(
+                    f"{dest}: the catalog flow's plan cannot be read ({exc})"
+                ) from None
+            fetched = asyncio.run(_fetch_shard_journals(sink, _shard_count(plan, dest), Path(tmp)))
+            journals = {index: path for index, (path, _) in fetched.items() if path is not None}
+            snapshot = any(is_snapshot for _, is_snapshot in fetched.values())
+            status = flow_status(plan, journals, dest, now=now)
+    if snapshot:
+        status.note = (status.note + "; " if status.note else "") + (
+            "read from the output's journal snapshot (a few seconds behind a live run)"
+        )
     return status
+
+
+async def _get(sink: Any, relpath: str, dest: str) -> bytes | None:
+    try:
+        return await sink.get(relpath)
+    except Exception as exc:
+        raise ConfigError(f"{dest}: cannot read {relpath}: {exc}") from None
+
+
+async def _fetch_journal(sink: Any, relpath: str, target: Path) -> tuple[Path | None, bool]:
+    """One journal of an S3 output: (local file, whether it is a snapshot), or (None, False).
+
+    A run on this machine keeps its live journal in its work dir (named after the journal's
+    ``.klein`` folder); otherwise the mirrored snapshot is downloaded to ``target``.
+    """
+    from pipeline.remote_journal import work_dir_for
+
+    journal_dir = relpath.rsplit("/", 1)[0]
+    local = work_dir_for(sink.uri(journal_dir)) / "ledger.sqlite"
+    if local.is_file():
+        return local, False
+    download = getattr(sink, "download", None)
+    if download is None:
+        return None, False
+    try:
+        await download(relpath, target)
+    except Exception:  # no snapshot (yet): this journal's run has not started
+        return None, False
+    return target, True
+
+
+async def _fetch_shard_journals(
+    sink: Any, shards: int, folder: Path
+) -> dict[int, tuple[Path | None, bool]]:
+    """Every shard's journal of an S3 catalog flow output, a few downloads at a time."""
+    import asyncio
+
+    gate = asyncio.Semaphore(8)
+
+    async def one(index: int) -> tuple[int, tuple[Path | None, bool]]:
+        async with gate:
+            return index, await _fetch_journal(
+                sink, shard_ledger_relpath(index), folder / f"shard-{index}.sqlite"
+            )
+
+    return dict(await asyncio.gather(*(one(index) for index in range(shards))))
 
 
 @contextlib.contextmanager

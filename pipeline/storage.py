@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -186,6 +187,19 @@ def write_failed(target: Path | str, exc: OSError) -> StorageError:
         "permissions, then run the same command again: tasks already acknowledged are "
         "collected by their task ids, not paid for again"
     )
+
+
+#: The hole an output path may hold for the day of the run (``out/nightly/{date}``).
+DATE_HOLE = "{date}"
+
+
+def dated(location: str, when: datetime | None = None) -> str:
+    """``{date}`` in an output path becomes the day (UTC, ``YYYY-MM-DD``) of ``when``
+    (default: now), so each night of a scheduled catalog writes a folder of its own."""
+    if DATE_HOLE not in location:
+        return location
+    day = (when or datetime.now(UTC)).astimezone(UTC)
+    return location.replace(DATE_HOLE, day.strftime("%Y-%m-%d"))
 
 
 def open_sink(uri: str | Path) -> Sink:

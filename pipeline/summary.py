@@ -68,6 +68,8 @@ class RunSummary:
     #: Submits whose response was lost (dropped connection, kill); each may have been paid.
     ambiguous_submits: int = 0
     resumed_rows: int = 0
+    #: Rows whose image was copied from the library (``--library``): no submit, no cost.
+    reused_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
 
     @property

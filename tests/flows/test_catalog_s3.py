@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -81,6 +82,19 @@ async def test_flow_reads_and_writes_s3(
     )
     assert shard_ledger["ContentLength"] > 0
     assert os.environ["FREEPIK_API_KEY"] not in json.dumps(summary)
+
+    # `klein-batch status` on the finished S3 output: the shards' journals, summed, from this
+    # machine's work dirs and, as another machine sees it, from the snapshots in the output.
+    from pipeline.status import read_status
+
+    here = await asyncio.to_thread(read_status, out)
+    monkeypatch.setenv("KLEIN_BATCH_WORK_DIR", str(tmp_path / "another-machine"))
+    elsewhere = await asyncio.to_thread(read_status, out)
+    for found in (here, elsewhere):
+        assert found.state == "finished", found.render()
+        assert found.total == 11 and found.counts["succeeded"] == 11 and found.done == 11
+    assert elsewhere.note is not None and "snapshot" in elsewhere.note
+    assert here.note is None
 
 
 def test_flow_command_takes_the_s3_endpoint_from_its_config_file(

@@ -1,0 +1,74 @@
+"""The image library in the catalog flow: a real Prefect flow run with the library parameter."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+import pytest
+from flow_helpers import PROMPTS, write_catalog
+
+from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+
+SECRET = "sk-flow-library-3c9d1e"
+
+
+def sim_config() -> SimConfig:
+    return SimConfig(
+        keys=[KeyConfig(name="flow", key=SECRET, max_active=8)],
+        latency=LatencyConfig(median_s=0.05, p95_s=0.1),
+    )
+
+
+async def test_the_second_night_of_a_flow_copies_from_the_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.catalog import generate_catalog
+
+    monkeypatch.setenv("FREEPIK_API_KEY", SECRET)
+    rows = [
+        (f"item-{n:02d}", f"{PROMPTS[n % len(PROMPTS)]} #{n}", f"SKU{n:03d}") for n in range(12)
+    ]
+    manifest = write_catalog(tmp_path / "catalog.csv", rows)
+    common = {"tier": None, "max_active": 8, "shard_size": 5, "parallel_shards": 2}
+    async with SimServer(sim_config()) as sim:
+        # Night one: a {date} output, so the library defaults to nightly/library.
+        first = await generate_catalog(
+            str(manifest),
+            str(tmp_path / "nightly" / "{date}"),
+            api_url=sim.url,
+            return_state=True,
+            **common,
+        )
+        assert first.is_completed(), first.message
+        assert sim.stats()["keys"]["flow"]["submits_accepted"] == 12
+        library = tmp_path / "nightly" / "library"
+        assert len(list((library / "objects").rglob("*.json"))) == 12
+
+        # Night two into another folder, naming the library: nothing is sent.
+        edited = [*rows[:11], ("item-11", "a brand new product", "SKU011")]
+        second = await generate_catalog(
+            str(write_catalog(tmp_path / "edited.csv", edited)),
+            str(tmp_path / "night-2"),
+            api_url=sim.url,
+            library=str(library),
+            return_state=True,
+            **common,
+        )
+        assert second.is_completed(), second.message
+        stats = sim.stats()["keys"]["flow"]
+    assert stats["submits_accepted"] == 13, "only the changed row was sent"
+    today = datetime.now(UTC).strftime("%Y-%m-%d")
+    assert (tmp_path / "nightly" / today / "manifest.parquet").exists()
+    done = pl.read_parquet(tmp_path / "night-2" / "manifest.parquet")
+    assert done["status"].to_list() == ["succeeded"] * 12
+    reused = done.filter(pl.col("reused_from").is_not_null())
+    assert reused["row"].to_list() == list(range(1, 12))
+    assert reused["cost_credits"].sum() == 0
+    assert all(uri.startswith(str(library.resolve())) for uri in reused["reused_from"])
+    assert done.filter(pl.col("reused_from").is_null())["row"].to_list() == [12]
+    images = {path.name for path in (tmp_path / "night-2" / "images").iterdir()}
+    assert images == {Path(uri).name for uri in done["output_uri"]}

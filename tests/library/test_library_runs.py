@@ -1,0 +1,214 @@
+"""The library across runs, against the real simulator: a night pays only for what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import polars as pl
+from library_helpers import check_library, open_library
+from pipeline_helpers import (
+    SIM_KEY,
+    check_output,
+    fast_options,
+    key_stats,
+    run_against,
+    write_catalog,
+)
+
+from pipeline.check import check_manifest
+from pipeline.contract import cost_credits, output_size
+from pipeline.library import Library, object_relpath
+from pipeline.manifest import Defaults
+from pipeline.sim import SimServer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def accepted(server: SimServer) -> int:
+    return int(key_stats(server)["submits_accepted"])
+
+
+def night(server: SimServer, manifest: Path, out: Path, library: Path) -> pl.DataFrame:
+    summary = run_against(server, manifest, out, options=fast_options(library=str(library)))
+    return check_output(out, summary.total_rows, summary)
+
+
+def test_an_unchanged_catalog_is_copied_and_a_changed_row_is_sent(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    library = tmp_path / "library"
+    manifest = write_catalog(tmp_path, 30)
+    first = night(sim, manifest, tmp_path / "2026-12-01", library)
+    assert accepted(sim) == 30
+    assert first["reused_from"].null_count() == 30
+    assert check_library(library) == 30
+
+    second = night(sim, manifest, tmp_path / "2026-12-02", library)
+    assert accepted(sim) == 30, "an unchanged night sent submits"
+    assert second["status"].to_list() == ["succeeded"] * 30
+    assert second["cost_credits"].sum() == 0
+    assert second["task_id"].null_count() == 30
+    assert second["sha256"].to_list() == first["sha256"].to_list()
+    for record in second.iter_rows(named=True):
+        source = Path(record["reused_from"])
+        assert source.is_relative_to(library.resolve() / "objects")
+        # One disk: the output's image is a hard link of the library's, no second copy.
+        assert Path(record["output_uri"]).stat().st_ino == source.stat().st_ino
+
+    prompts = [f"studio photo of mug {i}" for i in range(30)]
+    changed = {3, 17, 29}
+    for i in changed:
+        prompts[i] = f"studio photo of mug {i}, now in blue"
+    edited = write_catalog(tmp_path / "edited", 30, prompt=prompts)
+    third = night(sim, edited, tmp_path / "2026-12-03", library)
+    assert accepted(sim) == 33, "exactly the changed rows are sent"
+    sent = third.filter(pl.col("reused_from").is_null())["row"].to_list()
+    assert sent == sorted(i + 1 for i in changed)
+    assert third.filter(pl.col("reused_from").is_null())["cost_credits"].min() > 0
+    assert check_library(library) == 33
+
+
+def test_rows_of_one_run_with_one_fingerprint_pay_once(sim: SimServer, tmp_path: Path) -> None:
+    # Five ids asking for the same image (same prompt, same explicit seed).
+    manifest = write_catalog(tmp_path, 5, prompt=["one mug"] * 5, extra={"seed": ["7"] * 5})
+    out = night(sim, manifest, tmp_path / "out", tmp_path / "library")
+    assert accepted(sim) == 1
+    assert key_stats(sim)["duplicate_submits"] == 0
+    assert out["status"].to_list() == ["succeeded"] * 5
+    assert out["reused_from"].null_count() == 1
+    assert out["cost_credits"].sum() == out["cost_credits"].max() > 0
+    assert len(set(out["sha256"].to_list())) == 1
+
+
+def test_without_a_library_nothing_is_shared(sim: SimServer, tmp_path: Path) -> None:
+    manifest = write_catalog(tmp_path, 4, prompt=["one mug"] * 4, extra={"seed": ["7"] * 4})
+    summary = run_against(sim, manifest, tmp_path / "out")
+    frame = check_output(tmp_path / "out", 4, summary)
+    assert accepted(sim) == 4
+    assert frame["reused_from"].null_count() == 4
+
+
+def test_the_object_is_the_truth_when_the_index_disagrees(sim: SimServer, tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    manifest = write_catalog(tmp_path, 6)
+    first = night(sim, manifest, tmp_path / "n1", library)
+    # An image deleted behind the index's back: that row is generated again, not failed.
+    gone = Path(first["output_uri"][2]).name
+    lib = open_library(library)
+    fp = Path(_object_of(library, first["sha256"][2])).stem
+    (library / object_relpath(fp, "jpeg")).unlink()
+    second = night(sim, manifest, tmp_path / "n2", library)
+    assert accepted(sim) == 7
+    assert second.filter(pl.col("reused_from").is_null())["output_uri"].to_list()[0].endswith(gone)
+    assert (library / object_relpath(fp, "jpeg")).exists()
+    assert len(lib) == 6
+
+    # Images whose index entries were never written (a run killed before its segment):
+    # compaction finds them from their objects and records, and drops entries without one.
+    for segment in (library / "index").rglob("*.parquet"):
+        segment.unlink()
+    (library / object_relpath(_object_of(library, first["sha256"][0]), "jpeg")).unlink()
+    assert len(open_library(library)) == 0
+
+    async def reconcile() -> int:
+        opened = await Library.open(str(library), dialect="klein")
+        return sum([await opened.compact(prefix) for prefix in "0123456789abcdef"])
+
+    assert asyncio.run(reconcile()) == 5
+    assert len(open_library(library)) == 5
+    check_library(library)
+
+
+def _object_of(library: Path, sha256: str) -> str:
+    """The fingerprint of the library image with these bytes."""
+    import hashlib
+
+    for image in (library / "objects").rglob("*.jpg"):
+        if hashlib.sha256(image.read_bytes()).hexdigest() == sha256:
+            return image.stem
+    raise AssertionError(f"no library image with sha256 {sha256}")
+
+
+def test_a_dry_run_counts_what_the_library_holds(sim: SimServer, tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    night(sim, write_catalog(tmp_path, 10), tmp_path / "n1", library)
+    prompts = [f"studio photo of mug {i}" for i in range(12)]
+    prompts[4] = "a new mug"
+    prompts[11] = prompts[10]  # rows 11 and 12 ask for one image: paid once
+    edited = write_catalog(tmp_path / "edited", 12, prompt=prompts, extra={"seed": ["5"] * 12})
+    plain = write_catalog(tmp_path / "plain", 12, prompt=prompts)
+
+    report = check_manifest(plain, defaults=Defaults(), library=open_library(library))
+    # Ids keep their derived seeds: 9 unchanged rows are in the library, 3 are new.
+    assert report.library_hits == 9
+    assert report.to_send == 3
+    assert report.estimated_credits == round(3 * cost_credits(*output_size("square_1_1", "1k")), 2)
+    assert "in library  9" in report.render()
+    # An explicit seed makes every row a new request, but rows 11 and 12 are one.
+    again = check_manifest(edited, defaults=Defaults(), library=open_library(library))
+    assert (again.library_hits, again.to_send) == (1, 11)
+    before = accepted(sim)
+    run_against(sim, plain, tmp_path / "n2", options=fast_options(library=str(library)))
+    assert accepted(sim) - before == report.to_send
+
+
+_WRITER = """
+import asyncio, sys
+from pipeline.run import RunOptions, arun_manifest
+manifest, out, library, url, key = sys.argv[1:]
+options = RunOptions(library=library, expected_latency_s=0.05, progress_interval_s=0.05)
+summary = asyncio.run(arun_manifest(manifest, out, api_url=url, api_key=key, options=options))
+print(summary.counts["succeeded"], summary.submits)
+"""
+
+
+def test_two_runs_writing_one_library_at_once(sim: SimServer, tmp_path: Path) -> None:
+    library = tmp_path / "library"
+    # Two catalogs sharing 20 of their 40 images each, run at the same time. An explicit
+    # seed makes an image's fingerprint depend on its prompt alone, not on its row's id.
+    shared = [f"shared mug {i}" for i in range(20)]
+    only_a = [f"a mug {i}" for i in range(20)]
+    only_b = [f"b mug {i}" for i in range(20)]
+    seeds = {"seed": ["1"] * 40}
+    a = write_catalog(tmp_path / "a", 40, prompt=shared + only_a, extra=seeds)
+    b = write_catalog(tmp_path / "b", 40, prompt=only_b + shared, extra=seeds)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    writers = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                _WRITER,
+                str(manifest),
+                str(tmp_path / f"out-{manifest.parent.name}"),
+                str(library),
+                sim.url,
+                SIM_KEY,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for manifest in (a, b)
+    ]
+    for writer in writers:
+        stdout, stderr = writer.communicate(timeout=240)
+        assert writer.returncode == 0, stderr[-2000:]
+        assert stdout.split()[0] == "40"
+    # Each run paid once per fingerprint; the shared images at most once per run.
+    assert 60 <= accepted(sim) <= 80
+    assert check_library(library) == 60
+    both = write_catalog(
+        tmp_path / "both", 60, prompt=shared + only_a + only_b, extra={"seed": ["1"] * 60}
+    )
+    before = accepted(sim)
+    summary = run_against(
+        sim, both, tmp_path / "out-both", options=fast_options(library=str(library))
+    )
+    assert summary.reused_rows == 60
+    assert accepted(sim) == before
