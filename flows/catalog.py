@@ -71,6 +71,7 @@ from pipeline.ledger import LEDGER_RELPATH
 from pipeline.library import library_for
 from pipeline.limits import resolve_tier
 from pipeline.manifest import Defaults
+from pipeline.output_manifest import refuse_own_output_as_input
 from pipeline.run import KEY_ENV, RunOptions, arun_manifest
 from pipeline.storage import DATE_HOLE, dated, open_sink
 
@@ -414,6 +415,7 @@ async def generate_catalog(
         library = _absolute(library)
     out = _absolute(_dated(out))
     sink = open_sink(out)
+    refuse_own_output_as_input(manifest, sink, out)
 
     checked = await validate_task(manifest, out, image_defaults, limit, shard_size)
     shards = plan_shards(checked["total_rows"], checked["shard_size"])

@@ -27,6 +27,7 @@ from pipeline import contract
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.keys import content_key, derive_seed, safe_key
 from pipeline.references import SPEC_SCHEMES
+from pipeline.reserved import ERROR_COLUMN, INDEX_COLUMN, WORKING_COLUMNS, renamed
 from pipeline.rows import ImageRequest, Rejection, Row
 
 #: Columns the pipeline reads; every other column is carried through untouched.
@@ -40,11 +41,8 @@ KNOWN_COLUMNS: Final = (
     "output_format",
     *contract.REFERENCE_FIELDS,
 )
-#: 0-based data-row position, added to every batch.
-INDEX_COLUMN: Final = "__index"
-#: Set on rows the reader could not split into fields (a CSV line with too many or too few
-#: fields); such rows carry no values and are rejected with this text.
-ERROR_COLUMN: Final = "__error"
+# The working columns the reader adds (``__index``, ``__error``) are reserved in
+# ``pipeline/reserved.py``; an input column of the same name is read as ``input___index``.
 
 _DELIMITERS: Final = (",", ";", "\t")
 _DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -154,11 +152,11 @@ def _normalise_columns(
                 "case-insensitively); keep one of them"
             )
         seen[name] = raw
-    if INDEX_COLUMN in names or ERROR_COLUMN in names:
-        raise ManifestError(
-            f"{file_name}: column names {INDEX_COLUMN!r} and {ERROR_COLUMN!r} are reserved "
-            "for the pipeline; rename that column"
-        )
+    # Names the pipeline works with are kept for it: such an input column is carried
+    # through under ``input_<name>`` (pipeline/reserved.py), never mistaken for its own.
+    for position, name in enumerate(names):
+        if name in WORKING_COLUMNS:
+            names[position] = renamed(name, names)
     if require_prompt and "prompt" not in names:
         shown = ", ".join(repr(name) for name in found[:20])
         if len(found) > 20:

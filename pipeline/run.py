@@ -46,7 +46,7 @@ from pipeline.ledger import Action, Ledger
 from pipeline.library import Library
 from pipeline.limits import resolve_tier
 from pipeline.manifest import Defaults, ManifestReader, validate_batch
-from pipeline.output_manifest import write_output_manifest
+from pipeline.output_manifest import refuse_own_output_as_input, write_output_manifest
 from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import RemoteJournal
@@ -287,6 +287,7 @@ async def arun_manifest(
             public_url=opts.webhook_public_url,
         )
     sink = out if isinstance(out, Sink) else open_sink(out)
+    refuse_own_output_as_input(manifest, sink, str(out))
     reader = ManifestReader(
         manifest,
         batch_size=opts.batch_size,
