@@ -37,6 +37,11 @@ RUN_ONLY_SETTINGS: Final = {
     "model": "choosing the bfl model",
     "webhook_listen": "webhooks",
     "webhook_public_url": "webhooks",
+    "catalog": "product exports (--catalog)",
+    "per": "product exports (--per)",
+    "reference_column": "reference columns",
+    "missing_reference": "--missing-reference",
+    "report_columns": "report columns",
 }
 
 

@@ -7,6 +7,12 @@ is released when the task fails or is moderated (neither is charged). A row whos
 does not fit waits while other reservations might still be released, and ends ``skipped``
 with reason ``budget`` once nothing can free room for it.
 
+With a variation matrix the budget stops at whole products: the first image of a product
+holds the cost of all of that product's images in the run (``reserve(..., group=,
+group_cost=)``), its siblings draw on that hold, and a product whose whole matrix does not
+fit is skipped whole. A catalog cut short by its budget then has complete products, not
+three of every product's six variations.
+
 The budget covers the destination, not one invocation: what earlier runs into the same
 DEST spent, and tasks they left in flight, count from the start. So a run stopped by its
 budget continues where it stopped when rerun with a higher ``--max-credits``, and the
@@ -35,26 +41,82 @@ class Budget:
         self.spent = 0.0
         #: Reserved by this run's submits whose outcome is not known yet.
         self.reserved = 0.0
+        #: Held for the not yet submitted images of products already started (groups).
+        self.holding = 0.0
         self.skipped = 0
+        self._held: dict[object, float] = {}
+        self._refused: set[object] = set()
         self._changed = asyncio.Condition()
 
     @property
     def used(self) -> float:
-        return self.committed + self.spent + self.reserved
+        return self.committed + self.spent + self.reserved + self.holding
+
+    @property
+    def stopped(self) -> bool:
+        """Whether any image was skipped because it did not fit."""
+        return self.skipped > 0
 
     def fits(self, cost: float) -> bool:
         return self.used + cost <= self.limit + _EPSILON
 
-    async def reserve(self, cost: float) -> bool:
-        """Hold ``cost`` for a submit; False when it cannot fit, now or after releases."""
+    async def reserve(
+        self, cost: float, *, group: object | None = None, group_cost: float = 0.0
+    ) -> bool:
+        """Hold ``cost`` for a submit; False when it cannot fit, now or after releases.
+
+        With ``group`` (a product), its first image holds ``group_cost`` (every image of
+        the product this run submits) and later ones draw on it; once a product did not fit,
+        its other images are refused too.
+        """
         async with self._changed:
-            while not self.fits(cost):
-                if self.reserved <= _EPSILON:
+            if group is not None:
+                if group in self._refused:
                     self.skipped += 1
                     return False
-                await self._changed.wait()
+                held = self._held.get(group)
+                if held is not None:
+                    take = min(cost, held)
+                    self._held[group] = held - take
+                    self.holding -= take
+                    self.reserved += take
+                    cost -= take
+                    if cost <= _EPSILON:
+                        return True
+                else:
+                    need = max(group_cost, cost)
+                    if not await self._wait_for(need):
+                        self._refused.add(group)
+                        return False
+                    self._held[group] = need - cost
+                    self.holding += need - cost
+                    self.reserved += cost
+                    return True
+            if not await self._wait_for(cost):
+                return False
             self.reserved += cost
             return True
+
+    async def _wait_for(self, cost: float) -> bool:
+        # Called with the condition held. Only tasks in flight can free room: a hold is
+        # spent by its own product's images, so waiting on one could wait for ever.
+        while not self.fits(cost):
+            if self.reserved <= _EPSILON:
+                self.skipped += 1
+                return False
+            await self._changed.wait()
+        return True
+
+    def forgo(self, group: object, cost: float) -> None:
+        """An image of ``group`` ended without a submit (its reference was refused, say):
+        what the product held for it is free again."""
+        held = self._held.get(group)
+        if held is None:
+            return
+        take = min(cost, held)
+        self._held[group] = held - take
+        self.holding -= take
+        asyncio.get_running_loop().create_task(self._notify())
 
     def settle(self, reserved: float, charged: float) -> None:
         """The submit's outcome is known: ``charged`` was spent (0 when failed/moderated)."""
@@ -67,10 +129,14 @@ class Budget:
         async with self._changed:
             self._changed.notify_all()
 
-    def reason(self, cost: float) -> str:
+    def reason(self, cost: float, group_cost: float | None = None) -> str:
         """The ``skipped`` reason: starts with ``budget`` so it can be filtered on."""
+        what = (
+            f"this product's images cost {group_cost:.2f} together"
+            if group_cost is not None
+            else f"this image costs {cost:.2f}"
+        )
         return (
             f"budget: --max-credits {self.limit:g} reached ({self.used:.2f} credits spent or "
-            f"in flight in this output, this image costs {cost:.2f}); rerun with a higher "
-            "--max-credits to continue"
+            f"in flight in this output, {what}); rerun with a higher --max-credits to continue"
         )

@@ -25,11 +25,14 @@ import pyarrow as pa
 from pipeline.contract import cost_credits, output_size
 from pipeline.errors import ReferenceError
 from pipeline.library import Library
-from pipeline.manifest import Defaults, ManifestReader, iter_rows
+from pipeline.manifest import MERGED_COLUMN, Defaults, ManifestReader, validate_batch
+from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.references import ReferenceStore
 from pipeline.rows import Rejection, Row
 from pipeline.summary import ExitCode
+from pipeline.templates import markup_warning
 from pipeline.variations import Catalog
+from pipeline.verdicts import describe_reference, duplicate_rejection, reference_reason
 
 #: Full messages kept per column; enough to see the pattern without drowning the summary.
 EXAMPLES_PER_COLUMN: Final = 3
@@ -69,9 +72,16 @@ class CheckReport:
     valid: int = 0
     rejected: int = 0
     rejections: dict[str, ColumnRejections] = field(default_factory=dict)
-    #: Rows whose key was already seen earlier in the manifest (run once, not paid twice).
+    #: Rows whose key an earlier row has: rejected, as the run rejects them (among
+    #: ``rejected`` and ``rejections["id"]``, with the run's message).
     duplicates: int = 0
-    duplicate_examples: list[str] = field(default_factory=list)
+    #: Valid rows whose filled prompt still holds markup (``<p>``, ``&amp;``): sent and paid
+    #: for as text unless the template uses ``{COLUMN|text}``.
+    markup: int = 0
+    markup_examples: list[str] = field(default_factory=list)
+    #: Input lines merged into another line's image (product exports), and how it was read.
+    merged: int = 0
+    export: str | None = None
     references_checked: bool = True
     reference_files: int = 0
     reference_urls: int = 0
@@ -96,15 +106,9 @@ class CheckReport:
 
     @property
     def to_send(self) -> int:
-        """Images the run would pay for: valid rows, each key once, not already in DEST,
-        not in the library."""
-        return (
-            self.valid
-            - self.duplicates
-            - self.earlier_done
-            - self.earlier_in_flight
-            - self.library_hits
-        )
+        """Images the run would pay for: valid rows not already in DEST, not in the
+        library."""
+        return self.valid - self.earlier_done - self.earlier_in_flight - self.library_hits
 
     @property
     def exit_code(self) -> ExitCode:
@@ -122,12 +126,17 @@ class CheckReport:
             )
         else:
             out.append(f"{self.source}: {self.total} rows checked{scope}")
+        if self.export is not None:
+            out.append(
+                f"  read as a {self.export}; {self.merged} input lines merged into another "
+                "line's image (listed as merged in the output manifest)"
+            )
         out.append(f"  valid       {self.valid}")
         out.append(f"  rejected    {self.rejected}")
         if self.duplicates:
             out.append(
-                f"  duplicates  {self.duplicates} (same key as an earlier row: run once, "
-                "not paid twice)"
+                f"  of which {self.duplicates} repeat an earlier row's key (rejected: one "
+                "image per key, never paid twice)"
             )
         if self.earlier_done or self.earlier_in_flight:
             out.append(
@@ -148,11 +157,16 @@ class CheckReport:
                 out += [f"    {message}" for message in group.examples]
                 if group.count > len(group.examples):
                     out.append(f"    ... and {group.count - len(group.examples)} more")
-        if self.duplicate_examples:
-            out += ["", "Duplicate keys:"]
-            out += [f"  {example}" for example in self.duplicate_examples]
-            if self.duplicates > len(self.duplicate_examples):
-                out.append(f"  ... and {self.duplicates - len(self.duplicate_examples)} more")
+        if self.markup:
+            noun = "prompt" if self.markup == 1 else "prompts"
+            out += [
+                "",
+                f"Warning: {self.markup} {noun} still contain markup (sent and paid for as "
+                "text; fill such holes with {COLUMN|text}):",
+            ]
+            out += [f"  {example}" for example in self.markup_examples]
+            if self.markup > len(self.markup_examples):
+                out.append(f"  ... and {self.markup - len(self.markup_examples)} more")
         out += ["", self._references_line()]
         problems = list(self.reference_problems.values())
         for problem in problems[:MAX_LISTED]:
@@ -171,7 +185,7 @@ class CheckReport:
             out.append(f"  by format:      {_counter_line(self.by_format)}")
         out.append(
             f"Estimated cost: {self.estimated_credits:.2f} credits "
-            "(one credit per output megapixel; rejected and duplicate rows cost nothing)"
+            "(one credit per output megapixel; rejected rows cost nothing)"
         )
         return "\n".join(out)
 
@@ -206,13 +220,6 @@ def reference_kind(spec: str) -> str:
     if match and match.group(1).lower() in ("http", "https"):
         return "url"
     return "local"
-
-
-def _describe(spec: str) -> str:
-    text = spec.strip()
-    if len(text) <= 120:
-        return repr(text)
-    return f"inline image ({len(text)} characters)"
 
 
 class _ReferenceChecker:
@@ -275,16 +282,14 @@ class _ReferenceChecker:
             problem = self._problem(spec)
             if problem is None:
                 continue
-            shown = _describe(spec)
+            shown = describe_reference(spec)
             entry = self._report.reference_problems.setdefault(
                 shown, ReferenceProblem(spec=shown, problem=problem)
             )
             entry.row_count += 1
             if len(entry.rows) < MAX_LISTED:
                 entry.rows.append(row.index // self.per_row + 1)
-            found.append(
-                (column, f"{source} {row.where}, column {column}: reference {shown}: {problem}")
-            )
+            found.append((column, reference_reason(source, row.where, column, spec, problem)))
         return found
 
 
@@ -293,44 +298,59 @@ class SeenKeys:
 
     A Python set of a million keys costs about 94 MB (a str object and a slot per key),
     which made a dry run's memory grow with the manifest; digests in sorted numpy arrays
-    cost 16 MB per million. Two different keys would share a digest with probability about
-    n² / 2^129, nil for any manifest. Runs are merged when one gets as big as the one below
-    it (a log-structured merge), so adding n keys costs O(n log n) and there are at most
-    log2(n) runs to search.
+    cost 16 MB per million, plus 8 bytes each for the row that had the key first (a
+    duplicate's message names it, as the run's does). Two different keys would share a
+    digest with probability about n² / 2^129, nil for any manifest. Runs are merged when
+    one gets as big as the one below it (a log-structured merge), so adding n keys costs
+    O(n log n) and there are at most log2(n) runs to search.
     """
 
     def __init__(self) -> None:
-        self._runs: list[np.ndarray] = []
+        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
 
     def first_seen(self, keys: list[str]) -> list[bool]:
         """For each key in order: True when no earlier key (earlier call or earlier in
         ``keys``) was the same; remembers them all."""
+        return [first is None for first in self.earlier(keys, list(range(len(keys))))]
+
+    def earlier(self, keys: list[str], indices: list[int]) -> list[int | None]:
+        """For each key: the index of the earlier row that had it, or None when it is new.
+
+        ``indices`` are the rows' own indices; new keys are remembered with them.
+        """
         digests = np.array(
             [hashlib.blake2b(key.encode(), digest_size=16).digest() for key in keys], dtype="S16"
         )
-        earlier = np.zeros(len(keys), dtype=bool)
-        for run in self._runs:
+        rows = np.asarray(indices, dtype=np.int64)
+        found = np.full(len(keys), -1, dtype=np.int64)
+        for run, run_rows in self._runs:
             at = np.searchsorted(run, digests)
             at[at == len(run)] = 0
-            earlier |= run[at] == digests
+            hit = (run[at] == digests) & (found < 0)
+            found[hit] = run_rows[at[hit]]
         # Repeats within this batch: the first occurrence counts as new, later ones do not.
-        _, first_index = np.unique(digests, return_index=True)
-        repeated = np.ones(len(keys), dtype=bool)
-        repeated[first_index] = False
-        new = ~(earlier | repeated)
-        self._add(digests[new])
-        return new.tolist()
+        if len(keys):
+            unique, first_index = np.unique(digests, return_index=True)
+            first = first_index[np.searchsorted(unique, digests)]
+            repeated = (first != np.arange(len(keys))) & (found < 0)
+            found[repeated] = rows[first[repeated]]
+        new = found < 0
+        self._add(digests[new], rows[new])
+        return [None if value < 0 else int(value) for value in found]
 
-    def _add(self, digests: np.ndarray) -> None:
+    def _add(self, digests: np.ndarray, rows: np.ndarray) -> None:
         if not len(digests):
             return
-        self._runs.append(np.sort(digests))
-        while len(self._runs) > 1 and len(self._runs[-2]) <= 2 * len(self._runs[-1]):
-            top = self._runs.pop()
-            merged = np.concatenate([self._runs.pop(), top])
-            del top
-            merged.sort(kind="stable")
-            self._runs.append(merged)
+        order = np.argsort(digests, kind="stable")
+        self._runs.append((digests[order], rows[order]))
+        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
+            top, top_rows = self._runs.pop()
+            below, below_rows = self._runs.pop()
+            merged = np.concatenate([below, top])
+            merged_rows = np.concatenate([below_rows, top_rows])
+            del top, below
+            order = np.argsort(merged, kind="stable")
+            self._runs.append((merged[order], merged_rows[order]))
 
 
 def _reject(report: CheckReport, column: str | None, message: str) -> None:
@@ -349,6 +369,8 @@ def check_manifest(
     batch_size: int = 10_000,
     catalog: Catalog | None = None,
     earlier: Callable[[list[str]], dict[str, str]] | None = None,
+    export: ExportSpec | None = None,
+    reference_column: str | None = None,
     library: Library | None = None,
 ) -> CheckReport:
     """Validate a manifest the way a run would, without sending anything.
@@ -364,13 +386,17 @@ def check_manifest(
     Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
     problem is counted and grouped in the report instead.
     """
-    reader = ManifestReader(
+    reader = open_manifest(
         source,
+        export=export,
+        reference_column=reference_column,
         batch_size=batch_size,
         limit=limit,
         require_prompt=catalog is None or catalog.requires_prompt,
     )
     report = CheckReport(source=reader.name, limit=limit, references_checked=check_references)
+    if export is not None:
+        report.export = export.describe
     if library is not None:
         report.library = library.uri
     if catalog is not None:
@@ -397,32 +423,49 @@ def _check_rows(
     library: Library | None = None,
 ) -> None:
     seen = SeenKeys()
+    label = catalog.label if catalog is not None else None
     #: Fingerprints of rows counted as sent: a later row with the same one is copied.
     made = SeenKeys()
-    batches = catalog.iter_rows(reader, defaults) if catalog else iter_rows(reader, defaults)
-    for rows, rejections in batches:
+    for batch in reader.batches():
+        if MERGED_COLUMN in batch.columns:
+            report.merged += int(batch.get_column(MERGED_COLUMN).is_not_null().sum())
+        names = reader.shown_as
+        if catalog is not None:
+            rows, rejections = catalog.validate(
+                batch, source_name=reader.name, defaults=defaults, names=names
+            )
+        else:
+            rows, rejections = validate_batch(
+                batch, source_name=reader.name, defaults=defaults, names=names
+            )
         report.total += len(rows) + len(rejections)
         _count_rejections(report, rejections)
-        usable: list[Row] = []
-        for row in rows:
+        # Keys are taken in the order the run plans rows, before references are loaded:
+        # a row the run rejects for its reference still holds its key there too.
+        firsts = seen.earlier([row.key for row in rows], [row.index for row in rows])
+        fresh: list[Row] = []
+        for row, first in zip(rows, firsts, strict=True):
+            if first is not None:
+                # The run rejects it with this very message (pipeline/verdicts.py).
+                report.duplicates += 1
+                _count_rejections(
+                    report,
+                    [duplicate_rejection(reader.name, row, first, label, names.get("id", "id"))],
+                )
+                continue
             problems = checker.problems(row, reader.name) if checker else []
             if problems:
                 report.rejected += 1
                 for column, message in problems:
                     _reject(report, column, message)
                 continue
-            usable.append(row)
-        report.valid += len(usable)
-        fresh: list[Row] = []
-        for row, new in zip(usable, seen.first_seen([row.key for row in usable]), strict=True):
-            if not new:
-                report.duplicates += 1
-                if len(report.duplicate_examples) < MAX_LISTED:
-                    report.duplicate_examples.append(
-                        f"{reader.name} {row.where}: key {row.key!r} already used by an earlier row"
-                    )
-                continue
             fresh.append(row)
+            warning = markup_warning(f"{reader.name} {row.where}", row.request.prompt)
+            if warning is not None:
+                report.markup += 1
+                if len(report.markup_examples) < EXAMPLES_PER_COLUMN:
+                    report.markup_examples.append(warning)
+        report.valid += len(fresh)
         states = earlier([row.key for row in fresh]) if earlier and fresh else {}
         sent: list[Row] = []
         for row in fresh:

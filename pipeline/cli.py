@@ -206,6 +206,57 @@ VariationsOpt = Annotated[
         show_default=False,
     ),
 ]
+CatalogOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--catalog",
+        metavar="shopify|woocommerce",
+        help="MANIFEST is a shop's product export, read as the shop writes it: product "
+        "fields filled down onto variants, ids from the Handle/SKU, image-only lines "
+        "accounted for (merged). A [catalog] table in --config maps any other export.",
+        show_default=False,
+    ),
+]
+PerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--per",
+        metavar="product|variant",
+        help="With --catalog: one image per product, or one per variant. [default: product]",
+        show_default=False,
+    ),
+]
+ReferenceColumnOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--reference-column",
+        metavar="COLUMN",
+        help="The column holding each row's reference image, e.g. 'Image Src' (with "
+        "--catalog: the product's first image). [default: input_image]",
+        show_default=False,
+    ),
+]
+MissingReferenceOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--missing-reference",
+        metavar="fail|text-only",
+        help="A reference URL that cannot be fetched: the row ends failed (--retry-failed "
+        "tries again), or text-only generates from the prompt alone and says so in its "
+        "reason. [default: fail]",
+        show_default=False,
+    ),
+]
+ReportColumnsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--report-columns",
+        metavar="COL,COL",
+        help="Catalog columns report.html shows under each product, e.g. 'Variant SKU,Variant "
+        "Price'. [default: a few that look like a title, SKU or colour]",
+        show_default=False,
+    ),
+]
 MaxCreditsOpt = Annotated[
     float | None,
     typer.Option(
@@ -316,12 +367,20 @@ def _configure_s3(settings: RunConfig) -> None:
 
 
 def _catalog_flags(
-    prompt_template: str | None, vary: list[str] | None, variations: list[Path] | None
+    prompt_template: str | None,
+    vary: list[str] | None,
+    variations: list[Path] | None,
+    catalog: str | None = None,
+    per: str | None = None,
+    reference_column: str | None = None,
 ) -> dict[str, object]:
     return {
         "prompt_template": prompt_template,
         "vary": list(vary) if vary else None,
         "variations": [str(path) for path in variations] if variations else None,
+        "catalog": catalog,
+        "per": per,
+        "reference_column": reference_column,
     }
 
 
@@ -347,6 +406,9 @@ def validate(
     output_format: OutputFormatOpt = None,
     safety_tolerance: SafetyOpt = None,
     limit: LimitOpt = None,
+    catalog: CatalogOpt = None,
+    per: PerOpt = None,
+    reference_column: ReferenceColumnOpt = None,
     prompt_template: TemplateOpt = None,
     vary: VaryOpt = None,
     variations: VariationsOpt = None,
@@ -370,7 +432,7 @@ def validate(
             output_format=output_format,
             safety_tolerance=safety_tolerance,
             limit=limit,
-            **_catalog_flags(prompt_template, vary, variations),
+            **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
             s3_endpoint_url=s3_endpoint_url,
         )
         source = _check_manifest_path(manifest)
@@ -383,6 +445,8 @@ def validate(
             limit=settings.limit,
             check_references=not no_references,
             catalog=_catalog(settings),
+            export=settings.export(),
+            reference_column=settings.reference_column,
         )
     typer.echo(report.render())
     raise typer.Exit(int(report.exit_code))
@@ -558,6 +622,11 @@ def run(
         ),
     ] = None,
     limit: LimitOpt = None,
+    catalog: CatalogOpt = None,
+    per: PerOpt = None,
+    reference_column: ReferenceColumnOpt = None,
+    missing_reference: MissingReferenceOpt = None,
+    report_columns: ReportColumnsOpt = None,
     prompt_template: TemplateOpt = None,
     vary: VaryOpt = None,
     variations: VariationsOpt = None,
@@ -619,7 +688,13 @@ def run(
             max_credits=max_credits,
             library=library,
             no_library=no_library or None,
-            **_catalog_flags(prompt_template, vary, variations),
+            **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
+            missing_reference=missing_reference,
+            report_columns=(
+                [c.strip() for c in report_columns.split(",") if c.strip()]
+                if report_columns
+                else None
+            ),
             aspect_ratio=aspect_ratio,
             resolution=resolution,
             output_format=output_format,
@@ -679,6 +754,8 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,
+            export=settings.export(),
+            reference_column=settings.reference_column,
             library=_library(settings),
         )
     typer.echo(report.render())
@@ -751,7 +828,11 @@ def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str)
                 vary=settings.vary,
                 variations=settings.variations,
                 max_credits=settings.max_credits,
+                catalog=settings.export(),
+                reference_column=settings.reference_column,
+                missing_reference=settings.missing_reference,
                 options=RunOptions(
+                    report_columns=tuple(settings.report_columns),
                     model=settings.model,
                     webhook_listen=settings.webhook_listen,
                     webhook_public_url=settings.webhook_public_url,
@@ -795,6 +876,104 @@ def status(
     typer.echo(render_json(found) if as_json else found.render())
     complete = found.state == "finished" and found.done == found.counts.get("succeeded", 0)
     raise typer.Exit(int(ExitCode.OK if complete else ExitCode.PARTIAL))
+
+
+# --- export ---------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_command(
+    dest: Annotated[
+        str,
+        typer.Argument(metavar="DEST", help="The output given to --out (a folder or s3:// URI)."),
+    ],
+    catalog: Annotated[
+        str,
+        typer.Option(
+            "--catalog",
+            metavar="shopify|woocommerce|csv|json",
+            help="The import file to write: Shopify's product CSV (Handle, Image Src, Image "
+            "Position, Image Alt Text), WooCommerce's (ID, SKU, Images), or a plain CSV/JSON "
+            "of the images for any other system.",
+            show_default=False,
+        ),
+    ],
+    image_base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--image-base-url",
+            metavar="URL",
+            help="Where DEST is served from: each image is URL/images/<key>.jpg (required "
+            "for shopify and woocommerce; csv/json use the stored location without it).",
+            show_default=False,
+        ),
+    ] = None,
+    alt_template: Annotated[
+        str | None,
+        typer.Option(
+            "--alt-template",
+            metavar="TEXT",
+            help="Alt text from the row's columns, as a prompt template ('{Title}, {style}'). "
+            "[default: the prompt]",
+            show_default=False,
+        ),
+    ] = None,
+    columns: Annotated[
+        str | None,
+        typer.Option(
+            "--columns",
+            metavar="COL,COL",
+            help="csv/json: manifest columns to add to each record (e.g. 'Handle,Variant SKU').",
+            show_default=False,
+        ),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            metavar="FILE",
+            help="Where to write it (a path or s3:// URI). [default: DEST/export/<name>]",
+            show_default=False,
+        ),
+    ] = None,
+    s3_endpoint_url: S3EndpointOpt = None,
+) -> None:
+    """Write the shop's import file for the images a run made into DEST.
+
+    Only succeeded images are exported; each points at --image-base-url. Exit 0 when the
+    file was written, 2 when it could not be (no run in DEST, columns missing).
+    """
+    with _reported():
+        if s3_endpoint_url:
+            from pipeline.s3 import configure
+
+            configure(endpoint_url=s3_endpoint_url)
+        import asyncio
+
+        from pipeline.output_manifest import read_output_manifest
+        from pipeline.shop_export import build_export
+        from pipeline.storage import open_sink
+
+        sink = open_sink(dest)
+        manifest = asyncio.run(read_output_manifest(sink))
+        made = build_export(
+            manifest,
+            catalog,
+            image_base_url=image_base_url,
+            alt_template=alt_template,
+            columns=[c.strip() for c in columns.split(",") if c.strip()] if columns else (),
+        )
+        if to is None:
+            where = asyncio.run(sink.put(f"export/{made.name}", made.data, made.content_type))
+        elif to[:5].lower() == "s3://":
+            folder, _, name = to.rstrip("/").rpartition("/")
+            where = asyncio.run(open_sink(folder).put(name, made.data, made.content_type))
+        else:
+            target = Path(to)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(made.data)
+            where = str(target)
+    typer.echo(f"wrote {where}: {made.images:,} images for {catalog}")
 
 
 # --- flow -----------------------------------------------------------------------------------

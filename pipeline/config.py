@@ -33,6 +33,7 @@ from pipeline.contract import (
     Tier,
 )
 from pipeline.errors import ConfigError
+from pipeline.product_exports import CATALOG_FORMATS, PER_CHOICES, ExportMapping, ExportSpec
 
 #: API dialects the client speaks (see the API contract).
 DIALECTS: Final = ("klein", "bfl")
@@ -45,6 +46,8 @@ WEBHOOK_SECRET_ENV: Final = {"klein": "FREEPIK_WEBHOOK_SECRET", "bfl": "BFL_WEBH
 #: ``--model`` values of dialect bfl (the API path is ``/v1/flux-2-<model>``).
 BFL_MODEL_NAMES: Final = tuple(name.removeprefix("flux-2-") for name in BFL_MODELS)
 
+#: ``missing_reference``: what an unreachable reference URL does to its row.
+MISSING_REFERENCE_CHOICES: Final = ("fail", "text-only")
 #: Settings whose value is a path; relative paths in a config file are relative to that file.
 _PATH_SETTINGS: Final = ("out", "sim_config", "library")
 #: Names that look like a place for a secret; refused so nobody commits a key by accident.
@@ -85,12 +88,41 @@ class RunConfig:
     webhook_listen: str | None = None
     #: The URL the API should call when it differs from ``http://HOST:PORT``.
     webhook_public_url: str | None = None
+    #: A shop's product export (pipeline/product_exports.py): ``shopify`` or
+    #: ``woocommerce`` (``catalog = "..."``), or ``mapping`` when the file has a
+    #: ``[catalog]`` table; one image per ``product`` or per ``variant``.
+    catalog: str | None = None
+    per: str | None = None
+    #: The ``[catalog]`` mapping of a config file, for exports of any other system.
+    catalog_mapping: ExportMapping | None = None
+    #: The column holding each row's reference image; None: ``input_image``.
+    reference_column: str | None = None
+    #: ``fail`` or ``text-only``: what an unreachable reference URL does to its row.
+    missing_reference: str = "fail"
+    #: Catalog columns report.html shows under each product (SKU, price...).
+    report_columns: tuple[str, ...] = ()
     #: The image library (``pipeline/library.py``): a folder or ``s3://`` URI; None: the
     #: default of a ``{date}`` output, unless ``no_library``.
     library: str | None = None
     no_library: bool = False
     #: Tier presets: the built-in ones plus any a config file adds or overrides.
     tiers: Mapping[str, Tier] = field(default_factory=lambda: dict(TIERS))
+
+    def export(self) -> ExportSpec | None:
+        """The product export to read (``--catalog``/``--per`` or ``[catalog]``), if any."""
+        if self.catalog is None:
+            if self.per is not None:
+                raise ConfigError(
+                    f"--per {self.per} needs --catalog shopify|woocommerce (or a [catalog] "
+                    "mapping in the config file): a plain manifest has one row per image"
+                )
+            return None
+        if self.catalog == "mapping" and self.catalog_mapping is None:
+            raise ConfigError(
+                "--catalog mapping needs a [catalog] table in the --config file (id_column, "
+                "group_column, fill_down, reference_column)"
+            )
+        return ExportSpec(self.catalog, self.per or "product", self.catalog_mapping)
 
     def limits(self) -> Tier:
         """The limits the run will respect: the tier's, with explicit limits taking over."""
@@ -136,6 +168,11 @@ _SETTING_TYPES: Final[dict[str, type]] = {
     "model": str,
     "webhook_listen": str,
     "webhook_public_url": str,
+    "catalog": str,
+    "per": str,
+    "reference_column": str,
+    "missing_reference": str,
+    "report_columns": list,
     "library": str,
     "no_library": bool,
 }
@@ -219,7 +256,16 @@ def _check(setting: str, value: object, where: _Where, tiers: Mapping[str, Tier]
             value,
             "an http:// or https:// URL the API can reach, e.g. https://hooks.example",
         )
-    if setting in ("out", "api_url", "sim_config", "library") and not str(value).strip():
+    if setting == "catalog" and value not in (*CATALOG_FORMATS, "mapping"):
+        raise where.fail(setting, value, _one_of(CATALOG_FORMATS) + " (or a [catalog] mapping)")
+    if setting == "per" and value not in PER_CHOICES:
+        raise where.fail(setting, value, _one_of(PER_CHOICES))
+    if setting == "missing_reference" and value not in MISSING_REFERENCE_CHOICES:
+        raise where.fail(setting, value, _one_of(MISSING_REFERENCE_CHOICES))
+    if (
+        setting in ("out", "api_url", "sim_config", "library", "reference_column")
+        and not str(value).strip()
+    ):
         raise where.fail(setting, value, "a non-empty value")
     return value
 
@@ -303,6 +349,10 @@ def load_config(path: str | Path) -> RunConfig:
     if "tiers" in raw:
         tiers.update(_parse_tiers(raw.pop("tiers"), where))
     settings: dict[str, object] = {}
+    if isinstance(raw.get("catalog"), dict):
+        # [catalog]: how to read the export of a PIM or marketplace (product_exports.py).
+        settings["catalog_mapping"] = ExportMapping.from_settings(raw.pop("catalog"), str(path))
+        settings["catalog"] = "mapping"
     for name, value in raw.items():
         if name in _SECRET_SETTINGS:
             raise ConfigError(

@@ -145,6 +145,13 @@ class RowStatus(StrEnum):
     SKIPPED = "skipped"
 
 
+#: The output-manifest status of an input line that makes no image of its own because it
+#: belongs to another line's image (a Shopify image-only line, a variant under
+#: ``--per product``, a variable product's parent under ``--per variant``). Not a row the
+#: run could fail: such lines never reach the journal, and they do not make a run partial.
+MERGED_STATUS: Final = "merged"
+
+
 # --- rate-limit tiers -----------------------------------------------------------------------
 
 

@@ -41,16 +41,17 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
-from pipeline.errors import KleinError, ReferenceError, StorageError
+from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable, StorageError
 from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
 from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
-from pipeline.rows import Outcome, Row
+from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
+from pipeline.verdicts import reference_reason
 from pipeline.verify import InvalidImage, inspect_image
 
 log = logging.getLogger(__name__)
@@ -111,6 +112,14 @@ class Job:
     tracked: _Tracked | None = None
     #: sha256 of each reference image, in order (once loaded).
     digests: tuple[str, ...] = ()
+    #: Said in the row's reason whatever its outcome (a reference left out, and why).
+    note: str | None = None
+    #: The product this image belongs to when a budget must stop at whole products, and
+    #: the requests of all of that product's images this run submits (this one included).
+    group: int | None = None
+    group_requests: tuple[ImageRequest, ...] = ()
+    #: Whether this job's image went through the budget (reserved or refused).
+    budgeted: bool = False
     #: The request fingerprint this row makes for the library (``Library.claim``), if any.
     fingerprint: str | None = None
 
@@ -144,6 +153,10 @@ class EngineSettings:
     #: A share of a key (``--max-active`` below the tier, a Prefect shard's lease) is a hard
     #: cap: probing past it would take slots that belong to other jobs.
     limit_is_the_keys: bool = True
+    #: A reference URL that cannot be fetched (``ReferenceUnreachable``) is left out and the
+    #: image generated from the prompt alone (``--missing-reference text-only``), instead of
+    #: the row ending ``failed``.
+    text_only_without_reference: bool = False
 
 
 @dataclass(slots=True)
@@ -394,6 +407,8 @@ class Engine:
         if job.reserved and self._budget is not None:
             self._budget.settle(job.reserved, outcome.cost_credits)
             job.reserved = 0.0
+        elif job.group is not None and not job.budgeted and self._budget is not None:
+            self._budget.forgo(job.group, self._cost(job.row.request))
         try:
             self._on_outcome(outcome)
         except StorageError as exc:
@@ -408,8 +423,18 @@ class Engine:
             except ReferenceError as exc:
                 if job.task_id is not None:
                     break  # already submitted in an earlier run: the digests are a nicety
-                reason = f"{job.source} {job.row.where}, column {column}: {exc}"
-                return self._outcome(job, RowStatus.REJECTED, reason=reason)
+                reason = reference_reason(job.source, job.row.where, column, spec, str(exc))
+                if not isinstance(exc, ReferenceUnreachable):
+                    return self._outcome(job, RowStatus.REJECTED, reason=reason)
+                if not self._settings.text_only_without_reference:
+                    # Gone now is not gone for good: failed, so --retry-failed tries again.
+                    return self._outcome(
+                        job,
+                        RowStatus.FAILED,
+                        reason=f"{reason}; --retry-failed tries again, --missing-reference "
+                        "text-only generates from the prompt alone",
+                    )
+                job.note = f"generated from the prompt alone: {reason}"
         digests = job.digests = tuple(r.digest for r in references)
         if job.task_id is not None and self._settings.resubmit_unknown:
             # Tasks of earlier runs are unknown to this API (a fresh simulator): take the
@@ -430,9 +455,18 @@ class Engine:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             if self._budget is not None:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
-                cost = cost_credits(*self._provider.output_size(request))
-                if not await self._budget.reserve(cost):
-                    return self._outcome(job, RowStatus.SKIPPED, reason=self._budget.reason(cost))
+                cost = self._cost(request)
+                group_cost = (
+                    sum(self._cost(sibling) for sibling in job.group_requests)
+                    if job.group is not None
+                    else None
+                )
+                job.budgeted = True
+                if not await self._budget.reserve(
+                    cost, group=job.group, group_cost=group_cost or 0.0
+                ):
+                    reason = self._budget.reason(cost, group_cost)
+                    return self._outcome(job, RowStatus.SKIPPED, reason=reason)
                 job.reserved = cost
             body = self._provider.submit_body(request, references, self._settings.webhook_url)
             try:
@@ -854,7 +888,7 @@ class Engine:
                 cost_credits=self._charged(request, tracked, RowStatus.SUCCEEDED, False),
                 created_at=time.time(),
             )
-            await self._add_to_library(entry, body, relpath)
+            await self._add_to_library(entry, body, relpath, info.thumbnail)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
@@ -880,13 +914,14 @@ class Engine:
         fp = library.fingerprint(request, digests)
         relpath = f"images/{job.row.key}.{FORMAT_EXT[request.output_format]}"
         while True:
-            entry = await library.reuse(fp, self._sink, relpath)
-            if entry is not None:
+            reused = await library.reuse(fp, self._sink, relpath)
+            if reused is not None:
+                entry, uri = reused
                 outcome = self._outcome(
                     job,
                     RowStatus.SUCCEEDED,
                     digests=digests,
-                    output_uri=self._sink.uri(relpath),
+                    output_uri=uri,
                     sha256=entry.sha256,
                     width=entry.width,
                     height=entry.height,
@@ -894,6 +929,11 @@ class Engine:
                     size=entry.bytes,
                 )
                 outcome.reused_from = library.location(entry)
+                if self._thumbs_left > 0:
+                    # report.html's contact sheet: the library's thumbnail, not a decode.
+                    thumb = f"{THUMBS_RELDIR}/{job.row.key}.jpg"
+                    if await library.reuse_thumbnail(fp, self._sink, thumb):
+                        self._thumbs_left -= 1
                 return outcome
             making = library.claim(fp)
             if making is None:
@@ -901,12 +941,14 @@ class Engine:
                 return None
             await making.wait()
 
-    async def _add_to_library(self, entry: Entry, body: bytes, relpath: str) -> None:
+    async def _add_to_library(
+        self, entry: Entry, body: bytes, relpath: str, thumbnail: bytes | None
+    ) -> None:
         """Keep a paid image in the library; a library that fails to take it costs a later
         run a submit, never this row its image (it is in DEST already)."""
         assert self._library is not None
         try:
-            await self._library.store(entry, body, self._sink, relpath)
+            await self._library.store(entry, body, self._sink, relpath, thumbnail)
         except (KleinError, OSError, ValueError) as exc:
             log.warning("library %s did not take %s: %s", self._library.uri, relpath, exc)
 
@@ -1031,6 +1073,10 @@ class Engine:
         self.stats.retries += 1
         log.debug("retrying after: %s", error.reason)
 
+    def _cost(self, request: ImageRequest) -> float:
+        """What the API charges for ``request``'s image (the provider's size of it)."""
+        return cost_credits(*self._provider.output_size(request))
+
     def _outcome(
         self,
         job: Job,
@@ -1071,7 +1117,7 @@ class Engine:
             key=job.row.key,
             status=status,
             request=job.row.request,
-            reason=reason,
+            reason=reason if reason is not None else job.note,
             reference_digests=tuple(digests),
             task_id=task_id,
             output_uri=output_uri,

@@ -48,3 +48,9 @@ class Terminated(Exception):
     Raised after the output manifest, ``run.json`` and ``report.html`` were written from
     the journal, so the rerun of the same command resumes.
     """
+
+
+class ReferenceUnreachable(ReferenceError):
+    """A reference URL that could not be fetched now (timeout, refused connection, an HTTP
+    error): transient, so its row ends ``failed`` and ``--retry-failed`` tries again, unlike
+    a malformed or refused reference, which is ``rejected``."""

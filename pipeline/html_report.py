@@ -1,9 +1,14 @@
 """``DEST/report.html``: the page a catalog team opens after a run instead of a Parquet file.
 
-One self-contained file: a contact sheet of every image (grouped by product, one column per
-variation), each with its prompt on hover and its seed and status below; the rows that
-did not succeed with their reasons; throughput over time, a latency histogram and credits,
-drawn as inline SVG. No script, no external CSS, fonts or images.
+One self-contained file, written for the merchandisers who check the images: a contact
+sheet of every image (grouped by product under its title and id, with the catalog columns
+chosen for the report, e.g. SKU and price; one tile per variation), each tile linking to
+the full-size image (a relative link: ``images/<key>.jpg`` beside the page, so it works
+from disk and from a copied folder) with its prompt on hover and its seed and status below;
+the problems grouped by reason, each group with its rows sorted and counted; whether the
+budget stopped the run and how much of the catalog it made; prompts that still hold
+markup; throughput over time, a latency histogram and credits, drawn as inline SVG. No
+script, no external CSS, fonts or images.
 
 Thumbnails are inline (``data:`` JPEG, 128 px on the longer side, 1-3 KB each) rather
 than files in a ``thumbs/`` folder: a page downloaded alone from S3 (the console's
@@ -29,6 +34,7 @@ import html
 import io
 import logging
 import os
+import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -38,13 +44,14 @@ from pathlib import Path
 from typing import Any, Final
 
 import polars as pl
-import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline.contract import RowStatus
-from pipeline.output_manifest import FIXED_COLUMNS
+from pipeline.contract import MERGED_STATUS, RowStatus
+from pipeline.manifest import KNOWN_COLUMNS
+from pipeline.output_manifest import FIXED_COLUMNS, read_output_manifest
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
+from pipeline.templates import markup_in
 from pipeline.verify import small_jpeg
 
 log = logging.getLogger(__name__)
@@ -66,6 +73,11 @@ _STATUS_COLOURS: Final = {
     RowStatus.REJECTED: "#6a1b9a",
     RowStatus.SKIPPED: "#616161",
 }
+#: Input columns taken as a product's title and id for its heading, first found first.
+TITLE_COLUMNS: Final = ("title", "Title", "name", "Name", "product_title", "Product Name")
+ID_COLUMNS: Final = ("id", "Handle", "SKU", "sku", "Variant SKU", "ID")
+#: A rejection's "<file> row N[, variation V]" prefix: problems are grouped without it.
+_WHERE = re.compile(r"^.*? row \d+(?:, variation [^,:]+)?(?: \(line \d+\))?(?=[,:])[,:]?\s*")
 _COLUMNS: Final = (
     "row",
     "key",
@@ -102,14 +114,16 @@ async def write_html_report(
     max_credits: float | None = None,
     relpath: str = REPORT_RELPATH,
     max_tiles: int = MAX_TILES,
+    columns: Sequence[str] = (),
 ) -> str | None:
     """Build the report from ``manifest.parquet`` and store it; returns its URI.
 
+    ``columns`` are the catalog columns shown under each product (``--report-columns``).
     A report is a view: any failure is logged and swallowed (returns None), never allowed
     to fail a run that has already spent its credits.
     """
     try:
-        manifest = await _read_manifest(sink)
+        manifest = await read_output_manifest(sink)
         thumbs = await _thumbnails(sink, manifest, max_tiles)
         page = await asyncio.to_thread(
             render_report,
@@ -119,25 +133,12 @@ async def write_html_report(
             axes=axes,
             max_credits=max_credits,
             max_tiles=max_tiles,
+            columns=columns,
         )
         return await sink.put(relpath, page.encode("utf-8"), "text/html; charset=utf-8")
     except Exception as exc:  # a view must never take the run down with it
         log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
         return None
-
-
-async def _read_manifest(sink: Sink) -> pl.DataFrame:
-    local = sink.local_path("manifest.parquet")
-    if local is not None:
-        table = await asyncio.to_thread(pq.read_table, local)
-    else:
-        data = await sink.get("manifest.parquet")
-        if data is None:
-            raise FileNotFoundError("manifest.parquet is not in the output")
-        table = pq.read_table(io.BytesIO(data))
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
 
 
 def _relpath(key: str, fmt: str | None) -> str:
@@ -234,15 +235,18 @@ def render_report(
     axes: Sequence[str] = (),
     max_credits: float | None = None,
     max_tiles: int = MAX_TILES,
+    columns: Sequence[str] = (),
 ) -> str:
     """The whole page as text (pure: tests render it without a run)."""
     has_variations = "variation" in manifest.columns
     axis_columns = [a for a in axes if a in manifest.columns]
-    extra = _label_columns(manifest, axis_columns)
+    chosen = [c for c in columns if c in manifest.columns]
+    extra = chosen if columns else _label_columns(manifest, axis_columns)
     body = [
         _header(summary, manifest, max_credits),
         _charts(manifest, summary),
         _contact_sheet(manifest, thumbs, has_variations, extra, max_tiles),
+        _markup(manifest),
         _problems(manifest, has_variations),
     ]
     title = f"klein-batch report: {summary.manifest} ({summary.run_id})"
@@ -259,8 +263,12 @@ def _label_columns(manifest: pl.DataFrame, axes: Sequence[str]) -> list[str]:
     """Up to four input columns that say what a product is (title, sku, colour...)."""
     present = [manifest.columns.index(c) for c in FIXED_COLUMNS if c in manifest.columns]
     fixed_end = max(present) + 1
-    skip = {"variation", *axes}
-    chosen = [c for c in manifest.columns[fixed_end:] if c not in skip]
+    # Not the columns a heading already shows (title, id), nor request columns given back
+    # as the input had them (``input_prompt``, ``seed``...).
+    skip = {"variation", *axes, *TITLE_COLUMNS, *ID_COLUMNS, *KNOWN_COLUMNS}
+    chosen = [
+        c for c in manifest.columns[fixed_end:] if c not in skip and not c.startswith("input_")
+    ]
     preferred = [c for c in chosen if c.lower() in ("title", "name", "sku", "color", "colour")]
     rest = [c for c in chosen if c not in preferred]
     return (preferred + rest)[:4]
@@ -273,6 +281,12 @@ def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | No
         f"{counts.get(status, 0):,}</b>{_e(status)}</div>"
         for status in RowStatus
     ]
+    if counts.get(MERGED_STATUS):
+        tiles.append(
+            f'<div class="stat" title="input lines that make no image of their own (image-only '
+            f'lines, variants of a product made once)"><b>{counts[MERGED_STATUS]:,}</b>'
+            "merged lines</div>"
+        )
     output_credits = float(manifest["cost_credits"].fill_null(0).sum())
     figures = [
         ("images/s", f"{summary.images_per_s:.2f}"),
@@ -286,10 +300,24 @@ def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | No
         figures.append(("budget", f"{max_credits:,.2f}"))
     tiles += [f'<div class="stat"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in figures]
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.started_at))
+    asked = manifest.height - counts.get(MERGED_STATUS, 0)
+    made = counts.get(RowStatus.SUCCEEDED, 0)
+    share = 100.0 * made / asked if asked else 100.0
+    if summary.stopped:
+        banner = (
+            f'<p class="state stopped" id="state">stopped: {_e(summary.stopped)} · {made:,} of '
+            f"{asked:,} images made ({share:.0f}%) · rerun with a higher --max-credits to "
+            "continue; the rest are listed under problems as skipped</p>"
+        )
+    else:
+        banner = (
+            f'<p class="state" id="state">finished · {made:,} of {asked:,} images made '
+            f"({share:.0f}%)</p>"
+        )
     return (
-        f"<header><h1>{_e(summary.manifest)}</h1><p>run {_e(summary.run_id)} · started "
-        f"{started} · {manifest.height:,} "
-        f"{'images (rows x variations)' if 'variation' in manifest.columns else 'rows'} · "
+        f"<header><h1>{_e(summary.manifest)}</h1>{banner}<p>run {_e(summary.run_id)} · started "
+        f"{started} · {asked:,} "
+        f"{'images (rows x variations)' if 'variation' in manifest.columns else 'images'} · "
         f"tier {_e(summary.tier)} "
         f"({summary.max_active} active, {summary.submits_per_minute}/min) · "
         f'<a href="#problems">problems</a></p><div class="stats">{"".join(tiles)}</div></header>'
@@ -468,7 +496,9 @@ def _latency_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
 # --- contact sheet --------------------------------------------------------------------------
 
 
-def _tile(row: dict[str, Any], thumbs: dict[str, str], caption: str) -> str:
+def _tile(
+    row: dict[str, Any], thumbs: dict[str, str], caption: str, extra_lines: Sequence[str] = ()
+) -> str:
     status = row["status"]
     key = row["key"] or ""
     seed = row["seed"]
@@ -486,13 +516,30 @@ def _tile(row: dict[str, Any], thumbs: dict[str, str], caption: str) -> str:
         )
     else:
         visual = f'<div class="ph">{_e(status)}</div>'
+    if status == RowStatus.SUCCEEDED and key:
+        # Relative: the image sits beside the page, on disk, in a copied folder or bucket.
+        target = _relpath(key, row.get("format"))
+        visual = f'<a class="full" href="{_e(target)}" title="open the full image">{visual}</a>'
     visual = f'<div class="vis">{visual}</div>'
     seed_text = f"seed {seed}" if seed is not None else "no seed"
+    details = "".join(f'<span class="col">{_e(text)}</span>' for text in extra_lines)
     return (
         f'<figure class="tile st-{_e(status)}" title="{_e(hover)}">{visual}'
-        f'<figcaption><span class="cap">{_e(caption)}</span>'
+        f'<figcaption><span class="cap">{_e(caption)}</span>{details}'
         f'<span class="meta">{_e(seed_text)} · <i>{_e(status)}</i></span></figcaption></figure>'
     )
+
+
+def _first(row: dict[str, Any], names: Sequence[str]) -> str | None:
+    for name in names:
+        value = row.get(name)
+        if value not in (None, ""):
+            return str(value)
+    return None
+
+
+def _cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
+    return [f"{c} {row[c]}" for c in columns if row.get(c) not in (None, "")]
 
 
 def _contact_sheet(
@@ -502,8 +549,10 @@ def _contact_sheet(
     label_columns: list[str],
     max_tiles: int,
 ) -> str:
-    columns = [c for c in (*_COLUMNS, "variation", *label_columns) if c in manifest.columns]
-    shown = manifest.head(max_tiles).select(columns)
+    names = [*_COLUMNS, "variation", *label_columns, *TITLE_COLUMNS, *ID_COLUMNS]
+    columns = list(dict.fromkeys(c for c in names if c in manifest.columns))
+    images = manifest.filter(pl.col("status") != MERGED_STATUS)
+    shown = images.head(max_tiles).select(columns)
     groups: list[str] = []
     current_row: int | None = None
     tiles: list[str] = []
@@ -522,54 +571,95 @@ def _contact_sheet(
                 close()
                 tiles = []
                 current_row = row["row"]
-                labels = " · ".join(
-                    f"{_e(c)} {_e(row[c])}" for c in label_columns if row.get(c) not in (None, "")
-                )
+                title = _first(row, TITLE_COLUMNS)
+                ident = _first(row, ID_COLUMNS) or _product_key(row["key"], row["variation"])
+                labels = " · ".join(_e(cell) for cell in _cells(row, label_columns))
+                named = f"{_e(title)} · {_e(ident)}" if title else _e(ident)
                 heading = (
-                    f"{_e(_product_key(row['key'], row['variation']))} "
-                    f"<small>row {row['row']}{' · ' + labels if labels else ''}</small>"
+                    f"{named} <small>row {row['row']}{' · ' + labels if labels else ''}</small>"
                 )
             tiles.append(_tile(row, thumbs, row["variation"] or ""))
         close()
         body = "".join(groups)
     else:
-        body = (
-            '<div class="tiles">'
-            + "".join(
-                _tile(row, thumbs, f"row {row['row']} · {row['key'] or ''}")
-                for row in shown.iter_rows(named=True)
-            )
-            + "</div>"
-        )
+        parts: list[str] = []
+        for row in shown.iter_rows(named=True):
+            title = _first(row, TITLE_COLUMNS)
+            ident = _first(row, ID_COLUMNS) or row["key"] or ""
+            caption = f"{title} · {ident}" if title else f"row {row['row']} · {ident}"
+            parts.append(_tile(row, thumbs, caption, _cells(row, label_columns)))
+        body = '<div class="tiles">' + "".join(parts) + "</div>"
     more = ""
-    if manifest.height > max_tiles:
+    if images.height > max_tiles:
         more = (
-            f'<p class="note">Showing the first {max_tiles:,} of {manifest.height:,} images; '
+            f'<p class="note">Showing the first {max_tiles:,} of {images.height:,} images; '
             "every row is in manifest.parquet.</p>"
         )
     return f'<section id="sheet"><h2>Contact sheet</h2>{more}{body}</section>'
 
 
+def _markup(manifest: pl.DataFrame) -> str:
+    """Prompts that still hold markup: sent (and paid for) as text."""
+    sent = manifest.filter(pl.col("status") == RowStatus.SUCCEEDED).select("row", "prompt")
+    found = [
+        (row, tag) for row, prompt in sent.iter_rows() if (tag := markup_in(prompt)) is not None
+    ]
+    if not found:
+        return ""
+    rows = _row_ranges(sorted({row for row, _ in found}))
+    return (
+        '<section id="markup"><h2>Prompts with markup</h2>'
+        f'<p class="warn">{len(found):,} prompts still contain markup (e.g. {_e(found[0][1])}), '
+        "sent and paid for as text: fill such holes with {COLUMN|text}. Rows: "
+        f"{_e(rows)}</p></section>"
+    )
+
+
+def _row_ranges(rows: Sequence[int], limit: int = 60) -> str:
+    """``2-5, 9, 12-13``: sorted rows, consecutive ones as ranges, cut after ``limit`` runs."""
+    runs: list[tuple[int, int]] = []
+    for row in rows:
+        if runs and row <= runs[-1][1] + 1:
+            runs[-1] = (runs[-1][0], max(row, runs[-1][1]))
+        else:
+            runs.append((row, row))
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+    if len(runs) > limit:
+        text += f", ... ({len(runs) - limit} more ranges)"
+    return text
+
+
 def _problems(manifest: pl.DataFrame, has_variations: bool) -> str:
-    problems = manifest.filter(pl.col("status") != RowStatus.SUCCEEDED)
+    problems = manifest.filter(
+        (pl.col("status") != RowStatus.SUCCEEDED) & (pl.col("status") != MERGED_STATUS)
+    )
     if problems.height == 0:
         return (
             '<section id="problems"><h2>Problems</h2>'
             '<p class="ok">Every row succeeded.</p></section>'
         )
+    # One group per reason, the row (and variation) taken out of it: 42 rows whose Title is
+    # empty are one line with 42 rows, not 42 lines.
+    reasons = problems.select(
+        "status",
+        "row",
+        pl.col("reason")
+        .fill_null("")
+        .map_elements(lambda text: _WHERE.sub("", text, count=1), return_dtype=pl.String)
+        .alias("why"),
+    )
     grouped = (
-        problems.with_columns(pl.col("reason").fill_null("").str.slice(0, 160).alias("why"))
-        .group_by("status", "why")
-        .len()
-        .sort("len", descending=True)
-        .head(20)
+        reasons.group_by("status", "why")
+        .agg(pl.col("row").unique().sort().alias("rows"), pl.len().alias("count"))
+        .sort(["count", "status", "why"], descending=[True, False, False])
     )
     summary_rows = "".join(
-        f'<tr><td class="st-{_e(s)}">{_e(s)}</td><td>{n:,}</td><td>{_e(w)}</td></tr>'
-        for s, w, n in grouped.iter_rows()
+        f'<tr><td class="st-{_e(status)}">{_e(status)}</td><td>{count:,}</td>'
+        f"<td>{_e(why)}</td><td>{_e(_row_ranges(rows))}</td></tr>"
+        for status, why, rows, count in grouped.select("status", "why", "rows", "count").iter_rows()
     )
     cells = ["row", *(("variation",) if has_variations else ()), "key", "status", "reason"]
-    listed = problems.head(MAX_PROBLEMS).select(cells)
+    listed = problems.sort("row").head(MAX_PROBLEMS).select(cells)
     lines = "".join(
         "<tr>"
         + "".join(
@@ -588,11 +678,14 @@ def _problems(manifest: pl.DataFrame, has_variations: bool) -> str:
         else ""
     )
     head = "".join(f"<th>{_e(c)}</th>" for c in cells)
+    noun = "image" if problems.height == 1 else "images"
     return (
-        f'<section id="problems"><h2>Problems: {problems.height:,} rows did not succeed</h2>'
-        f'<table class="groups"><tr><th>status</th><th>rows</th><th>reason</th></tr>'
-        f"{summary_rows}</table>{more}"
-        f'<table id="failures" class="list"><tr>{head}</tr>{lines}</table></section>'
+        f'<section id="problems"><h2>Problems: {problems.height:,} {noun} not made, '
+        f"{grouped.height:,} {'reason' if grouped.height == 1 else 'reasons'}</h2>"
+        '<table id="reasons" class="groups"><tr><th>status</th><th>count</th><th>reason</th>'
+        f"<th>rows</th></tr>{summary_rows}</table>"
+        f"<details><summary>Every row ({problems.height:,})</summary>{more}"
+        f'<table id="failures" class="list"><tr>{head}</tr>{lines}</table></details></section>'
     )
 
 
@@ -633,4 +726,11 @@ th,td{border:1px solid #e0e0e0;padding:4px 8px;text-align:left;vertical-align:to
 td.st-failed{color:#c62828}td.st-moderated{color:#ef6c00}td.st-rejected{color:#6a1b9a}
 td.st-skipped{color:#616161}
 .note{color:#666;font-size:13px}.ok{color:#2e7d32}
+.state{font-size:15px;font-weight:600;color:#2e7d32;margin:4px 0 8px}
+.state.stopped{color:#fff;background:#ef6c00;padding:6px 10px;border-radius:4px;
+display:inline-block}
+.tile .col{display:block;color:#333;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.tile a.full{display:block}
+.warn{color:#8d4b00;background:#fff3e0;padding:6px 10px;border-radius:4px}
+details summary{cursor:pointer;font-size:13px;color:#444;margin:6px 0}
 """

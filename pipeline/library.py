@@ -130,6 +130,11 @@ def record_relpath(fp: str) -> str:
     return f"{OBJECTS}/{fp[:2]}/{fp}.json"
 
 
+def thumbnail_relpath(fp: str) -> str:
+    """report.html's thumbnail of the image (local libraries only; a cache, not the truth)."""
+    return f"{OBJECTS}/{fp[:2]}/{fp}.thumb.jpg"
+
+
 @dataclass(frozen=True, slots=True)
 class Entry:
     """One image in the library: what its record and index entry say."""
@@ -153,29 +158,83 @@ class Entry:
         return cls(**{name: fields.get(name) for name in cls.__dataclass_fields__})
 
 
+#: The index columns a lookup needs (a reused row's outcome); the rest stays on disk.
+_LOOKUP_COLUMNS: Final = ("fingerprint", "format", "bytes", "sha256", "width", "height")
+_HEX = np.full(256, 255, dtype=np.uint8)
+_HEX[np.frombuffer(b"0123456789", dtype=np.uint8)] = np.arange(10, dtype=np.uint8)
+_HEX[np.frombuffer(b"abcdef", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+_HEX[np.frombuffer(b"ABCDEF", dtype=np.uint8)] = np.arange(10, 16, dtype=np.uint8)
+
+
+def _digests(column: pa.ChunkedArray) -> np.ndarray:
+    """64-character hex strings as 32 raw bytes each (``S32``), without a Python object per
+    value: a million of them as Python ``bytes`` took 700 MB at the peak of a load."""
+    array = column.combine_chunks()
+    n = len(array)
+    if n == 0:
+        return np.empty(0, dtype="S32")
+    buffers = array.buffers()
+    offsets = np.frombuffer(buffers[1], dtype=np.int32, count=n + 1, offset=array.offset * 4)
+    if array.null_count or not np.all(np.diff(offsets) == 64):
+        raise ValueError("index holds a value that is not a 64-character hex digest")
+    data = np.frombuffer(buffers[2], dtype=np.uint8)
+    nibbles = _HEX[data[offsets[0] : offsets[0] + 64 * n].reshape(n, 64)]
+    if (nibbles == 255).any():
+        raise ValueError("index holds a value that is not a 64-character hex digest")
+    packed = (nibbles[:, 0::2] << 4) | nibbles[:, 1::2]
+    return np.ascontiguousarray(packed).view("S32").reshape(n)
+
+
+@dataclass(slots=True)
+class _Piece:
+    """One segment's lookup columns as numpy arrays (its Arrow table can go)."""
+
+    keys: np.ndarray
+    sha: np.ndarray
+    size: np.ndarray
+    width: np.ndarray
+    height: np.ndarray
+    fmt: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table) -> _Piece:
+        import pyarrow.compute as pc
+
+        return cls(
+            keys=_digests(table.column("fingerprint")),
+            sha=_digests(table.column("sha256")),
+            size=table.column("bytes").to_numpy().astype(np.int64),
+            width=table.column("width").to_numpy().astype(np.int32),
+            height=table.column("height").to_numpy().astype(np.int32),
+            # _FORMATS order: 0 png, 1 jpeg
+            fmt=pc.equal(table.column("format"), "jpeg").to_numpy().astype(np.uint8),
+        )
+
+
 class _Index:
     """Fingerprints in sorted numpy arrays (32 raw bytes each), with the columns a reused
-    row's outcome needs: about 90 bytes per entry, 90 MB for a million images."""
+    row's outcome needs: 81 bytes per entry, 81 MB for a million images."""
 
-    def __init__(self, tables: list[pa.Table]) -> None:
-        table = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-        fps = table.column("fingerprint").to_pylist()
-        keys = np.array([bytes.fromhex(fp) for fp in fps], dtype="S32")
+    def __init__(self, pieces: list[_Piece]) -> None:
+        def joined(name: str, dtype: str) -> np.ndarray:
+            parts = [getattr(piece, name) for piece in pieces]
+            return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+        keys = joined("keys", "S32")
         order = np.argsort(keys, kind="stable")
         # Segments overlap (a compaction beside a run's own segment): one entry per image.
         ordered = keys[order]
         first = np.ones(len(order), dtype=bool)
         first[1:] = ordered[1:] != ordered[:-1]
         order = order[first]
+        del ordered, first
         self.keys = keys[order]
-        self.sha = np.array(
-            [bytes.fromhex(v) for v in table.column("sha256").to_pylist()], dtype="S32"
-        )[order]
-        self.size = table.column("bytes").to_numpy(zero_copy_only=False)[order]
-        self.width = table.column("width").to_numpy(zero_copy_only=False)[order]
-        self.height = table.column("height").to_numpy(zero_copy_only=False)[order]
-        formats = table.column("format").to_pylist()
-        self.fmt = np.array([_FORMATS.index(f) for f in formats], dtype=np.uint8)[order]
+        del keys
+        self.sha = joined("sha", "S32")[order]
+        self.size = joined("size", "int64")[order]
+        self.width = joined("width", "int32")[order]
+        self.height = joined("height", "int32")[order]
+        self.fmt = joined("fmt", "uint8")[order]
         #: Positions whose object turned out to be missing: misses from now on.
         self.gone: set[int] = set()
 
@@ -268,28 +327,50 @@ class Library:
                 by_prefix.setdefault(parts[1], []).append(rel)
         return by_prefix
 
-    async def _read_segment(self, rel: str) -> pa.Table | None:
+    async def _read_segment(self, rel: str, columns: tuple[str, ...]) -> pa.Table | None:
         data = await self.sink.get(rel)
         if data is None:
             return None  # compacted away by another run since the listing
+        schema = pa.schema([INDEX_SCHEMA.field(name) for name in columns])
         try:
-            table = pq.read_table(io.BytesIO(data))
-            return table.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+            return pq.read_table(io.BytesIO(data), columns=list(columns)).cast(schema)
         except (pa.ArrowException, KeyError, ValueError) as exc:
             log.warning("library index segment %s is unreadable (%s): skipped", rel, exc)
-            return pa.Table.from_pylist([], schema=INDEX_SCHEMA)
+            return schema.empty_table()
 
-    async def _read_segments(self, names: list[str]) -> tuple[list[pa.Table], list[str]]:
+    async def _read_segments(
+        self, names: list[str], columns: tuple[str, ...] = tuple(INDEX_SCHEMA.names)
+    ) -> tuple[list[pa.Table], list[str]]:
         """The segments that could be read, and the names of those that were gone."""
         gate = asyncio.Semaphore(_READ_CONCURRENCY)
 
         async def one(rel: str) -> pa.Table | None:
             async with gate:
-                return await self._read_segment(rel)
+                return await self._read_segment(rel, columns)
 
         tables = await asyncio.gather(*(one(rel) for rel in names))
         gone = [rel for rel, table in zip(names, tables, strict=True) if table is None]
         return [t for t in tables if t is not None], gone
+
+    async def _read_pieces(self, names: list[str]) -> tuple[list[_Piece], list[str]]:
+        """Like ``_read_segments`` for lookups: each segment's columns turned into numpy
+        arrays as soon as it arrives, so no more than a few Arrow tables live at once."""
+        gate = asyncio.Semaphore(_READ_CONCURRENCY)
+
+        async def one(rel: str) -> _Piece | None:
+            async with gate:
+                table = await self._read_segment(rel, _LOOKUP_COLUMNS)
+                if table is None:
+                    return None
+                try:
+                    return _Piece.of(table)
+                except (ValueError, pa.ArrowException) as exc:
+                    log.warning("library index segment %s is unreadable (%s): skipped", rel, exc)
+                    return _Piece.of(table.schema.empty_table())
+
+        pieces = await asyncio.gather(*(one(rel) for rel in names))
+        gone = [rel for rel, piece in zip(names, pieces, strict=True) if piece is None]
+        return [p for p in pieces if p is not None], gone
 
     async def load(self) -> None:
         """Read every index segment into memory (again, when another run compacted some
@@ -297,10 +378,10 @@ class Library:
         for _ in range(5):
             self._segments = await self._segment_names()
             names = [rel for rels in self._segments.values() for rel in rels]
-            tables, gone = await self._read_segments(names)
+            pieces, gone = await self._read_pieces(names)
             if not gone:
                 break
-        self._index = _Index(tables)
+        self._index = _Index(pieces)
         log.info("library %s: %d images indexed", self.uri, len(self._index))
 
     # --- looking up and reusing --------------------------------------------------------------
@@ -323,21 +404,34 @@ class Library:
 
     def location(self, entry: Entry) -> str:
         """The library object's address, as ``reused_from`` records it."""
-        return self.sink.uri(object_relpath(entry.fingerprint, entry.format))
+        # Not ``sink.uri``: a local sink resolves symlinks on every call (a dozen lstat
+        # calls), and a library's own paths are hex digits, nothing to resolve.
+        return f"{self.uri}/{object_relpath(entry.fingerprint, entry.format)}"
 
-    async def reuse(self, fp: str, dest: Sink, relpath: str) -> Entry | None:
-        """Copy the library's image for ``fp`` to ``relpath`` in ``dest``; None when the
-        library has none (or its object is gone: the object is the truth)."""
+    async def reuse(self, fp: str, dest: Sink, relpath: str) -> tuple[Entry, str] | None:
+        """Copy the library's image for ``fp`` to ``relpath`` in ``dest``; returns its entry
+        and the copy's URI, or None when the library has none (or its object is gone: the
+        object is the truth)."""
         entry = self.lookup(fp)
         if entry is None:
             return None
         source = object_relpath(fp, entry.format)
-        if not await copy_object(self.sink, source, dest, relpath, FORMAT_MIME[entry.format]):
+        copied = await copy_object(self.sink, source, dest, relpath, FORMAT_MIME[entry.format])
+        if copied is None:
             log.warning("library %s lists %s but its image is gone: generating it", self.uri, fp)
             self._forget(fp)
             return None
         self.reused += 1
-        return entry
+        return entry, copied
+
+    async def reuse_thumbnail(self, fp: str, dest: Sink, relpath: str) -> bool:
+        """Link the report thumbnail of ``fp`` into a local ``dest``, if the library (local
+        too) has one; False otherwise (report.html then decodes the image)."""
+        source = self.sink.local_path(thumbnail_relpath(fp))
+        target = dest.local_path(relpath)
+        if source is None or target is None:
+            return False
+        return bool(_link_or_copy(source, target, link_only=True))
 
     # --- one producer per fingerprint in a run -----------------------------------------------
 
@@ -357,16 +451,27 @@ class Library:
 
     # --- adding ------------------------------------------------------------------------------
 
-    async def store(self, entry: Entry, data: bytes, dest: Sink, relpath: str) -> None:
+    async def store(
+        self,
+        entry: Entry,
+        data: bytes,
+        dest: Sink,
+        relpath: str,
+        thumbnail: bytes | None = None,
+    ) -> None:
         """Add an image the run made (``data``, also stored at ``relpath`` in ``dest``).
 
         The image first, only if absent (a concurrent run may have added the same
         fingerprint; its image stays, and so does its record), then the record, then the
-        index entry (in memory; written by ``flush``).
+        index entry (in memory; written by ``flush``). A local library also keeps the
+        report's ``thumbnail`` of it, so a night of copies need not decode every image
+        again for report.html.
         """
         fp = entry.fingerprint
         target = object_relpath(fp, entry.format)
         created = await self._put_if_absent(target, data, dest, relpath, entry.format)
+        if created and thumbnail is not None and self.sink.local_path(OBJECTS) is not None:
+            await self.sink.put(thumbnail_relpath(fp), thumbnail, "image/jpeg")
         record = record_relpath(fp)
         if not created:
             existing = await self.sink.get(record)
@@ -515,8 +620,9 @@ def _link_or_write_new(target: Path, source: Path | None, data: bytes) -> bool:
             os.unlink(tmp)
 
 
-def _link_or_copy(source: Path, target: Path) -> bool:
-    """Put ``source`` at ``target`` atomically: a hard link, or a copy across disks."""
+def _link_or_copy(source: Path, target: Path, *, link_only: bool = False) -> bool | None:
+    """Put ``source`` at ``target`` atomically: a hard link, or a copy across disks
+    (``link_only``: None instead of copying). False when ``source`` does not exist."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
     try:
@@ -527,6 +633,8 @@ def _link_or_copy(source: Path, target: Path) -> bool:
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                 raise
+            if link_only:
+                return None
             try:
                 shutil.copyfile(source, tmp)
             except FileNotFoundError:
@@ -538,16 +646,24 @@ def _link_or_copy(source: Path, target: Path) -> bool:
             os.unlink(tmp)
 
 
-async def copy_object(source: Sink, src_rel: str, dest: Sink, dest_rel: str, mime: str) -> bool:
+async def copy_object(
+    source: Sink, src_rel: str, dest: Sink, dest_rel: str, mime: str
+) -> str | None:
     """Copy one object between sinks the cheapest way: a hard link on one disk, a
-    server-side copy within S3, else read and write; False when the source is missing."""
+    server-side copy within S3, else read and write. Returns the copy's URI, None when the
+    source is missing."""
     src_path, dest_path = source.local_path(src_rel), dest.local_path(dest_rel)
     if src_path is not None and dest_path is not None:
-        return await asyncio.to_thread(_link_or_copy, src_path, dest_path)
+        # A link is two quick system calls: in the loop, not a thread hop per image (which,
+        # on a busy machine, made a night of copies wait on thread scheduling).
+        linked = _link_or_copy(src_path, dest_path, link_only=True)
+        if linked is None:  # another disk: copy the bytes in a thread
+            linked = await asyncio.to_thread(_link_or_copy, src_path, dest_path)
+        return str(dest_path) if linked else None
     if src_path is None and dest_path is None and hasattr(dest, "copy_in"):
-        return bool(await dest.copy_in(dest_rel, source.uri(src_rel)))
+        copied = await dest.copy_in(dest_rel, source.uri(src_rel))
+        return dest.uri(dest_rel) if copied else None
     data = await source.get(src_rel)
     if data is None:
-        return False
-    await dest.put(dest_rel, data, mime)
-    return True
+        return None
+    return await dest.put(dest_rel, data, mime)

@@ -13,7 +13,7 @@ import csv
 import math
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -27,7 +27,15 @@ from pipeline import contract
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.keys import content_key, derive_seed, safe_key
 from pipeline.references import SPEC_SCHEMES
-from pipeline.reserved import ERROR_COLUMN, INDEX_COLUMN, WORKING_COLUMNS, renamed
+from pipeline.reserved import (  # noqa: F401 (MERGED_COLUMN, RESERVED_COLUMNS: re-exported)
+    DERIVED_PREFIX,
+    ERROR_COLUMN,
+    INDEX_COLUMN,
+    MERGED_COLUMN,
+    RESERVED_COLUMNS,
+    is_derived,
+    renamed,
+)
 from pipeline.rows import ImageRequest, Rejection, Row
 
 #: Columns the pipeline reads; every other column is carried through untouched.
@@ -41,8 +49,9 @@ KNOWN_COLUMNS: Final = (
     "output_format",
     *contract.REFERENCE_FIELDS,
 )
-# The working columns the reader adds (``__index``, ``__error``) are reserved in
-# ``pipeline/reserved.py``; an input column of the same name is read as ``input___index``.
+# The columns the pipeline adds to batches (``__index``, ``__error``, ``__merged``, the
+# ``__catalog_*`` an export derives) are reserved in ``pipeline/reserved.py``; an input
+# column of the same name is carried through as ``input_<name>``.
 
 _DELIMITERS: Final = (",", ";", "\t")
 _DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -129,14 +138,27 @@ class _Columns:
 
 
 def _normalise_columns(
-    found: list[str], file_name: str, *, require_prompt: bool = True
+    found: list[str],
+    file_name: str,
+    *,
+    require_prompt: bool = True,
+    roles: Mapping[str, str] | None = None,
+    derived_ok: bool = False,
 ) -> _Columns:
-    known = {name.lower(): name for name in KNOWN_COLUMNS}
+    roles = roles or {}
+    # A column a role stands in for keeps its own name (WooCommerce's ``ID`` is not the
+    # ``id`` the pipeline keys by when the id comes from the SKU).
+    known = {name.lower(): name for name in KNOWN_COLUMNS if name not in roles}
     names: list[str] = []
     for position, raw in enumerate(found, start=1):
         stripped = raw.strip()
         if not stripped:
             stripped = f"column_{position}"
+        if stripped in roles:
+            raise ManifestError(
+                f"{file_name}: has a column {stripped!r}, and {stripped} is also taken from "
+                f"column {roles[stripped]!r} as asked; rename or drop one of them"
+            )
         names.append(known.get(stripped.lower(), stripped))
     seen: dict[str, str] = {}
     for raw, name in zip(found, names, strict=True):
@@ -152,12 +174,19 @@ def _normalise_columns(
                 "case-insensitively); keep one of them"
             )
         seen[name] = raw
-    # Names the pipeline works with are kept for it: such an input column is carried
-    # through under ``input_<name>`` (pipeline/reserved.py), never mistaken for its own.
-    for position, name in enumerate(names):
-        if name in WORKING_COLUMNS:
-            names[position] = renamed(name, names)
-    if require_prompt and "prompt" not in names:
+    if not derived_ok:
+        # Names the pipeline works with are kept for it: such an input column is carried
+        # through under ``input_<name>`` (pipeline/reserved.py), never mistaken for its own.
+        for position, name in enumerate(names):
+            if is_derived(name):
+                names[position] = renamed(name, names)
+    for role, source in roles.items():
+        if source not in names:
+            shown = ", ".join([repr(name) for name in names if not is_derived(name)][:20])
+            raise ManifestError(
+                f"{file_name}: has no column {source!r} to take {role} from; columns: {shown}"
+            )
+    if require_prompt and "prompt" not in names and "prompt" not in roles:
         shown = ", ".join(repr(name) for name in found[:20])
         if len(found) > 20:
             shown += f", ... ({len(found)} columns)"
@@ -174,6 +203,20 @@ def _normalise_columns(
         )
     extra = [name for name in names if name not in KNOWN_COLUMNS]
     return _Columns(source=list(found), names=names, extra=extra)
+
+
+def _input_columns(columns: _Columns) -> list[tuple[str, str]]:
+    """(batch column, name as the input spelled it) of every input column, in input order.
+
+    Known columns are read under their canonical names (``Prompt`` as ``prompt``), but the
+    output manifest gives each back as it came; derived columns are not input columns.
+    """
+    pairs: list[tuple[str, str]] = []
+    for raw, name in zip(columns.source, columns.names, strict=True):
+        if is_derived(name):
+            continue
+        pairs.append((name, raw.strip() or name))
+    return pairs
 
 
 def _check_types(schema: pl.Schema, file_name: str) -> None:
@@ -286,7 +329,14 @@ class ManifestReader:
         limit: int | None = None,
         offset: int = 0,
         require_prompt: bool = True,
+        roles: Mapping[str, str] | None = None,
+        name: str | None = None,
+        base_dir: Path | str | None = None,
     ) -> None:
+        """``roles`` maps a column the pipeline reads (``id``, ``input_image``) to the input
+        column it is taken from (``--reference-column "Image Src"``); the input column keeps
+        its name in the output manifest. ``name`` and ``base_dir`` name an in-memory table
+        made from a file (a product export read by ``pipeline/product_exports.py``)."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         if limit is not None and limit < 0:
@@ -335,10 +385,28 @@ class ManifestReader:
                 f"a manifest must be a file path, a polars DataFrame or a pyarrow Table, "
                 f"not {type(source).__name__}"
             )
+        if name is not None:
+            self.name = name
+        if base_dir is not None:
+            self.base_dir = base_dir  # type: ignore[assignment]
+        self.roles: dict[str, str] = dict(roles or {})
+        #: How messages name a column the pipeline reads under another name (a role's
+        #: source, e.g. ``input_image`` as ``Image Src``); set by whoever derived it.
+        self.shown_as: dict[str, str] = {
+            role: source for role, source in self.roles.items() if not is_derived(source)
+        }
         # A prompt template (pipeline/templates.py) builds prompts from other columns.
-        self._columns = _normalise_columns(found, self.name, require_prompt=require_prompt)
-        self.columns: list[str] = self._columns.names
+        self._columns = _normalise_columns(
+            found,
+            self.name,
+            require_prompt=require_prompt,
+            roles=self.roles,
+            derived_ok=self._frame is not None and name is not None,
+        )
+        self.columns: list[str] = [*self._columns.names, *self.roles]
         self.extra_columns: list[str] = self._columns.extra
+        #: (batch column, output name) of every input column, as the input spelled it.
+        self.input_columns: list[tuple[str, str]] = _input_columns(self._columns)
         if schema is not None:
             renamed = pl.Schema(dict(zip(self._columns.names, schema.values(), strict=True)))
             _check_types(renamed, self.name)
@@ -412,11 +480,16 @@ class ManifestReader:
             held += chunk.height
             while held >= self.batch_size:
                 joined = pl.concat(pending, how="diagonal_relaxed")
-                yield joined.head(self.batch_size)
+                yield self._with_roles(joined.head(self.batch_size))
                 rest = joined.slice(self.batch_size)
                 pending, held = ([rest], rest.height) if rest.height else ([], 0)
         if held:
-            yield pl.concat(pending, how="diagonal_relaxed")
+            yield self._with_roles(pl.concat(pending, how="diagonal_relaxed"))
+
+    def _with_roles(self, frame: pl.DataFrame) -> pl.DataFrame:
+        if not self.roles:
+            return frame
+        return frame.with_columns(pl.col(source).alias(role) for role, source in self.roles.items())
 
     def _chunks(self) -> Iterator[pl.DataFrame]:
         names = self._columns.names
@@ -677,14 +750,29 @@ def _expected(name: str, defaults: Defaults) -> str:
     )
 
 
+def lines_to_validate(batch: pl.DataFrame) -> pl.DataFrame:
+    """The batch without the lines that make no image of their own (``MERGED_COLUMN``)."""
+    if MERGED_COLUMN not in batch.columns:
+        return batch
+    return batch.filter(pl.col(MERGED_COLUMN).is_null())
+
+
 def validate_batch(
-    batch: pl.DataFrame, *, source_name: str, defaults: Defaults
+    batch: pl.DataFrame,
+    *,
+    source_name: str,
+    defaults: Defaults,
+    names: Mapping[str, str] | None = None,
 ) -> tuple[list[Row], list[Rejection]]:
     """Check one batch against the contract: valid rows become requests, others rejections.
 
     Every check is one polars expression evaluated in a single pass; Python touches each
     row once to build its request and key, and writes messages only for rejected rows.
+    ``names`` says how messages name a column taken from another one
+    (``ManifestReader.shown_as``: ``input_image`` read from ``Image Src``).
     """
+    names = names or {}
+    batch = lines_to_validate(batch)
     if batch.height == 0:
         return [], []
     prompt = _text(batch, "prompt")
@@ -769,7 +857,7 @@ def validate_batch(
                 if spec is not None
             ]
             references = tuple(spec for _, spec in given)
-            reference_columns = tuple(column for column, _ in given)
+            reference_columns = tuple(names.get(column, column) for column, _ in given)
         if seed_value is None:
             seed_value = default_seed
         aspect_value = aspect_value or default_aspect
@@ -822,6 +910,7 @@ def validate_batch(
                     errors[position],
                     source_name,
                     defaults,
+                    names,
                 )
             )
     return rows, rejections
@@ -837,6 +926,7 @@ def _reject(
     row_error: str | None,
     source_name: str,
     defaults: Defaults,
+    names: Mapping[str, str],
 ) -> Rejection:
     number = index + 1
     key = safe_key(raw_id) if raw_id else f"row-{number}"
@@ -860,6 +950,7 @@ def _reject(
             value = f"<{len(value)} bytes>"
         elif isinstance(value, float) and math.isnan(value):
             value = "NaN"
+        column = names.get(column, column)
         reason = (
             f"{where}, column {column}: {_show(value)} is not allowed; expected "
             f"{_expected(column, defaults)}"
@@ -872,4 +963,6 @@ def iter_rows(
 ) -> Iterator[tuple[list[Row], list[Rejection]]]:
     """Validated rows and rejections, batch by batch, in manifest order."""
     for batch in reader.batches():
-        yield validate_batch(batch, source_name=reader.name, defaults=defaults)
+        yield validate_batch(
+            batch, source_name=reader.name, defaults=defaults, names=reader.shown_as
+        )

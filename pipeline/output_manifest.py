@@ -38,8 +38,15 @@ reused_from            string                      the library object the image 
                                                    (``--library``; null when this run made it)
 =====================  ==========================  ===============================================
 
-Then every extra column of the input, with its original type. An input column whose name
-is one of the above is written as ``input_<name>``.
+Then every column of the input as it came (its name as the input spelled it, its original
+type), ``id`` and reference columns included, so a data team can join the output back to
+its catalog on its own id. An input column whose name is one of the above (``prompt``,
+``seed``...) is written as ``input_<name>``: ``prompt`` is what was sent, ``input_prompt``
+what the input said.
+
+An input line that makes no image of its own (a Shopify image-only line, a variant under
+``--per product``: ``pipeline/product_exports.py``) is listed with status ``merged`` and a
+reason naming the line whose image it belongs to.
 
 Rows the run never reached (it stopped early) are ``skipped`` with a reason saying so, so
 that "one row per input row" holds even after a crash; a rerun resumes them.
@@ -54,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -64,10 +72,16 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.contract import RowStatus
+from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.errors import KleinError
 from pipeline.ledger import Ledger
-from pipeline.reserved import INDEX_COLUMN, PRODUCT_INDEX_COLUMN, WORKING_COLUMNS, renamed
+from pipeline.reserved import (
+    INDEX_COLUMN,
+    MERGED_COLUMN,
+    PRODUCT_INDEX_COLUMN,
+    WORKING_COLUMNS,
+    renamed,
+)
 from pipeline.rows import Outcome
 from pipeline.storage import Sink
 
@@ -124,7 +138,7 @@ class ManifestSource(Protocol):
     """What this module needs from ``pipeline.manifest.ManifestReader``."""
 
     @property
-    def extra_columns(self) -> Sequence[str]: ...
+    def input_columns(self) -> Sequence[tuple[str, str]]: ...
 
     def batches(self) -> Iterator[pl.DataFrame]: ...
 
@@ -150,12 +164,16 @@ def _fixed_columns(
     outcomes: dict[int, Outcome],
     raw_prompts: list[Any] | None,
     rows: list[int] | None = None,
+    merged: list[str | None] | None = None,
 ) -> dict[str, list[Any]]:
     cols: dict[str, list[Any]] = {name: [] for name in FIXED_COLUMNS}
     for pos, idx in enumerate(indices):
         outcome = outcomes.get(idx)
         raw_prompt = raw_prompts[pos] if raw_prompts is not None else None
-        if outcome is None:
+        merged_into = merged[pos] if merged is not None else None
+        if merged_into is not None:
+            outcome = Outcome(index=idx, key="", status=MERGED_STATUS, reason=merged_into)  # type: ignore[arg-type]
+        elif outcome is None:
             outcome = Outcome(index=idx, key="", status=RowStatus.SKIPPED, reason=_NOT_REACHED)
         request = outcome.request
         prompt: Any = request.prompt if request is not None else outcome.extra.get("prompt")
@@ -229,10 +247,19 @@ def _build_parquet(
     reader: ManifestSource, ledger: Ledger, path: Path, expander: RowExpander | None = None
 ) -> int:
     """Write the joined manifest to ``path``; returns the number of rows written."""
-    extra_columns = [name for name in reader.extra_columns if name not in WORKING_COLUMNS]
+    inputs = [
+        (column, name) for column, name in reader.input_columns if column not in WORKING_COLUMNS
+    ]
+    input_batch_names = [column for column, _ in inputs]
+    added: list[str] = []
     if expander is not None:
-        extra_columns = expander.output_columns(extra_columns)
-    out_names = output_column_names(extra_columns)
+        added = [
+            column
+            for column in expander.output_columns(input_batch_names)
+            if column not in input_batch_names
+        ]
+    extra_columns = [*added, *input_batch_names]
+    out_names = output_column_names([*added, *(name for _, name in inputs)])
     source_name = str(getattr(reader, "name", "manifest"))
     writer: pq.ParquetWriter | None = None
     schema: pa.Schema | None = None
@@ -257,7 +284,12 @@ def _build_parquet(
             raw_prompts = (
                 batch.get_column("prompt").to_list() if "prompt" in batch.columns else None
             )
-            fixed = _fixed_columns(indices, outcomes, raw_prompts, rows)
+            merged = (
+                batch.get_column(MERGED_COLUMN).to_list()
+                if MERGED_COLUMN in batch.columns
+                else None
+            )
+            fixed = _fixed_columns(indices, outcomes, raw_prompts, rows, merged)
             arrays, types = _extra_arrays(batch, extra_columns)
             if schema is None:
                 # An all-null first batch says nothing about a column's type: text is safest.
@@ -357,3 +389,20 @@ def refuse_own_output_as_input(source: object, sink: Sink, destination: str) -> 
             "would read its output as input and pay again; copy the manifest out of the "
             "output folder, or choose another --out"
         )
+
+
+async def read_output_manifest(sink: Sink, relpath: str = "manifest.parquet") -> pl.DataFrame:
+    """An output's ``manifest.parquet`` as a DataFrame (report.html, ``klein-batch export``)."""
+    local = sink.local_path(relpath)
+    if local is not None:
+        if not local.is_file():
+            raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
+        table = await asyncio.to_thread(pq.read_table, local)
+    else:
+        data = await sink.get(relpath)
+        if data is None:
+            raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
+        table = pq.read_table(io.BytesIO(data))
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame

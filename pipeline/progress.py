@@ -61,8 +61,15 @@ def format_line(snapshot: ProgressSnapshot) -> str:
     """One self-contained log line: every figure a person grepping a log would look for."""
     done = snapshot.done
     percent = 100.0 * done / snapshot.total if snapshot.total else 100.0
+    head = f"progress {done}/{snapshot.total} ({percent:.1f}%)"
+    if snapshot.stopped:
+        made = snapshot.counts.get(RowStatus.SUCCEEDED, 0)
+        head = (
+            f"stopped: {snapshot.stopped} · {made}/{snapshot.total} images made "
+            f"({100.0 * snapshot.made_share:.1f}%)"
+        )
     return (
-        f"progress {done}/{snapshot.total} ({percent:.1f}%) · {_counts(snapshot)}"
+        f"{head} · {_counts(snapshot)}"
         f" · in flight {snapshot.in_flight} · {snapshot.images_per_s:.2f} img/s"
         f" · ETA {format_duration(snapshot.eta_s)} · {snapshot.credits:.2f} credits"
         f" · elapsed {format_duration(snapshot.elapsed_s)}"
@@ -87,8 +94,10 @@ class ProgressDisplay:
         if mode not in MODES:
             raise ValueError(f"progress mode {mode!r}: expected one of {', '.join(MODES)}")
         self._stream = stream if stream is not None else sys.stdout
+        #: A Jupyter kernel's cell output: rich draws the bar there as a live widget.
+        self._jupyter = stream is None and in_jupyter()
         if mode == "auto":
-            mode = "bar" if _isatty(self._stream) else "plain"
+            mode = "bar" if self._jupyter or _isatty(self._stream) else "plain"
         self.mode: Mode = mode
         self._interval_s = interval_s
         self._lock = threading.Lock()
@@ -167,7 +176,11 @@ class ProgressDisplay:
         self._last_printed = snapshot
 
     def _start_bar(self) -> None:
-        console = Console(file=self._stream, force_terminal=True)
+        console = (
+            Console(force_jupyter=True)
+            if self._jupyter
+            else Console(file=self._stream, force_terminal=True)
+        )
         self._progress = _TwoLineProgress(
             TextColumn("[bold]klein-batch"),
             BarColumn(bar_width=30),
@@ -188,6 +201,11 @@ class ProgressDisplay:
         if not isinstance(self._progress, _TwoLineProgress) or self._task is None:
             return
         self._progress.status = f"{_counts(snapshot)} · in flight {snapshot.in_flight}"
+        if snapshot.stopped:
+            self._progress.status = (
+                f"stopped: {snapshot.stopped} · {100.0 * snapshot.made_share:.0f}% of the "
+                f"images made · {self._progress.status}"
+            )
         self._progress.update(
             self._task,
             total=snapshot.total,
@@ -214,3 +232,15 @@ def _isatty(stream: TextIO) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError, OSError):
         return False
+
+
+def in_jupyter() -> bool:
+    """Whether this process is a Jupyter kernel (a notebook cell shows our output)."""
+    ipython = sys.modules.get("IPython")
+    if ipython is None:
+        return False
+    try:
+        shell = ipython.get_ipython()  # type: ignore[attr-defined]
+    except Exception:  # an odd IPython: no bar rather than no run
+        return False
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"

@@ -32,7 +32,7 @@ from aiohttp.resolver import ThreadedResolver
 from PIL import Image, UnidentifiedImageError
 from yarl import URL
 
-from pipeline.errors import ReferenceError
+from pipeline.errors import ReferenceError, ReferenceUnreachable
 
 #: Pixel cap: refuses decompression bombs long before Pillow's own (larger) limit.
 MAX_PIXELS: Final = 40_000_000
@@ -134,7 +134,7 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
                     current = str(parsed.join(URL(location)))
                     continue
                 if response.status != 200:
-                    raise ReferenceError(
+                    raise ReferenceUnreachable(
                         f"URL {_public_url(current)} answered HTTP {response.status}; "
                         "expected 200 with an image"
                     )
@@ -149,7 +149,7 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
                 store.stats["fetches"] += 1
                 return bytes(body)
         except TimeoutError:
-            raise ReferenceError(
+            raise ReferenceUnreachable(
                 f"URL {_public_url(current)} timed out after {store.timeout_s:g} s"
             ) from None
         except aiohttp.ClientConnectorCertificateError:
@@ -170,11 +170,11 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
                     "manifest cannot reach an internal network (allow them with "
                     "allow_private_urls)"
                 ) from None
-            raise ReferenceError(
+            raise ReferenceUnreachable(
                 f"URL {_public_url(current)} could not be fetched (cannot connect to {parsed.host})"
             ) from None
         except aiohttp.ClientError as exc:
-            raise ReferenceError(
+            raise ReferenceUnreachable(
                 f"URL {_public_url(current)} could not be fetched ({type(exc).__name__})"
             ) from None
     raise ReferenceError(
@@ -484,7 +484,8 @@ class ReferenceStore:
         try:
             infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError:
-            raise ReferenceError(f"host {host!r} cannot be resolved") from None
+            # DNS that fails now may answer later (or the network is down): transient.
+            raise ReferenceUnreachable(f"host {host!r} cannot be resolved") from None
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
             if not _is_public(address):

@@ -65,6 +65,14 @@ def format_summary(summary: RunSummary) -> str:
         f"credits {summary.credits:,.2f}; submits {summary.submits:,}, "
         f"retries {summary.retries:,}, rate-limited (429) {summary.rate_limited:,}",
     ]
+    if summary.stopped:
+        asked = summary.images_asked
+        share = 100.0 * summary.succeeded / asked if asked else 100.0
+        lines.insert(
+            0,
+            f"stopped: {summary.stopped} · {summary.succeeded:,} of {asked:,} images made "
+            f"({share:.0f}%); rerun with a higher --max-credits to continue",
+        )
     if summary.reused_rows:
         lines.append(f"library: {summary.reused_rows:,} images reused (not sent, no cost)")
     if summary.resumed_rows:

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,25 +39,34 @@ import pyarrow as pa
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
-from pipeline.contract import TIERS, RowStatus
+from pipeline.config import MISSING_REFERENCE_CHOICES
+from pipeline.contract import MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
-from pipeline.ledger import Action, Ledger
+from pipeline.ledger import Action, Ledger, Planned
 from pipeline.library import Library
 from pipeline.limits import resolve_tier
-from pipeline.manifest import Defaults, ManifestReader, validate_batch
+from pipeline.manifest import (
+    MERGED_COLUMN,
+    Defaults,
+    ManifestReader,
+    lines_to_validate,
+    validate_batch,
+)
 from pipeline.output_manifest import refuse_own_output_as_input, write_output_manifest
+from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
-from pipeline.rows import Outcome, Rejection, Row
+from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 from pipeline.storage import LocalSink, Sink, open_sink, write_failed
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.urls import without_credentials
 from pipeline.variations import Catalog
+from pipeline.verdicts import duplicate_rejection
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
 log = logging.getLogger(__name__)
@@ -117,6 +127,18 @@ class RunOptions:
     webhook_listen: str | None = None
     #: The address the API should call when it differs from ``http://HOST:PORT``.
     webhook_public_url: str | None = None
+    #: A shop's product export read as such (``pipeline/product_exports.py``): layout and
+    #: ``--per product|variant``; None: the manifest's rows as they are.
+    export: ExportSpec | None = None
+    #: The column holding each row's reference image (``--reference-column "Image Src"``);
+    #: None: ``input_image`` (and ``input_image_2``...).
+    reference_column: str | None = None
+    #: What a reference URL that cannot be fetched does to its row: ``fail`` (``failed``,
+    #: retried by ``--retry-failed``) or ``text-only`` (generated from the prompt alone).
+    missing_reference: str = "fail"
+    #: Catalog columns report.html shows under each product (``--report-columns``); empty:
+    #: a few that look like a title, SKU or colour.
+    report_columns: tuple[str, ...] = ()
     #: The image library (``pipeline/library.py``): a local folder or ``s3://`` URI whose
     #: images are copied instead of paid for, and which keeps every image paid for here.
     library: str | None = None
@@ -129,7 +151,7 @@ def run_manifest(
     api_url: str | None = None,
     api_key: str | None = None,
     sim: bool | object = False,
-    dialect: str = "klein",
+    dialect: str | None = None,
     tier: str | None = None,
     max_active: int | None = None,
     submits_per_minute: int | None = None,
@@ -142,14 +164,100 @@ def run_manifest(
     vary: Sequence[str] = (),
     variations: Sequence[str | Path] = (),
     max_credits: float | None = None,
+    catalog: str | ExportSpec | None = None,
+    per: str | None = None,
+    reference_column: str | None = None,
+    missing_reference: str | None = None,
+    progress: bool = False,
 ) -> RunSummary:
     """Run a manifest to completion and return its summary (also written to ``run.json``).
 
     ``sim=True`` (or a ``pipeline.sim.SimConfig``) starts the bundled simulator in this
     process instead of calling a real API. Keyword arguments override ``options``.
+    ``catalog="shopify"`` or ``"woocommerce"`` (with ``per="product"`` or ``"variant"``)
+    reads a shop's product export as it is. ``progress=True`` shows a progress bar (in a
+    terminal, or in a Jupyter cell).
+
+    Called where an event loop already runs (every Jupyter cell), the run gets a loop of
+    its own in a worker thread and this call blocks until it ends, as it does elsewhere;
+    ``await arun_manifest(...)`` (same arguments) keeps the cell's loop free instead.
+    """
+    run = arun_manifest(
+        manifest,
+        out,
+        api_url=api_url,
+        api_key=api_key,
+        sim=sim,
+        dialect=dialect,
+        tier=tier,
+        max_active=max_active,
+        submits_per_minute=submits_per_minute,
+        defaults=defaults,
+        limit=limit,
+        retry_failed=retry_failed,
+        on_progress=on_progress,
+        options=options,
+        prompt_template=prompt_template,
+        vary=vary,
+        variations=variations,
+        max_credits=max_credits,
+        catalog=catalog,
+        per=per,
+        reference_column=reference_column,
+        missing_reference=missing_reference,
+        progress=progress,
+    )
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return _run_until_done(run)
+    # A running loop in this thread (Jupyter, an async app): asyncio.run() would refuse.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="klein-run") as pool:
+        return pool.submit(_run_until_done, run).result()
+
+
+async def arun_manifest(
+    manifest: ManifestSource,
+    out: str | Path | Sink,
+    *,
+    api_url: str | None = None,
+    api_key: str | None = None,
+    sim: bool | object = False,
+    dialect: str | None = None,
+    tier: str | None = None,
+    max_active: int | None = None,
+    submits_per_minute: int | None = None,
+    defaults: Defaults | None = None,
+    limit: int | None = None,
+    retry_failed: bool = False,
+    on_progress: Callable[[ProgressSnapshot], None] | None = None,
+    options: RunOptions | None = None,
+    prompt_template: str | None = None,
+    vary: Sequence[str] = (),
+    variations: Sequence[str | Path] = (),
+    max_credits: float | None = None,
+    catalog: str | ExportSpec | None = None,
+    per: str | None = None,
+    reference_column: str | None = None,
+    missing_reference: str | None = None,
+    progress: bool = False,
+    webhook_secret: str | None = None,
+) -> RunSummary:
+    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
+
+    Takes the same arguments as ``run_manifest`` (``sim=True`` included; ``options`` is
+    optional). With ``options.webhook_listen`` the webhook signing secret is
+    ``webhook_secret`` or the dialect's environment variable
+    (``pipeline.config.WEBHOOK_SECRET_ENV``); dialect bfl makes one up per run when neither
+    is set, since the client sends it with each task.
+
+    ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
+    and partial manifest apart while sharing ``images/``).
     """
     opts = options or RunOptions()
-    opts.dialect = dialect
+    _export_options(opts, catalog, per, reference_column, missing_reference)
+    if dialect is not None:
+        opts.dialect = dialect
     opts.tier = tier if tier is not None else opts.tier
     opts.max_active = max_active if max_active is not None else opts.max_active
     if submits_per_minute is not None:
@@ -165,12 +273,26 @@ def run_manifest(
         if max_credits < 0:
             raise ConfigError(f"max_credits {max_credits!r} is not allowed; expected 0 or more")
         opts.max_credits = max_credits
-    if sim is not False and sim is not None:
+    with contextlib.ExitStack() as stack:
+        if progress and on_progress is None:
+            from pipeline.progress import ProgressDisplay
+
+            on_progress = stack.enter_context(ProgressDisplay(mode="auto"))
+        if sim is False or sim is None:
+            return await _arun(
+                manifest,
+                out,
+                api_url=api_url,
+                api_key=api_key,
+                options=opts,
+                on_progress=on_progress,
+                webhook_secret=webhook_secret,
+            )
         from pipeline.sim import SimConfig, SimServer
 
         config = sim if isinstance(sim, SimConfig) else SimConfig()
         opts.resubmit_unknown = True
-        hook_secret = None
+        hook_secret = webhook_secret
         if opts.webhook_listen:
             # The simulated account signs with its key's secret (dialect klein); bfl tasks
             # carry the run's own. Either way the run and the simulator agree on one.
@@ -178,24 +300,16 @@ def run_manifest(
             first = config.keys[0]
             first.webhook_secret = first.webhook_secret or secrets.token_urlsafe(24)
             hook_secret = first.webhook_secret
-        with SimServer.in_thread(config) as server:
-            key = config.keys[0].key
-            return _run_until_done(
-                arun_manifest(
-                    manifest,
-                    out,
-                    api_url=server.url,
-                    api_key=key,
-                    options=opts,
-                    on_progress=on_progress,
-                    webhook_secret=hook_secret,
-                )
-            )
-    return _run_until_done(
-        arun_manifest(
-            manifest, out, api_url=api_url, api_key=api_key, options=opts, on_progress=on_progress
+        server = stack.enter_context(SimServer.in_thread(config))
+        return await _arun(
+            manifest,
+            out,
+            api_url=server.url,
+            api_key=config.keys[0].key,
+            options=opts,
+            on_progress=on_progress,
+            webhook_secret=hook_secret,
         )
-    )
 
 
 def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
@@ -238,26 +352,18 @@ def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
         raise
 
 
-async def arun_manifest(
+async def _arun(
     manifest: ManifestSource,
     out: str | Path | Sink,
     *,
     api_url: str | None,
-    api_key: str | None = None,
-    options: RunOptions | None = None,
-    on_progress: Callable[[ProgressSnapshot], None] | None = None,
-    webhook_secret: str | None = None,
+    api_key: str | None,
+    options: RunOptions,
+    on_progress: Callable[[ProgressSnapshot], None] | None,
+    webhook_secret: str | None,
 ) -> RunSummary:
-    """``run_manifest`` for callers that already run an event loop (notebooks, Prefect).
-
-    With ``options.webhook_listen`` the webhook signing secret is ``webhook_secret`` or the
-    dialect's environment variable (``pipeline.config.WEBHOOK_SECRET_ENV``); dialect bfl
-    makes one up per run when neither is set, since the client sends it with each task.
-
-    ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
-    and partial manifest apart while sharing ``images/``).
-    """
-    opts = options or RunOptions()
+    """One run with its options settled: the stages wired together."""
+    opts = options
     limits = resolve_tier(opts.tier, opts.max_active, opts.submits_per_minute)
     if not api_url:
         raise ConfigError("no API URL: pass --api-url URL, or --sim for the bundled simulator")
@@ -288,8 +394,10 @@ async def arun_manifest(
         )
     sink = out if isinstance(out, Sink) else open_sink(out)
     refuse_own_output_as_input(manifest, sink, str(out))
-    reader = ManifestReader(
+    reader = open_manifest(
         manifest,
+        export=opts.export,
+        reference_column=opts.reference_column,
         batch_size=opts.batch_size,
         limit=opts.limit,
         offset=opts.offset,
@@ -379,6 +487,7 @@ async def arun_manifest(
             task_timeout_s=opts.task_timeout_s,
             retry=opts.retry,
             resubmit_unknown=opts.resubmit_unknown,
+            text_only_without_reference=opts.missing_reference == "text-only",
         )
         if receiver is not None:
             await receiver.start()
@@ -514,7 +623,7 @@ class _Run:
         total = 0
         per_row = self.opts.catalog.size if self.opts.catalog else 1
         for batch in self.reader.batches():
-            total += batch.height * per_row
+            total += lines_to_validate(batch).height * per_row
         self.total = total
 
     async def _jobs(self) -> AsyncIterator[Job]:
@@ -523,7 +632,7 @@ class _Run:
         name = self.reader.name
         while True:
             validated = await asyncio.to_thread(
-                _next_validated, batches, name, defaults, self.opts.catalog
+                _next_validated, batches, name, defaults, self.opts.catalog, self.reader.shown_as
             )
             if validated is None:
                 return
@@ -536,7 +645,9 @@ class _Run:
             queued_at = time.time()
             self._reject(rejections)
             duplicates: list[Rejection] = []
-            for planned in self.ledger.plan(rows, retry_failed=self.opts.retry_failed):
+            planned_rows = self.ledger.plan(rows, retry_failed=self.opts.retry_failed)
+            groups = self._products(planned_rows)
+            for planned in planned_rows:
                 row = planned.row
                 if planned.action is Action.DONE:
                     self.resumed += 1
@@ -544,19 +655,14 @@ class _Run:
                     self.counts[str(status)] += 1
                     self.earlier[str(status)] += 1
                 elif planned.action is Action.DUPLICATE:
-                    first = planned.duplicate_of or 0
-                    first_row = self.opts.catalog.label(first) if self.opts.catalog else None
+                    label = self.opts.catalog.label if self.opts.catalog else None
                     duplicates.append(
-                        Rejection(
-                            index=row.index,
-                            reason=(
-                                f"{name} {row.where}, column id: key {row.key!r} "
-                                f"repeats {first_row or f'row {first + 1}'}; each row needs "
-                                "its own id (or a different request)"
-                            ),
-                            column="id",
-                            key=row.key,
-                            prompt=row.request.prompt,
+                        duplicate_rejection(
+                            name,
+                            row,
+                            planned.duplicate_of or 0,
+                            label,
+                            self.reader.shown_as.get("id", "id"),
                         )
                     )
                 elif planned.action is Action.POLL:
@@ -572,8 +678,27 @@ class _Run:
                         ack_cost=planned.ack_cost,
                     )
                 else:
-                    yield Job(row, name, queued_at, attempts=planned.attempts)
+                    job = Job(row, name, queued_at, attempts=planned.attempts)
+                    if groups:
+                        job.group = row.index // self.opts.catalog.size  # type: ignore[union-attr]
+                        job.group_requests = groups[job.group]
+                    yield job
             self._reject(duplicates)
+
+    def _products(self, planned: list[Planned]) -> dict[int, tuple[ImageRequest, ...]]:
+        """Per product, the images this run submits, when a budget stops at whole products.
+
+        A batch holds every variation of its rows (``Catalog.validate``), so a product's
+        images are all here; those polled or done already were paid for before.
+        """
+        catalog = self.opts.catalog
+        if self.budget is None or catalog is None or catalog.size < 2:
+            return {}
+        groups: dict[int, list[ImageRequest]] = {}
+        for item in planned:
+            if item.action is Action.SUBMIT:
+                groups.setdefault(item.row.index // catalog.size, []).append(item.row.request)
+        return {product: tuple(requests) for product, requests in groups.items()}
 
     def _reject(self, rejections: list[Rejection]) -> None:
         if rejections:
@@ -608,6 +733,7 @@ class _Run:
             credits=round(self.credits, 2),
             elapsed_s=elapsed,
             eta_s=eta,
+            stopped="budget" if self.budget is not None and self.budget.stopped else None,
         )
 
     async def _report_progress(self) -> None:
@@ -661,6 +787,9 @@ class _Run:
         summary.counts = {str(status): counts.get(str(status), 0) for status in RowStatus}
         unfinished = counts.get("pending", 0) + counts.get("in_flight", 0)
         summary.counts[RowStatus.SKIPPED] += unfinished
+        merged = await asyncio.to_thread(_merged_lines, self.reader)
+        if merged:
+            summary.counts[MERGED_STATUS] = merged
         summary.total_rows = sum(summary.counts.values())
         fresh = max(0, summary.counts[RowStatus.SUCCEEDED] - self.earlier[RowStatus.SUCCEEDED])
         summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
@@ -679,13 +808,16 @@ class _Run:
             summary.errors = dict(stats.errors)
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
+        if self.budget is not None and self.budget.stopped:
+            summary.stopped = "budget"
         await attempt("run.json", lambda: write_run_json(sink, summary))  # type: ignore[arg-type]
         await attempt(
             "the run journal",
             lambda: self.ledger.update_run_info(
                 ended_at=summary.finished_at,
-                total=summary.total_rows,
+                total=summary.images_asked,
                 complete=unfinished == 0,
+                stopped=summary.stopped,
             ),
         )
         catalog = self.opts.catalog
@@ -696,6 +828,7 @@ class _Run:
                 summary,
                 axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
                 max_credits=self.opts.max_credits,
+                columns=self.opts.report_columns,
             ),
         )
         if self.on_progress is not None:
@@ -704,11 +837,40 @@ class _Run:
             raise failures[0]
 
 
-def _duplicate_reason(name: str, row: Row, first_index: int) -> str:
-    return (
-        f"{name} {row.where}, column id: key {row.key!r} repeats row {first_index + 1}; "
-        "each row needs its own id (or a different request)"
-    )
+def _export_options(
+    opts: RunOptions,
+    catalog: str | ExportSpec | None,
+    per: str | None,
+    reference_column: str | None,
+    missing_reference: str | None,
+) -> None:
+    """Apply the product-export keyword arguments of ``run_manifest`` to ``opts``."""
+    if catalog is not None:
+        opts.export = (
+            catalog if isinstance(catalog, ExportSpec) else ExportSpec(catalog, per or "product")
+        )
+    elif per is not None:
+        if opts.export is None:
+            raise ConfigError(
+                f"per={per!r} needs catalog='shopify' or 'woocommerce' (or a mapping): a "
+                "plain manifest already has one row per image"
+            )
+        opts.export = ExportSpec(opts.export.layout, per, opts.export.mapping)
+    if reference_column is not None:
+        opts.reference_column = reference_column
+    if missing_reference is not None:
+        opts.missing_reference = missing_reference
+    check_missing_reference(opts.missing_reference)
+
+
+def check_missing_reference(value: str) -> str:
+    """``fail`` or ``text-only``; anything else stops the run before it starts."""
+    if value not in MISSING_REFERENCE_CHOICES:
+        raise ConfigError(
+            f"--missing-reference {value!r} is not allowed; expected one of "
+            f"{', '.join(MISSING_REFERENCE_CHOICES)}"
+        )
+    return value
 
 
 def _earlier_duplicates(
@@ -722,16 +884,15 @@ def _earlier_duplicates(
         if first is None:
             kept.append(row)
             continue
-        moved.append(
-            Rejection(
-                index=row.index,
-                reason=_duplicate_reason(name, row, first),
-                column="id",
-                key=row.key,
-                prompt=row.request.prompt,
-            )
-        )
+        moved.append(duplicate_rejection(name, row, first))
     return kept, moved
+
+
+def _merged_lines(reader: ManifestReader) -> int:
+    """Input lines that make no image of their own (product exports), listed as merged."""
+    if MERGED_COLUMN not in reader.columns:
+        return 0
+    return sum(batch.get_column(MERGED_COLUMN).is_not_null().sum() for batch in reader.batches())
 
 
 def _is_a_share(opts: RunOptions) -> bool:
@@ -749,12 +910,16 @@ def _is_a_share(opts: RunOptions) -> bool:
 
 
 def _next_validated(
-    batches: Iterator[pl.DataFrame], name: str, defaults: Defaults, catalog: Catalog | None = None
+    batches: Iterator[pl.DataFrame],
+    name: str,
+    defaults: Defaults,
+    catalog: Catalog | None = None,
+    names: dict[str, str] | None = None,
 ) -> tuple[list[Row], list[Rejection]] | None:
     """Read and validate the next batch (in a worker thread: it is the CPU-heavy part)."""
     batch = next(batches, None)
     if batch is None:
         return None
     if catalog is not None:
-        return catalog.validate(batch, source_name=name, defaults=defaults)
-    return validate_batch(batch, source_name=name, defaults=defaults)
+        return catalog.validate(batch, source_name=name, defaults=defaults, names=names)
+    return validate_batch(batch, source_name=name, defaults=defaults, names=names)

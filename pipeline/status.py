@@ -256,7 +256,17 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
     in_flight = counts.pop("in_flight", 0)
     pending = counts.pop("pending", 0)
     note = None
-    if ended is not None:
+    if ended is not None and info.get("stopped") == "budget":
+        # Every row has an outcome, but the budget skipped some: not "finished".
+        state = "stopped: budget"
+        made = counts.get(str(RowStatus.SUCCEEDED), 0)
+        asked = sum(counts.get(str(status), 0) for status in RowStatus)
+        share = 100.0 * made / asked if asked else 100.0
+        note = (
+            f"--max-credits {info.get('max_credits')} stopped the run: {made:,} of {asked:,} "
+            f"images made ({share:.0f}%); rerun with a higher --max-credits to continue"
+        )
+    elif ended is not None:
         state = "finished" if info.get("complete") else "stopped"
         if state == "stopped":
             note = "the run ended before every row did; run the same command again to resume"

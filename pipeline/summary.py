@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from enum import IntEnum
 
-from pipeline.contract import RowStatus
+from pipeline.contract import MERGED_STATUS, RowStatus
 
 
 class ExitCode(IntEnum):
@@ -34,10 +34,17 @@ class ProgressSnapshot:
     credits: float
     elapsed_s: float
     eta_s: float | None
+    #: Why the run stops short of its rows (``budget``), once it does; None otherwise.
+    stopped: str | None = None
 
     @property
     def done(self) -> int:
         return sum(self.counts.values())
+
+    @property
+    def made_share(self) -> float:
+        """Images made as a share of the images asked for (what a budget stop leaves)."""
+        return self.counts.get(RowStatus.SUCCEEDED, 0) / self.total if self.total else 1.0
 
 
 @dataclass(slots=True)
@@ -71,6 +78,8 @@ class RunSummary:
     #: Rows whose image was copied from the library (``--library``): no submit, no cost.
     reused_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    #: ``budget`` when ``--max-credits`` stopped the run before every image was made.
+    stopped: str | None = None
 
     @property
     def elapsed_s(self) -> float:
@@ -81,11 +90,24 @@ class RunSummary:
         return self.counts.get(RowStatus.SUCCEEDED, 0)
 
     @property
+    def images_asked(self) -> int:
+        """Rows that ask for an image (lines merged into another's image do not)."""
+        return self.total_rows - self.counts.get(MERGED_STATUS, 0)
+
+    @property
+    def state(self) -> str:
+        """``finished``, or ``stopped: budget`` when the budget ended it early."""
+        return f"stopped: {self.stopped}" if self.stopped else "finished"
+
+    @property
     def exit_code(self) -> ExitCode:
-        return ExitCode.OK if self.succeeded == self.total_rows else ExitCode.PARTIAL
+        # Lines merged into another line's image (product exports) are not rows that failed.
+        done = self.succeeded + self.counts.get(MERGED_STATUS, 0)
+        return ExitCode.OK if done == self.total_rows else ExitCode.PARTIAL
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)
         data["elapsed_s"] = round(self.elapsed_s, 3)
         data["exit_code"] = int(self.exit_code)
+        data["state"] = self.state
         return data

@@ -9,14 +9,29 @@ Filling is plain substitution, never ``str.format``: format strings can reach at
 (``{x.__class__}``) and a manifest is untrusted input. Holes name columns, ``{{`` and ``}}``
 are literal braces, and a row whose cell for a hole is empty is rejected naming that column,
 because a prompt with a silent gap ("Studio photo of  in red") would still be paid for.
+
+Product exports are not written for prompts, so a hole can say more:
+
+- ``{Option1 Value?}``: optional; an empty cell leaves the hole out (and the spaces and
+  commas around it are tidied), instead of rejecting every product without options;
+- ``{color|neutral}``: a default for an empty cell;
+- ``{Body (HTML)|text}``: the cell's HTML as plain text (tags dropped, entities decoded,
+  paragraphs and list items become sentences), so no ``<p>`` is sent and paid for.
+  Filters and a default combine: ``{Body (HTML)|text|a ceramic pot}``.
+
+``markup_in`` finds markup that is still in a filled prompt; validate, the dry run and the
+report warn about it.
 """
 
 from __future__ import annotations
 
 import difflib
+import html
+import re
 import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from typing import Final
 
 import polars as pl
@@ -25,15 +40,47 @@ from pipeline.errors import ConfigError, ManifestError
 
 #: Where a template came from when a message needs to say so.
 FLAG: Final = "--prompt-template"
+#: Filters a hole may name after ``|``; anything else after ``|`` is the hole's default.
+FILTERS: Final = ("text",)
+
+#: An HTML/XML tag or a character entity: what a prompt should not carry to the API.
+_MARKUP: Final = re.compile(
+    r"</?[A-Za-z][A-Za-z0-9-]*(?:\s[^<>]*)?/?>"
+    r"|&(?:[A-Za-z][A-Za-z0-9]{1,9}|#[0-9]{1,7}|#[xX][0-9A-Fa-f]{1,6});"
+)
+#: Tags that end a sentence when HTML becomes text.
+_BLOCK_TAGS: Final = frozenset(
+    {"p", "div", "br", "li", "ul", "ol", "tr", "td", "th", "table", "section", "article"}
+    | {"blockquote", "dd", "dt", "hr", "h1", "h2", "h3", "h4", "h5", "h6"}
+)
+_SKIPPED_TAGS: Final = frozenset(("script", "style", "template", "head"))
+
+
+@dataclass(frozen=True, slots=True)
+class Hole:
+    """One ``{...}`` of a template: the column it reads and what to do with the cell."""
+
+    column: str
+    #: ``{column?}``: an empty cell leaves the hole out instead of rejecting the row.
+    optional: bool = False
+    #: ``{column|value}``: the text used when the cell is empty.
+    default: str | None = None
+    #: ``{column|text}``: the cell is HTML; send its plain text.
+    as_text: bool = False
+
+    @property
+    def required(self) -> bool:
+        """Whether an empty cell rejects the row."""
+        return not self.optional and self.default is None
 
 
 @dataclass(frozen=True, slots=True)
 class PromptTemplate:
-    """A parsed template: literal text and column holes, in order."""
+    """A parsed template: literal text and holes, in order."""
 
     text: str
-    #: Literal strings and ``(column,)`` tuples for holes, in template order.
-    parts: tuple[str | tuple[str], ...]
+    #: Literal strings and holes, in template order.
+    parts: tuple[str | Hole, ...]
     #: Each column named by a hole, once, in order of first use.
     fields: tuple[str, ...]
     source: str = FLAG
@@ -53,40 +100,28 @@ class PromptTemplate:
                 f"{source} {text!r}: {exc}; put column names in braces ({{title}}) and write "
                 "a literal brace as {{ or }}"
             ) from None
-        parts: list[str | tuple[str]] = []
+        parts: list[str | Hole] = []
         fields: list[str] = []
         for literal, name, spec, conversion in pieces:
             if literal:
                 parts.append(literal)
             if name is None:
                 continue
-            hole = (
-                "{"
-                + name
-                + ("!" + conversion if conversion else "")
-                + (":" + spec if spec else "")
-                + "}"
-            )
-            column = name.strip()
-            if not column or column.isdigit():
-                raise ConfigError(
-                    f"{source} {text!r}: {hole} does not name a column; write the column "
-                    "name in the braces, e.g. {title}"
-                )
-            if spec or conversion:
-                raise ConfigError(
-                    f"{source} {text!r}: {hole} has a format or conversion; write just "
-                    f"{{{column}}} (cells are used as they are written)"
-                )
-            parts.append((column,))
-            if column not in fields:
-                fields.append(column)
+            inner = name + ("!" + conversion if conversion else "") + (":" + spec if spec else "")
+            hole = _parse_hole(inner, text, source)
+            parts.append(hole)
+            if hole.column not in fields:
+                fields.append(hole.column)
         if not fields:
             raise ConfigError(
                 f"{source} {text!r} names no column, so every row would get the same prompt; "
                 "put column names in braces, e.g. 'Studio photo of {title}'"
             )
         return cls(text=text, parts=tuple(parts), fields=tuple(fields), source=source)
+
+    @property
+    def holes(self) -> tuple[Hole, ...]:
+        return tuple(part for part in self.parts if isinstance(part, Hole))
 
     def check_columns(
         self, columns: Sequence[str], axes: Iterable[str], manifest_name: str
@@ -105,24 +140,163 @@ class PromptTemplate:
             )
 
     def fill(self, batch: pl.DataFrame) -> tuple[pl.Series, dict[str, pl.Series]]:
-        """The filled prompt of every row, and per hole a mask of rows where it is empty.
+        """The filled prompt of every row, and per required hole a mask of rows where it is
+        empty.
 
-        A row with any empty hole gets a null prompt; the caller rejects it by the masks.
+        A row with any empty required hole gets a null prompt; the caller rejects it by the
+        masks. Optional holes that are empty leave no double spaces or stray commas behind.
         """
-        texts = {column: _as_text(batch, column) for column in self.fields}
-        missing = batch.select(
-            [(texts[c].is_null() | (texts[c] == "")).alias(c) for c in self.fields]
+        required: dict[str, pl.Expr] = {}
+        gaps: list[pl.Expr] = []
+        pieces: list[pl.Expr] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                pieces.append(pl.lit(part))
+                continue
+            cell = _as_text(batch, part.column)
+            if part.as_text:
+                cell = cell.map_elements(html_to_text, return_dtype=pl.String, skip_nulls=True)
+            empty = cell.is_null() | (cell == "")
+            if part.required:
+                previous = required.get(part.column)
+                required[part.column] = empty if previous is None else previous | empty
+                pieces.append(cell)
+            elif part.default is not None:
+                pieces.append(pl.when(empty).then(pl.lit(part.default)).otherwise(cell))
+            else:
+                gaps.append(empty)
+                pieces.append(pl.when(empty).then(pl.lit("")).otherwise(cell))
+        prompt = pl.concat_str(pieces)
+        if gaps:
+            prompt = pl.when(pl.any_horizontal(gaps)).then(_tidy(prompt)).otherwise(prompt)
+        frame = batch.select(
+            prompt.alias("__prompt"),
+            *(mask.alias(column) for column, mask in required.items()),
         )
-        pieces = [pl.lit(part) if isinstance(part, str) else texts[part[0]] for part in self.parts]
-        prompt = batch.select(pl.concat_str(pieces).alias("prompt")).get_column("prompt")
-        return prompt, {c: missing.get_column(c) for c in self.fields}
+        masks = {column: frame.get_column(column) for column in required}
+        return frame.get_column("__prompt").alias("prompt"), masks
 
     def missing_reason(self, where: str, column: str) -> str:
         """The rejection message for a row whose cell for ``column`` is empty."""
         return (
             f"{where}, column {column}: is empty, but the prompt template needs {{{column}}}; "
-            f"fill the cell or leave {{{column}}} out of {self.source}"
+            f"fill the cell, write {{{column}?}} to leave it out when empty or "
+            f"{{{column}|default}} for a default, or leave {{{column}}} out of {self.source}"
         )
+
+
+def _parse_hole(inner: str, text: str, source: str) -> Hole:
+    column, *options = inner.split("|")
+    column = column.strip()
+    optional = column.endswith("?")
+    if optional:
+        column = column[:-1].rstrip()
+    shown = "{" + inner + "}"
+    if not column or column.isdigit():
+        raise ConfigError(
+            f"{source} {text!r}: {shown} does not name a column; write the column "
+            "name in the braces, e.g. {title}"
+        )
+    if any(mark in column for mark in "!:"):
+        plain = re.split(r"[!:]", column, maxsplit=1)[0].strip()
+        raise ConfigError(
+            f"{source} {text!r}: {shown} has a format or conversion; write just "
+            f"{{{plain}}} (cells are used as they are written)"
+        )
+    as_text = False
+    default: str | None = None
+    for option in options:
+        if option.strip() in FILTERS and default is None:
+            as_text = True
+        elif default is None:
+            default = option
+        else:
+            raise ConfigError(
+                f"{source} {text!r}: {shown} has two defaults; write one, e.g. "
+                f"{{{column}|neutral}} (filters: {', '.join(FILTERS)})"
+            )
+    if optional and default is not None:
+        raise ConfigError(
+            f"{source} {text!r}: {shown} is optional (?) and has a default; use one: "
+            f"{{{column}?}} leaves it out when empty, {{{column}|{default}}} fills it in"
+        )
+    return Hole(column=column, optional=optional, default=default, as_text=as_text)
+
+
+def _tidy(prompt: pl.Expr) -> pl.Expr:
+    """A prompt whose optional holes were empty, without the gaps they leave."""
+    return (
+        prompt.str.replace_all(r"\(\s*\)|\[\s*\]", "")
+        .str.replace_all(r"\s+([,.;:!?])", "$1")
+        .str.replace_all(r"([,;:])(?:\s*[,;:])+", "$1")
+        .str.replace_all(r"\s{2,}", " ")
+        .str.strip_chars(" ,;:-")
+    )
+
+
+class _TextOfHtml(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[list[str]] = [[]]
+        self._skipping = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skipping += 1
+        elif tag in _BLOCK_TAGS:
+            self.blocks.append([])
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in _SKIPPED_TAGS:
+            self._skipping = max(0, self._skipping - 1)
+        elif tag in _BLOCK_TAGS:
+            self.blocks.append([])
+
+    def handle_data(self, data: str) -> None:
+        if not self._skipping:
+            self.blocks[-1].append(data)
+
+
+def html_to_text(markup: str) -> str:
+    """Plain text of an HTML fragment: what a person reads on the product page.
+
+    Tags go, entities are decoded, whitespace collapses, and each paragraph, list item or
+    line break ends a sentence (``<p>Blown clay</p><p>Made in Italy</p>`` becomes
+    ``Blown clay. Made in Italy``).
+    """
+    parser = _TextOfHtml()
+    parser.feed(markup)
+    parser.close()
+    sentences: list[str] = []
+    for block in parser.blocks:
+        sentence = " ".join(html.unescape("".join(block)).split())
+        if sentence:
+            sentences.append(sentence)
+    out = ""
+    for sentence in sentences:
+        if out:
+            out += " " if out[-1] in ".!?:;," else ". "
+        out += sentence
+    return out
+
+
+def markup_in(prompt: str | None) -> str | None:
+    """The first tag or entity in a prompt (``<p>``, ``&amp;``), or None when it has none."""
+    if not prompt:
+        return None
+    found = _MARKUP.search(prompt)
+    return found.group(0) if found else None
+
+
+def markup_warning(where: str, prompt: str) -> str | None:
+    """The warning for a filled prompt that still holds markup, or None."""
+    found = markup_in(prompt)
+    if found is None:
+        return None
+    return (
+        f"{where}: the prompt still contains markup ({found!r}), which is sent and paid for "
+        "as text; fill it with {COLUMN|text} to send plain text"
+    )
 
 
 def _as_text(batch: pl.DataFrame, column: str) -> pl.Expr:

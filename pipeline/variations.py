@@ -36,8 +36,14 @@ import polars as pl
 from pipeline import contract
 from pipeline.errors import ConfigError
 from pipeline.keys import safe_key
-from pipeline.manifest import KNOWN_COLUMNS, Defaults, ManifestReader, validate_batch
-from pipeline.reserved import INDEX_COLUMN, PRODUCT_INDEX_COLUMN, WORKING_COLUMNS
+from pipeline.manifest import (
+    KNOWN_COLUMNS,
+    Defaults,
+    ManifestReader,
+    lines_to_validate,
+    validate_batch,
+)
+from pipeline.reserved import INDEX_COLUMN, MERGED_COLUMN, PRODUCT_INDEX_COLUMN, WORKING_COLUMNS
 from pipeline.rows import Rejection, Row
 from pipeline.templates import PromptTemplate
 
@@ -290,13 +296,20 @@ class Catalog:
     # --- validation ------------------------------------------------------------------------
 
     def validate(
-        self, batch: pl.DataFrame, *, source_name: str, defaults: Defaults
+        self,
+        batch: pl.DataFrame,
+        *,
+        source_name: str,
+        defaults: Defaults,
+        names: Mapping[str, str] | None = None,
     ) -> tuple[list[Row], list[Rejection]]:
         """``validate_batch`` for every variation of every row of ``batch``.
 
-        Variation-major: every row gets its first variation before any gets its second,
-        so a run cut short by a budget still covers the whole catalog once.
+        Product-major: a row's variations come together, in matrix order, so the run
+        makes a product's whole matrix before it starts the next and a budget stops at
+        whole products.
         """
+        batch = lines_to_validate(batch)
         if batch.height == 0:
             return [], []
         size = self.size
@@ -322,7 +335,9 @@ class Catalog:
             rejections: list[Rejection] = []
             if self.template is not None:
                 frame, rejections = self._fill(frame, variation, source_name)
-            rows, invalid = validate_batch(frame, source_name=source_name, defaults=defaults)
+            rows, invalid = validate_batch(
+                frame, source_name=source_name, defaults=defaults, names=names
+            )
             rejections += invalid
             if self.matrix is None:
                 all_rows += rows
@@ -333,6 +348,8 @@ class Catalog:
                 all_rows.append(dataclasses.replace(row, index=index, label=self.label(index)))
             for rejection in rejections:
                 all_rejections.append(self._relabel(rejection, variation, source_name, size))
+        if self.matrix is not None:
+            all_rows.sort(key=lambda row: row.index)
         return all_rows, all_rejections
 
     def _fill(
@@ -382,7 +399,9 @@ class Catalog:
     ) -> Iterator[tuple[list[Row], list[Rejection]]]:
         """``manifest.iter_rows`` through this catalog."""
         for batch in reader.batches():
-            yield self.validate(batch, source_name=reader.name, defaults=defaults)
+            yield self.validate(
+                batch, source_name=reader.name, defaults=defaults, names=reader.shown_as
+            )
 
     # --- output manifest -------------------------------------------------------------------
 
@@ -408,6 +427,16 @@ class Catalog:
         size = self.size
         product = pl.col(INDEX_COLUMN)
         copies: list[pl.DataFrame] = []
+        if MERGED_COLUMN in batch.columns:
+            # A line that makes no image (an image-only line of a product export) is listed
+            # once, not once per variation.
+            merged = batch.filter(pl.col(MERGED_COLUMN).is_not_null())
+            batch = batch.filter(pl.col(MERGED_COLUMN).is_null())
+            copies.append(
+                merged.with_columns(
+                    product.alias(PRODUCT_INDEX_COLUMN), (product * size).alias(INDEX_COLUMN)
+                )
+            )
         for variation in self.matrix.variations:
             overrides = [
                 pl.lit(value, dtype=pl.String).alias(column)

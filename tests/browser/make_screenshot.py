@@ -1,6 +1,6 @@
 """Regenerate docs/report.png: the README's catalog demo run, its report in Chromium.
 
-    .venv/bin/python tests/browser/make_screenshot.py [OUT_DIR]
+    .venv/bin/python tests/browser/make_screenshot.py [OUT_DIR] [--shopify]
 
 Runs the demo (the example catalog, a prompt template, 3 styles x 2 aspect ratios) on the
 bundled simulator, opens ``OUT_DIR/report.html`` in headless Chromium and stores the top of
@@ -19,10 +19,12 @@ from cdp import Browser, find_chromium
 from PIL import Image
 
 from pipeline import run_manifest
+from pipeline.run import RunOptions
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = "{style} product photo of a {color} {title} in {material}"
 VARY = ["style=studio,lifestyle,outdoor", "aspect_ratio=square_1_1,portrait_2_3"]
+SHOP_TEMPLATE = "{style} product photo of {Title} {Option1 Value?}, {Body (HTML)|text}"
 
 
 async def _shot(url: str, width: int, height: int) -> bytes:
@@ -39,18 +41,35 @@ async def _shot(url: str, width: int, height: int) -> bytes:
 
 
 def main() -> None:
-    out = Path(sys.argv[1] if len(sys.argv) > 1 else tempfile.mkdtemp(prefix="klein-demo-"))
-    summary = run_manifest(
-        REPO / "manifests" / "examples" / "catalog.csv",
-        out,
-        sim=True,
-        prompt_template=TEMPLATE,
-        vary=VARY,
-    )
+    args = [arg for arg in sys.argv[1:] if arg != "--shopify"]
+    out = Path(args[0] if args else tempfile.mkdtemp(prefix="klein-demo-"))
+    if "--shopify" in sys.argv[1:]:
+        # docs/report-shopify.png: the README's Shopify export walk-through, stopped by its
+        # budget after whole products.
+        summary = run_manifest(
+            REPO / "tests" / "data" / "exports" / "shopify_products.csv",
+            out,
+            sim=True,
+            catalog="shopify",
+            per="product",
+            prompt_template=SHOP_TEMPLATE,
+            vary=["style=studio,lifestyle,outdoor"],
+            max_credits=10,
+            options=RunOptions(report_columns=("Variant SKU", "Variant Price")),
+        )
+        target = REPO / "docs" / "report-shopify.png"
+    else:
+        summary = run_manifest(
+            REPO / "manifests" / "examples" / "catalog.csv",
+            out,
+            sim=True,
+            prompt_template=TEMPLATE,
+            vary=VARY,
+        )
+        target = REPO / "docs" / "report.png"
     print(summary.counts, f"{summary.credits:.2f} credits")
     png = asyncio.run(_shot((out / "report.html").resolve().as_uri(), 1200, 1050))
     image = Image.open(io.BytesIO(png)).convert("RGB").quantize(colors=256)
-    target = REPO / "docs" / "report.png"
     image.save(target, optimize=True)
     print(f"wrote {target} ({target.stat().st_size:,} bytes)")
 

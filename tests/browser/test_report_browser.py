@@ -30,7 +30,8 @@ PROBE = """
     images: images.length,
     rendered: images.filter((i) => i.complete && i.naturalWidth > 0).length,
     firstVisible: images.length > 0 && images[0].naturalWidth,
-    problems: [...document.querySelectorAll('#failures tr')].slice(1).map((r) => r.innerText),
+    // The row-by-row list is folded under the grouped reasons: read its text.
+    problems: [...document.querySelectorAll('#failures tr')].slice(1).map((r) => r.textContent),
     charts: document.querySelectorAll('.charts svg rect.bar').length,
     external: document.querySelectorAll('script, link, [src^="http"], [href^="http"]').length,
     hover: document.querySelector('#sheet figure').getAttribute('title'),

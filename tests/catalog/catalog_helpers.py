@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +28,13 @@ def fast_sim(**changes: Any) -> SimConfig:
     return config
 
 
-def run(manifest: Any, out: Path, sim: SimServer, **kwargs: Any) -> RunSummary:
+def run(
+    manifest: Any, out: Path, sim: SimServer, *, options: RunOptions | None = None, **kwargs: Any
+) -> RunSummary:
     """A run against ``sim`` with quick polling (the engine's first poll is learned)."""
-    options = RunOptions(expected_latency_s=0.05, progress_interval_s=0.05)
+    options = options or RunOptions()
+    options.expected_latency_s = 0.05
+    options.progress_interval_s = 0.05
     return run_manifest(
         manifest,
         out,
@@ -55,3 +61,13 @@ def accepted(sim: SimServer) -> int:
 
 def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("FREEPIK_API_KEY", "BFL_API_KEY")}
+
+
+KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
+
+
+def klein(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """``klein-batch ARGS`` as a user types it, without any API key in its environment."""
+    return subprocess.run(
+        [KLEIN_BATCH, *args], capture_output=True, text=True, env=clean_env(), cwd=cwd, timeout=120
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -101,3 +102,40 @@ def test_a_dry_run_into_a_stopped_output_prices_what_the_rerun_sends(
     rerun = run(manifest, out, sim, max_credits=100.0)
     assert accepted(sim) - before == 4
     assert rerun.credits == pytest.approx(4.2)
+
+
+def test_a_budget_stops_at_whole_products_and_says_stopped_budget(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """4 products x 3 styles at 1.05 each: 7 credits make two whole products, not 6 halves."""
+    rows = pl.DataFrame(
+        {"id": [f"p{i}" for i in range(4)], "title": [f"mug {i}" for i in range(4)]}
+    )
+    out = tmp_path / "out"
+    summary = run(
+        rows,
+        out,
+        sim,
+        prompt_template="{title}, {style}",
+        vary=["style=studio,loft,garden"],
+        max_credits=7.0,
+    )
+    assert summary.counts["succeeded"] == 6 and summary.counts["skipped"] == 6
+    assert summary.stopped == "budget" and summary.state == "stopped: budget"
+    done = output(out)
+    per_product = (
+        done.group_by("row")
+        .agg((pl.col("status") == "succeeded").sum().alias("made"))
+        .sort("row")["made"]
+        .to_list()
+    )
+    assert sorted(per_product) == [0, 0, 3, 3]  # whole products only
+    skipped = done.filter(pl.col("status") == "skipped")["reason"].to_list()
+    assert all("this product's images cost 3.15 together" in reason for reason in skipped)
+    assert json.loads((out / "run.json").read_text())["state"] == "stopped: budget"
+    status = subprocess.run(
+        [KLEIN_BATCH, "status", str(out)], capture_output=True, text=True, env=clean_env()
+    )
+    assert status.returncode == 1
+    assert f"{out}: stopped: budget" in status.stdout
+    assert "stopped the run: 6 of 12 images made (50%)" in status.stdout

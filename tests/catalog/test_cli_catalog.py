@@ -2,19 +2,9 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-from catalog_helpers import clean_env
-
-KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
-
-
-def _klein(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [KLEIN_BATCH, *args], capture_output=True, text=True, env=clean_env(), cwd=cwd, timeout=120
-    )
+from catalog_helpers import klein as _klein
 
 
 def test_config_file_settings_reach_the_dry_run(products: Path, tmp_path: Path) -> None:

@@ -164,7 +164,9 @@ def test_status_of_a_budget_stopped_run_counts_images_not_skipped_rows(
 
     status = read_status(out)
 
-    assert status.state == "finished"  # every row has its outcome; skipped ones say why
+    # Every row has its outcome, but the budget skipped some: "stopped: budget", not finished.
+    assert status.state == "stopped: budget"
+    assert "2 of 8 images made (25%)" in (status.note or "")
     made = json.loads((out / "run.json").read_text())
     # Both are images over the run's time: 2 images, whatever the 6 skipped rows did.
     assert status.images_per_s * status.elapsed_s == pytest.approx(2, rel=0.05)

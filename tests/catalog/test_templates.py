@@ -11,7 +11,7 @@ from catalog_helpers import output, run
 from pipeline.errors import ConfigError
 from pipeline.manifest import Defaults, ManifestReader
 from pipeline.sim import SimServer
-from pipeline.templates import PromptTemplate
+from pipeline.templates import PromptTemplate, html_to_text, markup_in
 from pipeline.variations import Catalog
 
 
@@ -49,7 +49,8 @@ def test_a_row_missing_a_field_is_rejected_naming_field_row_and_column(
     assert rows["status"].to_list() == ["succeeded", "rejected", "rejected"]
     assert rows["reason"][1] == (
         "gaps.csv row 2, column color: is empty, but the prompt template needs {color}; "
-        "fill the cell or leave {color} out of --prompt-template"
+        "fill the cell, write {color?} to leave it out when empty or {color|default} for a "
+        "default, or leave {color} out of --prompt-template"
     )
     assert rows["reason"][2].startswith("gaps.csv row 3, column title: is empty")
     assert rows["key"].to_list() == ["mug-red", "mug-none", "bag"]
@@ -112,3 +113,53 @@ def test_a_template_can_build_on_the_prompt_column(tmp_path: Path) -> None:
         "red mug, outdoor",
         "red mug, studio",
     ]
+
+
+# --- optional holes, defaults, HTML as text ---------------------------------------------------
+
+
+def test_optional_holes_defaults_and_html_as_text(tmp_path: Path, sim: SimServer) -> None:
+    manifest = tmp_path / "shop.csv"
+    manifest.write_text(
+        "id,title,size,color,body\n"
+        'pot,Clay pot,Large,,"<p>Blown clay &amp; <b>glaze</b></p><ul><li>10 cm</li></ul>"\n'
+        "pick,Guitar pick,,red,\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    summary = run(
+        manifest,
+        out,
+        sim,
+        prompt_template="Photo of a {title} ({size?}), {color|neutral} tone, {body?|text}",
+    )
+    assert summary.counts["succeeded"] == 2
+    prompts = output(out).sort("row")["prompt"].to_list()
+    assert prompts == [
+        "Photo of a Clay pot (Large), neutral tone, Blown clay & glaze. 10 cm",
+        # Empty optional holes leave no "()", double spaces or dangling comma behind.
+        "Photo of a Guitar pick, red tone",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{color?|red}", "is optional (?) and has a default; use one"),
+        ("{color|red|blue}", "has two defaults"),
+        ("{?}", "does not name a column"),
+    ],
+)
+def test_bad_optional_and_default_holes(text: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PromptTemplate.parse(text)
+    assert message in str(caught.value)
+
+
+def test_html_to_text_and_markup_detection() -> None:
+    assert html_to_text("<p>One</p><p>Two!</p><br>Three &mdash; four<script>x()</script>") == (
+        "One. Two! Three \u2014 four"
+    )
+    assert markup_in("a <p>mug</p>") == "<p>"
+    assert markup_in("cups &amp; saucers") == "&amp;"
+    assert markup_in("R&D tested, 3 < 4 > 2") is None

@@ -124,9 +124,11 @@ def test_rejections_name_the_variation(tmp_path: Path, sim: SimServer) -> None:
     rejected = output(out).filter(pl.col("status") == "rejected").sort("variation")
     assert rejected["reason"].to_list() == [
         "m.csv row 2, variation x, column color: is empty, but the prompt template needs "
-        "{color}; fill the cell or leave {color} out of --prompt-template",
+        "{color}; fill the cell, write {color?} to leave it out when empty or {color|default} "
+        "for a default, or leave {color} out of --prompt-template",
         "m.csv row 2, variation y, column color: is empty, but the prompt template needs "
-        "{color}; fill the cell or leave {color} out of --prompt-template",
+        "{color}; fill the cell, write {color?} to leave it out when empty or {color|default} "
+        "for a default, or leave {color} out of --prompt-template",
     ]
     assert rejected["key"].to_list() == ["b--x", "b--y"]
     assert rejected["row"].to_list() == [2, 2]

@@ -88,15 +88,16 @@ def test_validate_bad_manifest_names_row_column_and_allowed(catalog: Path) -> No
     assert code == 1
     assert "Traceback" not in out + err
     assert "bad.csv: 8 rows checked" in out
-    assert "valid       3" in out and "rejected    5" in out
+    # The duplicate of a1 is rejected, as the run rejects it (same verdict, same words).
+    assert "valid       2" in out and "rejected    6" in out
     assert "bad.csv row 2, column aspect_ratio: 'square_9_9' is not allowed; expected one of" in out
     assert "bad.csv row 3, column prompt:" in out
     assert "bad.csv row 5, column seed: '-3' is not allowed" in out
     assert "bad.csv row 6, column input_image: reference 'shots/missing.png':" in out
     assert "not found" in out
     assert "bad.csv row 7, column input_image: reference 'shots/broken.png':" in out
-    assert "duplicates  1" in out
-    assert "bad.csv row 4: key 'a1' already used by an earlier row" in out
+    assert "of which 1 repeat an earlier row's key" in out
+    assert "bad.csv row 4, column id: key 'a1' repeats row 1; each row needs its own id" in out
     assert "1 URL uses not fetched" in out
     # Only the two unique valid rows (a1 and a8) are paid for.
     assert "To send: 2 images" in out

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import polars as pl
 import pytest
-from flow_helpers import PROMPTS, write_catalog
+from flow_helpers import PROMPTS, moto_bucket, write_catalog
 
+from pipeline import s3
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -72,3 +76,63 @@ async def test_the_second_night_of_a_flow_copies_from_the_library(
     assert done.filter(pl.col("reused_from").is_null())["row"].to_list() == [12]
     images = {path.name for path in (tmp_path / "night-2" / "images").iterdir()}
     assert images == {Path(uri).name for uri in done["output_uri"]}
+
+
+@pytest.fixture
+def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    with moto_bucket(
+        monkeypatch,
+        tmp_path / "work",
+        access="klein-flow-library-access",
+        secret="klein-flow-library-secret",
+        prefix="klein-flow-lib",
+    ) as name:
+        yield name
+
+
+async def test_a_flow_on_s3_copies_from_its_dated_default_library_inside_s3(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flows.catalog import generate_catalog
+
+    monkeypatch.setenv("FREEPIK_API_KEY", SECRET)
+    rows = [(f"s{n}", f"{PROMPTS[n % len(PROMPTS)]} #{n}", f"SKU{n}") for n in range(9)]
+    client = s3.client()
+    client.put_object(
+        Bucket=bucket,
+        Key="in/catalog.csv",
+        Body=write_catalog(tmp_path / "catalog.csv", rows).read_bytes(),
+    )
+    common = {"tier": None, "max_active": 8, "shard_size": 4, "parallel_shards": 2}
+    async with SimServer(sim_config()) as sim:
+        first = await generate_catalog(
+            f"s3://{bucket}/in/catalog.csv",
+            f"s3://{bucket}/nightly/{{date}}",
+            api_url=sim.url,
+            return_state=True,
+            **common,
+        )
+        assert first.is_completed(), first.message
+        # The next night, into another dated folder: the default library is the same one.
+        second = await generate_catalog(
+            f"s3://{bucket}/in/catalog.csv",
+            f"s3://{bucket}/nightly/{{date}}-again",
+            api_url=sim.url,
+            return_state=True,
+            **common,
+        )
+        assert second.is_completed(), second.message
+        accepted = sim.stats()["keys"]["flow"]["submits_accepted"]
+    assert accepted == 9, "the second night sent submits"
+    out = (await second.result())["output"].removeprefix(f"s3://{bucket}/")
+    body = client.get_object(Bucket=bucket, Key=f"{out}/manifest.parquet")["Body"].read()
+    done = pl.read_parquet(io.BytesIO(body))
+    assert done["status"].to_list() == ["succeeded"] * 9
+    assert all(
+        uri.startswith(f"s3://{bucket}/nightly/library/objects/") for uri in done["reused_from"]
+    )
+    assert done["cost_credits"].sum() == 0
+    for record in done.iter_rows(named=True):
+        key = record["output_uri"].removeprefix(f"s3://{bucket}/")
+        image = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert hashlib.sha256(image).hexdigest() == record["sha256"]

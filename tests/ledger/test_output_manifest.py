@@ -111,7 +111,17 @@ async def test_one_row_per_input_row_with_the_documented_schema(
     assert uri == str((tmp_path / "dest" / "manifest.parquet").resolve())
     parquet = pq.ParquetFile(uri)
     schema = parquet.schema_arrow
-    assert schema.names == [*FIXED_COLUMNS, "sku", "category", "input_status"]
+    # Every input column as it came, id included; names the fixed columns use get input_.
+    assert schema.names == [
+        *FIXED_COLUMNS,
+        "id",
+        "input_prompt",
+        "input_aspect_ratio",
+        "input_seed",
+        "sku",
+        "category",
+        "input_status",
+    ]
     for field in FIXED_SCHEMA:
         assert schema.field(field.name).type == field.type, field.name
     assert parquet.metadata.num_row_groups == 3  # batches of 2, 2 and 1 rows
@@ -130,6 +140,10 @@ async def test_one_row_per_input_row_with_the_documented_schema(
     ]
     assert out["sku"].to_list() == ["SKU-001", "00123", "SKU-003", "SKU-004", "SKU-005"]
     assert out["input_status"].to_list() == ["active", "active", "retired", "active", "draft"]
+    # The catalog's own id joins back; cells are as the input had them (seed empty: null).
+    assert out["id"].to_list() == ["mug-1", "mug-2", "bad", "mug-1", "mug-5"]
+    assert out["input_aspect_ratio"].to_list()[2] == "square_9_9"
+    assert out["input_seed"].to_list()[:2] == ["", "7"]
 
     first, flying, bad, dup, failed = out.iter_rows(named=True)
     assert first["seed"] is not None and first["aspect_ratio"] == "square_1_1"
@@ -190,7 +204,14 @@ async def test_typed_extra_columns_keep_their_types(tmp_path: Path) -> None:
         _plan_all(ManifestReader(frame, batch_size=2), ledger)
         uri = await write_output_manifest(ManifestReader(frame, batch_size=2), ledger, sink)
     out = pl.read_parquet(uri)
-    assert out.columns[len(FIXED_COLUMNS) :] == ["price", "qty", "tags", "launched", "input_row"]
+    assert out.columns[len(FIXED_COLUMNS) :] == [
+        "input_prompt",
+        "price",
+        "qty",
+        "tags",
+        "launched",
+        "input_row",
+    ]
     for name, out_name in [("price", "price"), ("qty", "qty"), ("tags", "tags")]:
         assert out[out_name].dtype == frame[name].dtype
         assert out[out_name].to_list() == frame[name].to_list()

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
-from library_helpers import check_library, open_library
+from library_helpers import check_library, library_images, open_library
 from pipeline_helpers import (
     SIM_KEY,
     check_output,
@@ -127,7 +127,7 @@ def _object_of(library: Path, sha256: str) -> str:
     """The fingerprint of the library image with these bytes."""
     import hashlib
 
-    for image in (library / "objects").rglob("*.jpg"):
+    for image in library_images(library):
         if hashlib.sha256(image.read_bytes()).hexdigest() == sha256:
             return image.stem
     raise AssertionError(f"no library image with sha256 {sha256}")

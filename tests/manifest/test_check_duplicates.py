@@ -42,11 +42,18 @@ def test_dry_run_counts_duplicates_in_later_batches() -> None:
     )
     report = check_manifest(frame, defaults=Defaults(), batch_size=2)
     assert report.total == 9
-    assert report.valid == 9
+    # A run rejects a row whose key an earlier row has; validate says so, in the run's words.
+    assert report.valid == 6
     assert report.duplicates == 3
-    assert [text.split(":")[0] for text in report.duplicate_examples] == [
-        f"{report.source} row 5",
-        f"{report.source} row 7",
-        f"{report.source} row 9",
+    assert report.rejected == 3
+    assert report.rejections["id"].count == 3
+    assert report.rejections["id"].examples == [
+        f"{report.source} row 5, column id: key 'a' repeats row 1; each row needs its own id "
+        "(or a different request)",
+        f"{report.source} row 7, column id: key 'c' repeats row 3; each row needs its own id "
+        "(or a different request)",
+        f"{report.source} row 9, column id: key 'f' repeats row 8; each row needs its own id "
+        "(or a different request)",
     ]
+    assert int(report.exit_code) == 1
     assert sum(report.by_preset.values()) == 6

@@ -1,0 +1,241 @@
+"""Shop exports run as the shop writes them: Shopify and WooCommerce product CSVs, a mapping.
+
+The fixtures in tests/data/exports are shaped like the platforms' own exports: Shopify's
+full product CSV header (Handle-grouped product, variant and image lines, the
+``Title``/``Default Title`` placeholder option) and WooCommerce's exporter columns (a
+variable product and its variations, simple, grouped and external products, a UTF-8 BOM).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import pytest
+from catalog_helpers import accepted, klein, output, run
+
+from pipeline.check import check_manifest
+from pipeline.errors import ConfigError, ManifestError
+from pipeline.manifest import Defaults
+from pipeline.product_exports import ExportSpec, open_manifest
+from pipeline.sim import SimServer
+from pipeline.variations import Catalog
+
+EXPORTS = Path(__file__).resolve().parents[1] / "data" / "exports"
+SHOPIFY = EXPORTS / "shopify_products.csv"
+WOO = EXPORTS / "woocommerce_products.csv"
+SHOP_TEMPLATE = "Studio photo of {Title} {Option1 Value?} {Option2 Value?}, {Body (HTML)|text}"
+
+
+def _lines(path: Path) -> int:
+    return pl.read_csv(path, infer_schema=False).height
+
+
+def test_shopify_per_product_one_image_per_handle_every_line_accounted(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    out = tmp_path / "out"
+    summary = run(
+        SHOPIFY, out, sim, catalog="shopify", per="product", prompt_template=SHOP_TEMPLATE
+    )
+    rows = output(out).sort("row")
+    assert rows.height == _lines(SHOPIFY) == 10
+    assert rows["row"].to_list() == list(range(1, 11))
+    made = rows.filter(pl.col("status") == "succeeded")
+    assert made["key"].to_list() == [
+        "clay-plant-pot",
+        "ocean-blue-shirt",
+        "red-sports-tee",
+        "guitar-pick",
+        "copper-light",
+    ]
+    assert accepted(sim) == 5
+    # Variant and image lines are merged into their product, each saying so.
+    merged = rows.filter(pl.col("status") == "merged")
+    assert merged["row"].to_list() == [2, 3, 6, 7, 10]
+    assert merged["reason"][0] == (
+        "shopify_products.csv row 2: variant Large of 'clay-plant-pot', merged into its "
+        "product (row 1): --per product makes one image per product"
+    )
+    assert merged["reason"][1].startswith(
+        "shopify_products.csv row 3: image 3 of 'clay-plant-pot', an image line"
+    )
+    # Plain text from Body (HTML), no placeholder option, no empty-hole gaps.
+    prompts = dict(zip(made["key"], made["prompt"], strict=True))
+    assert prompts["ocean-blue-shirt"] == (
+        "Studio photo of Ocean Blue Shirt, Ocean blue cotton shirt with a narrow collar and "
+        "buttons down the front & long sleeves. 100% cotton. Machine wash"
+    )
+    assert prompts["clay-plant-pot"] == (
+        "Studio photo of Clay Plant Pot Regular, Classic blown clay pot for plants"
+    )
+    assert not any("Default Title" in p or "<" in p for p in made["prompt"].to_list())
+    # Every input column as it came, the Handle included, for joining back.
+    assert rows.columns[-48:][0] == "Handle" and rows.columns[-1] == "Status"
+    assert rows["Variant SKU"].to_list()[:2] == ["POT-REG", "POT-LRG"]
+    # Merged lines do not make a run partial.
+    assert summary.counts["merged"] == 5 and int(summary.exit_code) == 0
+
+
+def test_shopify_per_variant_fills_product_fields_down(tmp_path: Path, sim: SimServer) -> None:
+    out = tmp_path / "out"
+    run(SHOPIFY, out, sim, catalog="shopify", per="variant", prompt_template=SHOP_TEMPLATE)
+    rows = output(out).sort("row")
+    made = rows.filter(pl.col("status") == "succeeded")
+    assert made["key"].to_list() == [
+        "clay-plant-pot.regular",
+        "clay-plant-pot.large",
+        "ocean-blue-shirt",
+        "red-sports-tee.s.red",
+        "red-sports-tee.m.red",
+        "red-sports-tee.l.red",
+        "guitar-pick",
+        "copper-light",
+    ]
+    # The variant lines had no Title or Body (HTML): filled down from their product's line.
+    assert made["prompt"][4] == (
+        "Studio photo of Red Sports Tee M Red, Women's red sporty t-shirt with colorful "
+        "details on the sleeves and a small white pocket."
+    )
+    assert rows.filter(pl.col("row") == 6)["Title"].to_list() == ["Red Sports Tee"]
+    merged = rows.filter(pl.col("status") == "merged")
+    assert merged["row"].to_list() == [3, 10]
+    assert merged["reason"][0].endswith("the product's images are made on rows 1, 2")
+
+
+def test_woocommerce_per_product_and_per_variant(tmp_path: Path, sim: SimServer) -> None:
+    template = "{Name}, {Attribute 1 value(s)|assorted colours}: {Description|text}"
+    run(WOO, tmp_path / "p", sim, catalog="woocommerce", per="product", prompt_template=template)
+    per_product = output(tmp_path / "p").sort("row")
+    assert per_product.height == 8
+    assert per_product.filter(pl.col("status") == "succeeded")["key"].to_list() == [
+        "woo-vneck-tee",
+        "woo-tshirt",
+        "woo-logo-collection",
+        "wp-pennant",
+        "woo-album",
+    ]
+    assert per_product.filter(pl.col("status") == "merged")["reason"][0] == (
+        "woocommerce_products.csv row 2: variation 'V-Neck T-Shirt - Red' merged into its "
+        "variable product (row 1): --per product makes one image per product"
+    )
+
+    run(WOO, tmp_path / "v", sim, catalog="woocommerce", per="variant", prompt_template=template)
+    per_variant = output(tmp_path / "v").sort("row")
+    made = per_variant.filter(pl.col("status") == "succeeded")
+    # The blue variation has no SKU: its parent's SKU and its attribute value name it.
+    assert made["key"].to_list()[:3] == [
+        "woo-vneck-tee-red",
+        "woo-vneck-tee-green",
+        "woo-vneck-tee.blue",
+    ]
+    # A variation's empty Description comes from its parent; HTML became text.
+    assert made["prompt"][0] == (
+        "V-Neck T-Shirt - Red, Red: Pellentesque habitant morbi tristique senectus et netus "
+        "et malesuada fames ac turpis egestas."
+    )
+    parent = per_variant.filter(pl.col("row") == 1)
+    assert parent["status"].to_list() == ["merged"]
+    assert parent["reason"][0].endswith("makes one image per variation (rows 2, 3, 4)")
+    # The shop's own ID and SKU columns come back as they were (ID is not the key's id).
+    assert per_variant["ID"].to_list()[:2] == ["44", "45"]
+
+
+def test_a_variation_without_its_parent_is_rejected_naming_the_column(tmp_path: Path) -> None:
+    broken = tmp_path / "orphans.csv"
+    text = WOO.read_text(encoding="utf-8-sig").replace("id:44", "id:999", 1)
+    broken.write_text(text, encoding="utf-8")
+    report = check_manifest(
+        broken,
+        defaults=Defaults(),
+        export=ExportSpec("woocommerce", "variant"),
+        catalog=Catalog.build(prompt_template="{Name}"),
+    )
+    assert report.rejections["(whole row)"].examples == [
+        "orphans.csv row 2, column Parent: 'id:999' names no product in this export; a "
+        "variation needs its variable product (id:NN or its SKU)"
+    ]
+
+
+def test_not_an_export_of_that_kind_is_one_clear_error(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.csv"
+    plain.write_text("id,prompt\na,a mug\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="no column 'Handle', so it is not a Shopify"):
+        open_manifest(plain, export=ExportSpec("shopify"))
+    with pytest.raises(ConfigError, match="--per 'colour' is not allowed"):
+        ExportSpec("shopify", "colour")
+
+
+def test_a_mapping_in_the_config_file_reads_any_pim_export(tmp_path: Path) -> None:
+    pim = tmp_path / "pim.csv"
+    pim.write_text(
+        "article,model,title,colour,picture\n"
+        "A-1,chair-oak,Oak chair,natural,\n"
+        "A-2,,,black,\n"
+        "B-1,lamp,Desk lamp,brass,\n",
+        encoding="utf-8",
+    )
+    config = tmp_path / "pim.toml"
+    config.write_text(
+        'prompt_template = "{title} in {colour}"\n'
+        "[catalog]\n"
+        'id_column = "article"\n'
+        'group_column = "model"\n'
+        'fill_down = ["title"]\n',
+        encoding="utf-8",
+    )
+    result = klein(
+        "run",
+        str(pim),
+        "--config",
+        str(config),
+        "--per",
+        "variant",
+        "--sim",
+        "--out",
+        str(tmp_path / "out"),
+        "--progress",
+        "off",
+    )
+    assert result.returncode == 0, result.stderr
+    rows = output(tmp_path / "out").sort("row")
+    assert rows["key"].to_list() == ["A-1", "A-2", "B-1"]
+    assert rows["prompt"].to_list() == [
+        "Oak chair in natural",
+        "Oak chair in black",
+        "Desk lamp in brass",
+    ]
+    assert rows["article"].to_list() == ["A-1", "A-2", "B-1"]
+
+
+def test_validate_reads_the_export_and_warns_about_markup(tmp_path: Path) -> None:
+    result = klein(
+        "validate",
+        str(SHOPIFY),
+        "--catalog",
+        "shopify",
+        "--prompt-template",
+        "{Title}: {Body (HTML)}",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "read as a Shopify export, one image per product; 5 input lines merged" in (
+        result.stdout
+    )
+    assert "Warning: 5 prompts still contain markup" in result.stdout
+    assert "shopify_products.csv row 1: the prompt still contains markup ('<p>')" in (result.stdout)
+
+
+def test_a_budget_stop_and_a_rerun_of_an_export_pay_each_image_once(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    out = tmp_path / "out"
+    kwargs = {"catalog": "shopify", "per": "variant", "prompt_template": SHOP_TEMPLATE}
+    first = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=5.0, **kwargs)
+    # 8 variants x 2 styles; 5 credits make two whole variants (4 images of 1.05).
+    assert first.state == "stopped: budget" and first.counts["succeeded"] == 4
+    second = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=100.0, **kwargs)
+    assert second.state == "finished" and second.counts["succeeded"] == 16
+    assert accepted(sim) == 16  # the first run's four were not sent again
+    rows = output(out)
+    assert rows.height == 16 + 2  # every (variant, style), and the two image-only lines
+    assert rows.filter(pl.col("status") == "merged").height == 2

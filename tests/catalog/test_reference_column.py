@@ -1,0 +1,157 @@
+"""Any column can be the reference; a reference that cannot be fetched now is not a verdict.
+
+An image server on 127.0.0.1 stands in for the shop's CDN: it answers 503 until the test
+lets it serve the image, as a CDN having a bad minute does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from catalog_helpers import output, run
+from PIL import Image
+
+from pipeline.run import RunOptions
+from pipeline.sim import SimServer
+from pipeline.summary import RunSummary
+
+
+class _Cdn:
+    """A tiny image server on an ephemeral port, in its own thread."""
+
+    def __init__(self) -> None:
+        buffer = io.BytesIO()
+        Image.new("RGB", (40, 30), (30, 120, 200)).save(buffer, "PNG")
+        self.image = buffer.getvalue()
+        self.healthy = False
+        self.requests = 0
+        self.url = ""
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        if not self.healthy:
+            return web.Response(status=503, text="busy")
+        return web.Response(body=self.image, content_type="image/png")
+
+    def _serve(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        app = web.Application()
+        app.router.add_get("/{name}", self._handle)
+        runner = web.AppRunner(app)
+        self._loop.run_until_complete(runner.setup())
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        self._loop.run_until_complete(site.start())
+        port = runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+        self._runner = runner
+        self._ready.set()
+        self._loop.run_forever()
+        self._loop.run_until_complete(runner.cleanup())
+
+    def __enter__(self) -> _Cdn:
+        self._thread.start()
+        self._ready.wait(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+
+@pytest.fixture
+def cdn() -> Iterator[_Cdn]:
+    with _Cdn() as server:
+        yield server
+
+
+def _run(manifest: Path, out: Path, sim: SimServer, **kwargs: object) -> RunSummary:
+    # The CDN stand-in is on 127.0.0.1, over plain http.
+    options = RunOptions(allow_private_urls=True, allow_http=True)
+    return run(manifest, out, sim, options=options, **kwargs)
+
+
+def _catalog(tmp_path: Path, cdn: _Cdn) -> Path:
+    path = tmp_path / "catalog.csv"
+    path.write_text(
+        "sku,title,Image Src\n"
+        f"mug,Blue mug,{cdn.url}/mug.png\n"
+        "cup,Blue cup,ftp://example.com/cup.png\n"
+        "jar,Glass jar,\n",
+        encoding="utf-8",
+    )
+    return path
+
+
+def test_unreachable_is_failed_and_retried_malformed_is_rejected(
+    tmp_path: Path, sim: SimServer, cdn: _Cdn
+) -> None:
+    manifest = _catalog(tmp_path, cdn)
+    out = tmp_path / "out"
+    _run(manifest, out, sim, prompt_template="{title}", reference_column="Image Src")
+    rows = output(out).sort("row")
+    assert rows["status"].to_list() == ["failed", "rejected", "succeeded"]
+    assert rows["reason"][0] == (
+        f"catalog.csv row 1, column Image Src: URL {cdn.url}/mug.png answered HTTP 503; "
+        "expected 200 with an image; --retry-failed tries again, --missing-reference "
+        "text-only generates from the prompt alone"
+    )
+    assert rows["reason"][1].startswith(
+        "catalog.csv row 2, column Image Src: 'ftp://example.com/cup.png' is not allowed"
+    )
+    # The column keeps its name and cells in the output manifest.
+    assert rows["Image Src"][0] == f"{cdn.url}/mug.png"
+    cdn.healthy = True
+    _run(manifest, out, sim, prompt_template="{title}", reference_column="Image Src")
+    assert output(out).sort("row")["status"].to_list()[0] == "failed"  # not without asking
+    _run(
+        manifest,
+        out,
+        sim,
+        prompt_template="{title}",
+        reference_column="Image Src",
+        retry_failed=True,
+    )
+    again = output(out).sort("row")
+    assert again["status"].to_list() == ["succeeded", "rejected", "succeeded"]
+    assert len(again["reference_digests"][0]) == 1 and again["reason"][0] is None
+
+
+def test_text_only_generates_without_the_reference_and_says_so(
+    tmp_path: Path, sim: SimServer, cdn: _Cdn
+) -> None:
+    manifest = _catalog(tmp_path, cdn)
+    out = tmp_path / "out"
+    summary = _run(
+        manifest,
+        out,
+        sim,
+        prompt_template="{title}",
+        reference_column="Image Src",
+        missing_reference="text-only",
+    )
+    rows = output(out).sort("row")
+    assert rows["status"].to_list() == ["succeeded", "rejected", "succeeded"]
+    assert rows["reference_digests"][0].to_list() == []
+    assert rows["reason"][0].startswith(
+        f"generated from the prompt alone: catalog.csv row 1, column Image Src: URL "
+        f"{cdn.url}/mug.png answered HTTP 503"
+    )
+    assert summary.counts["rejected"] == 1
+
+
+def test_reference_column_and_input_image_cannot_both_be_the_reference(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    manifest = tmp_path / "both.csv"
+    manifest.write_text("prompt,input_image,photo\na mug,a.png,b.png\n", encoding="utf-8")
+    with pytest.raises(Exception, match="also taken from column 'photo'"):
+        _run(manifest, tmp_path / "out", sim, reference_column="photo")

@@ -1,0 +1,43 @@
+"""validate and run give the same verdict on every row, in the same words."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+from catalog_helpers import output, run
+from PIL import Image
+
+from pipeline.check import check_manifest
+from pipeline.manifest import Defaults
+from pipeline.sim import SimServer
+from pipeline.variations import Catalog
+
+
+def test_validate_predicts_the_run_row_for_row(tmp_path: Path, sim: SimServer) -> None:
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(tmp_path / "green.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    manifest = tmp_path / "catalog.csv"
+    manifest.write_text(
+        "id,title,color,seed,input_image\n"
+        "a1,mug,red,,green.png\n"
+        "a2,mug,,,\n"  # template hole empty
+        "a1,cup,blue,,\n"  # repeats a1's key
+        "a4,jar,green,-3,\n"  # bad seed
+        "a5,bowl,white,,broken.png\n"  # unusable reference
+        "a6,vase,black,,missing.png\n"  # missing reference
+        "a7,lamp,brass,,\n",
+        encoding="utf-8",
+    )
+    template = "{title} in {color}"
+    report = check_manifest(
+        manifest, defaults=Defaults(), catalog=Catalog.build(prompt_template=template)
+    )
+    run(manifest, tmp_path / "out", sim, prompt_template=template)
+    rows = output(tmp_path / "out").sort("row")
+    rejected = rows.filter(pl.col("status") == "rejected")
+    assert report.rejected == rejected.height == 5
+    assert report.valid == rows.filter(pl.col("status") == "succeeded").height == 2
+    said = sorted(message for group in report.rejections.values() for message in group.examples)
+    assert said == sorted(rejected["reason"].to_list())
+    assert int(report.exit_code) == 1
