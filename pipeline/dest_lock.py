@@ -13,7 +13,9 @@ night's, or a `run` started by hand while the scheduled `flow` writes the same o
   renewing; once its lease is older than ``lease_s`` by the store's own clock (the
   object's ``Last-Modified`` against the answer's ``Date``: no trust in clocks of other
   machines), the next writer replaces it, again conditionally, so two machines never
-  both take it over. A writer whose renewal is refused has lost the lock and stops.
+  both take it over. A writer whose renewal is refused has lost the lock and stops. A
+  holder that ran on this machine (same host, boot and pid namespace) and whose process
+  is gone (kill -9) is taken over at once, without waiting for its lease.
 
 A second writer anywhere stops at once with ``DestinationBusy`` (exit 2) naming the
 holder: what it is (run or flow), its host, its pid and since when.
@@ -61,7 +63,40 @@ def _holder(kind: str) -> dict[str, Any]:
         "pid": os.getpid(),
         "since": datetime.now(UTC).isoformat(timespec="seconds"),
         "owner": uuid.uuid4().hex,
+        "machine": _machine(),
     }
+
+
+def _machine() -> str | None:
+    """This kernel boot and pid namespace: where a pid names one process, and only here."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+    return f"{boot}:{namespace}"
+
+
+def _dead_here(holder: dict[str, Any] | str) -> bool:
+    """The holder ran in this very pid namespace (same boot) and its process is gone.
+
+    Then a rerun on the same machine after a kill -9 need not wait for the lease. A
+    holder elsewhere (another host, container or boot) is judged by its lease alone.
+    """
+    if not isinstance(holder, dict) or holder.get("machine") is None:
+        return False
+    if holder.get("host") != socket.gethostname() or holder["machine"] != _machine():
+        return False
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 def describe(holder: dict[str, Any] | str) -> str:
@@ -195,20 +230,23 @@ class S3Lease:
             # the race to another writer doing the same.
             if self._put(s3, {"IfMatch": found["ETag"]}):
                 log.warning(
-                    "%s: took over the lock of %s, whose lease expired %.0f s ago",
+                    "%s: took over the lock of %s (%s)",
                     self.destination,
                     describe(holder),
-                    age - lease,
+                    f"its lease expired {age - lease:.0f} s ago"
+                    if age > lease
+                    else "its process on this machine is gone",
                 )
                 return
         raise _busy(self.destination, "a writer that keeps changing the lock")
 
     def _live(self, found: dict[str, Any]) -> tuple[dict[str, Any] | str, float, float]:
-        """(holder, lease, age) of a lock object; ``DestinationBusy`` while its lease runs."""
+        """(holder, lease, age) of a lock object; ``DestinationBusy`` while its lease runs
+        (unless its holder was a process of this machine that is gone: ``_dead_here``)."""
         holder = _parse_holder(found["Body"].read())
         lease = float(holder.get("lease_s", DEFAULT_LEASE_S)) if isinstance(holder, dict) else 0.0
         age = _age_s(found)
-        if age <= lease:
+        if age <= lease and not _dead_here(holder):
             raise _busy(self.destination, holder)
         return holder, lease, age
 
