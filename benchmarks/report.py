@@ -19,6 +19,8 @@ SOAK = Path(__file__).resolve().parent / "soak.json"
 SHARING = Path(__file__).resolve().parent / "sharing.json"
 #: Nights with an image library (``benchmarks/library.py``); left out while absent.
 LIBRARY = Path(__file__).resolve().parent / "library.json"
+#: The catalog deployment on two workers beside plain run (``benchmarks/flow_scale_out.py``).
+FLOW_SCALE_OUT = Path(__file__).resolve().parent / "flow_scale_out.json"
 SOAK_COMMAND = (
     "KLEIN_SOAK=1 KLEIN_SOAK_REPORT=benchmarks/soak.json "
     ".venv/bin/python -m pytest -s -p no:cacheprovider tests/chaos/test_soak.py"
@@ -268,6 +270,41 @@ def _library(library: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _flow_scale_out(figures: dict[str, Any]) -> list[str]:
+    """The deployment's utilization beside plain run's, pair by pair, with the load."""
+    lines = [
+        "## The catalog deployment on two workers, beside `klein-batch run`",
+        "",
+        "`benchmarks/flow_scale_out.py`: one simulated standard key (24 active tasks, median "
+        "task 1 s, p95 2.5 s), a 600-row manifest; plain `klein-batch run` and the "
+        "`nightly-catalog` deployment (parent flow run on a worker of a local Prefect server "
+        f"on {figures['prefect_database']}, shards of 150, two process workers running "
+        "`catalog-shard` runners, `flows/queue.py`) alternate on the same key. "
+        "**utilization** = the simulator's busy slot-seconds / (24 x wall): the plain run's "
+        "process wall time, the parent flow run's start-to-end. Issue 13 asks for a ratio of "
+        f"at least 0.9. Measured on {figures['cpus']} CPUs shared with other jobs (load "
+        f"averages below) with `.venv/bin/{figures['command']}`; RESULTS.md renders "
+        "`benchmarks/flow_scale_out.json`.",
+        "",
+        "| pair | load (1, 5, 15 min) | plain: wall s, utilization | deployment: wall s, "
+        "utilization | ratio | 429s plain / deployment | max active | paid twice | shards by "
+        "runner |",
+        "|---:|---|---|---|---:|---|---:|---:|---|",
+    ]
+    for number, pair in enumerate(figures["pairs"], start=1):
+        plain, flow = pair["plain_run"], pair["deployment"]
+        runners = ", ".join(f"{k} {v}" for k, v in sorted(flow["shards_by_runner"].items()))
+        lines.append(
+            f"| {number} | {pair['load_before']} | {plain['wall_s']:.1f}, "
+            f"{plain['utilization']:.3f} | {flow['wall_s']:.1f}, {flow['utilization']:.3f} "
+            f"| **{pair['ratio']:.3f}** | {plain['submits_refused_429']} / "
+            f"{flow['submits_refused_429']} | {max(plain['max_active'], flow['max_active'])} "
+            f"| {plain['duplicate_submits'] + flow['duplicate_submits']} | {runners} |"
+        )
+    lines.append("")
+    return lines
+
+
 def _load(path: Path, required: str | None = None) -> dict[str, Any] | None:
     """A benchmark's figures when its JSON file exists, is readable and has ``required``."""
     try:
@@ -421,6 +458,9 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
     library = _load(LIBRARY, "nights")
     if library:
         out += _library(library)
+    scale_out = _load(FLOW_SCALE_OUT, "pairs")
+    if scale_out:
+        out += _flow_scale_out(scale_out)
     soak = soak if soak is not None else load_soak()
     if soak:
         out += _soak(soak)

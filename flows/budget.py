@@ -8,6 +8,11 @@ for a round trip to the Prefect server. A shard whose worker dies gives its shar
 the lease expires (``LEASE_S``), without anyone cleaning up.
 
 The submit rate is a key-wide limit too, so each shard also gets ``k / L`` of it.
+
+That fixed split is for shards run in the flow's own process. A deployment's runners
+(``flows/queue.py``) each run with the whole budget and share it adaptively, since a share
+fixed for a shard's whole life leaves slots idle as soon as shards finish unevenly; there a
+running shard leases one slot, so the limit counts the shards on the key.
 """
 
 from __future__ import annotations

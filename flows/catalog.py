@@ -3,19 +3,28 @@
 ```python
 from flows.catalog import generate_catalog
 
-generate_catalog("catalog.parquet", "out/night", api_url="https://api.freepik.com",
-                 tier="standard", shard_size=5_000, api_key_block="freepik-api-key")
+from pipeline.spec import RunSpec
+
+spec = RunSpec(out="out/night", api_url="https://api.freepik.com", tier="standard")
+generate_catalog("catalog.parquet", spec, shard_size=5_000, api_key_block="freepik-api-key")
 ```
+
+Every option of ``klein-batch run`` reaches the flow as one ``spec`` parameter
+(``pipeline.spec.RunSpec``): the flow and its shards read it, and nothing here declares an
+option again.
 
 A Prefect task per shard, never per row: at a million rows a task per row would cost an
 hour of orchestration alone, while a shard of thousands of rows keeps one event loop, one
 HTTP session and one limiter busy. A shard that fails is retried by Prefect and resumes
 from its own ledger, so a retry never pays for an image twice.
 
-Shards run in this process (``parallel_shards`` at a time), or, with ``shard_deployment``,
-as sub-flows of the ``generate-catalog-shard`` deployment on a work pool: each worker runs
-whole shards, and every running shard leases its share of the API key's active tasks from a
-Prefect global concurrency limit once, for its whole life (see ``flows/budget.py``).
+Shards run in this process (``parallel_shards`` at a time, each leasing its share of the
+key from a Prefect global concurrency limit, ``flows/budget.py``), or, with
+``shard_deployment``, from a queue (``flows/queue.py``): this process and
+``parallel_shards - 1`` runner flow runs of the ``generate-catalog-shard`` deployment on a
+work pool each claim the next unfinished shard and run it with the whole key, shared
+adaptively; a runner's claim lapses when its worker dies and another runner resumes the
+shard, so the night ends by itself.
 
 ``python -m flows.catalog MANIFEST --out DEST [--sim]`` and ``klein-batch flow`` run it in
 Prefect's ephemeral mode (no server needed); see ``flows/cli.py``.
@@ -27,6 +36,7 @@ import asyncio
 import functools
 import inspect
 import json
+import logging
 import os
 import socket
 import sys
@@ -43,6 +53,7 @@ from pydantic import BaseModel, Field
 from flows import artifacts
 from flows.budget import DEFAULT_LIMIT_NAME, Share, ensure_limit, leased, share_of
 from flows.merge import MANIFEST_RELPATH, RUN_JSON_RELPATH, combine, merge_manifests, write_run_json
+from flows.queue import drain, forget_claims
 from flows.secrets import resolve_api_key
 from flows.shards import (
     DUPLICATES_RELPATH,
@@ -59,20 +70,13 @@ from flows.shards import (
     shard_folder,
 )
 from pipeline import dest_lock
-from pipeline.contract import (
-    DEFAULT_ASPECT_RATIO,
-    DEFAULT_OUTPUT_FORMAT,
-    DEFAULT_RESOLUTION,
-    DEFAULT_SAFETY,
-)
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
 from pipeline.library import library_for
-from pipeline.limits import resolve_tier
-from pipeline.manifest import Defaults
 from pipeline.output_manifest import refuse_own_output_as_input
-from pipeline.run import KEY_ENV, RunOptions, arun_manifest
+from pipeline.run import RunOptions, arun_manifest
+from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
 
 DEFAULT_API_URL = "https://api.freepik.com"
@@ -88,19 +92,6 @@ class ShardsFailed(KleinError):
     """Some shards did not finish after their retries; a rerun resumes them."""
 
 
-class ImageDefaults(BaseModel):
-    """Values for manifest cells left empty (the same as ``klein-batch run``'s flags)."""
-
-    aspect_ratio: str = DEFAULT_ASPECT_RATIO
-    resolution: str = DEFAULT_RESOLUTION
-    safety_tolerance: int = DEFAULT_SAFETY
-    output_format: str = DEFAULT_OUTPUT_FORMAT
-    seed: int | None = None
-
-    def to_defaults(self) -> Defaults:
-        return Defaults(**self.model_dump())
-
-
 class ShardJob(BaseModel):
     """Everything one shard needs, on whichever worker runs it; never the API key."""
 
@@ -108,17 +99,14 @@ class ShardJob(BaseModel):
     start: int
     stop: int
     manifest: str
-    out: str
-    api_url: str
-    dialect: str = "klein"
-    tier: str | None = None
+    #: The run as the user asked for it, with ``out``, ``api_url`` and ``library`` resolved
+    #: by the flow.
+    spec: RunSpec
     max_active: int = Field(ge=1)
     submits_per_minute: int = Field(ge=1)
     #: The key's own active limit; when ``max_active`` is less, it is this shard's share
     #: and a hard cap (the engine never probes past it into other shards' slots).
     key_max_active: int | None = None
-    defaults: ImageDefaults = Field(default_factory=ImageDefaults)
-    retry_failed: bool = False
     api_key_block: str | None = None
     #: Global concurrency limit standing for the key; ``None`` runs without a lease.
     concurrency_limit: str | None = DEFAULT_LIMIT_NAME
@@ -128,8 +116,10 @@ class ShardJob(BaseModel):
     #: Submit again a task the API no longer knows (404) instead of failing its row: only
     #: for a simulator started per run (``klein-batch flow --sim``), which forgets tasks.
     resubmit_unknown: bool = False
-    #: The image library every shard copies from and adds to (``pipeline/library.py``).
-    library: str | None = None
+
+    @property
+    def out(self) -> str:
+        return str(self.spec.out)
 
 
 def _dated(location: str) -> str:
@@ -149,33 +139,55 @@ def _absolute(location: str) -> str:
     return str(Path(location).expanduser().resolve())
 
 
+#: Options of a run the flow does not carry out yet, with what they do: refused with one
+#: clear line rather than dropped (a dropped budget or template spends credits or makes the
+#: wrong images).
+NOT_IN_FLOW_YET = {
+    "prompt_template": "prompt templates",
+    "vary": "variation matrices",
+    "variations": "variation matrices",
+    "max_credits": "credit budgets",
+    "dry_run": "dry runs",
+    "catalog": "product exports (--catalog)",
+    "per": "product exports (--per)",
+}
+
+
+def refuse_unsupported(spec: RunSpec, where: str) -> None:
+    """One ``ConfigError`` naming a setting the flow cannot honour (``where`` says whence)."""
+    plain = RunSpec()
+    for name, what in NOT_IN_FLOW_YET.items():
+        value = getattr(spec, name)
+        if value != getattr(plain, name):
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ConfigError(
+                f"{where}setting {name} = {shown!r} is not supported by the flow; "
+                f"{what} need `klein-batch run` (remove the setting to run the flow)"
+            )
+
+
 # --- one shard ------------------------------------------------------------------------------------
 
 
 async def run_shard(job: ShardJob) -> dict[str, Any]:
     """Run one shard with the engine, inside its lease; returns (and stores) ``shard.json``."""
-    key = await resolve_api_key(job.api_key_block, job.dialect)
+    key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
     spec = ShardSpec(job.index, job.start, job.stop)
     sink = ShardSink(base, shard_folder(job.index))
     duplicates = earlier_duplicates(duplicates_from_bytes(await base.get(DUPLICATES_RELPATH)), spec)
-    options = RunOptions(
-        dialect=job.dialect,
-        tier=job.tier,
-        max_active=job.max_active,
-        submits_per_minute=job.submits_per_minute,
-        key_max_active=job.key_max_active,
-        defaults=job.defaults.to_defaults(),
-        offset=job.start,
-        limit=spec.rows,
-        retry_failed=job.retry_failed,
-        earlier_duplicates=duplicates,
-        resubmit_unknown=job.resubmit_unknown,
-        library=job.library,
-    )
+    options = RunOptions.from_spec(job.spec)
+    # The shard's part of the key and of the manifest; everything else is the spec's.
+    options.max_active = job.max_active
+    options.submits_per_minute = job.submits_per_minute
+    options.key_max_active = job.key_max_active
+    options.offset = job.start
+    options.limit = spec.rows
+    options.earlier_duplicates = duplicates
+    options.resubmit_unknown = job.resubmit_unknown
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
-            job.manifest, sink, api_url=job.api_url, api_key=key, options=options
+            job.manifest, sink, api_url=job.spec.api_url, api_key=key, options=options
         )
     info: dict[str, Any] = {
         "index": job.index,
@@ -196,10 +208,53 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
     return info
 
 
+class ShardQueue(BaseModel):
+    """The shards a runner may claim: the parent's plan, recomputed where the runner is."""
+
+    total_rows: int = Field(ge=0)
+    shard_size: int = Field(ge=1)
+    #: Failures of one shard in one runner before that runner leaves it to the others.
+    attempts: int = Field(default=3, ge=1)
+
+
+def _job_for(template: ShardJob, shard: ShardSpec) -> ShardJob:
+    return template.model_copy(
+        update={"index": shard.index, "start": shard.start, "stop": shard.stop}
+    )
+
+
 @flow(name="generate-catalog-shard", log_prints=False)
-async def generate_catalog_shard(job: ShardJob) -> dict[str, Any]:
-    """One shard of a catalog as its own flow run, so a work pool can spread shards."""
+async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None) -> dict[str, Any]:
+    """Shards of a catalog on a worker of the pool: shard ``job.index``, or, with ``queue``,
+    whichever shards are unfinished, one after another, until every shard of the night is
+    finished by some runner (``flows/queue.py``)."""
     logger = get_run_logger()
+    if queue is not None:
+        shards = plan_shards(queue.total_rows, queue.shard_size)
+        ran: list[int] = []
+
+        async def run_here(shard: ShardSpec) -> dict[str, Any]:
+            info = await run_shard(_job_for(job, shard))
+            ran.append(shard.index)
+            logger.info(
+                "shard %d (rows %d-%d): %s",
+                shard.index,
+                shard.start + 1,
+                shard.stop,
+                _counts_text(info["summary"]["counts"]),
+            )
+            return info
+
+        finished, gave_up = await drain(
+            shards,
+            sink=open_sink(job.out),
+            out=job.out,
+            token=job.token,
+            run=run_here,
+            attempts=queue.attempts,
+        )
+        logger.info("ran shards %s; %d of %d finished", ran or "none", len(finished), len(shards))
+        return {"ran": ran, "gave_up": gave_up, "finished": len(finished)}
     logger.info(
         "shard %d: rows %d-%d, %d active tasks of limit %s",
         job.index,
@@ -219,43 +274,23 @@ async def generate_catalog_shard(job: ShardJob) -> dict[str, Any]:
     cache_policy=NO_CACHE,
     retries=2,
 )
-async def shard_task(job: ShardJob, deployment: str | None = None) -> dict[str, Any]:
-    """One shard: here, or as a sub-flow run of ``deployment`` on a worker."""
-    if deployment is None:
-        return await run_shard(job)
-    from prefect.deployments.flow_runs import arun_deployment
-
-    flow_run = await arun_deployment(
-        name=deployment,
-        parameters={"job": job.model_dump(mode="json")},
-        timeout=None,
-        poll_interval=POLL_S,
-        flow_run_name=f"shard-{job.index}",
-        tags=["klein-batch"],
-    )
-    state = flow_run.state
-    if state is None or not state.is_completed():
-        name = state.name if state is not None else "unknown"
-        raise KleinError(f"shard {job.index}: flow run {flow_run.name} ended {name}")
-    data = await open_sink(job.out).get(f"{shard_folder(job.index)}/{SHARD_INFO}")
-    info = json.loads(data) if data else None
-    if not info or info.get("token") != job.token:
-        raise KleinError(f"shard {job.index}: flow run {flow_run.name} left no shard.json")
-    return info
+async def shard_task(job: ShardJob) -> dict[str, Any]:
+    """One shard in this process, as a Prefect task (retried by Prefect, resumed by its ledger)."""
+    return await run_shard(job)
 
 
 # --- validation and planning ----------------------------------------------------------------------
 
 
 @task(name="validate-manifest", cache_policy=NO_CACHE)
-async def validate_task(
-    manifest: str, out: str, defaults: ImageDefaults, limit: int | None, shard_size: int
-) -> dict[str, Any]:
+async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[str, Any]:
     """Check the manifest as a run would, find keys repeated across shards, fix the plan."""
     from pipeline.check import check_manifest
 
     logger = get_run_logger()
-    image_defaults = defaults.to_defaults()
+    out = str(spec.out)
+    limit = spec.limit
+    image_defaults = spec.image_defaults()
     report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
@@ -329,7 +364,10 @@ def _one_writer(
 
     @functools.wraps(generate)
     async def holding_the_output(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        out = inspect.signature(generate).bind(*args, **kwargs).arguments["out"]
+        spec = inspect.signature(generate).bind(*args, **kwargs).arguments["spec"]
+        out = spec.get("out") if isinstance(spec, dict) else getattr(spec, "out", None)
+        if not out:
+            return await generate(*args, **kwargs)  # which says that out is required
         out = _absolute(_dated(out))
         running = asyncio.current_task()
 
@@ -343,81 +381,95 @@ def _one_writer(
     return holding_the_output
 
 
-@flow(name="generate-catalog", log_prints=False)
+#: What ``end_runners`` cleans up after each night run in this process: (runner flow runs,
+#: output, shards), by the night's flow run id.
+_WIND_DOWN: dict[str, tuple[list[Any], str, list[ShardSpec]]] = {}
+
+
+async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
+    """State hook of ``generate-catalog``: end its runner flow runs and delete its claims.
+
+    It runs once the night's run has its final state, so neither the runners' exits nor the
+    clean-up count as the night's time (the key has nothing left to do by then).
+    """
+    night = _WIND_DOWN.pop(str(flow_run.id), None)
+    if night is None:
+        return
+    helpers, out, shards = night
+    await _end_helpers(helpers)
+    await forget_claims(out, shards)
+
+
+@flow(
+    name="generate-catalog",
+    log_prints=False,
+    on_completion=[end_runners],
+    on_failure=[end_runners],
+    on_crashed=[end_runners],
+    on_cancellation=[end_runners],
+)
 @_one_writer
 async def generate_catalog(
     manifest: str,
-    out: str,
-    api_url: str = DEFAULT_API_URL,
-    dialect: str = "klein",
-    tier: str | None = "standard",
-    max_active: int | None = None,
-    submits_per_minute: int | None = None,
+    spec: RunSpec,
     shard_size: int = 5_000,
     parallel_shards: int = 4,
     api_key_block: str | None = None,
     concurrency_limit: str | None = DEFAULT_LIMIT_NAME,
     shard_deployment: str | None = None,
-    defaults: ImageDefaults | None = None,
-    limit: int | None = None,
-    retry_failed: bool = False,
     shard_retries: int = 2,
     resubmit_unknown: bool = False,
-    library: str | None = None,
-    no_library: bool = False,
 ) -> dict[str, Any]:
-    """Generate a catalog: every manifest row into ``out``, in shards, resumable.
+    """Generate a catalog: every manifest row into ``spec.out``, in shards, resumable.
 
     Args:
         manifest: CSV or Parquet manifest (a path the workers can read, or s3://).
-        out: output folder (or s3://): images/, manifest.parquet, run.json; ``{date}`` in
-            it becomes the run's scheduled day, e.g. ``s3://catalog/nightly/{date}``.
-        api_url: API base URL.
-        dialect: ``klein`` or ``bfl``.
-        tier: the key's rate-limit tier; ``max_active``/``submits_per_minute`` override it.
+        spec: the run, as ``klein-batch run`` takes it (``pipeline.spec.RunSpec``; a
+            mapping of its settings in a deployment's parameters). ``out`` is required;
+            ``{date}`` in it becomes the run's scheduled day, e.g.
+            ``s3://catalog/nightly/{date}``. ``api_url`` defaults to the Freepik API;
+            ``library`` (default with ``{date}`` in ``out``: a ``library`` folder beside the
+            dated ones) is where images are copied from instead of paid for.
         shard_size: rows per shard (kept from the first run into the same output).
-        parallel_shards: shards running at once; each leases ``max_active // parallel_shards``
-            of the key's active tasks.
+        parallel_shards: shards running at once; here each leases
+            ``max_active // parallel_shards`` of the key's active tasks; with
+            ``shard_deployment``, this process plus ``parallel_shards - 1`` runner flow runs
+            on the pool, sharing the key adaptively.
         api_key_block: name of a Prefect Secret block holding the API key; empty reads
             ``$FREEPIK_API_KEY`` (``$BFL_API_KEY`` for bfl) where each shard runs.
         concurrency_limit: global concurrency limit standing for the key (created with the
             tier's active tasks if missing); empty runs shards without leases.
-        shard_deployment: run shards as sub-flows of this deployment (e.g.
+        shard_deployment: also run shards in runner flow runs of this deployment (e.g.
             ``generate-catalog-shard/catalog-shard``) on a work pool; empty runs them here.
-        defaults: values for cells the manifest leaves empty.
-        limit: only the first N rows.
-        retry_failed: submit rows that failed in an earlier run again.
         shard_retries: Prefect retries of a failed shard (each resumes from its ledger).
         resubmit_unknown: submit again a task the API answers 404 for (set by
             ``klein-batch flow --sim``, whose simulator forgets the tasks of an earlier run;
             against a real API leave it off: a forgotten task may have been charged).
-        library: image library (folder or s3://) whose images are copied instead of paid
-            for, and which keeps every image paid for; default with ``{date}`` in ``out``:
-            a ``library`` folder beside the dated ones.
-        no_library: use no library, not even a ``{date}`` output's default.
     """
     logger = get_run_logger()
     started = time.time()
-    if dialect not in KEY_ENV:
-        raise ConfigError(f"dialect {dialect!r} is not allowed; expected one of klein, bfl")
+    if not spec.out:
+        raise ConfigError("flow parameter spec.out is required (the output folder or s3:// URI)")
+    refuse_unsupported(spec, "flow parameter spec: ")
     if parallel_shards < 1:
         raise ConfigError(f"parallel_shards must be at least 1, got {parallel_shards}")
     if shard_retries < 0:
         raise ConfigError(f"shard_retries must be 0 or more, got {shard_retries}")
-    limits = resolve_tier(tier, max_active, submits_per_minute)
-    image_defaults = defaults or ImageDefaults()
-    image_defaults.to_defaults()  # a bad default stops the flow before any work
+    limits = spec.limits()
     plan_shards(1, shard_size)  # checks shard_size
-    await resolve_api_key(api_key_block, dialect)  # fail before validating a big manifest
+    await resolve_api_key(api_key_block, spec.dialect)  # fail before validating a big manifest
     manifest = _absolute(manifest)
-    library = library_for(out, library, no_library=no_library)
-    if library is not None:
-        library = _absolute(library)
-    out = _absolute(_dated(out))
+    library = library_for(spec.out, spec.library, no_library=spec.no_library)
+    out = _absolute(_dated(spec.out))
+    spec = spec.replace(
+        out=out,
+        api_url=spec.api_url or DEFAULT_API_URL,
+        library=_absolute(library) if library is not None else None,
+    )
     sink = open_sink(out)
     refuse_own_output_as_input(manifest, sink, out)
 
-    checked = await validate_task(manifest, out, image_defaults, limit, shard_size)
+    checked = await validate_task(manifest, spec, shard_size)
     shards = plan_shards(checked["total_rows"], checked["shard_size"])
     parallel = min(parallel_shards, max(1, len(shards)))
     budget = limits.max_active
@@ -433,44 +485,63 @@ async def generate_catalog(
     # the run answering each other's 429s.
     budget = max(1, min(budget, limits.max_active))
     parallel = min(parallel, budget)
-    share = share_of(limits, budget, parallel)
+    if shard_deployment:
+        # Runners pull whole shards from a queue, each with the whole key, shared with the
+        # other runners adaptively (flows/queue.py); a running shard holds one slot of the
+        # limit, so it counts the shards running on the key.
+        rate = max(1, limits.submits_per_minute * budget // limits.max_active)
+        share = Share(occupy=1, max_active=budget, submits_per_minute=rate)
+    else:
+        share = share_of(limits, budget, parallel)
     logger.info(
-        "%s: %d rows in %d shards of %d; %d at a time, %d of %d active tasks each%s",
+        "%s: %d rows in %d shards of %d; %d at a time, %s%s",
         checked["source"],
         checked["total_rows"],
         len(shards),
         checked["shard_size"],
         parallel,
-        share.occupy,
-        budget,
-        f" (on deployment {shard_deployment})" if shard_deployment else "",
+        f"sharing {budget} active tasks adaptively"
+        if shard_deployment
+        else f"{share.occupy} of {budget} active tasks each",
+        f" (this process and {parallel - 1} runners of deployment {shard_deployment})"
+        if shard_deployment
+        else "",
     )
     run_id = _flow_run_id()
-    progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
-    results, failed = await _run_shards(
-        shards,
-        _job_factory(
-            manifest=manifest,
-            out=out,
-            api_url=api_url,
-            dialect=dialect,
-            tier=tier,
-            share=share,
-            key_max_active=limits.max_active,
-            defaults=image_defaults,
-            retry_failed=retry_failed,
-            api_key_block=api_key_block,
-            concurrency_limit=concurrency_limit or None,
-            token=f"{run_id}-{uuid.uuid4().hex[:8]}",
-            resubmit_unknown=resubmit_unknown,
-            library=library,
-        ),
-        deployment=shard_deployment or None,
-        parallel=parallel,
-        retries=shard_retries,
-        progress_id=progress_id,
-        total_rows=checked["total_rows"],
+    token = f"{run_id}-{uuid.uuid4().hex[:8]}"
+    make_job = _job_factory(
+        manifest=manifest,
+        spec=spec,
+        share=share,
+        key_max_active=limits.max_active,
+        api_key_block=api_key_block,
+        concurrency_limit=concurrency_limit or None,
+        token=token,
+        resubmit_unknown=resubmit_unknown,
     )
+    progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
+    if shard_deployment:
+        results, failed = await _run_queue(
+            shards,
+            make_job,
+            deployment=shard_deployment,
+            queue=ShardQueue(
+                total_rows=checked["total_rows"],
+                shard_size=checked["shard_size"],
+                attempts=shard_retries + 1,
+            ),
+            runners=parallel,
+            progress_id=progress_id,
+        )
+    else:
+        results, failed = await _run_shards(
+            shards,
+            make_job,
+            parallel=parallel,
+            retries=shard_retries,
+            progress_id=progress_id,
+            total_rows=checked["total_rows"],
+        )
     await artifacts.publish_table(results)
 
     manifest_uri = sink.uri(MANIFEST_RELPATH)
@@ -485,7 +556,7 @@ async def generate_catalog(
             run_id=run_id,
             manifest=checked["source"],
             output=out,
-            dialect=dialect,
+            dialect=spec.dialect,
             tier=limits.name,
             max_active=limits.max_active,
             submits_per_minute=limits.submits_per_minute,
@@ -549,19 +620,13 @@ def _shard_entry(info: dict[str, Any]) -> dict[str, Any]:
 def _job_factory(
     *,
     manifest: str,
-    out: str,
-    api_url: str,
-    dialect: str,
-    tier: str | None,
+    spec: RunSpec,
     share: Share,
     key_max_active: int,
-    defaults: ImageDefaults,
-    retry_failed: bool,
     api_key_block: str | None,
     concurrency_limit: str | None,
     token: str,
     resubmit_unknown: bool = False,
-    library: str | None = None,
 ) -> Any:
     def make(shard: ShardSpec) -> ShardJob:
         return ShardJob(
@@ -569,21 +634,15 @@ def _job_factory(
             start=shard.start,
             stop=shard.stop,
             manifest=manifest,
-            out=out,
-            api_url=api_url,
-            dialect=dialect,
-            tier=tier,
+            spec=spec,
             max_active=share.max_active,
             submits_per_minute=share.submits_per_minute,
             key_max_active=key_max_active,
-            defaults=defaults,
-            retry_failed=retry_failed,
             api_key_block=api_key_block,
             concurrency_limit=concurrency_limit,
             occupy=share.occupy,
             token=token,
             resubmit_unknown=resubmit_unknown,
-            library=library,
         )
 
     return make
@@ -593,7 +652,6 @@ async def _run_shards(
     shards: list[ShardSpec],
     make_job: Any,
     *,
-    deployment: str | None,
     parallel: int,
     retries: int,
     progress_id: Any,
@@ -607,7 +665,7 @@ async def _run_shards(
     async def one(shard: ShardSpec) -> tuple[ShardSpec, dict[str, Any] | BaseException]:
         async with gate:
             try:
-                return shard, await runner(make_job(shard), deployment)
+                return shard, await runner(make_job(shard))
             except Exception as exc:
                 return shard, exc
 
@@ -638,6 +696,133 @@ async def _run_shards(
             )
         await artifacts.update_progress(progress_id, done_rows, total_rows)
     return results, sorted(failed)
+
+
+async def _run_queue(
+    shards: list[ShardSpec],
+    make_job: Any,
+    *,
+    deployment: str,
+    queue: ShardQueue,
+    runners: int,
+    progress_id: Any,
+) -> tuple[list[dict[str, Any]], list[int]]:
+    """Run the shards from a queue: this process at once, ``runners - 1`` helper flow runs
+    of ``deployment`` as soon as workers start them; ends when every shard is finished.
+
+    This process is a runner too, so the key is busy while the workers start their
+    processes, and the night ends even if every worker is lost. Helpers still running once
+    every shard is finished are ended after the night's run ends (``end_runners``).
+    """
+    from prefect.deployments.flow_runs import arun_deployment
+
+    logger = get_run_logger()
+    if not shards:
+        return [], []
+    template: ShardJob = make_job(shards[0])
+    helpers: list[Any] = []
+    # Ended by the flow's state hooks once the night's run has its final state (runners
+    # take a few seconds to notice the empty queue and exit, and the night is done by then).
+    _WIND_DOWN[_flow_run_id()] = (helpers, template.out, shards)
+    for number in range(1, min(runners, len(shards))):
+        helper = await arun_deployment(
+            name=deployment,
+            parameters={
+                "job": template.model_dump(mode="json"),
+                "queue": queue.model_dump(mode="json"),
+            },
+            timeout=0,
+            flow_run_name=f"shard-runner-{number}",
+            tags=["klein-batch"],
+        )
+        helpers.append(helper.id)
+    done_rows = 0
+
+    async def on_shard(shard: ShardSpec, info: dict[str, Any] | None) -> None:
+        nonlocal done_rows
+        done_rows += shard.rows
+        if info is None:
+            logger.error(
+                "shard %d (rows %d-%d) failed here", shard.index, shard.start + 1, shard.stop
+            )
+        else:
+            logger.info(
+                "shard %d (rows %d-%d) on %s: %s",
+                shard.index,
+                shard.start + 1,
+                shard.stop,
+                info.get("worker"),
+                _counts_text(info["summary"]["counts"]),
+            )
+        await artifacts.update_progress(progress_id, done_rows, queue.total_rows)
+
+    finished, failed = await drain(
+        shards,
+        sink=open_sink(template.out),
+        out=template.out,
+        token=template.token,
+        run=lambda shard: run_shard(make_job(shard)),
+        attempts=queue.attempts,
+        on_shard=on_shard,
+    )
+    return [finished[index] for index in sorted(finished)], failed
+
+
+#: How long helpers get to notice that every shard is finished and end by themselves.
+HELPER_GRACE_S = 30.0
+
+
+async def _end_helpers(helpers: list[Any]) -> None:
+    """End helper runs that did not end by themselves once the queue was empty.
+
+    A helper that never started (no worker free) is cancelled; one still running after
+    ``HELPER_GRACE_S`` lost its worker (kill -9, a lost machine: nothing reports its end),
+    and is marked crashed, its shards having been finished by the other runners.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import MissingContextError
+    from prefect.states import Cancelled, Crashed
+
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger(__name__)
+    deadline = time.monotonic() + HELPER_GRACE_S
+    async with get_client() as client:
+        left = list(helpers)
+        while left:
+            runs = [await client.read_flow_run(run_id) for run_id in left]
+            waiting = [run for run in runs if run.state is None or not run.state.is_final()]
+            never_started = [
+                run
+                for run in waiting
+                if run.state is None or run.state.is_scheduled() or run.state.is_pending()
+            ]
+            for run in never_started:
+                await client.set_flow_run_state(
+                    run.id, Cancelled(message="not needed: every shard is finished"), force=True
+                )
+            left = [run.id for run in waiting if run not in never_started]
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                for run_id in left:
+                    logger.warning(
+                        "shard runner %s did not end %.0f s after every shard finished: its "
+                        "worker is lost; marking it crashed",
+                        run_id,
+                        HELPER_GRACE_S,
+                    )
+                    await client.set_flow_run_state(
+                        run_id,
+                        Crashed(
+                            message="lost: stopped reporting; its shards were finished by "
+                            "other runners"
+                        ),
+                        force=True,
+                    )
+                return
+            await asyncio.sleep(POLL_S)
 
 
 if __name__ == "__main__":

@@ -9,96 +9,106 @@ with ``--api-key-block``), never from a flag.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any
 
-from pipeline.config import API_KEY_ENV, RunConfig, check_target, load_config, merge_flags
-from pipeline.contract import TIERS
-from pipeline.errors import KleinError
+import typer
+
+from pipeline.cli import ConfigOpt, ManifestArg, reported, spec_from, with_run_options
+from pipeline.config import check_target
+from pipeline.errors import ConfigError, KleinError
+from pipeline.spec import RunSpec
 from pipeline.summary import ExitCode
 
 EXIT_INTERRUPTED = 130
 
-#: Settings of ``klein-batch run`` that the flow does not carry out, with what they do. A
-#: config file shared with ``run`` may hold them; silently dropping a budget or a template
-#: would spend credits or make the wrong images, so the flow refuses to start instead.
-RUN_ONLY_SETTINGS: Final = {
-    "prompt_template": "prompt templates",
-    "vary": "variation matrices",
-    "variations": "variation matrices",
-    "max_credits": "credit budgets",
-    "dry_run": "dry runs",
-    "model": "choosing the bfl model",
-    "webhook_listen": "webhooks",
-    "webhook_public_url": "webhooks",
-    "catalog": "product exports (--catalog)",
-    "per": "product exports (--per)",
-    "reference_column": "reference columns",
-    "missing_reference": "--missing-reference",
-    "report_columns": "report columns",
-}
+_EPILOG = (
+    "Exit codes: 0 every row succeeded; 1 some rows did not; 2 could not start; "
+    "130 interrupted. The API key is read from $FREEPIK_API_KEY ($BFL_API_KEY for "
+    "--dialect bfl) or --api-key-block, never from a flag. Without PREFECT_API_URL the flow "
+    "runs in Prefect's ephemeral mode."
+)
 
 
-def build_parser(prog: str = "python -m flows.catalog") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Run the generate-catalog Prefect flow: MANIFEST in shards into --out "
-        "DEST (resumable). Without PREFECT_API_URL it runs in Prefect's ephemeral mode.",
-        epilog="Exit codes: 0 every row succeeded; 1 some rows did not; 2 could not start; "
-        f"130 interrupted. The API key is read from ${API_KEY_ENV['klein']} "
-        f"(${API_KEY_ENV['bfl']} for --dialect bfl) or --api-key-block.",
+def flow_command(
+    manifest: ManifestArg,
+    flags: dict[str, object],
+    config: ConfigOpt = None,
+    shard_size: Annotated[
+        int, typer.Option("--shard-size", metavar="ROWS", help="Rows per shard.")
+    ] = 5_000,
+    parallel_shards: Annotated[
+        int, typer.Option("--parallel-shards", metavar="N", help="Shards at once.")
+    ] = 4,
+    shard_retries: Annotated[
+        int, typer.Option("--shard-retries", metavar="N", help="Retries per shard.")
+    ] = 2,
+    api_key_block: Annotated[
+        str | None,
+        typer.Option(
+            "--api-key-block",
+            metavar="NAME",
+            help="Prefect Secret block holding the API key.",
+            show_default=False,
+        ),
+    ] = None,
+    concurrency_limit: Annotated[
+        str,
+        typer.Option(
+            "--concurrency-limit",
+            metavar="NAME",
+            help="Global concurrency limit for the key's active tasks; '' for none.",
+        ),
+    ] = "klein-api-key",
+    shard_deployment: Annotated[
+        str | None,
+        typer.Option(
+            "--shard-deployment",
+            metavar="FLOW/DEPLOYMENT",
+            help="Run shards on a work pool as runs of this deployment "
+            "(e.g. generate-catalog-shard/catalog-shard).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Run MANIFEST as the generate-catalog Prefect flow, in shards, into --out DEST.
+
+    Every option of `klein-batch run` works here the same way (one run specification,
+    pipeline/spec.py); the shard options are the flow's own. Resumable like run.
+    """
+    with reported():
+        spec = spec_from(config, flags)
+        for name, value, low in (
+            ("--shard-size", shard_size, 1),
+            ("--parallel-shards", parallel_shards, 1),
+            ("--shard-retries", shard_retries, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"{name} {value} is not allowed; expected at least {low}")
+        from flows.catalog import refuse_unsupported
+
+        refuse_unsupported(spec, f"{config}: " if config else "")
+    code = run_flow(
+        manifest,
+        spec,
+        shard_size=shard_size,
+        parallel_shards=parallel_shards,
+        shard_retries=shard_retries,
+        api_key_block=api_key_block,
+        concurrency_limit=concurrency_limit or None,
+        shard_deployment=shard_deployment,
     )
-    add = parser.add_argument
-    add("manifest", metavar="MANIFEST", help="CSV or Parquet manifest (path or s3:// URI)")
-    add("--out", "-o", metavar="DEST", help="output folder or s3:// URI")
-    add("--sim", action="store_true", help="start the bundled simulator for the flow's duration")
-    add("--sim-config", metavar="FILE", help="simulator settings (TOML); implies --sim")
-    add("--api-url", metavar="URL", help="API base URL, e.g. https://api.freepik.com")
-    add("--dialect", metavar="klein|bfl", help="API dialect [klein]")
-    add("--tier", metavar="NAME", help=f"rate-limit tier: {', '.join(TIERS)} [standard]")
-    add("--max-active", type=int, metavar="N", help="active tasks for the key (overrides tier)")
-    add("--submits-per-minute", type=int, metavar="M", help="submits per minute (overrides tier)")
-    add("--limit", type=int, metavar="N", help="only the first N rows")
-    add("--retry-failed", action="store_true", help="retry rows that failed before")
-    add("--aspect-ratio", metavar="PRESET", help="default for rows without one")
-    add("--resolution", metavar="1k|2k", help="default for rows without one")
-    add("--output-format", metavar="png|jpeg", help="default for rows without one")
-    add("--safety-tolerance", type=int, metavar="0-5", help="default for rows without one")
-    add(
-        "--s3-endpoint-url",
-        metavar="URL",
-        help="S3 endpoint for s3:// manifests and outputs (MinIO, R2, a local server) "
-        "[$AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL, else AWS]",
-    )
-    add(
-        "--config",
-        metavar="FILE",
-        help="TOML file with the settings of `klein-batch run` (templates, variations, "
-        "budgets and dry runs are refused: the flow runs the rows as they are)",
-    )
-    add("--shard-size", type=int, default=5_000, metavar="ROWS", help="rows per shard [5000]")
-    add("--parallel-shards", type=int, default=4, metavar="N", help="shards at once [4]")
-    add("--shard-retries", type=int, default=2, metavar="N", help="retries per shard [2]")
-    add("--api-key-block", metavar="NAME", help="Prefect Secret block holding the API key")
-    add(
-        "--concurrency-limit",
-        default="klein-api-key",
-        metavar="NAME",
-        help="global concurrency limit for the key's active tasks; '' for none [klein-api-key]",
-    )
-    add(
-        "--shard-deployment",
-        metavar="FLOW/DEPLOYMENT",
-        help="run shards on a work pool as runs of this deployment "
-        "(e.g. generate-catalog-shard/catalog-shard)",
-    )
-    return parser
+    raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``klein-batch flow`` (entry point ``klein_batch.commands``; see pipeline/cli.py)."""
+    app.command("flow", epilog=_EPILOG)(with_run_options()(flow_command))
 
 
 @contextlib.contextmanager
@@ -119,18 +129,15 @@ def _environment(name: str, value: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _simulator(settings: RunConfig) -> Iterator[tuple[str | None, str | None]]:
+def _simulator(spec: RunSpec) -> Iterator[tuple[str | None, str | None]]:
     """(api_url, key) of an in-process simulator when asked for, else (None, None)."""
-    if not settings.sim:
+    from pipeline.run import simulator_for
+    from pipeline.sim import SimServer
+
+    config = simulator_for(spec)
+    if config is None:
         yield None, None
         return
-    from pipeline.cli import demo_sim_config
-    from pipeline.sim import SimConfig, SimServer
-
-    if settings.sim_config is not None:
-        config = SimConfig.from_toml(settings.sim_config)
-    else:
-        config = demo_sim_config(settings.tier, settings.limits())
     with contextlib.ExitStack() as stack:
         server = stack.enter_context(SimServer.in_thread(config))
         try:
@@ -143,110 +150,37 @@ def _simulator(settings: RunConfig) -> Iterator[tuple[str | None, str | None]]:
             raise
 
 
-def _parse(argv: Sequence[str] | None, prog: str) -> tuple[argparse.Namespace, RunConfig]:
-    args = build_parser(prog).parse_args(argv)
-    base = load_config(args.config) if args.config else RunConfig()
-    settings = merge_flags(
-        base,
-        out=args.out,
-        api_url=args.api_url,
-        sim=True if args.sim else None,
-        sim_config=args.sim_config,
-        dialect=args.dialect,
-        tier=args.tier,
-        max_active=args.max_active,
-        submits_per_minute=args.submits_per_minute,
-        limit=args.limit,
-        retry_failed=True if args.retry_failed else None,
-        aspect_ratio=args.aspect_ratio,
-        resolution=args.resolution,
-        output_format=args.output_format,
-        safety_tolerance=args.safety_tolerance,
-        s3_endpoint_url=args.s3_endpoint_url,
-    )
-    _refuse_run_only(settings, args.config)
-    return args, settings
-
-
-def _refuse_run_only(settings: RunConfig, config: str | None) -> None:
-    """One clear line for a setting only ``klein-batch run`` honours, never a silent drop."""
-    plain = RunConfig()
-    for name, what in RUN_ONLY_SETTINGS.items():
-        value = getattr(settings, name)
-        if value != getattr(plain, name):
-            shown = list(value) if isinstance(value, tuple) else value
-            raise KleinError(
-                f"{config}: setting {name} = {shown!r} is not supported by the flow; "
-                f"{what} need `klein-batch run` (remove the setting to run the flow)"
-            )
-
-
-def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catalog") -> int:
-    """Parse, check, run the flow; returns the exit code."""
+def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
+    """Check what can be checked before Prefect starts, run the flow; the exit code."""
     try:
-        args, settings = _parse(argv, prog)
-        if not settings.out:
-            raise KleinError('--out DEST is required (or out = "..." in the config file)')
-        check_target(settings)
-        if settings.s3_endpoint_url:
+        check_target(spec)
+        if spec.s3_endpoint_url:
             from pipeline.s3 import configure
 
             # The flow's tasks run in this process (ephemeral mode, or the parent flow on a
             # server); shards on workers read $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL there.
-            configure(endpoint_url=settings.s3_endpoint_url)
-        manifest = args.manifest
+            configure(endpoint_url=spec.s3_endpoint_url)
         if "://" not in manifest and not Path(manifest).is_file():
             raise KleinError(f"{manifest}: manifest not found; expected a CSV or Parquet file")
-        for name, value, low in (
-            ("--shard-size", args.shard_size, 1),
-            ("--parallel-shards", args.parallel_shards, 1),
-            ("--shard-retries", args.shard_retries, 0),
-        ):
-            if value < low:
-                raise KleinError(f"{name} {value} is not allowed; expected at least {low}")
-        key_missing = not os.environ.get(settings.api_key_env, "").strip()
-        if key_missing and not settings.sim and not args.api_key_block:
+        key_missing = not os.environ.get(spec.api_key_env, "").strip()
+        if key_missing and not spec.sim and not flow_options.get("api_key_block"):
             raise KleinError(
-                f"${settings.api_key_env} is not set: export the API key for "
-                f"{settings.api_url}, or pass --api-key-block NAME (a Prefect Secret block)"
+                f"${spec.api_key_env} is not set: export the API key for "
+                f"{spec.api_url}, or pass --api-key-block NAME (a Prefect Secret block)"
             )
-        limits = settings.limits()
-        parameters: dict[str, Any] = {
-            "manifest": manifest,
-            "out": str(settings.out),
-            "dialect": settings.dialect,
-            # A tier from a config file reaches the flow as its explicit limits.
-            "tier": settings.tier if settings.tier in TIERS else None,
-            "max_active": limits.max_active,
-            "submits_per_minute": limits.submits_per_minute,
-            "shard_size": args.shard_size,
-            "parallel_shards": args.parallel_shards,
-            "shard_retries": args.shard_retries,
-            "api_key_block": args.api_key_block,
-            "concurrency_limit": args.concurrency_limit or None,
-            "shard_deployment": args.shard_deployment,
-            "limit": settings.limit,
-            "retry_failed": settings.retry_failed,
-            "defaults": {
-                "aspect_ratio": settings.aspect_ratio,
-                "resolution": settings.resolution,
-                "output_format": settings.output_format,
-                "safety_tolerance": settings.safety_tolerance,
-            },
-        }
-        from pipeline.manifest import Defaults
-
-        Defaults(**parameters["defaults"])
     except KleinError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.CANNOT_START)
 
-    from flows.catalog import ImageDefaults, ShardsFailed, generate_catalog
+    # Prefect's own 20 s for its ephemeral server to come up is short on a busy machine
+    # (a nightly host running other jobs): a flow that never started helps nobody.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    from flows.catalog import ShardsFailed, generate_catalog
     from pipeline.dest_lock import check_free
     from pipeline.storage import open_sink
 
-    out = str(settings.out)
-    if "{date}" not in out:
+    out = str(spec.out)
+    if spec.out and "{date}" not in out:
         # Before Prefect starts: a busy output is said in one line (the flow holds the lock).
         try:
             asyncio.run(check_free(open_sink(out), out))
@@ -254,15 +188,21 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catal
             print(f"error: {exc}", file=sys.stderr)
             return int(ExitCode.CANNOT_START)
 
-    parameters["defaults"] = ImageDefaults(**parameters["defaults"])
     try:
-        with _simulator(settings) as (sim_url, sim_key):
-            parameters["api_url"] = sim_url or settings.api_url
-            # Each `--sim` run starts a simulator that knows no task of an earlier run.
-            parameters["resubmit_unknown"] = sim_url is not None
-            key_env = settings.api_key_env if sim_key else ""
+        with _simulator(spec) as (sim_url, sim_key):
+            if sim_url is not None:
+                spec = spec.replace(api_url=sim_url)
+            key_env = spec.api_key_env if sim_key else ""
             with _environment(key_env, sim_key) if sim_key else contextlib.nullcontext():
-                result = asyncio.run(generate_catalog(**parameters))
+                result = asyncio.run(
+                    generate_catalog(
+                        manifest,
+                        spec,
+                        # Each `--sim` run starts a simulator that knows no earlier task.
+                        resubmit_unknown=sim_url is not None,
+                        **flow_options,
+                    )
+                )
     except KeyboardInterrupt:
         print(
             "interrupted: run the same command again to resume (shards resume from their "
@@ -286,5 +226,8 @@ def run(argv: Sequence[str] | None = None, *, prog: str = "python -m flows.catal
     return int(result.get("exit_code", ExitCode.PARTIAL))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    return run(argv)
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m flows.catalog``: the same command as ``klein-batch flow``."""
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+    register(app)
+    app(args=list(argv) if argv is not None else None, prog_name="python -m flows.catalog")

@@ -9,6 +9,7 @@ from pipeline.contract import RowStatus
 from pipeline.errors import ConfigError, KleinError, ManifestError, ReferenceError
 from pipeline.manifest import Defaults
 from pipeline.run import RunOptions, arun_manifest, run_manifest
+from pipeline.spec import RunSpec
 from pipeline.summary import ExitCode, ProgressSnapshot, RunSummary
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "ReferenceError",
     "RowStatus",
     "RunOptions",
+    "RunSpec",
     "RunSummary",
     "arun_manifest",
     "run_manifest",

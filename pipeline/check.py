@@ -28,7 +28,7 @@ from pipeline.library import Library
 from pipeline.manifest import MERGED_COLUMN, Defaults, ManifestReader, validate_batch
 from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.references import ReferenceStore
-from pipeline.rows import Rejection, Row
+from pipeline.rows import ImageRequest, Rejection, Row
 from pipeline.summary import ExitCode
 from pipeline.templates import markup_warning
 from pipeline.variations import Catalog
@@ -185,7 +185,7 @@ class CheckReport:
             out.append(f"  by format:      {_counter_line(self.by_format)}")
         out.append(
             f"Estimated cost: {self.estimated_credits:.2f} credits "
-            "(one credit per output megapixel; rejected rows cost nothing)"
+            "(published klein price per megapixel; rejected rows cost nothing)"
         )
         return "\n".join(out)
 
@@ -372,6 +372,7 @@ def check_manifest(
     export: ExportSpec | None = None,
     reference_column: str | None = None,
     library: Library | None = None,
+    cost: Callable[[ImageRequest], float] | None = None,
 ) -> CheckReport:
     """Validate a manifest the way a run would, without sending anything.
 
@@ -382,6 +383,8 @@ def check_manifest(
     With a ``library`` (``pipeline/library.py``, opened) rows whose fingerprint it holds, or
     an earlier row makes, are counted apart too: the run copies them (references are
     loaded to fingerprint them, so ``check_references`` must stay on).
+    ``cost`` prices one request (``providers.published_cost`` of the run's dialect and
+    model); without it, dialect A's published price.
 
     Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
     problem is counted and grouped in the report instead.
@@ -405,12 +408,17 @@ def check_manifest(
         report.matrix = catalog.matrix.describe() if catalog.matrix else None
     checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
     try:
-        _check_rows(report, reader, defaults, checker, catalog, earlier, library)
+        _check_rows(report, reader, defaults, checker, catalog, earlier, library, cost or _cost)
     finally:
         if checker is not None:
             checker.close()
     report.estimated_credits = round(report.estimated_credits, 2)
     return report
+
+
+def _cost(request: ImageRequest) -> float:
+    """Dialect A's published price of a request (no reference megapixels: a plan's floor)."""
+    return cost_credits(*output_size(request.aspect_ratio, request.resolution))
 
 
 def _check_rows(
@@ -421,7 +429,9 @@ def _check_rows(
     catalog: Catalog | None = None,
     earlier: Callable[[list[str]], dict[str, str]] | None = None,
     library: Library | None = None,
+    cost: Callable[[ImageRequest], float] | None = None,
 ) -> None:
+    cost = cost or _cost
     seen = SeenKeys()
     label = catalog.label if catalog is not None else None
     #: Fingerprints of rows counted as sent: a later row with the same one is copied.
@@ -484,9 +494,7 @@ def _check_rows(
             report.by_preset[request.aspect_ratio] += 1
             report.by_resolution[request.resolution] += 1
             report.by_format[request.output_format] += 1
-            report.estimated_credits += cost_credits(
-                *output_size(request.aspect_ratio, request.resolution)
-            )
+            report.estimated_credits += cost(request)
 
 
 def _library_misses(

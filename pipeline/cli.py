@@ -11,22 +11,21 @@ which keeps ``--help`` and ``validate`` quick.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shlex
 import sys
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Final, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn, get_args, get_origin
 
 import typer
 
 from pipeline.config import (
     API_KEY_ENV,
-    DIALECTS,
     WEBHOOK_SECRET_ENV,
     RunConfig,
     check_target,
@@ -34,28 +33,16 @@ from pipeline.config import (
     merge_flags,
 )
 from pipeline.contract import (
-    ASPECT_RATIOS,
-    DEFAULT_ASPECT_RATIO,
-    DEFAULT_OUTPUT_FORMAT,
-    DEFAULT_RESOLUTION,
-    DEFAULT_SAFETY,
-    DEFAULT_TIER,
-    OUTPUT_FORMATS,
-    RESOLUTIONS,
-    SAFETY_MAX,
-    SAFETY_MIN,
-    TIERS,
     Tier,
 )
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.progress import MODES, format_duration
+from pipeline.spec import RunSpec, cli_options
 from pipeline.summary import ExitCode
 from pipeline.urls import redact_credentials
 
 if TYPE_CHECKING:
     from pipeline.library import Library
-    from pipeline.manifest import Defaults
-    from pipeline.sim.config import SimConfig
     from pipeline.variations import Catalog
 
 #: Exit code after Ctrl-C (the shell's convention for SIGINT): the run can be resumed.
@@ -82,9 +69,6 @@ _INTERNAL_ERROR: Final = (
     "error: klein-batch hit an internal error (a bug, not your input); "
     "the traceback above says where"
 )
-_TIER_HELP: Final = ", ".join(
-    f"{t.name} ({t.max_active} active, {t.submits_per_minute}/min)" for t in TIERS.values()
-)
 
 app = typer.Typer(
     name="klein-batch",
@@ -108,57 +92,6 @@ ManifestArg = Annotated[
         show_default=False,
     ),
 ]
-S3EndpointOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--s3-endpoint-url",
-        metavar="URL",
-        help="S3 endpoint for s3:// manifests, references and outputs (MinIO, R2, a local "
-        "server), e.g. http://127.0.0.1:9000. [default: $AWS_ENDPOINT_URL_S3 or "
-        "$AWS_ENDPOINT_URL, else AWS]. Credentials come from the standard AWS chain.",
-        show_default=False,
-    ),
-]
-AspectRatioOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--aspect-ratio",
-        metavar="PRESET",
-        help=f"Default for rows without one; one of: {', '.join(ASPECT_RATIOS)}. "
-        f"[default: {DEFAULT_ASPECT_RATIO}]",
-        show_default=False,
-    ),
-]
-ResolutionOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--resolution",
-        metavar="1k|2k",
-        help=f"Default for rows without one; one of: {', '.join(RESOLUTIONS)}. "
-        f"[default: {DEFAULT_RESOLUTION}]",
-        show_default=False,
-    ),
-]
-OutputFormatOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--output-format",
-        metavar="png|jpeg",
-        help=f"Default for rows without one; one of: {', '.join(OUTPUT_FORMATS)}. "
-        f"[default: {DEFAULT_OUTPUT_FORMAT}]",
-        show_default=False,
-    ),
-]
-SafetyOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--safety-tolerance",
-        metavar="0-5",
-        help=f"Default for rows without one; {SAFETY_MIN} (strict) to {SAFETY_MAX} (lenient). "
-        f"[default: {DEFAULT_SAFETY}]",
-        show_default=False,
-    ),
-]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option(
@@ -169,119 +102,98 @@ ConfigOpt = Annotated[
         show_default=False,
     ),
 ]
-LimitOpt = Annotated[
-    int | None,
-    typer.Option(
-        "--limit", metavar="N", help="Only the first N rows of the manifest.", show_default=False
-    ),
-]
-TemplateOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--prompt-template",
-        metavar="TEXT",
-        help="Build each prompt from the row's columns (and variation axes), e.g. "
-        "'Studio photo of {title} in {color}, {style}'; the manifest then needs no prompt "
-        "column. A row with an empty field is rejected.",
-        show_default=False,
-    ),
-]
-VaryOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--vary",
-        metavar="AXIS=V1,V2",
-        help="Cross every row with these values (repeatable; axes multiply), e.g. "
-        "style=studio,lifestyle or aspect_ratio=square_1_1,portrait_2_3 or seed=1,2.",
-        show_default=False,
-    ),
-]
-VariationsOpt = Annotated[
-    list[Path] | None,
-    typer.Option(
-        "--variations",
-        metavar="CSV",
-        help="A CSV of variations (header: axis names; one variation per row), crossed with "
-        "every row and with other axes (repeatable).",
-        show_default=False,
-    ),
-]
-CatalogOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--catalog",
-        metavar="shopify|woocommerce",
-        help="MANIFEST is a shop's product export, read as the shop writes it: product "
-        "fields filled down onto variants, ids from the Handle/SKU, image-only lines "
-        "accounted for (merged). A [catalog] table in --config maps any other export.",
-        show_default=False,
-    ),
-]
-PerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--per",
-        metavar="product|variant",
-        help="With --catalog: one image per product, or one per variant. [default: product]",
-        show_default=False,
-    ),
-]
-ReferenceColumnOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--reference-column",
-        metavar="COLUMN",
-        help="The column holding each row's reference image, e.g. 'Image Src' (with "
-        "--catalog: the product's first image). [default: input_image]",
-        show_default=False,
-    ),
-]
-MissingReferenceOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--missing-reference",
-        metavar="fail|text-only",
-        help="A reference URL that cannot be fetched: the row ends failed (--retry-failed "
-        "tries again), or text-only generates from the prompt alone and says so in its "
-        "reason. [default: fail]",
-        show_default=False,
-    ),
-]
-ReportColumnsOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--report-columns",
-        metavar="COL,COL",
-        help="Catalog columns report.html shows under each product, e.g. 'Variant SKU,Variant "
-        "Price'. [default: a few that look like a title, SKU or colour]",
-        show_default=False,
-    ),
-]
-MaxCreditsOpt = Annotated[
-    float | None,
-    typer.Option(
-        "--max-credits",
-        metavar="N",
-        help="Budget for this output: spend plus in-flight cost never passes N credits "
-        "(earlier runs into DEST count); rows that do not fit end skipped (reason budget).",
-        show_default=False,
-    ),
-]
-LibraryOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--library",
-        metavar="URI",
-        help="Image library (folder or s3://bucket/prefix): rows whose request it already "
-        "holds are copied from it (no submit, no cost; reused_from in the manifest) and every "
-        "image paid for is added. [default: DEST/../library when --out contains {date}]",
-        show_default=False,
-    ),
-]
-NoLibraryOpt = Annotated[
-    bool,
-    typer.Option("--no-library", help="Use no image library, not even a {date} output's."),
-]
+
+
+def _flag_type(annotation: Any) -> Any:
+    """The type a flag of a spec field has on the command line (None: not given)."""
+    if annotation is bool:
+        return bool
+    if get_origin(annotation) is tuple:
+        return list[str] | None
+    args = [a for a in get_args(annotation) if a is not type(None)] or [annotation]
+    return args[0] | None
+
+
+def run_option_parameters(only: Sequence[str] | None = None) -> list[inspect.Parameter]:
+    """A typer parameter for every flag of ``pipeline.spec.RunSpec`` (run and flow share),
+    or for those named in ``only``."""
+    parameters = []
+    for name, field in cli_options():
+        if only is not None and name not in only:
+            continue
+        kind = _flag_type(field.annotation)
+        parameters.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                annotation=spec_option(name),
+                default=False if kind is bool else None,
+            )
+        )
+    return parameters
+
+
+def spec_option(name: str) -> Any:
+    """The typer option of one spec field (for a command that takes just a few of them)."""
+    field = RunSpec.model_fields[name]
+    extra = field.json_schema_extra
+    assert isinstance(extra, dict)
+    decls = [extra["flag"], *([extra["short"]] if "short" in extra else [])]
+    option = typer.Option(
+        *decls, metavar=extra.get("metavar"), help=field.description, show_default=False
+    )
+    return Annotated[_flag_type(field.annotation), option]
+
+
+S3EndpointOpt = spec_option("s3_endpoint_url")
+
+
+def with_run_options(
+    only: Sequence[str] | None = None,
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command every run option (or those in ``only``) as flags, as ``flags``.
+
+    ``command`` declares its own parameters (the manifest, ``--config``, ...) and a
+    ``flags`` parameter; the flags of ``pipeline.spec.RunSpec`` are added to its signature
+    for typer, and handed over as a mapping for ``merge_flags`` (None: not given). This is
+    how ``klein-batch run`` and ``klein-batch flow`` get the same options from one place.
+    """
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [
+            p
+            for p in inspect.signature(command, eval_str=True).parameters.values()
+            if p.name != "flags"
+        ]
+        positional = [p for p in own if p.default is inspect.Parameter.empty]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        optional = [p.replace(kind=keyword) for p in own if p not in positional]
+        shared = run_option_parameters(only)
+        names = {p.name for p in shared}
+
+        def wrapper(*args: Any, **kwargs: Any) -> None:
+            flags: dict[str, object] = {}
+            for name in names:
+                value = kwargs.pop(name, None)
+                if value is False or value == []:
+                    value = None  # a bool flag not given, or a repeatable one left out
+                elif isinstance(value, list):
+                    value = [str(item) for item in value]
+                elif isinstance(value, Path):
+                    value = str(value)
+                flags[name] = value
+            command(*args, flags=flags, **kwargs)
+
+        signature = inspect.Signature([*positional, *shared, *optional])
+        wrapper.__signature__ = signature  # type: ignore[attr-defined]
+        wrapper.__annotations__ = {p.name: p.annotation for p in signature.parameters.values()}
+        wrapper.__name__ = command.__name__
+        wrapper.__qualname__ = command.__qualname__
+        wrapper.__doc__ = command.__doc__
+        wrapper.__module__ = command.__module__
+        return wrapper
+
+    return decorate
 
 
 # --- error reporting ------------------------------------------------------------------------
@@ -309,7 +221,7 @@ def _fail(message: str, code: int = ExitCode.CANNOT_START) -> NoReturn:
 
 
 @contextmanager
-def _reported() -> Iterator[None]:
+def reported() -> Iterator[None]:
     """Expected problems become one line and exit 2; our own bugs keep their traceback.
 
     Tracebacks are printed by hand (not Python's hook) so any API key that slipped into a
@@ -335,17 +247,6 @@ def _settings(config_path: Path | None, **flags: object) -> RunConfig:
     return merge_flags(base, **flags)
 
 
-def _defaults(config: RunConfig) -> Defaults:
-    from pipeline.manifest import Defaults
-
-    return Defaults(
-        aspect_ratio=config.aspect_ratio,
-        resolution=config.resolution,
-        safety_tolerance=config.safety_tolerance,
-        output_format=config.output_format,
-    )
-
-
 def _check_manifest_path(text: str) -> str | Path:
     """The manifest to read: a Path, or an s3:// URI as given (checked when it is fetched)."""
     if text[:5].lower() == "s3://":
@@ -366,24 +267,6 @@ def _configure_s3(settings: RunConfig) -> None:
         configure(endpoint_url=settings.s3_endpoint_url)
 
 
-def _catalog_flags(
-    prompt_template: str | None,
-    vary: list[str] | None,
-    variations: list[Path] | None,
-    catalog: str | None = None,
-    per: str | None = None,
-    reference_column: str | None = None,
-) -> dict[str, object]:
-    return {
-        "prompt_template": prompt_template,
-        "vary": list(vary) if vary else None,
-        "variations": [str(path) for path in variations] if variations else None,
-        "catalog": catalog,
-        "per": per,
-        "reference_column": reference_column,
-    }
-
-
 def _catalog(settings: RunConfig) -> Catalog | None:
     """The prompt template and variation matrix asked for (checked here, before any work)."""
     from pipeline.variations import Catalog
@@ -398,25 +281,32 @@ def _catalog(settings: RunConfig) -> Catalog | None:
 # --- validate -------------------------------------------------------------------------------
 
 
+#: The run options ``validate`` takes: what shapes rows and prompts, not where they go.
+VALIDATE_OPTIONS: Final = (
+    "limit",
+    "catalog",
+    "per",
+    "reference_column",
+    "prompt_template",
+    "vary",
+    "variations",
+    "aspect_ratio",
+    "resolution",
+    "output_format",
+    "safety_tolerance",
+    "s3_endpoint_url",
+)
+
+
 @app.command(epilog=_EXIT_CODES_HELP)
+@with_run_options(only=VALIDATE_OPTIONS)
 def validate(
     manifest: ManifestArg,
-    aspect_ratio: AspectRatioOpt = None,
-    resolution: ResolutionOpt = None,
-    output_format: OutputFormatOpt = None,
-    safety_tolerance: SafetyOpt = None,
-    limit: LimitOpt = None,
-    catalog: CatalogOpt = None,
-    per: PerOpt = None,
-    reference_column: ReferenceColumnOpt = None,
-    prompt_template: TemplateOpt = None,
-    vary: VaryOpt = None,
-    variations: VariationsOpt = None,
+    flags: dict[str, object],
     no_references: Annotated[
         bool,
         typer.Option("--no-references", help="Skip checking local reference image files."),
     ] = False,
-    s3_endpoint_url: S3EndpointOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Check a manifest without sending anything, and summarise what a run would do.
@@ -424,24 +314,15 @@ def validate(
     Exit 0 when every row is valid, 1 when some rows would be rejected, 2 when the manifest
     cannot be read at all.
     """
-    with _reported():
-        settings = _settings(
-            config,
-            aspect_ratio=aspect_ratio,
-            resolution=resolution,
-            output_format=output_format,
-            safety_tolerance=safety_tolerance,
-            limit=limit,
-            **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
-            s3_endpoint_url=s3_endpoint_url,
-        )
+    with reported():
+        settings = _settings(config, **flags)
         source = _check_manifest_path(manifest)
         _configure_s3(settings)
         from pipeline.check import check_manifest
 
         report = check_manifest(
             source,
-            defaults=_defaults(settings),
+            defaults=settings.image_defaults(),
             limit=settings.limit,
             check_references=not no_references,
             catalog=_catalog(settings),
@@ -515,201 +396,50 @@ def _resume_hint(out: str) -> str:
     )
 
 
+ProgressOpt = Annotated[
+    str,
+    typer.Option(
+        "--progress",
+        metavar="auto|bar|plain|off",
+        help="Progress display; one of: auto (a bar on a terminal, log lines otherwise), "
+        "bar, plain, off.",
+    ),
+]
+
+
+def spec_from(config: Path | None, flags: dict[str, object]) -> RunSpec:
+    """The run specification of a command: defaults, the config file, then the flags."""
+    spec = _settings(config, **flags)
+    if not spec.out:
+        raise ConfigError('--out DEST is required (or set out = "..." in the config file)')
+    return spec
+
+
 @app.command(epilog=_EXIT_CODES_HELP)
+@with_run_options()
 def run(
     manifest: ManifestArg,
-    out: Annotated[
-        str | None,
-        typer.Option(
-            "--out",
-            "-o",
-            metavar="DEST",
-            help="Output folder or s3://bucket/prefix: images/, manifest.parquet, run.json "
-            "and the resume journal.",
-            show_default=False,
-        ),
-    ] = None,
-    api_url: Annotated[
-        str | None,
-        typer.Option(
-            "--api-url",
-            metavar="URL",
-            help="API base URL, e.g. https://api.freepik.com. The key is read from "
-            f"${API_KEY_ENV['klein']} (dialect klein) or ${API_KEY_ENV['bfl']} (dialect bfl), "
-            "never from a flag.",
-            show_default=False,
-        ),
-    ] = None,
-    sim: Annotated[
-        bool,
-        typer.Option("--sim", help="Start the bundled simulator in-process and run against it."),
-    ] = False,
-    sim_config: Annotated[
-        Path | None,
-        typer.Option(
-            "--sim-config",
-            metavar="FILE",
-            help="Simulator settings (TOML: latency, faults, keys); implies --sim.",
-            show_default=False,
-        ),
-    ] = None,
-    dialect: Annotated[
-        str | None,
-        typer.Option(
-            "--dialect",
-            metavar="klein|bfl",
-            help=f"API dialect; one of: {', '.join(DIALECTS)}. [default: klein]",
-            show_default=False,
-        ),
-    ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(
-            "--model",
-            metavar="klein-4b|klein-9b",
-            help="Dialect bfl's model. [default: klein-4b]",
-            show_default=False,
-        ),
-    ] = None,
-    webhook_listen: Annotated[
-        str | None,
-        typer.Option(
-            "--webhook-listen",
-            metavar="HOST:PORT",
-            help="Receive task webhooks on HOST:PORT (port 0 = any free port) instead of "
-            "polling for every task; lost deliveries are still polled. Signing secret from "
-            f"${WEBHOOK_SECRET_ENV['klein']} (klein) or ${WEBHOOK_SECRET_ENV['bfl']} (bfl; "
-            "made up per run when unset).",
-            show_default=False,
-        ),
-    ] = None,
-    webhook_public_url: Annotated[
-        str | None,
-        typer.Option(
-            "--webhook-public-url",
-            metavar="URL",
-            help="The URL the API should call, when it is not http://HOST:PORT (a tunnel, a "
-            "proxy); the receiver's path is appended unless the URL ends with it.",
-            show_default=False,
-        ),
-    ] = None,
-    tier: Annotated[
-        str | None,
-        typer.Option(
-            "--tier",
-            metavar="NAME",
-            help=f"Rate-limit tier of the key; one of: {_TIER_HELP} (a config file may add "
-            f"more). [default: {DEFAULT_TIER}]",
-            show_default=False,
-        ),
-    ] = None,
-    max_active: Annotated[
-        int | None,
-        typer.Option(
-            "--max-active",
-            metavar="N",
-            help="Active tasks at once (overrides the tier's).",
-            show_default=False,
-        ),
-    ] = None,
-    submits_per_minute: Annotated[
-        int | None,
-        typer.Option(
-            "--submits-per-minute",
-            metavar="M",
-            help="Submit requests per sliding minute (overrides the tier's).",
-            show_default=False,
-        ),
-    ] = None,
-    limit: LimitOpt = None,
-    catalog: CatalogOpt = None,
-    per: PerOpt = None,
-    reference_column: ReferenceColumnOpt = None,
-    missing_reference: MissingReferenceOpt = None,
-    report_columns: ReportColumnsOpt = None,
-    prompt_template: TemplateOpt = None,
-    vary: VaryOpt = None,
-    variations: VariationsOpt = None,
-    max_credits: MaxCreditsOpt = None,
-    library: LibraryOpt = None,
-    no_library: NoLibraryOpt = False,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run", help="Validate, print the plan and its cost estimate, send nothing."
-        ),
-    ] = False,
-    retry_failed: Annotated[
-        bool,
-        typer.Option("--retry-failed", help="Retry the rows that failed in an earlier run."),
-    ] = False,
-    aspect_ratio: AspectRatioOpt = None,
-    resolution: ResolutionOpt = None,
-    output_format: OutputFormatOpt = None,
-    safety_tolerance: SafetyOpt = None,
-    s3_endpoint_url: S3EndpointOpt = None,
+    flags: dict[str, object],
     config: ConfigOpt = None,
-    progress: Annotated[
-        str,
-        typer.Option(
-            "--progress",
-            metavar="auto|bar|plain|off",
-            help="Progress display; one of: auto (a bar on a terminal, log lines otherwise), "
-            "bar, plain, off.",
-        ),
-    ] = "auto",
+    progress: ProgressOpt = "auto",
 ) -> None:
     """Generate an image for every row of MANIFEST into --out DEST (resumable).
 
     Rerunning the same command after a crash or Ctrl-C finishes the job: done rows are
     skipped and tasks already accepted by the API are polled, never paid for twice.
     """
-    with _reported():
+    with reported():
         if progress not in MODES:
             raise ConfigError(
                 f"--progress {progress!r} is not allowed; expected one of {', '.join(MODES)}"
             )
-        settings = _settings(
-            config,
-            out=out,
-            api_url=api_url,
-            sim=sim or None,
-            sim_config=str(sim_config) if sim_config is not None else None,
-            dialect=dialect,
-            model=model,
-            webhook_listen=webhook_listen,
-            webhook_public_url=webhook_public_url,
-            tier=tier,
-            max_active=max_active,
-            submits_per_minute=submits_per_minute,
-            limit=limit,
-            dry_run=dry_run or None,
-            retry_failed=retry_failed or None,
-            max_credits=max_credits,
-            library=library,
-            no_library=no_library or None,
-            **_catalog_flags(prompt_template, vary, variations, catalog, per, reference_column),
-            missing_reference=missing_reference,
-            report_columns=(
-                [c.strip() for c in report_columns.split(",") if c.strip()]
-                if report_columns
-                else None
-            ),
-            aspect_ratio=aspect_ratio,
-            resolution=resolution,
-            output_format=output_format,
-            safety_tolerance=safety_tolerance,
-            s3_endpoint_url=s3_endpoint_url,
-        )
-        if not settings.out:
-            raise ConfigError('--out DEST is required (or set out = "..." in the config file)')
-        settings = _dated_out(settings)
+        settings = _dated_out(spec_from(config, flags))
         source = _check_manifest_path(manifest)
         _configure_s3(settings)
         limits = settings.limits()
         if settings.dry_run:
             _dry_run(source, settings, limits)
-        _run(source, settings, limits, progress)
+        _run(source, settings, progress)
 
 
 def _dated_out(settings: RunConfig) -> RunConfig:
@@ -720,7 +450,7 @@ def _dated_out(settings: RunConfig) -> RunConfig:
 
     assert settings.out is not None
     library = library_for(settings.out, settings.library, no_library=settings.no_library)
-    return replace(settings, out=dated(settings.out), library=library)
+    return settings.replace(out=dated(settings.out), library=library)
 
 
 def _library(settings: RunConfig) -> Library | None:
@@ -736,6 +466,7 @@ def _library(settings: RunConfig) -> Library | None:
 
 def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoReturn:
     from pipeline.check import check_manifest
+    from pipeline.providers import published_cost
     from pipeline.status import earlier_journal
 
     # Into an output that already holds a run, the rerun skips done rows and polls tasks in
@@ -750,37 +481,22 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
         committed = ledger.destination_credits() if ledger is not None else 0.0
         report = check_manifest(
             manifest,
-            defaults=_defaults(settings),
+            defaults=settings.image_defaults(),
             limit=settings.limit,
             catalog=_catalog(settings),
             earlier=earlier,
             export=settings.export(),
             reference_column=settings.reference_column,
             library=_library(settings),
+            cost=published_cost(settings.dialect, settings.model),
         )
     typer.echo(report.render())
     typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
     raise typer.Exit(int(report.exit_code))
 
 
-def demo_sim_config(tier: str, limits: Tier) -> SimConfig:
-    """The simulator ``--sim`` starts: one key whose limits are the ones the run asked for.
-
-    The demo should show a run using its whole tier; a simulated key on a smaller tier
-    would only answer 429s. A ``--sim-config`` file keeps full control instead (that is how
-    a mismatch between client and server limits is rehearsed).
-    """
-    from pipeline.sim.config import KeyConfig, SimConfig
-
-    key = KeyConfig(
-        tier=tier if tier in TIERS else DEFAULT_TIER,
-        max_active=limits.max_active,
-        submits_per_minute=limits.submits_per_minute,
-    )
-    return SimConfig(keys=[key])
-
-
-def _api_key(settings: RunConfig) -> str | None:
+def api_key_from_env(settings: RunConfig) -> str | None:
+    """The API key for a real API from its environment variable (None with the simulator)."""
     if settings.sim:
         return None
     key = os.environ.get(settings.api_key_env, "").strip()
@@ -792,53 +508,18 @@ def _api_key(settings: RunConfig) -> str | None:
     return key
 
 
-def _run(manifest: str | Path, settings: RunConfig, limits: Tier, progress: str) -> NoReturn:
+def _run(manifest: str | Path, settings: RunConfig, progress: str) -> NoReturn:
     check_target(settings)
-    api_key = _api_key(settings)
+    api_key = api_key_from_env(settings)
 
     from pipeline.progress import ProgressDisplay
     from pipeline.report import format_summary
-    from pipeline.run import RunOptions, run_manifest
-    from pipeline.sim.config import SimConfig
+    from pipeline.run import run_manifest
 
-    sim: bool | SimConfig = settings.sim
-    if settings.sim_config is not None:
-        sim = SimConfig.from_toml(settings.sim_config)
-    elif settings.sim:
-        sim = demo_sim_config(settings.tier, limits)
     out = str(settings.out)
     try:
         with ProgressDisplay(mode=progress) as display:  # type: ignore[arg-type]
-            summary = run_manifest(
-                manifest,
-                out,
-                api_url=None if settings.sim else settings.api_url,
-                api_key=api_key,
-                sim=sim,
-                dialect=settings.dialect,
-                # A tier from a config file reaches the run as its explicit limits.
-                tier=settings.tier if settings.tier in TIERS else None,
-                max_active=limits.max_active,
-                submits_per_minute=limits.submits_per_minute,
-                defaults=_defaults(settings),
-                limit=settings.limit,
-                retry_failed=settings.retry_failed,
-                on_progress=display,
-                prompt_template=settings.prompt_template,
-                vary=settings.vary,
-                variations=settings.variations,
-                max_credits=settings.max_credits,
-                catalog=settings.export(),
-                reference_column=settings.reference_column,
-                missing_reference=settings.missing_reference,
-                options=RunOptions(
-                    report_columns=tuple(settings.report_columns),
-                    model=settings.model,
-                    webhook_listen=settings.webhook_listen,
-                    webhook_public_url=settings.webhook_public_url,
-                    library=settings.library,
-                ),
-            )
+            summary = run_manifest(manifest, spec=settings, api_key=api_key, on_progress=display)
     except KeyboardInterrupt:
         typer.echo(_resume_hint(out), err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
@@ -869,7 +550,7 @@ def status(
     finished with every row succeeded, 1 otherwise (running, stopped, or rows not
     succeeded), 2 when DEST has no run.
     """
-    with _reported():
+    with reported():
         from pipeline.status import read_status, render_json
 
         found = read_status(dest)
@@ -943,7 +624,7 @@ def export_command(
     Only succeeded images are exported; each points at --image-base-url. Exit 0 when the
     file was written, 2 when it could not be (no run in DEST, columns missing).
     """
-    with _reported():
+    with reported():
         if s3_endpoint_url:
             from pipeline.s3 import configure
 
@@ -976,24 +657,6 @@ def export_command(
     typer.echo(f"wrote {where}: {made.images:,} images for {catalog}")
 
 
-# --- flow -----------------------------------------------------------------------------------
-
-
-@app.command(
-    "flow",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    add_help_option=False,
-)
-def flow_command(ctx: typer.Context) -> None:
-    """Run MANIFEST as the generate-catalog Prefect flow, in shards (flow --help for options).
-
-    Prefect's ephemeral mode unless PREFECT_API_URL is set; flows/cli.py parses the options.
-    """
-    from flows.cli import run as run_flow
-
-    raise typer.Exit(run_flow(list(ctx.args), prog="klein-batch flow"))
-
-
 # --- sim ------------------------------------------------------------------------------------
 
 
@@ -1014,7 +677,7 @@ def sim_command(
     port: Annotated[int, typer.Option("--port", metavar="PORT", help="Port to listen on.")] = 8765,
 ) -> None:
     """Serve the bundled API simulator (both dialects) until Ctrl-C."""
-    with _reported():
+    with reported():
         from pipeline.sim import serve
         from pipeline.sim.config import KeyConfig, SimConfig
 
@@ -1035,6 +698,21 @@ def sim_command(
         except OSError as exc:
             raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
         typer.echo("simulator stopped")
+
+
+def _add_plugin_commands() -> None:
+    """Commands other packages add, found by entry point (group ``klein_batch.commands``).
+
+    ``klein-batch flow`` comes from ``flows/cli.py`` this way, so ``pipeline`` never imports
+    ``flows`` (the Prefect side builds on the pipeline, not the other way round).
+    """
+    from importlib.metadata import entry_points
+
+    for entry in entry_points(group="klein_batch.commands"):
+        entry.load()(app)
+
+
+_add_plugin_commands()
 
 
 def main() -> None:

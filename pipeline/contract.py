@@ -100,14 +100,55 @@ def bfl_size(aspect_ratio: str, resolution: str) -> tuple[int, int]:
     return _floor16(width * scale), _floor16(height * scale)
 
 
-def cost_credits(width: int, height: int) -> float:
-    """What one image costs, in credits: one credit per output megapixel, to the hundredth.
+@dataclass(frozen=True, slots=True)
+class Price:
+    """A model's published price, in credits (one credit is one US cent) per megapixel.
 
-    Public price lists change and differ by vendor; the contract leaves the figure open, so
-    this is the project's fixed model. The simulator charges it and the planner estimates
-    with it, which makes ``--dry-run`` estimates and real spend comparable.
+    BFL's formula (docs.bfl.ai pricing): the first output megapixel at ``first_mp``, each
+    further output megapixel at ``extra_mp``, each input (reference) megapixel at
+    ``input_mp``. Megapixels are ``pixels / 1_000_000`` and count in fractions, so a
+    1024 x 1024 text-to-image costs ``first_mp`` plus a twentieth of ``extra_mp``; the total
+    is rounded to the hundredth of a credit, the precision the API's ``cost`` is read at.
+    The docs say nothing of rounding megapixels up, so they are not.
     """
-    return round(width * height / 1_000_000, 2)
+
+    first_mp: float
+    extra_mp: float
+    input_mp: float
+
+    def credits(self, width: int, height: int, input_pixels: int = 0) -> float:
+        output_mp = width * height / 1_000_000
+        value = (
+            self.first_mp
+            + max(0.0, output_mp - 1.0) * self.extra_mp
+            + input_pixels / 1_000_000 * self.input_mp
+        )
+        return round(value, 2)
+
+
+#: Dialect A sells one model under one path; its price list is not public (the seed says
+#: "see Pricing"), so it is priced as the smaller model BFL sells, klein 4B.
+KLEIN_MODEL: Final = "flux-2-klein"
+
+#: Published prices per model (docs.bfl.ai "Pricing", shared/api-contract.md): klein 4B
+#: "from $0.014/image" = 1.4 credits for the first megapixel + 0.1 per further or input
+#: megapixel; klein 9B 1.5 + 0.2. The simulator's defaults; its ``[prices]`` overrides them.
+PRICES: Final[dict[str, Price]] = {
+    KLEIN_MODEL: Price(1.4, 0.1, 0.1),
+    "flux-2-klein-4b": Price(1.4, 0.1, 0.1),
+    "flux-2-klein-9b": Price(1.5, 0.2, 0.2),
+}
+
+
+def cost_credits(
+    width: int, height: int, *, model: str = KLEIN_MODEL, input_pixels: int = 0
+) -> float:
+    """What one image of ``model`` costs at the published price, in credits.
+
+    The planner and the budget estimate with it; dialect B's answer carries the real
+    ``cost``, which is what a row records when it is there.
+    """
+    return PRICES[model].credits(width, height, input_pixels)
 
 
 # --- task statuses --------------------------------------------------------------------------

@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from pipeline.budget import Budget
-from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus, cost_credits
+from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
 from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable, StorageError
 from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
@@ -453,9 +453,10 @@ class Engine:
             await self._room_to_fetch()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
+            price = self._provider.cost(request, references)
             if self._budget is not None:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
-                cost = self._cost(request)
+                cost = price
                 group_cost = (
                     sum(self._cost(sibling) for sibling in job.group_requests)
                     if job.group is not None
@@ -483,7 +484,8 @@ class Engine:
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
-            tracked.cost = submitted.cost
+            # The API's own figure when it gives one (dialect B), else the published price.
+            tracked.cost = submitted.cost if submitted.cost is not None else price
             if self._fatal is not None:
                 raise _Stopped  # journaled: the rerun polls it
             first = self._first_poll.value
@@ -990,7 +992,7 @@ class Engine:
             height=info.height,
             format=info.format,
             size=info.size,
-            cost=cost_credits(info.width, info.height),
+            cost=self._cost(request),
         )
 
     async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
@@ -1074,8 +1076,8 @@ class Engine:
         log.debug("retrying after: %s", error.reason)
 
     def _cost(self, request: ImageRequest) -> float:
-        """What the API charges for ``request``'s image (the provider's size of it)."""
-        return cost_credits(*self._provider.output_size(request))
+        """What the API charges for ``request``'s image: its model's published price."""
+        return self._provider.cost(request)
 
     def _outcome(
         self,
@@ -1138,8 +1140,7 @@ class Engine:
         self, request: Any, tracked: _Tracked, status: RowStatus, api_ended: bool
     ) -> float:
         """What an acknowledged task costs: see ``_outcome``."""
-        price = cost_credits(*self._provider.output_size(request))
-        quoted = price if tracked.cost is None else tracked.cost
+        quoted = self._cost(request) if tracked.cost is None else tracked.cost
         if tracked.completed:
             return quoted  # a verified image is exactly the size asked for: the same price
         if status is RowStatus.MODERATED or api_ended:

@@ -298,6 +298,10 @@ def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | No
     ]
     if max_credits is not None:
         figures.append(("budget", f"{max_credits:,.2f}"))
+    if "reused_from" in manifest.columns:
+        reused = manifest.height - manifest["reused_from"].null_count()
+        if reused:  # copied from the image library (--library): not sent, not paid
+            figures.append(("from the library", f"{reused:,}"))
     tiles += [f'<div class="stat"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in figures]
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.started_at))
     asked = manifest.height - counts.get(MERGED_STATUS, 0)

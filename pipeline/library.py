@@ -65,8 +65,10 @@ log = logging.getLogger(__name__)
 
 OBJECTS: Final = "objects"
 INDEX: Final = "index"
-#: New entries kept in memory before they are written as index segments.
-FLUSH_ENTRIES: Final = 1000
+#: New entries kept in memory before they are written as index segments (or after this
+#: many seconds, whichever comes first).
+FLUSH_ENTRIES: Final = 2000
+FLUSH_SECONDS: Final = 60.0
 #: A prefix with more segments than this is compacted at the end of a run.
 COMPACT_AFTER_SEGMENTS: Final = 8
 #: Index prefixes: the first hex digit of the fingerprint.
@@ -280,6 +282,7 @@ class Library:
         #: Entries this run added (or learned while storing), by fingerprint.
         self._fresh: dict[str, Entry] = {}
         self._pending: list[Entry] = []
+        self._pending_since = 0.0
         self._producing: dict[str, asyncio.Event] = {}
         self._flush_lock = asyncio.Lock()
         self._segments: dict[str, list[str]] = {}
@@ -410,19 +413,46 @@ class Library:
 
     async def reuse(self, fp: str, dest: Sink, relpath: str) -> tuple[Entry, str] | None:
         """Copy the library's image for ``fp`` to ``relpath`` in ``dest``; returns its entry
-        and the copy's URI, or None when the library has none (or its object is gone: the
-        object is the truth)."""
+        and the copy's URI, or None when the library has none.
+
+        The objects are the truth: an indexed image that is gone is a miss, and before a
+        miss is paid for, the image's record is looked for (one GET, or a file read): another
+        run may have added it since this one read the index, or a killed run left it
+        unindexed. Found that way, it is copied and indexed by this run.
+        """
         entry = self.lookup(fp)
+        indexed = entry is not None
         if entry is None:
-            return None
+            entry = await self._recorded(fp)
+            if entry is None:
+                return None
         source = object_relpath(fp, entry.format)
         copied = await copy_object(self.sink, source, dest, relpath, FORMAT_MIME[entry.format])
         if copied is None:
-            log.warning("library %s lists %s but its image is gone: generating it", self.uri, fp)
-            self._forget(fp)
+            if indexed:
+                log.warning(
+                    "library %s lists %s but its image is gone: generating it", self.uri, fp
+                )
+                self._forget(fp)
             return None
+        if not indexed:
+            self._fresh[fp] = entry
+            await self._add_pending(entry)
         self.reused += 1
         return entry, copied
+
+    async def _recorded(self, fp: str) -> Entry | None:
+        """The record of an image the index does not list, if there is one."""
+        data = await self.sink.get(record_relpath(fp))
+        if data is None:
+            return None
+        try:
+            entry = Entry.from_json(data)
+        except (ValueError, TypeError):
+            return None
+        if entry.fingerprint != fp or entry.format not in FORMAT_MIME:
+            return None
+        return entry
 
     async def reuse_thumbnail(self, fp: str, dest: Sink, relpath: str) -> bool:
         """Link the report thumbnail of ``fp`` into a local ``dest``, if the library (local
@@ -481,9 +511,17 @@ class Library:
         if created or not await self.sink.exists(record):
             await self.sink.put(record, entry.to_json(), "application/json")
         self._fresh[fp] = entry
-        self._pending.append(entry)
         self.stored += 1
-        if len(self._pending) >= FLUSH_ENTRIES:
+        await self._add_pending(entry)
+
+    async def _add_pending(self, entry: Entry) -> None:
+        """Queue an index entry; written with the others every ``FLUSH_ENTRIES`` entries or
+        ``FLUSH_SECONDS``, so a killed run leaves at most that much unindexed."""
+        now = time.monotonic()
+        if not self._pending:
+            self._pending_since = now
+        self._pending.append(entry)
+        if len(self._pending) >= FLUSH_ENTRIES or now - self._pending_since >= FLUSH_SECONDS:
             await self.flush()
 
     async def _put_if_absent(

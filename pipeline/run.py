@@ -5,6 +5,10 @@ from pipeline import run_manifest
 
 summary = run_manifest("catalog.csv", "out/", sim=True)   # or api_url=..., key in $FREEPIK_API_KEY
 print(summary.counts, summary.images_per_s)
+
+# Every option of `klein-batch run`, as the command and the Prefect flow take them:
+spec = RunSpec(out="out/", sim=True, vary=("style=studio,lifestyle",), max_credits=50)
+summary = run_manifest("catalog.csv", spec=spec)
 ```
 
 The stages meet here and nowhere else: the manifest is read and validated batch by batch,
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import logging
 import os
 import secrets
@@ -31,7 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Itera
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import polars as pl
@@ -40,7 +45,7 @@ import pyarrow as pa
 from pipeline import dest_lock
 from pipeline.budget import Budget
 from pipeline.config import MISSING_REFERENCE_CHOICES
-from pipeline.contract import MERGED_STATUS, TIERS, RowStatus
+from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
@@ -62,6 +67,7 @@ from pipeline.remote_journal import RemoteJournal
 from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
+from pipeline.spec import API_KEY_ENV, RunSpec
 from pipeline.storage import LocalSink, Sink, open_sink, write_failed
 from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.urls import without_credentials
@@ -69,11 +75,14 @@ from pipeline.variations import Catalog
 from pipeline.verdicts import duplicate_rejection
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
+if TYPE_CHECKING:
+    from pipeline.sim.config import SimConfig
+
 log = logging.getLogger(__name__)
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
 #: that could end up in shell history, logs or Prefect run parameters.
-KEY_ENV = {"klein": "FREEPIK_API_KEY", "bfl": "BFL_API_KEY"}
+KEY_ENV = API_KEY_ENV
 
 ManifestSource = str | Path | pl.DataFrame | pa.Table
 
@@ -143,11 +152,61 @@ class RunOptions:
     #: images are copied instead of paid for, and which keeps every image paid for here.
     library: str | None = None
 
+    @classmethod
+    def from_spec(cls, spec: RunSpec, base: RunOptions | None = None) -> RunOptions:
+        """The engine's options for a run specification (the CLI's, a flow shard's, an API
+        caller's); ``base`` keeps the tuning knobs a spec does not carry (latencies,
+        intervals, a shard's offset)."""
+        opts = dataclasses.replace(base) if base is not None else cls()
+        limits = spec.limits()
+        opts.dialect = spec.dialect
+        # A tier from a config file reaches the run as its explicit limits.
+        opts.tier = spec.tier if spec.tier in TIERS else None
+        opts.max_active = limits.max_active
+        opts.submits_per_minute = limits.submits_per_minute
+        opts.defaults = spec.image_defaults()
+        opts.limit = spec.limit
+        opts.retry_failed = spec.retry_failed
+        opts.catalog = Catalog.build(
+            prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
+        )
+        opts.max_credits = spec.max_credits
+        opts.model = spec.model
+        opts.webhook_listen = spec.webhook_listen
+        opts.webhook_public_url = spec.webhook_public_url
+        opts.library = spec.library
+        opts.export = spec.export()
+        opts.reference_column = spec.reference_column
+        opts.missing_reference = spec.missing_reference
+        opts.report_columns = tuple(spec.report_columns)
+        return opts
+
+
+def simulator_for(spec: RunSpec) -> SimConfig | None:
+    """The simulator a spec asks for: its ``sim_config`` file, or, with ``sim`` alone, one
+    key whose limits are the ones the run asked for (the demo should show a run using its
+    whole tier; a simulated key on a smaller tier would only answer 429s). None: a real API.
+    """
+    from pipeline.sim.config import KeyConfig, SimConfig
+
+    if spec.sim_config is not None:
+        return SimConfig.from_toml(spec.sim_config)
+    if not spec.sim:
+        return None
+    limits = spec.limits()
+    key = KeyConfig(
+        tier=spec.tier if spec.tier in TIERS else DEFAULT_TIER,
+        max_active=limits.max_active,
+        submits_per_minute=limits.submits_per_minute,
+    )
+    return SimConfig(keys=[key])
+
 
 def run_manifest(
     manifest: ManifestSource,
-    out: str | Path,
+    out: str | Path | None = None,
     *,
+    spec: RunSpec | None = None,
     api_url: str | None = None,
     api_key: str | None = None,
     sim: bool | object = False,
@@ -181,10 +240,15 @@ def run_manifest(
     Called where an event loop already runs (every Jupyter cell), the run gets a loop of
     its own in a worker thread and this call blocks until it ends, as it does elsewhere;
     ``await arun_manifest(...)`` (same arguments) keeps the cell's loop free instead.
+
+    ``spec`` (a ``pipeline.spec.RunSpec``) is the whole run as ``klein-batch run`` takes it:
+    with it the run's options, output, API URL and simulator come from the spec, and the
+    option keywords above are not used (``options`` still supplies tuning knobs).
     """
     run = arun_manifest(
         manifest,
         out,
+        spec=spec,
         api_url=api_url,
         api_key=api_key,
         sim=sim,
@@ -218,8 +282,9 @@ def run_manifest(
 
 async def arun_manifest(
     manifest: ManifestSource,
-    out: str | Path | Sink,
+    out: str | Path | Sink | None = None,
     *,
+    spec: RunSpec | None = None,
     api_url: str | None = None,
     api_key: str | None = None,
     sim: bool | object = False,
@@ -254,6 +319,15 @@ async def arun_manifest(
     ``out`` may also be a ready ``Sink`` (Prefect shards pass one that keeps their journal
     and partial manifest apart while sharing ``images/``).
     """
+    if spec is not None:
+        out = out if out is not None else spec.out
+        api_url = api_url or spec.api_url
+        if sim is False or sim is None:
+            sim = simulator_for(spec) or False
+        options = RunOptions.from_spec(spec, options)
+        dialect = spec.dialect
+    if out is None:
+        raise ConfigError("no output: pass out (a folder or s3:// URI), or a spec with out")
     opts = options or RunOptions()
     _export_options(opts, catalog, per, reference_column, missing_reference)
     if dialect is not None:

@@ -8,7 +8,7 @@ keeps the one retry loop and the one HTTP session, and a new dialect is a new mo
 from __future__ import annotations
 
 import base64
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
@@ -68,6 +68,14 @@ class Provider(Protocol):
 
     def output_size(self, request: ImageRequest) -> tuple[int, int]: ...
 
+    def cost(self, request: ImageRequest, references: Sequence[Reference] = ()) -> float:
+        """The published price of ``request`` with ``references``, in credits.
+
+        What a budget reserves before a submit, and what a row records when the API does
+        not say what it charged (dialect A never does).
+        """
+        ...
+
     def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
         """A verified webhook body: the task it is about and the state it reports."""
         ...
@@ -105,6 +113,16 @@ def mask_secrets(text: str, secrets: Sequence[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
+
+
+def published_cost(dialect: str, model: str | None = None) -> Callable[[ImageRequest], float]:
+    """What a request costs at its model's published price in ``dialect``, without a key.
+
+    For plans (``--dry-run``) that price rows before anything is sent: the provider's own
+    ``cost``, so a plan and the budget the run reserves agree (its base URL and key are
+    never used: pricing is arithmetic).
+    """
+    return make_provider(dialect, "http://127.0.0.1", "", model=model).cost
 
 
 def make_provider(

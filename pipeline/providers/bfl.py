@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.contract import BFL_KEY_HEADER, BFL_MODELS, REFERENCE_FIELDS, BflStatus, bfl_size
+from pipeline.contract import (
+    BFL_KEY_HEADER,
+    BFL_MODELS,
+    REFERENCE_FIELDS,
+    BflStatus,
+    bfl_size,
+    cost_credits,
+)
 from pipeline.errors import ConfigError
 from pipeline.providers import (
     ProtocolError,
@@ -50,6 +57,7 @@ class BflProvider:
                 f"--model {model!r} is not allowed for dialect bfl; expected {allowed}"
             )
         self._base = base_url.rstrip("/")
+        self._model = path
         self._path = "/v1/" + path
         self._headers = {BFL_KEY_HEADER: api_key}
         self._webhook_secret = webhook_secret
@@ -157,3 +165,8 @@ class BflProvider:
 
     def output_size(self, request: ImageRequest) -> tuple[int, int]:
         return bfl_size(request.aspect_ratio, request.resolution)
+
+    def cost(self, request: ImageRequest, references: Sequence[Reference] = ()) -> float:
+        """The model's published price; the submit's answer says what was really charged."""
+        pixels = sum(r.width * r.height for r in references)
+        return cost_credits(*self.output_size(request), model=self._model, input_pixels=pixels)

@@ -5,7 +5,14 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from pipeline.contract import KLEIN_PATH, REFERENCE_FIELDS, KleinStatus, output_size
+from pipeline.contract import (
+    KLEIN_MODEL,
+    KLEIN_PATH,
+    REFERENCE_FIELDS,
+    KleinStatus,
+    cost_credits,
+    output_size,
+)
 from pipeline.providers import (
     ProtocolError,
     Submitted,
@@ -112,6 +119,10 @@ class KleinProvider:
 
     def output_size(self, request: ImageRequest) -> tuple[int, int]:
         return output_size(request.aspect_ratio, request.resolution)
+
+    def cost(self, request: ImageRequest, references: Sequence[Reference] = ()) -> float:
+        pixels = sum(r.width * r.height for r in references)
+        return cost_credits(*self.output_size(request), model=KLEIN_MODEL, input_pixels=pixels)
 
 
 def _data(body: Any) -> dict[str, Any]:

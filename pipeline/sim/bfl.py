@@ -1,18 +1,29 @@
 """Dialect B ("bfl", Black Forest Labs' own API): submit, poll by ``polling_url``, webhooks.
 
 It shares ``SimState`` with dialect A, so a key's limits, credits and counters are the same
-whichever dialect a client speaks (the stats use the same per-key names). What differs:
+whichever dialect a client speaks (the stats use the same per-key names); its tasks are its
+own (dialect A's list and polls never show them, nor this dialect's polls A's tasks).
+What differs:
 
 - submit ``POST /v1/flux-2-klein-4b`` (or ``-9b``) with explicit ``width``/``height``, auth
-  in ``x-key``; the answer carries the task's ``cost`` in credits and an absolute
-  ``polling_url``. That URL points at a regional-looking path (``/regional/eu/v1/...``)
-  on purpose: a client that rebuilds it from the base URL instead of using it as given
-  still works against ``/v1/get_result`` here, but is caught by the tests.
+  in ``x-key``; the answer carries the task's ``cost`` in credits (the model's price, see
+  ``SimConfig.price``), ``input_mp``/``output_mp`` and an absolute ``polling_url``.
+- ``polling_url`` names a second listener standing for the regional cluster that took the
+  task (another port; production: another host such as ``api.us1.bfl.ai``), with the usual
+  path ``/v1/get_result?id=``. The global host's ``/v1/get_result`` is documented and
+  answers, but says ``Task not found`` for every task, as another cluster does: a client
+  that rebuilds the URL from its base, or swaps the host, fails here as in production.
+- a ``Ready`` task's ``result`` is ``{sample, seed, prompt, start_time, end_time,
+  duration}`` (unix seconds; what BFL's examples and webhooks carry), in polls and webhooks.
 - errors are FastAPI bodies: ``{"detail": "..."}``, and for 422
-  ``{"detail": [{"loc", "msg", "type"}]}`` with one entry per bad field.
+  ``{"detail": [{"loc", "msg", "type"}]}`` with one entry per bad field; unknown paths
+  ``404 {"detail": "Not Found"}`` and wrong methods ``405 {"detail": "Method Not Allowed"}``.
+- task ids are random UUIDs per server start (``task_id_seed`` makes them repeatable).
 - statuses ``Pending``, ``Ready``, ``Error``, ``Request Moderated`` (the prompt tripped
-  the moderation words), ``Content Moderated`` (random moderation of the output) and
-  ``Task not found``. Moderated and failed tasks are refunded, as dialect A's are.
+  the moderation words: refused before generation, so the first poll already shows it,
+  with no progress, and its slot is free at once), ``Content Moderated`` (random
+  moderation of the output, shown when the task ends) and ``Task not found``. Moderated
+  and failed tasks are refunded, as dialect A's are.
 - one webhook when the task ends, ``{"id", "status", "result"}``, signed with
   ``X-BFL-Signature: sha256=<hex HMAC-SHA256(webhook_secret, body)>`` when the submit
   carried a ``webhook_secret``; the fault settings (late, duplicated, lost) apply.
@@ -28,7 +39,6 @@ import base64
 import binascii
 import hashlib
 import hmac
-import io
 import json
 import logging
 import re
@@ -38,7 +48,6 @@ from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
-from PIL import Image
 
 from pipeline.contract import (
     BFL_KEY_HEADER,
@@ -55,7 +64,6 @@ from pipeline.contract import (
     SEED_MIN,
     SIDE_MULTIPLE,
     BflStatus,
-    cost_credits,
 )
 from pipeline.sim import images
 from pipeline.sim.responses import cut, dumps, is_loopback_host, json_response
@@ -63,7 +71,6 @@ from pipeline.sim.results import Results
 from pipeline.sim.state import (
     COMPLETED,
     FAILED,
-    MODERATED,
     KeyState,
     SimState,
     SubmitRequest,
@@ -73,8 +80,8 @@ from pipeline.sim.state import (
 log = logging.getLogger(__name__)
 
 RESULT_PATH = "/v1/get_result"
-#: Where ``polling_url`` points: same server, a path that looks like another host's.
-REGIONAL_RESULT_PATH = "/regional/eu/v1/get_result"
+#: Tasks this dialect took; dialect A's task list and polls never show them.
+DIALECT = "bfl"
 DEFAULT_SIDE = 1024
 _MAX_REFERENCE_FETCH_S = 10.0
 
@@ -127,6 +134,9 @@ class BflApi:
     def __init__(self, state: SimState, results: Results) -> None:
         self.state = state
         self.results = results
+        #: Base URL of the regional listener that answers this dialect's polls, once it
+        #: listens (``SimServer`` starts it); ``polling_url`` points there.
+        self.regional_url: str | None = None
         self._extra: dict[str, _Extra] = {}
         self._session: aiohttp.ClientSession | None = None
         self._jobs: set[asyncio.Task[None]] = set()
@@ -136,12 +146,23 @@ class BflApi:
         )
 
     def add_routes(self, app: web.Application) -> None:
+        """The global host's routes: submits, and a ``get_result`` that knows no task.
+
+        ``get_result`` is documented on the global host too, so it is there and validates
+        like the real one; but every task lives on the regional cluster its
+        ``polling_url`` names, and asking another cluster answers ``Task not found``
+        (shared/api-contract.md). Without a regional listener (``create_app`` served
+        alone) the global host answers its tasks itself.
+        """
         for model in BFL_MODELS:
             app.router.add_post(f"/v1/{model}", self.submit)
-        app.router.add_get(RESULT_PATH, self.poll)
-        app.router.add_get(REGIONAL_RESULT_PATH, self.poll)
+        app.router.add_get(RESULT_PATH, self.poll_global)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
+
+    def add_regional_routes(self, app: web.Application) -> None:
+        """The regional cluster's routes: ``get_result`` for the tasks it took."""
+        app.router.add_get(RESULT_PATH, self.poll)
 
     async def _startup(self, _: web.Application) -> None:
         timeout = aiohttp.ClientTimeout(total=self.state.config.webhook_timeout_s)
@@ -201,9 +222,22 @@ class BflApi:
         return BflStatus.CONTENT_MODERATED
 
     def _result(self, task: Task, status: BflStatus, base_url: str) -> dict[str, Any] | None:
+        """A Ready task's ``result``: the fields the API's examples and webhooks carry.
+
+        ``start_time``/``end_time`` are unix seconds (generation start, after the queue,
+        and finish) and ``duration`` their difference, as BFL's examples show them.
+        """
         if status != BflStatus.READY:
             return None
-        return {"sample": self.results.url(task, base_url), "seed": task.seed}
+        start, end = round(task.started_at, 3), round(task.finished_at, 3)
+        return {
+            "sample": self.results.url(task, base_url),
+            "seed": task.seed,
+            "prompt": task.prompt,
+            "start_time": start,
+            "end_time": end,
+            "duration": round(end - start, 3),
+        }
 
     def _forget_pruned(self) -> None:
         """Drop notes of tasks the shared state has pruned (memory stays flat)."""
@@ -284,7 +318,7 @@ class BflApi:
                 problems.append((name, reason, "value_error"))
             elif data is not None:
                 references.append(data)
-                input_pixels += _pixels(data)
+                input_pixels += images.reference_pixels(data)
         if problems:
             return Unprocessable(problems)
         request = SubmitRequest(
@@ -296,6 +330,8 @@ class BflApi:
             fmt=fmt,
             references=tuple(references),
             webhook_url=webhook_url,
+            model=model,
+            input_pixels=input_pixels,
         )
         moderated = bool(
             self._words is not None
@@ -402,10 +438,10 @@ class BflApi:
             message = f"Insufficient credits: this costs {cents / 100:.2f}, {remaining:.2f} left"
             return self._refuse(key, 402, {"detail": message})
         base_url = f"{request.scheme}://{request.host}"
-        task = state.accept(key, submit, digest, n, now, base_url)
-        if request_moderated and task.outcome == COMPLETED:
-            # Refunded when it ends, like every moderated task (see SimState._end).
-            task.outcome = MODERATED
+        task = state.accept(
+            key, submit, digest, n, now, base_url,
+            dialect=DIALECT, request_moderated=request_moderated,
+        )  # fmt: skip
         self._forget_pruned()
         self._extra[task.task_id] = _Extra(model, secret, request_moderated)
         if task.webhook_url:
@@ -413,8 +449,8 @@ class BflApi:
         body = dumps(
             {
                 "id": task.task_id,
-                "polling_url": f"{base_url}{REGIONAL_RESULT_PATH}?id={task.task_id}",
-                "cost": cost_credits(task.width, task.height),
+                "polling_url": f"{self.regional_url or base_url}{RESULT_PATH}?id={task.task_id}",
+                "cost": task.cost_cents / 100,
                 "input_mp": round(input_mp, 2),
                 "output_mp": round(task.width * task.height / 1_000_000, 2),
             }
@@ -425,7 +461,15 @@ class BflApi:
 
     # --- poll -------------------------------------------------------------------------------
 
+    async def poll_global(self, request: web.Request) -> web.StreamResponse:
+        """``get_result`` on the global host: ``Task not found`` once regions take tasks."""
+        return await self._poll(request, found=self.regional_url is None)
+
     async def poll(self, request: web.Request) -> web.StreamResponse:
+        """``get_result`` on the regional cluster, where ``polling_url`` points."""
+        return await self._poll(request, found=True)
+
+    async def _poll(self, request: web.Request, *, found: bool) -> web.StreamResponse:
         key = self._key(request)
         if isinstance(key, web.Response):
             return key
@@ -438,7 +482,7 @@ class BflApi:
                 status=422,
             )
         key.counters.polls += 1
-        task = state.get_task(key, task_id, now)
+        task = state.get_task(key, task_id, now, DIALECT) if found else None
         if task is None:
             return json_response(
                 {"id": task_id, "status": BflStatus.TASK_NOT_FOUND.value, "result": None,
@@ -446,9 +490,9 @@ class BflApi:
             )  # fmt: skip
         n = state.polled(task, now)
         faults = state.config.faults.poll
-        if state.fault(key, "poll_503", task_id, n, faults.error_503):
+        if state.fault(key, "poll_503", task.identity, n, faults.error_503):
             return json_response({"detail": "Service temporarily unavailable"}, status=503)
-        if state.fault(key, "poll_500", task_id, n, faults.error_500):
+        if state.fault(key, "poll_500", task.identity, n, faults.error_500):
             return json_response({"detail": "Internal server error"}, status=500)
         status = self._status(task, now)
         progress = None
@@ -464,7 +508,7 @@ class BflApi:
                 "progress": progress,
             }
         )
-        if state.fault(key, "poll_drop", task_id, n, faults.drop):
+        if state.fault(key, "poll_drop", task.identity, n, faults.drop):
             return await cut(request, body, send=len(body) // 2)
         return web.Response(body=body, content_type="application/json")
 
@@ -481,7 +525,7 @@ class BflApi:
             await asyncio.sleep(delay)
         state = self.state
         faults = state.config.faults
-        identity = f"{task.task_id}:final"
+        identity = f"{task.identity}:final"
         if state.fault(task.key, "webhook_lost", identity, 0, faults.webhook_lost):
             return
         late = state.fault(task.key, "webhook_late", identity, 0, faults.webhook_late)
@@ -493,7 +537,7 @@ class BflApi:
             {
                 "id": task.task_id,
                 "status": status.value,
-                "result": self._result(task, status, task.base_url),
+                "result": self._result(task, status, self.regional_url or task.base_url),
             }
         )
         for _ in range(2 if duplicate else 1):
@@ -526,12 +570,3 @@ class BflApi:
 def bfl_signature(secret: str, body: bytes) -> str:
     """The ``X-BFL-Signature`` header value: ``sha256=`` and the hex HMAC of the body."""
     return "sha256=" + hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
-
-
-def _pixels(data: bytes) -> int:
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except (OSError, ValueError):
-        return 0
-    return width * height

@@ -20,9 +20,11 @@ from typing import Any
 from pipeline.contract import (
     DEFAULT_TIER,
     MAX_REFERENCES,
+    PRICES,
     RESULT_URL_TTL_S,
     SAFETY_MAX,
     TIERS,
+    Price,
     Tier,
 )
 from pipeline.errors import ConfigError
@@ -115,6 +117,15 @@ class ModerationConfig:
 
 
 @dataclass(slots=True)
+class PriceConfig:
+    """One model's price in credits per megapixel; an unset figure keeps the published one."""
+
+    first_mp: float | None = None
+    extra_mp: float | None = None
+    input_mp: float | None = None
+
+
+@dataclass(slots=True)
 class SimConfig:
     """Everything the simulator can be told."""
 
@@ -138,6 +149,12 @@ class SimConfig:
     max_reference_bytes: int = 10 * 1024 * 1024
     #: Secret for result-URL signatures; random per server start when unset.
     url_secret: str | None = None
+    #: Per-model prices (``flux-2-klein`` for dialect A, ``flux-2-klein-4b``/``-9b`` for B),
+    #: overriding the published figures in ``contract.PRICES``.
+    prices: dict[str, PriceConfig] = field(default_factory=dict)
+    #: Task ids are random UUIDs per server start, as production's are; a seed makes them
+    #: a function of (seed, key, request, repeat) instead, the same in every run.
+    task_id_seed: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> SimConfig:
@@ -162,6 +179,18 @@ class SimConfig:
     def max_body_bytes(self) -> int:
         """Largest submit body: four references at the size limit, base64, plus the rest."""
         return (self.max_reference_bytes * 4 // 3 + 1024) * MAX_REFERENCES + 1024 * 1024
+
+    def price(self, model: str) -> Price:
+        """What ``model`` costs here: the published price, with any configured override."""
+        base = PRICES[model]
+        override = self.prices.get(model)
+        if override is None:
+            return base
+        return Price(
+            base.first_mp if override.first_mp is None else override.first_mp,
+            base.extra_mp if override.extra_mp is None else override.extra_mp,
+            base.input_mp if override.input_mp is None else override.input_mp,
+        )
 
     def tier_table(self) -> dict[str, Tier]:
         """Contract presets, overridden and extended by ``tiers``."""
@@ -275,6 +304,13 @@ class SimConfig:
         positive("webhook_timeout_s", self.webhook_timeout_s)
         positive("image_cache_bytes", self.image_cache_bytes, zero=True)
         positive("max_reference_bytes", self.max_reference_bytes)
+        for model, price in self.prices.items():
+            if model not in PRICES:
+                raise bad(f"prices.{model}", f"expected a model: {', '.join(PRICES)}", model)
+            for attr in ("first_mp", "extra_mp", "input_mp"):
+                value = getattr(price, attr)
+                if value is not None:
+                    positive(f"prices.{model}.{attr}", value, zero=True)
 
 
 # --- dict -> dataclass, with errors a person can act on -------------------------------------

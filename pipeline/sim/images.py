@@ -74,6 +74,8 @@ class _Reference:
 
     reason: str | None
     palette: tuple[RGB, ...]
+    #: Width x height as sent (what dialect B charges input megapixels on).
+    pixels: int = 0
 
 
 class _LruCache:
@@ -175,12 +177,13 @@ def _analyse(data: bytes) -> _Reference:
             return _Reference(f"{kind} image has too many pixels to decode safely", ())
         # JPEG decodes at 1/8 scale here (libjpeg skips most of the IDCT) yet still reads
         # every entropy-coded byte, so truncation is still caught.
+        pixels = image.width * image.height
         image.draft("RGB", (64, 64))
         image.load()
         palette = _dominant_colours(image)
     except (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, KeyError):
         return broken
-    return _Reference(None, palette)
+    return _Reference(None, palette, pixels)
 
 
 def _digest(data: bytes) -> bytes:
@@ -203,6 +206,11 @@ def check_reference(data: bytes) -> str | None:
     a batch that reuses one product photo decodes it once.
     """
     return _reference(bytes(data)).reason
+
+
+def reference_pixels(data: bytes) -> int:
+    """Width x height of a reference ``check_reference`` accepted (0 if it did not)."""
+    return _reference(bytes(data)).pixels
 
 
 # --- colour ----------------------------------------------------------------------------------

@@ -6,6 +6,12 @@ the body (400 naming every bad field), injected 503/500, the active-task limit (
 credits (402), then the task is created and charged; an injected drop cuts the connection
 only after that, which is the ambiguous case a careful client must handle by polling its
 task list rather than paying twice.
+
+The task list and polls show tasks submitted through this dialect only, even when the same
+key also submits through dialect B (limits and credits stay shared). Prices are
+``SimConfig.price("flux-2-klein")``: Freepik publishes no per-megapixel figure, so the
+default is klein 4B's. Errors, unknown paths included (``{"message": "Not Found"}``), are
+``{"message": ...}`` bodies.
 """
 
 from __future__ import annotations
@@ -43,6 +49,9 @@ from pipeline.sim.state import KeyState, SimState, SubmitRequest, Task
 from pipeline.sim.webhooks import WebhookSender
 
 _HEADERS_TEXT = " or ".join(KLEIN_KEY_HEADERS)
+#: Tasks this dialect took; the task list and polls show these only (a key's dialect B
+#: tasks live on BFL's own clusters, which Freepik's API knows nothing of).
+DIALECT = "klein"
 
 
 class BadRequest(Exception):
@@ -107,6 +116,7 @@ def parse_submit(
         problems.append(("output_format", "must be one of " + ", ".join(OUTPUT_FORMATS)))
 
     references: list[bytes] = []
+    input_pixels = 0
     for name in REFERENCE_FIELDS:
         if name not in body:
             continue
@@ -115,6 +125,7 @@ def parse_submit(
             problems.append((name, reason))
         elif data is not None:
             references.append(data)
+            input_pixels += images.reference_pixels(data)
 
     webhook_url = body.get("webhook_url")
     if "webhook_url" in body:
@@ -134,6 +145,7 @@ def parse_submit(
         fmt=fmt,
         references=tuple(references),
         webhook_url=webhook_url,
+        input_pixels=input_pixels,
     )
 
 
@@ -295,7 +307,7 @@ class KleinApi:
                     f"{remaining:.2f} left"
                 },
             )
-        task = state.accept(key, parsed, digest, n, now, self._base_url(request))
+        task = state.accept(key, parsed, digest, n, now, self._base_url(request), dialect=DIALECT)
         if task.webhook_url:
             self.webhooks.schedule(task)
         body = dumps({"data": {"task_id": task.task_id, "status": KleinStatus.CREATED.value}})
@@ -311,17 +323,17 @@ class KleinApi:
         now = state.clock()
         task_id = request.match_info["task_id"]
         key.counters.polls += 1
-        task = state.get_task(key, task_id, now)
+        task = state.get_task(key, task_id, now, DIALECT)
         if task is None:
             return json_response({"message": f"Task {task_id} not found"}, status=404)
         n = state.polled(task, now)
         faults = state.config.faults.poll
-        if state.fault(key, "poll_503", task_id, n, faults.error_503):
+        if state.fault(key, "poll_503", task.identity, n, faults.error_503):
             return json_response({"message": "Service temporarily unavailable"}, status=503)
-        if state.fault(key, "poll_500", task_id, n, faults.error_500):
+        if state.fault(key, "poll_500", task.identity, n, faults.error_500):
             return json_response({"message": "Internal server error"}, status=500)
         body = dumps({"data": self.task_body(task, task.status(now), self._base_url(request))})
-        if state.fault(key, "poll_drop", task_id, n, faults.drop):
+        if state.fault(key, "poll_drop", task.identity, n, faults.drop):
             return await cut(request, body, send=len(body) // 2)
         return web.Response(body=body, content_type="application/json")
 
@@ -344,6 +356,7 @@ class KleinApi:
                 "data": [
                     {"task_id": task.task_id, "status": task.status(now).value}
                     for task in key.tasks.values()
+                    if task.dialect == DIALECT
                 ]
             }
         )

@@ -136,18 +136,18 @@ class Results:
         task.downloads += 1
         faults = state.config.faults
         key = task.key
-        if state.fault(key, "download_503", task_id, n, faults.download.error_503):
+        if state.fault(key, "download_503", task.identity, n, faults.download.error_503):
             return json_response({"message": "Service unavailable"}, status=503)
-        if state.fault(key, "download_500", task_id, n, faults.download.error_500):
+        if state.fault(key, "download_500", task.identity, n, faults.download.error_500):
             return json_response({"message": "Internal server error"}, status=500)
         data = await self.image(task)
         key.counters.downloads += 1
         mime = FORMAT_MIME[task.fmt]
-        if state.fault(key, "download_drop", task_id, n, faults.download.drop):
+        if state.fault(key, "download_drop", task.identity, n, faults.download.drop):
             return await cut(request, data, send=0, content_type=mime)
-        if state.fault(key, "download_truncate", task_id, n, faults.truncate):
+        if state.fault(key, "download_truncate", task.identity, n, faults.truncate):
             return await cut(request, data, send=len(data) // 2, content_type=mime)
-        if state.fault(key, "download_slow", task_id, n, faults.slow):
+        if state.fault(key, "download_slow", task.identity, n, faults.slow):
             return await self._slow(request, data, mime, faults.slow_bytes_per_s)
         return web.Response(body=data, content_type=mime)
 

@@ -4,6 +4,14 @@ Three ways to run the same server: ``async with SimServer(config)`` inside a tes
 loop, ``with SimServer.in_thread(config)`` for synchronous code (its own loop in a daemon
 thread), and ``serve(config, host, port)`` blocking until Ctrl-C or SIGTERM (the command
 line). Operator endpoints need no key, so they answer loopback peers only.
+
+Each runs two listeners: the API's global host (``url``: both dialects' submits, dialect
+A's polls and lists, results, operator endpoints) and a second one standing for the
+regional cluster that takes dialect B's tasks (``regional_url``: its ``/v1/get_result``
+and results). Dialect B's ``polling_url`` names the second, so only a client that polls it
+as given finds its tasks. Paths neither knows answer JSON like the API's own: FastAPI's
+``{"detail": "Not Found"}`` (and ``405 {"detail": "Method Not Allowed"}``), or
+``{"message": "Not Found"}`` under dialect A's ``/v1/ai/`` paths.
 """
 
 from __future__ import annotations
@@ -33,6 +41,8 @@ log = logging.getLogger(__name__)
 
 STATS_PATH = "/_sim/stats"
 RESET_PATH = "/_sim/reset"
+#: Unknown paths under this prefix are dialect A's and answer its error shape.
+_KLEIN_PREFIX = "/v1/ai/"
 
 
 @dataclass(slots=True)
@@ -56,6 +66,23 @@ class Sim:
 SIM_KEY = web.AppKey("klein_sim", Sim)
 
 
+@web.middleware
+async def _json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """404s and 405s from the router as the API's JSON, not aiohttp's ``text/plain``.
+
+    The public docs show FastAPI's bodies for dialect B (``{"detail": "Not Found"}``);
+    dialect A's docs are silent, so its paths answer in its own error shape
+    (``{"message": ...}``) rather than a text page no client parses.
+    """
+    try:
+        return await handler(request)
+    except (web.HTTPNotFound, web.HTTPMethodNotAllowed) as exc:
+        text = "Not Found" if exc.status == 404 else "Method Not Allowed"
+        field = "message" if request.path.startswith(_KLEIN_PREFIX) else "detail"
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return json_response({field: text}, status=exc.status, headers=headers)
+
+
 def create_app(
     config: SimConfig | None = None, *, clock: Callable[[], float] = time.time
 ) -> web.Application:
@@ -75,7 +102,7 @@ def create_app(
     bfl = BflApi(state, results)
     sim = Sim(state, results, webhooks, klein, bfl)
 
-    app = web.Application(client_max_size=config.max_body_bytes())
+    app = web.Application(client_max_size=config.max_body_bytes(), middlewares=[_json_errors])
     app[SIM_KEY] = sim
     klein.add_routes(app)
     bfl.add_routes(app)
@@ -85,6 +112,17 @@ def create_app(
     app.on_startup.append(_startup)
     app.on_cleanup.append(_cleanup)
     return app
+
+
+def create_regional_app(app: web.Application) -> web.Application:
+    """The regional cluster's listener for ``app``'s simulator: same state, fewer routes."""
+    sim = app[SIM_KEY]
+    regional = web.Application(middlewares=[_json_errors])
+    regional[SIM_KEY] = sim
+    if sim.bfl is not None:
+        sim.bfl.add_regional_routes(regional)
+    regional.router.add_get(RESULTS_PREFIX + "{name}", sim.results.handle)
+    return regional
 
 
 def _operator_refusal(request: web.Request) -> web.Response | None:
@@ -139,6 +177,20 @@ async def _prune_forever(state: SimState) -> None:
             log.debug("pruned %d finished tasks", pruned)
 
 
+def _url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    """Start a TCP site for ``runner``; the port it got (port 0 picks a free one)."""
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    if server is not None and getattr(server, "sockets", None):
+        return server.sockets[0].getsockname()[1]
+    return port
+
+
 class SimServer:
     """A running simulator on ``host:port`` (port 0 picks a free one)."""
 
@@ -149,21 +201,32 @@ class SimServer:
         host: str = "127.0.0.1",
         port: int = 0,
         clock: Callable[[], float] = time.time,
+        regional_host: str | None = None,
+        regional_port: int = 0,
     ) -> None:
         self.config = config if config is not None else SimConfig()
         #: Unix-seconds clock the simulated API runs on; tests pass a fake one to skip time.
         self.clock = clock
         self.host = host
         self.port = port
+        #: The regional listener: ``host`` unless told, any free port unless told.
+        self.regional_host = regional_host or host
+        self.regional_port = regional_port
         self._app: web.Application | None = None
         self._runner: web.AppRunner | None = None
+        self._regional_runner: web.AppRunner | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        """The API's global host: where clients are configured to go."""
+        return _url(self.host, self.port)
+
+    @property
+    def regional_url(self) -> str:
+        """The regional cluster dialect B's ``polling_url`` names (nobody is told it)."""
+        return _url(self.regional_host, self.regional_port)
 
     @property
     def sim(self) -> Sim:
@@ -175,14 +238,22 @@ class SimServer:
         self._app = create_app(self.config, clock=self.clock)
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        self.port = await _listen(self._runner, self.host, self.port)
+        regional = create_regional_app(self._app)
+        self._regional_runner = web.AppRunner(regional, access_log=None, handle_signals=False)
+        await self._regional_runner.setup()
+        self.regional_port = await _listen(
+            self._regional_runner, self.regional_host, self.regional_port
+        )
+        bfl = self._app[SIM_KEY].bfl
+        if bfl is not None:
+            bfl.regional_url = self.regional_url
         self._loop = asyncio.get_running_loop()
 
     async def stop(self) -> None:
+        if self._regional_runner is not None:
+            await self._regional_runner.cleanup()
+            self._regional_runner = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -267,8 +338,13 @@ def serve(
     port: int = 8765,
     *,
     announce: Callable[[str], None] = print,
+    regional_port: int = 0,
 ) -> None:
-    """Run until Ctrl-C or SIGTERM, announcing the base URL in one line once listening."""
+    """Run until Ctrl-C or SIGTERM, announcing the base URL in one line once listening.
+
+    The regional listener (``regional_port``, any free one by default) is not announced:
+    clients are given the base URL only and learn the other from ``polling_url``.
+    """
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -276,7 +352,7 @@ def serve(
         for signum in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.add_signal_handler(signum, stop.set)
-        async with SimServer(config, host=host, port=port) as server:
+        async with SimServer(config, host=host, port=port, regional_port=regional_port) as server:
             announce(f"klein simulator listening on {server.url}")
             await stop.wait()
 

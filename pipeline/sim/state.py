@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from pipeline.contract import KleinStatus, Tier, cost_credits
+from pipeline.contract import KLEIN_MODEL, KleinStatus, Tier
 from pipeline.sim.config import KeyConfig, SimConfig
 from pipeline.sim.faults import LatencyModel, decide, unit
 
@@ -41,11 +41,16 @@ class SubmitRequest:
     fmt: str
     references: tuple[bytes, ...] = ()
     webhook_url: str | None = None
+    #: The model priced (``contract.PRICES``): dialect A's one model, or B's path name.
+    model: str = KLEIN_MODEL
+    #: Width x height of all references together (dialect B charges input megapixels).
+    input_pixels: int = 0
 
     def digest(self) -> bytes:
         """Identity of what would be generated: equal digests mean a paid-for duplicate."""
         h = hashlib.blake2b(digest_size=16)
-        for part in (self.prompt, str(self.seed), str(self.width), str(self.height), self.fmt):
+        parts = (self.prompt, str(self.seed), str(self.width), str(self.height), self.fmt)
+        for part in (*parts, self.model):
             h.update(part.encode())
             h.update(b"\0")
         for ref in self.references:
@@ -73,6 +78,11 @@ class Task:
     webhook_url: str | None
     #: Unix second at which the result URL stops working.
     expires: int
+    #: Which dialect took it ("klein" or "bfl"): each dialect lists and polls its own only.
+    dialect: str = "klein"
+    #: Stable name of the request behind it (key, body digest, repeat): fault decisions
+    #: about the task hash this, not the random task id, so a seeded faulty run repeats.
+    identity: str = ""
     ended: bool = False
     polls: int = 0
     downloads: int = 0
@@ -237,7 +247,17 @@ class SimState:
         return key.ends[0][0] - now
 
     def cost_cents(self, request: SubmitRequest) -> int:
-        return round(cost_credits(request.width, request.height) * 100)
+        """The request's price in hundredths of a credit, at this simulator's prices."""
+        price = self.config.price(request.model)
+        return round(price.credits(request.width, request.height, request.input_pixels) * 100)
+
+    def _task_id(self, identity: str, n: int) -> str:
+        """A random UUID, as production hands out; with ``task_id_seed``, a repeatable one."""
+        seed = self.config.task_id_seed
+        if seed is None:
+            return str(uuid.uuid4())
+        raw = hashlib.blake2b(f"{seed}|task|{identity}|{n}".encode(), digest_size=16).digest()
+        return str(uuid.UUID(bytes=raw, version=4))
 
     def can_pay(self, key: KeyState, cents: int) -> bool:
         return key.credits_cents is None or key.credits_cents >= cents
@@ -285,18 +305,21 @@ class SimState:
         n: int,
         now: float,
         base_url: str,
+        *,
+        dialect: str = "klein",
+        request_moderated: bool = False,
     ) -> Task:
-        """Create a task (limits, credits and faults already checked) and charge for it."""
+        """Create a task (limits, credits and faults already checked) and charge for it.
+
+        ``request_moderated``: the prompt was refused before any generation (dialect B's
+        ``Request Moderated``), so the task ends the moment it is taken: the first poll
+        already shows it moderated, its slot is free and its charge refunded.
+        """
         identity = f"{key.name}:{digest.hex()}"
-        task_id = str(
-            uuid.UUID(
-                bytes=hashlib.blake2b(
-                    f"{self.seed}|task|{identity}|{n}".encode(), digest_size=16
-                ).digest(),
-                version=4,
-            )
-        )
+        task_id = self._task_id(identity, n)
         duration = self.latency.duration(unit(self.seed, "latency", identity, n))
+        if request_moderated:
+            duration = 0.0
         started = now + duration * self.config.latency.queued_fraction
         finished = now + duration
         seed = request.seed
@@ -305,10 +328,14 @@ class SimState:
         outcome = COMPLETED
         moderation = self.config.moderation
         if (
-            self._moderation_re is not None
-            and request.safety_tolerance < moderation.pass_tolerance
-            and self._moderation_re.search(request.prompt)
-        ) or self.fault(key, "moderation_random", identity, n, moderation.rate):
+            request_moderated
+            or (
+                self._moderation_re is not None
+                and request.safety_tolerance < moderation.pass_tolerance
+                and self._moderation_re.search(request.prompt)
+            )
+            or self.fault(key, "moderation_random", identity, n, moderation.rate)
+        ):
             outcome = MODERATED
         elif self.fault(key, "task_failed", identity, n, self.config.faults.task_failed):
             outcome = FAILED
@@ -331,6 +358,8 @@ class SimState:
             base_url=base_url,
             webhook_url=request.webhook_url,
             expires=math.ceil(finished + self.config.result_ttl_s),
+            dialect=dialect,
+            identity=f"{identity}:{n}",
         )
         self.advance(key, now)
         self._seq += 1
@@ -362,10 +391,12 @@ class SimState:
     def reference_bytes(self, task: Task) -> Sequence[bytes]:
         return [self.references[d][0] for d in task.ref_digests if d in self.references]
 
-    def get_task(self, key: KeyState, task_id: str, now: float) -> Task | None:
+    def get_task(self, key: KeyState, task_id: str, now: float, dialect: str) -> Task | None:
+        """The key's task of that id taken through ``dialect`` (the other dialect's: None)."""
         task = key.tasks.get(task_id)
-        if task is not None:
-            self.advance(key, now)
+        if task is None or task.dialect != dialect:
+            return None
+        self.advance(key, now)
         return task
 
     def polled(self, task: Task, now: float) -> int:

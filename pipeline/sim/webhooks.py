@@ -108,7 +108,7 @@ class WebhookSender:
     def _deliver(self, task: Task, status: KleinStatus) -> None:
         state = self._state
         faults = state.config.faults
-        identity = f"{task.task_id}:{status.value}"
+        identity = f"{task.identity}:{status.value}"
         if state.fault(task.key, "webhook_lost", identity, 0, faults.webhook_lost):
             return
         late = state.fault(task.key, "webhook_late", identity, 0, faults.webhook_late)

@@ -25,10 +25,17 @@ from pipeline_helpers import (
     write_catalog,
 )
 
-from pipeline.contract import ASPECT_RATIOS, bfl_size, cost_credits
-from pipeline.sim import FaultConfig, KeyConfig, ModerationConfig, SimServer
+from pipeline.contract import ASPECT_RATIOS, KLEIN_MODEL, bfl_size, output_size
+from pipeline.providers.bfl import DEFAULT_MODEL, MODELS
+from pipeline.sim import FaultConfig, KeyConfig, ModerationConfig, SimConfig, SimServer
 
 DIALECTS = ["klein", "bfl"]
+
+
+def sim_price(config: SimConfig, dialect: str, width: int, height: int) -> float:
+    """What ``config``'s simulator charges for one image the pipeline sends in ``dialect``."""
+    model = MODELS[DEFAULT_MODEL] if dialect == "bfl" else KLEIN_MODEL
+    return config.price(model).credits(width, height)
 
 
 def poll_urls(out: Path) -> list[str]:
@@ -58,7 +65,8 @@ def test_every_preset_and_resolution_succeeds(dialect: str, sim: SimServer, tmp_
     table = check_output(out, n, summary, dialect=dialect)
     assert statuses(table) == {"succeeded": n}
     for record in table.iter_rows(named=True):
-        assert record["cost_credits"] == cost_credits(record["width"], record["height"])
+        width, height = record["width"], record["height"]
+        assert record["cost_credits"] == sim_price(sim.config, dialect, width, height)
     square_2k = table.filter(
         (pl.col("aspect_ratio") == "square_1_1") & (pl.col("resolution") == "2k")
     )
@@ -71,8 +79,9 @@ def test_every_preset_and_resolution_succeeds(dialect: str, sim: SimServer, tmp_
     urls = poll_urls(out)
     assert len(urls) == n
     if dialect == "bfl":
-        # The simulator's polling_url names a regional-looking path: kept exactly as given.
-        assert all("/regional/eu/v1/get_result?id=" in url for url in urls), urls[:3]
+        # The simulator's polling_url names its regional listener: kept exactly as given.
+        regional = f"{sim.regional_url}/v1/get_result?id="
+        assert all(url.startswith(regional) for url in urls), urls[:3]
     assert stats["polls"] >= n
 
 
@@ -113,7 +122,8 @@ def test_moderated_and_failed_tasks_end_once_and_are_not_charged(
 def test_out_of_credits_skips_the_rest(
     dialect: str, start_sim: Callable[..., SimServer], tmp_path: Path
 ) -> None:
-    price = cost_credits(1024, 1024)
+    size = (bfl_size if dialect == "bfl" else output_size)("square_1_1", "1k")
+    price = sim_price(SimConfig(), dialect, *size)
     server = start_sim(keys=[KeyConfig(credits=round(4.5 * price, 2))])
     rows = 12
     out = tmp_path / "out"
@@ -170,6 +180,20 @@ def test_cli_runs_dialect_bfl_against_the_bundled_simulator(tmp_path: Path) -> N
     )
     out = tmp_path / "out"
     args = [KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--sim", "--dialect", "bfl"]
+    # The plan prices the rows as klein 9B, at the sizes dialect B sends.
+    nine = SimConfig().price(MODELS["klein-9b"])
+    sizes = [bfl_size("square_1_1", "2k")] + [bfl_size("square_1_1", "1k")] * 5
+    estimate = round(sum(nine.credits(w, h) for w, h in sizes), 2)
+    assert estimate > round(sum(sim_price(SimConfig(), "bfl", w, h) for w, h in sizes), 2)
+    plan = subprocess.run(
+        [*args, "--model", "klein-9b", "--dry-run"],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert plan.returncode == 0, plan.stderr
+    assert f"Estimated cost: {estimate:.2f} credits" in plan.stdout
     done = subprocess.run(
         [*args, "--model", "klein-9b", "--progress", "off"],
         env=cli_env(),
@@ -181,6 +205,7 @@ def test_cli_runs_dialect_bfl_against_the_bundled_simulator(tmp_path: Path) -> N
     assert "6 succeeded" in done.stdout
     table = check_output(out, 6, dialect="bfl")
     assert table.filter(pl.col("resolution") == "2k")["width"].to_list() == [2000]
+    assert table["cost_credits"].sum() == pytest.approx(estimate)  # what the plan said
     report = json.loads((out / "run.json").read_text(encoding="utf-8"))
     assert report["dialect"] == "bfl"
 

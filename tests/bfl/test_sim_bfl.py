@@ -14,9 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from bfl_sim_helpers import HEADERS, MODEL, config, submit
 from PIL import Image
 
-from pipeline.contract import cost_credits
 from pipeline.sim import (
     FaultConfig,
     KeyConfig,
@@ -26,29 +26,16 @@ from pipeline.sim import (
     SimServer,
 )
 
-KEY = "sim-demo-key"
-HEADERS = {"x-key": KEY}
 
-
-def config(**changes: Any) -> SimConfig:
-    cfg = SimConfig(latency=LatencyConfig(median_s=0.05, p95_s=0.1))
-    for name, value in changes.items():
-        setattr(cfg, name, value)
-    return cfg
+def price(cfg: SimConfig, width: int, height: int, model: str = MODEL) -> float:
+    """What ``cfg``'s simulator charges for one image of ``model`` at that size."""
+    return cfg.price(model).credits(width, height)
 
 
 @pytest.fixture
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
-
-
-async def submit(
-    server: SimServer, session: aiohttp.ClientSession, model: str = "flux-2-klein-4b", **body: Any
-) -> tuple[int, Any]:
-    body.setdefault("prompt", "a red shoe on white")
-    async with session.post(f"{server.url}/v1/{model}", json=body, headers=HEADERS) as r:
-        return r.status, await r.json()
 
 
 async def wait(session: aiohttp.ClientSession, polling_url: str) -> dict[str, Any]:
@@ -63,27 +50,34 @@ async def wait(session: aiohttp.ClientSession, polling_url: str) -> dict[str, An
 
 
 async def test_submit_poll_download_with_explicit_size(session: aiohttp.ClientSession) -> None:
-    async with SimServer(config()) as server:
+    cfg = config()
+    async with SimServer(cfg) as server:
         status, body = await submit(server, session, width=512, height=320, seed=3,
-                                    output_format="png")  # fmt: skip
+                                    output_format="png", prompt="a red shoe")  # fmt: skip
         assert status == 200, body
-        assert body["cost"] == cost_credits(512, 320)
+        assert body["cost"] == price(cfg, 512, 320)
         assert body["output_mp"] == round(512 * 320 / 1e6, 2)
-        # The polling URL is absolute and is not the plain /v1/get_result path.
-        assert body["polling_url"].startswith(server.url + "/regional/")
-        assert f"id={body['id']}" in body["polling_url"]
+        # The polling URL names the regional listener, with the usual path.
+        assert server.regional_url != server.url
+        assert body["polling_url"] == f"{server.regional_url}/v1/get_result?id={body['id']}"
         done = await wait(session, body["polling_url"])
-        assert done["status"] == "Ready" and done["result"]["seed"] == 3
-        # The documented path answers the same.
+        assert done["status"] == "Ready"
+        result = done["result"]
+        assert result["seed"] == 3 and result["prompt"] == "a red shoe"
+        assert result["start_time"] < result["end_time"]
+        elapsed = result["end_time"] - result["start_time"]
+        assert result["duration"] == pytest.approx(elapsed, abs=1e-3)
+        # A client that rebuilds the URL on the global host finds nothing there.
         async with session.get(f"{server.url}/v1/get_result?id={body['id']}", headers=HEADERS) as r:
-            assert (await r.json())["status"] == "Ready"
-        async with session.get(done["result"]["sample"]) as r:
+            assert r.status == 200
+            assert (await r.json())["status"] == "Task not found"
+        async with session.get(result["sample"]) as r:
             assert r.status == 200
             image = Image.open(io.BytesIO(await r.read()))
         assert image.size == (512, 320) and image.format == "PNG"
         stats = server.stats()["keys"]["demo"]
         assert stats["submits_accepted"] == 1 and stats["polls"] >= 2
-        assert stats["credits_charged"] == cost_credits(512, 320)
+        assert stats["credits_charged"] == price(cfg, 512, 320)
 
 
 async def test_validation_errors_are_fastapi_bodies(session: aiohttp.ClientSession) -> None:
@@ -109,7 +103,7 @@ async def test_validation_errors_are_fastapi_bodies(session: aiohttp.ClientSessi
 
 async def test_active_limit_429_and_credits_402(session: aiohttp.ClientSession) -> None:
     slow = LatencyConfig(median_s=5.0, p95_s=6.0)
-    keys = [KeyConfig(max_active=2, credits=cost_credits(64, 64) * 3)]
+    keys = [KeyConfig(max_active=2, credits=price(config(), 64, 64) * 3)]
     async with SimServer(config(latency=slow, keys=keys)) as server:
         for i in range(2):
             status, _ = await submit(server, session, width=64, height=64, seed=i)
@@ -193,7 +187,9 @@ async def test_signed_webhook_on_completion(session: aiohttp.ClientSession) -> N
             headers, raw = received[0]
             payload = json.loads(raw)
             assert payload["id"] == body["id"] and payload["status"] == "Ready"
-            assert payload["result"]["sample"].startswith(server.url)
+            assert payload["result"]["sample"].startswith(server.regional_url)
+            assert payload["result"]["prompt"] == "a red shoe on white"
+            assert {"seed", "start_time", "end_time", "duration"} <= set(payload["result"])
             expected = hmac.new(b"s3cret", raw, hashlib.sha256).hexdigest()
             assert headers["X-BFL-Signature"] == "sha256=" + expected
             assert server.stats()["keys"]["demo"]["webhooks_sent"] == 1

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from cdp import Browser, find_chromium
 
+from pipeline.contract import KLEIN_MODEL
 from pipeline.run import RunOptions, run_manifest
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
 
@@ -60,6 +61,8 @@ def test_merchandiser_report_of_a_budget_stopped_shopify_run(tmp_path: Path) -> 
     config = SimConfig(
         keys=[KeyConfig(max_active=8)], latency=LatencyConfig(median_s=0.05, p95_s=0.1)
     )
+    # Two and a half products of 2 images: two whole ones fit, the third does not.
+    budget = round(2.5 * 2 * config.price(KLEIN_MODEL).credits(1024, 1024), 2)
     out = tmp_path / "out"
     with SimServer.in_thread(config) as sim:
         summary = run_manifest(
@@ -72,7 +75,7 @@ def test_merchandiser_report_of_a_budget_stopped_shopify_run(tmp_path: Path) -> 
             per="product",
             prompt_template="{Title}, {Body (HTML)}, {style} photo",
             vary=["style=studio,loft"],
-            max_credits=4.3,  # two whole products of 2 x 1.05, the third does not fit
+            max_credits=budget,
             options=RunOptions(
                 expected_latency_s=0.05, report_columns=("Variant SKU", "Variant Price")
             ),
@@ -96,7 +99,7 @@ def test_merchandiser_report_of_a_budget_stopped_shopify_run(tmp_path: Path) -> 
     # Three products skipped whole by the budget: one group, its rows sorted and counted.
     (skipped,) = found["reasons"]
     assert skipped[0] == "skipped" and skipped[1] == "6"
-    assert skipped[2].startswith("budget: --max-credits 4.3 reached")
+    assert skipped[2].startswith(f"budget: --max-credits {budget:g} reached")
     assert skipped[3] == "5, 8-9"
     # Body (HTML) went in without |text: the page warns, naming the rows.
     assert "4 prompts still contain markup (e.g. <p>)" in found["markup"]

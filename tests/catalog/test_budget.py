@@ -11,10 +11,15 @@ import polars as pl
 import pytest
 from catalog_helpers import accepted, charged, clean_env, fast_sim, output, run
 
-from pipeline.sim import SimServer
+from pipeline.contract import KLEIN_MODEL
+from pipeline.sim import SimConfig, SimServer
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
-#: Six square 1k images at 1.05 credits each: 6.30 credits in all.
+#: What the simulator (default prices) charges for one square 1k image.
+EACH = SimConfig().price(KLEIN_MODEL).credits(1024, 1024)
+#: How many of those a budget of 3 credits pays for.
+FITS = int(3.0 // EACH)
+#: Six square 1k images: 6 x EACH credits in all.
 ROWS = pl.DataFrame(
     {"id": [f"p{i}" for i in range(6)], "prompt": [f"product {i}" for i in range(6)]}
 )
@@ -25,33 +30,34 @@ def test_a_budget_below_the_cost_stops_then_a_higher_one_continues(
 ) -> None:
     out = tmp_path / "out"
     first = run(ROWS, out, sim, max_credits=3.0)
-    assert first.counts["succeeded"] == 2  # 2 x 1.05 fits in 3, a third would not
-    assert first.counts["skipped"] == 4
-    assert first.credits == pytest.approx(2.1)
-    assert charged(sim) == pytest.approx(2.1)
+    assert 0 < FITS < 6
+    assert first.counts["succeeded"] == FITS  # FITS x EACH fits in 3, one more would not
+    assert first.counts["skipped"] == 6 - FITS
+    assert first.credits == pytest.approx(FITS * EACH)
+    assert charged(sim) == pytest.approx(FITS * EACH)
     assert first.exit_code == 1
     skipped = output(out).filter(pl.col("status") == "skipped")
-    assert skipped.height == 4
+    assert skipped.height == 6 - FITS
     assert all(reason.startswith("budget: --max-credits 3 reached") for reason in skipped["reason"])
     assert "rerun with a higher --max-credits" in skipped["reason"][0]
 
     second = run(ROWS, out, sim, max_credits=100.0)
     assert second.counts["succeeded"] == 6
-    assert second.resumed_rows == 2
-    assert accepted(sim) == 6  # the two done before were not paid again
+    assert second.resumed_rows == FITS
+    assert accepted(sim) == 6  # the ones done before were not paid again
     done = output(out)
     assert done["status"].to_list() == ["succeeded"] * 6
     # Total spend across both runs is the sum of the images' costs, as the API charged.
-    assert done["cost_credits"].sum() == pytest.approx(6.3)
-    assert charged(sim) == pytest.approx(6.3)
+    assert done["cost_credits"].sum() == pytest.approx(6 * EACH)
+    assert charged(sim) == pytest.approx(6 * EACH)
 
 
 def test_the_budget_counts_what_the_output_already_spent(tmp_path: Path, sim: SimServer) -> None:
     out = tmp_path / "out"
-    run(ROWS.head(3), out, sim)  # 3.15 credits spent into this output, no budget
-    later = run(ROWS, out, sim, max_credits=4.2)
-    assert later.counts["succeeded"] == 4  # 3.15 + 1.05 = 4.2: exactly one more fits
-    assert charged(sim) == pytest.approx(4.2)
+    run(ROWS.head(3), out, sim)  # 3 x EACH spent into this output, no budget
+    later = run(ROWS, out, sim, max_credits=round(4 * EACH, 2))
+    assert later.counts["succeeded"] == 4  # 3 x EACH + EACH = the budget: exactly one more fits
+    assert charged(sim) == pytest.approx(4 * EACH)
 
 
 def test_moderated_and_failed_tasks_release_their_reservation(tmp_path: Path) -> None:
@@ -63,10 +69,10 @@ def test_moderated_and_failed_tasks_release_their_reservation(tmp_path: Path) ->
         }
     )
     with SimServer.in_thread(fast_sim()) as sim:
-        summary = run(rows, tmp_path / "out", sim, max_credits=2.1)
+        summary = run(rows, tmp_path / "out", sim, max_credits=round(2 * EACH, 2))
         assert summary.counts["moderated"] == 1
-        assert summary.counts["succeeded"] == 2  # the moderated one's 1.05 came back
-        assert charged(sim) == pytest.approx(2.1)
+        assert summary.counts["succeeded"] == 2  # the moderated one's EACH came back
+        assert charged(sim) == pytest.approx(2 * EACH)
 
 
 def test_a_zero_budget_sends_nothing(tmp_path: Path, sim: SimServer) -> None:
@@ -83,7 +89,7 @@ def test_a_dry_run_into_a_stopped_output_prices_what_the_rerun_sends(
     ROWS.write_csv(manifest)
     budget = ("--max-credits", "100")
     out = tmp_path / "out"
-    run(manifest, out, sim, max_credits=3.0)  # 2 images (2.10 credits), 4 skipped
+    run(manifest, out, sim, max_credits=3.0)  # FITS images, the rest skipped
 
     dry = subprocess.run(
         [KLEIN_BATCH, "run", str(manifest), "--sim", "--out", str(out), "--dry-run", *budget],
@@ -94,20 +100,22 @@ def test_a_dry_run_into_a_stopped_output_prices_what_the_rerun_sends(
     )
 
     assert dry.returncode == 0, dry.stderr
-    assert "in DEST     2 done by an earlier run, 0 in flight" in dry.stdout
-    assert "To send: 4 images" in dry.stdout
-    assert "Estimated cost: 4.20 credits" in dry.stdout
-    assert "(2.10 already spent or in flight in this output, 97.90 left) covers" in dry.stdout
+    rest, spent = 6 - FITS, FITS * EACH
+    assert f"in DEST     {FITS} done by an earlier run, 0 in flight" in dry.stdout
+    assert f"To send: {rest} images" in dry.stdout
+    assert f"Estimated cost: {rest * EACH:.2f} credits" in dry.stdout
+    left = f"({spent:.2f} already spent or in flight in this output, {100 - spent:.2f} left)"
+    assert f"{left} covers" in dry.stdout
     before = accepted(sim)
     rerun = run(manifest, out, sim, max_credits=100.0)
-    assert accepted(sim) - before == 4
-    assert rerun.credits == pytest.approx(4.2)
+    assert accepted(sim) - before == rest
+    assert rerun.credits == pytest.approx(rest * EACH)
 
 
 def test_a_budget_stops_at_whole_products_and_says_stopped_budget(
     tmp_path: Path, sim: SimServer
 ) -> None:
-    """4 products x 3 styles at 1.05 each: 7 credits make two whole products, not 6 halves."""
+    """4 products x 3 styles: 2.5 products' worth makes two whole products, not 7 or 8 halves."""
     rows = pl.DataFrame(
         {"id": [f"p{i}" for i in range(4)], "title": [f"mug {i}" for i in range(4)]}
     )
@@ -118,7 +126,7 @@ def test_a_budget_stops_at_whole_products_and_says_stopped_budget(
         sim,
         prompt_template="{title}, {style}",
         vary=["style=studio,loft,garden"],
-        max_credits=7.0,
+        max_credits=round(2.5 * 3 * EACH, 2),
     )
     assert summary.counts["succeeded"] == 6 and summary.counts["skipped"] == 6
     assert summary.stopped == "budget" and summary.state == "stopped: budget"
@@ -131,7 +139,8 @@ def test_a_budget_stops_at_whole_products_and_says_stopped_budget(
     )
     assert sorted(per_product) == [0, 0, 3, 3]  # whole products only
     skipped = done.filter(pl.col("status") == "skipped")["reason"].to_list()
-    assert all("this product's images cost 3.15 together" in reason for reason in skipped)
+    product = f"this product's images cost {3 * EACH:.2f} together"
+    assert all(product in reason for reason in skipped)
     assert json.loads((out / "run.json").read_text())["state"] == "stopped: budget"
     status = subprocess.run(
         [KLEIN_BATCH, "status", str(out)], capture_output=True, text=True, env=clean_env()

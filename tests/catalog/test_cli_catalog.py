@@ -6,6 +6,8 @@ from pathlib import Path
 
 from catalog_helpers import klein as _klein
 
+from pipeline.contract import cost_credits, output_size
+
 
 def test_config_file_settings_reach_the_dry_run(products: Path, tmp_path: Path) -> None:
     jobs = tmp_path / "jobs"
@@ -26,8 +28,12 @@ def test_config_file_settings_reach_the_dry_run(products: Path, tmp_path: Path) 
     assert "products.csv: 3 rows x 4 variations (seed 2 x style 2) = 12 images checked" in (
         result.stdout
     )
-    assert "Estimated cost: 12.44 credits" in result.stdout
-    assert "budget:   5 credits is below the estimate (12.44): about 4 of 12 images fit" in (
+    # 2 squares and 1 portrait (1k) x 4 variations, at the published price.
+    square, portrait = (cost_credits(*output_size(p, "1k")) for p in ("square_1_1", "portrait_2_3"))
+    estimate = round(8 * square + 4 * portrait, 2)
+    assert f"Estimated cost: {estimate:.2f} credits" in result.stdout
+    fit = int(12 * 5 / estimate)
+    assert f"budget:   5 credits is below the estimate ({estimate:.2f}): about {fit} of 12 " in (
         result.stdout
     )
     assert not (jobs / "out").exists()  # a dry run sends and writes nothing

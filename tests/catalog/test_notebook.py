@@ -14,6 +14,7 @@ from pathlib import Path
 import polars as pl
 
 from pipeline import arun_manifest, run_manifest
+from pipeline.contract import KLEIN_MODEL
 from pipeline.progress import ProgressDisplay
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig
 
@@ -37,11 +38,11 @@ async def test_arun_manifest_takes_the_same_arguments(tmp_path: Path) -> None:
         sim=FAST,
         prompt_template="{title}, {style}",
         vary=["style=studio,loft"],
-        max_credits=3.2,
+        max_credits=round(1.5 * 2 * FAST.price(KLEIN_MODEL).credits(1024, 1024), 2),
         on_progress=lambda snapshot: seen.append(snapshot.done),
     )
-    # 3 products x 2 styles at 1.05: one product (2.10) fits 3.20 credits, two (4.20) do
-    # not, so the budget stops after one whole product.
+    # 3 products x 2 styles: one and a half products' worth fits one whole product, not
+    # two, so the budget stops after one whole product.
     assert summary.counts["succeeded"] == 2 and summary.state == "stopped: budget"
     assert seen and seen[-1] == 6
 

@@ -15,15 +15,18 @@ import pytest
 from catalog_helpers import accepted, klein, output, run
 
 from pipeline.check import check_manifest
+from pipeline.contract import KLEIN_MODEL
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest import Defaults
 from pipeline.product_exports import ExportSpec, open_manifest
-from pipeline.sim import SimServer
+from pipeline.sim import SimConfig, SimServer
 from pipeline.variations import Catalog
 
 EXPORTS = Path(__file__).resolve().parents[1] / "data" / "exports"
 SHOPIFY = EXPORTS / "shopify_products.csv"
 WOO = EXPORTS / "woocommerce_products.csv"
+#: What the simulator (default prices) charges for one square 1k image.
+EACH = SimConfig().price(KLEIN_MODEL).credits(1024, 1024)
 SHOP_TEMPLATE = "Studio photo of {Title} {Option1 Value?} {Option2 Value?}, {Body (HTML)|text}"
 
 
@@ -230,8 +233,9 @@ def test_a_budget_stop_and_a_rerun_of_an_export_pay_each_image_once(
 ) -> None:
     out = tmp_path / "out"
     kwargs = {"catalog": "shopify", "per": "variant", "prompt_template": SHOP_TEMPLATE}
-    first = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=5.0, **kwargs)
-    # 8 variants x 2 styles; 5 credits make two whole variants (4 images of 1.05).
+    budget = round(2.5 * 2 * EACH, 2)
+    first = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=budget, **kwargs)
+    # 8 variants x 2 styles; two and a half variants' worth makes two whole ones (4 images).
     assert first.state == "stopped: budget" and first.counts["succeeded"] == 4
     second = run(SHOPIFY, out, sim, vary=["style=studio,loft"], max_credits=100.0, **kwargs)
     assert second.state == "finished" and second.counts["succeeded"] == 16

@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 from catalog_helpers import clean_env, run
 
+from pipeline.contract import KLEIN_MODEL
 from pipeline.errors import ConfigError
-from pipeline.sim import SimServer
+from pipeline.sim import SimConfig, SimServer
 from pipeline.status import read_status
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
@@ -108,7 +109,8 @@ def test_status_of_a_run_going_in_another_process_and_after_it_finished(
     assert done.state == "finished"
     assert done.done == done.counts["succeeded"] == 16
     assert done.in_flight == done.pending == 0
-    assert done.credits_run == done.credits_output == pytest.approx(16 * 1.05)
+    each = SimConfig().price(KLEIN_MODEL).credits(1024, 1024)
+    assert done.credits_run == done.credits_output == pytest.approx(16 * each)
     as_json = subprocess.run(
         [KLEIN_BATCH, "status", str(out), "--json"], capture_output=True, text=True, check=False
     )
@@ -159,7 +161,7 @@ def test_status_of_a_budget_stopped_run_counts_images_not_skipped_rows(
     """After the run, status's rate is run.json's: images made, not rows that reached an end."""
     rows = pl.DataFrame({"id": [f"p{i}" for i in range(8)], "prompt": ["mug"] * 8})
     out = tmp_path / "out"
-    summary = run(rows, out, sim, max_credits=3.0)  # 2 images of 1.05, 6 rows skipped (budget)
+    summary = run(rows, out, sim, max_credits=3.0)  # 2 images fit in 3 credits, 6 rows skipped
     assert summary.counts["succeeded"] == 2 and summary.counts["skipped"] == 6
 
     status = read_status(out)

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.contract import ASPECT_RATIOS, TIERS
+from pipeline.contract import ASPECT_RATIOS, TIERS, cost_credits
 from pipeline.sim import SimConfig, SimServer
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
@@ -79,8 +79,9 @@ def test_validate_good_manifest(catalog: Path) -> None:
     assert "1 distinct local references checked, 0 unusable" in out
     assert "by preset:      square_1_1 2 · portrait_2_3 1" in out
     assert "by resolution:  1k 2 · 2k 1" in out
-    # 1024x1024 twice (1.05 each) and a 2k portrait 1392x2048 (2.85).
-    assert "Estimated cost: 4.95 credits" in out
+    # 1024x1024 twice and a 2k portrait 1392x2048, at the published price.
+    estimate = 2 * cost_credits(1024, 1024) + cost_credits(1392, 2048)
+    assert f"Estimated cost: {estimate:.2f} credits" in out
 
 
 def test_validate_bad_manifest_names_row_column_and_allowed(catalog: Path) -> None:
@@ -101,7 +102,7 @@ def test_validate_bad_manifest_names_row_column_and_allowed(catalog: Path) -> No
     assert "1 URL uses not fetched" in out
     # Only the two unique valid rows (a1 and a8) are paid for.
     assert "To send: 2 images" in out
-    assert "Estimated cost: 2.10 credits" in out
+    assert f"Estimated cost: {2 * cost_credits(1024, 1024):.2f} credits" in out
 
 
 def test_validate_groups_and_caps_examples(tmp_path: Path) -> None:
@@ -263,7 +264,7 @@ def test_dry_run_prints_plan_and_cost_and_sends_nothing(catalog: Path, tmp_path:
         )
         stats = sim.stats()
     assert code == 1, err  # some rows would be rejected
-    assert "Estimated cost: 2.10 credits" in out
+    assert f"Estimated cost: {2 * cost_credits(1024, 1024):.2f} credits" in out
     assert "Plan (dry run: nothing was sent):" in out
     assert f"send to:  {sim.url} (dialect klein, key from $FREEPIK_API_KEY)" in out
     assert "tier trial: 2 active tasks, 120 submits per minute" in out

@@ -80,17 +80,26 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path) -> None:
     assert "Traceback" not in err
 
 
-def test_sim_key_gets_the_limits_the_run_asks_for() -> None:
-    from pipeline.cli import demo_sim_config
-    from pipeline.contract import Tier
+def test_sim_key_gets_the_limits_the_run_asks_for(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.run import simulator_for
     from pipeline.sim import SimServer
+    from pipeline.spec import RunSpec
 
-    config = demo_sim_config("nightly", Tier("nightly", 30, 500))
+    toml = tmp_path / "k.toml"
+    toml.write_text(
+        'sim = true\ntier = "nightly"\n[tiers.nightly]\nmax_active = 30\n'
+        "submits_per_minute = 500\n",
+        encoding="utf-8",
+    )
+    config = simulator_for(load_config(toml))
+    assert config is not None
     with SimServer.in_thread(config) as sim:
         demo = sim.stats()["keys"]["demo"]
     assert (demo["max_active_limit"], demo["submits_per_minute_limit"]) == (30, 500)
-    scale = demo_sim_config("scale", Tier("scale", 96, 14400))
-    assert scale.keys[0].tier == "scale"
+    scale = simulator_for(RunSpec(sim=True, tier="scale"))
+    assert scale is not None and scale.keys[0].tier == "scale"
+    assert simulator_for(RunSpec(api_url="https://api.example.com")) is None
 
 
 def test_run_summary_records_the_chosen_limits(tmp_path: Path) -> None:

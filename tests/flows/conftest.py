@@ -24,5 +24,6 @@ def prefect_api() -> Iterator[None]:
     """A temporary Prefect server (SQLite in a temp dir) for every flow run in the session."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=60):
+    # Generous: on a loaded machine (CI running beside other jobs) the server takes long.
+    with prefect_test_harness(server_startup_timeout=180):
         yield

@@ -13,6 +13,7 @@ import pytest
 from flow_helpers import PROMPTS, write_catalog
 
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
+from pipeline.spec import RunSpec
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -83,10 +84,7 @@ async def test_flow_shards_merges_in_row_order_and_publishes(
     async with SimServer(sim_config(max_active=10)) as sim:
         state = await generate_catalog(
             str(manifest),
-            str(out),
-            api_url=sim.url,
-            tier=None,
-            max_active=10,
+            RunSpec(out=str(out), api_url=sim.url, max_active=10),
             shard_size=5,
             parallel_shards=2,
             return_state=True,
@@ -176,10 +174,7 @@ async def test_failed_shard_is_retried_and_resumes(
     async with SimServer(sim_config()) as sim:
         state = await catalog.generate_catalog(
             str(manifest),
-            str(out),
-            api_url=sim.url,
-            tier=None,
-            max_active=4,
+            RunSpec(out=str(out), api_url=sim.url, max_active=4),
             shard_size=6,
             parallel_shards=2,
             return_state=True,
@@ -196,7 +191,10 @@ async def test_failed_shard_is_retried_and_resumes(
     # A rerun into the same output resumes everything and submits nothing.
     async with SimServer(sim_config()) as sim:
         again = await catalog.generate_catalog(
-            str(manifest), str(out), api_url=sim.url, shard_size=6, return_state=True
+            str(manifest),
+            RunSpec(out=str(out), api_url=sim.url),
+            shard_size=6,
+            return_state=True,
         )
         assert sim.stats()["keys"]["flow"]["submits_accepted"] == 0
     assert again.is_completed()
@@ -205,7 +203,10 @@ async def test_failed_shard_is_retried_and_resumes(
     # A manifest whose rows moved (one inserted on top) would shift every shard: refused.
     write_catalog(manifest, [("new", "a new first row", "S0"), *rows])
     moved = await catalog.generate_catalog(
-        str(manifest), str(out), api_url="http://127.0.0.1:9", shard_size=6, return_state=True
+        str(manifest),
+        RunSpec(out=str(out), api_url="http://127.0.0.1:9"),
+        shard_size=6,
+        return_state=True,
     )
     assert moved.is_failed()
     error = await moved.result(raise_on_failure=False)
@@ -225,10 +226,7 @@ async def test_no_more_shards_run_at_once_than_the_key_has_slots(
     async with SimServer(sim_config(max_active=2)) as sim:
         result = await generate_catalog(
             str(manifest),
-            str(out),
-            api_url=sim.url,
-            tier=None,
-            max_active=2,
+            RunSpec(out=str(out), api_url=sim.url, max_active=2),
             shard_size=3,
             parallel_shards=4,
             concurrency_limit=None,

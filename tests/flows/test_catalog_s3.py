@@ -17,6 +17,7 @@ from flow_helpers import PROMPTS, moto_bucket, write_catalog
 
 from pipeline import s3
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
+from pipeline.spec import RunSpec
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -53,10 +54,7 @@ async def test_flow_reads_and_writes_s3(
     async with SimServer(config) as sim:
         state = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
-            f"s3://{bucket}/out/{{date}}",
-            api_url=sim.url,
-            tier=None,
-            max_active=8,
+            RunSpec(out=f"s3://{bucket}/out/{{date}}", api_url=sim.url, max_active=8),
             shard_size=4,
             parallel_shards=2,
             return_state=True,

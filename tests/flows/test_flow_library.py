@@ -14,6 +14,7 @@ from flow_helpers import PROMPTS, moto_bucket, write_catalog
 
 from pipeline import s3
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
+from pipeline.spec import RunSpec
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -37,13 +38,12 @@ async def test_the_second_night_of_a_flow_copies_from_the_library(
         (f"item-{n:02d}", f"{PROMPTS[n % len(PROMPTS)]} #{n}", f"SKU{n:03d}") for n in range(12)
     ]
     manifest = write_catalog(tmp_path / "catalog.csv", rows)
-    common = {"tier": None, "max_active": 8, "shard_size": 5, "parallel_shards": 2}
+    common = {"shard_size": 5, "parallel_shards": 2}
     async with SimServer(sim_config()) as sim:
         # Night one: a {date} output, so the library defaults to nightly/library.
         first = await generate_catalog(
             str(manifest),
-            str(tmp_path / "nightly" / "{date}"),
-            api_url=sim.url,
+            RunSpec(out=str(tmp_path / "nightly" / "{date}"), api_url=sim.url, max_active=8),
             return_state=True,
             **common,
         )
@@ -56,9 +56,9 @@ async def test_the_second_night_of_a_flow_copies_from_the_library(
         edited = [*rows[:11], ("item-11", "a brand new product", "SKU011")]
         second = await generate_catalog(
             str(write_catalog(tmp_path / "edited.csv", edited)),
-            str(tmp_path / "night-2"),
-            api_url=sim.url,
-            library=str(library),
+            RunSpec(
+                out=str(tmp_path / "night-2"), api_url=sim.url, max_active=8, library=str(library)
+            ),
             return_state=True,
             **common,
         )
@@ -103,12 +103,11 @@ async def test_a_flow_on_s3_copies_from_its_dated_default_library_inside_s3(
         Key="in/catalog.csv",
         Body=write_catalog(tmp_path / "catalog.csv", rows).read_bytes(),
     )
-    common = {"tier": None, "max_active": 8, "shard_size": 4, "parallel_shards": 2}
+    common = {"shard_size": 4, "parallel_shards": 2}
     async with SimServer(sim_config()) as sim:
         first = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
-            f"s3://{bucket}/nightly/{{date}}",
-            api_url=sim.url,
+            RunSpec(out=f"s3://{bucket}/nightly/{{date}}", api_url=sim.url, max_active=8),
             return_state=True,
             **common,
         )
@@ -116,8 +115,7 @@ async def test_a_flow_on_s3_copies_from_its_dated_default_library_inside_s3(
         # The next night, into another dated folder: the default library is the same one.
         second = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
-            f"s3://{bucket}/nightly/{{date}}-again",
-            api_url=sim.url,
+            RunSpec(out=f"s3://{bucket}/nightly/{{date}}-again", api_url=sim.url, max_active=8),
             return_state=True,
             **common,
         )

@@ -31,6 +31,7 @@ from pipeline.sim import (
     SimConfig,
     SimServer,
 )
+from pipeline.spec import RunSpec
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "debug_logging")
 
@@ -127,10 +128,7 @@ async def test_flow_with_s3_and_a_secret_block_leaks_no_secret(
     async with SimServer(config) as sim:
         state = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
-            f"s3://{bucket}/out/{{date}}",
-            api_url=sim.url,
-            tier=None,
-            max_active=8,
+            RunSpec(out=f"s3://{bucket}/out/{{date}}", api_url=sim.url, max_active=8),
             shard_size=5,
             parallel_shards=2,
             api_key_block=block,

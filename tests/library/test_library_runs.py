@@ -49,6 +49,8 @@ def test_an_unchanged_catalog_is_copied_and_a_changed_row_is_sent(
 
     second = night(sim, manifest, tmp_path / "2026-12-02", library)
     assert accepted(sim) == 30, "an unchanged night sent submits"
+    page = (tmp_path / "2026-12-02" / "report.html").read_text(encoding="utf-8")
+    assert "<b>30</b>from the library" in page
     assert second["status"].to_list() == ["succeeded"] * 30
     assert second["cost_credits"].sum() == 0
     assert second["task_id"].null_count() == 30
@@ -212,3 +214,22 @@ def test_two_runs_writing_one_library_at_once(sim: SimServer, tmp_path: Path) ->
     )
     assert summary.reused_rows == 60
     assert accepted(sim) == before
+
+
+def test_images_missing_from_the_index_are_found_by_their_records(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    # A run killed before it wrote its index segments, or one that added images after this
+    # run read the index: the images and records are there, the index does not list them.
+    library = tmp_path / "library"
+    manifest = write_catalog(tmp_path, 8)
+    night(sim, manifest, tmp_path / "n1", library)
+    for segment in (library / "index").rglob("*.parquet"):
+        segment.unlink()
+    assert len(open_library(library)) == 0
+    second = night(sim, manifest, tmp_path / "n2", library)
+    assert accepted(sim) == 8, "images the index missed were paid for again"
+    assert second["reused_from"].null_count() == 0
+    # ...and that run indexed them again.
+    assert len(open_library(library)) == 8
+    check_library(library)

@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from PIL import Image
 
-from pipeline.contract import KLEIN_PATH
+from pipeline.contract import KLEIN_MODEL, KLEIN_PATH
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
 
 KEY = "sim-demo-key"
@@ -23,6 +23,11 @@ def fast_config(**changes: Any) -> SimConfig:
     for name, value in changes.items():
         setattr(config, name, value)
     return config
+
+
+def price(config: SimConfig, width: int = 1024, height: int = 1024) -> float:
+    """What ``config``'s simulator charges dialect A for one image of that size."""
+    return config.price(KLEIN_MODEL).credits(width, height)
 
 
 def reference_b64(fmt: str = "PNG", colour: tuple[int, int, int] = (200, 30, 30)) -> str:

@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 from PIL import Image
-from sim_helpers import KEY, Client, fast_config, reference_b64, second_key
+from sim_helpers import KEY, Client, fast_config, price, reference_b64, second_key
 
 from pipeline.contract import ASPECT_RATIOS, KLEIN_PATH, output_size
 from pipeline.sim import KeyConfig, LatencyConfig, ModerationConfig, SimConfig, SimServer
@@ -219,7 +219,7 @@ async def test_moderation_by_word_and_tolerance(
         else:
             assert data["status"] == "COMPLETED"
             assert data["has_nsfw"] == [False]
-            assert stats["credits_remaining"] == pytest.approx(10.0 - 1.05)
+            assert stats["credits_remaining"] == pytest.approx(10.0 - price(config))
 
 
 async def test_random_moderation_rate_and_custom_words() -> None:

@@ -8,7 +8,7 @@ import io
 import aiohttp
 import pytest
 from PIL import Image
-from sim_helpers import Client, fast_config
+from sim_helpers import Client, fast_config, price
 
 from pipeline.contract import KLEIN_PATH
 from pipeline.sim import EndpointFaults, FaultConfig, KeyConfig, SimServer
@@ -52,7 +52,7 @@ async def test_dropped_submit_still_creates_and_charges_the_task() -> None:
         assert data["status"] == "COMPLETED"
         stats = server.stats()["keys"]["demo"]
         assert stats["submits_accepted"] == 1
-        assert stats["credits_remaining"] == pytest.approx(5.0 - 1.05)
+        assert stats["credits_remaining"] == pytest.approx(5.0 - price(config))
         assert stats["faults"] == {"submit_drop": 1}
 
 

@@ -8,7 +8,7 @@ from email.utils import parsedate_to_datetime
 
 import aiohttp
 import pytest
-from sim_helpers import Client, fast_config, second_key
+from sim_helpers import Client, fast_config, price, second_key
 
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer, TierConfig
 
@@ -143,8 +143,10 @@ async def test_max_active_never_exceeds_tier_under_concurrent_hammering() -> Non
 
 
 async def test_credits_charged_refused_402_and_refunded_on_failure() -> None:
-    # A 1k square costs 1.05 credits; 2.5 pays for two.
-    config = fast_config(keys=[KeyConfig(credits=2.5), second_key()])
+    # Credits for two and a half 1k squares at the configured price: two are paid for.
+    config = fast_config()
+    each = price(config)
+    config.keys = [KeyConfig(credits=round(2.5 * each, 2)), second_key()]
     async with SimServer(config) as server, aiohttp.ClientSession() as s:
         client = Client(server, s)
         await client.wait(await client.submit(seed=1))
@@ -154,14 +156,14 @@ async def test_credits_charged_refused_402_and_refunded_on_failure() -> None:
         assert resp.status == 402
         message = (await resp.json())["message"]
         assert "credits" in message
-        assert "1.05" in message
+        assert f"{each:.2f}" in message
         stats = server.stats()
         demo = stats["keys"]["demo"]
-        assert demo["credits_charged"] == pytest.approx(2.10)
-        assert demo["credits_remaining"] == pytest.approx(0.40)
+        assert demo["credits_charged"] == pytest.approx(2 * each)
+        assert demo["credits_remaining"] == pytest.approx(round(2.5 * each, 2) - 2 * each)
         assert demo["submits_refused"] == 1
         assert stats["keys"]["other"]["credits_remaining"] is None
-        assert stats["totals"]["credits_charged"] == pytest.approx(2.10)
+        assert stats["totals"]["credits_charged"] == pytest.approx(2 * each)
 
 
 async def test_counters_polls_lists_downloads_duplicates_occupancy() -> None:

@@ -1,0 +1,289 @@
+"""A local Prefect work pool for measuring and testing the catalog deployment for real.
+
+A Prefect server on 127.0.0.1 (on PostgreSQL when Debian's ``postgresql`` is installed, as
+the README's production section runs it: the SQLite server logs ``database is locked``
+with two workers), the simulator in its own process, two process workers and the
+repository's own ``prefect.yaml`` deployments. ``benchmarks/flow_scale_out.py`` and
+``tests/flows/test_scale_out.py`` share it, so the measurement and the test run the same
+setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: Two workers, each running up to two flow runs at once (a parent and a runner, say).
+WORKER = ("--limit", "2", "--type", "process")
+#: Pool and deployment names as ``prefect.yaml`` has them.
+POOL = "klein-pool"
+SHARD_DEPLOYMENT = "generate-catalog-shard/catalog-shard"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{url}: process exited: {log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise AssertionError(f"{url} did not answer in {timeout} s: {log.read_text()[-3000:]}")
+
+
+@contextmanager
+def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A child in its own session, stopped (with whatever it started) on the way out."""
+    handle = log.open("wb")
+    child = subprocess.Popen(
+        args, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGTERM)
+            try:
+                child.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait(timeout=15)
+        handle.close()
+
+
+def wait_for_workers(api: str, pool: str, names: set[str], timeout: float, logs: Path) -> None:
+    """Both workers polling before any run exists: a slow starter would see none of them."""
+    deadline = time.monotonic() + timeout
+    online: set[str] = set()
+    while time.monotonic() < deadline:
+        request = urllib.request.Request(
+            f"{api}/work_pools/{pool}/workers/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            workers = json.loads(answer.read())
+        online = {w["name"] for w in workers if w.get("status") == "ONLINE"}
+        if names <= online:
+            return
+        time.sleep(0.5)
+    found = "".join(p.read_text()[-1500:] for p in logs.glob("worker-*.log"))
+    raise AssertionError(f"workers online after {timeout} s: {sorted(online)}; {found}")
+
+
+def run(args: list[str], env: dict[str, str], timeout: float = 120) -> str:
+    done = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, f"{args}: {done.stdout[-2000:]} {done.stderr[-3000:]}"
+    return done.stdout
+
+
+def start_simulator(stack: ExitStack, env: dict[str, str], tmp: Path, toml: str) -> str:
+    config = tmp / "sim.toml"
+    config.write_text(toml, encoding="utf-8")
+    log = tmp / "sim.log"
+    sim = stack.enter_context(
+        process(
+            [str(BIN / "python"), "-m", "pipeline.sim", "--config", str(config), "--port", "0"],
+            env,
+            log,
+        )
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        found = re.search(r"http://127\.0\.0\.1:\d+", log.read_text())
+        if found:
+            return found.group(0)
+        assert sim.poll() is None, log.read_text()
+        time.sleep(0.1)
+    raise AssertionError(f"simulator did not start: {log.read_text()}")
+
+
+def sim_stats(url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(f"{url}/_sim/stats", timeout=5) as answer:
+        return json.loads(answer.read())["keys"]["shared"]
+
+
+def api_post(api: str, path: str, body: dict[str, Any]) -> Any:
+    request = urllib.request.Request(
+        f"{api}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def api_get(api: str, path: str) -> Any:
+    with urllib.request.urlopen(f"{api}{path}", timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def runner_runs(api: str) -> dict[str, dict[str, Any]]:
+    """The shard runner flow runs by name (``shard-runner-N``)."""
+    runs = api_post(api, "/flow_runs/filter", {"limit": 50})
+    return {run["name"]: run for run in runs if run["name"].startswith("shard-runner-")}
+
+
+def find_postgres() -> Path | None:
+    """Debian's PostgreSQL server binaries (``postgresql`` package), or None."""
+    found = shutil.which("pg_ctl")
+    if found:
+        return Path(found).resolve().parent
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+    return versions[-1].parent if versions else None
+
+
+@contextmanager
+def postgres() -> Iterator[str | None]:
+    """A throwaway PostgreSQL on 127.0.0.1 for the Prefect server, when one is installed.
+
+    The SQLite server logs ``database is locked`` with two workers; production runs the
+    server on PostgreSQL (README), so this test does too where it can. As root (a CI
+    container) the cluster runs as the ``postgres`` user, since initdb refuses root.
+    """
+    bin_dir = find_postgres()
+    if bin_dir is None:
+        yield None
+        return
+    as_user: list[str] = []
+    folder = Path(tempfile.mkdtemp(prefix="klein-pg-"))
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        shutil.chown(folder, "postgres")
+    data, log, port = folder / "data", folder / "postgres.log", free_port()
+    subprocess.run(
+        [*as_user, str(bin_dir / "initdb"), "-D", str(data), "-U", "prefect", "--auth=trust"],
+        check=True,
+        capture_output=True,
+    )
+    pg_ctl = [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data)]
+    options = f"-h 127.0.0.1 -p {port} -k {folder}"
+    subprocess.run(
+        [*pg_ctl, "-o", options, "-l", str(log), "-w", "start"],
+        check=True,
+        stdout=subprocess.DEVNULL,  # the server inherits it: a pipe would never close
+        stderr=subprocess.DEVNULL,
+        timeout=120,
+    )
+    try:
+        yield f"postgresql+asyncpg://prefect@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            [*pg_ctl, "-m", "immediate", "stop"],
+            capture_output=True,
+            timeout=60,
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, Any]]:
+    """A Prefect server (on PostgreSQL when installed), the simulator, two process workers
+    and the repository's deployments, the API key in the ``freepik-api-key`` Secret block;
+    yields what a caller needs to start the flow and watch it."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FREEPIK", "BFL"))}
+    base.update(
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PWD=str(REPO),
+    )
+    server_env = base | {
+        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        # Lapsed claims are revoked within 5 s instead of 15 (README: the takeover bound).
+        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+    }
+    client = base | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    prefect = str(BIN / "prefect")
+    with ExitStack() as stack:
+        database = stack.enter_context(postgres())
+        if database is not None:
+            server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
+        server_log = tmp_path / "server.log"
+        server = stack.enter_context(
+            process(
+                [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                server_env,
+                server_log,
+            )
+        )
+        sim_url = start_simulator(stack, base, tmp_path, sim_toml)
+        wait_for(f"{api}/health", server, 90, server_log)
+
+        run([prefect, "work-pool", "create", POOL, "--type", "process"], client)
+        workers = {
+            name: stack.enter_context(
+                process(
+                    [prefect, "worker", "start", "--pool", POOL, "--name", name, *WORKER],
+                    client,
+                    tmp_path / f"{name}.log",
+                )
+            )
+            for name in ("worker-a", "worker-b")
+        }
+        run(
+            [
+                str(BIN / "python"),
+                "-c",
+                "import os; from prefect.blocks.system import Secret; "
+                "Secret(value=os.environ['SECRET']).save('freepik-api-key', overwrite=True)",
+            ],
+            client | {"SECRET": secret},
+        )
+        run([prefect, "--no-prompt", "deploy", "--all"], client)
+        wait_for_workers(api, POOL, set(workers), 90, tmp_path)
+        yield {
+            "api": api,
+            "client": client,
+            "sim_url": sim_url,
+            "workers": workers,
+            "database": database,
+            "server_log": server_log,
+        }
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc), however deep."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

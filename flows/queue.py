@@ -1,0 +1,257 @@
+"""Shards as a queue: runners claim whole shards with leases that lapse when a runner dies.
+
+A deployment's shards used to be bound to flow runs when they were dispatched: a shard
+waited for its worker to notice it and start a process (10-20 s each), ran in a fixed
+share of the key that never grew when other shards finished, and a worker that died took
+its shards with it for good (measured: the key 0.32 busy where one process kept it 0.75,
+and a lost worker hung the night). Here every runner, the parent flow's own process first
+and one long-lived process per helper flow run on the workers, pulls the next unfinished
+shard (``LANES`` at a time) and runs it with the whole key, sharing it with the other
+runners by the engine's adaptive sharing (``pipeline/limits.py``: the share grows as
+others finish and shrinks as they start, from the API's own 429s, never a server round
+trip per request).
+
+A runner owns a shard while it holds that shard's claim: one slot of a Prefect global
+concurrency limit of 1 named after the output and the shard (so a rerun of the same output
+sees the same claims), taken with a lease of ``CLAIM_LEASE_S`` that the runner renews every
+``RENEW_EVERY_S``. A killed runner stops renewing, the Prefect server's repossessor revokes
+the lease (it looks every 15 s by default), and the next runner that looks claims the shard
+and resumes it from the shard's journal, so nothing acknowledged is paid twice. A runner
+that cannot renew its lease before it lapses stops its shard, so two runners never run one
+shard at once. A shard is finished when its ``shard.json`` carries this night's token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+from uuid import UUID
+
+from flows.shards import SHARD_INFO, ShardSpec, shard_folder
+from pipeline.storage import Sink
+
+log = logging.getLogger(__name__)
+
+#: Seconds a claim outlives a runner that stopped renewing it (a killed worker).
+CLAIM_LEASE_S: Final = 60.0  # the shortest lease a Prefect server grants
+#: How often a running shard's claim is renewed.
+RENEW_EVERY_S: Final = 5.0
+#: How often an idle runner looks again for a shard whose claim lapsed.
+IDLE_POLL_S: Final = 2.0
+#: Pause before a runner tries a shard that failed in it again.
+RETRY_DELAY_S: Final = 5.0
+#: The longest a lost shard waits before a surviving runner takes it over: the lease, the
+#: server's repossessor loop (15 s by default) and one idle look.
+TAKEOVER_BOUND_S: Final = CLAIM_LEASE_S + 15.0 + IDLE_POLL_S
+
+#: Shards one runner runs at once. Two lanes would fill the key at each shard's tail (its
+#: last tasks straggle while it has nothing left to submit), but two engines in one
+#: process sharing the key adaptively were slower than one on the 2-core benchmark
+#: machine (``benchmarks/RESULTS.md``), so a runner runs one shard at a time.
+LANES: Final = 1
+
+#: Called with each shard a runner finished (its shard.json) or gave up on (None).
+OnShard = Callable[[ShardSpec, dict[str, Any] | None], Awaitable[None]]
+
+
+class ClaimLost(Exception):
+    """The shard's claim could not be renewed before it lapsed; another runner may take it."""
+
+
+def claim_name(out: str, index: int) -> str:
+    """The global concurrency limit that stands for shard ``index`` of output ``out``."""
+    digest = hashlib.sha256(out.encode("utf-8")).hexdigest()[:16]
+    return f"klein-shard-{digest}-{index}"
+
+
+async def finished_info(sink: Sink, index: int, token: str) -> dict[str, Any] | None:
+    """Shard ``index``'s ``shard.json`` when tonight's run (``token``) finished it."""
+    data = await sink.get(f"{shard_folder(index)}/{SHARD_INFO}")
+    if not data:
+        return None
+    with contextlib.suppress(ValueError):
+        info = json.loads(data)
+        if isinstance(info, dict) and info.get("token") == token:
+            return info
+    return None
+
+
+async def _try_claim(client: Any, name: str) -> UUID | None:
+    """Take the shard's only slot with a lease, or None when another runner holds it."""
+    import httpx
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+
+    try:
+        await client.read_global_concurrency_limit_by_name(name)
+    except ObjectNotFound:
+        with contextlib.suppress(ObjectAlreadyExists):
+            await client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name=name, limit=1)
+            )
+    try:
+        response = await client.increment_concurrency_slots_with_lease(
+            names=[name], slots=1, mode="concurrency", lease_duration=CLAIM_LEASE_S
+        )
+    except httpx.HTTPStatusError as exc:
+        if exc.response.status_code == 423:  # locked: the slot is held
+            return None
+        raise
+    return UUID(str(response.json()["lease_id"]))
+
+
+@contextlib.asynccontextmanager
+async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
+    """Keep the claim while the block runs; if it cannot be renewed in time, stop the block."""
+    owner = asyncio.current_task()
+    lost = False
+
+    async def renew() -> None:
+        nonlocal lost
+        renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(RENEW_EVERY_S)
+            try:
+                await client.renew_concurrency_lease(lease_id, lease_duration=CLAIM_LEASE_S)
+                renewed = time.monotonic()
+            except Exception as exc:
+                if time.monotonic() - renewed >= CLAIM_LEASE_S - RENEW_EVERY_S:
+                    log.error("%s: claim lost (%s); stopping the shard", name, exc)
+                    lost = True
+                    if owner is not None:
+                        owner.cancel()
+                    return
+                log.warning("%s: could not renew the claim yet (%s)", name, exc)
+
+    renewer = asyncio.create_task(renew())
+    try:
+        yield
+    except asyncio.CancelledError:
+        if lost:
+            if owner is not None:
+                owner.uncancel()
+            raise ClaimLost(f"{name}: the claim lapsed before it could be renewed") from None
+        raise
+    finally:
+        renewer.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await renewer
+        with contextlib.suppress(Exception):  # unreleased, it lapses in CLAIM_LEASE_S
+            await client.release_concurrency_slots_with_lease(lease_id)
+
+
+async def drain(
+    shards: list[ShardSpec],
+    *,
+    sink: Sink,
+    out: str,
+    token: str,
+    run: Callable[[ShardSpec], Awaitable[dict[str, Any]]],
+    attempts: int,
+    on_shard: OnShard | None = None,
+    lanes: int = LANES,
+) -> tuple[dict[int, dict[str, Any]], list[int]]:
+    """Run unfinished shards, ``lanes`` at a time, until every shard is finished by some runner.
+
+    Returns the ``shard.json`` of every finished shard (by whichever runner) and the shards
+    this runner gave up on after ``attempts`` failures of its own. While other runners hold
+    the remaining shards it waits and looks again, so the runner that lives longest ends
+    the night, taking over the shards of runners that died.
+    """
+    from prefect.client.orchestration import get_client
+
+    finished: dict[int, dict[str, Any]] = {}
+    failures: dict[int, int] = {}
+    given_up: set[int] = set()
+    not_before: dict[int, float] = {}
+    running_here: set[int] = set()
+
+    async def finish(shard: ShardSpec, info: dict[str, Any] | None) -> None:
+        if shard.index in finished or shard.index in given_up:
+            return
+        if info is None:
+            given_up.add(shard.index)
+        else:
+            finished[shard.index] = info
+        if on_shard is not None:
+            await on_shard(shard, info)
+
+    async def attempt(client: Any, shard: ShardSpec, lease: UUID, name: str) -> None:
+        outcome: dict[str, Any] | None = None
+        running_here.add(shard.index)
+        try:
+            async with _held(client, lease, name):
+                outcome = await finished_info(sink, shard.index, token)
+                if outcome is None:
+                    outcome = await run(shard)
+        except Exception as exc:
+            failures[shard.index] = failures.get(shard.index, 0) + 1
+            log.error(
+                "shard %d (rows %d-%d) failed (attempt %d of %d): %s",
+                shard.index,
+                shard.start + 1,
+                shard.stop,
+                failures[shard.index],
+                attempts,
+                exc,
+            )
+            if failures[shard.index] >= attempts:
+                await finish(shard, None)
+            else:
+                not_before[shard.index] = time.monotonic() + RETRY_DELAY_S
+        finally:
+            running_here.discard(shard.index)
+        if outcome is not None:
+            await finish(shard, outcome)
+
+    async def lane(client: Any) -> None:
+        while True:
+            waiting: list[ShardSpec] = []
+            for shard in shards:
+                if shard.index in finished or shard.index in given_up:
+                    continue
+                if shard.index in running_here:
+                    continue
+                info = await finished_info(sink, shard.index, token)
+                if info is not None:
+                    await finish(shard, info)
+                else:
+                    waiting.append(shard)
+            if not waiting:
+                return  # the rest is finished, or running in another lane of this runner
+            ran = False
+            for shard in waiting:
+                if (
+                    shard.index in running_here
+                    or not_before.get(shard.index, 0.0) > time.monotonic()
+                ):
+                    continue
+                name = claim_name(out, shard.index)
+                lease = await _try_claim(client, name)
+                if lease is None:
+                    continue
+                ran = True
+                await attempt(client, shard, lease, name)
+                break  # look at the queue afresh: others may have finished shards meanwhile
+            if not ran:
+                await asyncio.sleep(IDLE_POLL_S)
+
+    async with get_client() as client:
+        await asyncio.gather(*(lane(client) for _ in range(max(1, lanes))))
+    return finished, sorted(given_up)
+
+
+async def forget_claims(out: str, shards: list[ShardSpec]) -> None:
+    """Delete the shards' claim limits once the night is over (a rerun creates them again)."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        for shard in shards:
+            with contextlib.suppress(Exception):
+                await client.delete_global_concurrency_limit_by_name(claim_name(out, shard.index))
