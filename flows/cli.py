@@ -183,7 +183,7 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
     if spec.out and "{date}" not in out:
         # Before Prefect starts: a busy output is said in one line (the flow holds the lock).
         try:
-            asyncio.run(check_free(open_sink(out), out))
+            check_free(open_sink(out), out)
         except KleinError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return int(ExitCode.CANNOT_START)

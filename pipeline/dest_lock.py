@@ -367,7 +367,7 @@ async def holding(
         await asyncio.to_thread(lease.release)
 
 
-async def check_free(sink: object, destination: str) -> None:
+def check_free(sink: object, destination: str) -> None:
     """Raise ``DestinationBusy`` if a live writer holds DEST now; takes nothing.
 
     For a one-line answer before a writer's slow start (Prefect's): ``holding`` is still
@@ -390,7 +390,7 @@ async def check_free(sink: object, destination: str) -> None:
 
     if isinstance(sink, S3Sink):
         where = sink.location(LOCK_RELPATH)
-        await asyncio.to_thread(S3Lease(where.bucket, where.key, destination, "run").check)
+        S3Lease(where.bucket, where.key, destination, "run").check()
 
 
 def sweep_partial_writes(folder: Path) -> int:
