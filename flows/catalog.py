@@ -148,8 +148,6 @@ NOT_IN_FLOW_YET = {
     "variations": "variation matrices",
     "max_credits": "credit budgets",
     "dry_run": "dry runs",
-    "catalog": "product exports (--catalog)",
-    "per": "product exports (--per)",
 }
 
 
@@ -286,12 +284,21 @@ async def shard_task(job: ShardJob) -> dict[str, Any]:
 async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[str, Any]:
     """Check the manifest as a run would, find keys repeated across shards, fix the plan."""
     from pipeline.check import check_manifest
+    from pipeline.providers import published_cost
 
     logger = get_run_logger()
     out = str(spec.out)
     limit = spec.limit
     image_defaults = spec.image_defaults()
-    report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
+    report = await asyncio.to_thread(
+        check_manifest,
+        manifest,
+        defaults=image_defaults,
+        limit=limit,
+        export=spec.export(),
+        reference_column=spec.reference_column,
+        cost=published_cost(spec.dialect, spec.model),
+    )
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
     stored = await sink.get(PLAN_RELPATH)
@@ -312,7 +319,13 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
             "`klein-batch run`, or give the flow a new output"
         )
     scan = await asyncio.to_thread(
-        scan_keys, manifest, defaults=image_defaults, limit=limit, shard_size=shard_size
+        scan_keys,
+        manifest,
+        defaults=image_defaults,
+        limit=limit,
+        shard_size=shard_size,
+        export=spec.export(),
+        reference_column=spec.reference_column,
     )
     moved = previous.moved_shard(scan.first_keys) if previous is not None else None
     if moved is not None:
@@ -573,7 +586,7 @@ async def generate_catalog(
             "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
         }
         run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(sink, summary)
+        report_uri = await write_html_report(sink, summary, columns=spec.report_columns)
         summary_data = summary.to_dict() | extra
         await artifacts.publish_summary(
             artifacts.summary_markdown(

@@ -26,7 +26,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
-from pipeline.manifest import Defaults, ManifestReader, iter_rows
+from pipeline.manifest import INDEX_COLUMN, Defaults, validate_batch
+from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.storage import Sink
 
 SHARDS_DIR: Final = ".klein/shards"
@@ -160,14 +161,33 @@ def scan_keys(
     shard_size: int,
     batch_size: int = 10_000,
     on_batch: Callable[[int], None] | None = None,
+    export: ExportSpec | None = None,
+    reference_column: str | None = None,
 ) -> ScanResult:
-    """Count rows and find repeated keys, holding only (index, key) pairs, not rows."""
-    reader = ManifestReader(manifest, batch_size=batch_size, limit=limit)
+    """Count rows and find repeated keys, holding only (index, key) pairs, not rows.
+
+    Shards are ranges of input lines: a product export's lines that make no image of their
+    own (``merged``) count towards the total too, so every line lands in a shard.
+    """
+    reader = open_manifest(
+        manifest,
+        export=export,
+        reference_column=reference_column,
+        batch_size=batch_size,
+        limit=limit,
+    )
     parts: list[pl.DataFrame] = []
     first_keys: dict[int, str | None] = {}
     total = 0
-    for rows, rejections in iter_rows(reader, defaults):
-        total += len(rows) + len(rejections)
+    for batch in reader.batches():
+        total += batch.height
+        rows, rejections = validate_batch(
+            batch, source_name=reader.name, defaults=defaults, names=reader.shown_as
+        )
+        # A shard starting on a merged line starts with no key (as on a rejected row).
+        starts = batch.filter(pl.col(INDEX_COLUMN) % shard_size == 0).get_column(INDEX_COLUMN)
+        for index in starts.to_list():
+            first_keys.setdefault(index // shard_size, None)
         for row in rows:
             if row.index % shard_size == 0:
                 first_keys[row.index // shard_size] = row.key

@@ -383,6 +383,11 @@ def _plan_text(
                 f"  budget:   {budget:g} credits{spent} is below the estimate "
                 f"({estimate:.2f}): about {share} of {to_send} images fit; the rest end "
                 "skipped (budget)"
+                + (
+                    ", whole products only (a product's variations are made all or none)"
+                    if settings.vary or settings.variations
+                    else ""
+                )
             )
     return "\n".join(lines)
 

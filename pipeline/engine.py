@@ -30,6 +30,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -76,6 +77,21 @@ STORM_MAX_PAUSE_S = 61.0
 #: only while sharing; polls count against no limit).
 CONTENDED_FIRST_POLL = 0.3
 CONTENDED_REPOLL = 0.05
+
+#: One task in this many is first polled at the learned median rather than at the first-poll
+#: quantile: with the first-poll quantile that fits a lognormal, which the slot controller
+#: probes from (``SlotController.set_distribution``). It costs about half a poll per such
+#: task; a task found done at the median also counts as done at the first-poll time.
+CALIBRATE_EVERY = 4
+
+#: Once every row has been taken and at most this many tasks are left, the last of them is
+#: polled at least this often: the run's end waits for the last task to be *noticed*, and
+#: the usual back-off (half the task's age, up to 10 s) would add 5 s on average to the
+#: wall time of a run with a heavy latency tail, for a handful of extra polls.
+DRAIN_TASKS = 2
+DRAIN_REPOLL_S = 3.0
+#: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
+_Z85 = 1.0364
 
 
 class Journal(Protocol):
@@ -201,6 +217,10 @@ class _Tracked:
     cost: float | None = None
     #: The API said the task completed: it is charged, whatever happens to its image.
     completed: bool = False
+    #: The slot controller's handle on this task (None for tasks of earlier runs).
+    permit: Permit | None = None
+    #: First polled at the learned median, to learn the distribution (CALIBRATE_EVERY).
+    calibrating: bool = False
 
 
 class Engine:
@@ -243,6 +263,15 @@ class Engine:
             settings.expected_latency_s,
             step=min(0.1, 0.5 / settings.max_active),
         )
+        self._median = QuantileTracker(
+            0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
+        )
+        self._calibrated = 0
+        self._fresh = itertools.count()
+        #: Permits of accepted submits, handed to their tracked task.
+        self._permits: dict[str, Permit] = {}
+        #: Every row has been taken: only the tasks in flight are left (DRAIN_*).
+        self._draining = False
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         #: Finished tasks whose image is not stored yet. Their result URLs expire (10 min
@@ -361,6 +390,7 @@ class Engine:
                     task.add_done_callback(running.discard)
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
+            self._draining = True
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
                 await asyncio.wait(set(running))
@@ -488,12 +518,16 @@ class Engine:
             tracked.cost = submitted.cost if submitted.cost is not None else price
             if self._fatal is not None:
                 raise _Stopped  # journaled: the rerun polls it
+            tracked.permit = self._permits.pop(submitted.task_id, None)
             first = self._first_poll.value
             if self._settings.webhook_url:
                 first *= self._settings.webhook_poll_factor
             elif self.slots.contended:
                 first *= CONTENDED_FIRST_POLL
                 tracked.eager = True
+            elif next(self._fresh) % CALIBRATE_EVERY == 0 and self.slots.probing:
+                first = min(first, self._median.value)
+                tracked.calibrating = True
             self._schedule(tracked, first)
         else:
             self.slots.adopt()
@@ -510,7 +544,7 @@ class Engine:
             failure = exc
         finally:
             self._by_task.pop(tracked.task_id, None)
-            self.slots.finished()
+            self.slots.finished(tracked.permit)
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
                 # Resumed, and the API no longer knows the task: the earlier run may have
@@ -662,6 +696,7 @@ class Engine:
                 self.stats.ambiguous_submits += 1
                 raise Transient(f"bad submit answer: {exc}") from None
             self.slots.accepted(permit)
+            self._permits[submitted.task_id] = permit
             self.stats.accepted += 1
             self._refusal_streak = self._storm_round = 0
             return submitted
@@ -759,13 +794,24 @@ class Engine:
             and not self._settings.webhook_url
             and not tracked.eager
         )
-        if first:
-            self._first_poll.observe(state.phase != "pending")
+        done = state.phase != "pending"
+        if first and tracked.calibrating:
+            self._learn_median(done)
+            if done:  # done at the median: done at the (later) first-poll time as well
+                self._first_poll.observe(True)
+        elif first or (tracked.calibrating and tracked.polls == 2):
+            self._first_poll.observe(done)
             self.slots.set_latency(self._first_poll.value)
-        if state.phase != "pending":
+        if done:
             tracked.done.set_result(state)
             return
+        if tracked.permit is not None:
+            self.slots.still_running(tracked.permit)
         age = time.monotonic() - tracked.started
+        if first and tracked.calibrating:
+            # Next at the first-poll time, as every other task: that poll teaches it.
+            self._schedule(tracked, max(self._first_poll.value - age, 0.05))
+            return
         if age > self._settings.task_timeout_s:
             tracked.done.set_exception(
                 _RowError(
@@ -777,9 +823,22 @@ class Engine:
             return
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
         delay = min(max(0.5 * age, 0.05), 10.0)
+        if self._draining and len(self._by_task) <= DRAIN_TASKS:
+            delay = min(delay, DRAIN_REPOLL_S)
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
         self._schedule(tracked, delay)
+
+    def _learn_median(self, done: bool) -> None:
+        """One calibration answer; with enough of them, the slot controller gets the
+        lognormal through the learned median and first-poll quantile."""
+        self._median.observe(done)
+        self._calibrated += 1
+        if self._calibrated < 2 * self._settings.max_active:
+            return
+        median = self._median.value
+        sigma = math.log(max(self._first_poll.value / median, 1.01)) / _Z85
+        self.slots.set_distribution(median, sigma)
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
         async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):

@@ -14,6 +14,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -87,6 +88,7 @@ class LocalSink:
         except OSError as exc:
             raise ConfigError(f"cannot create output folder {root_path}: {exc.strerror}") from exc
         self.root = root_path.resolve()
+        self._root_text = str(self.root)
         #: fsync each file before renaming it: survives power loss, not only a process kill.
         self.fsync = fsync
 
@@ -106,12 +108,39 @@ class LocalSink:
                 f"invalid output path {relpath!r}: absolute paths are not allowed; "
                 f"expected a path relative to {self.root}"
             )
+        fast = self._plain_path(pure)
+        if fast is not None:
+            return fast
         target = (self.root / pure).resolve()
         if target == self.root or not target.is_relative_to(self.root):
             raise ValueError(
                 f"invalid output path {relpath!r}: it leads outside the output folder {self.root}"
             )
         return target
+
+    def _plain_path(self, pure: PurePosixPath) -> Path | None:
+        """``root/pure`` when no component is ``..`` and none that exists is a symlink.
+
+        Such a path cannot lead outside the (resolved) root, so it needs no full
+        resolution: one ``lstat`` per component below the root instead of one per
+        component of the whole absolute path, for every image and thumbnail written.
+        None sends anything else (a ``..``, a symlink anywhere) to the full check.
+        """
+        parts = pure.parts
+        if not parts or ".." in parts:
+            return None
+        current = self._root_text
+        for part in parts:
+            current = os.path.join(current, part)
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                break  # neither it nor anything below it exists yet: no link to follow
+            except OSError:
+                return None
+            if stat.S_ISLNK(mode):
+                return None
+        return Path(self._root_text, *parts)
 
     def uri(self, relpath: str) -> str:
         # A plain absolute path, not file://: polars, PIL and shells all open it as it is.

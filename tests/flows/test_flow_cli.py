@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 KLEIN_BATCH = Path(sys.executable).with_name("klein-batch")
@@ -33,6 +34,7 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # starts Prefect's ephemeral server in a fresh process
 def test_flow_command_runs_the_example_catalog_in_ephemeral_mode(tmp_path: Path) -> None:
     sim_toml = tmp_path / "sim.toml"
     sim_toml.write_text(FAST_SIM, encoding="utf-8")
@@ -117,6 +119,7 @@ def test_flow_command_refuses_run_only_settings_of_a_shared_config(tmp_path: Pat
         assert not out.exists(), setting  # nothing ran, nothing was spent
 
 
+@pytest.mark.slow  # two flow runs, each with its own ephemeral server
 def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     tmp_path: Path,
 ) -> None:

@@ -110,6 +110,7 @@ def test_random_moderation(start_sim: Callable[..., SimServer], tmp_path: Path) 
     assert counts["succeeded"] + counts["moderated"] == ROWS
 
 
+@pytest.mark.serial  # 3 s result URLs: a starved event loop would let them expire
 def test_slow_downloads_hold_back_submits_instead_of_letting_results_expire(
     start_sim: Callable[..., SimServer], tmp_path: Path
 ) -> None:

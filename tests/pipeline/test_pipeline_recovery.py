@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import polars as pl
+import pytest
 from pipeline_helpers import (
     KLEIN_BATCH,
     SIM_KEY,
@@ -53,6 +54,7 @@ def forget_outcomes(out: Path, keys: Sequence[str], *, drop_images: bool = False
             (out / "images" / f"{key}.jpg").unlink()
 
 
+@pytest.mark.serial  # the first run must fetch every image within 0.2 s of its URL's expiry
 def test_expired_url_of_a_resumed_row_takes_the_stored_image(
     start_sim: Callable[..., SimServer], tmp_path: Path
 ) -> None:

@@ -1,0 +1,76 @@
+"""Settings every test process needs before anything imports Prefect, and the serial part.
+
+The suite runs in parallel (pytest-xdist, see ``.ci/run``): each worker is its own process,
+so each gets its own ``PREFECT_HOME`` here. Prefect's ephemeral server keeps its SQLite
+database there, and two workers sharing one would lock each other out ("database is
+locked") or see each other's flow runs. This conftest is the first one pytest imports, so
+the variables are set before any test module (or a subprocess a test starts, which
+inherits them) can read them. No test touches the user's ~/.prefect and nothing reports
+analytics.
+
+Tests marked ``serial`` assert a bound on timing that other workers competing for the two
+cores would decide instead of the code; ``--part parallel`` leaves them out and ``--part
+serial`` runs only them, which is how ``.ci/run`` runs them: after the parallel part.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+
+import pytest
+
+_HOME = tempfile.mkdtemp(prefix="klein-prefect-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["PREFECT_HOME"] = _HOME
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+if not os.environ.get("PREFECT_API_URL"):
+    os.environ.pop("PREFECT_API_URL", None)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--part",
+        choices=("all", "parallel", "serial"),
+        default="all",
+        help="parallel: every test but those marked serial (what .ci/run runs under xdist); "
+        "serial: only those, run after the parallel part with the machine to themselves",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "serial: a bound on timing (a result URL's lifetime, a share of a key's slots) that "
+        "parallel workers competing for the CPU would decide instead of the code; .ci/run "
+        "runs these after the parallel part, one at a time",
+    )
+
+
+def _start_order(item: pytest.Item) -> int:
+    """The long tests (marked slow) first: a worker that draws one at the end of the run
+    keeps the others waiting for it. Last, the tests that only collect what a background
+    scenario started at collection did (tests/pipeline/minute_storm.py): early, they would
+    hold a worker waiting for it. Every worker sorts alike, so xdist sees one order; the sort
+    is stable, so within each kind the files' order stays."""
+    if "minute_storm" in getattr(item, "fixturenames", ()):
+        return 2
+    return 0 if item.get_closest_marker("slow") is not None else 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_start_order)
+    part = config.getoption("--part")
+    if part == "all":
+        return
+    keep = part == "serial"
+    selected: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
+    for item in items:
+        wanted = (item.get_closest_marker("serial") is not None) == keep
+        (selected if wanted else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
