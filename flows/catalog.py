@@ -33,6 +33,8 @@ Prefect's ephemeral mode (no server needed); see ``flows/cli.py``.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +66,12 @@ from flows.shards import (
     shard_count,
     shard_folder,
 )
+from pipeline import dest_lock
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
 from pipeline.library import library_for
+from pipeline.output_manifest import refuse_own_output_as_input
 from pipeline.run import RunOptions, arun_manifest
 from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
@@ -317,6 +322,36 @@ def _counts_text(counts: dict[str, int]) -> str:
 # --- the catalog flow -----------------------------------------------------------------------------
 
 
+def _one_writer(
+    generate: Callable[..., Awaitable[dict[str, Any]]],
+) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """The flow holds DEST's lock while it runs: the same lock as `klein-batch run`.
+
+    So a `run` into the flow's output (or a second flow) stops with exit 2 naming this
+    flow, and this flow stops the same way while a `run` holds it (``pipeline.dest_lock``:
+    an flock locally, a leased conditional-put object on S3). A lost S3 lease cancels
+    the flow: another writer may hold the output now.
+    """
+
+    @functools.wraps(generate)
+    async def holding_the_output(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        spec = inspect.signature(generate).bind(*args, **kwargs).arguments["spec"]
+        out = spec.get("out") if isinstance(spec, dict) else getattr(spec, "out", None)
+        if not out:
+            return await generate(*args, **kwargs)  # which says that out is required
+        out = _absolute(_dated(out))
+        running = asyncio.current_task()
+
+        def lost(message: str) -> None:
+            if running is not None:
+                running.cancel(message)
+
+        async with dest_lock.holding(open_sink(out), out, kind="flow", on_lost=lost):
+            return await generate(*args, **kwargs)
+
+    return holding_the_output
+
+
 #: What ``end_runners`` cleans up after each night run in this process: (runner flow runs,
 #: output, shards), by the night's flow run id.
 _WIND_DOWN: dict[str, tuple[list[Any], str, list[ShardSpec]]] = {}
@@ -344,6 +379,7 @@ async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
     on_crashed=[end_runners],
     on_cancellation=[end_runners],
 )
+@_one_writer
 async def generate_catalog(
     manifest: str,
     spec: RunSpec,
@@ -401,6 +437,7 @@ async def generate_catalog(
         library=_absolute(library) if library is not None else None,
     )
     sink = open_sink(out)
+    refuse_own_output_as_input(manifest, sink, out)
 
     checked = await validate_task(manifest, spec, shard_size)
     shards = plan_shards(checked["shards"])

@@ -173,6 +173,17 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
     # (a nightly host running other jobs): a flow that never started helps nobody.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     from flows.catalog import ShardsFailed, generate_catalog
+    from pipeline.dest_lock import check_free
+    from pipeline.storage import open_sink
+
+    out = str(spec.out)
+    if spec.out and "{date}" not in out:
+        # Before Prefect starts: a busy output is said in one line (the flow holds the lock).
+        try:
+            check_free(open_sink(out), out)
+        except KleinError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return int(ExitCode.CANNOT_START)
 
     try:
         with _simulator(spec) as (sim_url, sim_key):

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 
 #: Writes larger than this go to a worker thread so the event loop keeps polling.
 INLINE_WRITE_LIMIT = 1 << 20
@@ -171,15 +171,23 @@ class LocalSink:
 
     async def put(self, relpath: str, data: bytes, content_type: str) -> str:
         target = self._path(relpath)
-        if len(data) > INLINE_WRITE_LIMIT:
-            await asyncio.to_thread(self._write_atomic, target, data, None)
-        else:
-            self._write_atomic(target, data, None)
+        try:
+            if len(data) > INLINE_WRITE_LIMIT:
+                await asyncio.to_thread(self._write_atomic, target, data, None)
+            else:
+                self._write_atomic(target, data, None)
+        except OSError as exc:
+            raise write_failed(target, exc) from None
         return str(target)
 
     async def put_file(self, relpath: str, local_path: Path, content_type: str) -> str:
         target = self._path(relpath)
-        await asyncio.to_thread(self._write_atomic, target, None, Path(local_path))
+        try:
+            await asyncio.to_thread(self._write_atomic, target, None, Path(local_path))
+        except OSError as exc:
+            if exc.filename is not None and Path(exc.filename) == Path(local_path):
+                raise  # the source could not be read: not a problem of the output
+            raise write_failed(target, exc) from None
         return str(target)
 
     async def get(self, relpath: str) -> bytes | None:
@@ -194,6 +202,20 @@ class LocalSink:
 
     async def exists(self, relpath: str) -> bool:
         return self._path(relpath).is_file()
+
+
+def write_failed(target: Path | str, exc: OSError) -> StorageError:
+    """The one-line error for a local write that failed (disk full, read-only, permission).
+
+    A ``StorageError`` stops the run (see ``pipeline.errors``): the message names the file
+    and the operating system's reason, and says the rerun collects what was paid for.
+    """
+    reason = exc.strerror or type(exc).__name__
+    return StorageError(
+        f"cannot write {target}: {reason} (errno {exc.errno}); free space or fix the "
+        "permissions, then run the same command again: tasks already acknowledged are "
+        "collected by their task ids, not paid for again"
+    )
 
 
 #: The hole an output path may hold for the day of the run (``out/nightly/{date}``).
