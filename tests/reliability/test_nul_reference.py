@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 from PIL import Image
 from pipeline_helpers import KLEIN_BATCH, SIM_KEY, cli_env, key_stats
+from reliability_helpers import validate
 
 from pipeline.sim import SimServer
 
@@ -36,13 +37,7 @@ def test_a_nul_in_a_reference_path_is_rejected_by_validate_and_run(
     sim: SimServer, tmp_path: Path
 ) -> None:
     manifest = _manifest(tmp_path / "in")
-    checked = subprocess.run(
-        [KLEIN_BATCH, "validate", str(manifest)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    checked = validate(manifest)
     assert checked.returncode == 1, checked.stdout + checked.stderr
     assert "Traceback" not in checked.stderr
     assert "NUL byte" in checked.stdout + checked.stderr
