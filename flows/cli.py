@@ -90,9 +90,6 @@ def flow_command(
         ):
             if value < low:
                 raise ConfigError(f"{name} {value} is not allowed; expected at least {low}")
-        from flows.catalog import refuse_unsupported
-
-        refuse_unsupported(spec, f"{config}: " if config else "")
     code = run_flow(
         manifest,
         spec,
@@ -216,6 +213,10 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
     except KleinError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return int(ExitCode.CANNOT_START)
+    if result.get("dry_run"):
+        print(result["report"])
+        print(result["plan"])
+        return int(result.get("exit_code", ExitCode.OK))
     counts = result.get("counts", {})
     shown = ", ".join(f"{count:,} {status}" for status, count in counts.items())
     print(f"{result.get('total_rows', 0):,} rows: {shown}")

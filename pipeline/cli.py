@@ -336,7 +336,7 @@ def validate(
 # --- run ------------------------------------------------------------------------------------
 
 
-def _plan_text(
+def plan_text(
     settings: RunConfig,
     limits: Tier,
     to_send: int,
@@ -496,7 +496,7 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             cost=published_cost(settings.dialect, settings.model),
         )
     typer.echo(report.render())
-    typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
+    typer.echo(plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
     raise typer.Exit(int(report.exit_code))
 
 

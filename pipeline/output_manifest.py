@@ -74,6 +74,7 @@ import pyarrow.parquet as pq
 
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.errors import KleinError
+from pipeline.keys import key_shard
 from pipeline.ledger import Ledger
 from pipeline.reserved import (
     INDEX_COLUMN,
@@ -244,9 +245,15 @@ def _conform(
 
 
 def _build_parquet(
-    reader: ManifestSource, ledger: Ledger, path: Path, expander: RowExpander | None = None
+    reader: ManifestSource,
+    ledger: Ledger,
+    path: Path,
+    expander: RowExpander | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> int:
-    """Write the joined manifest to ``path``; returns the number of rows written."""
+    """Write the joined manifest to ``path``; returns the number of rows written.
+
+    ``shard`` (index, count) leaves out rows the run did not plan (another shard's)."""
     inputs = [
         (column, name) for column, name in reader.input_columns if column not in WORKING_COLUMNS
     ]
@@ -281,6 +288,24 @@ def _build_parquet(
                 outcome.index: outcome
                 for outcome in ledger.outcomes_for(min(indices), max(indices) + 1)
             }
+            if shard is not None:
+                # This shard's rows, and its part of the lines that make no image (merged
+                # lines of a product export), so that every line is in exactly one shard.
+                lines = (
+                    batch.get_column(MERGED_COLUMN).is_not_null().to_list()
+                    if MERGED_COLUMN in batch.columns
+                    else [False] * batch.height
+                )
+                mine, count = shard
+                keep = [
+                    index in outcomes or (line and key_shard(f"line-{index}", count) == mine)
+                    for index, line in zip(indices, lines, strict=True)
+                ]
+                batch = batch.filter(pl.Series(keep))
+                if batch.height == 0:
+                    continue
+                indices = batch.get_column("__index").cast(pl.Int64).to_list()
+                rows = batch.get_column("__row").to_list() if "__row" in batch.columns else None
             raw_prompts = (
                 batch.get_column("prompt").to_list() if "prompt" in batch.columns else None
             )
@@ -322,11 +347,15 @@ def _build_parquet(
 
 
 def _build_with_own_connection(
-    reader: ManifestSource, ledger_path: Path, tmp: Path, expander: RowExpander | None = None
+    reader: ManifestSource,
+    ledger_path: Path,
+    tmp: Path,
+    expander: RowExpander | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> int:
     # SQLite connections belong to their thread; a read-only one sees every committed row.
     with Ledger.open(ledger_path, readonly=True) as own:
-        return _build_parquet(reader, own, tmp, expander)
+        return _build_parquet(reader, own, tmp, expander, shard)
 
 
 async def write_output_manifest(
@@ -336,8 +365,11 @@ async def write_output_manifest(
     *,
     relpath: str = OUTPUT_MANIFEST_RELPATH,
     expander: RowExpander | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> str:
     """Join the input manifest with the ledger and store the Parquet file; returns its URI.
+
+    ``shard``: only the rows this run planned (a flow shard's own rows).
 
     The file is built in a temporary file (beside the destination when the sink is local,
     so no second disk is needed) and then stored atomically: a reader never sees a
@@ -353,7 +385,9 @@ async def write_output_manifest(
     tmp = Path(tmp_name)
     try:
         ledger.flush()
-        await asyncio.to_thread(_build_with_own_connection, reader, ledger.path, tmp, expander)
+        await asyncio.to_thread(
+            _build_with_own_connection, reader, ledger.path, tmp, expander, shard
+        )
         return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
     finally:
         with contextlib.suppress(OSError):

@@ -49,6 +49,7 @@ from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
+from pipeline.keys import key_shard
 from pipeline.ledger import Action, Ledger, Planned
 from pipeline.library import Library
 from pipeline.limits import resolve_tier
@@ -123,9 +124,10 @@ class RunOptions:
     #: Skip this many data rows first (a shard's row range is ``offset`` + ``limit`` rows);
     #: rows keep their original numbers in messages and in the output manifest.
     offset: int = 0
-    #: Row index -> index of an earlier row with the same key that another run (an earlier
-    #: shard) owns: such rows are rejected as duplicates here, never paid for twice.
-    earlier_duplicates: dict[int, int] = field(default_factory=dict)
+    #: ``(index, count)``: run only the rows whose product key falls in shard ``index`` of
+    #: ``count`` (``keys.key_shard``), the others are another run's; None: every row. A
+    #: flow's shards use it, so an edited manifest moves no row between shards.
+    shard: tuple[int, int] | None = None
     #: Prompt template and variation matrix (``pipeline/variations.py``); None: plain rows.
     catalog: Catalog | None = None
     #: Credits this output may spend in all, in flight included (``pipeline/budget.py``).
@@ -694,6 +696,8 @@ class _Run:
             self.ledger.flush()
 
     def _count_rows(self) -> None:
+        if self.opts.shard is not None:
+            return  # which rows are this shard's is known only once they are validated
         total = 0
         per_row = self.opts.catalog.size if self.opts.catalog else 1
         for batch in self.reader.batches():
@@ -711,10 +715,9 @@ class _Run:
             if validated is None:
                 return
             rows, rejections = validated
-            if self.opts.earlier_duplicates:
-                rows, rejections = _earlier_duplicates(
-                    rows, rejections, self.opts.earlier_duplicates, name
-                )
+            if self.opts.shard is not None:
+                rows = [row for row in rows if self._mine(row.key, row.index)]
+                rejections = [r for r in rejections if self._mine(r.key, r.index)]
             self.seen += len(rows) + len(rejections)
             queued_at = time.time()
             self._reject(rejections)
@@ -773,6 +776,24 @@ class _Run:
             if item.action is Action.SUBMIT:
                 groups.setdefault(item.row.index // catalog.size, []).append(item.row.request)
         return {product: tuple(requests) for product, requests in groups.items()}
+
+    def _mine(self, key: str | None, index: int) -> bool:
+        """Whether a planned row belongs to this run's shard (``RunOptions.shard``).
+
+        A product's variations go together: their keys are ``<product key>--<slug>``, and
+        the product key decides, so a budget or a rerun never splits a product's matrix
+        between shards. A row without a key (rejected before one was made) goes by its
+        product's position: it costs nothing, wherever it is reported.
+        """
+        assert self.opts.shard is not None
+        mine, count = self.opts.shard
+        catalog = self.opts.catalog
+        size = catalog.size if catalog is not None else 1
+        base = key
+        if key and catalog is not None and catalog.matrix is not None:
+            suffix = "--" + catalog.matrix.variations[index % size].slug
+            base = key.removesuffix(suffix) or key
+        return key_shard(base or f"row-{index // size}", count) == mine
 
     def _reject(self, rejections: list[Rejection]) -> None:
         if rejections:
@@ -854,6 +875,7 @@ class _Run:
                 self.ledger,
                 sink,  # type: ignore[arg-type]
                 expander=self.opts.catalog,
+                shard=self.opts.shard,
             ),
         )
         counts = self.ledger.counts()
@@ -869,6 +891,7 @@ class _Run:
         summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.latency_p50_s, summary.latency_p95_s = latency_percentiles(self.ledger.latencies())
         summary.credits = round(self.ledger.credits(), 2)
+        summary.committed_credits = self.ledger.destination_credits()
         summary.ambiguous_submits = self.ledger.ambiguous_submits()
         summary.resumed_rows = self.resumed
         summary.reused_rows = self.reused
@@ -945,21 +968,6 @@ def check_missing_reference(value: str) -> str:
             f"{', '.join(MISSING_REFERENCE_CHOICES)}"
         )
     return value
-
-
-def _earlier_duplicates(
-    rows: list[Row], rejections: list[Rejection], earlier: dict[int, int], name: str
-) -> tuple[list[Row], list[Rejection]]:
-    """Move rows whose key an earlier shard owns from ``rows`` to the rejections."""
-    kept: list[Row] = []
-    moved = list(rejections)
-    for row in rows:
-        first = earlier.get(row.index)
-        if first is None:
-            kept.append(row)
-            continue
-        moved.append(duplicate_rejection(name, row, first))
-    return kept, moved
 
 
 def _merged_lines(reader: ManifestReader) -> int:
