@@ -46,6 +46,9 @@ class SimSettings:
     fault_seed: int = 1
     #: Svix-style signing secret of the key's webhooks (the webhook contender sets one).
     webhook_secret: str | None = None
+    #: The simulator's ``[latency] preset`` (``median_s``/``p95_s`` above must be its figures).
+    latency_preset: str | None = None
+    cap_s: float | None = None
 
     def toml(self, key: str) -> str:
         lines = [
@@ -60,8 +63,10 @@ class SimSettings:
             *([f'webhook_secret = "{self.webhook_secret}"'] if self.webhook_secret else []),
             "",
             "[latency]",
+            *([f'preset = "{self.latency_preset}"'] if self.latency_preset else []),
             f"median_s = {self.median_s}",
             f"p95_s = {self.p95_s}",
+            *([f"cap_s = {self.cap_s}"] if self.cap_s is not None else []),
             "queued_fraction = 0.1",
             "",
             "[faults]",
@@ -81,6 +86,11 @@ class SimSettings:
             f"tier {self.tier} ({self.max_active} active, {self.submits_per_minute} submits/min), "
             f"task latency lognormal median {self.median_s:g} s, p95 {self.p95_s:g} s"
         )
+        if self.cap_s is not None:
+            text += f", capped at {self.cap_s:g} s"
+        if self.latency_preset:
+            text += f' (`preset = "{self.latency_preset}"`)'
+
         if self.error_503 or self.drop:
             text += (
                 f"; on submit, poll and download: {self.error_503:.0%} 503s, "

@@ -45,7 +45,7 @@ def shard_row(info: dict[str, Any]) -> dict[str, Any]:
     counts = summary.get("counts") or {}
     row: dict[str, Any] = {
         "shard": info["index"],
-        "rows": f"{info['start'] + 1}-{info['stop']}",
+        "rows": summary.get("total_rows", 0),
         "worker": info.get("worker") or "local",
         "share": info.get("occupy"),
     }

@@ -33,6 +33,8 @@ Prefect's ephemeral mode (no server needed); see ``flows/cli.py``.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import json
 import logging
 import os
@@ -40,6 +42,7 @@ import socket
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,27 +52,26 @@ from pydantic import BaseModel, Field
 
 from flows import artifacts
 from flows.budget import DEFAULT_LIMIT_NAME, Share, ensure_limit, leased, share_of
+from flows.credits import CREDITS_RELPATH, CreditPool
 from flows.merge import MANIFEST_RELPATH, RUN_JSON_RELPATH, combine, merge_manifests, write_run_json
 from flows.queue import drain, forget_claims
 from flows.secrets import resolve_api_key
 from flows.shards import (
-    DUPLICATES_RELPATH,
     PLAN_RELPATH,
     SHARD_INFO,
     ShardSink,
     ShardSpec,
     StoredPlan,
-    duplicates_from_bytes,
-    duplicates_to_bytes,
-    earlier_duplicates,
     plan_shards,
-    scan_keys,
+    shard_count,
     shard_folder,
 )
+from pipeline import dest_lock
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
 from pipeline.library import library_for
+from pipeline.output_manifest import refuse_own_output_as_input
 from pipeline.run import RunOptions, arun_manifest
 from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
@@ -91,8 +93,8 @@ class ShardJob(BaseModel):
     """Everything one shard needs, on whichever worker runs it; never the API key."""
 
     index: int
-    start: int
-    stop: int
+    #: Shards of the output in all: this one runs the rows whose key hashes to ``index``.
+    count: int = Field(ge=1)
     manifest: str
     #: The run as the user asked for it, with ``out``, ``api_url`` and ``library`` resolved
     #: by the flow.
@@ -111,6 +113,8 @@ class ShardJob(BaseModel):
     #: Submit again a task the API no longer knows (404) instead of failing its row: only
     #: for a simulator started per run (``klein-batch flow --sim``), which forgets tasks.
     resubmit_unknown: bool = False
+    #: This shard's cap of the flow's ``spec.max_credits`` (``flows/credits.py``).
+    max_credits: float | None = None
 
     @property
     def out(self) -> str:
@@ -134,33 +138,6 @@ def _absolute(location: str) -> str:
     return str(Path(location).expanduser().resolve())
 
 
-#: Options of a run the flow does not carry out yet, with what they do: refused with one
-#: clear line rather than dropped (a dropped budget or template spends credits or makes the
-#: wrong images).
-NOT_IN_FLOW_YET = {
-    "prompt_template": "prompt templates",
-    "vary": "variation matrices",
-    "variations": "variation matrices",
-    "max_credits": "credit budgets",
-    "dry_run": "dry runs",
-    "catalog": "product exports (--catalog)",
-    "per": "product exports (--per)",
-}
-
-
-def refuse_unsupported(spec: RunSpec, where: str) -> None:
-    """One ``ConfigError`` naming a setting the flow cannot honour (``where`` says whence)."""
-    plain = RunSpec()
-    for name, what in NOT_IN_FLOW_YET.items():
-        value = getattr(spec, name)
-        if value != getattr(plain, name):
-            shown = list(value) if isinstance(value, tuple) else value
-            raise ConfigError(
-                f"{where}setting {name} = {shown!r} is not supported by the flow; "
-                f"{what} need `klein-batch run` (remove the setting to run the flow)"
-            )
-
-
 # --- one shard ------------------------------------------------------------------------------------
 
 
@@ -168,17 +145,16 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
     """Run one shard with the engine, inside its lease; returns (and stores) ``shard.json``."""
     key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
-    spec = ShardSpec(job.index, job.start, job.stop)
+    spec = ShardSpec(job.index, job.count)
     sink = ShardSink(base, shard_folder(job.index))
-    duplicates = earlier_duplicates(duplicates_from_bytes(await base.get(DUPLICATES_RELPATH)), spec)
     options = RunOptions.from_spec(job.spec)
     # The shard's part of the key and of the manifest; everything else is the spec's.
     options.max_active = job.max_active
     options.submits_per_minute = job.submits_per_minute
     options.key_max_active = job.key_max_active
-    options.offset = job.start
-    options.limit = spec.rows
-    options.earlier_duplicates = duplicates
+    options.shard = (job.index, job.count)
+    if job.max_credits is not None:
+        options.max_credits = job.max_credits
     options.resubmit_unknown = job.resubmit_unknown
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
@@ -186,8 +162,8 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
         )
     info: dict[str, Any] = {
         "index": job.index,
-        "start": job.start,
-        "stop": job.stop,
+        "count": job.count,
+        "max_credits": job.max_credits,
         "token": job.token,
         "worker": os.environ.get("PREFECT__WORKER_NAME") or "local",
         "host": socket.gethostname(),
@@ -207,14 +183,18 @@ class ShardQueue(BaseModel):
     """The shards a runner may claim: the parent's plan, recomputed where the runner is."""
 
     total_rows: int = Field(ge=0)
-    shard_size: int = Field(ge=1)
+    #: Shards of the output (by key, ``flows/shards.py``).
+    shards: int = Field(ge=1)
+    #: Each shard's credit cap when the run has a budget (``flows/credits.py``).
+    caps: dict[int, float] = Field(default_factory=dict)
     #: Failures of one shard in one runner before that runner leaves it to the others.
     attempts: int = Field(default=3, ge=1)
 
 
-def _job_for(template: ShardJob, shard: ShardSpec) -> ShardJob:
+def _job_for(template: ShardJob, shard: ShardSpec, queue: ShardQueue) -> ShardJob:
+    cap = queue.caps.get(shard.index)
     return template.model_copy(
-        update={"index": shard.index, "start": shard.start, "stop": shard.stop}
+        update={"index": shard.index, "count": shard.count, "max_credits": cap}
     )
 
 
@@ -225,19 +205,13 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
     finished by some runner (``flows/queue.py``)."""
     logger = get_run_logger()
     if queue is not None:
-        shards = plan_shards(queue.total_rows, queue.shard_size)
+        shards = plan_shards(queue.shards)
         ran: list[int] = []
 
         async def run_here(shard: ShardSpec) -> dict[str, Any]:
-            info = await run_shard(_job_for(job, shard))
+            info = await run_shard(_job_for(job, shard, queue))
             ran.append(shard.index)
-            logger.info(
-                "shard %d (rows %d-%d): %s",
-                shard.index,
-                shard.start + 1,
-                shard.stop,
-                _counts_text(info["summary"]["counts"]),
-            )
+            logger.info("shard %d: %s", shard.index, _counts_text(info["summary"]["counts"]))
             return info
 
         finished, gave_up = await drain(
@@ -251,10 +225,9 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
         logger.info("ran shards %s; %d of %d finished", ran or "none", len(finished), len(shards))
         return {"ran": ran, "gave_up": gave_up, "finished": len(finished)}
     logger.info(
-        "shard %d: rows %d-%d, %d active tasks of limit %s",
+        "shard %d of %d: %d active tasks of limit %s",
         job.index,
-        job.start + 1,
-        job.stop,
+        job.count,
         job.occupy,
         job.concurrency_limit or "(none)",
     )
@@ -279,62 +252,65 @@ async def shard_task(job: ShardJob) -> dict[str, Any]:
 
 @task(name="validate-manifest", cache_policy=NO_CACHE)
 async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[str, Any]:
-    """Check the manifest as a run would, find keys repeated across shards, fix the plan."""
+    """Check the manifest as ``klein-batch run`` would (template, variations, library
+    included), and fix the shard count of the output (kept from its first run)."""
     from pipeline.check import check_manifest
+    from pipeline.library import Library
+    from pipeline.providers import published_cost
+    from pipeline.variations import Catalog
 
     logger = get_run_logger()
     out = str(spec.out)
-    limit = spec.limit
-    image_defaults = spec.image_defaults()
-    report = await asyncio.to_thread(check_manifest, manifest, defaults=image_defaults, limit=limit)
+    library = (
+        await Library.open(spec.library, dialect=spec.dialect, model=spec.model)
+        if spec.library
+        else None
+    )
+    report = await asyncio.to_thread(
+        check_manifest,
+        manifest,
+        defaults=spec.image_defaults(),
+        limit=spec.limit,
+        catalog=Catalog.build(
+            prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
+        ),
+        export=spec.export(),
+        reference_column=spec.reference_column,
+        library=library,
+        cost=published_cost(spec.dialect, spec.model),
+    )
     logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
     stored = await sink.get(PLAN_RELPATH)
-    previous = StoredPlan.from_bytes(stored) if stored is not None else None
-    if previous is not None and previous.shard_size != shard_size:
-        # The shards' ledgers are the resume state: other ranges would pay twice.
-        logger.warning(
-            "%s was started with shard_size %d; keeping it (asked for %d)",
-            out,
-            previous.shard_size,
-            shard_size,
-        )
-        shard_size = previous.shard_size
+    previous = StoredPlan.from_bytes(stored, out) if stored is not None else None
     if previous is None and await sink.exists(LEDGER_RELPATH):
         raise ConfigError(
             f"{out} holds a run of `klein-batch run` (its journal is {LEDGER_RELPATH}); a "
             "flow would not see what that run already paid for: finish it with "
             "`klein-batch run`, or give the flow a new output"
         )
-    scan = await asyncio.to_thread(
-        scan_keys, manifest, defaults=image_defaults, limit=limit, shard_size=shard_size
-    )
-    moved = previous.moved_shard(scan.first_keys) if previous is not None else None
-    if moved is not None:
-        raise ConfigError(
-            f"{out} holds a catalog run of a manifest whose rows were in other places: shard "
-            f"{moved} (row {moved * shard_size + 1}) starts with another row than before. "
-            "Shards are row ranges, so rows that moved would be paid for twice; write this "
-            "manifest to a new output (an out ending in /{date} gives each night its own)"
+    # Input lines: every row (its variations counted once) and every merged line.
+    manifest_rows = report.total // max(1, report.per_row) + report.merged
+    if previous is not None:
+        # The shards' journals are the resume state: the same keys must find the same
+        # shards, so the count stays whatever this manifest's size is now.
+        count, shard_size = previous.shards, previous.shard_size
+    else:
+        count = shard_count(manifest_rows, shard_size)
+    if not spec.dry_run:
+        plan = StoredPlan(
+            manifest=report.source, total_rows=manifest_rows, shard_size=shard_size, shards=count
         )
-    plan = StoredPlan(
-        manifest=report.source,
-        total_rows=scan.total_rows,
-        shard_size=shard_size,
-        first_keys=scan.first_keys,
-    )
-    await sink.put(
-        DUPLICATES_RELPATH, duplicates_to_bytes(scan.duplicates), "application/octet-stream"
-    )
-    await sink.put(PLAN_RELPATH, plan.to_bytes(), "application/json")
+        await sink.put(PLAN_RELPATH, plan.to_bytes(), "application/json")
     return {
         "source": report.source,
-        "total_rows": scan.total_rows,
-        "valid": report.valid,
-        "rejected": report.rejected,
-        "duplicates": report.duplicates,
-        "estimated_credits": report.estimated_credits,
+        "total_rows": manifest_rows,
+        "shards": count,
         "shard_size": shard_size,
+        "to_send": report.to_send,
+        "estimated_credits": report.estimated_credits,
+        "exit_code": int(report.exit_code),
+        "report": report.render(),
     }
 
 
@@ -344,6 +320,36 @@ def _counts_text(counts: dict[str, int]) -> str:
 
 
 # --- the catalog flow -----------------------------------------------------------------------------
+
+
+def _one_writer(
+    generate: Callable[..., Awaitable[dict[str, Any]]],
+) -> Callable[..., Awaitable[dict[str, Any]]]:
+    """The flow holds DEST's lock while it runs: the same lock as `klein-batch run`.
+
+    So a `run` into the flow's output (or a second flow) stops with exit 2 naming this
+    flow, and this flow stops the same way while a `run` holds it (``pipeline.dest_lock``:
+    an flock locally, a leased conditional-put object on S3). A lost S3 lease cancels
+    the flow: another writer may hold the output now.
+    """
+
+    @functools.wraps(generate)
+    async def holding_the_output(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        spec = inspect.signature(generate).bind(*args, **kwargs).arguments["spec"]
+        out = spec.get("out") if isinstance(spec, dict) else getattr(spec, "out", None)
+        if not out:
+            return await generate(*args, **kwargs)  # which says that out is required
+        out = _absolute(_dated(out))
+        running = asyncio.current_task()
+
+        def lost(message: str) -> None:
+            if running is not None:
+                running.cancel(message)
+
+        async with dest_lock.holding(open_sink(out), out, kind="flow", on_lost=lost):
+            return await generate(*args, **kwargs)
+
+    return holding_the_output
 
 
 #: What ``end_runners`` cleans up after each night run in this process: (runner flow runs,
@@ -373,6 +379,7 @@ async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
     on_crashed=[end_runners],
     on_cancellation=[end_runners],
 )
+@_one_writer
 async def generate_catalog(
     manifest: str,
     spec: RunSpec,
@@ -414,13 +421,12 @@ async def generate_catalog(
     started = time.time()
     if not spec.out:
         raise ConfigError("flow parameter spec.out is required (the output folder or s3:// URI)")
-    refuse_unsupported(spec, "flow parameter spec: ")
     if parallel_shards < 1:
         raise ConfigError(f"parallel_shards must be at least 1, got {parallel_shards}")
     if shard_retries < 0:
         raise ConfigError(f"shard_retries must be 0 or more, got {shard_retries}")
     limits = spec.limits()
-    plan_shards(1, shard_size)  # checks shard_size
+    shard_count(1, shard_size)  # checks shard_size
     await resolve_api_key(api_key_block, spec.dialect)  # fail before validating a big manifest
     manifest = _absolute(manifest)
     library = library_for(spec.out, spec.library, no_library=spec.no_library)
@@ -431,9 +437,10 @@ async def generate_catalog(
         library=_absolute(library) if library is not None else None,
     )
     sink = open_sink(out)
+    refuse_own_output_as_input(manifest, sink, out)
 
     checked = await validate_task(manifest, spec, shard_size)
-    shards = plan_shards(checked["total_rows"], checked["shard_size"])
+    shards = plan_shards(checked["shards"])
     parallel = min(parallel_shards, max(1, len(shards)))
     budget = limits.max_active
     if concurrency_limit:
@@ -457,11 +464,11 @@ async def generate_catalog(
     else:
         share = share_of(limits, budget, parallel)
     logger.info(
-        "%s: %d rows in %d shards of %d; %d at a time, %s%s",
+        "%s: %d rows in %d shards (by key, about %d rows each); %d at a time, %s%s",
         checked["source"],
         checked["total_rows"],
         len(shards),
-        checked["shard_size"],
+        checked["total_rows"] // len(shards),
         parallel,
         f"sharing {budget} active tasks adaptively"
         if shard_deployment
@@ -470,6 +477,18 @@ async def generate_catalog(
         if shard_deployment
         else "",
     )
+    if spec.dry_run:
+        return _dry_run_result(spec, limits, checked, parallel, share.occupy)
+    pool = (
+        CreditPool.load(spec.max_credits, await sink.get(CREDITS_RELPATH), len(shards))
+        if spec.max_credits is not None
+        else None
+    )
+    if pool is not None and shard_deployment:
+        # Runners claim shards on their own; each gets an equal, fixed part (never more in
+        # all). In this process the flow moves what one shard leaves to the others.
+        _fixed_caps(pool, shards)
+        await sink.put(CREDITS_RELPATH, pool.to_bytes(), "application/json")
     run_id = _flow_run_id()
     token = f"{run_id}-{uuid.uuid4().hex[:8]}"
     make_job = _job_factory(
@@ -490,7 +509,8 @@ async def generate_catalog(
             deployment=shard_deployment,
             queue=ShardQueue(
                 total_rows=checked["total_rows"],
-                shard_size=checked["shard_size"],
+                shards=len(shards),
+                caps=dict(pool.caps) if pool is not None else {},
                 attempts=shard_retries + 1,
             ),
             runners=parallel,
@@ -504,6 +524,7 @@ async def generate_catalog(
             retries=shard_retries,
             progress_id=progress_id,
             total_rows=checked["total_rows"],
+            credits=_Credits(pool, sink) if pool is not None else None,
         )
     await artifacts.publish_table(results)
 
@@ -512,7 +533,8 @@ async def generate_catalog(
     if not failed:
         manifest_uri, stats = await merge_manifests(
             sink,
-            [(shard.start, shard.stop, f"{shard.folder}/{MANIFEST_RELPATH}") for shard in shards],
+            [f"{shard.folder}/{MANIFEST_RELPATH}" for shard in shards],
+            total_rows=checked["total_rows"],
             fresh_after=started,
         )
         summary = combine(
@@ -530,13 +552,17 @@ async def generate_catalog(
         )
         extra = {
             "shard_size": checked["shard_size"],
+            "shard_count": len(shards),
+            "max_credits": spec.max_credits,
             "parallel_shards": parallel,
             "shard_share": share.occupy,
             "concurrency_limit": concurrency_limit or None,
             "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
         }
         run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(sink, summary)
+        report_uri = await write_html_report(
+            sink, summary, max_credits=spec.max_credits, columns=spec.report_columns
+        )
         summary_data = summary.to_dict() | extra
         await artifacts.publish_summary(
             artifacts.summary_markdown(
@@ -571,7 +597,8 @@ def _shard_entry(info: dict[str, Any]) -> dict[str, Any]:
     summary = info.get("summary") or {}
     return {
         "shard": info["index"],
-        "rows": [info["start"] + 1, info["stop"]],
+        "rows": summary.get("total_rows"),
+        "max_credits": info.get("max_credits"),
         "worker": info.get("worker"),
         "occupy": info.get("occupy"),
         "counts": summary.get("counts"),
@@ -591,11 +618,11 @@ def _job_factory(
     token: str,
     resubmit_unknown: bool = False,
 ) -> Any:
-    def make(shard: ShardSpec) -> ShardJob:
+    def make(shard: ShardSpec, max_credits: float | None = None) -> ShardJob:
         return ShardJob(
             index=shard.index,
-            start=shard.start,
-            stop=shard.stop,
+            count=shard.count,
+            max_credits=max_credits,
             manifest=manifest,
             spec=spec,
             max_active=share.max_active,
@@ -611,6 +638,35 @@ def _job_factory(
     return make
 
 
+class _Credits:
+    """The flow's credit pool (``flows/credits.py``), stored in the output at every change."""
+
+    def __init__(self, pool: CreditPool, sink: Any) -> None:
+        self.pool = pool
+        self.sink = sink
+        self._lock = asyncio.Lock()
+
+    async def grant(self, index: int, *, everything: bool = False) -> float:
+        async with self._lock:
+            cap = self.pool.grant(index, everything=everything)
+            await self._save()
+            return cap
+
+    async def settle(self, index: int, info: dict[str, Any]) -> None:
+        async with self._lock:
+            self.pool.settle(index, float(info["summary"].get("committed_credits", 0.0)))
+            await self._save()
+
+    async def _save(self) -> None:
+        await self.sink.put(CREDITS_RELPATH, self.pool.to_bytes(), "application/json")
+
+
+def _fixed_caps(pool: CreditPool, shards: list[ShardSpec]) -> None:
+    """Every shard's cap at once, equal parts of what is free (for runners on a pool)."""
+    for shard in shards:
+        pool.grant(shard.index)
+
+
 async def _run_shards(
     shards: list[ShardSpec],
     make_job: Any,
@@ -619,46 +675,92 @@ async def _run_shards(
     retries: int,
     progress_id: Any,
     total_rows: int,
+    credits: _Credits | None = None,
 ) -> tuple[list[dict[str, Any]], list[int]]:
-    """Run every shard, ``parallel`` at a time; progress moves as each one finishes."""
+    """Run every shard, ``parallel`` at a time; progress moves as each one finishes.
+
+    With a budget, a shard gets its cap as it starts and gives back what it did not commit
+    as it ends; then shards that stopped on their cap run again, one at a time, with what
+    is left (``flows/credits.py``).
+    """
     logger = get_run_logger()
     gate = asyncio.Semaphore(parallel)
     runner = shard_task.with_options(retries=retries, retry_delay_seconds=RETRY_DELAY_S)
 
-    async def one(shard: ShardSpec) -> tuple[ShardSpec, dict[str, Any] | BaseException]:
+    async def one(
+        shard: ShardSpec, everything: bool = False
+    ) -> tuple[ShardSpec, dict[str, Any] | BaseException]:
         async with gate:
+            cap = await credits.grant(shard.index, everything=everything) if credits else None
             try:
-                return shard, await runner(make_job(shard))
+                info = await runner(make_job(shard, cap))
             except Exception as exc:
-                return shard, exc
+                return shard, exc  # its cap stays: it may have committed up to it
+            if credits is not None:
+                await credits.settle(shard.index, info)
+            return shard, info
 
-    results: list[dict[str, Any]] = []
+    results: dict[int, dict[str, Any]] = {}
     failed: list[int] = []
-    done_rows = 0
-    for next_done in asyncio.as_completed([one(shard) for shard in shards]):
+    for done, next_done in enumerate(asyncio.as_completed([one(s) for s in shards]), start=1):
         shard, outcome = await next_done
-        done_rows += shard.rows
         if isinstance(outcome, BaseException):
             failed.append(shard.index)
-            logger.error(
-                "shard %d (rows %d-%d) failed: %s",
-                shard.index,
-                shard.start + 1,
-                shard.stop,
-                outcome,
-            )
+            logger.error("shard %d failed: %s", shard.index, outcome)
         else:
-            results.append(outcome)
+            results[shard.index] = outcome
             logger.info(
-                "shard %d (rows %d-%d) on %s: %s",
+                "shard %d on %s: %s",
                 shard.index,
-                shard.start + 1,
-                shard.stop,
                 outcome.get("worker"),
                 _counts_text(outcome["summary"]["counts"]),
             )
-        await artifacts.update_progress(progress_id, done_rows, total_rows)
-    return results, sorted(failed)
+        await artifacts.update_progress(progress_id, total_rows * done // len(shards), total_rows)
+    if credits is not None:
+        for shard in shards:
+            info = results.get(shard.index)
+            if info is None or not _budget_skipped(info) or credits.pool.free < 0.01:
+                continue
+            logger.info(
+                "shard %d: again, with the %.2f credits left", shard.index, credits.pool.free
+            )
+            _, outcome = await one(shard, everything=True)
+            if isinstance(outcome, BaseException):
+                failed.append(shard.index)
+                logger.error("shard %d failed: %s", shard.index, outcome)
+            else:
+                results[shard.index] = outcome
+    return list(results.values()), sorted(failed)
+
+
+def _budget_skipped(info: dict[str, Any]) -> bool:
+    """Whether a shard left rows skipped, as a shard stopped by its credit cap does."""
+    return int((info["summary"].get("counts") or {}).get("skipped", 0)) > 0
+
+
+def _dry_run_result(
+    spec: RunSpec, limits: Any, checked: dict[str, Any], parallel: int, occupy: int
+) -> dict[str, Any]:
+    """What a dry run of the flow returns (and ``klein-batch flow --dry-run`` prints): the
+    validation, the plan and its cost, as ``klein-batch run --dry-run``; nothing sent."""
+    from pipeline.cli import plan_text
+
+    plan = plan_text(spec, limits, checked["to_send"], checked["estimated_credits"])
+    plan += (
+        f"\n  shards:   {checked['shards']} (by key), {parallel} at a time, {occupy} active "
+        "tasks each"
+    )
+    get_run_logger().info("dry run: nothing was sent\n%s%s", checked["report"], plan)
+    return {
+        "dry_run": True,
+        "output": spec.out,
+        "report": checked["report"],
+        "plan": plan,
+        "to_send": checked["to_send"],
+        "estimated_credits": checked["estimated_credits"],
+        "shards": checked["shards"],
+        "exit_code": checked["exit_code"],
+    }
 
 
 async def _run_queue(
@@ -699,32 +801,29 @@ async def _run_queue(
             tags=["klein-batch"],
         )
         helpers.append(helper.id)
-    done_rows = 0
+    done = 0
 
     async def on_shard(shard: ShardSpec, info: dict[str, Any] | None) -> None:
-        nonlocal done_rows
-        done_rows += shard.rows
+        nonlocal done
+        done += 1
         if info is None:
-            logger.error(
-                "shard %d (rows %d-%d) failed here", shard.index, shard.start + 1, shard.stop
-            )
+            logger.error("shard %d failed here", shard.index)
         else:
             logger.info(
-                "shard %d (rows %d-%d) on %s: %s",
+                "shard %d on %s: %s",
                 shard.index,
-                shard.start + 1,
-                shard.stop,
                 info.get("worker"),
                 _counts_text(info["summary"]["counts"]),
             )
-        await artifacts.update_progress(progress_id, done_rows, queue.total_rows)
+        total = queue.total_rows
+        await artifacts.update_progress(progress_id, total * done // len(shards), total)
 
     finished, failed = await drain(
         shards,
         sink=open_sink(template.out),
         out=template.out,
         token=template.token,
-        run=lambda shard: run_shard(make_job(shard)),
+        run=lambda shard: run_shard(make_job(shard, queue.caps.get(shard.index))),
         attempts=queue.attempts,
         on_shard=on_shard,
     )

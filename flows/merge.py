@@ -1,8 +1,9 @@
 """One output manifest and one ``run.json`` from the shards' own.
 
-Shards cover contiguous row ranges, so concatenating their manifests in shard order gives
-input row order. The merge streams one row group at a time (a shard's manifest has one per
-input batch), so memory is one row group, whatever the catalog's size. Extra input columns
+Each shard's manifest holds its own rows (a shard is the rows whose key hashes to it) in
+input row order, so the merge interleaves them: it takes, window after window of input
+rows, every shard's rows of that window, orders them by row and writes them. Memory is a
+window plus one row group per shard, whatever the catalog's size. Extra input columns
 may come out with different types in different shards (a column that is empty in one shard
 is text there); those are unified before writing, and text is the fallback.
 """
@@ -72,14 +73,52 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
+#: Input rows merged at a time.
+MERGE_WINDOW = 20_000
+
+
+class _ShardRows:
+    """One shard manifest's rows, read a row group at a time, taken in windows of rows."""
+
+    def __init__(self, parquet: pq.ParquetFile, schema: pa.Schema) -> None:
+        self.parquet = parquet
+        self.schema = schema
+        self.next_group = 0
+        self.buffer: pa.Table | None = None
+
+    def take_below(self, stop_row: int) -> pa.Table | None:
+        """Every remaining row numbered below ``stop_row`` (rows come in ascending order)."""
+        pieces: list[pa.Table] = []
+        while True:
+            if self.buffer is None or self.buffer.num_rows == 0:
+                if self.next_group >= self.parquet.num_row_groups:
+                    break
+                self.buffer = _conform(self.parquet.read_row_group(self.next_group), self.schema)
+                self.next_group += 1
+                continue
+            rows = self.buffer.column("row")
+            below = int(pc.sum(pc.cast(pc.less(rows, stop_row), pa.int64())).as_py() or 0)
+            pieces.append(self.buffer.slice(0, below))
+            self.buffer = self.buffer.slice(below)
+            if self.buffer.num_rows:
+                break
+        pieces = [piece for piece in pieces if piece.num_rows]
+        return pa.concat_tables(pieces) if pieces else None
+
+    @property
+    def exhausted(self) -> bool:
+        empty = self.buffer is None or self.buffer.num_rows == 0
+        return empty and self.next_group >= self.parquet.num_row_groups
+
+
 def merge_files(
-    parts: list[tuple[int, int, Path]], target: Path, *, fresh_after: float
+    parts: list[Path], target: Path, *, total_rows: int, fresh_after: float
 ) -> MergeStats:
-    """Concatenate shard manifests ``(start, stop, path)`` into ``target``, checking that each
-    holds exactly its rows, in order."""
+    """Interleave shard manifests into ``target`` in input row order, checking that
+    together they hold every input row from 1 to ``total_rows``, each in one shard."""
     if not parts:
         raise KleinError("no shard manifests to merge")
-    files = [pq.ParquetFile(path) for _, _, path in parts]
+    files = [pq.ParquetFile(path) for path in parts]
     names = [tuple(f.schema_arrow.names) for f in files]
     if len(set(names)) != 1:
         raise KleinError(
@@ -87,32 +126,38 @@ def merge_files(
             "catalog ran? Run the flow again into a new output"
         )
     schema = _unified_schema([f.schema_arrow for f in files])
+    shards = [_ShardRows(parquet, schema) for parquet in files]
     stats = MergeStats()
     fresh_us = int(fresh_after * 1_000_000)
+    last_row = 0
     with pq.ParquetWriter(target, schema, compression="zstd") as writer:
-        for (start, stop, path), parquet in zip(parts, files, strict=True):
-            expected = start + 1
-            for group in range(parquet.num_row_groups):
-                table = _conform(parquet.read_row_group(group), schema)
-                if table.num_rows == 0:
-                    continue
-                rows = table.column("row").to_pylist()
-                if rows != list(range(expected, expected + len(rows))):
+        stop = 1
+        while not all(shard.exhausted for shard in shards):
+            stop += MERGE_WINDOW
+            pieces = [piece for shard in shards if (piece := shard.take_below(stop)) is not None]
+            if not pieces:
+                continue
+            table = pa.concat_tables(pieces)
+            # A stable sort: a product's variations (one shard) keep their order.
+            table = table.take(pc.sort_indices(table, sort_keys=[("row", "ascending")]))
+            rows = table.column("row").to_pylist()
+            for row in rows:
+                if row not in (last_row, last_row + 1):
                     raise KleinError(
-                        f"{path}: rows {rows[0]}..{rows[-1]} where rows from {expected} "
-                        "were expected; the shard's manifest does not match its range"
+                        f"the shards' manifests hold row {row} after row {last_row}; a row is "
+                        "missing or in two shards. Run the flow again to finish its shards"
                     )
-                expected += len(rows)
-                writer.write_table(table, row_group_size=table.num_rows)
-                stats.rows += table.num_rows
-                for status, count in zip(*_value_counts(table.column("status")), strict=True):
-                    stats.counts[status] += count
-                _fresh(table, fresh_us, stats)
-            if expected != stop + 1:
-                raise KleinError(
-                    f"{path}: holds rows {start + 1}..{expected - 1}, expected up to {stop}; "
-                    "run the flow again to finish the shard"
-                )
+                last_row = row
+            writer.write_table(table, row_group_size=table.num_rows)
+            stats.rows += table.num_rows
+            for status, count in zip(*_value_counts(table.column("status")), strict=True):
+                stats.counts[status] += count
+            _fresh(table, fresh_us, stats)
+    if last_row != total_rows:
+        raise KleinError(
+            f"the shards' manifests hold rows 1..{last_row} of {total_rows}; run the flow "
+            "again to finish its shards"
+        )
     return stats
 
 
@@ -148,7 +193,7 @@ async def _local_copy(sink: Sink, relpath: str, scratch: Path) -> Path:
 
 
 async def merge_manifests(
-    sink: Sink, parts: list[tuple[int, int, str]], *, fresh_after: float
+    sink: Sink, parts: list[str], *, total_rows: int, fresh_after: float
 ) -> tuple[str, MergeStats]:
     """Merge shard manifests (by relpath in ``sink``) into ``manifest.parquet``; atomic."""
     import asyncio
@@ -156,15 +201,16 @@ async def merge_manifests(
     local_target = sink.local_path(MANIFEST_RELPATH)
     tmp_dir = local_target.parent if local_target is not None else None
     with tempfile.TemporaryDirectory(prefix="klein-merge-") as scratch:
-        files = [
-            (start, stop, await _local_copy(sink, relpath, Path(scratch)))
-            for start, stop, relpath in parts
-        ]
+        files = [await _local_copy(sink, relpath, Path(scratch)) for relpath in parts]
         fd, tmp_name = tempfile.mkstemp(prefix=".manifest-", suffix=".parquet.tmp", dir=tmp_dir)
         os.close(fd)
         try:
             stats = await asyncio.to_thread(
-                merge_files, files, Path(tmp_name), fresh_after=fresh_after
+                merge_files,
+                files,
+                Path(tmp_name),
+                total_rows=total_rows,
+                fresh_after=fresh_after,
             )
             uri = await sink.put_file(MANIFEST_RELPATH, Path(tmp_name), PARQUET_CONTENT_TYPE)
         finally:

@@ -1,37 +1,34 @@
-"""Shards: contiguous row ranges of one manifest, each run by the engine on its own.
+"""Shards: the rows of one manifest split by their stable key, each shard run on its own.
+
+Shard ``n`` of ``N`` holds the rows whose product key hashes to ``n``
+(``pipeline.keys.key_shard``): not a row range, so a row inserted into or removed from
+tonight's manifest moves no other row to another shard, and a rerun into last night's
+output resumes every shard from its own journal, paying only for rows it has not seen. ``N``
+is fixed by the first run into an output (``plan.json``) and kept by every rerun.
+
+A key repeated in the manifest lands in one shard, whose own ledger rejects the repeat
+naming the first row, as a single run does.
 
 A shard writes its journal, partial manifest and ``run.json`` under
 ``<out>/.klein/shards/<n>/`` and its images into the shared ``<out>/images/``, so a shard
 retried on another worker resumes from its own ledger, and the merged output looks exactly
 like a single run's.
-
-Keys are unique per run, but shards are separate runs: a key repeated in two shards would
-be paid twice. The planning scan therefore finds every row whose key an earlier shard
-already owns and hands that list to the later shard, which rejects the row as a duplicate
-naming the first row, as a single run does.
 """
 
 from __future__ import annotations
 
 import inspect
-import io
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import polars as pl
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 from pipeline.errors import ConfigError
-from pipeline.manifest import Defaults, ManifestReader, iter_rows
 from pipeline.storage import Sink
 
 SHARDS_DIR: Final = ".klein/shards"
 PLAN_RELPATH: Final = f"{SHARDS_DIR}/plan.json"
-DUPLICATES_RELPATH: Final = f"{SHARDS_DIR}/duplicates.parquet"
 #: What each shard leaves in its folder besides the engine's files.
 SHARD_INFO: Final = "shard.json"
 #: Only these paths of a shard go to the shared output; everything else is the shard's own.
@@ -40,15 +37,10 @@ SHARED_PREFIXES: Final = ("images/",)
 
 @dataclass(frozen=True, slots=True)
 class ShardSpec:
-    """Rows ``start`` .. ``stop - 1`` (0-based data rows) of the manifest."""
+    """Shard ``index`` of ``count``: the rows whose key ``key_shard`` puts there."""
 
     index: int
-    start: int
-    stop: int
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
+    count: int
 
     @property
     def folder(self) -> str:
@@ -59,14 +51,15 @@ def shard_folder(index: int) -> str:
     return f"{SHARDS_DIR}/{index}"
 
 
-def plan_shards(total_rows: int, shard_size: int) -> list[ShardSpec]:
-    """Split ``total_rows`` into ranges of ``shard_size`` rows (the last may be shorter)."""
+def shard_count(total_rows: int, shard_size: int) -> int:
+    """How many shards ``total_rows`` rows of about ``shard_size`` each make (at least 1)."""
     if shard_size < 1:
         raise ConfigError(f"shard_size must be at least 1, got {shard_size}")
-    return [
-        ShardSpec(index=n, start=start, stop=min(start + shard_size, total_rows))
-        for n, start in enumerate(range(0, total_rows, shard_size))
-    ]
+    return max(1, -(-total_rows // shard_size))
+
+
+def plan_shards(count: int) -> list[ShardSpec]:
+    return [ShardSpec(index=n, count=count) for n in range(count)]
 
 
 class ShardSink:
@@ -137,121 +130,34 @@ class ShardSink:
         return [self.unmap(path) for path in await listing]
 
 
-# --- the planning scan --------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ScanResult:
-    """What the flow learns from one pass over the manifest before any shard runs."""
-
-    total_rows: int
-    #: (row index, index of the earlier row with the same key) for repeated keys.
-    duplicates: pl.DataFrame
-    #: Key of each shard's first row (None when that row is rejected): what a rerun into
-    #: the same output compares, to notice rows that moved between shards.
-    first_keys: dict[int, str | None]
-
-
-def scan_keys(
-    manifest: str | Path,
-    *,
-    defaults: Defaults,
-    limit: int | None,
-    shard_size: int,
-    batch_size: int = 10_000,
-    on_batch: Callable[[int], None] | None = None,
-) -> ScanResult:
-    """Count rows and find repeated keys, holding only (index, key) pairs, not rows."""
-    reader = ManifestReader(manifest, batch_size=batch_size, limit=limit)
-    parts: list[pl.DataFrame] = []
-    first_keys: dict[int, str | None] = {}
-    total = 0
-    for rows, rejections in iter_rows(reader, defaults):
-        total += len(rows) + len(rejections)
-        for row in rows:
-            if row.index % shard_size == 0:
-                first_keys[row.index // shard_size] = row.key
-        for rejection in rejections:
-            if rejection.index % shard_size == 0:
-                first_keys[rejection.index // shard_size] = None
-        if rows:
-            parts.append(
-                pl.DataFrame(
-                    {"index": [row.index for row in rows], "key": [row.key for row in rows]},
-                    schema={"index": pl.Int64, "key": pl.String},
-                )
-            )
-        if on_batch is not None:
-            on_batch(total)
-    empty = pl.DataFrame(schema={"index": pl.Int64, "first": pl.Int64})
-    if not parts:
-        return ScanResult(total_rows=total, duplicates=empty, first_keys=first_keys)
-    keys = pl.concat(parts)
-    duplicates = (
-        keys.with_columns(pl.col("index").min().over("key").alias("first"))
-        .filter(pl.col("index") != pl.col("first"))
-        .select("index", "first")
-        .sort("index")
-    )
-    return ScanResult(total_rows=total, duplicates=duplicates, first_keys=first_keys)
-
-
-def earlier_duplicates(duplicates: pl.DataFrame, shard: ShardSpec) -> dict[int, int]:
-    """Rows of ``shard`` whose key a row before the shard owns (repeats inside it are the
-    shard's own ledger's business, and it names them the same way)."""
-    if duplicates.height == 0:
-        return {}
-    mine = duplicates.filter(
-        pl.col("index").is_between(shard.start, shard.stop, closed="left")
-        & (pl.col("first") < shard.start)
-    )
-    return dict(zip(mine["index"].to_list(), mine["first"].to_list(), strict=True))
-
-
-def duplicates_to_bytes(duplicates: pl.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(duplicates.to_arrow(), buffer, compression="zstd")
-    return buffer.getvalue()
-
-
-def duplicates_from_bytes(data: bytes | None) -> pl.DataFrame:
-    if not data:
-        return pl.DataFrame(schema={"index": pl.Int64, "first": pl.Int64})
-    table = pq.read_table(pa.BufferReader(data))
-    frame = pl.from_arrow(table)
-    assert isinstance(frame, pl.DataFrame)
-    return frame
-
-
 # --- plan.json: the sharding a destination was started with -----------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class StoredPlan:
+    """What a flow's output was started with: the shard count every rerun keeps."""
+
     manifest: str
     total_rows: int
     shard_size: int
-    first_keys: dict[int, str | None]
+    shards: int
 
     def to_bytes(self) -> bytes:
-        data = asdict(self)
-        data["first_keys"] = {str(k): v for k, v in sorted(self.first_keys.items())}
-        return (json.dumps(data, indent=2) + "\n").encode("utf-8")
+        return (json.dumps(asdict(self), indent=2) + "\n").encode("utf-8")
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> StoredPlan:
+    def from_bytes(cls, data: bytes, where: str) -> StoredPlan:
         raw = json.loads(data.decode("utf-8"))
+        if "shards" not in raw:
+            # Row-range shards of an older klein-batch: its rows sit in other shards than
+            # key shards would put them, so resuming here would pay for them again.
+            raise ConfigError(
+                f"{where}: this output was started by an older klein-batch whose shards are "
+                "row ranges; finish it with that version, or run the flow into a new output"
+            )
         return cls(
             manifest=str(raw["manifest"]),
             total_rows=int(raw["total_rows"]),
             shard_size=int(raw["shard_size"]),
-            first_keys={int(k): v for k, v in dict(raw.get("first_keys") or {}).items()},
+            shards=int(raw["shards"]),
         )
-
-    def moved_shard(self, current: dict[int, str | None]) -> int | None:
-        """The first shard whose first row is another row than before (rows were inserted
-        or removed), or None when every shard both plans know starts at the same row."""
-        for index in sorted(set(self.first_keys) & set(current)):
-            if self.first_keys[index] != current[index]:
-                return index
-        return None

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import inspect
 import os
-import re
 import shlex
 import sys
 import traceback
@@ -36,10 +35,11 @@ from pipeline.config import (
 from pipeline.contract import (
     Tier,
 )
-from pipeline.errors import ConfigError, KleinError
+from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.progress import MODES, format_duration
 from pipeline.spec import RunSpec, cli_options
 from pipeline.summary import ExitCode
+from pipeline.urls import redact_credentials
 
 if TYPE_CHECKING:
     from pipeline.library import Library
@@ -49,14 +49,21 @@ if TYPE_CHECKING:
 EXIT_INTERRUPTED: Final = 130
 #: Exit code of an unexpected internal error (a bug in klein-batch, reported with a traceback).
 EXIT_INTERNAL: Final = 70
+#: Exit code when the output or the run's journal cannot be written (disk full, read-only,
+#: permission; sysexits' EX_IOERR): the run stopped at once, the rerun collects what was paid.
+EXIT_STORAGE: Final = 74
+#: Exit code after SIGTERM (128 + 15, as a shell reports it): handled as Ctrl-C, resumable.
+EXIT_TERMINATED: Final = 143
 
 _EXIT_CODES_HELP: Final = (
     f"Exit codes: {int(ExitCode.OK)} every row succeeded; {int(ExitCode.PARTIAL)} finished "
     f"with some rows not succeeded (or, for validate, some rows rejected); "
     f"{int(ExitCode.CANNOT_START)} could not start (bad option, unreadable manifest, missing "
     f"API key, or the API refused the key); {EXIT_INTERRUPTED} interrupted (run the same "
-    f"command again to resume); "
-    f"{EXIT_INTERNAL} internal error."
+    f"command again to resume); {EXIT_TERMINATED} stopped by SIGTERM (likewise); "
+    f"{EXIT_STORAGE} the output or its journal could not be written (disk full, read-only, "
+    f"permission: fix it and run the same command again; nothing acknowledged is paid "
+    f"twice); {EXIT_INTERNAL} internal error."
 )
 _INTERNAL_ERROR: Final = (
     "error: klein-batch hit an internal error (a bug, not your input); "
@@ -202,14 +209,10 @@ def _secrets() -> list[str]:
     return [value for env in names if (value := os.environ.get(env, "").strip())]
 
 
-#: The password of a ``scheme://user:password@host`` URL (an --api-url, an endpoint).
-_URL_PASSWORD = re.compile(r"(?<=://)([^/@:\s'\"]*):[^/@\s'\"]+@")
-
-
 def _redact(text: str) -> str:
     for secret in _secrets():
         text = text.replace(secret, "***")
-    return _URL_PASSWORD.sub(r"\1:***@", text)
+    return redact_credentials(text)
 
 
 def _fail(message: str, code: int = ExitCode.CANNOT_START) -> NoReturn:
@@ -228,6 +231,8 @@ def reported() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
+    except StorageError as exc:
+        _fail(str(exc), EXIT_STORAGE)
     except KleinError as exc:
         _fail(str(exc))
     except Exception:
@@ -331,7 +336,7 @@ def validate(
 # --- run ------------------------------------------------------------------------------------
 
 
-def _plan_text(
+def plan_text(
     settings: RunConfig,
     limits: Tier,
     to_send: int,
@@ -378,6 +383,11 @@ def _plan_text(
                 f"  budget:   {budget:g} credits{spent} is below the estimate "
                 f"({estimate:.2f}): about {share} of {to_send} images fit; the rest end "
                 "skipped (budget)"
+                + (
+                    ", whole products only (a product's variations are made all or none)"
+                    if settings.vary or settings.variations
+                    else ""
+                )
             )
     return "\n".join(lines)
 
@@ -486,7 +496,7 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             cost=published_cost(settings.dialect, settings.model),
         )
     typer.echo(report.render())
-    typer.echo(_plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
+    typer.echo(plan_text(settings, limits, report.to_send, report.estimated_credits, committed))
     raise typer.Exit(int(report.exit_code))
 
 
@@ -518,6 +528,9 @@ def _run(manifest: str | Path, settings: RunConfig, progress: str) -> NoReturn:
     except KeyboardInterrupt:
         typer.echo(_resume_hint(out), err=True)
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Terminated:
+        typer.echo(_resume_hint(out).replace("interrupted", "terminated (SIGTERM)", 1), err=True)
+        raise typer.Exit(EXIT_TERMINATED) from None
     typer.echo(format_summary(summary))
     raise typer.Exit(int(summary.exit_code))
 

@@ -10,6 +10,14 @@ row ends in exactly one terminal state however its steps fail. Three things are 
 - the journal (``ledger.py``) records every acknowledged task id before anything else
   happens to it, so a rerun polls it instead of paying for it again.
 
+Once the API acknowledged a row's task, every way the row can end goes through
+``Engine._outcome``, which takes the task id, submitted_at and cost from the row's
+acknowledgement (``Job.tracked``): an internal error of ours, a failed poll or download, a
+refused write all keep them, and only an end the API itself gave the task lets
+``--retry-failed`` pay for a new one (``Outcome.resubmit_on_retry``). Storage and journal
+errors (``StorageError``) stop the whole run at once instead of failing rows one by one:
+rows in flight keep their acknowledged tasks in the journal and the rerun polls them.
+
 The engine knows tasks, not dialects: requests and responses go through a ``Provider``.
 """
 
@@ -22,6 +30,7 @@ import heapq
 import itertools
 import json
 import logging
+import math
 import random
 import time
 from collections import Counter
@@ -33,7 +42,7 @@ import aiohttp
 
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
-from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable
+from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable, StorageError
 from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
@@ -42,6 +51,7 @@ from pipeline.references import Reference, ReferenceStore
 from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
 from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
+from pipeline.urls import with_credentials_of
 from pipeline.verdicts import reference_reason
 from pipeline.verify import InvalidImage, inspect_image
 
@@ -67,6 +77,21 @@ STORM_MAX_PAUSE_S = 61.0
 #: only while sharing; polls count against no limit).
 CONTENDED_FIRST_POLL = 0.3
 CONTENDED_REPOLL = 0.05
+
+#: One task in this many is first polled at the learned median rather than at the first-poll
+#: quantile: with the first-poll quantile that fits a lognormal, which the slot controller
+#: probes from (``SlotController.set_distribution``). It costs about half a poll per such
+#: task; a task found done at the median also counts as done at the first-poll time.
+CALIBRATE_EVERY = 4
+
+#: Once every row has been taken and at most this many tasks are left, the last of them is
+#: polled at least this often: the run's end waits for the last task to be *noticed*, and
+#: the usual back-off (half the task's age, up to 10 s) would add 5 s on average to the
+#: wall time of a run with a heavy latency tail, for a handful of extra polls.
+DRAIN_TASKS = 2
+DRAIN_REPOLL_S = 3.0
+#: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
+_Z85 = 1.0364
 
 
 class Journal(Protocol):
@@ -95,6 +120,14 @@ class Job:
     attempts: int = 0
     #: Credits held against the budget for this row's submit until its outcome is known.
     reserved: float = 0.0
+    #: A resumed task's submit time and quoted cost, from the journal.
+    submitted_at: float | None = None
+    ack_cost: float | None = None
+    #: The acknowledged task this row waits for; set the moment it is journaled (or, for a
+    #: resumed row, adopted), and from then on the source of every outcome's task id.
+    tracked: _Tracked | None = None
+    #: sha256 of each reference image, in order (once loaded).
+    digests: tuple[str, ...] = ()
     #: Said in the row's reason whatever its outcome (a reference left out, and why).
     note: str | None = None
     #: The product this image belongs to when a budget must stop at whole products, and
@@ -162,6 +195,13 @@ class _Abort(Exception):
     """The API refused the key or ran out of credits: no further submits can succeed."""
 
 
+class _Stopped(Exception):
+    """The run is stopping on a storage error: this row ends without an outcome.
+
+    Its task, if acknowledged, stays open in the journal, so the rerun polls it.
+    """
+
+
 @dataclass(slots=True)
 class _Tracked:
     job: Job
@@ -175,6 +215,12 @@ class _Tracked:
     eager: bool = False
     #: What the API said the task costs at submit (dialect bfl), else None: priced by size.
     cost: float | None = None
+    #: The API said the task completed: it is charged, whatever happens to its image.
+    completed: bool = False
+    #: The slot controller's handle on this task (None for tasks of earlier runs).
+    permit: Permit | None = None
+    #: First polled at the learned median, to learn the distribution (CALIBRATE_EVERY).
+    calibrating: bool = False
 
 
 class Engine:
@@ -217,6 +263,15 @@ class Engine:
             settings.expected_latency_s,
             step=min(0.1, 0.5 / settings.max_active),
         )
+        self._median = QuantileTracker(
+            0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
+        )
+        self._calibrated = 0
+        self._fresh = itertools.count()
+        #: Permits of accepted submits, handed to their tracked task.
+        self._permits: dict[str, Permit] = {}
+        #: Every row has been taken: only the tasks in flight are left (DRAIN_*).
+        self._draining = False
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         #: Finished tasks whose image is not stored yet. Their result URLs expire (10 min
@@ -243,6 +298,12 @@ class Engine:
         self._storm_round = 0
         self._quiet_until = 0.0
         self._scout = asyncio.Lock()
+        #: The storage error that stops the run (``fail``), else None.
+        self._fatal: StorageError | None = None
+        self._running: set[asyncio.Task[None]] = set()
+        #: Rows between their journaled intent and the submit's answer: never cancelled,
+        #: since a submit cut off there may have been paid without our knowing its task.
+        self._posting: set[asyncio.Task[Any]] = set()
 
     # --- public -------------------------------------------------------------------------------
 
@@ -254,6 +315,23 @@ class Engine:
     @property
     def in_flight(self) -> int:
         return len(self._by_task)
+
+    def fail(self, error: StorageError) -> None:
+        """Stop the run on a storage error: no new submits, rows in flight end unrecorded.
+
+        A row whose submit is in the air keeps going until its answer is journaled; every
+        other row stops where it is. Acknowledged tasks stay open in the journal and the
+        rerun polls them; ``run`` raises ``error`` once the last row has stopped.
+        """
+        if self._fatal is not None:
+            return
+        self._fatal = error
+        log.error("stopping the run: %s", error)
+        self.stop_submitting(f"stopped: {error}")
+        current = asyncio.current_task()
+        for task in self._running:
+            if task is not current and task not in self._posting:
+                task.cancel()
 
     def stop_submitting(self, reason: str) -> None:
         """No new submits from now on; rows not yet submitted end ``skipped`` with ``reason``."""
@@ -293,19 +371,29 @@ class Engine:
         gate = asyncio.Semaphore(
             self.slots.max_outstanding + self._settings.download_concurrency + 16
         )
-        running: set[asyncio.Task[None]] = set()
+        running = self._running
         try:
-            async for job in jobs:
-                await gate.acquire()
-                if job.task_id is None:
-                    # Queue-to-done starts when the engine takes the row, not when the
-                    # manifest batch was read: otherwise it measures manifest position.
-                    job.queued_at = time.time()
-                task = asyncio.create_task(self._carry(job, gate))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            if running:
-                await asyncio.gather(*running)
+            try:
+                async for job in jobs:
+                    if self._fatal is not None:
+                        break
+                    await gate.acquire()
+                    if self._fatal is not None:
+                        gate.release()
+                        break
+                    if job.task_id is None:
+                        # Queue-to-done starts when the engine takes the row, not when the
+                        # manifest batch was read: otherwise it measures manifest position.
+                        job.queued_at = time.time()
+                    task = asyncio.create_task(self._carry(job, gate))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+            except StorageError as exc:  # the journal refused the plan of a batch
+                self.fail(exc)
+            self._draining = True
+            while running:
+                # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
+                await asyncio.wait(set(running))
         finally:
             scheduler.cancel()
             pending = [*running, *self._polling]
@@ -322,6 +410,8 @@ class Engine:
                 self.slots.effective_limit,
                 self._first_poll.value,
             )
+        if self._fatal is not None:
+            raise self._fatal
         return self.stats
 
     # --- one row, start to end ----------------------------------------------------------------
@@ -331,7 +421,13 @@ class Engine:
             outcome = await self._outcome_of(job)
         except asyncio.CancelledError:
             raise
+        except _Stopped:
+            return
+        except StorageError as exc:
+            self.fail(exc)
+            return
         except Exception as exc:  # a bug must not lose the row: it ends failed, with why
+            # ...and keeps its acknowledged task (``_outcome``): the rerun polls it.
             log.exception("internal error on row %s", job.row.key)
             outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
         finally:
@@ -343,7 +439,10 @@ class Engine:
             job.reserved = 0.0
         elif job.group is not None and not job.budgeted and self._budget is not None:
             self._budget.forgo(job.group, self._cost(job.row.request))
-        self._on_outcome(outcome)
+        try:
+            self._on_outcome(outcome)
+        except StorageError as exc:
+            self.fail(exc)
 
     async def _outcome_of(self, job: Job) -> Outcome:
         request = job.row.request
@@ -366,7 +465,7 @@ class Engine:
                         "text-only generates from the prompt alone",
                     )
                 job.note = f"generated from the prompt alone: {reason}"
-        digests = tuple(r.digest for r in references)
+        digests = job.digests = tuple(r.digest for r in references)
         if job.task_id is not None and self._settings.resubmit_unknown:
             # Tasks of earlier runs are unknown to this API (a fresh simulator): take the
             # image an earlier run stored, else submit the row again.
@@ -406,10 +505,10 @@ class Engine:
             except _Abort:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             except _RowError as exc:
-                return self._outcome(job, exc.status, reason=exc.reason, digests=digests)
+                return self._outcome(job, exc.status, reason=exc.reason)
             except Transient as exc:
                 reason = f"submit failed after {job.attempts} attempts: {exc.reason}"
-                return self._outcome(job, RowStatus.FAILED, reason=reason, digests=digests)
+                return self._outcome(job, RowStatus.FAILED, reason=reason)
             submitted_at = time.time()
             self._journal.record_ack(
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
@@ -417,16 +516,26 @@ class Engine:
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
             # The API's own figure when it gives one (dialect B), else the published price.
             tracked.cost = submitted.cost if submitted.cost is not None else price
+            if self._fatal is not None:
+                raise _Stopped  # journaled: the rerun polls it
+            tracked.permit = self._permits.pop(submitted.task_id, None)
             first = self._first_poll.value
             if self._settings.webhook_url:
                 first *= self._settings.webhook_poll_factor
             elif self.slots.contended:
                 first *= CONTENDED_FIRST_POLL
                 tracked.eager = True
+            elif next(self._fresh) % CALIBRATE_EVERY == 0 and self.slots.probing:
+                first = min(first, self._median.value)
+                tracked.calibrating = True
             self._schedule(tracked, first)
         else:
             self.slots.adopt()
-            tracked = self._track(job, job.task_id, job.poll_url or "", job.queued_at)
+            submitted_at = job.submitted_at if job.submitted_at is not None else job.queued_at
+            # The journal keeps poll URLs without credentials: this run's API URL has them.
+            poll_url = with_credentials_of(job.poll_url or "", self._provider.submit_url())
+            tracked = self._track(job, job.task_id, poll_url, submitted_at)
+            tracked.cost = job.ack_cost
             self._schedule(tracked, 0.0)
         failure: _RowError | None = None
         try:
@@ -435,7 +544,7 @@ class Engine:
             failure = exc
         finally:
             self._by_task.pop(tracked.task_id, None)
-            self.slots.finished()
+            self.slots.finished(tracked.permit)
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
                 # Resumed, and the API no longer knows the task: the earlier run may have
@@ -449,20 +558,15 @@ class Engine:
                 job,
                 failure.status,
                 reason=failure.reason,
-                task_id=tracked.task_id,
-                digests=digests,
-                submitted_at=tracked.submitted_at,
+                resubmit_on_retry=isinstance(failure, _UnknownTask),
             )
         if state.phase != "completed":
             status = RowStatus.MODERATED if state.phase == "moderated" else RowStatus.FAILED
-            return self._outcome(
-                job,
-                status,
-                reason=state.reason,
-                task_id=tracked.task_id,
-                digests=digests,
-                submitted_at=tracked.submitted_at,
-            )
+            # The API ended the task: there is nothing to collect, a retry submits anew.
+            return self._outcome(job, status, reason=state.reason, resubmit_on_retry=True)
+        tracked.completed = True
+        if self._fatal is not None:
+            raise _Stopped
         self._unfetched += 1
         try:
             return await self._fetch_and_store(job, tracked, state, digests)
@@ -544,8 +648,25 @@ class Engine:
         )
 
     async def _submit_once(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._posting.add(task)
+        try:
+            return await self._post_submit(job, payload, permit)
+        finally:
+            self._posting.discard(task)  # type: ignore[arg-type]
+
+    async def _post_submit(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
         key = job.row.key
-        self._journal.record_intent(key)
+        try:
+            self._journal.record_intent(key)
+        except StorageError:
+            # Nothing was sent: say so if the journal still takes it (a full disk's reserve),
+            # so the rerun does not count a possibly paid duplicate that never was.
+            with contextlib.suppress(StorageError):
+                self._journal.record_refused(key)
+                self._journal.flush()
+            raise
         self._journal.flush()
         self.stats.submits += 1
         headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
@@ -575,6 +696,7 @@ class Engine:
                 self.stats.ambiguous_submits += 1
                 raise Transient(f"bad submit answer: {exc}") from None
             self.slots.accepted(permit)
+            self._permits[submitted.task_id] = permit
             self.stats.accepted += 1
             self._refusal_streak = self._storm_round = 0
             return submitted
@@ -607,6 +729,7 @@ class Engine:
     def _track(self, job: Job, task_id: str, poll_url: str, submitted_at: float) -> _Tracked:
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
         tracked = _Tracked(job, task_id, poll_url, submitted_at, future)
+        job.tracked = tracked
         self._by_task[task_id] = tracked
         if task_id in self._early:
             early = self._early.pop(task_id)
@@ -671,13 +794,24 @@ class Engine:
             and not self._settings.webhook_url
             and not tracked.eager
         )
-        if first:
-            self._first_poll.observe(state.phase != "pending")
+        done = state.phase != "pending"
+        if first and tracked.calibrating:
+            self._learn_median(done)
+            if done:  # done at the median: done at the (later) first-poll time as well
+                self._first_poll.observe(True)
+        elif first or (tracked.calibrating and tracked.polls == 2):
+            self._first_poll.observe(done)
             self.slots.set_latency(self._first_poll.value)
-        if state.phase != "pending":
+        if done:
             tracked.done.set_result(state)
             return
+        if tracked.permit is not None:
+            self.slots.still_running(tracked.permit)
         age = time.monotonic() - tracked.started
+        if first and tracked.calibrating:
+            # Next at the first-poll time, as every other task: that poll teaches it.
+            self._schedule(tracked, max(self._first_poll.value - age, 0.05))
+            return
         if age > self._settings.task_timeout_s:
             tracked.done.set_exception(
                 _RowError(
@@ -689,9 +823,22 @@ class Engine:
             return
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
         delay = min(max(0.5 * age, 0.05), 10.0)
+        if self._draining and len(self._by_task) <= DRAIN_TASKS:
+            delay = min(delay, DRAIN_REPOLL_S)
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
         self._schedule(tracked, delay)
+
+    def _learn_median(self, done: bool) -> None:
+        """One calibration answer; with enough of them, the slot controller gets the
+        lognormal through the learned median and first-poll quantile."""
+        self._median.observe(done)
+        self._calibrated += 1
+        if self._calibrated < 2 * self._settings.max_active:
+            return
+        median = self._median.value
+        sigma = math.log(max(self._first_poll.value / median, 1.01)) / _Z85
+        self.slots.set_distribution(median, sigma)
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
         async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
@@ -738,20 +885,10 @@ class Engine:
     ) -> Outcome:
         request = job.row.request
         expected = self._provider.output_size(request)
-        # The task completed, so the API has charged for it whatever happens to the image
-        # (a verified image is exactly ``expected``: the price is the same either way).
-        charged = self._cost(request) if tracked.cost is None else tracked.cost
 
-        def lost(status: RowStatus, reason: str) -> Outcome:
-            return self._outcome(
-                job,
-                status,
-                reason=reason,
-                task_id=tracked.task_id,
-                digests=digests,
-                submitted_at=tracked.submitted_at,
-                cost=charged,
-            )
+        def lost(status: RowStatus, reason: str, *, api_ended: bool = False) -> Outcome:
+            # Charged either way (the task completed); ``api_ended``: nothing to collect.
+            return self._outcome(job, status, reason=reason, resubmit_on_retry=api_ended)
 
         url = state.image_url or ""
         refreshed = False
@@ -770,6 +907,7 @@ class Engine:
                     return lost(
                         RowStatus.FAILED,
                         f"result URL expired before it could be downloaded ({exc})",
+                        api_ended=True,
                     )
                 refreshed = True
                 try:
@@ -780,15 +918,23 @@ class Engine:
                     return lost(
                         RowStatus.FAILED,
                         f"result expired and the task now says {fresh.raw_status}",
+                        api_ended=True,
                     )
                 url = fresh.image_url
             except Transient as exc:
                 return lost(RowStatus.FAILED, f"download failed after retries: {exc.reason}")
             except _RowError as exc:
-                return lost(exc.status, exc.reason)
+                return lost(exc.status, exc.reason, api_ended=True)
+        if self._fatal is not None:
+            raise _Stopped
         info, body = data
         relpath = f"images/{job.row.key}.{FORMAT_EXT[info.format]}"
-        uri = await self._sink.put(relpath, body, FORMAT_MIME[info.format])
+        try:
+            uri = await self._sink.put(relpath, body, FORMAT_MIME[info.format])
+        except StorageError:
+            raise
+        except KleinError as exc:  # S3 refusing the write (access denied): stop the same way
+            raise StorageError(str(exc)) from None
         if info.thumbnail is not None:
             await self._store_thumbnail(job.row.key, info.thumbnail)
         if job.fingerprint is not None:
@@ -800,23 +946,19 @@ class Engine:
                 width=info.width,
                 height=info.height,
                 task_id=tracked.task_id,
-                cost_credits=charged,
+                cost_credits=self._charged(request, tracked, RowStatus.SUCCEEDED, False),
                 created_at=time.time(),
             )
             await self._add_to_library(entry, body, relpath, info.thumbnail)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
-            task_id=tracked.task_id,
-            digests=digests,
-            submitted_at=tracked.submitted_at,
             output_uri=uri,
             sha256=info.sha256,
             width=info.width,
             height=info.height,
             format=info.format,
             size=info.size,
-            cost=charged,
         )
 
     # --- the library ----------------------------------------------------------------------------
@@ -983,7 +1125,7 @@ class Engine:
         the image) accepts it. Only a cache: a failure here costs the page a decode later.
         """
         self._thumbs_left -= 1
-        with contextlib.suppress(OSError, ValueError):
+        with contextlib.suppress(OSError, ValueError, KleinError):
             await self._sink.put(f"{THUMBS_RELDIR}/{key}.jpg", thumbnail, "image/jpeg")
 
     # --- helpers ------------------------------------------------------------------------------
@@ -1011,8 +1153,26 @@ class Engine:
         height: int | None = None,
         format: str | None = None,
         size: int | None = None,
-        cost: float = 0.0,
+        cost: float | None = None,
+        resubmit_on_retry: bool = False,
     ) -> Outcome:
+        """The one place a row's outcome is made, so an acknowledged task is never lost.
+
+        With ``job.tracked`` set (the API acknowledged the row's task) the task id, its
+        submit time and the reference digests come from it whatever the caller knew, and
+        the cost follows what the API said of the task: charged once it completed (or
+        when it is unknown how it ended: counted, so budgets stay on the safe side),
+        nothing when it was moderated or the API failed it.
+        """
+        tracked = job.tracked
+        if tracked is not None:
+            task_id = tracked.task_id
+            submitted_at = tracked.submitted_at
+            digests = digests or job.digests
+            if cost is None:
+                cost = self._charged(job.row.request, tracked, status, resubmit_on_retry)
+        else:
+            digests = digests or job.digests
         return Outcome(
             index=job.row.index,
             key=job.row.key,
@@ -1031,8 +1191,20 @@ class Engine:
             queued_at=job.queued_at,
             submitted_at=submitted_at,
             finished_at=time.time(),
-            cost_credits=cost,
+            cost_credits=cost or 0.0,
+            resubmit_on_retry=resubmit_on_retry,
         )
+
+    def _charged(
+        self, request: Any, tracked: _Tracked, status: RowStatus, api_ended: bool
+    ) -> float:
+        """What an acknowledged task costs: see ``_outcome``."""
+        quoted = self._cost(request) if tracked.cost is None else tracked.cost
+        if tracked.completed:
+            return quoted  # a verified image is exactly the size asked for: the same price
+        if status is RowStatus.MODERATED or api_ended:
+            return 0.0
+        return quoted
 
 
 class _RowError(Exception):

@@ -4,7 +4,9 @@
 KleinError                 anything klein-batch reports to a person (no traceback needed)
 ├── ConfigError            the run cannot start: bad option, missing API key, bad sink URI
 ├── ManifestError          the manifest as a whole is unusable (unreadable, no prompt column)
-└── ReferenceError         one reference image is unusable (the row is rejected, the run goes on)
+├── ReferenceError         one reference image is unusable (the row is rejected, the run goes on)
+└── StorageError           the output or the run's journal cannot be written (disk full,
+                           read-only, permission, S3 failing): the run stops at once
 ```
 
 Row-level problems are not exceptions: they become ``Rejection`` records and the valid rows
@@ -29,6 +31,23 @@ class ManifestError(KleinError):
 
 class ReferenceError(KleinError):
     """A reference image cannot be used; the message says why, the caller says where."""
+
+
+class StorageError(KleinError):
+    """The output or the run's journal cannot be written (or an S3 call failed for good).
+
+    A run stops at once on it (exit code ``EXIT_STORAGE``): going on would pay for images
+    it cannot keep, or for tasks it cannot journal. Tasks already acknowledged stay in the
+    journal without an outcome, so the rerun polls them instead of paying again.
+    """
+
+
+class Terminated(Exception):
+    """SIGTERM (systemd, Kubernetes, Prefect) stopped the run, handled as Ctrl-C is.
+
+    Raised after the output manifest, ``run.json`` and ``report.html`` were written from
+    the journal, so the rerun of the same command resumes.
+    """
 
 
 class ReferenceUnreachable(ReferenceError):

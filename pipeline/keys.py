@@ -100,3 +100,14 @@ def derive_seed(key: str) -> int:
     """
     digest = hashlib.sha256(b"klein-batch seed\x00" + key.encode("utf-8", "surrogatepass"))
     return int.from_bytes(digest.digest()[:4], "big") % (SEED_MAX + 1)
+
+
+def key_shard(key: str, shards: int) -> int:
+    """Which of ``shards`` a row with stable ``key`` belongs to (0-based).
+
+    Shards of a flow are defined by key, not by position: a row inserted or removed in the
+    manifest moves no other row to another shard, so tonight's edited catalog resumes into
+    last night's shards (each with its own journal) without paying for a row twice.
+    """
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big") % shards

@@ -14,6 +14,13 @@ the POST is still counted as an ambiguous submit. Outcomes ride along with the n
 (an ack, an intent or ``flush()``, which the run calls every ~0.2 s and at the end): a lost
 outcome only costs a poll of an already-paid task on resume, never a second submit.
 
+Storage errors. A write the file system refuses (disk full, read-only, permission) raises
+``StorageError`` naming the journal, and the run stops (``pipeline.errors``). SQLite's
+commits are atomic, so the journal stays as it was at the last good commit. Beside it lies
+``ledger.reserve``, a megabyte of nothing: when the disk fills, it is deleted to make room
+for the write that failed and for the acknowledgements still in the air, so a task the API
+acknowledged is journaled (and polled by the rerun) even on a full disk.
+
 Concurrency. One process writes (the run). Any number of readers (``klein-batch status``)
 may open the file with ``Ledger.open(path, readonly=True)`` at any time: WAL readers see
 the last committed state and never block the writer.
@@ -38,22 +45,37 @@ Tables:
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import logging
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from pipeline.contract import RowStatus, cost_credits, output_size
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
+from pipeline.urls import redact_credentials, without_credentials
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Where a destination keeps its ledger, relative to DEST.
 LEDGER_RELPATH = ".klein/ledger.sqlite"
+
+#: Room held beside the journal for the writes a full disk would refuse (see the docstring).
+RESERVE_NAME = "ledger.reserve"
+RESERVE_BYTES = 1 << 20
+
+#: SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL = 13
 
 SCHEMA_VERSION = 1
 
@@ -63,7 +85,8 @@ FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.
 
 #: How the engine's reason starts when the API accepted a task but its result could not be
 #: fetched (polls or downloads failed after every retry). Such a task may well have finished
-#: and been charged, so ``retry_failed`` polls its task id again instead of paying anew.
+#: and been charged, so ``retry_failed`` polls its task id again instead of paying anew (as
+#: it does for every failed row with a task id unless ``Outcome.resubmit_on_retry``).
 UNFETCHED_REASONS: Final = ("polling failed after retries", "download failed after retries")
 
 _SQL_IN_CHUNK = 500
@@ -135,6 +158,9 @@ class Planned:
     duplicate_of: int | None = None
     #: The outcome recorded by an earlier run, if any.
     previous: Outcome | None = None
+    #: When the acknowledged task was submitted, and the cost its acknowledgement quoted.
+    submitted_at: float | None = None
+    ack_cost: float | None = None
 
 
 _OUTCOME_FIELDS = tuple(
@@ -171,6 +197,8 @@ def _outcome_to_json(outcome: Outcome) -> str:
         value = getattr(outcome, name)
         if name == "reference_digests":
             value = list(value)
+        elif name == "reason" and value:
+            value = redact_credentials(value)  # reasons quote URLs: never their passwords
         if value is not None and value != [] and value != {}:
             data[name] = value
     return json.dumps(data, ensure_ascii=False, default=str)
@@ -191,9 +219,66 @@ def _outcome_from_json(
     )
 
 
-def _unfetched(outcome: Outcome | None) -> bool:
-    """The row failed only because its accepted task's result never reached us."""
-    return outcome is not None and (outcome.reason or "").startswith(UNFETCHED_REASONS)
+def _collect_on_retry(outcome: Outcome | None) -> bool:
+    """A failed row with a task id whose task the API never ended for us: poll it again.
+
+    Only an end the API itself gave the task (failed, forgotten, result gone) lets
+    ``retry_failed`` pay for a new one; anything on our side (polls or downloads failing,
+    a full disk, a bug) leaves a task that may have been charged, so it is collected.
+    """
+    return outcome is not None and not outcome.resubmit_on_retry
+
+
+def _disk_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (int(code) & 0xFF) == _SQLITE_FULL
+    return "disk is full" in str(exc)
+
+
+class _Reserve:
+    """A file of zeros beside the journal, given up to make room when the disk fills."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def ensure(self) -> None:
+        """Lay the reserve down (best effort: a disk with no room for it fails soon anyway)."""
+        try:
+            if self.path.is_file() and self.path.stat().st_size >= RESERVE_BYTES:
+                return
+            with self.path.open("wb") as handle:
+                handle.write(bytes(RESERVE_BYTES))
+        except OSError as exc:
+            log.warning("no room for the journal's reserve %s: %s", self.path, exc.strerror)
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    def release(self) -> bool:
+        """Delete the reserve; True if there was one to give."""
+        try:
+            self.path.unlink()
+        except OSError:
+            return False
+        return True
+
+
+def _writes(method: Callable[..., T]) -> Callable[..., T]:
+    """A ledger method that writes: file-system refusals become ``StorageError``."""
+
+    @functools.wraps(method)
+    def guarded(self: Ledger, *args: Any, **kwargs: Any) -> T:
+        return self._write(functools.partial(method, self, *args, **kwargs))  # type: ignore[return-value]
+
+    return guarded
+
+
+def _journal_failed(path: Path, exc: sqlite3.Error) -> StorageError:
+    return StorageError(
+        f"cannot write the run journal {path}: {exc}; free space or fix the permissions, "
+        "then run the same command again: tasks already acknowledged are collected by their "
+        "task ids, not paid for again"
+    )
 
 
 def _chunks(items: Sequence[str], size: int = _SQL_IN_CHUNK) -> Iterable[Sequence[str]]:
@@ -209,6 +294,7 @@ class Ledger:
         self.path = path
         self.readonly = readonly
         self._run_id: str | None = None
+        self._reserve = _Reserve(path.with_name(RESERVE_NAME))
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -236,6 +322,12 @@ class Ledger:
                 conn.execute("PRAGMA synchronous = NORMAL")
             ledger = cls(conn, path, readonly=readonly)
             ledger._prepare()
+            if not readonly:
+                ledger._reserve.ensure()
+        except sqlite3.OperationalError as exc:
+            if readonly:
+                raise ConfigError(f"cannot read the run ledger {path}: {exc}") from exc
+            raise _journal_failed(path, exc) from None
         except sqlite3.DatabaseError as exc:
             raise ConfigError(
                 f"cannot use the run ledger {path}: {exc}; it may be damaged or not a ledger "
@@ -266,9 +358,11 @@ class Ledger:
         return None if row is None else str(row[0])
 
     def close(self) -> None:
-        if not self.readonly and self._conn.in_transaction:
-            self._conn.execute("COMMIT")
-        self._conn.close()
+        try:
+            if not self.readonly:
+                self._write(self._commit)
+        finally:
+            self._conn.close()
 
     def __enter__(self) -> Ledger:
         return self
@@ -285,10 +379,45 @@ class Ledger:
         if not self._conn.in_transaction:
             self._conn.execute("BEGIN")
 
-    def flush(self) -> None:
-        """Commit the intents and outcomes recorded since the last commit."""
+    def _commit(self) -> None:
         if self._conn.in_transaction:
             self._conn.execute("COMMIT")
+
+    def flush(self) -> None:
+        """Commit the intents and outcomes recorded since the last commit."""
+        self._write(self._commit)
+
+    def _write(self, action: Callable[[], T]) -> T | None:
+        """Run a write; a refusing file system becomes ``StorageError`` (the run stops).
+
+        On a full disk the reserve makes room and the write is completed (a task id is
+        worth more than the reserve) before the error is raised, so the journal keeps it.
+        In WAL mode a full disk fails the COMMIT, not the statements: when the transaction
+        is still open it is committed; when SQLite rolled it back, ``action`` runs again.
+        """
+        try:
+            return action()
+        except sqlite3.OperationalError as exc:
+            if not (_disk_full(exc) and self._reserve.release()):
+                self._abandon()
+                raise _journal_failed(self.path, exc) from None
+            first = exc
+        log.warning("journal %s: disk full; its reserve made room for this write", self.path)
+        try:
+            if self._conn.in_transaction:
+                self._conn.execute("COMMIT")
+            else:
+                action()
+        except sqlite3.OperationalError as exc:
+            self._abandon()
+            raise _journal_failed(self.path, exc) from None
+        raise _journal_failed(self.path, first)
+
+    def _abandon(self) -> None:
+        """After a failed write: end the transaction SQLite may have left open."""
+        if self._conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._conn.execute("ROLLBACK")
 
     @property
     def run_id(self) -> str | None:
@@ -296,6 +425,7 @@ class Ledger:
 
     # --- planning ---------------------------------------------------------------------------
 
+    @_writes
     def start_run(self, run_id: str, info: dict[str, object]) -> None:
         """Record a run (never pass secrets in ``info``) and start its row map afresh."""
         self._begin()
@@ -310,6 +440,7 @@ class Ledger:
         self._conn.execute("COMMIT")
         self._run_id = run_id
 
+    @_writes
     def plan(self, rows: Sequence[Row], *, retry_failed: bool = False) -> list[Planned]:
         """Decide each row's action from what earlier runs recorded, and map it to its key."""
         if not rows:
@@ -326,7 +457,8 @@ class Ledger:
                 ).fetchall()
             )
             for record in self._conn.execute(
-                "SELECT key, task_id, poll_url, intents, status, request, outcome "  # noqa: S608
+                "SELECT key, task_id, poll_url, intents, status, request, outcome, "  # noqa: S608
+                "submitted_at, ack_cost "
                 f"FROM tasks WHERE key IN ({marks})",
                 chunk,
             ):
@@ -348,7 +480,17 @@ class Ledger:
                 planned.append(Planned(row, Action.SUBMIT))
                 new_requests.append((row.key, _request_to_json(row.request)))
             else:
-                _, task_id, poll_url, intents, status, request_json, outcome_json = record
+                (
+                    _,
+                    task_id,
+                    poll_url,
+                    intents,
+                    status,
+                    request_json,
+                    outcome_json,
+                    submitted_at,
+                    ack_cost,
+                ) = record
                 previous = (
                     _outcome_from_json(row.index, row.key, status, request_json, outcome_json)
                     if status is not None
@@ -356,7 +498,9 @@ class Ledger:
                 )
                 if status in FINAL_STATUSES and not (retry_failed and status == RowStatus.FAILED):
                     action = Action.DONE
-                elif status in FINAL_STATUSES and task_id is not None and _unfetched(previous):
+                elif (
+                    status in FINAL_STATUSES and task_id is not None and _collect_on_retry(previous)
+                ):
                     action, retry = Action.POLL, 1
                 elif status in FINAL_STATUSES:
                     action, retry = Action.SUBMIT, 1
@@ -373,6 +517,8 @@ class Ledger:
                         poll_url=poll_url if action is Action.POLL else None,
                         attempts=int(intents),
                         previous=previous,
+                        submitted_at=submitted_at if action is Action.POLL else None,
+                        ack_cost=ack_cost if action is Action.POLL else None,
                     )
                 )
             map_rows.append((row.index, row.key, None, retry))
@@ -404,20 +550,21 @@ class Ledger:
         found: dict[str, str] = {}
         for chunk in _chunks(list(dict.fromkeys(keys))):
             marks = ",".join("?" * len(chunk))
-            for key, task_id, status, reason in self._conn.execute(
-                "SELECT key, task_id, status, json_extract(outcome, '$.reason') "  # noqa: S608
+            for key, task_id, status, resubmit in self._conn.execute(
+                "SELECT key, task_id, status, json_extract(outcome, '$.resubmit_on_retry') "  # noqa: S608
                 f"FROM tasks WHERE key IN ({marks})",
                 chunk,
             ):
                 if status in FINAL_STATUSES:
                     if not (retry_failed and status == RowStatus.FAILED):
                         found[key] = "done"
-                    elif task_id is not None and (reason or "").startswith(UNFETCHED_REASONS):
+                    elif task_id is not None and not resubmit:
                         found[key] = "in_flight"
                 elif task_id is not None:
                     found[key] = "in_flight"
         return found
 
+    @_writes
     def record_rejections(self, rejections: Sequence[Rejection]) -> None:
         """Record rows of this run that will not be sent; final for this run only."""
         if not rejections:
@@ -431,7 +578,7 @@ class Ledger:
                     rej.index,
                     json.dumps(
                         {
-                            "reason": rej.reason,
+                            "reason": redact_credentials(rej.reason),
                             "column": rej.column,
                             "key": rej.key,
                             "prompt": rej.prompt,
@@ -446,6 +593,7 @@ class Ledger:
 
     # --- the task lifecycle -----------------------------------------------------------------
 
+    @_writes
     def record_intent(self, key: str) -> None:
         """Note that a submit for ``key`` is about to be POSTed; committed before returning.
 
@@ -467,11 +615,13 @@ class Ledger:
         )
         self._conn.execute("COMMIT")
 
+    @_writes
     def record_refused(self, key: str) -> None:
         """The submit was answered without a task (400, 402, 429, 5xx): not ambiguous."""
         self._begin()
         self._conn.execute("UPDATE tasks SET intent_pending = 0 WHERE key = ?", (key,))
 
+    @_writes
     def record_ack(
         self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
     ) -> None:
@@ -483,10 +633,12 @@ class Ledger:
             "intent_pending = 0, task_id = excluded.task_id, poll_url = excluded.poll_url, "
             "submitted_at = excluded.submitted_at, ack_cost = excluded.ack_cost, "
             "ack_run = excluded.ack_run",
-            (key, task_id, poll_url, submitted_at, cost, self._run_id),
+            # Credentials never reach the disk: the engine adds the run's back when polling.
+            (key, task_id, without_credentials(poll_url), submitted_at, cost, self._run_id),
         )
         self._conn.execute("COMMIT")
 
+    @_writes
     def record_outcome(self, outcome: Outcome) -> None:
         """Record how a key ended; committed by the next ``flush()`` or ack."""
         self._begin()
@@ -675,6 +827,7 @@ class Ledger:
         info.update(run_id=run_id, started_at=float(row[0]) if row else None)
         return info
 
+    @_writes
     def update_run_info(self, **updates: object) -> None:
         """Merge milestones (``total``, ``finished_at``) into the current run's record."""
         info = self.run_info()

@@ -53,6 +53,19 @@ contention when our own tasks could have filled the key at the moment it was sen
 lone job never enters this mode (its utilisation, polls per image and 429 share are
 unchanged; README). Where finishes are known (webhooks), ``probing=False`` turns probes off
 altogether.
+
+Heavy tails change when to probe. Under the real API's latency (median 2.7 s, p95 29 s) a
+full key is sometimes held by a few slow tasks for many seconds, and at other times a
+dozen short tasks end within a second; evenly spaced probes are refused in the first
+case, which pushes the spacing out, and then too sparse for the second. Once the engine
+has learned the task-time distribution (``set_distribution``: a lognormal from two
+learned quantiles), the controller probes from it instead: it sums, over every task it
+holds, the probability that the task has finished since it was last known to be running
+(acknowledged, polled pending, or the last refused probe, which proves every slot busy),
+takes off the finishes accepted probes have already proven, and sends a probe while that
+expectation exceeds a threshold, several in the air when several tasks have probably
+finished. The threshold adapts like the spacing does, so that about ``refusal_target`` of
+probes are refused (``benchmarks/notes.md`` measures it against even spacing).
 """
 
 from __future__ import annotations
@@ -120,7 +133,7 @@ class SubmitRateLimiter:
                 await asyncio.sleep(self._sent[0] + self._window - now)
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Permit:
     """One submit request in the air; tells the controller how to read its answer."""
 
@@ -128,6 +141,10 @@ class Permit:
     settled: bool = False
     #: Our tasks that may have been busy when it was sent (the probe's reason to exist).
     busy_at_send: int = 0
+    sent_at: float = 0.0
+    #: Once accepted: when (monotonic), and the last moment the task was known running.
+    acked_at: float = 0.0
+    running_at: float = 0.0
 
 
 class SlotController:
@@ -154,7 +171,7 @@ class SlotController:
         self._held = 0  # submitted or acknowledged, not yet known finished
         self._finished_lb = 0  # of those, how many have certainly finished
         self._in_air = 0  # of those, submits still waiting for their answer
-        self._probing = False
+        self._probes_out = 0  # probes in the air
         self._next_probe = 0.0
         self._probe_scale = 1.0
         self._latency_s = expected_latency_s
@@ -174,6 +191,13 @@ class SlotController:
         self._paused_until = 0.0
         self.refused_probes = 0
         self.refused_contention = 0
+        # The learned task-time distribution (log median, sigma), once the engine has one.
+        self._dist: tuple[float, float] | None = None
+        self._live: set[Permit] = set()  # acknowledged tasks not yet known finished
+        self._all_running_at = -math.inf  # a refused probe proved every slot busy then
+        self._proven = 0  # finishes accepted probes proved since then
+        self._threshold = 1.0  # expected unproven finishes that let a probe go
+        self._sum_at = (-1.0, 0.0, 0.0)  # (when, expected finishes, rate): one sum per wake
 
     # --- what the engine reads ---------------------------------------------------------------
 
@@ -191,6 +215,11 @@ class SlotController:
         return self._max_outstanding
 
     @property
+    def probing(self) -> bool:
+        """Whether this controller probes (alone on the key's own limit, polling)."""
+        return self._probing_enabled
+
+    @property
     def held(self) -> int:
         return self._held
 
@@ -200,6 +229,14 @@ class SlotController:
     def set_latency(self, seconds: float) -> None:
         """Typical task duration, learned by the collector; spaces the probes."""
         self._latency_s = max(0.01, seconds)
+
+    def set_distribution(self, median_s: float, sigma: float) -> None:
+        """The task-time distribution the engine learned: probes then follow it."""
+        self._dist = (math.log(max(median_s, 1e-3)), max(sigma, 0.05))
+
+    def still_running(self, permit: Permit) -> None:
+        """A poll said this task had not finished: it was running until now."""
+        permit.running_at = time.monotonic()
 
     # --- the protocol ------------------------------------------------------------------------
 
@@ -224,15 +261,17 @@ class SlotController:
                     self._in_air += 1
                     return Permit(speculative=False)
                 if self._may_probe(now):
-                    self._probing = True
+                    self._probes_out += 1
                     busy = self._busy_upper_bound()
                     self._held += 1
                     self._in_air += 1
-                    return Permit(speculative=True, busy_at_send=busy)
+                    return Permit(speculative=True, busy_at_send=busy, sent_at=now)
             self._changed.clear()
             timeout = None
             if self._may_probe(math.inf) and self._held < self._max_outstanding:
                 timeout = max(0.0, max(self._next_probe, self._contended_until) - now)
+                if self._dist is not None and now >= self._contended_until:
+                    timeout = self._until_likely_free(now)
             if now < self._paused_until:
                 timeout = min(timeout or math.inf, self._paused_until - now)
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
@@ -248,15 +287,21 @@ class SlotController:
             return
         permit.settled = True
         self._in_air -= 1
+        permit.acked_at = permit.running_at = time.monotonic()
+        self._live.add(permit)
         # Only our acknowledged tasks are on the server's count; submits still in the air
         # may not have reached it, so they prove nothing about finishes.
-        self._finished_lb = max(self._finished_lb, self._held - self._in_air - self.limit)
+        bound = self._held - self._in_air - self.limit
+        if bound > self._finished_lb:
+            self._proven += bound - self._finished_lb
+            self._finished_lb = bound
         if permit.speculative:
-            self._probing = False
+            self._probes_out -= 1
             # Accepted probes pull the next one closer; refused ones push it away. The
             # multiplicative steps balance when refusals are ``refusal_target`` of probes.
-            self._probe_scale *= 1.0 - 0.1 * self._target / (1.0 - self._target)
-            self._probe_scale = max(self._probe_scale, 0.01)
+            step = 1.0 - 0.1 * self._target / (1.0 - self._target)
+            self._probe_scale = max(self._probe_scale * step, 0.01)
+            self._threshold = max(self._threshold * step, 0.2)
         if self._busy_upper_bound() >= self.effective_limit:
             self._schedule_probe()
         # Grow only while the window is what holds us back (RFC 7661): a window that runs
@@ -277,10 +322,11 @@ class SlotController:
         # ordinary submit on the wire, as in the first burst): the 429 is our own doing and
         # says nothing about other clients.
         overcommitted = self._busy_upper_bound() > self.limit
+        acknowledged = self._held - self._in_air
         self._held -= 1
         self._in_air -= 1
         if permit.speculative:
-            self._probing = False
+            self._probes_out -= 1
         if overcommitted and not permit.speculative:
             self.refused_probes += 1
         elif permit.speculative and permit.busy_at_send >= self.limit:
@@ -290,6 +336,12 @@ class SlotController:
             # lone job's probing for many task durations).
             self.refused_probes += 1
             self._probe_scale = min(self._probe_scale * 1.1, 100.0)
+            self._threshold = min(self._threshold * 1.1, 8.0)
+            # The server had at most ``limit`` of ours running when it refused: the rest of
+            # those it knew have finished, and every task was running when the probe left.
+            self._finished_lb = max(self._finished_lb, acknowledged - self.limit)
+            self._all_running_at = max(self._all_running_at, permit.sent_at)
+            self._proven = 0
         else:
             # We were sure a slot was free, or we hold fewer tasks than the key allows and
             # the key is full anyway: someone else is using it.
@@ -323,13 +375,16 @@ class SlotController:
         self._held -= 1
         self._in_air -= 1
         if permit.speculative:
-            self._probing = False
+            self._probes_out -= 1
         self._changed.set()
 
-    def finished(self) -> None:
+    def finished(self, permit: Permit | None = None) -> None:
         """A task we held is now known to be finished (or abandoned for good)."""
+        if permit is not None:
+            self._live.discard(permit)
         self._held = max(0, self._held - 1)
         self._finished_lb = max(0, self._finished_lb - 1)
+        self._proven = max(0, self._proven - 1)
         self._paused_until = 0.0
         self._changed.set()
 
@@ -372,12 +427,55 @@ class SlotController:
         return min(MAX_GROWTH_BOOST, self._others / self._effective - 1.0)
 
     def _may_probe(self, now: float) -> bool:
+        if not self._probing_enabled or now < self._contended_until:
+            return False
+        if self._dist is None:
+            return self._probes_out == 0 and now >= self._next_probe
+        if now == math.inf:
+            return self._probes_out < self._max_probes()
+        extra, _ = self._expected_finishes(now)
         return (
-            self._probing_enabled
-            and not self._probing
-            and now >= self._next_probe
-            and now >= self._contended_until
+            self._probes_out < self._max_probes()
+            and extra - self._proven >= self._threshold + self._probes_out
         )
+
+    def _max_probes(self) -> int:
+        return max(1, self.limit // 4)
+
+    def _expected_finishes(self, now: float) -> tuple[float, float]:
+        """Expected finishes among our tasks since each was last known running, and the
+        rate at which that expectation grows (per second), from the learned distribution."""
+        assert self._dist is not None
+        if self._sum_at[0] == now:
+            return self._sum_at[1], self._sum_at[2]
+        mu, sigma = self._dist
+        scale = 1.0 / (sigma * math.sqrt(2.0))
+        density = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
+        expected = rate = 0.0
+        floor = self._all_running_at
+        for permit in self._live:
+            known = max(permit.running_at, floor) - permit.acked_at
+            age = now - permit.acked_at
+            if age <= 0.0:
+                continue
+            survived = 0.5 * math.erfc((math.log(known) - mu) * scale) if known > 0 else 1.0
+            if survived < 1e-9:
+                continue  # far past the learned tail: this model says nothing of it
+            z = (math.log(age) - mu) * scale
+            expected += (survived - 0.5 * math.erfc(z)) / survived
+            rate += density * math.exp(-z * z) / (age * survived)
+        self._sum_at = (now, expected, rate)
+        return expected, rate
+
+    def _until_likely_free(self, now: float) -> float:
+        """Seconds until the expected finishes reach the next probe's threshold."""
+        extra, rate = self._expected_finishes(now)
+        missing = self._threshold + self._probes_out - (extra - self._proven)
+        if missing <= 0.0:
+            return 0.002
+        if rate <= 0.0:
+            return 1.0
+        return min(max(missing / rate, 0.002), 1.0)
 
     def _schedule_probe(self) -> None:
         spacing = self._probe_scale * self._latency_s / max(1, self.effective_limit)

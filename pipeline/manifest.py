@@ -27,6 +27,15 @@ from pipeline import contract
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.keys import content_key, derive_seed, safe_key
 from pipeline.references import SPEC_SCHEMES
+from pipeline.reserved import (  # noqa: F401 (MERGED_COLUMN, RESERVED_COLUMNS: re-exported)
+    DERIVED_PREFIX,
+    ERROR_COLUMN,
+    INDEX_COLUMN,
+    MERGED_COLUMN,
+    RESERVED_COLUMNS,
+    is_derived,
+    renamed,
+)
 from pipeline.rows import ImageRequest, Rejection, Row
 
 #: Columns the pipeline reads; every other column is carried through untouched.
@@ -40,25 +49,9 @@ KNOWN_COLUMNS: Final = (
     "output_format",
     *contract.REFERENCE_FIELDS,
 )
-#: 0-based data-row position, added to every batch.
-INDEX_COLUMN: Final = "__index"
-#: Set on rows the reader could not split into fields (a CSV line with too many or too few
-#: fields); such rows carry no values and are rejected with this text.
-ERROR_COLUMN: Final = "__error"
-#: Set by ``pipeline/product_exports.py`` on input lines that make no image of their own (a
-#: Shopify image-only line, a variant under ``--per product``): what became of the line.
-#: Such lines are never validated or planned; the output manifest lists them as ``merged``.
-MERGED_COLUMN: Final = "__merged"
-#: Prefix of the columns ``pipeline/product_exports.py`` derives from an export.
-DERIVED_PREFIX: Final = "__catalog_"
-#: Column names the pipeline adds to batches; an input may not use them.
-RESERVED_COLUMNS: Final = frozenset((INDEX_COLUMN, ERROR_COLUMN, MERGED_COLUMN))
-
-
-def is_derived(name: str) -> bool:
-    """Whether a batch column is the pipeline's own, not one of the input's."""
-    return name in RESERVED_COLUMNS or name.startswith(DERIVED_PREFIX)
-
+# The columns the pipeline adds to batches (``__index``, ``__error``, ``__merged``, the
+# ``__catalog_*`` an export derives) are reserved in ``pipeline/reserved.py``; an input
+# column of the same name is carried through as ``input_<name>``.
 
 _DELIMITERS: Final = (",", ";", "\t")
 _DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
@@ -181,13 +174,12 @@ def _normalise_columns(
                 "case-insensitively); keep one of them"
             )
         seen[name] = raw
-    reserved = [name for name in names if is_derived(name)]
-    if reserved and not derived_ok:
-        raise ManifestError(
-            f"{file_name}: column name {reserved[0]!r} is reserved for the pipeline "
-            f"({', '.join(sorted(RESERVED_COLUMNS))} and names starting with "
-            f"{DERIVED_PREFIX!r}); rename that column"
-        )
+    if not derived_ok:
+        # Names the pipeline works with are kept for it: such an input column is carried
+        # through under ``input_<name>`` (pipeline/reserved.py), never mistaken for its own.
+        for position, name in enumerate(names):
+            if is_derived(name):
+                names[position] = renamed(name, names)
     for role, source in roles.items():
         if source not in names:
             shown = ", ".join([repr(name) for name in names if not is_derived(name)][:20])
@@ -583,25 +575,30 @@ class ManifestReader:
             bad.append(_BadLine(target=target, line=line, text=text))
             return "skip"
 
-        reader = pacsv.open_csv(
-            self.path,
-            read_options=pacsv.ReadOptions(
-                column_names=positional,
-                skip_rows=1,
-                block_size=_CSV_BLOCK_BYTES,
-                encoding=fmt.encoding,
-                use_threads=False,
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=fmt.delimiter,
-                newlines_in_values=True,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(positional, pa.string()),
-                strings_can_be_null=False,
-            ),
-        )
+        try:
+            reader = pacsv.open_csv(
+                self.path,
+                read_options=pacsv.ReadOptions(
+                    column_names=positional,
+                    skip_rows=1,
+                    block_size=_CSV_BLOCK_BYTES,
+                    encoding=fmt.encoding,
+                    use_threads=False,
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=fmt.delimiter,
+                    newlines_in_values=True,
+                    invalid_row_handler=on_invalid,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(positional, pa.string()),
+                    strings_can_be_null=False,
+                ),
+            )
+        except UnicodeDecodeError:
+            raise _not_utf8(self.name, None, fmt.encoding) from None
+        except pa.ArrowInvalid as exc:  # the first block is read here: a huge first row
+            raise self._csv_failure(exc, fmt.encoding, 0) from None
         next_index = 0
         names = self._columns.names
         while True:
@@ -612,17 +609,7 @@ class ManifestReader:
             except UnicodeDecodeError:
                 raise _not_utf8(self.name, None, fmt.encoding) from None
             except pa.ArrowInvalid as exc:
-                if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
-                    line = _utf8_error_line(self.path) if fmt.encoding == "utf-8" else None
-                    raise _not_utf8(self.name, line, fmt.encoding) from None
-                if "straddl" in str(exc):
-                    raise ManifestError(
-                        f"{self.name}: a single row is larger than "
-                        f"{_CSV_BLOCK_BYTES >> 20} MB (row {next_index + 1} or later); "
-                        'look for a quote (") that is opened and never closed; prompts are '
-                        f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
-                    ) from None
-                raise ManifestError(f"{self.name}: cannot be read as CSV ({exc})") from None
+                raise self._csv_failure(exc, fmt.encoding, next_index) from None
             good = batch.num_rows
             indices: list[int] = []
             placed: list[tuple[int, _BadLine]] = []
@@ -660,6 +647,20 @@ class ManifestReader:
         if bad:
             leftovers = [(next_index + offset, item) for offset, item in enumerate(bad)]
             yield self._bad_frame(leftovers)
+
+    def _csv_failure(self, exc: pa.ArrowInvalid, encoding: str, next_index: int) -> ManifestError:
+        """One line for a CSV pyarrow cannot read (bad UTF-8, a row larger than a block)."""
+        if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
+            line = _utf8_error_line(self.path) if encoding == "utf-8" else None
+            return _not_utf8(self.name, line, encoding)
+        if "straddl" in str(exc):
+            return ManifestError(
+                f"{self.name}: a single row is larger than "
+                f"{_CSV_BLOCK_BYTES >> 20} MB (row {next_index + 1} or later); "
+                'look for a quote (") that is opened and never closed; prompts are '
+                f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
+            )
+        return ManifestError(f"{self.name}: cannot be read as CSV ({exc})")
 
     def _bad_frame(self, placed: list[tuple[int, _BadLine]]) -> pl.DataFrame:
         columns: dict[str, pl.Series] = {

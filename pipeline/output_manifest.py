@@ -74,12 +74,21 @@ import pyarrow.parquet as pq
 
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.errors import KleinError
+from pipeline.keys import key_shard
 from pipeline.ledger import Ledger
-from pipeline.manifest import MERGED_COLUMN
+from pipeline.reserved import (
+    INDEX_COLUMN,
+    MERGED_COLUMN,
+    PRODUCT_INDEX_COLUMN,
+    WORKING_COLUMNS,
+    renamed,
+)
 from pipeline.rows import Outcome
 from pipeline.storage import Sink
 
 OUTPUT_MANIFEST_SCHEMA_VERSION = "1"
+#: Where the output manifest lives in DEST.
+OUTPUT_MANIFEST_RELPATH = "manifest.parquet"
 PARQUET_CONTENT_TYPE = "application/vnd.apache.parquet"
 
 _TS = pa.timestamp("us", tz="UTC")
@@ -136,13 +145,12 @@ class ManifestSource(Protocol):
 
 
 def output_column_names(extra_columns: Sequence[str]) -> list[str]:
-    """Names the input's extra columns get in the output: ``input_`` prefixed on collision."""
-    used = set(FIXED_COLUMNS)
+    """Names the input's extra columns get in the output: ``input_`` prefixed on collision
+    with a name the output uses for itself (``pipeline/reserved.py``)."""
+    used = set(FIXED_COLUMNS) | WORKING_COLUMNS
     names: list[str] = []
     for name in extra_columns:
-        out = name
-        while out in used:
-            out = f"input_{out}"
+        out = renamed(name, used)
         used.add(out)
         names.append(out)
     return names
@@ -237,10 +245,18 @@ def _conform(
 
 
 def _build_parquet(
-    reader: ManifestSource, ledger: Ledger, path: Path, expander: RowExpander | None = None
+    reader: ManifestSource,
+    ledger: Ledger,
+    path: Path,
+    expander: RowExpander | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> int:
-    """Write the joined manifest to ``path``; returns the number of rows written."""
-    inputs = [(column, name) for column, name in reader.input_columns if column != "__index"]
+    """Write the joined manifest to ``path``; returns the number of rows written.
+
+    ``shard`` (index, count) leaves out rows the run did not plan (another shard's)."""
+    inputs = [
+        (column, name) for column, name in reader.input_columns if column not in WORKING_COLUMNS
+    ]
     input_batch_names = [column for column, _ in inputs]
     added: list[str] = []
     if expander is not None:
@@ -262,12 +278,34 @@ def _build_parquet(
                 continue
             if expander is not None:
                 batch = expander.expand_output(batch)
-            indices = batch.get_column("__index").cast(pl.Int64).to_list()
-            rows = batch.get_column("__row").to_list() if "__row" in batch.columns else None
+            indices = batch.get_column(INDEX_COLUMN).cast(pl.Int64).to_list()
+            rows = (
+                batch.get_column(PRODUCT_INDEX_COLUMN).to_list()
+                if PRODUCT_INDEX_COLUMN in batch.columns
+                else None
+            )
             outcomes = {
                 outcome.index: outcome
                 for outcome in ledger.outcomes_for(min(indices), max(indices) + 1)
             }
+            if shard is not None:
+                # This shard's rows, and its part of the lines that make no image (merged
+                # lines of a product export), so that every line is in exactly one shard.
+                lines = (
+                    batch.get_column(MERGED_COLUMN).is_not_null().to_list()
+                    if MERGED_COLUMN in batch.columns
+                    else [False] * batch.height
+                )
+                mine, count = shard
+                keep = [
+                    index in outcomes or (line and key_shard(f"line-{index}", count) == mine)
+                    for index, line in zip(indices, lines, strict=True)
+                ]
+                batch = batch.filter(pl.Series(keep))
+                if batch.height == 0:
+                    continue
+                indices = batch.get_column("__index").cast(pl.Int64).to_list()
+                rows = batch.get_column("__row").to_list() if "__row" in batch.columns else None
             raw_prompts = (
                 batch.get_column("prompt").to_list() if "prompt" in batch.columns else None
             )
@@ -309,11 +347,15 @@ def _build_parquet(
 
 
 def _build_with_own_connection(
-    reader: ManifestSource, ledger_path: Path, tmp: Path, expander: RowExpander | None = None
+    reader: ManifestSource,
+    ledger_path: Path,
+    tmp: Path,
+    expander: RowExpander | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> int:
     # SQLite connections belong to their thread; a read-only one sees every committed row.
     with Ledger.open(ledger_path, readonly=True) as own:
-        return _build_parquet(reader, own, tmp, expander)
+        return _build_parquet(reader, own, tmp, expander, shard)
 
 
 async def write_output_manifest(
@@ -321,10 +363,13 @@ async def write_output_manifest(
     ledger: Ledger,
     sink: Sink,
     *,
-    relpath: str = "manifest.parquet",
+    relpath: str = OUTPUT_MANIFEST_RELPATH,
     expander: RowExpander | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> str:
     """Join the input manifest with the ledger and store the Parquet file; returns its URI.
+
+    ``shard``: only the rows this run planned (a flow shard's own rows).
 
     The file is built in a temporary file (beside the destination when the sink is local,
     so no second disk is needed) and then stored atomically: a reader never sees a
@@ -340,11 +385,44 @@ async def write_output_manifest(
     tmp = Path(tmp_name)
     try:
         ledger.flush()
-        await asyncio.to_thread(_build_with_own_connection, reader, ledger.path, tmp, expander)
+        await asyncio.to_thread(
+            _build_with_own_connection, reader, ledger.path, tmp, expander, shard
+        )
         return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+
+
+def refuse_own_output_as_input(source: object, sink: Sink, destination: str) -> None:
+    """Stop a run whose input manifest is the output manifest it is about to write.
+
+    ``DEST/manifest.parquet`` given as the input would be overwritten by the output, and
+    the rerun would then read that output as its input: new keys, every row paid again.
+    Compared after resolving symlinks (and hard links, for files that exist).
+    """
+    if not isinstance(source, str | Path):
+        return
+    text = str(source)
+    if text[:5].lower() == "s3://":
+        same = sink.local_path(OUTPUT_MANIFEST_RELPATH) is None and (
+            text.rstrip("/") == sink.uri(OUTPUT_MANIFEST_RELPATH)
+        )
+    else:
+        target = sink.local_path(OUTPUT_MANIFEST_RELPATH)
+        if target is None:
+            return
+        path = Path(text).expanduser()
+        same = path.resolve() == target
+        if not same and path.is_file() and target.is_file():
+            same = os.path.samefile(path, target)
+    if same:
+        raise KleinError(
+            f"manifest {text} is the output manifest this run writes ({destination}/"
+            f"{OUTPUT_MANIFEST_RELPATH}): the run would overwrite its own input and a rerun "
+            "would read its output as input and pay again; copy the manifest out of the "
+            "output folder, or choose another --out"
+        )
 
 
 async def read_output_manifest(sink: Sink, relpath: str = "manifest.parquet") -> pl.DataFrame:

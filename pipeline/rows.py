@@ -94,6 +94,10 @@ class Outcome:
     #: for an image this run paid for.
     reused_from: str | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    #: The API itself ended this row's task without an image we can still collect (it
+    #: failed, was forgotten, its result is gone): ``--retry-failed`` may pay for a new
+    #: one. False for every end on our side: the task is then polled again, never re-paid.
+    resubmit_on_retry: bool = False
 
     @property
     def latency_s(self) -> float | None:

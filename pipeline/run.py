@@ -26,28 +26,30 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import polars as pl
 import pyarrow as pa
-from yarl import URL
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
 from pipeline.config import MISSING_REFERENCE_CHOICES
 from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job
-from pipeline.errors import ConfigError, KleinError
+from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
+from pipeline.keys import key_shard
 from pipeline.ledger import Action, Ledger, Planned
 from pipeline.library import Library
 from pipeline.limits import resolve_tier
@@ -58,7 +60,7 @@ from pipeline.manifest import (
     lines_to_validate,
     validate_batch,
 )
-from pipeline.output_manifest import write_output_manifest
+from pipeline.output_manifest import refuse_own_output_as_input, write_output_manifest
 from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.providers import make_provider
 from pipeline.references import ReferenceStore
@@ -67,14 +69,17 @@ from pipeline.report import latency_percentiles, write_run_json
 from pipeline.retry import RetryPolicy
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 from pipeline.spec import API_KEY_ENV, RunSpec
-from pipeline.storage import LocalSink, Sink, open_sink
+from pipeline.storage import LocalSink, Sink, open_sink, write_failed
 from pipeline.summary import ProgressSnapshot, RunSummary
+from pipeline.urls import without_credentials
 from pipeline.variations import Catalog
 from pipeline.verdicts import duplicate_rejection
 from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
 if TYPE_CHECKING:
     from pipeline.sim.config import SimConfig
+
+log = logging.getLogger(__name__)
 
 #: Environment variable holding the API key, per dialect. Keys are never flags or parameters
 #: that could end up in shell history, logs or Prefect run parameters.
@@ -119,9 +124,10 @@ class RunOptions:
     #: Skip this many data rows first (a shard's row range is ``offset`` + ``limit`` rows);
     #: rows keep their original numbers in messages and in the output manifest.
     offset: int = 0
-    #: Row index -> index of an earlier row with the same key that another run (an earlier
-    #: shard) owns: such rows are rejected as duplicates here, never paid for twice.
-    earlier_duplicates: dict[int, int] = field(default_factory=dict)
+    #: ``(index, count)``: run only the rows whose product key falls in shard ``index`` of
+    #: ``count`` (``keys.key_shard``), the others are another run's; None: every row. A
+    #: flow's shards use it, so an edited manifest moves no row between shards.
+    shard: tuple[int, int] | None = None
     #: Prompt template and variation matrix (``pipeline/variations.py``); None: plain rows.
     catalog: Catalog | None = None
     #: Credits this output may spend in all, in flight included (``pipeline/budget.py``).
@@ -270,10 +276,10 @@ def run_manifest(
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return asyncio.run(run)
+        return _run_until_done(run)
     # A running loop in this thread (Jupyter, an async app): asyncio.run() would refuse.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="klein-run") as pool:
-        return pool.submit(asyncio.run, run).result()
+        return pool.submit(_run_until_done, run).result()
 
 
 async def arun_manifest(
@@ -382,6 +388,46 @@ async def arun_manifest(
         )
 
 
+def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
+    """``asyncio.run`` with SIGTERM handled as Ctrl-C: the outputs are written, then it stops.
+
+    systemd, Kubernetes and Prefect stop a process with SIGTERM. Its default kills the
+    process at once (no output manifest, run.json or report.html); here it cancels the run
+    as Ctrl-C does, so ``arun_manifest`` writes them from the journal, and then raises
+    ``Terminated``. Only in the main thread (where signals are delivered).
+    """
+    terminated = False
+
+    async def main() -> RunSummary:
+        nonlocal terminated
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_term() -> None:
+            nonlocal terminated
+            if not terminated and task is not None:
+                terminated = True
+                task.cancel()
+
+        installed = False
+        if threading.current_thread() is threading.main_thread():
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signal.SIGTERM, on_term)
+                installed = True
+        try:
+            return await run
+        finally:
+            if installed:
+                loop.remove_signal_handler(signal.SIGTERM)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if terminated:
+            raise Terminated("stopped by SIGTERM; run the same command again to resume") from None
+        raise
+
+
 async def _arun(
     manifest: ManifestSource,
     out: str | Path | Sink,
@@ -423,6 +469,7 @@ async def _arun(
             public_url=opts.webhook_public_url,
         )
     sink = out if isinstance(out, Sink) else open_sink(out)
+    refuse_own_output_as_input(manifest, sink, str(out))
     reader = open_manifest(
         manifest,
         export=opts.export,
@@ -449,10 +496,24 @@ async def _arun(
         local_root = remote.work_dir
     local_root.mkdir(parents=True, exist_ok=True)
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:8]
-    with contextlib.ExitStack() as held:
-        held.enter_context(
-            dest_lock.hold(local_root, str(out) if not isinstance(out, Sink) else str(sink))
-        )
+    lost_lock: list[str] = []
+    engines: list[Engine] = []
+
+    def lock_lost(message: str) -> None:
+        lost_lock.append(message)
+        for running in engines:
+            running.fail(StorageError(message))
+
+    async with contextlib.AsyncExitStack() as held:
+        if not isinstance(out, Sink):
+            # DEST's own lock, the one `klein-batch flow` takes too (a Sink passed in is a
+            # flow's shard: its flow holds DEST's lock, the shard its own journal's).
+            await held.enter_async_context(
+                dest_lock.holding(sink, str(out), kind="run", on_lost=lock_lost)
+            )
+        if isinstance(out, Sink) or remote is not None:
+            # The journal's folder on this machine (a shard's, or a remote output's work dir).
+            held.enter_context(dest_lock.hold(local_root, str(out)))
         if isinstance(sink, LocalSink):
             # Ours alone now: images a killed run left half-written go (their rows rerun).
             for folder in (sink.root, sink.root / "images"):
@@ -465,7 +526,7 @@ async def _arun(
             {
                 "manifest": reader.name,
                 "dialect": opts.dialect,
-                "api_url": _without_credentials(api_url),
+                "api_url": without_credentials(api_url),
                 "tier": limits.name,
                 "max_active": limits.max_active,
                 "submits_per_minute": limits.submits_per_minute,
@@ -515,6 +576,7 @@ async def _arun(
         )
         connector = aiohttp.TCPConnector(limit=max(100, 4 * limits.max_active))
         engine: Engine | None = None
+        stopped_by: BaseException | None = None
         try:
             async with aiohttp.ClientSession(connector=connector) as session:
                 engine = Engine(
@@ -529,7 +591,13 @@ async def _arun(
                     library=library,
                 )
                 run.engine = engine
+                engines.append(engine)
+                if lost_lock:
+                    engine.fail(StorageError(lost_lock[0]))
                 await run.drive(engine)
+        except BaseException as exc:
+            stopped_by = exc
+            raise
         finally:
             if receiver is not None:
                 await asyncio.shield(receiver.stop())
@@ -545,13 +613,18 @@ async def _arun(
             try:
                 await asyncio.shield(run.finish(sink, summary, engine))
                 published = True
+            except StorageError as exc:
+                if stopped_by is None:
+                    raise
+                # What stopped the run says more (often the same full disk).
+                log.error("could not write every output of the stopped run: %s", exc)
             finally:
                 if remote is not None:
                     await asyncio.shield(remote.close(published=published))
     if engine is not None and engine.key_refused and not engine.stats.accepted:
         where = f" in ${env_name}" if key == os.environ.get(env_name) else ""
         raise KeyRefusedError(
-            f"the API at {_without_credentials(api_url)} refused the key{where} "
+            f"the API at {without_credentials(api_url)} refused the key{where} "
             f"({engine.key_refused}); nothing was submitted; the output manifest in "
             f"{summary.output} lists every row as skipped",
             summary,
@@ -623,6 +696,8 @@ class _Run:
             self.ledger.flush()
 
     def _count_rows(self) -> None:
+        if self.opts.shard is not None:
+            return  # which rows are this shard's is known only once they are validated
         total = 0
         per_row = self.opts.catalog.size if self.opts.catalog else 1
         for batch in self.reader.batches():
@@ -640,10 +715,9 @@ class _Run:
             if validated is None:
                 return
             rows, rejections = validated
-            if self.opts.earlier_duplicates:
-                rows, rejections = _earlier_duplicates(
-                    rows, rejections, self.opts.earlier_duplicates, name
-                )
+            if self.opts.shard is not None:
+                rows = [row for row in rows if self._mine(row.key, row.index)]
+                rejections = [r for r in rejections if self._mine(r.key, r.index)]
             self.seen += len(rows) + len(rejections)
             queued_at = time.time()
             self._reject(rejections)
@@ -671,7 +745,14 @@ class _Run:
                 elif planned.action is Action.POLL:
                     self.resumed += 1
                     yield Job(
-                        row, name, queued_at, planned.task_id, planned.poll_url, planned.attempts
+                        row,
+                        name,
+                        queued_at,
+                        planned.task_id,
+                        planned.poll_url,
+                        planned.attempts,
+                        submitted_at=planned.submitted_at,
+                        ack_cost=planned.ack_cost,
                     )
                 else:
                     job = Job(row, name, queued_at, attempts=planned.attempts)
@@ -695,6 +776,24 @@ class _Run:
             if item.action is Action.SUBMIT:
                 groups.setdefault(item.row.index // catalog.size, []).append(item.row.request)
         return {product: tuple(requests) for product, requests in groups.items()}
+
+    def _mine(self, key: str | None, index: int) -> bool:
+        """Whether a planned row belongs to this run's shard (``RunOptions.shard``).
+
+        A product's variations go together: their keys are ``<product key>--<slug>``, and
+        the product key decides, so a budget or a rerun never splits a product's matrix
+        between shards. A row without a key (rejected before one was made) goes by its
+        product's position: it costs nothing, wherever it is reported.
+        """
+        assert self.opts.shard is not None
+        mine, count = self.opts.shard
+        catalog = self.opts.catalog
+        size = catalog.size if catalog is not None else 1
+        base = key
+        if key and catalog is not None and catalog.matrix is not None:
+            suffix = "--" + catalog.matrix.variations[index % size].slug
+            base = key.removesuffix(suffix) or key
+        return key_shard(base or f"row-{index // size}", count) == mine
 
     def _reject(self, rejections: list[Rejection]) -> None:
         if rejections:
@@ -735,22 +834,49 @@ class _Run:
     async def _report_progress(self) -> None:
         while True:
             await asyncio.sleep(self.opts.progress_interval_s)
-            if self.total is not None and not self._total_noted:
-                self._total_noted = True  # `klein-batch status` shows progress against it
-                self.ledger.update_run_info(total=self.total)
-            self.ledger.flush()
+            try:
+                if self.total is not None and not self._total_noted:
+                    self._total_noted = True  # `klein-batch status` shows progress against it
+                    self.ledger.update_run_info(total=self.total)
+                self.ledger.flush()
+            except StorageError as exc:
+                if self.engine is not None:
+                    self.engine.fail(exc)
+                return
             if self.on_progress is not None:
                 self.on_progress(self.snapshot())
 
     # --- the end ---------------------------------------------------------------------------------
 
     async def finish(self, sink: object, summary: RunSummary, engine: Engine | None) -> None:
-        self.ledger.flush()
-        await write_output_manifest(
-            self.reader,
-            self.ledger,
-            sink,  # type: ignore[arg-type]
-            expander=self.opts.catalog,
+        """Write the output manifest, ``run.json`` and ``report.html`` from the journal.
+
+        Each step is tried even when an earlier one could not write (a full disk may still
+        take the small files; a read-only images folder leaves DEST's root writable); the
+        first storage error is raised at the end.
+        """
+        failures: list[StorageError] = []
+
+        async def attempt(what: str, step: Callable[[], Awaitable[None] | None]) -> None:
+            try:
+                result = step()
+                if result is not None:
+                    await result
+            except StorageError as exc:
+                failures.append(exc)
+            except OSError as exc:  # a temporary file of the writers, say
+                failures.append(write_failed(what, exc))
+
+        await attempt("the run journal", self.ledger.flush)
+        await attempt(
+            "manifest.parquet",
+            lambda: write_output_manifest(
+                self.reader,
+                self.ledger,
+                sink,  # type: ignore[arg-type]
+                expander=self.opts.catalog,
+                shard=self.opts.shard,
+            ),
         )
         counts = self.ledger.counts()
         summary.finished_at = time.time()
@@ -765,6 +891,7 @@ class _Run:
         summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
         summary.latency_p50_s, summary.latency_p95_s = latency_percentiles(self.ledger.latencies())
         summary.credits = round(self.ledger.credits(), 2)
+        summary.committed_credits = self.ledger.destination_credits()
         summary.ambiguous_submits = self.ledger.ambiguous_submits()
         summary.resumed_rows = self.resumed
         summary.reused_rows = self.reused
@@ -780,23 +907,31 @@ class _Run:
                 summary.errors["aborted: " + engine.abort_reason] = 1
         if self.budget is not None and self.budget.stopped:
             summary.stopped = "budget"
-        await write_run_json(sink, summary)  # type: ignore[arg-type]
-        self.ledger.update_run_info(
-            ended_at=summary.finished_at,
-            total=summary.images_asked,
-            complete=unfinished == 0,
-            stopped=summary.stopped,
+        await attempt("run.json", lambda: write_run_json(sink, summary))  # type: ignore[arg-type]
+        await attempt(
+            "the run journal",
+            lambda: self.ledger.update_run_info(
+                ended_at=summary.finished_at,
+                total=summary.images_asked,
+                complete=unfinished == 0,
+                stopped=summary.stopped,
+            ),
         )
         catalog = self.opts.catalog
-        await write_html_report(
-            sink,  # type: ignore[arg-type]
-            summary,
-            axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
-            max_credits=self.opts.max_credits,
-            columns=self.opts.report_columns,
+        await attempt(
+            "report.html",
+            lambda: write_html_report(
+                sink,  # type: ignore[arg-type]
+                summary,
+                axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
+                max_credits=self.opts.max_credits,
+                columns=self.opts.report_columns,
+            ),
         )
         if self.on_progress is not None:
             self.on_progress(self.snapshot())
+        if failures:
+            raise failures[0]
 
 
 def _export_options(
@@ -835,21 +970,6 @@ def check_missing_reference(value: str) -> str:
     return value
 
 
-def _earlier_duplicates(
-    rows: list[Row], rejections: list[Rejection], earlier: dict[int, int], name: str
-) -> tuple[list[Row], list[Rejection]]:
-    """Move rows whose key an earlier shard owns from ``rows`` to the rejections."""
-    kept: list[Row] = []
-    moved = list(rejections)
-    for row in rows:
-        first = earlier.get(row.index)
-        if first is None:
-            kept.append(row)
-            continue
-        moved.append(duplicate_rejection(name, row, first))
-    return kept, moved
-
-
 def _merged_lines(reader: ManifestReader) -> int:
     """Input lines that make no image of their own (product exports), listed as merged."""
     if MERGED_COLUMN not in reader.columns:
@@ -869,14 +989,6 @@ def _is_a_share(opts: RunOptions) -> bool:
     if key_limit is None and opts.tier is not None:
         key_limit = TIERS[opts.tier].max_active
     return key_limit is not None and opts.max_active < key_limit
-
-
-def _without_credentials(url: str) -> str:
-    """The API URL as written down: a ``user:password@`` in it is a secret, never recorded."""
-    try:
-        return str(URL(url).with_user(None))
-    except (TypeError, ValueError):
-        return "<unparseable URL>"
 
 
 def _next_validated(

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Final, TypeVar
 
-from pipeline.errors import ConfigError, KleinError
+from pipeline.errors import ConfigError, KleinError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -53,10 +53,6 @@ _DENIED: Final = frozenset(
 )
 
 T = TypeVar("T")
-
-
-class StorageError(KleinError):
-    """An S3 operation failed for good (after botocore's retries); says which object and why."""
 
 
 # --- addresses --------------------------------------------------------------------------------

@@ -163,6 +163,8 @@ def shard_ledger_relpath(index: int) -> str:
 def _shard_count(plan: object, dest: str) -> int:
     try:
         assert isinstance(plan, dict)
+        if "shards" in plan:  # shards by key: the count the output was started with
+            return int(plan["shards"])
         total, size = int(plan["total_rows"]), int(plan["shard_size"])
     except (AssertionError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{dest}: the catalog flow's plan cannot be read ({exc})") from None

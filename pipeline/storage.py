@@ -14,13 +14,14 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import tempfile
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, StorageError
 
 #: Writes larger than this go to a worker thread so the event loop keeps polling.
 INLINE_WRITE_LIMIT = 1 << 20
@@ -87,6 +88,7 @@ class LocalSink:
         except OSError as exc:
             raise ConfigError(f"cannot create output folder {root_path}: {exc.strerror}") from exc
         self.root = root_path.resolve()
+        self._root_text = str(self.root)
         #: fsync each file before renaming it: survives power loss, not only a process kill.
         self.fsync = fsync
 
@@ -106,12 +108,39 @@ class LocalSink:
                 f"invalid output path {relpath!r}: absolute paths are not allowed; "
                 f"expected a path relative to {self.root}"
             )
+        fast = self._plain_path(pure)
+        if fast is not None:
+            return fast
         target = (self.root / pure).resolve()
         if target == self.root or not target.is_relative_to(self.root):
             raise ValueError(
                 f"invalid output path {relpath!r}: it leads outside the output folder {self.root}"
             )
         return target
+
+    def _plain_path(self, pure: PurePosixPath) -> Path | None:
+        """``root/pure`` when no component is ``..`` and none that exists is a symlink.
+
+        Such a path cannot lead outside the (resolved) root, so it needs no full
+        resolution: one ``lstat`` per component below the root instead of one per
+        component of the whole absolute path, for every image and thumbnail written.
+        None sends anything else (a ``..``, a symlink anywhere) to the full check.
+        """
+        parts = pure.parts
+        if not parts or ".." in parts:
+            return None
+        current = self._root_text
+        for part in parts:
+            current = os.path.join(current, part)
+            try:
+                mode = os.lstat(current).st_mode
+            except FileNotFoundError:
+                break  # neither it nor anything below it exists yet: no link to follow
+            except OSError:
+                return None
+            if stat.S_ISLNK(mode):
+                return None
+        return Path(self._root_text, *parts)
 
     def uri(self, relpath: str) -> str:
         # A plain absolute path, not file://: polars, PIL and shells all open it as it is.
@@ -142,15 +171,23 @@ class LocalSink:
 
     async def put(self, relpath: str, data: bytes, content_type: str) -> str:
         target = self._path(relpath)
-        if len(data) > INLINE_WRITE_LIMIT:
-            await asyncio.to_thread(self._write_atomic, target, data, None)
-        else:
-            self._write_atomic(target, data, None)
+        try:
+            if len(data) > INLINE_WRITE_LIMIT:
+                await asyncio.to_thread(self._write_atomic, target, data, None)
+            else:
+                self._write_atomic(target, data, None)
+        except OSError as exc:
+            raise write_failed(target, exc) from None
         return str(target)
 
     async def put_file(self, relpath: str, local_path: Path, content_type: str) -> str:
         target = self._path(relpath)
-        await asyncio.to_thread(self._write_atomic, target, None, Path(local_path))
+        try:
+            await asyncio.to_thread(self._write_atomic, target, None, Path(local_path))
+        except OSError as exc:
+            if exc.filename is not None and Path(exc.filename) == Path(local_path):
+                raise  # the source could not be read: not a problem of the output
+            raise write_failed(target, exc) from None
         return str(target)
 
     async def get(self, relpath: str) -> bytes | None:
@@ -165,6 +202,20 @@ class LocalSink:
 
     async def exists(self, relpath: str) -> bool:
         return self._path(relpath).is_file()
+
+
+def write_failed(target: Path | str, exc: OSError) -> StorageError:
+    """The one-line error for a local write that failed (disk full, read-only, permission).
+
+    A ``StorageError`` stops the run (see ``pipeline.errors``): the message names the file
+    and the operating system's reason, and says the rerun collects what was paid for.
+    """
+    reason = exc.strerror or type(exc).__name__
+    return StorageError(
+        f"cannot write {target}: {reason} (errno {exc.errno}); free space or fix the "
+        "permissions, then run the same command again: tasks already acknowledged are "
+        "collected by their task ids, not paid for again"
+    )
 
 
 #: The hole an output path may hold for the day of the run (``out/nightly/{date}``).

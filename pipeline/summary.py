@@ -66,6 +66,9 @@ class RunSummary:
     latency_p50_s: float | None = None
     latency_p95_s: float | None = None
     credits: float = 0.0
+    #: Credits every run into this output spent so far, plus tasks still in flight: what a
+    #: budget counts (a flow's shards report it so unused budget can go to other shards).
+    committed_credits: float = 0.0
     submits: int = 0
     retries: int = 0
     rate_limited: int = 0

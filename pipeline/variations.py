@@ -37,23 +37,20 @@ from pipeline import contract
 from pipeline.errors import ConfigError
 from pipeline.keys import safe_key
 from pipeline.manifest import (
-    INDEX_COLUMN,
     KNOWN_COLUMNS,
-    MERGED_COLUMN,
     Defaults,
     ManifestReader,
     lines_to_validate,
     validate_batch,
 )
+from pipeline.reserved import INDEX_COLUMN, MERGED_COLUMN, PRODUCT_INDEX_COLUMN, WORKING_COLUMNS
 from pipeline.rows import Rejection, Row
 from pipeline.templates import PromptTemplate
 
 #: Output-manifest column holding each row's variation slug.
 VARIATION_COLUMN: Final = "variation"
-#: Output-manifest helper column: the 0-based data row a variation belongs to.
-PRODUCT_INDEX_COLUMN: Final = "__row"
 #: Axis names that cannot vary: keys derive from ``id``; prompts vary through a template.
-_FORBIDDEN: Final = {"id", "prompt", VARIATION_COLUMN, INDEX_COLUMN, "__error"}
+_FORBIDDEN: Final = {"id", "prompt", VARIATION_COLUMN, *WORKING_COLUMNS}
 _SLUG_SAFE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 _SLUG_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 _MAX_VARIATIONS: Final = 100_000

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import sys
+import types
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from pipeline import arun_manifest, run_manifest
 from pipeline.contract import KLEIN_MODEL
-from pipeline.progress import ProgressDisplay
+from pipeline.progress import ProgressDisplay, in_jupyter
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig
 
 PRODUCTS = pl.DataFrame({"id": ["a1", "a2", "a3"], "title": ["red mug", "blue mug", "jar"]})
@@ -55,3 +58,22 @@ async def test_a_progress_bar_draws_from_a_notebook_cell(tmp_path: Path) -> None
         )
     assert summary.counts["succeeded"] == 3
     assert "klein-batch" in stream.getvalue() and "3/3" in stream.getvalue()
+
+
+def test_in_a_jupyter_kernel_the_bar_is_drawn_in_the_cell(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A Jupyter kernel's stdout is no terminal; the bar is drawn anyway, as rich's widget."""
+
+    class ZMQInteractiveShell:  # the class name IPython's kernel shell has
+        pass
+
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = ZMQInteractiveShell  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert in_jupyter()
+    display = ProgressDisplay(mode="auto")
+    assert display.mode == "bar" and display._jupyter
+    monkeypatch.delitem(sys.modules, "IPython")
+    assert not in_jupyter()
+    assert ProgressDisplay(mode="auto", stream=io.StringIO()).mode == "plain"

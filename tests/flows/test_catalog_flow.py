@@ -12,6 +12,7 @@ import polars as pl
 import pytest
 from flow_helpers import PROMPTS, write_catalog
 
+from pipeline.keys import key_shard
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
 from pipeline.spec import RunSpec
 
@@ -112,7 +113,8 @@ async def test_flow_shards_merges_in_row_order_and_publishes(
     summary = json.loads((out / "run.json").read_text())
     assert summary["counts"]["succeeded"] == 21 and summary["counts"]["rejected"] == 2
     assert summary["total_rows"] == 23 and result["total_rows"] == 23
-    assert [s["rows"] for s in summary["shards"]] == [[1, 5], [6, 10], [11, 15], [16, 20], [21, 23]]
+    assert [s["shard"] for s in summary["shards"]] == [0, 1, 2, 3, 4]
+    assert sum(s["rows"] for s in summary["shards"]) == 23  # each row in exactly one shard
     assert summary["shard_share"] == 5
     assert summary["credits"] == pytest.approx(done["cost_credits"].sum(), abs=0.01)
     assert summary["credits"] == pytest.approx(stats["credits_charged"], abs=0.01)
@@ -160,9 +162,10 @@ async def test_failed_shard_is_retried_and_resumes(
 
     async def crash_once(manifest: Any, out: Any, **kwargs: Any) -> Any:
         options = kwargs["options"]
-        calls.append(options.offset)
-        if options.offset == 6 and calls.count(6) == 1:
-            options.limit = 2  # two rows get done and journaled, then the worker "dies"
+        shard = options.shard[0]
+        calls.append(shard)
+        if shard == 1 and calls.count(1) == 1:
+            options.limit = 6  # its rows among the first 6 get done, then the worker "dies"
             await arun_manifest(manifest, out, **kwargs)
             raise RuntimeError("worker lost")
         return await arun_manifest(manifest, out, **kwargs)
@@ -181,9 +184,9 @@ async def test_failed_shard_is_retried_and_resumes(
         )
         stats = sim.stats()["keys"]["flow"]
     assert state.is_completed(), state.message
-    assert sorted(calls) == [0, 6, 6]
+    assert sorted(calls) == [0, 1, 1]
     shard = json.loads((out / ".klein/shards/1/run.json").read_text())
-    assert shard["resumed_rows"] == 2
+    assert shard["resumed_rows"] == sum(key_shard(f"r{n}", 2) == 1 for n in range(1, 7)) > 0
     assert stats["submits_accepted"] == 12  # the retry paid for nothing twice
     done = pl.read_parquet(out / "manifest.parquet")
     assert done["status"].to_list() == ["succeeded"] * 12
@@ -200,17 +203,24 @@ async def test_failed_shard_is_retried_and_resumes(
     assert again.is_completed()
     assert (await again.result())["resumed_rows"] == 12
 
-    # A manifest whose rows moved (one inserted on top) would shift every shard: refused.
-    write_catalog(manifest, [("new", "a new first row", "S0"), *rows])
-    moved = await catalog.generate_catalog(
-        str(manifest),
-        RunSpec(out=str(out), api_url="http://127.0.0.1:9"),
-        shard_size=6,
-        return_state=True,
-    )
-    assert moved.is_failed()
-    error = await moved.result(raise_on_failure=False)
-    assert "shard 0 (row 1) starts with another row than before" in str(error)
+    # Tonight's catalog: a row inserted on top, one removed: a normal edit. The rerun into
+    # the same output completes and pays for the new row only.
+    edited = [("new", "a new first row", "S0"), *rows[:5], *rows[6:]]
+    write_catalog(manifest, edited)
+    async with SimServer(sim_config()) as sim:
+        moved = await catalog.generate_catalog(
+            str(manifest),
+            RunSpec(out=str(out), api_url=sim.url),
+            shard_size=3,  # asked for other shards: the output keeps its 2
+            return_state=True,
+        )
+        paid = sim.stats()["keys"]["flow"]["submits_accepted"]
+    assert moved.is_completed(), moved.message
+    assert paid == 1
+    done = pl.read_parquet(out / "manifest.parquet")
+    assert done["key"].to_list() == [key for key, _, _ in edited]
+    assert done["status"].to_list() == ["succeeded"] * 12
+    assert (await moved.result())["shard_count"] == 2
 
 
 async def test_no_more_shards_run_at_once_than_the_key_has_slots(

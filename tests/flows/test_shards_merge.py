@@ -9,30 +9,55 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from flow_helpers import write_catalog
 
 from flows.budget import share_of
+from flows.credits import CreditPool
 from flows.merge import merge_files
-from flows.shards import (
-    ShardSink,
-    ShardSpec,
-    earlier_duplicates,
-    plan_shards,
-    scan_keys,
-)
+from flows.shards import ShardSink, StoredPlan, plan_shards, shard_count
 from pipeline.contract import Tier
 from pipeline.errors import ConfigError, KleinError
-from pipeline.manifest import Defaults
+from pipeline.keys import key_shard
 from pipeline.storage import LocalSink
 
 
-def test_plan_covers_every_row_once() -> None:
-    shards = plan_shards(23, 5)
-    assert [(s.start, s.stop) for s in shards] == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 23)]
-    assert plan_shards(0, 5) == []
-    assert [s.folder for s in plan_shards(10, 10)] == [".klein/shards/0"]
+def test_shards_are_sized_from_the_rows_and_a_row_stays_in_its_shard() -> None:
+    assert shard_count(23, 5) == 5
+    assert shard_count(0, 5) == 1
+    assert [s.folder for s in plan_shards(1)] == [".klein/shards/0"]
     with pytest.raises(ConfigError, match="shard_size must be at least 1"):
-        plan_shards(10, 0)
+        shard_count(10, 0)
+    keys = [f"sku-{n}" for n in range(2_000)]
+    placed = {key: key_shard(key, 4) for key in keys}
+    assert set(placed.values()) == {0, 1, 2, 3}
+    assert all(500 - 120 < list(placed.values()).count(n) < 500 + 120 for n in range(4))
+    # Rows inserted or removed around it never move a row: its key alone decides.
+    assert {key: key_shard(key, 4) for key in reversed(keys[5:])} == {
+        key: placed[key] for key in keys[5:]
+    }
+
+
+def test_an_output_of_row_range_shards_is_refused_by_name() -> None:
+    old = b'{"manifest": "m.csv", "total_rows": 10, "shard_size": 5, "first_keys": {}}'
+    with pytest.raises(ConfigError, match="older klein-batch whose shards are row ranges"):
+        StoredPlan.from_bytes(old, "out/night")
+    plan = StoredPlan(manifest="m.csv", total_rows=10, shard_size=5, shards=2)
+    assert StoredPlan.from_bytes(plan.to_bytes(), "out") == plan
+
+
+def test_credit_caps_never_add_up_past_the_budget_and_unused_credit_moves_on() -> None:
+    pool = CreditPool.load(10.0, None, 3)
+    first, second = pool.grant(0), pool.grant(1)
+    assert (first, second) == (3.33, 3.33)
+    assert pool.held <= 10.0
+    pool.settle(0, 1.0)  # shard 0 needed 1 credit: 2.33 of its cap go back
+    assert pool.grant(2) == 5.67  # all that is free, as the last shard to start
+    assert pool.held <= 10.0
+    pool.settle(1, 3.33)  # stopped on its cap
+    pool.settle(2, 0.5)
+    assert pool.grant(1, everything=True) == pytest.approx(8.5)
+    assert pool.held == pytest.approx(10.0)
+    again = CreditPool.load(10.0, pool.to_bytes(), 3)  # a rerun starts from the stored caps
+    assert again.caps == pool.caps and again.free == 0.0
 
 
 def test_shares_never_add_up_past_the_budget() -> None:
@@ -132,25 +157,11 @@ def test_shard_sink_maps_paths_of_remote_only_methods(tmp_path: Path) -> None:
     assert base.deleted == [".klein/shards/2/.klein/parts/a.parquet"]
 
 
-def test_scan_finds_keys_repeated_across_shards(tmp_path: Path) -> None:
-    rows = [(f"id{n}", f"prompt {n}", "") for n in range(10)]
-    rows[7] = ("id1", "again", "")  # repeats row 2 (index 1), in a later shard
-    rows[3] = ("id2", "again", "")  # repeats index 2 inside the first shard
-    rows[5] = ("", "", "")  # rejected: keyless, not a duplicate
-    manifest = write_catalog(tmp_path / "m.csv", rows)
-    scan = scan_keys(manifest, defaults=Defaults(), limit=None, shard_size=5)
-    assert scan.total_rows == 10
-    assert scan.duplicates.rows() == [(3, 2), (7, 1)]
-    first, second = ShardSpec(0, 0, 5), ShardSpec(1, 5, 10)
-    assert earlier_duplicates(scan.duplicates, first) == {}  # its own ledger names row 3's
-    assert earlier_duplicates(scan.duplicates, second) == {7: 1}
-    assert scan.first_keys == {0: "id0", 1: None}
-
-
-def _part(path: Path, start: int, count: int, extra: pa.Array) -> Path:
+def _part(path: Path, rows: list[int], extra: pa.Array) -> Path:
+    count = len(rows)
     table = pa.table(
         {
-            "row": pa.array(range(start + 1, start + count + 1), pa.int64()),
+            "row": pa.array(rows, pa.int64()),
             "status": pa.array(["succeeded"] * count),
             "finished_at": pa.array([None] * count, pa.timestamp("us", tz="UTC")),
             "latency_s": pa.array([None] * count, pa.float64()),
@@ -161,21 +172,27 @@ def _part(path: Path, start: int, count: int, extra: pa.Array) -> Path:
     return path
 
 
-def test_merge_streams_in_order_and_unifies_column_types(tmp_path: Path) -> None:
-    first = _part(tmp_path / "a.parquet", 0, 3, pa.array([1, 2, 3], pa.int64()))
-    second = _part(tmp_path / "b.parquet", 3, 2, pa.array([None, None], pa.null()))
+def test_merge_interleaves_shards_in_row_order_and_unifies_column_types(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.merge
+
+    monkeypatch.setattr(flows.merge, "MERGE_WINDOW", 2)  # several windows, a few rows each
+    first = _part(tmp_path / "a.parquet", [1, 2, 2, 5], pa.array([1, 2, 3, 6], pa.int64()))
+    second = _part(tmp_path / "b.parquet", [3, 4], pa.array([None, None], pa.null()))
     target = tmp_path / "m.parquet"
-    stats = merge_files([(0, 3, first), (3, 5, second)], target, fresh_after=0.0)
+    stats = merge_files([first, second], target, total_rows=5, fresh_after=0.0)
     merged = pl.read_parquet(target)
-    assert merged["row"].to_list() == [1, 2, 3, 4, 5]
+    assert merged["row"].to_list() == [1, 2, 2, 3, 4, 5]  # row 2's two variations in order
     assert merged.schema["size"] == pl.Int64
-    assert merged["size"].to_list() == [1, 2, 3, None, None]
-    assert stats.rows == 5 and stats.counts["succeeded"] == 5
-    assert pq.ParquetFile(target).num_row_groups == 3  # row group by row group
+    assert merged["size"].to_list() == [1, 2, 3, None, None, 6]
+    assert stats.rows == 6 and stats.counts["succeeded"] == 6
 
 
-def test_merge_refuses_a_shard_that_misses_rows(tmp_path: Path) -> None:
-    first = _part(tmp_path / "a.parquet", 0, 3, pa.array([1, 2, 3], pa.int64()))
-    short = _part(tmp_path / "b.parquet", 3, 1, pa.array([4], pa.int64()))
-    with pytest.raises(KleinError, match="expected up to 5"):
-        merge_files([(0, 3, first), (3, 5, short)], tmp_path / "m.parquet", fresh_after=0.0)
+def test_merge_refuses_shards_that_miss_rows(tmp_path: Path) -> None:
+    first = _part(tmp_path / "a.parquet", [1, 2, 3], pa.array([1, 2, 3], pa.int64()))
+    short = _part(tmp_path / "b.parquet", [5], pa.array([5], pa.int64()))
+    with pytest.raises(KleinError, match="hold row 5 after row 3"):
+        merge_files([first, short], tmp_path / "m.parquet", total_rows=5, fresh_after=0.0)
+    with pytest.raises(KleinError, match=r"hold rows 1\.\.3 of 5"):
+        merge_files([first], tmp_path / "m.parquet", total_rows=5, fresh_after=0.0)

@@ -62,17 +62,21 @@ def test_acknowledged_unfinished_rows_are_polled_never_resubmitted(
 
 
 @pytest.mark.parametrize(
-    ("status", "retry_failed", "expected"),
+    ("status", "retry_failed", "api_ended", "expected"),
     [
-        (RowStatus.SUCCEEDED, False, Action.DONE),
-        (RowStatus.SUCCEEDED, True, Action.DONE),
-        (RowStatus.MODERATED, True, Action.DONE),
-        (RowStatus.FAILED, False, Action.DONE),
-        (RowStatus.FAILED, True, Action.SUBMIT),
+        (RowStatus.SUCCEEDED, False, False, Action.DONE),
+        (RowStatus.SUCCEEDED, True, False, Action.DONE),
+        (RowStatus.MODERATED, True, True, Action.DONE),
+        (RowStatus.FAILED, False, False, Action.DONE),
+        # The API failed the task itself: --retry-failed pays for a new one.
+        (RowStatus.FAILED, True, True, Action.SUBMIT),
+        # Ended on our side after the ack (a bug, a full disk, polls failing): the task may
+        # have been charged, so --retry-failed collects it by its id instead.
+        (RowStatus.FAILED, True, False, Action.POLL),
     ],
 )
 def test_finished_rows_by_status_and_retry_failed(
-    ledger_path: Path, status: RowStatus, retry_failed: bool, expected: Action
+    ledger_path: Path, status: RowStatus, retry_failed: bool, api_ended: bool, expected: Action
 ) -> None:
     row = make_row(0)
     with Ledger.open(ledger_path) as ledger:
@@ -80,7 +84,13 @@ def test_finished_rows_by_status_and_retry_failed(
         ledger.plan([row])
         ledger.record_intent(row.key)
         ledger.record_ack(row.key, "task-1", "http://127.0.0.1:9/p", 101.0, None)
-        recorded = _finish(ledger, row, status, reason="boom" if status != "succeeded" else None)
+        recorded = _finish(
+            ledger,
+            row,
+            status,
+            reason="boom" if status != "succeeded" else None,
+            resubmit_on_retry=api_ended,
+        )
     with Ledger.open(ledger_path) as ledger:
         ledger.start_run("run-2", {})
         (planned,) = ledger.plan([row], retry_failed=retry_failed)
@@ -89,6 +99,8 @@ def test_finished_rows_by_status_and_retry_failed(
     assert planned.previous.status == status
     assert planned.previous.reason == recorded.reason
     assert planned.previous.task_id == "task-key-0"
+    if expected is Action.POLL:
+        assert (planned.task_id, planned.submitted_at) == ("task-1", 101.0)
 
 
 def test_rejected_or_skipped_outcomes_do_not_settle_a_key(ledger: Ledger) -> None:
@@ -333,7 +345,8 @@ def test_earlier_work_read_only_agrees_with_the_plan(ledger_path: Path, retry_fa
         for row, status, reason in zip(finished, statuses, reasons, strict=True):
             ledger.record_intent(row.key)
             ledger.record_ack(row.key, f"task-{row.key}", "http://127.0.0.1:9/p", 6.0, None)
-            _finish(ledger, row, status, reason=reason)
+            # The API failed finished[2]'s task; finished[3]'s result never reached us.
+            _finish(ledger, row, status, reason=reason, resubmit_on_retry=reason == "no")
         ledger.flush()
     rows = [new, acked, skipped, *finished]
     with Ledger.open(ledger_path, readonly=True) as reader:
@@ -345,7 +358,8 @@ def test_earlier_work_read_only_agrees_with_the_plan(ledger_path: Path, retry_fa
     from_plan = {p.row.key: expected[p.action] for p in planned if p.action in expected}
     assert earlier == from_plan
     assert earlier[acked.key] == "in_flight" and new.key not in earlier
-    assert (finished[2].key in earlier) is not retry_failed  # a failed row is retried
+    # A row whose task the API failed is submitted again.
+    assert (finished[2].key in earlier) is not retry_failed
     # ... unless only its result never arrived: then its task is polled again, not re-paid.
     unfetched = next(p for p in planned if p.row.key == finished[3].key)
     if retry_failed:

@@ -164,3 +164,24 @@ async def test_a_small_window_beside_large_others_grows_faster_once_the_key_had_
     even_split = await grown_after_refusal(4, latency_s=0.001)
     assert newcomer * 3 <= even_split, (newcomer, even_split)
     assert newcomer_amid_429s == even_split
+
+
+async def test_a_learned_distribution_sends_probes_when_several_tasks_likely_ended() -> None:
+    slots, permits = await full(8, expected_latency_s=10.0)
+    slots.set_distribution(10.0, 0.5)
+    for permit in permits:  # acknowledged three medians ago: nearly all have likely ended
+        permit.acked_at -= 30.0
+        permit.running_at -= 30.0
+    probes = [await asyncio.wait_for(slots.acquire(), 5) for _ in range(2)]
+    assert all(probe.speculative for probe in probes)
+    # A refused probe proves every slot was busy when it left: the expectation starts again
+    # from there, and the next probe waits for time to pass (about a second here).
+    for probe in probes:
+        slots.refused(probe)
+    assert slots.refused_probes == 2 and not slots.contended
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slots.acquire(), 0.1)
+    # A poll that finds one finished frees its slot for an ordinary submit at once.
+    slots.finished(permits[0])
+    permit = await asyncio.wait_for(slots.acquire(), 5)
+    assert not permit.speculative

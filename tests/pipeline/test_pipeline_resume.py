@@ -172,17 +172,26 @@ def test_kill_9_mid_run_then_rerun_finishes_without_paying_twice(
 
 
 @pytest.mark.slow
-def test_ctrl_c_exits_130_and_the_rerun_resumes(sim_process: SimProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("signum", "code"),
+    # SIGTERM (systemd, Kubernetes, Prefect) is handled as Ctrl-C is (issue 15).
+    [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_exits_130_and_the_rerun_resumes(
+    sim_process: SimProcess, tmp_path: Path, signum: int, code: int
+) -> None:
     manifest = write_catalog(tmp_path / "in", ROWS)
     out = tmp_path / "out"
     ledger = out / ".klein" / "ledger.sqlite"
     proc = start_run(manifest, out, sim_process.url)
 
-    _, err, before = interrupt_mid_run(proc, ledger, signal.SIGINT)
+    _, err, before = interrupt_mid_run(proc, ledger, signum)
 
-    assert proc.returncode == 130, err
+    assert proc.returncode == code, err
     assert "run the same command again to resume" in err
     assert "Traceback" not in err
+    assert (out / "run.json").is_file() and (out / "report.html").is_file()
     # An interrupted run still accounts for every row: unfinished ones are skipped, saying why.
     partial = check_output(out, ROWS)
     skipped = partial.filter(pl.col("status") == "skipped")

@@ -189,3 +189,19 @@ def test_latency_model_median_and_p95() -> None:
     assert model.duration(0.95) == pytest.approx(2.5, rel=1e-3)
     assert model.duration(1e-9) == 0.2
     assert model.duration(1 - 1e-9) == 3.0
+
+
+def test_production_latency_preset_is_the_measured_shape_and_can_be_overridden() -> None:
+    from pipeline.errors import ConfigError
+    from pipeline.sim.config import SimConfig
+
+    preset = SimConfig.from_dict({"latency": {"preset": "production"}}).latency
+    model = LatencyModel.from_config(preset)
+    assert model.duration(0.5) == pytest.approx(2.7)
+    assert model.duration(0.95) == pytest.approx(29.0, rel=1e-3)
+    assert model.duration(1 - 1e-9) == 120.0
+    # A setting beside the preset wins; the rest stay the preset's.
+    capped = SimConfig.from_dict({"latency": {"preset": "production", "cap_s": 60.0}}).latency
+    assert (capped.median_s, capped.p95_s, capped.cap_s) == (2.7, 29.0, 60.0)
+    with pytest.raises(ConfigError, match=r"latency\.preset = 'prod'.*production"):
+        SimConfig.from_dict({"latency": {"preset": "prod"}}, source="sim.toml")
