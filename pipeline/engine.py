@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 
 #: Largest image body accepted from a result URL (a 2k PNG is well under this).
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+#: Largest submit or poll answer read (they are a few hundred bytes; see ``_read_json``).
+MAX_ANSWER_BYTES = 1024 * 1024
 
 #: Consecutive 429s, with no submit accepted in between, beyond what probing explains: a
 #: limit the client was not told (a per-minute limit, another job on the key). The server
@@ -857,7 +859,8 @@ class Engine:
                 body = await _read_json(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise Transient(f"poll failed: {type(exc).__name__}") from None
+            shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+            raise Transient(f"poll failed: {shown}") from None
         if status == 200:
             try:
                 return self._provider.parse_poll(body)
@@ -1225,7 +1228,21 @@ class _Expired(Exception):
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
-    text = await response.read()
+    """The answer's JSON (None if it is not JSON); a 200 answer over ``MAX_ANSWER_BYTES``
+    raises ``ValueError`` before it is all read: a submit or poll answer is a few hundred
+    bytes, and an API (or a proxy) that streams hundreds of megabytes must not take the
+    run's memory with it (a submit answered so is ambiguous, a poll is retried). A larger
+    error answer is read no further and stands for its status alone."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_chunked(1 << 16):
+        size += len(chunk)
+        if size > MAX_ANSWER_BYTES:
+            if response.status != 200:
+                return None  # a refusal all the same: said by its status alone
+            raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes is too large")
+        chunks.append(chunk)
+    text = b"".join(chunks)
     if not text:
         return None
     try:

@@ -168,6 +168,20 @@ _OUTCOME_FIELDS = tuple(
 )
 
 
+#: Longest row reason stored: an API's error message can be megabytes, and every reason
+#: is repeated in manifest.parquet, run.json and report.html.
+MAX_REASON_CHARS = 2000
+
+
+def stored_reason(reason: str) -> str:
+    """A reason as the journal keeps it: URL passwords masked, cut to ``MAX_REASON_CHARS``."""
+    reason = redact_credentials(reason)
+    if len(reason) > MAX_REASON_CHARS:
+        cut = len(reason) - MAX_REASON_CHARS
+        reason = f"{reason[:MAX_REASON_CHARS]}... ({cut:,} more characters not kept)"
+    return reason
+
+
 def _request_to_json(request: ImageRequest | None) -> str | None:
     if request is None:
         return None
@@ -198,7 +212,7 @@ def _outcome_to_json(outcome: Outcome) -> str:
         if name == "reference_digests":
             value = list(value)
         elif name == "reason" and value:
-            value = redact_credentials(value)  # reasons quote URLs: never their passwords
+            value = stored_reason(value)
         if value is not None and value != [] and value != {}:
             data[name] = value
     return json.dumps(data, ensure_ascii=False, default=str)
@@ -578,7 +592,7 @@ class Ledger:
                     rej.index,
                     json.dumps(
                         {
-                            "reason": redact_credentials(rej.reason),
+                            "reason": stored_reason(rej.reason),
                             "column": rej.column,
                             "key": rej.key,
                             "prompt": rej.prompt,

@@ -575,25 +575,30 @@ class ManifestReader:
             bad.append(_BadLine(target=target, line=line, text=text))
             return "skip"
 
-        reader = pacsv.open_csv(
-            self.path,
-            read_options=pacsv.ReadOptions(
-                column_names=positional,
-                skip_rows=1,
-                block_size=_CSV_BLOCK_BYTES,
-                encoding=fmt.encoding,
-                use_threads=False,
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=fmt.delimiter,
-                newlines_in_values=True,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types=dict.fromkeys(positional, pa.string()),
-                strings_can_be_null=False,
-            ),
-        )
+        try:
+            reader = pacsv.open_csv(
+                self.path,
+                read_options=pacsv.ReadOptions(
+                    column_names=positional,
+                    skip_rows=1,
+                    block_size=_CSV_BLOCK_BYTES,
+                    encoding=fmt.encoding,
+                    use_threads=False,
+                ),
+                parse_options=pacsv.ParseOptions(
+                    delimiter=fmt.delimiter,
+                    newlines_in_values=True,
+                    invalid_row_handler=on_invalid,
+                ),
+                convert_options=pacsv.ConvertOptions(
+                    column_types=dict.fromkeys(positional, pa.string()),
+                    strings_can_be_null=False,
+                ),
+            )
+        except UnicodeDecodeError:
+            raise _not_utf8(self.name, None, fmt.encoding) from None
+        except pa.ArrowInvalid as exc:  # the first block is read here: a huge first row
+            raise self._csv_failure(exc, fmt.encoding, 0) from None
         next_index = 0
         names = self._columns.names
         while True:
@@ -604,17 +609,7 @@ class ManifestReader:
             except UnicodeDecodeError:
                 raise _not_utf8(self.name, None, fmt.encoding) from None
             except pa.ArrowInvalid as exc:
-                if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
-                    line = _utf8_error_line(self.path) if fmt.encoding == "utf-8" else None
-                    raise _not_utf8(self.name, line, fmt.encoding) from None
-                if "straddl" in str(exc):
-                    raise ManifestError(
-                        f"{self.name}: a single row is larger than "
-                        f"{_CSV_BLOCK_BYTES >> 20} MB (row {next_index + 1} or later); "
-                        'look for a quote (") that is opened and never closed; prompts are '
-                        f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
-                    ) from None
-                raise ManifestError(f"{self.name}: cannot be read as CSV ({exc})") from None
+                raise self._csv_failure(exc, fmt.encoding, next_index) from None
             good = batch.num_rows
             indices: list[int] = []
             placed: list[tuple[int, _BadLine]] = []
@@ -652,6 +647,20 @@ class ManifestReader:
         if bad:
             leftovers = [(next_index + offset, item) for offset, item in enumerate(bad)]
             yield self._bad_frame(leftovers)
+
+    def _csv_failure(self, exc: pa.ArrowInvalid, encoding: str, next_index: int) -> ManifestError:
+        """One line for a CSV pyarrow cannot read (bad UTF-8, a row larger than a block)."""
+        if "UTF8" in str(exc) or "utf-8" in str(exc).lower():
+            line = _utf8_error_line(self.path) if encoding == "utf-8" else None
+            return _not_utf8(self.name, line, encoding)
+        if "straddl" in str(exc):
+            return ManifestError(
+                f"{self.name}: a single row is larger than "
+                f"{_CSV_BLOCK_BYTES >> 20} MB (row {next_index + 1} or later); "
+                'look for a quote (") that is opened and never closed; prompts are '
+                f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
+            )
+        return ManifestError(f"{self.name}: cannot be read as CSV ({exc})")
 
     def _bad_frame(self, placed: list[tuple[int, _BadLine]]) -> pl.DataFrame:
         columns: dict[str, pl.Series] = {

@@ -382,6 +382,10 @@ class ReferenceStore:
         text = spec.strip()
         if not text:
             raise ReferenceError(f"is empty; expected {_ALLOWED_TEXT}")
+        if "\x00" in text:
+            # No file name, URL or base64 holds one; the OS would refuse the path with a
+            # ValueError that is not a reference problem (issue 15: validate crashed on it).
+            raise ReferenceError(f"contains a NUL byte (\\x00); expected {_ALLOWED_TEXT}")
         scheme_match = _SCHEME.match(text)
         if scheme_match:
             scheme = scheme_match.group(1).lower()

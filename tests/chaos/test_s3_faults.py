@@ -9,7 +9,7 @@ from the bucket.
 from __future__ import annotations
 
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -39,10 +39,20 @@ CREDENTIALS = {
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def _listening_port(log: Path, server: subprocess.Popen[bytes]) -> int:
+    """The port moto's server chose (it was given port 0), from the line it logs on start.
+
+    Asking the kernel for a free port and handing that number over would leave a moment in
+    which another test's connection, on a parallel worker, could take it.
+    """
+    deadline = time.monotonic() + 60
+    while True:
+        found = re.search(r"Running on http://127\.0\.0\.1:(\d+)", log.read_text())
+        if found:
+            return int(found.group(1))
+        if server.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"moto's server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.1)
 
 
 @pytest.fixture
@@ -52,23 +62,15 @@ def moto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         monkeypatch.setenv(name, value)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.setenv("KLEIN_BATCH_WORK_DIR", str(tmp_path / "work"))
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "moto.log"
+    with log.open("wb") as sink:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("moto's server did not start") from None
-                time.sleep(0.1)
+        url = f"http://127.0.0.1:{_listening_port(log, server)}"
         monkeypatch.setenv("AWS_ENDPOINT_URL", url)
         s3.reset_clients()
         yield url

@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from pipeline_helpers import KLEIN_BATCH, cli_env
 
 
 def needs_root() -> None:
@@ -20,3 +21,14 @@ def chattr(flag: str, path: Path) -> None:
     done = subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         pytest.skip(f"chattr {flag} is not supported here: {done.stderr.strip()}")
+
+
+def validate(manifest: Path) -> subprocess.CompletedProcess[str]:
+    """``klein-batch validate MANIFEST`` as a user runs it."""
+    return subprocess.run(
+        [KLEIN_BATCH, "validate", str(manifest)],
+        capture_output=True,
+        text=True,
+        env=cli_env(),
+        timeout=120,
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 from pipeline_helpers import KLEIN_BATCH, SIM_KEY, cli_env, key_stats, run_against
+from reliability_helpers import validate
 
 from pipeline.output_manifest import FIXED_COLUMNS
 from pipeline.reserved import WORKING_COLUMNS
@@ -45,13 +46,7 @@ def test_clashing_input_columns_are_renamed_and_the_run_completes(
     frame.write_csv(manifest) if kind == "csv" else frame.write_parquet(manifest)
     out = tmp_path / "out"
 
-    checked = subprocess.run(
-        [KLEIN_BATCH, "validate", str(manifest)],
-        capture_output=True,
-        text=True,
-        env=cli_env(),
-        timeout=120,
-    )
+    checked = validate(manifest)
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert "Traceback" not in checked.stderr
 

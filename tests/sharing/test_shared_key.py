@@ -8,7 +8,9 @@ and the controller has to even that out) the simulator's counters are read over 
 enough that a few 429s more or less do not decide the 2% bound): 429s must stay under 2%
 of the jobs' submits, the key's slots must be at least 90% busy, and each job must get at
 least half the images the other gets. Both jobs are then stopped with SIGINT, as Ctrl-C
-would, and must exit promptly (130) without a traceback.
+would, and must exit promptly (130) without a traceback. The three bounds are statistics
+over one window: when one is missed, the scenario runs once more (same bounds) and that run
+decides; exits, tracebacks and the key's limit are checked in both.
 
 Tasks take about a second (median 1 s, p95 2 s): what a job loses to the key being shared
 is the time between a task finishing on the server and the job noticing, so the scenario
@@ -22,12 +24,13 @@ which leaves the 2% / 90% bounds a thinner margin (RESULTS.md, "Sharing a key").
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
 import pytest
 
-from benchmarks.sharing import SLOTS, measure, simulator
+from benchmarks.sharing import SLOTS, Figures, measure, simulator
 
 DEBUG = [os.environ["DBG"]] if os.environ.get("DBG") else []
 
@@ -41,18 +44,43 @@ POLLING_ON_DEMAND = pytest.mark.skipif(
 @pytest.mark.serial  # shares of the CPU would decide the 2% / 90% bounds
 @pytest.mark.parametrize("delivery", ["webhooks", pytest.param("polling", marks=POLLING_ON_DEMAND)])
 async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery: str) -> None:
-    with simulator(tmp_path) as sim:
-        figures = await measure(sim, tmp_path, jobs=2, delivery=delivery, debug=DEBUG)
+    figures = await _scenario(tmp_path / "first", delivery)
+    missed = _statistical_misses(figures)
+    if missed:
+        # The 2% / 90% / one-half bounds are statistics over 40 s on a machine that is
+        # also running other things: one scenario more decides, with the same bounds.
+        print(f"first scenario missed {missed}: {figures.line()}; running it once more")
+        figures = await _scenario(tmp_path / "second", delivery)
+        missed = _statistical_misses(figures)
+    assert not missed, f"{missed}: {figures.line()}"
+
+
+async def _scenario(workdir: Path, delivery: str) -> Figures:
+    """One scenario, with the checks no rerun may excuse: prompt exits, no traceback, the
+    key's limit, and (webhooks) the server telling the jobs."""
+    await asyncio.to_thread(workdir.mkdir)
+    with simulator(workdir) as sim:
+        figures = await measure(sim, workdir, jobs=2, delivery=delivery, debug=DEBUG)
     report = figures.line()
     print(report)
     for code, err in zip(figures.exit_codes, figures.errors, strict=True):
         assert code == 130, err[-3000:]
         assert "Traceback" not in err, err[-3000:]
-    assert figures.peak_active <= SLOTS
+    assert figures.peak_active <= SLOTS, report
     assert figures.submits > 0, report
-    assert figures.refused_429 < 0.02 * figures.submits, report
-    assert figures.occupancy >= 0.90, report
-    assert figures.fairness >= 0.5, report
     if delivery == "webhooks":  # the server told the jobs; they did not have to ask
         assert figures.webhooks_sent > 0, report
         assert figures.polls_per_image < 1.0, report
+    return figures
+
+
+def _statistical_misses(figures: Figures) -> list[str]:
+    """The bounds a 40 s window measures statistically, each one that was missed."""
+    missed = []
+    if not figures.refused_429 < 0.02 * figures.submits:
+        missed.append("429s >= 2% of submits")
+    if not figures.occupancy >= 0.90:
+        missed.append("occupancy < 90%")
+    if not figures.fairness >= 0.5:
+        missed.append("one job got less than half the other's images")
+    return missed
