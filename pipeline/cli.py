@@ -714,6 +714,12 @@ def _add_plugin_commands() -> None:
     from importlib.metadata import entry_points
 
     for entry in entry_points(group="klein_batch.commands"):
+        importing = sys.modules.get(entry.module)
+        if importing is not None and not hasattr(importing, entry.attr):
+            # That module is importing this one as it starts (``python -m flows.catalog``
+            # begins in flows.cli): it is the program then and builds its own command line,
+            # and loading it here would fail on its half-initialised module.
+            continue
         entry.load()(app)
 
 

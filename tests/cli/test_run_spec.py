@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +75,19 @@ def test_pipeline_imports_nothing_from_flows() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
             assert not any(n == "flows" or n.startswith("flows.") for n in names), path
+
+
+def test_the_flow_module_starts_as_a_program() -> None:
+    """``python -m flows.catalog`` imports flows.cli before pipeline.cli (the reverse of
+    ``klein-batch flow``); the entry-point plugin must not trip over the half-loaded module."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API_URL")}
+    result = subprocess.run(
+        [sys.executable, "-m", "flows.catalog", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--tier" in result.stdout
