@@ -128,6 +128,7 @@ CREATE TABLE IF NOT EXISTS run_rows (
     rejection TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS run_rows_key ON run_rows(key);
+CREATE INDEX IF NOT EXISTS tasks_task_id ON tasks(task_id);
 """
 
 
@@ -638,9 +639,17 @@ class Ledger:
     @_writes
     def record_ack(
         self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
-    ) -> None:
-        """Record an acknowledged task; committed before this returns (survives kill -9)."""
+    ) -> str | None:
+        """Record an acknowledged task; committed before this returns (survives kill -9).
+
+        Returns the key of another row that already holds ``task_id`` (this run's or an
+        earlier one's), else None: an API that hands one task to two requests would
+        otherwise give the later row the earlier row's image (``Engine`` fails it).
+        """
         self._begin()
+        holder = self._conn.execute(
+            "SELECT key FROM tasks WHERE task_id = ? AND key <> ? LIMIT 1", (task_id, key)
+        ).fetchone()
         self._conn.execute(
             "INSERT INTO tasks(key, intents, task_id, poll_url, submitted_at, ack_cost, ack_run) "
             "VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
@@ -651,6 +660,7 @@ class Ledger:
             (key, task_id, without_credentials(poll_url), submitted_at, cost, self._run_id),
         )
         self._conn.execute("COMMIT")
+        return None if holder is None else str(holder[0])
 
     @_writes
     def record_outcome(self, outcome: Outcome) -> None:
