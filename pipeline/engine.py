@@ -474,7 +474,8 @@ class Engine:
             stored = await self._stored_outcome(job, job.task_id, job.queued_at, digests)
             if stored is not None:
                 return stored
-            log.info("row %s: resubmitting task %s of an earlier run", job.row.key, job.task_id)
+            shown = self._provider.mask.seal(job.task_id)
+            log.info("row %s: resubmitting task %s of an earlier run", job.row.key, shown)
             job.task_id = job.poll_url = None
             return await self._outcome_of(job)
         if job.task_id is None and self._library is not None:
@@ -597,7 +598,7 @@ class Engine:
         log.warning(
             "row %s: the API answered with task %s, which row %s already holds",
             job.row.key,
-            submitted.task_id,
+            self._provider.mask.seal(submitted.task_id),
             other,
         )
         return self._outcome(
@@ -999,7 +1000,7 @@ class Engine:
                 sha256=info.sha256,
                 width=info.width,
                 height=info.height,
-                task_id=tracked.task_id,
+                task_id=self._provider.mask.seal(tracked.task_id),  # the index is an output
                 cost_credits=self._charged(request, tracked, RowStatus.SUCCEEDED, False),
                 created_at=time.time(),
             )

@@ -7,15 +7,21 @@ item 10), each against a fake API on 127.0.0.1 (``fake_api.py``).
 - A submit answered 200 with an HTML page may have been charged: one submit per row, the
   row ends ``failed`` saying so, counted in ``ambiguous_submits``; a rerun sends nothing.
 - One task id handed to two rows: the later row does not get the earlier row's image.
+- The key echoed transformed (in task ids, in an error message) is stored nowhere, and
+  tasks whose ids hold it are still polled by a rerun.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import polars as pl
+import pytest
 from aiohttp import web
 from fake_api import fake_api
 from pipeline_helpers import write_catalog
@@ -106,3 +112,71 @@ async def test_one_task_id_for_two_rows_gives_the_later_row_no_image(tmp_path: P
     assert "task-same" in later["reason"] and first["key"] in later["reason"]
     assert later["output_uri"] is None
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{first['key']}.jpg"]
+
+
+ECHO_KEY = "kb-Echo-9f3eQ2xVw7"
+ECHO_B64 = base64.b64encode(ECHO_KEY.encode()).decode()
+
+
+async def test_a_key_echoed_transformed_is_stored_nowhere_and_tasks_are_still_polled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Task ids holding the key upper-cased, base64-encoded or verbatim, and an error that
+    quotes it in another case: no output holds any of them, and a ``--retry-failed`` rerun
+    still polls (not pays for) the tasks by their real ids."""
+    caplog.set_level(logging.DEBUG)
+    issued = {
+        "upper": f"t-{ECHO_KEY.upper()}-0",
+        "base64": f"t-{ECHO_B64}-1",
+        "plain": f"t-{ECHO_KEY}-2",
+    }
+    submitted: collections.Counter[str] = collections.Counter()
+    ready = False
+
+    async def submit(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        submitted[prompt] += 1
+        if prompt == "refuse":
+            said = f"no such key {ECHO_KEY.swapcase()}"
+            return web.json_response({"message": said}, status=400)
+        return web.json_response({"data": {"task_id": issued[prompt], "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.Response:
+        if request.match_info["task"] not in issued.values():
+            return web.json_response({"message": "task not found"}, status=404)
+        if not ready:
+            return web.json_response({"message": "busy"}, status=503)
+        image = str(request.url.with_path("/image.jpg"))
+        return web.json_response(
+            {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        )
+
+    manifest = write_catalog(tmp_path / "in", 4, prompt=[*issued, "refuse"])
+    out = tmp_path / "out"
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, out, ECHO_KEY)
+        first = pl.read_parquet(out / "manifest.parquet")
+        ready = True
+        await api.run(manifest, out, ECHO_KEY, retry_failed=True)
+
+    assert first["status"].to_list() == ["failed", "failed", "failed", "rejected"]
+    table = pl.read_parquet(out / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"] * 3 + ["rejected"]
+    assert [submitted[prompt] for prompt in issued] == [1, 1, 1]  # polled, never paid again
+    assert table["task_id"].to_list()[:3] == [
+        "t-{api-key:upper}-0",
+        "t-{api-key:base64}-1",
+        "t-{api-key}-2",
+    ]
+    assert table["reason"][3].endswith("no such key ***")
+    echoes = (ECHO_KEY.lower(), ECHO_B64.encode())
+    for path in out.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            if blob[:4] == b"PAR1":
+                blob += repr(pl.read_parquet(path).rows()).encode()
+            assert echoes[0].encode() not in blob.lower() and echoes[1] not in blob, path
+    ours = [record for record in caplog.records if record.name.startswith("pipeline")]
+    assert ours  # DEBUG logging was on (retries are logged)
+    logged = "\n".join(record.getMessage() for record in ours)
+    assert echoes[0] not in logged.lower() and ECHO_B64 not in logged
