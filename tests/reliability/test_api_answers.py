@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 from pathlib import Path
+from urllib.parse import quote
 
 import polars as pl
 import pytest
@@ -28,6 +29,7 @@ from pipeline_helpers import write_catalog
 
 from pipeline.engine import MAX_ANSWER_BYTES
 from pipeline.ledger import MAX_REASON_CHARS
+from pipeline.masking import SecretMask
 
 KEY = "fake-key-123456"
 
@@ -180,3 +182,20 @@ async def test_a_key_echoed_transformed_is_stored_nowhere_and_tasks_are_still_po
     assert ours  # DEBUG logging was on (retries are logged)
     logged = "\n".join(record.getMessage() for record in ours)
     assert echoes[0] not in logged.lower() and ECHO_B64 not in logged
+
+
+def test_the_secret_mask_seals_what_a_rerun_needs_and_masks_the_rest() -> None:
+    mask = SecretMask.of_run("http://kbuser:pa55word-9@127.0.0.1:9", ECHO_KEY, "whsec_abcdefgh")
+    url = f"https://api.example/v1/get_result?id=7&k={quote(ECHO_KEY)}&b={ECHO_B64}"
+    sealed = mask.seal(url)
+    assert ECHO_KEY not in sealed and ECHO_B64 not in sealed
+    assert mask.unseal(sealed) == url  # the rerun polls the very same URL
+    hexed = ECHO_KEY.encode().hex()
+    said = f"{ECHO_KEY.lower()} {hexed} {ECHO_KEY.title()} pa55word-9 whsec_abcdefgh"
+    assert mask.mask(said) == "*** *** *** *** ***"
+    # Mixed case cannot be restored: sealed as *** for good, never back into a key.
+    assert mask.unseal(mask.seal(f"t-{ECHO_KEY.title()}")) == "t-***"
+    # Another run's key restores its own secret, never this one's.
+    other = SecretMask.of_run("http://127.0.0.1:9", "kb-Other-key-42")
+    assert ECHO_KEY not in other.unseal(sealed)
+    assert not SecretMask.of_run("http://127.0.0.1:9", "short")  # too short to mask
