@@ -48,7 +48,7 @@ from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
-from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
+from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retry_transient
 from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
@@ -618,25 +618,26 @@ class Engine:
     async def _submit(self, job: Job, body: dict[str, Any]) -> Submitted:
         """Submit until acknowledged; 429s are flow control, not failures."""
         payload = json.dumps(body).encode()
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                while True:
-                    if self._abort_reason:
-                        raise _Abort
-                    if self._storm_round:
-                        async with self._scout:  # one submit at a time while 429s storm
-                            # Only the scout (this lock's holder) extends a pause.
-                            pause = self._quiet_until - time.monotonic()
-                            if pause > 0:
-                                await asyncio.sleep(pause)
-                            if not self._storm_round:
-                                continue  # it ended while we queued: back to full speed
-                            result = await self._send(job, payload)
-                    else:
+
+        async def attempt() -> Submitted:
+            while True:
+                if self._abort_reason:
+                    raise _Abort
+                if self._storm_round:
+                    async with self._scout:  # one submit at a time while 429s storm
+                        # Only the scout (this lock's holder) extends a pause.
+                        pause = self._quiet_until - time.monotonic()
+                        if pause > 0:
+                            await asyncio.sleep(pause)
+                        if not self._storm_round:
+                            continue  # it ended while we queued: back to full speed
                         result = await self._send(job, payload)
-                    if result is not None:
-                        return result
-        raise AssertionError("unreachable")  # pragma: no cover
+                else:
+                    result = await self._send(job, payload)
+                if result is not None:
+                    return result
+
+        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _room_to_fetch(self) -> None:
         """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
@@ -895,10 +896,9 @@ class Engine:
         self.slots.set_distribution(median, sigma)
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                return await self._poll_once(tracked)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await retry_transient(
+            self._settings.retry, lambda: self._poll_once(tracked), on_retry=self._count_retry
+        )
 
     async def _poll_once(self, tracked: _Tracked) -> TaskState:
         tracked.polls += 1
@@ -1110,13 +1110,13 @@ class Engine:
         )
 
     async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                # A download slot per attempt, not across the backoff sleeps between them:
-                # a retrying download must not keep other finished tasks from theirs.
-                async with self._downloads:
-                    return await self._download_once(url, fmt, expected)
-        raise AssertionError("unreachable")  # pragma: no cover
+        async def attempt() -> tuple[Any, bytes]:
+            # A download slot per attempt, not across the backoff sleeps between them:
+            # a retrying download must not keep other finished tasks from theirs.
+            async with self._downloads:
+                return await self._download_once(url, fmt, expected)
+
+        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _download_once(
         self, url: str, fmt: str, expected: tuple[int, int]
