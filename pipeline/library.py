@@ -554,7 +554,8 @@ class Library:
             return bool(
                 await self.sink.put_if_absent(rel, self._claim_body(), "application/json")  # type: ignore[attr-defined]
             )
-        return await asyncio.to_thread(_create_exclusive, path, self._claim_body())
+        # A finished temp file linked into place: a reader never sees a claim half-written.
+        return await asyncio.to_thread(_link_or_write_new, path, None, self._claim_body())
 
     async def _claim_holder(self, fp: str) -> dict[str, Any] | None:
         data = await self.sink.get(claim_relpath(fp))
@@ -747,25 +748,6 @@ def _segment_bytes(entries: list[Entry]) -> bytes:
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
-
-
-def _create_exclusive(path: Path, data: bytes) -> bool:
-    """Create ``path`` with ``data`` unless it exists; True when created here. Written to a
-    temp file first and linked into place (``link`` fails on an existing name), so a reader
-    never sees the file half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=path.parent, prefix=".claim-")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        try:
-            os.link(temp, path)
-        except FileExistsError:
-            return False
-        return True
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
 
 
 def _link_or_write_new(target: Path, source: Path | None, data: bytes) -> bool:
