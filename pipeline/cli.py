@@ -11,8 +11,10 @@ which keeps ``--help`` and ``validate`` quick.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
+import resource
 import shlex
 import sys
 import traceback
@@ -726,12 +728,23 @@ def _add_plugin_commands() -> None:
 _add_plugin_commands()
 
 
+def _more_open_files() -> None:
+    """Raise the soft open-file limit to the hard one: a run holds API connections, image
+    files, its journal and a webhook receiver's connections at once, and the usual soft
+    limit (1,024) is a third of what a large tier can need. Never lowers it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main() -> None:
     """Console-script entry point (``klein-batch``).
 
     Commands report their own errors; this is the last net for anything that escapes them
     (an import failing, say), so it still gets the internal-error exit code and no secret.
     """
+    _more_open_files()
     try:
         app()
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -185,6 +186,11 @@ class S3Lease:
         self.on_lost = on_lost
         self.etag: str | None = None
         self.lost: str | None = None
+        # A renewal still in its thread when the holder lets go would change the ETag
+        # after release read it (the delete then fails and the lock stays for a lease):
+        # renew and release take turns, and nothing is renewed once released.
+        self._turn = threading.Lock()
+        self._released = False
 
     def _body(self) -> bytes:
         renewed = datetime.now(UTC).isoformat(timespec="seconds")
@@ -268,8 +274,11 @@ class S3Lease:
         """Extend the lease; False when it was lost (another writer replaced the lock)."""
         from pipeline.s3 import client
 
-        assert self.etag is not None
-        return self._put(client(), {"IfMatch": self.etag})
+        with self._turn:
+            if self._released:
+                return True
+            assert self.etag is not None
+            return self._put(client(), {"IfMatch": self.etag})
 
     def release(self) -> None:
         """Delete the lock if it is still ours (a lost lock belongs to someone else now)."""
@@ -277,12 +286,14 @@ class S3Lease:
 
         from pipeline.s3 import client
 
-        if self.etag is None or self.lost:
-            return
-        try:
-            client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
-        except ClientError as exc:
-            log.warning("%s: could not remove the lock (%s)", self.destination, _code(exc))
+        with self._turn:
+            self._released = True
+            if self.etag is None or self.lost:
+                return
+            try:
+                client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
+            except ClientError as exc:
+                log.warning("%s: could not remove the lock (%s)", self.destination, _code(exc))
 
     async def keep(self) -> None:
         """Renew every third of the lease until cancelled; report a lost lock once."""

@@ -105,7 +105,7 @@ class Journal(Protocol):
 
     def record_ack(
         self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
-    ) -> None: ...
+    ) -> str | None: ...
 
     def flush(self) -> None: ...
 
@@ -498,7 +498,8 @@ class Engine:
             stored = await self._stored_outcome(job, job.task_id, job.queued_at, digests)
             if stored is not None:
                 return stored
-            log.info("row %s: resubmitting task %s of an earlier run", job.row.key, job.task_id)
+            shown = self._provider.mask.seal(job.task_id)
+            log.info("row %s: resubmitting task %s of an earlier run", job.row.key, shown)
             job.task_id = job.poll_url = None
             return await self._outcome_of(job)
         if job.task_id is None and self._library is not None:
@@ -530,15 +531,20 @@ class Engine:
                 submitted = await self._submit(job, body)
             except _Abort:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
+            except _AmbiguousSubmit as exc:
+                # Perhaps charged: counted at the published price, so budgets stay safe.
+                return self._outcome(job, RowStatus.FAILED, reason=exc.reason, cost=price)
             except _RowError as exc:
                 return self._outcome(job, exc.status, reason=exc.reason)
             except Transient as exc:
                 reason = f"submit failed after {job.attempts} attempts: {exc.reason}"
                 return self._outcome(job, RowStatus.FAILED, reason=reason)
             submitted_at = time.time()
-            self._journal.record_ack(
+            holder = self._journal.record_ack(
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
+            if holder is not None or submitted.task_id in self._by_task:
+                return self._taken_task(job, submitted, submitted_at, price, holder)
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
             # The API's own figure when it gives one (dialect B), else the published price.
             tracked.cost = submitted.cost if submitted.cost is not None else price
@@ -600,6 +606,36 @@ class Engine:
             self._unfetched -= 1
             if self._unfetched < self._settings.download_concurrency:
                 self._fetch_room.set()
+
+    def _taken_task(
+        self, job: Job, submitted: Submitted, submitted_at: float, price: float, holder: str | None
+    ) -> Outcome:
+        """The API answered this row's submit with a task another row already holds.
+
+        Polling it would give this row the other row's image. The row ends ``failed``,
+        keeping the task id and the cost the API may have charged (journaled: a rerun
+        does not submit it again on its own); ``--retry-failed`` submits it anew.
+        """
+        self.slots.finished(self._permits.pop(submitted.task_id, None))
+        self.stats.errors["duplicate task id"] += 1
+        other = holder or self._by_task[submitted.task_id].job.row.key
+        log.warning(
+            "row %s: the API answered with task %s, which row %s already holds",
+            job.row.key,
+            self._provider.mask.seal(submitted.task_id),
+            other,
+        )
+        return self._outcome(
+            job,
+            RowStatus.FAILED,
+            reason=f"the API answered this row's submit with task {submitted.task_id}, which "
+            f"it had already given row {other}: its image is not taken for this row; the "
+            "submit may have been charged; --retry-failed submits the row again",
+            task_id=submitted.task_id,
+            submitted_at=submitted_at,
+            cost=submitted.cost if submitted.cost is not None else price,
+            resubmit_on_retry=True,
+        )
 
     # --- submit -------------------------------------------------------------------------------
 
@@ -696,19 +732,25 @@ class Engine:
         self._journal.flush()
         self.stats.submits += 1
         headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
+        unreadable: str | None = None
         try:
             async with self._session.post(
                 self._provider.submit_url(), data=payload, headers=headers, timeout=self._timeout
             ) as response:
                 status = response.status
-                body = await _read_json(response)
+                try:
+                    body = await _read_json(response)
+                except ValueError:  # a 200 over the read cap
+                    body, unreadable = None, f"an answer over {MAX_ANSWER_BYTES:,} bytes"
+                if body is None and unreadable is None:
+                    unreadable = f"a {response.content_type or 'untyped'} answer that is not JSON"
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except aiohttp.ClientConnectorError as exc:
             # Never reached the server: safe to send again.
             self.slots.abandoned(permit)
             self._journal.record_refused(key)
             raise Transient(f"cannot connect: {exc.os_error or exc}") from None
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             # The request may have reached the server: the intent stays open in the journal
             # and is counted as a possibly paid duplicate if we submit again.
             self.slots.abandoned(permit)
@@ -718,9 +760,19 @@ class Engine:
             try:
                 submitted = self._provider.parse_submit(body)
             except ProtocolError as exc:
+                # The API said yes and named no task we can read (a proxy's HTML page, a
+                # body over the cap): it may have charged. Not sent again in this run; the
+                # intent stays open in the journal (``ambiguous_submits``).
                 self.slots.abandoned(permit)
                 self.stats.ambiguous_submits += 1
-                raise Transient(f"bad submit answer: {exc}") from None
+                said = unreadable or f"no task we can read ({exc})"
+                raise _AmbiguousSubmit(
+                    RowStatus.FAILED,
+                    f"the API accepted the submit (HTTP 200) with {said}: it may have charged "
+                    "for a task this run cannot name, so the row was not submitted again; "
+                    "check the API's task list, then --retry-failed submits it again (and "
+                    "pays again if it was charged)",
+                ) from None
             self.slots.accepted(permit)
             self._permits[submitted.task_id] = permit
             self.stats.accepted += 1
@@ -973,7 +1025,7 @@ class Engine:
                 sha256=info.sha256,
                 width=info.width,
                 height=info.height,
-                task_id=tracked.task_id,
+                task_id=self._provider.mask.seal(tracked.task_id),  # the index is an output
                 cost_credits=self._charged(request, tracked, RowStatus.SUCCEEDED, False),
                 created_at=time.time(),
             )
@@ -1247,6 +1299,10 @@ class _RowError(Exception):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+
+
+class _AmbiguousSubmit(_RowError):
+    """A submit answered 200 without a task we can read: perhaps charged, never resent."""
 
 
 class _UnknownTask(_RowError):

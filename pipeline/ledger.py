@@ -60,6 +60,7 @@ from typing import Any, Final, TypeVar
 
 from pipeline.contract import RowStatus, cost_credits, output_size
 from pipeline.errors import ConfigError, StorageError
+from pipeline.masking import NO_SECRETS, SecretMask
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 from pipeline.urls import redact_credentials, without_credentials
 
@@ -128,6 +129,7 @@ CREATE TABLE IF NOT EXISTS run_rows (
     rejection TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS run_rows_key ON run_rows(key);
+CREATE INDEX IF NOT EXISTS tasks_task_id ON tasks(task_id);
 """
 
 
@@ -205,14 +207,16 @@ def _request_from_json(text: str | None) -> ImageRequest | None:
     return ImageRequest(prompt, aspect_ratio, resolution, seed, safety, output_format)
 
 
-def _outcome_to_json(outcome: Outcome) -> str:
+def _outcome_to_json(outcome: Outcome, mask: SecretMask = NO_SECRETS) -> str:
     data: dict[str, Any] = {}
     for name in _OUTCOME_FIELDS:
         value = getattr(outcome, name)
         if name == "reference_digests":
             value = list(value)
         elif name == "reason" and value:
-            value = stored_reason(value)
+            value = stored_reason(mask.mask(value))
+        elif name == "task_id" and value:
+            value = mask.seal(value)
         if value is not None and value != [] and value != {}:
             data[name] = value
     return json.dumps(data, ensure_ascii=False, default=str)
@@ -309,6 +313,10 @@ class Ledger:
         self.readonly = readonly
         self._run_id: str | None = None
         self._reserve = _Reserve(path.with_name(RESERVE_NAME))
+        #: The run's secrets in every form an answer may echo them (``pipeline/masking.py``):
+        #: reasons are stored masked, task ids and poll URLs sealed (read back for polling,
+        #: they get the run's own secrets again).
+        self.mask: SecretMask = NO_SECRETS
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -527,8 +535,10 @@ class Ledger:
                     Planned(
                         row,
                         action,
-                        task_id=task_id if action is Action.POLL else None,
-                        poll_url=poll_url if action is Action.POLL else None,
+                        task_id=self.mask.unseal(task_id) if action is Action.POLL else None,
+                        poll_url=self.mask.unseal(poll_url)
+                        if action is Action.POLL and poll_url
+                        else None,
                         attempts=int(intents),
                         previous=previous,
                         submitted_at=submitted_at if action is Action.POLL else None,
@@ -638,9 +648,18 @@ class Ledger:
     @_writes
     def record_ack(
         self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
-    ) -> None:
-        """Record an acknowledged task; committed before this returns (survives kill -9)."""
+    ) -> str | None:
+        """Record an acknowledged task; committed before this returns (survives kill -9).
+
+        Returns the key of another row that already holds ``task_id`` (this run's or an
+        earlier one's), else None: an API that hands one task to two requests would
+        otherwise give the later row the earlier row's image (``Engine`` fails it).
+        """
         self._begin()
+        task_id = self.mask.seal(task_id)
+        holder = self._conn.execute(
+            "SELECT key FROM tasks WHERE task_id = ? AND key <> ? LIMIT 1", (task_id, key)
+        ).fetchone()
         self._conn.execute(
             "INSERT INTO tasks(key, intents, task_id, poll_url, submitted_at, ack_cost, ack_run) "
             "VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
@@ -648,9 +667,17 @@ class Ledger:
             "submitted_at = excluded.submitted_at, ack_cost = excluded.ack_cost, "
             "ack_run = excluded.ack_run",
             # Credentials never reach the disk: the engine adds the run's back when polling.
-            (key, task_id, without_credentials(poll_url), submitted_at, cost, self._run_id),
+            (
+                key,
+                task_id,
+                self.mask.seal(without_credentials(poll_url)),
+                submitted_at,
+                cost,
+                self._run_id,
+            ),
         )
         self._conn.execute("COMMIT")
+        return None if holder is None else str(holder[0])
 
     @_writes
     def record_outcome(self, outcome: Outcome) -> None:
@@ -668,7 +695,7 @@ class Ledger:
                 outcome.key,
                 _request_to_json(outcome.request),
                 str(outcome.status),
-                _outcome_to_json(outcome),
+                _outcome_to_json(outcome, self.mask),
                 outcome.finished_at,
                 outcome.latency_s,
                 outcome.cost_credits,

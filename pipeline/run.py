@@ -524,6 +524,7 @@ async def _arun(
         ledger = held.enter_context(
             remote.open_ledger() if remote else Ledger.open(local_root / "ledger.sqlite")
         )
+        ledger.mask = provider.mask  # task ids and reasons are stored with secrets masked
         ledger.start_run(
             run_id,
             {

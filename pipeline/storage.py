@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -211,10 +212,14 @@ def write_failed(target: Path | str, exc: OSError) -> StorageError:
     and the operating system's reason, and says the rerun collects what was paid for.
     """
     reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        remedy = "raise the open-file limit (ulimit -n)"
+    else:
+        remedy = "free space or fix the permissions"
     return StorageError(
-        f"cannot write {target}: {reason} (errno {exc.errno}); free space or fix the "
-        "permissions, then run the same command again: tasks already acknowledged are "
-        "collected by their task ids, not paid for again"
+        f"cannot write {target}: {reason} (errno {exc.errno}); {remedy}, then run the same "
+        "command again: tasks already acknowledged are collected by their task ids, not "
+        "paid for again"
     )
 
 

@@ -17,19 +17,32 @@ acted on only when it is proven to come from the API:
 Why a forged, stale or replayed delivery can do no harm anyway: the engine still polls
 every task on its own (later) schedule, so a delivery only makes a task end sooner, and a
 verified one carries the same answer a poll would give. Duplicates are answered 200 (so
-the sender stops retrying) and ignored. Bodies are size-capped. Signing secrets come from
-the environment (``WEBHOOK_SECRET_ENV``), never from a flag, and never appear in logs.
+the sender stops retrying) and ignored. Signing secrets come from the environment
+(``WEBHOOK_SECRET_ENV``), never from a flag, and never appear in logs.
+
+Bounds. The receiver listens on an address anyone may reach, and a flood against it must
+never cost the run more than its webhooks: at most ``max_connections`` connections are
+open at once (by default an eighth of the open-file limit, at most 256; beyond it a new
+connection is closed the moment it is accepted, so none queue for ever and the process
+keeps its file descriptors for the journal, the API and the images), a request's headers
+must arrive within ``header_timeout_s`` of the connection (or of the previous answer) and
+its body within ``body_timeout_s``, bodies are capped at ``MAX_BODY_BYTES``, and every
+answer closes its connection. A starved receiver only means tasks are noticed by their
+polls, a little later: rows still end as the API ended their tasks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import collections
+import errno
 import hashlib
 import hmac
 import json
 import logging
+import resource
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +62,26 @@ TOLERANCE_S: Final = 300.0
 #: Task webhooks are small JSON objects; anything bigger is not one.
 MAX_BODY_BYTES: Final = 64 * 1024
 _SEEN_CAPACITY: Final = 200_000
+#: Connections held open at once, at most (see ``connection_bound``).
+MAX_CONNECTIONS: Final = 256
+#: A request's headers (slowloris sends them a byte at a time) and its body must arrive
+#: within these; the API sends a delivery in one go.
+HEADER_TIMEOUT_S: Final = 10.0
+BODY_TIMEOUT_S: Final = 10.0
+#: A full receiver says so at most this often.
+_FULL_WARNING_EVERY_S: Final = 60.0
+#: What ``accept()`` fails with when the process (or system) is out of file descriptors:
+#: asyncio then stops accepting for a second by itself, and reports it with a traceback.
+_OUT_OF_FILES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def connection_bound() -> int:
+    """How many connections the receiver holds at once: an eighth of the open-file limit
+    (the rest is the run's: journal, API connections, images), at most ``MAX_CONNECTIONS``."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(8, min(MAX_CONNECTIONS, soft // 8))
 
 
 def secret_bytes(secret: str) -> bytes:
@@ -136,6 +169,8 @@ class ReceiverStats:
 
     accepted: int = 0
     duplicates: int = 0
+    #: Connections closed on arrival because ``max_connections`` were open.
+    connections_refused: int = 0
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
@@ -152,6 +187,9 @@ class WebhookReceiver:
         port: int = 0,
         public_url: str | None = None,
         clock: Callable[[], float] = time.time,
+        max_connections: int | None = None,
+        header_timeout_s: float = HEADER_TIMEOUT_S,
+        body_timeout_s: float = BODY_TIMEOUT_S,
     ) -> None:
         if not secret:
             env = WEBHOOK_SECRET_ENV.get(provider.dialect, "the webhook secret variable")
@@ -167,6 +205,12 @@ class WebhookReceiver:
         self._public = public_url.rstrip("/") if public_url else None
         self._seen: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._runner: web.AppRunner | None = None
+        self.max_connections = max_connections or connection_bound()
+        self._header_timeout = header_timeout_s
+        self._body_timeout = body_timeout_s
+        self._warned_full_at = -_FULL_WARNING_EVERY_S
+        self._warned_files_at = -_FULL_WARNING_EVERY_S
+        self._loop_handler: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self.stats = ReceiverStats()
 
     @property
@@ -180,9 +224,20 @@ class WebhookReceiver:
     async def start(self) -> None:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
         app.router.add_post(PATH, self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # aiohttp closes a connection still waiting for a whole request this long after it
+        # opened (or after the last answer): the header-read deadline.
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            keepalive_timeout=self._header_timeout,
+            # An answered request's unread body is not waited for (aiohttp lingers 10 s).
+            lingering_time=0.0,
+            shutdown_timeout=1.0,
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
+        self._quiet_accept_errors()
+        site = _BoundedSite(self._runner, self.host, self.port, receiver=self)
         try:
             await site.start()
         except OSError as exc:
@@ -190,14 +245,48 @@ class WebhookReceiver:
             raise ConfigError(
                 f"--webhook-listen {self.host}:{self.port}: cannot listen ({exc.strerror or exc})"
             ) from None
-        server = site._server
-        if server is not None and getattr(server, "sockets", None):
-            self.port = server.sockets[0].getsockname()[1]
+        self.port = site.port
 
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._loop_handler is not None:
+            loop, previous = self._loop_handler
+            loop.set_exception_handler(previous)
+            self._loop_handler = None
+
+    def _quiet_accept_errors(self) -> None:
+        """A flood can use up the process's files between two closes of refused connections;
+        asyncio then pauses ``accept`` for a second and reports it with a traceback. That is
+        the bound working, not an error: one warning line a minute says so instead."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        self._loop_handler = (loop, previous)
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if (
+                isinstance(exc, OSError)
+                and exc.errno in _OUT_OF_FILES
+                and "accept" in str(context.get("message", ""))
+            ):
+                self.stats.connections_refused += 1
+                now = time.monotonic()
+                if now - self._warned_files_at >= _FULL_WARNING_EVERY_S:
+                    self._warned_files_at = now
+                    log.warning(
+                        "webhook receiver: out of open files (%s), accepting again in a "
+                        "second; tasks are noticed by polling meanwhile",
+                        exc.strerror or exc,
+                    )
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
 
     async def __aenter__(self) -> WebhookReceiver:
         await self.start()
@@ -211,9 +300,12 @@ class WebhookReceiver:
             if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
                 raise Refused(413, "body too large")
             try:
-                body = await request.read()
+                async with asyncio.timeout(self._body_timeout):
+                    body = await request.read()
             except web.HTTPRequestEntityTooLarge:
                 raise Refused(413, "body too large") from None
+            except TimeoutError:
+                raise Refused(408, "body too slow") from None
             delivery_id = self._verifier.verify(request.headers, body)
             if delivery_id in self._seen:
                 self.stats.duplicates += 1
@@ -225,12 +317,27 @@ class WebhookReceiver:
         except Refused as refusal:
             self.stats.refused[refusal.reason.split(" (")[0]] += 1
             log.debug("webhook refused: %s", refusal.reason)
-            return web.json_response({"error": refusal.reason}, status=refusal.status)
+            return _closing(web.json_response({"error": refusal.reason}, status=refusal.status))
         self._remember(delivery_id)
         self.stats.accepted += 1
         if state.phase != "pending":
             self._on_state(task_id, state)
-        return web.json_response({"ok": True})
+        return _closing(web.json_response({"ok": True}))
+
+    def admit(self, open_connections: int) -> bool:
+        """Whether a new connection may stay, with ``open_connections`` open already."""
+        if open_connections < self.max_connections:
+            return True
+        self.stats.connections_refused += 1
+        now = time.monotonic()
+        if now - self._warned_full_at >= _FULL_WARNING_EVERY_S:
+            self._warned_full_at = now
+            log.warning(
+                "webhook receiver: %d connections open, closing new ones at once (a flood?); "
+                "tasks are noticed by polling meanwhile",
+                open_connections,
+            )
+        return False
 
     def _remember(self, delivery_id: str) -> None:
         now = time.monotonic()
@@ -241,3 +348,41 @@ class WebhookReceiver:
             len(seen) > _SEEN_CAPACITY or now - next(iter(seen.values())) > 2 * TOLERANCE_S
         ):
             seen.popitem(last=False)
+
+
+def _closing(response: web.Response) -> web.Response:
+    """Every answer ends its connection: a kept-alive one would hold a slot for nothing."""
+    response.force_close()
+    return response
+
+
+class _Closed(asyncio.Protocol):
+    """A connection over the bound: dropped the moment it is accepted (its fd freed)."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        transport.abort()
+
+
+class _BoundedSite(web.TCPSite):
+    """A ``TCPSite`` whose protocol factory refuses connections beyond the receiver's bound."""
+
+    __slots__ = ("_receiver",)
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *, receiver: WebhookReceiver):
+        super().__init__(runner, host, port)
+        self._receiver = receiver
+
+    async def start(self) -> None:
+        await super(web.TCPSite, self).start()  # BaseSite's: registers the site with its runner
+        server = self._runner.server
+        assert server is not None
+        receiver = self._receiver
+
+        def connection() -> asyncio.BaseProtocol:
+            if receiver.admit(len(server.connections)):
+                return server()
+            return _Closed()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(connection, self._host, self._port)
+        self._bound_port = self._server.sockets[0].getsockname()[1]

@@ -19,6 +19,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 import pytest
 
@@ -74,3 +75,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = selected
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[str]:
+    """One temporary Prefect server (SQLite in a temp dir) per test process: its API URL.
+
+    Flows run inside the test process use it (``prefect_api`` in tests/flows), and so do
+    the ``klein-batch flow`` processes a test starts with ``PREFECT_API_URL`` set to it, as
+    a deployment's would. A process in Prefect's ephemeral mode starts a server of its own
+    and migrates a fresh database: 9-15 CPU-seconds each on this machine, where one talking
+    to a running server needs 1.5. Ephemeral mode itself keeps its own test
+    (tests/flows/test_flow_cli.py). The start may wait minutes for a CPU when the machine
+    is busy: a slow start is not a failure.
+    """
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        url = PREFECT_API_URL.value()
+        assert url, "prefect_test_harness set no API URL"
+        yield str(url)

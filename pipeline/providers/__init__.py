@@ -7,14 +7,12 @@ keeps the one retry loop and the one HTTP session, and a new dialect is a new mo
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol
-
-from yarl import URL
+from typing import Any, Literal, Protocol
 
 from pipeline.errors import ConfigError
+from pipeline.masking import SecretMask
 from pipeline.references import Reference
 from pipeline.rows import ImageRequest
 
@@ -48,6 +46,9 @@ class Provider(Protocol):
     """What the engine needs from a dialect."""
 
     dialect: str
+    #: The provider's secrets as they may come back in an answer (``pipeline/masking.py``):
+    #: whatever is stored from an answer goes through it.
+    mask: SecretMask
 
     def submit_url(self) -> str: ...
 
@@ -82,37 +83,6 @@ class Provider(Protocol):
 
 
 DIALECTS = ("klein", "bfl")
-
-#: Shorter "secrets" are not masked: replacing every "ab" in a message would hide more
-#: than it protects, and no real key or password is that short.
-_MIN_SECRET_CHARS: Final = 6
-
-
-def secret_forms(base_url: str, *secrets: str | None) -> tuple[str, ...]:
-    """Every form in which a provider's secrets could come back in an answer, longest first.
-
-    An API (or a proxy in front of it) may echo what it was sent in an error body: the key,
-    the webhook secret, the password of a ``user:password@`` API URL, or the Basic
-    ``Authorization`` header aiohttp builds from it. Those answers end up in row reasons,
-    which the output manifest, run.json, the report and the ledger keep.
-    """
-    found = [value for value in secrets if value]
-    try:
-        url = URL(base_url)
-        user, password = url.user, url.password
-    except (TypeError, ValueError):
-        user = password = None
-    if password:
-        found.append(password)
-        found.append(base64.b64encode(f"{user or ''}:{password}".encode()).decode("ascii"))
-    return tuple(sorted({s for s in found if len(s) >= _MIN_SECRET_CHARS}, key=len, reverse=True))
-
-
-def mask_secrets(text: str, secrets: Sequence[str]) -> str:
-    """``text`` with each of ``secrets`` replaced by ``***``."""
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
 
 
 def published_cost(dialect: str, model: str | None = None) -> Callable[[ImageRequest], float]:

@@ -20,12 +20,11 @@ from pipeline.contract import (
     cost_credits,
 )
 from pipeline.errors import ConfigError
+from pipeline.masking import SecretMask
 from pipeline.providers import (
     ProtocolError,
     Submitted,
     TaskState,
-    mask_secrets,
-    secret_forms,
 )
 from pipeline.references import Reference
 from pipeline.rows import ImageRequest
@@ -61,7 +60,7 @@ class BflProvider:
         self._path = "/v1/" + path
         self._headers = {BFL_KEY_HEADER: api_key}
         self._webhook_secret = webhook_secret
-        self._secrets = secret_forms(base_url, api_key, webhook_secret)
+        self.mask = SecretMask.of_run(base_url, api_key, webhook_secret)
 
     def __repr__(self) -> str:  # never show the key or the webhook secret
         return f"BflProvider({self._base!r}, {self._path!r})"
@@ -140,7 +139,7 @@ class BflProvider:
 
     def error_message(self, status: int, body: Any) -> str:
         """The answer's own words (any secret it echoes masked): they become row reasons."""
-        return mask_secrets(self._error_message(status, body), self._secrets)
+        return self.mask.mask(self._error_message(status, body))
 
     def _error_message(self, status: int, body: Any) -> str:
         if isinstance(body, dict):

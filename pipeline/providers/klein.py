@@ -13,12 +13,11 @@ from pipeline.contract import (
     cost_credits,
     output_size,
 )
+from pipeline.masking import SecretMask
 from pipeline.providers import (
     ProtocolError,
     Submitted,
     TaskState,
-    mask_secrets,
-    secret_forms,
 )
 from pipeline.references import Reference
 from pipeline.rows import ImageRequest
@@ -32,7 +31,7 @@ class KleinProvider:
     def __init__(self, base_url: str, api_key: str) -> None:
         self._base = base_url.rstrip("/")
         self._headers = {"x-freepik-api-key": api_key}
-        self._secrets = secret_forms(base_url, api_key)
+        self.mask = SecretMask.of_run(base_url, api_key)
 
     def __repr__(self) -> str:  # never show the key
         return f"KleinProvider({self._base!r})"
@@ -102,7 +101,7 @@ class KleinProvider:
 
     def error_message(self, status: int, body: Any) -> str:
         """The answer's own words (any secret it echoes masked): they become row reasons."""
-        return mask_secrets(self._error_message(status, body), self._secrets)
+        return self.mask.mask(self._error_message(status, body))
 
     def _error_message(self, status: int, body: Any) -> str:
         if isinstance(body, dict):

@@ -1,4 +1,4 @@
-"""Each fault alone, then all together, on 2,000-row runs: no row lost, nothing paid twice.
+"""Each fault alone, then all together, on 600-row runs: no row lost, nothing paid twice.
 
 The simulator injects the faults (``pipeline.sim`` FaultConfig); the run is the public
 ``run_manifest`` against it over real HTTP on 127.0.0.1. Every configuration is checked
@@ -18,7 +18,7 @@ from pipeline.run import RunOptions, run_manifest
 
 pytestmark = pytest.mark.slow
 
-ROWS = 2_000
+ROWS = 600
 BAD_EVERY = 100
 REJECTED = ROWS // BAD_EVERY
 

@@ -1,4 +1,4 @@
-"""The chaos matrix's S3 column: a 2,000-row run into an S3 bucket that errors and drops.
+"""The chaos matrix's S3 column: a 600-row run into an S3 bucket that errors and drops.
 
 S3 is moto's server on 127.0.0.1 (its own process) behind a fault-injecting proxy (503/500
 answers, uploads dropped before or after they were stored); the API simulator adds its own
@@ -31,7 +31,7 @@ from s3_helpers import FaultyProxy, read_s3_parquet
 
 pytestmark = pytest.mark.slow
 
-ROWS = 2_000
+ROWS = 600
 CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "klein-chaos-access-key",
     "AWS_SECRET_ACCESS_KEY": "klein-chaos-secret-key",

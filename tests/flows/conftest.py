@@ -1,4 +1,4 @@
-"""Prefect for the flow tests: one temporary server per session (per xdist worker).
+"""Prefect for the flow tests: the session's server (``prefect_server`` in tests/conftest.py).
 
 The private PREFECT_HOME of each test process is set in tests/conftest.py, before Prefect
 is imported anywhere.
@@ -12,13 +12,6 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def prefect_api() -> Iterator[None]:
-    """A temporary Prefect server (SQLite in a temp dir) for every flow run in the session.
-
-    Each xdist worker that runs one of these tests starts its own. The start may wait
-    minutes for a CPU when the machine is busy: a slow start is not a failure.
-    """
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
+def prefect_api(prefect_server: str) -> Iterator[str]:
+    """Flow runs in this process go to the session's temporary Prefect server."""
+    yield prefect_server

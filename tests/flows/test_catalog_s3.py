@@ -97,7 +97,7 @@ async def test_flow_reads_and_writes_s3(
 
 
 def test_flow_command_takes_the_s3_endpoint_from_its_config_file(
-    bucket: str, tmp_path: Path
+    bucket: str, tmp_path: Path, prefect_api: str
 ) -> None:
     """`s3_endpoint_url` in the --config file reaches the flow's S3 reads and writes.
 
@@ -123,7 +123,11 @@ def test_flow_command_takes_the_s3_endpoint_from_its_config_file(
         for k, v in os.environ.items()
         if not k.startswith(("PREFECT_", "FREEPIK", "BFL", "AWS_ENDPOINT_URL"))
     }
-    env.update(PREFECT_HOME=str(tmp_path / "prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    env.update(
+        PREFECT_HOME=str(tmp_path / "prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_API_URL=prefect_api,  # the session's server, as a deployment's would be
+    )
     args = ["--out", f"s3://{bucket}/out", "--config", str(config), "--shard-size", "3"]
 
     done = subprocess.run(

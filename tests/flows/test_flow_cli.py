@@ -1,4 +1,5 @@
-"""``klein-batch flow`` as a user runs it: a fresh process, Prefect's ephemeral mode."""
+"""``klein-batch flow`` as a user runs it: a fresh process, in Prefect's ephemeral mode (the
+first test) or against a running Prefect server (the session's, as a deployment's would be)."""
 
 from __future__ import annotations
 
@@ -28,9 +29,12 @@ p95_s = 0.1
 """
 
 
-def _env(home: Path) -> dict[str, str]:
+def _env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """The process's environment: Prefect's ephemeral mode, or ``api_url``'s server."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FREEPIK", "BFL"))}
     env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    if api_url is not None:
+        env["PREFECT_API_URL"] = api_url
     return env
 
 
@@ -91,7 +95,7 @@ def test_flow_command_names_a_bad_option_without_a_traceback(tmp_path: Path) -> 
 
 
 def test_flow_command_takes_templates_variations_and_a_dry_run_from_a_shared_config(
-    tmp_path: Path,
+    tmp_path: Path, prefect_server: str
 ) -> None:
     """A config file shared with `run` means the same to `flow`: nothing is dropped."""
     manifest = tmp_path / "m.csv"
@@ -108,7 +112,7 @@ def test_flow_command_takes_templates_variations_and_a_dry_run_from_a_shared_con
     args = ["flow", str(manifest), "--sim", "--out", str(out), "--config", str(config)]
     done = subprocess.run(
         [str(KLEIN_BATCH), *args, "--shard-size", "2"],
-        env=_env(tmp_path / "prefect"),
+        env=_env(tmp_path / "prefect", prefect_server),
         capture_output=True,
         text=True,
         timeout=240,
@@ -121,9 +125,9 @@ def test_flow_command_takes_templates_variations_and_a_dry_run_from_a_shared_con
     assert not (out / "images").exists()  # nothing was sent
 
 
-@pytest.mark.slow  # two flow runs, each with its own ephemeral server
+@pytest.mark.slow  # two flow runs of 60 two-second tasks
 def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
-    tmp_path: Path,
+    tmp_path: Path, prefect_server: str
 ) -> None:
     """One Ctrl-C ends `klein-batch flow` with 130, no shard retried (and paid) after it;
     the same command again finishes every row, the ones in flight at the Ctrl-C included."""
@@ -140,7 +144,7 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     args = ["flow", str(manifest), "--sim-config", str(sim_toml), "--out", str(out)]
     proc = subprocess.Popen(
         [str(KLEIN_BATCH), *args, "--shard-size", "15"],
-        env=_env(tmp_path / "prefect"),
+        env=_env(tmp_path / "prefect", prefect_server),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -173,7 +177,7 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
 
     rerun = subprocess.run(
         [str(KLEIN_BATCH), *args, "--shard-size", "15"],
-        env=_env(tmp_path / "prefect"),
+        env=_env(tmp_path / "prefect", prefect_server),
         capture_output=True,
         text=True,
         timeout=300,

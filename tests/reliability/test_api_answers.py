@@ -1,24 +1,37 @@
-"""Answers of the API are bounded before they are stored or held (issue 15, item 10).
+"""Answers of the API are bounded and cross-checked before they are acted on (issue 15,
+item 10), each against a fake API on 127.0.0.1 (``fake_api.py``).
 
-A fake API on 127.0.0.1 (aiohttp) acknowledges every submit, then answers polls with a
-2 MB body, and refuses a row with a 500 KB error message. The poll answers are not read
-past 1 MB (the row ends failed, keeping its task id, and ``--retry-failed`` would poll
-it); a 500 KB error message is stored cut to 2,000 characters.
+- Polls answered with 2 MB are not read past 1 MB (the row ends failed, keeping its task
+  id, and ``--retry-failed`` would poll it); a 500 KB error message is stored cut to 2,000
+  characters.
+- A submit answered 200 with an HTML page may have been charged: one submit per row, the
+  row ends ``failed`` saying so, counted in ``ambiguous_submits``; a rerun sends nothing.
+- One task id handed to two rows: the later row does not get the earlier row's image.
+- The key echoed transformed (in task ids, in an error message) is stored nowhere, and
+  tasks whose ids hold it are still polled by a rerun.
 """
 
 from __future__ import annotations
 
+import base64
+import collections
 import itertools
+import json
+import logging
 from pathlib import Path
+from urllib.parse import quote
 
 import polars as pl
+import pytest
 from aiohttp import web
+from fake_api import fake_api
 from pipeline_helpers import write_catalog
 
 from pipeline.engine import MAX_ANSWER_BYTES
 from pipeline.ledger import MAX_REASON_CHARS
-from pipeline.retry import RetryPolicy
-from pipeline.run import RunOptions, arun_manifest
+from pipeline.masking import SecretMask
+
+KEY = "fake-key-123456"
 
 
 async def test_huge_answers_are_not_read_and_huge_messages_not_stored(tmp_path: Path) -> None:
@@ -34,28 +47,9 @@ async def test_huge_answers_are_not_read_and_huge_messages_not_stored(tmp_path: 
     async def poll(request: web.Request) -> web.Response:
         return web.json_response({"data": {"status": "IN_PROGRESS", "pad": "y" * (2 << 20)}})
 
-    app = web.Application(client_max_size=1 << 20)
-    app.router.add_post("/v1/ai/text-to-image/flux-2-klein", submit)
-    app.router.add_get("/v1/ai/text-to-image/flux-2-klein/{task}", poll)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
     manifest = write_catalog(tmp_path / "in", 4, prompt=["a mug", "refuse this", "a cup", "a jug"])
-    try:
-        summary = await arun_manifest(
-            manifest,
-            tmp_path / "out",
-            api_url=url,
-            api_key="fake-key-123456",
-            options=RunOptions(
-                expected_latency_s=0.05,
-                retry=RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, max_elapsed_s=1.0),
-            ),
-        )
-    finally:
-        await runner.cleanup()
+    async with fake_api(submit, poll) as api:
+        summary = await api.run(manifest, tmp_path / "out", KEY)
 
     table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert table["status"].to_list() == ["failed", "rejected", "failed", "failed"]
@@ -68,3 +62,140 @@ async def test_huge_answers_are_not_read_and_huge_messages_not_stored(tmp_path: 
     assert MAX_ANSWER_BYTES == 1 << 20
     assert summary.counts["rejected"] == 1
     assert (tmp_path / "out" / "run.json").stat().st_size < 100_000
+
+
+async def test_an_html_page_with_status_200_is_submitted_once(tmp_path: Path) -> None:
+    """A proxy's page with 200 on submit: perhaps charged, so never sent again unasked."""
+
+    async def submit(_: web.Request) -> web.Response:
+        return web.Response(text="<html><body>Welcome!</body></html>", content_type="text/html")
+
+    async def poll(_: web.Request) -> web.Response:
+        raise AssertionError("nothing was acknowledged: nothing to poll")
+
+    manifest = write_catalog(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    async with fake_api(submit, poll) as api:
+        summary = await api.run(manifest, out, KEY)
+        assert api.submits == 3  # one per row: a 200 is never retried
+        await api.run(manifest, out, KEY)  # a plain rerun leaves them to the user
+        assert api.submits == 3
+
+    table = pl.read_parquet(out / "manifest.parquet")
+    assert table["status"].to_list() == ["failed"] * 3
+    assert table["reason"].str.contains("HTTP 200").all()
+    assert table["reason"].str.contains("text/html answer that is not JSON").all()
+    assert table["reason"].str.contains("may have charged").all()
+    assert (table["cost_credits"] > 0).all()  # counted: budgets stay on the safe side
+    assert summary.ambiguous_submits == 3
+    assert json.loads((out / "run.json").read_text())["ambiguous_submits"] == 3
+
+
+async def test_one_task_id_for_two_rows_gives_the_later_row_no_image(tmp_path: Path) -> None:
+    async def submit(_: web.Request) -> web.Response:
+        return web.json_response({"data": {"task_id": "task-same", "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.Response:
+        image = str(request.url.with_path("/image.jpg"))
+        return web.json_response(
+            {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        )
+
+    manifest = write_catalog(tmp_path / "in", 2, prompt=["a red mug", "a blue vase"])
+    out = tmp_path / "out"
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, out, KEY)
+        assert api.submits == 2
+
+    table = pl.read_parquet(out / "manifest.parquet").sort("status", descending=True)
+    assert table["status"].to_list() == ["succeeded", "failed"]
+    first, later = table.row(0, named=True), table.row(1, named=True)
+    assert later["task_id"] == "task-same" and later["cost_credits"] > 0  # kept
+    assert "task-same" in later["reason"] and first["key"] in later["reason"]
+    assert later["output_uri"] is None
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{first['key']}.jpg"]
+
+
+ECHO_KEY = "kb-Echo-9f3eQ2xVw7"
+ECHO_B64 = base64.b64encode(ECHO_KEY.encode()).decode()
+
+
+async def test_a_key_echoed_transformed_is_stored_nowhere_and_tasks_are_still_polled(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Task ids holding the key upper-cased, base64-encoded or verbatim, and an error that
+    quotes it in another case: no output holds any of them, and a ``--retry-failed`` rerun
+    still polls (not pays for) the tasks by their real ids."""
+    caplog.set_level(logging.DEBUG)
+    issued = {
+        "upper": f"t-{ECHO_KEY.upper()}-0",
+        "base64": f"t-{ECHO_B64}-1",
+        "plain": f"t-{ECHO_KEY}-2",
+    }
+    submitted: collections.Counter[str] = collections.Counter()
+    ready = False
+
+    async def submit(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        submitted[prompt] += 1
+        if prompt == "refuse":
+            said = f"no such key {ECHO_KEY.swapcase()}"
+            return web.json_response({"message": said}, status=400)
+        return web.json_response({"data": {"task_id": issued[prompt], "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.Response:
+        if request.match_info["task"] not in issued.values():
+            return web.json_response({"message": "task not found"}, status=404)
+        if not ready:
+            return web.json_response({"message": "busy"}, status=503)
+        image = str(request.url.with_path("/image.jpg"))
+        return web.json_response(
+            {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        )
+
+    manifest = write_catalog(tmp_path / "in", 4, prompt=[*issued, "refuse"])
+    out = tmp_path / "out"
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, out, ECHO_KEY)
+        first = pl.read_parquet(out / "manifest.parquet")
+        ready = True
+        await api.run(manifest, out, ECHO_KEY, retry_failed=True)
+
+    assert first["status"].to_list() == ["failed", "failed", "failed", "rejected"]
+    table = pl.read_parquet(out / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"] * 3 + ["rejected"]
+    assert [submitted[prompt] for prompt in issued] == [1, 1, 1]  # polled, never paid again
+    assert table["task_id"].to_list()[:3] == [
+        "t-{api-key:upper}-0",
+        "t-{api-key:base64}-1",
+        "t-{api-key}-2",
+    ]
+    assert table["reason"][3].endswith("no such key ***")
+    echoes = (ECHO_KEY.lower(), ECHO_B64.encode())
+    for path in out.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            if blob[:4] == b"PAR1":
+                blob += repr(pl.read_parquet(path).rows()).encode()
+            assert echoes[0].encode() not in blob.lower() and echoes[1] not in blob, path
+    ours = [record for record in caplog.records if record.name.startswith("pipeline")]
+    assert ours  # DEBUG logging was on (retries are logged)
+    logged = "\n".join(record.getMessage() for record in ours)
+    assert echoes[0] not in logged.lower() and ECHO_B64 not in logged
+
+
+def test_the_secret_mask_seals_what_a_rerun_needs_and_masks_the_rest() -> None:
+    mask = SecretMask.of_run("http://kbuser:pa55word-9@127.0.0.1:9", ECHO_KEY, "whsec_abcdefgh")
+    url = f"https://api.example/v1/get_result?id=7&k={quote(ECHO_KEY)}&b={ECHO_B64}"
+    sealed = mask.seal(url)
+    assert ECHO_KEY not in sealed and ECHO_B64 not in sealed
+    assert mask.unseal(sealed) == url  # the rerun polls the very same URL
+    hexed = ECHO_KEY.encode().hex()
+    said = f"{ECHO_KEY.lower()} {hexed} {ECHO_KEY.title()} pa55word-9 whsec_abcdefgh"
+    assert mask.mask(said) == "*** *** *** *** ***"
+    # Mixed case cannot be restored: sealed as *** for good, never back into a key.
+    assert mask.unseal(mask.seal(f"t-{ECHO_KEY.title()}")) == "t-***"
+    # Another run's key restores its own secret, never this one's.
+    other = SecretMask.of_run("http://127.0.0.1:9", "kb-Other-key-42")
+    assert ECHO_KEY not in other.unseal(sealed)
+    assert not SecretMask.of_run("http://127.0.0.1:9", "short")  # too short to mask

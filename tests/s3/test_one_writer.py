@@ -128,17 +128,20 @@ def test_a_second_writer_stops_with_exit_2_naming_the_holder(
     second: str,
 ) -> None:
     manifest = _manifest(tmp_path)
+    extra: dict[str, str] = {}
+    if "flow" in (first, second):  # as a deployment's would: the session's Prefect server
+        extra["PREFECT_API_URL"] = request.getfixturevalue("prefect_server")
     if where == "s3":
         bucket = request.getfixturevalue("bucket")
         s3_client = request.getfixturevalue("s3_client")
         out = f"s3://{bucket}/out"
-        env = _env(tmp_path, AWS_ENDPOINT_URL=request.getfixturevalue("moto_url"))
+        env = _env(tmp_path, AWS_ENDPOINT_URL=request.getfixturevalue("moto_url"), **extra)
 
         def holder() -> dict[str, Any] | None:
             return _s3_holder(s3_client, bucket)
     else:
         out = str(tmp_path / "out")
-        env = _env(tmp_path)
+        env = _env(tmp_path, **extra)
 
         def holder() -> dict[str, Any] | None:
             return _local_holder(out)

@@ -5,6 +5,7 @@ The simulator runs in-process on 127.0.0.1 with small latencies; S3 is moto's se
 
 from __future__ import annotations
 
+import io
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from s3_helpers import FaultyProxy, catalog_csv, png, read_s3_parquet
 
 from pipeline import s3
-from pipeline.errors import ConfigError, ManifestError, ReferenceError
+from pipeline.errors import ConfigError, KleinError, ManifestError, ReferenceError
 from pipeline.manifest import ManifestReader
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import work_dir_for
@@ -188,3 +189,28 @@ def test_an_output_bucket_that_does_not_exist_stops_the_run_before_any_submit(
             )
         stats = server.stats()
     assert sum(key["submits_accepted"] for key in stats["keys"].values()) == 0
+
+
+def test_an_input_at_the_s3_output_manifest_is_refused_before_any_submit(
+    bucket: str, s3_client: Any
+) -> None:
+    """``s3://bucket/out/manifest.parquet`` as the input of a run into ``s3://bucket/out``:
+    the output would overwrite it and the rerun pay again (issue 15, item 6)."""
+    table = pl.DataFrame({"id": ["a"], "prompt": ["a red mug"]})
+    buffer = io.BytesIO()
+    table.write_parquet(buffer)
+    s3_client.put_object(Bucket=bucket, Key="out/manifest.parquet", Body=buffer.getvalue())
+    etag = s3_client.head_object(Bucket=bucket, Key="out/manifest.parquet")["ETag"]
+    config = sim()
+    with SimServer.in_thread(config) as server:
+        for out in (f"s3://{bucket}/out", f"s3://{bucket}/out/"):
+            with pytest.raises(KleinError, match="is the output manifest this run writes"):
+                run_manifest(
+                    f"s3://{bucket}/out/manifest.parquet",
+                    out,
+                    api_url=server.url,
+                    api_key=config.keys[0].key,
+                )
+        stats = server.stats()
+    assert sum(key["submits_accepted"] for key in stats["keys"].values()) == 0
+    assert s3_client.head_object(Bucket=bucket, Key="out/manifest.parquet")["ETag"] == etag

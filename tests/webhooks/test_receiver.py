@@ -7,6 +7,8 @@ that the engine was told nothing it should not have been.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import hashlib
 import hmac
 import json
@@ -19,7 +21,13 @@ import pytest
 from pipeline.errors import ConfigError
 from pipeline.providers import TaskState, make_provider
 from pipeline.sim import sign
-from pipeline.webhooks import MAX_BODY_BYTES, PATH, WebhookReceiver, parse_listen
+from pipeline.webhooks import (
+    MAX_BODY_BYTES,
+    MAX_CONNECTIONS,
+    PATH,
+    WebhookReceiver,
+    parse_listen,
+)
 
 SECRET = "whsec_dGVzdC1zaWduaW5nLXNlY3JldC0xMjM0NTY="
 BFL_SECRET = "bfl-run-secret-42"
@@ -201,3 +209,99 @@ async def test_listen_address_port_zero_and_public_url() -> None:
         assert receiver.url == f"http://127.0.0.1:{receiver.port}{PATH}"
     public = WebhookReceiver(provider, "s", lambda *_: None, public_url="https://hooks.example/")
     assert public.url == "https://hooks.example" + PATH
+
+
+async def _slow_request(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A slowloris connection: a request line and one header, and never the rest."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\n".encode())
+    await writer.drain()
+    return reader, writer
+
+
+async def _closed_by_server(reader: asyncio.StreamReader) -> bytes:
+    """What the server said before closing (b"" when it just closed); waits until it does."""
+    try:
+        async with asyncio.timeout(30):  # only guards against a hang
+            return await reader.read()
+    except ConnectionResetError:
+        return b""
+
+
+async def test_connections_are_bounded_and_slow_headers_cut_off(
+    session: aiohttp.ClientSession,
+) -> None:
+    """Past the bound a connection is closed on arrival; slow headers are cut off, and the
+    receiver then takes a genuine delivery again."""
+    seen: list[tuple[str, TaskState]] = []
+    receiver = WebhookReceiver(
+        make_provider("bfl", "http://127.0.0.1:9", "k"),
+        BFL_SECRET,
+        lambda task_id, state: seen.append((task_id, state)),
+        max_connections=4,
+        header_timeout_s=0.5,
+    )
+    async with receiver:
+        held = [await _slow_request(receiver.port) for _ in range(4)]
+        extra, extra_writer = await _slow_request(receiver.port)
+        assert await _closed_by_server(extra) == b""  # over the bound: dropped at once
+        assert receiver.stats.connections_refused >= 1
+        for reader, _ in held:  # the header deadline closes every slow connection
+            assert await _closed_by_server(reader) == b""
+        body = json.dumps({"id": "b-9", "status": "Ready", "result": {"sample": "x"}}).encode()
+        assert await post(session, receiver, body, bfl_headers(body)) == 200
+        for _, writer in [*held, (extra, extra_writer)]:
+            writer.close()
+    assert [task for task, _ in seen] == ["b-9"]
+    assert receiver.max_connections == 4
+
+
+async def test_a_slow_body_is_cut_off() -> None:
+    receiver = WebhookReceiver(
+        make_provider("bfl", "http://127.0.0.1:9", "k"),
+        BFL_SECRET,
+        lambda *_: None,
+        body_timeout_s=0.3,
+    )
+    async with receiver:
+        reader, writer = await asyncio.open_connection("127.0.0.1", receiver.port)
+        head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{"
+        writer.write(head.encode())
+        await writer.drain()
+        answer = await _closed_by_server(reader)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    assert receiver.stats.refused["body too slow"] == 1
+    # The bound follows the open-file limit when not given.
+    assert 8 <= receiver.max_connections <= MAX_CONNECTIONS
+
+
+async def test_running_out_of_files_while_accepting_is_one_warning_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood can use up the process's files between two closes (asyncio then pauses
+    ``accept`` for a second): the receiver says so in one line; other loop errors still
+    reach the handler that was there before, which is back once the receiver stops."""
+    loop = asyncio.get_running_loop()
+    passed_on: list[str] = []
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: passed_on.append(context["message"]))
+    previous = loop.get_exception_handler()
+    receiver = WebhookReceiver(
+        make_provider("bfl", "http://127.0.0.1:9", "k"), BFL_SECRET, lambda *_: None
+    )
+    try:
+        async with receiver:
+            out_of_files = OSError(errno.EMFILE, "Too many open files")
+            for _ in range(3):
+                loop.call_exception_handler(
+                    {"message": "socket.accept() out of system resource", "exception": out_of_files}
+                )
+            loop.call_exception_handler({"message": "something else", "exception": ValueError()})
+        assert loop.get_exception_handler() is previous
+    finally:
+        loop.set_exception_handler(before)
+    assert passed_on == ["something else"]
+    warnings = [r for r in caplog.records if "out of open files" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    assert receiver.stats.connections_refused == 3
