@@ -140,6 +140,8 @@ class Job:
     budgeted: bool = False
     #: The request fingerprint this row makes for the library (``Library.claim``), if any.
     fingerprint: str | None = None
+    #: Taken by the engine and not yet acknowledged by the API (``Engine.fed``).
+    unsubmitted: bool = False
 
 
 @dataclass(slots=True)
@@ -274,6 +276,12 @@ class Engine:
         self._permits: dict[str, Permit] = {}
         #: Every row has been taken: only the tasks in flight are left (DRAIN_*).
         self._draining = False
+        #: Rows taken whose submit the API has not acknowledged yet.
+        self._unsubmitted = 0
+        #: Set once every row is taken and submitted (or ended): what is left is the tail of
+        #: tasks in flight, which needs no new slots. A flow's runner starts its next shard
+        #: then, so the key fills while this run's last tasks straggle (``flows/queue.py``).
+        self.fed = asyncio.Event()
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         #: Finished tasks whose image is not stored yet. Their result URLs expire (10 min
@@ -387,16 +395,20 @@ class Engine:
                         # Queue-to-done starts when the engine takes the row, not when the
                         # manifest batch was read: otherwise it measures manifest position.
                         job.queued_at = time.time()
+                        job.unsubmitted = True
+                        self._unsubmitted += 1
                     task = asyncio.create_task(self._carry(job, gate))
                     running.add(task)
                     task.add_done_callback(running.discard)
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
             self._draining = True
+            self._check_fed()
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
                 await asyncio.wait(set(running))
         finally:
+            self.fed.set()
             scheduler.cancel()
             pending = [*running, *self._polling]
             for task in pending:
@@ -416,6 +428,17 @@ class Engine:
             raise self._fatal
         return self.stats
 
+    def _submitted(self, job: Job) -> None:
+        """The row's submit was acknowledged, or the row ended without one."""
+        if job.unsubmitted:
+            job.unsubmitted = False
+            self._unsubmitted -= 1
+            self._check_fed()
+
+    def _check_fed(self) -> None:
+        if self._draining and self._unsubmitted == 0:
+            self.fed.set()
+
     # --- one row, start to end ----------------------------------------------------------------
 
     async def _carry(self, job: Job, gate: asyncio.Semaphore) -> None:
@@ -434,6 +457,7 @@ class Engine:
             outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
         finally:
             gate.release()
+            self._submitted(job)
             if job.fingerprint is not None and self._library is not None:
                 self._library.release(job.fingerprint)  # rows waiting for it look again
         if job.reserved and self._budget is not None:
@@ -753,6 +777,7 @@ class Engine:
             self.slots.accepted(permit)
             self._permits[submitted.task_id] = permit
             self.stats.accepted += 1
+            self._submitted(job)
             self._refusal_streak = self._storm_round = 0
             return submitted
         self._journal.record_refused(key)
@@ -1053,8 +1078,13 @@ class Engine:
                 return outcome
             making = library.claim(fp)
             if making is None:
-                job.fingerprint = fp
-                return None
+                job.fingerprint = fp  # released when the row ends, whatever happens
+                if await library.claim_shared(fp):
+                    return None
+                # Another run made it meanwhile: copy it (rows here waiting look again too).
+                library.release(fp)
+                job.fingerprint = None
+                continue
             await making.wait()
 
     async def _add_to_library(

@@ -37,6 +37,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import errno
 import hashlib
 import hmac
 import json
@@ -69,6 +70,9 @@ HEADER_TIMEOUT_S: Final = 10.0
 BODY_TIMEOUT_S: Final = 10.0
 #: A full receiver says so at most this often.
 _FULL_WARNING_EVERY_S: Final = 60.0
+#: What ``accept()`` fails with when the process (or system) is out of file descriptors:
+#: asyncio then stops accepting for a second by itself, and reports it with a traceback.
+_OUT_OF_FILES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 def connection_bound() -> int:
@@ -205,6 +209,8 @@ class WebhookReceiver:
         self._header_timeout = header_timeout_s
         self._body_timeout = body_timeout_s
         self._warned_full_at = -_FULL_WARNING_EVERY_S
+        self._warned_files_at = -_FULL_WARNING_EVERY_S
+        self._loop_handler: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self.stats = ReceiverStats()
 
     @property
@@ -230,6 +236,7 @@ class WebhookReceiver:
             shutdown_timeout=1.0,
         )
         await self._runner.setup()
+        self._quiet_accept_errors()
         site = _BoundedSite(self._runner, self.host, self.port, receiver=self)
         try:
             await site.start()
@@ -244,6 +251,42 @@ class WebhookReceiver:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._loop_handler is not None:
+            loop, previous = self._loop_handler
+            loop.set_exception_handler(previous)
+            self._loop_handler = None
+
+    def _quiet_accept_errors(self) -> None:
+        """A flood can use up the process's files between two closes of refused connections;
+        asyncio then pauses ``accept`` for a second and reports it with a traceback. That is
+        the bound working, not an error: one warning line a minute says so instead."""
+        loop = asyncio.get_running_loop()
+        previous = loop.get_exception_handler()
+        self._loop_handler = (loop, previous)
+
+        def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+            exc = context.get("exception")
+            if (
+                isinstance(exc, OSError)
+                and exc.errno in _OUT_OF_FILES
+                and "accept" in str(context.get("message", ""))
+            ):
+                self.stats.connections_refused += 1
+                now = time.monotonic()
+                if now - self._warned_files_at >= _FULL_WARNING_EVERY_S:
+                    self._warned_files_at = now
+                    log.warning(
+                        "webhook receiver: out of open files (%s), accepting again in a "
+                        "second; tasks are noticed by polling meanwhile",
+                        exc.strerror or exc,
+                    )
+                return
+            if previous is not None:
+                previous(loop, context)
+            else:
+                loop.default_exception_handler(context)
+
+        loop.set_exception_handler(handler)
 
     async def __aenter__(self) -> WebhookReceiver:
         await self.start()

@@ -8,6 +8,7 @@ that the engine was told nothing it should not have been.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import hmac
 import json
@@ -273,3 +274,34 @@ async def test_a_slow_body_is_cut_off() -> None:
     assert receiver.stats.refused["body too slow"] == 1
     # The bound follows the open-file limit when not given.
     assert 8 <= receiver.max_connections <= MAX_CONNECTIONS
+
+
+async def test_running_out_of_files_while_accepting_is_one_warning_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A flood can use up the process's files between two closes (asyncio then pauses
+    ``accept`` for a second): the receiver says so in one line; other loop errors still
+    reach the handler that was there before, which is back once the receiver stops."""
+    loop = asyncio.get_running_loop()
+    passed_on: list[str] = []
+    before = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: passed_on.append(context["message"]))
+    previous = loop.get_exception_handler()
+    receiver = WebhookReceiver(
+        make_provider("bfl", "http://127.0.0.1:9", "k"), BFL_SECRET, lambda *_: None
+    )
+    try:
+        async with receiver:
+            out_of_files = OSError(errno.EMFILE, "Too many open files")
+            for _ in range(3):
+                loop.call_exception_handler(
+                    {"message": "socket.accept() out of system resource", "exception": out_of_files}
+                )
+            loop.call_exception_handler({"message": "something else", "exception": ValueError()})
+        assert loop.get_exception_handler() is previous
+    finally:
+        loop.set_exception_handler(before)
+    assert passed_on == ["something else"]
+    warnings = [r for r in caplog.records if "out of open files" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].exc_info is None
+    assert receiver.stats.connections_refused == 3
