@@ -732,19 +732,21 @@ class Engine:
             self.slots.abandoned(permit)
             self.stats.ambiguous_submits += 1
             raise Transient(f"submit answer lost: {type(exc).__name__}") from None
-        if status == 200:
+        if 200 <= status < 300:
+            # Any success (200, 201 Created, 202 Accepted, 204 No Content) means the API
+            # took the request: a task id in it is an acknowledgement like a 200's.
             try:
                 submitted = self._provider.parse_submit(body)
             except ProtocolError as exc:
                 # The API said yes and named no task we can read (a proxy's HTML page, a
-                # body over the cap): it may have charged. Not sent again in this run; the
-                # intent stays open in the journal (``ambiguous_submits``).
+                # body over the cap, a 204): it may have charged. Not sent again in this
+                # run; the intent stays open in the journal (``ambiguous_submits``).
                 self.slots.abandoned(permit)
                 self.stats.ambiguous_submits += 1
                 said = unreadable or f"no task we can read ({exc})"
                 raise _AmbiguousSubmit(
                     RowStatus.FAILED,
-                    f"the API accepted the submit (HTTP 200) with {said}: it may have charged "
+                    f"the API accepted the submit (HTTP {status}) with {said}: it may have charged "
                     "for a task this run cannot name, so the row was not submitted again; "
                     "check the API's task list, then --retry-failed submits it again (and "
                     "pays again if it was charged)",
@@ -913,7 +915,7 @@ class Engine:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             raise Transient(f"poll failed: {shown}") from None
-        if status == 200:
+        if 200 <= status < 300:
             try:
                 return self._provider.parse_poll(body)
             except ProtocolError as exc:
@@ -1284,7 +1286,7 @@ class _Expired(Exception):
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
-    """The answer's JSON (None if it is not JSON); a 200 answer over ``MAX_ANSWER_BYTES``
+    """The answer's JSON (None if it is not JSON); a 2xx answer over ``MAX_ANSWER_BYTES``
     raises ``ValueError`` before it is all read: a submit or poll answer is a few hundred
     bytes, and an API (or a proxy) that streams hundreds of megabytes must not take the
     run's memory with it (a submit answered so is ambiguous, a poll is retried). A larger
@@ -1294,7 +1296,7 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
-            if response.status != 200:
+            if not 200 <= response.status < 300:
                 return None  # a refusal all the same: said by its status alone
             raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes is too large")
         chunks.append(chunk)
