@@ -223,6 +223,9 @@ class _Tracked:
     permit: Permit | None = None
     #: First polled at the learned median, to learn the distribution (CALIBRATE_EVERY).
     calibrating: bool = False
+    #: When its next poll is due (monotonic); inf while none is scheduled. A heap entry
+    #: with another time was replaced by a sooner one (``Engine._schedule``).
+    due: float = math.inf
 
 
 class Engine:
@@ -393,6 +396,7 @@ class Engine:
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
             self._draining = True
+            self._hurry_the_last()
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
                 await asyncio.wait(set(running))
@@ -553,6 +557,7 @@ class Engine:
         finally:
             self._by_task.pop(tracked.task_id, None)
             self.slots.finished(tracked.permit)
+            self._hurry_the_last()
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
                 # Resumed, and the API no longer knows the task: the earlier run may have
@@ -795,10 +800,30 @@ class Engine:
         return tracked
 
     def _schedule(self, tracked: _Tracked, delay: float) -> None:
+        """Poll ``tracked`` after ``delay``, unless a poll of it is already due sooner.
+
+        One scheduled poll per task: the sooner wins and the other heap entry is skipped.
+        """
         due = time.monotonic() + delay
+        if due >= tracked.due:
+            return
+        tracked.due = due
         heapq.heappush(self._heap, (due, next(self._seq), tracked))
         if self._heap[0][2] is tracked:
             self._wake.set()
+
+    def _hurry_the_last(self) -> None:
+        """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
+        ``DRAIN_REPOLL_S`` for its next poll.
+
+        Their polls were scheduled while more tasks were in flight, with the usual back-off
+        (up to 10 s for a long task), and the run ends when the last of them is noticed.
+        """
+        if not self._draining or len(self._by_task) > DRAIN_TASKS:
+            return
+        for tracked in self._by_task.values():
+            if tracked.due < math.inf and not tracked.done.done():
+                self._schedule(tracked, DRAIN_REPOLL_S)
 
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
@@ -812,7 +837,10 @@ class Engine:
         while True:
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
-                _, _, tracked = heapq.heappop(self._heap)
+                due, _, tracked = heapq.heappop(self._heap)
+                if due != tracked.due:
+                    continue  # a sooner poll replaced this one (``_schedule``)
+                tracked.due = math.inf
                 if not tracked.done.done():
                     poll = asyncio.create_task(self._poll_task(tracked))
                     self._polling.add(poll)
