@@ -141,8 +141,11 @@ def _absolute(location: str) -> str:
 # --- one shard ------------------------------------------------------------------------------------
 
 
-async def run_shard(job: ShardJob) -> dict[str, Any]:
-    """Run one shard with the engine, inside its lease; returns (and stores) ``shard.json``."""
+async def run_shard(job: ShardJob, on_fed: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run one shard with the engine, inside its lease; returns (and stores) ``shard.json``.
+
+    ``on_fed`` is called once every row of the shard is submitted (``RunOptions.on_fed``).
+    """
     key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
     spec = ShardSpec(job.index, job.count)
@@ -156,6 +159,7 @@ async def run_shard(job: ShardJob) -> dict[str, Any]:
     if job.max_credits is not None:
         options.max_credits = job.max_credits
     options.resubmit_unknown = job.resubmit_unknown
+    options.on_fed = on_fed
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
             job.manifest, sink, api_url=job.spec.api_url, api_key=key, options=options
@@ -208,8 +212,8 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
         shards = plan_shards(queue.shards)
         ran: list[int] = []
 
-        async def run_here(shard: ShardSpec) -> dict[str, Any]:
-            info = await run_shard(_job_for(job, shard, queue))
+        async def run_here(shard: ShardSpec, fed: Callable[[], None]) -> dict[str, Any]:
+            info = await run_shard(_job_for(job, shard, queue), fed)
             ran.append(shard.index)
             logger.info("shard %d: %s", shard.index, _counts_text(info["summary"]["counts"]))
             return info
@@ -823,7 +827,7 @@ async def _run_queue(
         sink=open_sink(template.out),
         out=template.out,
         token=template.token,
-        run=lambda shard: run_shard(make_job(shard, queue.caps.get(shard.index))),
+        run=lambda shard, fed: run_shard(make_job(shard, queue.caps.get(shard.index)), fed),
         attempts=queue.attempts,
         on_shard=on_shard,
     )

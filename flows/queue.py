@@ -6,8 +6,9 @@ share of the key that never grew when other shards finished, and a worker that d
 its shards with it for good (measured: the key 0.32 busy where one process kept it 0.75,
 and a lost worker hung the night). Here every runner, the parent flow's own process first
 and one long-lived process per helper flow run on the workers, pulls the next unfinished
-shard (``LANES`` at a time) and runs it with the whole key, sharing it with the other
-runners by the engine's adaptive sharing (``pipeline/limits.py``: the share grows as
+shard (as soon as its current shard has submitted its last row, so the current one's tail
+drains while the next one fills the key) and runs it with the whole key, sharing it with
+the other runners by the engine's adaptive sharing (``pipeline/limits.py``: the share grows as
 others finish and shrinks as they start, from the API's own 429s, never a server round
 trip per request).
 
@@ -50,11 +51,12 @@ RETRY_DELAY_S: Final = 5.0
 #: server's repossessor loop (15 s by default) and one idle look.
 TAKEOVER_BOUND_S: Final = CLAIM_LEASE_S + 15.0 + IDLE_POLL_S
 
-#: Shards one runner runs at once. Two lanes would fill the key at each shard's tail (its
-#: last tasks straggle while it has nothing left to submit), but two engines in one
-#: process sharing the key adaptively were slower than one on the 2-core benchmark
-#: machine (``benchmarks/RESULTS.md``), so a runner runs one shard at a time.
-LANES: Final = 1
+#: Shards one runner *feeds* at once. A shard whose rows are all submitted has only its
+#: tail left (straggling tasks, downloads, its manifest and report): the runner claims its
+#: next shard then and feeds it while that tail drains, so the key does not idle at each
+#: shard's end. Two shards fed at once in one process were slower than one on the 2-core
+#: benchmark machine (``benchmarks/RESULTS.md``), so feeding stays one at a time.
+FEEDING: Final = 1
 
 #: Called with each shard a runner finished (its shard.json) or gave up on (None).
 OnShard = Callable[[ShardSpec, dict[str, Any] | None], Awaitable[None]]
@@ -152,17 +154,20 @@ async def drain(
     sink: Sink,
     out: str,
     token: str,
-    run: Callable[[ShardSpec], Awaitable[dict[str, Any]]],
+    run: Callable[[ShardSpec, Callable[[], None]], Awaitable[dict[str, Any]]],
     attempts: int,
     on_shard: OnShard | None = None,
-    lanes: int = LANES,
+    feeding: int = FEEDING,
 ) -> tuple[dict[int, dict[str, Any]], list[int]]:
-    """Run unfinished shards, ``lanes`` at a time, until every shard is finished by some runner.
+    """Run unfinished shards until every shard is finished by some runner.
 
-    Returns the ``shard.json`` of every finished shard (by whichever runner) and the shards
-    this runner gave up on after ``attempts`` failures of its own. While other runners hold
-    the remaining shards it waits and looks again, so the runner that lives longest ends
-    the night, taking over the shards of runners that died.
+    ``run(shard, fed)`` runs one shard and calls ``fed()`` once every row of it is
+    submitted; from then on this runner claims and feeds its next shard while the first
+    one's tail drains (``feeding`` shards fed at once). Returns the ``shard.json`` of every
+    finished shard (by whichever runner) and the shards this runner gave up on after
+    ``attempts`` failures of its own. While other runners hold the remaining shards it
+    waits and looks again, so the runner that lives longest ends the night, taking over the
+    shards of runners that died.
     """
     from prefect.client.orchestration import get_client
 
@@ -171,6 +176,7 @@ async def drain(
     given_up: set[int] = set()
     not_before: dict[int, float] = {}
     running_here: set[int] = set()
+    feeders = asyncio.Semaphore(max(1, feeding))
 
     async def finish(shard: ShardSpec, info: dict[str, Any] | None) -> None:
         if shard.index in finished or shard.index in given_up:
@@ -184,19 +190,25 @@ async def drain(
 
     async def attempt(client: Any, shard: ShardSpec, lease: UUID, name: str) -> None:
         outcome: dict[str, Any] | None = None
-        running_here.add(shard.index)
+        released = False
+
+        def fed() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                feeders.release()
+
         try:
             async with _held(client, lease, name):
                 outcome = await finished_info(sink, shard.index, token)
                 if outcome is None:
-                    outcome = await run(shard)
+                    outcome = await run(shard, fed)
         except Exception as exc:
             failures[shard.index] = failures.get(shard.index, 0) + 1
             log.error(
-                "shard %d (rows %d-%d) failed (attempt %d of %d): %s",
+                "shard %d of %d failed (attempt %d of %d): %s",
                 shard.index,
-                shard.start + 1,
-                shard.stop,
+                shard.count,
                 failures[shard.index],
                 attempts,
                 exc,
@@ -206,11 +218,13 @@ async def drain(
             else:
                 not_before[shard.index] = time.monotonic() + RETRY_DELAY_S
         finally:
+            fed()
             running_here.discard(shard.index)
         if outcome is not None:
             await finish(shard, outcome)
 
-    async def lane(client: Any) -> None:
+    async def next_claim(client: Any) -> tuple[ShardSpec, UUID, str] | None:
+        """Claim the next unfinished shard; None when none is left to run here."""
         while True:
             waiting: list[ShardSpec] = []
             for shard in shards:
@@ -224,26 +238,37 @@ async def drain(
                 else:
                     waiting.append(shard)
             if not waiting:
-                return  # the rest is finished, or running in another lane of this runner
-            ran = False
+                return None  # the rest is finished, or running here already
             for shard in waiting:
-                if (
-                    shard.index in running_here
-                    or not_before.get(shard.index, 0.0) > time.monotonic()
-                ):
+                if not_before.get(shard.index, 0.0) > time.monotonic():
                     continue
                 name = claim_name(out, shard.index)
                 lease = await _try_claim(client, name)
-                if lease is None:
-                    continue
-                ran = True
-                await attempt(client, shard, lease, name)
-                break  # look at the queue afresh: others may have finished shards meanwhile
-            if not ran:
-                await asyncio.sleep(IDLE_POLL_S)
+                if lease is not None:
+                    running_here.add(shard.index)
+                    return shard, lease, name
+            await asyncio.sleep(IDLE_POLL_S)
 
     async with get_client() as client:
-        await asyncio.gather(*(lane(client) for _ in range(max(1, lanes))))
+        tails: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                await feeders.acquire()
+                claimed = await next_claim(client)
+                if claimed is None:
+                    feeders.release()
+                    if not tails:
+                        break
+                    # A shard running here may fail and need another try: wait for one.
+                    await asyncio.wait(tails, return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                task = asyncio.create_task(attempt(client, *claimed))
+                tails.add(task)
+                task.add_done_callback(tails.discard)
+        finally:
+            for task in tails:
+                task.cancel()
+            await asyncio.gather(*tails, return_exceptions=True)
     return finished, sorted(given_up)
 
 

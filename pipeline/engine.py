@@ -48,7 +48,7 @@ from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
-from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
+from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retry_transient
 from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
@@ -140,6 +140,8 @@ class Job:
     budgeted: bool = False
     #: The request fingerprint this row makes for the library (``Library.claim``), if any.
     fingerprint: str | None = None
+    #: Taken by the engine and not yet acknowledged by the API (``Engine.fed``).
+    unsubmitted: bool = False
 
 
 @dataclass(slots=True)
@@ -223,6 +225,9 @@ class _Tracked:
     permit: Permit | None = None
     #: First polled at the learned median, to learn the distribution (CALIBRATE_EVERY).
     calibrating: bool = False
+    #: When its next poll is due (monotonic); inf while none is scheduled. A heap entry
+    #: with another time was replaced by a sooner one (``Engine._schedule``).
+    due: float = math.inf
 
 
 class Engine:
@@ -274,6 +279,12 @@ class Engine:
         self._permits: dict[str, Permit] = {}
         #: Every row has been taken: only the tasks in flight are left (DRAIN_*).
         self._draining = False
+        #: Rows taken whose submit the API has not acknowledged yet.
+        self._unsubmitted = 0
+        #: Set once every row is taken and submitted (or ended): what is left is the tail of
+        #: tasks in flight, which needs no new slots. A flow's runner starts its next shard
+        #: then, so the key fills while this run's last tasks straggle (``flows/queue.py``).
+        self.fed = asyncio.Event()
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
         #: Finished tasks whose image is not stored yet. Their result URLs expire (10 min
@@ -387,16 +398,21 @@ class Engine:
                         # Queue-to-done starts when the engine takes the row, not when the
                         # manifest batch was read: otherwise it measures manifest position.
                         job.queued_at = time.time()
+                        job.unsubmitted = True
+                        self._unsubmitted += 1
                     task = asyncio.create_task(self._carry(job, gate))
                     running.add(task)
                     task.add_done_callback(running.discard)
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
             self._draining = True
+            self._hurry_the_last()
+            self._check_fed()
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
                 await asyncio.wait(set(running))
         finally:
+            self.fed.set()
             scheduler.cancel()
             pending = [*running, *self._polling]
             for task in pending:
@@ -416,6 +432,17 @@ class Engine:
             raise self._fatal
         return self.stats
 
+    def _submitted(self, job: Job) -> None:
+        """The row's submit was acknowledged, or the row ended without one."""
+        if job.unsubmitted:
+            job.unsubmitted = False
+            self._unsubmitted -= 1
+            self._check_fed()
+
+    def _check_fed(self) -> None:
+        if self._draining and self._unsubmitted == 0:
+            self.fed.set()
+
     # --- one row, start to end ----------------------------------------------------------------
 
     async def _carry(self, job: Job, gate: asyncio.Semaphore) -> None:
@@ -434,6 +461,7 @@ class Engine:
             outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
         finally:
             gate.release()
+            self._submitted(job)
             if job.fingerprint is not None and self._library is not None:
                 self._library.release(job.fingerprint)  # rows waiting for it look again
         if job.reserved and self._budget is not None:
@@ -553,6 +581,7 @@ class Engine:
         finally:
             self._by_task.pop(tracked.task_id, None)
             self.slots.finished(tracked.permit)
+            self._hurry_the_last()
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
                 # Resumed, and the API no longer knows the task: the earlier run may have
@@ -618,25 +647,26 @@ class Engine:
     async def _submit(self, job: Job, body: dict[str, Any]) -> Submitted:
         """Submit until acknowledged; 429s are flow control, not failures."""
         payload = json.dumps(body).encode()
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                while True:
-                    if self._abort_reason:
-                        raise _Abort
-                    if self._storm_round:
-                        async with self._scout:  # one submit at a time while 429s storm
-                            # Only the scout (this lock's holder) extends a pause.
-                            pause = self._quiet_until - time.monotonic()
-                            if pause > 0:
-                                await asyncio.sleep(pause)
-                            if not self._storm_round:
-                                continue  # it ended while we queued: back to full speed
-                            result = await self._send(job, payload)
-                    else:
+
+        async def attempt() -> Submitted:
+            while True:
+                if self._abort_reason:
+                    raise _Abort
+                if self._storm_round:
+                    async with self._scout:  # one submit at a time while 429s storm
+                        # Only the scout (this lock's holder) extends a pause.
+                        pause = self._quiet_until - time.monotonic()
+                        if pause > 0:
+                            await asyncio.sleep(pause)
+                        if not self._storm_round:
+                            continue  # it ended while we queued: back to full speed
                         result = await self._send(job, payload)
-                    if result is not None:
-                        return result
-        raise AssertionError("unreachable")  # pragma: no cover
+                else:
+                    result = await self._send(job, payload)
+                if result is not None:
+                    return result
+
+        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _room_to_fetch(self) -> None:
         """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
@@ -754,6 +784,7 @@ class Engine:
             self.slots.accepted(permit)
             self._permits[submitted.task_id] = permit
             self.stats.accepted += 1
+            self._submitted(job)
             self._refusal_streak = self._storm_round = 0
             return submitted
         self._journal.record_refused(key)
@@ -797,10 +828,30 @@ class Engine:
         return tracked
 
     def _schedule(self, tracked: _Tracked, delay: float) -> None:
+        """Poll ``tracked`` after ``delay``, unless a poll of it is already due sooner.
+
+        One scheduled poll per task: the sooner wins and the other heap entry is skipped.
+        """
         due = time.monotonic() + delay
+        if due >= tracked.due:
+            return
+        tracked.due = due
         heapq.heappush(self._heap, (due, next(self._seq), tracked))
         if self._heap[0][2] is tracked:
             self._wake.set()
+
+    def _hurry_the_last(self) -> None:
+        """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
+        ``DRAIN_REPOLL_S`` for its next poll.
+
+        Their polls were scheduled while more tasks were in flight, with the usual back-off
+        (up to 10 s for a long task), and the run ends when the last of them is noticed.
+        """
+        if not self._draining or len(self._by_task) > DRAIN_TASKS:
+            return
+        for tracked in self._by_task.values():
+            if tracked.due < math.inf and not tracked.done.done():
+                self._schedule(tracked, DRAIN_REPOLL_S)
 
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
@@ -814,7 +865,10 @@ class Engine:
         while True:
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
-                _, _, tracked = heapq.heappop(self._heap)
+                due, _, tracked = heapq.heappop(self._heap)
+                if due != tracked.due:
+                    continue  # a sooner poll replaced this one (``_schedule``)
+                tracked.due = math.inf
                 if not tracked.done.done():
                     poll = asyncio.create_task(self._poll_task(tracked))
                     self._polling.add(poll)
@@ -897,10 +951,9 @@ class Engine:
         self.slots.set_distribution(median, sigma)
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                return await self._poll_once(tracked)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await retry_transient(
+            self._settings.retry, lambda: self._poll_once(tracked), on_retry=self._count_retry
+        )
 
     async def _poll_once(self, tracked: _Tracked) -> TaskState:
         tracked.polls += 1
@@ -1055,8 +1108,13 @@ class Engine:
                 return outcome
             making = library.claim(fp)
             if making is None:
-                job.fingerprint = fp
-                return None
+                job.fingerprint = fp  # released when the row ends, whatever happens
+                if await library.claim_shared(fp):
+                    return None
+                # Another run made it meanwhile: copy it (rows here waiting look again too).
+                library.release(fp)
+                job.fingerprint = None
+                continue
             await making.wait()
 
     async def _add_to_library(
@@ -1112,13 +1170,13 @@ class Engine:
         )
 
     async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                # A download slot per attempt, not across the backoff sleeps between them:
-                # a retrying download must not keep other finished tasks from theirs.
-                async with self._downloads:
-                    return await self._download_once(url, fmt, expected)
-        raise AssertionError("unreachable")  # pragma: no cover
+        async def attempt() -> tuple[Any, bytes]:
+            # A download slot per attempt, not across the backoff sleeps between them:
+            # a retrying download must not keep other finished tasks from theirs.
+            async with self._downloads:
+                return await self._download_once(url, fmt, expected)
+
+        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _download_once(
         self, url: str, fmt: str, expected: tuple[int, int]

@@ -31,6 +31,16 @@ finished temp file locally, a conditional put on S3), its record only after it, 
 entry only after both; compaction writes the merged segment before deleting the segments
 it read, and never one it did not read. Inside one run, rows that share a fingerprint wait
 for the first of them (``claim``/``release``) instead of paying again.
+
+Across runs writing one library at once (two shards of a flow, a flow and a run), the
+first to make a fingerprint holds its claim, ``claims/<fp[:2]>/<fp>.json``, created only if
+absent (``O_EXCL`` locally, a conditional put on S3) and renewed every ``CLAIM_RENEW_S``
+while its image is being made. Another run wanting the same fingerprint waits for the
+image's record and copies it; when the claim disappears without an image (the maker's row
+failed) or lapses (``CLAIM_LEASE_S`` without renewal, by the renewal time the holder wrote;
+at once when the holder was a process on this machine that is gone), it makes the image
+itself. So two runs pay for one fingerprint once, unless a maker dies and two waiters take
+its lapsed claim over at the same instant.
 """
 
 from __future__ import annotations
@@ -55,6 +65,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import dest_lock
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME
 from pipeline.errors import KleinError
 from pipeline.fingerprint import fingerprint, model_name
@@ -65,6 +76,13 @@ log = logging.getLogger(__name__)
 
 OBJECTS: Final = "objects"
 INDEX: Final = "index"
+CLAIMS: Final = "claims"
+#: Seconds a fingerprint's claim outlives a maker that stopped renewing it (a killed run).
+CLAIM_LEASE_S: Final = 60.0
+#: How often a maker renews the claims it holds.
+CLAIM_RENEW_S: Final = 15.0
+#: How often a run waiting for another run's image looks for it.
+CLAIM_WAIT_S: Final = 1.0
 #: New entries kept in memory before they are written as index segments (or after this
 #: many seconds, whichever comes first).
 FLUSH_ENTRIES: Final = 2000
@@ -130,6 +148,10 @@ def object_relpath(fp: str, fmt: str) -> str:
 
 def record_relpath(fp: str) -> str:
     return f"{OBJECTS}/{fp[:2]}/{fp}.json"
+
+
+def claim_relpath(fp: str) -> str:
+    return f"{CLAIMS}/{fp[:2]}/{fp}.json"
 
 
 def thumbnail_relpath(fp: str) -> str:
@@ -284,6 +306,11 @@ class Library:
         self._pending: list[Entry] = []
         self._pending_since = 0.0
         self._producing: dict[str, asyncio.Event] = {}
+        #: Fingerprints whose shared claim this run holds (``claim_shared``), and its holder.
+        self._claimed: set[str] = set()
+        self._holder = dest_lock._holder("library claim")
+        self._renewer: asyncio.Task[None] | None = None
+        self._unclaiming: set[asyncio.Task[None]] = set()
         self._flush_lock = asyncio.Lock()
         self._segments: dict[str, list[str]] = {}
         self.reused = 0
@@ -475,9 +502,94 @@ class Library:
         return None
 
     def release(self, fp: str) -> None:
+        """The row making ``fp`` ended: waiters here look again, the shared claim goes."""
         event = self._producing.pop(fp, None)
         if event is not None:
             event.set()
+        if fp in self._claimed:
+            self._claimed.discard(fp)
+            task = asyncio.get_running_loop().create_task(self._unclaim(fp))
+            self._unclaiming.add(task)
+            task.add_done_callback(self._unclaiming.discard)
+
+    # --- one producer per fingerprint across runs --------------------------------------------
+
+    async def claim_shared(self, fp: str) -> bool:
+        """Take ``fp``'s claim in the library (the caller holds ``claim(fp)`` here): True,
+        this run makes the image; False once another run made it (copy it from the library).
+
+        While another run holds the claim, this waits for that run's image record; a claim
+        that disappears without one (its row failed) or lapses is taken here.
+        """
+        while True:
+            if await self._create_claim(fp):
+                self._claimed.add(fp)
+                if self._renewer is None or self._renewer.done():
+                    self._renewer = asyncio.get_running_loop().create_task(self._renew())
+                return True
+            while True:
+                if await self._recorded(fp) is not None:
+                    return False
+                holder = await self._claim_holder(fp)
+                if holder is None:
+                    break  # released without an image: try to make it here
+                if self._lapsed(holder):
+                    log.warning(
+                        "library %s: the claim on %s by %s lapsed; making it here",
+                        self.uri,
+                        fp,
+                        dest_lock.describe(holder),
+                    )
+                    await self._delete([claim_relpath(fp)])
+                    break
+                await asyncio.sleep(CLAIM_WAIT_S)
+
+    def _claim_body(self) -> bytes:
+        return json.dumps(self._holder | {"renewed_at": time.time()}).encode("utf-8")
+
+    async def _create_claim(self, fp: str) -> bool:
+        rel = claim_relpath(fp)
+        path = self.sink.local_path(rel)
+        if path is None:
+            return bool(
+                await self.sink.put_if_absent(rel, self._claim_body(), "application/json")  # type: ignore[attr-defined]
+            )
+        # A finished temp file linked into place: a reader never sees a claim half-written.
+        return await asyncio.to_thread(_link_or_write_new, path, None, self._claim_body())
+
+    async def _claim_holder(self, fp: str) -> dict[str, Any] | None:
+        data = await self.sink.get(claim_relpath(fp))
+        if data is None:
+            return None
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            holder = None
+        return holder if isinstance(holder, dict) else {"renewed_at": 0.0}
+
+    @staticmethod
+    def _lapsed(holder: dict[str, Any]) -> bool:
+        try:
+            renewed = float(holder.get("renewed_at", 0.0))
+        except (TypeError, ValueError):
+            renewed = 0.0
+        return time.time() - renewed > CLAIM_LEASE_S or dest_lock._dead_here(holder)
+
+    async def _renew(self) -> None:
+        """Rewrite every claim held, every ``CLAIM_RENEW_S``, while any is held."""
+        while self._claimed:
+            await asyncio.sleep(CLAIM_RENEW_S)
+            for fp in list(self._claimed):
+                try:
+                    await self.sink.put(claim_relpath(fp), self._claim_body(), "application/json")
+                except (KleinError, OSError) as exc:
+                    log.warning("library %s: claim on %s not renewed (%s)", self.uri, fp, exc)
+
+    async def _unclaim(self, fp: str) -> None:
+        try:
+            await self._delete([claim_relpath(fp)])
+        except (KleinError, OSError) as exc:  # it lapses in CLAIM_LEASE_S
+            log.warning("library %s: claim on %s not removed (%s)", self.uri, fp, exc)
 
     # --- adding ------------------------------------------------------------------------------
 
@@ -548,6 +660,14 @@ class Library:
 
     async def close(self) -> None:
         """Write what is pending and compact the prefixes this run left crowded."""
+        if self._renewer is not None:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        for fp in list(self._claimed):  # rows stopped mid-way: their claims go now
+            self.release(fp)
+        if self._unclaiming:
+            await asyncio.gather(*self._unclaiming, return_exceptions=True)
         await self.flush()
         crowded = [p for p, rels in self._segments.items() if len(rels) > COMPACT_AFTER_SEGMENTS]
         if crowded:

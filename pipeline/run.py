@@ -153,6 +153,9 @@ class RunOptions:
     #: The image library (``pipeline/library.py``): a local folder or ``s3://`` URI whose
     #: images are copied instead of paid for, and which keeps every image paid for here.
     library: str | None = None
+    #: Called once every row of the run is submitted (or ended) and only tasks in flight are
+    #: left (``Engine.fed``): a flow's runner claims its next shard then (``flows/queue.py``).
+    on_fed: Callable[[], None] | None = None
 
     @classmethod
     def from_spec(cls, spec: RunSpec, base: RunOptions | None = None) -> RunOptions:
@@ -690,14 +693,24 @@ class _Run:
     async def drive(self, engine: Engine) -> None:
         counter = asyncio.create_task(asyncio.to_thread(self._count_rows))
         reporter = asyncio.create_task(self._report_progress())
+        on_fed = self.opts.on_fed
+        fed = asyncio.create_task(self._when_fed(engine, on_fed)) if on_fed else None
         try:
             await engine.run(self._jobs())
         finally:
             reporter.cancel()
             counter.cancel()
+            if fed is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await fed
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reporter
             self.ledger.flush()
+
+    @staticmethod
+    async def _when_fed(engine: Engine, on_fed: Callable[[], None]) -> None:
+        await engine.fed.wait()
+        on_fed()
 
     def _count_rows(self) -> None:
         if self.opts.shard is not None:

@@ -131,6 +131,8 @@ class Counters:
 class _Body:
     seen: int = 0
     accepted: bool = False
+    #: Submits of this body the key took (refused ones left out): the task's own identity.
+    taken: int = 0
     last_seen: float = 0.0
 
 
@@ -317,6 +319,11 @@ class SimState:
         """
         identity = f"{key.name}:{digest.hex()}"
         task_id = self._task_id(identity, n)
+        # The task's own luck (duration, moderation, failure, seed) follows the body and
+        # how many of its submits were *taken*, not how many were refused first: a row
+        # refused with 429 once gets the same task as a row never refused, so clients
+        # that probe and clients that never do face the same latency tail.
+        n = key.bodies[digest].taken
         duration = self.latency.duration(unit(self.seed, "latency", identity, n))
         if request_moderated:
             duration = 0.0
@@ -375,6 +382,7 @@ class SimState:
         if body.accepted:
             counters.duplicate_submits += 1
         body.accepted = True
+        body.taken += 1
         key.tasks[task_id] = task
         self.tasks[task_id] = task
         return task

@@ -19,11 +19,15 @@ from pipeline_helpers import (
     write_catalog,
 )
 
+from flows.shards import ShardSink, shard_folder
 from pipeline.check import check_manifest
 from pipeline.contract import cost_credits, output_size
+from pipeline.keys import key_shard
 from pipeline.library import Library, object_relpath
 from pipeline.manifest import Defaults
+from pipeline.run import arun_manifest
 from pipeline.sim import SimServer
+from pipeline.storage import open_sink
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -202,8 +206,9 @@ def test_two_runs_writing_one_library_at_once(sim: SimServer, tmp_path: Path) ->
         stdout, stderr = writer.communicate(timeout=240)
         assert writer.returncode == 0, stderr[-2000:]
         assert stdout.split()[0] == "40"
-    # Each run paid once per fingerprint; the shared images at most once per run.
-    assert 60 <= accepted(sim) <= 80
+    # Each fingerprint paid once: a run wanting one the other is making waits for its
+    # image (the library's claim) instead of paying for it again.
+    assert accepted(sim) == 60
     assert check_library(library) == 60
     both = write_catalog(
         tmp_path / "both", 60, prompt=shared + only_a + only_b, extra={"seed": ["1"] * 60}
@@ -214,6 +219,42 @@ def test_two_runs_writing_one_library_at_once(sim: SimServer, tmp_path: Path) ->
     )
     assert summary.reused_rows == 60
     assert accepted(sim) == before
+
+
+def test_two_shards_running_at_once_pay_once_per_fingerprint(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A flow's shards run at the same moment on one library: identical requests in two
+    shards are paid for once (one shard makes each image, the other copies it)."""
+    twins = 6
+    candidates = [f"twin-{n:03d}" for n in range(200)]
+    ids = [k for k in candidates if key_shard(k, 2) == 0][:twins]
+    ids += [k for k in candidates if key_shard(k, 2) == 1][:twins]
+    prompts = [f"twin mug {i}" for i in range(twins)] * 2
+    manifest = write_catalog(
+        tmp_path, 2 * twins, prompt=prompts, extra={"id": ids, "seed": ["7"] * (2 * twins)}
+    )
+    out = open_sink(tmp_path / "out")
+
+    async def both() -> list[object]:
+        return await asyncio.gather(
+            *(
+                arun_manifest(
+                    manifest,
+                    ShardSink(out, shard_folder(n)),
+                    api_url=sim.url,
+                    api_key=SIM_KEY,
+                    options=fast_options(library=str(tmp_path / "library"), shard=(n, 2)),
+                )
+                for n in range(2)
+            )
+        )
+
+    summaries = asyncio.run(both())
+    assert [s.counts["succeeded"] for s in summaries] == [twins, twins]  # type: ignore[attr-defined]
+    assert sum(s.reused_rows for s in summaries) == twins  # type: ignore[attr-defined]
+    assert accepted(sim) == twins
+    assert check_library(tmp_path / "library") == twins
 
 
 def test_images_missing_from_the_index_are_found_by_their_records(

@@ -209,3 +209,31 @@ async def test_reset_zeroes_counters_and_forgets_tasks(client: Client) -> None:
     await client.submit(seed=1)
     client.server.reset()
     assert client.server.stats()["totals"]["submits_accepted"] == 0
+
+
+async def _duration_of_third(*, refused_first: bool) -> float:
+    """How long the task of body ``third`` runs, optionally after one 429 on it."""
+    clock = Clock()
+    config = SimConfig(
+        keys=[KeyConfig(tier="trial")], latency=LatencyConfig(median_s=10.0, p95_s=40.0)
+    )
+    async with SimServer(config, clock=clock) as server, aiohttp.ClientSession() as s:
+        client = Client(server, s)
+        first = await client.submit(prompt="first", seed=1)
+        await client.submit(prompt="second", seed=2)
+        if refused_first:
+            assert (await client.submit_raw({"prompt": "third", "seed": 3})).status == 429
+        state = server.sim.state
+        clock.now = state.tasks[first].finished_at
+        task_id = await client.submit(prompt="third", seed=3)
+        task = state.tasks[task_id]
+        return task.finished_at - task.created_at
+
+
+async def test_a_refused_submit_does_not_change_the_task_it_later_gets() -> None:
+    # The latency is drawn from the body and its *taken* submits: a client that was told
+    # 429 first gets the same task as one that never was, so contenders that probe and
+    # contenders that never do are compared on the same latency tail.
+    assert await _duration_of_third(refused_first=True) == await _duration_of_third(
+        refused_first=False
+    )
