@@ -225,6 +225,9 @@ class _Tracked:
     permit: Permit | None = None
     #: First polled at the learned median, to learn the distribution (CALIBRATE_EVERY).
     calibrating: bool = False
+    #: When its next poll is due (monotonic); inf while none is scheduled. A heap entry
+    #: with another time was replaced by a sooner one (``Engine._schedule``).
+    due: float = math.inf
 
 
 class Engine:
@@ -403,6 +406,7 @@ class Engine:
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
             self._draining = True
+            self._hurry_the_last()
             self._check_fed()
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
@@ -577,6 +581,7 @@ class Engine:
         finally:
             self._by_task.pop(tracked.task_id, None)
             self.slots.finished(tracked.permit)
+            self._hurry_the_last()
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
                 # Resumed, and the API no longer knows the task: the earlier run may have
@@ -757,19 +762,21 @@ class Engine:
             self.slots.abandoned(permit)
             self.stats.ambiguous_submits += 1
             raise Transient(f"submit answer lost: {type(exc).__name__}") from None
-        if status == 200:
+        if 200 <= status < 300:
+            # Any success (200, 201 Created, 202 Accepted, 204 No Content) means the API
+            # took the request: a task id in it is an acknowledgement like a 200's.
             try:
                 submitted = self._provider.parse_submit(body)
             except ProtocolError as exc:
                 # The API said yes and named no task we can read (a proxy's HTML page, a
-                # body over the cap): it may have charged. Not sent again in this run; the
-                # intent stays open in the journal (``ambiguous_submits``).
+                # body over the cap, a 204): it may have charged. Not sent again in this
+                # run; the intent stays open in the journal (``ambiguous_submits``).
                 self.slots.abandoned(permit)
                 self.stats.ambiguous_submits += 1
                 said = unreadable or f"no task we can read ({exc})"
                 raise _AmbiguousSubmit(
                     RowStatus.FAILED,
-                    f"the API accepted the submit (HTTP 200) with {said}: it may have charged "
+                    f"the API accepted the submit (HTTP {status}) with {said}: it may have charged "
                     "for a task this run cannot name, so the row was not submitted again; "
                     "check the API's task list, then --retry-failed submits it again (and "
                     "pays again if it was charged)",
@@ -821,10 +828,30 @@ class Engine:
         return tracked
 
     def _schedule(self, tracked: _Tracked, delay: float) -> None:
+        """Poll ``tracked`` after ``delay``, unless a poll of it is already due sooner.
+
+        One scheduled poll per task: the sooner wins and the other heap entry is skipped.
+        """
         due = time.monotonic() + delay
+        if due >= tracked.due:
+            return
+        tracked.due = due
         heapq.heappush(self._heap, (due, next(self._seq), tracked))
         if self._heap[0][2] is tracked:
             self._wake.set()
+
+    def _hurry_the_last(self) -> None:
+        """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
+        ``DRAIN_REPOLL_S`` for its next poll.
+
+        Their polls were scheduled while more tasks were in flight, with the usual back-off
+        (up to 10 s for a long task), and the run ends when the last of them is noticed.
+        """
+        if not self._draining or len(self._by_task) > DRAIN_TASKS:
+            return
+        for tracked in self._by_task.values():
+            if tracked.due < math.inf and not tracked.done.done():
+                self._schedule(tracked, DRAIN_REPOLL_S)
 
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
@@ -838,7 +865,10 @@ class Engine:
         while True:
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
-                _, _, tracked = heapq.heappop(self._heap)
+                due, _, tracked = heapq.heappop(self._heap)
+                if due != tracked.due:
+                    continue  # a sooner poll replaced this one (``_schedule``)
+                tracked.due = math.inf
                 if not tracked.done.done():
                     poll = asyncio.create_task(self._poll_task(tracked))
                     self._polling.add(poll)
@@ -938,7 +968,7 @@ class Engine:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             raise Transient(f"poll failed: {shown}") from None
-        if status == 200:
+        if 200 <= status < 300:
             try:
                 return self._provider.parse_poll(body)
             except ProtocolError as exc:
@@ -1314,7 +1344,7 @@ class _Expired(Exception):
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
-    """The answer's JSON (None if it is not JSON); a 200 answer over ``MAX_ANSWER_BYTES``
+    """The answer's JSON (None if it is not JSON); a 2xx answer over ``MAX_ANSWER_BYTES``
     raises ``ValueError`` before it is all read: a submit or poll answer is a few hundred
     bytes, and an API (or a proxy) that streams hundreds of megabytes must not take the
     run's memory with it (a submit answered so is ambiguous, a poll is retried). A larger
@@ -1324,7 +1354,7 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
-            if response.status != 200:
+            if not 200 <= response.status < 300:
                 return None  # a refusal all the same: said by its status alone
             raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes is too large")
         chunks.append(chunk)

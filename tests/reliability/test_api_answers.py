@@ -199,3 +199,46 @@ def test_the_secret_mask_seals_what_a_rerun_needs_and_masks_the_rest() -> None:
     other = SecretMask.of_run("http://127.0.0.1:9", "kb-Other-key-42")
     assert ECHO_KEY not in other.unseal(sealed)
     assert not SecretMask.of_run("http://127.0.0.1:9", "short")  # too short to mask
+
+
+async def test_any_2xx_submit_is_an_acknowledgement_or_an_ambiguous_submit(
+    tmp_path: Path,
+) -> None:
+    """201 and 202 with a task id are acknowledgements (polled, never sent again); a 204, or
+    a 202 naming no task, may have been charged: sent once, counted as ambiguous."""
+    answers = {
+        "created": (201, {"data": {"task_id": "task-201", "status": "CREATED"}}),
+        "accepted": (202, {"data": {"task_id": "task-202", "status": "CREATED"}}),
+        "queued": (202, {"status": "queued"}),
+        "nothing": (204, None),
+    }
+    submitted: collections.Counter[str] = collections.Counter()
+
+    async def submit(request: web.Request) -> web.Response:
+        prompt = (await request.json())["prompt"]
+        submitted[prompt] += 1
+        status, body = answers[prompt]
+        if body is None:
+            return web.Response(status=status)
+        return web.json_response(body, status=status)
+
+    async def poll(request: web.Request) -> web.Response:
+        image = str(request.url.with_path("/image.jpg"))
+        return web.json_response(
+            {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}},
+            status=202 if request.match_info["task"] == "task-202" else 200,
+        )
+
+    manifest = write_catalog(tmp_path / "in", 4, prompt=list(answers))
+    out = tmp_path / "out"
+    async with fake_api(submit, poll) as api:
+        summary = await api.run(manifest, out, KEY)
+        await api.run(manifest, out, KEY)  # a plain rerun sends nothing again
+
+    assert list(submitted.values()) == [1, 1, 1, 1]
+    table = pl.read_parquet(out / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded", "succeeded", "failed", "failed"]
+    assert table["task_id"].to_list()[:2] == ["task-201", "task-202"]
+    assert table["reason"][2].startswith("the API accepted the submit (HTTP 202)")
+    assert table["reason"][3].startswith("the API accepted the submit (HTTP 204)")
+    assert summary.ambiguous_submits == 2
