@@ -207,6 +207,25 @@ class _Stopped(Exception):
 
 
 @dataclass(slots=True)
+class KeyState:
+    """What engines learn about one key: its slots in use, submit rate, task times.
+
+    An engine makes its own by default. A process that runs several runs on one key, one
+    after another or overlapping (a flow's runner: each shard is a run, and the next one
+    starts while the last one's tasks finish), passes one ``KeyState`` to all of them, so
+    a new run starts with the key as the last one learned it (limit, latency, the
+    distribution its probes follow) and counts the slots the last one's tail still holds,
+    instead of learning from scratch against 429s. Empty parts are made by the first
+    engine that gets it.
+    """
+
+    slots: SlotController | None = None
+    rate: SubmitRateLimiter | None = None
+    first_poll: QuantileTracker | None = None
+    median: QuantileTracker | None = None
+
+
+@dataclass(slots=True)
 class _Tracked:
     job: Job
     task_id: str
@@ -242,6 +261,7 @@ class Engine:
         on_outcome: Callable[[Outcome], None],
         budget: Budget | None = None,
         library: Library | None = None,
+        key_state: KeyState | None = None,
     ) -> None:
         self._provider = provider
         #: Images made before, by request fingerprint (``pipeline/library.py``).
@@ -254,22 +274,29 @@ class Engine:
         self._settings = settings
         self._on_outcome = on_outcome
         self.stats = EngineStats()
-        self.slots = SlotController(
-            settings.max_active,
-            expected_latency_s=settings.expected_latency_s,
-            refusal_target=settings.refusal_target,
-            # Webhooks tell us when slots free: no need to probe for them.
-            probing=settings.webhook_url is None and settings.limit_is_the_keys,
-        )
-        self._rate = SubmitRateLimiter(settings.submits_per_minute)
-        self._first_poll = QuantileTracker(
-            settings.poll_quantile,
-            settings.expected_latency_s,
-            step=min(0.1, 0.5 / settings.max_active),
-        )
-        self._median = QuantileTracker(
-            0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
-        )
+        shared = key_state if key_state is not None else KeyState()
+        if shared.slots is None:
+            shared.slots = SlotController(
+                settings.max_active,
+                expected_latency_s=settings.expected_latency_s,
+                refusal_target=settings.refusal_target,
+                # Webhooks tell us when slots free: no need to probe for them.
+                probing=settings.webhook_url is None and settings.limit_is_the_keys,
+            )
+            shared.rate = SubmitRateLimiter(settings.submits_per_minute)
+            shared.first_poll = QuantileTracker(
+                settings.poll_quantile,
+                settings.expected_latency_s,
+                step=min(0.1, 0.5 / settings.max_active),
+            )
+            shared.median = QuantileTracker(
+                0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
+            )
+        assert shared.rate and shared.first_poll and shared.median
+        self.slots = shared.slots
+        self._rate = shared.rate
+        self._first_poll = shared.first_poll
+        self._median = shared.median
         self._calibrated = 0
         self._fresh = itertools.count()
         #: Permits of accepted submits, handed to their tracked task.
