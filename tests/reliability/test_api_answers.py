@@ -242,3 +242,34 @@ async def test_any_2xx_submit_is_an_acknowledgement_or_an_ambiguous_submit(
     assert table["reason"][2].startswith("the API accepted the submit (HTTP 202)")
     assert table["reason"][3].startswith("the API accepted the submit (HTTP 204)")
     assert summary.ambiguous_submits == 2
+
+
+async def test_retry_after_values_that_mean_nothing_are_no_hint(tmp_path: Path) -> None:
+    """``Retry-After: ²`` on an accepted submit made the row an internal error with no task id,
+    and ``--retry-failed`` paid for it again; junk, negative and non-ASCII figures are ignored."""
+    ids = itertools.count()
+    polls: collections.Counter[str] = collections.Counter()
+    junk = ["\u00b2", "-5", "1e9", "NaN", "\u0663", "Fri, 99 Foo 2026"]
+
+    async def submit(_: web.Request) -> web.Response:
+        n = next(ids)
+        body = {"data": {"task_id": f"task-{n}", "status": "CREATED"}}
+        return web.json_response(body, headers={"Retry-After": junk[n % len(junk)]})
+
+    async def poll(request: web.Request) -> web.Response:
+        task = request.match_info["task"]
+        polls[task] += 1
+        said = {"Retry-After": junk[polls[task] % len(junk)]}
+        if polls[task] == 1:
+            return web.json_response({"message": "busy"}, status=503, headers=said)
+        image = str(request.url.with_path("/image.jpg"))
+        body = {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        return web.json_response(body, headers=said)
+
+    manifest = write_catalog(tmp_path / "in", 3)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 3
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"] * 3, table["reason"].to_list()
