@@ -1200,8 +1200,8 @@ class Engine:
                     data = b"".join(chunks)
                     if length is not None and len(data) != length:
                         raise Transient(f"image body cut short ({len(data)} of {length} bytes)")
-                else:
-                    await response.read()
+                # Any other answer stands for its status alone: its body is not read (an
+                # error page streaming without end must not take the run's memory).
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Transient(f"download failed: {type(exc).__name__}") from None

@@ -24,7 +24,7 @@ from urllib.parse import quote
 import polars as pl
 import pytest
 from aiohttp import web
-from fake_api import fake_api
+from fake_api import fake_api, square_jpeg
 from pipeline_helpers import write_catalog
 
 from pipeline.engine import MAX_ANSWER_BYTES
@@ -273,3 +273,43 @@ async def test_retry_after_values_that_mean_nothing_are_no_hint(tmp_path: Path) 
 
     table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
     assert table["status"].to_list() == ["succeeded"] * 3, table["reason"].to_list()
+
+
+async def test_an_error_page_streaming_without_end_on_download_is_not_read(
+    tmp_path: Path,
+) -> None:
+    """A result URL answering 500 with a body that never ends: the answer stands for its
+    status, its body is not read (it was, into memory, until the request timed out)."""
+    image = square_jpeg()
+    sent: collections.Counter[str] = collections.Counter()
+
+    async def submit(_: web.Request) -> web.Response:
+        return web.json_response({"data": {"task_id": "task-0", "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.StreamResponse:
+        if request.match_info["task"] == "task-0":
+            url = str(request.url.with_path(request.path + "-result"))
+            body = {"data": {"status": "COMPLETED", "generated": [url], "has_nsfw": [False]}}
+            return web.json_response(body)
+        sent["downloads"] += 1
+        if sent["downloads"] > 1:
+            return web.Response(body=image, content_type="image/jpeg")
+        flood = web.StreamResponse(status=500)
+        await flood.prepare(request)
+        chunk = b"x" * (1 << 20)
+        try:
+            for _ in range(64):
+                await flood.write(chunk)
+                sent["bytes"] += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away: what this test wants
+        return flood
+
+    manifest = write_catalog(tmp_path / "in", 1)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"], table["reason"].to_list()
+    assert sent["downloads"] == 2
+    assert sent["bytes"] < 32 << 20, sent  # read in full before: all 64 MB
