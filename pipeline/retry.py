@@ -139,4 +139,9 @@ async def retry_transient(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(step)
+    # The attempt-block form: ``retrying(step)`` would call a lambda returning a coroutine
+    # as a plain function (tenacity awaits only coroutine functions) and return it unawaited.
+    async for attempt in retrying:
+        with attempt:
+            return await step()
+    raise AssertionError("tenacity ended without a result or an error")  # reraise=True
