@@ -740,8 +740,15 @@ class Engine:
         headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
         unreadable: str | None = None
         try:
+            # Never followed: a 301/302/303 turns the POST into a GET of another address,
+            # whose 200 could name a task this row never asked for (and a 307 re-sends
+            # the key and the prompt wherever it points). A redirect is no acknowledgement.
             async with self._session.post(
-                self._provider.submit_url(), data=payload, headers=headers, timeout=self._timeout
+                self._provider.submit_url(),
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 try:

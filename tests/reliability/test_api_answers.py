@@ -313,3 +313,28 @@ async def test_an_error_page_streaming_without_end_on_download_is_not_read(
     assert table["status"].to_list() == ["succeeded"], table["reason"].to_list()
     assert sent["downloads"] == 2
     assert sent["bytes"] < 32 << 20, sent  # read in full before: all 64 MB
+
+
+async def test_a_redirected_submit_is_not_followed(tmp_path: Path) -> None:
+    """A 302 on submit: followed, it became a GET of another task's poll answer, whose
+    task the row took for its own (and got that task's image)."""
+
+    async def submit(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.url) + "/task-other")
+
+    async def poll(request: web.Request) -> web.Response:
+        image = str(request.url.with_path("/image.jpg"))
+        data = {"task_id": "task-other", "status": "COMPLETED", "generated": [image]}
+        return web.json_response({"data": {**data, "has_nsfw": [False]}})
+
+    manifest = write_catalog(tmp_path / "in", 1)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 1
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["rejected"]
+    assert table["task_id"].null_count() == 1 and "HTTP 302" in table["reason"][0]
+    assert not (tmp_path / "out" / "images").exists() or not any(
+        (tmp_path / "out" / "images").iterdir()
+    )
