@@ -130,18 +130,25 @@ def _goals(results: dict[str, Any]) -> list[str]:
                 f"| {_num(ours['cpu_s_per_1000'], 1)} s vs {naive['cpu_s_per_1000']:.1f} s "
                 f"({ratio:.2f}x) | {_met(ratio <= 1.5)} |"
             )
-    sweep = results.get("sweep", {}).get("dry_run", [])
-    by_rows = {entry["rows"]: entry for entry in sweep}
-    if 10_000 in by_rows and max(by_rows) > 10_000:
-        top = max(by_rows)
-        ratio = by_rows[top]["peak_rss_mb"] / by_rows[10_000]["peak_rss_mb"]
-        lines.append(
-            f"| peak RSS at {top:,} rows within 1.2x of 10,000 | sweep | dry run "
-            f"| {ratio:.2f}x ({by_rows[top]['peak_rss_mb']:.0f} / "
-            f"{by_rows[10_000]['peak_rss_mb']:.0f} MB) "
-            f"| {'met' if ratio <= 1.2 else '**not met**'} |"
-        )
+    sweep = results.get("sweep", {})
+    lines += _memory_goal("dry run", sweep.get("dry_run", []))
+    lines += _memory_goal("real run", sweep.get("full_run", []))
     return lines
+
+
+def _memory_goal(kind: str, entries: list[dict[str, Any]]) -> list[str]:
+    """The goal table's line for peak memory: the largest run against 10,000 rows."""
+    by_rows = {entry["rows"]: entry for entry in entries}
+    if 10_000 not in by_rows or max(by_rows) <= 10_000:
+        return []
+    top = max(by_rows)
+    ratio = by_rows[top]["peak_rss_mb"] / by_rows[10_000]["peak_rss_mb"]
+    return [
+        f"| peak RSS at {top:,} rows within 1.2x of 10,000 | sweep | {kind} "
+        f"| {ratio:.2f}x ({by_rows[top]['peak_rss_mb']:.0f} / "
+        f"{by_rows[10_000]['peak_rss_mb']:.0f} MB) "
+        f"| {'met' if ratio <= 1.2 else '**not met**'} |"
+    ]
 
 
 _SOAK_LABELS = {

@@ -298,15 +298,23 @@ class SeenKeys:
 
     A Python set of a million keys costs about 94 MB (a str object and a slot per key),
     which made a dry run's memory grow with the manifest; digests in sorted numpy arrays
-    cost 16 MB per million, plus 8 bytes each for the row that had the key first (a
+    cost 16 MB per million, plus 4 bytes each for the row that had the key first (a
     duplicate's message names it, as the run's does). Two different keys would share a
     digest with probability about n² / 2^129, nil for any manifest. Runs are merged when
     one gets as big as the one below it (a log-structured merge), so adding n keys costs
     O(n log n) and there are at most log2(n) runs to search.
+
+    The digests are kept in ``PARTS`` independent sets of runs, by their first byte: a
+    merge then copies a sixteenth of the keys, not all of them. With one set, the last
+    merge of a million keys briefly held three copies of every digest (56 bytes a key:
+    the two runs, their concatenation, the sort order and the sorted copy), the dry run's
+    peak memory at a million rows (issue 16).
     """
 
+    PARTS: Final = 16
+
     def __init__(self) -> None:
-        self._runs: list[tuple[np.ndarray, np.ndarray]] = []
+        self._parts: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in range(self.PARTS)]
 
     def first_seen(self, keys: list[str]) -> list[bool]:
         """For each key in order: True when no earlier key (earlier call or earlier in
@@ -318,39 +326,50 @@ class SeenKeys:
 
         ``indices`` are the rows' own indices; new keys are remembered with them.
         """
+        if not keys:
+            return []
         digests = np.array(
             [hashlib.blake2b(key.encode(), digest_size=16).digest() for key in keys], dtype="S16"
         )
-        rows = np.asarray(indices, dtype=np.int64)
+        rows = np.asarray(indices, dtype=np.uint32)
+        part = np.frombuffer(digests.tobytes(), dtype=np.uint8)[::16] % self.PARTS
         found = np.full(len(keys), -1, dtype=np.int64)
-        for run, run_rows in self._runs:
-            at = np.searchsorted(run, digests)
-            at[at == len(run)] = 0
-            hit = (run[at] == digests) & (found < 0)
-            found[hit] = run_rows[at[hit]]
+        for number in np.unique(part):
+            runs = self._parts[number]
+            if not runs:
+                continue
+            mine = np.flatnonzero(part == number)
+            wanted = digests[mine]
+            for run, run_rows in runs:
+                at = np.searchsorted(run, wanted)
+                at[at == len(run)] = 0
+                hit = (run[at] == wanted) & (found[mine] < 0)
+                found[mine[hit]] = run_rows[at[hit]]
         # Repeats within this batch: the first occurrence counts as new, later ones do not.
-        if len(keys):
-            unique, first_index = np.unique(digests, return_index=True)
-            first = first_index[np.searchsorted(unique, digests)]
-            repeated = (first != np.arange(len(keys))) & (found < 0)
-            found[repeated] = rows[first[repeated]]
+        unique, first_index = np.unique(digests, return_index=True)
+        first = first_index[np.searchsorted(unique, digests)]
+        repeated = (first != np.arange(len(keys))) & (found < 0)
+        found[repeated] = rows[first[repeated]]
         new = found < 0
-        self._add(digests[new], rows[new])
+        for number in np.unique(part[new]):
+            mine = new & (part == number)
+            self._add(self._parts[number], digests[mine], rows[mine])
         return [None if value < 0 else int(value) for value in found]
 
-    def _add(self, digests: np.ndarray, rows: np.ndarray) -> None:
-        if not len(digests):
-            return
+    @staticmethod
+    def _add(
+        runs: list[tuple[np.ndarray, np.ndarray]], digests: np.ndarray, rows: np.ndarray
+    ) -> None:
         order = np.argsort(digests, kind="stable")
-        self._runs.append((digests[order], rows[order]))
-        while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            top, top_rows = self._runs.pop()
-            below, below_rows = self._runs.pop()
+        runs.append((digests[order], rows[order]))
+        while len(runs) > 1 and len(runs[-2][0]) <= 2 * len(runs[-1][0]):
+            top, top_rows = runs.pop()
+            below, below_rows = runs.pop()
             merged = np.concatenate([below, top])
             merged_rows = np.concatenate([below_rows, top_rows])
-            del top, below
+            del top, below, top_rows, below_rows
             order = np.argsort(merged, kind="stable")
-            self._runs.append((merged[order], merged_rows[order]))
+            runs.append((merged[order], merged_rows[order]))
 
 
 def _reject(report: CheckReport, column: str | None, message: str) -> None:

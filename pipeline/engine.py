@@ -48,7 +48,7 @@ from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
-from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retrying
+from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retry_transient
 from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
@@ -244,6 +244,9 @@ class _Tracked:
     permit: Permit | None = None
     #: First polled at the learned median, to learn the distribution (CALIBRATE_EVERY).
     calibrating: bool = False
+    #: When its next poll is due (monotonic); inf while none is scheduled. A heap entry
+    #: with another time was replaced by a sooner one (``Engine._schedule``).
+    due: float = math.inf
 
 
 class Engine:
@@ -430,6 +433,7 @@ class Engine:
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
             self._draining = True
+            self._hurry_the_last()
             self._check_fed()
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
@@ -604,6 +608,7 @@ class Engine:
         finally:
             self._by_task.pop(tracked.task_id, None)
             self.slots.finished(tracked.permit)
+            self._hurry_the_last()
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
                 # Resumed, and the API no longer knows the task: the earlier run may have
@@ -669,25 +674,26 @@ class Engine:
     async def _submit(self, job: Job, body: dict[str, Any]) -> Submitted:
         """Submit until acknowledged; 429s are flow control, not failures."""
         payload = json.dumps(body).encode()
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                while True:
-                    if self._abort_reason:
-                        raise _Abort
-                    if self._storm_round:
-                        async with self._scout:  # one submit at a time while 429s storm
-                            # Only the scout (this lock's holder) extends a pause.
-                            pause = self._quiet_until - time.monotonic()
-                            if pause > 0:
-                                await asyncio.sleep(pause)
-                            if not self._storm_round:
-                                continue  # it ended while we queued: back to full speed
-                            result = await self._send(job, payload)
-                    else:
+
+        async def attempt() -> Submitted:
+            while True:
+                if self._abort_reason:
+                    raise _Abort
+                if self._storm_round:
+                    async with self._scout:  # one submit at a time while 429s storm
+                        # Only the scout (this lock's holder) extends a pause.
+                        pause = self._quiet_until - time.monotonic()
+                        if pause > 0:
+                            await asyncio.sleep(pause)
+                        if not self._storm_round:
+                            continue  # it ended while we queued: back to full speed
                         result = await self._send(job, payload)
-                    if result is not None:
-                        return result
-        raise AssertionError("unreachable")  # pragma: no cover
+                else:
+                    result = await self._send(job, payload)
+                if result is not None:
+                    return result
+
+        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _room_to_fetch(self) -> None:
         """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
@@ -761,8 +767,15 @@ class Engine:
         headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
         unreadable: str | None = None
         try:
+            # Never followed: a 301/302/303 turns the POST into a GET of another address,
+            # whose 200 could name a task this row never asked for (and a 307 re-sends
+            # the key and the prompt wherever it points). A redirect is no acknowledgement.
             async with self._session.post(
-                self._provider.submit_url(), data=payload, headers=headers, timeout=self._timeout
+                self._provider.submit_url(),
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 try:
@@ -783,19 +796,21 @@ class Engine:
             self.slots.abandoned(permit)
             self.stats.ambiguous_submits += 1
             raise Transient(f"submit answer lost: {type(exc).__name__}") from None
-        if status == 200:
+        if 200 <= status < 300:
+            # Any success (200, 201 Created, 202 Accepted, 204 No Content) means the API
+            # took the request: a task id in it is an acknowledgement like a 200's.
             try:
                 submitted = self._provider.parse_submit(body)
             except ProtocolError as exc:
                 # The API said yes and named no task we can read (a proxy's HTML page, a
-                # body over the cap): it may have charged. Not sent again in this run; the
-                # intent stays open in the journal (``ambiguous_submits``).
+                # body over the cap, a 204): it may have charged. Not sent again in this
+                # run; the intent stays open in the journal (``ambiguous_submits``).
                 self.slots.abandoned(permit)
                 self.stats.ambiguous_submits += 1
                 said = unreadable or f"no task we can read ({exc})"
                 raise _AmbiguousSubmit(
                     RowStatus.FAILED,
-                    f"the API accepted the submit (HTTP 200) with {said}: it may have charged "
+                    f"the API accepted the submit (HTTP {status}) with {said}: it may have charged "
                     "for a task this run cannot name, so the row was not submitted again; "
                     "check the API's task list, then --retry-failed submits it again (and "
                     "pays again if it was charged)",
@@ -847,10 +862,30 @@ class Engine:
         return tracked
 
     def _schedule(self, tracked: _Tracked, delay: float) -> None:
+        """Poll ``tracked`` after ``delay``, unless a poll of it is already due sooner.
+
+        One scheduled poll per task: the sooner wins and the other heap entry is skipped.
+        """
         due = time.monotonic() + delay
+        if due >= tracked.due:
+            return
+        tracked.due = due
         heapq.heappush(self._heap, (due, next(self._seq), tracked))
         if self._heap[0][2] is tracked:
             self._wake.set()
+
+    def _hurry_the_last(self) -> None:
+        """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
+        ``DRAIN_REPOLL_S`` for its next poll.
+
+        Their polls were scheduled while more tasks were in flight, with the usual back-off
+        (up to 10 s for a long task), and the run ends when the last of them is noticed.
+        """
+        if not self._draining or len(self._by_task) > DRAIN_TASKS:
+            return
+        for tracked in self._by_task.values():
+            if tracked.due < math.inf and not tracked.done.done():
+                self._schedule(tracked, DRAIN_REPOLL_S)
 
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
@@ -864,7 +899,10 @@ class Engine:
         while True:
             now = time.monotonic()
             while self._heap and self._heap[0][0] <= now:
-                _, _, tracked = heapq.heappop(self._heap)
+                due, _, tracked = heapq.heappop(self._heap)
+                if due != tracked.due:
+                    continue  # a sooner poll replaced this one (``_schedule``)
+                tracked.due = math.inf
                 if not tracked.done.done():
                     poll = asyncio.create_task(self._poll_task(tracked))
                     self._polling.add(poll)
@@ -947,10 +985,9 @@ class Engine:
         self.slots.set_distribution(median, sigma)
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                return await self._poll_once(tracked)
-        raise AssertionError("unreachable")  # pragma: no cover
+        return await retry_transient(
+            self._settings.retry, lambda: self._poll_once(tracked), on_retry=self._count_retry
+        )
 
     async def _poll_once(self, tracked: _Tracked) -> TaskState:
         tracked.polls += 1
@@ -965,7 +1002,7 @@ class Engine:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             raise Transient(f"poll failed: {shown}") from None
-        if status == 200:
+        if 200 <= status < 300:
             try:
                 return self._provider.parse_poll(body)
             except ProtocolError as exc:
@@ -1167,13 +1204,13 @@ class Engine:
         )
 
     async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
-        async for attempt in retrying(self._settings.retry, on_retry=self._count_retry):
-            with attempt:
-                # A download slot per attempt, not across the backoff sleeps between them:
-                # a retrying download must not keep other finished tasks from theirs.
-                async with self._downloads:
-                    return await self._download_once(url, fmt, expected)
-        raise AssertionError("unreachable")  # pragma: no cover
+        async def attempt() -> tuple[Any, bytes]:
+            # A download slot per attempt, not across the backoff sleeps between them:
+            # a retrying download must not keep other finished tasks from theirs.
+            async with self._downloads:
+                return await self._download_once(url, fmt, expected)
+
+        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _download_once(
         self, url: str, fmt: str, expected: tuple[int, int]
@@ -1197,8 +1234,8 @@ class Engine:
                     data = b"".join(chunks)
                     if length is not None and len(data) != length:
                         raise Transient(f"image body cut short ({len(data)} of {length} bytes)")
-                else:
-                    await response.read()
+                # Any other answer stands for its status alone: its body is not read (an
+                # error page streaming without end must not take the run's memory).
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Transient(f"download failed: {type(exc).__name__}") from None
@@ -1341,7 +1378,7 @@ class _Expired(Exception):
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
-    """The answer's JSON (None if it is not JSON); a 200 answer over ``MAX_ANSWER_BYTES``
+    """The answer's JSON (None if it is not JSON); a 2xx answer over ``MAX_ANSWER_BYTES``
     raises ``ValueError`` before it is all read: a submit or poll answer is a few hundred
     bytes, and an API (or a proxy) that streams hundreds of megabytes must not take the
     run's memory with it (a submit answered so is ambiguous, a poll is retried). A larger
@@ -1351,7 +1388,7 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
-            if response.status != 200:
+            if not 200 <= response.status < 300:
                 return None  # a refusal all the same: said by its status alone
             raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes is too large")
         chunks.append(chunk)

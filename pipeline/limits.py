@@ -145,6 +145,11 @@ class Permit:
     #: Once accepted: when (monotonic), and the last moment the task was known running.
     acked_at: float = 0.0
     running_at: float = 0.0
+    #: ``SlotController._expected_finishes``'s share of this task still running at the
+    #: moment it was last known running, and what that was computed from (that moment
+    #: and the distribution): it changes when a poll says so, not at every call.
+    survived: float = 1.0
+    survived_from: tuple[float, object] | None = None
 
 
 class SlotController:
@@ -453,12 +458,20 @@ class SlotController:
         density = 1.0 / (sigma * math.sqrt(2.0 * math.pi))
         expected = rate = 0.0
         floor = self._all_running_at
+        dist = self._dist
         for permit in self._live:
             known = max(permit.running_at, floor) - permit.acked_at
             age = now - permit.acked_at
             if age <= 0.0:
                 continue
-            survived = 0.5 * math.erfc((math.log(known) - mu) * scale) if known > 0 else 1.0
+            if permit.survived_from != (known, dist):
+                # Memoised: two of the five transcendental calls per task and call (the
+                # controller asks several times per image: issue 16's CPU profile).
+                permit.survived = (
+                    0.5 * math.erfc((math.log(known) - mu) * scale) if known > 0 else 1.0
+                )
+                permit.survived_from = (known, dist)
+            survived = permit.survived
             if survived < 1e-9:
                 continue  # far past the learned tail: this model says nothing of it
             z = (math.log(age) - mu) * scale

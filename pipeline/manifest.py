@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -57,7 +58,13 @@ _DELIMITERS: Final = (",", ";", "\t")
 _DELIMITER_NAMES: Final = {",": "comma", ";": "semicolon", "\t": "tab"}
 _PARQUET_SUFFIXES: Final = (".parquet", ".pq")
 _HEAD_BYTES: Final = 64 * 1024
+#: The largest CSV read block: a row must fit in one (an inline ``data:`` reference of up to
+#: 10 MB needs this), so a longer row is an error naming it.
 _CSV_BLOCK_BYTES: Final = 16 << 20
+#: The smallest read block, used when every row is far shorter (``_csv_block_size``).
+_CSV_MIN_BLOCK_BYTES: Final = 256 << 10
+#: How much of the file the block-size scan looks at a time.
+_SCAN_BYTES: Final = 1 << 20
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")
 _OUTPUT_FORMAT_ALIASES: Final = {"jpg": "jpeg"}
 #: How a binary (Parquet) reference cell is passed on: its bytes as a data: URI.
@@ -313,6 +320,46 @@ def _sniff_csv(path: Path, name: str) -> _CsvFormat:
     return _CsvFormat(encoding=encoding, delimiter=delimiter, header=header)
 
 
+def _csv_block_size(path: Path, encoding: str) -> int:
+    """The read block for this CSV: twice its longest row, between 256 KB and 16 MB.
+
+    pyarrow's streaming CSV reader reads up to 32 blocks ahead of the rows handed out
+    (on its I/O thread), so its memory is 32 blocks, whatever the file's size: 16 MB
+    blocks held the whole of a 100 MB, million-row manifest in memory at once (the
+    dry run's peak grew with the manifest: issue 16). One pass over the bytes finds the
+    longest row (newlines outside double quotes; doubled quotes keep the count even), so
+    the blocks are as small as the rows allow, and a file with one 3 MB inline reference
+    still gets blocks it fits in. A row longer than 16 MB stops the scan early: the read
+    then fails on it with one clear line, as before. Encodings other than UTF-8 (UTF-16)
+    are not scanned: they get the largest block.
+    """
+    if encoding != "utf-8":
+        return _CSV_BLOCK_BYTES
+    longest = 0
+    row_start = 0
+    offset = 0
+    odd = 0
+    with path.open("rb") as handle:
+        while chunk := handle.read(_SCAN_BYTES):
+            data = np.frombuffer(chunk, dtype=np.uint8)
+            quotes = np.flatnonzero(data == 0x22)
+            ends = np.flatnonzero(data == 0x0A)
+            # A newline ends a row when an even number of quotes came before it.
+            ends = ends[((np.searchsorted(quotes, ends) + odd) & 1) == 0] + offset
+            if len(ends):
+                longest = max(longest, int(ends[0]) - row_start, int(np.diff(ends).max(initial=0)))
+                row_start = int(ends[-1])
+            odd = (odd + len(quotes)) & 1
+            offset += len(chunk)
+            if max(longest, offset - row_start) >= _CSV_BLOCK_BYTES:
+                return _CSV_BLOCK_BYTES
+    longest = max(longest, offset - row_start)
+    block = _CSV_MIN_BLOCK_BYTES
+    while block < 2 * longest and block < _CSV_BLOCK_BYTES:
+        block *= 2
+    return block
+
+
 class ManifestReader:
     """A manifest opened for reading in batches; problems with the whole file show up here.
 
@@ -351,6 +398,8 @@ class ManifestReader:
         self._frame: pl.DataFrame | None = None
         self._table: pa.Table | None = None
         self._csv: _CsvFormat | None = None
+        #: The read block of a CSV, chosen when it is read (``_csv_block_size``).
+        self._csv_block = _CSV_BLOCK_BYTES
         self._parquet: pq.ParquetFile | None = None
         self.path: Path | None = None
         if isinstance(source, pl.DataFrame):
@@ -575,13 +624,14 @@ class ManifestReader:
             bad.append(_BadLine(target=target, line=line, text=text))
             return "skip"
 
+        block = self._csv_block = _csv_block_size(self.path, fmt.encoding)
         try:
             reader = pacsv.open_csv(
                 self.path,
                 read_options=pacsv.ReadOptions(
                     column_names=positional,
                     skip_rows=1,
-                    block_size=_CSV_BLOCK_BYTES,
+                    block_size=block,
                     encoding=fmt.encoding,
                     use_threads=False,
                 ),
@@ -656,7 +706,7 @@ class ManifestReader:
         if "straddl" in str(exc):
             return ManifestError(
                 f"{self.name}: a single row is larger than "
-                f"{_CSV_BLOCK_BYTES >> 20} MB (row {next_index + 1} or later); "
+                f"{_megabytes(self._csv_block)} (row {next_index + 1} or later); "
                 'look for a quote (") that is opened and never closed; prompts are '
                 f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
             )
@@ -680,6 +730,10 @@ class ManifestReader:
 
 
 # --- validation -----------------------------------------------------------------------------
+
+
+def _megabytes(size: int) -> str:
+    return f"{size >> 20} MB" if size >= 1 << 20 else f"{size >> 10} KB"
 
 
 def _text(batch: pl.DataFrame, name: str) -> pl.Expr:

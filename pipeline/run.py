@@ -549,6 +549,7 @@ async def _arun(
         if remote is not None:
             remote.start(run_id)
         run = _Run(run_id, reader, ledger, opts, on_progress)
+        run.receiver = receiver
         summary = RunSummary(
             run_id=run_id,
             manifest=reader.name,
@@ -669,6 +670,8 @@ class _Run:
         self.opts = opts
         self.on_progress = on_progress
         self.engine: Engine | None = None
+        #: ``--webhook-listen``'s receiver, whose figures go into ``run.json``.
+        self.receiver: WebhookReceiver | None = None
         self.counts: Counter[str] = Counter()
         self.seen = 0
         self.total: int | None = None
@@ -923,6 +926,8 @@ class _Run:
             summary.errors = dict(stats.errors)
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
+        if self.receiver is not None:
+            summary.webhook_receiver = self.receiver.stats.as_dict()
         if self.budget is not None and self.budget.stopped:
             summary.stopped = "budget"
         await attempt("run.json", lambda: write_run_json(sink, summary))  # type: ignore[arg-type]
