@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 #: Largest submit or poll answer read (they are a few hundred bytes; see ``_read_json``).
 MAX_ANSWER_BYTES = 1024 * 1024
+#: A task this run was just given that a poll calls unknown (404) is not yet believed gone
+#: for this long: an API's read side may learn of a task after its submit answered, and
+#: taking the 404 at its word would make ``--retry-failed`` pay for the task again.
+UNKNOWN_GRACE_S = 60.0
 
 #: Consecutive 429s, with no submit accepted in between, beyond what probing explains: a
 #: limit the client was not told (a per-minute limit, another job on the key). The server
@@ -1012,6 +1016,11 @@ class Engine:
         if status == 429 or status >= 500:
             raise Transient(message, retry_after=retry_after)
         if status == 404:
+            fresh = tracked.job.task_id is None  # acknowledged in this run, not resumed
+            if fresh and time.monotonic() - tracked.started < UNKNOWN_GRACE_S:
+                # Retried as any failed poll; polls failing to the end keep the task, so
+                # --retry-failed polls it again rather than paying for it again.
+                raise Transient(f"task {tracked.task_id} not found yet ({message})")
             raise _UnknownTask(
                 RowStatus.FAILED,
                 f"task {tracked.task_id} is unknown to the API ({message}); "

@@ -338,3 +338,31 @@ async def test_a_redirected_submit_is_not_followed(tmp_path: Path) -> None:
     assert not (tmp_path / "out" / "images").exists() or not any(
         (tmp_path / "out" / "images").iterdir()
     )
+
+
+async def test_a_new_task_the_api_calls_unknown_for_a_moment_is_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    """A 404 on the first polls of a task just acknowledged (a replica not yet aware of it)
+    ended the row as forgotten, and ``--retry-failed`` submitted it again."""
+    polls: collections.Counter[str] = collections.Counter()
+
+    async def submit(_: web.Request) -> web.Response:
+        return web.json_response({"data": {"task_id": "task-lag", "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.Response:
+        polls["task-lag"] += 1
+        if polls["task-lag"] <= 2:
+            return web.json_response({"message": "Not found"}, status=404)
+        image = str(request.url.with_path("/image.jpg"))
+        body = {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        return web.json_response(body)
+
+    manifest = write_catalog(tmp_path / "in", 1)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 1
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"], table["reason"].to_list()
+    assert table["task_id"].to_list() == ["task-lag"] and polls["task-lag"] == 3
