@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 #: Largest submit or poll answer read (they are a few hundred bytes; see ``_read_json``).
 MAX_ANSWER_BYTES = 1024 * 1024
+#: A task this run was just given that a poll calls unknown (404) is not yet believed gone
+#: for this long: an API's read side may learn of a task after its submit answered, and
+#: taking the 404 at its word would make ``--retry-failed`` pay for the task again.
+UNKNOWN_GRACE_S = 60.0
 
 #: Consecutive 429s, with no submit accepted in between, beyond what probing explains: a
 #: limit the client was not told (a per-minute limit, another job on the key). The server
@@ -210,6 +214,25 @@ class _Stopped(Exception):
 
 
 @dataclass(slots=True)
+class KeyState:
+    """What engines learn about one key: its slots in use, submit rate, task times.
+
+    An engine makes its own by default. A process that runs several runs on one key, one
+    after another or overlapping (a flow's runner: each shard is a run, and the next one
+    starts while the last one's tasks finish), passes one ``KeyState`` to all of them, so
+    a new run starts with the key as the last one learned it (limit, latency, the
+    distribution its probes follow) and counts the slots the last one's tail still holds,
+    instead of learning from scratch against 429s. Empty parts are made by the first
+    engine that gets it.
+    """
+
+    slots: SlotController | None = None
+    rate: SubmitRateLimiter | None = None
+    first_poll: QuantileTracker | None = None
+    median: QuantileTracker | None = None
+
+
+@dataclass(slots=True)
 class _Tracked:
     job: Job
     task_id: str
@@ -248,6 +271,7 @@ class Engine:
         on_outcome: Callable[[Outcome], None],
         budget: Budget | None = None,
         library: Library | None = None,
+        key_state: KeyState | None = None,
     ) -> None:
         self._provider = provider
         #: Images made before, by request fingerprint (``pipeline/library.py``).
@@ -260,22 +284,29 @@ class Engine:
         self._settings = settings
         self._on_outcome = on_outcome
         self.stats = EngineStats()
-        self.slots = SlotController(
-            settings.max_active,
-            expected_latency_s=settings.expected_latency_s,
-            refusal_target=settings.refusal_target,
-            # Webhooks tell us when slots free: no need to probe for them.
-            probing=settings.webhook_url is None and settings.limit_is_the_keys,
-        )
-        self._rate = SubmitRateLimiter(settings.submits_per_minute)
-        self._first_poll = QuantileTracker(
-            settings.poll_quantile,
-            settings.expected_latency_s,
-            step=min(0.1, 0.5 / settings.max_active),
-        )
-        self._median = QuantileTracker(
-            0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
-        )
+        shared = key_state if key_state is not None else KeyState()
+        if shared.slots is None:
+            shared.slots = SlotController(
+                settings.max_active,
+                expected_latency_s=settings.expected_latency_s,
+                refusal_target=settings.refusal_target,
+                # Webhooks tell us when slots free: no need to probe for them.
+                probing=settings.webhook_url is None and settings.limit_is_the_keys,
+            )
+            shared.rate = SubmitRateLimiter(settings.submits_per_minute)
+            shared.first_poll = QuantileTracker(
+                settings.poll_quantile,
+                settings.expected_latency_s,
+                step=min(0.1, 0.5 / settings.max_active),
+            )
+            shared.median = QuantileTracker(
+                0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
+            )
+        assert shared.rate and shared.first_poll and shared.median
+        self.slots = shared.slots
+        self._rate = shared.rate
+        self._first_poll = shared.first_poll
+        self._median = shared.median
         self._calibrated = 0
         self._fresh = itertools.count()
         self._ranks = itertools.count()
@@ -745,8 +776,15 @@ class Engine:
         headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
         unreadable: str | None = None
         try:
+            # Never followed: a 301/302/303 turns the POST into a GET of another address,
+            # whose 200 could name a task this row never asked for (and a 307 re-sends
+            # the key and the prompt wherever it points). A redirect is no acknowledgement.
             async with self._session.post(
-                self._provider.submit_url(), data=payload, headers=headers, timeout=self._timeout
+                self._provider.submit_url(),
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 try:
@@ -767,19 +805,21 @@ class Engine:
             self.slots.abandoned(permit)
             self.stats.ambiguous_submits += 1
             raise Transient(f"submit answer lost: {type(exc).__name__}") from None
-        if status == 200:
+        if 200 <= status < 300:
+            # Any success (200, 201 Created, 202 Accepted, 204 No Content) means the API
+            # took the request: a task id in it is an acknowledgement like a 200's.
             try:
                 submitted = self._provider.parse_submit(body)
             except ProtocolError as exc:
                 # The API said yes and named no task we can read (a proxy's HTML page, a
-                # body over the cap): it may have charged. Not sent again in this run; the
-                # intent stays open in the journal (``ambiguous_submits``).
+                # body over the cap, a 204): it may have charged. Not sent again in this
+                # run; the intent stays open in the journal (``ambiguous_submits``).
                 self.slots.abandoned(permit)
                 self.stats.ambiguous_submits += 1
                 said = unreadable or f"no task we can read ({exc})"
                 raise _AmbiguousSubmit(
                     RowStatus.FAILED,
-                    f"the API accepted the submit (HTTP 200) with {said}: it may have charged "
+                    f"the API accepted the submit (HTTP {status}) with {said}: it may have charged "
                     "for a task this run cannot name, so the row was not submitted again; "
                     "check the API's task list, then --retry-failed submits it again (and "
                     "pays again if it was charged)",
@@ -971,7 +1011,7 @@ class Engine:
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             raise Transient(f"poll failed: {shown}") from None
-        if status == 200:
+        if 200 <= status < 300:
             try:
                 return self._provider.parse_poll(body)
             except ProtocolError as exc:
@@ -981,6 +1021,11 @@ class Engine:
         if status == 429 or status >= 500:
             raise Transient(message, retry_after=retry_after)
         if status == 404:
+            fresh = tracked.job.task_id is None  # acknowledged in this run, not resumed
+            if fresh and time.monotonic() - tracked.started < UNKNOWN_GRACE_S:
+                # Retried as any failed poll; polls failing to the end keep the task, so
+                # --retry-failed polls it again rather than paying for it again.
+                raise Transient(f"task {tracked.task_id} not found yet ({message})")
             raise _UnknownTask(
                 RowStatus.FAILED,
                 f"task {tracked.task_id} is unknown to the API ({message}); "
@@ -1203,8 +1248,8 @@ class Engine:
                     data = b"".join(chunks)
                     if length is not None and len(data) != length:
                         raise Transient(f"image body cut short ({len(data)} of {length} bytes)")
-                else:
-                    await response.read()
+                # Any other answer stands for its status alone: its body is not read (an
+                # error page streaming without end must not take the run's memory).
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Transient(f"download failed: {type(exc).__name__}") from None
@@ -1347,7 +1392,7 @@ class _Expired(Exception):
 
 
 async def _read_json(response: aiohttp.ClientResponse) -> Any:
-    """The answer's JSON (None if it is not JSON); a 200 answer over ``MAX_ANSWER_BYTES``
+    """The answer's JSON (None if it is not JSON); a 2xx answer over ``MAX_ANSWER_BYTES``
     raises ``ValueError`` before it is all read: a submit or poll answer is a few hundred
     bytes, and an API (or a proxy) that streams hundreds of megabytes must not take the
     run's memory with it (a submit answered so is ambiguous, a poll is retried). A larger
@@ -1357,7 +1402,7 @@ async def _read_json(response: aiohttp.ClientResponse) -> Any:
     async for chunk in response.content.iter_chunked(1 << 16):
         size += len(chunk)
         if size > MAX_ANSWER_BYTES:
-            if response.status != 200:
+            if not 200 <= response.status < 300:
                 return None  # a refusal all the same: said by its status alone
             raise ValueError(f"answer larger than {MAX_ANSWER_BYTES} bytes is too large")
         chunks.append(chunk)

@@ -81,6 +81,9 @@ class RunSummary:
     #: Rows whose image was copied from the library (``--library``): no submit, no cost.
     reused_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
+    #: What ``--webhook-listen``'s receiver saw: deliveries accepted, duplicates, refusals by
+    #: reason and connections closed on arrival (a flood shows here, not in failed rows).
+    webhook_receiver: dict[str, object] = field(default_factory=dict)
     #: ``budget`` when ``--max-credits`` stopped the run before every image was made.
     stopped: str | None = None
 

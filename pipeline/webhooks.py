@@ -173,6 +173,15 @@ class ReceiverStats:
     connections_refused: int = 0
     refused: collections.Counter[str] = field(default_factory=collections.Counter)
 
+    def as_dict(self) -> dict[str, object]:
+        """The figures as ``run.json`` keeps them."""
+        return {
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "connections_refused": self.connections_refused,
+            "refused": dict(self.refused),
+        }
+
 
 class WebhookReceiver:
     """An aiohttp server that verifies deliveries and reports task endings to ``on_state``."""

@@ -12,6 +12,7 @@ by their polls instead. Every row succeeds, with one accepted submit each.
 from __future__ import annotations
 
 import contextlib
+import json
 import resource
 import socket
 import subprocess
@@ -120,3 +121,5 @@ def test_slowloris_against_the_receiver_fails_no_row(start_sim: Any, tmp_path: P
     assert table["status"].to_list() == ["succeeded"] * ROWS, table["reason"].to_list()
     assert table["task_id"].null_count() == 0
     assert server.stats()["keys"]["demo"]["submits_accepted"] == ROWS  # nothing paid twice
+    receiver = json.loads((out / "run.json").read_text())["webhook_receiver"]
+    assert receiver["connections_refused"] > 0, receiver  # the flood shows in run.json

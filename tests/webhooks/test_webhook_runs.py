@@ -73,6 +73,7 @@ def test_webhooks_replace_polling(dialect: str, start_sim: Any, tmp_path: Path) 
     # makes more frequent (0.21-0.41 seen at load 7-10, 0.0-0.1 alone).
     assert with_hooks <= 0.5 and with_hooks < without / 2, (with_hooks, without)
     assert summary.webhooks >= 0.8 * rows
+    assert summary.webhook_receiver["accepted"] >= summary.webhooks  # also in run.json
     assert hooked.stats()["keys"]["demo"]["webhooks_sent"] >= rows
     assert hooked.stats()["keys"]["demo"]["webhooks_failed"] == 0
 
