@@ -146,6 +146,9 @@ class Job:
     fingerprint: str | None = None
     #: Taken by the engine and not yet acknowledged by the API (``Engine.fed``).
     unsubmitted: bool = False
+    #: Its place among the rows the engine took: rows ask for a submit permit in this order,
+    #: a row refused with 429 before the rows behind it (``limits.RankedTurn``).
+    rank: int = 0
 
 
 @dataclass(slots=True)
@@ -306,6 +309,7 @@ class Engine:
         self._median = shared.median
         self._calibrated = 0
         self._fresh = itertools.count()
+        self._ranks = itertools.count()
         #: Permits of accepted submits, handed to their tracked task.
         self._permits: dict[str, Permit] = {}
         #: Every row has been taken: only the tasks in flight are left (DRAIN_*).
@@ -431,6 +435,7 @@ class Engine:
                         job.queued_at = time.time()
                         job.unsubmitted = True
                         self._unsubmitted += 1
+                    job.rank = next(self._ranks)
                     task = asyncio.create_task(self._carry(job, gate))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -709,7 +714,7 @@ class Engine:
         """One submit request within the limits; None when it was refused with a 429."""
         while True:
             await self._room_to_fetch()
-            permit = await self.slots.acquire()
+            permit = await self.slots.acquire(job.rank)
             # Rows queue for permits for a while: the download backlog may have grown since.
             if self._unfetched < self._settings.download_concurrency:
                 break
