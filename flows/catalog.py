@@ -33,6 +33,7 @@ Prefect's ephemeral mode (no server needed); see ``flows/cli.py``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
@@ -67,6 +68,7 @@ from flows.shards import (
     shard_folder,
 )
 from pipeline import dest_lock
+from pipeline.engine import KeyState
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
 from pipeline.ledger import LEDGER_RELPATH
@@ -141,10 +143,16 @@ def _absolute(location: str) -> str:
 # --- one shard ------------------------------------------------------------------------------------
 
 
-async def run_shard(job: ShardJob, on_fed: Callable[[], None] | None = None) -> dict[str, Any]:
+async def run_shard(
+    job: ShardJob,
+    on_fed: Callable[[], None] | None = None,
+    key_state: KeyState | None = None,
+) -> dict[str, Any]:
     """Run one shard with the engine, inside its lease; returns (and stores) ``shard.json``.
 
-    ``on_fed`` is called once every row of the shard is submitted (``RunOptions.on_fed``).
+    ``on_fed`` is called once every row of the shard is submitted (``RunOptions.on_fed``);
+    a runner passes every shard it runs one ``key_state``, so each shard starts with the
+    key as the last one learned it, and counts the slots that one's tail still holds.
     """
     key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
@@ -160,6 +168,7 @@ async def run_shard(job: ShardJob, on_fed: Callable[[], None] | None = None) -> 
         options.max_credits = job.max_credits
     options.resubmit_unknown = job.resubmit_unknown
     options.on_fed = on_fed
+    options.key_state = key_state
     async with leased(job.concurrency_limit, job.occupy) as lease:
         summary = await arun_manifest(
             job.manifest, sink, api_url=job.spec.api_url, api_key=key, options=options
@@ -211,9 +220,10 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
     if queue is not None:
         shards = plan_shards(queue.shards)
         ran: list[int] = []
+        key = KeyState()  # one runner, one key: every shard starts where the last one was
 
         async def run_here(shard: ShardSpec, fed: Callable[[], None]) -> dict[str, Any]:
-            info = await run_shard(_job_for(job, shard, queue), fed)
+            info = await run_shard(_job_for(job, shard, queue), fed, key)
             ran.append(shard.index)
             logger.info("shard %d: %s", shard.index, _counts_text(info["summary"]["counts"]))
             return info
@@ -258,9 +268,10 @@ async def shard_task(job: ShardJob) -> dict[str, Any]:
 async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[str, Any]:
     """Check the manifest as ``klein-batch run`` would (template, variations, library
     included), and fix the shard count of the output (kept from its first run)."""
-    from pipeline.check import check_manifest
+    from pipeline.check import CheckReport, check_manifest
     from pipeline.library import Library
     from pipeline.providers import published_cost
+    from pipeline.status import earlier_journal
     from pipeline.variations import Catalog
 
     logger = get_run_logger()
@@ -270,23 +281,46 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
         if spec.library
         else None
     )
-    report = await asyncio.to_thread(
-        check_manifest,
-        manifest,
-        defaults=spec.image_defaults(),
-        limit=spec.limit,
-        catalog=Catalog.build(
-            prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
-        ),
-        export=spec.export(),
-        reference_column=spec.reference_column,
-        library=library,
-        cost=published_cost(spec.dialect, spec.model),
-    )
-    logger.info("validation:\n%s", report.render())
     sink = open_sink(out)
     stored = await sink.get(PLAN_RELPATH)
     previous = StoredPlan.from_bytes(stored, out) if stored is not None else None
+
+    def check() -> tuple[CheckReport, float]:
+        # Into an output the flow ran into before, a dry run counts and prices only what the
+        # rerun sends, as `klein-batch run --dry-run` does: the shards' journals say what
+        # is done (skipped) and in flight (polled).
+        with contextlib.ExitStack() as journals:
+            ledgers = [
+                ledger
+                for n in range(previous.shards if previous and spec.dry_run else 0)
+                if (ledger := journals.enter_context(earlier_journal(sink.uri(shard_folder(n)))))
+                is not None
+            ]
+
+            def earlier(keys: list[str]) -> dict[str, str]:
+                found: dict[str, str] = {}
+                for ledger in ledgers:
+                    found.update(ledger.earlier_work(keys, retry_failed=spec.retry_failed))
+                return found
+
+            committed = sum(ledger.destination_credits() for ledger in ledgers)
+            report = check_manifest(
+                manifest,
+                defaults=spec.image_defaults(),
+                limit=spec.limit,
+                catalog=Catalog.build(
+                    prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
+                ),
+                earlier=earlier if ledgers else None,
+                export=spec.export(),
+                reference_column=spec.reference_column,
+                library=library,
+                cost=published_cost(spec.dialect, spec.model),
+            )
+            return report, committed
+
+    report, committed = await asyncio.to_thread(check)
+    logger.info("validation:\n%s", report.render())
     if previous is None and await sink.exists(LEDGER_RELPATH):
         raise ConfigError(
             f"{out} holds a run of `klein-batch run` (its journal is {LEDGER_RELPATH}); a "
@@ -313,6 +347,7 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
         "shard_size": shard_size,
         "to_send": report.to_send,
         "estimated_credits": report.estimated_credits,
+        "committed_credits": committed,
         "exit_code": int(report.exit_code),
         "report": report.render(),
     }
@@ -749,7 +784,13 @@ def _dry_run_result(
     validation, the plan and its cost, as ``klein-batch run --dry-run``; nothing sent."""
     from pipeline.cli import plan_text
 
-    plan = plan_text(spec, limits, checked["to_send"], checked["estimated_credits"])
+    plan = plan_text(
+        spec,
+        limits,
+        checked["to_send"],
+        checked["estimated_credits"],
+        checked.get("committed_credits", 0.0),
+    )
     plan += (
         f"\n  shards:   {checked['shards']} (by key), {parallel} at a time, {occupy} active "
         "tasks each"
@@ -806,6 +847,7 @@ async def _run_queue(
         )
         helpers.append(helper.id)
     done = 0
+    key = KeyState()  # this process is a runner: its shards share what they learn of the key
 
     async def on_shard(shard: ShardSpec, info: dict[str, Any] | None) -> None:
         nonlocal done
@@ -827,7 +869,7 @@ async def _run_queue(
         sink=open_sink(template.out),
         out=template.out,
         token=template.token,
-        run=lambda shard, fed: run_shard(make_job(shard, queue.caps.get(shard.index)), fed),
+        run=lambda shard, fed: run_shard(make_job(shard, queue.caps.get(shard.index)), fed, key),
         attempts=queue.attempts,
         on_shard=on_shard,
     )

@@ -61,6 +61,10 @@ log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 #: Largest submit or poll answer read (they are a few hundred bytes; see ``_read_json``).
 MAX_ANSWER_BYTES = 1024 * 1024
+#: A task this run was just given that a poll calls unknown (404) is not yet believed gone
+#: for this long: an API's read side may learn of a task after its submit answered, and
+#: taking the 404 at its word would make ``--retry-failed`` pay for the task again.
+UNKNOWN_GRACE_S = 60.0
 
 #: Consecutive 429s, with no submit accepted in between, beyond what probing explains: a
 #: limit the client was not told (a per-minute limit, another job on the key). The server
@@ -142,6 +146,9 @@ class Job:
     fingerprint: str | None = None
     #: Taken by the engine and not yet acknowledged by the API (``Engine.fed``).
     unsubmitted: bool = False
+    #: Its place among the rows the engine took: rows ask for a submit permit in this order,
+    #: a row refused with 429 before the rows behind it (``limits.RankedTurn``).
+    rank: int = 0
 
 
 @dataclass(slots=True)
@@ -207,6 +214,25 @@ class _Stopped(Exception):
 
 
 @dataclass(slots=True)
+class KeyState:
+    """What engines learn about one key: its slots in use, submit rate, task times.
+
+    An engine makes its own by default. A process that runs several runs on one key, one
+    after another or overlapping (a flow's runner: each shard is a run, and the next one
+    starts while the last one's tasks finish), passes one ``KeyState`` to all of them, so
+    a new run starts with the key as the last one learned it (limit, latency, the
+    distribution its probes follow) and counts the slots the last one's tail still holds,
+    instead of learning from scratch against 429s. Empty parts are made by the first
+    engine that gets it.
+    """
+
+    slots: SlotController | None = None
+    rate: SubmitRateLimiter | None = None
+    first_poll: QuantileTracker | None = None
+    median: QuantileTracker | None = None
+
+
+@dataclass(slots=True)
 class _Tracked:
     job: Job
     task_id: str
@@ -245,6 +271,7 @@ class Engine:
         on_outcome: Callable[[Outcome], None],
         budget: Budget | None = None,
         library: Library | None = None,
+        key_state: KeyState | None = None,
     ) -> None:
         self._provider = provider
         #: Images made before, by request fingerprint (``pipeline/library.py``).
@@ -257,24 +284,32 @@ class Engine:
         self._settings = settings
         self._on_outcome = on_outcome
         self.stats = EngineStats()
-        self.slots = SlotController(
-            settings.max_active,
-            expected_latency_s=settings.expected_latency_s,
-            refusal_target=settings.refusal_target,
-            # Webhooks tell us when slots free: no need to probe for them.
-            probing=settings.webhook_url is None and settings.limit_is_the_keys,
-        )
-        self._rate = SubmitRateLimiter(settings.submits_per_minute)
-        self._first_poll = QuantileTracker(
-            settings.poll_quantile,
-            settings.expected_latency_s,
-            step=min(0.1, 0.5 / settings.max_active),
-        )
-        self._median = QuantileTracker(
-            0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
-        )
+        shared = key_state if key_state is not None else KeyState()
+        if shared.slots is None:
+            shared.slots = SlotController(
+                settings.max_active,
+                expected_latency_s=settings.expected_latency_s,
+                refusal_target=settings.refusal_target,
+                # Webhooks tell us when slots free: no need to probe for them.
+                probing=settings.webhook_url is None and settings.limit_is_the_keys,
+            )
+            shared.rate = SubmitRateLimiter(settings.submits_per_minute)
+            shared.first_poll = QuantileTracker(
+                settings.poll_quantile,
+                settings.expected_latency_s,
+                step=min(0.1, 0.5 / settings.max_active),
+            )
+            shared.median = QuantileTracker(
+                0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
+            )
+        assert shared.rate and shared.first_poll and shared.median
+        self.slots = shared.slots
+        self._rate = shared.rate
+        self._first_poll = shared.first_poll
+        self._median = shared.median
         self._calibrated = 0
         self._fresh = itertools.count()
+        self._ranks = itertools.count()
         #: Permits of accepted submits, handed to their tracked task.
         self._permits: dict[str, Permit] = {}
         #: Every row has been taken: only the tasks in flight are left (DRAIN_*).
@@ -400,6 +435,7 @@ class Engine:
                         job.queued_at = time.time()
                         job.unsubmitted = True
                         self._unsubmitted += 1
+                    job.rank = next(self._ranks)
                     task = asyncio.create_task(self._carry(job, gate))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -678,7 +714,7 @@ class Engine:
         """One submit request within the limits; None when it was refused with a 429."""
         while True:
             await self._room_to_fetch()
-            permit = await self.slots.acquire()
+            permit = await self.slots.acquire(job.rank)
             # Rows queue for permits for a while: the download backlog may have grown since.
             if self._unfetched < self._settings.download_concurrency:
                 break
@@ -740,8 +776,15 @@ class Engine:
         headers = {**self._provider.auth_headers(), "Content-Type": "application/json"}
         unreadable: str | None = None
         try:
+            # Never followed: a 301/302/303 turns the POST into a GET of another address,
+            # whose 200 could name a task this row never asked for (and a 307 re-sends
+            # the key and the prompt wherever it points). A redirect is no acknowledgement.
             async with self._session.post(
-                self._provider.submit_url(), data=payload, headers=headers, timeout=self._timeout
+                self._provider.submit_url(),
+                data=payload,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
             ) as response:
                 status = response.status
                 try:
@@ -978,6 +1021,11 @@ class Engine:
         if status == 429 or status >= 500:
             raise Transient(message, retry_after=retry_after)
         if status == 404:
+            fresh = tracked.job.task_id is None  # acknowledged in this run, not resumed
+            if fresh and time.monotonic() - tracked.started < UNKNOWN_GRACE_S:
+                # Retried as any failed poll; polls failing to the end keep the task, so
+                # --retry-failed polls it again rather than paying for it again.
+                raise Transient(f"task {tracked.task_id} not found yet ({message})")
             raise _UnknownTask(
                 RowStatus.FAILED,
                 f"task {tracked.task_id} is unknown to the API ({message}); "
@@ -1200,8 +1248,8 @@ class Engine:
                     data = b"".join(chunks)
                     if length is not None and len(data) != length:
                         raise Transient(f"image body cut short ({len(data)} of {length} bytes)")
-                else:
-                    await response.read()
+                # Any other answer stands for its status alone: its body is not read (an
+                # error page streaming without end must not take the run's memory).
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise Transient(f"download failed: {type(exc).__name__}") from None

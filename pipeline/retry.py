@@ -56,17 +56,21 @@ class RetryPolicy:
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP date."""
+    """Seconds to wait from a ``Retry-After`` header: delay-seconds or an HTTP date.
+
+    Never raises: the header comes from the server, and it is read on answers that may
+    acknowledge a paid task (a 200 submit), so anything it cannot mean (``²``, ``-5``,
+    ``1e9``, ``NaN``, junk) is no hint at all. Callers clip the figure it gives."""
     if value is None:
         return None
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
+    if value.isascii() and value.isdigit():
         return float(value)
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when is None:
         return None
@@ -135,4 +139,9 @@ async def retry_transient(
         before_sleep=before_sleep,
         reraise=True,
     )
-    return await retrying(step)
+    # The attempt-block form: ``retrying(step)`` would call a lambda returning a coroutine
+    # as a plain function (tenacity awaits only coroutine functions) and return it unawaited.
+    async for attempt in retrying:
+        with attempt:
+            return await step()
+    raise AssertionError("tenacity ended without a result or an error")  # reraise=True

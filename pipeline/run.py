@@ -46,7 +46,7 @@ from pipeline import dest_lock
 from pipeline.budget import Budget
 from pipeline.config import MISSING_REFERENCE_CHOICES
 from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
-from pipeline.engine import Engine, EngineSettings, Job
+from pipeline.engine import Engine, EngineSettings, Job, KeyState
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
 from pipeline.keys import key_shard
@@ -156,6 +156,9 @@ class RunOptions:
     #: Called once every row of the run is submitted (or ended) and only tasks in flight are
     #: left (``Engine.fed``): a flow's runner claims its next shard then (``flows/queue.py``).
     on_fed: Callable[[], None] | None = None
+    #: Shared by the runs of one process on one key (``engine.KeyState``): a flow's runner
+    #: passes one to each shard it runs. None: the run learns the key on its own.
+    key_state: KeyState | None = None
 
     @classmethod
     def from_spec(cls, spec: RunSpec, base: RunOptions | None = None) -> RunOptions:
@@ -594,6 +597,7 @@ async def _arun(
                     on_outcome=run.record,
                     budget=run.budget,
                     library=library,
+                    key_state=opts.key_state,
                 )
                 run.engine = engine
                 engines.append(engine)

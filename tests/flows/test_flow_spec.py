@@ -107,6 +107,11 @@ async def test_templates_variations_and_one_budget_across_all_shards(
     assert sum(caps["caps"].values()) <= budget + 1e-9
     assert result["credits"] <= budget
 
+    # A dry run into this output counts what the shards' journals hold, as `run --dry-run`
+    # does: only the 14 skipped images are left to send.
+    again = await generate_catalog(str(manifest), dry, shard_size=3)
+    assert again["to_send"] == 14
+
     # The same flow with a higher budget finishes the night, paying only for the rest.
     async with SimServer(sim_config()) as sim:
         more = await generate_catalog(

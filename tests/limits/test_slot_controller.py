@@ -185,3 +185,42 @@ async def test_a_learned_distribution_sends_probes_when_several_tasks_likely_end
     slots.finished(permits[0])
     permit = await asyncio.wait_for(slots.acquire(), 5)
     assert not permit.speculative
+
+
+async def test_waiting_rows_get_slots_lowest_rank_first() -> None:
+    # A row refused with 429 asks again with its own rank: it goes before the rows taken
+    # after it instead of queueing behind all of them (manifest order is kept).
+    slots, permits = await full(1, probing=False)
+    order: list[int] = []
+
+    async def row(rank: int) -> None:
+        permit = await slots.acquire(rank)
+        order.append(rank)
+        slots.accepted(permit)
+
+    waiters = [asyncio.create_task(row(rank)) for rank in (5, 7, 6)]
+    await asyncio.sleep(0.01)
+    late = asyncio.create_task(row(2))  # a refused row coming back
+    await asyncio.sleep(0.01)
+    assert order == []
+    for _ in range(4):
+        slots.finished(permits.pop() if permits else None)
+        await asyncio.sleep(0.01)
+    await asyncio.wait_for(asyncio.gather(late, *waiters), 5)
+    # The first waiter had the turn already (it waits inside for a slot); then by rank.
+    assert order == [5, 2, 6, 7]
+
+
+async def test_a_waiter_cancelled_while_handed_the_turn_passes_it_on() -> None:
+    slots, _ = await full(1, probing=False)
+    first = asyncio.create_task(slots.acquire(1))
+    second = asyncio.create_task(slots.acquire(2))
+    third = asyncio.create_task(slots.acquire(3))
+    await asyncio.sleep(0.01)
+    second.cancel()
+    slots.finished()  # the first takes the freed slot and hands the turn on
+    permit = await asyncio.wait_for(first, 5)
+    slots.accepted(permit)
+    slots.finished(permit)
+    assert isinstance(await asyncio.wait_for(third, 5), Permit)
+    assert second.cancelled()

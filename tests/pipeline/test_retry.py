@@ -85,3 +85,10 @@ def test_backoff_is_full_jitter_under_an_exponential_ceiling() -> None:
     waits = [backoff_s(policy, 3, Transient("x")) for _ in range(200)]
     assert all(0.0 <= w <= 1.0 for w in waits) and max(waits) > 0.5
     assert all(backoff_s(policy, 30, Transient("x")) <= 20.0 for _ in range(50))
+
+
+async def test_a_lambda_returning_a_coroutine_is_awaited_on_every_attempt() -> None:
+    """The engine passes ``lambda: self._poll_once(tracked)``: not a coroutine function."""
+    step = Flaky(2)
+    assert await retry_transient(QUICK, lambda: step()) == "ok"
+    assert step.calls == 3

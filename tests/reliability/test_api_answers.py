@@ -24,7 +24,7 @@ from urllib.parse import quote
 import polars as pl
 import pytest
 from aiohttp import web
-from fake_api import fake_api
+from fake_api import fake_api, square_jpeg
 from pipeline_helpers import write_catalog
 
 from pipeline.engine import MAX_ANSWER_BYTES
@@ -242,3 +242,127 @@ async def test_any_2xx_submit_is_an_acknowledgement_or_an_ambiguous_submit(
     assert table["reason"][2].startswith("the API accepted the submit (HTTP 202)")
     assert table["reason"][3].startswith("the API accepted the submit (HTTP 204)")
     assert summary.ambiguous_submits == 2
+
+
+async def test_retry_after_values_that_mean_nothing_are_no_hint(tmp_path: Path) -> None:
+    """``Retry-After: ²`` on an accepted submit made the row an internal error with no task id,
+    and ``--retry-failed`` paid for it again; junk, negative and non-ASCII figures are ignored."""
+    ids = itertools.count()
+    polls: collections.Counter[str] = collections.Counter()
+    junk = ["\u00b2", "-5", "1e9", "NaN", "\u0663", "Fri, 99 Foo 2026"]
+
+    async def submit(_: web.Request) -> web.Response:
+        n = next(ids)
+        body = {"data": {"task_id": f"task-{n}", "status": "CREATED"}}
+        return web.json_response(body, headers={"Retry-After": junk[n % len(junk)]})
+
+    async def poll(request: web.Request) -> web.Response:
+        task = request.match_info["task"]
+        polls[task] += 1
+        said = {"Retry-After": junk[polls[task] % len(junk)]}
+        if polls[task] == 1:
+            return web.json_response({"message": "busy"}, status=503, headers=said)
+        image = str(request.url.with_path("/image.jpg"))
+        body = {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        return web.json_response(body, headers=said)
+
+    manifest = write_catalog(tmp_path / "in", 3)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 3
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"] * 3, table["reason"].to_list()
+
+
+async def test_an_error_page_streaming_without_end_on_download_is_not_read(
+    tmp_path: Path,
+) -> None:
+    """A result URL answering 500 with a body that never ends: the answer stands for its
+    status, its body is not read (it was, into memory, until the request timed out)."""
+    image = square_jpeg()
+    sent: collections.Counter[str] = collections.Counter()
+
+    async def submit(_: web.Request) -> web.Response:
+        return web.json_response({"data": {"task_id": "task-0", "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.StreamResponse:
+        if request.match_info["task"] == "task-0":
+            url = str(request.url.with_path(request.path + "-result"))
+            body = {"data": {"status": "COMPLETED", "generated": [url], "has_nsfw": [False]}}
+            return web.json_response(body)
+        sent["downloads"] += 1
+        if sent["downloads"] > 1:
+            return web.Response(body=image, content_type="image/jpeg")
+        flood = web.StreamResponse(status=500)
+        await flood.prepare(request)
+        chunk = b"x" * (1 << 20)
+        try:
+            for _ in range(64):
+                await flood.write(chunk)
+                sent["bytes"] += len(chunk)
+        except (ConnectionError, RuntimeError):
+            pass  # the client went away: what this test wants
+        return flood
+
+    manifest = write_catalog(tmp_path / "in", 1)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"], table["reason"].to_list()
+    assert sent["downloads"] == 2
+    assert sent["bytes"] < 32 << 20, sent  # read in full before: all 64 MB
+
+
+async def test_a_redirected_submit_is_not_followed(tmp_path: Path) -> None:
+    """A 302 on submit: followed, it became a GET of another task's poll answer, whose
+    task the row took for its own (and got that task's image)."""
+
+    async def submit(request: web.Request) -> web.Response:
+        raise web.HTTPFound(str(request.url) + "/task-other")
+
+    async def poll(request: web.Request) -> web.Response:
+        image = str(request.url.with_path("/image.jpg"))
+        data = {"task_id": "task-other", "status": "COMPLETED", "generated": [image]}
+        return web.json_response({"data": {**data, "has_nsfw": [False]}})
+
+    manifest = write_catalog(tmp_path / "in", 1)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 1
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["rejected"]
+    assert table["task_id"].null_count() == 1 and "HTTP 302" in table["reason"][0]
+    assert not (tmp_path / "out" / "images").exists() or not any(
+        (tmp_path / "out" / "images").iterdir()
+    )
+
+
+async def test_a_new_task_the_api_calls_unknown_for_a_moment_is_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    """A 404 on the first polls of a task just acknowledged (a replica not yet aware of it)
+    ended the row as forgotten, and ``--retry-failed`` submitted it again."""
+    polls: collections.Counter[str] = collections.Counter()
+
+    async def submit(_: web.Request) -> web.Response:
+        return web.json_response({"data": {"task_id": "task-lag", "status": "CREATED"}})
+
+    async def poll(request: web.Request) -> web.Response:
+        polls["task-lag"] += 1
+        if polls["task-lag"] <= 2:
+            return web.json_response({"message": "Not found"}, status=404)
+        image = str(request.url.with_path("/image.jpg"))
+        body = {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        return web.json_response(body)
+
+    manifest = write_catalog(tmp_path / "in", 1)
+    async with fake_api(submit, poll) as api:
+        await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 1
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"], table["reason"].to_list()
+    assert table["task_id"].to_list() == ["task-lag"] and polls["task-lag"] == 3
