@@ -320,6 +320,14 @@ def _sniff_csv(path: Path, name: str) -> _CsvFormat:
     return _CsvFormat(encoding=encoding, delimiter=delimiter, header=header)
 
 
+class _RowTooLarge(Exception):
+    """A CSV row longer than the largest read block: pyarrow cannot read the file."""
+
+    def __init__(self, row: int) -> None:
+        super().__init__(row)
+        self.row = row
+
+
 def _csv_block_size(path: Path, encoding: str) -> int:
     """The read block for this CSV: twice its longest row, between 256 KB and 16 MB.
 
@@ -329,9 +337,11 @@ def _csv_block_size(path: Path, encoding: str) -> int:
     dry run's peak grew with the manifest: issue 16). One pass over the bytes finds the
     longest row (newlines outside double quotes; doubled quotes keep the count even), so
     the blocks are as small as the rows allow, and a file with one 3 MB inline reference
-    still gets blocks it fits in. A row longer than 16 MB stops the scan early: the read
-    then fails on it with one clear line, as before. Encodings other than UTF-8 (UTF-16)
-    are not scanned: they get the largest block.
+    still gets blocks it fits in. A row of 16 MB or more raises ``_RowTooLarge`` with its
+    data row number, before pyarrow opens the file: pyarrow would fail on it too, and a
+    process ending while its read-ahead thread still reads past the failure is aborted
+    by the C++ runtime (exit -6 after the message, seen on a busy machine). Encodings
+    other than UTF-8 (UTF-16) are not scanned: they get the largest block.
     """
     if encoding != "utf-8":
         return _CSV_BLOCK_BYTES
@@ -339,6 +349,7 @@ def _csv_block_size(path: Path, encoding: str) -> int:
     row_start = 0
     offset = 0
     odd = 0
+    rows_ended = 0  # rows (the header first) whose newline has been seen
     with path.open("rb") as handle:
         while chunk := handle.read(_SCAN_BYTES):
             data = np.frombuffer(chunk, dtype=np.uint8)
@@ -347,12 +358,17 @@ def _csv_block_size(path: Path, encoding: str) -> int:
             # A newline ends a row when an even number of quotes came before it.
             ends = ends[((np.searchsorted(quotes, ends) + odd) & 1) == 0] + offset
             if len(ends):
-                longest = max(longest, int(ends[0]) - row_start, int(np.diff(ends).max(initial=0)))
+                lengths = np.diff(ends, prepend=row_start)
+                over = np.flatnonzero(lengths >= _CSV_BLOCK_BYTES)
+                if len(over):
+                    raise _RowTooLarge(max(1, rows_ended + int(over[0])))
+                longest = max(longest, int(lengths.max()))
+                rows_ended += len(ends)
                 row_start = int(ends[-1])
             odd = (odd + len(quotes)) & 1
             offset += len(chunk)
-            if max(longest, offset - row_start) >= _CSV_BLOCK_BYTES:
-                return _CSV_BLOCK_BYTES
+            if offset - row_start >= _CSV_BLOCK_BYTES:
+                raise _RowTooLarge(max(1, rows_ended))
     longest = max(longest, offset - row_start)
     block = _CSV_MIN_BLOCK_BYTES
     while block < 2 * longest and block < _CSV_BLOCK_BYTES:
@@ -624,7 +640,10 @@ class ManifestReader:
             bad.append(_BadLine(target=target, line=line, text=text))
             return "skip"
 
-        block = self._csv_block = _csv_block_size(self.path, fmt.encoding)
+        try:
+            block = self._csv_block = _csv_block_size(self.path, fmt.encoding)
+        except _RowTooLarge as huge:
+            raise self._row_too_large(huge.row) from None
         try:
             reader = pacsv.open_csv(
                 self.path,
@@ -704,13 +723,16 @@ class ManifestReader:
             line = _utf8_error_line(self.path) if encoding == "utf-8" else None
             return _not_utf8(self.name, line, encoding)
         if "straddl" in str(exc):
-            return ManifestError(
-                f"{self.name}: a single row is larger than "
-                f"{_megabytes(self._csv_block)} (row {next_index + 1} or later); "
-                'look for a quote (") that is opened and never closed; prompts are '
-                f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
-            )
+            return self._row_too_large(next_index + 1)
         return ManifestError(f"{self.name}: cannot be read as CSV ({exc})")
+
+    def _row_too_large(self, row: int) -> ManifestError:
+        return ManifestError(
+            f"{self.name}: a single row is larger than "
+            f"{_megabytes(self._csv_block)} (row {row} or later); "
+            'look for a quote (") that is opened and never closed; prompts are '
+            f"capped at {contract.PROMPT_MAX_CHARS} characters anyway"
+        )
 
     def _bad_frame(self, placed: list[tuple[int, _BadLine]]) -> pl.DataFrame:
         columns: dict[str, pl.Series] = {
