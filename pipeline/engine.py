@@ -500,6 +500,9 @@ class Engine:
             self._submitted(job)
             if job.fingerprint is not None and self._library is not None:
                 self._library.release(job.fingerprint)  # rows waiting for it look again
+            # The job and its tracked task point at each other: a cycle only Python's rare
+            # full collections free, so ended rows piled up over a long run (benchmarks/notes.md).
+            job.tracked = None
         if job.reserved and self._budget is not None:
             self._budget.settle(job.reserved, outcome.cost_credits)
             job.reserved = 0.0
