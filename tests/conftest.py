@@ -50,58 +50,31 @@ def pytest_configure(config: pytest.Config) -> None:
     )
 
 
-def _is_slow(item: pytest.Item) -> bool:
-    return item.get_closest_marker("slow") is not None
+def _start_order(item: pytest.Item) -> int:
+    """The long tests (marked slow) first: a worker that draws one at the end of the run
+    keeps the others waiting for it. Last, the tests that only collect what a background
+    scenario started at collection did (tests/pipeline/minute_storm.py): early, they would
+    hold a worker waiting for it. Every worker sorts alike, so xdist sees one order; the sort
+    is stable, so within each kind the files' order stays."""
+    if "minute_storm" in getattr(item, "fixturenames", ()):
+        return 2
+    return 0 if item.get_closest_marker("slow") is not None else 1
 
 
-def _waits_for_storm(item: pytest.Item) -> bool:
-    """Tests that only collect what a background scenario started at collection did
-    (tests/pipeline/minute_storm.py): early, they would hold a worker waiting for it."""
-    return "minute_storm" in getattr(item, "fixturenames", ())
-
-
-def _spread_slow(items: list[pytest.Item], workers: int) -> list[pytest.Item]:
-    """The order that gives every xdist worker its share of the long tests, first.
-
-    ``--dist worksteal`` hands each worker one contiguous run of the collection at the
-    start (``len(pending) // workers_left`` in turn) and later steals only from the ends
-    of those runs. Sorted slow-first, every long test landed in the first worker's run and
-    ran there one after another (the Prefect scale-out, kill -9, chaos: over five minutes
-    on one worker while the others ran dry). Here each run starts with every
-    ``workers``-th long test, then is filled with the quick ones in file order; the tests
-    waiting for the minute storm end the last run. Every worker computes the same order.
-    """
-    slow = [item for item in items if _is_slow(item)]
-    storm = [item for item in items if _waits_for_storm(item) and not _is_slow(item)]
-    quick = [item for item in items if not _is_slow(item) and not _waits_for_storm(item)]
-    rest = quick + storm
-    ordered: list[pytest.Item] = []
-    left = len(items)
-    for worker in range(workers):
-        size = left // (workers - worker)
-        share = slow[worker::workers]
-        fill = max(0, size - len(share))
-        ordered += share + rest[:fill]
-        del rest[:fill]
-        left -= len(share) + fill
-    return ordered + rest
-
-
-@pytest.hookimpl(trylast=True)  # after -m/-k deselection: the order is of what runs
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_start_order)
     part = config.getoption("--part")
-    if part != "all":
-        keep = part == "serial"
-        selected: list[pytest.Item] = []
-        deselected: list[pytest.Item] = []
-        for item in items:
-            wanted = (item.get_closest_marker("serial") is not None) == keep
-            (selected if wanted else deselected).append(item)
-        if deselected:
-            config.hook.pytest_deselected(items=deselected)
-            items[:] = selected
-    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    items[:] = _spread_slow(items, workers)
+    if part == "all":
+        return
+    keep = part == "serial"
+    selected: list[pytest.Item] = []
+    deselected: list[pytest.Item] = []
+    for item in items:
+        wanted = (item.get_closest_marker("serial") is not None) == keep
+        (selected if wanted else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = selected
 
 
 @pytest.fixture(scope="session")
