@@ -217,8 +217,7 @@ class WebhookReceiver:
         self.max_connections = max_connections or connection_bound()
         self._header_timeout = header_timeout_s
         self._body_timeout = body_timeout_s
-        self._warned_full_at = -_FULL_WARNING_EVERY_S
-        self._warned_files_at = -_FULL_WARNING_EVERY_S
+        self._warned_at: dict[str, float] = {}
         self._loop_handler: tuple[asyncio.AbstractEventLoop, Any] | None = None
         self.stats = ReceiverStats()
 
@@ -280,15 +279,12 @@ class WebhookReceiver:
                 and exc.errno in _OUT_OF_FILES
                 and "accept" in str(context.get("message", ""))
             ):
-                self.stats.connections_refused += 1
-                now = time.monotonic()
-                if now - self._warned_files_at >= _FULL_WARNING_EVERY_S:
-                    self._warned_files_at = now
-                    log.warning(
-                        "webhook receiver: out of open files (%s), accepting again in a "
-                        "second; tasks are noticed by polling meanwhile",
-                        exc.strerror or exc,
-                    )
+                self._refused_connection(
+                    "files",
+                    "webhook receiver: out of open files (%s), accepting again in a "
+                    "second; tasks are noticed by polling meanwhile",
+                    exc.strerror or exc,
+                )
                 return
             if previous is not None:
                 previous(loop, context)
@@ -337,16 +333,22 @@ class WebhookReceiver:
         """Whether a new connection may stay, with ``open_connections`` open already."""
         if open_connections < self.max_connections:
             return True
+        self._refused_connection(
+            "full",
+            "webhook receiver: %d connections open, closing new ones at once (a flood?); "
+            "tasks are noticed by polling meanwhile",
+            open_connections,
+        )
+        return False
+
+    def _refused_connection(self, why: str, message: str, *args: object) -> None:
+        """Count a connection the receiver could not take; say so once a minute per cause
+        (a flood would otherwise write a line per connection)."""
         self.stats.connections_refused += 1
         now = time.monotonic()
-        if now - self._warned_full_at >= _FULL_WARNING_EVERY_S:
-            self._warned_full_at = now
-            log.warning(
-                "webhook receiver: %d connections open, closing new ones at once (a flood?); "
-                "tasks are noticed by polling meanwhile",
-                open_connections,
-            )
-        return False
+        if now - self._warned_at.get(why, -_FULL_WARNING_EVERY_S) >= _FULL_WARNING_EVERY_S:
+            self._warned_at[why] = now
+            log.warning(message, *args)
 
     def _remember(self, delivery_id: str) -> None:
         now = time.monotonic()
