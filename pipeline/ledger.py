@@ -51,7 +51,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
@@ -814,15 +814,17 @@ class Ledger:
 
     def latencies(self) -> list[float]:
         """Queue-to-done seconds of the rows that succeeded in this run (the planning figure)."""
+        return list(self.iter_latencies())
+
+    def iter_latencies(self) -> Iterator[float]:
+        """``latencies()`` one at a time: a million of them need not be a list at once."""
         run_id = self._require_run()
-        return [
-            float(value)
-            for (value,) in self._conn.execute(
-                "SELECT latency FROM tasks WHERE finished_run = ? AND status = 'succeeded' "
-                "AND latency IS NOT NULL",
-                (run_id,),
-            )
-        ]
+        for (value,) in self._conn.execute(
+            "SELECT latency FROM tasks WHERE finished_run = ? AND status = 'succeeded' "
+            "AND latency IS NOT NULL",
+            (run_id,),
+        ):
+            yield float(value)
 
     def credits(self) -> float:
         """Credits spent by this run: finished tasks' cost, or the ack's quote while running."""
