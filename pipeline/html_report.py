@@ -55,9 +55,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.contract import MERGED_STATUS, RowStatus
-from pipeline.errors import KleinError
 from pipeline.manifest import KNOWN_COLUMNS
-from pipeline.output_manifest import FIXED_COLUMNS
+from pipeline.output_manifest import FIXED_COLUMNS, output_manifest_file
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
 from pipeline.templates import markup_in
@@ -137,7 +136,7 @@ async def write_html_report(
     to fail a run that has already spent its credits.
     """
     try:
-        source = await _manifest_file(sink)
+        source = await output_manifest_file(sink)
         gathered = await asyncio.to_thread(
             _gather_file, source, summary, axes=axes, max_tiles=max_tiles, columns=columns
         )
@@ -149,19 +148,6 @@ async def write_html_report(
     except Exception as exc:  # a view must never take the run down with it
         log.warning("report.html not written: %s: %s", type(exc).__name__, exc)
         return None
-
-
-async def _manifest_file(sink: Sink, relpath: str = "manifest.parquet") -> Path | io.BytesIO:
-    """The output manifest to read in batches: its path, or its bytes from a remote sink."""
-    local = sink.local_path(relpath)
-    if local is not None:
-        if not local.is_file():
-            raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
-        return local
-    data = await sink.get(relpath)
-    if data is None:
-        raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
-    return io.BytesIO(data)
 
 
 def _relpath(key: str, fmt: str | None) -> str:
