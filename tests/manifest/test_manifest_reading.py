@@ -275,3 +275,24 @@ def test_huge_cell_is_one_rejection_not_a_dead_file(tmp_path: Path) -> None:
         "huge.csv row 2, column prompt: 3000000 characters is too long; expected at most "
         "10000 characters"
     )
+
+
+def test_a_long_row_after_malformed_lines_keeps_every_row_number(tmp_path: Path) -> None:
+    # The read block is twice the longest row (at least 64 KB): a 100 KB cell makes the
+    # blocks larger, and malformed lines before and after it still name their own rows.
+    lines = []
+    for i in range(5_000):
+        if i in (10, 4_000):
+            lines.append(f"prompt {i},{i},extra")
+        elif i == 2_000:
+            lines.append('"' + "y" * 100_000 + f'",{i}')
+        else:
+            lines.append(f"prompt {i},{i}")
+    path = write(tmp_path / "long.csv", "prompt,n\n" + "\n".join(lines) + "\n")
+    rows, rejections = read_all(path, batch_size=1_000)
+    assert [r.index for r in rejections] == [10, 2_000, 4_000]
+    assert rejections[0].reason.startswith("long.csv row 11 (line 12): 3 fields where")
+    assert rejections[1].reason.startswith("long.csv row 2001, column prompt: 100000 characters")
+    assert rejections[2].reason.startswith("long.csv row 4001 (line 4002): 3 fields where")
+    assert [r.index for r in rows] == [i for i in range(5_000) if i not in (10, 2_000, 4_000)]
+    assert all(r.request.prompt == f"prompt {r.index}" for r in rows)
