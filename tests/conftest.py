@@ -48,17 +48,32 @@ def pytest_configure(config: pytest.Config) -> None:
         "parallel workers competing for the CPU would decide instead of the code; .ci/run "
         "runs these after the parallel part, one at a time",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow(seconds=N): a long test, started before the others, longest (N s on an idle "
+        "machine) first",
+    )
 
 
-def _start_order(item: pytest.Item) -> int:
-    """The long tests (marked slow) first: a worker that draws one at the end of the run
-    keeps the others waiting for it. Last, the tests that only collect what a background
-    scenario started at collection did (tests/pipeline/minute_storm.py): early, they would
-    hold a worker waiting for it. Every worker sorts alike, so xdist sees one order; the sort
-    is stable, so within each kind the files' order stays."""
+#: What a test marked ``slow`` without ``seconds=`` is taken to last (most last 15-35 s).
+SLOW_SECONDS = 20.0
+
+
+def _start_order(item: pytest.Item) -> tuple[int, float]:
+    """The long tests (marked slow) first, longest first (``slow(seconds=N)``, the wall time
+    a group or test takes on an idle machine): xdist hands tests out one at a time as
+    workers free up (``--dist loadgroup``), so the longest start at once, side by side, and
+    the short ones fill in around them; a long one drawn at the end would keep the others
+    waiting for it. Last, the tests that only collect what a background scenario started at
+    collection did (tests/pipeline/minute_storm.py): early, they would hold a worker waiting
+    for it. Every worker sorts alike, so xdist sees one order; the sort is stable, so
+    within each kind the files' order stays."""
     if "minute_storm" in getattr(item, "fixturenames", ()):
-        return 2
-    return 0 if item.get_closest_marker("slow") is not None else 1
+        return (2, 0.0)
+    slow = item.get_closest_marker("slow")
+    if slow is None:
+        return (1, 0.0)
+    return (0, -float(slow.kwargs.get("seconds", SLOW_SECONDS)))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
