@@ -47,8 +47,8 @@ from benchmarks.prefect_pool import (
 )
 from benchmarks.prefect_pool import run as run_command
 
-#: One worker runs both tests (``--dist loadgroup``), so the pool starts once.
-pytestmark = [pytest.mark.slow(seconds=240), pytest.mark.xdist_group("prefect-pool")]
+#: One worker runs both tests (tests/conftest.py: ONE_WORKER_MODULES), so the pool starts once.
+pytestmark = pytest.mark.slow(seconds=240)
 
 KEY = "sk-scale-out-test-5d2e8b"
 TIER_ACTIVE = 4
