@@ -90,12 +90,16 @@ CONTENDED_REPOLL = 0.05
 #: task; a task found done at the median also counts as done at the first-poll time.
 CALIBRATE_EVERY = 4
 
-#: Once every row has been taken and at most this many tasks are left, the last of them is
-#: polled at least this often: the run's end waits for the last task to be *noticed*, and
-#: the usual back-off (half the task's age, up to 10 s) would add 5 s on average to the
-#: wall time of a run with a heavy latency tail, for a handful of extra polls.
+#: Once every row has been taken and at most this many tasks are left, each of them is
+#: polled at least every ``DRAIN_REPOLL_S`` times the number left (the last one every
+#: second, two every two seconds: one poll a second in all): the run's end waits for the
+#: last task to be *noticed*, and the usual back-off (half the task's age, up to 10 s)
+#: would add 5 s on average to the wall time of a run with a heavy latency tail. Under the
+#: production preset the last two tasks are often both near the 120 s cap and alone for
+#: about a minute: some 60 polls per run, where a spacing of 3 s noticed the last one
+#: 1.5 s late on average (``benchmarks/notes.md``).
 DRAIN_TASKS = 2
-DRAIN_REPOLL_S = 3.0
+DRAIN_REPOLL_S = 1.0
 #: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
 _Z85 = 1.0364
 
@@ -889,16 +893,21 @@ class Engine:
 
     def _hurry_the_last(self) -> None:
         """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
-        ``DRAIN_REPOLL_S`` for its next poll.
+        ``DRAIN_REPOLL_S`` times their number for its next poll.
 
         Their polls were scheduled while more tasks were in flight, with the usual back-off
         (up to 10 s for a long task), and the run ends when the last of them is noticed.
         """
         if not self._draining or len(self._by_task) > DRAIN_TASKS:
             return
+        spacing = self._drain_spacing()
         for tracked in self._by_task.values():
             if tracked.due < math.inf and not tracked.done.done():
-                self._schedule(tracked, DRAIN_REPOLL_S)
+                self._schedule(tracked, spacing)
+
+    def _drain_spacing(self) -> float:
+        """The longest wait for a poll of one of the last tasks (``DRAIN_*``)."""
+        return DRAIN_REPOLL_S * max(1, len(self._by_task))
 
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
@@ -981,7 +990,7 @@ class Engine:
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
         delay = min(max(0.5 * age, 0.05), 10.0)
         if self._draining and len(self._by_task) <= DRAIN_TASKS:
-            delay = min(delay, DRAIN_REPOLL_S)
+            delay = min(delay, self._drain_spacing())
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
         self._schedule(tracked, delay)
