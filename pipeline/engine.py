@@ -805,8 +805,9 @@ class Engine:
             raise Transient(f"cannot connect: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The request may have reached the server: the intent stays open in the journal
-            # and is counted as a possibly paid duplicate if we submit again.
-            self.slots.abandoned(permit)
+            # and is counted as a possibly paid duplicate if we submit again. Its task, if
+            # there is one, holds a slot we cannot poll (``SlotController.lost``).
+            self.slots.lost(permit)
             self.stats.ambiguous_submits += 1
             raise Transient(f"submit answer lost: {type(exc).__name__}") from None
         if 200 <= status < 300:
@@ -818,7 +819,7 @@ class Engine:
                 # The API said yes and named no task we can read (a proxy's HTML page, a
                 # body over the cap, a 204): it may have charged. Not sent again in this
                 # run; the intent stays open in the journal (``ambiguous_submits``).
-                self.slots.abandoned(permit)
+                self.slots.lost(permit)
                 self.stats.ambiguous_submits += 1
                 said = unreadable or f"no task we can read ({exc})"
                 raise _AmbiguousSubmit(
