@@ -41,20 +41,26 @@ def test_inspect_image_makes_a_thumbnail_of_a_jpeg_only_when_asked() -> None:
     )
 
 
+def _count_report_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the images report.html decodes itself for a thumbnail (a list to read)."""
+    made: list[int] = []
+    real_thumbnail = html_report.thumbnail
+
+    def counting(data: bytes, size: int = THUMB_PX) -> bytes:
+        made.append(len(data))
+        return real_thumbnail(data, size)
+
+    monkeypatch.setattr(html_report, "thumbnail", counting)
+    return made
+
+
 def test_run_leaves_thumbnails_the_report_uses_without_decoding_again(
     sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 8
     manifest = write_catalog(tmp_path / "in", n)
     out = tmp_path / "out"
-    made_at_report_time: list[int] = []
-    real_thumbnail = html_report.thumbnail
-
-    def counting(data: bytes, size: int = THUMB_PX) -> bytes:
-        made_at_report_time.append(len(data))
-        return real_thumbnail(data, size)
-
-    monkeypatch.setattr(html_report, "thumbnail", counting)
+    made_at_report_time = _count_report_decodes(monkeypatch)
     summary = run_against(sim, manifest, out)
 
     check_output(out, n, summary)
@@ -91,14 +97,7 @@ def test_only_the_first_rows_get_thumbnails_and_later_tiles_show_their_image_fil
     n, inline = 5, 2
     monkeypatch.setattr(html_report, "INLINE_THUMBS", inline)
     monkeypatch.setattr(engine, "INLINE_THUMBS", inline)
-    made_at_report_time: list[int] = []
-    real_thumbnail = html_report.thumbnail
-
-    def counting(data: bytes, size: int = THUMB_PX) -> bytes:
-        made_at_report_time.append(len(data))
-        return real_thumbnail(data, size)
-
-    monkeypatch.setattr(html_report, "thumbnail", counting)
+    made_at_report_time = _count_report_decodes(monkeypatch)
     decoded: list[bool] = []
     real_inspect = engine.inspect_image
 
