@@ -43,7 +43,7 @@ import aiohttp
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
 from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable, StorageError
-from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
+from pipeline.html_report import INLINE_THUMBS, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
@@ -333,9 +333,10 @@ class Engine:
         self._fetch_room = asyncio.Event()
         self._fetch_room.set()
         self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)
-        #: Contact-sheet thumbnails still to make while verifying (report.html draws at most
-        #: MAX_TILES, from a local output's thumbnail cache; see ``_store_thumbnail``).
-        self._thumbs_left = MAX_TILES if sink.local_path(THUMBS_RELDIR) is not None else 0
+        #: Contact-sheet thumbnails still to make while verifying: report.html inlines one
+        #: in its first INLINE_THUMBS tiles, from a local output's thumbnail cache (see
+        #: ``_wants_thumbnail``, ``_store_thumbnail``).
+        self._thumbs_left = INLINE_THUMBS if sink.local_path(THUMBS_RELDIR) is not None else 0
         self._heap: list[tuple[float, int, _Tracked]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -1065,7 +1066,9 @@ class Engine:
         refreshed = False
         while True:
             try:
-                data = await self._download(url, request.output_format, expected)
+                data = await self._download(
+                    url, request.output_format, expected, self._wants_thumbnail(job)
+                )
                 break
             except _Expired as exc:
                 if job.task_id is not None:
@@ -1161,7 +1164,7 @@ class Engine:
                     size=entry.bytes,
                 )
                 outcome.reused_from = library.location(entry)
-                if self._thumbs_left > 0:
+                if self._wants_thumbnail(job):
                     # report.html's contact sheet: the library's thumbnail, not a decode.
                     thumb = f"{THUMBS_RELDIR}/{job.row.key}.jpg"
                     if await library.reuse_thumbnail(fp, self._sink, thumb):
@@ -1230,17 +1233,19 @@ class Engine:
             cost=self._cost(request),
         )
 
-    async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
+    async def _download(
+        self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool
+    ) -> tuple[Any, bytes]:
         async def attempt() -> tuple[Any, bytes]:
             # A download slot per attempt, not across the backoff sleeps between them:
             # a retrying download must not keep other finished tasks from theirs.
             async with self._downloads:
-                return await self._download_once(url, fmt, expected)
+                return await self._download_once(url, fmt, expected, thumbnail)
 
         return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _download_once(
-        self, url: str, fmt: str, expected: tuple[int, int]
+        self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool
     ) -> tuple[Any, bytes]:
         self.stats.downloads += 1
         try:
@@ -1271,7 +1276,7 @@ class Engine:
         if status != 200:
             self.stats.errors[f"download {status}"] += 1
             raise Transient(f"download answered HTTP {status}", retry_after=retry_after)
-        thumb = THUMB_PX if self._thumbs_left > 0 else None
+        thumb = THUMB_PX if thumbnail else None
         try:
             if len(data) > 1_000_000:
                 info = await asyncio.to_thread(
@@ -1293,6 +1298,16 @@ class Engine:
         except InvalidImage as exc:
             raise Transient(f"downloaded image is invalid: {exc}") from None
         return info, data
+
+    def _wants_thumbnail(self, job: Job) -> bool:
+        """Whether ``job``'s image gets a contact-sheet thumbnail as it is verified.
+
+        Only rows near the top of the manifest, whose tiles come first on report.html, and
+        at most INLINE_THUMBS of them: the 1/8-scale decode behind a thumbnail was about
+        40% of the client's CPU per image (issue 16's profile). Every other JPEG has its
+        structure walked instead (``verify.jpeg_size``) and its tile shows the image file.
+        """
+        return self._thumbs_left > 0 and job.row.index < INLINE_THUMBS
 
     async def _store_thumbnail(self, key: str, thumbnail: bytes) -> None:
         """Put the verification decode's thumbnail where report.html looks for it first.
