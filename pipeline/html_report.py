@@ -10,26 +10,34 @@ budget stopped the run and how much of the catalog it made; prompts that still h
 markup; throughput over time, a latency histogram and credits, drawn as inline SVG. No
 script, no external CSS, fonts or images.
 
-Thumbnails are inline (``data:`` JPEG, 128 px on the longer side, 1-3 KB each) rather
-than files in a ``thumbs/`` folder: a page downloaded alone from S3 (the console's
-Download, ``aws s3 cp``, a presigned link, an e-mail attachment) then still shows every
-image, where relative links would break the moment the page leaves its folder. The cost is
-size: about 2.4 MB per thousand images (``benchmarks/report_html.py``: 24 MB for 10,000,
-loaded by Chromium in about a second), so the contact sheet stops at ``MAX_TILES`` images
-and says so; ``loading="lazy"`` and ``content-visibility`` keep the browser from decoding
-and laying out what is off screen. Thumbnails of a local output are cached
-in ``.klein/thumbs/`` so a rerun only makes the new ones; the engine writes them there as
-it verifies each JPEG (from the same 1/8-scale decode), so the page does not decode every
-image a second time at the end of the run.
+The first ``INLINE_THUMBS`` tiles carry inline thumbnails (``data:`` JPEG, 128 px on the
+longer side, 1-3 KB each) rather than files in a ``thumbs/`` folder: a page downloaded
+alone from S3 (the console's Download, ``aws s3 cp``, a presigned link, an e-mail
+attachment) then still shows them, where relative links break the moment the page leaves
+its folder. The later tiles (up to ``MAX_TILES``, then the rest are counted) show the image
+file itself by its relative link, loaded by the browser as the tile scrolls into view: a
+thumbnail needs the whole JPEG decoded (at 1/8 scale), and one for every image was about
+40% of the client's CPU per image (issue 16's profile); the page says so above the sheet.
+``loading="lazy"`` and ``content-visibility`` keep the browser from decoding and laying
+out what is off screen. Thumbnails of a local output are cached in ``.klein/thumbs/`` so a
+rerun only makes the new ones; the engine writes them there as it verifies the first
+rows' JPEGs (from the same 1/8-scale decode), so the page does not decode them a second
+time at the end of the run.
 
 The page is built from ``manifest.parquet`` (the run's record of every row), so it shows
-exactly what the data team sees, and from the run summary for the figures of this run.
+exactly what the data team sees, and from the run summary for the figures of this run. The
+file is read a batch of rows at a time, twice (the charts' bins need the run's longest
+latency and last finish first), keeping only what the page shows: counts, sums, histogram
+bins, the first ``MAX_TILES`` tiles, the first ``MAX_PROBLEMS`` problems and the row
+ranges of each reason. Reading it whole made the end of a run the peak of its memory,
+growing with the manifest (a million rows: hundreds of MB; issue 16).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import html
 import io
 import logging
@@ -37,18 +45,20 @@ import os
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 from PIL import Image
 
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.manifest import KNOWN_COLUMNS
-from pipeline.output_manifest import FIXED_COLUMNS, read_output_manifest
+from pipeline.output_manifest import FIXED_COLUMNS, output_manifest_file
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
 from pipeline.templates import markup_in
@@ -63,8 +73,18 @@ THUMB_PX: Final = 128
 THUMB_QUALITY: Final = 72
 #: Images shown on the contact sheet at most; the rest are counted, not drawn.
 MAX_TILES: Final = 10_000
+#: Tiles that carry an inline thumbnail, the first ones; the others show the image file
+#: beside the page. A thumbnail needs every entropy-coded block of its JPEG decoded (the
+#: engine does it as it verifies): for every image, about 40% of the client's CPU per image
+#: (issue 16), for a first look at a batch, a screenful or two is enough.
+INLINE_THUMBS: Final = 200
 #: Rows listed in the table of problems at most (grouped counts cover all of them).
 MAX_PROBLEMS: Final = 2_000
+#: Rows of ``manifest.parquet`` read at a time.
+BATCH_ROWS: Final = 50_000
+#: Bars of the throughput chart and of the latency histogram.
+_THROUGHPUT_BINS: Final = 48
+_LATENCY_BINS: Final = 30
 
 _STATUS_COLOURS: Final = {
     RowStatus.SUCCEEDED: "#2e7d32",
@@ -123,17 +143,13 @@ async def write_html_report(
     to fail a run that has already spent its credits.
     """
     try:
-        manifest = await read_output_manifest(sink)
-        thumbs = await _thumbnails(sink, manifest, max_tiles)
+        source = await output_manifest_file(sink)
+        gathered = await asyncio.to_thread(
+            _gather_file, source, summary, axes=axes, max_tiles=max_tiles, columns=columns
+        )
+        thumbs = await _thumbnails(sink, gathered.shown)
         page = await asyncio.to_thread(
-            render_report,
-            manifest,
-            summary,
-            thumbs,
-            axes=axes,
-            max_credits=max_credits,
-            max_tiles=max_tiles,
-            columns=columns,
+            _render, gathered, summary, thumbs, max_credits=max_credits, max_tiles=max_tiles
         )
         return await sink.put(relpath, page.encode("utf-8"), "text/html; charset=utf-8")
     except Exception as exc:  # a view must never take the run down with it
@@ -145,9 +161,9 @@ def _relpath(key: str, fmt: str | None) -> str:
     return f"images/{key}.{'png' if fmt == 'png' else 'jpg'}"
 
 
-async def _thumbnails(sink: Sink, manifest: pl.DataFrame, max_tiles: int) -> dict[str, str]:
-    """``key -> base64 JPEG`` for the succeeded rows that will be drawn."""
-    done = manifest.filter(pl.col("status") == RowStatus.SUCCEEDED).head(max_tiles)
+async def _thumbnails(sink: Sink, shown: pl.DataFrame) -> dict[str, str]:
+    """``key -> base64 JPEG`` for the first succeeded tiles drawn (``INLINE_THUMBS``)."""
+    done = shown.filter(pl.col("status") == RowStatus.SUCCEEDED).head(INLINE_THUMBS)
     images = [
         _Image(key, _relpath(key, fmt), sink.local_path(_relpath(key, fmt)))
         for key, fmt in zip(done["key"].to_list(), done["format"].to_list(), strict=True)
@@ -227,6 +243,273 @@ def _product_key(key: str | None, variation: str | None) -> str:
     return key or ""
 
 
+class _Ranges:
+    """Row numbers as sorted runs (``2-5, 9``): one pair per run of consecutive rows, not
+    one entry per row, so a million rows failing for one reason cost one pair."""
+
+    __slots__ = ("_runs",)
+
+    def __init__(self) -> None:
+        self._runs: list[list[int]] = []
+
+    def add(self, row: int) -> None:
+        runs = self._runs
+        if runs and runs[-1][0] <= row:  # the usual case: rows arrive in order
+            if row <= runs[-1][1] + 1:
+                runs[-1][1] = max(row, runs[-1][1])
+            else:
+                runs.append([row, row])
+            return
+        at = bisect.bisect_right(runs, [row, row])
+        if at and row <= runs[at - 1][1] + 1:
+            at -= 1
+            runs[at][1] = max(row, runs[at][1])
+        else:
+            runs.insert(at, [row, row])
+        while at + 1 < len(runs) and runs[at + 1][0] <= runs[at][1] + 1:
+            runs[at][1] = max(runs[at][1], runs.pop(at + 1)[1])
+
+    def text(self, limit: int = 60) -> str:
+        """``2-5, 9, 12-13``, cut after ``limit`` runs."""
+        runs = self._runs
+        text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
+        if len(runs) > limit:
+            text += f", ... ({len(runs) - limit} more ranges)"
+        return text
+
+
+def _row_ranges(rows: Sequence[int], limit: int = 60) -> str:
+    """``2-5, 9, 12-13``: rows, consecutive ones as ranges, cut after ``limit`` runs."""
+    ranges = _Ranges()
+    for row in rows:
+        ranges.add(row)
+    return ranges.text(limit)
+
+
+@dataclass(slots=True)
+class _Group:
+    """Problems sharing a status and a reason (the row taken out of it)."""
+
+    count: int = 0
+    rows: _Ranges = field(default_factory=_Ranges)
+
+
+@dataclass(slots=True)
+class _Gathered:
+    """What the page shows of ``manifest.parquet``, gathered a batch of rows at a time:
+    its size does not depend on the number of rows (apart from one pair per range of
+    problem rows, and one entry per distinct problem reason)."""
+
+    names: list[str]
+    has_variations: bool
+    label_columns: list[str]
+    height: int = 0
+    counts: Counter[str] = field(default_factory=Counter)
+    output_credits: float = 0.0
+    reused: int = 0
+    #: Rows that are images (not merged lines), and the first ``max_tiles`` of them.
+    images: int = 0
+    shown: pl.DataFrame = field(default_factory=pl.DataFrame)
+    #: This run's rows: how many finished, the last finish, the longest succeeded latency.
+    finished: int = 0
+    last_end: float | None = None
+    top_latency: float | None = None
+    done_bins: np.ndarray = field(default_factory=lambda: np.zeros(_THROUGHPUT_BINS))
+    credit_bins: np.ndarray = field(default_factory=lambda: np.zeros(_THROUGHPUT_BINS))
+    latency_bins: np.ndarray = field(default_factory=lambda: np.zeros(_LATENCY_BINS))
+    markup: int = 0
+    markup_first: str | None = None
+    markup_rows: _Ranges = field(default_factory=_Ranges)
+    problems: int = 0
+    groups: dict[tuple[str, str], _Group] = field(default_factory=dict)
+    #: The first ``MAX_PROBLEMS`` problems by row: (row, position in the file, cells).
+    listed: list[tuple[int, int, tuple[Any, ...]]] = field(default_factory=list)
+
+
+def _tile_columns(names: Sequence[str], label_columns: Sequence[str]) -> list[str]:
+    wanted = [*_COLUMNS, "variation", *label_columns, *TITLE_COLUMNS, *ID_COLUMNS]
+    return list(dict.fromkeys(c for c in wanted if c in names))
+
+
+def _problem_cells(has_variations: bool) -> list[str]:
+    return ["row", *(("variation",) if has_variations else ()), "key", "status", "reason"]
+
+
+def _this_run(batch: pl.DataFrame, summary: RunSummary) -> pl.DataFrame:
+    """The batch's rows that finished in this run, with ``end`` in epoch seconds."""
+    return batch.filter(
+        pl.col("finished_at").is_not_null()
+        & (pl.col("finished_at").dt.epoch("ms") >= int(summary.started_at * 1000) - 1)
+    ).select(
+        "status",
+        "cost_credits",
+        "latency_s",
+        (pl.col("finished_at").dt.epoch("us") / 1e6).alias("end"),
+    )
+
+
+def _gather(
+    batches: Callable[[], Iterator[pl.DataFrame]],
+    names: list[str],
+    summary: RunSummary,
+    *,
+    axes: Sequence[str] = (),
+    max_tiles: int = MAX_TILES,
+    columns: Sequence[str] = (),
+) -> _Gathered:
+    """Two passes over the rows ``batches()`` yields (the charts' bins need the first)."""
+    axis_columns = [a for a in axes if a in names]
+    chosen = [c for c in columns if c in names]
+    has_variations = "variation" in names
+    found = _Gathered(
+        names=names,
+        has_variations=has_variations,
+        label_columns=chosen if columns else _label_columns(names, axis_columns),
+    )
+    tile_columns = _tile_columns(names, found.label_columns)
+    cells = _problem_cells(has_variations)
+    shown: list[pl.DataFrame] = []
+    held = 0
+    for batch in batches():
+        position = found.height
+        found.height += batch.height
+        statuses = batch["status"]
+        found.counts.update(dict(statuses.value_counts().iter_rows()))
+        found.output_credits += float(batch["cost_credits"].fill_null(0).sum())
+        if "reused_from" in names:
+            found.reused += batch.height - batch["reused_from"].null_count()
+        images = batch.filter(pl.col("status") != MERGED_STATUS)
+        found.images += images.height
+        if held < max_tiles and images.height:
+            part = images.head(max_tiles - held).select(tile_columns)
+            shown.append(part)
+            held += part.height
+        mine = _this_run(batch, summary)
+        if mine.height:
+            found.finished += mine.height
+            last = float(mine["end"].max())  # type: ignore[arg-type]
+            found.last_end = last if found.last_end is None else max(found.last_end, last)
+            latencies = _succeeded_latencies(mine)
+            if len(latencies):
+                top = float(latencies.max())  # type: ignore[arg-type]
+                found.top_latency = max(found.top_latency or top, top)
+        _gather_markup(found, batch)
+        _gather_problems(found, batch, cells, position)
+    found.shown = (
+        pl.concat(shown, how="vertical_relaxed")
+        if shown
+        else pl.DataFrame(schema={name: pl.String for name in tile_columns})
+    )
+    if found.finished:
+        _gather_bins(found, batches, summary)
+    return found
+
+
+def _succeeded_latencies(rows: pl.DataFrame) -> pl.Series:
+    return rows.filter(
+        (pl.col("status") == RowStatus.SUCCEEDED) & pl.col("latency_s").is_not_null()
+    )["latency_s"]
+
+
+def _gather_markup(found: _Gathered, batch: pl.DataFrame) -> None:
+    """Prompts that still hold markup: sent (and paid for) as text."""
+    sent = batch.filter(pl.col("status") == RowStatus.SUCCEEDED).select("row", "prompt")
+    for row, prompt in sent.iter_rows():
+        tag = markup_in(prompt)
+        if tag is None:
+            continue
+        found.markup += 1
+        if found.markup_first is None:
+            found.markup_first = tag
+        found.markup_rows.add(row)
+
+
+def _gather_problems(
+    found: _Gathered, batch: pl.DataFrame, cells: list[str], position: int
+) -> None:
+    problems = batch.with_row_index("__at").filter(
+        (pl.col("status") != RowStatus.SUCCEEDED) & (pl.col("status") != MERGED_STATUS)
+    )
+    if problems.height == 0:
+        return
+    found.problems += problems.height
+    # One group per reason, the row (and variation) taken out of it: 42 rows whose Title is
+    # empty are one line with 42 rows, not 42 lines.
+    for status, row, reason in problems.select("status", "row", "reason").iter_rows():
+        why = _WHERE.sub("", reason or "", count=1)
+        group = found.groups.get((status, why))
+        if group is None:
+            group = found.groups[(status, why)] = _Group()
+        group.count += 1
+        group.rows.add(row)
+    full = len(found.listed) >= MAX_PROBLEMS
+    if full and problems["row"].min() > found.listed[-1][0]:  # type: ignore[operator]
+        return
+    for at, *values in problems.select("__at", *cells).iter_rows():
+        found.listed.append((values[0], position + at, tuple(values)))
+    found.listed.sort(key=lambda item: (item[0], item[1]))
+    del found.listed[MAX_PROBLEMS:]
+
+
+def _gather_bins(
+    found: _Gathered, batches: Callable[[], Iterator[pl.DataFrame]], summary: RunSummary
+) -> None:
+    """The charts' bins: a second pass over this run's rows, now that their span is known."""
+    start = summary.started_at
+    span = max(max(found.last_end or 0.0, summary.finished_at or 0.0) - start, 1.0)
+    width = span / _THROUGHPUT_BINS
+    top = found.top_latency or 1.0
+    latency_width = top / _LATENCY_BINS
+    for batch in batches():
+        mine = _this_run(batch, summary)
+        if mine.height == 0:
+            continue
+        ends = mine["end"].to_numpy()
+        slots = np.clip(((ends - start) / width).astype(np.int64), 0, _THROUGHPUT_BINS - 1)
+        succeeded = (mine["status"] == RowStatus.SUCCEEDED).to_numpy()
+        found.done_bins += np.bincount(slots, weights=succeeded, minlength=_THROUGHPUT_BINS)
+        costs = mine["cost_credits"].fill_null(0.0).cast(pl.Float64).to_numpy()
+        found.credit_bins += np.bincount(slots, weights=costs, minlength=_THROUGHPUT_BINS)
+        latencies = _succeeded_latencies(mine).to_numpy()
+        if len(latencies):
+            at = np.clip((latencies / latency_width).astype(np.int64), 0, _LATENCY_BINS - 1)
+            found.latency_bins += np.bincount(at, minlength=_LATENCY_BINS)
+
+
+def _gather_file(
+    source: Path | io.BytesIO,
+    summary: RunSummary,
+    *,
+    axes: Sequence[str] = (),
+    max_tiles: int = MAX_TILES,
+    columns: Sequence[str] = (),
+) -> _Gathered:
+    """``_gather`` over a Parquet file, ``BATCH_ROWS`` rows and only the used columns at a
+    time (the prompt, reason and catalog columns of a million rows never meet)."""
+    names = pq.read_schema(source).names
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    label = columns if columns else _label_columns(names, [a for a in axes if a in names])
+    wanted = {
+        *_tile_columns(names, label),
+        *_problem_cells("variation" in names),
+        "finished_at",
+        "reused_from",
+    }
+    used = [name for name in names if name in wanted]
+
+    def batches() -> Iterator[pl.DataFrame]:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with pq.ParquetFile(source) as parquet:
+            for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=used):
+                frame = pl.from_arrow(batch)
+                assert isinstance(frame, pl.DataFrame)
+                yield frame
+
+    return _gather(batches, names, summary, axes=axes, max_tiles=max_tiles, columns=columns)
+
+
 def render_report(
     manifest: pl.DataFrame,
     summary: RunSummary,
@@ -236,18 +519,35 @@ def render_report(
     max_credits: float | None = None,
     max_tiles: int = MAX_TILES,
     columns: Sequence[str] = (),
+    batch_rows: int = BATCH_ROWS,
 ) -> str:
-    """The whole page as text (pure: tests render it without a run)."""
-    has_variations = "variation" in manifest.columns
-    axis_columns = [a for a in axes if a in manifest.columns]
-    chosen = [c for c in columns if c in manifest.columns]
-    extra = chosen if columns else _label_columns(manifest, axis_columns)
+    """The whole page as text (pure: tests render it without a run), from a table read
+    ``batch_rows`` at a time as the run's own report reads ``manifest.parquet``."""
+    gathered = _gather(
+        lambda: manifest.iter_slices(batch_rows),
+        manifest.columns,
+        summary,
+        axes=axes,
+        max_tiles=max_tiles,
+        columns=columns,
+    )
+    return _render(gathered, summary, thumbs, max_credits=max_credits, max_tiles=max_tiles)
+
+
+def _render(
+    found: _Gathered,
+    summary: RunSummary,
+    thumbs: dict[str, str],
+    *,
+    max_credits: float | None = None,
+    max_tiles: int = MAX_TILES,
+) -> str:
     body = [
-        _header(summary, manifest, max_credits),
-        _charts(manifest, summary),
-        _contact_sheet(manifest, thumbs, has_variations, extra, max_tiles),
-        _markup(manifest),
-        _problems(manifest, has_variations),
+        _header(summary, found, max_credits),
+        _charts(found, summary),
+        _contact_sheet(found, thumbs, max_tiles),
+        _markup(found),
+        _problems(found),
     ]
     title = f"klein-batch report: {summary.manifest} ({summary.run_id})"
     return (
@@ -259,23 +559,22 @@ def render_report(
     )
 
 
-def _label_columns(manifest: pl.DataFrame, axes: Sequence[str]) -> list[str]:
+def _label_columns(names: Sequence[str], axes: Sequence[str]) -> list[str]:
     """Up to four input columns that say what a product is (title, sku, colour...)."""
-    present = [manifest.columns.index(c) for c in FIXED_COLUMNS if c in manifest.columns]
+    names = list(names)
+    present = [names.index(c) for c in FIXED_COLUMNS if c in names]
     fixed_end = max(present) + 1
     # Not the columns a heading already shows (title, id), nor request columns given back
     # as the input had them (``input_prompt``, ``seed``...).
     skip = {"variation", *axes, *TITLE_COLUMNS, *ID_COLUMNS, *KNOWN_COLUMNS}
-    chosen = [
-        c for c in manifest.columns[fixed_end:] if c not in skip and not c.startswith("input_")
-    ]
+    chosen = [c for c in names[fixed_end:] if c not in skip and not c.startswith("input_")]
     preferred = [c for c in chosen if c.lower() in ("title", "name", "sku", "color", "colour")]
     rest = [c for c in chosen if c not in preferred]
     return (preferred + rest)[:4]
 
 
-def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | None) -> str:
-    counts = Counter(manifest["status"].to_list())
+def _header(summary: RunSummary, found: _Gathered, max_credits: float | None) -> str:
+    counts = found.counts
     tiles = [
         f'<div class="stat"><b style="color:{_STATUS_COLOURS[status]}">'
         f"{counts.get(status, 0):,}</b>{_e(status)}</div>"
@@ -287,24 +586,21 @@ def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | No
             f'lines, variants of a product made once)"><b>{counts[MERGED_STATUS]:,}</b>'
             "merged lines</div>"
         )
-    output_credits = float(manifest["cost_credits"].fill_null(0).sum())
     figures = [
         ("images/s", f"{summary.images_per_s:.2f}"),
         ("latency p50", _seconds(summary.latency_p50_s)),
         ("latency p95", _seconds(summary.latency_p95_s)),
         ("credits this run", f"{summary.credits:,.2f}"),
-        ("credits, all rows", f"{output_credits:,.2f}"),
+        ("credits, all rows", f"{found.output_credits:,.2f}"),
         ("elapsed", _seconds(summary.elapsed_s)),
     ]
     if max_credits is not None:
         figures.append(("budget", f"{max_credits:,.2f}"))
-    if "reused_from" in manifest.columns:
-        reused = manifest.height - manifest["reused_from"].null_count()
-        if reused:  # copied from the image library (--library): not sent, not paid
-            figures.append(("from the library", f"{reused:,}"))
+    if found.reused:  # copied from the image library (--library): not sent, not paid
+        figures.append(("from the library", f"{found.reused:,}"))
     tiles += [f'<div class="stat"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in figures]
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(summary.started_at))
-    asked = manifest.height - counts.get(MERGED_STATUS, 0)
+    asked = found.height - counts.get(MERGED_STATUS, 0)
     made = counts.get(RowStatus.SUCCEEDED, 0)
     share = 100.0 * made / asked if asked else 100.0
     if summary.stopped:
@@ -321,7 +617,7 @@ def _header(summary: RunSummary, manifest: pl.DataFrame, max_credits: float | No
     return (
         f"<header><h1>{_e(summary.manifest)}</h1>{banner}<p>run {_e(summary.run_id)} · started "
         f"{started} · {asked:,} "
-        f"{'images (rows x variations)' if 'variation' in manifest.columns else 'images'} · "
+        f"{'images (rows x variations)' if found.has_variations else 'images'} · "
         f"tier {_e(summary.tier)} "
         f"({summary.max_active} active, {summary.submits_per_minute}/min) · "
         f'<a href="#problems">problems</a></p><div class="stats">{"".join(tiles)}</div></header>'
@@ -348,17 +644,13 @@ _PAD_T: Final = 24
 _PAD_R: Final = 46
 
 
-def _charts(manifest: pl.DataFrame, summary: RunSummary) -> str:
-    this_run = manifest.filter(
-        pl.col("finished_at").is_not_null()
-        & (pl.col("finished_at").dt.epoch("ms") >= int(summary.started_at * 1000) - 1)
-    )
+def _charts(found: _Gathered, summary: RunSummary) -> str:
     return (
         '<section class="charts">'
         f"<figure><figcaption>Throughput and credits over this run</figcaption>"
-        f"{_throughput_svg(this_run, summary)}</figure>"
+        f"{_throughput_svg(found, summary)}</figure>"
         f"<figure><figcaption>Latency, queue to done (succeeded in this run)</figcaption>"
-        f"{_latency_svg(this_run, summary)}</figure>"
+        f"{_latency_svg(found, summary)}</figure>"
         "</section>"
     )
 
@@ -406,31 +698,20 @@ def _empty_svg(text: str) -> str:
     )
 
 
-def _throughput_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
-    if rows.height == 0:
+def _throughput_svg(found: _Gathered, summary: RunSummary) -> str:
+    if not found.finished:
         return _empty_svg("nothing finished in this run (all rows were done earlier)")
     start = summary.started_at
-    ends = [t.timestamp() for t in rows["finished_at"].to_list()]
-    span = max(max(ends), summary.finished_at or 0.0) - start
-    span = max(span, 1.0)
+    span = max(max(found.last_end or 0.0, summary.finished_at or 0.0) - start, 1.0)
     # About 48 bars whatever the length: seconds for a demo, minutes for a night's run.
-    bins = 48
+    bins = _THROUGHPUT_BINS
     width = span / bins
-    done = [0] * bins
-    credits = [0.0] * bins
-    for end, status, cost in zip(
-        ends, rows["status"].to_list(), rows["cost_credits"].to_list(), strict=True
-    ):
-        slot = min(bins - 1, max(0, int((end - start) / width)))
-        if status == RowStatus.SUCCEEDED:
-            done[slot] += 1
-        credits[slot] += float(cost or 0.0)
-    rates = [count / width for count in done]
+    rates = [float(count) / width for count in found.done_bins]
     y_max = max(rates) or 1.0
     cumulative: list[float] = []
     running = 0.0
-    for value in credits:
-        running += value
+    for value in found.credit_bins:
+        running += float(value)
         cumulative.append(running)
     c_max = cumulative[-1] or 1.0
     plot_w = _W - _PAD_L - _PAD_R
@@ -459,20 +740,12 @@ def _throughput_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
     return _svg(parts, "throughput over time")
 
 
-def _latency_svg(rows: pl.DataFrame, summary: RunSummary) -> str:
-    values = [
-        float(v)
-        for v, status in zip(rows["latency_s"].to_list(), rows["status"].to_list(), strict=True)
-        if v is not None and status == RowStatus.SUCCEEDED
-    ]
-    if not values:
+def _latency_svg(found: _Gathered, summary: RunSummary) -> str:
+    counts = [int(count) for count in found.latency_bins]
+    if found.top_latency is None:
         return _empty_svg("no image succeeded in this run")
-    top = max(values) or 1.0
-    bins = 30
-    width = top / bins
-    counts = [0] * bins
-    for value in values:
-        counts[min(bins - 1, int(value / width))] += 1
+    top = found.top_latency or 1.0
+    bins = _LATENCY_BINS
     y_max = max(counts)
     plot_w = _W - _PAD_L - _PAD_R
     plot_h = _H - _PAD_B - _PAD_T
@@ -510,13 +783,20 @@ def _tile(
     if status != RowStatus.SUCCEEDED and row["reason"]:
         hover = f"{hover}\n\n{status}: {row['reason']}" if hover else f"{status}: {row['reason']}"
     data = thumbs.get(key) if status == RowStatus.SUCCEEDED else None
-    if data is not None:
+    if status == RowStatus.SUCCEEDED and key:
         width, height = row["width"] or 1, row["height"] or 1
         scale = THUMB_PX / max(width, height)
+        # Past the inline thumbnails (or when one could not be made), the image file beside
+        # the page: the browser loads it when the tile scrolls into view.
+        source = (
+            f"data:image/jpeg;base64,{data}"
+            if data is not None
+            else _e(_relpath(key, row.get("format")))
+        )
         visual = (
             f'<img loading="lazy" decoding="async" alt="{_e(key)}" '
             f'width="{max(1, round(width * scale))}" height="{max(1, round(height * scale))}" '
-            f'src="data:image/jpeg;base64,{data}">'
+            f'src="{source}">'
         )
     else:
         visual = f'<div class="ph">{_e(status)}</div>'
@@ -546,17 +826,10 @@ def _cells(row: dict[str, Any], columns: Sequence[str]) -> list[str]:
     return [f"{c} {row[c]}" for c in columns if row.get(c) not in (None, "")]
 
 
-def _contact_sheet(
-    manifest: pl.DataFrame,
-    thumbs: dict[str, str],
-    has_variations: bool,
-    label_columns: list[str],
-    max_tiles: int,
-) -> str:
-    names = [*_COLUMNS, "variation", *label_columns, *TITLE_COLUMNS, *ID_COLUMNS]
-    columns = list(dict.fromkeys(c for c in names if c in manifest.columns))
-    images = manifest.filter(pl.col("status") != MERGED_STATUS)
-    shown = images.head(max_tiles).select(columns)
+def _contact_sheet(found: _Gathered, thumbs: dict[str, str], max_tiles: int) -> str:
+    shown = found.shown
+    label_columns = found.label_columns
+    has_variations = found.has_variations
     groups: list[str] = []
     current_row: int | None = None
     tiles: list[str] = []
@@ -594,76 +867,47 @@ def _contact_sheet(
             parts.append(_tile(row, thumbs, caption, _cells(row, label_columns)))
         body = '<div class="tiles">' + "".join(parts) + "</div>"
     more = ""
-    if images.height > max_tiles:
+    if found.images > max_tiles:
         more = (
-            f'<p class="note">Showing the first {max_tiles:,} of {images.height:,} images; '
+            f'<p class="note">Showing the first {max_tiles:,} of {found.images:,} images; '
             "every row is in manifest.parquet.</p>"
+        )
+    if found.images > INLINE_THUMBS:
+        more += (
+            f'<p class="note">The first {INLINE_THUMBS:,} tiles carry their thumbnails; the '
+            "others show the image files beside this page (blank where the page is opened "
+            "away from its folder).</p>"
         )
     return f'<section id="sheet"><h2>Contact sheet</h2>{more}{body}</section>'
 
 
-def _markup(manifest: pl.DataFrame) -> str:
+def _markup(found: _Gathered) -> str:
     """Prompts that still hold markup: sent (and paid for) as text."""
-    sent = manifest.filter(pl.col("status") == RowStatus.SUCCEEDED).select("row", "prompt")
-    found = [
-        (row, tag) for row, prompt in sent.iter_rows() if (tag := markup_in(prompt)) is not None
-    ]
-    if not found:
+    if not found.markup:
         return ""
-    rows = _row_ranges(sorted({row for row, _ in found}))
     return (
         '<section id="markup"><h2>Prompts with markup</h2>'
-        f'<p class="warn">{len(found):,} prompts still contain markup (e.g. {_e(found[0][1])}), '
-        "sent and paid for as text: fill such holes with {COLUMN|text}. Rows: "
-        f"{_e(rows)}</p></section>"
+        f'<p class="warn">{found.markup:,} prompts still contain markup (e.g. '
+        f"{_e(found.markup_first)}), sent and paid for as text: fill such holes with "
+        f"{{COLUMN|text}}. Rows: {_e(found.markup_rows.text())}</p></section>"
     )
 
 
-def _row_ranges(rows: Sequence[int], limit: int = 60) -> str:
-    """``2-5, 9, 12-13``: sorted rows, consecutive ones as ranges, cut after ``limit`` runs."""
-    runs: list[tuple[int, int]] = []
-    for row in rows:
-        if runs and row <= runs[-1][1] + 1:
-            runs[-1] = (runs[-1][0], max(row, runs[-1][1]))
-        else:
-            runs.append((row, row))
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:limit])
-    if len(runs) > limit:
-        text += f", ... ({len(runs) - limit} more ranges)"
-    return text
-
-
-def _problems(manifest: pl.DataFrame, has_variations: bool) -> str:
-    problems = manifest.filter(
-        (pl.col("status") != RowStatus.SUCCEEDED) & (pl.col("status") != MERGED_STATUS)
-    )
-    if problems.height == 0:
+def _problems(found: _Gathered) -> str:
+    if found.problems == 0:
         return (
             '<section id="problems"><h2>Problems</h2>'
             '<p class="ok">Every row succeeded.</p></section>'
         )
-    # One group per reason, the row (and variation) taken out of it: 42 rows whose Title is
-    # empty are one line with 42 rows, not 42 lines.
-    reasons = problems.select(
-        "status",
-        "row",
-        pl.col("reason")
-        .fill_null("")
-        .map_elements(lambda text: _WHERE.sub("", text, count=1), return_dtype=pl.String)
-        .alias("why"),
-    )
-    grouped = (
-        reasons.group_by("status", "why")
-        .agg(pl.col("row").unique().sort().alias("rows"), pl.len().alias("count"))
-        .sort(["count", "status", "why"], descending=[True, False, False])
+    grouped = sorted(
+        found.groups.items(), key=lambda item: (-item[1].count, item[0][0], item[0][1])
     )
     summary_rows = "".join(
-        f'<tr><td class="st-{_e(status)}">{_e(status)}</td><td>{count:,}</td>'
-        f"<td>{_e(why)}</td><td>{_e(_row_ranges(rows))}</td></tr>"
-        for status, why, rows, count in grouped.select("status", "why", "rows", "count").iter_rows()
+        f'<tr><td class="st-{_e(status)}">{_e(status)}</td><td>{group.count:,}</td>'
+        f"<td>{_e(why)}</td><td>{_e(group.rows.text())}</td></tr>"
+        for (status, why), group in grouped
     )
-    cells = ["row", *(("variation",) if has_variations else ()), "key", "status", "reason"]
-    listed = problems.sort("row").head(MAX_PROBLEMS).select(cells)
+    cells = _problem_cells(found.has_variations)
     lines = "".join(
         "<tr>"
         + "".join(
@@ -673,22 +917,23 @@ def _problems(manifest: pl.DataFrame, has_variations: bool) -> str:
             for name, value in zip(cells, values, strict=True)
         )
         + "</tr>"
-        for values in listed.iter_rows()
+        for _, _, values in found.listed
     )
+    count = found.problems
     more = (
-        f'<p class="note">Listing {MAX_PROBLEMS:,} of {problems.height:,}; filter '
+        f'<p class="note">Listing {MAX_PROBLEMS:,} of {count:,}; filter '
         "manifest.parquet on status for the rest.</p>"
-        if problems.height > MAX_PROBLEMS
+        if count > MAX_PROBLEMS
         else ""
     )
     head = "".join(f"<th>{_e(c)}</th>" for c in cells)
-    noun = "image" if problems.height == 1 else "images"
+    noun = "image" if count == 1 else "images"
     return (
-        f'<section id="problems"><h2>Problems: {problems.height:,} {noun} not made, '
-        f"{grouped.height:,} {'reason' if grouped.height == 1 else 'reasons'}</h2>"
+        f'<section id="problems"><h2>Problems: {count:,} {noun} not made, '
+        f"{len(grouped):,} {'reason' if len(grouped) == 1 else 'reasons'}</h2>"
         '<table id="reasons" class="groups"><tr><th>status</th><th>count</th><th>reason</th>'
         f"<th>rows</th></tr>{summary_rows}</table>"
-        f"<details><summary>Every row ({problems.height:,})</summary>{more}"
+        f"<details><summary>Every row ({count:,})</summary>{more}"
         f'<table id="failures" class="list"><tr>{head}</tr>{lines}</table></details></section>'
     )
 

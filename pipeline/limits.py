@@ -242,6 +242,9 @@ class SlotController:
         self._proven = 0  # finishes accepted probes proved since then
         self._threshold = 1.0  # expected unproven finishes that let a probe go
         self._sum_at = (-1.0, 0.0, 0.0)  # (when, expected finishes, rate): one sum per wake
+        #: Tasks whose submit answer was lost (``lost``): (when to forget, order, permit).
+        self._unnamed: list[tuple[float, int, Permit]] = []
+        self._seq = itertools.count()
 
     # --- what the engine reads ---------------------------------------------------------------
 
@@ -302,6 +305,7 @@ class SlotController:
     async def _acquire(self) -> Permit:
         while True:
             now = time.monotonic()
+            forget_at = self._forget_unnamed(now) if self._unnamed else math.inf
             # For a task duration after a contention 429, one submit at a time: a full key
             # then costs one 429, not one per submit already on its way.
             serial = now < self._last_cut + self._latency_s and self._in_air > 0
@@ -324,6 +328,8 @@ class SlotController:
                     timeout = self._until_likely_free(now)
             if now < self._paused_until:
                 timeout = min(timeout or math.inf, self._paused_until - now)
+            if forget_at < math.inf:
+                timeout = min(timeout if timeout is not None else math.inf, forget_at - now)
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
             # as the event is set (gh-86296), and a run stopped by Ctrl-C then waits here
             # for ever, since every task that could set the event was just cancelled.
@@ -427,6 +433,51 @@ class SlotController:
         if permit.speculative:
             self._probes_out -= 1
         self._changed.set()
+
+    def lost(self, permit: Permit) -> None:
+        """The submit's answer never arrived: the server may be running a task we cannot name.
+
+        The slot stays counted as ours (an *unnamed* task) until the learned distribution
+        says the task has almost surely ended (``_unnamed_hold_s``). Given back at once, as
+        an error's is, the key held one more task than we counted, the next submit we
+        believed safe was refused, and that 429 read as another client on the key: the
+        controller then cut its window by half, stopped probing and the engine polled
+        every task early (issue 16's ``scale-faults``: 6.3 polls per image, the key a third
+        busy). Probes see the unnamed task like any other: its chance of having ended
+        counts toward the next probe.
+        """
+        if permit.settled:
+            return
+        permit.settled = True
+        self._in_air -= 1
+        if permit.speculative:
+            self._probes_out -= 1
+        now = time.monotonic()
+        permit.acked_at = permit.running_at = now
+        self._live.add(permit)
+        heapq.heappush(self._unnamed, (now + self._unnamed_hold_s(), next(self._seq), permit))
+        self._changed.set()
+
+    def _unnamed_hold_s(self) -> float:
+        """How long an unnamed task counts as running: its 99.9th percentile once the
+        distribution is learned, else four first-poll times (a lognormal's 99.9th
+        percentile is about three of them at the ``standard`` tier's shape)."""
+        if self._dist is not None:
+            mu, sigma = self._dist
+            return min(math.exp(mu + 3.09 * sigma), 3600.0)
+        return 4.0 * self._latency_s
+
+    def _forget_unnamed(self, now: float) -> float:
+        """Give back the slots of unnamed tasks past their hold; when the next one is due."""
+        while self._unnamed and self._unnamed[0][0] <= now:
+            _, _, permit = heapq.heappop(self._unnamed)
+            self.finished(permit)
+        return self._unnamed[0][0] if self._unnamed else math.inf
+
+    @property
+    def unnamed(self) -> int:
+        """Tasks whose submit answer was lost, still counted as holding a slot."""
+        return len(self._unnamed)
 
     def finished(self, permit: Permit | None = None) -> None:
         """A task we held is now known to be finished (or abandoned for good)."""

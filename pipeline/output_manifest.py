@@ -425,18 +425,24 @@ def refuse_own_output_as_input(source: object, sink: Sink, destination: str) -> 
         )
 
 
-async def read_output_manifest(sink: Sink, relpath: str = "manifest.parquet") -> pl.DataFrame:
-    """An output's ``manifest.parquet`` as a DataFrame (report.html, ``klein-batch export``)."""
+async def output_manifest_file(sink: Sink, relpath: str = "manifest.parquet") -> Path | io.BytesIO:
+    """An output's ``manifest.parquet`` to read from: its path, or its bytes from a remote
+    sink (compressed: a fraction of the table it holds)."""
     local = sink.local_path(relpath)
     if local is not None:
         if not local.is_file():
             raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
-        table = await asyncio.to_thread(pq.read_table, local)
-    else:
-        data = await sink.get(relpath)
-        if data is None:
-            raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
-        table = pq.read_table(io.BytesIO(data))
+        return local
+    data = await sink.get(relpath)
+    if data is None:
+        raise KleinError(f"{sink.uri(relpath)}: no output manifest; has a run written here?")
+    return io.BytesIO(data)
+
+
+async def read_output_manifest(sink: Sink, relpath: str = "manifest.parquet") -> pl.DataFrame:
+    """An output's ``manifest.parquet`` as a DataFrame (``klein-batch export``)."""
+    source = await output_manifest_file(sink, relpath)
+    table = await asyncio.to_thread(pq.read_table, source)
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
     return frame

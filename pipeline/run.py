@@ -910,7 +910,9 @@ class _Run:
         summary.total_rows = sum(summary.counts.values())
         fresh = max(0, summary.counts[RowStatus.SUCCEEDED] - self.earlier[RowStatus.SUCCEEDED])
         summary.images_per_s = round(fresh / summary.elapsed_s, 3) if summary.elapsed_s else 0.0
-        summary.latency_p50_s, summary.latency_p95_s = latency_percentiles(self.ledger.latencies())
+        summary.latency_p50_s, summary.latency_p95_s = latency_percentiles(
+            self.ledger.iter_latencies()
+        )
         summary.credits = round(self.ledger.credits(), 2)
         summary.committed_credits = self.ledger.destination_credits()
         summary.ambiguous_submits = self.ledger.ambiguous_submits()

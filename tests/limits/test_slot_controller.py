@@ -224,3 +224,25 @@ async def test_a_waiter_cancelled_while_handed_the_turn_passes_it_on() -> None:
     slots.finished(permit)
     assert isinstance(await asyncio.wait_for(third, 5), Permit)
     assert second.cancelled()
+
+
+async def test_a_submit_whose_answer_was_lost_holds_its_slot_until_it_has_surely_ended() -> None:
+    # The server may have made the task (a dropped connection after it accepted): counted
+    # as ours, the key is full, so the next submit is a probe and its 429 says "not yet",
+    # not "another client" (which would halve the window and stop probing).
+    slots = SlotController(4, expected_latency_s=0.05)
+    permits = [await slots.acquire() for _ in range(4)]
+    for permit in permits[:3]:
+        slots.accepted(permit)
+    slots.lost(permits[3])
+    assert slots.held == 4 and slots.unnamed == 1
+    probe = await asyncio.wait_for(slots.acquire(), 5)
+    assert probe.speculative
+    slots.refused(probe)
+    assert slots.refused_contention == 0 and not slots.contended
+    assert slots.effective_limit == 4
+    # Past four first-poll times the unnamed task has surely ended: its slot comes back.
+    await asyncio.sleep(0.3)
+    permit = await asyncio.wait_for(slots.acquire(), 5)
+    assert not permit.speculative
+    assert slots.unnamed == 0
