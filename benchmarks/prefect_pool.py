@@ -144,10 +144,21 @@ def api_get(api: str, path: str) -> Any:
         return json.loads(answer.read())
 
 
-def runner_runs(api: str) -> dict[str, dict[str, Any]]:
-    """The shard runner flow runs by name (``shard-runner-N``)."""
-    runs = api_post(api, "/flow_runs/filter", {"limit": 50})
-    return {run["name"]: run for run in runs if run["name"].startswith("shard-runner-")}
+def runner_runs(api: str, earlier: frozenset[str] = frozenset()) -> dict[str, dict[str, Any]]:
+    """The shard runner flow runs by name (``shard-runner-N``), leaving out the ids in
+    ``earlier``: every night names its runners alike, so a pool that ran one night before
+    passes that night's ids."""
+    runs = api_post(api, "/flow_runs/filter", {"limit": 200})
+    return {
+        run["name"]: run
+        for run in runs
+        if run["name"].startswith("shard-runner-") and run["id"] not in earlier
+    }
+
+
+def flow_run_ids(api: str) -> frozenset[str]:
+    """Every flow run the server has: what a night started on a used pool is not among them."""
+    return frozenset(run["id"] for run in api_post(api, "/flow_runs/filter", {"limit": 200}))
 
 
 def find_postgres() -> Path | None:
@@ -203,10 +214,11 @@ def postgres() -> Iterator[str | None]:
 
 
 @contextmanager
-def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, Any]]:
-    """A Prefect server (on PostgreSQL when installed), the simulator, two process workers
-    and the repository's deployments, the API key in the ``freepik-api-key`` Secret block;
-    yields what a caller needs to start the flow and watch it."""
+def prefect_pool(tmp_path: Path, secret: str) -> Iterator[dict[str, Any]]:
+    """A Prefect server (on PostgreSQL when installed), two process workers and the
+    repository's deployments, the API key in the ``freepik-api-key`` Secret block; yields
+    what a caller needs to start the flow and watch it. The simulator is the caller's
+    (``simulator``), so one pool can serve nights against differently shaped keys."""
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FREEPIK", "BFL"))}
@@ -235,7 +247,6 @@ def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, 
                 server_log,
             )
         )
-        sim_url = start_simulator(stack, base, tmp_path, sim_toml)
         wait_for(f"{api}/health", server, 90, server_log)
 
         run([prefect, "work-pool", "create", POOL, "--type", "process"], client)
@@ -263,11 +274,30 @@ def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, 
         yield {
             "api": api,
             "client": client,
-            "sim_url": sim_url,
+            "base": base,
             "workers": workers,
             "database": database,
             "server_log": server_log,
+            "logs": tmp_path,
         }
+
+
+@contextmanager
+def simulator(tmp: Path, toml: str, env: dict[str, str]) -> Iterator[str]:
+    """The simulator in its own process with the key ``toml`` describes: its base URL."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        yield start_simulator(stack, env, tmp, toml)
+
+
+@contextmanager
+def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, Any]]:
+    """``prefect_pool`` with a simulator of its own (``sim_url``)."""
+    with (
+        prefect_pool(tmp_path, secret) as pool,
+        simulator(tmp_path, sim_toml, pool["base"]) as sim_url,
+    ):
+        yield pool | {"sim_url": sim_url}
 
 
 def descendants(pid: int) -> set[int]:

@@ -43,7 +43,7 @@ import aiohttp
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
 from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable, StorageError
-from pipeline.html_report import MAX_TILES, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
+from pipeline.html_report import INLINE_THUMBS, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
@@ -90,12 +90,16 @@ CONTENDED_REPOLL = 0.05
 #: task; a task found done at the median also counts as done at the first-poll time.
 CALIBRATE_EVERY = 4
 
-#: Once every row has been taken and at most this many tasks are left, the last of them is
-#: polled at least this often: the run's end waits for the last task to be *noticed*, and
-#: the usual back-off (half the task's age, up to 10 s) would add 5 s on average to the
-#: wall time of a run with a heavy latency tail, for a handful of extra polls.
+#: Once every row has been taken and at most this many tasks are left, each of them is
+#: polled at least every ``DRAIN_REPOLL_S`` times the number left (the last one every
+#: second, two every two seconds: one poll a second in all): the run's end waits for the
+#: last task to be *noticed*, and the usual back-off (half the task's age, up to 10 s)
+#: would add 5 s on average to the wall time of a run with a heavy latency tail. Under the
+#: production preset the last two tasks are often both near the 120 s cap and alone for
+#: about a minute: some 60 polls per run, where a spacing of 3 s noticed the last one
+#: 1.5 s late on average (``benchmarks/notes.md``).
 DRAIN_TASKS = 2
-DRAIN_REPOLL_S = 3.0
+DRAIN_REPOLL_S = 1.0
 #: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
 _Z85 = 1.0364
 
@@ -329,9 +333,10 @@ class Engine:
         self._fetch_room = asyncio.Event()
         self._fetch_room.set()
         self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)
-        #: Contact-sheet thumbnails still to make while verifying (report.html draws at most
-        #: MAX_TILES, from a local output's thumbnail cache; see ``_store_thumbnail``).
-        self._thumbs_left = MAX_TILES if sink.local_path(THUMBS_RELDIR) is not None else 0
+        #: Contact-sheet thumbnails still to make while verifying: report.html inlines one
+        #: in its first INLINE_THUMBS tiles, from a local output's thumbnail cache (see
+        #: ``_wants_thumbnail``, ``_store_thumbnail``).
+        self._thumbs_left = INLINE_THUMBS if sink.local_path(THUMBS_RELDIR) is not None else 0
         self._heap: list[tuple[float, int, _Tracked]] = []
         self._seq = itertools.count()
         self._wake = asyncio.Event()
@@ -889,16 +894,21 @@ class Engine:
 
     def _hurry_the_last(self) -> None:
         """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
-        ``DRAIN_REPOLL_S`` for its next poll.
+        ``DRAIN_REPOLL_S`` times their number for its next poll.
 
         Their polls were scheduled while more tasks were in flight, with the usual back-off
         (up to 10 s for a long task), and the run ends when the last of them is noticed.
         """
         if not self._draining or len(self._by_task) > DRAIN_TASKS:
             return
+        spacing = self._drain_spacing()
         for tracked in self._by_task.values():
             if tracked.due < math.inf and not tracked.done.done():
-                self._schedule(tracked, DRAIN_REPOLL_S)
+                self._schedule(tracked, spacing)
+
+    def _drain_spacing(self) -> float:
+        """The longest wait for a poll of one of the last tasks (``DRAIN_*``)."""
+        return DRAIN_REPOLL_S * max(1, len(self._by_task))
 
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
@@ -981,7 +991,7 @@ class Engine:
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
         delay = min(max(0.5 * age, 0.05), 10.0)
         if self._draining and len(self._by_task) <= DRAIN_TASKS:
-            delay = min(delay, DRAIN_REPOLL_S)
+            delay = min(delay, self._drain_spacing())
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
         self._schedule(tracked, delay)
@@ -1056,7 +1066,9 @@ class Engine:
         refreshed = False
         while True:
             try:
-                data = await self._download(url, request.output_format, expected)
+                data = await self._download(
+                    url, request.output_format, expected, self._wants_thumbnail(job)
+                )
                 break
             except _Expired as exc:
                 if job.task_id is not None:
@@ -1152,7 +1164,7 @@ class Engine:
                     size=entry.bytes,
                 )
                 outcome.reused_from = library.location(entry)
-                if self._thumbs_left > 0:
+                if self._wants_thumbnail(job):
                     # report.html's contact sheet: the library's thumbnail, not a decode.
                     thumb = f"{THUMBS_RELDIR}/{job.row.key}.jpg"
                     if await library.reuse_thumbnail(fp, self._sink, thumb):
@@ -1221,17 +1233,19 @@ class Engine:
             cost=self._cost(request),
         )
 
-    async def _download(self, url: str, fmt: str, expected: tuple[int, int]) -> tuple[Any, bytes]:
+    async def _download(
+        self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool
+    ) -> tuple[Any, bytes]:
         async def attempt() -> tuple[Any, bytes]:
             # A download slot per attempt, not across the backoff sleeps between them:
             # a retrying download must not keep other finished tasks from theirs.
             async with self._downloads:
-                return await self._download_once(url, fmt, expected)
+                return await self._download_once(url, fmt, expected, thumbnail)
 
         return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
     async def _download_once(
-        self, url: str, fmt: str, expected: tuple[int, int]
+        self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool
     ) -> tuple[Any, bytes]:
         self.stats.downloads += 1
         try:
@@ -1262,7 +1276,7 @@ class Engine:
         if status != 200:
             self.stats.errors[f"download {status}"] += 1
             raise Transient(f"download answered HTTP {status}", retry_after=retry_after)
-        thumb = THUMB_PX if self._thumbs_left > 0 else None
+        thumb = THUMB_PX if thumbnail else None
         try:
             if len(data) > 1_000_000:
                 info = await asyncio.to_thread(
@@ -1284,6 +1298,16 @@ class Engine:
         except InvalidImage as exc:
             raise Transient(f"downloaded image is invalid: {exc}") from None
         return info, data
+
+    def _wants_thumbnail(self, job: Job) -> bool:
+        """Whether ``job``'s image gets a contact-sheet thumbnail as it is verified.
+
+        Only rows near the top of the manifest, whose tiles come first on report.html, and
+        at most INLINE_THUMBS of them: the 1/8-scale decode behind a thumbnail was about
+        40% of the client's CPU per image (issue 16's profile). Every other JPEG has its
+        structure walked instead (``verify.jpeg_size``) and its tile shows the image file.
+        """
+        return self._thumbs_left > 0 and job.row.index < INLINE_THUMBS
 
     async def _store_thumbnail(self, key: str, thumbnail: bytes) -> None:
         """Put the verification decode's thumbnail where report.html looks for it first.

@@ -10,17 +10,19 @@ budget stopped the run and how much of the catalog it made; prompts that still h
 markup; throughput over time, a latency histogram and credits, drawn as inline SVG. No
 script, no external CSS, fonts or images.
 
-Thumbnails are inline (``data:`` JPEG, 128 px on the longer side, 1-3 KB each) rather
-than files in a ``thumbs/`` folder: a page downloaded alone from S3 (the console's
-Download, ``aws s3 cp``, a presigned link, an e-mail attachment) then still shows every
-image, where relative links would break the moment the page leaves its folder. The cost is
-size: about 2.4 MB per thousand images (``benchmarks/report_html.py``: 24 MB for 10,000,
-loaded by Chromium in about a second), so the contact sheet stops at ``MAX_TILES`` images
-and says so; ``loading="lazy"`` and ``content-visibility`` keep the browser from decoding
-and laying out what is off screen. Thumbnails of a local output are cached
-in ``.klein/thumbs/`` so a rerun only makes the new ones; the engine writes them there as
-it verifies each JPEG (from the same 1/8-scale decode), so the page does not decode every
-image a second time at the end of the run.
+The first ``INLINE_THUMBS`` tiles carry inline thumbnails (``data:`` JPEG, 128 px on the
+longer side, 1-3 KB each) rather than files in a ``thumbs/`` folder: a page downloaded
+alone from S3 (the console's Download, ``aws s3 cp``, a presigned link, an e-mail
+attachment) then still shows them, where relative links break the moment the page leaves
+its folder. The later tiles (up to ``MAX_TILES``, then the rest are counted) show the image
+file itself by its relative link, loaded by the browser as the tile scrolls into view: a
+thumbnail needs the whole JPEG decoded (at 1/8 scale), and one for every image was about
+40% of the client's CPU per image (issue 16's profile); the page says so above the sheet.
+``loading="lazy"`` and ``content-visibility`` keep the browser from decoding and laying
+out what is off screen. Thumbnails of a local output are cached in ``.klein/thumbs/`` so a
+rerun only makes the new ones; the engine writes them there as it verifies the first
+rows' JPEGs (from the same 1/8-scale decode), so the page does not decode them a second
+time at the end of the run.
 
 The page is built from ``manifest.parquet`` (the run's record of every row), so it shows
 exactly what the data team sees, and from the run summary for the figures of this run. The
@@ -71,6 +73,11 @@ THUMB_PX: Final = 128
 THUMB_QUALITY: Final = 72
 #: Images shown on the contact sheet at most; the rest are counted, not drawn.
 MAX_TILES: Final = 10_000
+#: Tiles that carry an inline thumbnail, the first ones; the others show the image file
+#: beside the page. A thumbnail needs every entropy-coded block of its JPEG decoded (the
+#: engine does it as it verifies): for every image, about 40% of the client's CPU per image
+#: (issue 16), for a first look at a batch, a screenful or two is enough.
+INLINE_THUMBS: Final = 200
 #: Rows listed in the table of problems at most (grouped counts cover all of them).
 MAX_PROBLEMS: Final = 2_000
 #: Rows of ``manifest.parquet`` read at a time (on this thread: arrow's reader threads and
@@ -156,8 +163,8 @@ def _relpath(key: str, fmt: str | None) -> str:
 
 
 async def _thumbnails(sink: Sink, shown: pl.DataFrame) -> dict[str, str]:
-    """``key -> base64 JPEG`` for the succeeded rows among the tiles that will be drawn."""
-    done = shown.filter(pl.col("status") == RowStatus.SUCCEEDED)
+    """``key -> base64 JPEG`` for the first succeeded tiles drawn (``INLINE_THUMBS``)."""
+    done = shown.filter(pl.col("status") == RowStatus.SUCCEEDED).head(INLINE_THUMBS)
     images = [
         _Image(key, _relpath(key, fmt), sink.local_path(_relpath(key, fmt)))
         for key, fmt in zip(done["key"].to_list(), done["format"].to_list(), strict=True)
@@ -779,13 +786,20 @@ def _tile(
     if status != RowStatus.SUCCEEDED and row["reason"]:
         hover = f"{hover}\n\n{status}: {row['reason']}" if hover else f"{status}: {row['reason']}"
     data = thumbs.get(key) if status == RowStatus.SUCCEEDED else None
-    if data is not None:
+    if status == RowStatus.SUCCEEDED and key:
         width, height = row["width"] or 1, row["height"] or 1
         scale = THUMB_PX / max(width, height)
+        # Past the inline thumbnails (or when one could not be made), the image file beside
+        # the page: the browser loads it when the tile scrolls into view.
+        source = (
+            f"data:image/jpeg;base64,{data}"
+            if data is not None
+            else _e(_relpath(key, row.get("format")))
+        )
         visual = (
             f'<img loading="lazy" decoding="async" alt="{_e(key)}" '
             f'width="{max(1, round(width * scale))}" height="{max(1, round(height * scale))}" '
-            f'src="data:image/jpeg;base64,{data}">'
+            f'src="{source}">'
         )
     else:
         visual = f'<div class="ph">{_e(status)}</div>'
@@ -860,6 +874,12 @@ def _contact_sheet(found: _Gathered, thumbs: dict[str, str], max_tiles: int) -> 
         more = (
             f'<p class="note">Showing the first {max_tiles:,} of {found.images:,} images; '
             "every row is in manifest.parquet.</p>"
+        )
+    if found.images > INLINE_THUMBS:
+        more += (
+            f'<p class="note">The first {INLINE_THUMBS:,} tiles carry their thumbnails; the '
+            "others show the image files beside this page (blank where the page is opened "
+            "away from its folder).</p>"
         )
     return f'<section id="sheet"><h2>Contact sheet</h2>{more}{body}</section>'
 

@@ -39,7 +39,9 @@ while its image is being made. Another run wanting the same fingerprint waits fo
 image's record and copies it; when the claim disappears without an image (the maker's row
 failed) or lapses (``CLAIM_LEASE_S`` without renewal, by the renewal time the holder wrote;
 at once when the holder was a process on this machine that is gone), it makes the image
-itself. So two runs pay for one fingerprint once, unless a maker dies and two waiters take
+itself. A run that takes a claim looks for the image's record once more before paying (the maker
+records, then drops its claim, so a maker that finished between the look and the claim is
+seen). So two runs pay for one fingerprint once, unless a maker dies and two waiters take
 its lapsed claim over at the same instant.
 """
 
@@ -481,6 +483,12 @@ class Library:
             return None
         return entry
 
+    async def _made(self, fp: str) -> bool:
+        """Whether ``fp`` has its record and its image: a record whose image was deleted
+        behind the library's back is made again, not waited for."""
+        entry = await self._recorded(fp)
+        return entry is not None and await self.sink.exists(object_relpath(fp, entry.format))
+
     async def reuse_thumbnail(self, fp: str, dest: Sink, relpath: str) -> bool:
         """Link the report thumbnail of ``fp`` into a local ``dest``, if the library (local
         too) has one; False otherwise (report.html then decodes the image)."""
@@ -523,12 +531,19 @@ class Library:
         """
         while True:
             if await self._create_claim(fp):
+                # The maker before this claim records its image, then drops its claim: had
+                # that happened between this run's look (the engine's lookup, or the loop
+                # below) and its claim, the image is recorded now. Paying for it again is
+                # what the claim exists to prevent.
+                if await self._made(fp):
+                    await self._delete([claim_relpath(fp)])
+                    return False
                 self._claimed.add(fp)
                 if self._renewer is None or self._renewer.done():
                     self._renewer = asyncio.get_running_loop().create_task(self._renew())
                 return True
             while True:
-                if await self._recorded(fp) is not None:
+                if await self._made(fp):
                     return False
                 holder = await self._claim_holder(fp)
                 if holder is None:

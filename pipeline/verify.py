@@ -4,7 +4,7 @@ A full decode of every image would cost more client CPU than everything else the
 does. PNGs are verified chunk by chunk (every CRC, including the compressed pixel data).
 A JPEG that gets a contact-sheet thumbnail is decoded at 1/8 scale (every entropy-coded
 block is still read, so a corrupt or cut stream fails), and the thumbnail comes from that
-decode. Any other JPEG (past report.html's ``MAX_TILES``, or stored on S3, where no
+decode. Any other JPEG (past report.html's ``INLINE_THUMBS``, or stored on S3, where no
 thumbnail cache is kept) has its structure walked instead (``jpeg_size``: every marker
 segment inside the body, a frame header giving the size, entropy-coded data in each scan,
 the end-of-image marker last): about a tenth of the decode's CPU, and it still catches

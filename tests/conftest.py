@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -48,17 +49,63 @@ def pytest_configure(config: pytest.Config) -> None:
         "parallel workers competing for the CPU would decide instead of the code; .ci/run "
         "runs these after the parallel part, one at a time",
     )
+    config.addinivalue_line(
+        "markers",
+        "slow(seconds=N): a long test, started before the others, longest (N s on an idle "
+        "machine) first",
+    )
 
 
-def _start_order(item: pytest.Item) -> int:
-    """The long tests (marked slow) first: a worker that draws one at the end of the run
-    keeps the others waiting for it. Last, the tests that only collect what a background
-    scenario started at collection did (tests/pipeline/minute_storm.py): early, they would
-    hold a worker waiting for it. Every worker sorts alike, so xdist sees one order; the sort
-    is stable, so within each kind the files' order stays."""
+#: What a test marked ``slow`` without ``seconds=`` is taken to last (most last 15-35 s).
+SLOW_SECONDS = 20.0
+
+
+def _start_order(item: pytest.Item) -> tuple[int, float]:
+    """The long tests (marked slow) first, longest first (``slow(seconds=N)``: the wall
+    time a test or module takes on an idle machine). xdist hands tests out one at a time
+    as workers free up (``pytest_xdist_make_scheduler``), so the longest start at once,
+    side by side, and the short ones fill in around them; a long one drawn at the end
+    would keep the others waiting for it. Last, the tests that only collect what a
+    background scenario started at collection did (tests/pipeline/minute_storm.py): early,
+    they would hold a worker waiting for it. Every worker sorts alike, so xdist sees one
+    order; the sort is stable, so within each kind the files' order stays."""
     if "minute_storm" in getattr(item, "fixturenames", ()):
-        return 2
-    return 0 if item.get_closest_marker("slow") is not None else 1
+        return (2, 0.0)
+    slow = item.get_closest_marker("slow")
+    if slow is None:
+        return (1, 0.0)
+    return (0, -float(slow.kwargs.get("seconds", SLOW_SECONDS)))
+
+
+#: Modules whose tests share an expensive module-scoped fixture: each runs on one worker.
+#: The scale-out pool (a Prefect server, PostgreSQL, two workers) and the hostile corpus's
+#: 37 CLI runs would otherwise be set up again on every worker that draws one of their tests.
+ONE_WORKER_MODULES = frozenset(
+    {"tests/flows/test_scale_out.py", "tests/hostile/test_hostile_corpus.py"}
+)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """xdist's default ``load`` mode with two changes: the modules in ``ONE_WORKER_MODULES``
+    are one unit of work each, and units go out in the collection's order (slow first,
+    longest first), one at a time as workers free up.
+
+    ``--dist worksteal`` gave each worker a contiguous quarter up front, so every slow test
+    landed on the first worker one after another (the lost-worker test started after 13
+    minutes); ``--dist loadgroup`` with ``xdist_group`` marks would do this, but under
+    pytest 9 xdist 3.8's group suffix never reaches the scheduler (``Item.nodeid`` no longer
+    reads ``_nodeid``). Another ``--dist`` given on the command line is honoured."""
+    if config.getvalue("dist") != "load":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class LongestFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return module if module in ONE_WORKER_MODULES else nodeid
+
+    config.option.loadscopereorder = False
+    return LongestFirst(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

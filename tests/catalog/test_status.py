@@ -91,9 +91,15 @@ def test_status_of_a_run_going_in_another_process_and_after_it_finished(
         assert 1 <= going.done < 16
         assert going.in_flight + going.pending + going.done == 16
         assert going.max_credits == 500
-        text = subprocess.run(
-            [KLEIN_BATCH, "status", str(out)], capture_output=True, text=True, check=False
-        )
+        # Paused while `status` starts and reads (a few seconds on a busy machine, longer
+        # than the rest of this run): what it must see is a run that is still going.
+        proc.send_signal(signal.SIGSTOP)
+        try:
+            text = subprocess.run(
+                [KLEIN_BATCH, "status", str(out)], capture_output=True, text=True, check=False
+            )
+        finally:
+            proc.send_signal(signal.SIGCONT)
         assert text.returncode == 1  # not finished yet
         assert text.stdout.startswith(f"{out}: running · run ")
         assert "progress  " in text.stdout

@@ -23,7 +23,7 @@ import polars as pl
 import pytest
 from chaos_helpers import check_run, kill_env, sim_config, sim_process, write_catalog
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.slow(seconds=110)
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 ROWS = 2_000

@@ -38,7 +38,7 @@ def _env(home: Path, api_url: str | None = None) -> dict[str, str]:
     return env
 
 
-@pytest.mark.slow  # starts Prefect's ephemeral server in a fresh process
+@pytest.mark.slow(seconds=40)  # starts Prefect's ephemeral server in a fresh process
 def test_flow_command_runs_the_example_catalog_in_ephemeral_mode(tmp_path: Path) -> None:
     sim_toml = tmp_path / "sim.toml"
     sim_toml.write_text(FAST_SIM, encoding="utf-8")
@@ -125,7 +125,7 @@ def test_flow_command_takes_templates_variations_and_a_dry_run_from_a_shared_con
     assert not (out / "images").exists()  # nothing was sent
 
 
-@pytest.mark.slow  # two flow runs of 60 two-second tasks
+@pytest.mark.slow(seconds=60)  # two flow runs of 60 two-second tasks
 def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     tmp_path: Path, prefect_server: str
 ) -> None:

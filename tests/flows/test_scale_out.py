@@ -6,6 +6,10 @@ runner flow runs of the ``catalog-shard`` deployment (deployed from the reposito
 simulator key that runs in its own process. The server runs on PostgreSQL when it is
 installed (as the README's production section says), else on SQLite.
 
+The two tests share one pool (a server, PostgreSQL and two workers cost about 25 CPU-seconds
+to start), each night against a simulator of its own; the lost worker's test, which kills a
+worker, comes last.
+
 Checked from the outside: every row done exactly once, the key's active tasks never above
 its tier, no shard's engine above the budget, the runners ended; and with a worker and its
 processes killed with SIGKILL mid-run, the night still ends by itself: the lost shard is
@@ -21,6 +25,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +39,16 @@ from benchmarks.prefect_pool import (
     SHARD_DEPLOYMENT,
     api_get,
     descendants,
+    flow_run_ids,
+    prefect_pool,
     runner_runs,
     sim_stats,
-    work_pool,
+    simulator,
 )
 from benchmarks.prefect_pool import run as run_command
 
-pytestmark = pytest.mark.slow
+#: One worker runs both tests (tests/conftest.py: ONE_WORKER_MODULES), so the pool starts once.
+pytestmark = pytest.mark.slow(seconds=240)
 
 KEY = "sk-scale-out-test-5d2e8b"
 TIER_ACTIVE = 4
@@ -85,17 +93,27 @@ def flow_command(manifest: Path, out: Path, sim_url: str, shard_size: int) -> li
     ]
 
 
-def worker_logs(tmp_path: Path) -> str:
-    return "".join(p.read_text() for p in tmp_path.glob("worker-*.log"))
+def worker_logs(pool: dict[str, Any]) -> str:
+    return "".join(p.read_text() for p in pool["logs"].glob("worker-*.log"))
 
 
-def test_shards_spread_over_two_workers_sharing_one_key(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    with prefect_pool(tmp_path_factory.mktemp("pool"), KEY) as started:
+        yield started
+
+
+def test_shards_spread_over_two_workers_sharing_one_key(
+    pool: dict[str, Any], tmp_path: Path
+) -> None:
     manifest = write_catalog(
         tmp_path / "catalog.csv",
         [(f"p{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, ROWS + 1)],
     )
     out = tmp_path / "out"
-    with work_pool(tmp_path, SIM_TOML, KEY) as pool:
+    earlier = flow_run_ids(pool["api"])
+    with simulator(tmp_path / "sim", SIM_TOML, pool["base"]) as sim_url:
+        pool = pool | {"sim_url": sim_url}
         flow = subprocess.run(
             flow_command(manifest, out, pool["sim_url"], SHARD_SIZE),
             env=pool["client"],
@@ -104,10 +122,10 @@ def test_shards_spread_over_two_workers_sharing_one_key(tmp_path: Path) -> None:
             text=True,
             timeout=240,
         )
-        logs = worker_logs(tmp_path)
+        logs = worker_logs(pool)
         assert flow.returncode == 0, flow.stderr[-4000:] + logs[-4000:]
         stats = sim_stats(pool["sim_url"])
-        runners = runner_runs(pool["api"])
+        runners = runner_runs(pool["api"], earlier)
         nightly = api_get(pool["api"], "/deployments/name/generate-catalog/nightly-catalog")
         # The same pool, a second night, cancelled mid-way (a pool of its own would cost the
         # suite another server and two workers). It was on demand while its deployment
@@ -168,14 +186,16 @@ def running_shard_pids(out: Path, shards: int) -> dict[int, int]:
 
 
 @pytest.mark.timeout(900)
-def test_a_lost_worker_never_hangs_the_night(tmp_path: Path) -> None:
+def test_a_lost_worker_never_hangs_the_night(pool: dict[str, Any], tmp_path: Path) -> None:
     manifest = write_catalog(
         tmp_path / "catalog.csv",
         [(f"l{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, LOST_ROWS + 1)],
     )
     out = tmp_path / "out"
     shards = LOST_ROWS // LOST_SHARD_SIZE
-    with work_pool(tmp_path, LOST_SIM_TOML, KEY) as pool:
+    earlier = flow_run_ids(pool["api"])
+    with simulator(tmp_path / "sim", LOST_SIM_TOML, pool["base"]) as sim_url:
+        pool = pool | {"sim_url": sim_url}
         flow_log = tmp_path / "flow.log"
         with flow_log.open("wb") as handle:
             flow = subprocess.Popen(
@@ -218,9 +238,9 @@ def test_a_lost_worker_never_hangs_the_night(tmp_path: Path) -> None:
                     flow.kill()
                     flow.wait(timeout=15)
         output = flow_log.read_text()
-        assert code == 0, output[-4000:] + worker_logs(tmp_path)[-3000:]
+        assert code == 0, output[-4000:] + worker_logs(pool)[-3000:]
         stats = sim_stats(pool["sim_url"])
-        runners = runner_runs(pool["api"])
+        runners = runner_runs(pool["api"], earlier)
 
     index, killed_pid = victim
     done = pl.read_parquet(out / "manifest.parquet")
@@ -256,7 +276,7 @@ def cancel_a_night_mid_way(pool: dict[str, Any], tmp_path: Path) -> None:
     through the flow's cancellation hook, the runner flow runs on the pool: every run of
     the night ends Cancelled and nothing is submitted after."""
     api = pool["api"]
-    earlier = {run["id"] for run in runner_runs(api).values()}
+    earlier = flow_run_ids(api)
     manifest = write_catalog(
         tmp_path / "cancelled.csv",
         [(f"c{n:03d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, CANCEL_ROWS + 1)],
@@ -287,7 +307,7 @@ def cancel_a_night_mid_way(pool: dict[str, Any], tmp_path: Path) -> None:
     ).split()[-1]
 
     def night() -> list[dict[str, Any]]:
-        runners = [run for run in runner_runs(api).values() if run["id"] not in earlier]
+        runners = list(runner_runs(api, earlier).values())
         return [flow_run(api, parent), *runners]
 
     deadline = time.monotonic() + 300

@@ -23,6 +23,10 @@ import polars as pl
 import pytest
 from PIL import Image
 
+#: One worker runs the whole corpus (tests/conftest.py: ONE_WORKER_MODULES): its 37 CLI
+#: runs are one module fixture, which a test on another worker would run again.
+pytestmark = pytest.mark.slow(seconds=70)
+
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO / "tests" / "data" / "hostile"
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")

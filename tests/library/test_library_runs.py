@@ -274,3 +274,42 @@ def test_images_missing_from_the_index_are_found_by_their_records(
     # ...and that run indexed them again.
     assert len(open_library(library)) == 8
     check_library(library)
+
+
+def test_a_claim_freed_by_a_finished_maker_between_two_looks_is_not_paid_again(
+    tmp_path: Path,
+) -> None:
+    """The waiter looks for the image's record, finds none; the maker records its image and
+    drops its claim; the waiter then finds no claim. It takes the claim, and must see the
+    record the maker left instead of making (paying for) the image again: this interleaving
+    cost one image twice in two runs sharing a library on a loaded machine."""
+    from pipeline.library import Entry, claim_relpath, object_relpath, record_relpath
+
+    root = tmp_path / "library"
+    fp = "ab" + "0" * 62
+
+    async def scenario() -> tuple[bool, bool]:
+        library = await Library.open(str(root), dialect="klein")
+        claim = root / claim_relpath(fp)
+        claim.parent.mkdir(parents=True, exist_ok=True)
+        claim.write_text('{"host": "elsewhere", "pid": 1, "renewed_at": 9e99}')
+        record = Entry(fingerprint=fp, format="jpeg", bytes=1, sha256="0" * 64, width=1, height=1)
+        real_holder = library._claim_holder
+
+        async def maker_finishes_between_the_looks(asked: str) -> object:
+            # The maker's last steps (image, record, claim dropped), right after the waiter
+            # found no record.
+            image = root / object_relpath(fp, "jpeg")
+            image.parent.mkdir(parents=True, exist_ok=True)
+            image.write_bytes(b"\xff")
+            (root / record_relpath(fp)).write_bytes(record.to_json())
+            claim.unlink()
+            return await real_holder(asked)
+
+        library._claim_holder = maker_finishes_between_the_looks  # type: ignore[method-assign]
+        makes = await library.claim_shared(fp)
+        return makes, claim.exists()
+
+    makes, claim_left = asyncio.run(scenario())
+    assert makes is False  # copy the maker's image; nothing paid again
+    assert not claim_left  # the claim taken to look again is given back

@@ -5,16 +5,18 @@ from __future__ import annotations
 import base64
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 from pipeline_helpers import check_output, run_against, write_catalog
 
+import pipeline.engine as engine
 import pipeline.html_report as html_report
 from pipeline.html_report import THUMB_PX, THUMBS_RELDIR
 from pipeline.sim import SimServer
 from pipeline.sim.images import render_image
-from pipeline.verify import inspect_image
+from pipeline.verify import ImageInfo, inspect_image
 
 
 def test_inspect_image_makes_a_thumbnail_of_a_jpeg_only_when_asked() -> None:
@@ -39,20 +41,26 @@ def test_inspect_image_makes_a_thumbnail_of_a_jpeg_only_when_asked() -> None:
     )
 
 
+def _count_report_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the images report.html decodes itself for a thumbnail (a list to read)."""
+    made: list[int] = []
+    real_thumbnail = html_report.thumbnail
+
+    def counting(data: bytes, size: int = THUMB_PX) -> bytes:
+        made.append(len(data))
+        return real_thumbnail(data, size)
+
+    monkeypatch.setattr(html_report, "thumbnail", counting)
+    return made
+
+
 def test_run_leaves_thumbnails_the_report_uses_without_decoding_again(
     sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     n = 8
     manifest = write_catalog(tmp_path / "in", n)
     out = tmp_path / "out"
-    made_at_report_time: list[int] = []
-    real_thumbnail = html_report.thumbnail
-
-    def counting(data: bytes, size: int = THUMB_PX) -> bytes:
-        made_at_report_time.append(len(data))
-        return real_thumbnail(data, size)
-
-    monkeypatch.setattr(html_report, "thumbnail", counting)
+    made_at_report_time = _count_report_decodes(monkeypatch)
     summary = run_against(sim, manifest, out)
 
     check_output(out, n, summary)
@@ -79,3 +87,38 @@ def test_png_rows_get_their_thumbnails_from_the_report(sim: SimServer, tmp_path:
     for i in range(3):
         cached = out / THUMBS_RELDIR / f"item-{i:04d}.jpg"
         assert base64.b64encode(cached.read_bytes()).decode() in page
+
+
+def test_only_the_first_rows_get_thumbnails_and_later_tiles_show_their_image_file(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past ``INLINE_THUMBS`` an image is verified by its structure, not decoded, and its
+    tile links the stored file instead of carrying a thumbnail; the page never decodes."""
+    n, inline = 5, 2
+    monkeypatch.setattr(html_report, "INLINE_THUMBS", inline)
+    monkeypatch.setattr(engine, "INLINE_THUMBS", inline)
+    made_at_report_time = _count_report_decodes(monkeypatch)
+    decoded: list[bool] = []
+    real_inspect = engine.inspect_image
+
+    def watching(data: bytes, **kwargs: Any) -> ImageInfo:
+        decoded.append(kwargs.get("thumbnail_px") is not None)
+        return real_inspect(data, **kwargs)
+
+    monkeypatch.setattr(engine, "inspect_image", watching)
+    manifest = write_catalog(tmp_path / "in", n)
+    out = tmp_path / "out"
+    summary = run_against(sim, manifest, out)
+
+    check_output(out, n, summary)
+    assert sorted(decoded) == [False] * (n - inline) + [True] * inline
+    page = (out / "report.html").read_text()
+    cached = sorted(path.name for path in (out / THUMBS_RELDIR).iterdir())
+    assert cached == [f"item-{i:04d}.jpg" for i in range(inline)]
+    for name in cached:
+        assert base64.b64encode((out / THUMBS_RELDIR / name).read_bytes()).decode() in page
+    for i in range(inline, n):
+        assert f'src="images/item-{i:04d}.jpg"' in page
+        assert (out / "images" / f"item-{i:04d}.jpg").is_file()
+    assert f"The first {inline:,} tiles carry their thumbnails" in page
+    assert made_at_report_time == []

@@ -116,7 +116,7 @@ def _wait(check: Callable[[], object], proc: subprocess.Popen[str], what: str) -
 CASES = [("run", "run"), ("run", "flow"), ("flow", "run")]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=35)
 @pytest.mark.parametrize("where", ["local", "s3"])
 @pytest.mark.parametrize(("first", "second"), CASES, ids=[f"{a}-vs-{b}" for a, b in CASES])
 def test_a_second_writer_stops_with_exit_2_naming_the_holder(

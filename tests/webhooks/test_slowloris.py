@@ -77,6 +77,10 @@ class Slowloris(threading.Thread):
                 sock.close()
 
 
+def hold_open_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,9 +104,11 @@ def test_slowloris_against_the_receiver_fails_no_row(start_sim: Any, tmp_path: P
         stderr=subprocess.PIPE,
         text=True,
         env=cli_env(FREEPIK_API_KEY=SIM_KEY, FREEPIK_WEBHOOK_SECRET=SECRET),
+        # Before exec, not after start: a limit set once the process runs could come after
+        # the receiver sized its bound from the machine's (much higher) limit.
+        preexec_fn=hold_open_files,
     )
     try:
-        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
         flood.start()
         _, stderr = proc.communicate(timeout=120)
     finally:

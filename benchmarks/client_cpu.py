@@ -1,0 +1,115 @@
+"""Client CPU per 1,000 images, contenders alternating round by round, and a profile.
+
+The suite (``benchmarks/run.py``) runs each contender once, one after the other; on a
+shared machine its CPU figures move 20-30% between invocations. This runs the contenders
+in turn for several rounds against a fresh simulator each (the suite's, pinned the same
+way), so a change is judged by ratios measured side by side, and optionally profiles one
+klein-batch run (cProfile on the CPU clock around ``pipeline.cli.main``: the profile's top
+entries in ``benchmarks/notes.md`` come from here)::
+
+    python -m benchmarks.client_cpu --scenario scale --rows 2000 --rounds 2
+    python -m benchmarks.client_cpu --contenders klein-batch --profile /tmp/kb.prof
+
+``klein-batch-no-thumbnails`` is the same klein-batch with report.html's thumbnails off
+(the engine decodes nothing, the page makes none): what the thumbnails cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from benchmarks.harness import REPO, Simulator
+from benchmarks.run import command_for, contender_env, scenarios, write_manifest
+
+CONTENDERS = ("naive-async", "klein-batch", "klein-batch-no-thumbnails")
+#: Run before ``pipeline.cli.main`` for ``klein-batch-no-thumbnails``.
+_NO_THUMBNAILS = (
+    "import pipeline.engine as engine, pipeline.html_report as page\n"
+    "engine.INLINE_THUMBS = 0\n"
+    "page.thumbnail = lambda data, size=128: b''\n"
+)
+_PROFILED = (
+    "import cProfile, time\n"
+    "profile = cProfile.Profile(time.process_time)\n"
+    "profile.enable()\n"
+    "try:\n"
+    "    main()\n"
+    "except SystemExit:\n"
+    "    pass\n"
+    "profile.disable()\n"
+    "profile.dump_stats({path!r})\n"
+)
+
+
+def klein_command(command: list[str], contender: str, profile: Path | None) -> list[str]:
+    """The suite's ``klein-batch run ...`` as ``python -c``, so the variant and the
+    profiler can run in the process itself."""
+    code = _NO_THUMBNAILS if contender == "klein-batch-no-thumbnails" else ""
+    code += "from pipeline.cli import main\n"
+    code += _PROFILED.format(path=str(profile)) if profile is not None else "main()\n"
+    return [sys.executable, "-c", code, *command[1:]]
+
+
+def cpu_of(command: list[str], env: dict[str, str], cpus: list[int]) -> float:
+    """User + system CPU seconds of ``command`` and the children it reaped."""
+    if cpus and shutil.which("taskset"):
+        command = ["taskset", "-c", ",".join(map(str, cpus)), *command]
+    before = os.times()
+    subprocess.run(command, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    after = os.times()
+    return (after.children_user - before.children_user) + (
+        after.children_system - before.children_system
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", default="scale", help="a suite scenario (default scale)")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile klein-batch into this file (its last run)"
+    )
+    args = parser.parse_args()
+    scenario = {s.name: s for s in scenarios(False)}[args.scenario]
+    per_1000: dict[str, list[float]] = {name: [] for name in args.contenders}
+    with tempfile.TemporaryDirectory(prefix="client-cpu-") as tmp:
+        root = Path(tmp)
+        manifest = root / "manifest.csv"
+        write_manifest(manifest, args.rows)
+        for round_no in range(args.rounds):
+            for contender in args.contenders:
+                key = "bench-" + secrets.token_hex(12)
+                workdir = root / f"{contender}-{round_no}"
+                workdir.mkdir()
+                out = workdir / "out"
+                with Simulator(scenario.sim, workdir, key, [0]) as sim:
+                    suite_name = "naive-async" if contender == "naive-async" else "klein-batch"
+                    command = command_for(
+                        suite_name, manifest, sim.url, out, scenario.sim, args.rows
+                    )
+                    if suite_name == "klein-batch":
+                        profile = args.profile if contender == "klein-batch" else None
+                        command = klein_command(command, contender, profile)
+                    cpu = cpu_of(command, contender_env(root / "prefect-home", key), [1])
+                images = sum(1 for _ in (out / "images").glob("*"))
+                per_1000[contender].append(cpu / max(1, images) * 1000)
+                print(
+                    f"{contender}: {images} images, {per_1000[contender][-1]:.2f} CPU s/1000, "
+                    f"load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+    for contender, figures in per_1000.items():
+        print(f"{contender}: " + " ".join(f"{figure:.2f}" for figure in figures))
+
+
+if __name__ == "__main__":
+    main()
