@@ -248,7 +248,10 @@ def test_a_run_takes_over_the_output_of_a_writer_killed_with_9(
     assert "took over the lock" in again.stderr
     assert "its process on this machine is gone" in again.stderr
     assert _s3_holder(s3_client, bucket) is None  # released at the end
-    assert sim.stats()["keys"]["demo"]["duplicate_submits"] == 0
+    # Only a submit whose answer the kill cut off may have been sent twice (the kill can
+    # land after the first submits on a busy machine); no acknowledged task is paid again.
+    summary = json.loads(s3_client.get_object(Bucket=bucket, Key="out/run.json")["Body"].read())
+    assert sim.stats()["keys"]["demo"]["duplicate_submits"] <= summary["ambiguous_submits"]
 
 
 async def test_holding_an_s3_output_renews_the_lease_while_it_runs(
