@@ -39,10 +39,10 @@ while its image is being made. Another run wanting the same fingerprint waits fo
 image's record and copies it; when the claim disappears without an image (the maker's row
 failed) or lapses (``CLAIM_LEASE_S`` without renewal, by the renewal time the holder wrote;
 at once when the holder was a process on this machine that is gone), it makes the image
-itself. A run that takes a claim looks for the image's record once more before paying (the maker
-records, then drops its claim, so a maker that finished between the look and the claim is
-seen). So two runs pay for one fingerprint once, unless a maker dies and two waiters take
-its lapsed claim over at the same instant.
+itself. A run that takes a claim looks for the image and its record once more before
+paying (the maker records, then drops its claim, so a maker that finished between the look
+and the claim is seen). So two runs pay for one fingerprint once, unless a maker dies and
+two waiters take its lapsed claim over at the same instant.
 """
 
 from __future__ import annotations
