@@ -258,6 +258,8 @@ class _Tracked:
     #: When its next poll is due (monotonic); inf while none is scheduled. A heap entry
     #: with another time was replaced by a sooner one (``Engine._schedule``).
     due: float = math.inf
+    #: Its slot was given back to the controller (``Engine._release``): once only.
+    released: bool = False
 
 
 class Engine:
@@ -415,7 +417,7 @@ class Engine:
             self._first_poll.observe(elapsed <= self._first_poll.value)
             self.slots.set_latency(self._first_poll.value)
         self.stats.webhooks += 1
-        tracked.done.set_result(state)
+        self._ended(tracked, state)
 
     async def run(self, jobs: AsyncIterator[Job]) -> EngineStats:
         """Carry every job to an outcome; returns when the last one has ended."""
@@ -624,7 +626,7 @@ class Engine:
             failure = exc
         finally:
             self._by_task.pop(tracked.task_id, None)
-            self.slots.finished(tracked.permit)
+            self._release(tracked)
             self._hurry_the_last()
         if failure is not None:
             if isinstance(failure, _UnknownTask) and job.task_id is not None:
@@ -910,6 +912,21 @@ class Engine:
         """The longest wait for a poll of one of the last tasks (``DRAIN_*``)."""
         return DRAIN_REPOLL_S * max(1, len(self._by_task))
 
+    def _ended(self, tracked: _Tracked, state: TaskState) -> None:
+        """The API says the task ended: its slot is given back now, then its row goes on.
+
+        The slot first, so the row waiting for it is woken ahead of this row's download:
+        the refill is what keeps the key busy, and this row's download, verification and
+        file writes (a millisecond or more of this process) can come after the submit.
+        """
+        self._release(tracked)
+        tracked.done.set_result(state)
+
+    def _release(self, tracked: _Tracked) -> None:
+        if not tracked.released:
+            tracked.released = True
+            self.slots.finished(tracked.permit)
+
     async def _wait(self, tracked: _Tracked) -> TaskState:
         try:
             return await tracked.done
@@ -970,7 +987,7 @@ class Engine:
             self._first_poll.observe(done)
             self.slots.set_latency(self._first_poll.value)
         if done:
-            tracked.done.set_result(state)
+            self._ended(tracked, state)
             return
         if tracked.permit is not None:
             self.slots.still_running(tracked.permit)
