@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import aiohttp
+import yarl
 
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
@@ -280,6 +281,9 @@ class Engine:
         key_state: KeyState | None = None,
     ) -> None:
         self._provider = provider
+        #: The submit address as aiohttp's URL object, parsed once rather than per submit
+        #: (``_submit_url``): yarl's parsing was a visible share of every request's CPU.
+        self._submit_at: tuple[str, yarl.URL] | None = None
         #: Images made before, by request fingerprint (``pipeline/library.py``).
         self._library = library
         self._budget = budget
@@ -769,6 +773,13 @@ class Engine:
             why,
         )
 
+    def _submit_url(self) -> yarl.URL:
+        """The provider's submit address, parsed again only if the provider changes it."""
+        address = self._provider.submit_url()
+        if self._submit_at is None or self._submit_at[0] != address:
+            self._submit_at = (address, yarl.URL(address))
+        return self._submit_at[1]
+
     async def _submit_once(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
         task = asyncio.current_task()
         if task is not None:
@@ -798,7 +809,7 @@ class Engine:
             # whose 200 could name a task this row never asked for (and a 307 re-sends
             # the key and the prompt wherever it points). A redirect is no acknowledgement.
             async with self._session.post(
-                self._provider.submit_url(),
+                self._submit_url(),
                 data=payload,
                 headers=headers,
                 timeout=self._timeout,
