@@ -11,6 +11,7 @@ every command pay for them before it knows whether it needs them.
 
 from __future__ import annotations
 
+import importlib.util
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,11 @@ def __getattr__(name: str) -> Any:
     """Import a public name's module when the name is first asked for, and keep the name."""
     module = _PUBLIC.get(name)
     if module is None:
-        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+        # ``import pipeline; pipeline.manifest`` worked while this file imported everything:
+        # a submodule's name still does, importing it now.
+        if name.startswith("_") or importlib.util.find_spec(f"pipeline.{name}") is None:
+            raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+        return import_module(f"pipeline.{name}")
     value = getattr(import_module(module), name)
     globals()[name] = value
     return value
