@@ -489,6 +489,8 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
                 HEADER,
                 *(_row(f) for f in sweep["full_run"]),
             ]
+        for skipped in sweep.get("full_run_skipped", []):
+            out += ["", f"Full run of {skipped['rows']:,} rows not made: {skipped['why']}."]
         out.append("")
     sharing = load_sharing()
     if sharing:

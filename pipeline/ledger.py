@@ -693,7 +693,9 @@ class Ledger:
             "outcome = excluded.outcome, finished_at = excluded.finished_at, "
             "latency = excluded.latency, credits = excluded.credits, "
             "finished_run = excluded.finished_run, "
-            "task_id = COALESCE(task_id, json_extract(excluded.outcome, '$.task_id'))",
+            # The outcome's task id (sealed, as in its JSON) bound as ``?9``, not read back
+            # with ``json_extract`` from the JSON just written: a parse per finished row.
+            "task_id = COALESCE(task_id, ?9)",
             (
                 outcome.key,
                 _request_to_json(outcome.request),
@@ -703,6 +705,7 @@ class Ledger:
                 outcome.latency_s,
                 outcome.cost_credits,
                 self._run_id,
+                self.mask.seal(outcome.task_id) if outcome.task_id else outcome.task_id,
             ),
         )
 

@@ -154,15 +154,22 @@ class LocalSink:
             parent.mkdir(parents=True, exist_ok=True)
         fd, tmp_name = self._create_temp(parent, target.name)
         try:
-            with os.fdopen(fd, "wb") as handle:
-                if source is not None:
+            if source is not None:
+                with os.fdopen(fd, "wb") as handle:
                     with source.open("rb") as src:
                         shutil.copyfileobj(src, handle, 1 << 20)
-                else:
-                    handle.write(data or b"")
-                if self.fsync:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                    if self.fsync:
+                        handle.flush()
+                        os.fsync(handle.fileno())
+            else:
+                # Bytes in hand go straight to the descriptor: a buffered file object per
+                # image was a tenth of this function's CPU (issue 16's profile).
+                try:
+                    _write_all(fd, data or b"")
+                    if self.fsync:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
             os.replace(tmp_name, target)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -222,6 +229,13 @@ class LocalSink:
 
     async def exists(self, relpath: str) -> bool:
         return self._path(relpath).is_file()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``: ``os.write`` may take less than it is given."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def write_failed(target: Path | str, exc: OSError) -> StorageError:

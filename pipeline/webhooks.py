@@ -26,8 +26,12 @@ open at once (by default an eighth of the open-file limit, at most 256; beyond i
 connection is closed the moment it is accepted, so none queue for ever and the process
 keeps its file descriptors for the journal, the API and the images), a request's headers
 must arrive within ``header_timeout_s`` of the connection (or of the previous answer) and
-its body within ``body_timeout_s``, bodies are capped at ``MAX_BODY_BYTES``, and every
-answer closes its connection. A starved receiver only means tasks are noticed by their
+its body within ``body_timeout_s``, bodies are capped at ``MAX_BODY_BYTES``, a refusal
+closes its connection, and so does every answer once half the bound is open. Below that, a
+verified delivery's connection stays open for the sender's next one (it must come within
+``header_timeout_s``, like any request): each task sends three, and a new connection (a
+TLS handshake, in production) per delivery put milliseconds between a task's end and the
+submit that refills its slot. A starved receiver only means tasks are noticed by their
 polls, a little later: rows still end as the API ended their tasks.
 """
 
@@ -314,7 +318,7 @@ class WebhookReceiver:
             delivery_id = self._verifier.verify(request.headers, body)
             if delivery_id in self._seen:
                 self.stats.duplicates += 1
-                return web.json_response({"ok": True, "duplicate": True})
+                return self._kept(web.json_response({"ok": True, "duplicate": True}))
             try:
                 task_id, state = self._provider.parse_webhook(json.loads(body))
             except (ValueError, ProtocolError) as exc:
@@ -327,7 +331,19 @@ class WebhookReceiver:
         self.stats.accepted += 1
         if state.phase != "pending":
             self._on_state(task_id, state)
-        return _closing(web.json_response({"ok": True}))
+        return self._kept(web.json_response({"ok": True}))
+
+    def _kept(self, response: web.Response) -> web.Response:
+        """A verified delivery's answer keeps its connection while the receiver has room.
+
+        Past half the bound every answer closes its connection, so senders holding idle
+        ones cannot keep new senders out (an idle one closes after ``header_timeout_s``
+        anyway: aiohttp's keep-alive timeout is set to it).
+        """
+        server = self._runner.server if self._runner is not None else None
+        if server is None or 2 * len(server.connections) >= self.max_connections:
+            response.force_close()
+        return response
 
     def admit(self, open_connections: int) -> bool:
         """Whether a new connection may stay, with ``open_connections`` open already."""
@@ -362,7 +378,7 @@ class WebhookReceiver:
 
 
 def _closing(response: web.Response) -> web.Response:
-    """Every answer ends its connection: a kept-alive one would hold a slot for nothing."""
+    """A refusal ends its connection: whoever sent it gets no connection kept for them."""
     response.force_close()
     return response
 

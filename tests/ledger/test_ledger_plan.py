@@ -365,3 +365,24 @@ def test_earlier_work_read_only_agrees_with_the_plan(ledger_path: Path, retry_fa
     if retry_failed:
         assert unfetched.action is Action.POLL and unfetched.task_id == f"task-{finished[3].key}"
         assert earlier[finished[3].key] == "in_flight"
+
+
+def test_an_outcome_names_the_task_when_no_ack_was_recorded(
+    ledger_path: Path, rows: Callable[..., list[Row]]
+) -> None:
+    """A row that ended with a task id the journal never saw acknowledged (its outcome
+    carries it) keeps that id in ``tasks.task_id``: ``--retry-failed`` polls the task,
+    and an ack of the same task for another key is reported as a shared task."""
+    with Ledger.open(ledger_path) as ledger:
+        ledger.start_run("run-1", {})
+        (row,) = ledger.plan(rows(0))
+        _finish(ledger, row.row, RowStatus.FAILED, reason="polling failed after retries")
+        ledger.start_run("run-2", {})
+        ledger.plan(rows(1))
+        assert ledger.record_ack("key-1", "task-key-0", "http://127.0.0.1:9/p", 1.0, None) == (
+            "key-0"
+        )
+    with Ledger.open(ledger_path) as ledger:
+        ledger.start_run("run-3", {})
+        (again,) = ledger.plan(rows(0), retry_failed=True)
+    assert (again.action, again.task_id) == (Action.POLL, "task-key-0")

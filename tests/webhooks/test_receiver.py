@@ -305,3 +305,47 @@ async def test_running_out_of_files_while_accepting_is_one_warning_not_a_traceba
     warnings = [r for r in caplog.records if "out of open files" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].exc_info is None
     assert receiver.stats.connections_refused == 3
+
+
+async def test_verified_deliveries_keep_their_connection_while_there_is_room() -> None:
+    """A sender's next delivery reuses its connection (no new handshake per task end); a
+    refusal closes it, and so does every answer once half the bound is open."""
+    receiver = WebhookReceiver(
+        make_provider("bfl", "http://127.0.0.1:9", "k"),
+        BFL_SECRET,
+        lambda *_: None,
+        max_connections=4,
+    )
+    opened: list[object] = []
+    tracing = aiohttp.TraceConfig()
+
+    async def on_create(*_: object) -> None:
+        opened.append(object())
+
+    tracing.on_connection_create_end.append(on_create)
+    connector = aiohttp.TCPConnector(limit=1)
+    async with (
+        receiver,
+        aiohttp.ClientSession(connector=connector, trace_configs=[tracing]) as sender,
+    ):
+
+        async def deliver(task_id: str, secret: str = BFL_SECRET) -> tuple[int, str]:
+            body = json.dumps({"id": task_id, "status": "Ready", "result": {"sample": "x"}})
+            async with sender.post(
+                receiver.url, data=body.encode(), headers=bfl_headers(body.encode(), secret)
+            ) as response:
+                await response.read()
+                return response.status, response.headers.get("Connection", "")
+
+        assert await deliver("k-1") == (200, "")
+        assert await deliver("k-2") == (200, "")
+        assert await deliver("k-2") == (200, "")  # a duplicate is answered alike
+        assert len(opened) == 1  # three deliveries, one connection
+        status, connection = await deliver("k-3", secret="forged")
+        assert (status, connection.lower()) == (401, "close")
+        held = [await _slow_request(receiver.port) for _ in range(2)]  # half the bound
+        status, connection = await deliver("k-4")
+        assert (status, connection.lower()) == (200, "close")
+        for _, writer in held:
+            writer.close()
+    assert receiver.stats.accepted == 3
