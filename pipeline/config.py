@@ -17,7 +17,7 @@ from typing import Final
 
 from pipeline.contract import TIERS, Tier
 from pipeline.errors import ConfigError
-from pipeline.product_exports import ExportMapping
+from pipeline.export_spec import ExportMapping
 from pipeline.spec import (
     API_KEY_ENV,
     BFL_MODEL_NAMES,

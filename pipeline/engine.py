@@ -745,7 +745,14 @@ class Engine:
         return result
 
     def _refused_storm(self, retry_after: float | None) -> None:
-        """Count a 429; past ``STORM_REFUSALS`` in a row, pause every submitter (a round)."""
+        """Count a 429; past ``STORM_REFUSALS`` in a row, pause every submitter (a round).
+
+        Only 429s the slot controller cannot explain count: a probe refused while our own
+        tasks may have filled the key is the controller asking "free yet?", and at the
+        ``scale`` tier a couple of dozen probes are in the air at once. Counted, eight of
+        them in a row paused every submit for the server's Retry-After (a second) while
+        the key drained: after the run's first burst, and for the last rows of a run.
+        """
         self._refusal_streak += 1
         now = time.monotonic()
         if self._refusal_streak < STORM_REFUSALS or now < self._quiet_until:
@@ -857,8 +864,10 @@ class Engine:
         if status == 429:
             self.stats.rate_limited += 1
             speculative = permit.speculative
+            explained = self.slots.refused_probes
             self.slots.refused(permit)
-            self._refused_storm(retry_after)
+            if self.slots.refused_probes == explained:
+                self._refused_storm(retry_after)
             if not speculative and retry_after:
                 # We believed a slot was free: another client holds the key. Its hint counts.
                 await asyncio.sleep(min(retry_after, self._settings.retry.max_retry_after_s))

@@ -11,16 +11,17 @@ from __future__ import annotations
 import contextlib
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from types import TracebackType
-from typing import Final, Literal, Self, TextIO
-
-from rich.console import Console, RenderableType
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
-from rich.text import Text
+from typing import TYPE_CHECKING, Final, Literal, Self, TextIO
 
 from pipeline.contract import RowStatus
 from pipeline.summary import ProgressSnapshot
+
+if TYPE_CHECKING:
+    from rich.progress import TaskID
+
+    from pipeline.progress_bar import TwoLineProgress
 
 Mode = Literal["auto", "bar", "plain", "off"]
 MODES: Final = ("auto", "bar", "plain", "off")
@@ -104,7 +105,7 @@ class ProgressDisplay:
         self._last: ProgressSnapshot | None = None
         self._last_printed_at: float | None = None
         self._last_printed: ProgressSnapshot | None = None
-        self._progress: Progress | None = None
+        self._progress: TwoLineProgress | None = None
         self._task: TaskID | None = None
         self._broken = False
 
@@ -176,29 +177,13 @@ class ProgressDisplay:
         self._last_printed = snapshot
 
     def _start_bar(self) -> None:
-        console = (
-            Console(force_jupyter=True)
-            if self._jupyter
-            else Console(file=self._stream, force_terminal=True)
-        )
-        self._progress = _TwoLineProgress(
-            TextColumn("[bold]klein-batch"),
-            BarColumn(bar_width=30),
-            TextColumn("{task.completed}/{task.fields[of]}"),
-            TextColumn("{task.percentage:>3.0f}%"),
-            TextColumn("{task.fields[rate]}"),
-            TextColumn("ETA {task.fields[eta]}"),
-            TextColumn("{task.fields[credits]}"),
-            console=console,
-            refresh_per_second=4,
-        )
-        self._task = self._progress.add_task(
-            "run", total=None, of="?", rate="", eta="?", credits=""
-        )
-        self._progress.start()
+        # rich only here: a log's plain lines (and every run without a terminal) skip it.
+        from pipeline.progress_bar import start_bar
+
+        self._progress, self._task = start_bar(None if self._jupyter else self._stream)
 
     def _draw_bar(self, snapshot: ProgressSnapshot) -> None:
-        if not isinstance(self._progress, _TwoLineProgress) or self._task is None:
+        if self._progress is None or self._task is None:
             return
         self._progress.status = f"{_counts(snapshot)} · in flight {snapshot.in_flight}"
         if snapshot.stopped:
@@ -215,16 +200,6 @@ class ProgressDisplay:
             eta=format_duration(snapshot.eta_s),
             credits=f"{snapshot.credits:.2f} credits",
         )
-
-
-class _TwoLineProgress(Progress):
-    """The bar on one line, the per-status counts under it, so both fit 80 columns."""
-
-    status: str = "starting"
-
-    def get_renderables(self) -> Iterable[RenderableType]:
-        yield self.make_tasks_table(self.tasks)
-        yield Text("  " + self.status, overflow="ellipsis", no_wrap=True)
 
 
 def _isatty(stream: TextIO) -> bool:

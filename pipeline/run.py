@@ -44,7 +44,7 @@ import pyarrow as pa
 
 from pipeline import dest_lock
 from pipeline.budget import Budget
-from pipeline.config import MISSING_REFERENCE_CHOICES
+from pipeline.config import MISSING_REFERENCE_CHOICES, WEBHOOK_SECRET_ENV
 from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job, KeyState
 from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
@@ -74,10 +74,10 @@ from pipeline.summary import ProgressSnapshot, RunSummary
 from pipeline.urls import without_credentials
 from pipeline.variations import Catalog
 from pipeline.verdicts import duplicate_rejection
-from pipeline.webhooks import WEBHOOK_SECRET_ENV, WebhookReceiver, parse_listen
 
 if TYPE_CHECKING:
     from pipeline.sim.config import SimConfig
+    from pipeline.webhooks import WebhookReceiver
 
 log = logging.getLogger(__name__)
 
@@ -195,12 +195,12 @@ def simulator_for(spec: RunSpec) -> SimConfig | None:
     key whose limits are the ones the run asked for (the demo should show a run using its
     whole tier; a simulated key on a smaller tier would only answer 429s). None: a real API.
     """
+    if spec.sim_config is None and not spec.sim:
+        return None  # a real API: the simulator's code is not even imported
     from pipeline.sim.config import KeyConfig, SimConfig
 
     if spec.sim_config is not None:
         return SimConfig.from_toml(spec.sim_config)
-    if not spec.sim:
-        return None
     limits = spec.limits()
     key = KeyConfig(
         tier=spec.tier if spec.tier in TIERS else DEFAULT_TIER,
@@ -463,6 +463,9 @@ async def _arun(
     )
     receiver: WebhookReceiver | None = None
     if opts.webhook_listen:
+        # aiohttp's server side only for a run that receives webhooks (polling: never).
+        from pipeline.webhooks import WebhookReceiver, parse_listen
+
         host, port = parse_listen(opts.webhook_listen)
         receiver = WebhookReceiver(
             provider,

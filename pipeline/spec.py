@@ -51,7 +51,7 @@ from pipeline.contract import (
     Tier,
 )
 from pipeline.errors import ConfigError
-from pipeline.product_exports import CATALOG_FORMATS, PER_CHOICES, ExportMapping, ExportSpec
+from pipeline.export_spec import CATALOG_FORMATS, PER_CHOICES, ExportMapping, ExportSpec
 
 if TYPE_CHECKING:
     from pipeline.manifest import Defaults

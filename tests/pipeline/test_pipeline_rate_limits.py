@@ -5,6 +5,7 @@ never exceeded and every row still finishes.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from pipeline_helpers import check_output, fast_options, key_stats, run_against, statuses
 from pipeline_helpers import write_catalog as catalog
 
-from pipeline.sim import KeyConfig, SimServer
+from pipeline.sim import KeyConfig, LatencyConfig, SimServer
 
 ROWS = 40
 
@@ -56,3 +57,31 @@ def test_told_the_tier_the_client_stays_inside_it(sim_trial: SimServer, tmp_path
 @pytest.fixture
 def sim_trial(start_sim: Callable[..., SimServer]) -> SimServer:
     return start_sim(keys=[KeyConfig(tier="trial")])
+
+
+@pytest.mark.slow(seconds=17)
+def test_probes_refused_at_a_full_key_are_not_a_storm(
+    start_sim: Callable[..., SimServer], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At the scale tier a couple of dozen probes are in the air at once, and when the key
+    was full they are refused together: the slot controller asking "free yet?", which
+    explains them. Taken for a storm, eight in a row paused every submit for the server's
+    Retry-After while the key drained."""
+    rows = 1200
+    server = start_sim(
+        keys=[KeyConfig(tier="scale")], latency=LatencyConfig(median_s=0.4, p95_s=1.0)
+    )
+    # Eager probes (refusal target 0.6): more of them in the air, refused together.
+    options = fast_options(tier="scale", expected_latency_s=0.4, refusal_target=0.6)
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.engine"):
+        summary = run_against(
+            server, catalog(tmp_path / "in", rows), tmp_path / "out", options=options
+        )
+
+    assert statuses(check_output(tmp_path / "out", rows, summary)) == {"succeeded": rows}
+    stats = key_stats(server)
+    assert stats["rate_limited"] >= 8  # probes were refused ...
+    assert stats["max_active"] <= 96
+    paused = [r.getMessage() for r in caplog.records if "in a row" in r.getMessage()]
+    assert paused == []  # ... and none of it paused the run
