@@ -15,37 +15,22 @@ download's length check leave that to a broken API.
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import io
+import re
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
 _FORMATS = {"JPEG": "jpeg", "PNG": "png"}
 
+#: The end of a scan's entropy-coded data: a marker (0xFF not followed by a stuffed 0x00
+#: or a restart marker, which belong to the data).
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7]")
 #: Start-of-frame markers (SOF0-SOF15 less DHT, JPG and DAC), which carry the size.
 _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _CUT_SHORT = "JPEG stream is cut short (no end-of-image marker)"
-
-
-def _marker_starts(data: bytes, start: int) -> list[int]:
-    """Every offset from ``start`` on where a marker begins: a 0xFF followed by a byte that
-    is neither a stuffed 0x00 nor a restart marker (0xD0-0xD7), which belong to a scan's
-    entropy-coded data. The first one at or after a scan's data is where the scan ends.
-
-    One vectorised pass over the file, not a search per scan: the API's images carry
-    thousands of 0xFF bytes (a restart marker per block in the simulator's), and a
-    regular expression stopping at each of them cost more than the rest of the walk
-    (issue 16's CPU profile). A 0xFF in the last byte has no marker after it: not listed.
-    """
-    view = np.frombuffer(data, dtype=np.uint8)[start:]
-    ff = np.flatnonzero(view[:-1] == 0xFF)
-    after = view[ff + 1]
-    ends = ff[(after != 0x00) & ((after < 0xD0) | (after > 0xD7))]
-    return (ends + start).tolist()
 
 
 class InvalidImage(Exception):
@@ -82,7 +67,6 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     pos = 2
     size: tuple[int, int] | None = None
     scans = 0
-    markers: list[int] | None = None  # where markers begin, from the first scan on
     while True:
         if pos >= end:
             raise InvalidImage(_CUT_SHORT)
@@ -111,15 +95,13 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             size = (width, height)
         pos += length
         if marker == 0xDA:  # start of scan: entropy-coded data up to the next marker
-            if markers is None:
-                markers = _marker_starts(data, pos)
-            at = bisect.bisect_left(markers, pos)
-            if at == len(markers):
+            found = _SCAN_END.search(data, pos)
+            if found is None:
                 raise InvalidImage(_CUT_SHORT)
-            if markers[at] == pos:
+            if found.start() == pos:
                 raise InvalidImage("JPEG scan holds no image data")
             scans += 1
-            pos = markers[at]
+            pos = found.start()
     if size is None or scans == 0:
         raise InvalidImage("JPEG has no frame header or no scan")
     if data[pos:].strip(b"\x00"):
