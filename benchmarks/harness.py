@@ -30,6 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: ``FAST_SAMPLE_S`` before, so that time to first submit is known to a few milliseconds.
 SAMPLE_S = 0.1
 FAST_SAMPLE_S = 0.01
+#: How often ``measure(prune_images=True)`` deletes the images that landed.
+PRUNE_EVERY_S = 2.0
 
 
 @dataclass(slots=True)
@@ -325,13 +327,23 @@ def measure(
     log: Path,
     timeout_s: float,
     cpus: list[int],
+    prune_images: bool = False,
 ) -> Figures:
-    """Run one contender to its end against a fresh simulator and take its figures."""
+    """Run one contender to its end against a fresh simulator and take its figures.
+
+    ``prune_images`` deletes each image once it has landed (counted first): the memory
+    sweep's million-row run writes about 60 GB of images, more than a disk may hold, and
+    the client never reads an image back after writing it.
+    """
     limit = sim.settings.max_active
     samples: list[Sample] = []
     first_submit: float | None = None
     _, reaper, outcome = run_process(command, env=env, log=log, timeout_s=timeout_s, cpus=cpus)
     started = outcome["started"]
+    pruned = [0]
+    pruner = threading.Thread(target=_prune, args=(out / "images", reaper, pruned), daemon=True)
+    if prune_images:
+        pruner.start()
     while reaper.is_alive():
         outcome["memory"].sample()
         stats = sim.stats()
@@ -352,7 +364,9 @@ def measure(
     ended = outcome.get("ended", time.monotonic())
     stats = sim.stats()
     wall = ended - started
-    images = sum(1 for _ in (out / "images").glob("*")) if (out / "images").is_dir() else 0
+    if prune_images:
+        pruner.join()
+    images = pruned[0] + _landed(out / "images")
     steady, window = steady_utilization(samples, limit)
     polls = stats["polls"]
     cpu = outcome.get("cpu_s", float("nan"))
@@ -378,6 +392,31 @@ def measure(
         extra_paid_tasks=max(0, stats["submits_accepted"] - images),
         faults=stats["faults"],
     )
+
+
+def _landed(folder: Path) -> int:
+    """Images in ``folder``, temporary files (dot names) left out."""
+    if not folder.is_dir():
+        return 0
+    with os.scandir(folder) as entries:
+        return sum(1 for entry in entries if not entry.name.startswith("."))
+
+
+def _prune(folder: Path, reaper: threading.Thread, pruned: list[int]) -> None:
+    """Delete landed images every few seconds until the run ends, counting them."""
+    while reaper.is_alive():
+        reaper.join(PRUNE_EVERY_S)
+        if not folder.is_dir():
+            continue
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue  # a temporary file the client is still writing
+                try:
+                    os.unlink(entry.path)
+                except FileNotFoundError:
+                    continue
+                pruned[0] += 1
 
 
 def steady_utilization(samples: list[Sample], limit: int) -> tuple[float | None, float | None]:

@@ -466,9 +466,16 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         ]
     sweep = results.get("sweep")
     if sweep:
+        out += ["## Manifest-size sweep", ""]
+        stamp = sweep.get("measured")
+        if stamp:
+            out += [
+                f"Measured apart from the scenarios (`{stamp['command']}` at commit "
+                f"{stamp['commit']}, {stamp['date']}, load {stamp['load_before']} before and "
+                f"{stamp['load_after']} after).",
+                "",
+            ]
         out += [
-            "## Manifest-size sweep",
-            "",
             "`klein-batch run MANIFEST --dry-run` (read, validate, plan and price every row; "
             "nothing sent), in its own process:",
             "",
@@ -484,7 +491,9 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         if sweep.get("full_run"):
             out += [
                 "",
-                f"Full runs of klein-batch ({sweep['full_run_sim']}):",
+                f"Full runs of klein-batch ({sweep['full_run_sim']}). The harness deletes "
+                "each image once it has landed (counted first): the sweep measures the "
+                "client's memory, and a million 1k JPEGs would take 60 GB of disk:",
                 "",
                 HEADER,
                 *(_row(f) for f in sweep["full_run"]),

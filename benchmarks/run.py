@@ -309,10 +309,16 @@ ready: dict[str, bool] = {}
 
 
 def run_scenario(
-    scenario: Scenario, cpus: tuple[list[int], list[int]], log_dir: Path, *, big: bool = False
+    scenario: Scenario,
+    cpus: tuple[list[int], list[int]],
+    log_dir: Path,
+    *,
+    big: bool = False,
+    prune_images: bool = False,
 ) -> None:
     """Each contender of ``scenario`` against a fresh simulator; ``big`` writes the manifest
-    with polars (``write_big_manifest``: a million rows in seconds, not minutes)."""
+    with polars (``write_big_manifest``: a million rows in seconds, not minutes);
+    ``prune_images`` deletes images as they land (``harness.measure``)."""
     sim_cpus, client_cpus = cpus
     biggest = max(scenario.rows.values())
     with tempfile.TemporaryDirectory(prefix=f"bench-{scenario.name}-") as tmp:
@@ -347,6 +353,7 @@ def run_scenario(
                     log=log,
                     timeout_s=expected_seconds(scenario.sim, rows, contender),
                     cpus=client_cpus,
+                    prune_images=prune_images,
                 )
             print(
                 f"    {figures.images}/{rows} images in {figures.wall_s:.1f} s, "
@@ -362,10 +369,11 @@ def run_scenario(
 
 # --- the manifest-size sweep ------------------------------------------------------------------
 
-#: Disk a full run takes per row: the 1k JPEG (61 KiB on average), its journal and manifest
-#: rows, with a margin. A million rows are about 70 GB: said before starting, not after an
-#: hour when the disk fills.
-FULL_RUN_BYTES_PER_ROW = 70_000
+#: Disk a full run of the sweep takes per row: its journal (about 0.75 KB), manifest and
+#: report rows, with a margin. The images themselves (61 KiB each, 60 GB at a million rows)
+#: are deleted as they land, since the sweep measures the client's memory, not the disk.
+#: Checked before starting, not after an hour when the disk fills.
+FULL_RUN_BYTES_PER_ROW = 3_000
 
 
 def _disk_shortfall(rows: int) -> str | None:
@@ -376,7 +384,7 @@ def _disk_shortfall(rows: int) -> str | None:
     if free >= needed:
         return None
     return (
-        f"needs about {needed / 1e9:.0f} GB free in {folder} for its images, "
+        f"needs about {needed / 1e9:.0f} GB free in {folder} for its journal and manifest, "
         f"{free / 1e9:.0f} GB are (TMPDIR chooses the folder)"
     )
 
@@ -435,7 +443,9 @@ def run_sweep(sizes: list[int], full_runs: list[int], cpus: list[int], log_dir: 
                 results.setdefault("full_run_skipped", []).append({"rows": size, "why": short})
                 continue
             scenario = Scenario(f"sweep-full-{size}", full, {"klein-batch": size})
-            run_scenario(scenario, (cpus_for_sim(), cpus), log_dir, big=size > 100_000)
+            run_scenario(
+                scenario, (cpus_for_sim(), cpus), log_dir, big=size > 100_000, prune_images=True
+            )
             results["full_run"].append(scenario.figures[0].as_dict())
     return results
 
@@ -530,6 +540,25 @@ def cpus_for_client() -> list[int]:
     return cpus[1:] if len(cpus) > 1 else []
 
 
+def merged(previous: dict[str, Any], now: dict[str, Any]) -> dict[str, Any]:
+    """``previous`` with the parts ``now`` ran replaced: scenarios by name, the simulator's
+    ceiling and the sweep whole. The header (command, commit, machine) is the scenarios':
+    it stays ``previous``'s unless scenarios ran now; the sweep carries its own stamp."""
+    ran = {scenario["name"] for scenario in now["scenarios"]}
+    result = dict(now if ran else previous)
+    kept = [s for s in previous.get("scenarios", []) if s["name"] not in ran]
+    order = [s["name"] for s in previous.get("scenarios", [])]
+    scenarios = kept + now["scenarios"]
+    scenarios.sort(key=lambda s: order.index(s["name"]) if s["name"] in order else len(order))
+    result["scenarios"] = scenarios
+    for part in ("sim_throughput", "sweep"):
+        if part in now:
+            result[part] = now[part]
+        elif part in previous:
+            result[part] = previous[part]
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run of every part")
@@ -539,6 +568,12 @@ def main() -> int:
     parser.add_argument("--contenders", nargs="*", help="contender names to run")
     parser.add_argument("--out", type=Path, default=HERE, help="where RESULTS.md/results.json go")
     parser.add_argument("--render", action="store_true", help="only re-render RESULTS.md")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep what results.json has for the parts not run now (the million-row sweep "
+        "takes over an hour: run it apart from the scenarios, each part stamped)",
+    )
     parser.add_argument(
         "--sweep-sizes",
         nargs="*",
@@ -602,13 +637,23 @@ def main() -> int:
             sizes = args.sweep_sizes
         if args.sweep_full is not None:
             full_runs = args.sweep_full
+        load_before = [round(x, 2) for x in os.getloadavg()]
         results["sweep"] = run_sweep(sizes, full_runs, cpus[1], log_dir)
+        results["sweep"]["measured"] = {
+            "command": results["command"],
+            "commit": results["commit"],
+            "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_before": load_before,
+            "load_after": [round(x, 2) for x in os.getloadavg()],
+        }
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     results["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    if args.merge and json_path.exists():
+        results = merged(json.loads(json_path.read_text()), results)
     args.out.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2) + "\n")
     (args.out / "RESULTS.md").write_text(render(results))
-    print(f"wrote {json_path} and RESULTS.md in {results['elapsed_s']:.0f} s", flush=True)
+    print(f"wrote {json_path} and RESULTS.md in {time.monotonic() - began:.0f} s", flush=True)
     return 0
 
 
