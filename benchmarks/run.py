@@ -514,7 +514,10 @@ def machine() -> dict[str, Any]:
 
 
 def source_commit() -> str | None:
-    """The commit measured, with ``+changes`` when the tree differs from it; None outside git."""
+    """The commit measured, with ``+changes`` when the tree differs from it; None outside git.
+
+    The suite's own outputs do not count as changes: ``--merge`` starts from a
+    ``results.json`` another run wrote, and the file is rewritten at the end anyway."""
     import subprocess
 
     def git(*args: str) -> str:
@@ -524,7 +527,15 @@ def source_commit() -> str | None:
 
     try:
         commit = git("rev-parse", "--short", "HEAD")
-        changed = git("status", "--porcelain", "--untracked-files=no")
+        changed = git(
+            "status",
+            "--porcelain",
+            "--untracked-files=no",
+            "--",
+            ".",
+            ":!benchmarks/results.json",
+            ":!benchmarks/RESULTS.md",
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return commit + (" +changes" if changed else "")
