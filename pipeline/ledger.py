@@ -719,21 +719,30 @@ class Ledger:
     def counts(self) -> dict[str, int]:
         """This run's rows by status, plus ``pending`` (not sent) and ``in_flight`` (acked)."""
         run_id = self._require_run()
-        result = {status.value: 0 for status in RowStatus}
-        result.update(pending=0, in_flight=0)
-        query = """
+        states = [status.value for status in RowStatus] + ["pending", "in_flight"]
+        # One sum per state in a single pass, not GROUP BY: that sorted every row's state
+        # in a temporary B-tree first, 8 MB more memory at a million rows (issue 16).
+        sums = ", ".join(f"COALESCE(SUM(state = '{state}'), 0)" for state in states)
+        rows = """
             SELECT CASE
                 WHEN r.rejection IS NOT NULL THEN 'rejected'
                 WHEN t.status = 'failed' AND r.retry = 1
                      AND COALESCE(t.finished_run, '') <> :run THEN 'pending'
                 WHEN t.status IS NOT NULL THEN t.status
                 WHEN t.task_id IS NOT NULL THEN 'in_flight'
-                ELSE 'pending' END AS state, COUNT(*)
+                ELSE 'pending' END AS state
             FROM run_rows r LEFT JOIN tasks t ON t.key = r.key
-            GROUP BY state
         """
-        for state, count in self._conn.execute(query, {"run": run_id}):
-            result[state] = result.get(state, 0) + int(count)
+        query = f"SELECT {sums}, COUNT(*) FROM ({rows})"  # noqa: S608 (constants only)
+        *found, total = self._conn.execute(query, {"run": run_id}).fetchone()
+        result = dict(zip(states, (int(count) for count in found), strict=True))
+        if total != sum(result.values()):
+            # A state this version does not name (a journal a newer version wrote to):
+            # counted as it is, so that no row goes missing from the totals.
+            grouped = f"SELECT state, COUNT(*) FROM ({rows}) GROUP BY state"  # noqa: S608
+            result = dict.fromkeys(states, 0)
+            for state, count in self._conn.execute(grouped, {"run": run_id}):
+                result[state] = int(count)
         return result
 
     def ambiguous_submits(self) -> int:

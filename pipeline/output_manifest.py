@@ -334,6 +334,7 @@ def _build_parquet(
             assert writer is not None
             writer.write_table(table, row_group_size=table.num_rows)
             written += table.num_rows
+            del batch, outcomes, fixed, arrays, columns, table
         if writer is None:
             schema = pa.schema(
                 list(FIXED_SCHEMA) + [pa.field(n, pa.string()) for n in out_names],

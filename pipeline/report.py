@@ -31,14 +31,19 @@ def _percentile(ordered: np.ndarray, fraction: float) -> float:
 def latency_percentiles(values: Iterable[float | None]) -> tuple[float | None, float | None]:
     """Median and 95th percentile of latencies; ``(None, None)`` when nothing finished.
 
-    The values are taken into a numpy array (8 bytes each): a million-row run's latencies
-    as a sorted Python list of floats were about 40 MB at the end of the run (issue 16).
+    The values are taken into one numpy array (8 bytes each) and sorted in place: a
+    million-row run's latencies as a sorted Python list of floats were about 40 MB at the
+    end of the run, and a filtered copy plus a sorted copy of the array 23 MB (issue 16).
     """
     found = np.fromiter((math.nan if v is None else v for v in values), dtype=np.float64)
-    ordered = np.sort(found[np.isfinite(found)])
-    if not len(ordered):
+    finite = np.isfinite(found)
+    if not finite.all():
+        found = found[finite]
+    del finite
+    if not len(found):
         return None, None
-    return _percentile(ordered, 0.50), _percentile(ordered, 0.95)
+    found.sort()
+    return _percentile(found, 0.50), _percentile(found, 0.95)
 
 
 async def write_run_json(sink: Sink, summary: RunSummary) -> str:

@@ -386,3 +386,19 @@ def test_an_outcome_names_the_task_when_no_ack_was_recorded(
         ledger.start_run("run-3", {})
         (again,) = ledger.plan(rows(0), retry_failed=True)
     assert (again.action, again.task_id) == (Action.POLL, "task-key-0")
+
+
+def test_counts_keep_a_state_this_version_does_not_name(ledger: Ledger) -> None:
+    """The counts are one pass of sums over the known states (no sort of every row); a
+    row in a state a newer version wrote is still counted, not lost from the totals."""
+    rows = [make_row(i) for i in range(3)]
+    ledger.plan(rows)
+    _finish(ledger, rows[0], RowStatus.SUCCEEDED)
+    _finish(ledger, rows[1], RowStatus.SUCCEEDED)
+    ledger._conn.execute("UPDATE tasks SET status = 'archived' WHERE key = ?", (rows[1].key,))
+    counts = ledger.counts()
+    assert counts["succeeded"] == 1
+    assert counts["archived"] == 1
+    assert counts["pending"] == 1
+    assert sum(counts.values()) == 3
+    assert set(counts) >= {status.value for status in RowStatus} | {"pending", "in_flight"}

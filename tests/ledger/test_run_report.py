@@ -47,10 +47,12 @@ def _summary(output: str) -> RunSummary:
         ([1.0, 3.0], (2.0, 2.9)),
         (list(range(1, 101)), (50.5, 95.05)),
         ([5.0, float("nan"), 1.0, 3.0], (3.0, 4.8)),
+        ([None, 2.0, None], (2.0, 2.0)),
+        ([None, float("nan")], (None, None)),
     ],
 )
 def test_latency_percentiles(
-    values: list[float], expected: tuple[float | None, float | None]
+    values: list[float | None], expected: tuple[float | None, float | None]
 ) -> None:
     p50, p95 = latency_percentiles(values)
     if expected[0] is None:

@@ -3,8 +3,12 @@ does not grow with the manifest): the page must not depend on where the batches 
 
 from __future__ import annotations
 
+import base64
+import os
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pyarrow as pa
@@ -122,3 +126,41 @@ async def test_the_written_page_reads_the_file_in_batches(
     assert uri is not None
     written = (tmp_path / "dest" / "report.html").read_text()
     assert written == render_report(manifest, _summary(), {}, max_tiles=40)
+
+
+def test_reading_the_file_holds_one_row_group_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pyarrow's pre-buffering read ahead up to tens of megabytes of the file and held
+    them (at a million rows it added about 30 MB to the end of a run); the report reads a
+    row group at a time."""
+    groups, per_group = 12, 2_000
+    prompts = [base64.b64encode(os.urandom(1_500)).decode() for _ in range(groups * per_group)]
+    manifest = _manifest(groups * per_group).with_columns(
+        pl.Series("prompt", prompts), pl.lit("succeeded").alias("status")
+    )
+    path = tmp_path / "manifest.parquet"
+    manifest.write_parquet(path, row_group_size=per_group, compression="zstd")
+    one_group = len(prompts[0]) * per_group  # 4 MB of prompts, 3 MB compressed
+    allocated: list[int] = []
+    gather = html_report._gather
+
+    def measured(batches: Callable[[], Iterator[pl.DataFrame]], *args: Any, **kw: Any) -> Any:
+        def counted() -> Iterator[pl.DataFrame]:
+            for batch in batches():
+                allocated.append(pa.total_allocated_bytes())
+                yield batch
+
+        return gather(counted, *args, **kw)
+
+    monkeypatch.setattr(html_report, "_gather", measured)
+    monkeypatch.setattr(html_report, "BATCH_ROWS", per_group)
+    del manifest, prompts
+    before = pa.total_allocated_bytes()
+    found = html_report._gather_file(path, _summary(), max_tiles=10)
+    assert found.height == groups * per_group
+    assert len(allocated) == 2 * groups  # two passes, a row group a batch
+    # One group decoded is about four times its prompts (compressed pages, decompressed
+    # pages, the batch): 16 MB here; with pre-buffering 48 MB.
+    most = max(allocated) - before
+    assert most < 6 * one_group, f"{most / 2**20:.0f} MB of Arrow memory held at once"
