@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -25,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: Put first on a contender's ``PYTHONPATH``: its ``sitecustomize`` reports the exact peak.
+PEAK_HOOK = Path(__file__).resolve().parent / "peak_hook"
 
 #: Stats are sampled this often once the first submit has been seen, and every
 #: ``FAST_SAMPLE_S`` before, so that time to first submit is known to a few milliseconds.
@@ -212,12 +215,23 @@ class TreeMemory:
     ``wait4``'s ``ru_maxrss`` cannot be used: the child inherits the high-water mark of the
     harness's address space at fork/exec, so every small client would be charged the
     harness's memory. ``VmHWM`` of the process itself starts fresh at exec and is exact;
-    descendants (Prefect's temporary server) add their resident size at each sample.
+    descendants (Prefect's temporary server) add their resident size at each sample. A
+    Python process also writes its ``VmHWM`` as it exits (``peak_hook``): the last
+    fraction of a second, between two samples, is not lost.
     """
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.peak_mb = 0.0
+        #: The process's own peak as it wrote it at exit; None if it could not.
+        self.at_exit_mb: float | None = None
+
+    def exited(self, written: Path) -> None:
+        try:
+            self.at_exit_mb = int(written.read_text()) / 1024
+        except (OSError, ValueError):
+            return
+        self.peak_mb = max(self.peak_mb, self.at_exit_mb)
 
     def sample(self) -> None:
         own = _status_kb(self.pid, "VmHWM")
@@ -271,6 +285,10 @@ def run_process(
     """
     if cpus and shutil.which("taskset"):
         command = ["taskset", "-c", ",".join(map(str, cpus)), *command]
+    # A Python contender writes its own exact peak at exit (peak_hook/sitecustomize.py).
+    peaks = Path(tempfile.mkdtemp(prefix="bench-peaks-"))
+    paths = [str(PEAK_HOOK), *filter(None, [env.get("PYTHONPATH")])]
+    env = {**env, "KLEIN_BENCH_PEAK_DIR": str(peaks), "PYTHONPATH": os.pathsep.join(paths)}
     handle = log.open("wb")
     started = time.monotonic()
     process = subprocess.Popen(
@@ -285,6 +303,8 @@ def run_process(
         outcome["cpu_s"] = usage.ru_utime + usage.ru_stime
         process.returncode = outcome["exit_code"]
         handle.close()
+        memory.exited(peaks / str(process.pid))
+        shutil.rmtree(peaks, ignore_errors=True)
 
     memory = TreeMemory(process.pid)
     outcome["memory"] = memory
