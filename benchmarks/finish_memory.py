@@ -28,18 +28,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, SimSettings, Simulator
+from benchmarks.harness import REPO, SimSettings, Simulator, _status_kb
 from benchmarks.run import klein_batch_bin, write_big_manifest
 
 KEY = "finish-memory-key"
 SIM = SimSettings("scale", 96, 14400, 0.1, 0.25)
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def _own_mb(field: str) -> float:
+    return (_status_kb(os.getpid(), field) or 0) / 1024
 
 
 def _reset_peak() -> None:
@@ -72,23 +69,22 @@ async def measure_steps(out: Path, manifest: Path) -> list[dict[str, Any]]:
         total_rows=0,
     )
 
-    async def report() -> None:
-        summary.counts = dict(ledger.counts())
-        await write_html_report(sink, summary)
+    def counts() -> None:
+        summary.counts = ledger.counts()  # as finish does: the report shows them
 
     steps: list[tuple[str, Callable[[], object]]] = [
         ("manifest.parquet", lambda: write_output_manifest(reader, ledger, sink)),
-        ("counts", ledger.counts),
+        ("counts", counts),
         ("merged lines", lambda: run._merged_lines(reader)),
         ("latency percentiles", lambda: latency_percentiles(ledger.iter_latencies())),
         ("credits", ledger.credits),
         ("destination credits", ledger.destination_credits),
         ("ambiguous submits", ledger.ambiguous_submits),
-        ("report.html", report),
+        ("report.html", lambda: write_html_report(sink, summary)),
     ]
     found = []
     for name, step in steps:
-        before = _status_mb("VmRSS")
+        before = _own_mb("VmRSS")
         _reset_peak()
         result = step()
         if isinstance(result, Awaitable):
@@ -97,8 +93,8 @@ async def measure_steps(out: Path, manifest: Path) -> list[dict[str, Any]]:
             {
                 "step": name,
                 "before_mb": round(before, 1),
-                "peak_mb": round(_status_mb("VmHWM"), 1),
-                "after_mb": round(_status_mb("VmRSS"), 1),
+                "peak_mb": round(_own_mb("VmHWM"), 1),
+                "after_mb": round(_own_mb("VmRSS"), 1),
             }
         )
     ledger.close()
@@ -167,8 +163,10 @@ def main() -> None:
         print(f"real run of {args.rows:,} rows ...", flush=True)
         small_manifest = real_run(root, args.rows)
         grown = root / f"out-{args.grow_to}"
-        shutil.copytree(root / f"out-{args.rows}", grown, ignore=shutil.ignore_patterns("images"))
-        shutil.copytree(root / f"out-{args.rows}" / "images", grown / "images")
+        small = root / f"out-{args.rows}"
+        shutil.copytree(small, grown, ignore=shutil.ignore_patterns("images"))
+        # The images are only read (the report's thumbnails): linked, not copied.
+        shutil.copytree(small / "images", grown / "images", copy_function=os.link)
         grow(grown, args.grow_to)
         big_manifest = root / f"manifest-{args.grow_to}.csv"
         write_big_manifest(big_manifest, args.grow_to)

@@ -361,8 +361,9 @@ def measure(
     _, reaper, outcome = run_process(command, env=env, log=log, timeout_s=timeout_s, cpus=cpus)
     started = outcome["started"]
     pruned = [0]
-    pruner = threading.Thread(target=_prune, args=(out / "images", reaper, pruned), daemon=True)
+    pruner: threading.Thread | None = None
     if prune_images:
+        pruner = threading.Thread(target=_prune, args=(out / "images", reaper, pruned), daemon=True)
         pruner.start()
     while reaper.is_alive():
         outcome["memory"].sample()
@@ -384,7 +385,7 @@ def measure(
     ended = outcome.get("ended", time.monotonic())
     stats = sim.stats()
     wall = ended - started
-    if prune_images:
+    if pruner is not None:
         pruner.join()
     images = pruned[0] + _landed(out / "images")
     steady, window = steady_utilization(samples, limit)
@@ -414,29 +415,28 @@ def measure(
     )
 
 
-def _landed(folder: Path) -> int:
-    """Images in ``folder``, temporary files (dot names) left out."""
+def _landed_paths(folder: Path) -> list[str]:
+    """Images in ``folder``; temporary files (dot names) the client still writes left out."""
     if not folder.is_dir():
-        return 0
+        return []
     with os.scandir(folder) as entries:
-        return sum(1 for entry in entries if not entry.name.startswith("."))
+        return [entry.path for entry in entries if not entry.name.startswith(".")]
+
+
+def _landed(folder: Path) -> int:
+    return len(_landed_paths(folder))
 
 
 def _prune(folder: Path, reaper: threading.Thread, pruned: list[int]) -> None:
     """Delete landed images every few seconds until the run ends, counting them."""
     while reaper.is_alive():
         reaper.join(PRUNE_EVERY_S)
-        if not folder.is_dir():
-            continue
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                if entry.name.startswith("."):
-                    continue  # a temporary file the client is still writing
-                try:
-                    os.unlink(entry.path)
-                except FileNotFoundError:
-                    continue
-                pruned[0] += 1
+        for path in _landed_paths(folder):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+            pruned[0] += 1
 
 
 def steady_utilization(samples: list[Sample], limit: int) -> tuple[float | None, float | None]:
