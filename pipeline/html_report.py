@@ -53,6 +53,7 @@ from typing import Any, Final
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
@@ -515,6 +516,7 @@ def _gather_file(
                 assert isinstance(frame, pl.DataFrame)
                 yield frame
                 del frame
+                pa.default_memory_pool().release_unused()  # as the join does: see there
 
     return _gather(batches, names, summary, axes=axes, max_tiles=max_tiles, columns=columns)
 

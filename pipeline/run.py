@@ -727,6 +727,8 @@ class _Run:
         for batch in self.reader.batches():
             total += lines_to_validate(batch).height * per_row
         self.total = total
+        # The whole file went through Arrow's pool once; what it kept stays idle until the end.
+        pa.default_memory_pool().release_unused()
 
     async def _jobs(self) -> AsyncIterator[Job]:
         batches: Iterator[pl.DataFrame] = iter(self.reader.batches())
