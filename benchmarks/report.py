@@ -403,9 +403,9 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         "the process's own high-water mark (`VmHWM`) plus its descendants' resident memory, "
         "sampled from `/proc` (`wait4`'s max RSS would charge the harness's memory to "
         "every child); from 2026-12-05 on, also the high-water mark a Python contender "
-        "writes as it exits, so a peak in its last tenth of a second is not missed (the "
-        "sweep of 38dfff9 predates it: its 10,000-row real run read 228 MB sampled, about "
-        "240 MB exactly).",
+        "writes as it exits, so a peak in its last tenth of a second is not missed (sweeps "
+        "before b14051c predate it: 38dfff9's 10,000-row real run read 228 MB sampled, "
+        "about 240 MB exactly).",
         "- **first submit**: from process start to the first submit the simulator saw "
         "(imports and manifest reading included).",
         "- Each contender gets a fresh simulator process, the same CSV manifest (distinct 1k "
