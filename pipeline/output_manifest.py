@@ -336,7 +336,8 @@ def _build_parquet(
             written += table.num_rows
             del batch, outcomes, fixed, arrays, columns, table
             # Arrow's pool (mimalloc) keeps what a batch freed, in pieces the next batch does
-            # not fit: held back after every batch, a million rows peak 20 MB above one.
+            # not fit: unless handed back here, a million-row join peaks 20 MB above a
+            # one-batch join (benchmarks/notes.md, memory at the end of a million-row run).
             pa.default_memory_pool().release_unused()
         if writer is None:
             schema = pa.schema(
