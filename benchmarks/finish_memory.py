@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.harness import REPO, SimSettings, Simulator, _status_kb
+from benchmarks.harness import REPO, SimSettings, Simulator, status_kb
 from benchmarks.run import klein_batch_bin, write_big_manifest
 
 KEY = "finish-memory-key"
@@ -36,7 +36,7 @@ SIM = SimSettings("scale", 96, 14400, 0.1, 0.25)
 
 
 def _own_mb(field: str) -> float:
-    return (_status_kb(os.getpid(), field) or 0) / 1024
+    return (status_kb(os.getpid(), field) or 0) / 1024
 
 
 def _reset_peak() -> None:

@@ -234,14 +234,14 @@ class TreeMemory:
         self.peak_mb = max(self.peak_mb, self.at_exit_mb)
 
     def sample(self) -> None:
-        own = _status_kb(self.pid, "VmHWM")
+        own = status_kb(self.pid, "VmHWM")
         if own is None:
             return
-        children = sum(_status_kb(child, "VmRSS") or 0 for child in _descendants(self.pid))
+        children = sum(status_kb(child, "VmRSS") or 0 for child in _descendants(self.pid))
         self.peak_mb = max(self.peak_mb, (own + children) / 1024)
 
 
-def _status_kb(pid: int, field_name: str) -> int | None:
+def status_kb(pid: int, field_name: str) -> int | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
