@@ -91,16 +91,23 @@ CONTENDED_REPOLL = 0.05
 #: task; a task found done at the median also counts as done at the first-poll time.
 CALIBRATE_EVERY = 4
 
-#: Once every row has been taken and at most this many tasks are left, each of them is
-#: polled at least every ``DRAIN_REPOLL_S`` times the number left (the last one every
-#: second, two every two seconds: one poll a second in all): the run's end waits for the
-#: last task to be *noticed*, and the usual back-off (half the task's age, up to 10 s)
-#: would add 5 s on average to the wall time of a run with a heavy latency tail. Under the
-#: production preset the last two tasks are often both near the 120 s cap and alone for
-#: about a minute: some 60 polls per run, where a spacing of 3 s noticed the last one
-#: 1.5 s late on average (``benchmarks/notes.md``).
-DRAIN_TASKS = 2
+#: Once every row has been taken, the run ends when its last task is *noticed*, and the
+#: usual back-off (half the task's age, up to ``POLL_BACKOFF_CAP_S``) would add seconds to a
+#: run with a heavy latency tail, or a second to a short run of half-second tasks. So each
+#: task left is then polled at least every ``n`` times the drain spacing when ``n`` are
+#: left: one poll per spacing in all, however many remain, the last one once per spacing.
+#: The spacing is ``DRAIN_MEDIAN_SHARE`` of the learned median task time, between
+#: ``DRAIN_MIN_S`` and ``DRAIN_REPOLL_S``: under the production preset (median 2.7 s) a
+#: second, as before (its last two tasks are often both near the 120 s cap and alone for
+#: about a minute: a spacing of 3 s noticed the last one 1.5 s late on average); at the
+#: ``scale`` tier (0.5 s) a fifth of a second, where one second made a 300-row run's last
+#: task wait a second to be noticed, a fifth of its wall time (``benchmarks/notes.md``).
+#: Never more than ten polls a second in all, however short the tasks.
 DRAIN_REPOLL_S = 1.0
+DRAIN_MIN_S = 0.1
+DRAIN_MEDIAN_SHARE = 0.4
+#: The longest wait between two polls of one task (its back-off is half its age).
+POLL_BACKOFF_CAP_S = 10.0
 #: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
 _Z85 = 1.0364
 
@@ -261,6 +268,9 @@ class _Tracked:
     due: float = math.inf
     #: Its slot was given back to the controller (``Engine._release``): once only.
     released: bool = False
+    #: Polled sooner than planned at the end of the run (``Engine._hurry_the_last``): its
+    #: answers do not teach the first-poll estimate.
+    hurried: bool = False
 
 
 class Engine:
@@ -916,22 +926,34 @@ class Engine:
             self._wake.set()
 
     def _hurry_the_last(self) -> None:
-        """Once only the last ``DRAIN_TASKS`` tasks are left, none waits longer than
-        ``DRAIN_REPOLL_S`` times their number for its next poll.
+        """Once every row is taken, no task left waits longer than the drain spacing times
+        their number for its next poll (``DRAIN_*``).
 
         Their polls were scheduled while more tasks were in flight, with the usual back-off
-        (up to 10 s for a long task), and the run ends when the last of them is noticed.
+        or at the first-poll time (the last tasks submitted), and the run ends when the last
+        of them is noticed. A task polled sooner than its first-poll time is marked
+        ``hurried``: its answers would teach the first-poll estimate the drain's spacing
+        instead of the tasks' times.
         """
-        if not self._draining or len(self._by_task) > DRAIN_TASKS:
+        if not self._draining:
             return
         spacing = self._drain_spacing()
+        if spacing >= POLL_BACKOFF_CAP_S:
+            return  # no back-off waits longer: nothing to hurry (a large tier's first tasks)
         for tracked in self._by_task.values():
-            if tracked.due < math.inf and not tracked.done.done():
+            due = tracked.due
+            if due < math.inf and not tracked.done.done():
                 self._schedule(tracked, spacing)
+                if tracked.due < due:
+                    tracked.hurried = True
 
     def _drain_spacing(self) -> float:
-        """The longest wait for a poll of one of the last tasks (``DRAIN_*``)."""
-        return DRAIN_REPOLL_S * max(1, len(self._by_task))
+        """The longest wait for a poll of one of the tasks left once every row is taken."""
+        if self._settings.webhook_url:
+            base = DRAIN_REPOLL_S  # endings arrive by webhook: polls only back them up
+        else:
+            base = min(max(DRAIN_MEDIAN_SHARE * self._median.value, DRAIN_MIN_S), DRAIN_REPOLL_S)
+        return base * max(1, len(self._by_task))
 
     def _ended(self, tracked: _Tracked, state: TaskState) -> None:
         """The API says the task ended: its slot is given back now, then its row goes on.
@@ -992,19 +1014,21 @@ class Engine:
         if tracked.done.done():
             return
         # With webhooks, timer polls come late on purpose and would bias the estimate.
-        # Eager polls (a shared key) come early on purpose too.
+        # Eager polls (a shared key) and hurried ones (the run's last tasks) come early on
+        # purpose too.
         first = (
             tracked.polls == 1
             and tracked.job.task_id is None
             and not self._settings.webhook_url
             and not tracked.eager
+            and not tracked.hurried
         )
         done = state.phase != "pending"
         if first and tracked.calibrating:
             self._learn_median(done)
             if done:  # done at the median: done at the (later) first-poll time as well
                 self._first_poll.observe(True)
-        elif first or (tracked.calibrating and tracked.polls == 2):
+        elif first or (tracked.calibrating and tracked.polls == 2 and not tracked.hurried):
             self._first_poll.observe(done)
             self.slots.set_latency(self._first_poll.value)
         if done:
@@ -1027,8 +1051,8 @@ class Engine:
             )
             return
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
-        delay = min(max(0.5 * age, 0.05), 10.0)
-        if self._draining and len(self._by_task) <= DRAIN_TASKS:
+        delay = min(max(0.5 * age, 0.05), POLL_BACKOFF_CAP_S)
+        if self._draining:
             delay = min(delay, self._drain_spacing())
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))

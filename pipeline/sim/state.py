@@ -124,6 +124,10 @@ class Counters:
     #: while a key is shared, each such second is a slot nobody uses.
     finishes_polled: int = 0
     finish_poll_lag_s: float = 0.0
+    #: The same for the task that finished last of those seen: how long after the key's
+    #: last task ended its client noticed, which is when a run can end.
+    last_finished_at: float = -math.inf
+    last_finish_poll_lag_s: float = 0.0
     faults: dict[str, int] = field(default_factory=dict)
 
 
@@ -413,8 +417,12 @@ class SimState:
         task.polls += 1
         if not task.seen_finished and now >= task.finished_at:
             task.seen_finished = True
-            task.key.counters.finishes_polled += 1
-            task.key.counters.finish_poll_lag_s += now - task.finished_at
+            counters = task.key.counters
+            counters.finishes_polled += 1
+            counters.finish_poll_lag_s += now - task.finished_at
+            if task.finished_at >= counters.last_finished_at:
+                counters.last_finished_at = task.finished_at
+                counters.last_finish_poll_lag_s = now - task.finished_at
         return n
 
     def prune(self, now: float) -> int:
@@ -473,6 +481,7 @@ class SimState:
                 "polls": c.polls,
                 "finishes_polled": c.finishes_polled,
                 "finish_poll_lag_s": round(c.finish_poll_lag_s, 6),
+                "last_finish_poll_lag_s": round(c.last_finish_poll_lag_s, 6),
                 "list_calls": c.list_calls,
                 "downloads": c.downloads,
                 "downloads_expired": c.downloads_expired,
