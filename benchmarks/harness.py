@@ -137,6 +137,9 @@ class Figures:
     submits_refused: int
     extra_paid_tasks: int
     faults: dict[str, int] = field(default_factory=dict)
+    #: Seconds from the key's last task ending to the poll that saw it (the simulator's
+    #: ``last_finish_poll_lag_s``): the run's end, as ``first_submit_s`` is its start.
+    last_noticed_s: float | None = None
     note: str = ""
 
     def as_dict(self) -> dict[str, Any]:
@@ -412,6 +415,7 @@ def measure(
         submits_refused=stats["submits_refused"],
         extra_paid_tasks=max(0, stats["submits_accepted"] - images),
         faults=stats["faults"],
+        last_noticed_s=round(stats["last_finish_poll_lag_s"], 3),
     )
 
 
