@@ -78,6 +78,7 @@ STEADY_GOALS = {
     ("standard", "klein-batch"): 0.97,
     ("standard", "klein-batch-webhook"): 0.995,
     ("scale", "klein-batch"): 0.95,
+    ("scale-busy", "klein-batch"): 0.95,
 }
 
 

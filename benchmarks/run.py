@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import csv
 import datetime
 import json
@@ -27,9 +28,11 @@ import platform
 import secrets
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +67,16 @@ class Scenario:
     #: Rows each contender runs (contenders left out do not run in this scenario).
     rows: dict[str, int]
     note: str = ""
+    #: CPU spinners running through the scenario, on every CPU (the simulator's too): a
+    #: machine busy with other work, as a shared CI runner or a worker running other jobs.
+    busy: int = 0
     figures: list[Figures] = field(default_factory=list)
+
+    def description(self) -> str:
+        said = self.sim.describe()
+        if self.busy:
+            said += f"; the machine kept busy by {self.busy} CPU spinners (load about +{self.busy})"
+        return said
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -94,16 +106,38 @@ def scenarios(quick: bool) -> list[Scenario]:
         return [
             Scenario("standard", standard, rows(4, 120, 0, 120, webhook=120)),
             Scenario("scale", scale, rows(0, 300, 0, 300)),
+            Scenario("scale-busy", scale, rows(0, 300, 0, 300), busy=BUSY_SPINNERS),
             Scenario("standard-faults", with_faults(standard), rows(0, 120, 0, 120)),
         ]
     return [
         Scenario("standard", standard, rows(20, 800, 300, 800, flow=800, webhook=800)),
         Scenario("scale", scale, rows(20, 2000, 500, 2000, flow=2000)),
+        Scenario("scale-busy", scale, rows(0, 2000, 0, 2000), busy=BUSY_SPINNERS),
         Scenario("standard-faults", with_faults(standard), rows(0, 400, 0, 400)),
         Scenario("scale-faults", with_faults(scale), rows(0, 1200, 0, 1200, flow=1200)),
         # Left out of --quick: one run takes 2-4 minutes, most of it the slowest tasks.
         Scenario("production", production, rows(0, 400, 0, 400)),
     ]
+
+
+#: Spinners of the busy scenario: as many as this machine's two cores, so every process of
+#: the benchmark (simulator and client) shares its CPU with one that never sleeps.
+BUSY_SPINNERS = 2
+
+
+@contextlib.contextmanager
+def spinners(count: int) -> Iterator[None]:
+    """``count`` processes that only burn CPU, unpinned, for the length of the block."""
+    spinning = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], stdin=subprocess.DEVNULL)
+        for _ in range(count)
+    ]
+    try:
+        yield
+    finally:
+        for process in spinning:
+            process.kill()
+            process.wait()
 
 
 def with_faults(settings: SimSettings) -> SimSettings:
@@ -321,7 +355,10 @@ def run_scenario(
     ``prune_images`` deletes images as they land (``harness.measure``)."""
     sim_cpus, client_cpus = cpus
     biggest = max(scenario.rows.values())
-    with tempfile.TemporaryDirectory(prefix=f"bench-{scenario.name}-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"bench-{scenario.name}-") as tmp,
+        spinners(scenario.busy),
+    ):
         root = Path(tmp)
         manifest = root / "manifest.csv"
         (write_big_manifest if big else write_manifest)(manifest, biggest)
@@ -637,7 +674,8 @@ def main() -> int:
             {
                 "name": scenario.name,
                 "sim": _fields(scenario.sim),
-                "description": scenario.sim.describe(),
+                "busy": scenario.busy,
+                "description": scenario.description(),
                 "figures": [f.as_dict() for f in scenario.figures],
             }
         )
