@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any, Protocol
 
 import aiohttp
@@ -91,7 +92,7 @@ CONTENDED_REPOLL = 0.05
 #: task; a task found done at the median also counts as done at the first-poll time.
 CALIBRATE_EVERY = 4
 
-#: Once every row has been taken, the run ends when its last task is *noticed*, and the
+#: Once every row has been submitted, the run ends when its last task is *noticed*, and the
 #: usual back-off (half the task's age, up to ``POLL_BACKOFF_CAP_S``) would add seconds to a
 #: run with a heavy latency tail, or a second to a short run of half-second tasks. So each
 #: task left is then polled at least every ``n`` times the drain spacing when ``n`` are
@@ -110,6 +111,7 @@ DRAIN_MEDIAN_SHARE = 0.4
 POLL_BACKOFF_CAP_S = 10.0
 #: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
 _Z85 = 1.0364
+_normal_quantile = NormalDist().inv_cdf
 
 
 class Journal(Protocol):
@@ -464,7 +466,6 @@ class Engine:
             except StorageError as exc:  # the journal refused the plan of a batch
                 self.fail(exc)
             self._draining = True
-            self._hurry_the_last()
             self._check_fed()
             while running:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
@@ -498,8 +499,14 @@ class Engine:
             self._check_fed()
 
     def _check_fed(self) -> None:
-        if self._draining and self._unsubmitted == 0:
+        if self._in_tail() and not self.fed.is_set():
             self.fed.set()
+            self._hurry_the_last()
+
+    def _in_tail(self) -> bool:
+        """Every row is taken and submitted: only the tasks in flight are left, and the run
+        ends when the last of them is noticed."""
+        return self._draining and self._unsubmitted == 0
 
     # --- one row, start to end ----------------------------------------------------------------
 
@@ -926,26 +933,49 @@ class Engine:
             self._wake.set()
 
     def _hurry_the_last(self) -> None:
-        """Once every row is taken, no task left waits longer than the drain spacing times
-        their number for its next poll (``DRAIN_*``).
+        """Once every row is submitted, no task left waits longer for its next poll than the
+        drain spacing times their number, or than the moment it has more likely ended than
+        not (``DRAIN_*``, ``_likely_ended_in``).
 
         Their polls were scheduled while more tasks were in flight, with the usual back-off
         or at the first-poll time (the last tasks submitted), and the run ends when the last
-        of them is noticed. A task polled sooner than its first-poll time is marked
-        ``hurried``: its answers would teach the first-poll estimate the drain's spacing
-        instead of the tasks' times.
+        of them is noticed. The spacing is shared by the tasks not yet *noticed*, ended or
+        not: alone it left the last task to end, ending while four or five others were
+        unnoticed, a second late at the ``standard`` tier. A task polled sooner than its
+        first-poll time is marked ``hurried``: its answers would teach the first-poll
+        estimate the drain's spacing instead of the tasks' times.
         """
-        if not self._draining:
+        if not self._in_tail():
             return
         spacing = self._drain_spacing()
         if spacing >= POLL_BACKOFF_CAP_S:
             return  # no back-off waits longer: nothing to hurry (a large tier's first tasks)
+        now = time.monotonic()
         for tracked in self._by_task.values():
             due = tracked.due
             if due < math.inf and not tracked.done.done():
-                self._schedule(tracked, spacing)
+                self._schedule(tracked, min(spacing, self._likely_ended_in(tracked, now)))
                 if tracked.due < due:
                     tracked.hurried = True
+
+    def _likely_ended_in(self, tracked: _Tracked, now: float) -> float:
+        """Seconds from ``now`` until ``tracked`` has more likely ended than not, given it
+        was running when last seen (the learned lognormal); at least ``DRAIN_MIN_S``, and
+        infinite without a distribution or far past its tail."""
+        dist = self.slots.distribution
+        permit = tracked.permit
+        if dist is None or permit is None or self._settings.webhook_url:
+            return math.inf  # with webhooks, endings arrive without a poll
+        mu, sigma = dist
+        seen = permit.running_at - permit.acked_at
+        survived = 1.0
+        if seen > 0.0:
+            survived = 0.5 * math.erfc((math.log(seen) - mu) / (sigma * math.sqrt(2.0)))
+        if survived < 1e-9:
+            return math.inf  # far past the learned tail: this model says nothing of it
+        # The age by which half the chance it had of running on, when last seen, is gone.
+        age = math.exp(mu + sigma * _normal_quantile(1.0 - survived / 2.0))
+        return max(age - (now - permit.acked_at), DRAIN_MIN_S)
 
     def _drain_spacing(self) -> float:
         """The longest wait for a poll of one of the tasks left once every row is taken."""
@@ -1052,8 +1082,10 @@ class Engine:
             return
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
         delay = min(max(0.5 * age, 0.05), POLL_BACKOFF_CAP_S)
-        if self._draining:
-            delay = min(delay, self._drain_spacing())
+        if self._in_tail() and self._drain_spacing() < POLL_BACKOFF_CAP_S:
+            delay = min(
+                delay, self._drain_spacing(), self._likely_ended_in(tracked, time.monotonic())
+            )
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
         self._schedule(tracked, delay)

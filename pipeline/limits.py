@@ -290,6 +290,11 @@ class SlotController:
         """Typical task duration, learned by the collector; spaces the probes."""
         self._latency_s = max(0.01, seconds)
 
+    @property
+    def distribution(self) -> tuple[float, float] | None:
+        """The learned task-time lognormal as ``(mu, sigma)`` of the log, or None yet."""
+        return self._dist
+
     def set_distribution(self, median_s: float, sigma: float) -> None:
         """The task-time distribution the engine learned: probes then follow it."""
         self._dist = (math.log(max(median_s, 1e-3)), max(sigma, 0.05))
