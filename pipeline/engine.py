@@ -96,14 +96,16 @@ CALIBRATE_EVERY = 4
 #: usual back-off (half the task's age, up to ``POLL_BACKOFF_CAP_S``) would add seconds to a
 #: run with a heavy latency tail, or a second to a short run of half-second tasks. So each
 #: task left is then polled at least every ``n`` times the drain spacing when ``n`` are
-#: left: one poll per spacing in all, however many remain, the last one once per spacing.
-#: The spacing is ``DRAIN_MEDIAN_SHARE`` of the learned median task time, between
-#: ``DRAIN_MIN_S`` and ``DRAIN_REPOLL_S``: under the production preset (median 2.7 s) a
-#: second, as before (its last two tasks are often both near the 120 s cap and alone for
-#: about a minute: a spacing of 3 s noticed the last one 1.5 s late on average); at the
-#: ``scale`` tier (0.5 s) a fifth of a second, where one second made a 300-row run's last
-#: task wait a second to be noticed, a fifth of its wall time (``benchmarks/notes.md``).
-#: Never more than ten polls a second in all, however short the tasks.
+#: left (one poll per spacing in all), and no later than the moment it has more likely
+#: ended than not (``Engine._likely_ended_in``): the spacing alone is shared by tasks ended
+#: but not yet noticed, and left the last one to end, ending among four or five of those,
+#: a second late at the ``standard`` tier. The spacing is ``DRAIN_MEDIAN_SHARE`` of the
+#: learned median task time, between ``DRAIN_MIN_S`` and ``DRAIN_REPOLL_S``: under the
+#: production preset (median 2.7 s) a second, as before (its last two tasks are often both
+#: near the 120 s cap and alone for about a minute: a spacing of 3 s noticed the last one
+#: 1.5 s late on average); at the ``scale`` tier (0.5 s) a fifth of a second, where one
+#: second made a 300-row run's last task wait a second to be noticed, a fifth of its wall
+#: time (``benchmarks/notes.md``). No task is polled more often than every ``DRAIN_MIN_S``.
 DRAIN_REPOLL_S = 1.0
 DRAIN_MIN_S = 0.1
 DRAIN_MEDIAN_SHARE = 0.4
