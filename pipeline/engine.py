@@ -980,7 +980,7 @@ class Engine:
         return max(age - (now - permit.acked_at), DRAIN_MIN_S)
 
     def _drain_spacing(self) -> float:
-        """The longest wait for a poll of one of the tasks left once every row is taken."""
+        """The longest wait for a poll of one of the tasks left once every row is submitted."""
         if self._settings.webhook_url:
             base = DRAIN_REPOLL_S  # endings arrive by webhook: polls only back them up
         else:
