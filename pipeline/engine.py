@@ -105,7 +105,7 @@ CALIBRATE_EVERY = 4
 #: near the 120 s cap and alone for about a minute: a spacing of 3 s noticed the last one
 #: 1.5 s late on average); at the ``scale`` tier (0.5 s) a fifth of a second, where one
 #: second made a 300-row run's last task wait a second to be noticed, a fifth of its wall
-#: time (``benchmarks/notes.md``). No task is polled more often than every ``DRAIN_MIN_S``.
+#: time (``benchmarks/notes.md``). Neither rule polls a task more often than ``DRAIN_MIN_S``.
 DRAIN_REPOLL_S = 1.0
 DRAIN_MIN_S = 0.1
 DRAIN_MEDIAN_SHARE = 0.4
@@ -947,11 +947,9 @@ class Engine:
         first-poll time is marked ``hurried``: its answers would teach the first-poll
         estimate the drain's spacing instead of the tasks' times.
         """
-        if not self._in_tail():
+        spacing = self._tail_spacing()
+        if spacing is None:
             return
-        spacing = self._drain_spacing()
-        if spacing >= POLL_BACKOFF_CAP_S:
-            return  # no back-off waits longer: nothing to hurry (a large tier's first tasks)
         now = time.monotonic()
         for tracked in self._by_task.values():
             due = tracked.due
@@ -959,6 +957,14 @@ class Engine:
                 self._schedule(tracked, min(spacing, self._likely_ended_in(tracked, now)))
                 if tracked.due < due:
                     tracked.hurried = True
+
+    def _tail_spacing(self) -> float | None:
+        """The drain spacing times the tasks left, in the run's tail; None outside it, and
+        while no back-off waits longer (a large tier's tail, with many tasks left)."""
+        if not self._in_tail():
+            return None
+        spacing = self._drain_spacing()
+        return spacing if spacing < POLL_BACKOFF_CAP_S else None
 
     def _likely_ended_in(self, tracked: _Tracked, now: float) -> float:
         """Seconds from ``now`` until ``tracked`` has more likely ended than not, given it
@@ -1084,10 +1090,9 @@ class Engine:
             return
         # Back off geometrically after the first poll: tail tasks cost a few polls each.
         delay = min(max(0.5 * age, 0.05), POLL_BACKOFF_CAP_S)
-        if self._in_tail() and self._drain_spacing() < POLL_BACKOFF_CAP_S:
-            delay = min(
-                delay, self._drain_spacing(), self._likely_ended_in(tracked, time.monotonic())
-            )
+        spacing = self._tail_spacing()
+        if spacing is not None:
+            delay = min(delay, spacing, self._likely_ended_in(tracked, time.monotonic()))
         if self.slots.contended and not self._settings.webhook_url:
             delay = min(delay, max(0.02, CONTENDED_REPOLL * self._first_poll.value))
         self._schedule(tracked, delay)
