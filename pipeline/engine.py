@@ -351,6 +351,12 @@ class Engine:
         #: after ready), so while downloads lag, new submits wait rather than pile up
         #: paid images that would expire in the queue.
         self._unfetched = 0
+        #: How many may wait before submits do. A key's worth: one poll round can find
+        #: most of a key's tasks done at once (the ``scale`` tier's first burst: 84 of 96),
+        #: and at ``download_concurrency`` (32) alone every submit then waited for about
+        #: 50 downloads, verifications and thumbnails, a tenth of a second with the key a
+        #: quarter idle. A backlog larger than the key's own turnover is downloads lagging.
+        self._backlog_limit = max(settings.download_concurrency, settings.max_active)
         self._fetch_room = asyncio.Event()
         self._fetch_room.set()
         self._poll_gate = asyncio.Semaphore(settings.poll_concurrency)
@@ -442,9 +448,7 @@ class Engine:
         """Carry every job to an outcome; returns when the last one has ended."""
         scheduler = asyncio.create_task(self._schedule_polls(), name="poll-scheduler")
         # Enough rows in the air to fill every slot the controller may hold, plus downloads.
-        gate = asyncio.Semaphore(
-            self.slots.max_outstanding + self._settings.download_concurrency + 16
-        )
+        gate = asyncio.Semaphore(self.slots.max_outstanding + self._backlog_limit + 16)
         running = self._running
         try:
             try:
@@ -679,7 +683,7 @@ class Engine:
             return await self._fetch_and_store(job, tracked, state, digests)
         finally:
             self._unfetched -= 1
-            if self._unfetched < self._settings.download_concurrency:
+            if self._unfetched < self._backlog_limit:
                 self._fetch_room.set()
 
     def _taken_task(
@@ -740,7 +744,7 @@ class Engine:
 
     async def _room_to_fetch(self) -> None:
         """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
-        while self._unfetched >= self._settings.download_concurrency:
+        while self._unfetched >= self._backlog_limit:
             self._fetch_room.clear()
             await self._fetch_room.wait()
 
@@ -750,7 +754,7 @@ class Engine:
             await self._room_to_fetch()
             permit = await self.slots.acquire(job.rank)
             # Rows queue for permits for a while: the download backlog may have grown since.
-            if self._unfetched < self._settings.download_concurrency:
+            if self._unfetched < self._backlog_limit:
                 break
             self.slots.abandoned(permit)
         if self._abort_reason:
