@@ -109,6 +109,9 @@ CALIBRATE_EVERY = 4
 DRAIN_REPOLL_S = 1.0
 DRAIN_MIN_S = 0.1
 DRAIN_MEDIAN_SHARE = 0.4
+#: A finished task waiting this long for its download means downloads lag behind the key:
+#: submits then wait while more than ``download_concurrency`` wait (``_room_for_backlog``).
+BACKLOG_WAIT_S = 1.0
 #: The longest wait between two polls of one task (its back-off is half its age).
 POLL_BACKOFF_CAP_S = 10.0
 #: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
@@ -351,11 +354,14 @@ class Engine:
         #: after ready), so while downloads lag, new submits wait rather than pile up
         #: paid images that would expire in the queue.
         self._unfetched = 0
-        #: How many may wait before submits do. A key's worth: one poll round can find
-        #: most of a key's tasks done at once (the ``scale`` tier's first burst: 84 of 96),
-        #: and at ``download_concurrency`` (32) alone every submit then waited for about
-        #: 50 downloads, verifications and thumbnails, a tenth of a second with the key a
-        #: quarter idle. A backlog larger than the key's own turnover is downloads lagging.
+        #: When each of them was found finished, oldest first (``_room_for_backlog``).
+        self._unfetched_at: collections.OrderedDict[int, float] = collections.OrderedDict()
+        #: Up to ``download_concurrency`` of them never hold submits back; up to a key's
+        #: worth do not while the oldest has waited less than ``BACKLOG_WAIT_S``. One poll
+        #: round can find most of a key's tasks done at once (the ``scale`` tier's first
+        #: burst: 84 of 96), and at 32 every submit then waited for about 50 downloads,
+        #: verifications and thumbnails, a tenth of a second with the key a quarter idle;
+        #: a backlog whose oldest has waited a second is downloads lagging, whatever its size.
         self._backlog_limit = max(settings.download_concurrency, settings.max_active)
         self._fetch_room = asyncio.Event()
         self._fetch_room.set()
@@ -679,11 +685,13 @@ class Engine:
         if self._fatal is not None:
             raise _Stopped
         self._unfetched += 1
+        self._unfetched_at[id(tracked)] = time.monotonic()
         try:
             return await self._fetch_and_store(job, tracked, state, digests)
         finally:
             self._unfetched -= 1
-            if self._unfetched < self._backlog_limit:
+            self._unfetched_at.pop(id(tracked), None)
+            if self._room_for_backlog():
                 self._fetch_room.set()
 
     def _taken_task(
@@ -742,9 +750,19 @@ class Engine:
 
         return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
 
+    def _room_for_backlog(self) -> bool:
+        """Whether finished tasks waiting for their downloads leave room for a submit."""
+        waiting = self._unfetched
+        if waiting < self._settings.download_concurrency:
+            return True
+        if waiting >= self._backlog_limit:
+            return False
+        oldest = next(iter(self._unfetched_at.values()), None)
+        return oldest is None or time.monotonic() - oldest < BACKLOG_WAIT_S
+
     async def _room_to_fetch(self) -> None:
         """Wait while finished tasks queue for their downloads (their URLs are expiring)."""
-        while self._unfetched >= self._backlog_limit:
+        while not self._room_for_backlog():
             self._fetch_room.clear()
             await self._fetch_room.wait()
 
@@ -754,7 +772,7 @@ class Engine:
             await self._room_to_fetch()
             permit = await self.slots.acquire(job.rank)
             # Rows queue for permits for a while: the download backlog may have grown since.
-            if self._unfetched < self._backlog_limit:
+            if self._room_for_backlog():
                 break
             self.slots.abandoned(permit)
         if self._abort_reason:

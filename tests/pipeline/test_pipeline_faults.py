@@ -124,9 +124,9 @@ def test_slow_downloads_hold_back_submits_instead_of_letting_results_expire(
     """Tasks finish far faster than their images can be fetched; result URLs live 3 s.
 
     A client that keeps submitting while downloads lag piles up paid results that expire in
-    its queue (a 60-slot key lets hundreds queue). The engine stops submitting while a key's
-    worth of finished tasks (60 here) wait for their images, so every result is fetched in
-    time.
+    its queue (a 60-slot key lets hundreds queue). The engine stops submitting while 32
+    finished tasks wait for their images and the oldest has waited a second (or a key's
+    worth wait), so every result is fetched in time.
     """
     rows = 600
     server = start_sim(
