@@ -110,7 +110,7 @@ DRAIN_REPOLL_S = 1.0
 DRAIN_MIN_S = 0.1
 DRAIN_MEDIAN_SHARE = 0.4
 #: A finished task waiting this long for its download means downloads lag behind the key:
-#: submits then wait while more than ``download_concurrency`` wait (``_room_for_backlog``).
+#: submits then wait while ``download_concurrency`` or more wait (``_room_for_backlog``).
 BACKLOG_WAIT_S = 1.0
 #: The longest wait between two polls of one task (its back-off is half its age).
 POLL_BACKOFF_CAP_S = 10.0
