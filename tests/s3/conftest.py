@@ -16,15 +16,9 @@ from typing import Any
 
 import pytest
 from moto.server import ThreadedMotoServer
-from s3_helpers import FaultyProxy
+from s3_helpers import DUMMY_ENV, FaultyProxy
 
 from pipeline import s3
-
-DUMMY_ENV = {
-    "AWS_ACCESS_KEY_ID": "klein-test-access-key",
-    "AWS_SECRET_ACCESS_KEY": "klein-test-secret-key",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 @pytest.fixture(scope="session")

@@ -27,6 +27,13 @@ import polars as pl
 from aiohttp import web
 from PIL import Image
 
+#: Dummy AWS credentials for moto (it accepts any); never printed.
+DUMMY_ENV = {
+    "AWS_ACCESS_KEY_ID": "klein-test-access-key",
+    "AWS_SECRET_ACCESS_KEY": "klein-test-secret-key",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
 _HOP_BY_HOP = frozenset(
     {
         "connection",

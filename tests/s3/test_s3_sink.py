@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from s3_helpers import FaultyProxy
+from s3_helpers import DUMMY_ENV, FaultyProxy
 
 from pipeline import s3
 from pipeline.errors import ConfigError
@@ -113,6 +113,10 @@ async def test_a_missing_bucket_is_a_clear_error(endpoint: str) -> None:
 
 
 async def test_an_unreachable_endpoint_is_a_storage_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Credentials of its own: without the moto fixture, the dummy ones are in the
+    # environment only if an earlier test in this worker started moto.
+    for name, value in DUMMY_ENV.items():
+        monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     s3.reset()
     s3.configure(max_attempts=2)
