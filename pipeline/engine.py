@@ -350,12 +350,11 @@ class Engine:
         self.fed = asyncio.Event()
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout_s)
         self._downloads = asyncio.Semaphore(settings.download_concurrency)
-        #: Finished tasks whose image is not stored yet. Their result URLs expire (10 min
-        #: after ready), so while downloads lag, new submits wait rather than pile up
-        #: paid images that would expire in the queue.
-        self._unfetched = 0
-        #: When each of them was found finished, oldest first (``_room_for_backlog``).
-        self._unfetched_at: collections.OrderedDict[int, float] = collections.OrderedDict()
+        #: Finished tasks whose image is not stored yet, with when each was found
+        #: finished, oldest first. Their result URLs expire (10 min after ready), so while
+        #: downloads lag, new submits wait rather than pile up paid images that would
+        #: expire in the queue (``_room_for_backlog``).
+        self._unfetched: collections.OrderedDict[int, float] = collections.OrderedDict()
         #: Up to ``download_concurrency`` of them never hold submits back; up to a key's
         #: worth do not while the oldest has waited less than ``BACKLOG_WAIT_S``. One poll
         #: round can find most of a key's tasks done at once (the ``scale`` tier's first
@@ -684,13 +683,11 @@ class Engine:
         tracked.completed = True
         if self._fatal is not None:
             raise _Stopped
-        self._unfetched += 1
-        self._unfetched_at[id(tracked)] = time.monotonic()
+        self._unfetched[id(tracked)] = time.monotonic()
         try:
             return await self._fetch_and_store(job, tracked, state, digests)
         finally:
-            self._unfetched -= 1
-            self._unfetched_at.pop(id(tracked), None)
+            del self._unfetched[id(tracked)]
             if self._room_for_backlog():
                 self._fetch_room.set()
 
@@ -752,12 +749,12 @@ class Engine:
 
     def _room_for_backlog(self) -> bool:
         """Whether finished tasks waiting for their downloads leave room for a submit."""
-        waiting = self._unfetched
+        waiting = len(self._unfetched)
         if waiting < self._settings.download_concurrency:
             return True
         if waiting >= self._backlog_limit:
             return False
-        oldest = next(iter(self._unfetched_at.values()), None)
+        oldest = next(iter(self._unfetched.values()), None)
         return oldest is None or time.monotonic() - oldest < BACKLOG_WAIT_S
 
     async def _room_to_fetch(self) -> None:
