@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +84,11 @@ def test_a_run_from_s3_to_s3_leaves_images_manifest_and_summary_beside_each_othe
     catalog: str, bucket: str, s3_client: Any, endpoint: str
 ) -> None:
     out = f"s3://{bucket}/outputs/night"
+    uploaders = {t for t in threading.enumerate() if t.name.startswith("s3-upload")}
     summary = run_manifest(catalog, out, sim=sim())
     assert summary.counts["succeeded"] == 12, summary.errors
+    # The run closed its sink: no upload thread of its own left idling in this process.
+    assert {t for t in threading.enumerate() if t.name.startswith("s3-upload")} <= uploaders
     manifest = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
     assert manifest.height == 12
     assert manifest["sku"].to_list() == [f"SKU-{i:05d}" for i in range(12)]
