@@ -873,12 +873,28 @@ class Engine:
             self.slots.lost(permit)
             self.stats.ambiguous_submits += 1
             raise Transient(f"submit answer lost: {type(exc).__name__}") from None
+        except Exception as exc:
+            # An error of ours (or a library's) while the request was out: it may have
+            # been taken and charged. Ending the row without settling the permit kept its
+            # slot counted as "in the air" for the rest of the run; a key's worth of them
+            # and no submit was ever allowed again (the run waited for ever).
+            self.slots.lost(permit)
+            self.stats.ambiguous_submits += 1
+            error = self._provider.mask.mask(repr(exc))
+            log.error("row %s: the submit's answer was lost to an error: %s", key, error)
+            raise _AmbiguousSubmit(
+                RowStatus.FAILED,
+                f"the submit's answer was lost to an error in the client ({error}): the API "
+                "may have charged for a task this run cannot name, so the row was not "
+                "submitted again; check the API's task list, then --retry-failed submits "
+                "it again (and pays again if it was charged)",
+            ) from None
         if 200 <= status < 300:
             # Any success (200, 201 Created, 202 Accepted, 204 No Content) means the API
             # took the request: a task id in it is an acknowledgement like a 200's.
             try:
                 submitted = self._provider.parse_submit(body)
-            except ProtocolError as exc:
+            except Exception as exc:  # ProtocolError, or a reader's bug: the same doubt
                 # The API said yes and named no task we can read (a proxy's HTML page, a
                 # body over the cap, a 204): it may have charged. Not sent again in this
                 # run; the intent stays open in the journal (``ambiguous_submits``).

@@ -7,12 +7,15 @@ twice are those whose answer the client never received (``ambiguous_submits``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
 from pipeline_helpers import (
+    SIM_KEY,
     check_output,
     fast_options,
     key_stats,
@@ -21,8 +24,10 @@ from pipeline_helpers import (
     write_catalog,
 )
 
+from pipeline import engine
 from pipeline.engine import KeyState
 from pipeline.retry import RetryPolicy
+from pipeline.run import arun_manifest
 from pipeline.sim import EndpointFaults, FaultConfig, KeyConfig, ModerationConfig, SimServer
 
 ROWS = 200
@@ -170,3 +175,51 @@ def test_an_image_lost_after_its_task_completed_still_counts_as_paid(
     assert summary.credits == pytest.approx(charged)
     for column in ("task_id", "submitted_at"):
         assert table[column].null_count() == 0, column
+
+
+def test_submit_answers_lost_to_an_error_of_ours_do_not_stall_the_run(
+    start_sim: Callable[..., SimServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More submit answers than the key has slots end in an error no handler expects (a
+    library's bug, say) after the simulator took and charged their tasks.
+
+    Each such row ends ``failed``, counted as an ambiguous submit and charged (it may have
+    been), and is not sent again; its slot is held only as long as a task lasts. Before,
+    each one kept a slot counted "in the air" for good: with a key's worth of them no
+    submit was allowed again and the run waited for ever.
+    """
+    rows, slots, broken = 40, 6, 9
+    server = start_sim(keys=[KeyConfig(max_active=slots, submits_per_minute=100_000)])
+    real = engine._read_json
+    left = [broken]
+
+    async def failing(response: Any) -> Any:
+        if response.method == "POST" and response.status == 200 and left[0] > 0:
+            left[0] -= 1
+            await real(response)  # the answer arrived (the task exists) ...
+            raise RuntimeError("a bug reading the answer")  # ... and was lost to a bug
+        return await real(response)
+
+    monkeypatch.setattr(engine, "_read_json", failing)
+    options = fast_options(max_active=slots, submits_per_minute=100_000)
+    summary = asyncio.run(
+        asyncio.wait_for(
+            arun_manifest(
+                write_catalog(tmp_path / "in", rows),
+                tmp_path / "out",
+                api_url=server.url,
+                api_key=SIM_KEY,
+                options=options,
+            ),
+            timeout=60,
+        )
+    )
+    table = check_output(tmp_path / "out", rows, summary)
+    assert statuses(table) == {"succeeded": rows - broken, "failed": broken}
+    failed = table.filter(pl.col("status") == "failed")
+    assert failed["reason"].str.contains("RuntimeError").all()
+    assert failed["reason"].str.contains("may have charged").all()
+    assert (failed["cost_credits"] > 0).all()
+    assert summary.ambiguous_submits == broken
+    stats = key_stats(server)
+    assert stats["submits_accepted"] == rows  # each row sent once: none paid twice
