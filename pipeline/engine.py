@@ -92,6 +92,16 @@ CONTENDED_REPOLL = 0.05
 #: task; a task found done at the median also counts as done at the first-poll time.
 CALIBRATE_EVERY = 4
 
+#: Where the median estimate starts, as a share of the expected latency (where the first-poll
+#: estimate starts). The slot controller probes from the lognormal through the two, so a
+#: start slower than the API's tasks leaves slots idle for the run's first key's worth of
+#: tasks (at the ``scale`` tier, median 0.5 s, 0.6 of the default 1 s left the quick suite's
+#: 300-row runs 0.93-0.945 busy), while a start too fast costs refused probes (no credits),
+#: which the trackers and the probes' threshold correct within a key's worth of answers.
+#: 0.4 errs fast for tasks down to a 0.4 s median: ``scale`` 0.98 at 300 rows, ``standard``
+#: and ``production`` unchanged (benchmarks/notes.md, session 15).
+MEDIAN_START = 0.4
+
 #: Once every row has been submitted, the run ends when its last task is *noticed*, and the
 #: usual back-off (half the task's age, up to ``POLL_BACKOFF_CAP_S``) would add seconds to a
 #: run with a heavy latency tail, or a second to a short run of half-second tasks. So each
@@ -327,7 +337,9 @@ class Engine:
                 step=min(0.1, 0.5 / settings.max_active),
             )
             shared.median = QuantileTracker(
-                0.5, settings.expected_latency_s * 0.6, step=min(0.1, 2.0 / settings.max_active)
+                0.5,
+                settings.expected_latency_s * MEDIAN_START,
+                step=min(0.1, 2.0 / settings.max_active),
             )
         assert shared.rate and shared.first_poll and shared.median
         self.slots = shared.slots
