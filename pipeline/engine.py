@@ -161,6 +161,10 @@ class Job:
     #: The acknowledged task this row waits for; set the moment it is journaled (or, for a
     #: resumed row, adopted), and from then on the source of every outcome's task id.
     tracked: _Tracked | None = None
+    #: The API's acknowledgement (task id, submit time, cost) from the moment it arrives
+    #: until ``tracked`` takes over: an error of ours in between (journaling it, say) still
+    #: ends the row with its task id, so ``--retry-failed`` polls it instead of paying again.
+    acked: tuple[str, float, float] | None = None
     #: sha256 of each reference image, in order (once loaded).
     digests: tuple[str, ...] = ()
     #: Said in the row's reason whatever its outcome (a reference left out, and why).
@@ -635,6 +639,11 @@ class Engine:
                 reason = f"submit failed after {job.attempts} attempts: {exc.reason}"
                 return self._outcome(job, RowStatus.FAILED, reason=reason)
             submitted_at = time.time()
+            job.acked = (
+                submitted.task_id,
+                submitted_at,
+                submitted.cost if submitted.cost is not None else price,
+            )
             holder = self._journal.record_ack(
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
@@ -1524,6 +1533,9 @@ class Engine:
                 cost = self._charged(job.row.request, tracked, status, resubmit_on_retry)
         else:
             digests = digests or job.digests
+            if job.acked is not None and task_id is None:
+                task_id, submitted_at, acked_cost = job.acked
+                cost = acked_cost if cost is None else cost
         return Outcome(
             index=job.row.index,
             key=job.row.key,

@@ -58,8 +58,8 @@ def _failing(real: Callable[..., Any], rng: random.Random, where: str) -> Callab
     return failing
 
 
-async def _run(server: SimServer, manifest: Path, out: Path) -> Any:
-    options = fast_options(max_active=SLOTS, submits_per_minute=100_000)
+async def _run(server: SimServer, manifest: Path, out: Path, **changes: Any) -> Any:
+    options = fast_options(max_active=SLOTS, submits_per_minute=100_000, **changes)
     run = arun_manifest(manifest, out, api_url=server.url, api_key=SIM_KEY, options=options)
     return await asyncio.wait_for(run, timeout=60)  # a stalled run fails here, not in CI's
 
@@ -92,3 +92,11 @@ def test_an_error_of_ours_ends_its_row_not_the_run(
     assert key_stats(server)["submits_accepted"] == paid  # nothing paid again
     assert again.counts["succeeded"] == summary.counts["succeeded"]
     assert again.counts["failed"] == failed.height  # left for --retry-failed
+    if stage == "journaling-an-ack":
+        # Acknowledged, then the error: the row keeps its task id and cost, so even
+        # --retry-failed does not pay for it again (it cannot poll it either: the poll
+        # address was in the journal entry that failed).
+        assert failed["task_id"].null_count() == 0
+        assert (failed["cost_credits"] > 0).all()
+        asyncio.run(_run(server, manifest, out, retry_failed=True))
+        assert key_stats(server)["submits_accepted"] == paid
