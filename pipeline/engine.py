@@ -163,7 +163,7 @@ class Job:
     tracked: _Tracked | None = None
     #: The API's acknowledgement (task id, submit time, cost) from the moment it arrives
     #: until ``tracked`` takes over: an error of ours in between (journaling it, say) still
-    #: ends the row with its task id, so ``--retry-failed`` polls it instead of paying again.
+    #: ends the row with its task id and cost, so ``--retry-failed`` does not pay again.
     acked: tuple[str, float, float] | None = None
     #: sha256 of each reference image, in order (once loaded).
     digests: tuple[str, ...] = ()
@@ -639,19 +639,16 @@ class Engine:
                 reason = f"submit failed after {job.attempts} attempts: {exc.reason}"
                 return self._outcome(job, RowStatus.FAILED, reason=reason)
             submitted_at = time.time()
-            job.acked = (
-                submitted.task_id,
-                submitted_at,
-                submitted.cost if submitted.cost is not None else price,
-            )
+            # The API's own figure when it gives one (dialect B), else the published price.
+            charged = submitted.cost if submitted.cost is not None else price
+            job.acked = (submitted.task_id, submitted_at, charged)
             holder = self._journal.record_ack(
                 job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
             )
             if holder is not None or submitted.task_id in self._by_task:
                 return self._taken_task(job, submitted, submitted_at, price, holder)
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
-            # The API's own figure when it gives one (dialect B), else the published price.
-            tracked.cost = submitted.cost if submitted.cost is not None else price
+            tracked.cost = charged
             if self._fatal is not None:
                 raise _Stopped  # journaled: the rerun polls it
             tracked.permit = self._permits.pop(submitted.task_id, None)
