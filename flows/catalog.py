@@ -156,40 +156,43 @@ async def run_shard(
     """
     key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
-    spec = ShardSpec(job.index, job.count)
-    sink = ShardSink(base, shard_folder(job.index))
-    options = RunOptions.from_spec(job.spec)
-    # The shard's part of the key and of the manifest; everything else is the spec's.
-    options.max_active = job.max_active
-    options.submits_per_minute = job.submits_per_minute
-    options.key_max_active = job.key_max_active
-    options.shard = (job.index, job.count)
-    if job.max_credits is not None:
-        options.max_credits = job.max_credits
-    options.resubmit_unknown = job.resubmit_unknown
-    options.on_fed = on_fed
-    options.key_state = key_state
-    async with leased(job.concurrency_limit, job.occupy) as lease:
-        summary = await arun_manifest(
-            job.manifest, sink, api_url=job.spec.api_url, api_key=key, options=options
-        )
-    info: dict[str, Any] = {
-        "index": job.index,
-        "count": job.count,
-        "max_credits": job.max_credits,
-        "token": job.token,
-        "worker": os.environ.get("PREFECT__WORKER_NAME") or "local",
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "occupy": job.occupy,
-        "concurrency_limit": job.concurrency_limit,
-        "lease_acquired_at": lease.acquired_at,
-        "lease_released_at": lease.released_at,
-        "manifest_relpath": f"{spec.folder}/{MANIFEST_RELPATH}",
-        "summary": summary.to_dict(),
-    }
-    await sink.put(SHARD_INFO, (json.dumps(info, indent=2) + "\n").encode(), "application/json")
-    return info
+    try:
+        spec = ShardSpec(job.index, job.count)
+        sink = ShardSink(base, shard_folder(job.index))
+        options = RunOptions.from_spec(job.spec)
+        # The shard's part of the key and of the manifest; everything else is the spec's.
+        options.max_active = job.max_active
+        options.submits_per_minute = job.submits_per_minute
+        options.key_max_active = job.key_max_active
+        options.shard = (job.index, job.count)
+        if job.max_credits is not None:
+            options.max_credits = job.max_credits
+        options.resubmit_unknown = job.resubmit_unknown
+        options.on_fed = on_fed
+        options.key_state = key_state
+        async with leased(job.concurrency_limit, job.occupy) as lease:
+            summary = await arun_manifest(
+                job.manifest, sink, api_url=job.spec.api_url, api_key=key, options=options
+            )
+        info: dict[str, Any] = {
+            "index": job.index,
+            "count": job.count,
+            "max_credits": job.max_credits,
+            "token": job.token,
+            "worker": os.environ.get("PREFECT__WORKER_NAME") or "local",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "occupy": job.occupy,
+            "concurrency_limit": job.concurrency_limit,
+            "lease_acquired_at": lease.acquired_at,
+            "lease_released_at": lease.released_at,
+            "manifest_relpath": f"{spec.folder}/{MANIFEST_RELPATH}",
+            "summary": summary.to_dict(),
+        }
+        await sink.put(SHARD_INFO, (json.dumps(info, indent=2) + "\n").encode(), "application/json")
+        return info
+    finally:
+        base.close()
 
 
 class ShardQueue(BaseModel):
@@ -228,14 +231,15 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
             logger.info("shard %d: %s", shard.index, _counts_text(info["summary"]["counts"]))
             return info
 
-        finished, gave_up = await drain(
-            shards,
-            sink=open_sink(job.out),
-            out=job.out,
-            token=job.token,
-            run=run_here,
-            attempts=queue.attempts,
-        )
+        with contextlib.closing(open_sink(job.out)) as sink:
+            finished, gave_up = await drain(
+                shards,
+                sink=sink,
+                out=job.out,
+                token=job.token,
+                run=run_here,
+                attempts=queue.attempts,
+            )
         logger.info("ran shards %s; %d of %d finished", ran or "none", len(finished), len(shards))
         return {"ran": ran, "gave_up": gave_up, "finished": len(finished)}
     logger.info(
@@ -282,75 +286,87 @@ async def validate_task(manifest: str, spec: RunSpec, shard_size: int) -> dict[s
         else None
     )
     sink = open_sink(out)
-    stored = await sink.get(PLAN_RELPATH)
-    previous = StoredPlan.from_bytes(stored, out) if stored is not None else None
+    try:
+        stored = await sink.get(PLAN_RELPATH)
+        previous = StoredPlan.from_bytes(stored, out) if stored is not None else None
 
-    def check() -> tuple[CheckReport, float]:
-        # Into an output the flow ran into before, a dry run counts and prices only what the
-        # rerun sends, as `klein-batch run --dry-run` does: the shards' journals say what
-        # is done (skipped) and in flight (polled).
-        with contextlib.ExitStack() as journals:
-            ledgers = [
-                ledger
-                for n in range(previous.shards if previous and spec.dry_run else 0)
-                if (ledger := journals.enter_context(earlier_journal(sink.uri(shard_folder(n)))))
-                is not None
-            ]
+        def check() -> tuple[CheckReport, float]:
+            # Into an output the flow ran into before, a dry run counts and prices only what the
+            # rerun sends, as `klein-batch run --dry-run` does: the shards' journals say what
+            # is done (skipped) and in flight (polled).
+            with contextlib.ExitStack() as journals:
+                ledgers = [
+                    ledger
+                    for n in range(previous.shards if previous and spec.dry_run else 0)
+                    if (
+                        ledger := journals.enter_context(earlier_journal(sink.uri(shard_folder(n))))
+                    )
+                    is not None
+                ]
 
-            def earlier(keys: list[str]) -> dict[str, str]:
-                found: dict[str, str] = {}
-                for ledger in ledgers:
-                    found.update(ledger.earlier_work(keys, retry_failed=spec.retry_failed))
-                return found
+                def earlier(keys: list[str]) -> dict[str, str]:
+                    found: dict[str, str] = {}
+                    for ledger in ledgers:
+                        found.update(ledger.earlier_work(keys, retry_failed=spec.retry_failed))
+                    return found
 
-            committed = sum(ledger.destination_credits() for ledger in ledgers)
-            report = check_manifest(
-                manifest,
-                defaults=spec.image_defaults(),
-                limit=spec.limit,
-                catalog=Catalog.build(
-                    prompt_template=spec.prompt_template, vary=spec.vary, variations=spec.variations
-                ),
-                earlier=earlier if ledgers else None,
-                export=spec.export(),
-                reference_column=spec.reference_column,
-                library=library,
-                cost=published_cost(spec.dialect, spec.model),
+                committed = sum(ledger.destination_credits() for ledger in ledgers)
+                report = check_manifest(
+                    manifest,
+                    defaults=spec.image_defaults(),
+                    limit=spec.limit,
+                    catalog=Catalog.build(
+                        prompt_template=spec.prompt_template,
+                        vary=spec.vary,
+                        variations=spec.variations,
+                    ),
+                    earlier=earlier if ledgers else None,
+                    export=spec.export(),
+                    reference_column=spec.reference_column,
+                    library=library,
+                    cost=published_cost(spec.dialect, spec.model),
+                )
+                return report, committed
+
+        report, committed = await asyncio.to_thread(check)
+        logger.info("validation:\n%s", report.render())
+        if previous is None and await sink.exists(LEDGER_RELPATH):
+            raise ConfigError(
+                f"{out} holds a run of `klein-batch run` (its journal is {LEDGER_RELPATH}); a "
+                "flow would not see what that run already paid for: finish it with "
+                "`klein-batch run`, or give the flow a new output"
             )
-            return report, committed
-
-    report, committed = await asyncio.to_thread(check)
-    logger.info("validation:\n%s", report.render())
-    if previous is None and await sink.exists(LEDGER_RELPATH):
-        raise ConfigError(
-            f"{out} holds a run of `klein-batch run` (its journal is {LEDGER_RELPATH}); a "
-            "flow would not see what that run already paid for: finish it with "
-            "`klein-batch run`, or give the flow a new output"
-        )
-    # Input lines: every row (its variations counted once) and every merged line.
-    manifest_rows = report.total // max(1, report.per_row) + report.merged
-    if previous is not None:
-        # The shards' journals are the resume state: the same keys must find the same
-        # shards, so the count stays whatever this manifest's size is now.
-        count, shard_size = previous.shards, previous.shard_size
-    else:
-        count = shard_count(manifest_rows, shard_size)
-    if not spec.dry_run:
-        plan = StoredPlan(
-            manifest=report.source, total_rows=manifest_rows, shard_size=shard_size, shards=count
-        )
-        await sink.put(PLAN_RELPATH, plan.to_bytes(), "application/json")
-    return {
-        "source": report.source,
-        "total_rows": manifest_rows,
-        "shards": count,
-        "shard_size": shard_size,
-        "to_send": report.to_send,
-        "estimated_credits": report.estimated_credits,
-        "committed_credits": committed,
-        "exit_code": int(report.exit_code),
-        "report": report.render(),
-    }
+        # Input lines: every row (its variations counted once) and every merged line.
+        manifest_rows = report.total // max(1, report.per_row) + report.merged
+        if previous is not None:
+            # The shards' journals are the resume state: the same keys must find the same
+            # shards, so the count stays whatever this manifest's size is now.
+            count, shard_size = previous.shards, previous.shard_size
+        else:
+            count = shard_count(manifest_rows, shard_size)
+        if not spec.dry_run:
+            plan = StoredPlan(
+                manifest=report.source,
+                total_rows=manifest_rows,
+                shard_size=shard_size,
+                shards=count,
+            )
+            await sink.put(PLAN_RELPATH, plan.to_bytes(), "application/json")
+        return {
+            "source": report.source,
+            "total_rows": manifest_rows,
+            "shards": count,
+            "shard_size": shard_size,
+            "to_send": report.to_send,
+            "estimated_credits": report.estimated_credits,
+            "committed_credits": committed,
+            "exit_code": int(report.exit_code),
+            "report": report.render(),
+        }
+    finally:
+        sink.close()
+        if library is not None:  # read here, not written: its sink's threads are all it holds
+            library.sink.close()
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -385,8 +401,9 @@ def _one_writer(
             if running is not None:
                 running.cancel(message)
 
-        async with dest_lock.holding(open_sink(out), out, kind="flow", on_lost=lost):
-            return await generate(*args, **kwargs)
+        with contextlib.closing(open_sink(out)) as sink:
+            async with dest_lock.holding(sink, out, kind="flow", on_lost=lost):
+                return await generate(*args, **kwargs)
 
     return holding_the_output
 
@@ -476,154 +493,160 @@ async def generate_catalog(
         library=_absolute(library) if library is not None else None,
     )
     sink = open_sink(out)
-    refuse_own_output_as_input(manifest, sink, out)
+    try:
+        refuse_own_output_as_input(manifest, sink, out)
 
-    checked = await validate_task(manifest, spec, shard_size)
-    shards = plan_shards(checked["shards"])
-    parallel = min(parallel_shards, max(1, len(shards)))
-    budget = limits.max_active
-    if concurrency_limit:
-        budget, active = await ensure_limit(concurrency_limit, limits.max_active)
-        if not active:
-            logger.warning(
-                "global concurrency limit %r is inactive: leases do not limit", concurrency_limit
+        checked = await validate_task(manifest, spec, shard_size)
+        shards = plan_shards(checked["shards"])
+        parallel = min(parallel_shards, max(1, len(shards)))
+        budget = limits.max_active
+        if concurrency_limit:
+            budget, active = await ensure_limit(concurrency_limit, limits.max_active)
+            if not active:
+                logger.warning(
+                    "global concurrency limit %r is inactive: leases do not limit",
+                    concurrency_limit,
+                )
+        # A limit left from a larger tier (it outlives runs in the Prefect server) does not widen
+        # the key; and as each running shard leases at least one slot, no more shards run at
+        # once than the key has slots: 4 shards of 1 on a 2-slot key would hold 4 and spend
+        # the run answering each other's 429s.
+        budget = max(1, min(budget, limits.max_active))
+        parallel = min(parallel, budget)
+        if shard_deployment:
+            # Runners pull whole shards from a queue, each with the whole key, shared with the
+            # other runners adaptively (flows/queue.py); a running shard holds one slot of the
+            # limit, so it counts the shards running on the key.
+            rate = max(1, limits.submits_per_minute * budget // limits.max_active)
+            share = Share(occupy=1, max_active=budget, submits_per_minute=rate)
+        else:
+            share = share_of(limits, budget, parallel)
+        logger.info(
+            "%s: %d rows in %d shards (by key, about %d rows each); %d at a time, %s%s",
+            checked["source"],
+            checked["total_rows"],
+            len(shards),
+            checked["total_rows"] // len(shards),
+            parallel,
+            f"sharing {budget} active tasks adaptively"
+            if shard_deployment
+            else f"{share.occupy} of {budget} active tasks each",
+            f" (this process and {parallel - 1} runners of deployment {shard_deployment})"
+            if shard_deployment
+            else "",
+        )
+        if spec.dry_run:
+            return _dry_run_result(spec, limits, checked, parallel, share.occupy)
+        pool = (
+            CreditPool.load(spec.max_credits, await sink.get(CREDITS_RELPATH), len(shards))
+            if spec.max_credits is not None
+            else None
+        )
+        if pool is not None and shard_deployment:
+            # Runners claim shards on their own; each gets an equal, fixed part (never more in
+            # all). In this process the flow moves what one shard leaves to the others.
+            _fixed_caps(pool, shards)
+            await sink.put(CREDITS_RELPATH, pool.to_bytes(), "application/json")
+        run_id = _flow_run_id()
+        token = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        make_job = _job_factory(
+            manifest=manifest,
+            spec=spec,
+            share=share,
+            key_max_active=limits.max_active,
+            api_key_block=api_key_block,
+            concurrency_limit=concurrency_limit or None,
+            token=token,
+            resubmit_unknown=resubmit_unknown,
+        )
+        progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
+        if shard_deployment:
+            results, failed = await _run_queue(
+                shards,
+                make_job,
+                deployment=shard_deployment,
+                queue=ShardQueue(
+                    total_rows=checked["total_rows"],
+                    shards=len(shards),
+                    caps=dict(pool.caps) if pool is not None else {},
+                    attempts=shard_retries + 1,
+                ),
+                runners=parallel,
+                progress_id=progress_id,
             )
-    # A limit left from a larger tier (it outlives runs in the Prefect server) does not widen
-    # the key; and as each running shard leases at least one slot, no more shards run at
-    # once than the key has slots: 4 shards of 1 on a 2-slot key would hold 4 and spend
-    # the run answering each other's 429s.
-    budget = max(1, min(budget, limits.max_active))
-    parallel = min(parallel, budget)
-    if shard_deployment:
-        # Runners pull whole shards from a queue, each with the whole key, shared with the
-        # other runners adaptively (flows/queue.py); a running shard holds one slot of the
-        # limit, so it counts the shards running on the key.
-        rate = max(1, limits.submits_per_minute * budget // limits.max_active)
-        share = Share(occupy=1, max_active=budget, submits_per_minute=rate)
-    else:
-        share = share_of(limits, budget, parallel)
-    logger.info(
-        "%s: %d rows in %d shards (by key, about %d rows each); %d at a time, %s%s",
-        checked["source"],
-        checked["total_rows"],
-        len(shards),
-        checked["total_rows"] // len(shards),
-        parallel,
-        f"sharing {budget} active tasks adaptively"
-        if shard_deployment
-        else f"{share.occupy} of {budget} active tasks each",
-        f" (this process and {parallel - 1} runners of deployment {shard_deployment})"
-        if shard_deployment
-        else "",
-    )
-    if spec.dry_run:
-        return _dry_run_result(spec, limits, checked, parallel, share.occupy)
-    pool = (
-        CreditPool.load(spec.max_credits, await sink.get(CREDITS_RELPATH), len(shards))
-        if spec.max_credits is not None
-        else None
-    )
-    if pool is not None and shard_deployment:
-        # Runners claim shards on their own; each gets an equal, fixed part (never more in
-        # all). In this process the flow moves what one shard leaves to the others.
-        _fixed_caps(pool, shards)
-        await sink.put(CREDITS_RELPATH, pool.to_bytes(), "application/json")
-    run_id = _flow_run_id()
-    token = f"{run_id}-{uuid.uuid4().hex[:8]}"
-    make_job = _job_factory(
-        manifest=manifest,
-        spec=spec,
-        share=share,
-        key_max_active=limits.max_active,
-        api_key_block=api_key_block,
-        concurrency_limit=concurrency_limit or None,
-        token=token,
-        resubmit_unknown=resubmit_unknown,
-    )
-    progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
-    if shard_deployment:
-        results, failed = await _run_queue(
-            shards,
-            make_job,
-            deployment=shard_deployment,
-            queue=ShardQueue(
+        else:
+            results, failed = await _run_shards(
+                shards,
+                make_job,
+                parallel=parallel,
+                retries=shard_retries,
+                progress_id=progress_id,
                 total_rows=checked["total_rows"],
-                shards=len(shards),
-                caps=dict(pool.caps) if pool is not None else {},
-                attempts=shard_retries + 1,
-            ),
-            runners=parallel,
-            progress_id=progress_id,
-        )
-    else:
-        results, failed = await _run_shards(
-            shards,
-            make_job,
-            parallel=parallel,
-            retries=shard_retries,
-            progress_id=progress_id,
-            total_rows=checked["total_rows"],
-            credits=_Credits(pool, sink) if pool is not None else None,
-        )
-    await artifacts.publish_table(results)
-
-    manifest_uri = sink.uri(MANIFEST_RELPATH)
-    summary_data: dict[str, Any] = {}
-    if not failed:
-        manifest_uri, stats = await merge_manifests(
-            sink,
-            [f"{shard.folder}/{MANIFEST_RELPATH}" for shard in shards],
-            total_rows=checked["total_rows"],
-            fresh_after=started,
-        )
-        summary = combine(
-            run_id=run_id,
-            manifest=checked["source"],
-            output=out,
-            dialect=spec.dialect,
-            tier=limits.name,
-            max_active=limits.max_active,
-            submits_per_minute=limits.submits_per_minute,
-            started_at=started,
-            finished_at=time.time(),
-            stats=stats,
-            shard_summaries=[info["summary"] for info in results],
-        )
-        extra = {
-            "shard_size": checked["shard_size"],
-            "shard_count": len(shards),
-            "max_credits": spec.max_credits,
-            "parallel_shards": parallel,
-            "shard_share": share.occupy,
-            "concurrency_limit": concurrency_limit or None,
-            "shards": [_shard_entry(info) for info in sorted(results, key=lambda i: i["index"])],
-        }
-        run_json_uri = await write_run_json(sink, summary, extra)
-        report_uri = await write_html_report(
-            sink, summary, max_credits=spec.max_credits, columns=spec.report_columns
-        )
-        summary_data = summary.to_dict() | extra
-        await artifacts.publish_summary(
-            artifacts.summary_markdown(
-                summary,
-                manifest_uri=manifest_uri,
-                run_json_uri=run_json_uri,
-                images_uri=sink.uri("images/x").rsplit("/", 1)[0],
-                shards=len(shards),
-                share=share.occupy,
-                failed_shards=[],
-                report_uri=report_uri,
+                credits=_Credits(pool, sink) if pool is not None else None,
             )
+        await artifacts.publish_table(results)
+
+        manifest_uri = sink.uri(MANIFEST_RELPATH)
+        summary_data: dict[str, Any] = {}
+        if not failed:
+            manifest_uri, stats = await merge_manifests(
+                sink,
+                [f"{shard.folder}/{MANIFEST_RELPATH}" for shard in shards],
+                total_rows=checked["total_rows"],
+                fresh_after=started,
+            )
+            summary = combine(
+                run_id=run_id,
+                manifest=checked["source"],
+                output=out,
+                dialect=spec.dialect,
+                tier=limits.name,
+                max_active=limits.max_active,
+                submits_per_minute=limits.submits_per_minute,
+                started_at=started,
+                finished_at=time.time(),
+                stats=stats,
+                shard_summaries=[info["summary"] for info in results],
+            )
+            extra = {
+                "shard_size": checked["shard_size"],
+                "shard_count": len(shards),
+                "max_credits": spec.max_credits,
+                "parallel_shards": parallel,
+                "shard_share": share.occupy,
+                "concurrency_limit": concurrency_limit or None,
+                "shards": [
+                    _shard_entry(info) for info in sorted(results, key=lambda i: i["index"])
+                ],
+            }
+            run_json_uri = await write_run_json(sink, summary, extra)
+            report_uri = await write_html_report(
+                sink, summary, max_credits=spec.max_credits, columns=spec.report_columns
+            )
+            summary_data = summary.to_dict() | extra
+            await artifacts.publish_summary(
+                artifacts.summary_markdown(
+                    summary,
+                    manifest_uri=manifest_uri,
+                    run_json_uri=run_json_uri,
+                    images_uri=sink.uri("images/x").rsplit("/", 1)[0],
+                    shards=len(shards),
+                    share=share.occupy,
+                    failed_shards=[],
+                    report_uri=report_uri,
+                )
+            )
+            logger.info("catalog done: %s", _counts_text(summary.counts))
+            logger.info("output manifest: %s", manifest_uri)
+            return summary_data
+        names = ", ".join(str(n) for n in failed)
+        raise ShardsFailed(
+            f"shards {names} did not finish after {shard_retries} retries (their errors are in "
+            f"the task runs); the others are done: run the flow again with the same output to "
+            f"resume, nothing finished is paid for twice"
         )
-        logger.info("catalog done: %s", _counts_text(summary.counts))
-        logger.info("output manifest: %s", manifest_uri)
-        return summary_data
-    names = ", ".join(str(n) for n in failed)
-    raise ShardsFailed(
-        f"shards {names} did not finish after {shard_retries} retries (their errors are in "
-        f"the task runs); the others are done: run the flow again with the same output to "
-        f"resume, nothing finished is paid for twice"
-    )
+    finally:
+        sink.close()
 
 
 def _flow_run_id() -> str:
@@ -864,15 +887,18 @@ async def _run_queue(
         total = queue.total_rows
         await artifacts.update_progress(progress_id, total * done // len(shards), total)
 
-    finished, failed = await drain(
-        shards,
-        sink=open_sink(template.out),
-        out=template.out,
-        token=template.token,
-        run=lambda shard, fed: run_shard(make_job(shard, queue.caps.get(shard.index)), fed, key),
-        attempts=queue.attempts,
-        on_shard=on_shard,
-    )
+    with contextlib.closing(open_sink(template.out)) as sink:
+        finished, failed = await drain(
+            shards,
+            sink=sink,
+            out=template.out,
+            token=template.token,
+            run=lambda shard, fed: run_shard(
+                make_job(shard, queue.caps.get(shard.index)), fed, key
+            ),
+            attempts=queue.attempts,
+            on_shard=on_shard,
+        )
     return [finished[index] for index in sorted(finished)], failed
 
 

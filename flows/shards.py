@@ -102,6 +102,9 @@ class ShardSink:
     def local_path(self, relpath: str) -> Path | None:
         return self.base.local_path(self.map(relpath))
 
+    def close(self) -> None:
+        """Not the base's: the flow that opened the output closes it after every shard."""
+
     def unmap(self, relpath: str) -> str:
         """A path of the base sink as this shard names it (inverse of ``map``)."""
         mine = self.folder + "/"

@@ -690,9 +690,7 @@ class Library:
             for prefix in crowded:
                 if len(listed.get(prefix, [])) > COMPACT_AFTER_SEGMENTS:
                     await self.compact(prefix, listed[prefix])
-        close = getattr(self.sink, "close", None)
-        if close is not None:
-            close()
+        self.sink.close()
 
     # --- compaction and reconciliation -------------------------------------------------------
 

@@ -514,12 +514,11 @@ async def _arun(
             running.fail(StorageError(message))
 
     async with contextlib.AsyncExitStack() as held:
-        close_sink = getattr(sink, "close", None)
-        if close_sink is not None and not isinstance(out, Sink):
+        if not isinstance(out, Sink):
             # Last out (the lock's release writes through it): an S3 output's upload
             # threads would otherwise idle until the sink is collected, in a worker
             # process that runs flow after flow.
-            held.callback(close_sink)
+            held.callback(sink.close)
         if not isinstance(out, Sink):
             # DEST's own lock, the one `klein-batch flow` takes too (a Sink passed in is a
             # flow's shard: its flow holds DEST's lock, the shard its own journal's).

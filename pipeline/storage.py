@@ -58,6 +58,10 @@ class Sink(Protocol):
         """The real file behind ``relpath`` for a local sink; None for remote sinks."""
         ...
 
+    def close(self) -> None:
+        """Let go of what the sink holds (an S3 sink's upload threads) once its owner is done."""
+        ...
+
 
 class LocalSink:
     """A folder on this machine.
@@ -147,6 +151,9 @@ class LocalSink:
 
     def local_path(self, relpath: str) -> Path | None:
         return self._path(relpath)
+
+    def close(self) -> None:
+        """Nothing to let go: every write ends with its file closed."""
 
     def _write_atomic(self, target: Path, data: bytes | None, source: Path | None) -> None:
         parent = target.parent

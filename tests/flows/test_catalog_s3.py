@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,10 @@ def bucket(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
         yield name
 
 
+def _upload_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith("s3-upload")}
+
+
 async def test_flow_reads_and_writes_s3(
     bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -51,6 +56,7 @@ async def test_flow_reads_and_writes_s3(
         keys=[KeyConfig(name="s3", key=SECRET, max_active=8)],
         latency=LatencyConfig(median_s=0.05, p95_s=0.1),
     )
+    uploaders = _upload_threads()
     async with SimServer(config) as sim:
         state = await generate_catalog(
             f"s3://{bucket}/in/catalog.csv",
@@ -61,6 +67,9 @@ async def test_flow_reads_and_writes_s3(
         )
         accepted = sim.stats()["keys"]["s3"]["submits_accepted"]
     assert state.is_completed(), state.message
+    # Every sink the flow opened (validation, the lock, each shard's, the run's end) was
+    # closed: no upload thread of its own left idling in a process that runs flow after flow.
+    assert _upload_threads() <= uploaders
     result = await state.result()
     out = result["output"]
     assert out.startswith(f"s3://{bucket}/out/20")
