@@ -663,10 +663,26 @@ class Engine:
                 tracked.calibrating = True
             self._schedule(tracked, first)
         else:
+            known = job.poll_url or self._provider.poll_url(job.task_id)
+            if known is None:
+                # Acknowledged, but the journal entry with its address was never written
+                # (an error of ours right after the answer): kept failed, never paid again.
+                shown = self._provider.mask.seal(job.task_id)
+                return self._outcome(
+                    job,
+                    RowStatus.FAILED,
+                    task_id=job.task_id,
+                    submitted_at=job.submitted_at,
+                    cost=job.ack_cost,
+                    reason=f"task {shown} was acknowledged (and charged), but its poll "
+                    "address was lost before it was journaled and this API's addresses "
+                    "cannot be rebuilt from an id: its image cannot be collected, and no "
+                    "rerun pays for the row again",
+                )
             self.slots.adopt()
             submitted_at = job.submitted_at if job.submitted_at is not None else job.queued_at
             # The journal keeps poll URLs without credentials: this run's API URL has them.
-            poll_url = with_credentials_of(job.poll_url or "", self._provider.submit_url())
+            poll_url = with_credentials_of(known, self._provider.submit_url())
             tracked = self._track(job, job.task_id, poll_url, submitted_at)
             tracked.cost = job.ack_cost
             self._schedule(tracked, 0.0)

@@ -63,6 +63,13 @@ class Provider(Protocol):
 
     def parse_submit(self, body: Any) -> Submitted: ...
 
+    def poll_url(self, task_id: str) -> str | None:
+        """The task's poll address from its id alone, where the dialect documents one.
+
+        For a task acknowledged but whose journal entry (the address it came with) was
+        never written: a rerun can still collect it."""
+        ...
+
     def parse_poll(self, body: Any) -> TaskState: ...
 
     def error_message(self, status: int, body: Any) -> str: ...

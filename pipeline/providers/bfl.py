@@ -107,6 +107,10 @@ class BflProvider:
         cost = float(cost) if isinstance(cost, int | float) and not isinstance(cost, bool) else None
         return Submitted(task_id=task_id, poll_url=polling_url, cost=cost)
 
+    def poll_url(self, task_id: str) -> None:
+        """None: each task's address names the cluster that took it, and is never rebuilt."""
+        return None
+
     def parse_poll(self, body: Any) -> TaskState:
         if not isinstance(body, dict):
             raise ProtocolError("poll response is not a JSON object")

@@ -67,7 +67,10 @@ class KleinProvider:
         task_id = data.get("task_id")
         if not isinstance(task_id, str) or not task_id:
             raise ProtocolError("submit response has no task_id")
-        return Submitted(task_id=task_id, poll_url=f"{self.submit_url()}/{task_id}")
+        return Submitted(task_id=task_id, poll_url=self.poll_url(task_id))
+
+    def poll_url(self, task_id: str) -> str:
+        return f"{self.submit_url()}/{task_id}"
 
     def parse_poll(self, body: Any) -> TaskState:
         data = _data(body)

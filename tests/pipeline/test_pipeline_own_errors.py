@@ -93,10 +93,43 @@ def test_an_error_of_ours_ends_its_row_not_the_run(
     assert again.counts["succeeded"] == summary.counts["succeeded"]
     assert again.counts["failed"] == failed.height  # left for --retry-failed
     if stage == "journaling-an-ack":
-        # Acknowledged, then the error: the row keeps its task id and cost, so even
-        # --retry-failed does not pay for it again (it cannot poll it either: the poll
-        # address was in the journal entry that failed).
+        # Acknowledged, then the error: the row keeps its task id and cost (what
+        # --retry-failed does with them: the test below).
         assert failed["task_id"].null_count() == 0
         assert (failed["cost_credits"] > 0).all()
-        asyncio.run(_run(server, manifest, out, retry_failed=True))
-        assert key_stats(server)["submits_accepted"] == paid
+
+
+@pytest.mark.parametrize("dialect", ["klein", "bfl"])
+def test_a_task_whose_ack_was_never_journaled_is_not_paid_for_again(
+    dialect: str,
+    start_sim: Callable[..., SimServer],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--retry-failed collects it where the task's poll address follows from its id
+    (dialect A's), and says why it cannot where it does not (BFL's, one per cluster)."""
+    server = start_sim(keys=[KeyConfig(max_active=SLOTS, submits_per_minute=100_000)])
+    manifest = write_catalog(tmp_path / "in", ROWS)
+    out = tmp_path / "out"
+    real = ledger.Ledger.record_ack
+    monkeypatch.setattr(ledger.Ledger, "record_ack", _failing(real, random.Random(7), "ack"))
+    first = asyncio.run(_run(server, manifest, out, dialect=dialect))
+    monkeypatch.undo()
+    unjournaled = first.counts["failed"]
+    assert unjournaled > 0
+    paid = key_stats(server)["submits_accepted"]
+    assert paid == ROWS  # every row was acknowledged once
+
+    retried = asyncio.run(_run(server, manifest, out, dialect=dialect, retry_failed=True))
+    assert key_stats(server)["submits_accepted"] == paid  # not one paid again
+    table = pl.read_parquet(out / "manifest.parquet")
+    if dialect == "klein":
+        assert retried.counts["succeeded"] == ROWS
+        assert table["status"].to_list() == ["succeeded"] * ROWS
+        assert (table["cost_credits"] > 0).all()  # what each was charged, kept
+    else:
+        assert retried.counts["failed"] == unjournaled
+        lost = table.filter(pl.col("status") == "failed")
+        assert lost.height == unjournaled and lost["task_id"].null_count() == 0
+        assert lost["reason"].str.contains("its image cannot be collected").all()
+        assert (lost["cost_credits"] > 0).all()
