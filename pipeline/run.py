@@ -519,7 +519,6 @@ async def _arun(
             # threads would otherwise idle until the sink is collected, in a worker
             # process that runs flow after flow.
             held.callback(sink.close)
-        if not isinstance(out, Sink):
             # DEST's own lock, the one `klein-batch flow` takes too (a Sink passed in is a
             # flow's shard: its flow holds DEST's lock, the shard its own journal's).
             await held.enter_async_context(
