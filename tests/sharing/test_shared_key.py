@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,12 @@ async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery
     if missed:
         # The 2% / 90% / one-half bounds are statistics over 40 s on a machine that is
         # also running other things: one scenario more decides, with the same bounds.
-        print(f"first scenario missed {missed}: {figures.line()}; running it once more")
+        # A warning, not a print: it reaches the summary of a run that passes too, so CI
+        # logs say how often the first scenario misses, and by what.
+        warnings.warn(
+            f"first scenario missed {missed}: {figures.line()}; running it once more",
+            stacklevel=1,
+        )
         figures = await _scenario(tmp_path / "second", delivery)
         missed = _statistical_misses(figures)
     assert not missed, f"{missed}: {figures.line()}"
