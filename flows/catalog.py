@@ -231,15 +231,9 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
             logger.info("shard %d: %s", shard.index, _counts_text(info["summary"]["counts"]))
             return info
 
-        with contextlib.closing(open_sink(job.out)) as sink:
-            finished, gave_up = await drain(
-                shards,
-                sink=sink,
-                out=job.out,
-                token=job.token,
-                run=run_here,
-                attempts=queue.attempts,
-            )
+        finished, gave_up = await drain(
+            shards, out=job.out, token=job.token, run=run_here, attempts=queue.attempts
+        )
         logger.info("ran shards %s; %d of %d finished", ran or "none", len(finished), len(shards))
         return {"ran": ran, "gave_up": gave_up, "finished": len(finished)}
     logger.info(
@@ -887,18 +881,14 @@ async def _run_queue(
         total = queue.total_rows
         await artifacts.update_progress(progress_id, total * done // len(shards), total)
 
-    with contextlib.closing(open_sink(template.out)) as sink:
-        finished, failed = await drain(
-            shards,
-            sink=sink,
-            out=template.out,
-            token=template.token,
-            run=lambda shard, fed: run_shard(
-                make_job(shard, queue.caps.get(shard.index)), fed, key
-            ),
-            attempts=queue.attempts,
-            on_shard=on_shard,
-        )
+    finished, failed = await drain(
+        shards,
+        out=template.out,
+        token=template.token,
+        run=lambda shard, fed: run_shard(make_job(shard, queue.caps.get(shard.index)), fed, key),
+        attempts=queue.attempts,
+        on_shard=on_shard,
+    )
     return [finished[index] for index in sorted(finished)], failed
 
 

@@ -35,7 +35,7 @@ from typing import Any, Final
 from uuid import UUID
 
 from flows.shards import SHARD_INFO, ShardSpec, shard_folder
-from pipeline.storage import Sink
+from pipeline.storage import Sink, open_sink
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,6 @@ async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
 async def drain(
     shards: list[ShardSpec],
     *,
-    sink: Sink,
     out: str,
     token: str,
     run: Callable[[ShardSpec, Callable[[], None]], Awaitable[dict[str, Any]]],
@@ -249,26 +248,28 @@ async def drain(
                     return shard, lease, name
             await asyncio.sleep(IDLE_POLL_S)
 
-    async with get_client() as client:
-        tails: set[asyncio.Task[None]] = set()
-        try:
-            while True:
-                await feeders.acquire()
-                claimed = await next_claim(client)
-                if claimed is None:
-                    feeders.release()
-                    if not tails:
-                        break
-                    # A shard running here may fail and need another try: wait for one.
-                    await asyncio.wait(tails, return_when=asyncio.FIRST_COMPLETED)
-                    continue
-                task = asyncio.create_task(attempt(client, *claimed))
-                tails.add(task)
-                task.add_done_callback(tails.discard)
-        finally:
-            for task in tails:
-                task.cancel()
-            await asyncio.gather(*tails, return_exceptions=True)
+    # Where finished shards leave their shard.json; closed with the drain.
+    with contextlib.closing(open_sink(out)) as sink:
+        async with get_client() as client:
+            tails: set[asyncio.Task[None]] = set()
+            try:
+                while True:
+                    await feeders.acquire()
+                    claimed = await next_claim(client)
+                    if claimed is None:
+                        feeders.release()
+                        if not tails:
+                            break
+                        # A shard running here may fail and need another try: wait for one.
+                        await asyncio.wait(tails, return_when=asyncio.FIRST_COMPLETED)
+                        continue
+                    task = asyncio.create_task(attempt(client, *claimed))
+                    tails.add(task)
+                    task.add_done_callback(tails.discard)
+            finally:
+                for task in tails:
+                    task.cancel()
+                await asyncio.gather(*tails, return_exceptions=True)
     return finished, sorted(given_up)
 
 

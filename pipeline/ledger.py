@@ -524,8 +524,7 @@ class Ledger:
                 if submitted_at is None and task_id is not None and previous is not None:
                     # Acknowledged, but the ack's own entry was never written (an error of
                     # ours right after the answer): the outcome kept the task's time and cost.
-                    submitted_at = previous.submitted_at
-                    ack_cost = previous.cost_credits if ack_cost is None else ack_cost
+                    submitted_at, ack_cost = previous.submitted_at, previous.cost_credits
                 if status in FINAL_STATUSES and not (retry_failed and status == RowStatus.FAILED):
                     action = Action.DONE
                 elif (
