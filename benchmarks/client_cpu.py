@@ -9,6 +9,10 @@ entries in ``benchmarks/notes.md`` come from here)::
 
     python -m benchmarks.client_cpu --scenario scale --rows 2000 --rounds 2
     python -m benchmarks.client_cpu --contenders klein-batch --profile /tmp/kb.prof
+    python -m benchmarks.client_cpu --contenders klein-batch --sample /tmp/kb.json
+
+``--sample`` counts where klein-batch's CPU goes by sampling its stack on the CPU clock
+(``benchmarks/cpu_sampler.py``): cProfile's own cost distorts the shares, this does not.
 
 ``klein-batch-no-thumbnails`` is the same klein-batch with report.html's thumbnails off
 (the engine decodes nothing, the page makes none): what the thumbnails cost.
@@ -25,6 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from benchmarks.cpu_sampler import report
 from benchmarks.harness import REPO, Simulator
 from benchmarks.run import command_for, contender_env, scenarios, write_manifest
 
@@ -35,6 +40,8 @@ _NO_THUMBNAILS = (
     "engine.INLINE_THUMBS = 0\n"
     "page.thumbnail = lambda data, size=128: b''\n"
 )
+#: Run first when ``--sample`` is given.
+_SAMPLED = "import benchmarks.cpu_sampler\nbenchmarks.cpu_sampler.start({path!r})\n"
 _PROFILED = (
     "import cProfile, time\n"
     "profile = cProfile.Profile(time.process_time)\n"
@@ -48,10 +55,14 @@ _PROFILED = (
 )
 
 
-def klein_command(command: list[str], contender: str, profile: Path | None) -> list[str]:
+def klein_command(
+    command: list[str], contender: str, profile: Path | None, sample: Path | None = None
+) -> list[str]:
     """The suite's ``klein-batch run ...`` as ``python -c``, so the variant and the
-    profiler can run in the process itself."""
+    profiler or sampler can run in the process itself."""
     code = _NO_THUMBNAILS if contender == "klein-batch-no-thumbnails" else ""
+    if sample is not None:
+        code = _SAMPLED.format(path=str(sample)) + code
     code += "from pipeline.cli import main\n"
     code += _PROFILED.format(path=str(profile)) if profile is not None else "main()\n"
     return [sys.executable, "-c", code, *command[1:]]
@@ -78,6 +89,11 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="cProfile klein-batch into this file (its last run)"
     )
+    parser.add_argument(
+        "--sample",
+        type=Path,
+        help="sample klein-batch's stack on the CPU clock into this file (its last run)",
+    )
     args = parser.parse_args()
     scenario = {s.name: s for s in scenarios(False)}[args.scenario]
     per_1000: dict[str, list[float]] = {name: [] for name in args.contenders}
@@ -98,7 +114,8 @@ def main() -> None:
                     )
                     if suite_name == "klein-batch":
                         profile = args.profile if contender == "klein-batch" else None
-                        command = klein_command(command, contender, profile)
+                        sample = args.sample if contender == "klein-batch" else None
+                        command = klein_command(command, contender, profile, sample)
                     cpu = cpu_of(command, contender_env(root / "prefect-home", key), [1])
                 images = sum(1 for _ in (out / "images").glob("*"))
                 per_1000[contender].append(cpu / max(1, images) * 1000)
@@ -109,6 +126,8 @@ def main() -> None:
                 )
     for contender, figures in per_1000.items():
         print(f"{contender}: " + " ".join(f"{figure:.2f}" for figure in figures))
+    if args.sample is not None and args.sample.exists():
+        print(report(args.sample))
 
 
 if __name__ == "__main__":
