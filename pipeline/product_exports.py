@@ -31,6 +31,7 @@ output, which keeps every input column as it came (filled-down cells included).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -234,6 +235,30 @@ def _slug(value: str) -> str:
     return _SLUG_UNSAFE.sub("-", value.lower()).strip("-") or "x"
 
 
+def _keep_variants_apart(ids: list[str | None], options: Mapping[int, tuple[str, ...]]) -> None:
+    """Give variants whose option values differ but slug alike an id each.
+
+    A variant's id is its product's plus its option values made safe for file names
+    (lower case, one ``-`` for any run of other characters), so 大 and 小, ``S/M`` and
+    ``S M``, or ``Café`` and ``CAFÉ`` came out as one id, and every variant but the first
+    was rejected as a repeat of it, with a message about the Handle that the user could not
+    act on. Only ids shared by different option values change (a digest of the values is
+    appended), so every other variant keeps the id earlier runs gave it; the same values
+    twice are still one id, and still a repeat. ``options`` maps the position of each
+    variant's id to its option values.
+    """
+    seen: dict[str, set[tuple[str, ...]]] = {}
+    for i, values in options.items():
+        key = ids[i]
+        if key is not None:
+            seen.setdefault(key, set()).add(values)
+    for i, values in options.items():
+        key = ids[i]
+        if key is not None and len(seen[key]) > 1:
+            digest = hashlib.sha256("\x1f".join(values).encode()).hexdigest()[:8]
+            ids[i] = f"{key}-{digest}"
+
+
 def _first_url(cell: str | None) -> str | None:
     """The first image of a comma-separated list (WooCommerce's ``Images``)."""
     if not cell:
@@ -351,6 +376,7 @@ def _shopify(
             if key not in first_image or candidate < first_image[key]:
                 first_image[key] = candidate
     ids: list[str | None] = []
+    options: dict[int, tuple[str, ...]] = {}
     merged: list[str | None] = []
     errors: list[str | None] = []
     references: list[str | None] = []
@@ -390,6 +416,7 @@ def _shopify(
         own = line.get("Variant Image")
         references.append(own or product_image)
         if is_variant:
+            options[position] = tuple(values)
             merged.append(None)
         else:
             merged.append(
@@ -400,6 +427,7 @@ def _shopify(
         references = [
             None if v is None else str(v) for v in frame.get_column(reference_column).to_list()
         ]
+    _keep_variants_apart(ids, options)
     return _finish(frame, ids, merged, errors, references if reference_column else None)
 
 
@@ -490,6 +518,7 @@ def _woocommerce(
             }
         )
     ids: list[str | None] = []
+    options: dict[int, tuple[str, ...]] = {}
     merged: list[str | None] = []
     references: list[str | None] = []
     for position, (record, parent) in enumerate(zip(filled, parents, strict=True)):
@@ -531,9 +560,9 @@ def _woocommerce(
         elif parent is not None:
             head = records[parent]
             base = str(head.get("SKU") or "").strip() or f"id-{head.get('ID')}"
-            ids.append(
-                base + "".join("." + _slug(v) for v in _woo_values(record)) or f"id-{own_id}"
-            )
+            values = _woo_values(record)
+            ids.append(base + "".join("." + _slug(v) for v in values) or f"id-{own_id}")
+            options[position] = tuple(values)
         else:
             ids.append(f"id-{own_id}" if own_id else None)
         references.append(reference)
@@ -544,6 +573,7 @@ def _woocommerce(
     extra = [c for c in frame.columns if is_derived(c)]
     if extra:
         out = out.with_columns(frame.select(extra))
+    _keep_variants_apart(ids, options)
     return _finish(out, ids, merged, errors, references if reference_column else None)
 
 

@@ -243,3 +243,51 @@ def test_a_budget_stop_and_a_rerun_of_an_export_pay_each_image_once(
     rows = output(out)
     assert rows.height == 16 + 2  # every (variant, style), and the two image-only lines
     assert rows.filter(pl.col("status") == "merged").height == 2
+
+
+def test_variants_whose_options_slug_alike_get_an_image_each(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """大 and 小, S/M and S M, Café and CAFÉ: one id made safe for file names each, so all
+    but the first were rejected as repeats; the same option twice is still a repeat."""
+    shop = tmp_path / "shop.csv"
+    pl.DataFrame(
+        {
+            "Handle": ["kimono", "kimono", "sz", "sz", "sz", "mug", "mug", "tee", "tee"],
+            "Title": ["Kimono", None, "Size test", None, None, "Mug", None, "Tee", None],
+            "Option1 Name": ["サイズ", None, "Size", None, None, "Name", None, "Size", None],
+            "Option1 Value": ["大", "小", "S/M", "S M", "s-m", "Café", "CAFÉ", "M", "M"],
+            "Variant SKU": [f"V{i}" for i in range(9)],
+        }
+    ).write_csv(shop)
+    run(shop, tmp_path / "out", sim, catalog="shopify", per="variant", prompt_template="{Title}")
+    rows = output(tmp_path / "out").sort("row")
+    made = rows.filter(pl.col("status") == "succeeded")
+    assert made["Option1 Value"].to_list() == ["大", "小", "S/M", "S M", "s-m", "Café", "CAFÉ", "M"]
+    keys = made["key"].to_list()
+    assert len(set(keys)) == 8
+    # Only the ids that collided changed: "tee.m" is what every earlier run called it.
+    assert keys[-1] == "tee.m" and all(key.startswith("kimono.x-") for key in keys[:2])
+    repeat = rows.filter(pl.col("status") == "rejected")
+    assert repeat["row"].to_list() == [9]
+    assert "repeats row 8" in repeat["reason"][0]
+
+    woo = tmp_path / "woo.csv"
+    pl.DataFrame(
+        {
+            "ID": ["1", "2", "3"],
+            "Type": ["variable", "variation", "variation"],
+            "SKU": ["hoodie", None, None],
+            "Name": ["Hoodie", "Hoodie - Grün", "Hoodie - Gr n"],
+            "Parent": [None, "id:1", "id:1"],
+            "Attribute 1 name": ["Colour", "Colour", "Colour"],
+            "Attribute 1 value(s)": ["Grün, Gr n", "Grün", "Gr n"],
+        }
+    ).write_csv(woo)
+    report = check_manifest(
+        woo,
+        defaults=Defaults(),
+        export=ExportSpec("woocommerce", "variant"),
+        catalog=Catalog.build(prompt_template="{Name}"),
+    )
+    assert (report.valid, report.rejected) == (2, 0)
