@@ -101,6 +101,8 @@ def summary_markdown(
     ]
     if summary.resumed_rows:
         lines.append(f"- resumed: {summary.resumed_rows:,} rows were done or in flight before")
+    if summary.changed_rows:
+        lines.append(f"- {summary.changed_warning()}")
     if summary.ambiguous_submits:
         lines.append(
             f"- warning: {summary.ambiguous_submits:,} submits lost their response "

@@ -28,7 +28,7 @@ from pipeline.errors import KleinError
 from pipeline.output_manifest import PARQUET_CONTENT_TYPE
 from pipeline.report import latency_percentiles
 from pipeline.storage import Sink
-from pipeline.summary import RunSummary
+from pipeline.summary import CHANGED_EXAMPLES, RunSummary
 
 MANIFEST_RELPATH = "manifest.parquet"
 RUN_JSON_RELPATH = "run.json"
@@ -259,6 +259,9 @@ def combine(
         summary.polls += int(shard.get("polls", 0))
         summary.ambiguous_submits += int(shard.get("ambiguous_submits", 0))
         summary.resumed_rows += int(shard.get("resumed_rows", 0))
+        summary.changed_rows += int(shard.get("changed_rows", 0))
+        room = CHANGED_EXAMPLES - len(summary.changed_examples)
+        summary.changed_examples += list(shard.get("changed_examples") or [])[:room]
         errors.update({str(k): int(v) for k, v in dict(shard.get("errors") or {}).items()})
     summary.credits = round(summary.credits, 2)
     summary.errors = dict(errors)

@@ -163,6 +163,10 @@ class Planned:
     #: When the acknowledged task was submitted, and the cost its acknowledgement quoted.
     submitted_at: float | None = None
     ack_cost: float | None = None
+    #: Kept (done) or polled (in flight), though this run asks the key for another request
+    #: (prompt, aspect ratio, resolution, seed, safety, format) than the one its image was
+    #: made from: the manifest was edited, or the template, since.
+    changed: bool = False
 
 
 _OUTCOME_FIELDS = tuple(
@@ -538,6 +542,13 @@ class Ledger:
                 else:
                     action = Action.SUBMIT
                     new_requests.append((row.key, _request_to_json(row.request)))
+                # Only what was sent counts (the request is refreshed until then).
+                changed = (
+                    action in (Action.DONE, Action.POLL)
+                    and request_json is not None
+                    and (task_id is not None or status is not None)
+                    and request_json != _request_to_json(row.request)
+                )
                 planned.append(
                     Planned(
                         row,
@@ -550,6 +561,7 @@ class Ledger:
                         previous=previous,
                         submitted_at=submitted_at if action is Action.POLL else None,
                         ack_cost=ack_cost if action is Action.POLL else None,
+                        changed=changed,
                     )
                 )
             map_rows.append((row.index, row.key, None, retry))

@@ -89,6 +89,8 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"library: {summary.reused_rows:,} images reused (not sent, no cost)")
     if summary.resumed_rows:
         lines.append(f"resumed: {summary.resumed_rows:,} rows were already done or in flight")
+    if summary.changed_rows:
+        lines.append(summary.changed_warning())
     if summary.ambiguous_submits:
         lines.append(
             f"warning: {summary.ambiguous_submits:,} submits lost their response "

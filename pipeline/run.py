@@ -70,7 +70,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 from pipeline.spec import API_KEY_ENV, RunSpec
 from pipeline.storage import LocalSink, Sink, open_sink, write_failed
-from pipeline.summary import ProgressSnapshot, RunSummary
+from pipeline.summary import CHANGED_EXAMPLES, ProgressSnapshot, RunSummary
 from pipeline.urls import without_credentials
 from pipeline.variations import Catalog
 from pipeline.verdicts import duplicate_rejection
@@ -683,6 +683,8 @@ class _Run:
         self.seen = 0
         self.total: int | None = None
         self.resumed = 0
+        #: Keys kept or polled though their request changed since (``Planned.changed``).
+        self.changed: list[str] = []
         #: Rows an earlier run finished, by status: counted as done, but not made by this run,
         #: so the rate leaves them out. (Resumed in-flight rows finish here and count.)
         self.earlier: Counter[str] = Counter()
@@ -756,6 +758,8 @@ class _Run:
             groups = self._products(planned_rows)
             for planned in planned_rows:
                 row = planned.row
+                if planned.changed:
+                    self.changed.append(row.key)
                 if planned.action is Action.DONE:
                     self.resumed += 1
                     status = planned.previous.status if planned.previous else RowStatus.SUCCEEDED
@@ -926,6 +930,8 @@ class _Run:
         summary.committed_credits = self.ledger.destination_credits()
         summary.ambiguous_submits = self.ledger.ambiguous_submits()
         summary.resumed_rows = self.resumed
+        summary.changed_rows = len(self.changed)
+        summary.changed_examples = self.changed[:CHANGED_EXAMPLES]
         summary.reused_rows = self.reused
         if engine is not None:
             stats = engine.stats

@@ -47,6 +47,10 @@ class ProgressSnapshot:
         return self.counts.get(RowStatus.SUCCEEDED, 0) / self.total if self.total else 1.0
 
 
+#: Keys of changed rows named in the summary (``RunSummary.changed_examples``).
+CHANGED_EXAMPLES = 5
+
+
 @dataclass(slots=True)
 class RunSummary:
     """A finished run, as `run.json` records it and `run_manifest` returns it."""
@@ -78,6 +82,10 @@ class RunSummary:
     #: Submits whose response was lost (dropped connection, kill); each may have been paid.
     ambiguous_submits: int = 0
     resumed_rows: int = 0
+    #: Rows kept as an earlier run made them (or polled) though the manifest now asks them
+    #: for another prompt or settings; the first few keys in ``changed_examples``.
+    changed_rows: int = 0
+    changed_examples: list[str] = field(default_factory=list)
     #: Rows whose image was copied from the library (``--library``): no submit, no cost.
     reused_rows: int = 0
     errors: dict[str, int] = field(default_factory=dict)
@@ -110,6 +118,22 @@ class RunSummary:
         # Lines merged into another line's image (product exports) are not rows that failed.
         done = self.succeeded + self.counts.get(MERGED_STATUS, 0)
         return ExitCode.OK if done == self.total_rows else ExitCode.PARTIAL
+
+    def changed_warning(self) -> str:
+        """Rows kept although their request changed: said, since the image in DEST is not
+        what the manifest asks for now, and how to make them anew at no cost for the rest."""
+        shown = ", ".join(self.changed_examples)
+        more = ", ..." if self.changed_rows > len(self.changed_examples) else ""
+        if self.changed_rows == 1:
+            rows, its = "1 row asks", "its"
+        else:
+            rows, its = f"{self.changed_rows:,} rows ask", "their"
+        return (
+            f"warning: {rows} for another prompt or settings than when {its} image was made "
+            f"({shown}{more}); kept as made, since a rerun never pays for a key again. To "
+            "make them anew, run into a new --out (with --library, the images the library "
+            "holds are copied there at no cost)"
+        )
 
     def to_dict(self) -> dict[str, object]:
         data = asdict(self)

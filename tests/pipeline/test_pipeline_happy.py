@@ -101,7 +101,36 @@ def test_rerun_of_a_finished_run_sends_nothing(sim: SimServer, tmp_path: Path) -
     assert after["submits_accepted"] == before["submits_accepted"]
     assert after["polls"] == before["polls"]
     second = check_output(out, 20, again)
-    assert again.resumed_rows == 20
+    assert again.resumed_rows == 20 and again.changed_rows == 0
     assert second.select("key", "sha256", "task_id").equals(
         first.select("key", "sha256", "task_id")
     )
+
+
+def test_a_rerun_with_edited_rows_keeps_them_and_says_so(sim: SimServer, tmp_path: Path) -> None:
+    """An edited prompt or aspect ratio under a done key: the image in DEST is the old
+    request's. The rerun pays for nothing (a key is never paid twice), and says which rows
+    no longer match, in its summary and run.json, rather than reporting plain success."""
+    manifest = write_catalog(tmp_path / "in", 12)
+    out = tmp_path / "out"
+    run_against(sim, manifest, out)
+    before = key_stats(sim)
+    edited = pl.read_csv(manifest, infer_schema=False)
+    edited = edited.with_columns(
+        pl.when(pl.col("id").is_in(["item-0003", "item-0007"]))
+        .then(pl.lit("a green mug on marble"))
+        .otherwise(pl.col("prompt"))
+        .alias("prompt")
+    )
+    edited.write_csv(manifest)
+
+    again = run_against(sim, manifest, out)
+
+    assert key_stats(sim)["submits_accepted"] == before["submits_accepted"]
+    assert (again.resumed_rows, again.changed_rows) == (12, 2)
+    assert again.changed_examples == ["item-0003", "item-0007"]
+    assert "2 rows ask for another prompt" in again.changed_warning()
+    assert json.loads((out / "run.json").read_text())["changed_rows"] == 2
+    rows = check_output(out, 12, again)
+    kept = rows.filter(pl.col("key") == "item-0003")
+    assert kept["prompt"].to_list() != ["a green mug on marble"]  # the image's own request
