@@ -230,8 +230,12 @@ class _ReferenceChecker:
     nothing else. URLs are counted, not fetched: checking must not touch the network.
     """
 
-    def __init__(self, base_dir: Path | None, report: CheckReport) -> None:
-        self._store = ReferenceStore(base_dir)
+    def __init__(
+        self, base_dir: Path | None, report: CheckReport, allow_http: bool, allow_private: bool
+    ) -> None:
+        self._store = ReferenceStore(
+            base_dir, allow_http=allow_http, allow_private_urls=allow_private
+        )
         self._loop = asyncio.new_event_loop()
         self._report = report
         #: spec (or its digest) -> (problem or None, sha256 of the image as sent or None)
@@ -277,9 +281,12 @@ class _ReferenceChecker:
             if not spec:
                 continue
             if reference_kind(spec) == "url":
-                self._report.reference_urls += 1
-                continue
-            problem = self._problem(spec)
+                problem = self._store.offline_problem(spec)
+                if problem is None:
+                    self._report.reference_urls += 1
+                    continue
+            else:
+                problem = self._problem(spec)
             if problem is None:
                 continue
             shown = describe_reference(spec)
@@ -399,6 +406,8 @@ def check_manifest(
     reference_column: str | None = None,
     library: Library | None = None,
     cost: Callable[[ImageRequest], float] | None = None,
+    allow_http: bool = False,
+    allow_private_urls: bool = False,
 ) -> CheckReport:
     """Validate a manifest the way a run would, without sending anything.
 
@@ -432,7 +441,11 @@ def check_manifest(
         catalog.check(reader)
         report.per_row = catalog.size
         report.matrix = catalog.matrix.describe() if catalog.matrix else None
-    checker = _ReferenceChecker(reader.base_dir, report) if check_references else None
+    checker = (
+        _ReferenceChecker(reader.base_dir, report, allow_http, allow_private_urls)
+        if check_references
+        else None
+    )
     try:
         _check_rows(report, reader, defaults, checker, catalog, earlier, library, cost or _cost)
     finally:

@@ -291,6 +291,8 @@ VALIDATE_OPTIONS: Final = (
     "catalog",
     "per",
     "reference_column",
+    "allow_http_references",
+    "allow_private_references",
     "prompt_template",
     "vary",
     "variations",
@@ -332,6 +334,8 @@ def validate(
             catalog=_catalog(settings),
             export=settings.export(),
             reference_column=settings.reference_column,
+            allow_http=settings.allow_http_references,
+            allow_private_urls=settings.allow_private_references,
         )
     typer.echo(report.render())
     raise typer.Exit(int(report.exit_code))
@@ -521,6 +525,8 @@ def _dry_run(manifest: str | Path, settings: RunConfig, limits: Tier) -> NoRetur
             reference_column=settings.reference_column,
             library=_library(settings),
             cost=published_cost(settings.dialect, settings.model),
+            allow_http=settings.allow_http_references,
+            allow_private_urls=settings.allow_private_references,
         )
     typer.echo(report.render())
     typer.echo(plan_text(settings, limits, report.to_send, report.estimated_credits, committed))

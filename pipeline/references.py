@@ -117,7 +117,7 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
         if scheme == "http" and not store.allow_http:
             raise ReferenceError(
                 f"URL {_public_url(current)} uses plain http; expected https:// "
-                "(plain http is refused unless allowed)"
+                "(allow plain http with --allow-http-references)"
             )
         if not parsed.host:
             raise ReferenceError(f"URL {_public_url(current)} has no host")
@@ -168,7 +168,7 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
                 raise ReferenceError(
                     f"URL {_public_url(current)}: {exc.os_error}; such URLs are refused so a "
                     "manifest cannot reach an internal network (allow them with "
-                    "allow_private_urls)"
+                    "--allow-private-references)"
                 ) from None
             raise ReferenceUnreachable(
                 f"URL {_public_url(current)} could not be fetched (cannot connect to {parsed.host})"
@@ -395,7 +395,7 @@ class ReferenceStore:
                 if scheme == "http" and not self.allow_http:
                     raise ReferenceError(
                         f"URL {_public_url(text)} uses plain http; expected https:// "
-                        "(plain http is refused unless allowed)"
+                        "(allow plain http with --allow-http-references)"
                     )
                 return _Spec("url", "url:" + text, url=text)
             raise ReferenceError(f"the {scheme}: scheme is not supported; expected {_ALLOWED_TEXT}")
@@ -493,11 +493,28 @@ class ReferenceStore:
         for info in infos:
             address = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
             if not _is_public(address):
-                raise ReferenceError(
-                    f"host {host!r} resolves to {address}, a private, loopback, link-local, "
-                    "multicast or reserved address; such URLs are refused so a manifest "
-                    "cannot reach an internal network (allow them with allow_private_urls)"
-                )
+                raise ReferenceError(_not_public(host, address))
+
+    def offline_problem(self, spec: str) -> str | None:
+        """What the run will refuse in a reference URL, found without the network.
+
+        ``validate`` and ``--dry-run`` do not fetch URLs, so they passed rows the run then
+        rejected: a plain ``http://`` URL, or a host written as a private address. Both
+        are plain from the text; a host name's addresses are only known once the run
+        resolves it. The message is the run's own.
+        """
+        try:
+            parsed = self._parse(spec)
+        except ReferenceError as exc:
+            return str(exc)
+        if parsed.kind != "url" or parsed.url is None or self.allow_private_urls:
+            return None
+        host = URL(parsed.url).host or ""
+        try:
+            address = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        except ValueError:
+            return None  # a name: resolved by the run
+        return None if _is_public(address) else _not_public(host, address)
 
     def _too_big(self, size: int | None, *, converted: bool = False) -> str:
         limit = f"{self.max_bytes / 1024 / 1024:g} MB"
@@ -505,6 +522,14 @@ class ReferenceStore:
         if size is None:
             return f"{what} larger than {limit}; at most {limit} is allowed"
         return f"{what} {size / 1024 / 1024:.1f} MB; at most {limit} is allowed"
+
+
+def _not_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str:
+    return (
+        f"host {host!r} resolves to {address}, a private, loopback, link-local, "
+        "multicast or reserved address; such URLs are refused so a manifest "
+        "cannot reach an internal network (allow them with --allow-private-references)"
+    )
 
 
 def _is_public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

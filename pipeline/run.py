@@ -186,6 +186,8 @@ class RunOptions:
         opts.export = spec.export()
         opts.reference_column = spec.reference_column
         opts.missing_reference = spec.missing_reference
+        opts.allow_http = spec.allow_http_references
+        opts.allow_private_urls = spec.allow_private_references
         opts.report_columns = tuple(spec.report_columns)
         return opts
 

@@ -226,6 +226,19 @@ class RunSpec(BaseModel):
         flag="--missing-reference",
         metavar="fail|text-only",
     )
+    allow_http_references: bool = _option(
+        False,
+        "Fetch reference URLs over plain http:// too (an image server inside your network); "
+        "by default only https:// is fetched.",
+        flag="--allow-http-references",
+    )
+    allow_private_references: bool = _option(
+        False,
+        "Fetch reference URLs whose host is a private, loopback or link-local address (a PIM "
+        "or image server inside your network); by default refused, so a manifest cannot "
+        "make the run reach into an internal network.",
+        flag="--allow-private-references",
+    )
     report_columns: tuple[str, ...] = _option(
         (),
         "Catalog columns report.html shows under each product, e.g. 'Variant SKU,Variant "
@@ -423,6 +436,8 @@ SETTING_TYPES: Final[dict[str, type]] = {
     "per": str,
     "reference_column": str,
     "missing_reference": str,
+    "allow_http_references": bool,
+    "allow_private_references": bool,
     "report_columns": list,
     "library": str,
     "no_library": bool,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from catalog_helpers import output, run
+from catalog_helpers import klein, output, run
 from PIL import Image
 
 from pipeline.run import RunOptions
@@ -155,3 +155,45 @@ def test_reference_column_and_input_image_cannot_both_be_the_reference(
     manifest.write_text("prompt,input_image,photo\na mug,a.png,b.png\n", encoding="utf-8")
     with pytest.raises(Exception, match="also taken from column 'photo'"):
         _run(manifest, tmp_path / "out", sim, reference_column="photo")
+
+
+def test_validate_and_run_agree_on_urls_and_both_can_allow_an_internal_server(
+    tmp_path: Path, cdn: _Cdn
+) -> None:
+    """A plain-http URL or a host written as a private address is refused by the run;
+    ``validate`` (which fetches nothing) refused neither, so it promised rows the run then
+    rejected. Both now refuse them with the run's message, and both take the flags that
+    let a run fetch from an image server inside the network (here 127.0.0.1, over http)."""
+    cdn.healthy = True
+    manifest = tmp_path / "urls.csv"
+    manifest.write_text(
+        "id,prompt,input_image\n"
+        f"a,red mug,{cdn.url}/a.png\n"
+        "b,blue mug,https://10.0.0.5/b.png\n"
+        "c,green mug,https://[::1]/c.png\n",
+        encoding="utf-8",
+    )
+    checked = klein("validate", str(manifest))
+    assert checked.returncode == 1, checked.stdout + checked.stderr
+    assert "valid       0" in checked.stdout and "rejected    3" in checked.stdout
+    assert "uses plain http; expected https:// (allow plain http with --allow-http-" in (
+        checked.stdout
+    )
+    assert "host '10.0.0.5' resolves to 10.0.0.5, a private" in checked.stdout
+    ran = klein("run", str(manifest), "--sim", "--out", str(tmp_path / "refused"))
+    assert ran.returncode == 1, ran.stdout + ran.stderr
+    refused = output(tmp_path / "refused").sort("row")
+    assert refused["status"].to_list() == ["rejected"] * 3
+    assert cdn.requests == 0
+
+    allow = ["--allow-http-references", "--allow-private-references"]
+    only_a = tmp_path / "a.csv"
+    only_a.write_text(f"id,prompt,input_image\na,red mug,{cdn.url}/a.png\n", encoding="utf-8")
+    checked = klein("validate", str(only_a), *allow)
+    assert checked.returncode == 0 and "valid       1" in checked.stdout, checked.stdout
+    ran = klein("run", str(only_a), "--sim", "--out", str(tmp_path / "allowed"), *allow)
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    made = output(tmp_path / "allowed")
+    assert made["status"].to_list() == ["succeeded"]
+    assert len(made["reference_digests"][0]) == 1
+    assert cdn.requests == 1
