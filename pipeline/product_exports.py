@@ -92,6 +92,8 @@ _WOO_OWN_COLUMNS: Final = frozenset(
 )
 _WOO_TYPES: Final = ("simple", "variable", "variation", "grouped", "external")
 _WOO_REQUIRED: Final = ("Type",)
+#: Columns whose line breaks WooCommerce's exporter escapes (``_woo_line_breaks``).
+_WOO_DESCRIPTIONS: Final = ("Description", "Short description")
 _WOO_ATTRIBUTE_VALUES = re.compile(r"^Attribute (\d+) value\(s\)$")
 
 _SLUG_UNSAFE = re.compile(r"[^a-z0-9]+")
@@ -460,6 +462,11 @@ def _woocommerce(
     frame: pl.DataFrame, name: str, per: str, reference_column: str | None
 ) -> pl.DataFrame:
     frame, inputs = _prepare(frame, name, "WooCommerce", _WOO_REQUIRED, reference_column)
+    frame = frame.with_columns(
+        _woo_line_breaks(column)
+        for column in _WOO_DESCRIPTIONS
+        if column in frame.columns and frame.schema[column] == pl.String
+    )
     records = frame.select(inputs).to_dicts()
     by_id: dict[str, int] = {}
     by_sku: dict[str, int] = {}
@@ -575,6 +582,19 @@ def _woocommerce(
         out = out.with_columns(frame.select(extra))
     _keep_variants_apart(ids, options)
     return _finish(out, ids, merged, errors, references if reference_column else None)
+
+
+def _woo_line_breaks(column: str) -> pl.Expr:
+    """WooCommerce's exporter writes a description's line breaks as the two characters
+    ``\\n`` (and a literal backslash-n as ``\\\\n``); its importer turns them back
+    (``WC_Product_CSV_Importer::parse_description_field``), and so does this, so that a
+    prompt built from ``{Description|text}`` gets paragraphs, not a stray ``\\n``."""
+    return (
+        pl.col(column)
+        .str.replace_all("\\\\n", "\x00", literal=True)
+        .str.replace_all("\\n", "\n", literal=True)
+        .str.replace_all("\x00", "\\n", literal=True)
+    )
 
 
 def _woo_values(record: Mapping[str, object]) -> list[str]:

@@ -291,3 +291,26 @@ def test_variants_whose_options_slug_alike_get_an_image_each(
         catalog=Catalog.build(prompt_template="{Name}"),
     )
     assert (report.valid, report.rejected) == (2, 0)
+
+
+def test_woocommerce_escaped_line_breaks_become_paragraphs(tmp_path: Path, sim: SimServer) -> None:
+    """WooCommerce's exporter writes a description's line breaks as the two characters
+    backslash-n (its importer turns them back): a prompt gets the text, not a stray "\\n"."""
+    woo = tmp_path / "woo.csv"
+    pl.DataFrame(
+        {
+            "ID": ["7"],
+            "Type": ["simple"],
+            "SKU": ["hoodie"],
+            "Name": ["Hoodie"],
+            "Description": ["<p>Warm fleece.</p>\\n<p>Machine washable.</p>\\\\n kept"],
+        }
+    ).write_csv(woo)
+    run(woo, tmp_path / "out", sim, catalog="woocommerce", prompt_template="{Description|text}")
+    made = output(tmp_path / "out")
+    assert made["status"].to_list() == ["succeeded"]
+    prompt = made["prompt"][0]
+    assert "Warm fleece." in prompt and "Machine washable." in prompt
+    assert "\\n kept" in prompt  # an escaped backslash-n is the text's own
+    assert prompt.count("\\n") == 1
+    assert made["Description"][0] == "<p>Warm fleece.</p>\n<p>Machine washable.</p>\\n kept"
