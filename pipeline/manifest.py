@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import io
 import math
 import re
 from collections import deque
@@ -135,6 +136,47 @@ class _BadLine:
     target: int
     line: int | None
     text: str
+
+
+class _LineFinder:
+    """The physical line a CSV record starts on, for the message about a malformed row.
+
+    pyarrow numbers a malformed row by records (the header is 1; blank lines are not
+    records), which is the line only while no cell spans several lines: after a
+    multi-line cell (a Shopify ``Body (HTML)``) or blank lines the message sent the user to
+    the wrong line. Python's csv reader knows the physical line it stopped on, so this
+    reads the file up to each malformed record, once, in order: only when a row is bad,
+    and never further than the last bad one.
+    """
+
+    def __init__(self, path: Path, encoding: str, delimiter: str) -> None:
+        self._path, self._delimiter = path, delimiter
+        self._encoding = "utf-8-sig" if encoding == "utf-8" else encoding
+        self._handle: io.TextIOWrapper | None = None
+        self._reader: Iterator[list[str]] | None = None
+        self._records = 0
+
+    def line_of(self, record: int) -> int | None:
+        """The line record ``record`` starts on (1-based, the header being record 1)."""
+        if self._reader is None:
+            self._handle = open(self._path, encoding=self._encoding, newline="")  # noqa: SIM115
+            self._reader = csv.reader(self._handle, delimiter=self._delimiter)
+        reader = self._reader
+        while self._records < record:
+            start = reader.line_num + 1  # type: ignore[attr-defined]
+            try:
+                cells = next(reader)
+            except (StopIteration, csv.Error, UnicodeDecodeError):
+                return None
+            if cells:  # a blank line is no record, for pyarrow either
+                self._records += 1
+                if self._records == record:
+                    return start
+        return None
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
 
 
 @dataclass(slots=True)
@@ -623,12 +665,14 @@ class ManifestReader:
         width = len(fmt.header)
         positional = [f"f{i}" for i in range(width)]
         bad: deque[_BadLine] = deque()
+        lines = _LineFinder(self.path, fmt.encoding, fmt.delimiter)
 
         def on_invalid(row: pacsv.InvalidRow) -> str:
-            # Physical line numbers: line 1 is the header, so line - 2 is the data row's
-            # position when no cell spans several lines (otherwise it is corrected below).
-            line = row.number
-            target = line - 2 if line is not None else -1
+            # pyarrow numbers records (the header is 1), so number - 2 is the data row's
+            # position; the physical line, for the message, is ``_LineFinder``'s.
+            record = row.number
+            target = record - 2 if record is not None else -1
+            line = lines.line_of(record) if record is not None else None
             text = (
                 f"{row.actual_columns} fields where the header has {row.expected_columns}; "
                 f"quote cells that contain the delimiter "
@@ -643,81 +687,86 @@ class ManifestReader:
             return "skip"
 
         try:
-            block = self._csv_block = _csv_block_size(self.path, fmt.encoding)
-        except _RowTooLarge as huge:
-            raise self._row_too_large(huge.row) from None
-        try:
-            reader = pacsv.open_csv(
-                self.path,
-                read_options=pacsv.ReadOptions(
-                    column_names=positional,
-                    skip_rows=1,
-                    block_size=block,
-                    encoding=fmt.encoding,
-                    use_threads=False,
-                ),
-                parse_options=pacsv.ParseOptions(
-                    delimiter=fmt.delimiter,
-                    newlines_in_values=True,
-                    invalid_row_handler=on_invalid,
-                ),
-                convert_options=pacsv.ConvertOptions(
-                    column_types=dict.fromkeys(positional, pa.string()),
-                    strings_can_be_null=False,
-                ),
-            )
-        except UnicodeDecodeError:
-            raise _not_utf8(self.name, None, fmt.encoding) from None
-        except pa.ArrowInvalid as exc:  # the first block is read here: a huge first row
-            raise self._csv_failure(exc, fmt.encoding, 0) from None
-        next_index = 0
-        names = self._columns.names
-        while True:
             try:
-                batch = reader.read_next_batch()
-            except StopIteration:
-                break
+                block = self._csv_block = _csv_block_size(self.path, fmt.encoding)
+            except _RowTooLarge as huge:
+                raise self._row_too_large(huge.row) from None
+            try:
+                reader = pacsv.open_csv(
+                    self.path,
+                    read_options=pacsv.ReadOptions(
+                        column_names=positional,
+                        skip_rows=1,
+                        block_size=block,
+                        encoding=fmt.encoding,
+                        use_threads=False,
+                    ),
+                    parse_options=pacsv.ParseOptions(
+                        delimiter=fmt.delimiter,
+                        newlines_in_values=True,
+                        invalid_row_handler=on_invalid,
+                    ),
+                    convert_options=pacsv.ConvertOptions(
+                        column_types=dict.fromkeys(positional, pa.string()),
+                        strings_can_be_null=False,
+                    ),
+                )
             except UnicodeDecodeError:
                 raise _not_utf8(self.name, None, fmt.encoding) from None
-            except pa.ArrowInvalid as exc:
-                raise self._csv_failure(exc, fmt.encoding, next_index) from None
-            good = batch.num_rows
-            indices: list[int] = []
-            placed: list[tuple[int, _BadLine]] = []
-            if not bad or bad[0].target >= next_index + good + len(bad):
-                indices = list(range(next_index, next_index + good))
-                next_index += good
-            else:
-                while len(indices) < good:
-                    if bad and bad[0].target <= next_index:
-                        placed.append((next_index, bad.popleft()))
-                    else:
-                        indices.append(next_index)
-                    next_index += 1
-            # Convert to polars a batch_size slice at a time (arrow slices are zero-copy), so
-            # a 16 MB block never exists as one polars frame next to its arrow original.
-            waiting = deque(placed)
-            for start in range(0, max(good, 1), self.batch_size):
-                part = batch.slice(start, self.batch_size)
-                part_indices = indices[start : start + self.batch_size]
-                frame = pl.from_arrow(part)
-                assert isinstance(frame, pl.DataFrame)
-                frame.columns = names
-                frame = frame.with_columns(pl.Series(INDEX_COLUMN, part_indices, dtype=pl.Int64))
-                last_part = start + self.batch_size >= good
-                upto = part_indices[-1] if part_indices and not last_part else None
-                mine: list[tuple[int, _BadLine]] = []
-                while waiting and (upto is None or waiting[0][0] < upto):
-                    mine.append(waiting.popleft())
-                if mine:
-                    frame = pl.concat([frame, self._bad_frame(mine)], how="diagonal_relaxed").sort(
-                        INDEX_COLUMN
+            except pa.ArrowInvalid as exc:  # the first block is read here: a huge first row
+                raise self._csv_failure(exc, fmt.encoding, 0) from None
+            next_index = 0
+            names = self._columns.names
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except UnicodeDecodeError:
+                    raise _not_utf8(self.name, None, fmt.encoding) from None
+                except pa.ArrowInvalid as exc:
+                    raise self._csv_failure(exc, fmt.encoding, next_index) from None
+                good = batch.num_rows
+                indices: list[int] = []
+                placed: list[tuple[int, _BadLine]] = []
+                if not bad or bad[0].target >= next_index + good + len(bad):
+                    indices = list(range(next_index, next_index + good))
+                    next_index += good
+                else:
+                    while len(indices) < good:
+                        if bad and bad[0].target <= next_index:
+                            placed.append((next_index, bad.popleft()))
+                        else:
+                            indices.append(next_index)
+                        next_index += 1
+                # Convert to polars a batch_size slice at a time (arrow slices are zero-copy), so
+                # a 16 MB block never exists as one polars frame next to its arrow original.
+                waiting = deque(placed)
+                for start in range(0, max(good, 1), self.batch_size):
+                    part = batch.slice(start, self.batch_size)
+                    part_indices = indices[start : start + self.batch_size]
+                    frame = pl.from_arrow(part)
+                    assert isinstance(frame, pl.DataFrame)
+                    frame.columns = names
+                    frame = frame.with_columns(
+                        pl.Series(INDEX_COLUMN, part_indices, dtype=pl.Int64)
                     )
-                if frame.height:
-                    yield frame
-        if bad:
-            leftovers = [(next_index + offset, item) for offset, item in enumerate(bad)]
-            yield self._bad_frame(leftovers)
+                    last_part = start + self.batch_size >= good
+                    upto = part_indices[-1] if part_indices and not last_part else None
+                    mine: list[tuple[int, _BadLine]] = []
+                    while waiting and (upto is None or waiting[0][0] < upto):
+                        mine.append(waiting.popleft())
+                    if mine:
+                        frame = pl.concat(
+                            [frame, self._bad_frame(mine)], how="diagonal_relaxed"
+                        ).sort(INDEX_COLUMN)
+                    if frame.height:
+                        yield frame
+            if bad:
+                leftovers = [(next_index + offset, item) for offset, item in enumerate(bad)]
+                yield self._bad_frame(leftovers)
+        finally:
+            lines.close()
 
     def _csv_failure(self, exc: pa.ArrowInvalid, encoding: str, next_index: int) -> ManifestError:
         """One line for a CSV pyarrow cannot read (bad UTF-8, a row larger than a block)."""

@@ -240,6 +240,21 @@ def test_ragged_rows_are_rejected_and_the_rest_run(tmp_path: Path) -> None:
     assert rejections[1].key == "row-4"
 
 
+def test_a_ragged_row_names_its_physical_line_after_multi_line_cells(tmp_path: Path) -> None:
+    """A cell spanning lines (a Shopify Body (HTML)) or blank lines put the line of a
+    malformed row's message several lines above the row itself."""
+    text = (
+        'prompt,sku\n"a mug,\nwhite\nand round",1\n\n\nbag,with,comma\nlamp,3\n'
+        '"candle\nwax",4\nshort\n'
+    )
+    rows, rejections = read_all(write(tmp_path / "r.csv", text))
+    assert [r.index for r in rows] == [0, 2, 3]
+    assert [r.reason.split(":")[0] for r in rejections] == [
+        "r.csv row 2 (line 7)",
+        "r.csv row 5 (line 11)",
+    ]
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 100])
 def test_ragged_last_row(tmp_path: Path, batch_size: int) -> None:
     path = write(tmp_path / "r.csv", "prompt,sku\nmug,1\nbag,2\nlamp;3\n")
