@@ -570,16 +570,35 @@ def _render(
     )
 
 
+#: Columns that tell one variant from another, best first, by lower-cased name: a shop
+#: export's option values and SKU, then what generic manifests call them.
+_TELLING = (
+    re.compile(r"option\d value|attribute \d value\(s\)"),
+    re.compile(r"(variant )?sku"),
+    re.compile(r"colou?r|size|title|name"),
+)
+#: Columns never shown under a tile: long text and markup (a product description's HTML),
+#: addresses, and what a heading already shows.
+_NOT_A_LABEL = re.compile(r"html|description|seo |image src|image alt|url|body")
+
+
 def _label_columns(names: Sequence[str], axes: Sequence[str]) -> list[str]:
-    """Up to four input columns that say what a product is (title, sku, colour...)."""
+    """Up to four input columns that say what a product is: the option values and SKU of a
+    shop export's variant (tiles of one product's variants are otherwise alike), a title,
+    a colour; never its description's markup."""
     names = list(names)
     present = [names.index(c) for c in FIXED_COLUMNS if c in names]
     fixed_end = max(present) + 1
     # Not the columns a heading already shows (title, id), nor request columns given back
     # as the input had them (``input_prompt``, ``seed``...).
     skip = {"variation", *axes, *TITLE_COLUMNS, *ID_COLUMNS, *KNOWN_COLUMNS}
-    chosen = [c for c in names[fixed_end:] if c not in skip and not c.startswith("input_")]
-    preferred = [c for c in chosen if c.lower() in ("title", "name", "sku", "color", "colour")]
+    chosen = [
+        c
+        for c in names[fixed_end:]
+        if c not in skip and not c.startswith("input_") and not _NOT_A_LABEL.search(c.lower())
+    ]
+    preferred = [c for rule in _TELLING for c in chosen if rule.fullmatch(c.lower())]
+    preferred = list(dict.fromkeys(preferred))
     rest = [c for c in chosen if c not in preferred]
     return (preferred + rest)[:4]
 

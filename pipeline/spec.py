@@ -242,7 +242,7 @@ class RunSpec(BaseModel):
     report_columns: tuple[str, ...] = _option(
         (),
         "Catalog columns report.html shows under each product, e.g. 'Variant SKU,Variant "
-        "Price' (repeatable). [default: a few that look like a title, SKU or colour]",
+        "Price' (repeatable). [default: option values, SKU, title or colour; never descriptions]",
         flag="--report-columns",
         metavar="COL,COL",
     )

@@ -314,3 +314,15 @@ def test_woocommerce_escaped_line_breaks_become_paragraphs(tmp_path: Path, sim: 
     assert "\\n kept" in prompt  # an escaped backslash-n is the text's own
     assert prompt.count("\\n") == 1
     assert made["Description"][0] == "<p>Warm fleece.</p>\n<p>Machine washable.</p>\\n kept"
+
+
+def test_report_tiles_of_a_variant_run_tell_the_variants_apart(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """Without --report-columns, a tile showed the first few columns of the export: the
+    product's Body (HTML) (escaped) under every variant, and no option value or SKU."""
+    out = tmp_path / "out"
+    run(SHOPIFY, out, sim, catalog="shopify", per="variant", prompt_template=SHOP_TEMPLATE)
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "Body (HTML)" not in page and "&lt;p&gt;" not in page
+    assert "Option1 Value" in page and "Option2 Value" in page
