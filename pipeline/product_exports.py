@@ -461,6 +461,13 @@ def _woo_type(cell: str | None) -> str | None:
 def _woocommerce(
     frame: pl.DataFrame, name: str, per: str, reference_column: str | None
 ) -> pl.DataFrame:
+    if "Handle" in frame.columns and not {"ID", "Name"} & set(frame.columns):
+        # Both exports have a Type column; read as WooCommerce, a Shopify export got one
+        # "not a WooCommerce product type" per line instead of this.
+        raise ManifestError(
+            f"{name}: has a Handle column and neither ID nor Name, so it is a Shopify "
+            "product export, not a WooCommerce one; use --catalog shopify"
+        )
     frame, inputs = _prepare(frame, name, "WooCommerce", _WOO_REQUIRED, reference_column)
     frame = frame.with_columns(
         _woo_line_breaks(column)

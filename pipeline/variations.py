@@ -43,7 +43,13 @@ from pipeline.manifest import (
     lines_to_validate,
     validate_batch,
 )
-from pipeline.reserved import INDEX_COLUMN, MERGED_COLUMN, PRODUCT_INDEX_COLUMN, WORKING_COLUMNS
+from pipeline.reserved import (
+    ERROR_COLUMN,
+    INDEX_COLUMN,
+    MERGED_COLUMN,
+    PRODUCT_INDEX_COLUMN,
+    WORKING_COLUMNS,
+)
 from pipeline.rows import Rejection, Row
 from pipeline.templates import PromptTemplate
 
@@ -361,6 +367,11 @@ class Catalog:
         bad: pl.Series | None = None
         for mask in missing.values():
             bad = mask if bad is None else bad | mask
+        if bad is not None and ERROR_COLUMN in frame.columns:
+            # A line the export itself rejected (an empty Handle, an orphan variation) is
+            # rejected for that: its empty fields follow from it, and the message about
+            # them would send the user to the wrong cell.
+            bad = bad & frame.get_column(ERROR_COLUMN).is_null()
         if bad is None or not bad.any():
             return frame, []
         rejections: list[Rejection] = []

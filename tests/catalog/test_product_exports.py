@@ -165,6 +165,8 @@ def test_not_an_export_of_that_kind_is_one_clear_error(tmp_path: Path) -> None:
     plain.write_text("id,prompt\na,a mug\n", encoding="utf-8")
     with pytest.raises(ManifestError, match="no column 'Handle', so it is not a Shopify"):
         open_manifest(plain, export=ExportSpec("shopify"))
+    with pytest.raises(ManifestError, match="so it is a Shopify product export, not a Woo"):
+        open_manifest(SHOPIFY, export=ExportSpec("woocommerce"))
     with pytest.raises(ConfigError, match="--per 'colour' is not allowed"):
         ExportSpec("shopify", "colour")
 
@@ -326,3 +328,31 @@ def test_report_tiles_of_a_variant_run_tell_the_variants_apart(
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Body (HTML)" not in page and "&lt;p&gt;" not in page
     assert "Option1 Value" in page and "Option2 Value" in page
+
+
+def test_a_line_without_its_handle_is_rejected_for_that_not_for_its_empty_title(
+    tmp_path: Path,
+) -> None:
+    """A line with an empty Handle has no product to fill its Title from; the template's
+    "Title is empty" hid the cause, which is the Handle."""
+    shop = tmp_path / "shop.csv"
+    pl.DataFrame(
+        {
+            "Handle": ["mug", None],
+            "Title": ["Mug", None],
+            "Option1 Name": ["Size", None],
+            "Option1 Value": ["S", "XL"],
+            "Variant SKU": ["M-S", "M-XL"],
+        }
+    ).write_csv(shop)
+    report = check_manifest(
+        shop,
+        defaults=Defaults(),
+        export=ExportSpec("shopify", "variant"),
+        catalog=Catalog.build(prompt_template="{Title} {Option1 Value?}"),
+    )
+    assert (report.valid, report.rejected) == (1, 1)
+    assert report.rejections["(whole row)"].examples == [
+        "shop.csv row 2, column Handle: is empty; every line of a Shopify product export "
+        "names its product's Handle"
+    ]

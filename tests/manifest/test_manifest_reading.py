@@ -311,3 +311,23 @@ def test_a_long_row_after_malformed_lines_keeps_every_row_number(tmp_path: Path)
     assert rejections[2].reason.startswith("long.csv row 4001 (line 4002): 3 fields where")
     assert [r.index for r in rows] == [i for i in range(5_000) if i not in (10, 2_000, 4_000)]
     assert all(r.request.prompt == f"prompt {r.index}" for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "expected"),
+    [
+        ("m.json", b'[{"id": 1, "prompt": "red mug"}]', "m.json: is JSON, not a CSV or Parquet"),
+        ("m.jsonl", b'\xef\xbb\xbf {"id": 1}\n{"id": 2}\n', "m.jsonl: is JSON, not a CSV"),
+        ("m.csv", b"PK\x03\x04" + bytes(60), "m.csv: is an Excel workbook (or another ZIP"),
+        ("m.xls", b"\xd0\xcf\x11\xe0" + bytes(60), "m.xls: is an old Excel (.xls) workbook"),
+    ],
+)
+def test_a_file_of_another_kind_is_named_as_such(
+    tmp_path: Path, name: str, content: bytes, expected: str
+) -> None:
+    """Read as CSV, a JSON export or an Excel workbook got messages about headers and
+    fields; the file's kind and what to do about it are what the user needs."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ManifestError) as err:
+        ManifestReader(tmp_path / name)
+    assert str(err.value).startswith(expected)
