@@ -110,11 +110,22 @@ def describe(holder: dict[str, Any] | str) -> str:
     )
 
 
-def _busy(destination: str, holder: dict[str, Any] | str) -> DestinationBusy:
+def _busy(
+    destination: str, holder: dict[str, Any] | str, lease: tuple[float, float] | None = None
+) -> DestinationBusy:
+    """``lease`` is an S3 lock's (age, lease) in seconds: a holder on another machine may
+    be dead, and then the lease is all that says when the output is free again."""
+    renewed = ""
+    if lease is not None:
+        age, lease_s = lease
+        renewed = (
+            f" (its lease was renewed {age:.0f} s ago; if that writer is gone, the output "
+            f"is free in {max(0.0, lease_s - age) + 1:.0f} s)"
+        )
     return DestinationBusy(
-        f"{destination}: another klein-batch {describe(holder)} is writing this output; "
-        f"wait for it (`klein-batch status {destination}` shows its progress) or choose "
-        "another output"
+        f"{destination}: another klein-batch {describe(holder)} is writing this output"
+        f"{renewed}; wait for it (`klein-batch status {destination}` shows its progress) or "
+        "choose another output"
     )
 
 
@@ -253,7 +264,7 @@ class S3Lease:
         lease = float(holder.get("lease_s", DEFAULT_LEASE_S)) if isinstance(holder, dict) else 0.0
         age = _age_s(found)
         if age <= lease and not _dead_here(holder):
-            raise _busy(self.destination, holder)
+            raise _busy(self.destination, holder, (age, lease))
         return holder, lease, age
 
     def check(self) -> None:
@@ -281,8 +292,14 @@ class S3Lease:
             return self._put(client(), {"IfMatch": self.etag})
 
     def release(self) -> None:
-        """Delete the lock if it is still ours (a lost lock belongs to someone else now)."""
-        from botocore.exceptions import ClientError
+        """Delete the lock if it is still ours (a lost lock belongs to someone else now).
+
+        Never raises: it runs as the holder stops, often because the store went away (a run
+        that stopped on an unreachable S3 ended in a traceback here, exit 70, instead of
+        its own exit 74). A lock left behind is taken over by the next writer on this
+        machine at once, and by any other once its lease lapses.
+        """
+        from botocore.exceptions import BotoCoreError, ClientError
 
         from pipeline.s3 import client
 
@@ -294,6 +311,14 @@ class S3Lease:
                 client().delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
             except ClientError as exc:
                 log.warning("%s: could not remove the lock (%s)", self.destination, _code(exc))
+            except BotoCoreError as exc:
+                log.warning(
+                    "%s: could not remove the lock (%s); the next writer takes it over once "
+                    "its lease (%.0f s) lapses, at once on this machine",
+                    self.destination,
+                    exc,
+                    self.lease_s,
+                )
 
     async def keep(self) -> None:
         """Renew every third of the lease until cancelled; report a lost lock once."""

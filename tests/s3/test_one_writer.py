@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import dest_lock
+from pipeline import dest_lock, s3
 from pipeline.dest_lock import LOCK_RELPATH, DestinationBusy, S3Lease
 from pipeline.s3 import S3Sink
 from pipeline.sim import KeyConfig, LatencyConfig, SimConfig, SimServer
@@ -198,6 +198,40 @@ def test_the_lock_object_is_created_only_if_absent_and_names_its_holder(bucket: 
     assert holder.renew()  # the owner extends its lease (If-Match on its own ETag)
     holder.release()
     _lease(bucket).acquire()  # free again
+
+
+def test_a_writer_on_another_machine_is_waited_for_by_its_lease(bucket: str) -> None:
+    holder = _lease(bucket, "flow")
+    holder.acquire()
+    with pytest.raises(
+        DestinationBusy,
+        match=r"its lease was renewed \d+ s ago; if that writer "
+        r"is gone, the output is free in (60|61) s",
+    ):
+        _lease(bucket).acquire()
+
+
+def test_letting_go_of_the_lock_when_the_store_is_gone_is_no_error(
+    bucket: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that stopped because S3 became unreachable let go of its lock last; the
+    connection error escaped there, and the run ended in a traceback (exit 70) instead of
+    its own message and exit 74."""
+    holder = _lease(bucket)
+    holder.acquire()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{probe.getsockname()[1]}"  # nothing listens once closed
+    monkeypatch.setenv("AWS_ENDPOINT_URL", dead)
+    s3.reset()
+    s3.configure(max_attempts=1)  # one refused connection says enough
+    try:
+        holder.release()  # must not raise
+    finally:
+        monkeypatch.undo()
+        s3.reset()
+    assert "could not remove the lock" in caplog.text
+    assert "lease (60 s) lapses" in caplog.text
 
 
 def test_an_expired_lease_is_taken_over_and_its_old_owner_knows_it_lost(bucket: str) -> None:
