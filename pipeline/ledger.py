@@ -583,6 +583,30 @@ class Ledger:
         self._conn.execute("COMMIT")
         return planned
 
+    def stored_images(self) -> dict[str, str]:
+        """Key -> output URI of every row recorded as succeeded with an image in DEST."""
+        return {
+            str(key): str(uri)
+            for key, uri in self._conn.execute(
+                "SELECT key, json_extract(outcome, '$.output_uri') FROM tasks "
+                "WHERE status = ? AND json_extract(outcome, '$.output_uri') IS NOT NULL",
+                (str(RowStatus.SUCCEEDED),),
+            )
+        }
+
+    @_writes
+    def forget_images(self, keys: Sequence[str]) -> None:
+        """Take back the outcome of rows whose image is gone from DEST, keeping what was
+        paid: a row with an acknowledged task is polled again (its result collected, not
+        paid for), one without (copied from the library) is looked up again."""
+        self._begin()
+        self._conn.executemany(
+            "UPDATE tasks SET status = NULL, outcome = NULL, finished_at = NULL, "
+            "latency = NULL, credits = NULL, finished_run = NULL WHERE key = ?",
+            [(key,) for key in keys],
+        )
+        self._conn.execute("COMMIT")
+
     def earlier_work(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, str]:
         """Which of ``keys`` a rerun would not pay for: ``"done"`` or ``"in_flight"``.
 

@@ -202,6 +202,8 @@ class RemoteJournal:
                     aside,
                 )
                 local = False
+            elif local:
+                await self._forget_missing_images()
             self.source = "local" if local else "new"
             return
         stored = await self.sink.get(GENERATION_RELPATH)
@@ -224,6 +226,35 @@ class RemoteJournal:
         if generation:
             self._write_generation(generation)
         self.source = "remote"
+
+    async def _forget_missing_images(self) -> None:
+        """A ledger this machine never mirrored (its run was killed before the first
+        snapshot) may record images the output no longer holds: the output emptied by an
+        operator, or a store that lost them. Those rows were kept as done, and the run
+        ended with rows "succeeded" whose images did not exist; their outcomes are taken
+        back, so the run polls their tasks again (paid once, collected again).
+        Bounded: such a ledger holds at most one snapshot interval's work."""
+        ledger = Ledger.open(self.ledger_path)
+        try:
+            stored = ledger.stored_images()
+            if not stored:
+                return
+            base = self.sink.uri(".klein")[: -len(".klein")]
+            folders = {uri[len(base) :].rpartition("/")[0] for uri in stored.values()}
+            present: set[str] = set()
+            for folder in folders:
+                present.update(await self.sink.list(folder) if folder else [])
+            missing = [key for key, uri in stored.items() if uri[len(base) :] not in present]
+            if missing:
+                log.warning(
+                    "%d images this machine's journal recorded are not in %s (the output was "
+                    "emptied since?): their tasks are collected again, not paid again",
+                    len(missing),
+                    base.rstrip("/"),
+                )
+                ledger.forget_images(missing)
+        finally:
+            ledger.close()
 
     def _set_aside(self) -> Path:
         """Move a stale local ledger (and its WAL and generation) out of the run's way."""

@@ -21,10 +21,11 @@ from pipeline.manifest import ManifestReader
 from pipeline.references import ReferenceStore
 from pipeline.remote_journal import work_dir_for
 from pipeline.run import run_manifest
-from pipeline.sim import SimConfig, SimServer
+from pipeline.sim import KeyConfig, SimConfig, SimServer
 from pipeline.sim.config import LatencyConfig
 
 FAST = LatencyConfig(median_s=0.05, p95_s=0.1)
+SIM_KEY = KeyConfig().key
 
 
 @pytest.fixture
@@ -150,6 +151,36 @@ def test_a_rerun_into_an_emptied_output_makes_the_images_again(
     for uri in manifest["output_uri"]:
         s3_client.head_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))
     assert len(list(work.glob("stale-*/ledger.sqlite"))) == 1  # the old ledger, set aside
+
+
+def test_images_missing_from_an_output_never_mirrored_are_collected_again_not_paid(
+    catalog: str, bucket: str, s3_client: Any, endpoint: str
+) -> None:
+    """A run killed before its first journal snapshot leaves a local ledger the output
+    never saw; the output then emptied (an operator redoing it, a store that lost it), the
+    rerun kept the ledger and called rows succeeded whose images did not exist, exit 0.
+    Their tasks were paid for: they are polled again and their images stored again."""
+    out = f"s3://{bucket}/outputs/unmirrored"
+    with SimServer.in_thread(sim()) as server:
+        first = run_manifest(catalog, out, api_url=server.url, api_key=SIM_KEY, limit=5)
+        assert first.counts["succeeded"] == 5
+        listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="outputs/unmirrored/")
+        s3_client.delete_objects(
+            Bucket=bucket,
+            Delete={"Objects": [{"Key": item["Key"]} for item in listed["Contents"]]},
+        )
+        work = work_dir_for(f"{out}/.klein")
+        (work / "snapshot.generation").unlink()  # as if killed before its first snapshot
+        paid = server.stats()["totals"]["submits_accepted"]
+
+        second = run_manifest(catalog, out, api_url=server.url, api_key=SIM_KEY, limit=5)
+
+        assert server.stats()["totals"]["submits_accepted"] == paid == 5
+    assert second.counts["succeeded"] == 5 and second.submits == 0
+    manifest = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
+    assert set(manifest["status"]) == {"succeeded"}
+    for uri in manifest["output_uri"]:
+        s3_client.head_object(Bucket=bucket, Key=uri.removeprefix(f"s3://{bucket}/"))
 
 
 def test_a_flaky_s3_loses_nothing(
