@@ -899,6 +899,9 @@ class Engine:
             # Never reached the server: safe to send again.
             self.slots.abandoned(permit)
             self._journal.record_refused(key)
+            # Counted, so that an API gone for a while says so in the summary and run.json
+            # instead of only as a reason on each failed row.
+            self.stats.errors["submit cannot connect"] += 1
             raise Transient(f"cannot connect: {exc.os_error or exc}") from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The request may have reached the server: the intent stays open in the journal
@@ -1206,6 +1209,8 @@ class Engine:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
+            if not isinstance(exc, ValueError):
+                self.stats.errors[f"poll {shown}"] += 1
             raise Transient(f"poll failed: {shown}") from None
         if 200 <= status < 300:
             try:
@@ -1452,6 +1457,7 @@ class Engine:
                 # error page streaming without end must not take the run's memory).
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
+            self.stats.errors[f"download {type(exc).__name__}"] += 1
             raise Transient(f"download failed: {type(exc).__name__}") from None
         if status in (403, 404, 410):
             raise _Expired(f"HTTP {status}")

@@ -117,7 +117,7 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
         if scheme == "http" and not store.allow_http:
             raise ReferenceError(
                 f"URL {_public_url(current)} uses plain http; expected https:// "
-                "(allow plain http with --allow-http-references)"
+                "(allow plain http with --allow-http-references, or allow_http in RunOptions)"
             )
         if not parsed.host:
             raise ReferenceError(f"URL {_public_url(current)} has no host")
@@ -168,7 +168,7 @@ async def _fetch(store: ReferenceStore, url: str, session: aiohttp.ClientSession
                 raise ReferenceError(
                     f"URL {_public_url(current)}: {exc.os_error}; such URLs are refused so a "
                     "manifest cannot reach an internal network (allow them with "
-                    "--allow-private-references)"
+                    "--allow-private-references, or allow_private_urls in RunOptions)"
                 ) from None
             raise ReferenceUnreachable(
                 f"URL {_public_url(current)} could not be fetched (cannot connect to {parsed.host})"
@@ -395,7 +395,8 @@ class ReferenceStore:
                 if scheme == "http" and not self.allow_http:
                     raise ReferenceError(
                         f"URL {_public_url(text)} uses plain http; expected https:// "
-                        "(allow plain http with --allow-http-references)"
+                        "(allow plain http with --allow-http-references, or allow_http in "
+                        "RunOptions)"
                     )
                 return _Spec("url", "url:" + text, url=text)
             raise ReferenceError(f"the {scheme}: scheme is not supported; expected {_ALLOWED_TEXT}")
@@ -528,7 +529,8 @@ def _not_public(host: str, address: ipaddress.IPv4Address | ipaddress.IPv6Addres
     return (
         f"host {host!r} resolves to {address}, a private, loopback, link-local, "
         "multicast or reserved address; such URLs are refused so a manifest "
-        "cannot reach an internal network (allow them with --allow-private-references)"
+        "cannot reach an internal network (allow them with --allow-private-references, "
+        "or allow_private_urls in RunOptions)"
     )
 
 
