@@ -106,7 +106,7 @@ def summary_markdown(
     if summary.ambiguous_submits:
         lines.append(
             f"- warning: {summary.ambiguous_submits:,} submits lost their response "
-            "(each may have been charged)"
+            "(each may have been charged; counted over every run into this output)"
         )
     if failed_shards:
         shown = ", ".join(str(n) for n in failed_shards)

@@ -213,8 +213,8 @@ class RemoteJournal:
             return
         if local:
             log.warning(
-                "the ledger in %s is older than the one in %s (another machine ran since); "
-                "using the output's",
+                "the ledger in %s is not the output's latest snapshot %s (another machine "
+                "ran since, or this one stopped while uploading it); using the output's",
                 self.work_dir,
                 self.sink.uri(LEDGER_RELPATH),
             )

@@ -94,7 +94,7 @@ def format_summary(summary: RunSummary) -> str:
     if summary.ambiguous_submits:
         lines.append(
             f"warning: {summary.ambiguous_submits:,} submits lost their response "
-            "(each may have been charged)"
+            "(each may have been charged; counted over every run into this output)"
         )
     if summary.errors:
         top = sorted(summary.errors.items(), key=lambda item: (-item[1], item[0]))[:5]
