@@ -325,6 +325,17 @@ def _sniff_csv(path: Path, name: str) -> _CsvFormat:
             f"{name}: looks like an Excel workbook or a zip archive; export it as CSV "
             "(UTF-8) or Parquet"
         )
+    if head.startswith(b"\xd0\xcf\x11\xe0"):
+        raise ManifestError(
+            f"{name}: looks like an old Excel (.xls) workbook; export it as CSV (UTF-8) or Parquet"
+        )
+    if head.removeprefix(codecs.BOM_UTF8).lstrip()[:1] in (b"{", b"["):
+        # Read as CSV, JSON got "has a header line but no data rows" and the like.
+        raise ManifestError(
+            f"{name}: is JSON, not a CSV or Parquet manifest; convert it first, e.g. "
+            "polars.read_json(path).write_parquet('manifest.parquet') (read_ndjson for one "
+            "object per line)"
+        )
     encoding = "utf-8"
     if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
         encoding = "utf-16"
@@ -535,15 +546,11 @@ class ManifestReader:
             raise ManifestError(f"{path}: is not a file; expected a CSV or Parquet manifest")
         try:
             with path.open("rb") as handle:
-                start = handle.read(64)
+                magic = handle.read(4)
         except OSError as exc:
             raise ManifestError(f"{path}: cannot be read ({exc.strerror})") from None
-        magic = start[:4]
         if magic == b"PAR1":
             return self._open_parquet(path)
-        other = _other_format(start)
-        if other is not None:
-            raise ManifestError(f"{self.name}: {other}")
         if path.suffix.lower() in _PARQUET_SUFFIXES and magic:
             raise ManifestError(
                 f"{self.name}: has a Parquet name but is not a Parquet file (it does not "
@@ -807,27 +814,6 @@ class ManifestReader:
 
 
 # --- validation -----------------------------------------------------------------------------
-
-
-def _other_format(start: bytes) -> str | None:
-    """What a manifest that is neither CSV nor Parquet is, from its first bytes, said with
-    what to do; None when it may be a CSV. Read as CSV, such files gave messages about
-    headers and fields that did not say the file was of the wrong kind."""
-    if start.startswith(b"PK\x03\x04"):
-        return (
-            "is an Excel workbook (or another ZIP file), not a CSV or Parquet manifest; "
-            "in Excel, save it with 'Save As' > 'CSV UTF-8'"
-        )
-    if start.startswith(b"\xd0\xcf\x11\xe0"):
-        return "is an old Excel (.xls) workbook; in Excel, save it as 'CSV UTF-8'"
-    text = start.removeprefix(b"\xef\xbb\xbf").lstrip()
-    if text[:1] in (b"{", b"["):
-        return (
-            "is JSON, not a CSV or Parquet manifest; convert it first, e.g. "
-            "polars.read_json(path).write_parquet('manifest.parquet') (read_ndjson for one "
-            "object per line)"
-        )
-    return None
 
 
 def _megabytes(size: int) -> str:
