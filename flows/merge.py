@@ -259,6 +259,7 @@ def combine(
         summary.polls += int(shard.get("polls", 0))
         summary.ambiguous_submits += int(shard.get("ambiguous_submits", 0))
         summary.resumed_rows += int(shard.get("resumed_rows", 0))
+        summary.reused_rows += int(shard.get("reused_rows", 0))
         summary.changed_rows += int(shard.get("changed_rows", 0))
         room = CHANGED_EXAMPLES - len(summary.changed_examples)
         summary.changed_examples += list(shard.get("changed_examples") or [])[:room]

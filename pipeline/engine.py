@@ -177,6 +177,10 @@ class Job:
     budgeted: bool = False
     #: The request fingerprint this row makes for the library (``Library.claim``), if any.
     fingerprint: str | None = None
+    #: A resumed row's fingerprint: its task was paid for by an earlier run (killed, or
+    #: its worker lost), and its image goes into the library once collected, without a
+    #: claim; left out, the next night paid for it again.
+    resumed_fingerprint: str | None = None
     #: Taken by the engine and not yet acknowledged by the API (``Engine.fed``).
     unsubmitted: bool = False
     #: Its place among the rows the engine took: rows ask for a submit permit in this order,
@@ -591,6 +595,9 @@ class Engine:
                     )
                 job.note = f"generated from the prompt alone: {reason}"
         digests = job.digests = tuple(r.digest for r in references)
+        complete = len(references) == sum(1 for _ in request.reference_specs())
+        if job.task_id is not None and self._library is not None and complete:
+            job.resumed_fingerprint = self._library.fingerprint(request, digests)
         if job.task_id is not None and self._settings.resubmit_unknown:
             # Tasks of earlier runs are unknown to this API (a fresh simulator): take the
             # image an earlier run stored, else submit the row again.
@@ -1298,9 +1305,10 @@ class Engine:
             raise StorageError(str(exc)) from None
         if info.thumbnail is not None:
             await self._store_thumbnail(job.row.key, info.thumbnail)
-        if job.fingerprint is not None:
+        fingerprint = job.fingerprint or job.resumed_fingerprint
+        if fingerprint is not None and self._library is not None:
             entry = Entry(
-                fingerprint=job.fingerprint,
+                fingerprint=fingerprint,
                 format=info.format,
                 bytes=info.size,
                 sha256=info.sha256,
@@ -1405,6 +1413,19 @@ class Engine:
         except InvalidImage as exc:
             log.warning("stored image %s is not usable (%s): not taken as done", relpath, exc)
             return None
+        if job.resumed_fingerprint is not None and self._library is not None:
+            entry = Entry(
+                fingerprint=job.resumed_fingerprint,
+                format=info.format,
+                bytes=info.size,
+                sha256=info.sha256,
+                width=info.width,
+                height=info.height,
+                task_id=self._provider.mask.seal(task_id),
+                cost_credits=self._cost(request),
+                created_at=time.time(),
+            )
+            await self._add_to_library(entry, data, relpath, None)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +77,9 @@ async def test_the_second_night_of_a_flow_copies_from_the_library(
     assert done.filter(pl.col("reused_from").is_null())["row"].to_list() == [12]
     images = {path.name for path in (tmp_path / "night-2" / "images").iterdir()}
     assert images == {Path(uri).name for uri in done["output_uri"]}
+    # The night's own run.json adds its shards' copies up (it said 0 whatever they did).
+    summary = json.loads((tmp_path / "night-2" / "run.json").read_text())
+    assert summary["reused_rows"] == 11
 
 
 @pytest.fixture

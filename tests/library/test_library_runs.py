@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 from library_helpers import check_library, library_images, open_library
 from pipeline_helpers import (
     SIM_KEY,
@@ -22,12 +23,13 @@ from pipeline_helpers import (
 from flows.shards import ShardSink, shard_folder
 from pipeline.check import check_manifest
 from pipeline.contract import cost_credits, output_size
+from pipeline.errors import StorageError
 from pipeline.keys import key_shard
 from pipeline.library import Library, object_relpath
 from pipeline.manifest import Defaults
 from pipeline.run import arun_manifest
 from pipeline.sim import SimServer
-from pipeline.storage import open_sink
+from pipeline.storage import LocalSink, open_sink
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -313,3 +315,37 @@ def test_a_claim_freed_by_a_finished_maker_between_two_looks_is_not_paid_again(
     makes, claim_left = asyncio.run(scenario())
     assert makes is False  # copy the maker's image; nothing paid again
     assert not claim_left  # the claim taken to look again is given back
+
+
+def test_rows_a_stopped_night_left_in_flight_join_the_library_when_collected(
+    sim: SimServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A night stopped with tasks acknowledged (a worker lost, a kill, a full disk) is
+    finished by a rerun that polls them; their images never reached the library, so the
+    next unchanged night paid for each of them again."""
+    library = tmp_path / "library"
+    manifest = write_catalog(tmp_path, 24)
+    out = tmp_path / "2026-12-01"
+    real_put = LocalSink.put
+    stored = 0
+
+    async def put_until_the_disk_fills(self: LocalSink, relpath: str, data: bytes, kind: str):
+        nonlocal stored
+        if relpath.startswith("images/"):
+            stored += 1
+            if stored > 6:
+                raise StorageError(f"cannot write {relpath}: No space left on device")
+        return await real_put(self, relpath, data, kind)
+
+    monkeypatch.setattr(LocalSink, "put", put_until_the_disk_fills)
+    with pytest.raises(StorageError):
+        run_against(sim, manifest, out, options=fast_options(library=str(library)))
+    monkeypatch.undo()
+    paid = accepted(sim)
+    assert 6 < paid <= 24
+
+    night(sim, manifest, out, library)  # the rerun polls what was in flight
+    assert check_library(library) == 24
+
+    night(sim, manifest, tmp_path / "2026-12-02", library)
+    assert accepted(sim) == 24, "the next unchanged night paid again"
