@@ -55,7 +55,7 @@ from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
 from pipeline.verdicts import reference_reason
-from pipeline.verify import InvalidImage, inspect_image
+from pipeline.verify import ImageInfo, InvalidImage, inspect_image
 
 log = logging.getLogger(__name__)
 
@@ -1307,18 +1307,10 @@ class Engine:
             await self._store_thumbnail(job.row.key, info.thumbnail)
         fingerprint = job.fingerprint or job.resumed_fingerprint
         if fingerprint is not None and self._library is not None:
-            entry = Entry(
-                fingerprint=fingerprint,
-                format=info.format,
-                bytes=info.size,
-                sha256=info.sha256,
-                width=info.width,
-                height=info.height,
-                task_id=self._provider.mask.seal(tracked.task_id),  # the index is an output
-                cost_credits=self._charged(request, tracked, RowStatus.SUCCEEDED, False),
-                created_at=time.time(),
+            cost = self._charged(request, tracked, RowStatus.SUCCEEDED, False)
+            await self._add_to_library(
+                fingerprint, info, tracked.task_id, cost, body, relpath, info.thumbnail
             )
-            await self._add_to_library(entry, body, relpath, info.thumbnail)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
@@ -1377,11 +1369,29 @@ class Engine:
             await making.wait()
 
     async def _add_to_library(
-        self, entry: Entry, body: bytes, relpath: str, thumbnail: bytes | None
+        self,
+        fingerprint: str,
+        info: ImageInfo,
+        task_id: str,
+        cost: float,
+        body: bytes,
+        relpath: str,
+        thumbnail: bytes | None,
     ) -> None:
         """Keep a paid image in the library; a library that fails to take it costs a later
         run a submit, never this row its image (it is in DEST already)."""
         assert self._library is not None
+        entry = Entry(
+            fingerprint=fingerprint,
+            format=info.format,
+            bytes=info.size,
+            sha256=info.sha256,
+            width=info.width,
+            height=info.height,
+            task_id=self._provider.mask.seal(task_id),  # the index is an output
+            cost_credits=cost,
+            created_at=time.time(),
+        )
         try:
             await self._library.store(entry, body, self._sink, relpath, thumbnail)
         except (KleinError, OSError, ValueError) as exc:
@@ -1414,18 +1424,10 @@ class Engine:
             log.warning("stored image %s is not usable (%s): not taken as done", relpath, exc)
             return None
         if job.resumed_fingerprint is not None and self._library is not None:
-            entry = Entry(
-                fingerprint=job.resumed_fingerprint,
-                format=info.format,
-                bytes=info.size,
-                sha256=info.sha256,
-                width=info.width,
-                height=info.height,
-                task_id=self._provider.mask.seal(task_id),
-                cost_credits=self._cost(request),
-                created_at=time.time(),
+            cost = self._cost(request)
+            await self._add_to_library(
+                job.resumed_fingerprint, info, task_id, cost, data, relpath, None
             )
-            await self._add_to_library(entry, data, relpath, None)
         return self._outcome(
             job,
             RowStatus.SUCCEEDED,
