@@ -685,8 +685,10 @@ class _Run:
         self.seen = 0
         self.total: int | None = None
         self.resumed = 0
-        #: Keys kept or polled though their request changed since (``Planned.changed``).
-        self.changed: list[str] = []
+        #: Rows kept or polled though their request changed since (``Planned.changed``),
+        #: and the first few keys (a whole catalog's template edited must not grow a list).
+        self.changed = 0
+        self.changed_examples: list[str] = []
         #: Rows an earlier run finished, by status: counted as done, but not made by this run,
         #: so the rate leaves them out. (Resumed in-flight rows finish here and count.)
         self.earlier: Counter[str] = Counter()
@@ -761,7 +763,9 @@ class _Run:
             for planned in planned_rows:
                 row = planned.row
                 if planned.changed:
-                    self.changed.append(row.key)
+                    self.changed += 1
+                    if len(self.changed_examples) < CHANGED_EXAMPLES:
+                        self.changed_examples.append(row.key)
                 if planned.action is Action.DONE:
                     self.resumed += 1
                     status = planned.previous.status if planned.previous else RowStatus.SUCCEEDED
@@ -932,8 +936,8 @@ class _Run:
         summary.committed_credits = self.ledger.destination_credits()
         summary.ambiguous_submits = self.ledger.ambiguous_submits()
         summary.resumed_rows = self.resumed
-        summary.changed_rows = len(self.changed)
-        summary.changed_examples = self.changed[:CHANGED_EXAMPLES]
+        summary.changed_rows = self.changed
+        summary.changed_examples = list(self.changed_examples)
         summary.reused_rows = self.reused
         if engine is not None:
             stats = engine.stats
