@@ -954,15 +954,6 @@ class _Run:
         if self.budget is not None and self.budget.stopped:
             summary.stopped = "budget"
         await attempt("run.json", lambda: write_run_json(sink, summary))  # type: ignore[arg-type]
-        await attempt(
-            "the run journal",
-            lambda: self.ledger.update_run_info(
-                ended_at=summary.finished_at,
-                total=summary.images_asked,
-                complete=unfinished == 0,
-                stopped=summary.stopped,
-            ),
-        )
         catalog = self.opts.catalog
         await attempt(
             "report.html",
@@ -972,6 +963,17 @@ class _Run:
                 axes=catalog.matrix.axes if catalog is not None and catalog.matrix else (),
                 max_credits=self.opts.max_credits,
                 columns=self.opts.report_columns,
+            ),
+        )
+        # The end last: a run killed before report.html was written is not "finished" in
+        # `klein-batch status` (it said so with no report.html), and its rerun writes it.
+        await attempt(
+            "the run journal",
+            lambda: self.ledger.update_run_info(
+                ended_at=summary.finished_at,
+                total=summary.images_asked,
+                complete=unfinished == 0,
+                stopped=summary.stopped,
             ),
         )
         if self.on_progress is not None:

@@ -179,3 +179,29 @@ def test_status_of_a_budget_stopped_run_counts_images_not_skipped_rows(
     # Both are images over the run's time: 2 images, whatever the 6 skipped rows did.
     assert status.images_per_s * status.elapsed_s == pytest.approx(2, rel=0.05)
     assert made["images_per_s"] * made["elapsed_s"] == pytest.approx(2, rel=0.05)
+
+
+class _Killed(BaseException):
+    """A kill -9 at one exact point: nothing after it runs (no ``except Exception``)."""
+
+
+def test_a_run_killed_before_its_report_is_not_finished(
+    tmp_path: Path, sim: SimServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end used to be journaled before report.html was written: a kill in between left
+    no report.html and a status of "finished", exit 0."""
+
+    def killed(*args: object, **kwargs: object) -> None:
+        raise _Killed
+
+    monkeypatch.setattr("pipeline.run.write_html_report", killed)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt\na,red mug\nb,blue mug\n", encoding="utf-8")
+    out = tmp_path / "out"
+    with pytest.raises(_Killed):
+        run(manifest, out, sim)
+    assert not (out / "report.html").exists()
+    assert read_status(out).state != "finished"  # this process lives on: "running"
+    monkeypatch.undo()
+    run(manifest, out, sim)  # the rerun writes it
+    assert (out / "report.html").exists() and read_status(out).state == "finished"
