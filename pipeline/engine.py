@@ -595,8 +595,13 @@ class Engine:
                     )
                 job.note = f"generated from the prompt alone: {reason}"
         digests = job.digests = tuple(r.digest for r in references)
-        complete = len(references) == sum(1 for _ in request.reference_specs())
-        if job.task_id is not None and self._library is not None and complete:
+        # A resumed row's fingerprint, with every reference loaded (short-circuited: no
+        # count of references for rows submitted in this run, the hot path).
+        if (
+            job.task_id is not None
+            and self._library is not None
+            and len(references) == sum(1 for _ in request.reference_specs())
+        ):
             job.resumed_fingerprint = self._library.fingerprint(request, digests)
         if job.task_id is not None and self._settings.resubmit_unknown:
             # Tasks of earlier runs are unknown to this API (a fresh simulator): take the
