@@ -555,6 +555,10 @@ class Engine:
             # ...and keeps its acknowledged task (``_outcome``): the rerun polls it.
             log.exception("internal error on row %s", job.row.key)
             outcome = self._outcome(job, RowStatus.FAILED, reason=f"internal error: {exc!r}")
+            if job.acked is not None:  # acknowledged, never tracked: its slot must come back
+                permit = self._permits.pop(job.acked[0], None)
+                if permit is not None:
+                    self.slots.orphaned(permit)
         finally:
             gate.release()
             self._submitted(job)

@@ -480,6 +480,18 @@ class SlotController:
         heapq.heappush(self._unnamed, (now + self._unnamed_hold_s(), next(self._seq), permit))
         self._changed.set()
 
+    def orphaned(self, permit: Permit) -> None:
+        """An acknowledged task this run will not poll (an error of ours right after its
+        answer, before the engine tracked it): its slot is held as a lost answer's is,
+        until the task has surely ended, then given back. Left alone it stayed counted as
+        held for the rest of the run, and with enough of them no submit was allowed again
+        (the own-errors test at ``journaling an ack`` stalled under load)."""
+        if permit not in self._live:
+            return
+        due = permit.acked_at + self._unnamed_hold_s()
+        heapq.heappush(self._unnamed, (due, next(self._seq), permit))
+        self._changed.set()
+
     def _unnamed_hold_s(self) -> float:
         """How long an unnamed task counts as running: its 99.9th percentile once the
         distribution is learned, else four first-poll times (a lognormal's 99.9th

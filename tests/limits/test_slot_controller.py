@@ -252,6 +252,23 @@ async def test_a_submit_whose_answer_was_lost_holds_its_slot_until_it_has_surely
     assert slots.unnamed == 0
 
 
+async def test_an_acknowledged_task_the_run_will_not_poll_gives_its_slot_back() -> None:
+    # An error of ours right after the acknowledgement ends the row before its task is
+    # tracked: nobody will report it finished. Its slot stayed held for the rest of the run;
+    # a key's worth of them and no ordinary submit was allowed again.
+    slots = SlotController(2, expected_latency_s=0.05)
+    permits = [await slots.acquire() for _ in range(2)]
+    for permit in permits:
+        slots.accepted(permit)
+        slots.orphaned(permit)
+    assert slots.held == 2 and slots.unnamed == 2
+    # Past four first-poll times both tasks have surely ended: their slots come back.
+    await asyncio.sleep(0.3)
+    permit = await asyncio.wait_for(slots.acquire(), 5)
+    assert not permit.speculative
+    assert slots.unnamed == 0
+
+
 def exact_expected_finishes(slots: SlotController, now: float) -> float:
     """The sum in its plain form, over every live task: the oracle for the reused one."""
     mu, sigma = slots._dist  # type: ignore[misc]
