@@ -74,7 +74,7 @@ def summary_markdown(
     run_json_uri: str,
     images_uri: str,
     shards: int,
-    share: int,
+    share: str,
     failed_shards: list[int],
     report_uri: str | None = None,
 ) -> str:
@@ -83,7 +83,7 @@ def summary_markdown(
         f"# Catalog run `{summary.run_id}`",
         "",
         f"**{summary.total_rows:,} rows** from `{summary.manifest}` in {shards:,} shards "
-        f"({share} active tasks each, {summary.max_active} for the key, tier {summary.tier}).",
+        f"({share}; {summary.max_active} for the key, tier {summary.tier}).",
         "",
         "| status | rows |",
         "|---|---:|",

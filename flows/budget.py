@@ -12,7 +12,9 @@ The submit rate is a key-wide limit too, so each shard also gets ``k / L`` of it
 That fixed split is for shards run in the flow's own process. A deployment's runners
 (``flows/queue.py``) each run with the whole budget and share it adaptively, since a share
 fixed for a shard's whole life leaves slots idle as soon as shards finish unevenly; there a
-running shard leases one slot, so the limit counts the shards on the key.
+running shard leases one slot, so the limit counts the shards on the key. Adaptive sharing
+needs the key's own 429s to say when the others hold a slot, so a budget below the key's
+limit is split between the runners as fixed parts instead (``runner_share``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,24 @@ def share_of(limits: Tier, budget: int, parallel: int) -> Share:
     occupy = max(1, budget // max(1, parallel))
     rate = max(1, limits.submits_per_minute * occupy // limits.max_active)
     return Share(occupy=occupy, max_active=occupy, submits_per_minute=rate)
+
+
+def runner_share(limits: Tier, key_active: int, budget: int, runners: int) -> Share:
+    """One queue runner's part of ``budget`` when ``runners`` share the key's ``key_active``.
+
+    At the key's own limit each runner gets the whole budget and the runners divide it
+    adaptively: the key's 429s tell each one when the others hold a slot. Below it (a
+    ``--max-active`` share, or a ``klein-api-key`` limit an operator set lower) no 429 ever
+    says the budget is spent, so each runner gets a fixed equal part and never probes past
+    it: ``runners`` engines each growing to the whole budget would use the whole key.
+    A running shard holds one slot of the limit either way (the limit counts shards).
+    """
+    budget = max(1, min(budget, limits.max_active))
+    if budget >= key_active:
+        rate = max(1, limits.submits_per_minute * budget // limits.max_active)
+        return Share(occupy=1, max_active=budget, submits_per_minute=rate)
+    fixed = share_of(limits, budget, runners)
+    return Share(occupy=1, max_active=fixed.max_active, submits_per_minute=fixed.submits_per_minute)
 
 
 async def ensure_limit(name: str, slots: int) -> tuple[int, bool]:

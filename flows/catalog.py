@@ -52,7 +52,14 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
 from flows import artifacts
-from flows.budget import DEFAULT_LIMIT_NAME, Share, ensure_limit, leased, share_of
+from flows.budget import (
+    DEFAULT_LIMIT_NAME,
+    Share,
+    ensure_limit,
+    leased,
+    runner_share,
+    share_of,
+)
 from flows.credits import CREDITS_RELPATH, CreditPool
 from flows.merge import MANIFEST_RELPATH, RUN_JSON_RELPATH, combine, merge_manifests, write_run_json
 from flows.queue import drain, forget_claims
@@ -68,6 +75,7 @@ from flows.shards import (
     shard_folder,
 )
 from pipeline import dest_lock
+from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.engine import KeyState
 from pipeline.errors import ConfigError, KleinError
 from pipeline.html_report import write_html_report
@@ -77,6 +85,7 @@ from pipeline.output_manifest import refuse_own_output_as_input
 from pipeline.run import RunOptions, arun_manifest
 from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
+from pipeline.summary import RunSummary
 
 DEFAULT_API_URL = "https://api.freepik.com"
 #: The deployment of ``generate_catalog_shard`` that ``prefect.yaml`` defines.
@@ -507,14 +516,15 @@ async def generate_catalog(
         # the run answering each other's 429s.
         budget = max(1, min(budget, limits.max_active))
         parallel = min(parallel, budget)
+        # What the key itself allows: a `max_active` below its tier's is a share of it.
+        key_active = max(spec.tiers[spec.tier].max_active, limits.max_active)
         if shard_deployment:
-            # Runners pull whole shards from a queue, each with the whole key, shared with the
-            # other runners adaptively (flows/queue.py); a running shard holds one slot of the
-            # limit, so it counts the shards running on the key.
-            rate = max(1, limits.submits_per_minute * budget // limits.max_active)
-            share = Share(occupy=1, max_active=budget, submits_per_minute=rate)
+            # Runners pull whole shards from a queue (flows/queue.py), each with the whole
+            # budget shared adaptively, or a fixed part of a budget below the key's.
+            share = runner_share(limits, key_active, budget, parallel)
         else:
             share = share_of(limits, budget, parallel)
+        shared = _share_text(share, budget, key_active, queue=bool(shard_deployment))
         logger.info(
             "%s: %d rows in %d shards (by key, about %d rows each); %d at a time, %s%s",
             checked["source"],
@@ -522,15 +532,13 @@ async def generate_catalog(
             len(shards),
             checked["total_rows"] // len(shards),
             parallel,
-            f"sharing {budget} active tasks adaptively"
-            if shard_deployment
-            else f"{share.occupy} of {budget} active tasks each",
+            shared,
             f" (this process and {parallel - 1} runners of deployment {shard_deployment})"
             if shard_deployment
             else "",
         )
         if spec.dry_run:
-            return _dry_run_result(spec, limits, checked, parallel, share.occupy)
+            return _dry_run_result(spec, limits, checked, parallel, shared)
         pool = (
             CreditPool.load(spec.max_credits, await sink.get(CREDITS_RELPATH), len(shards))
             if spec.max_credits is not None
@@ -547,7 +555,7 @@ async def generate_catalog(
             manifest=manifest,
             spec=spec,
             share=share,
-            key_max_active=limits.max_active,
+            key_max_active=key_active,
             api_key_block=api_key_block,
             concurrency_limit=concurrency_limit or None,
             token=token,
@@ -607,7 +615,8 @@ async def generate_catalog(
                 "shard_count": len(shards),
                 "max_credits": spec.max_credits,
                 "parallel_shards": parallel,
-                "shard_share": share.occupy,
+                "shard_share": share.max_active,
+                "key_max_active": key_active,
                 "concurrency_limit": concurrency_limit or None,
                 "shards": [
                     _shard_entry(info) for info in sorted(results, key=lambda i: i["index"])
@@ -625,14 +634,14 @@ async def generate_catalog(
                     run_json_uri=run_json_uri,
                     images_uri=sink.uri("images/x").rsplit("/", 1)[0],
                     shards=len(shards),
-                    share=share.occupy,
+                    share=shared,
                     failed_shards=[],
                     report_uri=report_uri,
                 )
             )
             logger.info("catalog done: %s", _counts_text(summary.counts))
             logger.info("output manifest: %s", manifest_uri)
-            return summary_data
+            return _night_state(summary, summary_data, manifest_uri)
         names = ", ".join(str(n) for n in failed)
         raise ShardsFailed(
             f"shards {names} did not finish after {shard_retries} retries (their errors are in "
@@ -641,6 +650,36 @@ async def generate_catalog(
         )
     finally:
         sink.close()
+
+
+def _night_state(summary: RunSummary, data: dict[str, Any], manifest_uri: str) -> Any:
+    """The night's result; a night that left rows without an image says so in its state.
+
+    A Completed state with a message, not Failed: the night did all it could (a Failed
+    night would be retried by Prefect, which pays for nothing new and fixes no bad row),
+    but whoever looks at the flow runs in the UI should see which nights need a look.
+    """
+    problems = {
+        status: count
+        for status, count in summary.counts.items()
+        if count and status not in (RowStatus.SUCCEEDED, MERGED_STATUS)
+    }
+    notes = []
+    if problems:
+        notes.append(
+            f"{summary.succeeded:,} of {summary.images_asked:,} images made; "
+            f"{_counts_text(problems)}: each row's reason is in {manifest_uri} and "
+            "report.html (rerun with retry_failed for failed rows)"
+        )
+    if summary.stopped:
+        notes.append(f"stopped: {summary.stopped} (max_credits reached)")
+    if summary.changed_rows:
+        notes.append(summary.changed_warning().removeprefix("warning: "))
+    if not notes:
+        return data
+    from prefect.states import Completed
+
+    return Completed(message="; ".join(notes), data=data)
 
 
 def _flow_run_id() -> str:
@@ -794,8 +833,18 @@ def _budget_skipped(info: dict[str, Any]) -> bool:
     return int((info["summary"].get("counts") or {}).get("skipped", 0)) > 0
 
 
+def _share_text(share: Share, budget: int, key_active: int, *, queue: bool) -> str:
+    """How the shards divide the key, for the log, the dry run and the summary artifact."""
+    if queue and share.max_active == budget:
+        return f"sharing {budget} active tasks adaptively"
+    text = f"{share.max_active} of {budget} active tasks each"
+    if share.max_active < key_active:
+        text += f" (a hard cap; the key has {key_active})"
+    return text
+
+
 def _dry_run_result(
-    spec: RunSpec, limits: Any, checked: dict[str, Any], parallel: int, occupy: int
+    spec: RunSpec, limits: Any, checked: dict[str, Any], parallel: int, shared: str
 ) -> dict[str, Any]:
     """What a dry run of the flow returns (and ``klein-batch flow --dry-run`` prints): the
     validation, the plan and its cost, as ``klein-batch run --dry-run``; nothing sent."""
@@ -808,10 +857,7 @@ def _dry_run_result(
         checked["estimated_credits"],
         checked.get("committed_credits", 0.0),
     )
-    plan += (
-        f"\n  shards:   {checked['shards']} (by key), {parallel} at a time, {occupy} active "
-        "tasks each"
-    )
+    plan += f"\n  shards:   {checked['shards']} (by key), {parallel} at a time, {shared}"
     get_run_logger().info("dry run: nothing was sent\n%s%s", checked["report"], plan)
     return {
         "dry_run": True,

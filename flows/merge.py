@@ -41,6 +41,10 @@ class MergeStats:
     #: Latencies of rows that succeeded since ``fresh_after`` (this flow run's own work).
     latencies: list[float] = field(default_factory=list)
     fresh_succeeded: int = 0
+    #: Credits of the rows whose task ended since ``fresh_after``, whichever run of a shard
+    #: ended it: a shard lost with its worker and resumed elsewhere reports only what its
+    #: last run ended, so the shards' own sums miss what the lost run had finished.
+    fresh_credits: float = 0.0
 
 
 def _unified_schema(schemas: list[pa.Schema]) -> pa.Schema:
@@ -168,10 +172,10 @@ def _value_counts(column: pa.ChunkedArray) -> tuple[list[str], list[int]]:
 
 def _fresh(table: pa.Table, fresh_us: int, stats: MergeStats) -> None:
     finished = pc.cast(table.column("finished_at"), pa.int64())
-    mask = pc.and_(
-        pc.equal(table.column("status"), RowStatus.SUCCEEDED.value),
-        pc.greater_equal(finished, fresh_us),
-    )
+    ended = pc.fill_null(pc.greater_equal(finished, fresh_us), False)
+    charged = pc.sum(pc.filter(table.column("cost_credits"), ended)).as_py()
+    stats.fresh_credits += float(charged or 0.0)
+    mask = pc.and_(pc.equal(table.column("status"), RowStatus.SUCCEEDED.value), ended)
     mask = pc.fill_null(mask, False)
     stats.fresh_succeeded += int(pc.sum(pc.cast(mask, pa.int64())).as_py() or 0)
     latencies = pc.filter(table.column("latency_s"), mask).to_pylist()
@@ -253,6 +257,8 @@ def combine(
     errors: Counter[str] = Counter()
     for shard in shard_summaries:
         summary.credits += float(shard.get("credits", 0.0))
+        summary.committed_credits += float(shard.get("committed_credits", 0.0))
+        summary.stopped = summary.stopped or shard.get("stopped")
         summary.submits += int(shard.get("submits", 0))
         summary.retries += int(shard.get("retries", 0))
         summary.rate_limited += int(shard.get("rate_limited", 0))
@@ -264,7 +270,10 @@ def combine(
         room = CHANGED_EXAMPLES - len(summary.changed_examples)
         summary.changed_examples += list(shard.get("changed_examples") or [])[:room]
         errors.update({str(k): int(v) for k, v in dict(shard.get("errors") or {}).items()})
-    summary.credits = round(summary.credits, 2)
+    # What this flow run's shards ended, from the merged manifest: the shards' own sums
+    # when each ran once; more when a lost shard's first run had already ended rows.
+    summary.credits = round(max(summary.credits, stats.fresh_credits), 2)
+    summary.committed_credits = round(summary.committed_credits, 2)
     summary.errors = dict(errors)
     return summary
 

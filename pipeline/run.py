@@ -98,8 +98,9 @@ class RunOptions:
     tier: str | None = None
     max_active: int | None = None
     submits_per_minute: int | None = None
-    #: The key's own active limit when ``max_active`` is only this run's share of it (a
-    #: Prefect shard's lease); with ``--tier`` the tier's limit plays this part.
+    #: The key's own active limit: its tier's (a config file's tier included), or a flow
+    #: shard's key. ``max_active`` below it is this run's share of the key, a hard cap.
+    #: None: ``tier``'s limit plays this part.
     key_max_active: int | None = None
     defaults: Defaults = field(default_factory=Defaults)
     limit: int | None = None
@@ -172,6 +173,9 @@ class RunOptions:
         opts.tier = spec.tier if spec.tier in TIERS else None
         opts.max_active = limits.max_active
         opts.submits_per_minute = limits.submits_per_minute
+        # A tier of the config file's with a lower --max-active is a share of that key, as
+        # a built-in tier's is (``_is_a_share``).
+        opts.key_max_active = max(spec.tiers[spec.tier].max_active, limits.max_active)
         opts.defaults = spec.image_defaults()
         opts.limit = spec.limit
         opts.retry_failed = spec.retry_failed

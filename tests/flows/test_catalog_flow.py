@@ -93,6 +93,9 @@ async def test_flow_shards_merges_in_row_order_and_publishes(
         stats = sim.stats()["keys"]["flow"]
     assert state.is_completed(), state.message
     result = await state.result()
+    # Completed (a retry would fix nothing), but the flow run says which rows need a look.
+    assert state.message.startswith("21 of 23 images made; 2 rejected: "), state.message
+    assert "manifest.parquet" in state.message
 
     done = pl.read_parquet(out / "manifest.parquet")
     assert done["row"].to_list() == list(range(1, 24))
@@ -184,12 +187,17 @@ async def test_failed_shard_is_retried_and_resumes(
         )
         stats = sim.stats()["keys"]["flow"]
     assert state.is_completed(), state.message
+    assert not state.message or "images made" not in state.message  # every row succeeded
     assert sorted(calls) == [0, 1, 1]
     shard = json.loads((out / ".klein/shards/1/run.json").read_text())
     assert shard["resumed_rows"] == sum(key_shard(f"r{n}", 2) == 1 for n in range(1, 7)) > 0
     assert stats["submits_accepted"] == 12  # the retry paid for nothing twice
     done = pl.read_parquet(out / "manifest.parquet")
     assert done["status"].to_list() == ["succeeded"] * 12
+    # The night's credits count what the lost attempt had finished too, not only the retry's.
+    night = json.loads((out / "run.json").read_text())
+    assert night["credits"] == pytest.approx(stats["credits_charged"], abs=0.01)
+    assert night["committed_credits"] == pytest.approx(stats["credits_charged"], abs=0.01)
 
     # A rerun into the same output resumes everything and submits nothing.
     async with SimServer(sim_config()) as sim:
@@ -250,3 +258,34 @@ async def test_no_more_shards_run_at_once_than_the_key_has_slots(
     shard_runs = [json.loads((out / f".klein/shards/{n}/run.json").read_text()) for n in range(4)]
     assert {run["max_active"] for run in shard_runs} == {1}
     assert stats["max_active"] <= 2
+
+
+async def test_max_active_below_the_keys_is_a_hard_cap_in_the_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`max_active` 5 on a 24-slot standard key, in one shard: the flow's budget is a share
+    of the key (as `klein-batch run --max-active 5` is), so the shard never probes past it
+    into slots the key's other jobs hold."""
+    from flows.catalog import generate_catalog
+
+    monkeypatch.setenv("FREEPIK_API_KEY", SECRET)
+    rows = [(f"h{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, 41)]
+    manifest = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "out"
+    # Uneven task times: a probe past the share sometimes guesses a finish wrong.
+    uneven = SimConfig(
+        keys=[KeyConfig(name="flow", key=SECRET, max_active=24)],
+        latency=LatencyConfig(median_s=0.2, p95_s=1.0),
+    )
+    async with SimServer(uneven) as sim:
+        result = await generate_catalog(
+            str(manifest),
+            RunSpec(out=str(out), api_url=sim.url, max_active=5),
+            shard_size=100,
+            concurrency_limit=None,
+        )
+        stats = sim.stats()["keys"]["flow"]
+    assert result["counts"]["succeeded"] == 40
+    assert stats["max_active"] <= 5, stats
+    assert stats["submits_refused"] == 0, stats
+    assert result["shard_count"] == 1 and result["key_max_active"] == 24

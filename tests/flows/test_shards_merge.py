@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.budget import share_of
+from flows.budget import runner_share, share_of
 from flows.credits import CreditPool
 from flows.merge import merge_files
 from flows.shards import ShardSink, StoredPlan, plan_shards, shard_count
@@ -68,6 +68,20 @@ def test_shares_never_add_up_past_the_budget() -> None:
     assert share_of(standard, 100, 1).occupy == 24  # never more than the tier
     trial = share_of(Tier("trial", 2, 120), 2, 4)
     assert (trial.occupy, trial.submits_per_minute) == (1, 60)
+
+
+def test_runners_share_the_keys_own_budget_adaptively_and_a_smaller_one_in_fixed_parts() -> None:
+    standard = Tier("standard", 24, 3600)
+    # At the key's own limit its 429s divide it: each runner may grow to all of it.
+    whole = runner_share(standard, 24, 24, 3)
+    assert (whole.occupy, whole.max_active, whole.submits_per_minute) == (1, 24, 3600)
+    # Below it (`--max-active 6` on a 24-slot key, or a `klein-api-key` limit of 12) no 429
+    # says the budget is spent: fixed parts that never add up past it.
+    six = Tier("standard", 6, 3600)
+    assert runner_share(six, 24, 6, 3).max_active == 2
+    assert runner_share(standard, 24, 12, 4).max_active == 3
+    assert runner_share(six, 24, 6, 3).occupy == 1  # a running shard holds one slot
+    assert 3 * runner_share(six, 24, 6, 3).submits_per_minute <= 3600
 
 
 class _ServerGone:
@@ -157,14 +171,18 @@ def test_shard_sink_maps_paths_of_remote_only_methods(tmp_path: Path) -> None:
     assert base.deleted == [".klein/shards/2/.klein/parts/a.parquet"]
 
 
-def _part(path: Path, rows: list[int], extra: pa.Array) -> Path:
+def _part(
+    path: Path, rows: list[int], extra: pa.Array, finished: list[float] | None = None
+) -> Path:
     count = len(rows)
+    ended = [int(t * 1_000_000) for t in finished] if finished else [None] * count
     table = pa.table(
         {
             "row": pa.array(rows, pa.int64()),
             "status": pa.array(["succeeded"] * count),
-            "finished_at": pa.array([None] * count, pa.timestamp("us", tz="UTC")),
-            "latency_s": pa.array([None] * count, pa.float64()),
+            "finished_at": pa.array(ended, pa.timestamp("us", tz="UTC")),
+            "latency_s": pa.array([1.0] * count, pa.float64()),
+            "cost_credits": pa.array([1.5] * count, pa.float64()),
             "size": extra,
         }
     )
@@ -187,6 +205,19 @@ def test_merge_interleaves_shards_in_row_order_and_unifies_column_types(
     assert merged.schema["size"] == pl.Int64
     assert merged["size"].to_list() == [1, 2, 3, None, None, 6]
     assert stats.rows == 6 and stats.counts["succeeded"] == 6
+
+
+def test_merge_counts_what_this_flow_run_ended_whichever_shard_run_ended_it(
+    tmp_path: Path,
+) -> None:
+    """A shard lost with its worker and resumed elsewhere reports only its last run's
+    credits; the merged manifest knows every row this flow run ended."""
+    started = 1_800_000_000.0
+    first = _part(tmp_path / "a.parquet", [1, 2], pa.array([1, 2]), [started - 60, started + 5])
+    second = _part(tmp_path / "b.parquet", [3], pa.array([3]), [started + 9])
+    stats = merge_files([first, second], tmp_path / "m.parquet", total_rows=3, fresh_after=started)
+    assert stats.fresh_succeeded == 2 and stats.fresh_credits == pytest.approx(3.0)
+    assert stats.latencies == [1.0, 1.0]
 
 
 def test_merge_refuses_shards_that_miss_rows(tmp_path: Path) -> None:

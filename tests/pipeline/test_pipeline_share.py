@@ -14,7 +14,18 @@ from pathlib import Path
 import pytest
 from pipeline_helpers import check_output, fast_options, key_stats, run_against, write_catalog
 
+from pipeline.contract import Tier
+from pipeline.run import RunOptions
 from pipeline.sim import SimServer
+from pipeline.spec import RunSpec
+
+
+def config_tier_with_less() -> dict[str, object]:
+    """`[tiers.nightly] max_active = 24` in a config file, and `--max-active 3`: the
+    spec's options (as `run`, `flow` and a flow's shards build them)."""
+    spec = RunSpec(tiers={"nightly": Tier("nightly", 24, 3600)}, tier="nightly", max_active=3)
+    options = RunOptions.from_spec(spec)
+    return {"tier": options.tier, "max_active": 3, "key_max_active": options.key_max_active}
 
 
 @pytest.mark.parametrize(
@@ -22,8 +33,9 @@ from pipeline.sim import SimServer
     [
         ({"tier": "standard", "max_active": 2}, 2),
         ({"max_active": 3, "key_max_active": 24}, 3),
+        (config_tier_with_less(), 3),
     ],
-    ids=["tier-with-less", "lease-of-a-key"],
+    ids=["tier-with-less", "lease-of-a-key", "config-tier-with-less"],
 )
 def test_a_share_of_a_larger_key_is_a_hard_cap(
     limits: dict[str, object], cap: int, start_sim: Callable[..., SimServer], tmp_path: Path
