@@ -45,7 +45,8 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -87,11 +88,16 @@ from pipeline.spec import RunSpec
 from pipeline.storage import DATE_HOLE, dated, open_sink
 from pipeline.summary import RunSummary
 
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
 DEFAULT_API_URL = "https://api.freepik.com"
 #: The deployment of ``generate_catalog_shard`` that ``prefect.yaml`` defines.
 SHARD_DEPLOYMENT = "generate-catalog-shard/catalog-shard"
 #: How often a dispatched shard's state is checked (it runs for minutes).
 POLL_S = 2.0
+#: How often a runner looks whether its night was cancelled (``_unless_the_night_is_cancelled``).
+NIGHT_CHECK_S = 5.0
 #: Pause before a failed shard is tried again (a dropped worker, a blip of the API).
 RETRY_DELAY_S = 5.0
 
@@ -214,6 +220,8 @@ class ShardQueue(BaseModel):
     caps: dict[int, float] = Field(default_factory=dict)
     #: Failures of one shard in one runner before that runner leaves it to the others.
     attempts: int = Field(default=3, ge=1)
+    #: The night's flow run (the parent): its runners stop when it is cancelled.
+    night: str | None = None
 
 
 def _job_for(template: ShardJob, shard: ShardSpec, queue: ShardQueue) -> ShardJob:
@@ -224,7 +232,7 @@ def _job_for(template: ShardJob, shard: ShardSpec, queue: ShardQueue) -> ShardJo
 
 
 @flow(name="generate-catalog-shard", log_prints=False)
-async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None) -> dict[str, Any]:
+async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None) -> Any:
     """Shards of a catalog on a worker of the pool: shard ``job.index``, or, with ``queue``,
     whichever shards are unfinished, one after another, until every shard of the night is
     finished by some runner (``flows/queue.py``)."""
@@ -240,9 +248,18 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
             logger.info("shard %d: %s", shard.index, _counts_text(info["summary"]["counts"]))
             return info
 
-        finished, gave_up = await drain(
-            shards, out=job.out, token=job.token, run=run_here, attempts=queue.attempts
-        )
+        drained = drain(shards, out=job.out, token=job.token, run=run_here, attempts=queue.attempts)
+        ended = await _unless_the_night_is_cancelled(drained, queue.night)
+        if ended is None:
+            logger.warning(
+                "the night's flow run was cancelled: stopped after shards %s; the others "
+                "resume from their journals when the night runs again",
+                ran or "none",
+            )
+            from prefect.states import Cancelled
+
+            return Cancelled(message="the night's flow run was cancelled")
+        finished, gave_up = ended
         logger.info("ran shards %s; %d of %d finished", ran or "none", len(finished), len(shards))
         return {"ran": ran, "gave_up": gave_up, "finished": len(finished)}
     logger.info(
@@ -255,6 +272,48 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
     info = await run_shard(job)
     logger.info("shard %d: %s", job.index, _counts_text(info["summary"]["counts"]))
     return info
+
+
+async def _unless_the_night_is_cancelled(work: Awaitable[_T], night: str | None) -> _T | None:
+    """Run ``work`` unless the night's flow run is cancelled first (then None).
+
+    Cancelling the night asks the server to cancel its runner flow runs too (``end_runners``),
+    but a worker only stops a runner's process if the server's cancellation reaches it (on
+    SQLite it was refused with "database is locked", and the runner kept claiming shards).
+    So a runner also looks at the night's state every ``NIGHT_CHECK_S`` and stops by itself:
+    its shard stops as on Ctrl-C, journal intact. A night that crashed or failed is left to
+    its runners: they finish the shards, and the night's rerun only merges them.
+    """
+    running = asyncio.ensure_future(work)
+    if night is None:
+        return await running
+    watch = asyncio.ensure_future(_cancelled(UUID(night)))
+    try:
+        await asyncio.wait({running, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+    if running.done():
+        return running.result()
+    running.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await running
+    return None
+
+
+async def _cancelled(night: UUID) -> None:
+    """Return once the flow run ``night`` is cancelled or being cancelled."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        while True:
+            await asyncio.sleep(NIGHT_CHECK_S)
+            try:
+                state = (await client.read_flow_run(night)).state
+            except Exception as exc:  # the server busy or restarting: look again later
+                log.warning("could not read the night's flow run %s: %s", night, exc)
+                continue
+            if state is not None and (state.is_cancelling() or state.is_cancelled()):
+                return
 
 
 @task(
@@ -572,6 +631,7 @@ async def generate_catalog(
                     shards=len(shards),
                     caps=dict(pool.caps) if pool is not None else {},
                     attempts=shard_retries + 1,
+                    night=_flow_run_id(),
                 ),
                 runners=parallel,
                 progress_id=progress_id,
