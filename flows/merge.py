@@ -259,6 +259,7 @@ def combine(
         summary.credits += float(shard.get("credits", 0.0))
         summary.committed_credits += float(shard.get("committed_credits", 0.0))
         summary.stopped = summary.stopped or shard.get("stopped")
+        summary.notices = summary.notices or list(shard.get("notices") or [])
         summary.submits += int(shard.get("submits", 0))
         summary.retries += int(shard.get("retries", 0))
         summary.rate_limited += int(shard.get("rate_limited", 0))

@@ -103,6 +103,8 @@ class CheckReport:
     library_hits: int = 0
     #: The library checked against (``--library``), for the summary line.
     library: str | None = None
+    #: What the manifest's columns call for that stops nothing (``ManifestReader.notices``).
+    notices: list[str] = field(default_factory=list)
 
     @property
     def to_send(self) -> int:
@@ -133,6 +135,7 @@ class CheckReport:
             )
         out.append(f"  valid       {self.valid}")
         out.append(f"  rejected    {self.rejected}")
+        out += [f"  note: {notice}" for notice in self.notices]
         if self.duplicates:
             out.append(
                 f"  of which {self.duplicates} repeat an earlier row's key (rejected: one "
@@ -433,6 +436,7 @@ def check_manifest(
         require_prompt=catalog is None or catalog.requires_prompt,
     )
     report = CheckReport(source=reader.name, limit=limit, references_checked=check_references)
+    report.notices = list(reader.notices)
     if export is not None:
         report.export = export.describe
     if library is not None:

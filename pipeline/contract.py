@@ -29,6 +29,14 @@ ASPECT_RATIOS: Final[dict[str, tuple[int, int]]] = {
     "classic_4_3": (1280, 960),
 }
 DEFAULT_ASPECT_RATIO: Final = "square_1_1"
+#: Each preset's plain ratio as catalogs and spreadsheets write it (``16:9``, ``16/9``,
+#: ``16x9``): read as the preset's name (``widescreen_16_9``), which is what is sent.
+ASPECT_RATIO_ALIASES: Final[dict[str, str]] = {
+    f"{wide}{sep}{high}": name
+    for name in ASPECT_RATIOS
+    for wide, high in [name.rsplit("_", 2)[1:]]
+    for sep in (":", "/", "x")
+}
 
 RESOLUTIONS: Final = ("1k", "2k")
 DEFAULT_RESOLUTION: Final = "1k"

@@ -86,6 +86,9 @@ class Defaults:
 
     def __post_init__(self) -> None:
         # Defaults come from the command line or config: a bad one stops the run up front.
+        named = contract.ASPECT_RATIO_ALIASES.get(self.aspect_ratio.strip().lower())
+        if named is not None:
+            object.__setattr__(self, "aspect_ratio", named)
         if self.aspect_ratio not in contract.ASPECT_RATIOS:
             raise ConfigError(
                 f"default aspect_ratio {self.aspect_ratio!r} is not allowed; expected one of "
@@ -186,6 +189,38 @@ class _Columns:
     source: list[str]
     names: list[str]
     extra: list[str] = field(default_factory=list)
+    #: What a user should know about the columns that stops nothing (``size_notice``).
+    notices: list[str] = field(default_factory=list)
+
+
+#: Columns a manifest may carry hoping to set the image's size, which the API does not
+#: take (as ``_loose`` spells them): they are carried through, and the run says so.
+_SIZE_LIKE: Final = frozenset(
+    {"width", "height", "imagewidth", "imageheight", "widthpx", "heightpx", "dimensions"}
+    | {"aspect", "ratio", "imageratio", "imagesize", "pixels"}
+)
+
+
+def _loose(name: str) -> str:
+    """A column name without case, spaces, hyphens or underscores: ``Aspect Ratio``,
+    ``aspect-ratio`` and ``AspectRatio`` all mean ``aspect_ratio``."""
+    return "".join(ch for ch in name.lower() if ch.isalnum())
+
+
+def size_notice(file_name: str, columns: list[str]) -> str | None:
+    """Columns that look like a size request the pipeline does not read, named once."""
+    found = [name for name in columns if _loose(name) in _SIZE_LIKE]
+    if not found:
+        return None
+    shown = ", ".join(repr(name) for name in found)
+    noun = "column" if len(found) == 1 else "columns"
+    return (
+        f"{file_name}: {noun} {shown} not read (carried through to the output manifest): "
+        f"an image's shape is its aspect_ratio (one of {', '.join(contract.ASPECT_RATIOS)}, "
+        "or its ratio, e.g. 16:9) "
+        f"and its size its resolution ({', '.join(contract.RESOLUTIONS)}), per row in "
+        "columns of those names, or for every row with --aspect-ratio / --resolution"
+    )
 
 
 def _normalise_columns(
@@ -199,7 +234,7 @@ def _normalise_columns(
     roles = roles or {}
     # A column a role stands in for keeps its own name (WooCommerce's ``ID`` is not the
     # ``id`` the pipeline keys by when the id comes from the SKU).
-    known = {name.lower(): name for name in KNOWN_COLUMNS if name not in roles}
+    known = {_loose(name): name for name in KNOWN_COLUMNS if name not in roles}
     names: list[str] = []
     for position, raw in enumerate(found, start=1):
         stripped = raw.strip()
@@ -210,7 +245,7 @@ def _normalise_columns(
                 f"{file_name}: has a column {stripped!r}, and {stripped} is also taken from "
                 f"column {roles[stripped]!r} as asked; rename or drop one of them"
             )
-        names.append(known.get(stripped.lower(), stripped))
+        names.append(known.get(_loose(stripped), stripped))
     seen: dict[str, str] = {}
     for raw, name in zip(found, names, strict=True):
         if name in seen:
@@ -222,7 +257,7 @@ def _normalise_columns(
             raise ManifestError(
                 f"{file_name}: columns {seen[name]!r} and {raw!r} both mean {name!r} "
                 "(names are compared after trimming spaces, and known columns "
-                "case-insensitively); keep one of them"
+                "ignoring case, spaces, hyphens and underscores); keep one of them"
             )
         seen[name] = raw
     if not derived_ok:
@@ -253,7 +288,10 @@ def _normalise_columns(
             f"{', '.join(c for c in KNOWN_COLUMNS if c != 'prompt')}.{hint}"
         )
     extra = [name for name in names if name not in KNOWN_COLUMNS]
-    return _Columns(source=list(found), names=names, extra=extra)
+    notice = size_notice(file_name, [name for name in extra if not is_derived(name)])
+    return _Columns(
+        source=list(found), names=names, extra=extra, notices=[notice] if notice else []
+    )
 
 
 def _input_columns(columns: _Columns) -> list[tuple[str, str]]:
@@ -525,6 +563,9 @@ class ManifestReader:
         )
         self.columns: list[str] = [*self._columns.names, *self.roles]
         self.extra_columns: list[str] = self._columns.extra
+        #: Things about the columns worth saying that stop nothing (a run and a check say
+        #: them; ``size_notice``).
+        self.notices: list[str] = list(self._columns.notices)
         #: (batch column, output name) of every input column, as the input spelled it.
         self.input_columns: list[tuple[str, str]] = _input_columns(self._columns)
         if schema is not None:
@@ -879,7 +920,10 @@ def _show(value: object, limit: int = 60) -> str:
 
 def _expected(name: str, defaults: Defaults) -> str:
     if name == "aspect_ratio":
-        return f"one of {', '.join(contract.ASPECT_RATIOS)} (empty means {defaults.aspect_ratio})"
+        return (
+            f"one of {', '.join(contract.ASPECT_RATIOS)}, or its ratio (16:9) "
+            f"(empty means {defaults.aspect_ratio})"
+        )
     if name == "resolution":
         return f"1k or 2k (empty means {defaults.resolution})"
     if name == "output_format":
@@ -923,7 +967,9 @@ def validate_batch(
     if batch.height == 0:
         return [], []
     prompt = _text(batch, "prompt")
-    aspect, aspect_bad = _choice(_text(batch, "aspect_ratio"), tuple(contract.ASPECT_RATIOS), {})
+    aspect, aspect_bad = _choice(
+        _text(batch, "aspect_ratio"), tuple(contract.ASPECT_RATIOS), contract.ASPECT_RATIO_ALIASES
+    )
     resolution, resolution_bad = _choice(_text(batch, "resolution"), contract.RESOLUTIONS, {})
     fmt, fmt_bad = _choice(
         _text(batch, "output_format"), contract.OUTPUT_FORMATS, _OUTPUT_FORMAT_ALIASES

@@ -91,6 +91,7 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(f"resumed: {summary.resumed_rows:,} rows were already done or in flight")
     if summary.changed_rows:
         lines.append(summary.changed_warning())
+    lines += [f"note: {notice}" for notice in summary.notices]
     if summary.ambiguous_submits:
         lines.append(
             f"warning: {summary.ambiguous_submits:,} submits lost their response "

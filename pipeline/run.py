@@ -573,6 +573,7 @@ async def _arun(
             submits_per_minute=limits.submits_per_minute,
             total_rows=0,
             started_at=time.time(),
+            notices=list(reader.notices),
         )
         settings = EngineSettings(
             max_active=limits.max_active,

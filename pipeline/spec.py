@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from yarl import URL
 
 from pipeline.contract import (
+    ASPECT_RATIO_ALIASES,
     ASPECT_RATIOS,
     BFL_MODELS,
     DEFAULT_ASPECT_RATIO,
@@ -262,8 +263,8 @@ class RunSpec(BaseModel):
     )
     aspect_ratio: str = _option(
         DEFAULT_ASPECT_RATIO,
-        f"Default for rows without one; one of: {', '.join(ASPECT_RATIOS)}. "
-        f"[default: {DEFAULT_ASPECT_RATIO}]",
+        f"Default for rows without one; one of: {', '.join(ASPECT_RATIOS)}, or its ratio "
+        f"(16:9). [default: {DEFAULT_ASPECT_RATIO}]",
         flag="--aspect-ratio",
         metavar="PRESET",
     )
@@ -512,8 +513,10 @@ def check_setting(setting: str, value: object, where: Where, tiers: Any) -> obje
         raise where.fail(setting, value, _one_of(DIALECTS))
     if setting == "tier" and value not in tiers:
         raise where.fail(setting, value, _one_of(tiers) + " (or add it under [tiers] in a config)")
+    if setting == "aspect_ratio" and isinstance(value, str):
+        value = ASPECT_RATIO_ALIASES.get(value.strip().lower(), value)
     if setting == "aspect_ratio" and value not in ASPECT_RATIOS:
-        raise where.fail(setting, value, _one_of(ASPECT_RATIOS))
+        raise where.fail(setting, value, _one_of(ASPECT_RATIOS) + ", or its ratio (16:9)")
     if setting == "resolution" and value not in RESOLUTIONS:
         raise where.fail(setting, value, _one_of(RESOLUTIONS))
     if setting == "output_format" and value not in OUTPUT_FORMATS:

@@ -94,6 +94,9 @@ class RunSummary:
     webhook_receiver: dict[str, object] = field(default_factory=dict)
     #: ``budget`` when ``--max-credits`` stopped the run before every image was made.
     stopped: str | None = None
+    #: What the run noticed about its input that stopped nothing, e.g. columns that look
+    #: like a size request it does not read (``pipeline.manifest.size_notice``).
+    notices: list[str] = field(default_factory=list)
 
     @property
     def elapsed_s(self) -> float:

@@ -101,8 +101,9 @@ def _check_value(column: str, value: str, where: str) -> str:
     if value == "":
         return value
     allowed: str | None = None
-    if column == "aspect_ratio" and value not in contract.ASPECT_RATIOS:
-        allowed = "one of " + ", ".join(contract.ASPECT_RATIOS)
+    named = contract.ASPECT_RATIO_ALIASES.get(value.strip().lower(), value)
+    if column == "aspect_ratio" and named not in contract.ASPECT_RATIOS:
+        allowed = "one of " + ", ".join(contract.ASPECT_RATIOS) + ", or its ratio (16:9)"
     elif column == "resolution" and value.lower() not in contract.RESOLUTIONS:
         allowed = "1k or 2k"
     elif column == "output_format" and value.lower() not in (*contract.OUTPUT_FORMATS, "jpg"):
@@ -117,7 +118,8 @@ def _check_value(column: str, value: str, where: str) -> str:
             allowed = f"a whole number from {low} to {high}"
     if allowed is not None:
         raise ConfigError(f"{where}: {value!r} is not allowed; expected {allowed}")
-    return value
+    # `16:9` and `widescreen_16_9` are one image: one name in its key and its slug.
+    return named if column == "aspect_ratio" else value
 
 
 def parse_vary(spec: str) -> _Factor:
@@ -133,8 +135,7 @@ def parse_vary(spec: str) -> _Factor:
     values = [value.strip() for value in rest.split(",")]
     if any(not value for value in values):
         raise ConfigError(f"{source}: has an empty value; separate values with single commas")
-    for value in values:
-        _check_value(column, value, f"--vary {column}")
+    values = [_check_value(column, value, f"--vary {column}") for value in values]
     repeated = sorted({value for value in values if values.count(value) > 1})
     if repeated:
         raise ConfigError(f"{source}: value {repeated[0]!r} is listed twice")
@@ -168,9 +169,10 @@ def read_variations_csv(path: str | Path) -> _Factor:
                 f"{name} row {number}: has {len(cells)} fields but the header has "
                 f"{len(columns)}; quote cells that contain commas"
             )
-        values = tuple(cell.strip() for cell in cells)
-        for column, value in zip(columns, values, strict=True):
-            _check_value(column, value, f"{name} row {number}, column {column}")
+        values = tuple(
+            _check_value(column, cell.strip(), f"{name} row {number}, column {column}")
+            for column, cell in zip(columns, cells, strict=True)
+        )
         if values in rows:
             raise ConfigError(f"{name} row {number}: repeats row {rows.index(values) + 1}")
         rows.append(values)

@@ -12,7 +12,7 @@ from pipeline.check import check_manifest
 from pipeline.errors import ConfigError
 from pipeline.manifest import Defaults
 from pipeline.sim import SimServer
-from pipeline.variations import Catalog
+from pipeline.variations import Catalog, parse_vary, read_variations_csv
 
 TEMPLATE = "Studio photo of a {color} {title}, {style}"
 VARY = ["style=studio,lifestyle", "aspect_ratio=square_1_1,portrait_2_3,widescreen_16_9"]
@@ -161,5 +161,18 @@ def test_bad_variations_csv_names_file_row_and_column(tmp_path: Path) -> None:
     assert str(caught.value) == (
         f"{styles} row 2, column aspect_ratio: 'huge' is not allowed; expected one of "
         "square_1_1, widescreen_16_9, social_story_9_16, portrait_2_3, traditional_3_4, "
-        "vertical_1_2, horizontal_2_1, social_post_4_5, standard_3_2, classic_4_3"
+        "vertical_1_2, horizontal_2_1, social_post_4_5, standard_3_2, classic_4_3, or its "
+        "ratio (16:9)"
     )
+
+
+def test_an_aspect_ratio_written_as_its_ratio_is_the_presets_one_variation(
+    tmp_path: Path,
+) -> None:
+    """`16:9` and `widescreen_16_9` are one image: one name in its key, slug and request."""
+    assert parse_vary("aspect_ratio=1:1,16:9").rows == (("square_1_1",), ("widescreen_16_9",))
+    styles = tmp_path / "styles.csv"
+    styles.write_text("style,aspect_ratio\nstudio,4/5\n", encoding="utf-8")
+    assert read_variations_csv(styles).rows == (("studio", "social_post_4_5"),)
+    with pytest.raises(ConfigError, match="value 'square_1_1' is listed twice"):
+        parse_vary("aspect_ratio=1:1,square_1_1")

@@ -330,3 +330,36 @@ def test_a_file_of_another_kind_is_named_as_such(
     with pytest.raises(ManifestError) as err:
         ManifestReader(tmp_path / name)
     assert str(err.value).startswith(expected)
+
+
+def test_known_columns_however_spelled_and_size_columns_named(tmp_path: Path) -> None:
+    """A spreadsheet's `Aspect Ratio` is the aspect_ratio column (it was carried through
+    unread, and every image came out square), and its `16:9` the widescreen preset;
+    `Width`/`Height` are not read, and said so."""
+    path = write(
+        tmp_path / "sheet.csv",
+        "ID,Prompt,Aspect Ratio,output-format,SafetyTolerance,Width,Height\n"
+        "m1,red mug,16:9,png,3,1600,900\nm2,blue mug, 4/5 ,,,,\nm3,tan mug,16x10,,,,\n",
+    )
+    reader = ManifestReader(path)
+    rows, rejections = read_all(path)
+    request = rows[0].request
+    assert (request.aspect_ratio, request.output_format, request.safety_tolerance) == (
+        "widescreen_16_9",
+        "png",
+        3,
+    )
+    assert rows[1].request.aspect_ratio == "social_post_4_5"
+    [bad] = rejections  # no preset is 16:10: the message says what is allowed
+    assert "row 3, column aspect_ratio: '16x10' is not allowed" in bad.reason
+    assert "or its ratio (16:9)" in bad.reason
+    assert reader.extra_columns == ["Width", "Height"]
+    [notice] = reader.notices
+    assert "sheet.csv: columns 'Width', 'Height' not read" in notice
+    assert "aspect_ratio (one of square_1_1," in notice and "--resolution" in notice
+    # Two spellings of one known column are one column too many, as before.
+    both = write(tmp_path / "both.csv", "prompt,aspect_ratio,Aspect-Ratio\nmug,1:1,16:9\n")
+    with pytest.raises(ManifestError, match="both mean 'aspect_ratio'"):
+        ManifestReader(both)
+    # WooCommerce's product dimensions are not a size request: nothing to say.
+    assert ManifestReader(write(tmp_path / "w.csv", "prompt,Width (cm)\nmug,9\n")).notices == []

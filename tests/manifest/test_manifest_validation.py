@@ -70,7 +70,7 @@ def test_seed_numbers_in_typed_columns() -> None:
 @pytest.mark.parametrize(
     ("header", "cells", "column", "allowed"),
     [
-        ("prompt,aspect_ratio", "mug,4x5", "aspect_ratio", "expected one of square_1_1,"),
+        ("prompt,aspect_ratio", "mug,4x7", "aspect_ratio", "expected one of square_1_1,"),
         ("prompt,resolution", "mug,4k", "resolution", "expected 1k or 2k"),
         ("prompt,output_format", "mug,gif", "output_format", "expected png or jpeg"),
         ("prompt,safety_tolerance", "mug,6", "safety_tolerance", "from 0 (strict) to 5"),
@@ -147,7 +147,7 @@ def test_default_seed_applies_to_empty_cells(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "changes",
     [
-        {"aspect_ratio": "4x5"},
+        {"aspect_ratio": "4x7"},
         {"resolution": "8k"},
         {"output_format": "gif"},
         {"safety_tolerance": 9},

@@ -134,3 +134,32 @@ def test_a_rerun_with_edited_rows_keeps_them_and_says_so(sim: SimServer, tmp_pat
     rows = check_output(out, 12, again)
     kept = rows.filter(pl.col("key") == "item-0003")
     assert kept["prompt"].to_list() != ["a green mug on marble"]  # the image's own request
+
+
+def test_a_spreadsheets_column_names_and_ratios_are_understood(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """`Aspect Ratio` with `16:9` makes a widescreen image (it made a square one, the column
+    carried through unread); `Width`/`Height`, which the API does not take, are named in a
+    note in the summary and run.json, and kept in the output manifest."""
+    from pipeline.report import format_summary
+
+    manifest = tmp_path / "sheet.csv"
+    manifest.write_text(
+        "SKU,Prompt,Aspect Ratio,Width,Height\n"
+        "a1,red mug on white,16:9,1600,900\n"
+        "a2,blue mug on white,9:16,900,1600\n"
+    )
+    summary = run_against(sim, manifest, tmp_path / "out")
+    table = check_output(tmp_path / "out", 2, summary)
+    assert table["status"].to_list() == ["succeeded", "succeeded"]
+    assert table["aspect_ratio"].to_list() == ["widescreen_16_9", "social_story_9_16"]
+    assert [(w > h) for w, h in zip(table["width"], table["height"], strict=True)] == [
+        True,
+        False,
+    ]
+    assert table["Width"].to_list() == ["1600", "900"]  # the input's, carried through
+    text = format_summary(summary)
+    assert "note: sheet.csv: columns 'Width', 'Height' not read" in text
+    run_json = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run_json["notices"] == summary.notices and len(summary.notices) == 1
