@@ -285,6 +285,30 @@ class _Reserve:
         return True
 
 
+@dataclass(frozen=True, slots=True)
+class SealedAck:
+    """An acknowledged task as the journal stores it: task id and poll URL sealed (secrets
+    masked, credentials removed), so it may be written where the journal is mirrored."""
+
+    key: str
+    task_id: str
+    poll_url: str
+    submitted_at: float
+    cost: float | None
+    run: str | None
+
+    def to_json(self) -> str:
+        return json.dumps(
+            [self.key, self.task_id, self.poll_url, self.submitted_at, self.cost, self.run],
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, line: str) -> SealedAck:
+        key, task_id, poll_url, submitted_at, cost, run = json.loads(line)
+        return cls(str(key), str(task_id), str(poll_url), float(submitted_at), cost, run)
+
+
 def _writes(method: Callable[..., T]) -> Callable[..., T]:
     """A ledger method that writes: file-system refusals become ``StorageError``."""
 
@@ -721,6 +745,38 @@ class Ledger:
         )
         self._conn.execute("COMMIT")
         return None if holder is None else str(holder[0])
+
+    @_writes
+    def adopt_acks(self, acks: Iterable[SealedAck]) -> int:
+        """Take in acknowledgements another copy of this journal recorded after this copy
+        was made (``pipeline/remote_journal.py``: a machine lost before its next snapshot),
+        so their tasks are polled, not paid again. Returns how many were new here.
+
+        An ack this copy already has (the same task), or one older than what this copy
+        knows of its key (an earlier run's, superseded since), changes nothing.
+        """
+        adopted = 0
+        self._begin()
+        for ack in acks:
+            known = self._conn.execute(
+                "SELECT task_id, submitted_at FROM tasks WHERE key = ?", (ack.key,)
+            ).fetchone()
+            if known is not None and (
+                known[0] == ack.task_id or (known[1] or 0.0) >= ack.submitted_at
+            ):
+                continue
+            self._conn.execute(
+                "INSERT INTO tasks(key, intents, task_id, poll_url, submitted_at, ack_cost, "
+                "ack_run) VALUES (?, 1, ?, ?, ?, ?, ?) ON CONFLICT(key) DO UPDATE SET "
+                "intent_pending = 0, task_id = excluded.task_id, poll_url = excluded.poll_url, "
+                "submitted_at = excluded.submitted_at, ack_cost = excluded.ack_cost, "
+                "ack_run = excluded.ack_run, outcome = NULL, status = NULL, "
+                "finished_at = NULL, latency = NULL, credits = NULL, finished_run = NULL",
+                (ack.key, ack.task_id, ack.poll_url, ack.submitted_at, ack.cost, ack.run),
+            )
+            adopted += 1
+        self._conn.execute("COMMIT")
+        return adopted
 
     @_writes
     def record_outcome(self, outcome: Outcome) -> None:

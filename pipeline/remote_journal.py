@@ -14,8 +14,11 @@ Which ledger a rerun trusts: after each snapshot the uploader stores a new gener
 snapshot has the generation this work dir last uploaded, the local ledger is the same or
 newer and is used; otherwise (another machine ran since, or this machine never ran into
 this output) the snapshot is downloaded. No work dir at all is the "resume from S3 alone"
-case. Acks recorded after the last snapshot are lost with the machine: their tasks are
-submitted again on resume (at most one snapshot interval's worth).
+case. Acks recorded after the last snapshot would be lost with the machine (their tasks
+submitted again on resume), so each second's acks also go into a small object
+``<out>/.klein/acks/<run id>/acks-NNNNNN.jsonl`` (task ids and poll URLs sealed as in the
+ledger), and whichever ledger a run opens takes in the acks it lacks: a resume elsewhere
+polls those tasks. Only acks of the last second before a crash are submitted again.
 """
 
 from __future__ import annotations
@@ -39,9 +42,10 @@ import pyarrow.parquet as pq
 
 from pipeline.contract import RowStatus
 from pipeline.errors import ConfigError
-from pipeline.ledger import LEDGER_RELPATH, Ledger
+from pipeline.ledger import LEDGER_RELPATH, Ledger, SealedAck
 from pipeline.output_manifest import PARQUET_CONTENT_TYPE, outcomes_table
 from pipeline.rows import Outcome, Rejection
+from pipeline.urls import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,10 @@ WORK_DIR_ENV: Final = "KLEIN_BATCH_WORK_DIR"
 #: Seconds between syncs to the output (default 5).
 SYNC_INTERVAL_ENV: Final = "KLEIN_BATCH_SYNC_S"
 DEFAULT_SYNC_INTERVAL_S: Final = 5.0
+#: Seconds between uploads of the acknowledgements recorded since the last one (default 1).
+ACK_INTERVAL_ENV: Final = "KLEIN_BATCH_ACK_SYNC_S"
+DEFAULT_ACK_INTERVAL_S: Final = 1.0
+ACKS_RELDIR: Final = ".klein/acks"
 #: A snapshot upload may take at most this share of the time (large ledgers sync less often).
 _SNAPSHOT_DUTY: Final = 0.25
 PARTS_RELDIR: Final = ".klein/parts"
@@ -93,18 +101,18 @@ def work_dir_for(uri: str) -> Path:
     return base / digest
 
 
-def _sync_interval() -> float:
-    raw = os.environ.get(SYNC_INTERVAL_ENV, "").strip()
+def _sync_interval(
+    name: str = SYNC_INTERVAL_ENV, default: float = DEFAULT_SYNC_INTERVAL_S
+) -> float:
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return DEFAULT_SYNC_INTERVAL_S
+        return default
     try:
         value = float(raw)
     except ValueError:
         value = -1.0
     if not 0.05 <= value <= 3600:
-        raise ConfigError(
-            f"${SYNC_INTERVAL_ENV} {raw!r} is not allowed; expected seconds from 0.05 to 3600"
-        )
+        raise ConfigError(f"${name} {raw!r} is not allowed; expected seconds from 0.05 to 3600")
     return value
 
 
@@ -114,6 +122,18 @@ class NotingLedger(Ledger):
     def __init__(self, conn: sqlite3.Connection, path: Path, *, readonly: bool) -> None:
         super().__init__(conn, path, readonly=readonly)
         self.notes: list[Outcome] = []
+        #: Acknowledgements since the last upload of them (``RemoteJournal._write_acks``).
+        self.acks: list[SealedAck] = []
+
+    def record_ack(
+        self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
+    ) -> str | None:
+        holder = super().record_ack(key, task_id, poll_url, submitted_at, cost)
+        sealed = self.mask.seal(without_credentials(poll_url))
+        self.acks.append(
+            SealedAck(key, self.mask.seal(task_id), sealed, submitted_at, cost, self._run_id)
+        )
+        return holder
 
     def record_outcome(self, outcome: Outcome) -> None:
         super().record_outcome(outcome)
@@ -143,11 +163,24 @@ class NotingLedger(Ledger):
 class RemoteJournal:
     """Keeps one run's ledger in a local work dir and mirrors it to an S3 output."""
 
-    def __init__(self, sink: RemoteStore, work_dir: Path, *, interval_s: float) -> None:
+    def __init__(
+        self,
+        sink: RemoteStore,
+        work_dir: Path,
+        *,
+        interval_s: float,
+        ack_interval_s: float = DEFAULT_ACK_INTERVAL_S,
+    ) -> None:
         self.sink = sink
         self.work_dir = work_dir
         self.ledger_path = work_dir / "ledger.sqlite"
         self.interval_s = interval_s
+        self.ack_interval_s = ack_interval_s
+        #: Files of acknowledgements uploaded by this run, and adopted from others on open.
+        self.ack_files = 0
+        self.adopted_acks = 0
+        self._acker: asyncio.Task[None] | None = None
+        self._ack_lock = asyncio.Lock()
         #: Where the ledger came from: "remote" (downloaded), "local" or "new".
         self.source = "new"
         self.snapshots = 0
@@ -174,8 +207,10 @@ class RemoteJournal:
             sink,
             work_dir or work_dir_for(sink.uri(".klein")),
             interval_s=interval_s if interval_s is not None else _sync_interval(),
+            ack_interval_s=_sync_interval(ACK_INTERVAL_ENV, DEFAULT_ACK_INTERVAL_S),
         )
         await journal._restore()
+        await journal._adopt_acks()
         return journal
 
     async def _restore(self) -> None:
@@ -256,6 +291,33 @@ class RemoteJournal:
         finally:
             ledger.close()
 
+    async def _adopt_acks(self) -> None:
+        """Tasks acknowledged after the ledger's snapshot, by a machine lost before its next
+        one, are in the output's ack files (uploaded every ``ack_interval_s``): taken into
+        the ledger, their rows are polled, not paid again. Without them every task acked
+        since the last snapshot (up to ``interval_s`` of them) was submitted again."""
+        files = sorted(await self.sink.list(ACKS_RELDIR))
+        if not files:
+            return
+        acks: list[SealedAck] = []
+        for relpath in files:
+            data = await self.sink.get(relpath)
+            for line in (data or b"").decode("utf-8", "replace").splitlines():
+                with contextlib.suppress(ValueError, TypeError):  # a torn last line
+                    acks.append(SealedAck.from_json(line))
+        ledger = Ledger.open(self.ledger_path)
+        try:
+            self.adopted_acks = ledger.adopt_acks(acks)
+        finally:
+            ledger.close()
+        if self.adopted_acks:
+            log.warning(
+                "%d tasks acknowledged after the journal's last snapshot in %s are polled, "
+                "not paid again (their run stopped before its next snapshot)",
+                self.adopted_acks,
+                self.sink.uri(".klein"),
+            )
+
     def _set_aside(self) -> Path:
         """Move a stale local ledger (and its WAL and generation) out of the run's way."""
         aside = self.work_dir / f"stale-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -292,6 +354,32 @@ class RemoteJournal:
         """Mirror the ledger every ``interval_s`` from now on (call after ``start_run``)."""
         self._run_id = run_id
         self._ticker = asyncio.create_task(self._tick(), name="remote-journal")
+        self._acker = asyncio.create_task(self._ack_tick(), name="remote-journal-acks")
+
+    async def _ack_tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.ack_interval_s)
+            try:
+                await self._write_acks()
+            except Exception as exc:  # the next tick tries again, with these acks too
+                log.warning("could not store acknowledgements in %s: %s", ACKS_RELDIR, exc)
+
+    async def _write_acks(self) -> None:
+        """Upload the acks recorded since the last upload: one small object, well before
+        the next snapshot, so another machine resuming this output knows their tasks."""
+        ledger = self._ledger
+        if ledger is None or not ledger.acks:
+            return
+        async with self._ack_lock:
+            acks, ledger.acks = ledger.acks, []
+            body = "".join(ack.to_json() + "\n" for ack in acks).encode("utf-8")
+            relpath = f"{ACKS_RELDIR}/{self._run_id}/acks-{self.ack_files + 1:06d}.jsonl"
+            try:
+                await self.sink.put(relpath, body, "application/x-ndjson")
+            except BaseException:
+                ledger.acks[:0] = acks
+                raise
+            self.ack_files += 1
 
     async def _tick(self) -> None:
         while True:
@@ -359,12 +447,14 @@ class RemoteJournal:
 
         ``published``: the final ``manifest.parquet`` was stored, so the parts are redundant.
         """
-        if self._ticker is not None:
-            self._ticker.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._ticker
-            self._ticker = None
+        for ticker in (self._ticker, self._acker):
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await ticker
+        self._ticker = self._acker = None
         try:
+            await self._write_acks()  # in case the final snapshot below fails
             await self.sync(snapshot=True)
         except Exception as exc:
             log.warning(
@@ -378,6 +468,7 @@ class RemoteJournal:
         if published:
             try:
                 await self.sink.delete(await self.sink.list(PARTS_RELDIR))
+                await self.sink.delete(await self.sink.list(ACKS_RELDIR))
             except Exception as exc:
                 log.warning("could not remove the partial manifests in %s: %s", PARTS_RELDIR, exc)
 

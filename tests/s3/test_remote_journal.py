@@ -11,6 +11,7 @@ import polars as pl
 from s3_helpers import read_s3_parquet
 
 from pipeline.contract import RowStatus
+from pipeline.masking import SecretMask
 from pipeline.remote_journal import RemoteJournal
 from pipeline.rows import Outcome, Rejection
 from pipeline.s3 import S3Sink
@@ -93,3 +94,46 @@ async def test_partial_manifests_are_removed_once_the_final_one_is_published(
         await journal.close(published=True)
     listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/.klein/parts/")
     assert "Contents" not in listed
+
+
+async def test_acks_after_the_last_snapshot_reach_a_machine_that_resumes(
+    bucket: str, s3_client: Any, tmp_path: Path
+) -> None:
+    """Machine a acknowledges two tasks and is lost before its next snapshot; machine b,
+    resuming the output from S3 alone, knows both tasks (it polls them, not pays again),
+    and an ack older than what a snapshot says of its key changes nothing."""
+    sink = S3Sink(f"s3://{bucket}/out")
+    a = await RemoteJournal.open(sink, work_dir=tmp_path / "a", interval_s=60)
+    ledger = a.open_ledger()
+    ledger.mask = SecretMask({"api_key": "sk-ack-test-secret-7c1f"})  # as a run sets it
+    ledger.start_run("run-1", {})
+    poll = "https://user:pw@api.test/v1/poll/task-1?key=sk-ack-test-secret-7c1f"
+    ledger.record_ack("k1", "task-1", poll, 100.0, 1.4)
+    ledger.record_ack("k2", "task-2", "https://api.test/v1/poll/task-2", 101.0, None)
+    await a._write_acks()  # what its ticker does every second; then a is lost: no snapshot
+    listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/.klein/acks/")
+    [stored] = [item["Key"] for item in listed["Contents"]]
+    body = s3_client.get_object(Bucket=bucket, Key=stored)["Body"].read().decode()
+    assert "sk-ack-test-secret-7c1f" not in body and "pw@" not in body  # as in the ledger
+
+    b = await RemoteJournal.open(sink, work_dir=tmp_path / "b", interval_s=60)
+    assert (b.source, b.adopted_acks) == ("new", 2)
+    with contextlib.closing(sqlite3.connect(b.ledger_path)) as conn:
+        tasks = dict(conn.execute("SELECT key, task_id FROM tasks WHERE status IS NULL"))
+    assert tasks == {"k1": "task-1", "k2": "task-2"}
+
+    # b finishes k1 and snapshots; c then resumes: k1 stays finished, k2 is still polled.
+    with b.open_ledger() as ledger_b:
+        ledger_b.start_run("run-2", {})
+        b.start("run-2")
+        ledger_b.record_outcome(
+            Outcome(index=1, key="k1", status=RowStatus.SUCCEEDED, task_id="task-1")
+        )
+        await b.close(published=False)
+    c = await RemoteJournal.open(sink, work_dir=tmp_path / "c", interval_s=60)
+    assert (c.source, c.adopted_acks) == ("remote", 0)
+    assert finished_keys(c.ledger_path) == {"k1"}
+    with contextlib.closing(sqlite3.connect(c.ledger_path)) as conn:
+        tasks = dict(conn.execute("SELECT key, task_id FROM tasks WHERE status IS NULL"))
+    assert tasks == {"k2": "task-2"}
+    ledger.close()

@@ -206,3 +206,63 @@ def test_kill_9_then_resume_from_s3_alone(
     # Rows recorded in S3 before the kill were not generated again.
     accepted = sum(key["submits_accepted"] for key in stats["keys"].values())
     assert accepted <= rows + 4 * 2, stats  # at most the in-flight window re-sent
+
+
+@pytest.mark.slow
+def test_kill_9_before_any_snapshot_then_resume_elsewhere_pays_no_acknowledged_task_again(
+    bucket: str, s3_client: Any, moto_url: str, work_root: Path, tmp_path: Path
+) -> None:
+    """The journal's snapshot goes to S3 every 30 s here, so a machine lost before its first
+    one leaves none; its acknowledgements went up every 0.1 s. Another machine resuming
+    from S3 alone polls those tasks instead of paying for them again (before: every task
+    acknowledged since the last snapshot, here half the manifest, was paid twice)."""
+    rows = 48
+    manifest = put_catalog(s3_client, bucket, rows)
+    out = f"s3://{bucket}/out/lost"
+    slow = SimConfig(keys=[KeyConfig(max_active=4)], latency=LatencyConfig(median_s=0.4, p95_s=0.6))
+    with SimServer.in_thread(slow) as sim:
+        args = [KLEIN_BATCH, "run", manifest, "--out", out, "--api-url", sim.url]
+        args += ["--max-active", "4", "--s3-endpoint-url", moto_url, "--progress", "off"]
+        env = cli_env(
+            work_root,
+            FREEPIK_API_KEY=slow.keys[0].key,
+            KLEIN_BATCH_SYNC_S="30",
+            KLEIN_BATCH_ACK_SYNC_S="0.1",
+        )
+        proc = subprocess.Popen(
+            args, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            deadline = time.monotonic() + 60
+            acked = 0
+            while time.monotonic() < deadline and acked < rows // 2:
+                listed = s3_client.list_objects_v2(Bucket=bucket, Prefix="out/lost/.klein/acks/")
+                acked = sum(
+                    s3_client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().count(b"\n")
+                    for item in listed.get("Contents", [])
+                )
+                time.sleep(0.05)
+            assert acked >= rows // 2, "no acknowledgements reached the output"
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert "Contents" not in s3_client.list_objects_v2(
+            Bucket=bucket, Prefix="out/lost/.klein/ledger.sqlite"
+        )  # lost before its first snapshot
+        shutil.rmtree(work_root)  # another machine: only S3 knows what happened
+        again = subprocess.run(
+            args, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        )
+        stats = sim.stats()
+    assert again.returncode == 0, again.stdout + again.stderr
+    final = read_s3_parquet(f"{out}/manifest.parquet", moto_url)
+    assert final["row"].to_list() == list(range(1, rows + 1))
+    assert set(final["status"]) == {"succeeded"}
+    accepted = sum(key["submits_accepted"] for key in stats["keys"].values())
+    # Paid again: at most the submits in the air at the kill and the acks of its last 0.1 s.
+    assert accepted <= rows + 4 + 2, stats
+    assert "Contents" not in s3_client.list_objects_v2(
+        Bucket=bucket, Prefix="out/lost/.klein/acks/"
+    )  # removed once the manifest was published
