@@ -735,6 +735,7 @@ def _night_state(summary: RunSummary, data: dict[str, Any], manifest_uri: str) -
         notes.append(f"stopped: {summary.stopped} (max_credits reached)")
     if summary.changed_rows:
         notes.append(summary.changed_warning().removeprefix("warning: "))
+    notes += summary.notices
     if not notes:
         return data
     from prefect.states import Completed
