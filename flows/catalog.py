@@ -138,6 +138,17 @@ class ShardJob(BaseModel):
         return str(self.spec.out)
 
 
+def _use_endpoint(endpoint: str | None) -> None:
+    """The spec's S3 endpoint (MinIO, R2) wherever the flow or a shard runs: a runner on a
+    worker, or a night started from a deployment, never saw the CLI's ``--s3-endpoint-url``
+    and went to AWS itself (measured: every runner failed with "cannot connect to the AWS
+    S3 endpoint" and the parent ran the night alone)."""
+    if endpoint:
+        from pipeline.s3 import configure
+
+        configure(endpoint_url=str(endpoint))
+
+
 def _dated(location: str) -> str:
     """``{date}`` in an output becomes the run's scheduled day (UTC), so each night of a
     scheduled catalog gets its own folder, and a late retry still finds its own."""
@@ -169,6 +180,7 @@ async def run_shard(
     a runner passes every shard it runs one ``key_state``, so each shard starts with the
     key as the last one learned it, and counts the slots that one's tail still holds.
     """
+    _use_endpoint(job.spec.s3_endpoint_url)
     key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
     try:
@@ -237,6 +249,7 @@ async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None)
     whichever shards are unfinished, one after another, until every shard of the night is
     finished by some runner (``flows/queue.py``)."""
     logger = get_run_logger()
+    _use_endpoint(job.spec.s3_endpoint_url)  # this worker may know no endpoint of its own
     if queue is not None:
         shards = plan_shards(queue.shards)
         ran: list[int] = []
@@ -454,6 +467,8 @@ def _one_writer(
     async def holding_the_output(*args: Any, **kwargs: Any) -> dict[str, Any]:
         spec = inspect.signature(generate).bind(*args, **kwargs).arguments["spec"]
         out = spec.get("out") if isinstance(spec, dict) else getattr(spec, "out", None)
+        endpoint = (dict(spec) if isinstance(spec, dict) else vars(spec)).get("s3_endpoint_url")
+        _use_endpoint(endpoint)
         if not out:
             return await generate(*args, **kwargs)  # which says that out is required
         out = _absolute(_dated(out))

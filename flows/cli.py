@@ -154,8 +154,8 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
         if spec.s3_endpoint_url:
             from pipeline.s3 import configure
 
-            # The flow's tasks run in this process (ephemeral mode, or the parent flow on a
-            # server); shards on workers read $AWS_ENDPOINT_URL_S3 / $AWS_ENDPOINT_URL there.
+            # Before the flow starts, for the checks below; the flow and each shard runner
+            # apply the spec's endpoint where they run too (flows/catalog.py).
             configure(endpoint_url=spec.s3_endpoint_url)
         if "://" not in manifest and not Path(manifest).is_file():
             raise KleinError(f"{manifest}: manifest not found; expected a CSV or Parquet file")

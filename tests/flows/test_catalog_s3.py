@@ -152,3 +152,39 @@ def test_flow_command_takes_the_s3_endpoint_from_its_config_file(
     manifest = pl.read_parquet(io.BytesIO(body))
     assert manifest["row"].to_list() == list(range(1, 6))
     assert set(manifest["status"]) == {"succeeded"}
+
+
+async def test_the_specs_s3_endpoint_reaches_a_night_started_without_it(
+    bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker's process knows no endpoint (no $AWS_ENDPOINT_URL, no CLI flag): a night
+    started from a deployment, and each shard runner, use the spec's `s3_endpoint_url`
+    (MinIO, R2). They went to AWS itself, and every runner failed to connect."""
+    from flows.catalog import generate_catalog
+
+    monkeypatch.setenv("FREEPIK_API_KEY", SECRET)
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    rows = [(f"e{n}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, 6)]
+    local = write_catalog(tmp_path / "catalog.csv", rows)
+    s3.client().put_object(Bucket=bucket, Key="in/catalog.csv", Body=local.read_bytes())
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    monkeypatch.setattr(s3._settings, "endpoint_url", None)  # a fresh worker process
+    s3.reset_clients()
+    config = SimConfig(
+        keys=[KeyConfig(name="s3", key=SECRET, max_active=8)],
+        latency=LatencyConfig(median_s=0.05, p95_s=0.1),
+    )
+    async with SimServer(config) as sim:
+        result = await generate_catalog(
+            f"s3://{bucket}/in/catalog.csv",
+            RunSpec(
+                out=f"s3://{bucket}/out/spec-endpoint",
+                api_url=sim.url,
+                max_active=8,
+                s3_endpoint_url=endpoint,
+            ),
+            shard_size=2,
+            parallel_shards=2,
+        )
+    s3.reset_clients()
+    assert result["counts"]["succeeded"] == 5
