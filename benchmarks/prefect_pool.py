@@ -214,11 +214,17 @@ def postgres() -> Iterator[str | None]:
 
 
 @contextmanager
-def prefect_pool(tmp_path: Path, secret: str) -> Iterator[dict[str, Any]]:
+def prefect_pool(
+    tmp_path: Path, secret: str, *, own_work_dirs: bool = False
+) -> Iterator[dict[str, Any]]:
     """A Prefect server (on PostgreSQL when installed), two process workers and the
     repository's deployments, the API key in the ``freepik-api-key`` Secret block; yields
     what a caller needs to start the flow and watch it. The simulator is the caller's
-    (``simulator``), so one pool can serve nights against differently shaped keys."""
+    (``simulator``), so one pool can serve nights against differently shaped keys.
+
+    ``own_work_dirs``: each worker keeps the journals of S3 outputs in a work dir of its
+    own (``$KLEIN_BATCH_WORK_DIR``), as two machines would, instead of sharing this one's.
+    """
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "FREEPIK", "BFL"))}
@@ -254,7 +260,9 @@ def prefect_pool(tmp_path: Path, secret: str) -> Iterator[dict[str, Any]]:
             name: stack.enter_context(
                 process(
                     [prefect, "worker", "start", "--pool", POOL, "--name", name, *WORKER],
-                    client,
+                    client | {"KLEIN_BATCH_WORK_DIR": str(tmp_path / f"work-{name}")}
+                    if own_work_dirs
+                    else client,
                     tmp_path / f"{name}.log",
                 )
             )
