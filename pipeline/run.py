@@ -115,6 +115,9 @@ class RunOptions:
     allow_http: bool = False
     #: How hard each step (submit, poll, download) retries before its row ends ``failed``.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Seconds the API may go without answering before the run stops (``ApiUnreachable``);
+    #: until then rows wait for it instead of failing (``pipeline/gate.py``).
+    api_outage_wait_s: float = 300.0
     #: Submit again a resumed task the API answers 404 for, instead of failing the row. Set
     #: by ``sim=True``: each run starts a fresh simulator that knows no earlier task, and
     #: resubmitting to it costs nothing real. Against a real API leave it off (a forgotten
@@ -189,6 +192,7 @@ class RunOptions:
         opts.allow_http = spec.allow_http_references
         opts.allow_private_urls = spec.allow_private_references
         opts.report_columns = tuple(spec.report_columns)
+        opts.api_outage_wait_s = spec.api_outage_wait
         return opts
 
 
@@ -581,6 +585,7 @@ async def _arun(
             retry=opts.retry,
             resubmit_unknown=opts.resubmit_unknown,
             text_only_without_reference=opts.missing_reference == "text-only",
+            outage_wait_s=opts.api_outage_wait_s,
         )
         if receiver is not None:
             await receiver.start()
@@ -869,6 +874,7 @@ class _Run:
             elapsed_s=elapsed,
             eta_s=eta,
             stopped="budget" if self.budget is not None and self.budget.stopped else None,
+            api_unreachable_s=self.engine.api_unreachable_for if self.engine else None,
         )
 
     async def _report_progress(self) -> None:
@@ -947,6 +953,8 @@ class _Run:
             summary.polls = stats.polls
             summary.webhooks = stats.webhooks
             summary.errors = dict(stats.errors)
+            summary.api_unreachable_s = stats.api_unreachable_s
+            summary.api_outages = stats.api_outages
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
         if self.receiver is not None:
