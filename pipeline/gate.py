@@ -287,7 +287,7 @@ class HostGate:
             return
         self.on_give_up(
             ApiUnreachable(
-                f"the API at {self.where} has not answered for {self.give_up_s:.0f} s (last "
+                f"the API at {self.where} has not answered for {self.give_up_s:g} s (last "
                 f"error: {self.last_error}); nothing is lost: run the same command again to "
                 "go on (rows not sent are still to do, tasks in flight are polled, none is "
                 "paid for twice)"
