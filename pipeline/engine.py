@@ -901,7 +901,8 @@ class Engine:
             # While the API is unreachable the row waits here, its permit held: when the
             # gate opens it goes at once (and a permit leaked by a stopped run would stay
             # counted in a ``KeyState`` that the next run of a flow's runner inherits).
-            passage = await self._gates.for_url(self._provider.submit_url()).enter()
+            gate = self._gates.for_url(self._provider.submit_url())
+            passage = await gate.enter(idempotent=False)
             try:
                 if self._abort_reason:
                     raise _Abort

@@ -180,6 +180,9 @@ class HostGate:
     #: When the gate closed; None while open.
     closed_at: float | None = None
     _probing: bool = False
+    #: Requests waiting at the gate now, and how many of them are polls or downloads.
+    _waiting: int = 0
+    _idempotent: int = 0
     _next_probe: float = 0.0
     _probe_wait: float = FIRST_PROBE_S
     _news: asyncio.Event = field(default_factory=asyncio.Event)
@@ -193,19 +196,35 @@ class HostGate:
         """Seconds since the gate closed; None while it is open."""
         return None if self.closed_at is None else self.clock() - self.closed_at
 
-    async def enter(self) -> Passage:
-        """Wait while the host is unreachable; the passage of the request about to go."""
-        while self.closed_at is not None:
-            now = self.clock()
-            if not self._probing and now >= self._next_probe:
-                self._probing = True
-                return Passage(self, now, probe=True)
-            news = self._news
-            timeout = None if self._probing else self._next_probe - now
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(timeout):
-                    await news.wait()
-        return Passage(self, self.clock(), probe=False)
+    async def enter(self, *, idempotent: bool = True) -> Passage:
+        """Wait while the host is unreachable; the passage of the request about to go.
+
+        A submit (``idempotent=False``) probes only when no poll or download waits: cut off
+        after it was sent (a proxy that takes connections for an API that is down), it is a
+        submit that may have been paid without an answer."""
+        self._waiting += 1
+        self._idempotent += idempotent
+        try:
+            while self.closed_at is not None:
+                now = self.clock()
+                if (
+                    not self._probing
+                    and now >= self._next_probe
+                    and (idempotent or not self._idempotent)
+                ):
+                    self._probing = True
+                    return Passage(self, now, probe=True)
+                news = self._news
+                # A submit passed over for a poll's probe looks again shortly (the poll
+                # may have left without probing).
+                timeout = None if self._probing else max(self._next_probe - now, 0.05)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await news.wait()
+            return Passage(self, self.clock(), probe=False)
+        finally:
+            self._waiting -= 1
+            self._idempotent -= idempotent
 
     # --- what requests report ---------------------------------------------------------------
 
@@ -284,6 +303,11 @@ class HostGate:
     def _giving_up(self) -> None:
         self._give_up = None
         if self.closed_at is None:
+            return
+        if not self._waiting and not self._probing:
+            # Nothing of the run needs this host now (its last rows ended, or went to
+            # another host): it stops the run only once a request has to wait for it.
+            self._give_up = asyncio.get_running_loop().call_later(FIRST_PROBE_S, self._giving_up)
             return
         self.on_give_up(
             ApiUnreachable(

@@ -96,7 +96,15 @@ async def test_a_host_silent_for_the_wait_stops_the_run_with_its_last_error() ->
     gate = gates.for_url("http://user:secret@127.0.0.1:9/v1/ai/x")
     await _fail(gate, CLOSE_AFTER, "connection refused")
     await asyncio.sleep(0.5)
+    assert stops == []  # nothing of the run waits for this host: no reason to stop it
+    waiter = asyncio.create_task(gate.enter())
+    for _ in range(100):
+        if stops:
+            break
+        await asyncio.sleep(0.05)
     assert len(stops) == 1
+    (await waiter).close()
+    gates.stop()
     message = str(stops[0])
     assert message.startswith("the API at http://127.0.0.1:9 has not answered for 0.3 s")
     assert "secret" not in message
@@ -158,3 +166,18 @@ def test_the_progress_line_says_the_run_waits_for_the_api() -> None:
     assert "API unreachable for 12s, waiting" in format_line(snapshot)
     snapshot.api_unreachable_s = None
     assert "unreachable" not in format_line(snapshot)
+
+
+async def test_a_poll_probes_before_a_submit_and_a_submit_probes_when_alone() -> None:
+    gates, _ = _gates()
+    gate = gates.for_url("http://127.0.0.1:1/")
+    await _fail(gate, CLOSE_AFTER)
+    submit = asyncio.create_task(gate.enter(idempotent=False))
+    poll = asyncio.create_task(gate.enter())
+    probe = await asyncio.wait_for(poll, timeout=3 * FIRST_PROBE_S)
+    assert probe.probe and not submit.done()  # a cut-off submit may be paid: a poll is not
+    probe.close()  # left without a word: the submit may go now
+    alone = await asyncio.wait_for(submit, timeout=1.0)
+    assert alone.probe
+    alone.answered()
+    assert not gate.closed
