@@ -258,6 +258,10 @@ def run_manifest(
     ``spec`` (a ``pipeline.spec.RunSpec``) is the whole run as ``klein-batch run`` takes it:
     with it the run's options, output, API URL and simulator come from the spec, and the
     option keywords above are not used (``options`` still supplies tuning knobs).
+
+    An API that does not answer for ``api_outage_wait`` seconds raises
+    ``pipeline.errors.ApiUnreachable`` once the outputs are written (as a ``StorageError``
+    does); until then rows wait for it, and the same call afterwards resumes the run.
     """
     run = arun_manifest(
         manifest,
