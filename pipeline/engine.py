@@ -853,11 +853,13 @@ class Engine:
         gate within a few of them (``gate.CLOSE_AFTER``), which then paces the requests."""
         await asyncio.sleep(backoff_s(self._settings.retry, min(silent, 3), error))
 
-    async def _through(self, url: str, step: Callable[[Passage], Awaitable[T]]) -> T:
+    async def _through(
+        self, url: str, step: Callable[[Passage], Awaitable[T]], what: str = "the API"
+    ) -> T:
         """``step`` (one poll or download request) through ``url``'s host gate, again and
         again while the host answers nothing: those failures are the host's, not the row's,
         and spend none of its attempts (``pipeline/gate.py``)."""
-        gate = self._gates.for_url(url)
+        gate = self._gates.for_url(url, what)
         silent = 0
         while True:
             passage = await gate.enter()
@@ -1573,7 +1575,7 @@ class Engine:
 
         return await retry_transient(
             self._settings.retry,
-            lambda: self._through(url, one),
+            lambda: self._through(url, one, "the host of the results"),
             on_retry=self._count_retry,
             paused=self._gates.outages.seconds,
         )

@@ -165,7 +165,7 @@ class Passage:
 class HostGate:
     """The gate of one host; see the module docstring."""
 
-    #: The host as shown in messages (no credentials).
+    #: The host as shown in messages: ``the API at https://api.example`` (no credentials).
     where: str
     give_up_s: float
     on_give_up: Callable[[ApiUnreachable], None]
@@ -271,7 +271,7 @@ class HostGate:
         left = max(0.0, since + self.give_up_s - now)
         self._give_up = asyncio.get_running_loop().call_later(left, self._giving_up)
         log.warning(
-            "the API at %s does not answer (%s): requests to it wait instead of failing "
+            "%s does not answer (%s): requests to it wait instead of failing "
             "rows; checking again every %.0f-%.0f s, stopping after %.0f s without an answer",
             self.where,
             self.last_error,
@@ -290,7 +290,7 @@ class HostGate:
         self.outages._opening()
         self._announce()
         log.warning(
-            "the API at %s answers again after %.1f s unreachable: requests resume",
+            "%s answers again after %.1f s unreachable: requests resume",
             self.where,
             down,
         )
@@ -311,7 +311,7 @@ class HostGate:
             return
         self.on_give_up(
             ApiUnreachable(
-                f"the API at {self.where} has not answered for {self.give_up_s:g} s (last "
+                f"{self.where} has not answered for {self.give_up_s:g} s (last "
                 f"error: {self.last_error}); nothing is lost: run the same command again to "
                 "go on (rows not sent are still to do, tasks in flight are polled, none is "
                 "paid for twice)"
@@ -334,12 +334,14 @@ class Gates:
     outages: Outages = field(default_factory=Outages)
     _by_origin: dict[str, HostGate] = field(default_factory=dict)
 
-    def for_url(self, url: str) -> HostGate:
+    def for_url(self, url: str, what: str = "the API") -> HostGate:
+        """The gate of ``url``'s host, named ``what`` in messages if it is new (the API's
+        host serves results too in dialect A: the submits meet it first)."""
         origin = origin_of(url)
         gate = self._by_origin.get(origin)
         if gate is None:
             gate = self._by_origin[origin] = HostGate(
-                without_credentials(origin),
+                f"{what} at {without_credentials(origin)}",
                 self.give_up_s,
                 self.on_give_up,
                 self.outages,

@@ -129,7 +129,12 @@ def test_hosts_have_gates_of_their_own() -> None:
     assert gates.for_url("https://api.example:443/other") is api
     assert gates.for_url("https://cdn.example/results/1.png") is not api
     assert origin_of("http://u:p@h:8/a/b?c#d") == "http://u:p@h:8"
-    assert api.where == "https://api.example:443"
+    assert api.where == "the API at https://api.example:443"
+    cdn = gates.for_url("https://cdn.example/results/2.png", "the host of the results")
+    assert cdn.where == "the API at https://cdn.example"  # named by the first to meet it
+    assert gates.for_url("https://x.example/", "the host of the results").where == (
+        "the host of the results at https://x.example"
+    )
 
 
 async def test_only_failures_that_say_the_host_is_away_count() -> None:
