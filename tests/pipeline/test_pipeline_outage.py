@@ -73,19 +73,22 @@ def outage_after(
             server.come_back()
 
 
+@pytest.mark.parametrize("dialect", ["klein", "bfl"])
 def test_an_outage_mid_run_fails_no_row_and_pays_nothing_twice(
-    start_sim: Callable[..., SimServer], tmp_path: Path
+    dialect: str, start_sim: Callable[..., SimServer], tmp_path: Path
 ) -> None:
+    """Dialect bfl polls and downloads from a regional host: two gates, both closed."""
     rows = 80
     server = start_sim(latency=SLOW, keys=[KeyConfig(max_active=8)])
     manifest = write_catalog(tmp_path / "in", rows)
     out = tmp_path / "out"
+    options = fast_options(max_active=8, dialect=dialect)
 
     with outage_after(server, accepted=24, down_s=5.0) as seen:
-        summary = run_against(server, manifest, out, options=fast_options(max_active=8))
+        summary = run_against(server, manifest, out, options=options)
 
     assert "up_at" in seen, "the run ended before the outage did"
-    table = check_output(out, rows, summary)
+    table = check_output(out, rows, summary, dialect=dialect)
     assert statuses(table) == {"succeeded": rows}
     assert summary.exit_code == 0
     assert table["attempts"].max() <= 2  # waiting at the gate spent no attempt
