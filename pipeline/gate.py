@@ -85,6 +85,8 @@ def no_answer(exc: BaseException) -> str | None:
         if isinstance(cause, TimeoutError):
             return "connection timed out"
         return f"cannot connect ({cause.strerror or type(cause).__name__})"
+    if isinstance(exc, ConnectionResetError):  # aiohttp's ClientConnectionResetError too
+        return "connection reset"
     if isinstance(exc, aiohttp.ClientOSError):
         if exc.errno == errno.ECONNRESET:
             return "connection reset"

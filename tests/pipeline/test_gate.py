@@ -143,6 +143,8 @@ async def test_only_failures_that_say_the_host_is_away_count() -> None:
             await session.get("http://127.0.0.1:9/")
     assert no_answer(refused.value) == "connection refused"
     assert no_answer(aiohttp.ServerDisconnectedError()) == "server disconnected"
+    assert no_answer(aiohttp.ClientConnectionResetError()) == "connection reset"
+    assert no_answer(aiohttp.ClientOSError(104, "reset")) == "connection reset"
     assert no_answer(TimeoutError()) is not None
     assert no_answer(aiohttp.ClientPayloadError("cut")) is None  # its headers came: an answer
     assert no_answer(ValueError("ours")) is None
