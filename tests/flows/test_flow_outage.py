@@ -63,6 +63,9 @@ async def test_a_shard_stopped_by_an_outage_fails_and_its_retry_resumes_it(
             str(manifest),
             RunSpec(out=str(out), api_url=sim.url, max_active=6, api_outage_wait=1),
             shard_size=100,
+            # No global limit: one made here with this key's 6 slots would outlive the test
+            # in the session's Prefect server and narrow the other flow tests' shares.
+            concurrency_limit=None,
             return_state=True,
         )
         await asyncio.wait_for(down, timeout=30)
