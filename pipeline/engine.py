@@ -255,7 +255,7 @@ class EngineStats:
     webhooks: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     #: Seconds some host of the run did not answer (its gate closed), and how many times
-    #: a gate closed (``pipeline/gate.py``).
+    #: that began (``pipeline/gate.Outages``).
     api_unreachable_s: float = 0.0
     api_outages: int = 0
 

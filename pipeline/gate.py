@@ -106,7 +106,8 @@ class Outages:
     closed: int = 0
     since: float = 0.0
     total_s: float = 0.0
-    #: Gates that closed during the run (a host down twice counts twice).
+    #: Times some host stopped answering while all answered before (an API and its
+    #: regional host down together count once; down twice, twice).
     count: int = 0
 
     def seconds(self) -> float:
@@ -116,9 +117,9 @@ class Outages:
         return self.total_s
 
     def _closing(self) -> None:
-        self.count += 1
         if self.closed == 0:
             self.since = self.clock()
+            self.count += 1
         self.closed += 1
 
     def _opening(self) -> None:

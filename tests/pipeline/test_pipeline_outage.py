@@ -96,8 +96,8 @@ def test_an_outage_mid_run_fails_no_row_and_pays_nothing_twice(
     # A submit cut off as the API went down may have been taken: only those are paid twice.
     assert stats["duplicate_submits"] <= summary.ambiguous_submits
     assert stats["submits_accepted"] == rows + stats["duplicate_submits"]
-    # The gate closed once and waited out most of the outage; the summary says so.
-    assert summary.api_outages >= 1
+    # The gates closed (bfl's regional host's too: one outage) and waited out most of it.
+    assert summary.api_outages == 1
     assert summary.api_unreachable_s > 2.0
     written = json.loads((out / "run.json").read_text())
     assert written["api_unreachable_s"] == summary.api_unreachable_s
