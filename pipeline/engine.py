@@ -317,6 +317,9 @@ class _Tracked:
     #: Polled sooner than planned at the end of the run (``Engine._hurry_the_last``): its
     #: answers do not teach the first-poll estimate.
     hurried: bool = False
+    #: ``Outages.seconds()`` when it was tracked: time the API did not answer since then
+    #: does not count toward ``task_timeout_s`` (its polls could not ask).
+    unreachable_at_start: float = 0.0
 
 
 class Engine:
@@ -1103,6 +1106,7 @@ class Engine:
     def _track(self, job: Job, task_id: str, poll_url: str, submitted_at: float) -> _Tracked:
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
         tracked = _Tracked(job, task_id, poll_url, submitted_at, future)
+        tracked.unreachable_at_start = self._gates.outages.seconds()
         job.tracked = tracked
         self._by_task[task_id] = tracked
         if task_id in self._early:
@@ -1272,7 +1276,8 @@ class Engine:
             # Next at the first-poll time, as every other task: that poll teaches it.
             self._schedule(tracked, max(self._first_poll.value - age, 0.05))
             return
-        if age > self._settings.task_timeout_s:
+        waited = self._gates.outages.seconds() - tracked.unreachable_at_start
+        if age - waited > self._settings.task_timeout_s:
             tracked.done.set_exception(
                 _RowError(
                     RowStatus.FAILED,
