@@ -39,7 +39,7 @@ from pipeline.config import (
 from pipeline.contract import (
     Tier,
 )
-from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
+from pipeline.errors import ApiUnreachable, ConfigError, KleinError, StorageError, Terminated
 from pipeline.progress import MODES, format_duration
 from pipeline.spec import RunSpec, cli_options
 from pipeline.summary import ExitCode
@@ -56,6 +56,9 @@ EXIT_INTERNAL: Final = 70
 #: Exit code when the output or the run's journal cannot be written (disk full, read-only,
 #: permission; sysexits' EX_IOERR): the run stopped at once, the rerun collects what was paid.
 EXIT_STORAGE: Final = 74
+#: Exit code when the API did not answer for ``--api-outage-wait`` seconds (sysexits'
+#: EX_UNAVAILABLE): the run stopped as cleanly as on exit 74, and the same command resumes.
+EXIT_UNAVAILABLE: Final = 69
 #: Exit code after SIGTERM (128 + 15, as a shell reports it): handled as Ctrl-C, resumable.
 EXIT_TERMINATED: Final = 143
 
@@ -67,7 +70,9 @@ _EXIT_CODES_HELP: Final = (
     f"command again to resume); {EXIT_TERMINATED} stopped by SIGTERM (likewise); "
     f"{EXIT_STORAGE} the output or its journal could not be written (disk full, read-only, "
     f"permission: fix it and run the same command again; nothing acknowledged is paid "
-    f"twice); {EXIT_INTERNAL} internal error."
+    f"twice); {EXIT_UNAVAILABLE} the API did not answer for --api-outage-wait seconds (run "
+    f"the same command again once it does; nothing is lost or paid twice); {EXIT_INTERNAL} "
+    f"internal error."
 )
 _INTERNAL_ERROR: Final = (
     "error: klein-batch hit an internal error (a bug, not your input); "
@@ -237,6 +242,8 @@ def reported() -> Iterator[None]:
         raise
     except StorageError as exc:
         _fail(str(exc), EXIT_STORAGE)
+    except ApiUnreachable as exc:
+        _fail(str(exc), EXIT_UNAVAILABLE)
     except KleinError as exc:
         _fail(str(exc))
     except Exception:

@@ -18,6 +18,11 @@ refused write all keep them, and only an end the API itself gave the task lets
 errors (``StorageError``) stop the whole run at once instead of failing rows one by one:
 rows in flight keep their acknowledged tasks in the journal and the rerun polls them.
 
+Every request goes through its host's gate (``pipeline/gate.py``): while the API does not
+answer, rows wait there instead of spending their attempts, one request at a time checks
+whether it is back, and a host silent for ``EngineSettings.outage_wait_s`` stops the run
+the way a storage error does (``ApiUnreachable``).
+
 The engine knows tasks, not dialects: requests and responses go through a ``Provider``.
 """
 
@@ -34,23 +39,30 @@ import math
 import random
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 import yarl
 
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
-from pipeline.errors import KleinError, ReferenceError, ReferenceUnreachable, StorageError
+from pipeline.errors import (
+    ApiUnreachable,
+    KleinError,
+    ReferenceError,
+    ReferenceUnreachable,
+    StorageError,
+)
+from pipeline.gate import Gates, Passage, no_answer
 from pipeline.html_report import INLINE_THUMBS, THUMB_PX, THUMB_QUALITY, THUMBS_RELDIR
 from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
-from pipeline.retry import RetryPolicy, Transient, parse_retry_after, retry_transient
+from pipeline.retry import RetryPolicy, Transient, backoff_s, parse_retry_after, retry_transient
 from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
@@ -58,6 +70,8 @@ from pipeline.verdicts import reference_reason
 from pipeline.verify import ImageInfo, InvalidImage, inspect_image
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Largest image body accepted from a result URL (a 2k PNG is well under this).
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -221,6 +235,9 @@ class EngineSettings:
     #: image generated from the prompt alone (``--missing-reference text-only``), instead of
     #: the row ending ``failed``.
     text_only_without_reference: bool = False
+    #: A host that has not answered for this long stops the run (``ApiUnreachable``);
+    #: until then requests to it wait at its gate and no row fails for it.
+    outage_wait_s: float = 300.0
 
 
 @dataclass(slots=True)
@@ -237,6 +254,10 @@ class EngineStats:
     #: Tasks whose end came by a verified webhook rather than a poll.
     webhooks: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    #: Seconds some host of the run did not answer (its gate closed), and how many times
+    #: that began (``pipeline/gate.Outages``).
+    api_unreachable_s: float = 0.0
+    api_outages: int = 0
 
 
 class _Abort(Exception):
@@ -244,7 +265,7 @@ class _Abort(Exception):
 
 
 class _Stopped(Exception):
-    """The run is stopping on a storage error: this row ends without an outcome.
+    """The run is stopping (a storage error, the API gone): this row ends without an outcome.
 
     Its task, if acknowledged, stays open in the journal, so the rerun polls it.
     """
@@ -296,6 +317,9 @@ class _Tracked:
     #: Polled sooner than planned at the end of the run (``Engine._hurry_the_last``): its
     #: answers do not teach the first-poll estimate.
     hurried: bool = False
+    #: ``Outages.seconds()`` when it was tracked: time the API did not answer since then
+    #: does not count toward ``task_timeout_s`` (its polls could not ask).
+    unreachable_at_start: float = 0.0
 
 
 class Engine:
@@ -403,8 +427,10 @@ class Engine:
         self._storm_round = 0
         self._quiet_until = 0.0
         self._scout = asyncio.Lock()
-        #: The storage error that stops the run (``fail``), else None.
-        self._fatal: StorageError | None = None
+        #: The error that stops the run (``fail``): storage, or the API gone; else None.
+        self._fatal: KleinError | None = None
+        #: One gate per host the run talks to (``pipeline/gate.py``).
+        self._gates = Gates(settings.outage_wait_s, self.fail)
         self._running: set[asyncio.Task[None]] = set()
         #: Rows between their journaled intent and the submit's answer: never cancelled,
         #: since a submit cut off there may have been paid without our knowing its task.
@@ -421,8 +447,14 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._by_task)
 
-    def fail(self, error: StorageError) -> None:
-        """Stop the run on a storage error: no new submits, rows in flight end unrecorded.
+    @property
+    def api_unreachable_for(self) -> float | None:
+        """Seconds the API has not answered, while it does not; None while it does."""
+        return self._gates.closed_for()
+
+    def fail(self, error: KleinError) -> None:
+        """Stop the run on a storage error (or an ``ApiUnreachable``): no new submits, rows
+        in flight end unrecorded.
 
         A row whose submit is in the air keeps going until its answer is journaled; every
         other row stops where it is. Acknowledged tasks stay open in the journal and the
@@ -431,7 +463,10 @@ class Engine:
         if self._fatal is not None:
             return
         self._fatal = error
-        log.error("stopping the run: %s", error)
+        # The gate said already that the API does not answer, and the error is what the
+        # run raises (the CLI's one line): said again here, it was said twice.
+        level = logging.INFO if isinstance(error, ApiUnreachable) else logging.ERROR
+        log.log(level, "stopping the run: %s", error)
         self.stop_submitting(f"stopped: {error}")
         current = asyncio.current_task()
         for task in self._running:
@@ -502,6 +537,9 @@ class Engine:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
                 await asyncio.wait(set(running))
         finally:
+            self._gates.stop()
+            self.stats.api_unreachable_s = round(self._gates.outages.seconds(), 3)
+            self.stats.api_outages = self._gates.outages.count
             self.fed.set()
             scheduler.cancel()
             pending = [*running, *self._polling]
@@ -778,24 +816,66 @@ class Engine:
         payload = json.dumps(body).encode()
 
         async def attempt() -> Submitted:
+            silent = 0
             while True:
                 if self._abort_reason:
                     raise _Abort
-                if self._storm_round:
-                    async with self._scout:  # one submit at a time while 429s storm
-                        # Only the scout (this lock's holder) extends a pause.
-                        pause = self._quiet_until - time.monotonic()
-                        if pause > 0:
-                            await asyncio.sleep(pause)
-                        if not self._storm_round:
-                            continue  # it ended while we queued: back to full speed
+                try:
+                    if self._storm_round:
+                        async with self._scout:  # one submit at a time while 429s storm
+                            # Only the scout (this lock's holder) extends a pause.
+                            pause = self._quiet_until - time.monotonic()
+                            if pause > 0:
+                                await asyncio.sleep(pause)
+                            if not self._storm_round:
+                                continue  # it ended while we queued: back to full speed
+                            result = await self._send(job, payload)
+                    else:
                         result = await self._send(job, payload)
-                else:
-                    result = await self._send(job, payload)
+                except Transient as exc:
+                    if not exc.unanswered:
+                        raise
+                    # The API answered nothing since it was sent: not the row's failure.
+                    job.attempts -= 1
+                    silent += 1
+                    await self._pace(silent, exc)
+                    continue
                 if result is not None:
                     return result
 
-        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
+        return await retry_transient(
+            self._settings.retry,
+            attempt,
+            on_retry=self._count_retry,
+            paused=self._gates.outages.seconds,
+        )
+
+    async def _pace(self, silent: int, error: Transient) -> None:
+        """The pause before a request the host left unanswered goes again (``silent`` in a
+        row): the policy's first back-offs only, since a host that stays silent closes its
+        gate within a few of them (``gate.CLOSE_AFTER``), which then paces the requests."""
+        await asyncio.sleep(backoff_s(self._settings.retry, min(silent, 3), error))
+
+    async def _through(
+        self, url: str, step: Callable[[Passage], Awaitable[T]], what: str = "the API"
+    ) -> T:
+        """``step`` (one poll or download request) through ``url``'s host gate, again and
+        again while the host answers nothing: those failures are the host's, not the row's,
+        and spend none of its attempts (``pipeline/gate.py``)."""
+        gate = self._gates.for_url(url, what)
+        silent = 0
+        while True:
+            passage = await gate.enter()
+            try:
+                return await step(passage)
+            except Transient as exc:
+                if not exc.unanswered:
+                    raise
+                error = exc
+            finally:
+                passage.close()
+            silent += 1
+            await self._pace(silent, error)
 
     def _room_for_backlog(self) -> bool:
         """Whether finished tasks waiting for their downloads leave room for a submit."""
@@ -822,12 +902,27 @@ class Engine:
             if self._room_for_backlog():
                 break
             self.slots.abandoned(permit)
-        if self._abort_reason:
+        try:
+            # While the API is unreachable the row waits here, its permit held: when the
+            # gate opens it goes at once (and a permit leaked by a stopped run would stay
+            # counted in a ``KeyState`` that the next run of a flow's runner inherits).
+            gate = self._gates.for_url(self._provider.submit_url())
+            passage = await gate.enter(idempotent=False)
+            try:
+                if self._abort_reason:
+                    raise _Abort
+                await self._rate.acquire()
+            except BaseException:
+                passage.close()
+                raise
+        except BaseException:
             self.slots.abandoned(permit)
-            raise _Abort
-        await self._rate.acquire()
-        job.attempts += 1
-        result = await self._submit_once(job, payload, permit)
+            raise
+        try:
+            job.attempts += 1
+            result = await self._submit_once(job, payload, permit, passage)
+        finally:
+            passage.close()
         if result is None:
             job.attempts -= 1  # a 429 is not an attempt: it was never taken
         return result
@@ -868,16 +963,20 @@ class Engine:
             self._submit_at = (address, yarl.URL(address))
         return self._submit_at[1]
 
-    async def _submit_once(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
+    async def _submit_once(
+        self, job: Job, payload: bytes, permit: Permit, passage: Passage
+    ) -> Submitted | None:
         task = asyncio.current_task()
         if task is not None:
             self._posting.add(task)
         try:
-            return await self._post_submit(job, payload, permit)
+            return await self._post_submit(job, payload, permit, passage)
         finally:
             self._posting.discard(task)  # type: ignore[arg-type]
 
-    async def _post_submit(self, job: Job, payload: bytes, permit: Permit) -> Submitted | None:
+    async def _post_submit(
+        self, job: Job, payload: bytes, permit: Permit, passage: Passage
+    ) -> Submitted | None:
         key = job.row.key
         try:
             self._journal.record_intent(key)
@@ -904,6 +1003,7 @@ class Engine:
                 allow_redirects=False,
             ) as response:
                 status = response.status
+                passage.heard(status)
                 try:
                     body = await _read_json(response)
                 except ValueError:  # a 200 over the read cap
@@ -918,14 +1018,22 @@ class Engine:
             # Counted, so that an API gone for a while says so in the summary and run.json
             # instead of only as a reason on each failed row.
             self.stats.errors["submit cannot connect"] += 1
-            raise Transient(f"cannot connect: {exc.os_error or exc}") from None
+            why = no_answer(exc)
+            unanswered = passage.failed(why) if why is not None else False
+            raise Transient(
+                f"cannot connect: {exc.os_error or exc}", unanswered=unanswered
+            ) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             # The request may have reached the server: the intent stays open in the journal
             # and is counted as a possibly paid duplicate if we submit again. Its task, if
             # there is one, holds a slot we cannot poll (``SlotController.lost``).
             self.slots.lost(permit)
             self.stats.ambiguous_submits += 1
-            raise Transient(f"submit answer lost: {type(exc).__name__}") from None
+            why = None if passage.reported else no_answer(exc)
+            unanswered = passage.failed(why) if why is not None else False
+            raise Transient(
+                f"submit answer lost: {type(exc).__name__}", unanswered=unanswered
+            ) from None
         except Exception as exc:
             # An error of ours (or a library's) while the request was out: it may have
             # been taken and charged. Ending the row without settling the permit kept its
@@ -983,7 +1091,7 @@ class Engine:
         message = self._provider.error_message(status, body)
         self.stats.errors[f"submit {status}"] += 1
         if status >= 500:
-            raise Transient(message, retry_after=retry_after)
+            raise Transient(message, retry_after=retry_after, unanswered=passage.silent)
         if status in (401, 403):
             self.key_refused = self.key_refused or message
             self.stop_submitting(f"the API refused the key ({message}); nothing more was submitted")
@@ -998,6 +1106,7 @@ class Engine:
     def _track(self, job: Job, task_id: str, poll_url: str, submitted_at: float) -> _Tracked:
         future: asyncio.Future[TaskState] = asyncio.get_running_loop().create_future()
         tracked = _Tracked(job, task_id, poll_url, submitted_at, future)
+        tracked.unreachable_at_start = self._gates.outages.seconds()
         job.tracked = tracked
         self._by_task[task_id] = tracked
         if task_id in self._early:
@@ -1167,7 +1276,8 @@ class Engine:
             # Next at the first-poll time, as every other task: that poll teaches it.
             self._schedule(tracked, max(self._first_poll.value - age, 0.05))
             return
-        if age > self._settings.task_timeout_s:
+        waited = self._gates.outages.seconds() - tracked.unreachable_at_start
+        if age - waited > self._settings.task_timeout_s:
             tracked.done.set_exception(
                 _RowError(
                     RowStatus.FAILED,
@@ -1210,10 +1320,13 @@ class Engine:
 
     async def _poll(self, tracked: _Tracked) -> TaskState:
         return await retry_transient(
-            self._settings.retry, lambda: self._poll_once(tracked), on_retry=self._count_retry
+            self._settings.retry,
+            lambda: self._through(tracked.poll_url, lambda way: self._poll_once(tracked, way)),
+            on_retry=self._count_retry,
+            paused=self._gates.outages.seconds,
         )
 
-    async def _poll_once(self, tracked: _Tracked) -> TaskState:
+    async def _poll_once(self, tracked: _Tracked, passage: Passage) -> TaskState:
         tracked.polls += 1
         self.stats.polls += 1
         try:
@@ -1221,13 +1334,16 @@ class Engine:
                 tracked.poll_url, headers=self._provider.auth_headers(), timeout=self._timeout
             ) as response:
                 status = response.status
+                passage.heard(status)
                 body = await _read_json(response)
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             shown = str(exc) if isinstance(exc, ValueError) else type(exc).__name__
             if not isinstance(exc, ValueError):
                 self.stats.errors[f"poll {shown}"] += 1
-            raise Transient(f"poll failed: {shown}") from None
+            why = None if passage.reported else no_answer(exc)
+            unanswered = passage.failed(why) if why is not None else False
+            raise Transient(f"poll failed: {shown}", unanswered=unanswered) from None
         if 200 <= status < 300:
             try:
                 return self._provider.parse_poll(body)
@@ -1236,7 +1352,7 @@ class Engine:
         message = self._provider.error_message(status, body)
         self.stats.errors[f"poll {status}"] += 1
         if status == 429 or status >= 500:
-            raise Transient(message, retry_after=retry_after)
+            raise Transient(message, retry_after=retry_after, unanswered=passage.silent)
         if status == 404:
             fresh = tracked.job.task_id is None  # acknowledged in this run, not resumed
             if fresh and time.monotonic() - tracked.started < UNKNOWN_GRACE_S:
@@ -1455,22 +1571,31 @@ class Engine:
     async def _download(
         self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool
     ) -> tuple[Any, bytes]:
-        async def attempt() -> tuple[Any, bytes]:
-            # A download slot per attempt, not across the backoff sleeps between them:
-            # a retrying download must not keep other finished tasks from theirs.
+        async def one(passage: Passage) -> tuple[Any, bytes]:
+            # A download slot per attempt, not across the backoff sleeps between them (nor
+            # the wait at a closed gate): a retrying download must not keep other finished
+            # tasks from theirs.
             async with self._downloads:
-                return await self._download_once(url, fmt, expected, thumbnail)
+                return await self._download_once(url, fmt, expected, thumbnail, passage)
 
-        return await retry_transient(self._settings.retry, attempt, on_retry=self._count_retry)
+        return await retry_transient(
+            self._settings.retry,
+            lambda: self._through(url, one, "the host of the results"),
+            on_retry=self._count_retry,
+            paused=self._gates.outages.seconds,
+        )
 
     async def _download_once(
-        self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool
+        self, url: str, fmt: str, expected: tuple[int, int], thumbnail: bool, passage: Passage
     ) -> tuple[Any, bytes]:
         self.stats.downloads += 1
         try:
             # Result URLs are signed and may live on another host: never send the API key.
+            # That host has its own gate: a CDN that answers keeps serving while the API
+            # does not, and the other way round.
             async with self._session.get(url, timeout=self._timeout) as response:
                 status = response.status
+                passage.heard(status)
                 if status == 200:
                     length = response.content_length
                     if length is not None and length > MAX_IMAGE_BYTES:
@@ -1490,12 +1615,20 @@ class Engine:
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
         except (aiohttp.ClientError, TimeoutError) as exc:
             self.stats.errors[f"download {type(exc).__name__}"] += 1
-            raise Transient(f"download failed: {type(exc).__name__}") from None
+            why = None if passage.reported else no_answer(exc)
+            unanswered = passage.failed(why) if why is not None else False
+            raise Transient(
+                f"download failed: {type(exc).__name__}", unanswered=unanswered
+            ) from None
         if status in (403, 404, 410):
             raise _Expired(f"HTTP {status}")
         if status != 200:
             self.stats.errors[f"download {status}"] += 1
-            raise Transient(f"download answered HTTP {status}", retry_after=retry_after)
+            raise Transient(
+                f"download answered HTTP {status}",
+                retry_after=retry_after,
+                unanswered=passage.silent,
+            )
         thumb = THUMB_PX if thumbnail else None
         try:
             if len(data) > 1_000_000:

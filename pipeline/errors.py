@@ -5,8 +5,10 @@ KleinError                 anything klein-batch reports to a person (no tracebac
 ├── ConfigError            the run cannot start: bad option, missing API key, bad sink URI
 ├── ManifestError          the manifest as a whole is unusable (unreadable, no prompt column)
 ├── ReferenceError         one reference image is unusable (the row is rejected, the run goes on)
-└── StorageError           the output or the run's journal cannot be written (disk full,
-                           read-only, permission, S3 failing): the run stops at once
+├── StorageError           the output or the run's journal cannot be written (disk full,
+│                          read-only, permission, S3 failing): the run stops at once
+└── ApiUnreachable         the API has not answered for ``--api-outage-wait`` seconds: the
+                           run stops as cleanly, and the same command resumes it
 ```
 
 Row-level problems are not exceptions: they become ``Rejection`` records and the valid rows
@@ -39,6 +41,17 @@ class StorageError(KleinError):
     A run stops at once on it (exit code ``EXIT_STORAGE``): going on would pay for images
     it cannot keep, or for tasks it cannot journal. Tasks already acknowledged stay in the
     journal without an outcome, so the rerun polls them instead of paying again.
+    """
+
+
+class ApiUnreachable(KleinError):
+    """The API (or the host serving its results) has not answered for the run's
+    ``--api-outage-wait``: the run stops (exit code ``EXIT_UNAVAILABLE``) as it does on a
+    ``StorageError``.
+
+    Rows waited at the host's gate meanwhile instead of failing; those not sent stay
+    pending and tasks in flight stay in the journal, so running the same command again
+    polls them instead of paying again.
     """
 
 

@@ -58,6 +58,13 @@ def _counts(snapshot: ProgressSnapshot) -> str:
     return " · ".join(parts)
 
 
+def _waiting(snapshot: ProgressSnapshot) -> str:
+    """Said while the API does not answer: a run standing still is waiting, not stuck."""
+    if snapshot.api_unreachable_s is None:
+        return ""
+    return f" · API unreachable for {format_duration(snapshot.api_unreachable_s)}, waiting"
+
+
 def format_line(snapshot: ProgressSnapshot) -> str:
     """One self-contained log line: every figure a person grepping a log would look for."""
     done = snapshot.done
@@ -70,7 +77,7 @@ def format_line(snapshot: ProgressSnapshot) -> str:
             f"({100.0 * snapshot.made_share:.1f}%)"
         )
     return (
-        f"{head} · {_counts(snapshot)}"
+        f"{head} · {_counts(snapshot)}{_waiting(snapshot)}"
         f" · in flight {snapshot.in_flight} · {snapshot.images_per_s:.2f} img/s"
         f" · ETA {format_duration(snapshot.eta_s)} · {snapshot.credits:.2f} credits"
         f" · elapsed {format_duration(snapshot.elapsed_s)}"
@@ -185,7 +192,9 @@ class ProgressDisplay:
     def _draw_bar(self, snapshot: ProgressSnapshot) -> None:
         if self._progress is None or self._task is None:
             return
-        self._progress.status = f"{_counts(snapshot)} · in flight {snapshot.in_flight}"
+        self._progress.status = (
+            f"{_counts(snapshot)}{_waiting(snapshot)} · in flight {snapshot.in_flight}"
+        )
         if snapshot.stopped:
             self._progress.status = (
                 f"stopped: {snapshot.stopped} · {100.0 * snapshot.made_share:.0f}% of the "

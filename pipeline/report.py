@@ -92,6 +92,12 @@ def format_summary(summary: RunSummary) -> str:
     if summary.changed_rows:
         lines.append(summary.changed_warning())
     lines += [f"note: {notice}" for notice in summary.notices]
+    if summary.api_outages:
+        times = "once" if summary.api_outages == 1 else f"{summary.api_outages:,} times"
+        lines.append(
+            f"warning: the API did not answer for {_seconds(summary.api_unreachable_s)} in all "
+            f"({times}); rows waited for it instead of failing"
+        )
     if summary.ambiguous_submits:
         lines.append(
             f"warning: {summary.ambiguous_submits:,} submits lost their response "

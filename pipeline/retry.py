@@ -28,8 +28,8 @@ from tenacity import (
     RetryCallState,
     retry_if_exception_type,
     stop_after_attempt,
-    stop_after_delay,
 )
+from tenacity.stop import stop_base
 
 T = TypeVar("T")
 
@@ -37,10 +37,16 @@ T = TypeVar("T")
 class Transient(Exception):
     """A failure worth retrying: 5xx, a dropped connection, a timeout, a truncated body."""
 
-    def __init__(self, reason: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, reason: str, *, retry_after: float | None = None, unanswered: bool = False
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.retry_after = retry_after
+        #: The host answered nothing since the request began (``pipeline.gate``): the
+        #: failure is the host's, and the engine tries again through the host's gate
+        #: without spending one of the row's attempts.
+        self.unanswered = unanswered
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,24 +109,43 @@ class _Wait:
         return backoff_s(self._policy, state.attempt_number + 1, error)
 
 
+class _StopAfter(stop_base):
+    """tenacity's stop once ``clock`` passes ``deadline`` (``stop_after_delay`` reads the
+    wall clock, which would count the time a step waited at a closed gate)."""
+
+    def __init__(self, clock: Callable[[], float], deadline: float) -> None:
+        self._clock = clock
+        self._deadline = deadline
+
+    def __call__(self, state: RetryCallState) -> bool:
+        return self._clock() >= self._deadline
+
+
 async def retry_transient(
     policy: RetryPolicy,
     step: Callable[[], Awaitable[T]],
     *,
     on_retry: Callable[[Transient], None] | None = None,
+    paused: Callable[[], float] | None = None,
 ) -> T:
     """``await step()`` until it returns, retrying on ``Transient`` within ``policy``.
 
     Gives up (re-raising the last ``Transient``) after ``max_attempts`` attempts, or when
     ``max_elapsed_s`` has passed since the first attempt began once an attempt fails.
     Any other exception ends the step at once. ``on_retry`` hears each failure that is
-    retried, before the wait.
+    retried, before the wait. ``paused`` gives the seconds so far during which the API
+    could not be reached (``pipeline.gate.Outages.seconds``): they do not count toward
+    ``max_elapsed_s``, since an outage must not use up a row's time.
     """
-    started = time.monotonic()
+
+    def now() -> float:
+        return time.monotonic() - (paused() if paused is not None else 0.0)
+
+    started = now()
     try:
         return await step()
     except Transient as error:
-        if policy.max_attempts <= 1 or time.monotonic() - started >= policy.max_elapsed_s:
+        if policy.max_attempts <= 1 or now() - started >= policy.max_elapsed_s:
             raise
         if on_retry is not None:
             on_retry(error)
@@ -131,11 +156,11 @@ async def retry_transient(
         if on_retry is not None and isinstance(error, Transient):
             on_retry(error)
 
-    left_s = policy.max_elapsed_s - (time.monotonic() - started)
     retrying = AsyncRetrying(
         retry=retry_if_exception_type(Transient),
         wait=_Wait(policy),
-        stop=stop_after_attempt(policy.max_attempts - 1) | stop_after_delay(max(0.0, left_s)),
+        stop=stop_after_attempt(policy.max_attempts - 1)
+        | _StopAfter(now, started + policy.max_elapsed_s),
         before_sleep=before_sleep,
         reraise=True,
     )

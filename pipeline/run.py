@@ -116,6 +116,9 @@ class RunOptions:
     allow_http: bool = False
     #: How hard each step (submit, poll, download) retries before its row ends ``failed``.
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    #: Seconds the API may go without answering before the run stops (``ApiUnreachable``);
+    #: until then rows wait for it instead of failing (``pipeline/gate.py``).
+    api_outage_wait_s: float = 300.0
     #: Submit again a resumed task the API answers 404 for, instead of failing the row. Set
     #: by ``sim=True``: each run starts a fresh simulator that knows no earlier task, and
     #: resubmitting to it costs nothing real. Against a real API leave it off (a forgotten
@@ -193,6 +196,7 @@ class RunOptions:
         opts.allow_http = spec.allow_http_references
         opts.allow_private_urls = spec.allow_private_references
         opts.report_columns = tuple(spec.report_columns)
+        opts.api_outage_wait_s = spec.api_outage_wait
         return opts
 
 
@@ -258,6 +262,10 @@ def run_manifest(
     ``spec`` (a ``pipeline.spec.RunSpec``) is the whole run as ``klein-batch run`` takes it:
     with it the run's options, output, API URL and simulator come from the spec, and the
     option keywords above are not used (``options`` still supplies tuning knobs).
+
+    An API that does not answer for ``api_outage_wait`` seconds raises
+    ``pipeline.errors.ApiUnreachable`` once the outputs are written (as a ``StorageError``
+    does); until then rows wait for it, and the same call afterwards resumes the run.
     """
     run = arun_manifest(
         manifest,
@@ -586,6 +594,7 @@ async def _arun(
             retry=opts.retry,
             resubmit_unknown=opts.resubmit_unknown,
             text_only_without_reference=opts.missing_reference == "text-only",
+            outage_wait_s=opts.api_outage_wait_s,
         )
         if receiver is not None:
             await receiver.start()
@@ -874,6 +883,7 @@ class _Run:
             elapsed_s=elapsed,
             eta_s=eta,
             stopped="budget" if self.budget is not None and self.budget.stopped else None,
+            api_unreachable_s=self.engine.api_unreachable_for if self.engine else None,
         )
 
     async def _report_progress(self) -> None:
@@ -952,6 +962,8 @@ class _Run:
             summary.polls = stats.polls
             summary.webhooks = stats.webhooks
             summary.errors = dict(stats.errors)
+            summary.api_unreachable_s = stats.api_unreachable_s
+            summary.api_outages = stats.api_outages
             if engine.abort_reason:
                 summary.errors["aborted: " + engine.abort_reason] = 1
         if self.receiver is not None:

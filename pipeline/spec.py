@@ -261,6 +261,14 @@ class RunSpec(BaseModel):
     retry_failed: bool = _option(
         False, "Retry the rows that failed in an earlier run.", flag="--retry-failed"
     )
+    api_outage_wait: float = _option(
+        300.0,
+        "While the API does not answer (connection refused, reset), rows wait for it instead "
+        "of failing; after this many seconds without an answer the run stops (exit 69) and "
+        "the same command resumes it. [default: 300]",
+        flag="--api-outage-wait",
+        metavar="SECONDS",
+    )
     aspect_ratio: str = _option(
         DEFAULT_ASPECT_RATIO,
         f"Default for rows without one; one of: {', '.join(ASPECT_RATIOS)}, or its ratio "
@@ -421,6 +429,7 @@ SETTING_TYPES: Final[dict[str, type]] = {
     "limit": int,
     "dry_run": bool,
     "retry_failed": bool,
+    "api_outage_wait": float,
     "aspect_ratio": str,
     "resolution": str,
     "output_format": str,
@@ -506,6 +515,8 @@ def check_setting(setting: str, value: object, where: Where, tiers: Any) -> obje
         return tuple(value)
     if setting == "max_credits" and isinstance(value, float) and not value >= 0:
         raise where.fail(setting, value, "a number of credits, 0 or more")
+    if setting == "api_outage_wait" and isinstance(value, float) and not 0 < value < 1e9:
+        raise where.fail(setting, value, "a number of seconds, more than 0")
     # bool is an int subclass: `max_active = true` must not pass as 1.
     if not isinstance(value, expected_type) or (expected_type is int and isinstance(value, bool)):
         raise where.fail(setting, value, _TYPE_WORDS[expected_type])

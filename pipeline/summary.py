@@ -36,6 +36,8 @@ class ProgressSnapshot:
     eta_s: float | None
     #: Why the run stops short of its rows (``budget``), once it does; None otherwise.
     stopped: str | None = None
+    #: Seconds the API has not answered while it does not (rows wait); None while it does.
+    api_unreachable_s: float | None = None
 
     @property
     def done(self) -> int:
@@ -97,6 +99,10 @@ class RunSummary:
     #: What the run noticed about its input that stopped nothing, e.g. columns that look
     #: like a size request it does not read (``pipeline.manifest.size_notice``).
     notices: list[str] = field(default_factory=list)
+    #: Seconds during which the API (or the host of its results) did not answer and rows
+    #: waited for it, and how many times it stopped answering (``pipeline/gate.py``).
+    api_unreachable_s: float = 0.0
+    api_outages: int = 0
 
     @property
     def elapsed_s(self) -> float:

@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -260,6 +260,57 @@ class SimServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def stop_listening(self) -> None:
+        """Stop answering on both listeners, as an API whose process died does: new
+        connections are refused and open ones are cut (a request being handled may still
+        create its task, as a server that dies before its answer leaves, unseen, behind).
+
+        The simulator's state is kept: ``listen_again`` brings the same API back on the same
+        ports, and tasks acknowledged before the outage can be polled after it."""
+        for runner in (self._runner, self._regional_runner):
+            if runner is None:
+                continue
+            for site in list(runner.sites):
+                await site.stop()
+            if runner.server is not None:
+                for handler in runner.server.connections:
+                    handler.force_close()
+
+    async def listen_again(self, *, retry_for_s: float = 5.0) -> None:
+        """Answer again on the ports ``stop_listening`` closed.
+
+        Binding is retried for a while: the port was free while the server was down, and the
+        kernel may have lent it to an outgoing connection meanwhile."""
+        deadline = time.monotonic() + retry_for_s
+        for runner, host, port in (
+            (self._runner, self.host, self.port),
+            (self._regional_runner, self.regional_host, self.regional_port),
+        ):
+            if runner is None or runner.sites:
+                continue
+            while True:
+                try:
+                    await web.TCPSite(runner, host, port).start()
+                    break
+                except OSError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    await asyncio.sleep(0.05)
+
+    def go_down(self) -> None:
+        """``stop_listening`` from another thread than the server's (``in_thread``)."""
+        self._await(self.stop_listening)
+
+    def come_back(self) -> None:
+        """``listen_again`` from another thread than the server's (``in_thread``)."""
+        self._await(self.listen_again)
+
+    def _await(self, make: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        loop = self._loop
+        if self._thread is None or loop is None or threading.current_thread() is self._thread:
+            raise RuntimeError("for a simulator run in_thread, from another thread; else await")
+        asyncio.run_coroutine_threadsafe(make(), loop).result(timeout=30)
 
     async def __aenter__(self) -> SimServer:
         await self.start()
