@@ -25,6 +25,14 @@ def test_every_watched_deployment_beats_three_times_per_window() -> None:
     lost, _ = load()
     trigger = lost.trigger
     assert trigger.posture == "Proactive"
+    # A run killed before its first heartbeat is watched from its Pending and Running states.
+    assert trigger.after == {
+        "prefect.flow-run.heartbeat",
+        "prefect.flow-run.Pending",
+        "prefect.flow-run.Running",
+    }
+    # A cancelled run whose machine is gone is Prefect's to cancel, not one to run again.
+    assert "prefect.flow-run.Cancelling" in trigger.expect
     watched = trigger.match_related
     tag = watched.root["prefect.resource.id"].removeprefix("prefect.tag.")
     window = trigger.within.total_seconds()

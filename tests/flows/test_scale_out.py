@@ -407,7 +407,23 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     from pipeline.storage import dated
 
     api = pool["api"]
+    nightly = api_get(api, "/deployments/name/generate-catalog/nightly-catalog")
+    assert nightly["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     run_command([str(BIN / "python"), "-m", "flows.automations"], pool["client"])
+    # A run whose machine died before its first heartbeat reached the server: Running, and
+    # never a heartbeat. It is watched from its Running state, so it is marked Lost too.
+    shard_flow = api_get(api, "/flows/name/generate-catalog-shard")
+    ghost = api_post(
+        api,
+        "/flow_runs/",
+        {
+            "flow_id": shard_flow["id"],
+            "name": "ghost-runner",
+            "tags": ["klein-batch", "klein-heartbeat"],
+            "state": {"type": "RUNNING"},
+        },
+    )["id"]
+    ghost_at = time.time()
     earlier = flow_run_ids(api)
     manifest = write_catalog(
         tmp_path / "catalog.csv",
@@ -502,8 +518,19 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
         stats = sim_stats(sim_url)
 
     names = [(state["type"], state["name"]) for state in states]
+    ghost_states = flow_run_states(api, ghost)
+    assert [(state["type"], state["name"]) for state in ghost_states] == [
+        ("RUNNING", "Running"),
+        ("CRASHED", "Lost"),
+    ]
+    ghost_lost_after = seconds_since(ghost_states[-1]["timestamp"], ghost_at)
+    print(f"\na run with no heartbeat at all was Lost {ghost_lost_after:.0f} s after it ran")
+    assert 85 <= ghost_lost_after <= 150
     assert run["state_type"] == "COMPLETED", (names, worker_logs(pool)[-4000:])
     assert ("CRASHED", "Lost") in names and ("SCHEDULED", "Rerun") in names, names
+    # Live runs beat every 30 s (prefect.yaml), so only the lost ones are marked: the rerun
+    # ran on for 100 s and more without being marked Lost again.
+    assert names.count(("CRASHED", "Lost")) == 1, names
     # Leaving Running freed the deployment's slot at once: the rerun never waited for it.
     assert ("SCHEDULED", "AwaitingConcurrencySlot") not in names, names
     lost_state = next(s for s in states if s["name"] == "Lost")
@@ -529,11 +556,13 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     duplicates = stats["duplicate_submits"]
     assert stats["submits_accepted"] == PARENT_ROWS + duplicates
     assert duplicates <= json.loads((out / "run.json").read_text())["ambiguous_submits"]
-    # No run of the night stays Running: runners on the lost machine are Lost too.
     finished_by = {
         n: json.loads((out / f".klein/shards/{n}/shard.json").read_text())["pid"]
         for n in range(PARENT_ROWS // LOST_SHARD_SIZE)
     }
     print(f"shards finished by process: {finished_by}; {duplicates} sent twice")
+    # No run of the night stays Running or Pending: runners on the lost machine, started or
+    # starting, are Lost too.
     assert not {r["state_type"] for r in night} & {"RUNNING", "PENDING"}, ended
-    assert any(r["state_name"] == "Lost" for r in night) or not lost_runners, ended
+    marked = {r["id"] for r in night if r["state_name"] == "Lost"}
+    assert {r["id"] for r in lost_runners} <= marked, ended
