@@ -50,7 +50,7 @@ from benchmarks.prefect_pool import (
 from benchmarks.prefect_pool import run as run_command
 
 #: One worker runs the tests (tests/conftest.py: ONE_WORKER_MODULES), so the pool starts once;
-#: 364 s measured for the three on the shared 2-core machine.
+#: 350-364 s measured for the three on the shared 2-core machine.
 pytestmark = pytest.mark.slow(seconds=360)
 
 KEY = "sk-scale-out-test-5d2e8b"
