@@ -81,7 +81,11 @@ def _start_order(item: pytest.Item) -> tuple[int, float]:
 #: The scale-out pool (a Prefect server, PostgreSQL, two workers) and the hostile corpus's
 #: 37 CLI runs would otherwise be set up again on every worker that draws one of their tests.
 ONE_WORKER_MODULES = frozenset(
-    {"tests/flows/test_scale_out.py", "tests/hostile/test_hostile_corpus.py"}
+    {
+        "tests/flows/test_scale_out.py",
+        "tests/flows/test_lost_parent.py",
+        "tests/hostile/test_hostile_corpus.py",
+    }
 )
 
 
