@@ -303,6 +303,9 @@ async def _unless_the_night_is_cancelled(work: Awaitable[_T], night: str | None)
     watch = asyncio.ensure_future(_cancelled(UUID(night)))
     try:
         await asyncio.wait({running, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this runner itself cancelled: ``wait`` does not pass it on
+        running.cancel()
+        raise
     finally:
         watch.cancel()
     if running.done():
