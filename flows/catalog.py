@@ -125,7 +125,8 @@ class ShardJob(BaseModel):
     #: Global concurrency limit standing for the key; ``None`` runs without a lease.
     concurrency_limit: str | None = DEFAULT_LIMIT_NAME
     occupy: int = Field(default=1, ge=1)
-    #: Where this job came from: (parent flow run, attempt), to spot a stale shard.json.
+    #: The night's flow run: a ``shard.json`` of another night (an earlier run into the
+    #: same output) is stale, one of this flow run's earlier attempts is not.
     token: str = ""
     #: Submit again a task the API no longer knows (404) instead of failing its row: only
     #: for a simulator started per run (``klein-batch flow --sim``), which forgets tasks.
@@ -627,7 +628,11 @@ async def generate_catalog(
             _fixed_caps(pool, shards)
             await sink.put(CREDITS_RELPATH, pool.to_bytes(), "application/json")
         run_id = _flow_run_id()
-        token = f"{run_id}-{uuid.uuid4().hex[:8]}"
+        # The night's flow run: a shard one of its attempts finished (the same parameters,
+        # the same manifest) is finished for the next attempt too. A night marked Lost and
+        # run again (automations.yaml) then merges what the surviving runners finished,
+        # instead of both sides resuming each other's finished shards once more.
+        token = run_id
         make_job = _job_factory(
             manifest=manifest,
             spec=spec,
