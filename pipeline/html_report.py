@@ -644,6 +644,7 @@ def _header(summary: RunSummary, found: _Gathered, max_credits: float | None) ->
             f'<p class="state" id="state">finished · {made:,} of {asked:,} images made '
             f"({share:.0f}%)</p>"
         )
+    banner += "".join(f'<p class="warn">{_e(note)}</p>' for note in _notes(summary))
     return (
         f"<header><h1>{_e(summary.manifest)}</h1>{banner}<p>run {_e(summary.run_id)} · started "
         f"{started} · {asked:,} "
@@ -652,6 +653,22 @@ def _header(summary: RunSummary, found: _Gathered, max_credits: float | None) ->
         f"({summary.max_active} active, {summary.submits_per_minute}/min) · "
         f'<a href="#problems">problems</a></p><div class="stats">{"".join(tiles)}</div></header>'
     )
+
+
+def _notes(summary: RunSummary) -> list[str]:
+    """What the summary's closing lines warn about, where a merchandiser reads the run: an
+    API that stopped answering, rows kept though their prompt changed, columns not read."""
+    notes: list[str] = []
+    if summary.api_outages:
+        times = "once" if summary.api_outages == 1 else f"{summary.api_outages:,} times"
+        notes.append(
+            f"the API did not answer for {_seconds(summary.api_unreachable_s)} in all "
+            f"({times}); rows waited for it instead of failing"
+        )
+    if summary.changed_rows:
+        notes.append(summary.changed_warning().removeprefix("warning: "))
+    notes += [f"note: {notice}" for notice in summary.notices]
+    return notes
 
 
 def _seconds(value: float | None) -> str:

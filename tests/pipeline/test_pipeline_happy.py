@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import html
 import json
 from pathlib import Path
 
@@ -131,6 +132,7 @@ def test_a_rerun_with_edited_rows_keeps_them_and_says_so(sim: SimServer, tmp_pat
     assert again.changed_examples == ["item-0003", "item-0007"]
     assert "2 rows ask for another prompt" in again.changed_warning()
     assert json.loads((out / "run.json").read_text())["changed_rows"] == 2
+    assert "2 rows ask for another prompt" in (out / "report.html").read_text()
     rows = check_output(out, 12, again)
     kept = rows.filter(pl.col("key") == "item-0003")
     assert kept["prompt"].to_list() != ["a green mug on marble"]  # the image's own request
@@ -163,3 +165,5 @@ def test_a_spreadsheets_column_names_and_ratios_are_understood(
     assert "note: sheet.csv: columns 'Width', 'Height' not read" in text
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run_json["notices"] == summary.notices and len(summary.notices) == 1
+    report = html.unescape((tmp_path / "out" / "report.html").read_text())
+    assert "note: sheet.csv: columns 'Width', 'Height' not read" in report

@@ -102,6 +102,8 @@ def test_an_outage_mid_run_fails_no_row_and_pays_nothing_twice(
     written = json.loads((out / "run.json").read_text())
     assert written["api_unreachable_s"] == summary.api_unreachable_s
     assert written["api_outages"] == summary.api_outages
+    # report.html says so at the top, where whoever checks the night looks first.
+    assert "the API did not answer for " in (out / "report.html").read_text()
     assert (
         written["errors"].get("submit cannot connect", 0)
         + sum(count for name, count in written["errors"].items() if name.startswith("poll "))
