@@ -723,9 +723,17 @@ class Ledger:
         otherwise give the later row the earlier row's image (``Engine`` fails it).
         """
         self._begin()
-        task_id = self.mask.seal(task_id)
+        # Credentials never reach the disk: the engine adds the run's back when polling.
+        ack = SealedAck(
+            key,
+            self.mask.seal(task_id),
+            self.mask.seal(without_credentials(poll_url)),
+            submitted_at,
+            cost,
+            self._run_id,
+        )
         holder = self._conn.execute(
-            "SELECT key FROM tasks WHERE task_id = ? AND key <> ? LIMIT 1", (task_id, key)
+            "SELECT key FROM tasks WHERE task_id = ? AND key <> ? LIMIT 1", (ack.task_id, key)
         ).fetchone()
         self._conn.execute(
             "INSERT INTO tasks(key, intents, task_id, poll_url, submitted_at, ack_cost, ack_run) "
@@ -733,18 +741,15 @@ class Ledger:
             "intent_pending = 0, task_id = excluded.task_id, poll_url = excluded.poll_url, "
             "submitted_at = excluded.submitted_at, ack_cost = excluded.ack_cost, "
             "ack_run = excluded.ack_run",
-            # Credentials never reach the disk: the engine adds the run's back when polling.
-            (
-                key,
-                task_id,
-                self.mask.seal(without_credentials(poll_url)),
-                submitted_at,
-                cost,
-                self._run_id,
-            ),
+            (key, ack.task_id, ack.poll_url, submitted_at, cost, ack.run),
         )
         self._conn.execute("COMMIT")
+        self._acked(ack)
         return None if holder is None else str(holder[0])
+
+    def _acked(self, ack: SealedAck) -> None:
+        """Called with each ack once it is committed, as stored (a mirror of the journal
+        keeps them: ``pipeline/remote_journal.NotingLedger``)."""
 
     @_writes
     def adopt_acks(self, acks: Iterable[SealedAck]) -> int:

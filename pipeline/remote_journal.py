@@ -45,7 +45,6 @@ from pipeline.errors import ConfigError
 from pipeline.ledger import LEDGER_RELPATH, Ledger, SealedAck
 from pipeline.output_manifest import PARQUET_CONTENT_TYPE, outcomes_table
 from pipeline.rows import Outcome, Rejection
-from pipeline.urls import without_credentials
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +124,8 @@ class NotingLedger(Ledger):
         #: Acknowledgements since the last upload of them (``RemoteJournal._write_acks``).
         self.acks: list[SealedAck] = []
 
-    def record_ack(
-        self, key: str, task_id: str, poll_url: str, submitted_at: float, cost: float | None
-    ) -> str | None:
-        holder = super().record_ack(key, task_id, poll_url, submitted_at, cost)
-        sealed = self.mask.seal(without_credentials(poll_url))
-        self.acks.append(
-            SealedAck(key, self.mask.seal(task_id), sealed, submitted_at, cost, self._run_id)
-        )
-        return holder
+    def _acked(self, ack: SealedAck) -> None:
+        self.acks.append(ack)
 
     def record_outcome(self, outcome: Outcome) -> None:
         super().record_outcome(outcome)
