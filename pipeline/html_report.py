@@ -60,6 +60,7 @@ from PIL import Image
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.manifest import KNOWN_COLUMNS
 from pipeline.output_manifest import FIXED_COLUMNS, output_manifest_file
+from pipeline.report import outage_warning
 from pipeline.storage import Sink
 from pipeline.summary import RunSummary
 from pipeline.templates import markup_in
@@ -660,11 +661,7 @@ def _notes(summary: RunSummary) -> list[str]:
     API that stopped answering, rows kept though their prompt changed, columns not read."""
     notes: list[str] = []
     if summary.api_outages:
-        times = "once" if summary.api_outages == 1 else f"{summary.api_outages:,} times"
-        notes.append(
-            f"the API did not answer for {_seconds(summary.api_unreachable_s)} in all "
-            f"({times}); rows waited for it instead of failing"
-        )
+        notes.append(outage_warning(summary).removeprefix("warning: "))
     if summary.changed_rows:
         notes.append(summary.changed_warning().removeprefix("warning: "))
     notes += [f"note: {notice}" for notice in summary.notices]

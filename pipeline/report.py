@@ -64,6 +64,16 @@ def _seconds(value: float | None) -> str:
     return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def outage_warning(summary: RunSummary) -> str:
+    """The run's API outages in one line (``pipeline/gate.py``): the summary's and
+    report.html's."""
+    times = "once" if summary.api_outages == 1 else f"{summary.api_outages:,} times"
+    return (
+        f"warning: the API did not answer for {_seconds(summary.api_unreachable_s)} in all "
+        f"({times}); rows waited for it instead of failing"
+    )
+
+
 def format_summary(summary: RunSummary) -> str:
     """The CLI's closing lines: what happened to every row, how fast, at what cost, where."""
     counts = summary.counts
@@ -93,11 +103,7 @@ def format_summary(summary: RunSummary) -> str:
         lines.append(summary.changed_warning())
     lines += [f"note: {notice}" for notice in summary.notices]
     if summary.api_outages:
-        times = "once" if summary.api_outages == 1 else f"{summary.api_outages:,} times"
-        lines.append(
-            f"warning: the API did not answer for {_seconds(summary.api_unreachable_s)} in all "
-            f"({times}); rows waited for it instead of failing"
-        )
+        lines.append(outage_warning(summary))
     if summary.ambiguous_submits:
         lines.append(
             f"warning: {summary.ambiguous_submits:,} submits lost their response "
