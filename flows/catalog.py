@@ -181,7 +181,6 @@ async def run_shard(
     a runner passes every shard it runs one ``key_state``, so each shard starts with the
     key as the last one learned it, and counts the slots that one's tail still holds.
     """
-    _use_endpoint(job.spec.s3_endpoint_url)
     key = await resolve_api_key(job.api_key_block, job.spec.dialect)
     base = open_sink(job.out)
     try:
