@@ -207,6 +207,15 @@ def _loose(name: str) -> str:
     return "".join(ch for ch in name.lower() if ch.isalnum())
 
 
+_KNOWN_LOOSE: Final = {_loose(name): name for name in KNOWN_COLUMNS}
+
+
+def known_column(name: str) -> str | None:
+    """The column the pipeline reads that ``name`` means (``_loose``), else None: for a
+    manifest's header and a variation's axis alike."""
+    return _KNOWN_LOOSE.get(_loose(name))
+
+
 def size_notice(file_name: str, columns: list[str]) -> str | None:
     """Columns that look like a size request the pipeline does not read, named once."""
     found = [name for name in columns if _loose(name) in _SIZE_LIKE]
@@ -234,7 +243,6 @@ def _normalise_columns(
     roles = roles or {}
     # A column a role stands in for keeps its own name (WooCommerce's ``ID`` is not the
     # ``id`` the pipeline keys by when the id comes from the SKU).
-    known = {_loose(name): name for name in KNOWN_COLUMNS if name not in roles}
     names: list[str] = []
     for position, raw in enumerate(found, start=1):
         stripped = raw.strip()
@@ -245,7 +253,8 @@ def _normalise_columns(
                 f"{file_name}: has a column {stripped!r}, and {stripped} is also taken from "
                 f"column {roles[stripped]!r} as asked; rename or drop one of them"
             )
-        names.append(known.get(_loose(stripped), stripped))
+        known = known_column(stripped)
+        names.append(known if known is not None and known not in roles else stripped)
     seen: dict[str, str] = {}
     for raw, name in zip(found, names, strict=True):
         if name in seen:

@@ -40,6 +40,7 @@ from pipeline.manifest import (
     KNOWN_COLUMNS,
     Defaults,
     ManifestReader,
+    known_column,
     lines_to_validate,
     validate_batch,
 )
@@ -82,8 +83,7 @@ class _Factor:
 
 def _canonical(name: str, source: str) -> str:
     stripped = name.strip()
-    known = {column.lower(): column for column in KNOWN_COLUMNS}
-    column = known.get(stripped.lower(), stripped)
+    column = known_column(stripped) or stripped
     if not column:
         raise ConfigError(f"{source}: an axis has no name; expected AXIS=VALUE,VALUE...")
     if column in _FORBIDDEN:

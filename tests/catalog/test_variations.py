@@ -171,6 +171,8 @@ def test_an_aspect_ratio_written_as_its_ratio_is_the_presets_one_variation(
 ) -> None:
     """`16:9` and `widescreen_16_9` are one image: one name in its key, slug and request."""
     assert parse_vary("aspect_ratio=1:1,16:9").rows == (("square_1_1",), ("widescreen_16_9",))
+    # An axis named as a spreadsheet names the column is that column, as in a manifest.
+    assert parse_vary("Aspect Ratio=16:9").columns == ("aspect_ratio",)
     styles = tmp_path / "styles.csv"
     styles.write_text("style,aspect_ratio\nstudio,4/5\n", encoding="utf-8")
     assert read_variations_csv(styles).rows == (("studio", "social_post_4_5"),)
