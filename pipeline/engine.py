@@ -452,6 +452,12 @@ class Engine:
         """Seconds the API has not answered, while it does not; None while it does."""
         return self._gates.closed_for()
 
+    @property
+    def api_outages_so_far(self) -> tuple[float, int]:
+        """The run's API outages until now: seconds without an answer in all, and how many."""
+        outages = self._gates.outages
+        return round(outages.seconds(), 3), outages.count
+
     def fail(self, error: KleinError) -> None:
         """Stop the run on a storage error (or an ``ApiUnreachable``): no new submits, rows
         in flight end unrecorded.

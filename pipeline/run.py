@@ -565,6 +565,7 @@ async def _arun(
                 "variations": opts.catalog.size if opts.catalog else 1,
                 "pid": os.getpid(),
                 "host": socket.gethostname(),
+                "notices": list(reader.notices),
             },
         )
         if remote is not None:
@@ -712,6 +713,8 @@ class _Run:
         self.started = time.monotonic()
         self._last_flush = 0.0
         self._total_noted = False
+        #: When the API stopped answering, as journaled for `klein-batch status` (None: up).
+        self._outage_noted: float | None = None
         #: What earlier runs into this output spent or left in flight counts against it.
         self.budget = (
             Budget(opts.max_credits, committed=ledger.destination_credits())
@@ -893,6 +896,7 @@ class _Run:
                 if self.total is not None and not self._total_noted:
                     self._total_noted = True  # `klein-batch status` shows progress against it
                     self.ledger.update_run_info(total=self.total)
+                self._note_outage()
                 self.ledger.flush()
             except StorageError as exc:
                 if self.engine is not None:
@@ -900,6 +904,20 @@ class _Run:
                 return
             if self.on_progress is not None:
                 self.on_progress(self.snapshot())
+
+    def _note_outage(self) -> None:
+        """Journal an API outage as it starts and ends: `klein-batch status`, from another
+        process, then says the run is waiting for the API rather than merely slow."""
+        down_for = self.engine.api_unreachable_for if self.engine else None
+        if down_for is not None and self._outage_noted is None:
+            self._outage_noted = time.time() - down_for
+            self.ledger.update_run_info(api_down_since=self._outage_noted)
+        elif down_for is None and self._outage_noted is not None and self.engine is not None:
+            self._outage_noted = None
+            seconds, count = self.engine.api_outages_so_far
+            self.ledger.update_run_info(
+                api_down_since=None, api_unreachable_s=seconds, api_outages=count
+            )
 
     # --- the end ---------------------------------------------------------------------------------
 
@@ -991,6 +1009,10 @@ class _Run:
                 total=summary.images_asked,
                 complete=unfinished == 0,
                 stopped=summary.stopped,
+                api_down_since=None,
+                api_unreachable_s=summary.api_unreachable_s,
+                api_outages=summary.api_outages,
+                notices=summary.notices,
             ),
         )
         if self.on_progress is not None:

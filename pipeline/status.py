@@ -57,6 +57,13 @@ class RunStatus:
     max_credits: float | None = None
     last_activity_s: float | None = None
     note: str | None = None
+    #: How long the API has not answered, while a live run waits for it (``pipeline/gate.py``).
+    api_down_s: float | None = None
+    #: The run's API outages so far: seconds without an answer in all, and how many.
+    api_unreachable_s: float = 0.0
+    api_outages: int = 0
+    #: What the manifest's reader noted (a column it does not read, say), as the summary did.
+    notices: list[str] = field(default_factory=list)
 
     @property
     def done(self) -> int:
@@ -94,8 +101,20 @@ class RunStatus:
         lines.append(credits)
         if self.last_activity_s is not None and self.state != "finished":
             lines.append(f"  last      activity {format_duration(self.last_activity_s)} ago")
+        if self.api_down_s is not None:
+            lines.append(
+                f"  api       not answering for {format_duration(self.api_down_s)}: rows wait "
+                "for it (up to --api-outage-wait, then the run stops; nothing is lost)"
+            )
+        elif self.api_outages:
+            times = "once" if self.api_outages == 1 else f"{self.api_outages:,} times"
+            lines.append(
+                f"  api       did not answer for {format_duration(self.api_unreachable_s)} "
+                f"in all ({times}); rows waited for it instead of failing"
+            )
         if self.note:
             lines.append(f"  note      {self.note}")
+        lines += [f"  note      {notice}" for notice in self.notices]
         return "\n".join(lines)
 
 
@@ -234,6 +253,11 @@ def flow_status(
             if state == "stopped"
             else None
         ),
+        api_down_s=max((s.api_down_s for s in shards if s.api_down_s is not None), default=None),
+        # Shards wait for the same API at the same time: the longest shard's wait, not a sum.
+        api_unreachable_s=max((s.api_unreachable_s for s in shards), default=0.0),
+        api_outages=max((s.api_outages for s in shards), default=0),
+        notices=list(dict.fromkeys(n for shard in shards for n in shard.notices)),
     )
     if state == "running" and rate > 0:
         status.eta_s = max(0, total - done) / rate
@@ -313,12 +337,23 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         max_credits=info.get("max_credits"),
         last_activity_s=max(0.0, now - last) if state != "finished" else None,
         note=note,
+        api_down_s=_down_for(info.get("api_down_since"), now) if state == "running" else None,
+        api_unreachable_s=float(info.get("api_unreachable_s") or 0.0),
+        api_outages=int(info.get("api_outages") or 0),
+        notices=[str(notice) for notice in info.get("notices") or ()],
     )
     if state == "running" and rate > 0:
         total_rows = status.total if status.total is not None else None
         if total_rows is not None:
             status.eta_s = max(0, total_rows - status.done) / rate
     return status
+
+
+def _down_for(since: object, now: float) -> float | None:
+    """Seconds since the API stopped answering, from the journaled moment (None: it answers)."""
+    if not isinstance(since, int | float):
+        return None
+    return max(0.0, now - float(since))
 
 
 def _remote_status(dest: str, *, now: float | None) -> RunStatus:

@@ -16,7 +16,7 @@ from catalog_helpers import clean_env, run
 from pipeline.contract import KLEIN_MODEL
 from pipeline.errors import ConfigError
 from pipeline.sim import SimConfig, SimServer
-from pipeline.status import read_status
+from pipeline.status import read_status, render_json
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 SLOW_SIM = """
@@ -159,6 +159,24 @@ def test_status_of_an_in_process_run_and_of_nothing(tmp_path: Path, sim: SimServ
     assert found.counts["succeeded"] == 1
     assert found.counts["rejected"] == 1
     assert found.total == 2
+    assert found.notices == [] and found.api_outages == 0
+    assert "note " not in found.render() and "api " not in found.render()
+
+
+def test_status_repeats_the_manifests_notes(tmp_path: Path, sim: SimServer) -> None:
+    """A column the run does not read (a spreadsheet's ``Width``) is named in the summary's
+    ``note:``; whoever checks a nightly job reads ``status``, not the job's terminal."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("id,prompt,Width\na,red mug,1200\n", encoding="utf-8")
+    out = tmp_path / "out"
+    summary = run(manifest, out, sim)
+    assert summary.notices, "the manifest's Width column is not noted"
+
+    found = read_status(out)
+
+    assert found.notices == summary.notices
+    assert f"  note      {summary.notices[0]}" in found.render()
+    assert json.loads(render_json(found))["notices"] == summary.notices
 
 
 def test_status_of_a_budget_stopped_run_counts_images_not_skipped_rows(

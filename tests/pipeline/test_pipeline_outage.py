@@ -37,6 +37,7 @@ from pipeline.cli import EXIT_UNAVAILABLE
 from pipeline.errors import ApiUnreachable
 from pipeline.run import arun_manifest
 from pipeline.sim import KeyConfig, LatencyConfig, SimServer
+from pipeline.status import RunStatus, read_status
 
 #: Tasks long enough that the run is still going when the API goes away.
 SLOW = LatencyConfig(median_s=0.3, p95_s=0.6)
@@ -109,6 +110,54 @@ def test_an_outage_mid_run_fails_no_row_and_pays_nothing_twice(
         + sum(count for name, count in written["errors"].items() if name.startswith("poll "))
         > 0
     )
+
+
+def test_status_says_a_run_is_waiting_for_the_api_and_after_it_how_long_it_did(
+    start_sim: Callable[..., SimServer], tmp_path: Path
+) -> None:
+    """`klein-batch status` from another process (here a thread reading the journal) during
+    the outage and after the run: not merely "no activity for a while"."""
+    rows = 60
+    server = start_sim(latency=SLOW, keys=[KeyConfig(max_active=8)])
+    manifest = write_catalog(tmp_path / "in", rows)
+    out = tmp_path / "out"
+    seen: dict[str, RunStatus] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set() and key_stats(server)["submits_accepted"] < 16:
+            time.sleep(0.01)
+        server.go_down()
+        try:
+            deadline = time.monotonic() + 20
+            while not done.is_set() and time.monotonic() < deadline:
+                found = read_status(out)
+                if found.api_down_s is not None and found.api_down_s >= 1.0:
+                    seen["down"] = found
+                    return
+                time.sleep(0.05)
+        finally:
+            server.come_back()
+
+    watcher = threading.Thread(target=watch, name="status", daemon=True)
+    watcher.start()
+    try:
+        summary = run_against(server, manifest, out, options=fast_options(max_active=8))
+    finally:
+        done.set()
+        watcher.join(timeout=30)
+
+    assert "down" in seen, "status never said the API was not answering"
+    down = seen["down"]
+    assert down.state == "running"
+    assert "  api       not answering for " in down.render()
+    assert statuses(check_output(out, rows, summary)) == {"succeeded": rows}
+    after = read_status(out)
+    assert after.state == "finished"
+    assert after.api_down_s is None
+    assert after.api_outages == summary.api_outages == 1
+    assert after.api_unreachable_s == pytest.approx(summary.api_unreachable_s)
+    assert "  api       did not answer for " in after.render()
 
 
 def test_an_api_that_stays_away_stops_the_run_with_rows_left_to_do(
