@@ -62,7 +62,7 @@ from pipeline.manifest import KNOWN_COLUMNS
 from pipeline.output_manifest import FIXED_COLUMNS, output_manifest_file
 from pipeline.report import outage_warning
 from pipeline.storage import Sink
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, budget_made
 from pipeline.templates import markup_in
 from pipeline.verify import small_jpeg
 
@@ -635,10 +635,11 @@ def _header(summary: RunSummary, found: _Gathered, max_credits: float | None) ->
     made = counts.get(RowStatus.SUCCEEDED, 0)
     share = 100.0 * made / asked if asked else 100.0
     if summary.stopped:
+        made_text = budget_made(made, asked, counts.get(RowStatus.REJECTED, 0))
         banner = (
-            f'<p class="state stopped" id="state">stopped: {_e(summary.stopped)} · {made:,} of '
-            f"{asked:,} images made ({share:.0f}%) · rerun with a higher --max-credits to "
-            "continue; the rest are listed under problems as skipped</p>"
+            f'<p class="state stopped" id="state">stopped: {_e(summary.stopped)} · '
+            f"{_e(made_text)} · rerun with a higher --max-credits to continue; the rest are "
+            "listed under problems as skipped</p>"
         )
     else:
         banner = (

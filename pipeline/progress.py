@@ -16,7 +16,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Final, Literal, Self, TextIO
 
 from pipeline.contract import RowStatus
-from pipeline.summary import ProgressSnapshot
+from pipeline.summary import ProgressSnapshot, budget_made
 
 if TYPE_CHECKING:
     from rich.progress import TaskID
@@ -72,10 +72,8 @@ def format_line(snapshot: ProgressSnapshot) -> str:
     head = f"progress {done}/{snapshot.total} ({percent:.1f}%)"
     if snapshot.stopped:
         made = snapshot.counts.get(RowStatus.SUCCEEDED, 0)
-        head = (
-            f"stopped: {snapshot.stopped} · {made}/{snapshot.total} images made "
-            f"({100.0 * snapshot.made_share:.1f}%)"
-        )
+        rejected = snapshot.counts.get(RowStatus.REJECTED, 0)
+        head = f"stopped: {snapshot.stopped} · {budget_made(made, snapshot.total, rejected)}"
     return (
         f"{head} · {_counts(snapshot)}{_waiting(snapshot)}"
         f" · in flight {snapshot.in_flight} · {snapshot.images_per_s:.2f} img/s"

@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.contract import RowStatus
 from pipeline.storage import Sink
-from pipeline.summary import RunSummary
+from pipeline.summary import RunSummary, budget_made
 
 RUN_JSON_RELPATH = "run.json"
 
@@ -88,12 +88,12 @@ def format_summary(summary: RunSummary) -> str:
         f"retries {summary.retries:,}, rate-limited (429) {summary.rate_limited:,}",
     ]
     if summary.stopped:
-        asked = summary.images_asked
-        share = 100.0 * summary.succeeded / asked if asked else 100.0
+        made = budget_made(
+            summary.succeeded, summary.images_asked, summary.counts.get(RowStatus.REJECTED, 0)
+        )
         lines.insert(
             0,
-            f"stopped: {summary.stopped} · {summary.succeeded:,} of {asked:,} images made "
-            f"({share:.0f}%); rerun with a higher --max-credits to continue",
+            f"stopped: {summary.stopped} · {made}; rerun with a higher --max-credits to continue",
         )
     if summary.reused_rows:
         lines.append(f"library: {summary.reused_rows:,} images reused (not sent, no cost)")

@@ -29,6 +29,7 @@ from pipeline.contract import RowStatus
 from pipeline.errors import ConfigError
 from pipeline.ledger import LEDGER_RELPATH, Ledger
 from pipeline.progress import format_duration
+from pipeline.summary import budget_made
 
 #: Finishes within this many seconds before the latest one set the current rate.
 RATE_WINDOW_S: Final = 60.0
@@ -285,12 +286,14 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
     if ended is not None and info.get("stopped") == "budget":
         # Every row has an outcome, but the budget skipped some: not "finished".
         state = "stopped: budget"
-        made = counts.get(str(RowStatus.SUCCEEDED), 0)
-        asked = sum(counts.get(str(status), 0) for status in RowStatus)
-        share = 100.0 * made / asked if asked else 100.0
+        made = budget_made(
+            counts.get(str(RowStatus.SUCCEEDED), 0),
+            sum(counts.get(str(status), 0) for status in RowStatus),
+            counts.get(str(RowStatus.REJECTED), 0),
+        )
         note = (
-            f"--max-credits {info.get('max_credits')} stopped the run: {made:,} of {asked:,} "
-            f"images made ({share:.0f}%); rerun with a higher --max-credits to continue"
+            f"--max-credits {info.get('max_credits')} stopped the run: {made}; rerun with "
+            "a higher --max-credits to continue"
         )
     elif ended is not None:
         state = "finished" if info.get("complete") else "stopped"

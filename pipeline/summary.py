@@ -45,8 +45,22 @@ class ProgressSnapshot:
 
     @property
     def made_share(self) -> float:
-        """Images made as a share of the images asked for (what a budget stop leaves)."""
-        return self.counts.get(RowStatus.SUCCEEDED, 0) / self.total if self.total else 1.0
+        """Images made as a share of the images a higher budget could make (what a budget
+        stop leaves; rejected rows never make one)."""
+        makeable = self.total - self.counts.get(RowStatus.REJECTED, 0)
+        return self.counts.get(RowStatus.SUCCEEDED, 0) / makeable if makeable > 0 else 1.0
+
+
+def budget_made(made: int, asked: int, rejected: int) -> str:
+    """How much a budget stop made: "2 of 8 images made (25%)", counted over the rows that
+    can make an image. A rejected row never does, whatever the budget, so counting it told
+    a merchandiser that a higher ``--max-credits`` would make images it cannot."""
+    makeable = max(0, asked - rejected)
+    share = 100.0 * made / makeable if makeable else 100.0
+    text = f"{made:,} of {makeable:,} images made ({share:.0f}%)"
+    if rejected:
+        text += f"; {rejected:,} rejected {'row' if rejected == 1 else 'rows'} left out"
+    return text
 
 
 #: Keys of changed rows named in the summary (``RunSummary.changed_examples``).

@@ -12,6 +12,7 @@ import pytest
 from catalog_helpers import accepted, charged, clean_env, fast_sim, output, run
 
 from pipeline.contract import KLEIN_MODEL
+from pipeline.report import format_summary
 from pipeline.sim import SimConfig, SimServer
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
@@ -148,3 +149,28 @@ def test_a_budget_stops_at_whole_products_and_says_stopped_budget(
     assert status.returncode == 1
     assert f"{out}: stopped: budget" in status.stdout
     assert "stopped the run: 6 of 12 images made (50%)" in status.stdout
+
+
+def test_a_budget_stop_counts_the_share_made_over_rows_that_can_make_an_image(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """Two rows rejected (no prompt) and a budget for two images of eight: "2 of 8 images
+    made (25%)", in the summary, `status` and report.html alike. It said "2 of 10 (20%)",
+    as if a higher --max-credits would make the two rejected rows' images too."""
+    rows = pl.DataFrame(
+        {"id": [f"p{i}" for i in range(10)], "prompt": [f"mug {i}" for i in range(8)] + ["", ""]}
+    )
+    out = tmp_path / "out"
+    summary = run(rows, out, sim, max_credits=round(2.5 * EACH, 2))
+    assert summary.counts["succeeded"] == 2 and summary.counts["rejected"] == 2
+    assert summary.stopped == "budget"
+    expected = "2 of 8 images made (25%); 2 rejected rows left out"
+
+    assert format_summary(summary).splitlines()[0] == (
+        f"stopped: budget · {expected}; rerun with a higher --max-credits to continue"
+    )
+    status = subprocess.run(
+        [KLEIN_BATCH, "status", str(out)], capture_output=True, text=True, env=clean_env()
+    )
+    assert f"stopped the run: {expected}; rerun" in status.stdout
+    assert f"stopped: budget · {expected} · rerun" in (out / "report.html").read_text()

@@ -154,3 +154,20 @@ def test_auto_mode_writes_plain_lines_to_a_pipe() -> None:
         "progress 2/3",
     ]
     assert not ANSI.search(result.stdout)
+
+
+def test_a_budget_stop_line_leaves_rejected_rows_out_of_the_share() -> None:
+    stopped = ProgressSnapshot(
+        total=10,
+        counts={"succeeded": 2, "rejected": 2, "skipped": 6},
+        in_flight=0,
+        images_per_s=1.0,
+        credits=2.8,
+        elapsed_s=2.0,
+        eta_s=None,
+        stopped="budget",
+    )
+    assert format_line(stopped).startswith(
+        "stopped: budget · 2 of 8 images made (25%); 2 rejected rows left out · "
+    )
+    assert stopped.made_share == 0.25
