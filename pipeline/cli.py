@@ -408,12 +408,18 @@ def plan_text(
 
 
 def _resume_hint(out: str) -> str:
+    """The command to run again; a password in a URL of it (``--api-url
+    https://user:pw@host``) is masked, since stderr lands in cron mail and journald."""
     command = shlex.join(["klein-batch", *sys.argv[1:]]) if sys.argv[1:] else "the same command"
-    return (
+    masked = redact_credentials(command)
+    hint = (
         f"interrupted: finished and acknowledged tasks are recorded in {out}; "
         f"run the same command again to resume (no acknowledged task is paid for twice):\n"
-        f"  {command}"
+        f"  {masked}"
     )
+    if masked != command:
+        hint += "\n  (with the URL's password where it shows ***)"
+    return hint
 
 
 ProgressOpt = Annotated[

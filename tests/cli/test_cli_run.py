@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "manifests" / "examples" / "catalog.csv"
@@ -78,6 +79,20 @@ def test_ctrl_c_exits_130_and_says_how_to_resume(tmp_path: Path) -> None:
     assert "run the same command again to resume" in err
     assert f"klein-batch run {CATALOG} --out {out} --sim-config {slow}" in err
     assert "Traceback" not in err
+
+
+def test_the_resume_hint_masks_a_password_in_a_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hint repeats the command line, and stderr lands in cron mail and journald."""
+    from pipeline.cli import _resume_hint
+
+    argv = ["klein-batch", "run", "m.csv", "--api-url", "https://kb:s3cr3tPW@api.example"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", "out"])
+    hint = _resume_hint("out")
+    assert "s3cr3tPW" not in hint
+    assert "klein-batch run m.csv --api-url https://kb:***@api.example --out out" in hint
+    assert "with the URL's password where it shows ***" in hint
+    monkeypatch.setattr(sys, "argv", ["klein-batch", "run", "m.csv", "--out", "out"])
+    assert "***" not in _resume_hint("out")
 
 
 def test_sim_key_gets_the_limits_the_run_asks_for(tmp_path: Path) -> None:
