@@ -359,6 +359,7 @@ class Engine:
                 settings.max_active,
                 expected_latency_s=settings.expected_latency_s,
                 refusal_target=settings.refusal_target,
+                submits_per_minute=settings.submits_per_minute,
                 # Webhooks tell us when slots free: no need to probe for them.
                 probing=settings.webhook_url is None and settings.limit_is_the_keys,
             )

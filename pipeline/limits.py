@@ -65,7 +65,9 @@ holds, the probability that the task has finished since it was last known to be 
 takes off the finishes accepted probes have already proven, and sends a probe while that
 expectation exceeds a threshold, several in the air when several tasks have probably
 finished. The threshold adapts like the spacing does, so that about ``refusal_target`` of
-probes are refused (``benchmarks/notes.md`` measures it against even spacing).
+probes are refused (``benchmarks/notes.md`` measures it against even spacing), and up to
+``SLOW_FINISHES_REFUSAL`` when tasks end seldom (``_refusal_share``: an idle slot then
+stays idle longer, so a refusal buys more).
 """
 
 from __future__ import annotations
@@ -95,6 +97,16 @@ BOOST_AFTER_QUIET = 3.0
 #: nothing worth a full pass; the ones seen to end are taken out one by one.
 SUM_REUSE_SHARE = 0.02
 SUM_REUSE_MAX_S = 0.02
+#: The share of probes allowed to be refused when tasks end seldom (``_refusal_share``),
+#: and the paces (accepted submits per second over the last ``PACE_WINDOW_S``: on a full
+#: key, the pace tasks end at) between which the share moves from ``refusal_target`` (at
+#: ``FAST_FINISHES_PER_S`` and above) to it.
+SLOW_FINISHES_REFUSAL = 0.45
+FAST_FINISHES_PER_S = 20.0
+SLOW_FINISHES_PER_S = 5.0
+PACE_WINDOW_S = 10.0
+#: ... and only while the key's submits per minute are this many times the pace.
+SPARE_SUBMITS = 4.0
 
 
 def resolve_tier(
@@ -206,6 +218,7 @@ class SlotController:
         *,
         expected_latency_s: float = 1.0,
         refusal_target: float = 0.25,
+        submits_per_minute: int | None = None,
         max_outstanding: int | None = None,
         probing: bool = True,
         backoff: float = 0.9,
@@ -226,6 +239,7 @@ class SlotController:
         self._probe_scale = 1.0
         self._latency_s = expected_latency_s
         self._target = refusal_target
+        self._submits_per_s = submits_per_minute / 60.0 if submits_per_minute else math.inf
         self._max_outstanding = max_outstanding or 4 * limit + 16
         self._grow_credit = 0.0
         self._changed = asyncio.Event()
@@ -258,6 +272,9 @@ class SlotController:
         #: Tasks whose submit answer was lost (``lost``): (when to forget, order, permit).
         self._unnamed: list[tuple[float, int, Permit]] = []
         self._seq = itertools.count()
+        #: When the submits of the last ``PACE_WINDOW_S`` were accepted, and the first ever.
+        self._accepts: collections.deque[float] = collections.deque()
+        self._first_accept = math.inf
 
     # --- what the engine reads ---------------------------------------------------------------
 
@@ -364,8 +381,12 @@ class SlotController:
             return
         permit.settled = True
         self._in_air -= 1
-        permit.acked_at = permit.running_at = time.monotonic()
+        permit.acked_at = permit.running_at = now = time.monotonic()
         self._live.add(permit)
+        self._accepts.append(now)
+        self._first_accept = min(self._first_accept, now)
+        while self._accepts[0] < now - PACE_WINDOW_S:
+            self._accepts.popleft()
         # Only our acknowledged tasks are on the server's count; submits still in the air
         # may not have reached it, so they prove nothing about finishes.
         bound = self._held - self._in_air - self.limit
@@ -376,7 +397,8 @@ class SlotController:
             self._probes_out -= 1
             # Accepted probes pull the next one closer; refused ones push it away. The
             # multiplicative steps balance when refusals are ``refusal_target`` of probes.
-            step = 1.0 - 0.1 * self._target / (1.0 - self._target)
+            target = self._refusal_share(now)
+            step = 1.0 - 0.1 * target / (1.0 - target)
             self._probe_scale = max(self._probe_scale * step, 0.01)
             self._threshold = max(self._threshold * step, 0.2)
         if self._busy_upper_bound() >= self.effective_limit:
@@ -491,6 +513,34 @@ class SlotController:
         due = permit.acked_at + self._unnamed_hold_s()
         heapq.heappush(self._unnamed, (due, next(self._seq), permit))
         self._changed.set()
+
+    def _refusal_share(self, now: float) -> float:
+        """The share of probes that may be refused, higher when tasks end seldom.
+
+        A refused probe costs one request; a slot left idle costs its share of the key for
+        as long as it stays idle. At a given share of probes refused the controller leaves
+        about the same number of slots idle whatever the pace (``benchmarks/notes.md``, the
+        probe-only bound), so the slot-seconds lost per image grow with the time between
+        finishes while the refused requests per image do not: when tasks end seldom, each
+        refusal buys more. The pace is the accepted submits of the last ``PACE_WINDOW_S``
+        (on a full key each replaced a task that ended), not the learned distribution:
+        under a heavy tail that starts far too short and learns the long tasks last. At or
+        below ``SLOW_FINISHES_PER_S`` (the real API's latency on a 24-slot key: about 3 a
+        second) the share is ``SLOW_FINISHES_REFUSAL``; from ``FAST_FINISHES_PER_S`` (the
+        ``standard`` tier's 1 s tasks) up, and in the run's first window (the first burst
+        is no pace), ``refusal_target``. Refused submits count against the key's submits
+        per minute too, so the share only rises while the pace leaves most of that budget
+        unused (not at the ``trial`` tier, whose 2 a second are its pace).
+        """
+        if self._target >= SLOW_FINISHES_REFUSAL or now - self._first_accept < PACE_WINDOW_S:
+            return self._target
+        per_s = max(len(self._accepts), 1) / PACE_WINDOW_S
+        if per_s * SPARE_SUBMITS > self._submits_per_s:
+            return self._target
+        slow = math.log(FAST_FINISHES_PER_S / per_s) / math.log(
+            FAST_FINISHES_PER_S / SLOW_FINISHES_PER_S
+        )
+        return self._target + (SLOW_FINISHES_REFUSAL - self._target) * min(1.0, max(0.0, slow))
 
     def _unnamed_hold_s(self) -> float:
         """How long an unnamed task counts as running: its 99.9th percentile once the

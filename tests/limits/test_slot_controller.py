@@ -191,6 +191,69 @@ async def test_a_learned_distribution_sends_probes_when_several_tasks_likely_end
     assert not permit.speculative
 
 
+async def test_probes_may_be_refused_more_often_when_tasks_end_seldom(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A refused probe costs a request; an idle slot costs its share of the key until a
+    task ends into it. Under the real API's latency (about 3 finishes a second on 24 slots)
+    a refusal buys seven times the slot-seconds it buys at the ``standard`` tier's pace (20
+    a second), so more of the probes may be refused there; the pace is what the key's
+    accepted submits show, and the share rises only where the per-minute limit (which
+    counts refused submits too) has room."""
+    clock = [1000.0]
+    monkeypatch.setattr(limits, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    async def share_at(per_s: float, submits_per_minute: int = 3600) -> float:
+        slots = SlotController(24, submits_per_minute=submits_per_minute)
+        for _ in range(int(per_s * 15)):  # 15 s of tasks ending, each slot refilled
+            permit = await slots.acquire()
+            slots.accepted(permit)
+            slots.finished(permit)
+            clock[0] += 1.0 / per_s
+            if clock[0] - slots._first_accept < limits.PACE_WINDOW_S - 1.0:
+                assert slots._refusal_share(clock[0]) == 0.25  # the first window: no pace yet
+        return slots._refusal_share(clock[0])
+
+    assert await share_at(20.5) == 0.25  # standard: 24 slots, 1 s tasks
+    assert await share_at(165.0, submits_per_minute=14400) == 0.25  # scale
+    production = await share_at(3.2)  # the real API's latency on 24 slots
+    assert production == limits.SLOW_FINISHES_REFUSAL
+    between = await share_at(10.0)
+    assert 0.25 < between < production
+    # The trial tier's 120 a minute are its pace: refusals would slow it down.
+    assert await share_at(1.8, submits_per_minute=120) == 0.25
+    # A configured share above the slow one is kept as it is.
+    assert SlotController(24, refusal_target=0.6)._refusal_share(clock[0]) == 0.6
+
+
+async def test_an_accepted_probe_pulls_the_next_one_closer_when_tasks_end_seldom(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(limits, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+
+    async def scale_after_an_accepted_probe(per_s: float) -> float:
+        slots = SlotController(8, expected_latency_s=8 / per_s)
+        for _ in range(int(per_s * 12)):  # tasks ending at ``per_s``, each slot refilled
+            permit = await slots.acquire()
+            slots.accepted(permit)
+            slots.finished(permit)
+            clock[0] += 1.0 / per_s
+        permits = [await slots.acquire() for _ in range(8)]
+        for permit in permits:
+            slots.accepted(permit)
+        clock[0] += 30 * 8 / per_s  # thirty task durations: the next submit is a probe
+        probe = await asyncio.wait_for(slots.acquire(), 5)
+        assert probe.speculative
+        before = slots._probe_scale
+        slots.accepted(probe)
+        return slots._probe_scale / before
+
+    fast = await scale_after_an_accepted_probe(40.0)
+    slow = await scale_after_an_accepted_probe(2.0)
+    assert slow < fast < 1.0
+
+
 async def test_waiting_rows_get_slots_lowest_rank_first() -> None:
     # A row refused with 429 asks again with its own rank: it goes before the rows taken
     # after it instead of queueing behind all of them (manifest order is kept).
