@@ -41,8 +41,9 @@ reused_from            string                      the library object the image 
 Then every column of the input as it came (its name as the input spelled it, its original
 type), ``id`` and reference columns included, so a data team can join the output back to
 its catalog on its own id. An input column whose name is one of the above (``prompt``,
-``seed``...) is written as ``input_<name>``: ``prompt`` is what was sent, ``input_prompt``
-what the input said.
+``seed``...), in any case (``Status``, ``Row``), is written as ``input_<name>``: ``prompt``
+is what was sent, ``input_prompt`` what the input said; ``status`` is ours,
+``input_Status`` a Shopify export's.
 
 An input line that makes no image of its own (a Shopify image-only line, a variant under
 ``--per product``: ``pipeline/product_exports.py``) is listed with status ``merged`` and a
@@ -80,6 +81,7 @@ from pipeline.reserved import (
     INDEX_COLUMN,
     MERGED_COLUMN,
     PRODUCT_INDEX_COLUMN,
+    RENAME_PREFIX,
     WORKING_COLUMNS,
     renamed,
 )
@@ -146,11 +148,22 @@ class ManifestSource(Protocol):
 
 def output_column_names(extra_columns: Sequence[str]) -> list[str]:
     """Names the input's extra columns get in the output: ``input_`` prefixed on collision
-    with a name the output uses for itself (``pipeline/reserved.py``)."""
+    with a name the output uses for itself (``pipeline/reserved.py``), ignoring case.
+
+    Case counts too: a Shopify export's ``Status`` beside our ``status`` (or a CSV's
+    ``Row``/``Key``) made a Parquet file that DuckDB, Spark, BigQuery and Power Query,
+    which compare column names without case, refuse or read as one column. So a column
+    whose name is one of ours in any case is written as ``input_Status``, as ``prompt`` is
+    as ``input_prompt``. Two input columns differing only in case are the input's own
+    and keep their names.
+    """
     used = set(FIXED_COLUMNS) | WORKING_COLUMNS
+    ours = {name.casefold() for name in used}
     names: list[str] = []
     for name in extra_columns:
         out = renamed(name, used)
+        while out.casefold() in ours:
+            out = renamed(RENAME_PREFIX + out, used)
         used.add(out)
         names.append(out)
     return names

@@ -74,7 +74,8 @@ def test_shopify_per_product_one_image_per_handle_every_line_accounted(
     )
     assert not any("Default Title" in p or "<" in p for p in made["prompt"].to_list())
     # Every input column as it came, the Handle included, for joining back.
-    assert rows.columns[-48:][0] == "Handle" and rows.columns[-1] == "Status"
+    # (Shopify's Status is input_Status: ours is status, and case-blind tools mix them.)
+    assert rows.columns[-48:][0] == "Handle" and rows.columns[-1] == "input_Status"
     assert rows["Variant SKU"].to_list()[:2] == ["POT-REG", "POT-LRG"]
     # Merged lines do not make a run partial.
     assert summary.counts["merged"] == 5 and int(summary.exit_code) == 0
@@ -356,3 +357,25 @@ def test_a_line_without_its_handle_is_rejected_for_that_not_for_its_empty_title(
         "shop.csv row 2, column Handle: is empty; every line of a Shopify product export "
         "names its product's Handle"
     ]
+
+
+def test_input_columns_named_like_ours_in_another_case_are_renamed(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """A CSV's Status, Row and Key beside our status, row and key: DuckDB, Spark, BigQuery
+    and Power Query compare column names without case and refuse or mix such a file."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,prompt,Status,Row,Key,Prompt Notes\nm1,a red mug,active,7,A-1,glossy\n",
+        encoding="utf-8",
+    )
+    run(manifest, tmp_path / "out", sim)
+    rows = output(tmp_path / "out")
+    assert len({name.casefold() for name in rows.columns}) == len(rows.columns)
+    assert rows.select("status", "input_Status", "input_Row", "input_Key").row(0) == (
+        "succeeded",
+        "active",
+        "7",
+        "A-1",
+    )
+    assert rows["row"].to_list() == [1] and rows["Prompt Notes"].to_list() == ["glossy"]
