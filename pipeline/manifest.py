@@ -577,6 +577,9 @@ class ManifestReader:
         self.notices: list[str] = list(self._columns.notices)
         #: (batch column, output name) of every input column, as the input spelled it.
         self.input_columns: list[tuple[str, str]] = _input_columns(self._columns)
+        #: A product export's lines by product (``pipeline/product_exports.py``): per data
+        #: row, the row its product starts on; None for a plain manifest (a row each).
+        self.products: list[int] | None = None
         if schema is not None:
             renamed = pl.Schema(dict(zip(self._columns.names, schema.values(), strict=True)))
             _check_types(renamed, self.name)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -42,11 +42,21 @@ import pyarrow as pa
 
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.export_spec import ExportMapping, ExportSpec
-from pipeline.manifest import ERROR_COLUMN, MERGED_COLUMN, ManifestReader, is_derived
+from pipeline.manifest import (
+    ERROR_COLUMN,
+    MERGED_COLUMN,
+    ManifestReader,
+    _LineFinder,
+    is_derived,
+)
 
 #: The id and reference the pipeline reads are taken from these derived columns.
 ID_COLUMN: Final = "__catalog_id"
 REFERENCE_COLUMN: Final = "__catalog_reference"
+#: Per line, the position (0-based) of its product's first line: what a budget keeps whole.
+PRODUCT_COLUMN: Final = "__catalog_product"
+#: Prefix of the columns holding an input column's cells as read (``_keep_cells``).
+CELL_PREFIX: Final = "__catalog_cell_"
 
 #: Shopify: the columns a variant line fills in (everything else is the product's and is
 #: filled down onto its variants). Market columns ("Price / United States") are per variant.
@@ -82,7 +92,7 @@ _SHOPIFY_VARIANT_MARKERS: Final = (
 )
 #: Shopify's placeholder option of a product without options (``Title`` / ``Default Title``).
 _SHOPIFY_PLACEHOLDER_NAME: Final = "Title"
-_SHOPIFY_PLACEHOLDER_VALUE: Final = "Default Title"
+SHOPIFY_PLACEHOLDER_VALUE: Final = "Default Title"
 _SHOPIFY_REQUIRED: Final = ("Handle",)
 
 #: WooCommerce: columns a variation never takes from its parent (nor its attribute values:
@@ -153,15 +163,17 @@ def read_export(
     parts = [batch.rename(renames) for batch in raw.batches()]
     frame = pl.concat(parts, how="diagonal_relaxed") if parts else pl.DataFrame()
     frame = frame.drop("__index", strict=False)
+    as_read = frame
     if export.mapping is not None and reference_column is None:
         reference_column = export.mapping.reference_column
     if export.layout == "shopify":
-        shaped = _shopify(frame, raw.name, export.per, reference_column)
+        shaped = _shopify(frame, raw.name, export.per, reference_column, _lines_of(raw))
     elif export.layout == "woocommerce":
         shaped = _woocommerce(frame, raw.name, export.per, reference_column)
     else:
         assert export.mapping is not None
         shaped = _mapped(frame, raw.name, export.per, export.mapping, reference_column)
+    shaped, cells = _keep_cells(as_read, shaped)
     roles = {"id": ID_COLUMN}
     if reference_column is not None:
         roles["input_image"] = REFERENCE_COLUMN
@@ -175,11 +187,55 @@ def read_export(
         name=raw.name,
         base_dir=raw.base_dir,
     )
+    # The output manifest writes each input column from the cells as the shop wrote them.
+    reader.input_columns = [
+        (cells.get(column, column), name) for column, name in reader.input_columns
+    ]
+    # A product's lines go together under a budget (``pipeline/run.py``): per input line,
+    # the position of its product's first line.
+    products = shaped.get_column(PRODUCT_COLUMN).to_list()
+    reader.products = products
     # Messages name the export's own columns, not the derived ones.
     reader.shown_as = {"id": _id_source(export)}
     if reference_column is not None:
         reader.shown_as["input_image"] = reference_column
     return reader
+
+
+def _lines_of(raw: ManifestReader) -> Callable[[int], int | None]:
+    """The physical line a data row (0-based) starts on in a CSV export, for messages
+    about a line that is not used (a Shopify Body (HTML) spans lines, so row + 1 is not
+    always the line); None for a table or Parquet file."""
+    fmt = raw._csv
+    if raw.path is None or fmt is None:
+        return lambda position: None
+    finder = _LineFinder(raw.path, fmt.encoding, fmt.delimiter)
+    return lambda position: finder.line_of(position + 2)
+
+
+def _keep_cells(as_read: pl.DataFrame, shaped: pl.DataFrame) -> tuple[pl.DataFrame, dict[str, str]]:
+    """The shaped export with a copy of each input column whose cells shaping changed.
+
+    Shaping fills product fields down onto variant lines, reads Shopify's ``Default Title``
+    placeholder as no option and WooCommerce's escaped ``\\n`` as line breaks: that is
+    what prompts and ids are built from, under the columns' own names, so templates and the
+    prompts of earlier runs stay as they were. The output manifest, though, promises every
+    column "as it came", and a merchandiser joins it back to the shop (and ``klein-batch
+    export`` writes Shopify's ``Default Title`` back from it): the cells as read are kept
+    in ``__catalog_cell_<n>`` columns, and only for the columns that changed, and returns
+    which input column is written from which.
+    """
+    cells: dict[str, str] = {}
+    added: list[pl.Series] = []
+    for number, column in enumerate(as_read.columns):
+        if is_derived(column) or column not in shaped.columns:
+            continue
+        before, after = as_read.get_column(column), shaped.get_column(column)
+        if before.dtype == after.dtype and bool(before.eq_missing(after).all()):
+            continue
+        cells[column] = f"{CELL_PREFIX}{number}"
+        added.append(before.alias(cells[column]))
+    return (shaped.with_columns(added) if added else shaped), cells
 
 
 def _id_source(export: ExportSpec) -> str:
@@ -284,6 +340,7 @@ def _finish(
     merged: list[str | None],
     errors: list[str | None],
     references: list[str | None] | None,
+    products: list[int],
 ) -> pl.DataFrame:
     previous = (
         frame.get_column(ERROR_COLUMN).to_list()
@@ -301,13 +358,16 @@ def _finish(
     ]
     if references is not None:
         columns.append(pl.Series(REFERENCE_COLUMN, references, dtype=pl.String))
+    columns.append(pl.Series(PRODUCT_COLUMN, products, dtype=pl.Int64))
     return frame.with_columns(columns)
 
 
 # --- Shopify --------------------------------------------------------------------------------
 
 
-def _shopify_is_variant_column(column: str) -> bool:
+def shopify_variant_column(column: str) -> bool:
+    """Whether a Shopify export column is a variant's own (else the product's, written on
+    its first line only)."""
     return (
         column in _SHOPIFY_VARIANT_COLUMNS
         or column.startswith(_SHOPIFY_VARIANT_PREFIXES)
@@ -316,14 +376,18 @@ def _shopify_is_variant_column(column: str) -> bool:
 
 
 def _shopify(
-    frame: pl.DataFrame, name: str, per: str, reference_column: str | None
+    frame: pl.DataFrame,
+    name: str,
+    per: str,
+    reference_column: str | None,
+    line_of: Callable[[int], int | None] = lambda position: None,
 ) -> pl.DataFrame:
     frame, inputs = _prepare(frame, name, "Shopify", _SHOPIFY_REQUIRED, reference_column)
     # The placeholder option of a product without options is no option at all.
     for number in (1, 2, 3):
         option, value = f"Option{number} Name", f"Option{number} Value"
         if value in frame.columns:
-            placeholder = pl.col(value) == _SHOPIFY_PLACEHOLDER_VALUE
+            placeholder = pl.col(value) == SHOPIFY_PLACEHOLDER_VALUE
             frame = frame.with_columns(
                 pl.when(placeholder).then(None).otherwise(pl.col(value)).alias(value)
             )
@@ -336,7 +400,7 @@ def _shopify(
                 )
     handle = _cell("Handle")
     frame = frame.with_columns(handle.alias("__catalog_handle"))
-    product_fields = [c for c in inputs if not _shopify_is_variant_column(c)]
+    product_fields = [c for c in inputs if not shopify_variant_column(c)]
     frame = frame.with_columns(
         pl.col(c).forward_fill().over("__catalog_handle") for c in product_fields
     )
@@ -356,13 +420,36 @@ def _shopify(
         ),
         *(pl.col(f"Option{n} Value") for n in (1, 2, 3) if f"Option{n} Value" in frame.columns),
     ).to_dicts()
+    # A product's lines come together. A Handle that comes back after another product's
+    # lines (two exports pasted one after the other) is a second product under the same
+    # name: its lines are rejected, naming the first block, rather than merged into the
+    # first product (per product) or made as extra variants (per variant).
+    blocks: dict[str, tuple[int, int]] = {}
+    repeats: dict[int, str] = {}
+    previous: str | None = None
+    for position, line in enumerate(lines):
+        key = line["__catalog_handle"]
+        if key is None:
+            continue  # rejected for its empty Handle; it does not end a product's lines
+        if key in blocks and (key != previous or position - 1 in repeats):
+            start, end = blocks[key]
+            where = line_of(position)
+            repeats[position] = (
+                f"{f' (line {where})' if where else ''}, column Handle: {key!r} comes back "
+                f"after other products' lines; its product is on rows {start + 1}-{end + 1} "
+                "and a product's lines must come together, so this line is not used (give "
+                "it its own Handle if it is another product, or move it up to its product)"
+            )
+        else:
+            blocks[key] = (blocks.get(key, (position, position))[0], position)
+        previous = key
     # Each product's first image: the lowest Image Position, else the first Image Src.
     first_image: dict[str, tuple[float, int, str]] = {}
     first_row: dict[str, int] = {}
     variant_rows: dict[str, list[int]] = {}
     for position, line in enumerate(lines):
         key = line["__catalog_handle"]
-        if key is None:
+        if key is None or position in repeats:
             continue
         if line["first"]:
             first_row[key] = position
@@ -382,9 +469,17 @@ def _shopify(
     merged: list[str | None] = []
     errors: list[str | None] = []
     references: list[str | None] = []
+    products: list[int] = []
     for position, line in enumerate(lines):
         key = line["__catalog_handle"]
         product_image = first_image[key][2] if key in first_image else None
+        products.append(position if key is None else first_row.get(key, position))
+        if position in repeats:
+            ids.append(None)
+            merged.append(None)
+            references.append(None)
+            errors.append(repeats[position])
+            continue
         if key is None:
             ids.append(None)
             merged.append(None)
@@ -430,7 +525,7 @@ def _shopify(
             None if v is None else str(v) for v in frame.get_column(reference_column).to_list()
         ]
     _keep_variants_apart(ids, options)
-    return _finish(frame, ids, merged, errors, references if reference_column else None)
+    return _finish(frame, ids, merged, errors, references if reference_column else None, products)
 
 
 def _shopify_other_line(
@@ -588,7 +683,8 @@ def _woocommerce(
     if extra:
         out = out.with_columns(frame.select(extra))
     _keep_variants_apart(ids, options)
-    return _finish(out, ids, merged, errors, references if reference_column else None)
+    products = [position if parent is None else parent for position, parent in enumerate(parents)]
+    return _finish(out, ids, merged, errors, references if reference_column else None, products)
 
 
 def _woo_line_breaks(column: str) -> pl.Expr:
@@ -657,8 +753,10 @@ def _mapped(
     merged: list[str | None] = []
     errors: list[str | None] = [None] * frame.height
     references: list[str | None] = []
+    products: list[int] = []
     for position, (key, own, ref) in enumerate(zip(groups, own_ids, refs, strict=True)):
         first = first_of.setdefault(key, position) if key is not None else position
+        products.append(first)
         if per == "product" and group is not None:
             head = first
             ids.append((own_ids[head] or key) if mapping.id_column else key)
@@ -673,4 +771,4 @@ def _mapped(
         ids.append(own if own else (f"{key}.{position - first + 1}" if key else None))
         references.append(ref if ref is not None else refs[first])
         merged.append(None)
-    return _finish(frame, ids, merged, errors, references if reference_column else None)
+    return _finish(frame, ids, merged, errors, references if reference_column else None, products)

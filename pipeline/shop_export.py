@@ -33,6 +33,8 @@ import polars as pl
 
 from pipeline.contract import RowStatus
 from pipeline.errors import ConfigError
+from pipeline.output_manifest import FIXED_COLUMNS
+from pipeline.product_exports import SHOPIFY_PLACEHOLDER_VALUE, shopify_variant_column
 from pipeline.templates import PromptTemplate
 
 #: ``--catalog`` values of ``klein-batch export``.
@@ -83,11 +85,10 @@ def build_export(
             f"--columns names {missing[0]!r}, which manifest.parquet does not have; columns: "
             + ", ".join(manifest.columns)
         )
-    done = manifest.filter(
-        (pl.col("status") == RowStatus.SUCCEEDED) & pl.col("output_uri").is_not_null()
-    ).sort("row", maintain_order=True)
+    succeeded = (pl.col("status") == RowStatus.SUCCEEDED) & pl.col("output_uri").is_not_null()
+    done = manifest.filter(succeeded).sort("row", maintain_order=True)
     urls = [_image_url(uri, image_base_url) for uri in done["output_uri"].to_list()]
-    alts = _alt_texts(done, alt_template)
+    alts = _alt_texts(_product_view(manifest).filter(succeeded), alt_template)
     if target == "shopify":
         return _shopify(done, urls, alts)
     if target == "woocommerce":
@@ -135,6 +136,41 @@ def _alt_texts(done: pl.DataFrame, alt_template: str | None) -> list[str]:
     ]
 
 
+def _product_view(manifest: pl.DataFrame) -> pl.DataFrame:
+    """The manifest as an alt text template reads it, sorted by row.
+
+    ``manifest.parquet`` keeps a Shopify export's cells as the shop wrote them: Title,
+    Vendor, Tags... on a product's first line only, ``Default Title`` as the option of a
+    product without options. A template's ``{Title}`` means the product's title on every
+    variant's image, so here (as when the prompts were built) product fields are filled
+    down within the Handle and the placeholder option counts as empty.
+    """
+    ordered = manifest.sort("row", maintain_order=True)
+    if "Handle" not in ordered.columns:
+        return ordered
+    own = {*FIXED_COLUMNS, "variation"}
+    fill = [
+        c
+        for c in ordered.columns
+        if c not in own and c != "Handle" and not shopify_variant_column(c)
+    ]
+    ordered = ordered.with_columns(_filled_down(c, ordered.schema[c]) for c in fill)
+    return ordered.with_columns(
+        pl.when(pl.col(c) == SHOPIFY_PLACEHOLDER_VALUE).then(None).otherwise(pl.col(c)).alias(c)
+        for c in _OPTION_VALUES
+        if c in ordered.columns and ordered.schema[c] == pl.String
+    )
+
+
+def _filled_down(column: str, dtype: pl.DataType) -> pl.Expr:
+    """``column`` filled down within the Handle; an empty cell (as the CSV had it) is no
+    value."""
+    cell = pl.col(column)
+    if dtype == pl.String:
+        cell = pl.when(cell.str.strip_chars() != "").then(cell)
+    return cell.forward_fill().over("Handle").alias(column)
+
+
 def _need(done: pl.DataFrame, names: Sequence[str], target: str, catalog: str) -> None:
     if not any(name in done.columns for name in names):
         raise ConfigError(
@@ -175,6 +211,10 @@ def _shopify(done: pl.DataFrame, urls: list[str], alts: list[str]) -> ShopExport
             seen_variants.add(variant)
             for column in options:
                 line[column] = record[column] if first else ""
+            if first and options[0] == "Option1 Value" and not any(record[c] for c in options):
+                # A product without options: Shopify's importer finds its one variant
+                # by the placeholder (manifests of earlier versions held no cell here).
+                line["Option1 Value"] = SHOPIFY_PLACEHOLDER_VALUE
             line["Variant SKU"] = record.get("Variant SKU") or "" if first else ""
             line["Variant Image"] = url if first else ""
         out.append(line)

@@ -8,6 +8,7 @@ variable product and its variations, simple, grouped and external products, a UT
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import polars as pl
@@ -101,7 +102,8 @@ def test_shopify_per_variant_fills_product_fields_down(tmp_path: Path, sim: SimS
         "Studio photo of Red Sports Tee M Red, Women's red sporty t-shirt with colorful "
         "details on the sleeves and a small white pocket."
     )
-    assert rows.filter(pl.col("row") == 6)["Title"].to_list() == ["Red Sports Tee"]
+    # ... for the prompt only: the manifest gives the line's own (empty) cell back.
+    assert rows.filter(pl.col("row") == 6)["Title"].to_list() == [""]
     merged = rows.filter(pl.col("status") == "merged")
     assert merged["row"].to_list() == [3, 10]
     assert merged["reason"][0].endswith("the product's images are made on rows 1, 2")
@@ -316,7 +318,9 @@ def test_woocommerce_escaped_line_breaks_become_paragraphs(tmp_path: Path, sim: 
     assert "Warm fleece." in prompt and "Machine washable." in prompt
     assert "\\n kept" in prompt  # an escaped backslash-n is the text's own
     assert prompt.count("\\n") == 1
-    assert made["Description"][0] == "<p>Warm fleece.</p>\n<p>Machine washable.</p>\\n kept"
+    # The manifest's Description is the export's own cell, escapes and all, so that it
+    # goes back to WooCommerce as it came.
+    assert made["Description"][0] == "<p>Warm fleece.</p>\\n<p>Machine washable.</p>\\\\n kept"
 
 
 def test_report_tiles_of_a_variant_run_tell_the_variants_apart(
@@ -357,6 +361,88 @@ def test_a_line_without_its_handle_is_rejected_for_that_not_for_its_empty_title(
         "shop.csv row 2, column Handle: is empty; every line of a Shopify product export "
         "names its product's Handle"
     ]
+
+
+def _cells_as_written(path: Path) -> list[dict[str, str]]:
+    with path.open(encoding="utf-8-sig", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.mark.parametrize(
+    ("export", "catalog", "template"),
+    [
+        (SHOPIFY, "shopify", SHOP_TEMPLATE),
+        (WOO, "woocommerce", "{Name}, {Attribute 1 value(s)|assorted colours}: {Description|text}"),
+    ],
+)
+def test_every_export_cell_comes_back_as_the_shop_wrote_it(
+    tmp_path: Path, sim: SimServer, export: Path, catalog: str, template: str
+) -> None:
+    """Product fields were filled down onto every variant and image line (Title, Vendor,
+    Tags, a WooCommerce variation's parent Images), Shopify's ``Default Title`` came back
+    null and WooCommerce's ``\\n`` as a line break: a merchandiser's join back to the shop
+    then disagreed on thousands of cells. Filled-down values still build the prompts."""
+    out = tmp_path / "out"
+    run(export, out, sim, catalog=catalog, per="variant", prompt_template=template)
+    rows = output(out).sort("row")
+    written = _cells_as_written(export)
+    assert rows.height == len(written)
+    for line, (cells, row) in enumerate(zip(written, rows.iter_rows(named=True), strict=True)):
+        for column, cell in cells.items():
+            name = "input_Status" if column == "Status" else column
+            assert str(row[name]) == cell, (line + 1, column)
+    made = rows.filter(pl.col("status") == "succeeded")
+    if catalog == "shopify":
+        # Prompts as before: the variant's Title filled down, no placeholder option.
+        assert made["prompt"][4] == (
+            "Studio photo of Red Sports Tee M Red, Women's red sporty t-shirt with colorful "
+            "details on the sleeves and a small white pocket."
+        )
+        pick = rows.filter(pl.col("Handle") == "guitar-pick")
+        assert pick.select("Option1 Name", "Option1 Value").row(0) == ("Title", "Default Title")
+        assert "Default Title" not in pick["prompt"][0]
+    else:
+        # A variation without a Description of its own is described by its parent's.
+        assert made["prompt"][0].startswith("V-Neck T-Shirt - Red, Red: Pellentesque")
+
+
+@pytest.mark.parametrize("per", ["product", "variant"])
+def test_a_handle_that_comes_back_later_is_rejected_naming_file_line_and_column(
+    tmp_path: Path, sim: SimServer, per: str
+) -> None:
+    """Two exports pasted together repeat a Handle after other products' lines. Per product
+    the second block (another Title) was merged into the first without a word; per variant
+    one repeat was rejected and another made an extra "Default Title" image. One rule now:
+    a product's lines come together, a later block is not used and each of its lines says
+    so (file, row, line and column); every other line runs."""
+    shop = tmp_path / "shop.csv"
+    shop.write_text(
+        "Handle,Title,Body (HTML),Option1 Name,Option1 Value,Variant SKU\n"
+        'tee,Tee,"<p>Soft</p>\n<p>cotton</p>",Size,S,TEE-S\n'
+        "tee,,,,M,TEE-M\n"
+        "mug,Mug,,Title,Default Title,MUG\n"
+        "tee,Duplicate of tee,,Title,Default Title,DUP-TEE\n"
+        "tee,,,,XL,DUP-XL\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    summary = run(shop, out, sim, catalog="shopify", per=per, prompt_template="{Title}")
+    rows = output(out).sort("row")
+    made = rows.filter(pl.col("status") == "succeeded")
+    expected = ["TEE-S", "TEE-M", "MUG"] if per == "variant" else ["TEE-S", "MUG"]
+    assert made["Variant SKU"].to_list() == expected
+    assert "Duplicate" not in " ".join(made["prompt"].to_list())
+    rejected = rows.filter(pl.col("status") == "rejected")
+    assert rejected["row"].to_list() == [4, 5]
+    # Row 4 starts on line 6: the Body (HTML) of row 1 spans two lines.
+    assert rejected["reason"][0] == (
+        "shop.csv row 4 (line 6), column Handle: 'tee' comes back after other products' "
+        "lines; its product is on rows 1-2 and a product's lines must come together, so "
+        "this line is not used (give it its own Handle if it is another product, or move "
+        "it up to its product)"
+    )
+    assert rejected["reason"][1].startswith("shop.csv row 5 (line 7), column Handle: 'tee'")
+    assert summary.counts["rejected"] == 2
 
 
 def test_input_columns_named_like_ours_in_another_case_are_renamed(

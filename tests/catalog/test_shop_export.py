@@ -106,3 +106,25 @@ async def test_woocommerce_and_plain_exports(tmp_path: Path, sim: SimServer) -> 
         build_export(manifest, "shopify", image_base_url=None)
     with pytest.raises(ConfigError, match="has no Handle column"):
         build_export(manifest, "shopify", image_base_url=CDN)
+
+
+async def test_shopify_import_file_keeps_default_title_and_alt_text_reads_the_product(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """A product without options is one variant Shopify knows by ``Default Title``: the
+    import file wrote an empty Option1 Value for it. And an alt text ``{Title}`` names the
+    product on every variant's image, though the manifest keeps Title on its first line."""
+    out = tmp_path / "out"
+    run(EXPORTS / "shopify_products.csv", out, sim, catalog="shopify", per="variant",
+        prompt_template="{Title} {Option1 Value?}")  # fmt: skip
+    manifest = await read_output_manifest(LocalSink(out))
+    made = build_export(
+        manifest, "shopify", image_base_url=CDN, alt_template="{Title} {Option1 Value?}"
+    )
+    lines = {line["Variant SKU"]: line for line in _rows(made.data) if line["Variant SKU"]}
+    assert lines["PICK-1"]["Option1 Value"] == "Default Title"
+    assert lines["LIGHT-CU"]["Option1 Value"] == "Default Title"
+    assert lines["TEE-RED-M"]["Option1 Value"] == "M"
+    # Filled down for the alt text; the placeholder is no option there either.
+    assert lines["TEE-RED-M"]["Image Alt Text"] == "Red Sports Tee M"
+    assert lines["PICK-1"]["Image Alt Text"] == "Guitar Pick"
