@@ -11,7 +11,12 @@ With a variation matrix the budget stops at whole products: the first image of a
 holds the cost of all of that product's images in the run (``reserve(..., group=,
 group_cost=)``), its siblings draw on that hold, and a product whose whole matrix does not
 fit is skipped whole. A catalog cut short by its budget then has complete products, not
-three of every product's six variations.
+three of every product's six variations. In a shop export (``--catalog``) a product is all
+of its variant lines (``run._product_of``), so a product is never made for some variants
+only. Groups are numbered in file order, and once one did not fit no later product starts
+(``_stop_at``): room that a failed task frees later would otherwise go to some product
+further down, leaving a hole the rerun's "continues at the next whole product" does not
+describe; the products before it that are under way are finished.
 
 The budget covers the destination, not one invocation: what earlier runs into the same
 DEST spent, and tasks they left in flight, count from the start. So a run stopped by its
@@ -46,6 +51,10 @@ class Budget:
         self.skipped = 0
         self._held: dict[object, float] = {}
         self._refused: set[object] = set()
+        #: The first product (in file order) that did not fit: no later one starts.
+        self._stop_at: int | None = None
+        #: Products waiting for room to start (ints in file order; ``_behind``).
+        self._waiting: set[object] = set()
         self._changed = asyncio.Condition()
 
     @property
@@ -67,14 +76,16 @@ class Budget:
 
         With ``group`` (a product), its first image holds ``group_cost`` (every image of
         the product this run submits) and later ones draw on it; once a product did not fit,
-        its other images are refused too.
+        its other images are refused too, and so is every product numbered after it that has
+        not started (groups are ints in file order: ``run._product_of``).
         """
         async with self._changed:
             if group is not None:
-                if group in self._refused:
+                held = self._held.get(group)
+                if group in self._refused or (held is None and self._after_stop(group)):
+                    self._refused.add(group)
                     self.skipped += 1
                     return False
-                held = self._held.get(group)
                 if held is not None:
                     take = min(cost, held)
                     self._held[group] = held - take
@@ -85,8 +96,18 @@ class Budget:
                         return True
                 else:
                     need = max(group_cost, cost)
-                    if not await self._wait_for(need):
+                    self._waiting.add(group)
+                    try:
+                        fits = await self._wait_for(need, group)
+                    finally:
+                        self._waiting.discard(group)
+                        self._changed.notify_all()
+                    if not fits:
                         self._refused.add(group)
+                        if isinstance(group, int) and (
+                            self._stop_at is None or group < self._stop_at
+                        ):
+                            self._stop_at = group
                         return False
                     self._held[group] = need - cost
                     self.holding += need - cost
@@ -97,14 +118,25 @@ class Budget:
             self.reserved += cost
             return True
 
-    async def _wait_for(self, cost: float) -> bool:
+    def _after_stop(self, group: object) -> bool:
+        return isinstance(group, int) and self._stop_at is not None and group > self._stop_at
+
+    def _behind(self, group: object) -> bool:
+        """Whether an earlier product is still waiting to start: this one waits its turn,
+        or room freed for the earlier one would go to it first."""
+        return isinstance(group, int) and any(other < group for other in self._waiting)
+
+    async def _wait_for(self, cost: float, group: object | None = None) -> bool:
         # Called with the condition held. Only tasks in flight can free room: a hold is
         # spent by its own product's images, so waiting on one could wait for ever.
-        while not self.fits(cost):
-            if self.reserved <= _EPSILON:
+        while not self.fits(cost) or self._behind(group):
+            if self._after_stop(group) or (self.reserved <= _EPSILON and not self._behind(group)):
                 self.skipped += 1
                 return False
             await self._changed.wait()
+        if self._after_stop(group):
+            self.skipped += 1
+            return False
         return True
 
     def forgo(self, group: object, cost: float) -> None:

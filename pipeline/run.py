@@ -814,7 +814,7 @@ class _Run:
                 else:
                     job = Job(row, name, queued_at, attempts=planned.attempts)
                     if groups:
-                        job.group = row.index // self.opts.catalog.size  # type: ignore[union-attr]
+                        job.group = self._product_of(row.index)
                         job.group_requests = groups[job.group]
                     yield job
             self._reject(duplicates)
@@ -826,13 +826,25 @@ class _Run:
         images are all here; those polled or done already were paid for before.
         """
         catalog = self.opts.catalog
-        if self.budget is None or catalog is None or catalog.size < 2:
+        if self.budget is None:
+            return {}
+        if self.reader.products is None and (catalog is None or catalog.size < 2):
             return {}
         groups: dict[int, list[ImageRequest]] = {}
         for item in planned:
             if item.action is Action.SUBMIT:
-                groups.setdefault(item.row.index // catalog.size, []).append(item.row.request)
+                groups.setdefault(self._product_of(item.row.index), []).append(item.row.request)
         return {product: tuple(requests) for product, requests in groups.items()}
+
+    def _product_of(self, index: int) -> int:
+        """The product a planned image belongs to, for the budget: its input row, or in a
+        shop export (``--catalog``) the row its product starts on, so that a product's
+        variants (every Shopify line of a Handle, a WooCommerce variable product's
+        variations) are kept together, not each variant line on its own."""
+        catalog = self.opts.catalog
+        line = index // (catalog.size if catalog is not None else 1)
+        products = self.reader.products
+        return products[line] if products is not None else line
 
     def _mine(self, key: str | None, index: int) -> bool:
         """Whether a planned row belongs to this run's shard (``RunOptions.shard``).

@@ -406,6 +406,48 @@ def test_every_export_cell_comes_back_as_the_shop_wrote_it(
         assert made["prompt"][0].startswith("V-Neck T-Shirt - Red, Red: Pellentesque")
 
 
+def _three_products(path: Path) -> Path:
+    """A Shopify export: a one-variant mug, a three-variant tee, a one-variant cap."""
+    pl.DataFrame(
+        {
+            "Handle": ["mug", "tee", "tee", "tee", "cap"],
+            "Title": ["Mug", "Tee", None, None, "Cap"],
+            "Option1 Name": ["Title", "Size", None, None, "Title"],
+            "Option1 Value": ["Default Title", "S", "M", "L", "Default Title"],
+            "Variant SKU": ["MUG", "TEE-S", "TEE-M", "TEE-L", "CAP"],
+        }
+    ).write_csv(path)
+    return path
+
+
+@pytest.mark.parametrize("vary", [[], ["style=studio,loft"]])
+def test_a_budget_keeps_a_products_variants_together_and_in_file_order(
+    tmp_path: Path, sim: SimServer, vary: list[str]
+) -> None:
+    """Per variant, the "whole product" a budget kept together was one variant line (the
+    tee got S and M, not L), and a later product that still fit (the cap) was made after
+    an earlier one (the tee) did not: holes a rerun's "next whole product" does not fill
+    in order. Now a product is all its variants or none, and the budget stops at the
+    first product that does not fit."""
+    shop = _three_products(tmp_path / "shop.csv")
+    out = tmp_path / "out"
+    per_line = max(1, 2 * len(vary))
+    kwargs = {"catalog": "shopify", "per": "variant", "prompt_template": "{Title}", "vary": vary}
+    # The mug, and room for two more lines' images: less than the tee, enough for the cap.
+    first = run(shop, out, sim, max_credits=round(3.5 * per_line * EACH, 2), **kwargs)
+    rows = output(out).sort("row")
+    made = rows.filter(pl.col("status") == "succeeded")
+    assert first.state == "stopped: budget"
+    assert set(made["Variant SKU"].to_list()) == {"MUG"}
+    skipped = rows.filter(pl.col("status") == "skipped")
+    assert set(skipped["Variant SKU"].to_list()) == {"TEE-S", "TEE-M", "TEE-L", "CAP"}
+    assert all(reason.startswith("budget:") for reason in skipped["reason"].to_list())
+    # The rerun continues at the next whole product, paying each image once.
+    second = run(shop, out, sim, max_credits=100.0, **kwargs)
+    assert second.state == "finished"
+    assert accepted(sim) == 5 * per_line
+
+
 @pytest.mark.parametrize("per", ["product", "variant"])
 def test_a_handle_that_comes_back_later_is_rejected_naming_file_line_and_column(
     tmp_path: Path, sim: SimServer, per: str
