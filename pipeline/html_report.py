@@ -404,6 +404,18 @@ def _gather(
         if shown
         else pl.DataFrame(schema={name: pl.String for name in tile_columns})
     )
+    titles = [c for c in TITLE_COLUMNS if c in found.shown.columns]
+    if "Handle" in found.shown.columns and titles:
+        # manifest.parquet gives a Shopify export's cells as they were: the Title is on a
+        # product's first line only. Its variants' tiles are headed by it all the same.
+        found.shown = found.shown.with_columns(
+            pl.when(pl.col(c).cast(pl.String).str.strip_chars() != "")
+            .then(pl.col(c))
+            .forward_fill()
+            .over("Handle")
+            .alias(c)
+            for c in titles
+        )
     if found.finished:
         _gather_bins(found, batches, summary)
     return found
@@ -574,10 +586,15 @@ def _render(
 #: Columns that tell one variant from another, best first, by lower-cased name: a shop
 #: export's option values and SKU, then what generic manifests call them.
 _TELLING = (
-    re.compile(r"option\d value|attribute \d value\(s\)"),
+    re.compile(r"option\d value|attribute \d+ value\(s\)"),
     re.compile(r"(variant )?sku"),
+    re.compile(r"(variant |regular |sale )?price"),
     re.compile(r"colou?r|size|title|name"),
 )
+#: A shop export's variant columns (``_TELLING``'s first rule): with them, a tile shows
+#: only telling columns, never padded with the export's bookkeeping (WooCommerce's
+#: ``Type variation``, ``Published 1``) up to the four.
+_SHOP_VARIANT = _TELLING[0]
 #: Columns never shown under a tile: long text and markup (a product description's HTML),
 #: addresses, and what a heading already shows.
 _NOT_A_LABEL = re.compile(r"html|description|seo |image src|image alt|url|body")
@@ -592,7 +609,10 @@ def _label_columns(names: Sequence[str], axes: Sequence[str]) -> list[str]:
     fixed_end = max(present) + 1
     # Not the columns a heading already shows (title, id), nor request columns given back
     # as the input had them (``input_prompt``, ``seed``...).
-    skip = {"variation", *axes, *TITLE_COLUMNS, *ID_COLUMNS, *KNOWN_COLUMNS}
+    # Of the id columns, the one a heading shows (the first present): a Shopify tile's
+    # heading shows the Handle, so its Variant SKU is worth a label.
+    heading_id = next((c for c in ID_COLUMNS if c in names), None)
+    skip = {"variation", *axes, *TITLE_COLUMNS, heading_id, *KNOWN_COLUMNS}
     chosen = [
         c
         for c in names[fixed_end:]
@@ -600,6 +620,12 @@ def _label_columns(names: Sequence[str], axes: Sequence[str]) -> list[str]:
     ]
     preferred = [c for rule in _TELLING for c in chosen if rule.fullmatch(c.lower())]
     preferred = list(dict.fromkeys(preferred))
+    if any(_SHOP_VARIANT.fullmatch(c.lower()) for c in preferred):
+        # Option values first, but a product has at most two or so: keep room for the
+        # price after them (Option3 Value is empty on most shops' lines).
+        options = [c for c in preferred if _SHOP_VARIANT.fullmatch(c.lower())]
+        others = [c for c in preferred if c not in options]
+        return (options[:2] + others + options[2:])[:4]
     rest = [c for c in chosen if c not in preferred]
     return (preferred + rest)[:4]
 

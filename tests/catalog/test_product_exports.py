@@ -507,3 +507,24 @@ def test_input_columns_named_like_ours_in_another_case_are_renamed(
         "A-1",
     )
     assert rows["row"].to_list() == [1] and rows["Prompt Notes"].to_list() == ["glossy"]
+
+
+def test_report_tiles_of_woocommerce_variations_show_attributes_and_price(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """Without --report-columns a WooCommerce variation's tile showed ``Type variation``
+    and ``Published 1`` (the export's bookkeeping, padding the four labels) rather than
+    its price; a Shopify variant's tile its options but not its SKU or price."""
+    template = "{Name}, {Attribute 1 value(s)|assorted colours}"
+    run(WOO, tmp_path / "woo", sim, catalog="woocommerce", per="variant", prompt_template=template)
+    page = (tmp_path / "woo" / "report.html").read_text(encoding="utf-8")
+    assert "Type variation" not in page and "Published 1" not in page
+    assert "Attribute 1 value(s) Red" in page and "Regular price 20" in page
+
+    shop = tmp_path / "shop"
+    run(SHOPIFY, shop, sim, catalog="shopify", per="variant", prompt_template=SHOP_TEMPLATE,
+        vary=["style=studio,loft"])  # fmt: skip
+    page = (shop / "report.html").read_text(encoding="utf-8")
+    assert "Variant SKU TEE-RED-M" in page and "Variant Price 30.00" in page
+    # The Title is on a product's first line only; every variant's heading names it.
+    assert page.count("Red Sports Tee · red-sports-tee") == 3
