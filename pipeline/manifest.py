@@ -651,13 +651,27 @@ class ManifestReader:
                 remaining -= chunk.height
             pending.append(chunk)
             held += chunk.height
-            while held >= self.batch_size:
+            # A product export's batch waits for the row after it, to know where the
+            # product at its end ends (``_cut``).
+            while held > self.batch_size or (held == self.batch_size and self.products is None):
                 joined = pl.concat(pending, how="diagonal_relaxed")
-                yield self._with_roles(joined.head(self.batch_size))
-                rest = joined.slice(self.batch_size)
+                cut = self._cut(joined)
+                yield self._with_roles(joined.head(cut))
+                rest = joined.slice(cut)
                 pending, held = ([rest], rest.height) if rest.height else ([], 0)
         if held:
             yield self._with_roles(pl.concat(pending, how="diagonal_relaxed"))
+
+    def _cut(self, joined: pl.DataFrame) -> int:
+        """How many rows of ``joined`` (more than a batch) the next batch takes: a batch,
+        or fewer so that a product export's product is not split between two batches (a
+        budget plans a product's images from one batch: ``run._products``). A product
+        longer than a batch is split all the same."""
+        if self.products is None or joined.height <= self.batch_size:
+            return self.batch_size
+        first = int(joined[INDEX_COLUMN][0])
+        start = self.products[int(joined[INDEX_COLUMN][self.batch_size])]
+        return start - first if first < start < first + self.batch_size else self.batch_size
 
     def _with_roles(self, frame: pl.DataFrame) -> pl.DataFrame:
         if not self.roles:

@@ -20,6 +20,7 @@ from pipeline.contract import KLEIN_MODEL
 from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest import Defaults
 from pipeline.product_exports import ExportSpec, open_manifest
+from pipeline.run import RunOptions
 from pipeline.sim import SimConfig, SimServer
 from pipeline.variations import Catalog
 
@@ -420,9 +421,9 @@ def _three_products(path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("vary", [[], ["style=studio,loft"]])
+@pytest.mark.parametrize(("vary", "batch"), [([], 2000), (["style=studio,loft"], 2000), ([], 3)])
 def test_a_budget_keeps_a_products_variants_together_and_in_file_order(
-    tmp_path: Path, sim: SimServer, vary: list[str]
+    tmp_path: Path, sim: SimServer, vary: list[str], batch: int
 ) -> None:
     """Per variant, the "whole product" a budget kept together was one variant line (the
     tee got S and M, not L), and a later product that still fit (the cap) was made after
@@ -434,7 +435,10 @@ def test_a_budget_keeps_a_products_variants_together_and_in_file_order(
     per_line = max(1, 2 * len(vary))
     kwargs = {"catalog": "shopify", "per": "variant", "prompt_template": "{Title}", "vary": vary}
     # The mug, and room for two more lines' images: less than the tee, enough for the cap.
-    first = run(shop, out, sim, max_credits=round(3.5 * per_line * EACH, 2), **kwargs)
+    # Batches of 3 lines would end inside the tee (mug, S, M | L, cap): a product's lines
+    # are read in one batch, since the budget plans a product from its batch.
+    budget = round(3.5 * per_line * EACH, 2)
+    first = run(shop, out, sim, max_credits=budget, options=RunOptions(batch_size=batch), **kwargs)
     rows = output(out).sort("row")
     made = rows.filter(pl.col("status") == "succeeded")
     assert first.state == "stopped: budget"
