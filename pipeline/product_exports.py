@@ -25,8 +25,12 @@ Shopify's ``Default Title``.
   lists it as ``merged`` with that reason, so every input line is accounted for.
 
 Exports are read whole (grouping needs every line of a product); the lines are then served
-in batches like any manifest. The derived columns start with ``__`` and never reach the
-output, which keeps every input column as it came (filled-down cells included).
+in batches like any manifest, a product's lines in one batch (``ManifestReader._cut``: a
+budget keeps a product's variants together). The derived columns start with ``__`` and
+never reach the output, which keeps every input column as the shop wrote it: filled-down
+cells, the placeholder and unescaped line breaks are for prompts and ids only
+(``_keep_cells``). A Handle that comes back after other products' lines is rejected, line
+by line, rather than merged into the first product of that name.
 """
 
 from __future__ import annotations
