@@ -353,9 +353,16 @@ class ReferenceStore:
             assert spec.url is not None
             scheme = URL(spec.url).scheme.lower()
             data = await FETCHERS[scheme](self, spec.url, session)
-        reference = await asyncio.to_thread(_prepare, data, self.max_pixels)
-        if reference.size > self.max_bytes:  # a conversion to PNG can grow the image
-            raise ReferenceError(self._too_big(reference.size, converted=True))
+        try:
+            reference = await asyncio.to_thread(_prepare, data, self.max_pixels)
+            if reference.size > self.max_bytes:  # a conversion to PNG can grow the image
+                raise ReferenceError(self._too_big(reference.size, converted=True))
+        except ReferenceError as exc:
+            if spec.url is None:
+                raise  # a file or inline image: the row's reason names it
+            # A fetch's own errors name the URL; what was fetched must too, or a row says
+            # "is not an image" without saying which of a shop's thousand image URLs.
+            raise ReferenceError(f"URL {_public_url(spec.url)}: {exc}") from None
         self._remember(spec.cache_key, reference)
         return reference
 

@@ -180,6 +180,7 @@ class _Server:
 async def server() -> AsyncIterator[_Server]:
     state = _Server()
     png = _image_bytes("PNG")
+    jpeg = _image_bytes("JPEG")
 
     async def handler(request: web.Request) -> web.StreamResponse:
         name = request.match_info["name"]
@@ -207,6 +208,10 @@ async def server() -> AsyncIterator[_Server]:
             raise web.HTTPFound("http://10.1.2.3/shot.png")
         if name == "slow":
             await asyncio.sleep(1.5)
+        if name == "page.jpg":  # a CDN's HTML error page, served as an image
+            return web.Response(body=b"<html>not found</html>", content_type="image/jpeg")
+        if name == "cut.jpg":
+            return web.Response(body=jpeg[: len(jpeg) // 2], content_type="image/jpeg")
         return web.Response(status=404)
 
     app = web.Application()
@@ -292,6 +297,19 @@ async def test_url_size_cap_status_and_timeout(server: _Server) -> None:
         await store.load(f"{server.url}/missing.png?token=SECRET")
     assert "/img/missing.png" in str(err.value)
     assert "SECRET" not in str(err.value)  # signed URLs' tokens stay out of messages
+
+
+async def test_what_a_url_served_is_refused_naming_the_url(server: _Server) -> None:
+    """A shop's thousand image URLs: "is not an image" must say which one (the fetch's
+    own errors always did); the query of a signed URL stays out."""
+    store = _store()
+    async with aiohttp.ClientSession() as session:
+        for name, problem in (("page.jpg", "is not an image"), ("cut.jpg", "truncated")):
+            with pytest.raises(ReferenceError) as err:
+                await store.load(f"{server.url}/{name}?sig=SECRET", session)
+            assert str(err.value).startswith(f"URL {server.url}/{name}: "), err.value
+            assert problem in str(err.value)
+            assert "SECRET" not in str(err.value)
 
 
 def test_schemes_table_lists_fetchable_schemes() -> None:
