@@ -60,6 +60,8 @@ class ReferenceProblem:
     problem: str
     rows: list[int] = field(default_factory=list)
     row_count: int = 0
+    #: The manifest row counted last: a row's variations share its reference, once counted.
+    last_row: int = 0
 
 
 @dataclass(slots=True)
@@ -296,9 +298,12 @@ class _ReferenceChecker:
             entry = self._report.reference_problems.setdefault(
                 shown, ReferenceProblem(spec=shown, problem=problem)
             )
-            entry.row_count += 1
-            if len(entry.rows) < MAX_LISTED:
-                entry.rows.append(row.index // self.per_row + 1)
+            number = row.index // self.per_row + 1
+            if number != entry.last_row:
+                entry.last_row = number
+                entry.row_count += 1
+                if len(entry.rows) < MAX_LISTED:
+                    entry.rows.append(number)
             found.append((column, reference_reason(source, row.where, column, spec, problem)))
         return found
 

@@ -41,3 +41,20 @@ def test_validate_predicts_the_run_row_for_row(tmp_path: Path, sim: SimServer) -
     said = sorted(message for group in report.rejections.values() for message in group.examples)
     assert said == sorted(rejected["reason"].to_list())
     assert int(report.exit_code) == 1
+
+
+def test_validate_counts_a_bad_reference_once_per_row_not_per_variation(tmp_path: Path) -> None:
+    """Two variations of each row share its reference: "(2 rows: 1, 3)", not
+    "(4 rows: 1, 1, 3, 3)" as the audit's Shopify check read."""
+    manifest = tmp_path / "catalog.csv"
+    manifest.write_text(
+        "id,prompt,input_image\na,mug,missing.png\nb,cup,\nc,jar,missing.png\n",
+        encoding="utf-8",
+    )
+    report = check_manifest(
+        manifest, defaults=Defaults(), catalog=Catalog.build(vary=["style=studio,loft"])
+    )
+    (problem,) = report.reference_problems.values()
+    assert (problem.row_count, problem.rows) == (2, [1, 3])
+    assert "(2 rows: 1, 3)" in report.render()
+    assert report.rejected == 4  # each variation is an image that will not be made
