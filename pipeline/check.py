@@ -508,7 +508,15 @@ def _check_rows(
                 report.duplicates += 1
                 _count_rejections(
                     report,
-                    [duplicate_rejection(reader.name, row, first, label, names.get("id", "id"))],
+                    [
+                        duplicate_rejection(
+                            reader.name,
+                            row,
+                            first,
+                            label,
+                            names.get("id", "id") if reader.keyed else None,
+                        )
+                    ],
                 )
                 continue
             problems = checker.problems(row, reader.name) if checker else []

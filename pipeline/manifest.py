@@ -232,6 +232,29 @@ def size_notice(file_name: str, columns: list[str]) -> str | None:
     )
 
 
+#: Columns a data team's table or a PIM dump keys its products by (as ``_loose`` spells
+#: them), which the pipeline does not read as the row's id unless named ``id``.
+_ID_LIKE: Final = frozenset(
+    {"productid", "itemid", "sku", "variantsku", "handle", "productcode", "articleid"}
+    | {"articlenumber", "articleno", "itemnumber", "itemno", "productnumber", "gtin", "ean"}
+    | {"upc", "mpn", "styleid", "key", "uuid", "guid"}
+)
+
+
+def id_notice(file_name: str, columns: list[str]) -> str | None:
+    """A manifest without an ``id`` column but with a column that looks like one: its rows
+    are keyed by their request, so two products asking for the same image are made once
+    (the second rejected as a repeat) and a changed prompt is a new row; said once."""
+    found = [name for name in columns if _loose(name) in _ID_LIKE]
+    if not found:
+        return None
+    return (
+        f"{file_name}: no 'id' column, so each row is keyed by its request (rows asking for "
+        f"the same image are made once); column {found[0]!r} looks like an id: name it "
+        "'id' to key rows by it"
+    )
+
+
 def _normalise_columns(
     found: list[str],
     file_name: str,
@@ -297,10 +320,11 @@ def _normalise_columns(
             f"{', '.join(c for c in KNOWN_COLUMNS if c != 'prompt')}.{hint}"
         )
     extra = [name for name in names if name not in KNOWN_COLUMNS]
-    notice = size_notice(file_name, [name for name in extra if not is_derived(name)])
-    return _Columns(
-        source=list(found), names=names, extra=extra, notices=[notice] if notice else []
-    )
+    carried = [name for name in extra if not is_derived(name)]
+    notices = [size_notice(file_name, carried)]
+    if "id" not in names and "id" not in roles:
+        notices.append(id_notice(file_name, carried))
+    return _Columns(source=list(found), names=names, extra=extra, notices=[n for n in notices if n])
 
 
 def _input_columns(columns: _Columns) -> list[tuple[str, str]]:
@@ -570,6 +594,9 @@ class ManifestReader:
             roles=self.roles,
             derived_ok=self._frame is not None and name is not None,
         )
+        #: Whether rows are keyed by an id (a column, or a role such as a Shopify Handle);
+        #: without one a row's key is its request (``keys.request_key``).
+        self.keyed = "id" in self._columns.names or "id" in self.roles
         self.columns: list[str] = [*self._columns.names, *self.roles]
         self.extra_columns: list[str] = self._columns.extra
         #: Things about the columns worth saying that stop nothing (a run and a check say

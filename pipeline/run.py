@@ -796,7 +796,7 @@ class _Run:
                             row,
                             planned.duplicate_of or 0,
                             label,
-                            self.reader.shown_as.get("id", "id"),
+                            self.reader.shown_as.get("id", "id") if self.reader.keyed else None,
                         )
                     )
                 elif planned.action is Action.POLL:

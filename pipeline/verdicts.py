@@ -21,15 +21,29 @@ def duplicate_rejection(
     row: Row,
     first_index: int,
     label: Callable[[int], str] | None = None,
-    column: str = "id",
+    column: str | None = "id",
 ) -> Rejection:
     """A row whose key an earlier row (``first_index``, a planned index) already has.
 
     Such a row is never sent: its image would be the earlier row's, paid twice. ``label``
     names planned indices (``row 3, variation studio``) when a variation matrix is used;
-    ``column`` is where the id came from (``Handle`` in a Shopify export).
+    ``column`` is where the id came from (``Handle`` in a Shopify export), None when the
+    manifest has no id column and a row's key is its request: then the message says so,
+    rather than blaming an ``id`` column the file does not have for a key it never wrote.
     """
     first = label(first_index) if label is not None else f"row {first_index + 1}"
+    if column is None:
+        return Rejection(
+            index=row.index,
+            reason=(
+                f"{source_name} {row.where}: asks for the same image as {first} (the same "
+                "prompt and settings; without an id column a row's key is its request); "
+                "give the rows an id column to make both"
+            ),
+            column="prompt",
+            key=row.key,
+            prompt=row.request.prompt,
+        )
     return Rejection(
         index=row.index,
         reason=(

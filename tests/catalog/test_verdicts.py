@@ -58,3 +58,39 @@ def test_validate_counts_a_bad_reference_once_per_row_not_per_variation(tmp_path
     assert (problem.row_count, problem.rows) == (2, [1, 3])
     assert "(2 rows: 1, 3)" in report.render()
     assert report.rejected == 4  # each variation is an image that will not be made
+
+
+def test_without_an_id_column_a_repeat_is_the_same_request_and_an_id_like_column_is_named(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """A data team's table keyed by ``product_id``: the pipeline keys rows by ``id`` only,
+    so two products with the same prompt were one image, and the rejection blamed a
+    ``column id`` the file does not have for a key (``r-e81a...``) nobody wrote."""
+    source = tmp_path / "pim.parquet"
+    pl.DataFrame(
+        {"product_id": [101, 102, 103], "prompt": ["red mug", "blue mug", "red mug"]}
+    ).write_parquet(source)
+
+    report = check_manifest(source, defaults=Defaults())
+
+    said = (
+        "pim.parquet row 3: asks for the same image as row 1 (the same prompt and settings; "
+        "without an id column a row's key is its request); give the rows an id column to "
+        "make both"
+    )
+    assert report.rejections["prompt"].examples == [said]
+    assert report.notices == [
+        "pim.parquet: no 'id' column, so each row is keyed by its request (rows asking for "
+        "the same image are made once); column 'product_id' looks like an id: name it 'id' "
+        "to key rows by it"
+    ]
+    summary = run(source, tmp_path / "out", sim)
+    assert summary.notices == report.notices
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet").sort("row")
+    assert table["status"].to_list() == ["succeeded", "succeeded", "rejected"]
+    assert table["reason"][2] == said  # the run says what validate said
+    # Named id, the same table makes three images, and nothing is noted.
+    keyed = tmp_path / "keyed.parquet"
+    pl.read_parquet(source).rename({"product_id": "id"}).write_parquet(keyed)
+    again = check_manifest(keyed, defaults=Defaults())
+    assert (again.valid, again.rejected, again.notices) == (3, 0, [])
