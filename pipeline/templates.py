@@ -175,6 +175,16 @@ class PromptTemplate:
         masks = {column: frame.get_column(column) for column in required}
         return frame.get_column("__prompt").alias("prompt"), masks
 
+    def too_long_reason(self, where: str, length: int, limit: int, column: str, part: int) -> str:
+        """The rejection message for a row whose filled prompt is over the API's limit: it
+        names the template and the cell that made it long, since the row has no prompt
+        cell of its own to shorten."""
+        return (
+            f"{where}, column {column}: the prompt {self.source} builds is {length:,} "
+            f"characters; at most {limit:,} are allowed, and {{{column}}} gives {part:,} of "
+            f"them: shorten the cell or leave {{{column}}} out of {self.source}"
+        )
+
     def missing_reason(self, where: str, column: str) -> str:
         """The rejection message for a row whose cell for ``column`` is empty."""
         return (

@@ -369,33 +369,55 @@ class Catalog:
         bad: pl.Series | None = None
         for mask in missing.values():
             bad = mask if bad is None else bad | mask
-        if bad is not None and ERROR_COLUMN in frame.columns:
+        lengths = prompt.str.len_chars()
+        too_long = (lengths > contract.PROMPT_MAX_CHARS).fill_null(False)
+        if bad is not None:
+            too_long = too_long & ~bad
+        bad = too_long if bad is None else bad | too_long
+        if ERROR_COLUMN in frame.columns:
             # A line the export itself rejected (an empty Handle, an orphan variation) is
             # rejected for that: its empty fields follow from it, and the message about
             # them would send the user to the wrong cell.
             bad = bad & frame.get_column(ERROR_COLUMN).is_null()
-        if bad is None or not bad.any():
+        if not bad.any():
             return frame, []
         rejections: list[Rejection] = []
         indices = frame.get_column(INDEX_COLUMN).to_list()
         ids = _ids(frame)
         columns = {name: mask.to_list() for name, mask in missing.items()}
+        long_flags = too_long.to_list()
         for position in bad.arg_true().to_list():
-            column = next(name for name, flags in columns.items() if flags[position])
             index = indices[position]
+            where = f"{source_name} row {index + 1}"
+            if long_flags[position]:
+                column, part = self._longest_hole(frame, position)
+                reason = self.template.too_long_reason(
+                    where, lengths[position], contract.PROMPT_MAX_CHARS, column, part
+                )
+            else:
+                column = next(name for name, flags in columns.items() if flags[position])
+                reason = self.template.missing_reason(where, column)
             raw = ids[position] if ids is not None else None
             key = safe_key(raw) if raw else f"row-{index + 1}"
             if self.matrix is not None and not raw:
                 key = f"{key}--{variation.slug}"
             rejections.append(
-                Rejection(
-                    index=index,
-                    reason=self.template.missing_reason(f"{source_name} row {index + 1}", column),
-                    column=column,
-                    key=safe_key(key),
-                )
+                Rejection(index=index, reason=reason, column=column, key=safe_key(key))
             )
         return frame.filter(~bad), rejections
+
+    def _longest_hole(self, frame: pl.DataFrame, position: int) -> tuple[str, int]:
+        """The template's column whose cell is longest in this row, and its length."""
+        assert self.template is not None
+        sizes = {
+            hole.column: len(str(frame.get_column(hole.column)[position] or ""))
+            for hole in self.template.holes
+            if hole.column in frame.columns
+        }
+        if not sizes:  # a template without holes, itself too long
+            return "prompt", len(self.template.text)
+        column = max(sizes, key=sizes.__getitem__)
+        return column, sizes[column]
 
     def _relabel(
         self, rejection: Rejection, variation: Variation, source_name: str, size: int

@@ -94,3 +94,28 @@ def test_without_an_id_column_a_repeat_is_the_same_request_and_an_id_like_column
     pl.read_parquet(source).rename({"product_id": "id"}).write_parquet(keyed)
     again = check_manifest(keyed, defaults=Defaults())
     assert (again.valid, again.rejected, again.notices) == (3, 0, [])
+
+
+def test_a_prompt_the_template_builds_too_long_names_the_cell_that_made_it(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """The row has no prompt cell: "column prompt: 12504 characters is too long" sent the
+    merchandiser looking for a column the file does not have."""
+    manifest = tmp_path / "long.csv"
+    pl.DataFrame(
+        {"id": ["a", "b"], "title": ["mug", "cup"], "desc": ["word " * 2500, "short"]}
+    ).write_csv(manifest)
+    template = "{title}: {desc}"
+    report = check_manifest(
+        manifest, defaults=Defaults(), catalog=Catalog.build(prompt_template=template)
+    )
+    said = (
+        "long.csv row 1, column desc: the prompt --prompt-template builds is 12,504 "
+        "characters; at most 10,000 are allowed, and {desc} gives 12,500 of them: shorten "
+        "the cell or leave {desc} out of --prompt-template"
+    )
+    assert report.rejections["desc"].examples == [said]
+    run(manifest, tmp_path / "out", sim, prompt_template=template)
+    rows = output(tmp_path / "out").sort("row")
+    assert rows["status"].to_list() == ["rejected", "succeeded"]
+    assert rows["reason"][0] == said
