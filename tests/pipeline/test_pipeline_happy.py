@@ -160,10 +160,13 @@ def test_a_spreadsheets_column_names_and_ratios_are_understood(
         True,
         False,
     ]
-    assert table["Width"].to_list() == ["1600", "900"]  # the input's, carried through
+    # The input's, carried through; renamed since the output has a width of its own
+    # (case-insensitive tools would read Width and width as one column).
+    assert table["input_Width"].to_list() == ["1600", "900"]
     text = format_summary(summary)
     assert "note: sheet.csv: columns 'Width', 'Height' not read" in text
     run_json = json.loads((tmp_path / "out" / "run.json").read_text())
-    assert run_json["notices"] == summary.notices and len(summary.notices) == 1
+    assert run_json["notices"] == summary.notices and len(summary.notices) == 2
+    assert "column 'SKU' looks like an id" in summary.notices[1]  # no id column: keyed by request
     report = html.unescape((tmp_path / "out" / "report.html").read_text())
     assert "note: sheet.csv: columns 'Width', 'Height' not read" in report
