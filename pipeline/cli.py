@@ -50,17 +50,17 @@ if TYPE_CHECKING:
     from pipeline.variations import Catalog
 
 #: Exit code after Ctrl-C (the shell's convention for SIGINT): the run can be resumed.
-EXIT_INTERRUPTED: Final = 130
+EXIT_INTERRUPTED: Final = int(ExitCode.INTERRUPTED)
 #: Exit code of an unexpected internal error (a bug in klein-batch, reported with a traceback).
-EXIT_INTERNAL: Final = 70
+EXIT_INTERNAL: Final = int(ExitCode.INTERNAL)
 #: Exit code when the output or the run's journal cannot be written (disk full, read-only,
 #: permission; sysexits' EX_IOERR): the run stopped at once, the rerun collects what was paid.
-EXIT_STORAGE: Final = 74
+EXIT_STORAGE: Final = int(ExitCode.STORAGE)
 #: Exit code when the API did not answer for ``--api-outage-wait`` seconds (sysexits'
 #: EX_UNAVAILABLE): the run stopped as cleanly as on exit 74, and the same command resumes.
-EXIT_UNAVAILABLE: Final = 69
+EXIT_UNAVAILABLE: Final = int(ExitCode.UNAVAILABLE)
 #: Exit code after SIGTERM (128 + 15, as a shell reports it): handled as Ctrl-C, resumable.
-EXIT_TERMINATED: Final = 143
+EXIT_TERMINATED: Final = int(ExitCode.TERMINATED)
 
 _EXIT_CODES_HELP: Final = (
     f"Exit codes: {int(ExitCode.OK)} every row succeeded; {int(ExitCode.PARTIAL)} finished "

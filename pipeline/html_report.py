@@ -62,7 +62,7 @@ from pipeline.manifest import KNOWN_COLUMNS
 from pipeline.output_manifest import FIXED_COLUMNS, output_manifest_file
 from pipeline.report import outage_warning
 from pipeline.storage import Sink
-from pipeline.summary import RunSummary, budget_made
+from pipeline.summary import RunSummary, budget_made, stop_advice
 from pipeline.templates import markup_in
 from pipeline.verify import small_jpeg
 
@@ -664,7 +664,7 @@ def _header(summary: RunSummary, found: _Gathered, max_credits: float | None) ->
         made_text = budget_made(made, asked, counts.get(RowStatus.REJECTED, 0))
         banner = (
             f'<p class="state stopped" id="state">stopped: {_e(summary.stopped)} · '
-            f"{_e(made_text)} · rerun with a higher --max-credits to continue; the rest are "
+            f"{_e(made_text)} · {_e(stop_advice(summary.stopped))}; the rest are "
             "listed under problems as skipped</p>"
         )
     else:

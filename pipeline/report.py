@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.contract import RowStatus
 from pipeline.storage import Sink
-from pipeline.summary import RunSummary, budget_made
+from pipeline.summary import RunSummary, budget_made, stop_advice
 
 RUN_JSON_RELPATH = "run.json"
 
@@ -91,10 +91,7 @@ def format_summary(summary: RunSummary) -> str:
         made = budget_made(
             summary.succeeded, summary.images_asked, summary.counts.get(RowStatus.REJECTED, 0)
         )
-        lines.insert(
-            0,
-            f"stopped: {summary.stopped} · {made}; rerun with a higher --max-credits to continue",
-        )
+        lines.insert(0, f"stopped: {summary.stopped} · {made}; {stop_advice(summary.stopped)}")
     if summary.reused_rows:
         lines.append(f"library: {summary.reused_rows:,} images reused (not sent, no cost)")
     if summary.resumed_rows:

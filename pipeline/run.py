@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import logging
@@ -47,7 +48,7 @@ from pipeline.budget import Budget
 from pipeline.config import MISSING_REFERENCE_CHOICES, WEBHOOK_SECRET_ENV
 from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job, KeyState
-from pipeline.errors import ConfigError, KleinError, StorageError, Terminated
+from pipeline.errors import ApiUnreachable, ConfigError, KleinError, StorageError, Terminated
 from pipeline.html_report import write_html_report
 from pipeline.keys import key_shard
 from pipeline.ledger import Action, Ledger, Planned
@@ -70,7 +71,7 @@ from pipeline.retry import RetryPolicy
 from pipeline.rows import ImageRequest, Outcome, Rejection, Row
 from pipeline.spec import API_KEY_ENV, RunSpec
 from pipeline.storage import LocalSink, Sink, open_sink, write_failed
-from pipeline.summary import CHANGED_EXAMPLES, ProgressSnapshot, RunSummary
+from pipeline.summary import CHANGED_EXAMPLES, ExitCode, ProgressSnapshot, RunSummary
 from pipeline.urls import without_credentials
 from pipeline.variations import Catalog
 from pipeline.verdicts import duplicate_rejection
@@ -408,43 +409,105 @@ async def arun_manifest(
         )
 
 
-def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
-    """``asyncio.run`` with SIGTERM handled as Ctrl-C: the outputs are written, then it stops.
+@dataclass(slots=True)
+class _Stop:
+    """What stopped a run from outside (a signal): the first one's reason, and how many came.
 
-    systemd, Kubernetes and Prefect stop a process with SIGTERM. Its default kills the
-    process at once (no output manifest, run.json or report.html); here it cancels the run
-    as Ctrl-C does, so ``arun_manifest`` writes them from the journal, and then raises
-    ``Terminated``. Only in the main thread (where signals are delivered).
+    Set by ``_run_until_done``'s handler, read by ``_Run.finish`` so run.json, report.html
+    and the journal say ``stopped: interrupted`` rather than ``finished``.
     """
-    terminated = False
+
+    reason: str | None = None
+    signals: int = 0
+
+
+#: The run's ``_Stop`` while ``_run_until_done`` drives it (a context variable: the run's
+#: tasks, its shielded wind-down included, inherit it; a run in a notebook thread has none).
+_STOP: contextvars.ContextVar[_Stop | None] = contextvars.ContextVar("klein_stop", default=None)
+
+#: Said on stderr when Ctrl-C (or SIGTERM) comes again while the outputs are being written.
+STILL_WRITING = (
+    "still writing manifest.parquet, run.json and report.html (a few seconds); "
+    "Ctrl-C again to quit at once without them (every acknowledged task is in the journal: "
+    "the same command resumes and writes them)\n"
+)
+#: Said on stderr as a third signal quits at once.
+QUITTING = (
+    "quitting without writing the outputs; every acknowledged task is in the journal: run "
+    "the same command again to resume and write them\n"
+)
+
+
+def _on_stop_signal(
+    stop: _Stop, task: asyncio.Task[Any], loop: asyncio.AbstractEventLoop, signum: int
+) -> None:
+    """Ctrl-C or SIGTERM while a run goes: the first stops it (its outputs are written),
+    the second only says so, the third quits at once.
+
+    asyncio's own handler raised KeyboardInterrupt at the second Ctrl-C, wherever the run's
+    wind-down was: a double Ctrl-C (common: people press it twice) left no report.html,
+    sometimes not even manifest.parquet or run.json. Writing them takes seconds; a person
+    who really wants out presses a third time. The journal holds every acknowledged task
+    (``Ledger.record_ack`` commits before the task is used), so quitting then loses no paid
+    work: it is a kill -9, which the rerun recovers from. A Python-level handler (not the
+    loop's) so that the third press works while the loop is busy writing.
+    """
+    stop.signals += 1
+    if stop.signals == 1:
+        stop.reason = "terminated" if signum == signal.SIGTERM else "interrupted"
+        loop.call_soon_threadsafe(task.cancel)
+        return
+    if stop.signals == 2:
+        _say(STILL_WRITING)
+        return
+    _say(QUITTING)
+    code = ExitCode.TERMINATED if signum == signal.SIGTERM else ExitCode.INTERRUPTED
+    os._exit(int(code))
+
+
+def _say(text: str) -> None:
+    """One line to stderr from a signal handler: ``os.write``, since the handler may run in
+    the middle of a buffered write to stderr, which must not be re-entered."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
+def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
+    """``asyncio.run`` with Ctrl-C and SIGTERM stopping the run as a person expects.
+
+    systemd, Kubernetes and Prefect stop a process with SIGTERM; its default kills the
+    process at once. Here both cancel the run, so ``arun_manifest`` writes the outputs from
+    the journal (saying the run was interrupted), and then raise ``KeyboardInterrupt`` or
+    ``Terminated``. A second signal during that wind-down does not abandon it
+    (``_on_stop_signal``). Only in the main thread (where signals are delivered).
+    """
+    stop = _Stop()
 
     async def main() -> RunSummary:
-        nonlocal terminated
+        _STOP.set(stop)
         task = asyncio.current_task()
         loop = asyncio.get_running_loop()
-
-        def on_term() -> None:
-            nonlocal terminated
-            if not terminated and task is not None:
-                terminated = True
-                task.cancel()
-
-        installed = False
-        if threading.current_thread() is threading.main_thread():
-            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
-                loop.add_signal_handler(signal.SIGTERM, on_term)
-                installed = True
+        previous: dict[int, Any] = {}
+        if task is not None and threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                with contextlib.suppress(ValueError, OSError):
+                    previous[signum] = signal.signal(
+                        signum,
+                        lambda number, _frame: _on_stop_signal(stop, task, loop, number),
+                    )
         try:
             return await run
         finally:
-            if installed:
-                loop.remove_signal_handler(signal.SIGTERM)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 
     try:
         return asyncio.run(main())
     except asyncio.CancelledError:
-        if terminated:
+        if stop.reason == "terminated":
             raise Terminated("stopped by SIGTERM; run the same command again to resume") from None
+        if stop.reason == "interrupted":
+            raise KeyboardInterrupt from None
         raise
 
 
@@ -571,6 +634,8 @@ async def _arun(
         if remote is not None:
             remote.start(run_id)
         run = _Run(run_id, reader, ledger, opts, on_progress)
+        # A flow's shard (a Sink passed in): the flow says how the night stopped, not it.
+        run.own_output = not isinstance(out, Sink)
         run.receiver = receiver
         summary = RunSummary(
             run_id=run_id,
@@ -644,7 +709,7 @@ async def _arun(
             # Also on Ctrl-C or a crash: what was learned is written down for the rerun.
             published = False
             try:
-                await asyncio.shield(run.finish(sink, summary, engine))
+                await asyncio.shield(run.finish(sink, summary, engine, stopped_by))
                 published = True
             except StorageError as exc:
                 if stopped_by is None:
@@ -711,6 +776,9 @@ class _Run:
         #: Rows whose image came from the library (no submit, no cost).
         self.reused = 0
         self.started = time.monotonic()
+        #: Whether this run is the output's own (False: a flow's shard, whose flow merges
+        #: the shards and says itself why the night stopped).
+        self.own_output = True
         self._last_flush = 0.0
         self._total_noted = False
         #: When the API stopped answering, as journaled for `klein-batch status` (None: up).
@@ -749,13 +817,17 @@ class _Run:
     def _count_rows(self) -> None:
         if self.opts.shard is not None:
             return  # which rows are this shard's is known only once they are validated
+        self.total = self._images_in_manifest()
+        # The whole file went through Arrow's pool once; what it kept stays idle until the end.
+        pa.default_memory_pool().release_unused()
+
+    def _images_in_manifest(self) -> int:
+        """Images the whole manifest asks for (rows x variations; merged lines make none)."""
         total = 0
         per_row = self.opts.catalog.size if self.opts.catalog else 1
         for batch in self.reader.batches():
             total += lines_to_validate(batch).height * per_row
-        self.total = total
-        # The whole file went through Arrow's pool once; what it kept stays idle until the end.
-        pa.default_memory_pool().release_unused()
+        return total
 
     async def _jobs(self) -> AsyncIterator[Job]:
         batches: Iterator[pl.DataFrame] = iter(self.reader.batches())
@@ -885,8 +957,15 @@ class _Run:
     def snapshot(self) -> ProgressSnapshot:
         elapsed = time.monotonic() - self.started
         done = sum(self.counts.values())
-        fresh = done - self.earlier.total()
-        rate = fresh / elapsed if elapsed > 0 else 0.0
+        # Rows this run worked on: skipped and rejected rows end in bulk without any work
+        # (a budget stop skipped thousands at once: "385 img/s" where 17.65 were made).
+        idle = (RowStatus.SKIPPED, RowStatus.REJECTED)
+        fresh = sum(
+            count - self.earlier[status]
+            for status, count in self.counts.items()
+            if status not in idle
+        )
+        rate = max(0, fresh) / elapsed if elapsed > 0 else 0.0
         total = self.total if self.total is not None else max(self.seen, done)
         eta = (total - done) / rate if rate > 0 and total >= done else None
         return ProgressSnapshot(
@@ -933,12 +1012,19 @@ class _Run:
 
     # --- the end ---------------------------------------------------------------------------------
 
-    async def finish(self, sink: object, summary: RunSummary, engine: Engine | None) -> None:
+    async def finish(
+        self,
+        sink: object,
+        summary: RunSummary,
+        engine: Engine | None,
+        stopped_by: BaseException | None = None,
+    ) -> None:
         """Write the output manifest, ``run.json`` and ``report.html`` from the journal.
 
         Each step is tried even when an earlier one could not write (a full disk may still
         take the small files; a read-only images folder leaves DEST's root writable); the
-        first storage error is raised at the end.
+        first storage error is raised at the end. ``stopped_by``: what ended the run early
+        (Ctrl-C's cancellation, an outage, ...), said in all three as ``stopped: <reason>``.
         """
         failures: list[StorageError] = []
 
@@ -967,7 +1053,10 @@ class _Run:
         summary.finished_at = time.time()
         summary.counts = {str(status): counts.get(str(status), 0) for status in RowStatus}
         unfinished = counts.get("pending", 0) + counts.get("in_flight", 0)
-        summary.counts[RowStatus.SKIPPED] += unfinished
+        # Rows not read yet when the run stopped (Ctrl-C early in a large manifest) are in
+        # manifest.parquet as skipped: counted so here too, and against the whole manifest.
+        unread = max(0, await self._whole_manifest() - sum(counts.values()))
+        summary.counts[RowStatus.SKIPPED] += unfinished + unread
         merged = await asyncio.to_thread(_merged_lines, self.reader)
         if merged:
             summary.counts[MERGED_STATUS] = merged
@@ -998,8 +1087,7 @@ class _Run:
                 summary.errors["aborted: " + engine.abort_reason] = 1
         if self.receiver is not None:
             summary.webhook_receiver = self.receiver.stats.as_dict()
-        if self.budget is not None and self.budget.stopped:
-            summary.stopped = "budget"
+        summary.stopped = self._stop_reason(stopped_by, engine)
         await attempt("run.json", lambda: write_run_json(sink, summary))  # type: ignore[arg-type]
         catalog = self.opts.catalog
         await attempt(
@@ -1019,7 +1107,7 @@ class _Run:
             lambda: self.ledger.update_run_info(
                 ended_at=summary.finished_at,
                 total=summary.images_asked,
-                complete=unfinished == 0,
+                complete=unfinished + unread == 0,
                 stopped=summary.stopped,
                 api_down_since=None,
                 api_unreachable_s=summary.api_unreachable_s,
@@ -1028,9 +1116,58 @@ class _Run:
             ),
         )
         if self.on_progress is not None:
-            self.on_progress(self.snapshot())
+            self.on_progress(self.final_snapshot(summary))
         if failures:
             raise failures[0]
+
+    async def _whole_manifest(self) -> int:
+        """Images the manifest asks for in all; for a shard, the rows it planned (its other
+        rows are other shards'), as its manifest.parquet holds."""
+        if self.opts.shard is not None:
+            return 0
+        if self.total is None:  # stopped before the count in the background got there
+            self.total = await asyncio.to_thread(self._images_in_manifest)
+        return self.total
+
+    def _stop_reason(self, stopped_by: BaseException | None, engine: Engine | None) -> str | None:
+        """Why the run ended before every row did (``summary.STOP_EXIT_CODES``), or None.
+
+        Only the budget used to be said, so a run stopped by Ctrl-C, SIGTERM or a refused
+        key wrote ``"state": "finished"`` with exit code 1 into run.json while the process
+        exited 130, 143 or 2. A flow's shard says only the budget: its flow merges the
+        shards and says itself how the night ended.
+        """
+        budget = "budget" if self.budget is not None and self.budget.stopped else None
+        if not self.own_output:
+            return budget
+        stop = _STOP.get()
+        if stop is not None and stop.reason is not None:
+            return stop.reason
+        if isinstance(stopped_by, asyncio.CancelledError | KeyboardInterrupt):
+            return "interrupted"
+        if isinstance(stopped_by, ApiUnreachable):
+            return "api unreachable"
+        if isinstance(stopped_by, StorageError):
+            return "output not writable"
+        if engine is not None and engine.key_refused and not engine.stats.accepted:
+            return "key refused"
+        return budget
+
+    def final_snapshot(self, summary: RunSummary) -> ProgressSnapshot:
+        """The last progress line, from the summary: the same counts, rate and elapsed time
+        as run.json (the live snapshot's rate counted rows skipped at the end as made)."""
+        counts = {k: v for k, v in summary.counts.items() if k != MERGED_STATUS}
+        return ProgressSnapshot(
+            total=summary.images_asked,
+            counts=counts,
+            in_flight=0,
+            images_per_s=summary.images_per_s,
+            credits=summary.credits,
+            elapsed_s=summary.elapsed_s,
+            eta_s=None,
+            stopped=summary.stopped,
+            api_unreachable_s=None,
+        )
 
 
 def _export_options(

@@ -7,9 +7,10 @@ opens it read-only (SQLite WAL readers never block the writer), so it is safe to
 while the run is going in another process, as often as you like.
 
 A run is ``running`` while its process is alive (same machine: checked by pid), ``finished``
-once it recorded its end with no row left unfinished, and ``stopped`` when it ended early
-(Ctrl-C, budget, credits) or died without recording an end (kill -9, a lost machine): in
-both cases running the same command again resumes it.
+once it recorded its end with no row left unfinished, ``stopped: <reason>`` when it ended
+early and said why (``budget``, ``interrupted`` by Ctrl-C, ``terminated`` by SIGTERM, ``key
+refused``, ...: ``summary.STOP_EXIT_CODES``), and ``stopped`` when it died without recording
+an end (kill -9, a lost machine): running the same command again resumes it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pipeline.contract import RowStatus
 from pipeline.errors import ConfigError
 from pipeline.ledger import LEDGER_RELPATH, Ledger
 from pipeline.progress import format_duration
-from pipeline.summary import budget_made
+from pipeline.summary import budget_made, stop_advice
 
 #: Finishes within this many seconds before the latest one set the current rate.
 RATE_WINDOW_S: Final = 60.0
@@ -295,6 +296,11 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
             f"--max-credits {info.get('max_credits')} stopped the run: {made}; rerun with "
             "a higher --max-credits to continue"
         )
+    elif ended is not None and info.get("stopped"):
+        # Ctrl-C, SIGTERM, a refused key, ...: said as run.json and report.html say it.
+        reason = str(info["stopped"])
+        state = f"stopped: {reason}"
+        note = f"the run ended before every row did: {stop_advice(reason)}"
     elif ended is not None:
         state = "finished" if info.get("complete") else "stopped"
         if state == "stopped":
@@ -323,6 +329,11 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         # budget or refused are outcomes, not images.
         rate = images / elapsed if elapsed > 0 else 0.0
     total = info.get("total")
+    if total is not None:
+        # Rows not read yet are in no journal table but still to do: "not started" is
+        # every row of the manifest not done and not in flight, not only those planned.
+        done = sum(counts.get(str(status), 0) for status in RowStatus)
+        pending = max(pending, int(total) - done - in_flight)
     status = RunStatus(
         dest=dest,
         run_id=str(info.get("run_id")),

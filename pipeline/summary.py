@@ -21,6 +21,50 @@ class ExitCode(IntEnum):
     PARTIAL = 1
     #: The run could not start: bad options, unreadable manifest, missing API key, ...
     CANNOT_START = 2
+    #: The API did not answer for ``--api-outage-wait`` seconds (sysexits' EX_UNAVAILABLE).
+    UNAVAILABLE = 69
+    #: An internal error (a bug in klein-batch).
+    INTERNAL = 70
+    #: The output or its journal could not be written (sysexits' EX_IOERR).
+    STORAGE = 74
+    #: Ctrl-C (128 + SIGINT, the shell's convention): the same command resumes.
+    INTERRUPTED = 130
+    #: SIGTERM (128 + 15): handled as Ctrl-C, resumable.
+    TERMINATED = 143
+
+
+#: Why a run stopped before every row ended (``RunSummary.stopped``; run.json's ``state`` is
+#: ``stopped: <reason>``), with the exit code the process ends with. None: the counts decide
+#: (a budget stop exits 1, since rows were skipped). Every reason but the budget's is
+#: resumed by running the same command again.
+STOP_EXIT_CODES: dict[str, ExitCode | None] = {
+    "budget": None,
+    "interrupted": ExitCode.INTERRUPTED,
+    "terminated": ExitCode.TERMINATED,
+    "key refused": ExitCode.CANNOT_START,
+    "api unreachable": ExitCode.UNAVAILABLE,
+    "output not writable": ExitCode.STORAGE,
+}
+
+#: What to do after each kind of stop, as the summary, report.html and status say it.
+STOP_ADVICE: dict[str, str] = {
+    "budget": "rerun with a higher --max-credits to continue",
+    "interrupted": "interrupted (Ctrl-C); run the same command again to resume (no "
+    "acknowledged task is paid for twice)",
+    "terminated": "stopped by SIGTERM; run the same command again to resume (no acknowledged "
+    "task is paid for twice)",
+    "key refused": "the API refused the key and nothing was submitted; set the right key "
+    "and run the same command again",
+    "api unreachable": "the API did not answer for --api-outage-wait seconds; run the same "
+    "command again once it answers (nothing is lost or paid twice)",
+    "output not writable": "the output or its journal could not be written; free space or "
+    "fix the permissions and run the same command again",
+}
+
+
+def stop_advice(reason: str) -> str:
+    """What a person should do after a run stopped for ``reason`` (unknown: resume)."""
+    return STOP_ADVICE.get(reason, "run the same command again to resume")
 
 
 @dataclass(slots=True)
@@ -108,7 +152,9 @@ class RunSummary:
     #: What ``--webhook-listen``'s receiver saw: deliveries accepted, duplicates, refusals by
     #: reason and connections closed on arrival (a flood shows here, not in failed rows).
     webhook_receiver: dict[str, object] = field(default_factory=dict)
-    #: ``budget`` when ``--max-credits`` stopped the run before every image was made.
+    #: Why the run stopped before every row ended, one of ``STOP_EXIT_CODES``: ``budget``
+    #: (``--max-credits``), ``interrupted`` (Ctrl-C), ``terminated`` (SIGTERM), ``key
+    #: refused``, ``api unreachable``, ``output not writable``; None when it finished.
     stopped: str | None = None
     #: What the run noticed about its input that stopped nothing, e.g. columns that look
     #: like a size request it does not read (``pipeline.manifest.size_notice``).
@@ -133,11 +179,16 @@ class RunSummary:
 
     @property
     def state(self) -> str:
-        """``finished``, or ``stopped: budget`` when the budget ended it early."""
+        """``finished``, or ``stopped: <reason>`` (``stopped: budget``, ``stopped:
+        interrupted``, ...) when the run ended before every row did."""
         return f"stopped: {self.stopped}" if self.stopped else "finished"
 
     @property
     def exit_code(self) -> ExitCode:
+        """The process's exit code: a stop's own (130 after Ctrl-C, ...), else 0 or 1."""
+        code = STOP_EXIT_CODES.get(self.stopped) if self.stopped else None
+        if code is not None:
+            return code
         # Lines merged into another line's image (product exports) are not rows that failed.
         done = self.succeeded + self.counts.get(MERGED_STATUS, 0)
         return ExitCode.OK if done == self.total_rows else ExitCode.PARTIAL
