@@ -1164,7 +1164,7 @@ class _Run:
             images_per_s=summary.images_per_s,
             credits=summary.credits,
             elapsed_s=summary.elapsed_s,
-            eta_s=None,
+            eta_s=0.0,  # nothing more comes of this run
             stopped=summary.stopped,
             api_unreachable_s=None,
         )
