@@ -260,6 +260,9 @@ def test_the_cli_exits_69_with_one_line_and_the_same_command_finishes_the_run(
     assert table.filter(pl.col("status") == "skipped").height > 0
     written = json.loads((out / "run.json").read_text())
     assert written["api_unreachable_s"] > 0
+    # run.json says why the run stopped and the exit code it really ended with.
+    assert written["state"] == "stopped: api unreachable"
+    assert written["exit_code"] == EXIT_UNAVAILABLE
 
     again = run()
 
