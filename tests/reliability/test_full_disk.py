@@ -9,6 +9,7 @@ timeout is the hang detector. The rerun, with room made, polls every acknowledge
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import subprocess
 import time
@@ -127,6 +128,12 @@ def test_a_journal_whose_commit_fails_on_a_full_disk_ends_the_run_and_keeps_ever
     _, acked = _journal_ok(out)
     paid = key_stats(sim)["submits_accepted"]
     assert acked == paid < n  # stopped early, and every paid task is in the journal
+    # run.json (on the output's own disk) says why the run stopped, and its real exit code.
+    written = json.loads((out / "run.json").read_text(encoding="utf-8"))
+    assert (written["state"], written["exit_code"]) == (
+        "stopped: output not writable",
+        EXIT_STORAGE,
+    )
 
     (journal / "filler").unlink()
     again = _run_to_end(manifest, out, sim.url)
