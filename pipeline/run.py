@@ -780,6 +780,9 @@ class _Run:
         #: the shards and says itself why the night stopped).
         self.own_output = True
         self._last_flush = 0.0
+        #: The count of the manifest's rows in a worker thread (``_count_rows``): begun, done.
+        self._count_started = False
+        self._counted = threading.Event()
         self._total_noted = False
         #: When the API stopped answering, as journaled for `klein-batch status` (None: up).
         self._outage_noted: float | None = None
@@ -815,11 +818,15 @@ class _Run:
         on_fed()
 
     def _count_rows(self) -> None:
-        if self.opts.shard is not None:
-            return  # which rows are this shard's is known only once they are validated
-        self.total = self._images_in_manifest()
-        # The whole file went through Arrow's pool once; what it kept stays idle until the end.
-        pa.default_memory_pool().release_unused()
+        self._count_started = True
+        try:
+            if self.opts.shard is not None:
+                return  # which rows are this shard's is known only once they are validated
+            self.total = self._images_in_manifest()
+            # The whole file went through Arrow's pool once; what it kept stays idle now.
+            pa.default_memory_pool().release_unused()
+        finally:
+            self._counted.set()
 
     def _images_in_manifest(self) -> int:
         """Images the whole manifest asks for (rows x variations; merged lines make none)."""
@@ -1055,7 +1062,12 @@ class _Run:
         unfinished = counts.get("pending", 0) + counts.get("in_flight", 0)
         # Rows not read yet when the run stopped (Ctrl-C early in a large manifest) are in
         # manifest.parquet as skipped: counted so here too, and against the whole manifest.
-        unread = max(0, await self._whole_manifest() - sum(counts.values()))
+        try:
+            whole = await self._whole_manifest()
+        except (KleinError, OSError) as exc:  # the manifest went away since: say what we know
+            log.warning("could not count the manifest's rows again: %s", exc)
+            whole = 0
+        unread = max(0, whole - sum(counts.values()))
         summary.counts[RowStatus.SKIPPED] += unfinished + unread
         merged = await asyncio.to_thread(_merged_lines, self.reader)
         if merged:
@@ -1125,7 +1137,11 @@ class _Run:
         rows are other shards'), as its manifest.parquet holds."""
         if self.opts.shard is not None:
             return 0
-        if self.total is None:  # stopped before the count in the background got there
+        if self.total is None and self._count_started:
+            # Stopped while the count in the background goes on (its task was cancelled,
+            # not its thread): its result, rather than reading a large manifest twice.
+            await asyncio.to_thread(self._counted.wait)
+        if self.total is None:
             self.total = await asyncio.to_thread(self._images_in_manifest)
         return self.total
 

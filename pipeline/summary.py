@@ -49,9 +49,9 @@ STOP_EXIT_CODES: dict[str, ExitCode | None] = {
 #: What to do after each kind of stop, as the summary, report.html and status say it.
 STOP_ADVICE: dict[str, str] = {
     "budget": "rerun with a higher --max-credits to continue",
-    "interrupted": "interrupted (Ctrl-C); run the same command again to resume (no "
+    "interrupted": "Ctrl-C stopped it; run the same command again to resume (no "
     "acknowledged task is paid for twice)",
-    "terminated": "stopped by SIGTERM; run the same command again to resume (no acknowledged "
+    "terminated": "SIGTERM stopped it; run the same command again to resume (no acknowledged "
     "task is paid for twice)",
     "key refused": "the API refused the key and nothing was submitted; set the right key "
     "and run the same command again",
