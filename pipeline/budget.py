@@ -150,6 +150,12 @@ class Budget:
         self.holding -= take
         asyncio.get_running_loop().create_task(self._notify())
 
+    def commit(self, extra: float) -> None:
+        """An earlier run's task in flight costs ``extra`` more than ``committed`` counted
+        (its journal entry had no cost, and its references are priced only once loaded)."""
+        if extra > 0:
+            self.committed += extra
+
     def settle(self, reserved: float, charged: float) -> None:
         """The submit's outcome is known: ``charged`` was spent (0 when failed/moderated)."""
         self.reserved = max(0.0, self.reserved - reserved)

@@ -181,6 +181,11 @@ class Job:
     acked: tuple[str, float, float] | None = None
     #: sha256 of each reference image, in order (once loaded).
     digests: tuple[str, ...] = ()
+    #: What the API charges for this row's image with the references it is sent with (their
+    #: megapixels are billed too), set once they are loaded; None until then. Every cost
+    #: recorded for the row falls back to it (``Engine._price``), never to the request
+    #: alone, which is 0.05 credits short per reference megapixel.
+    price: float | None = None
     #: Said in the row's reason whatever its outcome (a reference left out, and why).
     note: str | None = None
     #: The product this image belongs to when a budget must stop at whole products, and
@@ -616,7 +621,7 @@ class Engine:
             self._budget.settle(job.reserved, outcome.cost_credits)
             job.reserved = 0.0
         elif job.group is not None and not job.budgeted and self._budget is not None:
-            self._budget.forgo(job.group, self._cost(job.row.request))
+            self._budget.forgo(job.group, self._price(job))
         try:
             self._on_outcome(outcome)
         except StorageError as exc:
@@ -644,6 +649,7 @@ class Engine:
                     )
                 job.note = f"generated from the prompt alone: {reason}"
         digests = job.digests = tuple(r.digest for r in references)
+        job.price = self._provider.cost(request, references)
         # A resumed row's fingerprint, with every reference loaded (short-circuited: no
         # count of references for rows submitted in this run, the hot path).
         if (
@@ -670,12 +676,15 @@ class Engine:
             await self._room_to_fetch()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
-            price = self._provider.cost(request, references)
+            price = job.price = self._provider.cost(request, references)
             if self._budget is not None:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
                 cost = price
                 group_cost = (
-                    sum(self._cost(sibling) for sibling in job.group_requests)
+                    sum(
+                        self._sibling_cost(job, sibling, references)
+                        for sibling in job.group_requests
+                    )
                     if job.group is not None
                     else None
                 )
@@ -700,11 +709,14 @@ class Engine:
                 reason = f"submit failed after {job.attempts} attempts: {exc.reason}"
                 return self._outcome(job, RowStatus.FAILED, reason=reason)
             submitted_at = time.time()
-            # The API's own figure when it gives one (dialect B), else the published price.
+            # The API's own figure when it gives one (dialect B), else the published price
+            # with the references' megapixels. Journaled either way: a resumed run collects
+            # the task, and the budget counts it while in flight, at this figure, since the
+            # journal does not keep the references' sizes to price it again.
             charged = submitted.cost if submitted.cost is not None else price
             job.acked = (submitted.task_id, submitted_at, charged)
             holder = self._journal.record_ack(
-                job.row.key, submitted.task_id, submitted.poll_url, submitted_at, submitted.cost
+                job.row.key, submitted.task_id, submitted.poll_url, submitted_at, charged
             )
             if holder is not None or submitted.task_id in self._by_task:
                 return self._taken_task(job, submitted, submitted_at, price, holder)
@@ -746,6 +758,10 @@ class Engine:
             poll_url = with_credentials_of(known, self._provider.submit_url())
             tracked = self._track(job, job.task_id, poll_url, submitted_at)
             tracked.cost = job.ack_cost
+            if job.ack_cost is None and job.price is not None and self._budget is not None:
+                # Journaled by an older version without its cost: the budget counted it at
+                # the request's price, short of its references' megapixels.
+                self._budget.commit(job.price - self._provider.cost(request))
             self._schedule(tracked, 0.0)
         failure: _RowError | None = None
         try:
@@ -1439,7 +1455,7 @@ class Engine:
             await self._store_thumbnail(job.row.key, info.thumbnail)
         fingerprint = job.fingerprint or job.resumed_fingerprint
         if fingerprint is not None and self._library is not None:
-            cost = self._charged(request, tracked, RowStatus.SUCCEEDED, False)
+            cost = self._charged(job, tracked, RowStatus.SUCCEEDED, False)
             await self._add_to_library(
                 fingerprint, info, tracked.task_id, cost, body, relpath, info.thumbnail
             )
@@ -1556,7 +1572,7 @@ class Engine:
             log.warning("stored image %s is not usable (%s): not taken as done", relpath, exc)
             return None
         if job.resumed_fingerprint is not None and self._library is not None:
-            cost = self._cost(request)
+            cost = self._price(job)
             await self._add_to_library(
                 job.resumed_fingerprint, info, task_id, cost, data, relpath, None
             )
@@ -1572,7 +1588,7 @@ class Engine:
             height=info.height,
             format=info.format,
             size=info.size,
-            cost=self._cost(request),
+            cost=self._price(job),
         )
 
     async def _download(
@@ -1685,9 +1701,34 @@ class Engine:
         self.stats.retries += 1
         log.debug("retrying after: %s", error.reason)
 
-    def _cost(self, request: ImageRequest) -> float:
-        """What the API charges for ``request``'s image: its model's published price."""
-        return self._provider.cost(request)
+    def _price(self, job: Job) -> float:
+        """What the API charges (or charged) for ``job``'s task, references included.
+
+        The figure journaled with its acknowledgement first (the API's own, or the price
+        with references at submit), then the price with the references loaded this run.
+        The request's price alone is only left for a row whose references were never
+        loaded, and it is short by their megapixels: budgets and recorded costs must not
+        fall back to it where better is known.
+        """
+        if job.ack_cost is not None:
+            return job.ack_cost
+        if job.price is not None:
+            return job.price
+        return self._provider.cost(job.row.request)
+
+    def _sibling_cost(
+        self, job: Job, sibling: ImageRequest, references: Sequence[Reference]
+    ) -> float:
+        """The price of another image of ``job``'s product, for the product's budget hold.
+
+        Its references are not loaded yet; a sibling that asks for the same ones as
+        ``job`` (a variation matrix over style or size) is priced with them, so the hold
+        covers what the API will charge; one asking for others is priced without them
+        (its own reservation then takes the rest, and the budget still holds).
+        """
+        own = [spec for _, spec in job.row.request.reference_specs()]
+        theirs = [spec for _, spec in sibling.reference_specs()]
+        return self._provider.cost(sibling, references if own == theirs else ())
 
     def _outcome(
         self,
@@ -1721,7 +1762,7 @@ class Engine:
             submitted_at = tracked.submitted_at
             digests = digests or job.digests
             if cost is None:
-                cost = self._charged(job.row.request, tracked, status, resubmit_on_retry)
+                cost = self._charged(job, tracked, status, resubmit_on_retry)
         else:
             digests = digests or job.digests
             if job.acked is not None and task_id is None:
@@ -1749,11 +1790,9 @@ class Engine:
             resubmit_on_retry=resubmit_on_retry,
         )
 
-    def _charged(
-        self, request: Any, tracked: _Tracked, status: RowStatus, api_ended: bool
-    ) -> float:
-        """What an acknowledged task costs: see ``_outcome``."""
-        quoted = self._cost(request) if tracked.cost is None else tracked.cost
+    def _charged(self, job: Job, tracked: _Tracked, status: RowStatus, api_ended: bool) -> float:
+        """What an acknowledged task costs: see ``_outcome``; its price is ``_price``'s."""
+        quoted = self._price(job) if tracked.cost is None else tracked.cost
         if tracked.completed:
             return quoted  # a verified image is exactly the size asked for: the same price
         if status is RowStatus.MODERATED or api_ended:
