@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -27,12 +27,16 @@ from pipeline.errors import ReferenceError
 from pipeline.library import Library
 from pipeline.manifest import MERGED_COLUMN, Defaults, ManifestReader, validate_batch
 from pipeline.product_exports import ExportSpec, open_manifest
-from pipeline.references import ReferenceStore
+from pipeline.references import Reference, ReferenceStore
 from pipeline.rows import ImageRequest, Rejection, Row
 from pipeline.summary import ExitCode
 from pipeline.templates import markup_warning
 from pipeline.variations import Catalog
 from pipeline.verdicts import describe_reference, duplicate_rejection, reference_reason
+
+#: Prices one request with the references it is sent with (their width and height are all
+#: that is read): ``Provider.cost``, as ``providers.published_cost`` hands it out.
+Pricer = Callable[[ImageRequest, Sequence[Reference]], float]
 
 #: Full messages kept per column; enough to see the pattern without drowning the summary.
 EXAMPLES_PER_COLUMN: Final = 3
@@ -100,6 +104,18 @@ class CheckReport:
     #: never paid again): a dry run into an existing DEST neither counts nor prices them.
     earlier_done: int = 0
     earlier_in_flight: int = 0
+    #: Rows an earlier run rejected that a dry run cannot tell the rerun's verdict on: a
+    #: reference URL that failed (fetched again: sent only if it now loads) or a request
+    #: the API refused (refused again, for nothing). Not in ``to_send`` nor the estimate:
+    #: ``retry_credits`` is what they would add if they all went through after all.
+    earlier_rejected: int = 0
+    earlier_refused: int = 0
+    retry_credits: float = 0.0
+    #: Reference uses among the rows to send whose image the check does not load (URLs,
+    #: or every reference with ``check_references`` off): their megapixels, which the API
+    #: bills, are not in ``estimated_credits``; ``input_mp_price`` says per megapixel.
+    unpriced_references: int = 0
+    input_mp_price: float = 0.0
     #: Rows whose image the library already holds, or an earlier row of this manifest
     #: makes (same fingerprint): copied by the run, not sent, not priced.
     library_hits: int = 0
@@ -112,7 +128,14 @@ class CheckReport:
     def to_send(self) -> int:
         """Images the run would pay for: valid rows not already in DEST, not in the
         library."""
-        return self.valid - self.earlier_done - self.earlier_in_flight - self.library_hits
+        return (
+            self.valid
+            - self.earlier_done
+            - self.earlier_in_flight
+            - self.earlier_rejected
+            - self.earlier_refused
+            - self.library_hits
+        )
 
     @property
     def exit_code(self) -> ExitCode:
@@ -147,6 +170,19 @@ class CheckReport:
             out.append(
                 f"  in DEST     {self.earlier_done} done by an earlier run, "
                 f"{self.earlier_in_flight} in flight (polled, not sent again)"
+            )
+        if self.earlier_rejected:
+            out.append(
+                f"  retried     {self.earlier_rejected} rejected by an earlier run for a "
+                "reference URL: fetched again and sent only if it now loads (not in To send; "
+                f"{self.retry_credits:.2f} credits more, plus their references' megapixels, "
+                "if all do)"
+            )
+        if self.earlier_refused:
+            out.append(
+                f"  refused     {self.earlier_refused} refused by the API in an earlier run: "
+                "submitted again and refused again unless the request changed (not charged, "
+                "not in To send)"
             )
         if self.library is not None:
             out.append(
@@ -190,8 +226,16 @@ class CheckReport:
             out.append(f"  by format:      {_counter_line(self.by_format)}")
         out.append(
             f"Estimated cost: {self.estimated_credits:.2f} credits "
-            "(published klein price per megapixel; rejected rows cost nothing)"
+            "(published klein price per megapixel of each image and of its local reference "
+            "images; rejected rows cost nothing)"
         )
+        if self.unpriced_references:
+            out.append(
+                f"  not included: {self.unpriced_references} reference URL uses, not fetched "
+                f"by a check; the API bills each at {self.input_mp_price:g} credits per "
+                "megapixel of its image (a 700 x 700 photo adds about "
+                f"{self.input_mp_price * 0.49:.2f}): an estimate, the run charges more"
+            )
         return "\n".join(out)
 
     def _references_line(self) -> str:
@@ -245,6 +289,8 @@ class _ReferenceChecker:
         self._report = report
         #: spec (or its digest) -> (problem or None, sha256 of the image as sent or None)
         self._seen: dict[str, tuple[str | None, str | None]] = {}
+        #: spec (or its digest) -> the image as sent, without its bytes: its size prices it.
+        self._sizes: dict[str, Reference] = {}
         self.per_row = report.per_row
 
     def close(self) -> None:
@@ -257,12 +303,34 @@ class _ReferenceChecker:
             try:
                 reference = self._loop.run_until_complete(self._store.load(spec))
                 self._seen[cache_key] = (None, reference.digest)
+                self._sizes[cache_key] = Reference(
+                    reference.digest, reference.mime, "", reference.width, reference.height, 0
+                )
             except ReferenceError as exc:
                 self._seen[cache_key] = (str(exc), None)
         return self._seen[cache_key]
 
     def _problem(self, spec: str) -> str | None:
         return self._load(spec)[0]
+
+    def sized(self, row: Row) -> tuple[list[Reference], int]:
+        """The row's local references as sent (width and height, to price their megapixels
+        as the API bills them), and how many of its references are URLs, whose size a check
+        cannot know without fetching them."""
+        found: list[Reference] = []
+        urls = 0
+        for _, spec in row.request.reference_specs():
+            if not spec:
+                continue
+            if reference_kind(spec) == "url":
+                urls += 1
+                continue
+            self._load(spec)
+            cache_key = spec if len(spec) <= 512 else hashlib.sha256(spec.encode()).hexdigest()
+            sized = self._sizes.get(cache_key)
+            if sized is not None:
+                found.append(sized)
+        return found, urls
 
     def digests(self, row: Row) -> tuple[str, ...] | None:
         """The row's reference digests as the run computes them (for its fingerprint);
@@ -413,7 +481,7 @@ def check_manifest(
     export: ExportSpec | None = None,
     reference_column: str | None = None,
     library: Library | None = None,
-    cost: Callable[[ImageRequest], float] | None = None,
+    cost: Pricer | None = None,
     allow_http: bool = False,
     allow_private_urls: bool = False,
 ) -> CheckReport:
@@ -426,8 +494,10 @@ def check_manifest(
     With a ``library`` (``pipeline/library.py``, opened) rows whose fingerprint it holds, or
     an earlier row makes, are counted apart too: the run copies them (references are
     loaded to fingerprint them, so ``check_references`` must stay on).
-    ``cost`` prices one request (``providers.published_cost`` of the run's dialect and
-    model); without it, dialect A's published price.
+    ``cost`` prices one request with its references (``providers.published_cost`` of the
+    run's dialect and model); without it, dialect A's published price. Local references
+    are priced by their megapixels, as the API bills them; URL references are not fetched,
+    so the estimate leaves theirs out and says so (``unpriced_references``).
 
     Raises ``ManifestError`` when the file as a whole cannot be used; every row-level
     problem is counted and grouped in the report instead.
@@ -455,18 +525,31 @@ def check_manifest(
         if check_references
         else None
     )
+    cost = cost or _cost
     try:
-        _check_rows(report, reader, defaults, checker, catalog, earlier, library, cost or _cost)
+        _check_rows(report, reader, defaults, checker, catalog, earlier, library, cost)
     finally:
         if checker is not None:
             checker.close()
     report.estimated_credits = round(report.estimated_credits, 2)
+    report.retry_credits = round(report.retry_credits, 2)
+    if report.unpriced_references:
+        report.input_mp_price = _input_mp_price(cost)
     return report
 
 
-def _cost(request: ImageRequest) -> float:
-    """Dialect A's published price of a request (no reference megapixels: a plan's floor)."""
-    return cost_credits(*output_size(request.aspect_ratio, request.resolution))
+def _cost(request: ImageRequest, references: Sequence[Reference] = ()) -> float:
+    """Dialect A's published price of a request with its references' megapixels."""
+    pixels = sum(r.width * r.height for r in references)
+    return cost_credits(*output_size(request.aspect_ratio, request.resolution), input_pixels=pixels)
+
+
+def _input_mp_price(cost: Pricer) -> float:
+    """What one reference megapixel adds to a price (said next to an estimate that leaves
+    URL references out), from the pricer itself so it is the run's model's figure."""
+    request = ImageRequest("x", "square_1_1", "1k", 0, 2, "jpeg")
+    megapixel = Reference("", "image/png", "", 1000, 1000, 0)
+    return round(cost(request, [megapixel]) - cost(request, []), 4)
 
 
 def _check_rows(
@@ -477,7 +560,7 @@ def _check_rows(
     catalog: Catalog | None = None,
     earlier: Callable[[list[str]], dict[str, str]] | None = None,
     library: Library | None = None,
-    cost: Callable[[ImageRequest], float] | None = None,
+    cost: Pricer | None = None,
 ) -> None:
     cost = cost or _cost
     seen = SeenKeys()
@@ -542,6 +625,17 @@ def _check_rows(
             if state == "in_flight":
                 report.earlier_in_flight += 1
                 continue
+            if state == "refused":
+                report.earlier_refused += 1
+                continue
+            if state == "rejected":
+                # Rejected for a reference: a local one was checked again just now (sent
+                # if it passed: the file was fixed); a URL's fate is known only to the run.
+                references, urls = checker.sized(row) if checker else ([], 1)
+                if urls:
+                    report.earlier_rejected += 1
+                    report.retry_credits += cost(row.request, references)
+                    continue
             sent.append(row)
         if library is not None and checker is not None:
             sent = _library_misses(report, sent, library, checker, made)
@@ -550,7 +644,12 @@ def _check_rows(
             report.by_preset[request.aspect_ratio] += 1
             report.by_resolution[request.resolution] += 1
             report.by_format[request.output_format] += 1
-            report.estimated_credits += cost(request)
+            if checker is not None:
+                references, urls = checker.sized(row)
+            else:
+                references, urls = [], sum(1 for _, spec in request.reference_specs() if spec)
+            report.unpriced_references += urls
+            report.estimated_credits += cost(request, references)
 
 
 def _library_misses(

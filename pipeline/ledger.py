@@ -83,6 +83,9 @@ SCHEMA_VERSION = 1
 #: Statuses that settle a key for good: a rerun skips it (``failed`` only until
 #: ``retry_failed``). ``rejected`` and ``skipped`` describe one run, not the image.
 FINAL_STATUSES = frozenset({RowStatus.SUCCEEDED, RowStatus.MODERATED, RowStatus.FAILED})
+#: How the engine's reason starts when the API answered a submit 400/422 (``rejected``,
+#: nothing charged): the same request is refused again.
+API_REFUSED: Final = "the API refused the request"
 
 #: How the engine's reason starts when the API accepted a task but its result could not be
 #: fetched (polls or downloads failed after every retry). Such a task may well have finished
@@ -632,21 +635,30 @@ class Ledger:
         self._conn.execute("COMMIT")
 
     def earlier_work(self, keys: Sequence[str], *, retry_failed: bool = False) -> dict[str, str]:
-        """Which of ``keys`` a rerun would not pay for: ``"done"`` or ``"in_flight"``.
+        """Which of ``keys`` a rerun would not pay for: ``"done"`` or ``"in_flight"``; and
+        ``"refused"`` or ``"rejected"`` for rows an earlier run rejected.
 
         The same decision as ``plan`` (a final outcome is kept unless it failed and
         ``retry_failed``; an acknowledged task is polled), made read-only, so that
         ``run --dry-run`` into an existing DEST counts and prices only what the run sends.
+        A rejected row is tried again by the rerun, but it is sent only if what rejected it
+        changed: ``"refused"`` when the API refused the request (it refuses it again, for
+        nothing), ``"rejected"`` when its reference could not be used (fetched again: sent
+        if it now loads). A dry run cannot tell a URL's fate offline, so it counts such
+        rows apart instead of as sent (``check.CheckReport.earlier_rejected``).
         """
         found: dict[str, str] = {}
         for chunk in _chunks(list(dict.fromkeys(keys))):
             marks = ",".join("?" * len(chunk))
-            for key, task_id, status, resubmit in self._conn.execute(
-                "SELECT key, task_id, status, json_extract(outcome, '$.resubmit_on_retry') "  # noqa: S608
-                f"FROM tasks WHERE key IN ({marks})",
+            for key, task_id, status, resubmit, reason in self._conn.execute(
+                "SELECT key, task_id, status, json_extract(outcome, '$.resubmit_on_retry'), "  # noqa: S608
+                f"json_extract(outcome, '$.reason') FROM tasks WHERE key IN ({marks})",
                 chunk,
             ):
-                if status in FINAL_STATUSES:
+                if status == RowStatus.REJECTED:
+                    refused = str(reason or "").startswith(API_REFUSED)
+                    found[key] = "refused" if refused else "rejected"
+                elif status in FINAL_STATUSES:
                     if not (retry_failed and status == RowStatus.FAILED):
                         found[key] = "done"
                     elif task_id is not None and not resubmit:

@@ -92,12 +92,14 @@ class Provider(Protocol):
 DIALECTS = ("klein", "bfl")
 
 
-def published_cost(dialect: str, model: str | None = None) -> Callable[[ImageRequest], float]:
+def published_cost(
+    dialect: str, model: str | None = None
+) -> Callable[[ImageRequest, Sequence[Reference]], float]:
     """What a request costs at its model's published price in ``dialect``, without a key.
 
     For plans (``--dry-run``) that price rows before anything is sent: the provider's own
-    ``cost``, so a plan and the budget the run reserves agree (its base URL and key are
-    never used: pricing is arithmetic).
+    ``cost``, so a plan and the budget the run reserves agree, references' megapixels
+    included (its base URL and key are never used: pricing is arithmetic).
     """
     return make_provider(dialect, "http://127.0.0.1", "", model=model).cost
 

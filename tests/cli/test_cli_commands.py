@@ -18,6 +18,10 @@ from pipeline.contract import ASPECT_RATIOS, TIERS, cost_credits
 from pipeline.sim import SimConfig, SimServer
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
+#: Pixels of shots/red.png (conftest): a reference's megapixels are billed with its image.
+RED_PX = 64 * 48
+#: bad.csv's two rows to send: a1 with red.png, a8 with a URL a check does not fetch.
+A1_AND_A8 = cost_credits(1024, 1024, input_pixels=RED_PX) + cost_credits(1024, 1024)
 runner = CliRunner()
 
 
@@ -79,8 +83,9 @@ def test_validate_good_manifest(catalog: Path) -> None:
     assert "1 distinct local references checked, 0 unusable" in out
     assert "by preset:      square_1_1 2 · portrait_2_3 1" in out
     assert "by resolution:  1k 2 · 2k 1" in out
-    # 1024x1024 twice and a 2k portrait 1392x2048, at the published price.
-    estimate = 2 * cost_credits(1024, 1024) + cost_credits(1392, 2048)
+    # 1024x1024 twice, each with the 64x48 reference (its pixels are billed too), and a 2k
+    # portrait 1392x2048, at the published price.
+    estimate = 2 * cost_credits(1024, 1024, input_pixels=RED_PX) + cost_credits(1392, 2048)
     assert f"Estimated cost: {estimate:.2f} credits" in out
 
 
@@ -100,9 +105,10 @@ def test_validate_bad_manifest_names_row_column_and_allowed(catalog: Path) -> No
     assert "of which 1 repeat an earlier row's key" in out
     assert "bad.csv row 4, column id: key 'a1' repeats row 1; each row needs its own id" in out
     assert "1 URL uses not fetched" in out
+    assert "not included: 1 reference URL uses" in out  # a8's, priced without its pixels
     # Only the two unique valid rows (a1 and a8) are paid for.
     assert "To send: 2 images" in out
-    assert f"Estimated cost: {2 * cost_credits(1024, 1024):.2f} credits" in out
+    assert f"Estimated cost: {A1_AND_A8:.2f} credits" in out
 
 
 def test_validate_groups_and_caps_examples(tmp_path: Path) -> None:
@@ -264,7 +270,7 @@ def test_dry_run_prints_plan_and_cost_and_sends_nothing(catalog: Path, tmp_path:
         )
         stats = sim.stats()
     assert code == 1, err  # some rows would be rejected
-    assert f"Estimated cost: {2 * cost_credits(1024, 1024):.2f} credits" in out
+    assert f"Estimated cost: {A1_AND_A8:.2f} credits" in out
     assert "Plan (dry run: nothing was sent):" in out
     assert f"send to:  {sim.url} (dialect klein, key from $FREEPIK_API_KEY)" in out
     assert "tier trial: 2 active tasks, 120 submits per minute" in out
