@@ -87,13 +87,13 @@ class Budget:
                     self.skipped += 1
                     return False
                 if held is not None:
-                    take = min(cost, held)
-                    self._held[group] = held - take
+                    if not await self._wait_for_share(group, cost):
+                        return False
+                    take = min(cost, self._held[group])
+                    self._held[group] -= take
                     self.holding -= take
-                    self.reserved += take
-                    cost -= take
-                    if cost <= _EPSILON:
-                        return True
+                    self.reserved += cost
+                    return True
                 else:
                     need = max(group_cost, cost)
                     self._waiting.add(group)
@@ -138,6 +138,24 @@ class Budget:
             self.skipped += 1
             return False
         return True
+
+    async def _wait_for_share(self, group: object, cost: float) -> bool:
+        """Called with the condition held: whether an image of a started product fits, the
+        part of ``cost`` its product's hold does not cover on top of everything else.
+
+        A hold can fall short of an image's price (an image's references are priced only
+        once loaded, and a sibling's may differ). The rest then waits for other tasks in
+        flight only: it used to be reserved before the wait, so the image waited on its
+        own reservation for ever (the run hung) and, refused, left it reserved.
+        """
+        while True:
+            rest = cost - min(cost, self._held.get(group, 0.0))
+            if rest <= _EPSILON or self.fits(rest):
+                return True
+            if self.reserved <= _EPSILON:
+                self.skipped += 1
+                return False
+            await self._changed.wait()
 
     def forgo(self, group: object, cost: float) -> None:
         """An image of ``group`` ended without a submit (its reference was refused, say):
