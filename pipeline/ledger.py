@@ -921,9 +921,11 @@ class Ledger:
                     )
                 )
             else:
+                # The task's id is in the row's task_id column, not in the reason: report.html
+                # groups problems by reason, and an id in each made one group per row.
                 reason = (
-                    f"not finished: task {task_id} was still running when the run stopped; "
-                    "run again to collect it"
+                    "not finished: its task (task_id) was still running when the run stopped; "
+                    "run again to collect it, without paying again"
                     if task_id is not None
                     else "not submitted: the run stopped before this row; run again to resume"
                 )

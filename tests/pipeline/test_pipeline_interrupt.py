@@ -150,6 +150,15 @@ def test_a_signal_is_said_in_run_json_report_and_status_with_every_row_counted(
     assert {k: v for k, v in report["counts"].items() if v} == counts
     assert report["total_rows"] == ROWS
     assert counts["skipped"] > ROWS // 2  # most rows were never read: the test's premise
+    # Rows whose task was still running (1.5 s tasks, stopped right after 12 acks) share one
+    # reason, their ids in task_id: report.html groups problems by reason (one per row
+    # before: "38 reasons").
+    running = table.filter(pl.col("task_id").is_not_null() & (pl.col("status") == "skipped"))
+    assert running.height > 0
+    assert running["reason"].unique().to_list() == [
+        "not finished: its task (task_id) was still running when the run stopped; run again "
+        "to collect it, without paying again"
+    ]
     html = (out / "report.html").read_text(encoding="utf-8")
     banner = re.search(r'id="state">([^<]*)<', html)
     assert banner is not None
