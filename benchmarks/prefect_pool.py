@@ -10,6 +10,7 @@ setup.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+#: Prefect's file-based lease storage (``flows/leases.py``), as production runs it.
+FILE_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 BIN = Path(sys.executable).parent
 #: Two workers, each running up to two flow runs at once (a parent and a runner, say).
 WORKER = ("--limit", "2", "--type", "process")
@@ -73,6 +76,70 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait(timeout=15)
         handle.close()
+
+
+class PrefectServer:
+    """The pool's Prefect server process, which a test can stop and start again.
+
+    Users restart their server (an upgrade, maintenance, a crash) while a night runs; the
+    database (PostgreSQL or the SQLite file under ``PREFECT_HOME``) and the port stay, so
+    ``start`` after ``stop`` is the same server to every client. ``stop`` sends ``sig`` to
+    the server's whole process group (SIGTERM: a clean shutdown; SIGKILL: a crash) and
+    waits for it to end.
+    """
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, api: str) -> None:
+        self.args = args
+        self.env = env
+        self.log = log
+        self.api = api
+        self.child: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def __enter__(self) -> PrefectServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop(signal.SIGTERM)
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child is not None else None
+
+    def start(self, timeout: float = 90) -> None:
+        """Start the server (again) and wait until it answers; its log is appended to."""
+        assert self.child is None or self.child.poll() is not None, "the server is running"
+        self.starts += 1
+        with self.log.open("ab") as handle:
+            handle.write(f"\n--- start {self.starts} ---\n".encode())
+            handle.flush()
+            self.child = subprocess.Popen(
+                self.args,
+                env=self.env,
+                cwd=REPO,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_for(f"{self.api}/health", self.child, timeout, self.log)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> None:
+        """Stop the server and everything it started; SIGKILL if SIGTERM takes over 15 s."""
+        child = self.child
+        if child is None or child.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, sig)
+        try:
+            child.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, signal.SIGKILL)
+            child.wait(timeout=15)
+        # Whatever the group left (uvicorn's children) ends with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
 
 
 def wait_for_workers(api: str, pool: str, names: set[str], timeout: float, logs: Path) -> None:
@@ -215,7 +282,11 @@ def postgres() -> Iterator[str | None]:
 
 @contextmanager
 def prefect_pool(
-    tmp_path: Path, secret: str, *, own_work_dirs: bool = False
+    tmp_path: Path,
+    secret: str,
+    *,
+    own_work_dirs: bool = False,
+    server_settings: dict[str, str] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """A Prefect server (on PostgreSQL when installed), two process workers and the
     repository's deployments, the API key in the ``freepik-api-key`` Secret block; yields
@@ -224,6 +295,9 @@ def prefect_pool(
 
     ``own_work_dirs``: each worker keeps the journals of S3 outputs in a work dir of its
     own (``$KLEIN_BATCH_WORK_DIR``), as two machines would, instead of sharing this one's.
+    ``server_settings``: more variables for the server process only. The server is
+    ``pool["server"]`` (``PrefectServer``): stop and start it to restart it on the same
+    port and database.
     """
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -233,12 +307,19 @@ def prefect_pool(
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PWD=str(REPO),
     )
-    server_env = base | {
-        "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        # Lapsed claims are revoked within 5 s instead of 15 (README: the takeover bound).
-        "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
-    }
+    server_env = (
+        base
+        | {
+            "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            # Lapsed claims are revoked within 5 s instead of 15 (README: the takeover bound).
+            "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "5",
+            # Leases kept on disk, as README's production section runs the server: a restarted
+            # server still knows them (in memory, it forgets them and their slots stay taken).
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILE_LEASES,
+        }
+        | (server_settings or {})
+    )
     client = base | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
     prefect = str(BIN / "prefect")
     with ExitStack() as stack:
@@ -247,13 +328,13 @@ def prefect_pool(
             server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database
         server_log = tmp_path / "server.log"
         server = stack.enter_context(
-            process(
+            PrefectServer(
                 [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                 server_env,
                 server_log,
+                api,
             )
         )
-        wait_for(f"{api}/health", server, 90, server_log)
 
         run([prefect, "work-pool", "create", POOL, "--type", "process"], client)
         workers = {
@@ -286,6 +367,7 @@ def prefect_pool(
             "workers": workers,
             "database": database,
             "server_log": server_log,
+            "server": server,
             "logs": tmp_path,
         }
 
