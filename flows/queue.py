@@ -62,8 +62,52 @@ FEEDING: Final = 1
 OnShard = Callable[[ShardSpec, dict[str, Any] | None], Awaitable[None]]
 
 
+#: Pause between looks while the Prefect server cannot be reached (restarting, say).
+SERVER_WAIT_S: Final = 5.0
+#: A claim the server answers it does not know (410) though it was renewed less than this
+#: long ago cannot have lapsed: the server was restarted and forgot it (leases in memory).
+FORGOTTEN_WITHIN_S: Final = CLAIM_LEASE_S - 3 * RENEW_EVERY_S
+
+
 class ClaimLost(Exception):
-    """The shard's claim could not be renewed before it lapsed; another runner may take it."""
+    """The shard's claim could not be renewed before it lapsed; another runner may take it.
+
+    ``forgotten``: the server answered that it does not know the claim's lease though the
+    lease cannot have lapsed (a server restarted with its leases in memory). Its slot then
+    stays taken with no lease to lapse, so nobody could ever claim the shard again: the
+    runner gives the slot back itself once its shard has stopped (``_held``).
+    """
+
+    def __init__(self, message: str, *, forgotten: bool = False) -> None:
+        super().__init__(message)
+        self.forgotten = forgotten
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the Prefect server could not answer (down, restarting, a
+    gateway error), rather than that it refused what was asked. Only a request to the
+    Prefect API counts: the image API's errors are the engine's to handle."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    if isinstance(exc, httpx.HTTPStatusError):
+        if exc.response.status_code < 500:
+            return False
+    elif not isinstance(exc, httpx.TransportError):
+        return False
+    try:
+        url = str(exc.request.url)
+    except RuntimeError:  # an error raised without its request
+        return False
+    api = PREFECT_API_URL.value()
+    return bool(api) and url.startswith(str(api).rstrip("/"))
+
+
+def _gone(exc: BaseException) -> bool:
+    """The server does not know the lease (410 Gone): it lapsed, or the server forgot it."""
+    import httpx
+
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 410
 
 
 def claim_name(out: str, index: int) -> str:
@@ -110,21 +154,37 @@ async def _try_claim(client: Any, name: str) -> UUID | None:
 
 @contextlib.asynccontextmanager
 async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
-    """Keep the claim while the block runs; if it cannot be renewed in time, stop the block."""
+    """Keep the claim while the block runs; if it cannot be renewed in time, stop the block.
+
+    A claim the server forgot (``ClaimLost.forgotten``) is given back once the block has
+    stopped, so the shard can be claimed again (by this runner or another) and resumed.
+    """
     owner = asyncio.current_task()
     lost = False
+    forgotten = False
 
     async def renew() -> None:
-        nonlocal lost
+        nonlocal lost, forgotten
+        # When the last renewal that worked was sent: the server's lease runs from later.
         renewed = time.monotonic()
         while True:
             await asyncio.sleep(RENEW_EVERY_S)
+            sent = time.monotonic()
             try:
                 await client.renew_concurrency_lease(lease_id, lease_duration=CLAIM_LEASE_S)
-                renewed = time.monotonic()
+                renewed = sent
             except Exception as exc:
-                if time.monotonic() - renewed >= CLAIM_LEASE_S - RENEW_EVERY_S:
-                    log.error("%s: claim lost (%s); stopping the shard", name, exc)
+                forgotten = _gone(exc) and time.monotonic() - renewed < FORGOTTEN_WITHIN_S
+                if forgotten or time.monotonic() - renewed >= CLAIM_LEASE_S - RENEW_EVERY_S:
+                    log.error(
+                        "%s: claim lost (%s); stopping the shard%s",
+                        name,
+                        exc,
+                        " (the Prefect server forgot its lease: it was restarted and keeps "
+                        "leases in memory; the claim is given back once the shard stopped)"
+                        if forgotten
+                        else "",
+                    )
                     lost = True
                     if owner is not None:
                         owner.cancel()
@@ -138,12 +198,19 @@ async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
         if lost:
             if owner is not None:
                 owner.uncancel()
-            raise ClaimLost(f"{name}: the claim lapsed before it could be renewed") from None
+            raise ClaimLost(
+                f"{name}: the claim lapsed before it could be renewed", forgotten=forgotten
+            ) from None
         raise
     finally:
         renewer.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await renewer
+        if forgotten:
+            # Its slot is still counted and no lease will ever lapse it; the shard has
+            # stopped (the block is over), so freeing it cannot put two runners on it.
+            with contextlib.suppress(Exception):
+                await client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=0)
         with contextlib.suppress(Exception):  # unreleased, it lapses in CLAIM_LEASE_S
             await client.release_concurrency_slots_with_lease(lease_id)
 
@@ -203,6 +270,13 @@ async def drain(
                 if outcome is None:
                     outcome = await run(shard, fed)
         except Exception as exc:
+            if isinstance(exc, ClaimLost) or unreachable(exc):
+                # Not the shard's fault (the Prefect server restarting, this runner cut off
+                # from it): it is claimed again, here or by another runner, and resumes
+                # from its journal; it does not count as one of its attempts.
+                log.warning("shard %d of %d stopped: %s", shard.index, shard.count, exc)
+                not_before[shard.index] = time.monotonic() + RETRY_DELAY_S
+                return
             failures[shard.index] = failures.get(shard.index, 0) + 1
             log.error(
                 "shard %d of %d failed (attempt %d of %d): %s",
@@ -242,7 +316,15 @@ async def drain(
                 if not_before.get(shard.index, 0.0) > time.monotonic():
                     continue
                 name = claim_name(out, shard.index)
-                lease = await _try_claim(client, name)
+                try:
+                    lease = await _try_claim(client, name)
+                except Exception as exc:
+                    if not unreachable(exc):
+                        raise
+                    # The server is down or restarting: nobody can claim anything now.
+                    log.warning("the Prefect server cannot be reached (%s); waiting", exc)
+                    await asyncio.sleep(SERVER_WAIT_S)
+                    break
                 if lease is not None:
                     running_here.add(shard.index)
                     return shard, lease, name
