@@ -52,7 +52,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from flows import artifacts
+from flows import artifacts, leases
 from flows.budget import (
     DEFAULT_LIMIT_NAME,
     Share,
@@ -90,6 +90,10 @@ from pipeline.summary import RunSummary
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
+
+# Before the engine runs a night: losing the deployment's concurrency lease (a Prefect
+# server restart) must not cancel it (flows/leases.py).
+leases.install()
 
 DEFAULT_API_URL = "https://api.freepik.com"
 #: The deployment of ``generate_catalog_shard`` that ``prefect.yaml`` defines.
@@ -464,6 +468,13 @@ def _one_writer(
     flow, and this flow stops the same way while a `run` holds it (``pipeline.dest_lock``:
     an flock locally, a leased conditional-put object on S3). A lost S3 lease cancels
     the flow: another writer may hold the output now.
+
+    The lock names this flow run. A night marked Lost while it still ran (a Prefect server
+    down for more than the 90 s heartbeat window: measured, its run was marked Lost 5 s
+    after the server came back) is scheduled again as the same flow run, and that attempt
+    finds the live one holding the lock: it waits for it instead of failing at once, then
+    resumes whatever is left and merges. So the night ends merged whether the live attempt
+    finishes or is stopped.
     """
 
     @functools.wraps(generate)
@@ -482,7 +493,9 @@ def _one_writer(
                 running.cancel(message)
 
         with contextlib.closing(open_sink(out)) as sink:
-            async with dest_lock.holding(sink, out, kind="flow", on_lost=lost):
+            async with dest_lock.holding(
+                sink, out, kind="flow", on_lost=lost, flow_run=_this_flow_run()
+            ):
                 return await generate(*args, **kwargs)
 
     return holding_the_output
@@ -498,9 +511,17 @@ async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
 
     It runs once the night's run has its final state, so neither the runners' exits nor the
     clean-up count as the night's time (the key has nothing left to do by then).
+
+    A night that failed or crashed leaves its runners and their claims alone: they finish
+    the shards and a rerun merges them. Measured: a night crashed with two runners at work
+    (its lease cancelled by a restarted Prefect server), this hook marked them crashed and
+    deleted their claims while they ran, and the next shard was then claimed, and run, by
+    both of them.
     """
     night = _WIND_DOWN.pop(str(flow_run.id), None)
     if night is None:
+        return
+    if state.is_failed() or state.is_crashed():
         return
     helpers, out, shards = night
     await _end_helpers(helpers)
@@ -644,6 +665,8 @@ async def generate_catalog(
         )
         progress_id = await artifacts.start_progress(checked["total_rows"], len(shards))
         if shard_deployment:
+            if warning := await leases.leases_in_memory():
+                logger.warning(warning)
             results, failed = await _run_queue(
                 shards,
                 make_job,
@@ -769,6 +792,13 @@ def _flow_run_id() -> str:
     from prefect.runtime import flow_run
 
     return str(flow_run.id or uuid.uuid4())
+
+
+def _this_flow_run() -> str | None:
+    """This flow run's id, when it runs as one (its attempts share it)."""
+    from prefect.runtime import flow_run
+
+    return str(flow_run.id) if flow_run.id else None
 
 
 def _shard_entry(info: dict[str, Any]) -> dict[str, Any]:
