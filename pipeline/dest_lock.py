@@ -18,7 +18,11 @@ night's, or a `run` started by hand while the scheduled `flow` writes the same o
   is gone (kill -9) is taken over at once, without waiting for its lease.
 
 A second writer anywhere stops at once with ``DestinationBusy`` (exit 2) naming the
-holder: what it is (run or flow), its host, its pid and since when.
+holder: what it is (run or flow), its host, its pid and since when. One exception: a
+Prefect flow run started again while an earlier attempt of the same flow run still holds
+the lock (a night marked Lost while it ran, as after a Prefect server restart) waits for
+that attempt to end, then goes on (``holding(flow_run=...)``): it is the same night, and
+stopping at once would leave it unmerged if the earlier attempt is stopped later.
 """
 
 from __future__ import annotations
@@ -53,12 +57,21 @@ DEFAULT_LEASE_S = 60.0
 _CONDITION_FAILED = frozenset({"PreconditionFailed", "412", "ConditionalRequestConflict", "409"})
 
 
+#: How often a flow run waiting for its own earlier attempt's lock looks again.
+OWN_ATTEMPT_POLL_S = 5.0
+
+
 class DestinationBusy(ConfigError):
     """Another live writer (a run or a flow) holds the destination."""
 
+    def __init__(self, message: str, holder: dict[str, Any] | str | None = None) -> None:
+        super().__init__(message)
+        #: Who holds it, as its lock says (``_holder``), when known.
+        self.holder = holder
 
-def _holder(kind: str) -> dict[str, Any]:
-    return {
+
+def _holder(kind: str, flow_run: str | None = None) -> dict[str, Any]:
+    found: dict[str, Any] = {
         "kind": kind,
         "host": socket.gethostname(),
         "pid": os.getpid(),
@@ -66,6 +79,9 @@ def _holder(kind: str) -> dict[str, Any]:
         "owner": uuid.uuid4().hex,
         "machine": _machine(),
     }
+    if flow_run:
+        found["flow_run"] = flow_run
+    return found
 
 
 def _machine() -> str | None:
@@ -125,7 +141,8 @@ def _busy(
     return DestinationBusy(
         f"{destination}: another klein-batch {describe(holder)} is writing this output"
         f"{renewed}; wait for it (`klein-batch status {destination}` shows its progress) or "
-        "choose another output"
+        "choose another output",
+        holder,
     )
 
 
@@ -156,7 +173,9 @@ def lease_seconds() -> float:
 
 
 @contextlib.contextmanager
-def hold(journal_dir: Path, destination: str, kind: str = "run") -> Iterator[None]:
+def hold(
+    journal_dir: Path, destination: str, kind: str = "run", flow_run: str | None = None
+) -> Iterator[None]:
     """Hold the lock file in ``journal_dir`` for this process, or say who holds it and stop."""
     journal_dir.mkdir(parents=True, exist_ok=True)
     path = journal_dir / LOCK_NAME
@@ -167,7 +186,7 @@ def hold(journal_dir: Path, destination: str, kind: str = "run") -> Iterator[Non
         except BlockingIOError:
             raise _busy(destination, _parse_holder(os.pread(fd, 1000, 0))) from None
         os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(_holder(kind)).encode(), 0)
+        os.pwrite(fd, json.dumps(_holder(kind, flow_run)).encode(), 0)
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
@@ -188,12 +207,13 @@ class S3Lease:
         *,
         lease_s: float | None = None,
         on_lost: Callable[[str], None] | None = None,
+        flow_run: str | None = None,
     ) -> None:
         self.bucket = bucket
         self.key = key
         self.destination = destination
         self.lease_s = lease_seconds() if lease_s is None else lease_s
-        self.holder = _holder(kind) | {"lease_s": self.lease_s}
+        self.holder = _holder(kind, flow_run) | {"lease_s": self.lease_s}
         self.on_lost = on_lost
         self.etag: str | None = None
         self.lost: str | None = None
@@ -363,6 +383,12 @@ def _age_s(found: dict[str, Any]) -> float:
 # --- either ---------------------------------------------------------------------------------------
 
 
+def held_by_flow_run(busy: DestinationBusy, flow_run: str | None) -> bool:
+    """Whether the lock ``busy`` names is held by an attempt of the flow run ``flow_run``."""
+    holder = busy.holder
+    return bool(flow_run) and isinstance(holder, dict) and holder.get("flow_run") == flow_run
+
+
 @contextlib.asynccontextmanager
 async def holding(
     sink: object,
@@ -370,14 +396,27 @@ async def holding(
     *,
     kind: str,
     on_lost: Callable[[str], None] | None = None,
+    flow_run: str | None = None,
 ) -> AsyncIterator[None]:
     """Hold DEST's lock (local ``flock`` or S3 lease) while the block runs; see the docstring.
 
     ``on_lost`` is called if an S3 lease is lost while held; the caller stops writing.
+    ``flow_run``: the Prefect flow run this writer is an attempt of. It is written into the
+    lock, and a lock held by an earlier attempt of the same flow run is waited for (it ends,
+    is stopped, or its process dies and the lock is freed: at once locally, once its lease
+    lapses on S3) instead of stopping with ``DestinationBusy``.
     """
     local = sink.local_path(".klein")  # type: ignore[attr-defined]
     if local is not None:
-        with hold(local, destination, kind):
+        with contextlib.ExitStack() as held:
+            while True:
+                try:
+                    held.enter_context(hold(local, destination, kind, flow_run))
+                    break
+                except DestinationBusy as busy:
+                    if not held_by_flow_run(busy, flow_run):
+                        raise
+                    await _wait_for_own_attempt(destination, busy)
             yield
         return
     from pipeline.s3 import S3Sink, storage_error
@@ -385,14 +424,18 @@ async def holding(
     if not isinstance(sink, S3Sink):
         raise ConfigError(f"{destination}: cannot lock an output of type {type(sink).__name__}")
     where = sink.location(LOCK_RELPATH)
-    lease = S3Lease(where.bucket, where.key, destination, kind, on_lost=on_lost)
-    try:
-        await asyncio.to_thread(lease.acquire)
-    except DestinationBusy:
-        raise
-    except Exception as exc:
-        error = storage_error(exc, "lock", where)
-        raise (error if isinstance(error, ConfigError | StorageError) else exc) from None
+    lease = S3Lease(where.bucket, where.key, destination, kind, on_lost=on_lost, flow_run=flow_run)
+    while True:
+        try:
+            await asyncio.to_thread(lease.acquire)
+            break
+        except DestinationBusy as busy:
+            if not held_by_flow_run(busy, flow_run):
+                raise
+            await _wait_for_own_attempt(destination, busy)
+        except Exception as exc:
+            error = storage_error(exc, "lock", where)
+            raise (error if isinstance(error, ConfigError | StorageError) else exc) from None
     keeper = asyncio.create_task(lease.keep(), name="dest-lock-lease")
     try:
         yield
@@ -401,6 +444,25 @@ async def holding(
         with contextlib.suppress(asyncio.CancelledError):
             await keeper
         await asyncio.to_thread(lease.release)
+
+
+_waiting_logged: set[str] = set()
+
+
+async def _wait_for_own_attempt(destination: str, busy: DestinationBusy) -> None:
+    """Pause before looking at the lock again; says once per holder what it waits for."""
+    holder = busy.holder
+    owner = holder.get("owner", "") if isinstance(holder, dict) else ""
+    if owner not in _waiting_logged:
+        _waiting_logged.add(owner)
+        log.warning(
+            "%s: an earlier attempt of this flow run, %s, still writes this output (the run "
+            "was marked lost while it ran, as after a Prefect server restart); waiting for it "
+            "to end, then resuming what it left and merging",
+            destination,
+            describe(holder or ""),
+        )
+    await asyncio.sleep(OWN_ATTEMPT_POLL_S)
 
 
 def check_free(sink: object, destination: str) -> None:

@@ -7,6 +7,7 @@ the half-written files such a kill leaves are swept by the next run.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -14,9 +15,10 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 from test_cli_run import CATALOG, KLEIN_BATCH, REPO, env
 
-from pipeline.dest_lock import hold
+from pipeline.dest_lock import DestinationBusy, hold
 
 HOLDER = """
 import sys, time
@@ -76,3 +78,38 @@ def test_a_holder_killed_with_9_leaves_the_output_free(tmp_path: Path) -> None:
     assert not leftover.exists()
     assert sorted(p.name for p in images.iterdir() if p.name.startswith(".")) == []
     assert pl.read_parquet(out / "manifest.parquet").height == 20
+
+
+async def test_an_attempt_of_the_same_flow_run_waits_for_the_earlier_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A night marked Lost while it ran (a Prefect server restart) runs again as the same
+    flow run and finds its live earlier attempt holding the output: it waits for that
+    attempt instead of failing at once (then merges); any other writer still stops."""
+    from pipeline import dest_lock
+    from pipeline.storage import open_sink
+
+    monkeypatch.setattr(dest_lock, "OWN_ATTEMPT_POLL_S", 0.1)
+    out = tmp_path / "out"
+    sink = open_sink(str(out))
+    entered = asyncio.Event()
+
+    async def second_attempt() -> None:
+        async with dest_lock.holding(sink, str(out), kind="flow", flow_run="night-1"):
+            entered.set()
+
+    try:
+        with hold(out / ".klein", str(out), "flow", flow_run="night-1"):
+            with pytest.raises(DestinationBusy, match="another klein-batch flow"):
+                async with dest_lock.holding(sink, str(out), kind="flow", flow_run="night-2"):
+                    pass
+            with pytest.raises(DestinationBusy):
+                async with dest_lock.holding(sink, str(out), kind="run"):
+                    pass
+            waiting = asyncio.create_task(second_attempt())
+            await asyncio.sleep(0.5)
+            assert not entered.is_set()  # still held by the earlier attempt
+        await asyncio.wait_for(waiting, timeout=10)
+        assert entered.is_set()
+    finally:
+        sink.close()
