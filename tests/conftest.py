@@ -84,6 +84,7 @@ ONE_WORKER_MODULES = frozenset(
     {
         "tests/flows/test_scale_out.py",
         "tests/flows/test_lost_parent.py",
+        "tests/flows/test_server_restart.py",
         "tests/hostile/test_hostile_corpus.py",
     }
 )
