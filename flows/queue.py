@@ -20,6 +20,12 @@ the lease (it looks every 15 s by default), and the next runner that looks claim
 and resumes it from the shard's journal, so nothing acknowledged is paid twice. A runner
 that cannot renew its lease before it lapses stops its shard, so two runners never run one
 shard at once. A shard is finished when its ``shard.json`` carries this night's token.
+
+A Prefect server that is down or restarting stops nothing else: while it cannot be reached
+nobody can claim a shard, so runners wait and look again (``SERVER_WAIT_S``) instead of
+failing, and a shard stopped for its claim does not count as one of its attempts. Once
+the server is back, lapsed claims are revoked and the shards claimed again and resumed
+(README: "A Prefect server restarted while a night runs").
 """
 
 from __future__ import annotations
