@@ -4,9 +4,10 @@ A pool of its own (a Prefect server, on PostgreSQL when installed, two process w
 the simulator on 127.0.0.1; ``benchmarks/prefect_pool.py``), so this test runs beside the
 other pool tests. The server is killed (SIGKILL: a crash, as an upgrade or an OOM kill
 would) while the night's run and its runners are at work, stays down longer than the
-automations' 90 s heartbeat window, and is started again on the same port and database.
-Before the fix the night's run and its runners failed with ``ConnectError`` once the
-client's retries ran out (about 60 s), and nothing merged the night
+automations' 90 s heartbeat window and than a claim plus the client's retries, and is
+started again on the same port and database. Before the fix the night's run and its
+runners failed with ``ConnectError`` once the client's retries ran out, and nothing merged
+the night
 (``benchmarks/server_restart.py`` measures it; README: "A Prefect server restarted").
 """
 
@@ -57,8 +58,10 @@ p95_s = 5.0
 #: server goes down while every runner is mid-shard and comes back with most rows left.
 ROWS = 48
 SHARD_SIZE = 6
-#: Longer than the 90 s without a heartbeat after which automations.yaml marks a run Lost.
-DOWN_S = 100.0
+#: Longer than the 90 s without a heartbeat after which automations.yaml marks a run Lost,
+#: and than a claim's 55 s plus the Prefect client's own retries (about 62 s): a shorter
+#: outage is ridden out by those retries, and this test passed without the fix at 100 s.
+DOWN_S = 130.0
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def the_end(api: str, parent: str, earlier: frozenset[str]) -> dict[str, Any]:
 def test_a_night_ends_merged_when_its_prefect_server_is_down_past_the_heartbeat_window(
     pool: dict[str, Any], tmp_path: Path
 ) -> None:
-    """The server is killed mid-night and is back after 100 s: the night's run and its
+    """The server is killed mid-night and is back after 130 s: the night's run and its
     runners wait for it instead of failing, claim the shards whose claims lapsed, and the
     night completes merged (whether or not the server marked it Lost on its way back: a
     rerun of the same flow run waits for the live attempt's lock), nothing paid twice."""
