@@ -168,6 +168,7 @@ async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
     owner = asyncio.current_task()
     lost = False
     forgotten = False
+    since = time.monotonic()
 
     async def renew() -> None:
         nonlocal lost, forgotten
@@ -215,8 +216,14 @@ async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
         if forgotten:
             # Its slot is still counted and no lease will ever lapse it; the shard has
             # stopped (the block is over), so freeing it cannot put two runners on it.
-            with contextlib.suppress(Exception):
-                await client.release_concurrency_slots(names=[name], slots=1, occupancy_seconds=0)
+            # (The server refuses an occupancy of 0 s: 422.)
+            held_s = max(time.monotonic() - since, 0.001)
+            try:
+                await client.release_concurrency_slots(
+                    names=[name], slots=1, occupancy_seconds=held_s
+                )
+            except Exception as exc:
+                log.error("%s: could not give the forgotten claim back: %s", name, exc)
         with contextlib.suppress(Exception):  # unreleased, it lapses in CLAIM_LEASE_S
             await client.release_concurrency_slots_with_lease(lease_id)
 
