@@ -224,8 +224,9 @@ async def _held(client: Any, lease_id: UUID, name: str) -> AsyncIterator[None]:
                 )
             except Exception as exc:
                 log.error("%s: could not give the forgotten claim back: %s", name, exc)
-        with contextlib.suppress(Exception):  # unreleased, it lapses in CLAIM_LEASE_S
-            await client.release_concurrency_slots_with_lease(lease_id)
+        else:
+            with contextlib.suppress(Exception):  # unreleased, it lapses in CLAIM_LEASE_S
+                await client.release_concurrency_slots_with_lease(lease_id)
 
 
 async def drain(

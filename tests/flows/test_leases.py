@@ -131,7 +131,7 @@ async def test_a_claim_the_server_forgot_is_given_back_once_its_shard_stopped(
             finally:
                 order.append("shard stopped")
     assert lost.value.forgotten
-    assert order[:2] == ["shard stopped", "freed klein-shard-x-3 1"]
+    assert order == ["shard stopped", "freed klein-shard-x-3 1"]
 
 
 async def test_a_claim_that_lapsed_is_not_freed_twice(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -160,3 +160,39 @@ async def test_a_claim_that_lapsed_is_not_freed_twice(monkeypatch: pytest.Monkey
             await asyncio.sleep(30)
     assert not lost.value.forgotten
     assert freed == []
+
+
+async def test_giving_a_forgotten_claim_back_frees_its_slot_on_a_real_server(
+    prefect_api: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Against the session's Prefect server: the claim is taken for real, the server is
+    made to answer 410 for it, and once the shard stopped its slot is free again."""
+    from prefect.client.orchestration import get_client
+
+    from flows import queue
+
+    monkeypatch.setattr(queue, "RENEW_EVERY_S", 0.05)
+    name = f"klein-shard-test-{uuid4().hex[:8]}-0"
+
+    class Forgetful:
+        """The real client, but the server has forgotten the lease."""
+
+        def __init__(self, client: Any) -> None:
+            self.client = client
+
+        def __getattr__(self, attribute: str) -> Any:
+            return getattr(self.client, attribute)
+
+        async def renew_concurrency_lease(self, lease_id: Any, lease_duration: float) -> None:
+            raise _error(410, f"{prefect_api}/v2/concurrency_limits/leases/x/renew")
+
+    async with get_client() as client:
+        lease = await queue._try_claim(client, name)
+        assert lease is not None
+        assert await queue._try_claim(client, name) is None  # held
+        with pytest.raises(queue.ClaimLost):
+            async with queue._held(Forgetful(client), lease, name):
+                await asyncio.sleep(30)
+        limit = await client.read_global_concurrency_limit_by_name(name)
+        assert limit.active_slots == 0
+        await client.delete_global_concurrency_limit_by_name(name)
