@@ -32,6 +32,7 @@ from benchmarks.prefect_pool import (
     BIN,
     SHARD_DEPLOYMENT,
     api_get,
+    api_post,
     descendants,
     flow_run_ids,
     prefect_pool,
@@ -209,8 +210,9 @@ def restart_night(
             found = wait_for_the_end(api, parent, settle=0, limit=2)
             if found["state_type"] == "COMPLETED":
                 break
-            # Ended otherwise: the automation may still run it again; 150 s tells.
-            if found["state_type"] in FINAL:
+            # Ended otherwise, and its first process too (a live one may still complete it):
+            # the automation may still run it again; 150 s tells.
+            if found["state_type"] in FINAL and first_ended is not None:
                 ended_since = ended_since or time.monotonic()
                 if time.monotonic() - ended_since > 150:
                     break
@@ -222,6 +224,13 @@ def restart_night(
         runners = runner_runs(api, earlier)
         states = states_of(api, parent)
         still_running = alive(first)
+        # Slots still counted once the night is over: a server that forgot leases (kept in
+        # memory) leaves them taken with nobody to give them back.
+        held = {
+            limit["name"]: limit["active_slots"]
+            for limit in api_post(api, "/v2/concurrency_limits/filter", {})
+            if limit["active_slots"]
+        }
     names = ("manifest.parquet", "run.json", "report.html")
     merged = {name: (out / name).exists() for name in names}
     logs = "".join(p.read_text(errors="replace") for p in (folder / "pool").glob("worker-*.log"))
@@ -248,6 +257,7 @@ def restart_night(
         "submits_accepted": stats["submits_accepted"],
         "paid_twice": stats["submits_accepted"] - rows,
         "duplicate_submits": stats["duplicate_submits"],
+        "slots_still_held_after": held,
         "lease_renewal_failed": logs.count("Concurrency lease renewal failed"),
         "claims_lost": logs.count("claim lost"),
     }
