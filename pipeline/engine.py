@@ -649,7 +649,7 @@ class Engine:
                     )
                 job.note = f"generated from the prompt alone: {reason}"
         digests = job.digests = tuple(r.digest for r in references)
-        job.price = self._provider.cost(request, references)
+        price = job.price = self._provider.cost(request, references)
         # A resumed row's fingerprint, with every reference loaded (short-circuited: no
         # count of references for rows submitted in this run, the hot path).
         if (
@@ -676,7 +676,6 @@ class Engine:
             await self._room_to_fetch()
             if self._abort_reason:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
-            price = job.price = self._provider.cost(request, references)
             if self._budget is not None:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
                 cost = price
