@@ -287,25 +287,24 @@ class _ReferenceChecker:
         )
         self._loop = asyncio.new_event_loop()
         self._report = report
-        #: spec (or its digest) -> (problem or None, sha256 of the image as sent or None)
-        self._seen: dict[str, tuple[str | None, str | None]] = {}
-        #: spec (or its digest) -> the image as sent, without its bytes: its size prices it.
-        self._sizes: dict[str, Reference] = {}
+        #: spec (or its digest) -> (problem or None, the image as sent without its bytes, or
+        #: None): its digest fingerprints a row, its size prices it.
+        self._seen: dict[str, tuple[str | None, Reference | None]] = {}
         self.per_row = report.per_row
 
     def close(self) -> None:
         self._loop.close()
 
-    def _load(self, spec: str) -> tuple[str | None, str | None]:
+    def _load(self, spec: str) -> tuple[str | None, Reference | None]:
         cache_key = spec if len(spec) <= 512 else hashlib.sha256(spec.encode()).hexdigest()
         if cache_key not in self._seen:
             self._report.reference_files += 1
             try:
                 reference = self._loop.run_until_complete(self._store.load(spec))
-                self._seen[cache_key] = (None, reference.digest)
-                self._sizes[cache_key] = Reference(
+                kept = Reference(
                     reference.digest, reference.mime, "", reference.width, reference.height, 0
                 )
+                self._seen[cache_key] = (None, kept)
             except ReferenceError as exc:
                 self._seen[cache_key] = (str(exc), None)
         return self._seen[cache_key]
@@ -325,9 +324,7 @@ class _ReferenceChecker:
             if reference_kind(spec) == "url":
                 urls += 1
                 continue
-            self._load(spec)
-            cache_key = spec if len(spec) <= 512 else hashlib.sha256(spec.encode()).hexdigest()
-            sized = self._sizes.get(cache_key)
+            sized = self._load(spec)[1]
             if sized is not None:
                 found.append(sized)
         return found, urls
@@ -341,10 +338,10 @@ class _ReferenceChecker:
                 continue
             if reference_kind(spec) == "url":
                 return None
-            digest = self._load(spec)[1]
-            if digest is None:
+            reference = self._load(spec)[1]
+            if reference is None:
                 return None
-            found.append(digest)
+            found.append(reference.digest)
         return tuple(found)
 
     def problems(self, row: Row, source: str) -> list[tuple[str, str]]:
