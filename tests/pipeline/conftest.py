@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import pytest
-from sim_fixtures import sim, start_sim  # noqa: F401 (fixtures, found by name)
+from sim_fixtures import sim, sim_process, start_sim  # noqa: F401 (fixtures, found by name)
 
 if TYPE_CHECKING:
     from minute_storm import MinuteStorm

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
-from pipeline_helpers import sim_config
+from pipeline_helpers import SimProcess, sim_config
 
 from pipeline.sim import SimConfig, SimServer
 
@@ -33,3 +34,16 @@ def start_sim() -> Iterator[Callable[..., SimServer]]:
 def sim(start_sim: Callable[..., SimServer]) -> SimServer:
     """A well-behaved simulator: standard tier, fast tasks, no faults."""
     return start_sim()
+
+
+@pytest.fixture
+def sim_process(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[SimProcess]:
+    """The simulator in a process of its own (it outlives a killed pipeline), configured by
+    the test module's ``SIM_TOML``."""
+    config = tmp_path / "sim.toml"
+    config.write_text(request.module.SIM_TOML, encoding="utf-8")
+    process = SimProcess(config)
+    try:
+        yield process
+    finally:
+        process.stop()

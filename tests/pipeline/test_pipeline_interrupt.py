@@ -36,15 +36,6 @@ max_active = 12
 """
 
 
-@pytest.fixture
-def sim_process(tmp_path: Path) -> SimProcess:
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_TOML, encoding="utf-8")
-    process = SimProcess(config)
-    yield process
-    process.stop()
-
-
 def acked(ledger: Path) -> int:
     """Tasks the API acknowledged, as the journal holds them (read-only)."""
     if not ledger.exists():

@@ -45,15 +45,6 @@ max_active = 12
 """
 
 
-@pytest.fixture
-def sim_process(tmp_path: Path) -> SimProcess:
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_TOML, encoding="utf-8")
-    process = SimProcess(config)
-    yield process
-    process.stop()
-
-
 def catalog_with_reference(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()

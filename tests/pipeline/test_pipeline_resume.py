@@ -61,15 +61,6 @@ def in_flight(ledger: Path) -> int:
     return sum(1 for _, status in acked(ledger).values() if status is None)
 
 
-@pytest.fixture
-def sim_process(tmp_path: Path) -> SimProcess:
-    config = tmp_path / "sim.toml"
-    config.write_text(SIM_TOML, encoding="utf-8")
-    process = SimProcess(config)
-    yield process
-    process.stop()
-
-
 def run_command(manifest: Path, out: Path, url: str, progress: str = "off") -> list[str]:
     return [
         *(KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url),
