@@ -190,6 +190,22 @@ def start_simulator(stack: ExitStack, env: dict[str, str], tmp: Path, toml: str)
     raise AssertionError(f"simulator did not start: {log.read_text()}")
 
 
+def shared_key_toml(key: str, max_active: int, median_s: float, p95_s: float) -> str:
+    """The simulator's config for the pool's one key, ``shared`` (``sim_stats`` reads it):
+    the ``standard`` tier with ``max_active`` slots and that task latency."""
+    return f"""
+[[keys]]
+name = "shared"
+key = "{key}"
+tier = "standard"
+max_active = {max_active}
+
+[latency]
+median_s = {median_s}
+p95_s = {p95_s}
+"""
+
+
 def sim_stats(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(f"{url}/_sim/stats", timeout=5) as answer:
         return json.loads(answer.read())["keys"]["shared"]
@@ -221,6 +237,12 @@ def runner_runs(api: str, earlier: frozenset[str] = frozenset()) -> dict[str, di
         for run in runs
         if run["name"].startswith("shard-runner-") and run["id"] not in earlier
     }
+
+
+def flow_run_states(api: str, run_id: str) -> list[dict[str, Any]]:
+    """A flow run's states, oldest first."""
+    states = api_get(api, f"/flow_run_states/?flow_run_id={run_id}")
+    return sorted(states, key=lambda state: state["timestamp"])
 
 
 def flow_run_ids(api: str) -> frozenset[str]:

@@ -37,22 +37,13 @@ from benchmarks.prefect_pool import (
     descendants,
     free_port,
     prefect_pool,
+    shared_key_toml,
     sim_stats,
     simulator,
 )
 
 KEY = "sk-s3-night-lost-worker-1f2e"
-SIM_TOML = f"""
-[[keys]]
-name = "shared"
-key = "{KEY}"
-tier = "standard"
-max_active = 6
-
-[latency]
-median_s = 3.0
-p95_s = 5.0
-"""
+SIM_TOML = shared_key_toml(KEY, 6, median_s=3.0, p95_s=5.0)
 CONFIG_TOML = 'tier = "six"\n[tiers.six]\nmax_active = 6\nsubmits_per_minute = 900\n'
 PROMPTS = ("red mug on white", "blue tote bag", "brass desk lamp", "linen notebook")
 

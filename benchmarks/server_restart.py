@@ -35,26 +35,18 @@ from benchmarks.prefect_pool import (
     api_post,
     descendants,
     flow_run_ids,
+    flow_run_states,
     prefect_pool,
     run,
     runner_runs,
+    shared_key_toml,
     sim_stats,
     simulator,
 )
 
 KEY = "sk-server-restart-5d1c"
 TIER_ACTIVE = 4
-SIM_TOML = f"""
-[[keys]]
-name = "shared"
-key = "{KEY}"
-tier = "standard"
-max_active = {TIER_ACTIVE}
-
-[latency]
-median_s = 3.0
-p95_s = 5.0
-"""
+SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=3.0, p95_s=5.0)
 PROMPTS = ("red mug on white", "blue tote bag", "brass desk lamp", "linen notebook")
 #: States a flow run ends in (Crashed too: the automation may schedule it again).
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
@@ -121,11 +113,6 @@ def processes_of(pool: dict[str, Any], run_id: str) -> set[int]:
 
 def alive(pids: set[int]) -> bool:
     return any(Path(f"/proc/{pid}").exists() for pid in pids)
-
-
-def states_of(api: str, run_id: str) -> list[dict[str, Any]]:
-    states = api_get(api, f"/flow_run_states/?flow_run_id={run_id}")
-    return sorted(states, key=lambda state: state["timestamp"])
 
 
 def at(stamp: str, since: float) -> float:
@@ -222,7 +209,7 @@ def restart_night(
         time.sleep(5)
         stats = sim_stats(sim_url)
         runners = runner_runs(api, earlier)
-        states = states_of(api, parent)
+        states = flow_run_states(api, parent)
         still_running = alive(first)
         # Slots still counted once the night is over: a server that forgot leases (kept in
         # memory) leaves them taken with nobody to give them back.

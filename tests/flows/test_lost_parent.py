@@ -29,8 +29,10 @@ from benchmarks.prefect_pool import (
     api_post,
     descendants,
     flow_run_ids,
+    flow_run_states,
     prefect_pool,
     runner_runs,
+    shared_key_toml,
     sim_stats,
     simulator,
 )
@@ -42,17 +44,7 @@ pytestmark = pytest.mark.slow(seconds=300)
 KEY = "sk-lost-parent-test-8c3e1a"
 TIER_ACTIVE = 4
 LOST_SHARD_SIZE = 6
-LOST_SIM_TOML = f"""
-[[keys]]
-name = "shared"
-key = "{KEY}"
-tier = "standard"
-max_active = {TIER_ACTIVE}
-
-[latency]
-median_s = 3.0
-p95_s = 5.0
-"""
+LOST_SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=3.0, p95_s=5.0)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +59,6 @@ def worker_logs(pool: dict[str, Any]) -> str:
 
 def flow_run(api: str, run_id: str) -> dict[str, Any]:
     return api_get(api, f"/flow_runs/{run_id}")
-
-
-def flow_run_states(api: str, run_id: str) -> list[dict[str, Any]]:
-    """A flow run's states, oldest first."""
-    states = api_get(api, f"/flow_run_states/?flow_run_id={run_id}")
-    return sorted(states, key=lambda state: state["timestamp"])
 
 
 def runs_flow_run(pid: int, run_id: str) -> bool:

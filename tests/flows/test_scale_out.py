@@ -43,6 +43,7 @@ from benchmarks.prefect_pool import (
     flow_run_ids,
     prefect_pool,
     runner_runs,
+    shared_key_toml,
     sim_stats,
     simulator,
 )
@@ -56,18 +57,7 @@ KEY = "sk-scale-out-test-5d2e8b"
 TIER_ACTIVE = 4
 ROWS = 20
 SHARD_SIZE = 5
-
-SIM_TOML = f"""
-[[keys]]
-name = "shared"
-key = "{KEY}"
-tier = "standard"
-max_active = {TIER_ACTIVE}
-
-[latency]
-median_s = 0.3
-p95_s = 0.6
-"""
+SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=0.3, p95_s=0.6)
 
 
 #: The key's own contract as a config file's tier: runners share a budget that is the
@@ -188,9 +178,7 @@ def test_shards_spread_over_two_workers_sharing_one_key(
 #: A night long enough that runners on both workers are mid-shard when one machine is lost.
 LOST_ROWS = 60
 LOST_SHARD_SIZE = 6
-LOST_SIM_TOML = SIM_TOML.replace("median_s = 0.3", "median_s = 3.0").replace(
-    "p95_s = 0.6", "p95_s = 5.0"
-)
+LOST_SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=3.0, p95_s=5.0)
 
 
 def running_shard_pids(out: Path, shards: int) -> dict[int, int]:
@@ -307,7 +295,7 @@ def cancel_a_night_mid_way(pool: dict[str, Any], tmp_path: Path) -> None:
     """`prefect flow-run cancel` of a nightly-catalog run stops the parent on its worker and,
     through the flow's cancellation hook, the runner flow runs on the pool: every run of
     the night ends Cancelled and nothing is submitted after."""
-    toml = SIM_TOML.replace(f"max_active = {TIER_ACTIVE}", f"max_active = {CANCEL_KEY_ACTIVE}")
+    toml = shared_key_toml(KEY, CANCEL_KEY_ACTIVE, median_s=0.3, p95_s=0.6)
     with simulator(tmp_path / "cancel-sim", toml, pool["base"]) as sim_url:
         stats = cancel_against(pool | {"sim_url": sim_url}, tmp_path)
     # The runners' parts of the night's budget never added up past it, and no runner took

@@ -31,8 +31,10 @@ from benchmarks.prefect_pool import (
     SHARD_DEPLOYMENT,
     api_get,
     flow_run_ids,
+    flow_run_states,
     prefect_pool,
     runner_runs,
+    shared_key_toml,
     sim_stats,
     simulator,
 )
@@ -43,17 +45,7 @@ pytestmark = pytest.mark.slow(seconds=330)
 
 KEY = "sk-server-restart-test-71d0"
 TIER_ACTIVE = 4
-SIM_TOML = f"""
-[[keys]]
-name = "shared"
-key = "{KEY}"
-tier = "standard"
-max_active = {TIER_ACTIVE}
-
-[latency]
-median_s = 3.0
-p95_s = 5.0
-"""
+SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=3.0, p95_s=5.0)
 #: 8 shards, a submit every 5 s per runner: about 80 s of work for three runners, so the
 #: server goes down while every runner is mid-shard and comes back with most rows left.
 ROWS = 48
@@ -68,11 +60,6 @@ DOWN_S = 130.0
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with prefect_pool(tmp_path_factory.mktemp("pool"), KEY) as started:
         yield started
-
-
-def states_of(api: str, run_id: str) -> list[dict[str, Any]]:
-    states = api_get(api, f"/flow_run_states/?flow_run_id={run_id}")
-    return sorted(states, key=lambda state: state["timestamp"])
 
 
 def since(stamp: str, start: float) -> float:
@@ -168,7 +155,7 @@ def test_a_night_ends_merged_when_its_prefect_server_is_down_past_the_heartbeat_
         run = the_end(api, parent, earlier)
         stats = sim_stats(sim_url)
 
-    states = states_of(api, parent)
+    states = flow_run_states(api, parent)
     timeline = ", ".join(
         f"{s['type'].lower()}/{s['name']} {since(s['timestamp'], stopped):+.0f} s" for s in states
     )
