@@ -8,16 +8,14 @@ The simulator's charged credits are the truth the estimate is held to.
 
 from __future__ import annotations
 
-import asyncio
 import io
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from catalog_helpers import KLEIN_BATCH, accepted, charged, clean_env, run
+from catalog_helpers import KLEIN_BATCH, ImageHost, accepted, charged, clean_env, run
 from PIL import Image
 
 from pipeline.contract import KLEIN_MODEL
@@ -33,44 +31,19 @@ def png(side: int) -> bytes:
     return buffer.getvalue()
 
 
-class _Images:
+class _Images(ImageHost):
     """A shop's image host on 127.0.0.1: ``/good.png`` is a 1000 x 1000 PNG (1 MP),
     ``/bad.png`` bytes no decoder reads (the run rejects its rows)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.files = {"good.png": png(1000), "bad.png": b"not an image at all"}
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
     async def _handle(self, request: web.Request) -> web.Response:
         body = self.files.get(request.match_info["name"])
         if body is None:
             return web.Response(status=404)
         return web.Response(body=body, content_type="image/png")
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_get("/{name}", self._handle)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-
-    def __enter__(self) -> _Images:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 @pytest.fixture

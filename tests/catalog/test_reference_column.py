@@ -6,15 +6,13 @@ lets it serve the image, as a CDN having a bad minute does.
 
 from __future__ import annotations
 
-import asyncio
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from aiohttp import web
-from catalog_helpers import klein, output, run
+from catalog_helpers import ImageHost, klein, output, run
 from PIL import Image
 
 from pipeline.run import RunOptions
@@ -22,49 +20,22 @@ from pipeline.sim import SimServer
 from pipeline.summary import RunSummary
 
 
-class _Cdn:
+class _Cdn(ImageHost):
     """A tiny image server on an ephemeral port, in its own thread."""
 
     def __init__(self) -> None:
+        super().__init__()
         buffer = io.BytesIO()
         Image.new("RGB", (40, 30), (30, 120, 200)).save(buffer, "PNG")
         self.image = buffer.getvalue()
         self.healthy = False
         self.requests = 0
-        self.url = ""
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
 
     async def _handle(self, request: web.Request) -> web.Response:
         self.requests += 1
         if not self.healthy:
             return web.Response(status=503, text="busy")
         return web.Response(body=self.image, content_type="image/png")
-
-    def _serve(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_get("/{name}", self._handle)
-        runner = web.AppRunner(app)
-        self._loop.run_until_complete(runner.setup())
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        port = runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}"
-        self._runner = runner
-        self._ready.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(runner.cleanup())
-
-    def __enter__(self) -> _Cdn:
-        self._thread.start()
-        self._ready.wait(10)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
 
 
 @pytest.fixture
