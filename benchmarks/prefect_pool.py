@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -243,6 +244,34 @@ def flow_run_states(api: str, run_id: str) -> list[dict[str, Any]]:
     """A flow run's states, oldest first."""
     states = api_get(api, f"/flow_run_states/?flow_run_id={run_id}")
     return sorted(states, key=lambda state: state["timestamp"])
+
+
+def start_night(pool: dict[str, Any], parameters: dict[str, Any]) -> str:
+    """Start a ``nightly-catalog`` run with ``parameters`` from the pool's client side; its
+    flow run id."""
+    script = (
+        "import json, sys\n"
+        "from prefect.deployments import run_deployment\n"
+        "run = run_deployment('generate-catalog/nightly-catalog', "
+        "parameters=json.loads(sys.argv[1]), timeout=0)\n"
+        "print(run.id)\n"
+    )
+    command = [str(BIN / "python"), "-c", script, json.dumps(parameters)]
+    return run(command, pool["client"]).split()[-1]
+
+
+def runs_flow_run(pid: int, run_id: str) -> bool:
+    """Whether process ``pid`` runs flow run ``run_id`` (the worker puts its id in the env)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.split(b"\0")
+
+
+def seconds_since(stamp: str, since: float) -> float:
+    """An API timestamp (ISO 8601, ``Z``) as seconds after ``since`` (a ``time.time()``)."""
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - since
 
 
 def flow_run_ids(api: str) -> frozenset[str]:

@@ -24,7 +24,6 @@ import json
 import signal
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +38,12 @@ from benchmarks.prefect_pool import (
     prefect_pool,
     run,
     runner_runs,
+    runs_flow_run,
+    seconds_since,
     shared_key_toml,
     sim_stats,
     simulator,
+    start_night,
 )
 
 KEY = "sk-server-restart-5d1c"
@@ -79,28 +81,6 @@ def night_parameters(manifest: Path, out: str, sim_url: str, shard_size: int) ->
     }
 
 
-def start_night(pool: dict[str, Any], parameters: dict[str, Any]) -> str:
-    """Start a ``nightly-catalog`` run with ``parameters``; its flow run id."""
-    script = (
-        "import json, sys\n"
-        "from prefect.deployments import run_deployment\n"
-        "run = run_deployment('generate-catalog/nightly-catalog', "
-        "parameters=json.loads(sys.argv[1]), timeout=0)\n"
-        "print(run.id)\n"
-    )
-    command = [str(BIN / "python"), "-c", script, json.dumps(parameters)]
-    return run(command, pool["client"]).split()[-1]
-
-
-def runs_flow_run(pid: int, run_id: str) -> bool:
-    """Whether process ``pid`` runs flow run ``run_id`` (the worker puts its id in the env)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.split(b"\0")
-
-
 def processes_of(pool: dict[str, Any], run_id: str) -> set[int]:
     """The processes on the pool's workers that run flow run ``run_id``."""
     return {
@@ -113,10 +93,6 @@ def processes_of(pool: dict[str, Any], run_id: str) -> set[int]:
 
 def alive(pids: set[int]) -> bool:
     return any(Path(f"/proc/{pid}").exists() for pid in pids)
-
-
-def at(stamp: str, since: float) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - since
 
 
 def wait_until_running(pool: dict[str, Any], parent: str, earlier: frozenset[str]) -> None:
@@ -229,7 +205,8 @@ def restart_night(
         "night_ran_before_stop_s": round(stopped_at - started, 1),
         "accepted_before_stop": accepted_before,
         "parent_states_from_stop": [
-            f"{s['type']}/{s['name']} {at(s['timestamp'], stopped_at):+.0f}s" for s in states
+            f"{s['type']}/{s['name']} {seconds_since(s['timestamp'], stopped_at):+.0f}s"
+            for s in states
         ],
         "parent_end": f"{found['state_type']}/{found['state_name']}",
         "parent_message": (found.get("state") or {}).get("message"),

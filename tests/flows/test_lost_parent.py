@@ -32,9 +32,12 @@ from benchmarks.prefect_pool import (
     flow_run_states,
     prefect_pool,
     runner_runs,
+    runs_flow_run,
+    seconds_since,
     shared_key_toml,
     sim_stats,
     simulator,
+    start_night,
 )
 from benchmarks.prefect_pool import run as run_command
 
@@ -59,21 +62,6 @@ def worker_logs(pool: dict[str, Any]) -> str:
 
 def flow_run(api: str, run_id: str) -> dict[str, Any]:
     return api_get(api, f"/flow_runs/{run_id}")
-
-
-def runs_flow_run(pid: int, run_id: str) -> bool:
-    """Whether process ``pid`` runs flow run ``run_id`` (the worker puts its id in the env)."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return False
-    return f"PREFECT__FLOW_RUN_ID={run_id}".encode() in environ.split(b"\0")
-
-
-def seconds_since(stamp: str, since: float) -> float:
-    from datetime import datetime
-
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - since
 
 
 #: The night whose parent is lost: 8 shards, long enough (a submit every 5 s per runner) that
@@ -160,16 +148,7 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
             "api_key_block": "freepik-api-key",
             "shard_deployment": SHARD_DEPLOYMENT,
         }
-        script = (
-            "import json, sys\n"
-            "from prefect.deployments import run_deployment\n"
-            "run = run_deployment('generate-catalog/nightly-catalog', "
-            "parameters=json.loads(sys.argv[1]), timeout=0)\n"
-            "print(run.id)\n"
-        )
-        parent = run_command(
-            [str(BIN / "python"), "-c", script, json.dumps(parameters)], pool["client"]
-        ).split()[-1]
+        parent = start_night(pool, parameters)
 
         # Lose the parent's machine once it and a runner are running: its worker and every
         # process under it (a runner of the night, when the worker holds one), with SIGKILL.

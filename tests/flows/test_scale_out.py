@@ -46,6 +46,7 @@ from benchmarks.prefect_pool import (
     shared_key_toml,
     sim_stats,
     simulator,
+    start_night,
 )
 from benchmarks.prefect_pool import run as run_command
 
@@ -325,16 +326,7 @@ def cancel_against(pool: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
         "api_key_block": "freepik-api-key",
         "shard_deployment": SHARD_DEPLOYMENT,
     }
-    script = (
-        "import json, sys\n"
-        "from prefect.deployments import run_deployment\n"
-        "run = run_deployment('generate-catalog/nightly-catalog', "
-        "parameters=json.loads(sys.argv[1]), timeout=0)\n"
-        "print(run.id)\n"
-    )
-    parent = run_command(
-        [str(BIN / "python"), "-c", script, json.dumps(parameters)], pool["client"]
-    ).split()[-1]
+    parent = start_night(pool, parameters)
 
     def night() -> list[dict[str, Any]]:
         runners = list(runner_runs(api, earlier).values())

@@ -18,7 +18,6 @@ import json
 import signal
 import time
 from collections.abc import Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +33,11 @@ from benchmarks.prefect_pool import (
     flow_run_states,
     prefect_pool,
     runner_runs,
+    seconds_since,
     shared_key_toml,
     sim_stats,
     simulator,
+    start_night,
 )
 from benchmarks.prefect_pool import run as run_command
 
@@ -62,12 +63,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield started
 
 
-def since(stamp: str, start: float) -> float:
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp() - start
-
-
-def start_night(pool: dict[str, Any], manifest: Path, out: Path, sim_url: str) -> str:
-    parameters = {
+def night_parameters(manifest: Path, out: Path, sim_url: str) -> dict[str, Any]:
+    return {
         "manifest": str(manifest),
         "spec": {
             "out": str(out),
@@ -82,15 +79,6 @@ def start_night(pool: dict[str, Any], manifest: Path, out: Path, sim_url: str) -
         "api_key_block": "freepik-api-key",
         "shard_deployment": SHARD_DEPLOYMENT,
     }
-    script = (
-        "import json, sys\n"
-        "from prefect.deployments import run_deployment\n"
-        "run = run_deployment('generate-catalog/nightly-catalog', "
-        "parameters=json.loads(sys.argv[1]), timeout=0)\n"
-        "print(run.id)\n"
-    )
-    command = [str(BIN / "python"), "-c", script, json.dumps(parameters)]
-    return run_command(command, pool["client"]).split()[-1]
 
 
 def the_night_at_work(api: str, parent: str, earlier: frozenset[str]) -> None:
@@ -145,7 +133,7 @@ def test_a_night_ends_merged_when_its_prefect_server_is_down_past_the_heartbeat_
     )
     out = tmp_path / "nightly"
     with simulator(tmp_path / "sim", SIM_TOML, pool["base"]) as sim_url:
-        parent = start_night(pool, manifest, out, sim_url)
+        parent = start_night(pool, night_parameters(manifest, out, sim_url))
         the_night_at_work(api, parent, earlier)
         time.sleep(10)  # every runner mid-shard
         stopped = time.time()
@@ -157,7 +145,8 @@ def test_a_night_ends_merged_when_its_prefect_server_is_down_past_the_heartbeat_
 
     states = flow_run_states(api, parent)
     timeline = ", ".join(
-        f"{s['type'].lower()}/{s['name']} {since(s['timestamp'], stopped):+.0f} s" for s in states
+        f"{s['type'].lower()}/{s['name']} {seconds_since(s['timestamp'], stopped):+.0f} s"
+        for s in states
     )
     runners = runner_runs(api, earlier).values()
     ended = ", ".join(f"{r['name']} {r['state_type'].lower()}/{r['state_name']}" for r in runners)
@@ -175,5 +164,5 @@ def test_a_night_ends_merged_when_its_prefect_server_is_down_past_the_heartbeat_
     assert duplicates <= json.loads((out / "run.json").read_text())["ambiguous_submits"]
     # No run of the night is left running or waiting.
     assert not {r["state_type"] for r in runners} & {"SCHEDULED", "PENDING", "RUNNING"}, ended
-    took = since(states[-1]["timestamp"], stopped)
+    took = seconds_since(states[-1]["timestamp"], stopped)
     print(f"done {took:.0f} s after the kill; {duplicates} sent twice")
