@@ -18,6 +18,10 @@ only. Groups are numbered in file order, and once one did not fit no later produ
 further down, leaving a hole the rerun's "continues at the next whole product" does not
 describe; the products before it that are under way are finished.
 
+A submit whose answer never came may have been charged: it counts as spent, and its row
+is sent again only while that still fits (``lost``); a rerun counts such submits of earlier
+runs at their price (``Ledger.destination_credits``).
+
 The budget covers the destination, not one invocation: what earlier runs into the same
 DEST spent, and tasks they left in flight, count from the start. So a run stopped by its
 budget continues where it stopped when rerun with a higher ``--max-credits``, and the
@@ -173,6 +177,16 @@ class Budget:
         (its journal entry had no cost, and its references are priced only once loaded)."""
         if extra > 0:
             self.committed += extra
+
+    def lost(self, cost: float) -> bool:
+        """A submit's answer was lost (the connection dropped, the answer timed out): the
+        API may have charged ``cost`` for a task nobody can name. Counted as spent when it
+        fits beside everything else, so that the row may go again on its reservation;
+        False, and nothing counted, when sending it again could pass the limit."""
+        if not self.fits(cost):
+            return False
+        self.spent += cost
+        return True
 
     def settle(self, reserved: float, charged: float) -> None:
         """The submit's outcome is known: ``charged`` was spent (0 when failed/moderated)."""

@@ -138,6 +138,10 @@ DRAIN_MEDIAN_SHARE = 0.4
 BACKLOG_WAIT_S = 1.0
 #: The longest wait between two polls of one task (its back-off is half its age).
 POLL_BACKOFF_CAP_S = 10.0
+#: How long a stopped run (Ctrl-C, SIGTERM, a cancelled flow) waits for the answers to the
+#: submits it had in the air (``Engine._settle_submits``). An answer takes well under a
+#: second when the API is healthy; one that has not come by then is left ambiguous.
+SETTLE_SUBMITS_S = 10.0
 #: Standard normal quantiles of the median and of ``EngineSettings.poll_quantile``'s default.
 _Z85 = 1.0364
 _normal_quantile = NormalDist().inv_cdf
@@ -146,7 +150,7 @@ _normal_quantile = NormalDist().inv_cdf
 class Journal(Protocol):
     """The part of the ledger the engine writes to."""
 
-    def record_intent(self, key: str) -> None: ...
+    def record_intent(self, key: str, cost: float | None = None) -> None: ...
 
     def record_refused(self, key: str) -> None: ...
 
@@ -441,6 +445,11 @@ class Engine:
         #: Rows between their journaled intent and the submit's answer: never cancelled,
         #: since a submit cut off there may have been paid without our knowing its task.
         self._posting: set[asyncio.Task[Any]] = set()
+        #: The run was cancelled and waits for its submits' answers: rows stop once theirs
+        #: is journaled, and no row sends another (``_settle_submits``).
+        self._settling = False
+        #: Set as the last of those answers is read, while ``_settling``.
+        self._answered = asyncio.Event()
 
     # --- public -------------------------------------------------------------------------------
 
@@ -549,6 +558,7 @@ class Engine:
                 # wait, not gather: rows stopped by ``fail`` end cancelled, the run does not.
                 await asyncio.wait(set(running))
         finally:
+            await self._settle_submits()
             self._gates.stop()
             self.stats.api_unreachable_s = round(self._gates.outages.seconds(), 3)
             self.stats.api_outages = self._gates.outages.count
@@ -571,6 +581,30 @@ class Engine:
         if self._fatal is not None:
             raise self._fatal
         return self.stats
+
+    async def _settle_submits(self) -> None:
+        """The run was cancelled with submits in the air: wait (up to ``SETTLE_SUBMITS_S``)
+        for their answers, so each acknowledged task is journaled and the rerun polls it.
+
+        Cancelled on the wire, such a submit was often taken and charged all the same, for
+        a task no one could name: the rerun sent its row again and paid twice (a Ctrl-C
+        among seven submits in the air: 41.4 credits charged on ``--max-credits 30``). An
+        answer that does not come in time leaves its intent open in the journal, counted
+        as possibly paid (``Ledger.destination_credits``, ``ambiguous_submits``).
+        """
+        if not self._posting:
+            return
+        self._settling = True
+        log.info("waiting for the answers to %d submits in the air", len(self._posting))
+        # A row leaves ``_posting`` as its answer is read and journals its ack before it
+        # next yields: once the set is empty, every answer that came is on disk. A second
+        # cancellation (a flow's runner giving up) ends the wait, not the cleanup.
+        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+            await asyncio.wait_for(self._answered.wait(), SETTLE_SUBMITS_S)
+
+    def _budget_lost(self, price: float) -> bool:
+        """A budgeted row's submit went unanswered: whether it may go again (``Budget.lost``)."""
+        return self._budget is None or self._budget.lost(price)
 
     def _submitted(self, job: Job) -> None:
         """The row's submit was acknowledged, or the row ended without one."""
@@ -721,7 +755,7 @@ class Engine:
                 return self._taken_task(job, submitted, submitted_at, price, holder)
             tracked = self._track(job, submitted.task_id, submitted.poll_url, submitted_at)
             tracked.cost = charged
-            if self._fatal is not None:
+            if self._fatal is not None or self._settling:
                 raise _Stopped  # journaled: the rerun polls it
             tracked.permit = self._permits.pop(submitted.task_id, None)
             first = self._first_poll.value
@@ -840,6 +874,8 @@ class Engine:
         async def attempt() -> Submitted:
             silent = 0
             while True:
+                if self._settling:
+                    raise _Stopped  # the run stopped while this row waited to go again
                 if self._abort_reason:
                     raise _Abort
                 try:
@@ -995,13 +1031,15 @@ class Engine:
             return await self._post_submit(job, payload, permit, passage)
         finally:
             self._posting.discard(task)  # type: ignore[arg-type]
+            if self._settling and not self._posting:
+                self._answered.set()
 
     async def _post_submit(
         self, job: Job, payload: bytes, permit: Permit, passage: Passage
     ) -> Submitted | None:
         key = job.row.key
         try:
-            self._journal.record_intent(key)
+            self._journal.record_intent(key, job.price)
         except StorageError:
             # Nothing was sent: say so if the journal still takes it (a full disk's reserve),
             # so the rerun does not count a possibly paid duplicate that never was.
@@ -1053,6 +1091,14 @@ class Engine:
             self.stats.ambiguous_submits += 1
             why = None if passage.reported else no_answer(exc)
             unanswered = passage.failed(why) if why is not None else False
+            if job.reserved and job.price is not None and not self._budget_lost(job.price):
+                raise _AmbiguousSubmit(
+                    RowStatus.FAILED,
+                    f"the submit's answer was lost ({type(exc).__name__}): the API may have "
+                    "charged for a task this run cannot name, and --max-credits leaves no "
+                    "room to send the row again; check the API's task list, then "
+                    "--retry-failed submits it again (and pays again if it was charged)",
+                ) from None
             raise Transient(
                 f"submit answer lost: {type(exc).__name__}", unanswered=unanswered
             ) from None

@@ -112,6 +112,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     intents INTEGER NOT NULL DEFAULT 0,
     intent_pending INTEGER NOT NULL DEFAULT 0,
     lost_acks INTEGER NOT NULL DEFAULT 0,
+    intent_cost REAL,
     task_id TEXT,
     poll_url TEXT,
     submitted_at REAL,
@@ -189,6 +190,15 @@ def stored_reason(reason: str) -> str:
         cut = len(reason) - MAX_REASON_CHARS
         reason = f"{reason[:MAX_REASON_CHARS]}... ({cut:,} more characters not kept)"
     return reason
+
+
+def _published_price(request_json: str | None) -> float:
+    """A journaled request's price by the contract (without references, which the journal
+    does not keep): for entries written before their price was journaled."""
+    request = _request_from_json(request_json)
+    if request is None:
+        return 0.0
+    return cost_credits(*output_size(request.aspect_ratio, request.resolution))
 
 
 def _request_to_json(request: ImageRequest | None) -> str | None:
@@ -397,6 +407,7 @@ class Ledger:
         else:
             # Idempotent DDL; a later schema version migrates here, keyed on schema_version.
             self._conn.executescript(_SCHEMA)
+            self._add_missing_columns()
             self._conn.execute(
                 "INSERT OR IGNORE INTO meta(name, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
@@ -408,6 +419,16 @@ class Ledger:
                 f"reads version {SCHEMA_VERSION} or older: upgrade klein-batch"
             )
         self._run_id = self._meta("current_run")
+
+    def _add_missing_columns(self) -> None:
+        """Columns added since schema version 1 was written, added to older journals.
+
+        Only nullable columns, which older klein-batch versions never read, so the version
+        stays 1 and a journal keeps working with the release that wrote it.
+        """
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(tasks)")}
+        if "intent_cost" not in have:
+            self._conn.execute("ALTER TABLE tasks ADD COLUMN intent_cost REAL")
 
     def _meta(self, name: str) -> str | None:
         row = self._conn.execute("SELECT value FROM meta WHERE name = ?", (name,)).fetchone()
@@ -697,24 +718,27 @@ class Ledger:
     # --- the task lifecycle -----------------------------------------------------------------
 
     @_writes
-    def record_intent(self, key: str) -> None:
+    def record_intent(self, key: str, cost: float | None = None) -> None:
         """Note that a submit for ``key`` is about to be POSTed; committed before returning.
 
-        Committed so that a kill during the POST still shows up as an ambiguous submit.
+        Committed so that a kill during the POST still shows up as an ambiguous submit,
+        and ``cost`` (its price, references included) with it: a submit whose answer never
+        came may have been charged, and ``destination_credits`` counts it at that price.
 
         A new submit supersedes a final outcome (``retry_failed``), so that outcome is
         cleared; an earlier intent still waiting for its answer is counted as lost.
         """
         self._begin()
         self._conn.execute(
-            "INSERT INTO tasks(key, intents, intent_pending) VALUES (?, 1, 1) "
+            "INSERT INTO tasks(key, intents, intent_pending, intent_cost) VALUES (?, 1, 1, ?) "
             "ON CONFLICT(key) DO UPDATE SET intents = intents + 1, "
             "lost_acks = lost_acks + intent_pending, intent_pending = 1, "
+            "intent_cost = COALESCE(excluded.intent_cost, intent_cost), "
             "task_id = CASE WHEN status IS NULL THEN task_id END, "
             "poll_url = CASE WHEN status IS NULL THEN poll_url END, "
             "outcome = NULL, status = NULL, finished_at = NULL, latency = NULL, "
             "credits = NULL, finished_run = NULL",
-            (key,),
+            (key, cost),
         )
         self._conn.execute("COMMIT")
 
@@ -971,10 +995,16 @@ class Ledger:
     # --- the destination as a whole (budgets, ``klein-batch status``) ------------------------
 
     def destination_credits(self) -> float:
-        """Credits spent into this destination by every run, plus tasks still in flight.
+        """Credits spent into this destination by every run, plus tasks still in flight,
+        plus submits whose answer never came.
 
         An acknowledged task without an outcome will be charged when it completes, so it
-        counts at its quoted cost, or at the contract's price for the size it asked for.
+        counts at its quoted cost, or at the contract's price for the size it asked for. A
+        submit whose answer was lost (a kill, a dropped connection, a run stopped with the
+        request out) may have been charged for a task nobody can name, and its row is sent
+        again: it counts at its price too, so a budget holds as the API may count it. A row
+        whose outcome already recorded its unanswered submit's price (``_AmbiguousSubmit``
+        in the engine: credits without a task) is not counted twice.
         """
         (spent,) = self._conn.execute(
             "SELECT COALESCE(SUM(credits), 0) FROM tasks WHERE status IS NOT NULL"
@@ -983,12 +1013,17 @@ class Ledger:
         for ack_cost, request_json in self._conn.execute(
             "SELECT ack_cost, request FROM tasks WHERE status IS NULL AND task_id IS NOT NULL"
         ):
-            if ack_cost is not None:
-                total += float(ack_cost)
-                continue
-            request = _request_from_json(request_json)
-            if request is not None:
-                total += cost_credits(*output_size(request.aspect_ratio, request.resolution))
+            total += ack_cost if ack_cost is not None else _published_price(request_json)
+        for lost, pending, counted, price, request_json in self._conn.execute(
+            "SELECT lost_acks, intent_pending, "
+            "status IS NOT NULL AND task_id IS NULL AND COALESCE(credits, 0) > 0, "
+            "COALESCE(intent_cost, ack_cost), request FROM tasks "
+            "WHERE lost_acks > 0 OR intent_pending > 0"
+        ):
+            unanswered = int(lost) + (0 if counted else int(pending))
+            if unanswered:
+                each = price if price is not None else _published_price(request_json)
+                total += unanswered * float(each)
         return round(total, 6)
 
     def run_info(self) -> dict[str, Any]:

@@ -455,6 +455,9 @@ class BflApi:
                 "output_mp": round(task.width * task.height / 1_000_000, 2),
             }
         )
+        delay = state.config.faults.submit_answer_delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         if state.fault(key, "submit_drop", identity, n, faults.drop):
             return await cut(request, body, send=len(body) // 2)
         return web.Response(body=body, content_type="application/json")

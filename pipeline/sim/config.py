@@ -110,6 +110,9 @@ class FaultConfig:
     task_failed: float = 0.0
     webhook_late: float = 0.0
     webhook_late_s: float = 2.0
+    #: Seconds every submit's answer leaves after its task was created and charged: an API
+    #: under load answers slowly, and a client stopped in that window must not lose the task.
+    submit_answer_delay_s: float = 0.0
     webhook_duplicate: float = 0.0
     webhook_lost: float = 0.0
 
@@ -301,6 +304,7 @@ class SimConfig:
             rate(f"faults.{attr}", getattr(f, attr))
         positive("faults.slow_bytes_per_s", f.slow_bytes_per_s)
         positive("faults.webhook_late_s", f.webhook_late_s, zero=True)
+        positive("faults.submit_answer_delay_s", f.submit_answer_delay_s, zero=True)
         rate("moderation.rate", self.moderation.rate)
         if not 0 <= self.moderation.pass_tolerance <= SAFETY_MAX + 1:
             raise bad(

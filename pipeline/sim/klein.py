@@ -16,6 +16,7 @@ default is klein 4B's. Errors, unknown paths included (``{"message": "Not Found"
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -311,6 +312,9 @@ class KleinApi:
         if task.webhook_url:
             self.webhooks.schedule(task)
         body = dumps({"data": {"task_id": task.task_id, "status": KleinStatus.CREATED.value}})
+        delay = state.config.faults.submit_answer_delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)
         if state.fault(key, "submit_drop", identity, n, faults.drop):
             return await cut(request, body, send=len(body) // 2)
         return web.Response(body=body, content_type="application/json")

@@ -13,7 +13,7 @@ from catalog_helpers import accepted, charged, clean_env, fast_sim, output, run
 
 from pipeline.contract import KLEIN_MODEL
 from pipeline.report import format_summary
-from pipeline.sim import SimConfig, SimServer
+from pipeline.sim import EndpointFaults, FaultConfig, SimConfig, SimServer
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 #: What the simulator (default prices) charges for one square 1k image.
@@ -174,3 +174,35 @@ def test_a_budget_stop_counts_the_share_made_over_rows_that_can_make_an_image(
     )
     assert f"stopped the run: {expected}; rerun" in status.stdout
     assert f"stopped: budget · {expected} · rerun" in (out / "report.html").read_text()
+
+
+def test_a_submit_whose_answer_was_lost_counts_and_is_not_sent_past_the_budget(
+    tmp_path: Path,
+) -> None:
+    # Every submit's answer is cut after its task was created and charged: the client can
+    # never know whether it paid. A budget of one image's price must not pay for a second.
+    faults = FaultConfig(seed=1, submit=EndpointFaults(drop=1.0))
+    with SimServer.in_thread(fast_sim(faults=faults)) as sim:
+        summary = run(ROWS.head(1), tmp_path / "out", sim, max_credits=EACH)
+        assert accepted(sim) == 1  # sent once: a second send could have passed the budget
+        assert charged(sim) == pytest.approx(EACH)
+    assert summary.counts["failed"] == 1
+    assert summary.ambiguous_submits == 1
+    (reason,) = output(tmp_path / "out")["reason"].to_list()
+    assert "--max-credits leaves no room to send the row again" in reason
+
+
+def test_a_submit_whose_answer_was_lost_goes_again_when_the_budget_has_room(
+    tmp_path: Path,
+) -> None:
+    # The first answer is cut, the second comes: room for two images pays for both sends.
+    faults = FaultConfig(seed=1, submit=EndpointFaults(drop=0.5))
+    with SimServer.in_thread(fast_sim(faults=faults)) as sim:
+        summary = run(ROWS, tmp_path / "out", sim, max_credits=round(3 * EACH, 2))
+        assert charged(sim) <= round(3 * EACH, 2) + 1e-6
+        sent = accepted(sim)
+    made = output(tmp_path / "out").filter(pl.col("status") == "succeeded").height
+    assert made >= 1
+    assert sent > made  # some answers were lost, and those rows went again
+    # What the run counted against the budget covers what the API charged.
+    assert made + summary.ambiguous_submits >= sent

@@ -59,6 +59,20 @@ def ambiguous(ledger: Path) -> int:
         conn.close()
 
 
+#: Rows whose wind-down (the output manifest joins every one) lasts well over a second, so
+#: a second Ctrl-C 0.1 s after the first finds it under way even on an idle machine (6,000
+#: rows took about 0.3 s, and a CI run's second Ctrl-C came after the outputs were written).
+LONG_WIND_DOWN_ROWS = 60_000
+
+
+def ctrl_c_twice(proc: subprocess.Popen[str], ledger: Path) -> None:
+    """Once tasks are in flight, Ctrl-C, and again a tenth of a second later."""
+    wait_for(lambda: acked(ledger) >= 12, what="tasks acknowledged")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+
+
 def start(
     manifest: Path, out: Path, url: str, *extra: str, key: str = SIM_KEY
 ) -> subprocess.Popen[str]:
@@ -169,15 +183,12 @@ def test_a_signal_is_said_in_run_json_report_and_status_with_every_row_counted(
 @pytest.mark.slow
 def test_ctrl_c_twice_still_writes_every_output(sim_process: SimProcess, tmp_path: Path) -> None:
     """A double Ctrl-C is common: the second one is acknowledged, the outputs still written."""
-    manifest = write_catalog(tmp_path / "in", ROWS)
+    manifest = write_catalog(tmp_path / "in", LONG_WIND_DOWN_ROWS)
     out = tmp_path / "out"
     ledger = out / ".klein" / "ledger.sqlite"
     proc = start(manifest, out, sim_process.url, "--progress", "off")
     try:
-        wait_for(lambda: acked(ledger) >= 12, what="tasks acknowledged")
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        ctrl_c_twice(proc, ledger)
         _, err = finish(proc)
     finally:
         if proc.poll() is None:
@@ -188,7 +199,7 @@ def test_ctrl_c_twice_still_writes_every_output(sim_process: SimProcess, tmp_pat
         assert (out / name).is_file(), name
     assert "still writing manifest.parquet, run.json and report.html" in err
     assert "Traceback" not in err
-    assert pl.read_parquet(out / "manifest.parquet").height == ROWS
+    assert pl.read_parquet(out / "manifest.parquet").height == LONG_WIND_DOWN_ROWS
     assert json.loads((out / "run.json").read_text())["state"] == "stopped: interrupted"
     assert status(out)["state"] == "stopped: interrupted"
 
@@ -197,15 +208,12 @@ def test_ctrl_c_twice_still_writes_every_output(sim_process: SimProcess, tmp_pat
 def test_a_third_ctrl_c_quits_at_once_and_loses_no_acknowledged_task(
     sim_process: SimProcess, tmp_path: Path
 ) -> None:
-    manifest = write_catalog(tmp_path / "in", 60_000)  # a wind-down long enough to cut
+    manifest = write_catalog(tmp_path / "in", LONG_WIND_DOWN_ROWS)
     out = tmp_path / "out"
     ledger = out / ".klein" / "ledger.sqlite"
     proc = start(manifest, out, sim_process.url, "--progress", "off")
     try:
-        wait_for(lambda: acked(ledger) >= 12, what="tasks acknowledged")
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
+        ctrl_c_twice(proc, ledger)
         assert proc.stderr is not None
         assert proc.stderr.readline().startswith("still writing")
         proc.send_signal(signal.SIGINT)
