@@ -776,8 +776,12 @@ def _night_state(summary: RunSummary, data: dict[str, Any], manifest_uri: str) -
             f"{_counts_text(problems)}: each row's reason is in {manifest_uri} and "
             "report.html (rerun with retry_failed for failed rows)"
         )
-    if summary.stopped:
-        notes.append(f"stopped: {summary.stopped} (max_credits reached)")
+    if summary.stopped == "budget":
+        notes.append(
+            "stopped: budget (max_credits reached: run again with a higher one to continue)"
+        )
+    elif summary.stopped:
+        notes.append(f"stopped: {summary.stopped} (run the night again to resume)")
     if summary.changed_rows:
         notes.append(summary.changed_warning().removeprefix("warning: "))
     notes += summary.notices

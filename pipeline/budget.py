@@ -59,6 +59,9 @@ class Budget:
         self._stop_at: int | None = None
         #: Products waiting for room to start (ints in file order; ``_behind``).
         self._waiting: set[object] = set()
+        #: Images taken by the engine and not yet at their reservation, per product: its
+        #: references still loading, say (``expect``).
+        self._coming: dict[object, int] = {}
         self._changed = asyncio.Condition()
 
     @property
@@ -74,16 +77,26 @@ class Budget:
         return self.used + cost <= self.limit + _EPSILON
 
     async def reserve(
-        self, cost: float, *, group: object | None = None, group_cost: float = 0.0
+        self,
+        cost: float,
+        *,
+        group: object | None = None,
+        group_cost: float = 0.0,
+        expected: bool = False,
     ) -> bool:
         """Hold ``cost`` for a submit; False when it cannot fit, now or after releases.
 
         With ``group`` (a product), its first image holds ``group_cost`` (every image of
         the product this run submits) and later ones draw on it; once a product did not fit,
         its other images are refused too, and so is every product numbered after it that has
-        not started (groups are ints in file order: ``run._product_of``).
+        not started (groups are ints in file order: ``run._product_of``). ``expected``: the
+        image was counted by ``expect``, and arrives here.
         """
         async with self._changed:
+            if expected:
+                # Under the lock: the product is waiting, held or refused from here on, so
+                # no later product sees a moment when it is none of these (and goes first).
+                self._leave(group)
             if group is not None:
                 held = self._held.get(group)
                 if group in self._refused or (held is None and self._after_stop(group)):
@@ -122,13 +135,51 @@ class Budget:
             self.reserved += cost
             return True
 
+    def expect(self, group: object) -> None:
+        """An image of ``group`` is on its way to its reservation: products after it wait
+        until it is there (``arrive``).
+
+        Taken in file order, images reach their reservations out of it: one whose
+        references take a while to load (a shop's 4 MP variant images) let a later product
+        without any reserve first, fill the room, and leave the earlier one skipped: the
+        holes in file order the budget means not to leave.
+        """
+        self._coming[group] = self._coming.get(group, 0) + 1
+
+    def arrive(self, group: object) -> None:
+        """An image ``expect`` counted will not reserve (it ended, or waits on another)."""
+        if self._leave(group):
+            asyncio.get_running_loop().create_task(self._notify())
+
+    def _leave(self, group: object) -> bool:
+        """One image of ``group`` fewer on its way; True when it was the last."""
+        left = self._coming.get(group, 0) - 1
+        if left > 0:
+            self._coming[group] = left
+            return False
+        self._coming.pop(group, None)
+        return True
+
+    def holds(self, group: object) -> bool:
+        """Whether ``group``'s first image has taken the product's hold (its siblings draw
+        on it and need not price the product again)."""
+        return group in self._held
+
     def _after_stop(self, group: object) -> bool:
         return isinstance(group, int) and self._stop_at is not None and group > self._stop_at
 
     def _behind(self, group: object) -> bool:
-        """Whether an earlier product is still waiting to start: this one waits its turn,
-        or room freed for the earlier one would go to it first."""
-        return isinstance(group, int) and any(other < group for other in self._waiting)
+        """Whether an earlier product is still waiting to start, or on its way to: this
+        one waits its turn, or room freed for the earlier one would go to it first."""
+        if not isinstance(group, int):
+            return False
+        return any(other < group for other in self._waiting) or any(
+            isinstance(other, int)
+            and other < group
+            and other not in self._held
+            and other not in self._refused
+            for other in self._coming
+        )
 
     async def _wait_for(self, cost: float, group: object | None = None) -> bool:
         # Called with the condition held. Only tasks in flight can free room: a hold is

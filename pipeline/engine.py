@@ -198,6 +198,9 @@ class Job:
     group_requests: tuple[ImageRequest, ...] = ()
     #: Whether this job's image went through the budget (reserved or refused).
     budgeted: bool = False
+    #: Counted by the budget as an image of ``group`` on its way to its reservation
+    #: (``Budget.expect``): later products wait for it, so they start in file order.
+    expected: bool = False
     #: The request fingerprint this row makes for the library (``Library.claim``), if any.
     fingerprint: str | None = None
     #: A resumed row's fingerprint: its task was paid for by an earlier run (killed, or
@@ -547,6 +550,9 @@ class Engine:
                         job.unsubmitted = True
                         self._unsubmitted += 1
                     job.rank = next(self._ranks)
+                    if self._budget is not None and job.group is not None and job.task_id is None:
+                        self._budget.expect(job.group)
+                        job.expected = True
                     task = asyncio.create_task(self._carry(job, gate))
                     running.add(task)
                     task.add_done_callback(running.discard)
@@ -602,6 +608,13 @@ class Engine:
         with contextlib.suppress(asyncio.CancelledError, TimeoutError):
             await asyncio.wait_for(self._answered.wait(), SETTLE_SUBMITS_S)
 
+    def _arrived(self, job: Job) -> None:
+        """``job`` is at its reservation (or ended, or waits on the library): products after
+        its own no longer wait for it (``Budget.expect``)."""
+        if job.expected and self._budget is not None and job.group is not None:
+            job.expected = False
+            self._budget.arrive(job.group)
+
     def _budget_lost(self, price: float) -> bool:
         """A budgeted row's submit went unanswered: whether it may go again (``Budget.lost``)."""
         return self._budget is None or self._budget.lost(price)
@@ -645,6 +658,7 @@ class Engine:
                     self.slots.orphaned(permit)
         finally:
             gate.release()
+            self._arrived(job)
             self._submitted(job)
             if job.fingerprint is not None and self._library is not None:
                 self._library.release(job.fingerprint)  # rows waiting for it look again
@@ -714,16 +728,14 @@ class Engine:
                 # Reserved before the POST: an accepted task is charged whatever happens next.
                 cost = price
                 group_cost = (
-                    sum(
-                        self._sibling_cost(job, sibling, references)
-                        for sibling in job.group_requests
-                    )
-                    if job.group is not None
+                    await self._product_cost(job, references)
+                    if job.group is not None and not self._budget.holds(job.group)
                     else None
                 )
                 job.budgeted = True
+                expected, job.expected = job.expected, False
                 if not await self._budget.reserve(
-                    cost, group=job.group, group_cost=group_cost or 0.0
+                    cost, group=job.group, group_cost=group_cost or 0.0, expected=expected
                 ):
                     reason = self._budget.reason(cost, group_cost)
                     return self._outcome(job, RowStatus.SKIPPED, reason=reason)
@@ -1559,6 +1571,9 @@ class Engine:
                 library.release(fp)
                 job.fingerprint = None
                 continue
+            # Waiting on another row of this run, perhaps of a later product, which may be
+            # waiting at the budget for this one: not waited for there any more.
+            self._arrived(job)
             await making.wait()
 
     async def _add_to_library(
@@ -1761,19 +1776,35 @@ class Engine:
             return job.price
         return self._provider.cost(job.row.request)
 
-    def _sibling_cost(
+    async def _product_cost(self, job: Job, references: Sequence[Reference]) -> float:
+        """The price of every image of ``job``'s product in this run, for its budget hold."""
+        costs = await asyncio.gather(
+            *(self._sibling_cost(job, sibling, references) for sibling in job.group_requests)
+        )
+        return sum(costs)
+
+    async def _sibling_cost(
         self, job: Job, sibling: ImageRequest, references: Sequence[Reference]
     ) -> float:
-        """The price of another image of ``job``'s product, for the product's budget hold.
+        """The price of another image of ``job``'s product, its references included.
 
-        Its references are not loaded yet; a sibling that asks for the same ones as
-        ``job`` (a variation matrix over style or size) is priced with them, so the hold
-        covers what the API will charge; one asking for others is priced without them
-        (its own reservation then takes the rest, and the budget still holds).
+        A sibling that asks for the same references as ``job`` (a variation matrix over
+        style or size) is priced with them. One asking for others (a shop's variants, each
+        with its own Variant Image) has them loaded now: they are cached for its own turn.
+        Priced without them, the hold fell short of the product, the rest of which then
+        had to find room beside products that started later: a budget stop left a product
+        with one variant of three, and the next product made. A reference that does not
+        load is left out (that image is rejected in its turn and its share given back).
         """
         own = [spec for _, spec in job.row.request.reference_specs()]
         theirs = [spec for _, spec in sibling.reference_specs()]
-        return self._provider.cost(sibling, references if own == theirs else ())
+        if own == theirs:
+            return self._provider.cost(sibling, references)
+        loaded: list[Reference] = []
+        for _, spec in sibling.reference_specs():
+            with contextlib.suppress(ReferenceError):
+                loaded.append(await self._refs.load(spec, self._session))
+        return self._provider.cost(sibling, loaded)
 
     def _outcome(
         self,

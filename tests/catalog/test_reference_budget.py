@@ -85,3 +85,50 @@ def test_an_image_beyond_its_products_hold_waits_for_others_only_and_leaks_nothi
     assert refused and fits
     assert budget.reserved == 0.0  # nothing left reserved by the refused image
     assert budget.used <= budget.limit
+
+
+def test_a_product_whose_variants_have_their_own_images_is_held_whole(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """A Shopify export per variant, each tee variant with its own 4 MP Variant Image.
+
+    Two faults made the cap, after the tee in the file, go first: it has no image to load,
+    so it reached the budget while the tee's images were still loading, and took room the
+    tee needed (tee skipped, cap made); and the tee's hold priced its other variants without
+    their images (4.60 held for 5.40 billed), so even in order the cap fitted in the gap and
+    the tee's last variants found no room. Whole products in file order, both times."""
+    for size, colour in (("S", (200, 30, 30)), ("M", (30, 200, 30)), ("L", (30, 30, 200))):
+        Image.new("RGB", (2000, 2000), colour).save(tmp_path / f"tee-{size}.png")
+    shop = tmp_path / "shop.csv"
+    pl.DataFrame(
+        {
+            "Handle": ["mug", "tee", "tee", "tee", "cap"],
+            "Title": ["Mug", "Tee", None, None, "Cap"],
+            "Option1 Name": ["Title", "Size", None, None, "Title"],
+            "Option1 Value": ["Default Title", "S", "M", "L", "Default Title"],
+            "Variant SKU": ["MUG", "TEE-S", "TEE-M", "TEE-L", "CAP"],
+            "Variant Image": [None, "tee-S.png", "tee-M.png", "tee-L.png", None],
+        }
+    ).write_csv(shop)
+    plain = SimConfig().price(KLEIN_MODEL).credits(1024, 1024)
+    whole = plain + 3 * EACH  # the mug and the whole tee
+    # Room for the mug and the tee, not for the cap too; but the mug, the tee priced
+    # without its other variants' images, and the cap would fit.
+    cap = round(whole + plain - 0.6, 2)
+    assert plain + (EACH + 2 * plain) + plain <= cap < whole + plain
+    out = tmp_path / "out"
+    summary = run(
+        shop,
+        out,
+        sim,
+        catalog="shopify",
+        per="variant",
+        prompt_template="{Title} {Option1 Value?}",
+        reference_column="Variant Image",
+        max_credits=cap,
+    )
+    rows = output(out)
+    made = rows.filter(pl.col("status") == "succeeded")["Variant SKU"].to_list()
+    assert sorted(made) == ["MUG", "TEE-L", "TEE-M", "TEE-S"]
+    assert summary.state == "stopped: budget"
+    assert charged(sim) == round(whole, 2) <= cap

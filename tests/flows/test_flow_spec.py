@@ -90,6 +90,7 @@ async def test_templates_variations_and_one_budget_across_all_shards(
         )
         stats = sim.stats()["keys"]["spec"]
     assert state.is_completed(), state.message
+    assert "stopped: budget (max_credits reached: run again with a higher one" in state.message
     result = await state.result()
     assert result["shard_count"] == 4
     assert stats["credits_charged"] <= budget + 1e-9
