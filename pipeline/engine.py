@@ -601,7 +601,13 @@ class Engine:
         if not self._posting:
             return
         self._settling = True
-        log.info("waiting for the answers to %d submits in the air", len(self._posting))
+        # Said: a person who pressed Ctrl-C sees why the run does not stop at once.
+        log.warning(
+            "stopping: waiting up to %.0f s for the answers to %d submits in the air (the API "
+            "charges a task before it answers: journaled, the rerun polls it, not pays again)",
+            SETTLE_SUBMITS_S,
+            len(self._posting),
+        )
         # A row leaves ``_posting`` as its answer is read and journals its ack before it
         # next yields: once the set is empty, every answer that came is on disk. A second
         # cancellation (a flow's runner giving up) ends the wait, not the cleanup.

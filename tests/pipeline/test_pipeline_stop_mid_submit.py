@@ -77,6 +77,7 @@ def test_ctrl_c_with_submits_in_the_air_journals_their_tasks_and_the_rerun_pays_
             first.wait()
     assert first.returncode == 130, stderr
     assert "Traceback" not in stderr
+    assert "stopping: waiting up to 10 s for the answers to" in stderr  # why it is not at once
     # Every task the API charged is in the journal, to be polled, not paid again.
     sent = sim_process.stats()["submits_accepted"]
     assert len(acked(ledger)) == sent >= 4
