@@ -40,12 +40,15 @@ _EPSILON: Final = 1e-6
 class Budget:
     """Reservations against a credit limit, shared by every row of a run (one event loop)."""
 
-    def __init__(self, limit: float, *, committed: float = 0.0) -> None:
+    def __init__(self, limit: float, *, committed: float = 0.0, unanswered: float = 0.0) -> None:
         if limit < 0:
             raise ValueError(f"a budget must be 0 or more credits, got {limit}")
         self.limit = float(limit)
         #: Spent or in flight before this run started (earlier runs into the same DEST).
         self.committed = float(committed)
+        #: The part of ``committed`` and ``spent`` for submits whose answer never came
+        #: (``lost``): perhaps charged, so counted, and said apart in ``reason``.
+        self.unanswered = float(unanswered)
         #: Spent by this run's own submits.
         self.spent = 0.0
         #: Reserved by this run's submits whose outcome is not known yet.
@@ -237,6 +240,7 @@ class Budget:
         if not self.fits(cost):
             return False
         self.spent += cost
+        self.unanswered += cost
         return True
 
     def settle(self, reserved: float, charged: float) -> None:
@@ -257,7 +261,14 @@ class Budget:
             if group_cost is not None
             else f"this image costs {cost:.2f}"
         )
+        unanswered = (
+            f" ({self.unanswered:.2f} of them for submits whose answer never came: perhaps "
+            "charged, so counted)"
+            if self.unanswered > _EPSILON
+            else ""
+        )
         return (
             f"budget: --max-credits {self.limit:g} reached ({self.used:.2f} credits spent or "
-            f"in flight in this output, {what}); rerun with a higher --max-credits to continue"
+            f"in flight in this output{unanswered}, {what}); rerun with a higher "
+            "--max-credits to continue"
         )

@@ -752,7 +752,9 @@ class Engine:
             except _Abort:
                 return self._outcome(job, RowStatus.SKIPPED, reason=self._abort_reason)
             except _AmbiguousSubmit as exc:
-                # Perhaps charged: counted at the published price, so budgets stay safe.
+                # Perhaps charged: counted at its price, so budgets stay safe.
+                if job.reserved and self._budget is not None:
+                    self._budget.unanswered += price
                 return self._outcome(job, RowStatus.FAILED, reason=exc.reason, cost=price)
             except _RowError as exc:
                 return self._outcome(job, exc.status, reason=exc.reason)

@@ -1014,6 +1014,12 @@ class Ledger:
             "SELECT ack_cost, request FROM tasks WHERE status IS NULL AND task_id IS NOT NULL"
         ):
             total += ack_cost if ack_cost is not None else _published_price(request_json)
+        return round(total + self.unanswered_credits(), 6)
+
+    def unanswered_credits(self) -> float:
+        """The part of ``destination_credits`` for submits whose answer never came: perhaps
+        charged, perhaps not (the API does not say which task was whose)."""
+        total = 0.0
         for lost, pending, counted, price, request_json in self._conn.execute(
             "SELECT lost_acks, intent_pending, "
             "status IS NOT NULL AND task_id IS NULL AND COALESCE(credits, 0) > 0, "

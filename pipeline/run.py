@@ -788,7 +788,11 @@ class _Run:
         self._outage_noted: float | None = None
         #: What earlier runs into this output spent or left in flight counts against it.
         self.budget = (
-            Budget(opts.max_credits, committed=ledger.destination_credits())
+            Budget(
+                opts.max_credits,
+                committed=ledger.destination_credits(),
+                unanswered=ledger.unanswered_credits(),
+            )
             if opts.max_credits is not None
             else None
         )

@@ -195,14 +195,36 @@ def test_a_submit_whose_answer_was_lost_counts_and_is_not_sent_past_the_budget(
 def test_a_submit_whose_answer_was_lost_goes_again_when_the_budget_has_room(
     tmp_path: Path,
 ) -> None:
-    # The first answer is cut, the second comes: room for two images pays for both sends.
+    # Half the answers are cut; room for every row twice over: the rows whose answer was
+    # lost go again, and every image is made.
     faults = FaultConfig(seed=1, submit=EndpointFaults(drop=0.5))
+    budget = round(2 * len(ROWS) * EACH, 2)
     with SimServer.in_thread(fast_sim(faults=faults)) as sim:
-        summary = run(ROWS, tmp_path / "out", sim, max_credits=round(3 * EACH, 2))
-        assert charged(sim) <= round(3 * EACH, 2) + 1e-6
-        sent = accepted(sim)
-    made = output(tmp_path / "out").filter(pl.col("status") == "succeeded").height
-    assert made >= 1
-    assert sent > made  # some answers were lost, and those rows went again
-    # What the run counted against the budget covers what the API charged.
-    assert made + summary.ambiguous_submits >= sent
+        summary = run(ROWS, tmp_path / "out", sim, max_credits=budget)
+        sent, paid = accepted(sim), charged(sim)
+    assert summary.counts["succeeded"] == len(ROWS)
+    assert sent > len(ROWS)  # some answers were lost, and those rows went again
+    assert paid <= budget + 1e-6
+
+
+def test_a_budget_full_of_reservations_fails_a_row_whose_answer_was_lost(
+    tmp_path: Path,
+) -> None:
+    # Room for three images, all three reserved at once: a lost answer cannot go again.
+    # The rows the budget then stops say part of it went on answers that never came.
+    faults = FaultConfig(seed=1, submit=EndpointFaults(drop=0.5))
+    budget = round(3 * EACH, 2)
+    with SimServer.in_thread(fast_sim(faults=faults)) as sim:
+        summary = run(ROWS, tmp_path / "out", sim, max_credits=budget)
+        sent, paid = accepted(sim), charged(sim)
+    assert paid <= budget + 1e-6
+    rows = output(tmp_path / "out")
+    lost = rows.filter(pl.col("status") == "failed")["reason"].to_list()
+    assert lost and all("--max-credits leaves no room to send the row again" in r for r in lost)
+    made = summary.counts["succeeded"]
+    assert made + len(lost) == sent  # each lost answer counted at its price, never sent again
+    stopped = rows.filter(pl.col("status") == "skipped")["reason"].to_list()
+    assert stopped
+    for reason in stopped:
+        assert reason.startswith("budget: --max-credits 4.2 reached (4.20 credits"), reason
+        assert f"({len(lost) * EACH:.2f} of them for submits whose answer never came" in reason

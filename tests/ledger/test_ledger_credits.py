@@ -37,6 +37,7 @@ def test_an_unanswered_submit_counts_at_its_journaled_price(
     assert ledger.destination_credits() == 0.0
     ledger.record_intent(row.key, PRICE)  # sent; the run stopped before the answer came
     assert ledger.destination_credits() == pytest.approx(PRICE)
+    assert ledger.unanswered_credits() == pytest.approx(PRICE)
     assert ledger.ambiguous_submits() == 1
 
 
@@ -55,6 +56,7 @@ def test_a_row_sent_again_counts_both_sends(
         ledger.record_ack(row.key, "task-b", "http://127.0.0.1:9/b", 60.0, PRICE)
         # ...the first send may have been charged, the second will be.
         assert ledger.destination_credits() == pytest.approx(2 * PRICE)
+        assert ledger.unanswered_credits() == pytest.approx(PRICE)
         _end(ledger, row, RowStatus.SUCCEEDED, task_id="task-b", cost_credits=PRICE)
         assert ledger.destination_credits() == pytest.approx(2 * PRICE)
 
