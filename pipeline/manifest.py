@@ -610,6 +610,20 @@ class ManifestReader:
         if schema is not None:
             renamed = pl.Schema(dict(zip(self._columns.names, schema.values(), strict=True)))
             _check_types(renamed, self.name)
+        #: Each column's Arrow type in a Parquet file or an Arrow table (by batch column):
+        #: the output manifest writes the input's columns back with them, not with the
+        #: types polars reads them as (``string``, not ``large_string``). Empty for CSV
+        #: and polars frames, whose types are polars' own.
+        self.arrow_types: dict[str, pa.DataType] = {}
+        arrow_schema = (
+            self._table.schema
+            if self._table is not None
+            else self._parquet.schema_arrow
+            if self._parquet is not None
+            else None
+        )
+        if arrow_schema is not None:
+            self.arrow_types = dict(zip(self._columns.names, arrow_schema.types, strict=True))
 
     def _polars_schema(self, schema: pa.Schema) -> pl.Schema:
         try:

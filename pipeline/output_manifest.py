@@ -65,7 +65,7 @@ import contextlib
 import io
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -142,6 +142,9 @@ class ManifestSource(Protocol):
 
     @property
     def input_columns(self) -> Sequence[tuple[str, str]]: ...
+
+    @property
+    def arrow_types(self) -> Mapping[str, pa.DataType]: ...
 
     def batches(self) -> Iterator[pl.DataFrame]: ...
 
@@ -243,6 +246,23 @@ def _extra_arrays(
     return arrays, [array.type for array in arrays]
 
 
+def _output_type(array: pa.Array, source: pa.DataType | None) -> pa.DataType:
+    """The type an input column is written with: its type in the input's Parquet file or
+    Arrow table (polars reads ``string`` as ``large_string``, ``list<string>`` as
+    ``large_list<large_string>``, a dictionary's int32 indices as uint32, a ``+02:00`` zone
+    as ``Etc/GMT-2``; written so, the output no longer joins or concatenates with the
+    input in pyarrow), else polars' own; text for a column of nulls."""
+    if source is not None and not pa.types.is_null(source):
+        if array.type == source:
+            return source
+        try:
+            array.cast(source)
+            return source
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+            pass  # not losslessly: polars' type (an extension type polars rewrapped)
+    return pa.string() if pa.types.is_null(array.type) else array.type
+
+
 def _conform(
     array: pa.Array, target: pa.DataType, name: str, source_name: str, first_row: int
 ) -> pa.Array:
@@ -281,6 +301,7 @@ def _build_parquet(
     extra_columns = [*added, *input_batch_names]
     out_names = output_column_names([*added, *(name for _, name in inputs)])
     source_name = str(getattr(reader, "name", "manifest"))
+    source_types = reader.arrow_types
     writer: pq.ParquetWriter | None = None
     schema: pa.Schema | None = None
     extra_types: list[pa.DataType] = []
@@ -328,10 +349,13 @@ def _build_parquet(
                 else None
             )
             fixed = _fixed_columns(indices, outcomes, raw_prompts, rows, merged)
-            arrays, types = _extra_arrays(batch, extra_columns)
+            arrays, _ = _extra_arrays(batch, extra_columns)
             if schema is None:
                 # An all-null first batch says nothing about a column's type: text is safest.
-                extra_types = [pa.string() if pa.types.is_null(t) else t for t in types]
+                extra_types = [
+                    _output_type(array, source_types.get(name))
+                    for array, name in zip(arrays, extra_columns, strict=True)
+                ]
                 schema = pa.schema(
                     list(FIXED_SCHEMA)
                     + [pa.field(n, t) for n, t in zip(out_names, extra_types, strict=True)],
@@ -354,7 +378,11 @@ def _build_parquet(
             pa.default_memory_pool().release_unused()
         if writer is None:
             schema = pa.schema(
-                list(FIXED_SCHEMA) + [pa.field(n, pa.string()) for n in out_names],
+                list(FIXED_SCHEMA)
+                + [
+                    pa.field(n, source_types.get(c) or pa.string())
+                    for n, c in zip(out_names, extra_columns, strict=True)
+                ],
                 metadata={"klein_batch.schema_version": OUTPUT_MANIFEST_SCHEMA_VERSION},
             )
             writer = pq.ParquetWriter(path, schema, compression="zstd")
