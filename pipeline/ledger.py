@@ -1056,6 +1056,24 @@ class Ledger:
         )
         self._conn.execute("COMMIT")
 
+    # --- the output manifest ---------------------------------------------------------------
+
+    def output_types(self) -> str | None:
+        """What ``record_output_types`` kept for this output (``pipeline/output_manifest.py``
+        reads it), or None."""
+        return self._meta("output_types")
+
+    @_writes
+    def record_output_types(self, text: str) -> None:
+        """Keep the types the input's columns were written with to this output's
+        manifest.parquet, for the next run into it: a column all nulls then is written
+        with its earlier type, not one made up."""
+        self._begin()
+        self._conn.execute(
+            "INSERT OR REPLACE INTO meta(name, value) VALUES ('output_types', ?)", (text,)
+        )
+        self._conn.execute("COMMIT")
+
     def finish_times(self, status: str | None = None) -> list[float]:
         """Unix times at which this run's rows reached an outcome (for rates and ETAs).
 

@@ -39,11 +39,13 @@ reused_from            string                      the library object the image 
 =====================  ==========================  ===============================================
 
 Then every column of the input as it came (its name as the input spelled it, its original
-type), ``id`` and reference columns included, so a data team can join the output back to
-its catalog on its own id. An input column whose name is one of the above (``prompt``,
-``seed``...), in any case (``Status``, ``Row``), is written as ``input_<name>``: ``prompt``
-is what was sent, ``input_prompt`` what the input said; ``status`` is ours,
-``input_Status`` a Shopify export's.
+type: a Parquet file's or Arrow table's own Arrow type, not polars' reading of it; a
+column of nulls with no type of its own gets the one it had in earlier runs into the same
+output, kept in the ledger, else text), ``id`` and reference columns included, so a
+data team can join the output back to its catalog on its own id. An input column whose
+name is one of the above (``prompt``, ``seed``...), in any case (``Status``, ``Row``), is
+written as ``input_<name>``: ``prompt`` is what was sent, ``input_prompt`` what the input
+said; ``status`` is ours, ``input_Status`` a Shopify export's.
 
 An input line that makes no image of its own (a Shopify image-only line, a variant under
 ``--per product``: ``pipeline/product_exports.py``) is listed with status ``merged`` and a
@@ -61,6 +63,7 @@ column (the slug in the key) and one column per axis that is not a request param
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import io
 import os
@@ -246,21 +249,38 @@ def _extra_arrays(
     return arrays, [array.type for array in arrays]
 
 
-def _output_type(array: pa.Array, source: pa.DataType | None) -> pa.DataType:
+def _castable(array: pa.Array, target: pa.DataType) -> bool:
+    try:
+        array.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return False
+    return True
+
+
+def _output_type(
+    array: pa.Array,
+    source: pa.DataType | None,
+    earlier: pa.DataType | None,
+    text: pa.DataType,
+) -> pa.DataType:
     """The type an input column is written with: its type in the input's Parquet file or
     Arrow table (polars reads ``string`` as ``large_string``, ``list<string>`` as
     ``large_list<large_string>``, a dictionary's int32 indices as uint32, a ``+02:00`` zone
     as ``Etc/GMT-2``; written so, the output no longer joins or concatenates with the
-    input in pyarrow), else polars' own; text for a column of nulls."""
-    if source is not None and not pa.types.is_null(source):
-        if array.type == source:
-            return source
-        try:
-            array.cast(source)
-            return source
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
-            pass  # not losslessly: polars' type (an extension type polars rewrapped)
-    return pa.string() if pa.types.is_null(array.type) else array.type
+    input in pyarrow), else polars' own.
+
+    A column of nulls (polars' ``Null``: a frame built from Python ``None`` s) says nothing
+    about its type: it gets the type the same column had in ``earlier`` runs into this
+    output, so a warehouse appending each night's manifest does not see ``discount`` turn
+    from double into text on a night without discounts; ``text`` on a first run."""
+    known = source is not None and not pa.types.is_null(source)
+    if known and (array.type == source or _castable(array, source)):
+        return source  # else not losslessly: polars' type (an extension polars rewrapped)
+    if not pa.types.is_null(array.type):
+        return array.type
+    if earlier is not None and not pa.types.is_null(earlier) and _castable(array, earlier):
+        return earlier
+    return text
 
 
 def _conform(
@@ -283,10 +303,14 @@ def _build_parquet(
     path: Path,
     expander: RowExpander | None = None,
     shard: tuple[int, int] | None = None,
+    earlier: Mapping[str, pa.DataType] | None = None,
 ) -> int:
     """Write the joined manifest to ``path``; returns the number of rows written.
 
-    ``shard`` (index, count) leaves out rows the run did not plan (another shard's)."""
+    ``shard`` (index, count) leaves out rows the run did not plan (another shard's).
+    ``earlier``: the types input columns had in earlier runs into this output (by output
+    name), for columns that hold only nulls now (``_output_type``)."""
+    earlier = earlier or {}
     inputs = [
         (column, name) for column, name in reader.input_columns if column not in WORKING_COLUMNS
     ]
@@ -302,6 +326,9 @@ def _build_parquet(
     out_names = output_column_names([*added, *(name for _, name in inputs)])
     source_name = str(getattr(reader, "name", "manifest"))
     source_types = reader.arrow_types
+    # Text a column of nulls is written as, when no earlier run says better: as polars
+    # writes text (large_string), unless the input has Arrow types of its own.
+    text = pa.string() if source_types else pa.large_string()
     writer: pq.ParquetWriter | None = None
     schema: pa.Schema | None = None
     extra_types: list[pa.DataType] = []
@@ -353,8 +380,8 @@ def _build_parquet(
             if schema is None:
                 # An all-null first batch says nothing about a column's type: text is safest.
                 extra_types = [
-                    _output_type(array, source_types.get(name))
-                    for array, name in zip(arrays, extra_columns, strict=True)
+                    _output_type(array, source_types.get(name), earlier.get(out), text)
+                    for array, name, out in zip(arrays, extra_columns, out_names, strict=True)
                 ]
                 schema = pa.schema(
                     list(FIXED_SCHEMA)
@@ -380,7 +407,7 @@ def _build_parquet(
             schema = pa.schema(
                 list(FIXED_SCHEMA)
                 + [
-                    pa.field(n, source_types.get(c) or pa.string())
+                    pa.field(n, source_types.get(c) or earlier.get(n) or text)
                     for n, c in zip(out_names, extra_columns, strict=True)
                 ],
                 metadata={"klein_batch.schema_version": OUTPUT_MANIFEST_SCHEMA_VERSION},
@@ -398,10 +425,33 @@ def _build_with_own_connection(
     tmp: Path,
     expander: RowExpander | None = None,
     shard: tuple[int, int] | None = None,
+    earlier: Mapping[str, pa.DataType] | None = None,
 ) -> int:
     # SQLite connections belong to their thread; a read-only one sees every committed row.
     with Ledger.open(ledger_path, readonly=True) as own:
-        return _build_parquet(reader, own, tmp, expander, shard)
+        return _build_parquet(reader, own, tmp, expander, shard, earlier)
+
+
+def _earlier_types(ledger: Ledger) -> dict[str, pa.DataType]:
+    """The input columns' types in the manifests written to this output before."""
+    text = ledger.output_types()
+    if not text:
+        return {}
+    try:
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(text)))
+    except (ValueError, pa.ArrowException):
+        return {}
+    return dict(zip(schema.names, schema.types, strict=True))
+
+
+def _kept_types(earlier: Mapping[str, pa.DataType], written: pa.Schema) -> str:
+    """``earlier`` updated with the input columns' types just written, for the next run."""
+    types = dict(earlier)
+    for field in written:
+        if field.name not in FIXED_COLUMNS and not pa.types.is_null(field.type):
+            types[field.name] = field.type
+    schema = pa.schema(list(types.items()))
+    return base64.b64encode(schema.serialize().to_pybytes()).decode("ascii")
 
 
 async def write_output_manifest(
@@ -431,10 +481,14 @@ async def write_output_manifest(
     tmp = Path(tmp_name)
     try:
         ledger.flush()
+        earlier = _earlier_types(ledger)
         await asyncio.to_thread(
-            _build_with_own_connection, reader, ledger.path, tmp, expander, shard
+            _build_with_own_connection, reader, ledger.path, tmp, expander, shard, earlier
         )
-        return await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
+        kept = _kept_types(earlier, pq.read_schema(tmp))
+        uri = await sink.put_file(relpath, tmp, PARQUET_CONTENT_TYPE)
+        ledger.record_output_types(kept)
+        return uri
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -12,6 +12,7 @@ import datetime as dt
 import decimal
 from pathlib import Path
 
+import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pipeline_helpers import run_against
@@ -63,3 +64,47 @@ def test_parquet_input_columns_come_back_with_their_own_arrow_types(
     again = pq.read_table(tmp_path / "out-table" / "manifest.parquet")
     assert again.schema.field("id").type == pa.string()
     assert again.schema.field("category").type == table.schema.field("category").type
+
+
+def test_a_column_of_nulls_keeps_its_type_from_night_to_night(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A frame built from Python values types a column with no value tonight as ``Null``.
+    Written as text, the nightly manifest's ``discount`` flipped from double to string
+    and ``note`` from large_string to string, and a warehouse appending each night's
+    manifest (or ``pa.concat_tables``) refused the second night."""
+    out = tmp_path / "out"
+    night1 = pl.DataFrame(
+        {
+            "id": [1, 2, 3],
+            "prompt": ["a mug", "a jar", "a vase"],
+            "discount": [0.1, None, 0.3],
+            "note": ["new", None, None],
+            "tags": [["a"], [], None],
+        }
+    )
+    night2 = pl.DataFrame(
+        {
+            "id": [1, 3, 4],
+            "prompt": ["a mug", "a vase", "a bowl"],
+            "discount": [None, None, None],
+            "note": [None, None, None],
+            "tags": [None, None, None],
+        }
+    )
+    assert night2.schema["discount"] == pl.Null
+
+    run_against(sim, night1, out)
+    first = pq.read_table(out / "manifest.parquet")
+    summary = run_against(sim, night2, out)
+
+    assert summary.counts["succeeded"] == 3
+    second = pq.read_table(out / "manifest.parquet")
+    assert second.schema.equals(first.schema)
+    assert first.schema.field("discount").type == pa.float64()
+    assert second.column("discount").to_pylist() == [None, None, None]
+    assert pa.concat_tables([first, second]).num_rows == 6
+    # A first run with a column of nulls writes it as text, as polars writes text.
+    fresh = tmp_path / "fresh"
+    run_against(sim, night2, fresh)
+    assert pq.read_schema(fresh / "manifest.parquet").field("note").type == pa.large_string()

@@ -249,3 +249,25 @@ def test_an_input_at_the_s3_output_manifest_is_refused_before_any_submit(
         stats = server.stats()
     assert sum(key["submits_accepted"] for key in stats["keys"].values()) == 0
     assert s3_client.head_object(Bucket=bucket, Key="out/manifest.parquet")["ETag"] == etag
+
+
+def test_nightly_runs_into_an_s3_output_from_fresh_workers_keep_the_manifest_schema(
+    bucket: str, endpoint: str, work_root: Path
+) -> None:
+    """An orchestrator runs each night on a fresh worker into the same S3 output, from a
+    frame whose ``discount`` has no value tonight (polars types it ``Null``): the output
+    manifest keeps ``discount`` a double, as the warehouse table it is appended to."""
+    out = f"s3://{bucket}/nightly"
+    night1 = pl.DataFrame({"id": ["a", "b"], "prompt": ["a mug", "a jar"], "discount": [0.5, None]})
+    night2 = pl.DataFrame(
+        {"id": ["b", "c"], "prompt": ["a jar", "a vase"], "discount": [None, None]}
+    )
+    run_manifest(night1, out, sim=sim())
+    first = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
+    shutil.rmtree(work_root)  # tonight's worker has nothing local
+    summary = run_manifest(night2, out, sim=sim())
+    assert summary.counts["succeeded"] == 2 and summary.resumed_rows == 1
+    second = read_s3_parquet(f"{out}/manifest.parquet", endpoint)
+    assert first.schema == second.schema
+    assert second.schema["discount"] == pl.Float64
+    assert pl.concat([first, second])["id"].to_list() == ["a", "b", "b", "c"]
