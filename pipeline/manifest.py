@@ -367,6 +367,15 @@ def _check_types(schema: pl.Schema, file_name: str) -> None:
             raise ManifestError(f"{file_name}: column {name} has type {dtype}; expected {expected}")
 
 
+def _wide_decimal(dtype: pa.DataType) -> bool:
+    """Whether ``dtype`` is, or holds, a ``decimal256`` (polars holds 128-bit decimals)."""
+    if pa.types.is_decimal256(dtype):
+        return True
+    if pa.types.is_dictionary(dtype):
+        return _wide_decimal(dtype.value_type)
+    return any(_wide_decimal(dtype.field(i).type) for i in range(dtype.num_fields))
+
+
 def _utf8_error_line(path: Path) -> int | None:
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
@@ -626,12 +635,34 @@ class ManifestReader:
             self.arrow_types = dict(zip(self._columns.names, arrow_schema.types, strict=True))
 
     def _polars_schema(self, schema: pa.Schema) -> pl.Schema:
-        try:
-            return pl.from_arrow(schema.empty_table()).schema  # type: ignore[union-attr]
-        except Exception as exc:  # polars refuses some arrow types
+        """The schema polars reads ``schema`` as; a column polars cannot hold is refused
+        here, by name, before anything runs.
+
+        Each column is tried with one null value, not with none: polars takes an empty
+        ``decimal256`` column (a BigQuery BIGNUMERIC) and then panics on the first batch of
+        data, a Rust panic that is no ``Exception`` a caller can catch.
+        """
+        types: dict[str, pl.DataType] = {}
+        for position, field_ in enumerate(schema):
+            unreadable = "polars holds no decimal256" if _wide_decimal(field_.type) else ""
+            if not unreadable:
+                try:
+                    probe = pa.Table.from_arrays([pa.nulls(1, field_.type)], names=["c"])
+                    frame = pl.from_arrow(probe)
+                    assert isinstance(frame, pl.DataFrame)
+                    types[f"{position}"] = frame.schema["c"]
+                    continue
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except BaseException as exc:  # polars refuses, or panics on, some types
+                    unreadable = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise ManifestError(
-                f"{self.name}: has a column type that cannot be read ({exc})"
-            ) from None
+                f"{self.name}: column {field_.name!r} has type {field_.type}, which cannot "
+                f"be read ({unreadable or 'not supported'}); cast it to a supported type "
+                "(decimal128 with a precision of 38 or less, float64 or string) or leave it "
+                "out of the manifest"
+            )
+        return pl.Schema(dict(zip(schema.names, types.values(), strict=True)))
 
     def _open_file(self, path: Path) -> tuple[list[str], pl.Schema | None]:
         if not path.exists():

@@ -15,8 +15,10 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pipeline_helpers import run_against
+import pytest
+from pipeline_helpers import key_stats, run_against
 
+from pipeline.errors import ManifestError
 from pipeline.sim import SimServer
 
 
@@ -108,3 +110,28 @@ def test_a_column_of_nulls_keeps_its_type_from_night_to_night(
     fresh = tmp_path / "fresh"
     run_against(sim, night2, fresh)
     assert pq.read_schema(fresh / "manifest.parquet").field("note").type == pa.large_string()
+
+
+def test_a_column_polars_cannot_hold_is_refused_by_name_before_anything_is_sent(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """A BigQuery export's BIGNUMERIC (``decimal256``) in a column carried through: polars
+    read the file's schema and then panicked on its data, a Rust ``PanicException`` (a
+    ``BaseException``: a task's ``except Exception`` missed it) with a backtrace. The
+    manifest is now refused as a ``ManifestError`` naming the column and what to do."""
+    table = pa.table(
+        {
+            "id": pa.array([1, 2], pa.int64()),
+            "prompt": ["a mug", "a jar"],
+            "lifetime value": pa.array([decimal.Decimal("12.30")] * 2, pa.decimal256(76, 38)),
+        }
+    )
+    source = tmp_path / "bq.parquet"
+    pq.write_table(table, source)
+    for manifest in (source, table):
+        with pytest.raises(ManifestError) as refused:
+            run_against(sim, manifest, tmp_path / "out")
+        message = str(refused.value)
+        assert "column 'lifetime value' has type decimal256(76, 38)" in message
+        assert "decimal128" in message and "float64 or string" in message
+    assert key_stats(sim)["submits_accepted"] == 0
