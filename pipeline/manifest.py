@@ -972,6 +972,9 @@ def _text(batch: pl.DataFrame, name: str) -> pl.Expr:
         # checked as an image instead of being looked up as a file named like its base64.
         return pl.concat_str(pl.lit(BINARY_REFERENCE_PREFIX), column.bin.encode("base64"))
     if dtype.is_float():
+        # NaN is how pandas (and a Parquet file written from it) says "missing" in a float
+        # column: an id of NaN was the key "NaN", shared by every row that had none.
+        column = column.fill_nan(None)
         whole = column.is_finite() & (column == column.floor()) & (column.abs() < 2**53)
         return (
             pl.when(whole)
@@ -987,7 +990,8 @@ def _number(batch: pl.DataFrame, name: str, low: int, high: int) -> tuple[pl.Exp
         return pl.lit(None, dtype=pl.Int64), pl.lit(False)
     column = pl.col(name)
     if batch.schema[name].is_numeric():
-        value = column.cast(pl.Float64)
+        # A float column's NaN is pandas' "missing": the default, as a null is.
+        value = column.cast(pl.Float64).fill_nan(None)
         given = value.is_not_null()
     else:
         text = column.cast(pl.String).str.strip_chars()

@@ -135,3 +135,28 @@ def test_a_column_polars_cannot_hold_is_refused_by_name_before_anything_is_sent(
         assert "column 'lifetime value' has type decimal256(76, 38)" in message
         assert "decimal128" in message and "float64 or string" in message
     assert key_stats(sim)["submits_accepted"] == 0
+
+
+def test_a_pandas_nan_is_a_missing_value_not_a_value(sim: SimServer, tmp_path: Path) -> None:
+    """pandas writes a missing number as NaN in a float column (an int id or seed column
+    with a gap becomes float64). A NaN id was the key ``NaN``, shared by every row without
+    an id; a NaN seed rejected its row ("'NaN' is not allowed"). Both are missing now: the
+    row is keyed by its request, and takes the default seed, as a null would."""
+    table = pa.table(
+        {
+            "id": pa.array([1.0, float("nan"), 3.0, float("nan")], pa.float64()),
+            "prompt": ["a mug", "a cup", "a pot", "a pan"],
+            "seed": pa.array([5.0, float("nan"), 7.0, 8.0], pa.float64()),
+        }
+    )
+    source = tmp_path / "from_pandas.parquet"
+    pq.write_table(table, source)
+
+    summary = run_against(sim, source, tmp_path / "out")
+
+    assert summary.counts["succeeded"] == 4
+    result = pl.read_parquet(tmp_path / "out" / "manifest.parquet").sort("row")
+    keys = result["key"].to_list()
+    assert keys[0] == "1" and keys[2] == "3"
+    assert "NaN" not in keys and len(set(keys)) == 4
+    assert result["seed"].to_list()[0] == 5 and result["seed"].null_count() == 0
