@@ -17,7 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pipeline.contract import RowStatus
-    from pipeline.errors import ConfigError, KleinError, ManifestError, ReferenceError
+    from pipeline.errors import (
+        ApiUnreachable,
+        ConfigError,
+        KeyRefusedError,
+        KleinError,
+        ManifestError,
+        ReferenceError,
+        StorageError,
+    )
     from pipeline.manifest import Defaults
     from pipeline.run import RunOptions, arun_manifest, run_manifest
     from pipeline.spec import RunSpec
@@ -25,9 +33,11 @@ if TYPE_CHECKING:
 
 #: Each public name and the submodule that defines it.
 _PUBLIC: dict[str, str] = {
+    "ApiUnreachable": "pipeline.errors",
     "ConfigError": "pipeline.errors",
     "Defaults": "pipeline.manifest",
     "ExitCode": "pipeline.summary",
+    "KeyRefusedError": "pipeline.errors",
     "KleinError": "pipeline.errors",
     "ManifestError": "pipeline.errors",
     "ProgressSnapshot": "pipeline.summary",
@@ -36,14 +46,17 @@ _PUBLIC: dict[str, str] = {
     "RunOptions": "pipeline.run",
     "RunSpec": "pipeline.spec",
     "RunSummary": "pipeline.summary",
+    "StorageError": "pipeline.errors",
     "arun_manifest": "pipeline.run",
     "run_manifest": "pipeline.run",
 }
 
 __all__ = [
+    "ApiUnreachable",
     "ConfigError",
     "Defaults",
     "ExitCode",
+    "KeyRefusedError",
     "KleinError",
     "ManifestError",
     "ProgressSnapshot",
@@ -52,6 +65,7 @@ __all__ = [
     "RunOptions",
     "RunSpec",
     "RunSummary",
+    "StorageError",
     "arun_manifest",
     "run_manifest",
 ]

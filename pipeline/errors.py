@@ -7,20 +7,37 @@ KleinError                 anything klein-batch reports to a person (no tracebac
 ├── ReferenceError         one reference image is unusable (the row is rejected, the run goes on)
 ├── StorageError           the output or the run's journal cannot be written (disk full,
 │                          read-only, permission, S3 failing): the run stops at once
-└── ApiUnreachable         the API has not answered for ``--api-outage-wait`` seconds: the
-                           run stops as cleanly, and the same command resumes it
+├── ApiUnreachable         the API has not answered for ``--api-outage-wait`` seconds: the
+│                          run stops as cleanly, and the same command resumes it
+└── KeyRefusedError        the API refused the key before taking any task
 ```
 
 Row-level problems are not exceptions: they become ``Rejection`` records and the valid rows
 still run. Messages never contain secrets: API keys and webhook secrets are not passed to
 any of these.
+
+A workflow (Airflow, Dagster, Prefect, a notebook) tells them apart by class or by
+``exit_code``, the code ``klein-batch`` exits with for the same error; one raised by a run
+that had started carries its ``summary`` (the figures of ``run.json``, written before the
+error was raised), so a task can report the run's counts without reading the files.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from pipeline.summary import RunSummary
+
 
 class KleinError(Exception):
     """A problem to report to the user as a message, not a traceback."""
+
+    #: What ``klein-batch`` exits with for it (``pipeline.summary.ExitCode``): 2, could not
+    #: start, unless a subclass says otherwise.
+    exit_code: ClassVar[int] = 2
+    #: The figures of the run it stopped, its outputs written; None when none had started.
+    summary: RunSummary | None = None
 
 
 class ConfigError(KleinError):
@@ -38,21 +55,37 @@ class ReferenceError(KleinError):
 class StorageError(KleinError):
     """The output or the run's journal cannot be written (or an S3 call failed for good).
 
-    A run stops at once on it (exit code ``EXIT_STORAGE``): going on would pay for images
-    it cannot keep, or for tasks it cannot journal. Tasks already acknowledged stay in the
-    journal without an outcome, so the rerun polls them instead of paying again.
+    A run stops at once on it (exit code 74): going on would pay for images it cannot
+    keep, or for tasks it cannot journal. Tasks already acknowledged stay in the journal
+    without an outcome, so the rerun polls them instead of paying again.
     """
+
+    exit_code: ClassVar[int] = 74
 
 
 class ApiUnreachable(KleinError):
     """The API (or the host serving its results) has not answered for the run's
-    ``--api-outage-wait``: the run stops (exit code ``EXIT_UNAVAILABLE``) as it does on a
+    ``--api-outage-wait``: the run stops (exit code 69) as it does on a
     ``StorageError``.
 
     Rows waited at the host's gate meanwhile instead of failing; those not sent stay
     pending and tasks in flight stay in the journal, so running the same command again
     polls them instead of paying again.
     """
+
+    exit_code: ClassVar[int] = 69
+
+
+class KeyRefusedError(KleinError):
+    """The API refused the key before accepting any task: the run could not start.
+
+    Raised after the outputs are written (every row ``skipped``, saying why), so a data
+    team's tooling still finds a complete output manifest; ``summary`` is the run's.
+    """
+
+    def __init__(self, message: str, summary: RunSummary) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class Terminated(Exception):

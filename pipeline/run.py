@@ -48,7 +48,14 @@ from pipeline.budget import Budget
 from pipeline.config import MISSING_REFERENCE_CHOICES, WEBHOOK_SECRET_ENV
 from pipeline.contract import DEFAULT_TIER, MERGED_STATUS, TIERS, RowStatus
 from pipeline.engine import Engine, EngineSettings, Job, KeyState
-from pipeline.errors import ApiUnreachable, ConfigError, KleinError, StorageError, Terminated
+from pipeline.errors import (
+    ApiUnreachable,
+    ConfigError,
+    KeyRefusedError,
+    KleinError,
+    StorageError,
+    Terminated,
+)
 from pipeline.html_report import write_html_report
 from pipeline.keys import key_shard
 from pipeline.ledger import Action, Ledger, Planned
@@ -711,6 +718,8 @@ async def _arun(
             try:
                 await asyncio.shield(run.finish(sink, summary, engine, stopped_by))
                 published = True
+                if isinstance(stopped_by, KleinError) and stopped_by.summary is None:
+                    stopped_by.summary = summary  # the caller gets the figures of run.json
             except StorageError as exc:
                 if stopped_by is None:
                     raise
@@ -728,18 +737,6 @@ async def _arun(
             summary,
         )
     return summary
-
-
-class KeyRefusedError(KleinError):
-    """The API refused the key before accepting any task: the run could not start.
-
-    Raised after the outputs are written (every row ``skipped``, saying why), so a data
-    team's tooling still finds a complete output manifest; ``summary`` is the run's.
-    """
-
-    def __init__(self, message: str, summary: RunSummary) -> None:
-        super().__init__(message)
-        self.summary = summary
 
 
 class _Run:

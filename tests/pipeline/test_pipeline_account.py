@@ -20,8 +20,8 @@ from pipeline_helpers import (
     write_catalog,
 )
 
+from pipeline import ExitCode, KeyRefusedError
 from pipeline.contract import cost_credits
-from pipeline.run import KeyRefusedError
 from pipeline.sim import FaultConfig, KeyConfig, SimServer
 
 
@@ -52,7 +52,9 @@ def test_refused_key_says_so_in_one_line_and_exits_2(sim: SimServer, tmp_path: P
 def test_refused_key_from_python_raises_with_the_summary(sim: SimServer, tmp_path: Path) -> None:
     with pytest.raises(KeyRefusedError) as caught:
         run_against(sim, write_catalog(tmp_path / "in", 3), tmp_path / "out", key="wrong")
+    assert caught.value.summary is not None
     assert caught.value.summary.counts["skipped"] == 3
+    assert caught.value.exit_code == ExitCode.CANNOT_START
     assert "wrong" not in str(caught.value)
 
 

@@ -38,6 +38,7 @@ from pipeline.errors import ApiUnreachable
 from pipeline.run import arun_manifest
 from pipeline.sim import KeyConfig, LatencyConfig, SimServer
 from pipeline.status import RunStatus, read_status
+from pipeline.summary import ExitCode
 
 #: Tasks long enough that the run is still going when the API goes away.
 SLOW = LatencyConfig(median_s=0.3, p95_s=0.6)
@@ -178,8 +179,13 @@ def test_an_api_that_stays_away_stops_the_run_with_rows_left_to_do(
     message = str(caught.value)
     assert f"the API at {server.url} has not answered for 2 s" in message
     assert "run the same command again" in message
+    # A workflow tells it apart and reports the run without reading the files.
+    assert caught.value.exit_code == ExitCode.UNAVAILABLE
+    stopped = caught.value.summary
+    assert stopped is not None and stopped.state == "stopped: api unreachable"
     table = pl.read_parquet(out / "manifest.parquet")
     assert table.height == rows
+    assert sum(stopped.counts.values()) == rows
     assert "failed" not in statuses(table)
     left = table.filter(pl.col("status") != "succeeded")
     assert left.height > 0

@@ -23,6 +23,7 @@ from pipeline.ledger import LEDGER_RELPATH, Ledger
 from pipeline.run import arun_manifest
 from pipeline.sim import SimServer
 from pipeline.storage import LocalSink
+from pipeline.summary import ExitCode
 
 
 def _run(sim: SimServer, manifest: Path, out: Path | LocalSink, **options: object):
@@ -54,10 +55,15 @@ def test_an_immutable_images_folder_stops_the_run_and_the_rerun_polls_what_was_p
     images.mkdir(parents=True)
     chattr("+i", images)  # root writes nowhere in it (chmod would not stop root)
     try:
-        with pytest.raises(StorageError, match=r"cannot write .*images.*Operation not permitted"):
+        with pytest.raises(
+            StorageError, match=r"cannot write .*images.*Operation not permitted"
+        ) as caught:
             _run(sim, manifest, out)
     finally:
         chattr("-i", images)
+    assert caught.value.exit_code == ExitCode.STORAGE
+    assert caught.value.summary is not None
+    assert caught.value.summary.state == "stopped: output not writable"
 
     paid = key_stats(sim)["submits_accepted"]
     assert paid > 0
