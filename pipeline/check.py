@@ -25,7 +25,13 @@ import pyarrow as pa
 from pipeline.contract import cost_credits, output_size
 from pipeline.errors import ReferenceError
 from pipeline.library import Library
-from pipeline.manifest import MERGED_COLUMN, Defaults, ManifestReader, validate_batch
+from pipeline.manifest import (
+    MERGED_COLUMN,
+    ArrowStream,
+    Defaults,
+    ManifestReader,
+    validate_batch,
+)
 from pipeline.product_exports import ExportSpec, open_manifest
 from pipeline.references import Reference, ReferenceStore
 from pipeline.rows import ImageRequest, Rejection, Row
@@ -467,7 +473,7 @@ def _reject(report: CheckReport, column: str | None, message: str) -> None:
 
 
 def check_manifest(
-    source: str | Path | pl.DataFrame | pa.Table,
+    source: str | Path | pl.DataFrame | pa.Table | ArrowStream,
     *,
     defaults: Defaults,
     limit: int | None = None,

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 import polars as pl
@@ -367,6 +367,32 @@ def _check_types(schema: pl.Schema, file_name: str) -> None:
             raise ManifestError(f"{file_name}: column {name} has type {dtype}; expected {expected}")
 
 
+class ArrowStream(Protocol):
+    """A table another library made that speaks the Arrow PyCapsule stream interface
+    (pandas 2.2 and later, DuckDB, ...)."""
+
+    def __arrow_c_stream__(self, requested_schema: object | None = None) -> object: ...
+
+
+def _foreign_table(source: object) -> pa.Table | None:
+    """Another library's table as Arrow: a pandas DataFrame, or anything with the Arrow
+    PyCapsule stream interface (a DuckDB relation, ...); None for anything else.
+
+    pandas converts without its index: a named or custom index would otherwise come back
+    as an input column ``__index_level_0__`` (``pa.table`` keeps it).
+    """
+    kind = type(source)
+    try:
+        if kind.__module__.split(".")[0] == "pandas" and kind.__name__ == "DataFrame":
+            return pa.Table.from_pandas(source, preserve_index=False)
+        if hasattr(source, "__arrow_c_stream__"):
+            return pa.table(source)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as exc:
+        # pyarrow names the column ("Conversion failed for column sku with type object").
+        raise ManifestError(f"<dataframe>: cannot be read as a table: {exc}") from None
+    return None
+
+
 def _wide_decimal(dtype: pa.DataType) -> bool:
     """Whether ``dtype`` is, or holds, a ``decimal256`` (polars holds 128-bit decimals)."""
     if pa.types.is_decimal256(dtype):
@@ -521,7 +547,7 @@ class ManifestReader:
 
     def __init__(
         self,
-        source: str | Path | pl.DataFrame | pa.Table,
+        source: str | Path | pl.DataFrame | pa.Table | ArrowStream,
         *,
         batch_size: int = 10_000,
         limit: int | None = None,
@@ -563,6 +589,11 @@ class ManifestReader:
             self._table = source
             found = list(source.column_names)
             schema = self._polars_schema(source.schema)
+        elif (table := _foreign_table(source)) is not None:
+            self.name, self.base_dir = "<dataframe>", None
+            self._table = table
+            found = list(table.column_names)
+            schema = self._polars_schema(table.schema)
         elif isinstance(source, str) and source[:5].lower() == "s3://":
             from pipeline.s3 import delete_when_collected, fetch_manifest
 
@@ -582,8 +613,9 @@ class ManifestReader:
             found, schema = self._open_file(path)
         else:
             raise ConfigError(
-                f"a manifest must be a file path, a polars DataFrame or a pyarrow Table, "
-                f"not {type(source).__name__}"
+                f"a manifest must be a file path, a polars DataFrame, a pyarrow Table, a "
+                f"pandas DataFrame or a table with the Arrow stream interface, not "
+                f"{type(source).__name__}"
             )
         if name is not None:
             self.name = name

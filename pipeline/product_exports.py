@@ -49,6 +49,7 @@ from pipeline.export_spec import ExportMapping, ExportSpec
 from pipeline.manifest import (
     ERROR_COLUMN,
     MERGED_COLUMN,
+    ArrowStream,
     ManifestReader,
     _LineFinder,
     is_derived,
@@ -114,7 +115,7 @@ _SLUG_UNSAFE = re.compile(r"[^a-z0-9]+")
 
 
 def open_manifest(
-    source: str | Path | pl.DataFrame | pa.Table,
+    source: str | Path | pl.DataFrame | pa.Table | ArrowStream,
     *,
     export: ExportSpec | None = None,
     reference_column: str | None = None,
@@ -152,7 +153,7 @@ def open_manifest(
 
 
 def read_export(
-    source: str | Path | pl.DataFrame | pa.Table,
+    source: str | Path | pl.DataFrame | pa.Table | ArrowStream,
     export: ExportSpec,
     *,
     reference_column: str | None = None,

@@ -63,6 +63,7 @@ from pipeline.library import Library
 from pipeline.limits import resolve_tier
 from pipeline.manifest import (
     MERGED_COLUMN,
+    ArrowStream,
     Defaults,
     ManifestReader,
     lines_to_validate,
@@ -93,7 +94,8 @@ log = logging.getLogger(__name__)
 #: that could end up in shell history, logs or Prefect run parameters.
 KEY_ENV = API_KEY_ENV
 
-ManifestSource = str | Path | pl.DataFrame | pa.Table
+#: What a run reads: a file (local or ``s3://``), or a table in memory.
+ManifestSource = str | Path | pl.DataFrame | pa.Table | ArrowStream
 
 log = logging.getLogger(__name__)
 

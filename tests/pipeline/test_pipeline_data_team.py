@@ -12,6 +12,7 @@ import datetime as dt
 import decimal
 from pathlib import Path
 
+import pandas as pd
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -160,3 +161,33 @@ def test_a_pandas_nan_is_a_missing_value_not_a_value(sim: SimServer, tmp_path: P
     assert keys[0] == "1" and keys[2] == "3"
     assert "NaN" not in keys and len(set(keys)) == 4
     assert result["seed"].to_list()[0] == 5 and result["seed"].null_count() == 0
+
+
+def test_a_pandas_frame_runs_as_it_is(sim: SimServer, tmp_path: Path) -> None:
+    """A data team's pandas DataFrame is a manifest as a polars one is: an int id with a gap
+    (float64 with NaN, as pandas stores it), a named index that is not a column, a zoned
+    timestamp and a category come back without an ``__index_level_0__`` column."""
+    frame = pd.DataFrame(
+        {
+            "id": [1, None, 3],
+            "prompt": ["a mug", "a cup", "a pot"],
+            "updated": pd.to_datetime(["2026-01-02"] * 3).tz_localize("Europe/Paris"),
+            "aisle": pd.Categorical(["kitchen", "kitchen", "garden"]),
+        }
+    ).set_index(pd.Index(["x", "y", "z"], name="sku"))
+
+    summary = run_against(sim, frame, tmp_path / "out")
+
+    assert summary.counts["succeeded"] == 3
+    result = pq.read_table(tmp_path / "out" / "manifest.parquet")
+    assert "__index_level_0__" not in result.column_names and "sku" not in result.column_names
+    assert result.column("key").to_pylist()[0::2] == ["1", "3"]
+    assert result.schema.field("updated").type == pa.timestamp("us", tz="Europe/Paris")
+    assert result.column("aisle").to_pylist() == ["kitchen", "kitchen", "garden"]
+
+
+def test_a_pandas_column_arrow_cannot_read_is_named(sim: SimServer, tmp_path: Path) -> None:
+    frame = pd.DataFrame({"prompt": ["a mug", "a cup"], "weight": [1.5, "heavy"]})
+    with pytest.raises(ManifestError, match=r"<dataframe>: cannot be read as a table: .*weight"):
+        run_against(sim, frame, tmp_path / "out")
+    assert key_stats(sim)["submits_accepted"] == 0
