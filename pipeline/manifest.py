@@ -635,6 +635,11 @@ class ManifestReader:
             roles=self.roles,
             derived_ok=self._frame is not None and name is not None,
         )
+        # A known column the input spells its own way (``Aspect Ratio``) is named in
+        # messages as the input spells it: "column aspect_ratio" was a column not in the file.
+        for raw, used in zip(self._columns.source, self._columns.names, strict=True):
+            if used in KNOWN_COLUMNS and raw.strip() != used:
+                self.shown_as.setdefault(used, raw.strip())
         #: Whether rows are keyed by an id (a column, or a role such as a Shopify Handle);
         #: without one a row's key is its request (``keys.request_key``).
         self.keyed = "id" in self._columns.names or "id" in self.roles
@@ -1022,8 +1027,9 @@ def _number(batch: pl.DataFrame, name: str, low: int, high: int) -> tuple[pl.Exp
         return pl.lit(None, dtype=pl.Int64), pl.lit(False)
     column = pl.col(name)
     if batch.schema[name].is_numeric():
-        # A float column's NaN is pandas' "missing": the default, as a null is.
-        value = column.cast(pl.Float64).fill_nan(None)
+        # NaN stays a value, and is refused: missing in pandas, but in a seed more often a
+        # computation gone wrong (0/0) than a seed left out, which an empty cell says.
+        value = column.cast(pl.Float64)
         given = value.is_not_null()
     else:
         text = column.cast(pl.String).str.strip_chars()
@@ -1277,11 +1283,9 @@ def _reject(
             value = f"<{len(value)} bytes>"
         elif isinstance(value, float) and math.isnan(value):
             value = "NaN"
-        column = names.get(column, column)
-        reason = (
-            f"{where}, column {column}: {_show(value)} is not allowed; expected "
-            f"{_expected(column, defaults)}"
-        )
+        expected = _expected(column, defaults)
+        column = names.get(column, column)  # as the input spells it
+        reason = f"{where}, column {column}: {_show(value)} is not allowed; expected {expected}"
     return Rejection(index=index, reason=reason, column=column, key=key, prompt=prompt)
 
 

@@ -351,7 +351,8 @@ def test_known_columns_however_spelled_and_size_columns_named(tmp_path: Path) ->
     )
     assert rows[1].request.aspect_ratio == "social_post_4_5"
     [bad] = rejections  # no preset is 16:10: the message says what is allowed
-    assert "row 3, column aspect_ratio: '16x10' is not allowed" in bad.reason
+    # Named as the sheet spells it: "column aspect_ratio" named a column not in the file.
+    assert "row 3, column Aspect Ratio: '16x10' is not allowed" in bad.reason
     assert "or its ratio (16:9)" in bad.reason
     assert reader.extra_columns == ["Width", "Height"]
     [notice] = reader.notices

@@ -333,15 +333,12 @@ def test_typed_seed_columns_never_raise_and_follow_the_range(
     assert len(accepted) + len(rejections) == n
     for index in range(n):
         seed, safety = float_seeds[index], int_safety[index]
-        # NaN in a float column is pandas' missing value: the default, as None.
-        seed_ok = (
-            seed is None
-            or math.isnan(seed)
-            or (math.isfinite(seed) and seed == math.floor(seed) and 0 <= seed <= SEED_MAX)
+        seed_ok = seed is None or (
+            math.isfinite(seed) and seed == math.floor(seed) and 0 <= seed <= SEED_MAX
         )
         safety_ok = safety is None or 0 <= safety <= 5
         assert (index in accepted) == (seed_ok and safety_ok), (seed, safety)
-        if index in accepted and seed is not None and not math.isnan(seed):
+        if index in accepted and seed is not None:
             assert accepted[index].request.seed == int(seed)
     for rejection in rejections:
         assert rejection.column in ("seed", "safety_tolerance")

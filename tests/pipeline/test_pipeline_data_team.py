@@ -138,16 +138,19 @@ def test_a_column_polars_cannot_hold_is_refused_by_name_before_anything_is_sent(
     assert key_stats(sim)["submits_accepted"] == 0
 
 
-def test_a_pandas_nan_is_a_missing_value_not_a_value(sim: SimServer, tmp_path: Path) -> None:
-    """pandas writes a missing number as NaN in a float column (an int id or seed column
-    with a gap becomes float64). A NaN id was the key ``NaN``, shared by every row without
-    an id; a NaN seed rejected its row ("'NaN' is not allowed"). Both are missing now: the
-    row is keyed by its request, and takes the default seed, as a null would."""
+def test_a_pandas_nan_id_is_a_missing_id_and_a_nan_seed_is_refused(
+    sim: SimServer, tmp_path: Path
+) -> None:
+    """pandas writes a missing number as NaN in a float column (an int column with a gap
+    becomes float64). A NaN id was the key ``NaN``: the second row without an id was then
+    rejected as a repeat of the first. It is a missing id now, as an empty cell is (the
+    row keyed by its request). A NaN seed stays refused, naming the cell: in a seed it is
+    as often 0/0 as a gap."""
     table = pa.table(
         {
             "id": pa.array([1.0, float("nan"), 3.0, float("nan")], pa.float64()),
             "prompt": ["a mug", "a cup", "a pot", "a pan"],
-            "seed": pa.array([5.0, float("nan"), 7.0, 8.0], pa.float64()),
+            "seed": pa.array([5.0, 6.0, float("nan"), 8.0], pa.float64()),
         }
     )
     source = tmp_path / "from_pandas.parquet"
@@ -155,12 +158,13 @@ def test_a_pandas_nan_is_a_missing_value_not_a_value(sim: SimServer, tmp_path: P
 
     summary = run_against(sim, source, tmp_path / "out")
 
-    assert summary.counts["succeeded"] == 4
+    assert summary.counts["succeeded"] == 3 and summary.counts["rejected"] == 1
     result = pl.read_parquet(tmp_path / "out" / "manifest.parquet").sort("row")
     keys = result["key"].to_list()
     assert keys[0] == "1" and keys[2] == "3"
     assert "NaN" not in keys and len(set(keys)) == 4
-    assert result["seed"].to_list()[0] == 5 and result["seed"].null_count() == 0
+    (reason,) = result.filter(pl.col("status") == "rejected")["reason"].to_list()
+    assert reason.startswith("from_pandas.parquet row 3, column seed: 'NaN' is not allowed")
 
 
 def test_a_pandas_frame_runs_as_it_is(sim: SimServer, tmp_path: Path) -> None:
