@@ -110,3 +110,19 @@ class ImageHost:
     def __exit__(self, *exc: object) -> None:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+
+def three_products(path: Path, extra: dict[str, list[str | None]] | None = None) -> Path:
+    """A Shopify export: a one-variant mug, a three-variant tee, a one-variant cap, with
+    ``extra`` columns (a line each)."""
+    pl.DataFrame(
+        {
+            "Handle": ["mug", "tee", "tee", "tee", "cap"],
+            "Title": ["Mug", "Tee", None, None, "Cap"],
+            "Option1 Name": ["Title", "Size", None, None, "Title"],
+            "Option1 Value": ["Default Title", "S", "M", "L", "Default Title"],
+            "Variant SKU": ["MUG", "TEE-S", "TEE-M", "TEE-L", "CAP"],
+            **(extra or {}),
+        }
+    ).write_csv(path)
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from catalog_helpers import accepted, klein, output, run
+from catalog_helpers import accepted, klein, output, run, three_products
 
 from pipeline.check import check_manifest
 from pipeline.contract import KLEIN_MODEL
@@ -407,20 +407,6 @@ def test_every_export_cell_comes_back_as_the_shop_wrote_it(
         assert made["prompt"][0].startswith("V-Neck T-Shirt - Red, Red: Pellentesque")
 
 
-def _three_products(path: Path) -> Path:
-    """A Shopify export: a one-variant mug, a three-variant tee, a one-variant cap."""
-    pl.DataFrame(
-        {
-            "Handle": ["mug", "tee", "tee", "tee", "cap"],
-            "Title": ["Mug", "Tee", None, None, "Cap"],
-            "Option1 Name": ["Title", "Size", None, None, "Title"],
-            "Option1 Value": ["Default Title", "S", "M", "L", "Default Title"],
-            "Variant SKU": ["MUG", "TEE-S", "TEE-M", "TEE-L", "CAP"],
-        }
-    ).write_csv(path)
-    return path
-
-
 @pytest.mark.parametrize(("vary", "batch"), [([], 2000), (["style=studio,loft"], 2000), ([], 3)])
 def test_a_budget_keeps_a_products_variants_together_and_in_file_order(
     tmp_path: Path, sim: SimServer, vary: list[str], batch: int
@@ -430,7 +416,7 @@ def test_a_budget_keeps_a_products_variants_together_and_in_file_order(
     an earlier one (the tee) did not: holes a rerun's "next whole product" does not fill
     in order. Now a product is all its variants or none, and the budget stops at the
     first product that does not fit."""
-    shop = _three_products(tmp_path / "shop.csv")
+    shop = three_products(tmp_path / "shop.csv")
     out = tmp_path / "out"
     per_line = max(1, 2 * len(vary))
     kwargs = {"catalog": "shopify", "per": "variant", "prompt_template": "{Title}", "vary": vary}

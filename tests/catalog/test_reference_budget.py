@@ -13,7 +13,7 @@ import io
 from pathlib import Path
 
 import polars as pl
-from catalog_helpers import charged, output, run
+from catalog_helpers import charged, output, run, three_products
 from PIL import Image
 
 from pipeline.budget import Budget
@@ -99,17 +99,8 @@ def test_a_product_whose_variants_have_their_own_images_is_held_whole(
     the tee's last variants found no room. Whole products in file order, both times."""
     for size, colour in (("S", (200, 30, 30)), ("M", (30, 200, 30)), ("L", (30, 30, 200))):
         Image.new("RGB", (2000, 2000), colour).save(tmp_path / f"tee-{size}.png")
-    shop = tmp_path / "shop.csv"
-    pl.DataFrame(
-        {
-            "Handle": ["mug", "tee", "tee", "tee", "cap"],
-            "Title": ["Mug", "Tee", None, None, "Cap"],
-            "Option1 Name": ["Title", "Size", None, None, "Title"],
-            "Option1 Value": ["Default Title", "S", "M", "L", "Default Title"],
-            "Variant SKU": ["MUG", "TEE-S", "TEE-M", "TEE-L", "CAP"],
-            "Variant Image": [None, "tee-S.png", "tee-M.png", "tee-L.png", None],
-        }
-    ).write_csv(shop)
+    images = [None, "tee-S.png", "tee-M.png", "tee-L.png", None]
+    shop = three_products(tmp_path / "shop.csv", {"Variant Image": images})
     plain = SimConfig().price(KLEIN_MODEL).credits(1024, 1024)
     whole = plain + 3 * EACH  # the mug and the whole tee
     # Room for the mug and the tee, not for the cap too; but the mug, the tee priced

@@ -213,3 +213,48 @@ def wait_for(predicate: Any, timeout_s: float = 60.0, what: str = "condition") -
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def capped_run(manifest: Path, out: Path, url: str, cap: float) -> list[str]:
+    """``klein-batch run`` on 12 slots under ``--max-credits cap``, progress off."""
+    return [
+        *(KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url),
+        *("--max-active", "12", "--progress", "off", "--max-credits", f"{cap:g}"),
+    ]
+
+
+def ctrl_c_when(
+    command: Sequence[str], ready: Any, what: str, before: Any = None
+) -> tuple[int, str]:
+    """Run ``command`` on the simulator's key, press Ctrl-C once ``ready()`` holds (after
+    ``before()``, if given, checked the moment before), and return its exit code and
+    stderr; it is killed should it not end within a minute."""
+    proc = subprocess.Popen(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
+    )
+    try:
+        wait_for(ready, what=what)
+        if before is not None:
+            before()
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, stderr
+
+
+def run_cli(command: Sequence[str]) -> subprocess.CompletedProcess[str]:
+    """Run ``command`` on the simulator's key to its end (three minutes at most)."""
+    return subprocess.run(
+        list(command),
+        capture_output=True,
+        text=True,
+        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
+        timeout=180,
+    )

@@ -10,15 +10,13 @@ of 100). The simulator's ``credits_charged`` is the truth these tests hold the r
 from __future__ import annotations
 
 import io
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
 from PIL import Image
-from pipeline_helpers import KLEIN_BATCH, SIM_KEY, SimProcess, cli_env, wait_for, write_catalog
+from pipeline_helpers import SimProcess, capped_run, ctrl_c_when, run_cli, write_catalog
 from test_pipeline_resume import in_flight
 
 from pipeline.contract import KLEIN_MODEL
@@ -53,13 +51,6 @@ def catalog_with_reference(folder: Path) -> Path:
     return write_catalog(folder, ROWS, extra={"input_image": ["ref.png"] * ROWS})
 
 
-def command(manifest: Path, out: Path, url: str) -> list[str]:
-    return [
-        *(KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url),
-        *("--max-active", "12", "--progress", "off", "--max-credits", f"{CAP:g}"),
-    ]
-
-
 @pytest.mark.slow
 def test_tasks_collected_after_ctrl_c_cost_their_reference_and_the_budget_holds(
     sim_process: SimProcess, tmp_path: Path
@@ -68,32 +59,13 @@ def test_tasks_collected_after_ctrl_c_cost_their_reference_and_the_budget_holds(
     manifest = catalog_with_reference(tmp_path / "in")
     out = tmp_path / "out"
     ledger = out / ".klein" / "ledger.sqlite"
-    first = subprocess.Popen(
-        command(manifest, out, sim_process.url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-    )
-    try:
-        wait_for(lambda: in_flight(ledger) >= 5, what="acknowledged tasks in flight")
-        first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 130
+    command = capped_run(manifest, out, sim_process.url, CAP)
+    code, _ = ctrl_c_when(command, lambda: in_flight(ledger) >= 5, "acknowledged tasks in flight")
+    assert code == 130
     left_in_flight = in_flight(ledger)
     assert left_in_flight >= 5  # the rerun collects these: the case under test
 
-    rerun = subprocess.run(
-        command(manifest, out, sim_process.url),
-        capture_output=True,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-        timeout=180,
-    )
+    rerun = run_cli(command)
     assert "Traceback" not in rerun.stderr
     time.sleep(0.2)  # let the simulator settle its counters
     charged = round(float(sim_process.stats()["credits_charged"]), 2)

@@ -9,14 +9,12 @@ a Ctrl-C always finds submits in the air.
 
 from __future__ import annotations
 
-import signal
-import subprocess
 import time
 from pathlib import Path
 
 import polars as pl
 import pytest
-from pipeline_helpers import KLEIN_BATCH, SIM_KEY, SimProcess, cli_env, wait_for, write_catalog
+from pipeline_helpers import SimProcess, capped_run, ctrl_c_when, run_cli, write_catalog
 from test_pipeline_resume import acked
 
 from pipeline.contract import KLEIN_MODEL
@@ -41,13 +39,6 @@ max_active = 12
 """
 
 
-def command(manifest: Path, out: Path, url: str) -> list[str]:
-    return [
-        *(KLEIN_BATCH, "run", str(manifest), "--out", str(out), "--api-url", url),
-        *("--max-active", "12", "--progress", "off", "--max-credits", f"{CAP:g}"),
-    ]
-
-
 @pytest.mark.slow
 def test_ctrl_c_with_submits_in_the_air_journals_their_tasks_and_the_rerun_pays_once(
     sim_process: SimProcess, tmp_path: Path
@@ -55,40 +46,26 @@ def test_ctrl_c_with_submits_in_the_air_journals_their_tasks_and_the_rerun_pays_
     manifest = write_catalog(tmp_path / "in", ROWS)
     out = tmp_path / "out"
     ledger = out / ".klein" / "ledger.sqlite"
-    first = subprocess.Popen(
-        command(manifest, out, sim_process.url),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-    )
-    try:
-        # Charged by the API, not yet answered: the first answer leaves 1.5 s after.
-        wait_for(
-            lambda: sim_process.stats()["submits_accepted"] >= 4,
-            what="submits taken by the simulator",
-        )
+    command = capped_run(manifest, out, sim_process.url, CAP)
+
+    def not_yet_answered() -> None:
         assert len(acked(ledger)) < sim_process.stats()["submits_accepted"]
-        first.send_signal(signal.SIGINT)
-        _, stderr = first.communicate(timeout=60)
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
-    assert first.returncode == 130, stderr
+
+    # Charged by the API, not yet answered: the first answer leaves 1.5 s after.
+    code, stderr = ctrl_c_when(
+        command,
+        lambda: sim_process.stats()["submits_accepted"] >= 4,
+        "submits taken by the simulator",
+        before=not_yet_answered,
+    )
+    assert code == 130, stderr
     assert "Traceback" not in stderr
     assert "stopping: waiting up to 10 s for the answers to" in stderr  # why it is not at once
     # Every task the API charged is in the journal, to be polled, not paid again.
     sent = sim_process.stats()["submits_accepted"]
     assert len(acked(ledger)) == sent >= 4
 
-    rerun = subprocess.run(
-        command(manifest, out, sim_process.url),
-        capture_output=True,
-        text=True,
-        env=cli_env(FREEPIK_API_KEY=SIM_KEY),
-        timeout=180,
-    )
+    rerun = run_cli(command)
     assert "Traceback" not in rerun.stderr
     time.sleep(0.2)  # let the simulator settle its counters
     stats = sim_process.stats()
