@@ -1014,23 +1014,27 @@ class Ledger:
             "SELECT ack_cost, request FROM tasks WHERE status IS NULL AND task_id IS NOT NULL"
         ):
             total += ack_cost if ack_cost is not None else _published_price(request_json)
-        return round(total + self.unanswered_credits(), 6)
+        return round(total + self._unanswered()[1], 6)
 
     def unanswered_credits(self) -> float:
         """The part of ``destination_credits`` for submits whose answer never came: perhaps
         charged, perhaps not (the API does not say which task was whose)."""
-        total = 0.0
+        return round(self._unanswered()[0], 6)
+
+    def _unanswered(self) -> tuple[float, float]:
+        """Credits for unanswered submits: all of them, and those no outcome's ``credits``
+        holds already (an ``_AmbiguousSubmit`` row records its own, without a task)."""
+        every = uncounted = 0.0
         for lost, pending, counted, price, request_json in self._conn.execute(
             "SELECT lost_acks, intent_pending, "
             "status IS NOT NULL AND task_id IS NULL AND COALESCE(credits, 0) > 0, "
             "COALESCE(intent_cost, ack_cost), request FROM tasks "
             "WHERE lost_acks > 0 OR intent_pending > 0"
         ):
-            unanswered = int(lost) + (0 if counted else int(pending))
-            if unanswered:
-                each = price if price is not None else _published_price(request_json)
-                total += unanswered * float(each)
-        return round(total, 6)
+            each = float(price) if price is not None else _published_price(request_json)
+            every += (int(lost) + int(pending)) * each
+            uncounted += (int(lost) + (0 if counted else int(pending))) * each
+        return every, uncounted
 
     def run_info(self) -> dict[str, Any]:
         """The current run's recorded options and milestones, with ``run_id``/``started_at``."""

@@ -56,6 +56,8 @@ class RunStatus:
     elapsed_s: float = 0.0
     credits_run: float = 0.0
     credits_output: float = 0.0
+    #: The part of ``credits_output`` for submits whose answer never came (perhaps charged).
+    credits_unanswered: float = 0.0
     max_credits: float | None = None
     last_activity_s: float | None = None
     note: str | None = None
@@ -96,7 +98,13 @@ class RunStatus:
         lines.append(rate)
         credits = (
             f"  credits   {self.credits_run:,.2f} this run · {self.credits_output:,.2f} "
-            "in this output (spent and in flight)"
+            "in this output (spent and in flight"
+            + (
+                f"; {self.credits_unanswered:,.2f} of it for submits whose answer never "
+                "came: perhaps charged)"
+                if self.credits_unanswered > 0
+                else ")"
+            )
         )
         if self.max_credits is not None:
             credits += f" · budget {self.max_credits:,.2f}"
@@ -247,6 +255,7 @@ def flow_status(
         elapsed_s=elapsed,
         credits_run=round(sum(shard.credits_run for shard in shards), 2),
         credits_output=round(sum(shard.credits_output for shard in shards), 2),
+        credits_unanswered=round(sum(shard.credits_unanswered for shard in shards), 2),
         last_activity_s=min(
             (s.last_activity_s for s in shards if s.last_activity_s is not None), default=None
         ),
@@ -278,6 +287,7 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         images = len(ledger.finish_times(RowStatus.SUCCEEDED))
         credits_run = ledger.credits()
         credits_output = ledger.destination_credits()
+        credits_unanswered = ledger.unanswered_credits()
     started = float(info.get("started_at") or now)
     ended = info.get("ended_at")
     alive = _alive(info.get("pid"), info.get("host"))
@@ -348,6 +358,7 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         elapsed_s=elapsed,
         credits_run=round(credits_run, 2),
         credits_output=round(credits_output, 2),
+        credits_unanswered=round(credits_unanswered, 2),
         max_credits=info.get("max_credits"),
         last_activity_s=max(0.0, now - last) if state != "finished" else None,
         note=note,

@@ -14,6 +14,7 @@ from catalog_helpers import accepted, charged, clean_env, fast_sim, output, run
 from pipeline.contract import KLEIN_MODEL
 from pipeline.report import format_summary
 from pipeline.sim import EndpointFaults, FaultConfig, SimConfig, SimServer
+from pipeline.status import read_status
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 #: What the simulator (default prices) charges for one square 1k image.
@@ -223,6 +224,10 @@ def test_a_budget_full_of_reservations_fails_a_row_whose_answer_was_lost(
     assert lost and all("--max-credits leaves no room to send the row again" in r for r in lost)
     made = summary.counts["succeeded"]
     assert made + len(lost) == sent  # each lost answer counted at its price, never sent again
+    # klein-batch status says it too.
+    status = read_status(tmp_path / "out")
+    assert status.credits_unanswered == round(len(lost) * EACH, 2)
+    assert f"{len(lost) * EACH:.2f} of it for submits whose answer never came" in status.render()
     stopped = rows.filter(pl.col("status") == "skipped")["reason"].to_list()
     assert stopped
     for reason in stopped:

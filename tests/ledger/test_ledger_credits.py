@@ -73,6 +73,7 @@ def test_an_outcome_that_recorded_its_unanswered_submit_is_not_counted_twice(
     # "submit failed after 3 attempts" records no cost; its last send is still open.
     _end(ledger, timed_out, RowStatus.FAILED, reason="submit failed after 3 attempts")
     assert ledger.destination_credits() == pytest.approx(2 * PRICE)
+    assert ledger.unanswered_credits() == pytest.approx(2 * PRICE)  # both perhaps charged
 
 
 def test_a_journal_without_intent_prices_counts_the_published_price(
