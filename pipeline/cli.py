@@ -39,7 +39,7 @@ from pipeline.config import (
 from pipeline.contract import (
     Tier,
 )
-from pipeline.errors import ApiUnreachable, ConfigError, KleinError, StorageError, Terminated
+from pipeline.errors import ConfigError, KleinError, Terminated
 from pipeline.progress import MODES, format_duration
 from pipeline.spec import RunSpec, cli_options
 from pipeline.summary import ExitCode
@@ -241,12 +241,8 @@ def reported() -> Iterator[None]:
         yield
     except typer.Exit:
         raise
-    except StorageError as exc:
-        _fail(str(exc), EXIT_STORAGE)
-    except ApiUnreachable as exc:
-        _fail(str(exc), EXIT_UNAVAILABLE)
     except KleinError as exc:
-        _fail(str(exc))
+        _fail(str(exc), exc.exit_code)  # 74 storage, 69 API away, else 2
     except Exception:
         text = "".join(traceback.format_exception(*sys.exc_info()))
         sys.stderr.write(_redact(text))

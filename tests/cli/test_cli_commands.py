@@ -353,3 +353,21 @@ def test_internal_errors_keep_a_traceback_without_the_key(
     assert "RuntimeError: bug while holding ***" in err
     assert "internal error (a bug, not your input)" in err
     assert secret not in out + err
+
+
+def test_each_error_says_the_exit_code_the_cli_ends_with() -> None:
+    """``exit_code`` is what ``klein-batch`` exits with for an error: the one table a
+    workflow calling the Python API and a shell calling the CLI both read."""
+    from pipeline import (
+        ApiUnreachable,
+        ConfigError,
+        ExitCode,
+        KeyRefusedError,
+        ManifestError,
+        StorageError,
+    )
+
+    assert StorageError.exit_code == ExitCode.STORAGE == 74
+    assert ApiUnreachable.exit_code == ExitCode.UNAVAILABLE == 69
+    for error in (ConfigError, ManifestError, KeyRefusedError):
+        assert error.exit_code == ExitCode.CANNOT_START == 2
