@@ -879,6 +879,26 @@ def _fixed_caps(pool: CreditPool, shards: list[ShardSpec]) -> None:
         pool.grant(shard.index)
 
 
+#: How long a cancelled night (Ctrl-C on ``klein-batch flow``, a cancelled flow run) waits
+#: for its shards to stop: each waits for the answers to its submits in the air (up to
+#: ``pipeline.engine.SETTLE_SUBMITS_S``) and writes its outputs.
+SHARDS_STOP_S = 30.0
+
+
+async def _stop_shards(running: list[asyncio.Future[Any]]) -> None:
+    """Cancel the shards still running and wait for them to stop (``SHARDS_STOP_S``).
+
+    Left to ``asyncio.run``'s clean-up, every task of the loop was cancelled at once, the
+    engine's submits on the wire among them: tasks the API had charged were never
+    journaled, and the rerun paid for their rows again. Cancelled from here, each shard's
+    engine stops as a Ctrl-C'd ``klein-batch run`` does, its submits answered first.
+    """
+    for future in running:
+        future.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await asyncio.wait(running, timeout=SHARDS_STOP_S)
+
+
 async def _run_shards(
     shards: list[ShardSpec],
     make_job: Any,
@@ -914,8 +934,13 @@ async def _run_shards(
 
     results: dict[int, dict[str, Any]] = {}
     failed: list[int] = []
-    for done, next_done in enumerate(asyncio.as_completed([one(s) for s in shards]), start=1):
-        shard, outcome = await next_done
+    running = [asyncio.ensure_future(one(s)) for s in shards]
+    for done, next_done in enumerate(asyncio.as_completed(running), start=1):
+        try:
+            shard, outcome = await next_done
+        except asyncio.CancelledError:
+            await _stop_shards(running)
+            raise
         if isinstance(outcome, BaseException):
             failed.append(shard.index)
             logger.error("shard %d failed: %s", shard.index, outcome)

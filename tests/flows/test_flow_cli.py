@@ -191,3 +191,73 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     assert finished.returncode == 0, finished.stdout + finished.stderr
     assert finished.stdout.startswith(f"{out}: finished · run catalog flow, 4 of 4 shards")
     assert "progress  60/60 (100.0%)" in finished.stdout
+
+
+def _journal_submits(out: Path) -> tuple[int, int]:
+    """(acknowledged tasks, submits still waiting for their answer) in a flow's journals."""
+    import sqlite3
+
+    acked = waiting = 0
+    for path in out.glob(".klein/shards/*/.klein/ledger.sqlite"):
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            a, w = conn.execute(
+                "SELECT COUNT(task_id), COALESCE(SUM(intent_pending), 0) FROM tasks"
+            ).fetchone()
+        except sqlite3.OperationalError:  # its tables are not there yet
+            a = w = 0
+        finally:
+            conn.close()
+        acked, waiting = acked + a, waiting + w
+    return acked, waiting
+
+
+@pytest.mark.slow(seconds=30)
+def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """The simulator answers each submit 1.5 s after charging it; Ctrl-C lands while
+    submits wait for their answers. Left to ``asyncio.run``'s clean-up, every task was
+    cancelled at once and those tasks were never journaled (0 acknowledged, 24 waiting):
+    the rerun paid for their rows again. Now each shard stops as ``klein-batch run`` does."""
+    sim_toml = tmp_path / "sim.toml"
+    sim_toml.write_text(
+        FAST_SIM.replace("median_s = 0.05", "median_s = 2.0").replace("p95_s = 0.1", "p95_s = 3.0")
+        + "\n[faults]\nsubmit_answer_delay_s = 1.5\n",
+        encoding="utf-8",
+    )
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(
+        "id,prompt\n" + "".join(f"r{n},mug number {n}\n" for n in range(60)), encoding="utf-8"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [
+            *(str(KLEIN_BATCH), "flow", str(manifest), "--sim-config", str(sim_toml)),
+            *("--out", str(out), "--shard-size", "15"),
+        ],
+        env=_env(tmp_path / "prefect", prefect_server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        for _ in range(1200):  # until submits wait for their answers (at most 2 minutes)
+            if _journal_submits(out)[1] >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        waiting = _journal_submits(out)[1]
+        assert waiting >= 3
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "stopping: waiting up to 10 s for the answers to" in output
+    acked, still_waiting = _journal_submits(out)
+    assert still_waiting == 0, output[-3000:]
+    assert acked >= waiting
