@@ -621,10 +621,6 @@ class Engine:
             job.expected = False
             self._budget.arrive(job.group)
 
-    def _budget_lost(self, price: float) -> bool:
-        """A budgeted row's submit went unanswered: whether it may go again (``Budget.lost``)."""
-        return self._budget is None or self._budget.lost(price)
-
     def _submitted(self, job: Job) -> None:
         """The row's submit was acknowledged, or the row ended without one."""
         if job.unsubmitted:
@@ -1111,7 +1107,8 @@ class Engine:
             self.stats.ambiguous_submits += 1
             why = None if passage.reported else no_answer(exc)
             unanswered = passage.failed(why) if why is not None else False
-            if job.reserved and job.price is not None and not self._budget_lost(job.price):
+            # Under a budget, it goes again only while its price, perhaps charged, still fits.
+            if self._budget is not None and job.reserved and not self._budget.lost(job.reserved):
                 raise _AmbiguousSubmit(
                     RowStatus.FAILED,
                     f"the submit's answer was lost ({type(exc).__name__}): the API may have "

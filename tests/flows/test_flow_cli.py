@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
@@ -125,44 +126,69 @@ def test_flow_command_takes_templates_variations_and_a_dry_run_from_a_shared_con
     assert not (out / "images").exists()  # nothing was sent
 
 
-@pytest.mark.slow(seconds=60)  # two flow runs of 60 two-second tasks
-def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
-    tmp_path: Path, prefect_server: str
-) -> None:
-    """One Ctrl-C ends `klein-batch flow` with 130, no shard retried (and paid) after it;
-    the same command again finishes every row, the ones in flight at the Ctrl-C included."""
+def _sixty_mugs_on_a_slow_key(tmp_path: Path, faults: str = "") -> list[str]:
+    """``flow`` arguments for 60 rows on a simulator with two-second tasks (``faults``: a
+    ``[faults]`` section of its TOML), into ``tmp_path / "out"``."""
     sim_toml = tmp_path / "sim.toml"
     sim_toml.write_text(
-        FAST_SIM.replace("median_s = 0.05", "median_s = 2.0").replace("p95_s = 0.1", "p95_s = 3.0"),
+        FAST_SIM.replace("median_s = 0.05", "median_s = 2.0").replace("p95_s = 0.1", "p95_s = 3.0")
+        + faults,
         encoding="utf-8",
     )
     manifest = tmp_path / "m.csv"
     manifest.write_text(
         "id,prompt\n" + "".join(f"r{n},mug number {n}\n" for n in range(60)), encoding="utf-8"
     )
-    out = tmp_path / "out"
-    args = ["flow", str(manifest), "--sim-config", str(sim_toml), "--out", str(out)]
+    return ["flow", str(manifest), "--sim-config", str(sim_toml), "--out", str(tmp_path / "out")]
+
+
+def _ctrl_c_when(
+    args: list[str], env: dict[str, str], ready: Callable[[], int]
+) -> tuple[int, str, int]:
+    """Run ``klein-batch *args``, press Ctrl-C once ``ready()`` is not 0 (at most 2 minutes),
+    and return its exit code, its output and what ``ready()`` said then."""
     proc = subprocess.Popen(
-        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
-        env=_env(tmp_path / "prefect", prefect_server),
+        [str(KLEIN_BATCH), *args],
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        images = out / "images"
-        for _ in range(1200):  # until shards are mid-run (at most 2 minutes)
-            if images.is_dir() and len(list(images.iterdir())) >= 5:
+        seen = 0
+        for _ in range(1200):
+            seen = ready()
+            if seen:
                 break
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert seen, "never ready"
         proc.send_signal(signal.SIGINT)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, output[-3000:]
+    return proc.returncode, output, seen
+
+
+@pytest.mark.slow(seconds=60)  # two flow runs of 60 two-second tasks
+def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """One Ctrl-C ends `klein-batch flow` with 130, no shard retried (and paid) after it;
+    the same command again finishes every row, the ones in flight at the Ctrl-C included."""
+    out = tmp_path / "out"
+    args = _sixty_mugs_on_a_slow_key(tmp_path)
+    images = out / "images"
+
+    def mid_run() -> int:  # shards are mid-run
+        return int(images.is_dir() and len(list(images.iterdir())) >= 5)
+
+    code, output, _ = _ctrl_c_when(
+        [*args, "--shard-size", "15"], _env(tmp_path / "prefect", prefect_server), mid_run
+    )
+    assert code == 130, output[-3000:]
     assert "run the same command again to resume" in output
     assert "Retry 1/" not in output, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
@@ -220,44 +246,20 @@ def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
     submits wait for their answers. Left to ``asyncio.run``'s clean-up, every task was
     cancelled at once and those tasks were never journaled (0 acknowledged, 24 waiting):
     the rerun paid for their rows again. Now each shard stops as ``klein-batch run`` does."""
-    sim_toml = tmp_path / "sim.toml"
-    sim_toml.write_text(
-        FAST_SIM.replace("median_s = 0.05", "median_s = 2.0").replace("p95_s = 0.1", "p95_s = 3.0")
-        + "\n[faults]\nsubmit_answer_delay_s = 1.5\n",
-        encoding="utf-8",
-    )
-    manifest = tmp_path / "m.csv"
-    manifest.write_text(
-        "id,prompt\n" + "".join(f"r{n},mug number {n}\n" for n in range(60)), encoding="utf-8"
-    )
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            *(str(KLEIN_BATCH), "flow", str(manifest), "--sim-config", str(sim_toml)),
-            *("--out", str(out), "--shard-size", "15"),
-        ],
-        env=_env(tmp_path / "prefect", prefect_server),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        for _ in range(1200):  # until submits wait for their answers (at most 2 minutes)
-            if _journal_submits(out)[1] >= 3:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
+    args = _sixty_mugs_on_a_slow_key(tmp_path, "\n[faults]\nsubmit_answer_delay_s = 1.5\n")
+
+    def submits_waiting() -> int:  # charged by the API, their answers not yet read
         waiting = _journal_submits(out)[1]
-        assert waiting >= 3
-        proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, output[-3000:]
+        return waiting if waiting >= 3 else 0
+
+    code, output, waiting = _ctrl_c_when(
+        [*args, "--shard-size", "15"], _env(tmp_path / "prefect", prefect_server), submits_waiting
+    )
+    assert code == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert "stopping: waiting up to 10 s for the answers to" in output
     acked, still_waiting = _journal_submits(out)
+    assert waiting >= 3
     assert still_waiting == 0, output[-3000:]
     assert acked >= waiting

@@ -29,6 +29,14 @@ def _end(ledger: Ledger, row: Row, status: RowStatus, **fields: object) -> None:
     ledger.flush()
 
 
+def _sent_unanswered(ledger_path: Path, row: Row, price: float | None) -> None:
+    """A run that sent ``row`` (journaling ``price``) and stopped before the answer came."""
+    with Ledger.open(ledger_path) as ledger:
+        ledger.start_run("run-1", {})
+        ledger.plan([row])
+        ledger.record_intent(row.key, price)
+
+
 def test_an_unanswered_submit_counts_at_its_journaled_price(
     ledger: Ledger, rows: Callable[..., list[Row]]
 ) -> None:
@@ -45,10 +53,7 @@ def test_a_row_sent_again_counts_both_sends(
     ledger_path: Path, rows: Callable[..., list[Row]]
 ) -> None:
     (row,) = rows(0)
-    with Ledger.open(ledger_path) as ledger:
-        ledger.start_run("run-1", {})
-        ledger.plan([row])
-        ledger.record_intent(row.key, PRICE)
+    _sent_unanswered(ledger_path, row, PRICE)
     with Ledger.open(ledger_path) as ledger:
         ledger.start_run("run-2", {})
         ledger.plan([row])
@@ -80,10 +85,7 @@ def test_a_journal_without_intent_prices_counts_the_published_price(
     ledger_path: Path, rows: Callable[..., list[Row]]
 ) -> None:
     (row,) = rows(0)
-    with Ledger.open(ledger_path) as ledger:
-        ledger.start_run("run-1", {})
-        ledger.plan([row])
-        ledger.record_intent(row.key)
+    _sent_unanswered(ledger_path, row, None)
     # A journal an older release wrote has no intent_cost column: it is added on open.
     with sqlite3.connect(ledger_path) as db:
         db.execute("ALTER TABLE tasks DROP COLUMN intent_cost")
