@@ -67,7 +67,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import dest_lock
+from pipeline import arrow_arrays, dest_lock
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME
 from pipeline.errors import KleinError
 from pipeline.fingerprint import fingerprint, model_name
@@ -757,7 +757,8 @@ def _segment_name() -> str:
 
 def _segment_bytes(entries: list[Entry]) -> bytes:
     ordered = sorted(entries, key=lambda e: e.fingerprint)
-    table = pa.Table.from_pylist([asdict(e) for e in ordered], schema=INDEX_SCHEMA)
+    rows = [asdict(e) for e in ordered]
+    table = arrow_arrays.table({n: [r[n] for r in rows] for n in INDEX_SCHEMA.names}, INDEX_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()

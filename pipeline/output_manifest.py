@@ -76,6 +76,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import arrow_arrays
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.errors import KleinError
 from pipeline.keys import key_shard
@@ -235,8 +236,7 @@ def outcomes_table(outcomes: Sequence[Outcome]) -> pa.Table:
     """
     indices = [outcome.index for outcome in outcomes]
     fixed = _fixed_columns(indices, {o.index: o for o in outcomes}, None)
-    columns = [pa.array(fixed[f.name], type=f.type) for f in FIXED_SCHEMA]
-    return pa.Table.from_arrays(columns, schema=FIXED_SCHEMA)
+    return arrow_arrays.table(fixed, FIXED_SCHEMA)
 
 
 def _extra_arrays(
@@ -389,7 +389,7 @@ def _build_parquet(
                     metadata={"klein_batch.schema_version": OUTPUT_MANIFEST_SCHEMA_VERSION},
                 )
                 writer = pq.ParquetWriter(path, schema, compression="zstd")
-            columns = [pa.array(fixed[field.name], type=field.type) for field in FIXED_SCHEMA]
+            columns = [arrow_arrays.array(fixed[f.name], f.type) for f in FIXED_SCHEMA]
             columns += [
                 _conform(array, target, name, source_name, indices[0] + 1)
                 for array, target, name in zip(arrays, extra_types, extra_columns, strict=True)

@@ -1,0 +1,43 @@
+"""``pipeline.arrow_arrays`` builds what ``pyarrow.array`` would, for every output type."""
+
+from __future__ import annotations
+
+import math
+
+import pyarrow as pa
+import pytest
+
+from pipeline import arrow_arrays
+from pipeline.library import INDEX_SCHEMA
+from pipeline.output_manifest import FIXED_SCHEMA
+
+_SAMPLES: dict[pa.DataType, list[object]] = {
+    pa.int64(): [1, None, -(2**62), 0],
+    pa.float64(): [1.5, None, math.nan, -0.0],
+    pa.string(): ["a", None, "", "ünïcode ✓"],
+    pa.list_(pa.string()): [["a", "b"], None, [], [None, "x"]],
+    pa.timestamp("us", tz="UTC"): [1_765_000_000_000_000, None, 0, 1],
+}
+
+
+@pytest.mark.parametrize(
+    "field", [*FIXED_SCHEMA, *INDEX_SCHEMA], ids=lambda field: str(field.name)
+)
+def test_every_output_column_comes_out_as_pyarrow_would_make_it(field: pa.Field) -> None:
+    values = _SAMPLES[field.type]
+    made = arrow_arrays.array(values, field.type)
+    assert made.type == field.type
+    # Compared as text: NaN equals nothing, not even itself, in Array.equals.
+    assert repr(made.to_pylist()) == repr(pa.array(values, type=field.type).to_pylist())
+    assert made.is_null().to_pylist() == [v is None for v in values]  # NaN is not null
+
+
+@pytest.mark.parametrize("values", [[], [None, None]])
+def test_empty_and_all_null_columns(values: list[object]) -> None:
+    for type in _SAMPLES:
+        assert arrow_arrays.array(values, type).equals(pa.array(values, type=type))
+
+
+def test_a_value_of_the_wrong_type_is_refused_not_turned_into_null() -> None:
+    with pytest.raises(TypeError):
+        arrow_arrays.array(["7"], pa.int64())
