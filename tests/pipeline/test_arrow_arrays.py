@@ -20,9 +20,7 @@ _SAMPLES: dict[pa.DataType, list[object]] = {
 }
 
 
-@pytest.mark.parametrize(
-    "field", [*FIXED_SCHEMA, *INDEX_SCHEMA], ids=lambda field: str(field.name)
-)
+@pytest.mark.parametrize("field", [*FIXED_SCHEMA, *INDEX_SCHEMA], ids=lambda field: str(field.name))
 def test_every_output_column_comes_out_as_pyarrow_would_make_it(field: pa.Field) -> None:
     values = _SAMPLES[field.type]
     made = arrow_arrays.array(values, field.type)
