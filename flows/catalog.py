@@ -75,6 +75,7 @@ from flows.shards import (
     shard_count,
     shard_folder,
 )
+from flows.sigterm import stops_on_sigterm
 from pipeline import dest_lock
 from pipeline.contract import MERGED_STATUS, RowStatus
 from pipeline.engine import KeyState
@@ -248,6 +249,7 @@ def _job_for(template: ShardJob, shard: ShardSpec, queue: ShardQueue) -> ShardJo
 
 
 @flow(name="generate-catalog-shard", log_prints=False)
+@stops_on_sigterm
 async def generate_catalog_shard(job: ShardJob, queue: ShardQueue | None = None) -> Any:
     """Shards of a catalog on a worker of the pool: shard ``job.index``, or, with ``queue``,
     whichever shards are unfinished, one after another, until every shard of the night is
@@ -308,7 +310,7 @@ async def _unless_the_night_is_cancelled(work: Awaitable[_T], night: str | None)
     try:
         await asyncio.wait({running, watch}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # this runner itself cancelled: ``wait`` does not pass it on
-        running.cancel()
+        await _stop_shards([running])  # raised at once, its shards' answers were cut off
         raise
     finally:
         watch.cancel()
@@ -536,6 +538,7 @@ async def end_runners(flow: Any, flow_run: Any, state: Any) -> None:
     on_crashed=[end_runners],
     on_cancellation=[end_runners],
 )
+@stops_on_sigterm
 @_one_writer
 async def generate_catalog(
     manifest: str,

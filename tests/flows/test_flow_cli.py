@@ -143,10 +143,14 @@ def _sixty_mugs_on_a_slow_key(tmp_path: Path, faults: str = "") -> list[str]:
 
 
 def _ctrl_c_when(
-    args: list[str], env: dict[str, str], ready: Callable[[], int]
+    args: list[str],
+    env: dict[str, str],
+    ready: Callable[[], int],
+    sig: signal.Signals = signal.SIGINT,
 ) -> tuple[int, str, int]:
-    """Run ``klein-batch *args``, press Ctrl-C once ``ready()`` is not 0 (at most 2 minutes),
-    and return its exit code, its output and what ``ready()`` said then."""
+    """Run ``klein-batch *args``, press Ctrl-C (or send ``sig``) once ``ready()`` is not 0
+    (at most 2 minutes), and return its exit code, its output and what ``ready()`` said
+    then."""
     proc = subprocess.Popen(
         [str(KLEIN_BATCH), *args],
         env=env,
@@ -163,7 +167,7 @@ def _ctrl_c_when(
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert seen, "never ready"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -263,3 +267,34 @@ def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
     assert waiting >= 3
     assert still_waiting == 0, output[-3000:]
     assert acked >= waiting
+
+
+@pytest.mark.slow(seconds=30)
+def test_sigterm_on_a_flow_journals_the_submits_in_the_air(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """SIGTERM is how Prefect stops a flow run's process (a cancelled run on a worker). Its
+    handler raised ``TerminationSignal`` out of the event loop, and ``asyncio.run``'s
+    clean-up cancelled the submits on the wire: charged tasks never journaled (on a pool, a
+    cancelled night: 34 charged, 30 journaled). Now the shards stop first, each waiting
+    for its answers, and only then does the process end, by the signal, as before."""
+    out = tmp_path / "out"
+    args = _sixty_mugs_on_a_slow_key(tmp_path, "\n[faults]\nsubmit_answer_delay_s = 1.5\n")
+
+    def submits_waiting() -> int:
+        waiting = _journal_submits(out)[1]
+        return waiting if waiting >= 3 else 0
+
+    code, output, waiting = _ctrl_c_when(
+        [*args, "--shard-size", "15"],
+        _env(tmp_path / "prefect", prefect_server),
+        submits_waiting,
+        signal.SIGTERM,
+    )
+    assert code == -signal.SIGTERM, output[-3000:]  # ended by the signal, as Prefect ends it
+    acked, still_waiting = _journal_submits(out)
+    assert waiting >= 3
+    assert still_waiting == 0, output[-3000:]
+    assert acked >= waiting
+    assert "SIGTERM: stopping the shards running here first" in output, output[-3000:]
+    assert "stopping: waiting up to 10 s for the answers to" in output
