@@ -16,6 +16,7 @@ import re
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -1053,8 +1054,14 @@ def _choice(
 
 
 def _show(value: object, limit: int = 60) -> str:
-    if isinstance(value, str) and len(value) > limit:
-        return repr(value[:limit]) + f"... ({len(value)} characters)"
+    """A cell as its sheet shows it: text quoted, numbers as written (Python's repr of a
+    Parquet decimal, ``Decimal('1.50')``, is not what a data team's table holds)."""
+    if isinstance(value, str):
+        if len(value) > limit:
+            return repr(value[:limit]) + f"... ({len(value)} characters)"
+        return repr(value)
+    if isinstance(value, Decimal | int | float):
+        return str(value)
     return repr(value)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import decimal
 import io
 import math
 import tempfile
@@ -65,6 +66,22 @@ def test_seed_numbers_in_typed_columns() -> None:
     rows, rejections = read_all(ints)
     assert rows[0].request.seed == 42
     assert rejections[0].reason.startswith("<dataframe> row 2, column seed: 4294967296 is not")
+
+
+def test_typed_cells_are_shown_as_the_table_holds_them() -> None:
+    """A warehouse's decimal cells are named as written, not as Python's repr
+    (``Decimal('1.50')``)."""
+    table = pa.table(
+        {
+            "prompt": ["a", "b"],
+            "seed": pa.array([decimal.Decimal("1.50"), decimal.Decimal("7")], pa.decimal128(5, 2)),
+        }
+    )
+    rows, rejections = read_all(table)
+    reasons = " | ".join(r.reason for r in rejections)
+    assert "row 1, column seed: 1.50 is not allowed; expected a whole number" in reasons
+    assert "Decimal" not in reasons
+    assert [r.request.seed for r in rows] == [7]
 
 
 @pytest.mark.parametrize(
