@@ -12,8 +12,10 @@ injected into ``parse_submit``) reached into them and failed a row.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,6 +52,9 @@ class MinuteStorm:
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="klein-minute-storm-"))
+        # Started at collection, outside pytest's tmp_path: removed as the session's process
+        # ends (each run left 6 MB in /tmp).
+        atexit.register(shutil.rmtree, self.root, ignore_errors=True)
         self.results = {form: Result(self.root / form / "out") for form in FORMS}
         self.manifest = write_catalog(self.root / "in", ROWS)
         self.thread = threading.Thread(target=self._main, name="minute-storm", daemon=True)
