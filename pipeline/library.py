@@ -757,8 +757,8 @@ def _segment_name() -> str:
 
 def _segment_bytes(entries: list[Entry]) -> bytes:
     ordered = sorted(entries, key=lambda e: e.fingerprint)
-    rows = [asdict(e) for e in ordered]
-    table = arrow_arrays.table({n: [r[n] for r in rows] for n in INDEX_SCHEMA.names}, INDEX_SCHEMA)
+    columns = {name: [getattr(e, name) for e in ordered] for name in INDEX_SCHEMA.names}
+    table = arrow_arrays.table(columns, INDEX_SCHEMA)
     buffer = io.BytesIO()
     pq.write_table(table, buffer, compression="zstd")
     return buffer.getvalue()
