@@ -348,7 +348,8 @@ def fetch_manifest(uri: str) -> DownloadedManifest:
     if not location.key:
         raise ManifestError(f"{uri}: names a bucket, not a manifest; expected s3://bucket/key")
     suffix = PurePosixPath(location.key).suffix[:16]
-    fd, name = tempfile.mkstemp(prefix="klein-manifest-", suffix=suffix)
+    _sweep_orphan_copies()
+    fd, name = tempfile.mkstemp(prefix=f"{_COPY_PREFIX}{os.getpid()}-", suffix=suffix)
     os.close(fd)
     path = Path(name)
     try:
@@ -364,6 +365,34 @@ def fetch_manifest(uri: str) -> DownloadedManifest:
     base = location.parent()
     base_uri = f"{base}/" if base.key else f"s3://{base.bucket}/"
     return DownloadedManifest(path=path, name=location.name, base_uri=base_uri)
+
+
+#: Temporary copies of S3 manifests are named ``klein-manifest-PID-...``.
+_COPY_PREFIX = "klein-manifest-"
+
+
+def _sweep_orphan_copies() -> None:
+    """Delete copies left by processes that no longer run.
+
+    A copy goes with its reader or at exit, but a process killed outright (SIGKILL, or a
+    flow run Prefect ends with the default SIGTERM) runs neither: a nightly worker kept one
+    copy of its manifest, up to the manifest's size, per night that ended so.
+    """
+    folder = Path(tempfile.gettempdir())
+    for path in folder.glob(f"{_COPY_PREFIX}*"):
+        pid = path.name[len(_COPY_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _unlink_quietly(str(path))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process: alive
+        return True
+    return True
 
 
 def delete_when_collected(owner: object, path: Path) -> None:

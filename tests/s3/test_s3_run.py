@@ -6,6 +6,7 @@ The simulator runs in-process on 127.0.0.1 with small latencies; S3 is moto's se
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -56,6 +57,35 @@ def test_manifest_reader_streams_an_s3_manifest_through_a_temp_copy(catalog: str
 
     gc.collect()
     assert not copy.exists()  # the temp copy goes with the reader
+
+
+def test_copies_left_by_killed_processes_are_swept_on_the_next_fetch(
+    catalog: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process killed outright deletes nothing: the next fetch removes the copies of
+    processes that are gone, and only theirs."""
+    import subprocess
+    import sys
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = tmp_path / f"klein-manifest-{gone.stdout.strip()}-x1y2.csv"
+    orphan.write_text("id,prompt\n")
+    live = tmp_path / f"klein-manifest-{os.getppid()}-a1b2.csv"  # a live process's copy
+    live.write_text("id,prompt\n")
+    unrelated = tmp_path / "klein-manifest-notes.txt"
+    unrelated.write_text("kept")
+
+    reader = ManifestReader(catalog, batch_size=5)
+    assert reader.path is not None and reader.path.parent == tmp_path
+    assert not orphan.exists()
+    assert live.exists() and unrelated.exists()
 
 
 def test_a_missing_s3_manifest_names_the_object(bucket: str) -> None:
