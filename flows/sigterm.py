@@ -1,16 +1,19 @@
 """A SIGTERM to a flow run's process stops its shards the way Ctrl-C stops a run.
 
-Prefect ends a flow run's process with SIGTERM (a cancelled flow run, a worker shutting
-down), then SIGKILL 30 s later. Its own handler raises ``TerminationSignal`` wherever the
-main thread is, most often in the event loop's ``select``: out of ``asyncio.run``, whose
-clean-up cancels every task of the loop at once, the engines' submits on the wire among
-them. Those tasks were charged by the API and never journaled, and the next night paid
-for their rows again (measured on a pool, a night cancelled with submits answered 3 s
-late: 34 tasks charged, 30 journaled). Here the signal cancels the flow's work instead,
-which winds its shards down (each engine waits for the answers to its submits in the air
-and journals them, ``pipeline.engine.SETTLE_SUBMITS_S``); then the flow run ends as
-Prefect would have ended it: Cancelled when that is what the server asked for, else by
-Prefect's ``TerminationSignal`` (Crashed).
+Prefect ends a cancelled flow run's process with SIGTERM, then SIGKILL 30 s later. (A
+worker that is itself stopped, SIGTERM or SIGINT to ``prefect worker start``, does not:
+Prefect 3.9.1 SIGKILLs its flow runs' processes within 10 ms, so nothing here runs then;
+measured, README "A worker stopped mid-night is a lost machine".) Prefect's own SIGTERM
+handler raises ``TerminationSignal`` wherever the main thread is, most often in the
+event loop's ``select``: out of ``asyncio.run``, whose clean-up cancels every task of
+the loop at once, the engines' submits on the wire among them. Those tasks were charged
+by the API and never journaled, and the next night paid for their rows again (measured
+on a pool, a night cancelled with submits answered 3 s late: 34 tasks charged, 30
+journaled). Here the signal cancels the flow's work instead, which winds its shards down
+(each engine waits for the answers to its submits in the air and journals them,
+``pipeline.engine.SETTLE_SUBMITS_S``); then the flow run ends as Prefect would have
+ended it: Cancelled when that is what the server asked for, else by Prefect's
+``TerminationSignal`` (Crashed).
 
 The price: while this handler is installed Prefect's own is not, so a worker's cancel
 intent is not acknowledged over its control channel and the worker takes its fallback
