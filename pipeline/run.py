@@ -385,14 +385,16 @@ async def arun_manifest(
 
             on_progress = stack.enter_context(ProgressDisplay(mode="auto"))
         if sim is False or sim is None:
-            return await _arun(
-                manifest,
-                out,
-                api_url=api_url,
-                api_key=api_key,
-                options=opts,
-                on_progress=on_progress,
-                webhook_secret=webhook_secret,
+            return await _until_done_or_terminated(
+                _arun(
+                    manifest,
+                    out,
+                    api_url=api_url,
+                    api_key=api_key,
+                    options=opts,
+                    on_progress=on_progress,
+                    webhook_secret=webhook_secret,
+                )
             )
         from pipeline.sim import SimConfig, SimServer
 
@@ -407,14 +409,16 @@ async def arun_manifest(
             first.webhook_secret = first.webhook_secret or secrets.token_urlsafe(24)
             hook_secret = first.webhook_secret
         server = stack.enter_context(SimServer.in_thread(config))
-        return await _arun(
-            manifest,
-            out,
-            api_url=server.url,
-            api_key=config.keys[0].key,
-            options=opts,
-            on_progress=on_progress,
-            webhook_secret=hook_secret,
+        return await _until_done_or_terminated(
+            _arun(
+                manifest,
+                out,
+                api_url=server.url,
+                api_key=config.keys[0].key,
+                options=opts,
+                on_progress=on_progress,
+                webhook_secret=hook_secret,
+            )
         )
 
 
@@ -479,6 +483,61 @@ def _say(text: str) -> None:
     the middle of a buffered write to stderr, which must not be re-entered."""
     with contextlib.suppress(OSError):
         os.write(2, text.encode())
+
+
+async def _until_done_or_terminated(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
+    """Await ``run``; a SIGTERM first stops it as ``klein-batch run`` stops (its submits in
+    the air answered and journaled, its outputs written, saying ``terminated``), and only
+    then reaches the handler that had it.
+
+    For ``arun_manifest`` called in the main thread by code of the user's: a Prefect flow
+    of their own on a worker, a script under systemd. Prefect's handler raised its
+    ``TerminationSignal`` wherever the main thread was: inside one row's task it ended that
+    row (``skipped``) and the run went on; in the loop's ``select``, ``asyncio.run``'s
+    clean-up cancelled the submits on the wire, charged and never journaled. Now that
+    handler gets the signal once the run has stopped (Prefect then ends the flow run as it
+    would have; the default handler ends the process). Not installed under
+    ``_run_until_done`` or a catalog flow, which handle SIGTERM themselves, nor off the
+    main thread (signals are delivered there only).
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or _STOP.get() is not None
+        or getattr(signal.getsignal(signal.SIGTERM), "klein_stop", False)
+    ):
+        return await run
+    loop = asyncio.get_running_loop()
+    stop = _Stop()
+    context = contextvars.copy_context()
+    context.run(_STOP.set, stop)  # the run's finish says ``terminated``
+    task = loop.create_task(run, context=context)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        stop.signals += 1
+        if stop.signals == 1:
+            stop.reason = "terminated"
+            loop.call_soon_threadsafe(task.cancel)
+
+    on_sigterm.klein_stop = True  # type: ignore[attr-defined]
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        summary = await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if stop.reason != "terminated" or (current is not None and current.cancelling()):
+            raise
+    finally:
+        if signal.getsignal(signal.SIGTERM) is on_sigterm:
+            signal.signal(signal.SIGTERM, previous)
+    if stop.reason != "terminated":
+        return summary
+    # Stopped by SIGTERM (or finished as it came), outputs written: now the signal goes
+    # where it went before.
+    if callable(previous):
+        previous(signal.SIGTERM, None)
+    elif previous == signal.SIG_DFL:
+        os.kill(os.getpid(), signal.SIGTERM)
+    raise Terminated("stopped by SIGTERM; run the same call again to resume")
 
 
 def _run_until_done(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
