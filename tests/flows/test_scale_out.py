@@ -34,6 +34,7 @@ import polars as pl
 import pytest
 from flow_helpers import PROMPTS, write_catalog
 
+from benchmarks.pool_stops import journaled
 from benchmarks.prefect_pool import (
     BIN,
     REPO,
@@ -277,20 +278,6 @@ def test_a_lost_worker_never_hangs_the_night(pool: dict[str, Any], tmp_path: Pat
     assert KEY not in output
 
 
-def journaled_tasks(out: Path) -> int:
-    """Tasks acknowledged by the API in the journals of a flow's shards."""
-    import sqlite3
-
-    found: set[str] = set()
-    for path in out.glob(".klein/shards/*/.klein/ledger.sqlite"):
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            found |= {row[0] for row in conn.execute("SELECT task_id FROM tasks") if row[0]}
-        finally:
-            conn.close()
-    return len(found)
-
-
 def flow_run(api: str, run_id: str) -> dict[str, Any]:
     return api_get(api, f"/flow_runs/{run_id}")
 
@@ -318,7 +305,7 @@ def cancel_a_night_mid_way(pool: dict[str, Any], tmp_path: Path) -> None:
     # Every task the API charged is in a shard's journal, so the next night polls it
     # instead of paying for its row again: the SIGTERM that ends each flow run's process
     # waits for those answers (flows/sigterm.py; before it, 34 charged and 30 journaled).
-    assert journaled_tasks(tmp_path / "cancelled") == stats["submits_accepted"], stats
+    assert journaled(tmp_path / "cancelled") == stats["submits_accepted"], stats
     # The runners' parts of the night's budget never added up past it, and no runner took
     # slots of the key's other jobs (its 429s).
     assert 0 < stats["max_active"] <= CANCEL_MAX_ACTIVE, stats
