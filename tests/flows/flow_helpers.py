@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import signal
+import sqlite3
+import subprocess
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -35,6 +39,55 @@ def write_catalog(path: Path, rows: list[tuple[str, str, str]]) -> Path:
         writer.writerow(["id", "prompt", "sku"])
         writer.writerows(rows)
     return path
+
+
+def signal_when(
+    command: list[str],
+    env: dict[str, str],
+    ready: Callable[[], int],
+    sig: signal.Signals = signal.SIGINT,
+) -> tuple[int, str, int]:
+    """Run ``command``, press Ctrl-C (or send ``sig``) once ``ready()`` is not 0 (at most 2
+    minutes), and return its exit code, its output and what ``ready()`` said then."""
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        seen = 0
+        for _ in range(1200):
+            seen = ready()
+            if seen:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[0][-3000:]
+        assert seen, "never ready"
+        proc.send_signal(sig)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, output, seen
+
+
+def journal_submits(journals: Iterable[Path]) -> tuple[int, int]:
+    """(acknowledged tasks, submits still waiting for their answer) in these journals (a
+    run's ``.klein/ledger.sqlite``, a flow's shards'); one not there yet counts nothing."""
+    acked = waiting = 0
+    for path in journals:
+        if not path.exists():
+            continue
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            a, w = conn.execute(
+                "SELECT COUNT(task_id), COALESCE(SUM(intent_pending), 0) FROM tasks"
+            ).fetchone()
+        except sqlite3.OperationalError:  # its tables are not there yet
+            a = w = 0
+        finally:
+            conn.close()
+        acked, waiting = acked + a, waiting + w
+    return acked, waiting
 
 
 @contextlib.contextmanager

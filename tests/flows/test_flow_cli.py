@@ -8,12 +8,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pytest
+from flow_helpers import journal_submits, signal_when
 
 REPO = Path(__file__).resolve().parents[2]
 KLEIN_BATCH = Path(sys.executable).with_name("klein-batch")
@@ -142,40 +141,6 @@ def _sixty_mugs_on_a_slow_key(tmp_path: Path, faults: str = "") -> list[str]:
     return ["flow", str(manifest), "--sim-config", str(sim_toml), "--out", str(tmp_path / "out")]
 
 
-def _ctrl_c_when(
-    args: list[str],
-    env: dict[str, str],
-    ready: Callable[[], int],
-    sig: signal.Signals = signal.SIGINT,
-) -> tuple[int, str, int]:
-    """Run ``klein-batch *args``, press Ctrl-C (or send ``sig``) once ``ready()`` is not 0
-    (at most 2 minutes), and return its exit code, its output and what ``ready()`` said
-    then."""
-    proc = subprocess.Popen(
-        [str(KLEIN_BATCH), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        seen = 0
-        for _ in range(1200):
-            seen = ready()
-            if seen:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert seen, "never ready"
-        proc.send_signal(sig)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    return proc.returncode, output, seen
-
-
 @pytest.mark.slow(seconds=60)  # two flow runs of 60 two-second tasks
 def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     tmp_path: Path, prefect_server: str
@@ -189,8 +154,10 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
     def mid_run() -> int:  # shards are mid-run
         return int(images.is_dir() and len(list(images.iterdir())) >= 5)
 
-    code, output, _ = _ctrl_c_when(
-        [*args, "--shard-size", "15"], _env(tmp_path / "prefect", prefect_server), mid_run
+    code, output, _ = signal_when(
+        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
+        _env(tmp_path / "prefect", prefect_server),
+        mid_run,
     )
     assert code == 130, output[-3000:]
     assert "run the same command again to resume" in output
@@ -225,21 +192,7 @@ def test_ctrl_c_stops_the_flow_without_retrying_its_shards_and_a_rerun_finishes(
 
 def _journal_submits(out: Path) -> tuple[int, int]:
     """(acknowledged tasks, submits still waiting for their answer) in a flow's journals."""
-    import sqlite3
-
-    acked = waiting = 0
-    for path in out.glob(".klein/shards/*/.klein/ledger.sqlite"):
-        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            a, w = conn.execute(
-                "SELECT COUNT(task_id), COALESCE(SUM(intent_pending), 0) FROM tasks"
-            ).fetchone()
-        except sqlite3.OperationalError:  # its tables are not there yet
-            a = w = 0
-        finally:
-            conn.close()
-        acked, waiting = acked + a, waiting + w
-    return acked, waiting
+    return journal_submits(out.glob(".klein/shards/*/.klein/ledger.sqlite"))
 
 
 @pytest.mark.slow(seconds=30)
@@ -257,8 +210,10 @@ def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
         waiting = _journal_submits(out)[1]
         return waiting if waiting >= 3 else 0
 
-    code, output, waiting = _ctrl_c_when(
-        [*args, "--shard-size", "15"], _env(tmp_path / "prefect", prefect_server), submits_waiting
+    code, output, waiting = signal_when(
+        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
+        _env(tmp_path / "prefect", prefect_server),
+        submits_waiting,
     )
     assert code == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
@@ -285,8 +240,8 @@ def test_sigterm_on_a_flow_journals_the_submits_in_the_air(
         waiting = _journal_submits(out)[1]
         return waiting if waiting >= 3 else 0
 
-    code, output, waiting = _ctrl_c_when(
-        [*args, "--shard-size", "15"],
+    code, output, waiting = signal_when(
+        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
         _env(tmp_path / "prefect", prefect_server),
         submits_waiting,
         signal.SIGTERM,

@@ -13,13 +13,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from flow_helpers import journal_submits, signal_when
 
 #: The user's flow: 60 rows on an in-process simulator whose tasks take about 2 s and whose
 #: answers to submits come 1.5 s after it charged them.
@@ -43,22 +41,6 @@ asyncio.run(team_images(sys.argv[1], sys.argv[2]))
 """
 
 
-def _submits(journal: Path) -> tuple[int, int]:
-    """(acknowledged tasks, submits still waiting for their answer)."""
-    if not journal.exists():
-        return 0, 0
-    conn = sqlite3.connect(f"{journal.resolve().as_uri()}?mode=ro", uri=True)
-    try:
-        acked, waiting = conn.execute(
-            "SELECT COUNT(task_id), COALESCE(SUM(intent_pending), 0) FROM tasks"
-        ).fetchone()
-    except sqlite3.OperationalError:  # its tables are not there yet
-        return 0, 0
-    finally:
-        conn.close()
-    return acked, waiting
-
-
 @pytest.mark.slow(seconds=30)
 def test_sigterm_stops_a_run_in_a_users_flow_with_its_submits_journaled(
     tmp_path: Path, prefect_server: str
@@ -75,34 +57,20 @@ def test_sigterm_stops_a_run_in_a_users_flow_with_its_submits_journaled(
         "PREFECT_HOME": str(tmp_path / "prefect"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _FLOW, str(manifest), str(out)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        waiting = 0
-        for _ in range(1200):
-            waiting = _submits(journal)[1]
-            if waiting >= 3:
-                break
-            time.sleep(0.1)
-        assert proc.poll() is None, proc.communicate()[0][-3000:]
-        assert waiting >= 3, "no submits in the air"
-        proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
-    acked, still_waiting = _submits(journal)
+    def submits_waiting() -> int:  # charged by the API, their answers not yet read
+        waiting = journal_submits([journal])[1]
+        return waiting if waiting >= 3 else 0
+
+    code, output, waiting = signal_when(
+        [sys.executable, "-c", _FLOW, str(manifest), str(out)], env, submits_waiting, signal.SIGTERM
+    )
+    assert waiting >= 3, "no submits in the air"
+    acked, still_waiting = journal_submits([journal])
     assert still_waiting == 0, output[-3000:]  # every charged task is known to the rerun
     assert acked >= waiting
     # The run stopped, then Prefect's handler ended the flow run and the process as before.
-    assert proc.returncode == -signal.SIGTERM, output[-3000:]
+    assert code == -signal.SIGTERM, output[-3000:]
     summary = json.loads((out / "run.json").read_text())
     assert summary["stopped"] == "terminated", summary
     assert summary["total_rows"] == 60
