@@ -239,14 +239,11 @@ def outcomes_table(outcomes: Sequence[Outcome]) -> pa.Table:
     return arrow_arrays.table(fixed, FIXED_SCHEMA)
 
 
-def _extra_arrays(
-    batch: pl.DataFrame, extra_columns: Sequence[str]
-) -> tuple[list[pa.Array], list[pa.DataType]]:
+def _extra_arrays(batch: pl.DataFrame, extra_columns: Sequence[str]) -> list[pa.Array]:
     if not extra_columns:
-        return [], []
+        return []
     table = batch.select(list(extra_columns)).to_arrow(compat_level=pl.CompatLevel.oldest())
-    arrays = [table.column(i).combine_chunks() for i in range(table.num_columns)]
-    return arrays, [array.type for array in arrays]
+    return [table.column(i).combine_chunks() for i in range(table.num_columns)]
 
 
 def _castable(array: pa.Array, target: pa.DataType) -> bool:
@@ -376,7 +373,7 @@ def _build_parquet(
                 else None
             )
             fixed = _fixed_columns(indices, outcomes, raw_prompts, rows, merged)
-            arrays, _ = _extra_arrays(batch, extra_columns)
+            arrays = _extra_arrays(batch, extra_columns)
             if schema is None:
                 # An all-null first batch says nothing about a column's type: text is safest.
                 extra_types = [
