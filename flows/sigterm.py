@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
+from pipeline.run import sigterm_taken, take_sigterm
+
 log = logging.getLogger(__name__)
 
 #: How long the work may take to stop after SIGTERM: within Prefect's 30 s before SIGKILL,
@@ -65,9 +67,7 @@ async def stop_on_sigterm(work: Awaitable[Any]) -> Any:
     and inside another such wait (a subflow in the same process), ``work`` is awaited as it
     is.
     """
-    if threading.current_thread() is not threading.main_thread() or _ours(
-        signal.getsignal(signal.SIGTERM)
-    ):
+    if threading.current_thread() is not threading.main_thread() or sigterm_taken():
         return await work
     loop = asyncio.get_running_loop()
     task = asyncio.ensure_future(work)
@@ -77,8 +77,7 @@ async def stop_on_sigterm(work: Awaitable[Any]) -> Any:
         # Runs between two bytecodes of the main thread: hand over to the loop, nothing more.
         loop.call_soon_threadsafe(_termed, termed)
 
-    on_sigterm.klein_stop = True  # type: ignore[attr-defined]
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = take_sigterm(on_sigterm)
     try:
         waiter = asyncio.ensure_future(termed.wait())
         try:
@@ -134,7 +133,3 @@ async def _being_cancelled() -> bool:
         log.warning("could not read this flow run's state: %s", exc)
         return False
     return state is not None and (state.is_cancelling() or state.is_cancelled())
-
-
-def _ours(handler: Any) -> bool:
-    return bool(getattr(handler, "klein_stop", False))

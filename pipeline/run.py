@@ -485,6 +485,19 @@ def _say(text: str) -> None:
         os.write(2, text.encode())
 
 
+def take_sigterm(handler: Callable[[int, Any], None]) -> Any:
+    """Install ``handler`` for SIGTERM, marked as one that stops a run (or a catalog flow)
+    first; returns the handler it replaces."""
+    handler.klein_stop = True  # type: ignore[attr-defined]
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def sigterm_taken() -> bool:
+    """Whether SIGTERM already stops a run or flow of ours first (``take_sigterm``): an
+    inner handler would stop only its own part of that work."""
+    return bool(getattr(signal.getsignal(signal.SIGTERM), "klein_stop", False))
+
+
 async def _until_done_or_terminated(run: Coroutine[Any, Any, RunSummary]) -> RunSummary:
     """Await ``run``; a SIGTERM first stops it as ``klein-batch run`` stops (its submits in
     the air answered and journaled, its outputs written, saying ``terminated``), and only
@@ -503,7 +516,7 @@ async def _until_done_or_terminated(run: Coroutine[Any, Any, RunSummary]) -> Run
     if (
         threading.current_thread() is not threading.main_thread()
         or _STOP.get() is not None
-        or getattr(signal.getsignal(signal.SIGTERM), "klein_stop", False)
+        or sigterm_taken()
     ):
         return await run
     loop = asyncio.get_running_loop()
@@ -518,8 +531,7 @@ async def _until_done_or_terminated(run: Coroutine[Any, Any, RunSummary]) -> Run
             stop.reason = "terminated"
             loop.call_soon_threadsafe(task.cancel)
 
-    on_sigterm.klein_stop = True  # type: ignore[attr-defined]
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    previous = take_sigterm(on_sigterm)
     try:
         summary = await task
     except asyncio.CancelledError:
