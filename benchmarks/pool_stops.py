@@ -1,10 +1,11 @@
 """A night stopped on a real pool with submits in the air: what the API charged, what the
-journals know, what was paid twice (README, "Cancelling the night" and "A worker stopped
-mid-night is a lost machine")::
+journals know, what was paid twice (README, "Cancelling the night" and "Stopping a worker
+mid-night")::
 
     python -m benchmarks.pool_stops cancel-night /tmp/ps1
     python -m benchmarks.pool_stops cancel-runner /tmp/ps2
-    python -m benchmarks.pool_stops stop-worker /tmp/ps3 --signal INT
+    python -m benchmarks.pool_stops stop-worker /tmp/ps3 --signal INT [--bare]
+    python -m benchmarks.pool_stops stop-parent-worker /tmp/ps4 [--bare]
 
 A Prefect server, two process workers and the repository's deployments
 (``benchmarks/prefect_pool.py``), a simulator whose submits are answered ``--delay`` s after
@@ -15,6 +16,11 @@ runners. Once more than 20 submits were accepted and every run of the night is r
 - ``cancel-runner``: the same of one runner; the night goes on and finishes.
 - ``stop-worker``: SIGTERM (or ``--signal INT``) to the worker running a runner, as
   ``systemctl stop`` does; the night goes on and finishes.
+- ``stop-parent-worker``: the same to the worker running the night's own run; the night
+  ends Interrupted (Lost with ``--bare``), runs again and finishes.
+
+The workers are ``klein-batch worker`` (``flows/worker.py``); ``--bare``: ``prefect worker
+start``, which kills its flow runs when stopped.
 
 Printed: the runs' final states, the night's seconds, and ``charged`` (the simulator's
 accepted submits), ``journaled`` (task ids across the shards' journals), ``paid_twice``
@@ -40,6 +46,7 @@ from benchmarks.prefect_pool import (
     api_get,
     descendants,
     flow_run_ids,
+    flow_run_states,
     prefect_pool,
     run,
     runner_runs,
@@ -87,12 +94,14 @@ def wait_until(check: Any, timeout: float, what: str) -> Any:
     raise SystemExit(f"gave up waiting for {what}")
 
 
-def measure(stop: str, tmp: Path, delay: float, sig: signal.Signals) -> dict[str, Any]:
+def measure(
+    stop: str, tmp: Path, delay: float, sig: signal.Signals, *, bare: bool = False
+) -> dict[str, Any]:
     (tmp / "pool").mkdir(parents=True, exist_ok=True)
     toml = shared_key_toml(KEY, 24, median_s=0.3, p95_s=0.6)
     toml += f"\n[faults]\nsubmit_answer_delay_s = {delay}\n"
     with (
-        prefect_pool(tmp / "pool", KEY) as pool,
+        prefect_pool(tmp / "pool", KEY, bare_workers=bare) as pool,
         simulator(tmp / "sim", toml, pool["base"]) as sim_url,
     ):
         api = pool["api"]
@@ -123,23 +132,31 @@ def measure(stop: str, tmp: Path, delay: float, sig: signal.Signals) -> dict[str
             runner = runner_runs(api, earlier)["shard-runner-1"]["id"]
             run([str(BIN / "prefect"), "flow-run", "cancel", runner], pool["client"])
         else:
-            runner = runner_runs(api, earlier)["shard-runner-1"]["id"]
+            victim = parent if stop == "stop-parent-worker" else None
+            victim = victim or runner_runs(api, earlier)["shard-runner-1"]["id"]
             worker = next(
                 w
                 for w in pool["workers"].values()
-                if any(runs_flow_run(pid, runner) for pid in descendants(w.pid))
+                if any(runs_flow_run(pid, victim) for pid in descendants(w.pid))
             )
             os.kill(worker.pid, sig)
 
         def ended() -> list[dict[str, Any]] | None:
+            # A night stopped with its worker ends Interrupted and runs again: wait for that.
             runs = night_runs(api, parent, earlier)
+            if runs[0]["state_type"] == "CRASHED" and runs[0]["state_name"] == "Interrupted":
+                return None
             return runs if all(r["state_type"] in FINAL for r in runs) else None
 
         runs = wait_until(ended, 900, "every run of the night to end")
         time.sleep(3)  # a runner's last answers
         stats = sim_stats(sim_url)
         return {
-            "stop": stop if stop != "stop-worker" else f"stop-worker ({sig.name})",
+            "stop": stop if not stop.startswith("stop") else f"{stop} ({sig.name})",
+            "workers": "prefect worker start" if bare else "klein-batch worker",
+            "parent_states": [
+                f"{state['type']}/{state['name']}" for state in flow_run_states(api, parent)
+            ],
             "seconds_to_stop": round(stopped_at - started, 1),
             "night_s": round(time.monotonic() - started, 1),
             "states": sorted(f"{r['name']}: {r['state_name']}" for r in runs),
@@ -151,13 +168,19 @@ def measure(stop: str, tmp: Path, delay: float, sig: signal.Signals) -> dict[str
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("stop", choices=("cancel-night", "cancel-runner", "stop-worker"))
+    parser.add_argument(
+        "stop", choices=("cancel-night", "cancel-runner", "stop-worker", "stop-parent-worker")
+    )
     parser.add_argument("tmp", type=Path, help="a new folder for the pool, simulator, output")
     parser.add_argument("--delay", type=float, default=3.0, help="submit answer delay, s")
     parser.add_argument("--signal", choices=("TERM", "INT"), default="TERM")
+    parser.add_argument(
+        "--bare", action="store_true", help="workers are `prefect worker start` itself"
+    )
     args = parser.parse_args(argv)
     os.chdir(REPO)
-    figures = measure(args.stop, args.tmp, args.delay, signal.Signals[f"SIG{args.signal}"])
+    sig = signal.Signals[f"SIG{args.signal}"]
+    figures = measure(args.stop, args.tmp, args.delay, sig, bare=args.bare)
     json.dump(figures, sys.stdout, indent=1)
     print()
 

@@ -62,7 +62,7 @@ def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float, log: Pa
 @contextmanager
 def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A child in its own session, stopped (with whatever it started) on the way out."""
-    handle = log.open("wb")
+    handle = log.open("ab")
     child = subprocess.Popen(
         args, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -70,12 +70,16 @@ def process(args: list[str], env: dict[str, str], log: Path) -> Iterator[subproc
         yield child
     finally:
         if child.poll() is None:
+            below = descendants(child.pid)  # a session of their own, some of them
             os.killpg(child.pid, signal.SIGTERM)
             try:
                 child.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait(timeout=15)
+            for pid in below:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         handle.close()
 
 
@@ -338,6 +342,7 @@ def prefect_pool(
     *,
     own_work_dirs: bool = False,
     server_settings: dict[str, str] | None = None,
+    bare_workers: bool = False,
 ) -> Iterator[dict[str, Any]]:
     """A Prefect server (on PostgreSQL when installed), two process workers and the
     repository's deployments, the API key in the ``freepik-api-key`` Secret block; yields
@@ -348,7 +353,9 @@ def prefect_pool(
     own (``$KLEIN_BATCH_WORK_DIR``), as two machines would, instead of sharing this one's.
     ``server_settings``: more variables for the server process only. The server is
     ``pool["server"]`` (``PrefectServer``): stop and start it to restart it on the same
-    port and database.
+    port and database. The workers are ``klein-batch worker``, as README starts them
+    (``pool["workers"]`` are those processes; the Prefect worker and its flow runs are
+    below each); ``bare_workers``: ``prefect worker start`` itself.
     """
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -388,18 +395,25 @@ def prefect_pool(
         )
 
         run([prefect, "work-pool", "create", POOL, "--type", "process"], client)
-        workers = {
-            name: stack.enter_context(
+        starter = (
+            [prefect, "worker", "start"] if bare_workers else [str(BIN / "klein-batch"), "worker"]
+        )
+        workers: dict[str, subprocess.Popen[bytes]] = {}
+
+        def start_worker(name: str) -> subprocess.Popen[bytes]:
+            """Start worker ``name`` (again: a test stopped or lost it); its log appends."""
+            env = client | {"KLEIN_BATCH_WORK_DIR": str(tmp_path / f"work-{name}")}
+            workers[name] = stack.enter_context(
                 process(
-                    [prefect, "worker", "start", "--pool", POOL, "--name", name, *WORKER],
-                    client | {"KLEIN_BATCH_WORK_DIR": str(tmp_path / f"work-{name}")}
-                    if own_work_dirs
-                    else client,
+                    [*starter, "--pool", POOL, "--name", name, *WORKER],
+                    env if own_work_dirs else client,
                     tmp_path / f"{name}.log",
                 )
             )
-            for name in ("worker-a", "worker-b")
-        }
+            return workers[name]
+
+        for name in ("worker-a", "worker-b"):
+            start_worker(name)
         run(
             [
                 str(BIN / "python"),
@@ -416,6 +430,7 @@ def prefect_pool(
             "client": client,
             "base": base,
             "workers": workers,
+            "start_worker": start_worker,
             "database": database,
             "server_log": server_log,
             "server": server,

@@ -103,9 +103,24 @@ def flow_command(
     raise typer.Exit(code)
 
 
+def worker_command(ctx: typer.Context) -> None:
+    """A Prefect process worker (``prefect worker start`` with the same options, e.g.
+    ``--pool klein-pool --name worker-a``) that, when stopped (SIGTERM, Ctrl-C), stops its
+    flow runs first: each catalog flow journals its submits in the air, so nothing is paid
+    twice. ``prefect worker start`` kills them at once. Linux."""
+    from flows.worker import supervise
+
+    raise typer.Exit(supervise(ctx.args))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``klein-batch flow`` (entry point ``klein_batch.commands``; see pipeline/cli.py)."""
+    """Add ``klein-batch flow`` and ``klein-batch worker`` (entry point
+    ``klein_batch.commands``; see pipeline/cli.py)."""
     app.command("flow", epilog=_EPILOG)(with_run_options()(flow_command))
+    app.command(
+        "worker",
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )(worker_command)
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 Prefect ends a cancelled flow run's process with SIGTERM, then SIGKILL 30 s later. (A
 worker that is itself stopped, SIGTERM or SIGINT to ``prefect worker start``, does not:
 Prefect 3.9.1 SIGKILLs its flow runs' processes within 10 ms, so nothing here runs then;
-measured, README "A worker stopped mid-night is a lost machine".) Prefect's own SIGTERM
+``klein-batch worker``, ``flows/worker.py``, sends them SIGTERM first.) Prefect's own SIGTERM
 handler raises ``TerminationSignal`` wherever the main thread is, most often in the
 event loop's ``select``: out of ``asyncio.run``, whose clean-up cancels every task of
 the loop at once, the engines' submits on the wire among them. Those tasks were charged
@@ -12,7 +12,9 @@ on a pool, a night cancelled with submits answered 3 s late: 34 tasks charged, 3
 journaled). Here the signal cancels the flow's work instead, which winds its shards down
 (each engine waits for the answers to its submits in the air and journals them,
 ``pipeline.engine.SETTLE_SUBMITS_S``); then the flow run ends as Prefect would have
-ended it: Cancelled when that is what the server asked for, else by Prefect's
+ended it: Cancelled when that is what the server asked for; else, a deployment's run,
+Crashed named ``Interrupted`` (its worker was stopped: ``klein-batch worker`` stops its
+flow runs this way before itself, and the night runs again); else by Prefect's
 ``TerminationSignal`` (Crashed).
 
 The price: while this handler is installed Prefect's own is not, so a worker's cancel
@@ -41,6 +43,17 @@ log = logging.getLogger(__name__)
 #: and the shards' partial outputs.
 STOP_S = 25.0
 
+#: The name of the state a deployment's flow run ends in when SIGTERM stopped it and no one
+#: cancelled it: its worker was stopped (``klein-batch worker``, systemd, an eviction).
+#: ``automations.yaml`` runs such a night again, as a Lost one; a runner's shards are
+#: taken over by the night's other runners.
+INTERRUPTED = "Interrupted"
+INTERRUPTED_MESSAGE = (
+    "stopped by SIGTERM (its worker was stopped), not cancelled: the shards running here "
+    "stopped first and journaled their submits in the air; a night runs again by itself "
+    "(automations.yaml), a runner's shards are taken over by the others"
+)
+
 _Flow = Callable[..., Awaitable[Any]]
 
 
@@ -59,9 +72,10 @@ def stops_on_sigterm(fn: _Flow) -> _Flow:
 
 async def stop_on_sigterm(work: Awaitable[Any]) -> Any:
     """Await ``work``; on SIGTERM cancel it and wait for it to stop (``STOP_S``), then
-    return a Cancelled state if this flow run is being cancelled, else raise Prefect's
-    ``TerminationSignal``. Further SIGTERMs are logged (workers may send more than one);
-    SIGKILL ends the process at once.
+    return a Cancelled state if this flow run is being cancelled, a Crashed one named
+    ``INTERRUPTED`` if it is a deployment's, else raise Prefect's ``TerminationSignal``.
+    Further SIGTERMs are logged (workers may send more than one); SIGKILL ends the process
+    at once.
 
     Signals belong to the main thread: elsewhere (a flow called from a notebook's thread),
     and inside another such wait (a subflow in the same process), ``work`` is awaited as it
@@ -108,9 +122,21 @@ async def stop_on_sigterm(work: Awaitable[Any]) -> Any:
         from prefect.states import Cancelled
 
         return Cancelled(message="cancelled; the shards running here stopped first")
+    if _of_a_deployment():
+        from prefect.states import Crashed
+
+        return Crashed(name=INTERRUPTED, message=INTERRUPTED_MESSAGE)
     from prefect.exceptions import TerminationSignal
 
     raise TerminationSignal(signal.SIGTERM)
+
+
+def _of_a_deployment() -> bool:
+    """Whether this flow run is a deployment's, which a worker can run again: a run
+    started from a shell (``klein-batch flow``) is not, and its own user reruns it."""
+    from prefect.runtime import deployment
+
+    return bool(deployment.id)
 
 
 def _termed(termed: asyncio.Event) -> None:

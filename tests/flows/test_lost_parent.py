@@ -1,4 +1,5 @@
-"""A lost parent, for real: the machine running a night's parent flow run dies.
+"""A lost parent, for real: the machine running a night's parent flow run dies; and its
+worker stopped instead (``klein-batch worker``, as ``systemctl stop`` stops it).
 
 A pool of its own (a Prefect server, on PostgreSQL when installed, and two process
 workers on 127.0.0.1; ``benchmarks/prefect_pool.py``), so this test runs beside
@@ -22,6 +23,7 @@ import polars as pl
 import pytest
 from flow_helpers import PROMPTS, write_catalog
 
+from benchmarks.pool_stops import journaled
 from benchmarks.prefect_pool import (
     BIN,
     SHARD_DEPLOYMENT,
@@ -42,7 +44,7 @@ from benchmarks.prefect_pool import (
 from benchmarks.prefect_pool import run as run_command
 
 #: Its own worker (tests/conftest.py: ONE_WORKER_MODULES), its own pool.
-pytestmark = pytest.mark.slow(seconds=300)
+pytestmark = pytest.mark.slow(seconds=450)
 
 KEY = "sk-lost-parent-test-8c3e1a"
 TIER_ACTIVE = 4
@@ -100,6 +102,7 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     from pipeline.storage import dated
 
     api = pool["api"]
+    workers_running(pool)
     nightly = api_get(api, "/deployments/name/generate-catalog/nightly-catalog")
     assert nightly["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
     run_command([str(BIN / "python"), "-m", "flows.automations"], pool["client"])
@@ -238,3 +241,98 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     assert not {r["state_type"] for r in night} & {"RUNNING", "PENDING"}, ended
     marked = {r["id"] for r in night if r["state_name"] == "Lost"}
     assert {r["id"] for r in lost_runners} <= marked, ended
+
+
+def workers_running(pool: dict[str, Any]) -> None:
+    """Both workers up: start again one that an earlier test of this module stopped."""
+    for name, worker in list(pool["workers"].items()):
+        if worker.poll() is not None:
+            pool["start_worker"](name)
+
+
+#: The night whose parent's worker is stopped: the parent has submits in the air when it is
+#: (each answered 1.5 s after the API charged it).
+STOPPED_ROWS = 48
+STOPPED_SIM_TOML = (
+    shared_key_toml(KEY, TIER_ACTIVE, median_s=1.0, p95_s=2.0)
+    + "\n[faults]\nsubmit_answer_delay_s = 1.5\n"
+)
+
+
+@pytest.mark.timeout(600)
+def test_a_stopped_worker_stops_the_night_first_and_it_runs_again(
+    pool: dict[str, Any], tmp_path: Path
+) -> None:
+    """`systemctl stop` of the `klein-batch worker` running a night's parent, its submits in
+    the air: the worker stops the parent first, which journals every task the API charged
+    and ends Crashed named Interrupted; automations.yaml runs it again on the other worker,
+    which polls those tasks, pays for nothing twice and merges the night. (`prefect worker
+    start` SIGKILLs its flow runs when stopped: 4-8 rows paid twice per stop, measured with
+    `python -m benchmarks.pool_stops stop-worker DIR --bare`.)"""
+    api = pool["api"]
+    workers_running(pool)
+    run_command([str(BIN / "python"), "-m", "flows.automations"], pool["client"])
+    earlier = flow_run_ids(api)
+    manifest = write_catalog(
+        tmp_path / "catalog.csv",
+        [(f"s{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, STOPPED_ROWS + 1)],
+    )
+    out = tmp_path / "out"
+    with simulator(tmp_path / "sim", STOPPED_SIM_TOML, pool["base"]) as sim_url:
+        parameters = {
+            "manifest": str(manifest),
+            "spec": {
+                "out": str(out),
+                "api_url": sim_url,
+                "tier": "shared",
+                "tiers": {
+                    "shared": {
+                        "name": "shared",
+                        "max_active": TIER_ACTIVE,
+                        "submits_per_minute": 30,
+                    }
+                },
+            },
+            "shard_size": LOST_SHARD_SIZE,
+            "parallel_shards": 2,
+            "api_key_block": "freepik-api-key",
+            "shard_deployment": SHARD_DEPLOYMENT,
+        }
+        parent = start_night(pool, parameters)
+        deadline = time.monotonic() + 240
+        stopped: subprocess.Popen[bytes] | None = None
+        while stopped is None and time.monotonic() < deadline:
+            run = flow_run(api, parent)
+            assert run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), run["state"]
+            if run["state_type"] == "RUNNING" and sim_stats(sim_url)["submits_accepted"] >= 6:
+                for worker in pool["workers"].values():
+                    if any(runs_flow_run(pid, parent) for pid in descendants(worker.pid)):
+                        stopped = worker
+                        break
+            time.sleep(0.3)
+        assert stopped is not None, "the parent did not run on the pool"
+        stopped.send_signal(signal.SIGTERM)  # what systemctl stop sends
+        code = stopped.wait(timeout=90)
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            run = flow_run(api, parent)
+            if run["state_type"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                break
+            time.sleep(2)
+        states = flow_run_states(api, parent)
+        all_runners_ended(api, earlier)
+        stats = sim_stats(sim_url)
+
+    names = [(state["type"], state["name"]) for state in states]
+    assert code == 0, worker_logs(pool)[-3000:]
+    assert run["state_type"] == "COMPLETED", (names, worker_logs(pool)[-4000:])
+    # Stopped by its worker, not lost: never marked Lost, run again at once.
+    interrupted = names.index(("CRASHED", "Interrupted"))
+    assert names[interrupted + 1] == ("SCHEDULED", "Rerun"), names
+    assert ("CRASHED", "Lost") not in names, names
+    done = pl.read_parquet(out / "manifest.parquet")
+    assert done["row"].to_list() == list(range(1, STOPPED_ROWS + 1))
+    assert set(done["status"]) == {"succeeded"}
+    # Every task the API charged is in a journal; the rerun polled those, paid none twice.
+    assert stats["duplicate_submits"] == 0, stats
+    assert stats["submits_accepted"] == STOPPED_ROWS == journaled(out), stats
