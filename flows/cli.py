@@ -113,10 +113,14 @@ def worker_command(ctx: typer.Context) -> None:
     raise typer.Exit(supervise(ctx.args))
 
 
+def _add_flow(app: typer.Typer) -> None:
+    app.command("flow", epilog=_EPILOG)(with_run_options()(flow_command))
+
+
 def register(app: typer.Typer) -> None:
     """Add ``klein-batch flow`` and ``klein-batch worker`` (entry point
     ``klein_batch.commands``; see pipeline/cli.py)."""
-    app.command("flow", epilog=_EPILOG)(with_run_options()(flow_command))
+    _add_flow(app)
     app.command(
         "worker",
         context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -245,5 +249,5 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m flows.catalog``: the same command as ``klein-batch flow``."""
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-    register(app)
+    _add_flow(app)  # its only command: the program is that command
     app(args=list(argv) if argv is not None else None, prog_name="python -m flows.catalog")

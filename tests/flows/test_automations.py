@@ -44,12 +44,20 @@ def test_every_watched_deployment_beats_three_times_per_window() -> None:
         assert int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]) * 3 <= window, deployment["name"]
 
 
-def test_only_a_night_marked_lost_runs_again() -> None:
+def test_only_a_night_marked_lost_or_interrupted_runs_again() -> None:
     from flows.catalog import generate_catalog
+    from flows.sigterm import INTERRUPTED
 
     lost, rerun = load()
     marked = lost.actions[0]
     assert (marked.state, marked.name) == ("CRASHED", "Lost")
-    assert rerun.trigger.expect == {f"prefect.flow-run.{marked.name}"}
+    # Lost by the automation, or Interrupted by its own process when its worker was
+    # stopped (flows/sigterm.py); an ordinary crash is not run again.
+    assert rerun.trigger.expect == {
+        f"prefect.flow-run.{marked.name}",
+        f"prefect.flow-run.{INTERRUPTED}",
+    }
+    # An Interrupted run is over, not lost: the watch of missing heartbeats stops there.
+    assert f"prefect.flow-run.{INTERRUPTED}" in lost.trigger.expect
     assert rerun.trigger.match_related.root["prefect.resource.name"] == generate_catalog.name
     assert rerun.actions[0].state == "SCHEDULED"

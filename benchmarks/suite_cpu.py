@@ -1,0 +1,136 @@
+"""Where the test suite's CPU goes, by kind of process (issue 16: the suite is CPU-bound on
+two cores, so its wall time falls only with its CPU)::
+
+    python -m benchmarks.suite_cpu /tmp/acct -- -n 4 --part parallel
+
+runs pytest with the arguments after ``--`` and prints the CPU-seconds of every process it
+started, grouped (pytest's own workers, ``klein-batch`` runs, Prefect servers, workers,
+flow runs, PostgreSQL, the simulator, ...), with how many processes of each kind. Python
+processes report their own CPU as they exit (a ``sitecustomize`` on ``PYTHONPATH``);
+every process is also sampled from ``/proc`` every 0.2 s, which counts the ones killed
+(SIGKILL) and those that are not Python, to within their last 0.2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TICK = os.sysconf("SC_CLK_TCK")
+
+SITECUSTOMIZE = '''
+import atexit, json, os, sys, time
+
+def _klein_cpu_record():
+    times = os.times()
+    path = os.path.join(os.environ["KLEIN_CPU_DIR"], "%d.json" % os.getpid())
+    with open(path, "w") as handle:
+        json.dump({"argv": list(sys.orig_argv), "cpu": times.user + times.system}, handle)
+
+if os.environ.get("KLEIN_CPU_DIR"):
+    atexit.register(_klein_cpu_record)
+'''
+
+#: (kind, pattern of the command line), first match wins.
+KINDS = [
+    ("pytest (controller and xdist workers)", r"pytest|exec\(eval\(sys\.stdin"),
+    ("Prefect flow run: engine", r"prefect\.engine|prefect\.flow_engine|_workspace_runtime"),
+    ("Prefect flow run: supervisor", r"_workspace_supervisor"),
+    ("Prefect server", r"prefect server start|uvicorn|prefect\.server"),
+    ("Prefect worker", r"prefect worker start|flows\.worker|klein-batch worker"),
+    ("prefect CLI (deploy, work-pool, ...)", r"bin/prefect "),
+    ("klein-batch flow / python -m flows", r"klein-batch flow|-m flows"),
+    ("klein-batch sim / simulator", r"klein-batch sim|pipeline\.sim"),
+    ("klein-batch run / other commands", r"klein-batch"),
+    ("PostgreSQL", r"postgres"),
+    ("S3 server (moto)", r"moto"),
+    ("browser (chromium)", r"chrom"),
+    ("benchmarks / helpers", r"benchmarks\."),
+    ("other python", r"python"),
+]
+
+
+def kind_of(command: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, command):
+            return kind
+    return "other"
+
+
+def sample(seen: dict[int, tuple[str, float]], stop: threading.Event) -> None:
+    """Every process's command line and CPU so far, every 0.2 s, until ``stop``."""
+    me = os.getpid()
+    while not stop.is_set():
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == me:
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                cpu = (int(fields[11]) + int(fields[12])) / TICK
+                command = seen.get(int(entry.name), ("", 0.0))[0] or (
+                    (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                )
+            except (OSError, IndexError, ValueError):
+                continue
+            seen[int(entry.name)] = (command, cpu)
+        stop.wait(0.2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    split = args.index("--") if "--" in args else len(args)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    parser.add_argument("folder", type=Path, help="a new folder for the records")
+    options = parser.parse_args(args[:split])
+    records = options.folder / "records"
+    records.mkdir(parents=True, exist_ok=True)
+    (options.folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    env = os.environ | {
+        "KLEIN_CPU_DIR": str(records),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(options.folder), os.environ.get("PYTHONPATH", "")) if p
+        ),
+    }
+    already = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
+    seen: dict[int, tuple[str, float]] = {}
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample, args=(seen, stop), daemon=True)
+    sampler.start()
+    started = time.monotonic()
+    code = subprocess.call([sys.executable, "-m", "pytest", *args[split + 1 :]], cwd=REPO, env=env)
+    wall = time.monotonic() - started
+    stop.set()
+    sampler.join()
+    cpu: dict[int, tuple[str, float]] = {
+        pid: found for pid, found in seen.items() if pid not in already
+    }
+    for record in records.glob("*.json"):
+        data = json.loads(record.read_text())
+        cpu[int(record.stem)] = (" ".join(data["argv"]), data["cpu"])
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for command, seconds in cpu.values():
+        total = totals[kind_of(command)]
+        total[0] += seconds
+        total[1] += 1
+    everything = sum(t[0] for t in totals.values())
+    print(f"\npytest exit {code}; wall {wall:.0f} s; CPU {everything:.0f} s in {len(cpu)} processes")
+    print(f"{'kind':<42} {'CPU s':>8} {'share':>6} {'procs':>6} {'s each':>7}")
+    for kind, (seconds, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+        print(
+            f"{kind:<42} {seconds:>8.0f} {seconds / everything:>6.1%} {count:>6} "
+            f"{seconds / count:>7.1f}"
+        )
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
