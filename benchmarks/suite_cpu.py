@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import atexit, json, os, sys, time
 
 def _klein_cpu_record():
@@ -38,7 +38,7 @@ def _klein_cpu_record():
 
 if os.environ.get("KLEIN_CPU_DIR"):
     atexit.register(_klein_cpu_record)
-'''
+"""
 
 #: (kind, pattern of the command line), first match wins.
 KINDS = [
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         total[0] += seconds
         total[1] += 1
     everything = sum(t[0] for t in totals.values())
-    print(f"\npytest exit {code}; wall {wall:.0f} s; CPU {everything:.0f} s in {len(cpu)} processes")
+    print(f"\npytest exit {code}; wall {wall:.0f} s; CPU {everything:.0f} s, {len(cpu)} processes")
     print(f"{'kind':<42} {'CPU s':>8} {'share':>6} {'procs':>6} {'s each':>7}")
     for kind, (seconds, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         print(
