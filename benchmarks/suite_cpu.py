@@ -40,16 +40,31 @@ if os.environ.get("KLEIN_CPU_DIR"):
     atexit.register(_klein_cpu_record)
 """
 
+#: A pytest plugin (``-p klein_cpu_tests``): each test's CPU in the process running it
+#: (set-up, call and tear-down, every thread of that process; not the processes it starts).
+PLUGIN = """
+import json, os, time
+import pytest
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.process_time()
+    yield
+    path = os.path.join(os.environ["KLEIN_CPU_DIR"], "tests-%d.jsonl" % os.getpid())
+    with open(path, "a") as handle:
+        handle.write(json.dumps([item.nodeid, time.process_time() - start]) + "\\n")
+"""
+
 #: (kind, pattern of the command line), first match wins.
 KINDS = [
-    ("pytest (controller and xdist workers)", r"pytest|exec\(eval\(sys\.stdin"),
+    ("pytest (controller and xdist workers)", r"-m pytest|exec\(eval\(sys\.stdin"),
     ("Prefect flow run: engine", r"prefect\.engine|prefect\.flow_engine|_workspace_runtime"),
     ("Prefect flow run: supervisor", r"_workspace_supervisor"),
     ("Prefect server", r"prefect server start|uvicorn|prefect\.server"),
     ("Prefect worker", r"prefect worker start|flows\.worker|klein-batch worker"),
     ("prefect CLI (deploy, work-pool, ...)", r"bin/prefect "),
     ("klein-batch flow / python -m flows", r"klein-batch flow|-m flows"),
-    ("klein-batch sim / simulator", r"klein-batch sim|pipeline\.sim"),
+    ("klein-batch sim / simulator", r"klein-batch sim|pipeline\.sim|SimConfig"),
     ("klein-batch run / other commands", r"klein-batch"),
     ("PostgreSQL", r"postgres"),
     ("S3 server (moto)", r"moto"),
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     records = options.folder / "records"
     records.mkdir(parents=True, exist_ok=True)
     (options.folder / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    (options.folder / "klein_cpu_tests.py").write_text(PLUGIN)
     env = os.environ | {
         "KLEIN_CPU_DIR": str(records),
         "PYTHONPATH": os.pathsep.join(
@@ -106,16 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     sampler = threading.Thread(target=sample, args=(seen, stop), daemon=True)
     sampler.start()
     started = time.monotonic()
-    code = subprocess.call([sys.executable, "-m", "pytest", *args[split + 1 :]], cwd=REPO, env=env)
+    pytest_args = ["-p", "klein_cpu_tests", *args[split + 1 :]]
+    code = subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO, env=env)
     wall = time.monotonic() - started
     stop.set()
     sampler.join()
     cpu: dict[int, tuple[str, float]] = {
         pid: found for pid, found in seen.items() if pid not in already
     }
-    for record in records.glob("*.json"):
+    for record in records.glob("[0-9]*.json"):
         data = json.loads(record.read_text())
         cpu[int(record.stem)] = (" ".join(data["argv"]), data["cpu"])
+    listing = [
+        {"pid": pid, "cpu": round(c, 2), "command": cmd[:300]} for pid, (cmd, c) in cpu.items()
+    ]
+    (options.folder / "processes.json").write_text(json.dumps(listing, indent=0))
+    tests = [json.loads(line) for path in records.glob("tests-*.jsonl") for line in path.open()]
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for command, seconds in cpu.values():
         total = totals[kind_of(command)]
@@ -129,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind:<42} {seconds:>8.0f} {seconds / everything:>6.1%} {count:>6} "
             f"{seconds / count:>7.1f}"
         )
+    in_tests = sum(seconds for _, seconds in tests)
+    print(f"\n{in_tests:.0f} CPU s in the tests' own processes; the 25 largest:")
+    for nodeid, seconds in sorted(tests, key=lambda t: -t[1])[:25]:
+        print(f"{seconds:8.1f}  {nodeid}")
     return code
 
 
