@@ -34,6 +34,10 @@ FILE_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
 BIN = Path(sys.executable).parent
 #: Two workers, each running up to two flow runs at once (a parent and a runner, say).
 WORKER = ("--limit", "2", "--type", "process")
+#: How often a worker asks the server for flow runs to start (Prefect's default: 10 s):
+#: 3 s starts a runner within seconds and costs an idle pool 3.5 CPU-seconds a minute, 1 s
+#: (``work_pool``'s, for the scale-out benchmark's figures) 6.5.
+WORKER_QUERY_S = "3"
 #: Pool and deployment names as ``prefect.yaml`` has them.
 POOL = "klein-pool"
 SHARD_DEPLOYMENT = "generate-catalog-shard/catalog-shard"
@@ -343,6 +347,7 @@ def prefect_pool(
     own_work_dirs: bool = False,
     server_settings: dict[str, str] | None = None,
     bare_workers: bool = False,
+    query_s: str = WORKER_QUERY_S,
 ) -> Iterator[dict[str, Any]]:
     """A Prefect server (on PostgreSQL when installed), two process workers and the
     repository's deployments, the API key in the ``freepik-api-key`` Secret block; yields
@@ -355,7 +360,8 @@ def prefect_pool(
     ``pool["server"]`` (``PrefectServer``): stop and start it to restart it on the same
     port and database. The workers are ``klein-batch worker``, as README starts them
     (``pool["workers"]`` are those processes; the Prefect worker and its flow runs are
-    below each); ``bare_workers``: ``prefect worker start`` itself.
+    below each); ``bare_workers``: ``prefect worker start`` itself. ``query_s``: the
+    workers' ``PREFECT_WORKER_QUERY_SECONDS``.
     """
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
@@ -378,7 +384,7 @@ def prefect_pool(
         }
         | (server_settings or {})
     )
-    client = base | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": "1"}
+    client = base | {"PREFECT_API_URL": api, "PREFECT_WORKER_QUERY_SECONDS": query_s}
     prefect = str(BIN / "prefect")
     with ExitStack() as stack:
         database = stack.enter_context(postgres())
@@ -450,7 +456,7 @@ def simulator(tmp: Path, toml: str, env: dict[str, str]) -> Iterator[str]:
 def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, Any]]:
     """``prefect_pool`` with a simulator of its own (``sim_url``)."""
     with (
-        prefect_pool(tmp_path, secret) as pool,
+        prefect_pool(tmp_path, secret, query_s="1") as pool,
         simulator(tmp_path, sim_toml, pool["base"]) as sim_url,
     ):
         yield pool | {"sim_url": sim_url}
