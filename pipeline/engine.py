@@ -36,7 +36,6 @@ import itertools
 import json
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -62,7 +61,14 @@ from pipeline.library import Entry, Library
 from pipeline.limits import Permit, QuantileTracker, SlotController, SubmitRateLimiter
 from pipeline.providers import ProtocolError, Provider, Submitted, TaskState
 from pipeline.references import Reference, ReferenceStore
-from pipeline.retry import RetryPolicy, Transient, backoff_s, parse_retry_after, retry_transient
+from pipeline.retry import (
+    JITTER,
+    RetryPolicy,
+    Transient,
+    backoff_s,
+    parse_retry_after,
+    retry_transient,
+)
 from pipeline.rows import ImageRequest, Outcome, Row
 from pipeline.storage import Sink
 from pipeline.urls import with_credentials_of
@@ -1020,7 +1026,7 @@ class Engine:
             why = "as Retry-After asks"
         else:
             backoff = STORM_FIRST_PAUSE_S * 2.0 ** (self._storm_round - 1)
-            pause = min(STORM_MAX_PAUSE_S, backoff * random.uniform(0.5, 1.0))
+            pause = min(STORM_MAX_PAUSE_S, backoff * JITTER.uniform(0.5, 1.0))
             why = "no Retry-After: backing off"
         self._quiet_until = now + pause
         log.warning(

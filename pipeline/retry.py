@@ -33,6 +33,11 @@ from tenacity.stop import stop_base
 
 T = TypeVar("T")
 
+#: The run's own source of jitter: drawing from the ``random`` module would move the
+#: global state of the program running us (a notebook or script that seeded it for its
+#: own reasons sees its sequence change with our retries).
+JITTER = random.Random()
+
 
 class Transient(Exception):
     """A failure worth retrying: 5xx, a dropped connection, a timeout, a truncated body."""
@@ -93,7 +98,7 @@ def backoff_s(policy: RetryPolicy, attempt: int, error: Transient) -> float:
     if error.retry_after is not None:
         return min(error.retry_after, policy.max_retry_after_s)
     ceiling = min(policy.max_backoff_s, policy.initial_backoff_s * 2.0 ** (attempt - 1))
-    return random.uniform(0.0, max(0.0, ceiling))
+    return JITTER.uniform(0.0, max(0.0, ceiling))
 
 
 class _Wait:

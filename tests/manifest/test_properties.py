@@ -41,6 +41,16 @@ from pipeline.manifest import (
     validate_batch,
 )
 
+#: Hypothesis warns when the ``random`` module's state moves while it draws an example.
+#: Nothing here draws from it (nor does the pipeline: ``pipeline.retry.JITTER``), but an
+#: xdist worker that ran a flow test before this one keeps Prefect's background threads,
+#: whose delivery back-off does (``prefect/_internal/_observation_delivery.py``), at any
+#: moment: the warning names another thread's timing, not this test's strategies.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Do not use the `random` module inside strategies"
+    ":hypothesis.errors.HypothesisDeprecationWarning"
+)
+
 # --- size presets ---------------------------------------------------------------------------
 
 #: The contract's table (shared/api-contract.md, "Output size by preset"), copied by hand so

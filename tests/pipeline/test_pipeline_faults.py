@@ -223,3 +223,31 @@ def test_submit_answers_lost_to_an_error_of_ours_do_not_stall_the_run(
     assert summary.ambiguous_submits == broken
     stats = key_stats(server)
     assert stats["submits_accepted"] == rows  # each row sent once: none paid twice
+
+
+def test_retries_draw_no_number_from_the_programs_random_module(
+    start_sim: Callable[..., SimServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A script or notebook that seeded ``random`` for its own reasons keeps its sequence:
+    the run's retry jitter comes from a generator of its own (``pipeline.retry.JITTER``)."""
+    import random
+    import sys
+
+    callers: list[str] = []
+    for name in ("random", "uniform", "randint", "choice", "shuffle", "sample", "gauss"):
+        real = getattr(random, name)
+
+        def spy(*args: Any, _real: Any = real, **kwargs: Any) -> Any:
+            callers.append(sys._getframe(1).f_globals.get("__name__", "?"))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(random, name, spy)
+    faults, counter = FAULTS["poll-503"]
+    server = start_sim(faults=faults)
+    summary = run_against(
+        server, write_catalog(tmp_path / "in", 40), tmp_path / "out", options=fast_options()
+    )
+    assert key_stats(server)["faults"].get(counter, 0) > 0  # so the run retried
+    check_output(tmp_path / "out", 40, summary)
+    ours = [name for name in callers if name.split(".")[0] in ("pipeline", "flows")]
+    assert not ours, ours
