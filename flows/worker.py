@@ -46,10 +46,17 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 #: What tells the worker itself to stop: the usual signals are ignored there, so that a
 #: signal sent to every process of a systemd unit does not stop it before its flow runs.
 WORKER_STOP = signal.SIGUSR1
+#: Where a process's children and state are read (Linux).
+PROC = Path("/proc")
 
 
 def supervise(args: Sequence[str], say: Callable[[str], None] = print) -> int:
     """Run ``prefect worker start ARGS`` under this process; return its exit code."""
+    if not PROC.is_dir():
+        say(
+            "warning: no /proc here: when stopped, this worker cannot stop its flow runs "
+            "first, and they end as `prefect worker start` ends them (killed)"
+        )
     worker = subprocess.Popen([sys.executable, "-m", "flows.worker", *args], start_new_session=True)
     stops: list[float] = []
 
@@ -125,15 +132,17 @@ def _signal_run(pid: int, sig: signal.Signals) -> None:
 def _stat(pid: int) -> list[str] | None:
     """Fields of ``/proc/PID/stat`` after the command name: state, ppid, pgrp, ..."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
         return None
 
 
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid``."""
-    found = []
-    for entry in Path("/proc").iterdir():
+    found: list[int] = []
+    if not PROC.is_dir():
+        return found
+    for entry in PROC.iterdir():
         if entry.name.isdigit():
             fields = _stat(int(entry.name))
             if fields is not None and int(fields[1]) == pid:
@@ -152,7 +161,7 @@ def alive(pid: int) -> bool:
         return True
     if fields is None or int(fields[2]) != pid:
         return False
-    for entry in Path("/proc").iterdir():
+    for entry in PROC.iterdir():
         if entry.name.isdigit():
             member = _stat(int(entry.name))
             if member is not None and int(member[2]) == pid and member[0] != "Z":
