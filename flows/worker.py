@@ -4,8 +4,8 @@
 its own SIGTERM or SIGINT (anyio closes each child with a kill before Prefect's own
 terminate-with-grace), so ``systemctl stop`` or Ctrl-C on a worker mid-night cut the
 shards running there off with their submits in the air: tasks the API charged and no
-journal knows, paid again when their rows run again (measured: 7-8 rows per stop, README
-"Stopping a worker"). This command runs the same worker as a child, with Prefect's
+journal knows, paid again when their rows run again (measured: 4-8 rows per stop, README
+"Stopping a worker mid-night"). This command runs the same worker as a child, with Prefect's
 stop-on-signal handlers replaced by a log line, and stops it in this order:
 
 1. the worker is frozen (SIGSTOP), so it starts no flow run while the others stop;

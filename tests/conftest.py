@@ -134,7 +134,7 @@ def migrated_prefect_database() -> str:
     """A Prefect database with every migration applied, made once per machine and Prefect
     version by whichever test process asks first (the others wait on a lock): each
     server of the suite starts on a copy. Migrating a fresh SQLite database is about half
-    of a test server's start (14-15 CPU-seconds fresh, 6-8 on a migrated copy, this
+    of a test server's start (14-15 CPU-seconds fresh, 6-9 on a migrated copy, this
     machine), and the suite starts one per worker."""
     import fcntl
     import sqlite3
