@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,49 @@ def all_runners_ended(api: str, earlier: frozenset[str]) -> list[dict[str, Any]]
         time.sleep(1)
 
 
+def parent_ended(api: str, parent: str, timeout: float) -> dict[str, Any]:
+    """The night's parent flow run once it is Completed, Failed or Cancelled (a Crashed
+    one, Lost or Interrupted, runs again), or as it is after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        run = flow_run(api, parent)
+        if run["state_type"] in ("COMPLETED", "FAILED", "CANCELLED") or time.monotonic() > deadline:
+            return run
+        time.sleep(2)
+
+
+def night_parameters(
+    manifest: Path, out: Path, sim_url: str, *, per_minute: int, parallel: int
+) -> dict[str, Any]:
+    """A night of ``LOST_SHARD_SIZE`` shards on a key of ``TIER_ACTIVE`` slots and
+    ``per_minute`` submits (the key's own limits, so the runners share it adaptively)."""
+    tier = {"name": "shared", "max_active": TIER_ACTIVE, "submits_per_minute": per_minute}
+    return {
+        "manifest": str(manifest),
+        "spec": {"out": str(out), "api_url": sim_url, "tier": "shared", "tiers": {"shared": tier}},
+        "shard_size": LOST_SHARD_SIZE,
+        "parallel_shards": parallel,
+        "api_key_block": "freepik-api-key",
+        "shard_deployment": SHARD_DEPLOYMENT,
+    }
+
+
+def worker_of_the_parent(
+    pool: dict[str, Any], parent: str, ready: Callable[[], bool]
+) -> subprocess.Popen[bytes]:
+    """The worker running the night's parent, once the parent runs and ``ready()``."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        run = flow_run(pool["api"], parent)
+        assert run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), run["state"]
+        if run["state_type"] == "RUNNING" and ready():
+            for worker in pool["workers"].values():
+                if any(runs_flow_run(pid, parent) for pid in descendants(worker.pid)):
+                    return worker
+        time.sleep(0.3)
+    raise AssertionError("the parent did not run on the pool, or never got under way")
+
+
 @pytest.mark.timeout(900)
 def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     pool: dict[str, Any], tmp_path: Path
@@ -126,50 +169,21 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
         [(f"n{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, PARENT_ROWS + 1)],
     )
     with contextlib.ExitStack() as stack:
-        workers = pool["workers"]
         sim_url = stack.enter_context(simulator(tmp_path / "sim", LOST_SIM_TOML, pool["base"]))
-        parameters = {
-            "manifest": str(manifest),
-            "spec": {
-                "out": str(tmp_path / "nightly" / "{date}"),
-                "api_url": sim_url,
-                # The key's own limits (a tier of its own), so the runners share it
-                # adaptively; the runners left on the other machine are still at work when
-                # the parent runs again (a submit every 5 s each), and they drain the queue
-                # together.
-                "tier": "shared",
-                "tiers": {
-                    "shared": {
-                        "name": "shared",
-                        "max_active": TIER_ACTIVE,
-                        "submits_per_minute": 12,
-                    }
-                },
-            },
-            "shard_size": LOST_SHARD_SIZE,
-            "parallel_shards": 3,
-            "api_key_block": "freepik-api-key",
-            "shard_deployment": SHARD_DEPLOYMENT,
-        }
+        # The key's own limits (a tier of its own), so the runners share it adaptively; the
+        # runners left on the other machine are still at work when the parent runs again (a
+        # submit every 5 s each), and they drain the queue together.
+        parameters = night_parameters(
+            manifest, tmp_path / "nightly" / "{date}", sim_url, per_minute=12, parallel=3
+        )
         parent = start_night(pool, parameters)
 
         # Lose the parent's machine once it and a runner are running: its worker and every
         # process under it (a runner of the night, when the worker holds one), with SIGKILL.
-        deadline = time.monotonic() + 240
-        lost: subprocess.Popen[bytes] | None = None
-        while lost is None and time.monotonic() < deadline:
-            run = flow_run(api, parent)
-            assert run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), run["state"]
-            runners = runner_runs(api, earlier).values()
-            if run["state_type"] == "RUNNING" and any(
-                r["state_type"] == "RUNNING" for r in runners
-            ):
-                for worker in workers.values():
-                    if any(runs_flow_run(pid, parent) for pid in descendants(worker.pid)):
-                        lost = worker
-                        break
-            time.sleep(0.5)
-        assert lost is not None, "the parent and a runner did not run on the pool"
+        def a_runner_too() -> bool:
+            return any(r["state_type"] == "RUNNING" for r in runner_runs(api, earlier).values())
+
+        lost = worker_of_the_parent(pool, parent, a_runner_too)
         lost_runners = [
             r
             for r in runner_runs(api, earlier).values()
@@ -182,12 +196,7 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
         lost.wait(timeout=15)
 
         # The same flow run ends the night: Lost, scheduled again, run on the other worker.
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            run = flow_run(api, parent)
-            if run["state_type"] in ("COMPLETED", "FAILED", "CANCELLED"):
-                break
-            time.sleep(2)
+        run = parent_ended(api, parent, 600)
         states = flow_run_states(api, parent)
         night = all_runners_ended(api, earlier)
         stats = sim_stats(sim_url)
@@ -279,46 +288,14 @@ def test_a_stopped_worker_stops_the_night_first_and_it_runs_again(
     )
     out = tmp_path / "out"
     with simulator(tmp_path / "sim", STOPPED_SIM_TOML, pool["base"]) as sim_url:
-        parameters = {
-            "manifest": str(manifest),
-            "spec": {
-                "out": str(out),
-                "api_url": sim_url,
-                "tier": "shared",
-                "tiers": {
-                    "shared": {
-                        "name": "shared",
-                        "max_active": TIER_ACTIVE,
-                        "submits_per_minute": 30,
-                    }
-                },
-            },
-            "shard_size": LOST_SHARD_SIZE,
-            "parallel_shards": 2,
-            "api_key_block": "freepik-api-key",
-            "shard_deployment": SHARD_DEPLOYMENT,
-        }
+        parameters = night_parameters(manifest, out, sim_url, per_minute=30, parallel=2)
         parent = start_night(pool, parameters)
-        deadline = time.monotonic() + 240
-        stopped: subprocess.Popen[bytes] | None = None
-        while stopped is None and time.monotonic() < deadline:
-            run = flow_run(api, parent)
-            assert run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), run["state"]
-            if run["state_type"] == "RUNNING" and sim_stats(sim_url)["submits_accepted"] >= 6:
-                for worker in pool["workers"].values():
-                    if any(runs_flow_run(pid, parent) for pid in descendants(worker.pid)):
-                        stopped = worker
-                        break
-            time.sleep(0.3)
-        assert stopped is not None, "the parent did not run on the pool"
+        stopped = worker_of_the_parent(
+            pool, parent, lambda: sim_stats(sim_url)["submits_accepted"] >= 6
+        )
         stopped.send_signal(signal.SIGTERM)  # what systemctl stop sends
         code = stopped.wait(timeout=90)
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline:
-            run = flow_run(api, parent)
-            if run["state_type"] in ("COMPLETED", "FAILED", "CANCELLED"):
-                break
-            time.sleep(2)
+        run = parent_ended(api, parent, 400)
         states = flow_run_states(api, parent)
         all_runners_ended(api, earlier)
         stats = sim_stats(sim_url)
