@@ -47,6 +47,7 @@ from benchmarks.prefect_pool import (
     descendants,
     flow_run_ids,
     flow_run_states,
+    night_ended,
     prefect_pool,
     run,
     runner_runs,
@@ -142,13 +143,11 @@ def measure(
             os.kill(worker.pid, sig)
 
         def ended() -> list[dict[str, Any]] | None:
-            # A night stopped with its worker ends Interrupted and runs again: wait for that.
             runs = night_runs(api, parent, earlier)
-            if runs[0]["state_type"] == "CRASHED" and runs[0]["state_name"] == "Interrupted":
-                return None
             return runs if all(r["state_type"] in FINAL for r in runs) else None
 
-        runs = wait_until(ended, 900, "every run of the night to end")
+        night_ended(api, parent, 900)  # a stopped night (Interrupted, Lost) runs again first
+        runs = wait_until(ended, 120, "every run of the night to end")
         time.sleep(3)  # a runner's last answers
         stats = sim_stats(sim_url)
         return {

@@ -254,6 +254,23 @@ def flow_run_states(api: str, run_id: str) -> list[dict[str, Any]]:
     return sorted(states, key=lambda state: state["timestamp"])
 
 
+def night_ended(api: str, parent: str, timeout: float) -> dict[str, Any]:
+    """The night's own flow run once it is Completed, Failed or Cancelled, or as it is after
+    ``timeout`` seconds. Crashed is not the end: a night marked Lost or Interrupted is run
+    again by ``automations.yaml``, and a live attempt may still complete a run marked Lost.
+    A server that does not answer (a test restarting it) is asked again."""
+    deadline = time.monotonic() + timeout
+    found: dict[str, Any] = {}
+    while True:
+        with contextlib.suppress(OSError):
+            found = api_get(api, f"/flow_runs/{parent}")
+            if found["state_type"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                return found
+        if time.monotonic() > deadline:
+            return found
+        time.sleep(2)
+
+
 def start_night(pool: dict[str, Any], parameters: dict[str, Any]) -> str:
     """Start a ``nightly-catalog`` run with ``parameters`` from the pool's client side; its
     flow run id."""

@@ -32,6 +32,7 @@ from benchmarks.prefect_pool import (
     descendants,
     flow_run_ids,
     flow_run_states,
+    night_ended,
     prefect_pool,
     runner_runs,
     runs_flow_run,
@@ -86,17 +87,6 @@ def all_runners_ended(api: str, earlier: frozenset[str]) -> list[dict[str, Any]]
         if not states & {"SCHEDULED", "PENDING", "RUNNING"} or time.monotonic() > deadline:
             return runners
         time.sleep(1)
-
-
-def parent_ended(api: str, parent: str, timeout: float) -> dict[str, Any]:
-    """The night's parent flow run once it is Completed, Failed or Cancelled (a Crashed
-    one, Lost or Interrupted, runs again), or as it is after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        run = flow_run(api, parent)
-        if run["state_type"] in ("COMPLETED", "FAILED", "CANCELLED") or time.monotonic() > deadline:
-            return run
-        time.sleep(2)
 
 
 def night_parameters(
@@ -196,7 +186,7 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
         lost.wait(timeout=15)
 
         # The same flow run ends the night: Lost, scheduled again, run on the other worker.
-        run = parent_ended(api, parent, 600)
+        run = night_ended(api, parent, 600)
         states = flow_run_states(api, parent)
         night = all_runners_ended(api, earlier)
         stats = sim_stats(sim_url)
@@ -295,7 +285,7 @@ def test_a_stopped_worker_stops_the_night_first_and_it_runs_again(
         )
         stopped.send_signal(signal.SIGTERM)  # what systemctl stop sends
         code = stopped.wait(timeout=90)
-        run = parent_ended(api, parent, 400)
+        run = night_ended(api, parent, 400)
         states = flow_run_states(api, parent)
         all_runners_ended(api, earlier)
         stats = sim_stats(sim_url)

@@ -13,7 +13,6 @@ the night
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import time
@@ -31,6 +30,7 @@ from benchmarks.prefect_pool import (
     api_get,
     flow_run_ids,
     flow_run_states,
+    night_ended,
     prefect_pool,
     runner_runs,
     seconds_since,
@@ -96,17 +96,8 @@ def the_night_at_work(api: str, parent: str, earlier: frozenset[str]) -> None:
 
 def the_end(api: str, parent: str, earlier: frozenset[str]) -> dict[str, Any]:
     """The night's run once it completed, failed or was cancelled, or as it is after 420 s
-    (Crashed is not the end: a live attempt may still complete a run marked Lost); runners
-    given 60 s more to end (the night's state hook ends them)."""
-    deadline = time.monotonic() + 420
-    while True:
-        with contextlib.suppress(OSError):
-            found = api_get(api, f"/flow_runs/{parent}")
-            if found["state_type"] in ("COMPLETED", "FAILED", "CANCELLED"):
-                break
-            if time.monotonic() > deadline:
-                break
-        time.sleep(2)
+    (``night_ended``); runners given 60 s more to end (the night's state hook ends them)."""
+    found = night_ended(api, parent, 420)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         states = {r["state_type"] for r in runner_runs(api, earlier).values()}
