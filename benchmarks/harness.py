@@ -77,7 +77,7 @@ class SimSettings:
             "[faults]",
             f"seed = {self.fault_seed}",
         ]
-        for endpoint in ("submit", "poll", "download"):
+        for endpoint in ("submit", "poll", "list", "download"):
             lines += [
                 "",
                 f"[faults.{endpoint}]",
@@ -98,7 +98,7 @@ class SimSettings:
 
         if self.error_503 or self.drop:
             text += (
-                f"; on submit, poll and download: {self.error_503:.0%} 503s, "
+                f"; on submit, poll, task list and download: {self.error_503:.0%} 503s, "
                 f"{self.drop:.0%} dropped connections"
             )
         return text
@@ -392,7 +392,8 @@ def measure(
         pruner.join()
     images = pruned[0] + _landed(out / "images")
     steady, window = steady_utilization(samples, limit)
-    polls = stats["polls"]
+    # A task list answers for every task at once: it counts as a poll (pipeline/task_list.py).
+    polls = stats["polls"] + stats.get("list_calls", 0)
     cpu = outcome.get("cpu_s", float("nan"))
     return Figures(
         contender=contender,

@@ -25,7 +25,7 @@ SOAK_COMMAND = (
     "KLEIN_SOAK=1 KLEIN_SOAK_REPORT=benchmarks/soak.json "
     ".venv/bin/python -m pytest -s -p no:cacheprovider tests/chaos/test_soak.py"
 )
-KLEIN = ("klein-batch", "klein-batch-webhook", "klein-batch-flow")
+KLEIN = ("klein-batch", "klein-batch-probes", "klein-batch-webhook", "klein-batch-flow")
 
 HEADER = (
     "| contender | rows | images | wall s | utilization | steady util. | images/s "
@@ -398,7 +398,11 @@ def render(results: dict[str, Any], soak: dict[str, Any] | None = None) -> str:
         "every 0.1 s): the ramp-up and the final tail, where slots drain as the last tasks "
         "finish, are physics, not client overhead. A contender that never fills the tier is "
         "measured from its first accepted submit.",
-        "- **polls/image**, **429s**: the simulator's counters for the key. **extra paid**: "
+        "- **polls/image**, **429s**: the simulator's counters for the key; polls include "
+        "reads of the task list (dialect A's `GET` on the submit address, one request for "
+        "every task: `pipeline/task_list.py`), recorded from 2026-12-06 on. "
+        "`klein-batch-probes` is klein-batch with `--no-task-list`: polls and probes alone, "
+        "as every klein-batch run before that date. **extra paid**: "
         "tasks accepted (charged) beyond images stored (duplicates after lost submit answers, "
         "or work thrown away).",
         "- **CPU s/1000 img**: `wait4` on the contender process (user + system time, "

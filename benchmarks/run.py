@@ -87,10 +87,17 @@ def scenarios(quick: bool) -> list[Scenario]:
     """
 
     def rows(
-        vendor: int, naive: int, prefect: int, klein: int, flow: int = 0, webhook: int = 0
+        vendor: int,
+        naive: int,
+        prefect: int,
+        klein: int,
+        flow: int = 0,
+        webhook: int = 0,
+        probes: int = 0,
     ) -> dict[str, int]:
         counts = {"vendor-sample": vendor, "naive-async": naive, "prefect-map": prefect}
         counts["klein-batch"] = klein
+        counts["klein-batch-probes"] = probes
         counts["klein-batch-webhook"] = webhook
         counts["klein-batch-flow"] = flow
         return {name: count for name, count in counts.items() if count}
@@ -110,13 +117,13 @@ def scenarios(quick: bool) -> list[Scenario]:
             Scenario("standard-faults", with_faults(standard), rows(0, 120, 0, 120)),
         ]
     return [
-        Scenario("standard", standard, rows(20, 800, 300, 800, flow=800, webhook=800)),
+        Scenario("standard", standard, rows(20, 800, 300, 800, flow=800, webhook=800, probes=800)),
         Scenario("scale", scale, rows(20, 2000, 500, 2000, flow=2000)),
         Scenario("scale-busy", scale, rows(0, 2000, 0, 2000), busy=BUSY_SPINNERS),
         Scenario("standard-faults", with_faults(standard), rows(0, 400, 0, 400)),
         Scenario("scale-faults", with_faults(scale), rows(0, 1200, 0, 1200, flow=1200)),
         # Left out of --quick: one run takes 2-4 minutes, most of it the slowest tasks.
-        Scenario("production", production, rows(0, 400, 0, 400)),
+        Scenario("production", production, rows(0, 400, 0, 400, probes=400)),
     ]
 
 
@@ -141,7 +148,8 @@ def spinners(count: int) -> Iterator[None]:
 
 
 def with_faults(settings: SimSettings) -> SimSettings:
-    """The same API on a bad day: 5% 503s and 2% dropped connections on every endpoint."""
+    """The same API on a bad day: 5% 503s and 2% dropped connections on every endpoint
+    (the task list too)."""
     return SimSettings(**{**_fields(settings), "error_503": 0.05, "drop": 0.02})
 
 
@@ -247,10 +255,14 @@ def command_for(
     contender: str, manifest: Path, url: str, out: Path, sim: SimSettings, rows: int
 ) -> list[str]:
     common = [str(manifest), "--api-url", url, "--out", str(out)]
-    if contender in ("klein-batch", "klein-batch-webhook"):
+    if contender in ("klein-batch", "klein-batch-webhook", "klein-batch-probes"):
         # The webhook contender receives task endings on a free loopback port; it still
-        # polls, on its own slower schedule, in case a delivery is lost.
-        hooks = ["--webhook-listen", "127.0.0.1:0"] if contender == "klein-batch-webhook" else []
+        # polls, on its own slower schedule, in case a delivery is lost. The probes one
+        # never reads the task list: what klein-batch did without it, side by side.
+        hooks = {
+            "klein-batch-webhook": ["--webhook-listen", "127.0.0.1:0"],
+            "klein-batch-probes": ["--no-task-list"],
+        }.get(contender, [])
         return [
             *klein_batch_bin(),
             "run",

@@ -264,6 +264,7 @@ def combine(
         summary.retries += int(shard.get("retries", 0))
         summary.rate_limited += int(shard.get("rate_limited", 0))
         summary.polls += int(shard.get("polls", 0))
+        summary.task_lists += int(shard.get("task_lists", 0))
         summary.ambiguous_submits += int(shard.get("ambiguous_submits", 0))
         summary.resumed_rows += int(shard.get("resumed_rows", 0))
         summary.reused_rows += int(shard.get("reused_rows", 0))

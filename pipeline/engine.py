@@ -6,7 +6,9 @@ row ends in exactly one terminal state however its steps fail. Three things are 
 - the ``SlotController`` and ``SubmitRateLimiter`` (``limits.py``) decide when a submit may
   go; they keep the server's slots full without waiting to learn that a task finished;
 - the poll scheduler polls each task first when a learned share of tasks (``poll_quantile``)
-  is done, then backs off, so most images cost one poll;
+  is done, then backs off, so most images cost one poll; where the API's task list keeps
+  up with the endings (``task_list.py``), it tells which tasks ended and their slots are
+  given back at once, each task polled once it is known done;
 - the journal (``ledger.py``) records every acknowledged task id before anything else
   happens to it, so a rerun polls it instead of paying for it again.
 
@@ -46,6 +48,7 @@ from typing import Any, Protocol, TypeVar
 import aiohttp
 import yarl
 
+from pipeline import task_list
 from pipeline.budget import Budget
 from pipeline.contract import FORMAT_EXT, FORMAT_MIME, RowStatus
 from pipeline.errors import (
@@ -144,6 +147,9 @@ DRAIN_MEDIAN_SHARE = 0.4
 BACKLOG_WAIT_S = 1.0
 #: The longest wait between two polls of one task (its back-off is half its age).
 POLL_BACKOFF_CAP_S = 10.0
+#: While the task list tells endings (``task_list``), a task's first poll waits this many
+#: first-poll times: it only catches a task the list missed, as a webhook's backup does.
+LIST_POLL_FACTOR = 4.0
 #: How long a stopped run (Ctrl-C, SIGTERM, a cancelled flow) waits for the answers to the
 #: submits it had in the air (``Engine._settle_submits``). An answer takes well under a
 #: second when the API is healthy; one that has not come by then is left ambiguous.
@@ -253,6 +259,9 @@ class EngineSettings:
     #: image generated from the prompt alone (``--missing-reference text-only``), instead of
     #: the row ending ``failed``.
     text_only_without_reference: bool = False
+    #: Ask the API's task list which tasks ended, where the dialect has one and it keeps up
+    #: (``pipeline/task_list.py``); off, endings are found by polls and probes alone.
+    use_task_list: bool = True
     #: A host that has not answered for this long stops the run (``ApiUnreachable``);
     #: until then requests to it wait at its gate and no row fails for it.
     outage_wait_s: float = 300.0
@@ -266,6 +275,8 @@ class EngineStats:
     accepted: int = 0
     rate_limited: int = 0
     polls: int = 0
+    #: Task lists the API answered (``pipeline/task_list.py``).
+    lists: int = 0
     downloads: int = 0
     retries: int = 0
     ambiguous_submits: int = 0
@@ -335,6 +346,9 @@ class _Tracked:
     #: Polled sooner than planned at the end of the run (``Engine._hurry_the_last``): its
     #: answers do not teach the first-poll estimate.
     hurried: bool = False
+    #: First poll put off because the task list tells when it ends (``task_list``): its
+    #: polls come late on purpose and do not teach the first-poll estimate either.
+    deferred: bool = False
     #: ``Outages.seconds()`` when it was tracked: time the API did not answer since then
     #: does not count toward ``task_timeout_s`` (its polls could not ask).
     unreachable_at_start: float = 0.0
@@ -400,6 +414,9 @@ class Engine:
         if self.slots.probing:
             self._share_distribution()
         self._fresh = itertools.count()
+        #: Fresh tasks the task list saw end, and when it last answered (``_watch_list``).
+        self._listed_fresh = itertools.count(1)
+        self._listed_at = -math.inf
         self._ranks = itertools.count()
         #: Permits of accepted submits, handed to their tracked task.
         self._permits: dict[str, Permit] = {}
@@ -537,6 +554,10 @@ class Engine:
     async def run(self, jobs: AsyncIterator[Job]) -> EngineStats:
         """Carry every job to an outcome; returns when the last one has ended."""
         scheduler = asyncio.create_task(self._schedule_polls(), name="poll-scheduler")
+        listing = self._provider.list_url()
+        lister = None
+        if listing is not None and self._settings.use_task_list and not self._settings.webhook_url:
+            lister = asyncio.create_task(self._watch_list(listing), name="task-list")
         # Enough rows in the air to fill every slot the controller may hold, plus downloads.
         gate = asyncio.Semaphore(self.slots.max_outstanding + self._backlog_limit + 16)
         running = self._running
@@ -577,6 +598,8 @@ class Engine:
             self.fed.set()
             scheduler.cancel()
             pending = [*running, *self._polling]
+            if lister is not None:
+                pending.append(lister)
             for task in pending:
                 task.cancel()
             await asyncio.gather(scheduler, *pending, return_exceptions=True)
@@ -783,6 +806,9 @@ class Engine:
             first = self._first_poll.value
             if self._settings.webhook_url:
                 first *= self._settings.webhook_poll_factor
+            elif self._listing_live():
+                first *= LIST_POLL_FACTOR
+                tracked.deferred = True
             elif self.slots.contended:
                 first *= CONTENDED_FIRST_POLL
                 tracked.eager = True
@@ -1260,8 +1286,8 @@ class Engine:
         infinite without a distribution or far past its tail."""
         dist = self.slots.distribution
         permit = tracked.permit
-        if dist is None or permit is None or self._settings.webhook_url:
-            return math.inf  # with webhooks, endings arrive without a poll
+        if dist is None or permit is None or self._settings.webhook_url or self._listing_live():
+            return math.inf  # endings arrive without a poll (a webhook, the task list)
         mu, sigma = dist
         seen = permit.running_at - permit.acked_at
         survived = 1.0
@@ -1275,11 +1301,15 @@ class Engine:
 
     def _drain_spacing(self) -> float:
         """The longest wait for a poll of one of the tasks left once every row is submitted."""
-        if self._settings.webhook_url:
-            base = DRAIN_REPOLL_S  # endings arrive by webhook: polls only back them up
+        if self._settings.webhook_url or self._listing_live():
+            base = DRAIN_REPOLL_S  # endings arrive without polls, which only back them up
         else:
-            base = min(max(DRAIN_MEDIAN_SHARE * self._median.value, DRAIN_MIN_S), DRAIN_REPOLL_S)
+            base = self._drain_base()
         return base * max(1, len(self._by_task))
+
+    def _drain_base(self) -> float:
+        """The drain spacing for one task left (a share of the learned median)."""
+        return min(max(DRAIN_MEDIAN_SHARE * self._median.value, DRAIN_MIN_S), DRAIN_REPOLL_S)
 
     def _ended(self, tracked: _Tracked, state: TaskState) -> None:
         """The API says the task ended: its slot is given back now, then its row goes on.
@@ -1323,6 +1353,85 @@ class Engine:
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
 
+    async def _watch_list(self, url: str) -> None:
+        """Ask the task list which of our tasks have ended, as often as ``task_list.plan``
+        says it keeps up with the endings; while it does not, every task is polled as usual.
+
+        A failed list (an error, no answer, a body that is no list) is not retried: the
+        next one comes after a doubled interval, and past ``task_list.LIVE_S`` without an
+        answer the tasks whose polls it put off are polled again as usual.
+        """
+        timeout = aiohttp.ClientTimeout(total=task_list.TIMEOUT_S)
+        entries = failures = 0
+        measure_at = 0.0
+        while True:
+            held = self.slots.held
+            # The pace tasks are replaced at; before the first accept, the median's guess.
+            endings = self.slots.pace or held / max(self._median.value, 1e-3)
+            tail_s = self._drain_base() if self._in_tail() else None
+            step = task_list.plan(endings, entries, tail_s=tail_s, failures=failures)
+            if held == 0 or not step.useful:
+                self._listing_stopped()
+                now = time.monotonic()
+                if held == 0 or not step.too_long or now < measure_at:
+                    await asyncio.sleep(task_list.REPLAN_S if held else task_list.MIN_INTERVAL_S)
+                    continue
+                measure_at = now + task_list.RECHECK_S
+            else:
+                await asyncio.sleep(step.wait_s)
+            try:
+                async with self._session.get(
+                    url, headers=self._provider.auth_headers(), timeout=timeout
+                ) as response:
+                    body = await _read_json(response) if response.status == 200 else None
+                entries, ended = self._provider.ended_in_list(body)
+            except ValueError:  # over MAX_ANSWER_BYTES: far too long to keep up
+                entries = task_list.OVERSIZED
+                continue
+            except (aiohttp.ClientError, TimeoutError, ProtocolError):
+                failures += 1
+                if not self._listing_live():
+                    self._listing_stopped()
+                continue
+            failures = 0
+            self._listed_at = time.monotonic()
+            self.stats.lists += 1
+            by_task = self._by_task
+            for task_id in ended:
+                tracked = by_task.get(task_id)
+                if tracked is not None and not tracked.released and not tracked.done.done():
+                    self._listed(tracked)
+
+    def _listing_live(self) -> bool:
+        """Whether the task list answered lately enough to tell endings instead of polls."""
+        return time.monotonic() - self._listed_at < task_list.LIVE_S
+
+    def _listing_stopped(self) -> None:
+        """The list is no longer asked (too long, too slow, failing): the tasks whose first
+        poll it put off get the usual first-poll time back."""
+        self._listed_at = -math.inf
+        now = time.monotonic()
+        for tracked in self._by_task.values():
+            if tracked.deferred and not tracked.done.done():
+                tracked.deferred = False
+                self._schedule(tracked, max(self._first_poll.value - (now - tracked.started), 0.0))
+
+    def _listed(self, tracked: _Tracked) -> None:
+        """The task list says ``tracked`` ended: its slot is given back now and one poll
+        fetches its image's address. Its age is about its time, as a webhook's is, so it
+        teaches the median and first-poll estimates directly (every task: no calibration
+        polls are needed while the list is asked)."""
+        if tracked.job.task_id is None and not tracked.hurried and not tracked.eager:
+            elapsed = time.monotonic() - tracked.started
+            self._median.observe(elapsed <= self._median.value)
+            self._first_poll.observe(elapsed <= self._first_poll.value)
+            self.slots.set_latency(self._first_poll.value)
+            if next(self._listed_fresh) % CALIBRATE_EVERY == 0:
+                self._share_distribution()
+        tracked.deferred = True  # the poll below comes at once, not at the first-poll time
+        self._release(tracked)
+        self._schedule(tracked, 0.0)
+
     async def _poll_task(self, tracked: _Tracked) -> None:
         if tracked.done.done():
             return
@@ -1348,6 +1457,7 @@ class Engine:
             and not self._settings.webhook_url
             and not tracked.eager
             and not tracked.hurried
+            and not tracked.deferred
         )
         done = state.phase != "pending"
         if first and tracked.calibrating:

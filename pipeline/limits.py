@@ -300,6 +300,18 @@ class SlotController:
     def held(self) -> int:
         return self._held
 
+    @property
+    def pace(self) -> float:
+        """Submits accepted a second over the last ``PACE_WINDOW_S`` (on a full key, the
+        pace tasks end at); 0 before the first."""
+        now = time.monotonic()
+        accepts = self._accepts
+        while accepts and accepts[0] < now - PACE_WINDOW_S:
+            accepts.popleft()
+        if not accepts:
+            return 0.0
+        return len(accepts) / min(PACE_WINDOW_S, max(now - self._first_accept, 1.0))
+
     def _busy_upper_bound(self) -> int:
         return self._held - self._finished_lb
 

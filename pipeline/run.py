@@ -119,6 +119,8 @@ class RunOptions:
     expected_latency_s: float = 1.0
     refusal_target: float = 0.25
     poll_quantile: float = 0.85
+    #: Ask the API's task list which tasks ended, where it keeps up (``pipeline/task_list.py``).
+    task_list: bool = True
     task_timeout_s: float = 900.0
     max_reference_bytes: int = 10 * 1024 * 1024
     allow_private_urls: bool = False
@@ -207,6 +209,7 @@ class RunOptions:
         opts.allow_private_urls = spec.allow_private_references
         opts.report_columns = tuple(spec.report_columns)
         opts.api_outage_wait_s = spec.api_outage_wait
+        opts.task_list = not spec.no_task_list
         return opts
 
 
@@ -736,6 +739,7 @@ async def _arun(
             expected_latency_s=opts.expected_latency_s,
             refusal_target=opts.refusal_target,
             poll_quantile=opts.poll_quantile,
+            use_task_list=opts.task_list,
             task_timeout_s=opts.task_timeout_s,
             retry=opts.retry,
             resubmit_unknown=opts.resubmit_unknown,
@@ -1165,6 +1169,7 @@ class _Run:
             summary.retries = stats.retries
             summary.rate_limited = stats.rate_limited
             summary.polls = stats.polls
+            summary.task_lists = stats.lists
             summary.webhooks = stats.webhooks
             summary.errors = dict(stats.errors)
             summary.api_unreachable_s = stats.api_unreachable_s

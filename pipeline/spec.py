@@ -269,6 +269,12 @@ class RunSpec(BaseModel):
         flag="--api-outage-wait",
         metavar="SECONDS",
     )
+    no_task_list: bool = _option(
+        False,
+        "Find ended tasks by polls and probes alone, never asking the API's task list "
+        "(dialect klein; by default read while it keeps up with the endings).",
+        flag="--no-task-list",
+    )
     aspect_ratio: str = _option(
         DEFAULT_ASPECT_RATIO,
         f"Default for rows without one; one of: {', '.join(ASPECT_RATIOS)}, or its ratio "
@@ -430,6 +436,7 @@ SETTING_TYPES: Final[dict[str, type]] = {
     "dry_run": bool,
     "retry_failed": bool,
     "api_outage_wait": float,
+    "no_task_list": bool,
     "aspect_ratio": str,
     "resolution": str,
     "output_format": str,

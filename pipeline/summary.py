@@ -137,6 +137,8 @@ class RunSummary:
     retries: int = 0
     rate_limited: int = 0
     polls: int = 0
+    #: Times the API's task list was read to learn which tasks ended (``task_list``).
+    task_lists: int = 0
     #: Tasks whose end was learned from a verified webhook rather than a poll.
     webhooks: int = 0
     #: Submits whose response was lost (dropped connection, kill); each may have been paid.

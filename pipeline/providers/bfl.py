@@ -111,6 +111,13 @@ class BflProvider:
         """None: each task's address names the cluster that took it, and is never rebuilt."""
         return None
 
+    def list_url(self) -> None:
+        """None: this dialect has no list of a key's tasks."""
+        return None
+
+    def ended_in_list(self, body: Any) -> tuple[int, list[str]]:
+        raise ProtocolError("dialect bfl has no task list")
+
     def parse_poll(self, body: Any) -> TaskState:
         if not isinstance(body, dict):
             raise ProtocolError("poll response is not a JSON object")

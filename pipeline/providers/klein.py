@@ -22,6 +22,9 @@ from pipeline.providers import (
 from pipeline.references import Reference
 from pipeline.rows import ImageRequest
 
+#: The statuses a task ends in (a moderated one ends FAILED, or COMPLETED with has_nsfw).
+_ENDED = frozenset({KleinStatus.COMPLETED.value, KleinStatus.FAILED.value})
+
 
 class KleinProvider:
     """Builds dialect A requests and reads its responses (tolerant of unknown statuses)."""
@@ -95,6 +98,23 @@ class KleinProvider:
             return TaskState("failed", status, reason="the API reported the task FAILED")
         # CREATED, IN_PROGRESS, and any status the contract does not know: not finished.
         return TaskState("pending", status)
+
+    def list_url(self) -> str:
+        """``GET`` on the submit address lists the key's tasks with their statuses."""
+        return self.submit_url()
+
+    def ended_in_list(self, body: Any) -> tuple[int, list[str]]:
+        data = body.get("data") if isinstance(body, dict) else None
+        if not isinstance(data, list):
+            raise ProtocolError("task list has no data array")
+        ended = [
+            entry["task_id"]
+            for entry in data
+            if isinstance(entry, dict)
+            and entry.get("status") in _ENDED
+            and isinstance(entry.get("task_id"), str)
+        ]
+        return len(data), ended
 
     def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
         """A webhook body is the poll answer's ``data`` object, without the wrapper."""
