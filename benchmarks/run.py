@@ -118,9 +118,9 @@ def scenarios(quick: bool) -> list[Scenario]:
         ]
     return [
         Scenario("standard", standard, rows(20, 800, 300, 800, flow=800, webhook=800, probes=800)),
-        Scenario("scale", scale, rows(20, 2000, 500, 2000, flow=2000)),
+        Scenario("scale", scale, rows(20, 2000, 500, 2000, flow=2000, probes=2000)),
         Scenario("scale-busy", scale, rows(0, 2000, 0, 2000), busy=BUSY_SPINNERS),
-        Scenario("standard-faults", with_faults(standard), rows(0, 400, 0, 400)),
+        Scenario("standard-faults", with_faults(standard), rows(0, 400, 0, 400, probes=400)),
         Scenario("scale-faults", with_faults(scale), rows(0, 1200, 0, 1200, flow=1200)),
         # Left out of --quick: one run takes 2-4 minutes, most of it the slowest tasks.
         Scenario("production", production, rows(0, 400, 0, 400, probes=400)),

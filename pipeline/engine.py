@@ -1379,12 +1379,13 @@ class Engine:
                 measure_at = now + task_list.RECHECK_S
             else:
                 await asyncio.sleep(step.wait_s)
+            asked = time.monotonic()
             try:
                 async with self._session.get(
                     url, headers=self._provider.auth_headers(), timeout=timeout
                 ) as response:
                     body = await _read_json(response) if response.status == 200 else None
-                entries, ended = self._provider.ended_in_list(body)
+                listed = self._provider.read_list(body)
             except ValueError:  # over MAX_ANSWER_BYTES: far too long to keep up
                 entries = task_list.OVERSIZED
                 continue
@@ -1394,13 +1395,19 @@ class Engine:
                     self._listing_stopped()
                 continue
             failures = 0
+            entries = listed.entries
             self._listed_at = time.monotonic()
             self.stats.lists += 1
             by_task = self._by_task
-            for task_id in ended:
+            for task_id in listed.ended:
                 tracked = by_task.get(task_id)
                 if tracked is not None and not tracked.released and not tracked.done.done():
                     self._listed(tracked)
+            if self.slots.unnamed:
+                # Tasks whose submit answer was lost are ours but have no id: the tasks the
+                # list shows running that we cannot name bound how many of them still run.
+                running = sum(1 for task_id in listed.running if task_id not in by_task)
+                self.slots.unnamed_ended(running, asked)
 
     def _listing_live(self) -> bool:
         """Whether the task list answered lately enough to tell endings instead of polls."""

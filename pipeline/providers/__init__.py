@@ -42,6 +42,15 @@ class TaskState:
     reason: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class TaskList:
+    """What one read of the key's task list said (``pipeline/task_list.py``)."""
+
+    entries: int
+    ended: list[str]
+    running: list[str]
+
+
 class Provider(Protocol):
     """What the engine needs from a dialect."""
 
@@ -77,8 +86,8 @@ class Provider(Protocol):
         None where the dialect has no such list."""
         ...
 
-    def ended_in_list(self, body: Any) -> tuple[int, list[str]]:
-        """A task list's length and the ids of the tasks it says have ended."""
+    def read_list(self, body: Any) -> TaskList:
+        """A task list's answer: the ids of the tasks it says have ended and of the others."""
         ...
 
     def error_message(self, status: int, body: Any) -> str: ...

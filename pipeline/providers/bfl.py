@@ -24,6 +24,7 @@ from pipeline.masking import SecretMask
 from pipeline.providers import (
     ProtocolError,
     Submitted,
+    TaskList,
     TaskState,
 )
 from pipeline.references import Reference
@@ -115,7 +116,7 @@ class BflProvider:
         """None: this dialect has no list of a key's tasks."""
         return None
 
-    def ended_in_list(self, body: Any) -> tuple[int, list[str]]:
+    def read_list(self, body: Any) -> TaskList:
         raise ProtocolError("dialect bfl has no task list")
 
     def parse_poll(self, body: Any) -> TaskState:

@@ -17,6 +17,7 @@ from pipeline.masking import SecretMask
 from pipeline.providers import (
     ProtocolError,
     Submitted,
+    TaskList,
     TaskState,
 )
 from pipeline.references import Reference
@@ -103,18 +104,16 @@ class KleinProvider:
         """``GET`` on the submit address lists the key's tasks with their statuses."""
         return self.submit_url()
 
-    def ended_in_list(self, body: Any) -> tuple[int, list[str]]:
+    def read_list(self, body: Any) -> TaskList:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise ProtocolError("task list has no data array")
-        ended = [
-            entry["task_id"]
-            for entry in data
-            if isinstance(entry, dict)
-            and entry.get("status") in _ENDED
-            and isinstance(entry.get("task_id"), str)
-        ]
-        return len(data), ended
+        ended: list[str] = []
+        running: list[str] = []
+        for entry in data:
+            if isinstance(entry, dict) and isinstance(entry.get("task_id"), str):
+                (ended if entry.get("status") in _ENDED else running).append(entry["task_id"])
+        return TaskList(len(data), ended, running)
 
     def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
         """A webhook body is the poll answer's ``data`` object, without the wrapper."""

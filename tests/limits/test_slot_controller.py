@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import math
 import random
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -313,6 +314,28 @@ async def test_a_submit_whose_answer_was_lost_holds_its_slot_until_it_has_surely
     permit = await asyncio.wait_for(slots.acquire(), 5)
     assert not permit.speculative
     assert slots.unnamed == 0
+
+
+async def test_a_task_list_gives_back_the_slots_of_unnamed_tasks_it_shows_ended() -> None:
+    # Two answers lost, a list asked after both: it shows one task we cannot name still
+    # running (ours or another client's), so at least one of ours has ended.
+    slots = SlotController(4, expected_latency_s=10.0)
+    permits = [await slots.acquire() for _ in range(3)]
+    slots.accepted(permits[0])
+    slots.lost(permits[1])
+    slots.lost(permits[2])
+    asked = time.monotonic()
+    assert slots.unnamed_ended(running=2, listed_at=asked) == 0
+    assert slots.unnamed == 2 and slots.held == 3
+    assert slots.unnamed_ended(running=1, listed_at=asked) == 1
+    assert slots.unnamed == 1 and slots.held == 2
+    # A list asked before an answer was lost may not show that task yet: it proves nothing.
+    later = await slots.acquire()
+    slots.lost(later)
+    assert slots.unnamed_ended(running=0, listed_at=asked) == 1  # only the one lost before
+    assert slots.unnamed == 1 and slots.held == 2
+    assert slots.unnamed_ended(running=0, listed_at=time.monotonic()) == 1
+    assert slots.unnamed == 0 and slots.held == 1
 
 
 async def test_an_acknowledged_task_the_run_will_not_poll_gives_its_slot_back() -> None:

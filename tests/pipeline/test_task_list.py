@@ -115,6 +115,28 @@ def test_a_failing_list_loses_no_row_and_pays_once(
     assert stats["submits_accepted"] == ROWS
 
 
+def test_lost_submit_answers_beside_the_list_lose_no_row_and_pay_once(
+    start_sim: Callable[..., SimServer], tmp_path: Path
+) -> None:
+    """A tenth of the submit answers are cut after the task was made: those tasks are ours
+    but nameless, and the list's count of tasks we cannot name gives their slots back
+    (``SlotController.unnamed_ended``, tested in tests/limits); the run still ends every
+    row once and only an ambiguous submit may be sent again."""
+    drops = FaultConfig(seed=22, submit=EndpointFaults(drop=0.1))
+    server = start_sim(latency=LATENCY, faults=drops)
+    manifest = write_catalog(tmp_path / "in", ROWS)
+
+    summary = run_against(server, manifest, tmp_path / "out", options=options())
+
+    table = check_output(tmp_path / "out", ROWS, summary)
+    assert statuses(table) == {"succeeded": ROWS}
+    stats = key_stats(server)
+    assert stats["faults"]["submit_drop"] > 0 and stats["list_calls"] > 0
+    assert summary.ambiguous_submits >= stats["faults"]["submit_drop"]
+    assert stats["duplicate_submits"] <= summary.ambiguous_submits
+    assert stats["submits_accepted"] == ROWS + stats["duplicate_submits"]
+
+
 def test_a_list_that_stops_answering_mid_run_hands_its_tasks_back_to_polls(
     start_sim: Callable[..., SimServer], tmp_path: Path
 ) -> None:
