@@ -1415,7 +1415,10 @@ class Engine:
 
     def _listing_stopped(self) -> None:
         """The list is no longer asked (too long, too slow, failing): the tasks whose first
-        poll it put off get the usual first-poll time back."""
+        poll it put off get the usual first-poll time back. Called at every plan while the
+        list is not asked: once stopped, nothing is put off until it answers again."""
+        if self._listed_at == -math.inf:
+            return
         self._listed_at = -math.inf
         now = time.monotonic()
         for tracked in self._by_task.values():

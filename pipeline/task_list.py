@@ -6,7 +6,7 @@ answers ``GET`` on the submit address with every task of the key and its status,
 request for all of them. Asked about once per task that ends, it tells which slots are free
 within a fraction of a task's time, with no refused submit and no poll until the task is
 known to be done (one poll then fetches the image's address). On the ``standard`` tier that
-kept the key 0.97-0.98 busy where probes alone reach 0.95, with a sixth of their 429s
+kept the key 0.97-0.98 busy where probes alone reach 0.95, with a fifth of their 429s
 (``benchmarks/notes.md``).
 
 The list holds every task the key ran in the API's retention window (the simulator's:
@@ -26,7 +26,8 @@ from dataclasses import dataclass
 
 #: Lists asked per task expected to end: one list every 1.25 endings. At the ``standard``
 #: tier one per ending kept the key 0.977 busy at 2.04 requests per image (lists and polls
-#: together), one per 1.5 endings 0.968 at 1.72 (benchmarks/notes.md).
+#: together), one per 1.25 endings 0.973 at 1.85, one per 1.5 endings 0.968 at 1.72
+#: (benchmarks/notes.md).
 PER_ENDING = 1.25
 #: The closest two lists may follow each other.
 MIN_INTERVAL_S = 0.02
