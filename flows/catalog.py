@@ -317,8 +317,24 @@ async def _unless_the_night_is_cancelled(work: Awaitable[_T], night: str | None)
     if running.done():
         return running.result()
     running.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await running
+    # The shards now wait for the answers to their submits in the air. A SIGTERM for the
+    # same cancellation often comes a moment later (the server's cancel reaching the
+    # worker) and cancels this runner again: awaited directly, that second cancellation
+    # reached the shards and cut their wait short, and a task the API had charged went
+    # unjournaled (tests/flows/test_scale_out.py: 13 charged, 12 journaled). ``wait`` does
+    # not pass it on: the shards finish stopping (``SHARDS_STOP_S``), then it is raised.
+    again = False
+    deadline = asyncio.get_running_loop().time() + SHARDS_STOP_S
+    while not running.done():
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            break
+        try:
+            await asyncio.wait({running}, timeout=left)
+        except asyncio.CancelledError:
+            again = True
+    if again:
+        raise asyncio.CancelledError
     return None
 
 

@@ -81,3 +81,40 @@ async def test_a_runner_stops_when_its_night_is_cancelled(
     for index in (0, 1):
         info = out / f".klein/shards/{index}/shard.json"
         assert not info.exists() or json.loads(info.read_text())["token"] != job.token
+
+
+async def test_a_sigterm_after_the_night_s_cancel_lets_the_shards_finish_stopping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The runner saw the night cancelled and cancelled its shards, which now wait for the
+    answers to their submits in the air; the SIGTERM of the same cancellation comes a
+    moment later and cancels the runner again. That second cancellation must not reach the
+    shards (it cut their wait short: a task the API charged went unjournaled), and the
+    runner still ends cancelled once they have stopped."""
+    from flows import catalog
+
+    night_cancelled = asyncio.Event()
+
+    async def cancelled(night: object) -> None:
+        await night_cancelled.wait()
+
+    monkeypatch.setattr(catalog, "_cancelled", cancelled)
+    stopped: list[str] = []
+
+    async def shards() -> None:
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            await asyncio.sleep(0.3)  # the answers to its submits in the air, then journaled
+            stopped.append("answers journaled")
+            raise
+
+    night = "5f0c2b1e-8d7a-4c3b-9e6f-2a1d0c9b8e7f"
+    runner = asyncio.ensure_future(catalog._unless_the_night_is_cancelled(shards(), night))
+    await asyncio.sleep(0.05)
+    night_cancelled.set()
+    await asyncio.sleep(0.05)
+    runner.cancel()  # the SIGTERM's cancellation, on top
+    with pytest.raises(asyncio.CancelledError):
+        await runner
+    assert stopped == ["answers journaled"]
