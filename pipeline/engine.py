@@ -1366,19 +1366,23 @@ class Engine:
         measure_at = 0.0
         while True:
             held = self.slots.held
+            if held == 0:
+                self._listing_stopped()
+                await asyncio.sleep(task_list.MIN_INTERVAL_S)
+                continue
             # The pace tasks are replaced at; before the first accept, the median's guess.
             endings = self.slots.pace or held / max(self._median.value, 1e-3)
             tail_s = self._drain_base() if self._in_tail() else None
             step = task_list.plan(endings, entries, tail_s=tail_s, failures=failures)
-            if held == 0 or not step.useful:
+            if step.useful:
+                await asyncio.sleep(step.wait_s)
+            else:
                 self._listing_stopped()
                 now = time.monotonic()
-                if held == 0 or not step.too_long or now < measure_at:
-                    await asyncio.sleep(task_list.REPLAN_S if held else task_list.MIN_INTERVAL_S)
+                if not step.too_long or now < measure_at:
+                    await asyncio.sleep(task_list.REPLAN_S)
                     continue
-                measure_at = now + task_list.RECHECK_S
-            else:
-                await asyncio.sleep(step.wait_s)
+                measure_at = now + task_list.RECHECK_S  # read it once, to measure its size
             asked = time.monotonic()
             try:
                 async with self._session.get(
