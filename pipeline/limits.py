@@ -304,13 +304,18 @@ class SlotController:
     def pace(self) -> float:
         """Submits accepted a second over the last ``PACE_WINDOW_S`` (on a full key, the
         pace tasks end at); 0 before the first."""
-        now = time.monotonic()
+        return self._pace_at(time.monotonic())
+
+    def _pace_at(self, now: float) -> float:
+        self._forget_accepts(now)
+        if not self._accepts:
+            return 0.0
+        return len(self._accepts) / min(PACE_WINDOW_S, max(now - self._first_accept, 1.0))
+
+    def _forget_accepts(self, now: float) -> None:
         accepts = self._accepts
         while accepts and accepts[0] < now - PACE_WINDOW_S:
             accepts.popleft()
-        if not accepts:
-            return 0.0
-        return len(accepts) / min(PACE_WINDOW_S, max(now - self._first_accept, 1.0))
 
     def _busy_upper_bound(self) -> int:
         return self._held - self._finished_lb
@@ -397,8 +402,7 @@ class SlotController:
         self._live.add(permit)
         self._accepts.append(now)
         self._first_accept = min(self._first_accept, now)
-        while self._accepts[0] < now - PACE_WINDOW_S:
-            self._accepts.popleft()
+        self._forget_accepts(now)
         # Only our acknowledged tasks are on the server's count; submits still in the air
         # may not have reached it, so they prove nothing about finishes.
         bound = self._held - self._in_air - self.limit
@@ -546,7 +550,7 @@ class SlotController:
         """
         if self._target >= SLOW_FINISHES_REFUSAL or now - self._first_accept < PACE_WINDOW_S:
             return self._target
-        per_s = max(len(self._accepts), 1) / PACE_WINDOW_S
+        per_s = max(self._pace_at(now), 1.0 / PACE_WINDOW_S)
         if per_s * SPARE_SUBMITS > self._submits_per_s:
             return self._target
         slow = math.log(FAST_FINISHES_PER_S / per_s) / math.log(
