@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from benchmarks.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 #: Prefect's file-based lease storage (``flows/leases.py``), as production runs it.
@@ -41,12 +42,6 @@ WORKER_QUERY_S = "3"
 #: Pool and deployment names as ``prefect.yaml`` has them.
 POOL = "klein-pool"
 SHARD_DEPLOYMENT = "generate-catalog-shard/catalog-shard"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(url: str, process: subprocess.Popen[bytes], timeout: float, log: Path) -> None:

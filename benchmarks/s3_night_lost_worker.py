@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.ports import free_port
 from benchmarks.prefect_pool import (
     BIN,
     REPO,
     SHARD_DEPLOYMENT,
     descendants,
-    free_port,
     prefect_pool,
     shared_key_toml,
     sim_stats,

@@ -23,6 +23,7 @@ from typing import Any
 import polars as pl
 from pipeline_helpers import KLEIN_BATCH, SIM_KEY, cli_env, write_catalog
 
+from benchmarks.ports import free_port
 from pipeline.sim import KeyConfig, LatencyConfig
 from pipeline.webhooks import PATH
 
@@ -79,12 +80,6 @@ class Slowloris(threading.Thread):
 
 def hold_open_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (OPEN_FILES, OPEN_FILES))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_slowloris_against_the_receiver_fails_no_row(start_sim: Any, tmp_path: Path) -> None:
