@@ -4,13 +4,13 @@ The scenario is ``benchmarks/sharing.py``'s: each job is its own process, as two
 jobs would be, and so is the simulator; the app (a request every two seconds or so,
 sometimes two at once, never polled) grabs slots at random moments. After a warm-up (the
 jobs start together, the first to submit fills the key and the other joins a full one,
-and the controller has to even that out) the simulator's counters are read over 40 s (long
-enough that a few 429s more or less do not decide the 2% bound): 429s must stay under 2%
-of the jobs' submits, the key's slots must be at least 90% busy, and each job must get at
-least half the images the other gets. Both jobs are then stopped with SIGINT, as Ctrl-C
-would, and must exit promptly (130) without a traceback. The three bounds are statistics
-over one window: when one is missed, the scenario runs once more (same bounds) and that run
-decides; exits, tracebacks and the key's limit are checked in both.
+and the controller has to even that out: 10 s) the simulator's counters are read over 25 s,
+some 500 submits: 429s must stay under 2% of the jobs' submits, the key's slots must be
+at least 90% busy, and each job must get at least half the images the other gets. Both
+jobs are then stopped with SIGINT, as Ctrl-C would, and must exit promptly (130) without a
+traceback. The three bounds are statistics over one window: when one is missed, the
+scenario runs once more (same bounds) and that run decides; exits, tracebacks and the
+key's limit are checked in both.
 
 Tasks take about a second (median 1 s, p95 2 s): what a job loses to the key being shared
 is the time between a task finishing on the server and the job noticing, so the scenario
@@ -33,6 +33,11 @@ import pytest
 
 from benchmarks.sharing import SLOTS, Figures, measure, simulator
 
+#: Shorter than the benchmark's 15 s + 40 s: the test holds the machine alone (it is
+#: serial) and these 25 s measured 0.98-1.17% 429s, 96.5-97.3% busy and fairness 0.74-0.94
+#: over four runs (``python -m benchmarks.sharing --jobs 2 --delivery webhooks --repeat 4
+#: --warmup 10 --window 25``), against bounds of 2%, 90% and 0.5.
+WARMUP_S, WINDOW_S = 10.0, 25.0
 DEBUG = [os.environ["DBG"]] if os.environ.get("DBG") else []
 
 POLLING_ON_DEMAND = pytest.mark.skipif(
@@ -48,7 +53,7 @@ async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery
     figures = await _scenario(tmp_path / "first", delivery)
     missed = _statistical_misses(figures)
     if missed:
-        # The 2% / 90% / one-half bounds are statistics over 40 s on a machine that is
+        # The 2% / 90% / one-half bounds are statistics over 25 s on a machine that is
         # also running other things: one scenario more decides, with the same bounds.
         # A warning, not a print: it reaches the summary of a run that passes too, so CI
         # logs say how often the first scenario misses, and by what.
@@ -66,7 +71,15 @@ async def _scenario(workdir: Path, delivery: str) -> Figures:
     key's limit, and (webhooks) the server telling the jobs."""
     await asyncio.to_thread(workdir.mkdir)
     with simulator(workdir) as sim:
-        figures = await measure(sim, workdir, jobs=2, delivery=delivery, debug=DEBUG)
+        figures = await measure(
+            sim,
+            workdir,
+            jobs=2,
+            delivery=delivery,
+            warmup_s=WARMUP_S,
+            window_s=WINDOW_S,
+            debug=DEBUG,
+        )
     report = figures.line()
     print(report)
     for code, err in zip(figures.exit_codes, figures.errors, strict=True):
@@ -81,7 +94,7 @@ async def _scenario(workdir: Path, delivery: str) -> Figures:
 
 
 def _statistical_misses(figures: Figures) -> list[str]:
-    """The bounds a 40 s window measures statistically, each one that was missed."""
+    """The bounds a 25 s window measures statistically, each one that was missed."""
     missed = []
     if not figures.refused_429 < 0.02 * figures.submits:
         missed.append("429s >= 2% of submits")
