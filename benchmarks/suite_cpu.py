@@ -23,6 +23,7 @@ import threading
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -41,18 +42,20 @@ if os.environ.get("KLEIN_CPU_DIR"):
 """
 
 #: A pytest plugin (``-p klein_cpu_tests``): each test's CPU in the process running it
-#: (set-up, call and tear-down, every thread of that process; not the processes it starts).
+#: (set-up, call and tear-down, every thread of that process; not the processes it starts),
+#: and when it started and ended.
 PLUGIN = """
 import json, os, time
 import pytest
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
-    start = time.process_time()
+    start, began = time.process_time(), time.time()
     yield
     path = os.path.join(os.environ["KLEIN_CPU_DIR"], "tests-%d.jsonl" % os.getpid())
     with open(path, "a") as handle:
-        handle.write(json.dumps([item.nodeid, time.process_time() - start]) + "\\n")
+        spent = time.process_time() - start
+        handle.write(json.dumps([item.nodeid, spent, began, time.time()]) + "\\n")
 """
 
 #: (kind, pattern of the command line), first match wins.
@@ -81,10 +84,26 @@ def kind_of(command: str) -> str:
     return "other"
 
 
-def sample(seen: dict[int, tuple[str, float]], stop: threading.Event) -> None:
-    """Every process's command line and CPU so far, every 0.2 s, until ``stop``."""
+#: The timeline's bucket, and the machine's busy cores under which a bucket is listed with
+#: the tests that ran in it (a suite that leaves cores idle waits on something).
+BUCKET_S = 30.0
+IDLE_BELOW = 0.8
+
+
+def machine_busy() -> float:
+    """CPU-seconds the whole machine has been busy (not idle, not waiting on I/O)."""
+    fields = [int(f) for f in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / TICK
+
+
+def sample(
+    seen: dict[int, tuple[str, float]], busy: list[tuple[float, float]], stop: threading.Event
+) -> None:
+    """Every process's command line and CPU so far, and the machine's busy CPU-seconds,
+    every 0.2 s, until ``stop``."""
     me = os.getpid()
     while not stop.is_set():
+        busy.append((time.time(), machine_busy()))
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit() or int(entry.name) == me:
                 continue
@@ -118,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     }
     already = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
     seen: dict[int, tuple[str, float]] = {}
+    busy: list[tuple[float, float]] = []
     stop = threading.Event()
-    sampler = threading.Thread(target=sample, args=(seen, stop), daemon=True)
+    sampler = threading.Thread(target=sample, args=(seen, busy, stop), daemon=True)
     sampler.start()
     started = time.monotonic()
     pytest_args = ["-p", "klein_cpu_tests", *args[split + 1 :]]
@@ -151,11 +171,33 @@ def main(argv: list[str] | None = None) -> int:
             f"{kind:<42} {seconds:>8.0f} {seconds / everything:>6.1%} {count:>6} "
             f"{seconds / count:>7.1f}"
         )
-    in_tests = sum(seconds for _, seconds in tests)
+    in_tests = sum(test[1] for test in tests)
     print(f"\n{in_tests:.0f} CPU s in the tests' own processes; the 25 largest:")
-    for nodeid, seconds in sorted(tests, key=lambda t: -t[1])[:25]:
+    for nodeid, seconds, *_ in sorted(tests, key=lambda t: -t[1])[:25]:
         print(f"{seconds:8.1f}  {nodeid}")
+    print_timeline(busy, tests)
     return code
+
+
+def print_timeline(busy: list[tuple[float, float]], tests: list[list[Any]]) -> None:
+    """The machine's busy cores and the tests running, bucket by bucket; the tests of a
+    bucket where the cores were mostly idle are named (what the suite waited on)."""
+    if len(busy) < 2:
+        return
+    cores = os.cpu_count() or 1
+    start, end = busy[0][0], busy[-1][0]
+    print(f"\ntimeline ({BUCKET_S:.0f} s buckets, {cores} cores): busy cores, tests running")
+    at = start
+    while at < end:
+        inside = [b for b in busy if at <= b[0] <= at + BUCKET_S]
+        if len(inside) >= 2:
+            used = (inside[-1][1] - inside[0][1]) / max(inside[-1][0] - inside[0][0], 1e-9)
+            running = [t[0] for t in tests if t[2] < at + BUCKET_S and t[3] > at]
+            line = f"{at - start:6.0f} s {used:5.2f} {len(running):4d}"
+            if used < IDLE_BELOW * cores:
+                line += "  " + ", ".join(sorted(n.split("::")[-1][:60] for n in running)[:6])
+            print(line)
+        at += BUCKET_S
 
 
 if __name__ == "__main__":
