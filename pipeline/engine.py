@@ -1363,19 +1363,28 @@ class Engine:
         """
         timeout = aiohttp.ClientTimeout(total=task_list.TIMEOUT_S)
         entries = failures = 0
-        measure_at = 0.0
+        measure_at = answered_at = 0.0
         while True:
             held = self.slots.held
-            if held == 0:
+            if held == 0 or not self._by_task:
+                # Nothing of ours to list yet: at a run's start the first submits are in
+                # the air, and a plan made from them would guess a key's worth of tasks
+                # ending within the median's first estimate.
                 self._listing_stopped()
                 await asyncio.sleep(task_list.MIN_INTERVAL_S)
                 continue
-            # The pace tasks are replaced at; before the first accept, the median's guess.
+            # The pace tasks are replaced at; with no accept for a while, the median's guess.
             endings = self.slots.pace or held / max(self._median.value, 1e-3)
             tail_s = self._drain_base() if self._in_tail() else None
             step = task_list.plan(endings, entries, tail_s=tail_s, failures=failures)
             if step.useful:
-                await asyncio.sleep(step.wait_s)
+                wait = answered_at + step.wait_s - time.monotonic()
+                if wait > 0.0:
+                    # Planned again every REPLAN_S at least: at a run's start the pace goes
+                    # from one task in the air to a full key within a fraction of a second,
+                    # and the list it then calls for is due sooner than the first plan said.
+                    await asyncio.sleep(min(wait, task_list.REPLAN_S))
+                    continue
             else:
                 self._listing_stopped()
                 now = time.monotonic()
@@ -1395,12 +1404,15 @@ class Engine:
                 continue
             except (aiohttp.ClientError, TimeoutError, ProtocolError):
                 failures += 1
+                answered_at = time.monotonic()
                 if not self._listing_live():
                     self._listing_stopped()
                 continue
             failures = 0
             entries = listed.entries
-            self._listed_at = time.monotonic()
+            if step.useful and not self._listing_live():
+                self._defer_to_the_list()  # not when it was asked only to measure its size
+            self._listed_at = answered_at = time.monotonic()
             self.stats.lists += 1
             by_task = self._by_task
             for task_id in listed.ended:
@@ -1429,6 +1441,26 @@ class Engine:
             if tracked.deferred and not tracked.done.done():
                 tracked.deferred = False
                 self._schedule(tracked, max(self._first_poll.value - (now - tracked.started), 0.0))
+
+    def _defer_to_the_list(self) -> None:
+        """The list answers (again): the tasks whose polls were planned without it are
+        polled as those submitted while it answers are, once it shows them ended, and else
+        ``LIST_POLL_FACTOR`` first-poll times after their submit (a backup). At a run's
+        start that is every task submitted before its first answer, a key's worth: polled
+        as planned, they were polled on top of the lists (a 20-row run: 70 polls and 37
+        lists)."""
+        backup = LIST_POLL_FACTOR * self._first_poll.value
+        for tracked in self._by_task.values():
+            if tracked.deferred or tracked.released or tracked.due == math.inf:
+                continue  # put off already, ended, or its poll is in the air
+            if tracked.done.done():
+                continue
+            tracked.deferred = True
+            tracked.calibrating = False  # the list teaches the median instead
+            due = tracked.started + backup
+            if due > tracked.due:
+                tracked.due = due  # the earlier heap entry is skipped (``_schedule_polls``)
+                heapq.heappush(self._heap, (due, next(self._seq), tracked))
 
     def _listed(self, tracked: _Tracked) -> None:
         """The task list says ``tracked`` ended: its slot is given back now and one poll
