@@ -310,31 +310,18 @@ async def _unless_the_night_is_cancelled(work: Awaitable[_T], night: str | None)
     try:
         await asyncio.wait({running, watch}, return_when=asyncio.FIRST_COMPLETED)
     except BaseException:  # this runner itself cancelled: ``wait`` does not pass it on
-        await _stop_shards([running])  # raised at once, its shards' answers were cut off
+        with contextlib.suppress(asyncio.CancelledError):  # what ends it is raised below
+            await _stop_shards([running])  # raised at once, its shards' answers were cut off
         raise
     finally:
         watch.cancel()
     if running.done():
         return running.result()
-    running.cancel()
     # The shards now wait for the answers to their submits in the air. A SIGTERM for the
     # same cancellation often comes a moment later (the server's cancel reaching the
-    # worker) and cancels this runner again: awaited directly, that second cancellation
-    # reached the shards and cut their wait short, and a task the API had charged went
-    # unjournaled (tests/flows/test_scale_out.py: 13 charged, 12 journaled). ``wait`` does
-    # not pass it on: the shards finish stopping (``SHARDS_STOP_S``), then it is raised.
-    again = False
-    deadline = asyncio.get_running_loop().time() + SHARDS_STOP_S
-    while not running.done():
-        left = deadline - asyncio.get_running_loop().time()
-        if left <= 0:
-            break
-        try:
-            await asyncio.wait({running}, timeout=left)
-        except asyncio.CancelledError:
-            again = True
-    if again:
-        raise asyncio.CancelledError
+    # worker) and cancels this runner again (tests/flows/test_scale_out.py: 13 charged, 12
+    # journaled, before ``_stop_shards`` waited through it).
+    await _stop_shards([running])
     return None
 
 
@@ -905,17 +892,31 @@ SHARDS_STOP_S = 30.0
 
 
 async def _stop_shards(running: list[asyncio.Future[Any]]) -> None:
-    """Cancel the shards still running and wait for them to stop (``SHARDS_STOP_S``).
+    """Cancel the shards still running and wait for them to stop (``SHARDS_STOP_S``), also
+    when this task is cancelled again meanwhile; that cancellation is raised once they have.
 
     Left to ``asyncio.run``'s clean-up, every task of the loop was cancelled at once, the
     engine's submits on the wire among them: tasks the API had charged were never
     journaled, and the rerun paid for their rows again. Cancelled from here, each shard's
-    engine stops as a Ctrl-C'd ``klein-batch run`` does, its submits answered first.
+    engine stops as a Ctrl-C'd ``klein-batch run`` does, its submits answered first. A
+    second cancellation (a SIGTERM after the night's cancel, a second Ctrl-C) ended the
+    wait, and the shards were cut as before: ``asyncio.wait`` does not pass it on to them,
+    so the wait goes on.
     """
     for future in running:
         future.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await asyncio.wait(running, timeout=SHARDS_STOP_S)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + SHARDS_STOP_S
+    again = False
+    pending = [future for future in running if not future.done()]
+    while pending and (left := deadline - loop.time()) > 0:
+        try:
+            await asyncio.wait(pending, timeout=left)
+        except asyncio.CancelledError:
+            again = True
+        pending = [future for future in pending if not future.done()]
+    if again:
+        raise asyncio.CancelledError
 
 
 async def _run_shards(

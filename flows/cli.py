@@ -12,10 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from types import FrameType
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -26,6 +29,8 @@ from pipeline.spec import RunSpec
 from pipeline.summary import ExitCode
 
 EXIT_INTERRUPTED = 130
+
+_T = TypeVar("_T")
 
 _EPILOG = (
     "Exit codes: 0 every row succeeded; 1 some rows did not; 2 could not start; "
@@ -166,6 +171,69 @@ def _simulator(spec: RunSpec) -> Iterator[tuple[str | None, str | None]]:
             raise
 
 
+#: Said on stderr when Ctrl-C comes again while the shards stop.
+STILL_STOPPING = (
+    "still stopping: each shard waits for the answers to its submits in the air (up to "
+    "10 s) and journals them; Ctrl-C again to quit at once (a submit still unanswered then "
+    "may be paid for again by the rerun)\n"
+)
+#: Said on stderr as a third Ctrl-C quits at once.
+QUITTING = (
+    "quitting; every acknowledged task is in the shards' journals: the same command resumes\n"
+)
+
+
+def _run_stopping_on_ctrl_c(work: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run`` with Ctrl-C as ``klein-batch run`` takes it: the first cancels the
+    flow (its shards stop as a run does, each journaling the answers to its submits in the
+    air), a second only says it is still stopping, a third quits at once.
+
+    asyncio's own handler raised KeyboardInterrupt at the second press, and its clean-up
+    cancelled the stopping shards again: the answers they waited for were never read, and
+    tasks the API had charged went unjournaled (tests/flows/test_flow_cli.py, a double
+    Ctrl-C: 12 submits left unanswered in the journals). SIGTERM is the flow's own
+    (``flows/sigterm.py``).
+    """
+    presses = 0
+
+    async def main() -> _T:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            nonlocal presses
+            presses += 1
+            if presses == 1 and task is not None:
+                loop.call_soon_threadsafe(task.cancel)
+            elif presses == 2:
+                _say(STILL_STOPPING)
+            else:
+                _say(QUITTING)
+                os._exit(EXIT_INTERRUPTED)
+
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            return await work
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
+
+    try:
+        return asyncio.run(main())
+    except asyncio.CancelledError:
+        if presses:
+            raise KeyboardInterrupt from None
+        raise
+
+
+def _say(text: str) -> None:
+    """A line to stderr from a signal handler, which may interrupt a buffered write."""
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())
+
+
 def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
     """Check what can be checked before Prefect starts, run the flow; the exit code."""
     try:
@@ -210,7 +278,7 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
                 spec = spec.replace(api_url=sim_url)
             key_env = spec.api_key_env if sim_key else ""
             with _environment(key_env, sim_key) if sim_key else contextlib.nullcontext():
-                result = asyncio.run(
+                result = _run_stopping_on_ctrl_c(
                     generate_catalog(
                         manifest,
                         spec,

@@ -46,9 +46,11 @@ def signal_when(
     env: dict[str, str],
     ready: Callable[[], int],
     sig: signal.Signals = signal.SIGINT,
+    again_after_s: float | None = None,
 ) -> tuple[int, str, int]:
     """Run ``command``, press Ctrl-C (or send ``sig``) once ``ready()`` is not 0 (at most 2
-    minutes), and return its exit code, its output and what ``ready()`` said then."""
+    minutes), and ``again_after_s`` later once more if given (people press it twice);
+    return its exit code, its output and what ``ready()`` said then."""
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -62,6 +64,9 @@ def signal_when(
         assert proc.poll() is None, proc.communicate()[0][-3000:]
         assert seen, "never ready"
         proc.send_signal(sig)
+        if again_after_s is not None:
+            time.sleep(again_after_s)
+            proc.send_signal(sig)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -225,6 +225,36 @@ def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
 
 
 @pytest.mark.slow(seconds=30)
+def test_a_second_ctrl_c_on_a_flow_still_journals_the_submits_in_the_air(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """People press Ctrl-C twice. The second press, while the shards wait for the answers
+    to their submits, must not cut that wait (as it does not for ``klein-batch run``:
+    ``pipeline/run.py``'s ``_on_stop_signal``): a charged task left unjournaled is paid for
+    again by the rerun."""
+    out = tmp_path / "out"
+    args = _sixty_mugs_on_a_slow_key(tmp_path, "\n[faults]\nsubmit_answer_delay_s = 1.5\n")
+
+    def submits_waiting() -> int:
+        waiting = _journal_submits(out)[1]
+        return waiting if waiting >= 3 else 0
+
+    code, output, waiting = signal_when(
+        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
+        _env(tmp_path / "prefect", prefect_server),
+        submits_waiting,
+        again_after_s=0.3,
+    )
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "still stopping: each shard waits for the answers" in output, output[-3000:]
+    acked, still_waiting = _journal_submits(out)
+    assert waiting >= 3
+    assert still_waiting == 0, output[-3000:]
+    assert acked >= waiting
+
+
+@pytest.mark.slow(seconds=30)
 def test_sigterm_on_a_flow_journals_the_submits_in_the_air(
     tmp_path: Path, prefect_server: str
 ) -> None:
