@@ -203,8 +203,9 @@ def _run_stopping_on_ctrl_c(work: Coroutine[Any, Any, _T]) -> _T:
         def on_sigint(signum: int, frame: FrameType | None) -> None:
             nonlocal presses
             presses += 1
-            if presses == 1 and task is not None:
-                loop.call_soon_threadsafe(task.cancel)
+            if presses == 1:
+                if task is not None:
+                    loop.call_soon_threadsafe(task.cancel)
             elif presses == 2:
                 _say(STILL_STOPPING)
             else:

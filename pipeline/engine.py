@@ -1451,10 +1451,10 @@ class Engine:
         lists)."""
         backup = LIST_POLL_FACTOR * self._first_poll.value
         for tracked in self._by_task.values():
-            if tracked.deferred or tracked.released or tracked.due == math.inf:
-                continue  # put off already, ended, or its poll is in the air
-            if tracked.done.done():
-                continue
+            if tracked.deferred or tracked.released or tracked.done.done():
+                continue  # put off already, or ended
+            if tracked.due == math.inf:
+                continue  # its poll is in the air
             tracked.deferred = True
             tracked.calibrating = False  # the list teaches the median instead
             due = tracked.started + backup
