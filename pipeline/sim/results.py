@@ -3,8 +3,9 @@
 An image is rendered at its first download, not at submit, because most load tests only
 ever fetch each image once and many never poll to the end; a bounded LRU (by total bytes)
 keeps recent images so a retried or truncated download costs a memcpy, not a render.
-The URL carries its expiry and an HMAC of (task, extension, expiry), so a client cannot
-extend the lifetime by editing the query string.
+The simulators of one process share that cache (``shared_cache``). The URL carries its
+expiry and an HMAC of (task, extension, expiry), so a client cannot extend the lifetime by
+editing the query string.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import threading
 from collections import OrderedDict
 from email.utils import formatdate
 
@@ -29,31 +31,64 @@ _SLOW_TICKS_PER_S = 20
 
 
 class ImageCache:
-    """Recently rendered images, evicted oldest-first once ``max_bytes`` is exceeded."""
+    """Recently rendered images, evicted oldest-first once ``max_bytes`` is exceeded.
+
+    Thread-safe: the simulators of one process share one (``shared_cache``), each on its
+    own thread's event loop when started with ``SimServer.in_thread``.
+    """
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._lock = threading.Lock()
 
     def get(self, key: tuple[object, ...]) -> bytes | None:
-        data = self._items.get(key)
-        if data is not None:
-            self._items.move_to_end(key)
-        return data
+        with self._lock:
+            data = self._items.get(key)
+            if data is not None:
+                self._items.move_to_end(key)
+            return data
 
     def put(self, key: tuple[object, ...], data: bytes) -> None:
-        if len(data) > self.max_bytes or key in self._items:
-            return
-        self._items[key] = data
-        self.bytes += len(data)
-        while self.bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self.bytes -= len(old)
+        with self._lock:
+            if len(data) > self.max_bytes or key in self._items:
+                return
+            self._items[key] = data
+            self.bytes += len(data)
+            while self.bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self.bytes -= len(old)
 
     def clear(self) -> None:
-        self._items.clear()
-        self.bytes = 0
+        with self._lock:
+            self._items.clear()
+            self.bytes = 0
+
+
+_shared: ImageCache | None = None
+_shared_lock = threading.Lock()
+
+
+def shared_cache(max_bytes: int) -> ImageCache:
+    """The process's image cache, holding at least ``max_bytes`` (0: a cache of nothing,
+    for this simulator alone).
+
+    An image depends only on its key (the same bytes in any process), and the simulators
+    one process starts, one after another or side by side (a test suite's, a notebook's),
+    are asked for the same prompts again: the in-process simulators of the suite's
+    pipeline tests rendered 9,192 images where a shared cache rendered 2,595 (74 of their
+    471 CPU-seconds; benchmarks/notes.md, session 24). Bounded by the largest size any of
+    them asked for.
+    """
+    global _shared
+    if max_bytes == 0:
+        return ImageCache(0)
+    with _shared_lock:
+        if _shared is None:
+            _shared = ImageCache(max_bytes)
+        _shared.max_bytes = max(_shared.max_bytes, max_bytes)
+        return _shared
 
 
 class Results:
@@ -62,7 +97,7 @@ class Results:
     def __init__(self, state: SimState, secret: bytes) -> None:
         self._state = state
         self._secret = secret
-        self.cache = ImageCache(state.config.image_cache_bytes)
+        self.cache = shared_cache(state.config.image_cache_bytes)
         self._rendering: dict[tuple[object, ...], asyncio.Future[bytes]] = {}
 
     def _sig(self, task_id: str, ext: str, expires: int) -> str:
