@@ -159,7 +159,8 @@ class SimConfig:
     #: Webhooks to non-loopback hosts are refused (400) unless this is true.
     allow_external_webhooks: bool = False
     webhook_timeout_s: float = 5.0
-    #: Recently rendered images kept in memory, by total bytes.
+    #: Recently rendered images kept in memory, by total bytes; one cache for the
+    #: simulators of a process (``results.shared_cache``), 0 for none.
     image_cache_bytes: int = 256 * 1024 * 1024
     #: Largest decoded reference image accepted.
     max_reference_bytes: int = 10 * 1024 * 1024
