@@ -97,17 +97,26 @@ def machine_busy() -> float:
 
 
 def sample(
-    seen: dict[int, tuple[str, float]], busy: list[tuple[float, float]], stop: threading.Event
+    seen: dict[int, tuple[str, float]],
+    busy: list[tuple[float, float]],
+    stop: threading.Event,
+    mark: bytes,
 ) -> None:
-    """Every process's command line and CPU so far, and the machine's busy CPU-seconds,
-    every 0.2 s, until ``stop``."""
+    """The command line and CPU so far of every process whose environment holds ``mark``
+    (what the measured pytest started, reparented ones too; not what else runs meanwhile,
+    such as another test run's simulators), and the machine's busy CPU-seconds, every
+    0.2 s, until ``stop``."""
     me = os.getpid()
+    foreign: set[int] = set()
     while not stop.is_set():
         busy.append((time.time(), machine_busy()))
         for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == me:
+            if not entry.name.isdigit() or int(entry.name) in foreign or int(entry.name) == me:
                 continue
             try:
+                if int(entry.name) not in seen and mark not in (entry / "environ").read_bytes():
+                    foreign.add(int(entry.name))
+                    continue
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
                 cpu = (int(fields[11]) + int(fields[12])) / TICK
                 command = seen.get(int(entry.name), ("", 0.0))[0] or (
@@ -139,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     seen: dict[int, tuple[str, float]] = {}
     busy: list[tuple[float, float]] = []
     stop = threading.Event()
-    sampler = threading.Thread(target=sample, args=(seen, busy, stop), daemon=True)
+    mark = f"KLEIN_CPU_DIR={records}".encode()
+    sampler = threading.Thread(target=sample, args=(seen, busy, stop, mark), daemon=True)
     sampler.start()
     started = time.monotonic()
     pytest_args = ["-p", "klein_cpu_tests", *args[split + 1 :]]
