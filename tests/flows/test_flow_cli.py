@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -195,14 +196,13 @@ def _journal_submits(out: Path) -> tuple[int, int]:
     return journal_submits(out.glob(".klein/shards/*/.klein/ledger.sqlite"))
 
 
-@pytest.mark.slow(seconds=30)
-def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
-    tmp_path: Path, prefect_server: str
-) -> None:
-    """The simulator answers each submit 1.5 s after charging it; Ctrl-C lands while
-    submits wait for their answers. Left to ``asyncio.run``'s clean-up, every task was
-    cancelled at once and those tasks were never journaled (0 acknowledged, 24 waiting):
-    the rerun paid for their rows again. Now each shard stops as ``klein-batch run`` does."""
+def _stopped_while_submits_wait(
+    tmp_path: Path, prefect_server: str, **signalling: Any
+) -> tuple[int, str]:
+    """Run sixty rows whose submits the simulator answers 1.5 s after charging them, send
+    the signal (``signal_when``'s options) once three or more wait for their answers, and
+    check that none is left waiting in the journals: each was answered and journaled, so
+    the rerun polls it instead of paying again. The exit code and the output."""
     out = tmp_path / "out"
     args = _sixty_mugs_on_a_slow_key(tmp_path, "\n[faults]\nsubmit_answer_delay_s = 1.5\n")
 
@@ -214,14 +214,27 @@ def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
         [str(KLEIN_BATCH), *args, "--shard-size", "15"],
         _env(tmp_path / "prefect", prefect_server),
         submits_waiting,
+        **signalling,
     )
-    assert code == 130, output[-3000:]
-    assert "Traceback" not in output, output[-3000:]
-    assert "stopping: waiting up to 10 s for the answers to" in output
     acked, still_waiting = _journal_submits(out)
     assert waiting >= 3
     assert still_waiting == 0, output[-3000:]
     assert acked >= waiting
+    return code, output
+
+
+@pytest.mark.slow(seconds=30)
+def test_ctrl_c_on_a_flow_journals_the_submits_in_the_air(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """Ctrl-C lands while submits wait for their answers. Left to ``asyncio.run``'s
+    clean-up, every task was cancelled at once and those tasks were never journaled (0
+    acknowledged, 24 waiting): the rerun paid for their rows again. Now each shard stops
+    as ``klein-batch run`` does."""
+    code, output = _stopped_while_submits_wait(tmp_path, prefect_server)
+    assert code == 130, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert "stopping: waiting up to 10 s for the answers to" in output
 
 
 @pytest.mark.slow(seconds=30)
@@ -230,28 +243,12 @@ def test_a_second_ctrl_c_on_a_flow_still_journals_the_submits_in_the_air(
 ) -> None:
     """People press Ctrl-C twice. The second press, while the shards wait for the answers
     to their submits, must not cut that wait (as it does not for ``klein-batch run``:
-    ``pipeline/run.py``'s ``_on_stop_signal``): a charged task left unjournaled is paid for
-    again by the rerun."""
-    out = tmp_path / "out"
-    args = _sixty_mugs_on_a_slow_key(tmp_path, "\n[faults]\nsubmit_answer_delay_s = 1.5\n")
-
-    def submits_waiting() -> int:
-        waiting = _journal_submits(out)[1]
-        return waiting if waiting >= 3 else 0
-
-    code, output, waiting = signal_when(
-        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
-        _env(tmp_path / "prefect", prefect_server),
-        submits_waiting,
-        again_after_s=0.3,
-    )
+    ``pipeline/run.py``'s ``_on_stop_signal``): it left 12 charged submits unjournaled,
+    which the rerun paid for again."""
+    code, output = _stopped_while_submits_wait(tmp_path, prefect_server, again_after_s=0.3)
     assert code == 130, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
     assert "still stopping: each shard waits for the answers" in output, output[-3000:]
-    acked, still_waiting = _journal_submits(out)
-    assert waiting >= 3
-    assert still_waiting == 0, output[-3000:]
-    assert acked >= waiting
 
 
 @pytest.mark.slow(seconds=30)
@@ -263,23 +260,7 @@ def test_sigterm_on_a_flow_journals_the_submits_in_the_air(
     clean-up cancelled the submits on the wire: charged tasks never journaled (on a pool, a
     cancelled night: 34 charged, 30 journaled). Now the shards stop first, each waiting
     for its answers, and only then does the process end, by the signal, as before."""
-    out = tmp_path / "out"
-    args = _sixty_mugs_on_a_slow_key(tmp_path, "\n[faults]\nsubmit_answer_delay_s = 1.5\n")
-
-    def submits_waiting() -> int:
-        waiting = _journal_submits(out)[1]
-        return waiting if waiting >= 3 else 0
-
-    code, output, waiting = signal_when(
-        [str(KLEIN_BATCH), *args, "--shard-size", "15"],
-        _env(tmp_path / "prefect", prefect_server),
-        submits_waiting,
-        signal.SIGTERM,
-    )
+    code, output = _stopped_while_submits_wait(tmp_path, prefect_server, sig=signal.SIGTERM)
     assert code == -signal.SIGTERM, output[-3000:]  # ended by the signal, as Prefect ends it
-    acked, still_waiting = _journal_submits(out)
-    assert waiting >= 3
-    assert still_waiting == 0, output[-3000:]
-    assert acked >= waiting
     assert "SIGTERM: stopping the shards running here first" in output, output[-3000:]
     assert "stopping: waiting up to 10 s for the answers to" in output
