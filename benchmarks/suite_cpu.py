@@ -7,8 +7,10 @@ runs pytest with the arguments after ``--`` and prints the CPU-seconds of every 
 started, grouped (pytest's own workers, ``klein-batch`` runs, Prefect servers, workers,
 flow runs, PostgreSQL, the simulator, ...), with how many processes of each kind. Python
 processes report their own CPU as they exit (a ``sitecustomize`` on ``PYTHONPATH``);
-every process is also sampled from ``/proc`` every 0.2 s, which counts the ones killed
-(SIGKILL) and those that are not Python, to within their last 0.2 s.
+every process it started (its environment says so) is also sampled from ``/proc`` every
+0.2 s, which counts the ones killed (SIGKILL) and those that are not Python, to within
+their last 0.2 s. Then a timeline: the machine's busy cores every 30 s, and the tests that
+ran where they idled.
 """
 
 from __future__ import annotations
