@@ -1015,9 +1015,14 @@ class Engine:
             gate = self._gates.for_url(self._provider.submit_url())
             passage = await gate.enter(idempotent=False)
             try:
+                await self._rate.acquire()
+                # Checked after the last wait: a row that waited here for its turn while
+                # the run began to stop was sent all the same, and its answer could come
+                # after the settling wait had ended: cut off, its task charged, unjournaled.
+                if self._settling:
+                    raise _Stopped
                 if self._abort_reason:
                     raise _Abort
-                await self._rate.acquire()
             except BaseException:
                 passage.close()
                 raise

@@ -9,16 +9,30 @@ a Ctrl-C always finds submits in the air.
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import polars as pl
 import pytest
-from pipeline_helpers import SimProcess, capped_run, ctrl_c_when, run_cli, write_catalog
+from pipeline_helpers import (
+    SIM_KEY,
+    SimProcess,
+    capped_run,
+    ctrl_c_when,
+    fast_options,
+    key_stats,
+    run_cli,
+    write_catalog,
+)
 from test_pipeline_resume import acked
 
+from pipeline import limits
 from pipeline.contract import KLEIN_MODEL
-from pipeline.sim import SimConfig
+from pipeline.run import arun_manifest
+from pipeline.sim import FaultConfig, KeyConfig, SimConfig, SimServer
 
 ROWS = 30
 EACH = SimConfig().price(KLEIN_MODEL).credits(1024, 1024)
@@ -75,3 +89,52 @@ def test_ctrl_c_with_submits_in_the_air_journals_their_tasks_and_the_rerun_pays_
     assert round(float(stats["credits_charged"]), 2) == pytest.approx(made.height * EACH)
     assert float(stats["credits_charged"]) <= CAP + 1e-6
     assert made.height == int(CAP // EACH)
+
+
+def test_a_row_whose_turn_to_submit_comes_after_the_stop_is_not_sent(
+    start_sim: Callable[..., SimServer], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stop lands while a row, its slot taken, waits for its turn under the submit
+    rate. It was sent all the same once its turn came (and every row after it): a submit
+    started after the settling wait had ended was cut off on the wire, its task charged
+    and never journaled (2 submits left waiting in a double-Ctrl-C'd flow's journals).
+    Now only the submit already in the air is answered and journaled; nothing else goes."""
+    server = start_sim(
+        keys=[KeyConfig(max_active=2)], faults=FaultConfig(submit_answer_delay_s=1.0)
+    )
+    manifest = write_catalog(tmp_path / "in", 3)
+    out = tmp_path / "out"
+    real = limits.SubmitRateLimiter.acquire
+    turns = 0
+    second_waits = asyncio.Event()
+
+    async def acquire(self: limits.SubmitRateLimiter) -> None:
+        nonlocal turns
+        await real(self)
+        turns += 1
+        if turns == 2:  # the first row's submit is in the air (its answer comes in 1 s)
+            second_waits.set()
+            await asyncio.sleep(0.3)  # the stop lands meanwhile
+
+    monkeypatch.setattr(limits.SubmitRateLimiter, "acquire", acquire)
+
+    async def stopped_run() -> None:
+        options = fast_options(max_active=2, submits_per_minute=100_000)
+        run = asyncio.create_task(
+            arun_manifest(manifest, out, api_url=server.url, api_key=SIM_KEY, options=options)
+        )
+        await second_waits.wait()
+        run.cancel()  # what Ctrl-C does (``pipeline/run.py``'s ``_on_stop_signal``)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, timeout=30)
+
+    asyncio.run(stopped_run())
+    assert key_stats(server)["submits_accepted"] == 1  # 3 before: the waiting rows went
+    conn = sqlite3.connect(f"{(out / '.klein/ledger.sqlite').resolve().as_uri()}?mode=ro", uri=True)
+    try:
+        journaled, waiting = conn.execute(
+            "SELECT COUNT(task_id), COALESCE(SUM(intent_pending), 0) FROM tasks"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert (journaled, waiting) == (1, 0)  # the one charged task, for the rerun to poll
