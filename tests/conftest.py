@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -84,17 +86,24 @@ def _start_order(item: pytest.Item) -> tuple[int, float]:
 ONE_WORKER_MODULES = frozenset(
     {
         "tests/flows/test_scale_out.py",
-        "tests/flows/test_lost_parent.py",
         "tests/flows/test_server_restart.py",
         "tests/hostile/test_hostile_corpus.py",
     }
 )
 
 
+#: Test processes that may start the session's Prefect server (``prefect_server``, started by
+#: each on first use: about 7 CPU-seconds, then 1.6 a minute idle) while other work is left
+#: (``LongestFirst``): six workers started six, 160 CPU-seconds with the pools' servers, on
+#: a suite whose wall time is its CPU on two cores.
+PREFECT_WORKERS = 3
+
+
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's default ``load`` mode with two changes: the modules in ``ONE_WORKER_MODULES``
-    are one unit of work each, and units go out in the collection's order (slow first,
-    longest first), one at a time as workers free up.
+    """xdist's default ``load`` mode with three changes: the modules in ``ONE_WORKER_MODULES``
+    are one unit of work each, units go out in the collection's order (slow first, longest
+    first), one at a time as workers free up, and those using the session's Prefect server
+    go to ``PREFECT_WORKERS`` processes while there is other work.
 
     ``--dist worksteal`` gave each worker a contiguous quarter up front, so every slow test
     landed on the first worker one after another (the lost-worker test started after 13
@@ -105,10 +114,39 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    def module(scope: str) -> str:
+        return scope.split("::", 1)[0]
+
+    uses_fixture = re.compile(r"\bprefect_(?:server|api)\b")
+
+    @functools.cache
+    def uses_prefect(module: str) -> bool:
+        """Whether the test module ``module`` names the fixture (the controller of an xdist
+        run collects nothing: it sees node ids only)."""
+        path = config.rootpath / module
+        return path.is_file() and bool(uses_fixture.search(path.read_text(encoding="utf-8")))
+
     class LongestFirst(LoadScopeScheduling):
+        def __init__(self, config: pytest.Config, log: Any) -> None:
+            super().__init__(config, log)
+            #: The test processes given a unit that uses the Prefect server.
+            self.prefect_nodes: set[Any] = set()
+
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return module if module in ONE_WORKER_MODULES else nodeid
+            return module(nodeid) if module(nodeid) in ONE_WORKER_MODULES else nodeid
+
+        def _assign_work_unit(self, node: Any) -> None:
+            """The first unit in the queue, unless it needs the Prefect server and this
+            process has none while ``PREFECT_WORKERS`` others do: then the first that does
+            not (if any is left)."""
+            nodes = self.prefect_nodes
+            scope = next(iter(self.workqueue))
+            if node not in nodes and len(nodes) >= PREFECT_WORKERS:
+                scope = next((s for s in self.workqueue if not uses_prefect(module(s))), scope)
+            if uses_prefect(module(scope)):
+                nodes.add(node)
+            self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
 
     config.option.loadscopereorder = False
     return LongestFirst(config, log)

@@ -2,9 +2,10 @@
 worker stopped instead (``klein-batch worker``, as ``systemctl stop`` stops it).
 
 A pool of its own (a Prefect server, on PostgreSQL when installed, and two process
-workers on 127.0.0.1; ``benchmarks/prefect_pool.py``), so this test runs beside
-``test_scale_out.py`` rather than after it: it waits out 90 s of missed heartbeats by
-design. The automations of ``automations.yaml`` mark the parent Lost and run it again.
+workers on 127.0.0.1; ``benchmarks/prefect_pool.py``), so these tests run beside
+``test_scale_out.py`` rather than after it, and beside each other (a module-scoped pool
+started by each test process that draws one): the first waits out 90 s of missed
+heartbeats by design. The automations of ``automations.yaml`` mark the parent Lost and run it again.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ from benchmarks.prefect_pool import (
 )
 from benchmarks.prefect_pool import run as run_command
 
-#: Its own worker (tests/conftest.py: ONE_WORKER_MODULES), its own pool.
-pytestmark = pytest.mark.slow(seconds=450)
+#: Each test on a worker and a pool of its own: together on one worker they took 437 s of
+#: a suite whose parallel part took 504 (the first waits out 90 s without heartbeats).
 
 KEY = "sk-lost-parent-test-8c3e1a"
 TIER_ACTIVE = 4
@@ -121,6 +122,7 @@ def worker_of_the_parent(
     raise AssertionError("the parent did not run on the pool, or never got under way")
 
 
+@pytest.mark.slow(seconds=300)
 @pytest.mark.timeout(900)
 def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     pool: dict[str, Any], tmp_path: Path
@@ -258,6 +260,7 @@ STOPPED_SIM_TOML = (
 )
 
 
+@pytest.mark.slow(seconds=110)
 @pytest.mark.timeout(600)
 def test_a_stopped_worker_stops_the_night_first_and_it_runs_again(
     pool: dict[str, Any], tmp_path: Path
