@@ -162,6 +162,11 @@ class SimConfig:
     #: Recently rendered images kept in memory, by total bytes; one cache for the
     #: simulators of a process (``results.shared_cache``), 0 for none.
     image_cache_bytes: int = 256 * 1024 * 1024
+    #: A folder where rendered images are also kept and read back, by simulators in other
+    #: processes too (a test suite's, a load test started again); unset: none. An image
+    #: depends only on its inputs and on the renderer's code: share a folder only among
+    #: simulators of the same version.
+    image_dir: str | None = None
     #: Largest decoded reference image accepted.
     max_reference_bytes: int = 10 * 1024 * 1024
     #: Secret for result-URL signatures; random per server start when unset.

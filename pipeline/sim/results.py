@@ -3,7 +3,8 @@
 An image is rendered at its first download, not at submit, because most load tests only
 ever fetch each image once and many never poll to the end; a bounded LRU (by total bytes)
 keeps recent images so a retried or truncated download costs a memcpy, not a render.
-The simulators of one process share that cache (``shared_cache``). The URL carries its
+The simulators of one process share that cache (``shared_cache``); with ``image_dir`` set,
+simulators in other processes share the images on disk too (``ImageFolder``). The URL carries its
 expiry and an HMAC of (task, extension, expiry), so a client cannot extend the lifetime by
 editing the query string.
 """
@@ -14,9 +15,13 @@ import asyncio
 import functools
 import hashlib
 import hmac
+import logging
+import os
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from email.utils import formatdate
+from pathlib import Path
 
 from aiohttp import web
 
@@ -24,6 +29,8 @@ from pipeline.contract import FORMAT_EXT, FORMAT_MIME, KleinStatus
 from pipeline.sim import images
 from pipeline.sim.responses import cut, json_response
 from pipeline.sim.state import SimState, Task
+
+log = logging.getLogger(__name__)
 
 RESULTS_PREFIX = "/_sim/results/"
 _EXT_FORMAT = {ext: fmt for fmt, ext in FORMAT_EXT.items()}
@@ -91,6 +98,39 @@ def shared_cache(max_bytes: int) -> ImageCache:
         return _shared
 
 
+class ImageFolder:
+    """Rendered images kept on disk, for simulators in other processes to read back.
+
+    A test suite starts a simulator process per scenario, and each rendered the same
+    catalog's images again: the chaos matrix's eleven 600-row runs spent most of their
+    simulators' CPU rendering (benchmarks/notes.md, session 25). Written whole or not at
+    all (a temporary file renamed), so a reader never sees half an image; any error of the
+    disk only costs a render.
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def get_or_render(
+        self, key: tuple[object, ...], ext: str, render: Callable[[], bytes]
+    ) -> bytes:
+        path = self.folder / f"{hashlib.sha256(repr(key).encode()).hexdigest()}.{ext}"
+        try:
+            return path.read_bytes()
+        except OSError:
+            pass
+        data = render()
+        partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+        try:
+            partial.write_bytes(data)
+            os.replace(partial, path)
+        except OSError as exc:
+            log.debug("image not kept in %s: %s", self.folder, exc)
+            partial.unlink(missing_ok=True)
+        return data
+
+
 class Results:
     """Builds result URLs and serves them."""
 
@@ -98,6 +138,16 @@ class Results:
         self._state = state
         self._secret = secret
         self.cache = shared_cache(state.config.image_cache_bytes)
+        self.folder: ImageFolder | None = None
+        if state.config.image_dir:
+            try:
+                self.folder = ImageFolder(state.config.image_dir)
+            except OSError as exc:  # rendered each time instead, as without the setting
+                log.warning(
+                    "image_dir %s is not usable (%s): images are not kept on disk",
+                    state.config.image_dir,
+                    exc.strerror or exc,
+                )
         self._rendering: dict[tuple[object, ...], asyncio.Future[bytes]] = {}
 
     def _sig(self, task_id: str, ext: str, expires: int) -> str:
@@ -130,6 +180,10 @@ class Results:
                 fmt=task.fmt,
                 references=list(self._state.reference_bytes(task)),
             )
+            if self.folder is not None:
+                render = functools.partial(
+                    self.folder.get_or_render, key, FORMAT_EXT[task.fmt], render
+                )
             pending = asyncio.get_running_loop().run_in_executor(None, render)
             self._rendering[key] = pending
             pending.add_done_callback(lambda _: self._rendering.pop(key, None))

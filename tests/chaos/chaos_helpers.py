@@ -52,12 +52,18 @@ class SimProcess:
         return self.stats()["keys"]["chaos"]
 
 
+#: Where this test run's chaos simulators keep their images (tests/chaos/conftest.py).
+IMAGE_DIR: str | None = None
+
+
 def sim_config(**overrides: Any) -> dict[str, Any]:
     """A simulator config: one key on the enterprise tier, fast tasks, plus ``overrides``."""
     config: dict[str, Any] = {
         "keys": [{"name": "chaos", "key": CHAOS_KEY, "tier": "enterprise"}],
         "latency": dict(FAST_LATENCY),
     }
+    if IMAGE_DIR is not None:
+        config["image_dir"] = IMAGE_DIR
     for name, value in overrides.items():
         if name == "key":
             config["keys"][0].update(value)

@@ -1,11 +1,16 @@
 """The simulators of one process share their image cache: an image is rendered once, however
 many of them serve it (a test suite's, a notebook's), and the cache stays within its bound
-when their threads use it at once."""
+when their threads use it at once. With ``image_dir``, simulators of other processes read
+back what one rendered."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -67,3 +72,65 @@ def test_threads_sharing_a_cache_keep_it_within_its_bound() -> None:
     held = sum(len(data) for data in cache._items.values())
     assert cache.bytes == held <= cache.max_bytes
     assert held > 0
+
+
+#: A fresh simulator process serving ``argv[2]`` (seed 7) with its images kept in
+#: ``argv[1]`` and no memory cache; with ``argv[3] == "no"`` it may not render anything.
+_SERVE_ONCE = """
+import asyncio, sys
+import aiohttp
+from sim_helpers import Client, fast_config
+from pipeline.sim import SimServer, images
+
+def refused(**kwargs):
+    raise AssertionError("rendered again")
+
+async def main(folder, prompt, render):
+    if render == "no":
+        images.render_image = refused
+    config = fast_config(image_dir=folder, image_cache_bytes=0)
+    async with aiohttp.ClientSession() as session, SimServer(config) as server:
+        client = Client(server, session)
+        done = await client.wait(await client.submit(prompt=prompt, seed=7))
+        status, body, _ = await client.download(done["generated"][0])
+        assert status == 200, status
+        sys.stdout.buffer.write(body)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+def test_simulators_of_other_processes_read_back_an_image_from_image_dir(
+    tmp_path: Path,
+) -> None:
+    """One process renders and keeps the image; a second one, forbidden to render, serves
+    the same bytes from the folder, which holds the whole image and nothing else."""
+    folder = tmp_path / "images"
+    prompt = f"a teapot no other test asks for {uuid.uuid4()}"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    served = []
+    for render in ("yes", "no"):
+        done = subprocess.run(
+            [sys.executable, "-c", _SERVE_ONCE, str(folder), prompt, render],
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+        served.append(done.stdout)
+    assert served[0] == served[1] and served[0][:2] == b"\xff\xd8"
+    kept = list(folder.iterdir())
+    assert len(kept) == 1 and kept[0].suffix == ".jpg"
+    assert kept[0].read_bytes() == served[0]
+
+
+async def test_an_unusable_image_dir_only_costs_renders(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    config = fast_config(image_dir=str(blocker / "images"), image_cache_bytes=0)
+    async with aiohttp.ClientSession() as session, SimServer(config) as server:
+        client = Client(server, session)
+        done = await client.wait(await client.submit(prompt="a mug", seed=3))
+        status, body, _ = await client.download(done["generated"][0])
+    assert status == 200 and body[:2] == b"\xff\xd8"
+    assert blocker.read_text() == "not a folder"
