@@ -205,6 +205,16 @@ def migrated_prefect_database() -> str:
 
 
 @pytest.fixture(scope="session")
+def sim_images(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> str:
+    """One folder where this test run's simulators, on every xdist worker, keep the images
+    they render (``SimConfig.image_dir``): the same catalogs' images were rendered again by
+    each simulator process and each worker."""
+    base = tmp_path_factory.getbasetemp()
+    run = base.parent if worker_id != "master" else base  # pytest-N/popen-gwK under xdist
+    return str(run / "sim-images")
+
+
+@pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
     """One temporary Prefect server (SQLite in a temp dir) per test process: its API URL.
 

@@ -1,8 +1,7 @@
 """Soak tests run only on demand: ``pytest -m soak tests/chaos`` or ``KLEIN_SOAK=1``.
 
-The chaos simulators of one test run, on every xdist worker, keep their images in one
-folder (``image_dir``): each scenario runs the same catalog in a simulator process of its
-own, and rendered it again.
+The chaos simulators keep their images in the test run's folder (``sim_images``): each
+scenario runs the same catalog in a simulator process of its own, and rendered it again.
 """
 
 from __future__ import annotations
@@ -14,11 +13,8 @@ import pytest
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _one_image_folder(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> None:
-    # Under xdist each worker's base folder sits in the run's own (pytest-N/popen-gwK).
-    base = tmp_path_factory.getbasetemp()
-    run = base.parent if worker_id != "master" else base
-    chaos_helpers.IMAGE_DIR = str(run / "chaos-sim-images")
+def _one_image_folder(sim_images: str) -> None:
+    chaos_helpers.IMAGE_DIR = sim_images
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

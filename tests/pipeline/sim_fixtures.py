@@ -17,14 +17,18 @@ from pipeline.sim import SimConfig, SimServer
 
 
 @pytest.fixture
-def start_sim() -> Iterator[Callable[..., SimServer]]:
-    """Start a simulator (in a thread, on an ephemeral port) with the given config changes."""
+def start_sim(sim_images: str) -> Iterator[Callable[..., SimServer]]:
+    """Start a simulator (in a thread, on an ephemeral port) with the given config changes;
+    its images are kept in the test run's folder unless the config names another."""
     with contextlib.ExitStack() as stack:
 
         def start(
             config: SimConfig | None = None, *, port: int = 0, **changes: object
         ) -> SimServer:
-            server = SimServer.in_thread(config or sim_config(**changes), port=port)
+            config = config or sim_config(**changes)
+            if config.image_dir is None:
+                config.image_dir = sim_images
+            server = SimServer.in_thread(config, port=port)
             return stack.enter_context(server)
 
         yield start
