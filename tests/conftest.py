@@ -120,10 +120,10 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     uses_fixture = re.compile(r"\bprefect_(?:server|api)\b")
 
     @functools.cache
-    def uses_prefect(module: str) -> bool:
-        """Whether the test module ``module`` names the fixture (the controller of an xdist
-        run collects nothing: it sees node ids only)."""
-        path = config.rootpath / module
+    def uses_prefect(test_file: str) -> bool:
+        """Whether ``test_file`` names the fixture (the controller of an xdist run collects
+        nothing: it sees node ids only)."""
+        path = config.rootpath / test_file
         return path.is_file() and bool(uses_fixture.search(path.read_text(encoding="utf-8")))
 
     class LongestFirst(LoadScopeScheduling):

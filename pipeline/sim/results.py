@@ -4,14 +4,15 @@ An image is rendered at its first download, not at submit, because most load tes
 ever fetch each image once and many never poll to the end; a bounded LRU (by total bytes)
 keeps recent images so a retried or truncated download costs a memcpy, not a render.
 The simulators of one process share that cache (``shared_cache``); with ``image_dir`` set,
-simulators in other processes share the images on disk too (``ImageFolder``). The URL carries its
-expiry and an HMAC of (task, extension, expiry), so a client cannot extend the lifetime by
-editing the query string.
+simulators in other processes share the images on disk too (``ImageFolder``). The URL
+carries its expiry and an HMAC of (task, extension, expiry), so a client cannot extend the
+lifetime by editing the query string.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -127,7 +128,8 @@ class ImageFolder:
             os.replace(partial, path)
         except OSError as exc:
             log.debug("image not kept in %s: %s", self.folder, exc)
-            partial.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                partial.unlink(missing_ok=True)
         return data
 
 

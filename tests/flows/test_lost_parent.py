@@ -5,7 +5,8 @@ A pool of its own (a Prefect server, on PostgreSQL when installed, and two proce
 workers on 127.0.0.1; ``benchmarks/prefect_pool.py``), so these tests run beside
 ``test_scale_out.py`` rather than after it, and beside each other (a module-scoped pool
 started by each test process that draws one): the first waits out 90 s of missed
-heartbeats by design. The automations of ``automations.yaml`` mark the parent Lost and run it again.
+heartbeats by design. The automations of ``automations.yaml`` mark the parent Lost and
+run it again.
 """
 
 from __future__ import annotations
