@@ -474,6 +474,21 @@ def work_pool(tmp_path: Path, sim_toml: str, secret: str) -> Iterator[dict[str, 
         yield pool | {"sim_url": sim_url}
 
 
+def lose_machine(pid: int) -> None:
+    """Kill ``pid`` and every process below it at once, as a machine that dies does.
+
+    Each is stopped (SIGSTOP) before any is killed. Killed one after another, a Prefect
+    process still alive saw its child's death and reported the flow run Crashed to the
+    server, which a dead machine never does: the lost parent's night stayed Crashed, not
+    Lost, and never ran again (a CI run of tests/flows/test_lost_parent.py, 2026-12-06).
+    """
+    tree = [pid, *descendants(pid)]
+    for sig in (signal.SIGSTOP, signal.SIGKILL):
+        for each in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(each, sig)
+
+
 def descendants(pid: int) -> set[int]:
     """Every process below ``pid`` (from /proc), however deep."""
     children: dict[int, list[int]] = {}

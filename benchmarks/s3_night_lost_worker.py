@@ -20,10 +20,8 @@ Only 127.0.0.1 is used.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -35,7 +33,7 @@ from benchmarks.prefect_pool import (
     BIN,
     REPO,
     SHARD_DEPLOYMENT,
-    descendants,
+    lose_machine,
     prefect_pool,
     shared_key_toml,
     sim_stats,
@@ -86,9 +84,7 @@ def one_night(folder: Path, rows: int, shard_size: int, endpoint: str) -> dict[s
                     if journals and time.time() - max(j.stat().st_mtime for j in journals) < 1:
                         time.sleep(3)  # acknowledgements in the air, no snapshot of them yet
                         accepted = sim_stats(sim_url)["submits_accepted"]
-                        for pid in [worker.pid, *descendants(worker.pid)]:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, signal.SIGKILL)
+                        lose_machine(worker.pid)
                         lost = (name, time.monotonic() - started, accepted)
                         break
                 time.sleep(0.3)

@@ -922,10 +922,7 @@ class Engine:
         async def attempt() -> Submitted:
             silent = 0
             while True:
-                if self._settling:
-                    raise _Stopped  # the run stopped while this row waited to go again
-                if self._abort_reason:
-                    raise _Abort
+                self._may_submit()  # the run may have stopped while this row waited
                 try:
                     if self._storm_round:
                         async with self._scout:  # one submit at a time while 429s storm
@@ -1015,14 +1012,12 @@ class Engine:
             gate = self._gates.for_url(self._provider.submit_url())
             passage = await gate.enter(idempotent=False)
             try:
+                self._may_submit()
                 await self._rate.acquire()
-                # Checked after the last wait: a row that waited here for its turn while
-                # the run began to stop was sent all the same, and its answer could come
-                # after the settling wait had ended: cut off, its task charged, unjournaled.
-                if self._settling:
-                    raise _Stopped
-                if self._abort_reason:
-                    raise _Abort
+                # Again after the last wait: a row that waited here for its turn while the
+                # run began to stop was sent all the same, and its answer could come after
+                # the settling wait had ended: cut off, its task charged, unjournaled.
+                self._may_submit()
             except BaseException:
                 passage.close()
                 raise
@@ -1037,6 +1032,15 @@ class Engine:
         if result is None:
             job.attempts -= 1  # a 429 is not an attempt: it was never taken
         return result
+
+    def _may_submit(self) -> None:
+        """Raise unless a row may send its submit now: not once the run is stopping
+        (``_Stopped``: its submits in the air are being settled) or submits were stopped
+        (``_Abort``: a budget, a refused key)."""
+        if self._settling:
+            raise _Stopped
+        if self._abort_reason:
+            raise _Abort
 
     def _refused_storm(self, retry_after: float | None) -> None:
         """Count a 429; past ``STORM_REFUSALS`` in a row, pause every submitter (a round).

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import time
@@ -34,6 +33,7 @@ from benchmarks.prefect_pool import (
     descendants,
     flow_run_ids,
     flow_run_states,
+    lose_machine,
     night_ended,
     prefect_pool,
     runner_runs,
@@ -183,9 +183,7 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
             if any(runs_flow_run(pid, r["id"]) for pid in descendants(lost.pid))
         ]
         killed_at = time.time()
-        for pid in [lost.pid, *descendants(lost.pid)]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        lose_machine(lost.pid)
         lost.wait(timeout=15)
 
         # The same flow run ends the night: Lost, scheduled again, run on the other worker.

@@ -20,7 +20,6 @@ acknowledged task is paid twice.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -42,6 +41,7 @@ from benchmarks.prefect_pool import (
     api_get,
     descendants,
     flow_run_ids,
+    lose_machine,
     prefect_pool,
     runner_runs,
     shared_key_toml,
@@ -242,9 +242,7 @@ def test_a_lost_worker_never_hangs_the_night(pool: dict[str, Any], tmp_path: Pat
                             break
                     time.sleep(0.3)
                 assert victim is not None, "no runner on a worker took a shard"
-                for pid in [lost.pid, *descendants(lost.pid)]:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                lose_machine(lost.pid)
                 lost.wait(timeout=15)
                 # Bounded: the claim's lease (60 s), the repossessor's look, the rerun of the
                 # shard, then 30 s for the lost runner to be declared crashed.
