@@ -108,11 +108,19 @@ class KleinProvider:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise ProtocolError("task list has no data array")
+        # Read once per task that ends, over every task the key kept: the loop is written
+        # for speed (the list's entries a second are what bounds how long it is used).
         ended: list[str] = []
         running: list[str] = []
+        end, run = ended.append, running.append
         for entry in data:
-            if isinstance(entry, dict) and isinstance(entry.get("task_id"), str):
-                (ended if entry.get("status") in _ENDED else running).append(entry["task_id"])
+            try:
+                task_id = entry["task_id"]
+                status = entry.get("status")
+            except (TypeError, KeyError, AttributeError):
+                continue  # not an object, or one without a task id: not a task of ours
+            if type(task_id) is str:
+                (end if type(status) is str and status in _ENDED else run)(task_id)
         return TaskList(len(data), ended, running)
 
     def parse_webhook(self, body: Any) -> tuple[str, TaskState]:

@@ -23,11 +23,41 @@ from pipeline_helpers import (
 )
 
 from pipeline import task_list
+from pipeline.providers import ProtocolError
+from pipeline.providers.klein import KleinProvider
 from pipeline.run import RunOptions
 from pipeline.sim import EndpointFaults, FaultConfig, LatencyConfig, SimServer
 
 ROWS = 150
 LATENCY = LatencyConfig(median_s=0.4, p95_s=1.0)
+
+
+def test_a_list_is_read_whatever_odd_entries_it_holds() -> None:
+    """Entries that are no task (not an object, no string id, a status that is no string)
+    are skipped or taken as running, never a crash of the run's list reader."""
+    provider = KleinProvider("http://127.0.0.1:9", "sk-test")
+    listed = provider.read_list(
+        {
+            "data": [
+                {"task_id": "a", "status": "COMPLETED"},
+                {"task_id": "b", "status": "IN_PROGRESS"},
+                {"status": "COMPLETED", "task_id": "c", "extra": [1]},
+                {"task_id": "d", "status": "FAILED"},
+                {"task_id": "e", "status": ["COMPLETED"]},
+                {"task_id": "f"},
+                {"task_id": 7, "status": "COMPLETED"},
+                {"status": "COMPLETED"},
+                ["task_id", "g"],
+                "h",
+                None,
+            ]
+        }
+    )
+    assert listed.entries == 11
+    assert listed.ended == ["a", "c", "d"]
+    assert listed.running == ["b", "e", "f"]
+    with pytest.raises(ProtocolError):
+        provider.read_list({"data": {"task_id": "a"}})
 
 
 def test_a_short_list_of_slow_endings_is_asked_about_once_per_ending() -> None:
