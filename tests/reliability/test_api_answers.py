@@ -116,6 +116,40 @@ async def test_one_task_id_for_two_rows_gives_the_later_row_no_image(tmp_path: P
     assert sorted(p.name for p in (out / "images").iterdir()) == [f"{first['key']}.jpg"]
 
 
+async def test_answers_the_standard_library_reads_are_read_alike(tmp_path: Path) -> None:
+    """The engine reads answers with orjson, which refuses a byte-order mark, UTF-16 and
+    NaN; json.loads reads them, and so did the engine before: an API answering so still
+    gets one submit per row and every row's image."""
+    ids = itertools.count()
+
+    async def submit(_: web.Request) -> web.Response:
+        body = json.dumps({"data": {"task_id": f"task-{next(ids)}", "status": "CREATED"}})
+        return web.Response(body=b"\xef\xbb\xbf" + body.encode(), content_type="application/json")
+
+    polls: collections.Counter[str] = collections.Counter()
+
+    async def poll(request: web.Request) -> web.Response:
+        task = request.match_info["task"]
+        polls[task] += 1
+        if polls[task] == 1:  # still running, with a float the API could not compute
+            body = '{"data": {"status": "IN_PROGRESS", "progress": NaN}}'
+            return web.Response(body=body.encode(), content_type="application/json")
+        image = str(request.url.with_path("/image.jpg"))
+        data = {"data": {"status": "COMPLETED", "generated": [image], "has_nsfw": [False]}}
+        return web.Response(body=json.dumps(data).encode("utf-16"), content_type="application/json")
+
+    manifest = write_catalog(tmp_path / "in", 3, prompt=["a mug", "a cup", "a jug"])
+    async with fake_api(submit, poll) as api:
+        summary = await api.run(manifest, tmp_path / "out", KEY)
+        assert api.submits == 3
+
+    table = pl.read_parquet(tmp_path / "out" / "manifest.parquet")
+    assert table["status"].to_list() == ["succeeded"] * 3, table["reason"].to_list()
+    assert sorted(table["task_id"].to_list()) == ["task-0", "task-1", "task-2"]
+    assert min(polls.values()) >= 2  # the NaN answer was read as running, not as broken
+    assert summary.counts["succeeded"] == 3
+
+
 ECHO_KEY = "kb-Echo-9f3eQ2xVw7"
 ECHO_B64 = base64.b64encode(ECHO_KEY.encode()).decode()
 
