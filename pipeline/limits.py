@@ -271,6 +271,9 @@ class SlotController:
         self._sum_reuse_s = 0.0
         #: Tasks whose submit answer was lost (``lost``): (when to forget, order, permit).
         self._unnamed: list[tuple[float, int, Permit]] = []
+        #: Unnamed tasks whose slots came back because their hold ran out, not because
+        #: anything showed them ended: (when, permit), for ``_guess_was_wrong``.
+        self._guessed: collections.deque[tuple[float, Permit]] = collections.deque()
         self._seq = itertools.count()
         #: When the submits of the last ``PACE_WINDOW_S`` were accepted, and the first ever.
         self._accepts: collections.deque[float] = collections.deque()
@@ -458,6 +461,8 @@ class SlotController:
             self._all_running_at = max(self._all_running_at, permit.sent_at)
             self._sum_t = -math.inf
             self._proven = 0
+        elif self._guess_was_wrong():
+            self.refused_probes += 1  # our own miscount (an unnamed task), not another client
         else:
             # We were sure a slot was free, or we hold fewer tasks than the key allows and
             # the key is full anyway: someone else is using it.
@@ -569,10 +574,41 @@ class SlotController:
 
     def _forget_unnamed(self, now: float) -> float:
         """Give back the slots of unnamed tasks past their hold; when the next one is due."""
+        guessed = self._guessed
+        while guessed and now - guessed[0][0] > self._latency_s:
+            guessed.popleft()  # too long ago to be blamed for a 429 (``_guess_was_wrong``)
         while self._unnamed and self._unnamed[0][0] <= now:
             _, _, permit = heapq.heappop(self._unnamed)
             self.finished(permit)
+            guessed.append((now, permit))
         return self._unnamed[0][0] if self._unnamed else math.inf
+
+    def _guess_was_wrong(self) -> bool:
+        """Whether an ordinary submit's 429 is explained by an unnamed task given back on
+        a guess that was still running; if so, that task holds a slot again, for one more
+        typical task time.
+
+        An unnamed task's hold is a guess (its 99.9th percentile, or four first-poll times
+        before the distribution is learned): a slow task may outlive it, and the submit
+        sent into its slot is refused. Read as another client on the key, that one 429
+        halved the window and stopped probing for 20 task times, and the window grew back
+        a slot per 3.5 s: with 2% of submit answers dropped, one run in four kept the key
+        half to two thirds busy for the rest of its run (``standard-faults``, steady 0.64
+        against 0.96; benchmarks/notes.md, session 26). A guess is blamed within a typical
+        task time of being made, once.
+        """
+        now = time.monotonic()
+        guessed = self._guessed
+        while guessed and now - guessed[0][0] > self._latency_s:
+            guessed.popleft()
+        if not guessed:
+            return False
+        _, permit = guessed.popleft()
+        self._held += 1
+        self._live.add(permit)
+        self._sum_t = -math.inf
+        heapq.heappush(self._unnamed, (now + self._latency_s, next(self._seq), permit))
+        return True
 
     @property
     def unnamed(self) -> int:

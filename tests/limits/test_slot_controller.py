@@ -316,6 +316,32 @@ async def test_a_submit_whose_answer_was_lost_holds_its_slot_until_it_has_surely
     assert slots.unnamed == 0
 
 
+async def test_a_429_into_an_unnamed_task_s_slot_given_back_on_a_guess_is_no_other_client() -> None:
+    # The unnamed task outlived its hold (a slow task): the submit sent into its slot is
+    # refused. Read as another client, that one 429 halved the window and stopped probing
+    # (standard-faults: one run in four kept the key two thirds busy to its end).
+    slots = SlotController(2, expected_latency_s=0.05)
+    first, second = await slots.acquire(), await slots.acquire()
+    slots.accepted(first)
+    slots.lost(second)
+    await asyncio.sleep(0.25)  # past its hold (four first-poll times): given back
+    into_its_slot = await asyncio.wait_for(slots.acquire(), 5)
+    assert not into_its_slot.speculative and slots.unnamed == 0
+    slots.refused(into_its_slot)
+    assert slots.refused_contention == 0 and not slots.contended
+    assert slots.effective_limit == 2
+    assert slots.unnamed == 1 and slots.held == 2  # held again, for a typical task time
+    # Past that time the slot comes back again; a 429 long after any guess is another
+    # client, as before.
+    slots.finished(first)
+    await asyncio.sleep(0.1)
+    permit = await asyncio.wait_for(slots.acquire(), 5)
+    assert not permit.speculative and slots.unnamed == 0
+    await asyncio.sleep(0.1)  # its answer comes a typical task time after the guess
+    slots.refused(permit)
+    assert slots.refused_contention == 1 and slots.contended
+
+
 async def test_a_task_list_gives_back_the_slots_of_unnamed_tasks_it_shows_ended() -> None:
     # Two answers lost, a list asked after both: it shows one task we cannot name still
     # running (ours or another client's), so at least one of ours has ended.
