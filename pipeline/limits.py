@@ -574,19 +574,23 @@ class SlotController:
 
     def _forget_unnamed(self, now: float) -> float:
         """Give back the slots of unnamed tasks past their hold; when the next one is due."""
-        guessed = self._guessed
-        while guessed and now - guessed[0][0] > self._latency_s:
-            guessed.popleft()  # too long ago to be blamed for a 429 (``_guess_was_wrong``)
+        self._forget_old_guesses(now)
         while self._unnamed and self._unnamed[0][0] <= now:
             _, _, permit = heapq.heappop(self._unnamed)
             self.finished(permit)
-            guessed.append((now, permit))
+            self._guessed.append((now, permit))
         return self._unnamed[0][0] if self._unnamed else math.inf
 
+    def _forget_old_guesses(self, now: float) -> None:
+        """Guesses made more than a typical task time ago: too old to explain a 429."""
+        guessed = self._guessed
+        while guessed and now - guessed[0][0] > self._latency_s:
+            guessed.popleft()
+
     def _guess_was_wrong(self) -> bool:
-        """Whether an ordinary submit's 429 is explained by an unnamed task given back on
-        a guess that was still running; if so, that task holds a slot again, for one more
-        typical task time.
+        """Whether a 429 that would read as another client is explained by an unnamed task
+        given back on a guess that was still running; if so, that task holds a slot again,
+        for one more typical task time.
 
         An unnamed task's hold is a guess (its 99.9th percentile, or four first-poll times
         before the distribution is learned): a slow task may outlive it, and the submit
@@ -598,12 +602,10 @@ class SlotController:
         task time of being made, once.
         """
         now = time.monotonic()
-        guessed = self._guessed
-        while guessed and now - guessed[0][0] > self._latency_s:
-            guessed.popleft()
-        if not guessed:
+        self._forget_old_guesses(now)
+        if not self._guessed:
             return False
-        _, permit = guessed.popleft()
+        _, permit = self._guessed.popleft()
         self._held += 1
         self._live.add(permit)
         self._sum_t = -math.inf
