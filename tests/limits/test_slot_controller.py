@@ -316,17 +316,22 @@ async def test_a_submit_whose_answer_was_lost_holds_its_slot_until_it_has_surely
     assert slots.unnamed == 0
 
 
-async def test_a_429_into_an_unnamed_task_s_slot_given_back_on_a_guess_is_no_other_client() -> None:
+async def test_a_429_into_an_unnamed_task_s_slot_given_back_on_a_guess_is_no_other_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     # The unnamed task outlived its hold (a slow task): the submit sent into its slot is
     # refused. Read as another client, that one 429 halved the window and stopped probing
     # (standard-faults: one run in four kept the key two thirds busy to its end).
+    clock = [1000.0]
+    monkeypatch.setattr(limits, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     slots = SlotController(2, expected_latency_s=0.05)
     first, second = await slots.acquire(), await slots.acquire()
     slots.accepted(first)
     slots.lost(second)
-    await asyncio.sleep(0.25)  # past its hold (four first-poll times): given back
+    clock[0] += 0.25  # past its hold (four first-poll times): given back
     into_its_slot = await asyncio.wait_for(slots.acquire(), 5)
     assert not into_its_slot.speculative and slots.unnamed == 0
+    clock[0] += 0.01  # the 429 comes back at once
     slots.refused(into_its_slot)
     assert slots.refused_contention == 0 and not slots.contended
     assert slots.effective_limit == 2
@@ -334,10 +339,10 @@ async def test_a_429_into_an_unnamed_task_s_slot_given_back_on_a_guess_is_no_oth
     # Past that time the slot comes back again; a 429 long after any guess is another
     # client, as before.
     slots.finished(first)
-    await asyncio.sleep(0.1)
+    clock[0] += 0.1
     permit = await asyncio.wait_for(slots.acquire(), 5)
     assert not permit.speculative and slots.unnamed == 0
-    await asyncio.sleep(0.1)  # its answer comes a typical task time after the guess
+    clock[0] += 0.1  # its answer comes two typical task times after the guess
     slots.refused(permit)
     assert slots.refused_contention == 1 and slots.contended
 
