@@ -65,6 +65,7 @@ from pipeline.storage import Sink
 from pipeline.summary import RunSummary, budget_made, stop_advice
 from pipeline.templates import markup_in
 from pipeline.verify import small_jpeg
+from pipeline.whole_file import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +213,7 @@ def _make_thumbnails(
         if cached is not None:
             try:
                 cached.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
-                tmp.write_bytes(thumb)
-                os.replace(tmp, cached)
+                write_whole(cached, thumb)
             except OSError:
                 pass
         return image.key, thumb

@@ -12,12 +12,10 @@ lifetime by editing the query string.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import hashlib
 import hmac
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -30,6 +28,7 @@ from pipeline.contract import FORMAT_EXT, FORMAT_MIME, KleinStatus
 from pipeline.sim import images
 from pipeline.sim.responses import cut, json_response
 from pipeline.sim.state import SimState, Task
+from pipeline.whole_file import write_whole
 
 log = logging.getLogger(__name__)
 
@@ -122,14 +121,10 @@ class ImageFolder:
         except OSError:
             pass
         data = render()
-        partial = path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}.part")
         try:
-            partial.write_bytes(data)
-            os.replace(partial, path)
+            write_whole(path, data)
         except OSError as exc:
             log.debug("image not kept in %s: %s", self.folder, exc)
-            with contextlib.suppress(OSError):
-                partial.unlink(missing_ok=True)
         return data
 
 
