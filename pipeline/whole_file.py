@@ -17,10 +17,12 @@ def write_whole(path: Path, data: bytes) -> None:
     """``data`` at ``path``, through a temporary file beside it and a rename.
 
     The temporary name is this process's and thread's, so two writers of one path never
-    share it. On an ``OSError`` (a full disk, a read-only folder) nothing is left behind
-    and the error is raised: for a cache, the caller only loses the file.
+    share it, and has the shape of the output's other atomic writes (``.NAME.XXXX.tmp``,
+    which ``dest_lock.sweep_partial_writes`` knows). On an ``OSError`` (a full disk, a
+    read-only folder) nothing is left behind and the error is raised: for a cache, the
+    caller only loses the file.
     """
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.part")
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{threading.get_ident()}.tmp")
     try:
         partial.write_bytes(data)
         os.replace(partial, path)
