@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import json
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from work_order import PREFECT_WORKERS, next_unit
 
 _HOME = tempfile.mkdtemp(prefix="klein-prefect-home-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
@@ -92,18 +94,42 @@ ONE_WORKER_MODULES = frozenset(
 )
 
 
-#: Test processes that may start the session's Prefect server (``prefect_server``, started by
-#: each on first use: about 7 CPU-seconds, then 1.6 a minute idle) while other work is left
-#: (``LongestFirst``): six workers started six, 160 CPU-seconds with the pools' servers, on
-#: a suite whose wall time is its CPU on two cores.
-PREFECT_WORKERS = 3
+#: ``pytest_configure_node`` gives workers this file; the first writes every test's
+#: (kind, seconds) there (``_start_order``) for the scheduler, which sees node ids only.
+_ORDER_FILE = "klein_start_order"
+_ORDER_PATH = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """(xdist, controller) Where the first worker writes the start order it sorted by."""
+    stash = node.config.stash
+    if _ORDER_PATH not in stash:
+        folder = tempfile.mkdtemp(prefix="klein-start-order-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        stash[_ORDER_PATH] = os.path.join(folder, "order.json")
+    node.workerinput[_ORDER_FILE] = stash[_ORDER_PATH]
+
+
+def _write_start_order(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """(xdist, first worker) Each test's (kind, seconds) of ``_start_order`` for the
+    controller's scheduler, written whole before the workers report their collections."""
+    workerinput = getattr(config, "workerinput", None)
+    if not workerinput or workerinput.get("workerid") != "gw0" or _ORDER_FILE not in workerinput:
+        return
+    order = {item.nodeid: [kind, -key] for item in items for kind, key in [_start_order(item)]}
+    path = workerinput[_ORDER_FILE]
+    with open(f"{path}.tmp", "w", encoding="utf-8") as handle:
+        json.dump(order, handle)
+    os.replace(f"{path}.tmp", path)
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """xdist's default ``load`` mode with three changes: the modules in ``ONE_WORKER_MODULES``
+    """xdist's default ``load`` mode with four changes: the modules in ``ONE_WORKER_MODULES``
     are one unit of work each, units go out in the collection's order (slow first, longest
-    first), one at a time as workers free up, and those using the session's Prefect server
-    go to ``PREFECT_WORKERS`` processes while there is other work.
+    first), one at a time as workers free up, behind a long unit goes a short one from the
+    back of the queue, and those using the session's Prefect server go to
+    ``PREFECT_WORKERS`` processes while there is other work (``work_order.next_unit``).
 
     ``--dist worksteal`` gave each worker a contiguous quarter up front, so every slow test
     landed on the first worker one after another (the lost-worker test started after 13
@@ -131,18 +157,42 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             super().__init__(config, log)
             #: The test processes given a unit that uses the Prefect server.
             self.prefect_nodes: set[Any] = set()
+            #: Each test's (kind, seconds) as the workers sorted them; empty until read
+            #: (and for good, without the file: every unit then counts as short).
+            self.order: dict[str, list[float]] | None = None
 
         def _split_scope(self, nodeid: str) -> str:
             return module(nodeid) if module(nodeid) in ONE_WORKER_MODULES else nodeid
 
+        def _start_orders(self) -> dict[str, list[float]]:
+            if self.order is None:
+                try:
+                    with open(self.config.stash.get(_ORDER_PATH, ""), encoding="utf-8") as handle:
+                        self.order = json.load(handle)
+                except (OSError, ValueError):
+                    self.order = {}
+            return self.order
+
+        def _seconds(self, tests: dict[str, bool]) -> float:
+            order = self._start_orders()
+            return max((order.get(t, [1, 0.0])[1] for t in tests), default=0.0)
+
+        def _is_filler(self, scope: str) -> bool:
+            """A unit of one test that is neither slow nor a background scenario's."""
+            tests = self.workqueue[scope]
+            return len(tests) == 1 and self._start_orders().get(next(iter(tests)), [0])[0] == 1
+
         def _assign_work_unit(self, node: Any) -> None:
-            """The first unit in the queue, unless it needs the Prefect server and this
-            process has none while ``PREFECT_WORKERS`` others do: then the first that does
-            not (if any is left)."""
+            """The unit ``work_order.next_unit`` picks, given what ``node`` runs now."""
             nodes = self.prefect_nodes
-            scope = next(iter(self.workqueue))
-            if node not in nodes and len(nodes) >= PREFECT_WORKERS:
-                scope = next((s for s in self.workqueue if not uses_prefect(module(s))), scope)
+            pending = (t for t in self.assigned_work[node].values() if not all(t.values()))
+            scope = next_unit(
+                self.workqueue,
+                running_s=self._seconds(next(pending, {})),
+                is_filler=self._is_filler,
+                uses_prefect=lambda scope: uses_prefect(module(scope)),
+                may_start_prefect=node in nodes or len(nodes) < PREFECT_WORKERS,
+            )
             if uses_prefect(module(scope)):
                 nodes.add(node)
             self.workqueue.move_to_end(scope, last=False)
@@ -154,6 +204,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     items.sort(key=_start_order)
+    _write_start_order(config, items)
     part = config.getoption("--part")
     if part == "all":
         return
