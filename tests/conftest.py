@@ -24,6 +24,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -200,6 +201,17 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     config.option.loadscopereorder = False
     return LongestFirst(config, log)
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """``--part serial`` skips the test files that mark no test serial instead of importing
+    every module of the suite (polars, Prefect, moto) to deselect a thousand tests: 3 s of
+    the serial part's wall time, with the machine to itself."""
+    if config.getoption("--part") != "serial" or not collection_path.name.startswith("test_"):
+        return None
+    if collection_path.suffix != ".py":
+        return None
+    return b"mark.serial" not in collection_path.read_bytes() or None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
