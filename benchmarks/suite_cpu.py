@@ -10,7 +10,7 @@ processes report their own CPU as they exit (a ``sitecustomize`` on ``PYTHONPATH
 every process it started (its environment says so) is also sampled from ``/proc`` every
 0.2 s, which counts the ones killed (SIGKILL) and those that are not Python, to within
 their last 0.2 s. Then a timeline: the machine's busy cores every 30 s, and the tests that
-ran where they idled.
+ran where they idled. With the total, the machine's speed (``yardstick``): two runs compare by it.
 """
 
 from __future__ import annotations
@@ -130,6 +130,24 @@ def sample(
         stop.wait(0.2)
 
 
+#: Turns of ``yardstick``'s loop: about a second of CPU on this machine.
+YARDSTICK_TURNS = 5_000_000
+
+
+def yardstick(turns: int = YARDSTICK_TURNS) -> float:
+    """CPU-seconds for a fixed pure-Python loop: how fast this machine is just now.
+
+    The same tests' CPU moved by a fifth between runs of one afternoon, and this loop by as
+    much (20 million turns: 3.1 to 5.0 s within two hours, nothing else running), so two
+    runs of the suite compare by their CPU in yardsticks, measured before and after each.
+    """
+    start = time.process_time()
+    total = 0
+    for turn in range(turns):
+        total += turn * turn % 7
+    return time.process_time() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     split = args.index("--") if "--" in args else len(args)
@@ -153,10 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     mark = f"KLEIN_CPU_DIR={records}".encode()
     sampler = threading.Thread(target=sample, args=(seen, busy, stop, mark), daemon=True)
     sampler.start()
+    before = yardstick()
     started = time.monotonic()
     pytest_args = ["-p", "klein_cpu_tests", *args[split + 1 :]]
     code = subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=REPO, env=env)
     wall = time.monotonic() - started
+    after = yardstick()
     stop.set()
     sampler.join()
     cpu: dict[int, tuple[str, float]] = {
@@ -177,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
         total[1] += 1
     everything = sum(t[0] for t in totals.values())
     print(f"\npytest exit {code}; wall {wall:.0f} s; CPU {everything:.0f} s, {len(cpu)} processes")
+    print(
+        f"yardstick ({YARDSTICK_TURNS:,} turns of a Python loop): {before:.2f} CPU s before, "
+        f"{after:.2f} after; CPU {2 * everything / (before + after):,.0f} yardsticks"
+    )
     print(f"{'kind':<42} {'CPU s':>8} {'share':>6} {'procs':>6} {'s each':>7}")
     for kind, (seconds, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         print(

@@ -1,11 +1,12 @@
 """``benchmarks.suite_cpu`` counts the CPU of the processes a test starts, by kind, and each
 test's own: a test that burns CPU itself and starts a simulator-like Python process that
-burns more, one that only sleeps; and a timeline of the machine's busy cores and the tests
-running."""
+burns more, one that only sleeps; a timeline of the machine's busy cores and the tests
+running; and the machine's speed before and after, by a fixed loop."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,9 @@ def test_it_counts_children_by_kind_and_each_tests_own(tmp_path: Path) -> None:
     by_test = {name.rsplit("::", 1)[1]: seconds for name, seconds in own.items()}
     assert 0.4 <= by_test["test_burns_here_and_in_a_child"] < 1.0, own  # not its child's 0.6
     assert by_test["test_waits"] < 0.2, own
+    yardstick = next(line for line in lines if line.startswith("yardstick"))
+    speeds = re.findall(r"(\d+\.\d+) (?:CPU s before|after)", yardstick)
+    assert len(speeds) == 2 and all(float(s) > 0.0 for s in speeds), yardstick
     timeline = lines[lines.index(next(line for line in lines if line.startswith("timeline"))) + 1]
     start_s, _unit, used, running = timeline.split()[:4]
     assert start_s == "0" and 0.0 < float(used) <= 2.0 and running == "2", timeline
