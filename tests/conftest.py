@@ -205,7 +205,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """``--part serial`` skips the test files that mark no test serial instead of importing
-    every module of the suite (polars, Prefect, moto) to deselect a thousand tests: 3 s of
+    every module of the suite (polars, Prefect, moto) to deselect a thousand tests: 2 s of
     the serial part's wall time, with the machine to itself."""
     if config.getoption("--part") != "serial" or not collection_path.name.startswith("test_"):
         return None

@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterator, Reversible
 #: A unit of work expected to take at least this long (``slow(seconds=N)``; a module run on
 #: one worker, its longest mark) gets a short test queued behind it, not the next long one:
 #: an xdist worker holds the test after the one it runs (it needs it to start that one), so
-#: whatever is queued behind a long test waits for all of it. Ctrl-C on a flow (55 s),
+#: whatever is queued behind a long test waits for all of it: Ctrl-C on a flow (55 s),
 #: queued behind the 300 s Prefect-restart test, started at 395 s and ended the parallel
-#: part 60 s after every other worker had started its last test (issue 16).
+#: part (issue 16; benchmarks/notes.md, "Session 27").
 LONG_UNIT_S = 60.0
 #: Test processes that may start the session's Prefect server (``prefect_server``, started by
 #: each on first use: about 7 CPU-seconds, then 1.6 a minute idle) while other work is left:
