@@ -519,8 +519,7 @@ class SlotController:
             self._probes_out -= 1
         now = time.monotonic()
         permit.acked_at = permit.running_at = now
-        self._live.add(permit)
-        heapq.heappush(self._unnamed, (now + self._unnamed_hold_s(), next(self._seq), permit))
+        self._hold_unnamed(permit, now + self._unnamed_hold_s())
         self._changed.set()
 
     def orphaned(self, permit: Permit) -> None:
@@ -531,8 +530,7 @@ class SlotController:
         (the own-errors test at ``journaling an ack`` stalled under load)."""
         if permit not in self._live:
             return
-        due = permit.acked_at + self._unnamed_hold_s()
-        heapq.heappush(self._unnamed, (due, next(self._seq), permit))
+        self._hold_unnamed(permit, permit.acked_at + self._unnamed_hold_s())
         self._changed.set()
 
     def _refusal_share(self, now: float) -> float:
@@ -607,10 +605,15 @@ class SlotController:
             return False
         _, permit = self._guessed.popleft()
         self._held += 1
-        self._live.add(permit)
         self._sum_t = -math.inf
-        heapq.heappush(self._unnamed, (now + self._latency_s, next(self._seq), permit))
+        self._hold_unnamed(permit, now + self._latency_s)
         return True
+
+    def _hold_unnamed(self, permit: Permit, due: float) -> None:
+        """``permit``'s task counts as ours and running until ``due``, when its slot is
+        given back (``_forget_unnamed``): nothing will tell us when it ends."""
+        self._live.add(permit)
+        heapq.heappush(self._unnamed, (due, next(self._seq), permit))
 
     @property
     def unnamed(self) -> int:
