@@ -10,6 +10,10 @@ artifacts, and spreading shards over workers that share one API key's budget).
 
 from __future__ import annotations
 
+# A flow run of ours is a process of ours: one OpenBLAS thread (pipeline/blas.py), set
+# before its modules import numpy and inherited by the processes a worker starts.
+import pipeline.blas  # noqa: F401
+
 __all__ = ["generate_catalog", "generate_catalog_shard"]
 
 

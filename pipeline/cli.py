@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Final, NoReturn, get_args, get
 
 import typer
 
+import pipeline.blas  # noqa: F401  (one OpenBLAS thread: before anything imports numpy)
 from pipeline.config import (
     API_KEY_ENV,
     WEBHOOK_SECRET_ENV,
