@@ -10,7 +10,8 @@ analytics.
 
 Tests marked ``serial`` assert a bound on timing that other workers competing for the two
 cores would decide instead of the code; ``--part parallel`` leaves them out and ``--part
-serial`` runs only them, which is how ``.ci/run`` runs them: after the parallel part.
+serial`` runs only them, which is how ``.ci/run`` runs them: after the parallel part, on
+two workers (one core each; together they use less than one).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         choices=("all", "parallel", "serial"),
         default="all",
         help="parallel: every test but those marked serial (what .ci/run runs under xdist); "
-        "serial: only those, run after the parallel part with the machine to themselves",
+        "serial: only those, run after the parallel part on two workers (a core each)",
     )
 
 
@@ -53,7 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "serial: a bound on timing (a result URL's lifetime, a share of a key's slots) that "
         "parallel workers competing for the CPU would decide instead of the code; .ci/run "
-        "runs these after the parallel part, one at a time",
+        "runs these after the parallel part, two at a time on two cores",
     )
     config.addinivalue_line(
         "markers",
