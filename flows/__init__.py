@@ -10,9 +10,19 @@ artifacts, and spreading shards over workers that share one API key's budget).
 
 from __future__ import annotations
 
+import gc
+
 # A flow run of ours is a process of ours: one OpenBLAS thread (pipeline/blas.py), set
 # before its modules import numpy and inherited by the processes a worker starts.
 import pipeline.blas  # noqa: F401
+
+# In a flow run's process Prefect's engine has imported Prefect (about 110,000 objects that
+# live as long as the process) before this package. Every collection the flow's own imports
+# then trigger (Polars, pyarrow, the pipeline: 50,000 more) would walk them all and find
+# nothing; moved to the collector's permanent generation they are skipped, as
+# ``pipeline.cli.import_quietly`` does for a command's imports: ``import flows.catalog``
+# after ``prefect.engine`` took 2.55 CPU-s, 2.25 with this (benchmarks/notes.md, session 28).
+gc.freeze()
 
 __all__ = ["generate_catalog", "generate_catalog_shard"]
 

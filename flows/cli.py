@@ -22,7 +22,14 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from pipeline.cli import ConfigOpt, ManifestArg, reported, spec_from, with_run_options
+from pipeline.cli import (
+    ConfigOpt,
+    ManifestArg,
+    import_quietly,
+    reported,
+    spec_from,
+    with_run_options,
+)
 from pipeline.config import check_target
 from pipeline.errors import ConfigError, KleinError
 from pipeline.spec import RunSpec
@@ -260,6 +267,8 @@ def run_flow(manifest: str, spec: RunSpec, **flow_options: Any) -> int:
     # Prefect's own 20 s for its ephemeral server to come up is short on a busy machine
     # (a nightly host running other jobs): a flow that never started helps nobody.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # Prefect and the engine with the collector paused: 3.06 -> 2.32 CPU-s (import_quietly).
+    import_quietly("flows.catalog")
     from flows.catalog import ShardsFailed, generate_catalog
     from pipeline.dest_lock import check_free
     from pipeline.storage import open_sink

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import gc
 import json
 import os
 import re
@@ -202,6 +203,28 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
 
     config.option.loadscopereorder = False
     return LongestFirst(config, log)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_collection(session: pytest.Session) -> Any:
+    """Collect with the cyclic garbage collector paused, then freeze what is alive.
+
+    Collecting imports every test module and through them Prefect, Polars, pyarrow, moto
+    and the pipeline: a few hundred thousand objects that live as long as the test process.
+    The collections their allocations trigger walk them all for nothing, and so would every
+    full collection the tests' own allocations trigger after: in a ``perf`` profile of the
+    parallel part, 10% of the xdist workers' CPU was the collector (benchmarks/notes.md,
+    session 28). Frozen (``gc.freeze``), they are never walked again, as
+    ``pipeline.cli.import_quietly`` does for a command's imports; whatever a test allocates
+    is collected as before."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return (yield)
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
