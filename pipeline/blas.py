@@ -8,8 +8,9 @@ for a run that stops at a missing manifest), about three on a 32-core Prefect wo
 its flow runs pay it again. Importing this module sets ``OPENBLAS_NUM_THREADS=1`` for this
 process and the processes it starts, unless the variable is already set: a user who wants
 BLAS threads in a process that also runs klein-batch sets it. It is imported for that
-effect by the entry points only (``pipeline.cli``, the ``flows`` package), never by the
-library modules a data team imports, and it does nothing once numpy is loaded.
+effect by the entry points only (``pipeline.cli``; the ``flows`` package, imported where a
+flow of ours runs), never by the pipeline's library modules a data team imports, and it
+does nothing once numpy is loaded.
 """
 
 from __future__ import annotations
