@@ -467,26 +467,34 @@ def run(
         _run(source, settings, progress)
 
 
-def import_quietly(module: str) -> None:
-    """Import ``module`` (and all it imports) with the cyclic garbage collector paused,
-    then move everything alive into the collector's permanent generation.
+@contextmanager
+def collector_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector, then move everything alive into its permanent
+    generation.
 
-    The engine's imports (Polars, pyarrow, aiohttp, pydantic models) allocate a few hundred
-    thousand objects that all live until the process ends; every collection their
-    allocations trigger walks them and finds nothing, and so would the first collections
-    after the import if they were left in the young generations. Frozen, they are never
-    walked again (benchmarks/notes.md, "the fixed cost"). Nothing is allocated meanwhile
-    that could become garbage in a cycle worth collecting."""
-    if module in sys.modules:
-        return
+    Importing the engine (Polars, pyarrow, aiohttp, pydantic models), Prefect, or a test
+    suite's modules allocates a few hundred thousand objects that all live until the
+    process ends; every collection their allocations trigger walks them and finds nothing,
+    and so would the first collections after if they were left in the young generations.
+    Frozen, they are never walked again (benchmarks/notes.md, "the fixed cost" and session
+    28). For work that allocates nothing that could become garbage in a cycle worth
+    collecting: imports, a test run's collection (tests/conftest.py)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        importlib.import_module(module)
+        yield
     finally:
         gc.freeze()
         if enabled:
             gc.enable()
+
+
+def import_quietly(module: str) -> None:
+    """Import ``module`` (and all it imports) with the collector paused (``collector_paused``)."""
+    if module in sys.modules:
+        return
+    with collector_paused():
+        importlib.import_module(module)
 
 
 def _dated_out(settings: RunConfig) -> RunConfig:

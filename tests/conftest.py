@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
-import gc
 import json
 import os
 import re
@@ -214,17 +213,12 @@ def pytest_collection(session: pytest.Session) -> Any:
     The collections their allocations trigger walk them all for nothing, and so would every
     full collection the tests' own allocations trigger after: in a ``perf`` profile of the
     parallel part, 10% of the xdist workers' CPU was the collector (benchmarks/notes.md,
-    session 28). Frozen (``gc.freeze``), they are never walked again, as
-    ``pipeline.cli.import_quietly`` does for a command's imports; whatever a test allocates
-    is collected as before."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    session 28). ``pipeline.cli.collector_paused``, as for a command's imports; whatever a
+    test allocates is collected as before."""
+    from pipeline.cli import collector_paused
+
+    with collector_paused():
         return (yield)
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
