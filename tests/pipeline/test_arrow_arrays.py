@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+import sys
 
+import polars as pl
 import pyarrow as pa
 import pytest
 
@@ -39,3 +41,21 @@ def test_empty_and_all_null_columns(values: list[object]) -> None:
 def test_a_value_of_the_wrong_type_is_refused_not_turned_into_null() -> None:
     with pytest.raises(TypeError):
         arrow_arrays.array(["7"], pa.int64())
+
+
+_TIMESTAMPS = [pa.timestamp(unit, tz=zone) for unit in ("ms", "us", "ns") for zone in (None, "UTC")]
+
+
+@pytest.mark.parametrize("type", [*arrow_arrays._POLARS_TYPES, *_TIMESTAMPS], ids=str)
+def test_the_named_polars_types_are_those_polars_itself_gives(type: pa.DataType) -> None:
+    assert repr(arrow_arrays._polars_type(type)) == repr(pl.from_arrow(pa.nulls(0, type)).dtype)
+
+
+def test_strings_are_cast_the_public_way_when_the_kernel_module_is_not_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import pyarrow.compute  # noqa: F401  (the public way, loaded while it still can be)
+
+    monkeypatch.setitem(sys.modules, "pyarrow._compute", None)  # its import now fails
+    values = _SAMPLES[pa.string()]
+    assert arrow_arrays.array(values, pa.string()).equals(pa.array(values, type=pa.string()))

@@ -4,8 +4,9 @@ Each module a run imports costs CPU on every run, before its first submit (bench
 notes.md, "the fixed cost"). A run against a real API never needs the bundled simulator,
 the webhook receiver (aiohttp's server side), the progress bar's rich, Prefect or boto3,
 nor pandas (installed here as a dev dependency, as on many a data team's machine; pyarrow
-imports it for any ``pa.array`` of a Python list: 0.5 s and 30 MB); this test fails when
-an import creeps back onto that path.
+imports it for any ``pa.array`` of a Python list: 0.5 s and 30 MB), nor ``pyarrow.compute``
+(0.02-0.03 s: polars imports it to convert an Arrow type); this test fails when an import
+creeps back onto that path.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ NOT_IMPORTED = (
     "boto3",
     "botocore",
     "pandas",
+    "pyarrow.compute",
 )
 
 #: The console script's own entry point, with the loaded modules written out at exit.
