@@ -261,7 +261,7 @@ async def test_a_large_manifest_is_joined_batch_by_batch(
 
         def spy(self: Ledger, start_idx: int, end_idx: int) -> list[Outcome]:
             # This ledger's reads only (the writer reads it on a connection of its own):
-            # every worker runs tests/pipeline/minute_storm.py's three 11-row runs in the
+            # tests/pipeline/minute_storm.py's three 11-row runs may be going on in the
             # background, and one ending during this test adds its own (0, 11).
             if self.path == ledger.path:
                 ranges.append((start_idx, end_idx))

@@ -16,11 +16,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if any("test_pipeline_tier_minute" in item.nodeid for item in session.items):
         from minute_storm import start_minute_storm
 
-        start_minute_storm()
+        start_minute_storm(session.config)
 
 
 @pytest.fixture(scope="session")
-def minute_storm() -> MinuteStorm:
+def minute_storm(pytestconfig: pytest.Config) -> MinuteStorm:
     from minute_storm import start_minute_storm
 
-    return start_minute_storm()
+    return start_minute_storm(pytestconfig)

@@ -7,6 +7,11 @@ background as soon as collection selects its test (see ``conftest.py``), runs th
 collects the results. The runs go in a child process (this file run as a script): in a
 thread of the test process, a test that patched a class meanwhile (an error of ours
 injected into ``parse_submit``) reached into them and failed a row.
+
+Under pytest-xdist every worker collects every test, and each used to start the three runs
+of its own (six copies, 15 CPU-seconds of a CPU-bound suite, for one worker's test). The
+runs are now made once per test run, in a folder the workers share: the first to create
+it starts the child, and every worker's tests read what it wrote there.
 """
 
 from __future__ import annotations
@@ -15,15 +20,18 @@ import asyncio
 import atexit
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from pipeline_helpers import SIM_KEY, fast_options, sim_config, write_catalog
 
 from pipeline.run import arun_manifest
@@ -47,33 +55,53 @@ class Result:
     error: BaseException | None = None
 
 
-class MinuteStorm:
-    """The three runs, started once per session in a daemon thread."""
+#: Written by the child once every form's result is: the runs are over.
+DONE_FILE = "done"
+#: How long a worker waits for the runs (one minute and a bit on an idle machine).
+WAIT_S = 240.0
 
-    def __init__(self) -> None:
-        self.root = Path(tempfile.mkdtemp(prefix="klein-minute-storm-"))
-        # Started at collection, outside pytest's tmp_path: removed as the session's process
-        # ends (each run left 6 MB in /tmp).
-        atexit.register(shutil.rmtree, self.root, ignore_errors=True)
+
+class MinuteStorm:
+    """The three runs, started once per test run; a daemon thread waits for their results.
+
+    ``root``: the folder shared by the run's workers (one per process without xdist).
+    ``starts``: whether this process starts the child (it created ``root``); the others
+    only wait for its ``DONE_FILE``.
+    """
+
+    def __init__(self, root: Path, starts: bool) -> None:
+        self.root = root
+        self.starts = starts
         self.results = {form: Result(self.root / form / "out") for form in FORMS}
-        self.manifest = write_catalog(self.root / "in", ROWS)
+        self.manifest = self.root / "in" / "catalog.csv"
         self.thread = threading.Thread(target=self._main, name="minute-storm", daemon=True)
 
     def start(self) -> None:
+        if self.starts:
+            write_catalog(self.manifest.parent, ROWS)
+            # Not a child of the thread: a worker that xdist shuts down once the queue is
+            # empty would take a running child's results with it; this one writes them.
+            with open(self.root / "child.log", "wb") as log:
+                subprocess.Popen(
+                    [sys.executable, __file__, str(self.root), str(self.manifest)],
+                    cwd=Path(__file__).parent,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
         self.thread.start()
 
     def _main(self) -> None:
-        child = subprocess.run(
-            [sys.executable, __file__, str(self.root), str(self.manifest)],
-            cwd=Path(__file__).parent,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        deadline = time.monotonic() + WAIT_S
+        while not (self.root / DONE_FILE).exists():
+            if time.monotonic() > deadline:
+                return  # the test says the runs did not finish
+            time.sleep(0.5)
+        log = (self.root / "child.log").read_text(errors="replace")[-3000:]
         for form, result in self.results.items():
             stored = result.out.parent / RESULT_FILE
             if not stored.is_file():
-                result.error = RuntimeError(f"no result for {form}: {child.stderr[-3000:]}")
+                result.error = RuntimeError(f"no result for {form}: {log}")
                 continue
             data = json.loads(stored.read_text())
             if data["error"] is not None:
@@ -101,7 +129,8 @@ async def _one(root: Path, manifest: Path, form: str) -> None:
     except BaseException as exc:  # reported by the test
         data["error"] = f"{type(exc).__name__}: {exc}"
     (root / form).mkdir(parents=True, exist_ok=True)
-    (root / form / RESULT_FILE).write_text(json.dumps(data, default=str))
+    (root / form / f"{RESULT_FILE}.tmp").write_text(json.dumps(data, default=str))
+    os.replace(root / form / f"{RESULT_FILE}.tmp", root / form / RESULT_FILE)
 
 
 async def _all(root: Path, manifest: Path) -> None:
@@ -111,13 +140,33 @@ async def _all(root: Path, manifest: Path) -> None:
 _STORM: MinuteStorm | None = None
 
 
-def start_minute_storm() -> MinuteStorm:
+def start_minute_storm(config: pytest.Config) -> MinuteStorm:
+    """This process's view of the runs, started by the first process of the test run to
+    ask. Under xdist the folder is in the run's own temporary folder (``pytest-N``, which
+    pytest keeps for the last three runs and then removes), named by the run's id."""
     global _STORM
     if _STORM is None:
-        _STORM = MinuteStorm()
+        run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+        factory = getattr(config, "_tmp_path_factory", None)
+        if run_id and factory is not None:
+            root = factory.getbasetemp().parent / f"minute-storm-{run_id}"
+            try:
+                root.mkdir()
+                starts = True
+            except FileExistsError:
+                starts = False
+        else:
+            root = Path(tempfile.mkdtemp(prefix="klein-minute-storm-"))
+            # Outside pytest's folders: removed as the process ends (6 MB in /tmp a run).
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+            starts = True
+        _STORM = MinuteStorm(root, starts)
         _STORM.start()
     return _STORM
 
 
 if __name__ == "__main__":
-    asyncio.run(_all(Path(sys.argv[1]), Path(sys.argv[2])))
+    try:
+        asyncio.run(_all(Path(sys.argv[1]), Path(sys.argv[2])))
+    finally:
+        (Path(sys.argv[1]) / DONE_FILE).touch()

@@ -7,14 +7,14 @@ the file name sorts last so they overlap the rest of the folder.
 from __future__ import annotations
 
 import pytest
-from minute_storm import FORMS, ROWS, SERVER_PER_MINUTE, MinuteStorm
+from minute_storm import FORMS, ROWS, SERVER_PER_MINUTE, WAIT_S, MinuteStorm
 from pipeline_helpers import check_output, statuses
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("form", FORMS)
 def test_unknown_per_minute_limit_is_honoured(form: str, minute_storm: MinuteStorm) -> None:
-    minute_storm.thread.join(timeout=240)
+    minute_storm.thread.join(timeout=WAIT_S + 10)
     assert not minute_storm.thread.is_alive(), "the runs did not finish: a submit livelock"
     result = minute_storm.results[form]
     if result.error is not None:
