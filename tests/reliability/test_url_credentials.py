@@ -10,7 +10,6 @@ header may be in any file of the output (the SQLite journal and its WAL included
 
 from __future__ import annotations
 
-import asyncio
 import base64
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -33,7 +32,9 @@ BASIC = base64.b64encode(f"kbuser:{PASSWORD}".encode()).decode()
 @pytest.fixture
 async def proxy(start_sim: Callable[..., SimServer]) -> AsyncIterator[tuple[str, SimServer]]:
     """``http://kbuser:PASSWORD@127.0.0.1:PORT``, forwarding to a simulator only with auth."""
-    sim = start_sim(sim_config(latency=LatencyConfig(median_s=0.8, p95_s=1.0)))
+    # Tasks of about 4 s: a run that gives up after 0.2 s sees none finish unless its timer
+    # fires 3.8 s late (at 0.8 s, a starved event loop on a busy machine saw two finish).
+    sim = start_sim(sim_config(latency=LatencyConfig(median_s=4.0, p95_s=4.5)))
     session = aiohttp.ClientSession()
 
     async def forward(request: web.Request) -> web.Response:
@@ -80,7 +81,7 @@ async def test_a_password_in_the_api_url_is_used_but_never_stored(
     manifest = write_catalog(tmp_path / "in", n)
     out = tmp_path / "out"
 
-    # Tasks take ~0.8 s; giving up after 0.2 s leaves every row acknowledged, not collected.
+    # Tasks take ~4 s; giving up after 0.2 s leaves every row acknowledged, not collected.
     first = await arun_manifest(
         manifest, out, api_url=api_url, api_key=SIM_KEY, options=fast_options(task_timeout_s=0.2)
     )
@@ -90,7 +91,6 @@ async def test_a_password_in_the_api_url_is_used_but_never_stored(
     assert len(urls) == n and all(u.startswith("http://127.0.0.1:") for u in urls), urls
     assert _leaks(out) == []
 
-    await asyncio.sleep(1.0)  # the tasks finish on the server
     again = await arun_manifest(
         manifest, out, api_url=api_url, api_key=SIM_KEY, options=fast_options(retry_failed=True)
     )
