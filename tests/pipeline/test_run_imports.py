@@ -5,8 +5,8 @@ notes.md, "the fixed cost"). A run against a real API never needs the bundled si
 the webhook receiver (aiohttp's server side), the progress bar's rich, Prefect or boto3,
 nor pandas (installed here as a dev dependency, as on many a data team's machine; pyarrow
 imports it for any ``pa.array`` of a Python list: 0.5 s and 30 MB), nor ``pyarrow.compute``
-(0.02-0.03 s: polars imports it to convert an Arrow type); this test fails when an import
-creeps back onto that path.
+(0.02-0.03 s: ``pl.from_arrow`` and ``Array.cast`` import it; ``pipeline/arrow_arrays.py``
+goes around both); this test fails when an import creeps back onto that path.
 """
 
 from __future__ import annotations
