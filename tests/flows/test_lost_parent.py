@@ -1,33 +1,36 @@
-"""A lost parent, for real: the machine running a night's parent flow run dies; and its
-worker stopped instead (``klein-batch worker``, as ``systemctl stop`` stops it).
+"""A lost parent, for real: the machine running a night's parent flow run dies.
 
 A pool of its own (a Prefect server, on PostgreSQL when installed, and two process
-workers on 127.0.0.1; ``benchmarks/prefect_pool.py``), so these tests run beside
-``test_scale_out.py`` rather than after it, and beside each other (a module-scoped pool
-started by each test process that draws one): the first waits out 90 s of missed
-heartbeats by design. The automations of ``automations.yaml`` mark the parent Lost and
-run it again.
+workers on 127.0.0.1; ``benchmarks/prefect_pool.py``), so that this test, which waits out
+90 s of missed heartbeats by design, runs beside ``test_scale_out.py`` rather than after
+it. The automations of ``automations.yaml`` mark the parent Lost and run it again. A
+worker stopped instead of lost is ``test_scale_out.py``'s, on that module's pool.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import signal
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import polars as pl
 import pytest
 from flow_helpers import PROMPTS, write_catalog
+from pool_nights import (
+    SHARD_SIZE,
+    TIER_ACTIVE,
+    all_runners_ended,
+    night_parameters,
+    worker_logs,
+    worker_of_the_parent,
+    workers_running,
+)
 
-from benchmarks.pool_stops import journaled
 from benchmarks.prefect_pool import (
     BIN,
-    SHARD_DEPLOYMENT,
     api_get,
     api_post,
     descendants,
@@ -46,12 +49,7 @@ from benchmarks.prefect_pool import (
 )
 from benchmarks.prefect_pool import run as run_command
 
-#: Each test on a worker and a pool of its own: together on one worker they took 437 s of
-#: a suite whose parallel part took 504 (the first waits out 90 s without heartbeats).
-
 KEY = "sk-lost-parent-test-8c3e1a"
-TIER_ACTIVE = 4
-LOST_SHARD_SIZE = 6
 LOST_SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=3.0, p95_s=5.0)
 
 
@@ -61,66 +59,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         yield started
 
 
-def worker_logs(pool: dict[str, Any]) -> str:
-    return "".join(p.read_text() for p in pool["logs"].glob("worker-*.log"))
-
-
-def flow_run(api: str, run_id: str) -> dict[str, Any]:
-    return api_get(api, f"/flow_runs/{run_id}")
-
-
 #: The night whose parent is lost: 8 shards, long enough (a submit every 5 s per runner) that
 #: the runners left are still at work when the parent runs again.
 PARENT_ROWS = 48
-
-
-def all_runners_ended(api: str, earlier: frozenset[str]) -> list[dict[str, Any]]:
-    """Every runner flow run of a night (a night run twice names its runners alike) once
-    none is running, or after 120 s."""
-    deadline = time.monotonic() + 120
-    while True:
-        runs = api_post(api, "/flow_runs/filter", {"limit": 200})
-        runners = [
-            run
-            for run in runs
-            if run["name"].startswith("shard-runner-") and run["id"] not in earlier
-        ]
-        states = {run["state_type"] for run in runners}
-        if not states & {"SCHEDULED", "PENDING", "RUNNING"} or time.monotonic() > deadline:
-            return runners
-        time.sleep(1)
-
-
-def night_parameters(
-    manifest: Path, out: Path, sim_url: str, *, per_minute: int, parallel: int
-) -> dict[str, Any]:
-    """A night of ``LOST_SHARD_SIZE`` shards on a key of ``TIER_ACTIVE`` slots and
-    ``per_minute`` submits (the key's own limits, so the runners share it adaptively)."""
-    tier = {"name": "shared", "max_active": TIER_ACTIVE, "submits_per_minute": per_minute}
-    return {
-        "manifest": str(manifest),
-        "spec": {"out": str(out), "api_url": sim_url, "tier": "shared", "tiers": {"shared": tier}},
-        "shard_size": LOST_SHARD_SIZE,
-        "parallel_shards": parallel,
-        "api_key_block": "freepik-api-key",
-        "shard_deployment": SHARD_DEPLOYMENT,
-    }
-
-
-def worker_of_the_parent(
-    pool: dict[str, Any], parent: str, ready: Callable[[], bool]
-) -> subprocess.Popen[bytes]:
-    """The worker running the night's parent, once the parent runs and ``ready()``."""
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        run = flow_run(pool["api"], parent)
-        assert run["state_type"] in ("SCHEDULED", "PENDING", "RUNNING"), run["state"]
-        if run["state_type"] == "RUNNING" and ready():
-            for worker in pool["workers"].values():
-                if any(runs_flow_run(pid, parent) for pid in descendants(worker.pid)):
-                    return worker
-        time.sleep(0.3)
-    raise AssertionError("the parent did not run on the pool, or never got under way")
 
 
 @pytest.mark.slow(seconds=300)
@@ -233,7 +174,7 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     assert duplicates <= json.loads((out / "run.json").read_text())["ambiguous_submits"]
     finished_by = {
         n: json.loads((out / f".klein/shards/{n}/shard.json").read_text())["pid"]
-        for n in range(PARENT_ROWS // LOST_SHARD_SIZE)
+        for n in range(PARENT_ROWS // SHARD_SIZE)
     }
     print(f"shards finished by process: {finished_by}; {duplicates} sent twice")
     # No run of the night stays Running or Pending: runners on the lost machine, started or
@@ -241,67 +182,3 @@ def test_a_lost_parent_is_marked_lost_and_its_night_runs_again(
     assert not {r["state_type"] for r in night} & {"RUNNING", "PENDING"}, ended
     marked = {r["id"] for r in night if r["state_name"] == "Lost"}
     assert {r["id"] for r in lost_runners} <= marked, ended
-
-
-def workers_running(pool: dict[str, Any]) -> None:
-    """Both workers up: start again one that an earlier test of this module stopped."""
-    for name, worker in list(pool["workers"].items()):
-        if worker.poll() is not None:
-            pool["start_worker"](name)
-
-
-#: The night whose parent's worker is stopped: the parent has submits in the air when it is
-#: (each answered 1.5 s after the API charged it).
-STOPPED_ROWS = 48
-STOPPED_SIM_TOML = (
-    shared_key_toml(KEY, TIER_ACTIVE, median_s=1.0, p95_s=2.0)
-    + "\n[faults]\nsubmit_answer_delay_s = 1.5\n"
-)
-
-
-@pytest.mark.slow(seconds=110)
-@pytest.mark.timeout(600)
-def test_a_stopped_worker_stops_the_night_first_and_it_runs_again(
-    pool: dict[str, Any], tmp_path: Path
-) -> None:
-    """`systemctl stop` of the `klein-batch worker` running a night's parent, its submits in
-    the air: the worker stops the parent first, which journals every task the API charged
-    and ends Crashed named Interrupted; automations.yaml runs it again on the other worker,
-    which polls those tasks, pays for nothing twice and merges the night. (`prefect worker
-    start` SIGKILLs its flow runs when stopped: 4-8 rows paid twice per stop, measured with
-    `python -m benchmarks.pool_stops stop-worker DIR --bare`.)"""
-    api = pool["api"]
-    workers_running(pool)
-    run_command([str(BIN / "python"), "-m", "flows.automations"], pool["client"])
-    earlier = flow_run_ids(api)
-    manifest = write_catalog(
-        tmp_path / "catalog.csv",
-        [(f"s{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, STOPPED_ROWS + 1)],
-    )
-    out = tmp_path / "out"
-    with simulator(tmp_path / "sim", STOPPED_SIM_TOML, pool["base"]) as sim_url:
-        parameters = night_parameters(manifest, out, sim_url, per_minute=30, parallel=2)
-        parent = start_night(pool, parameters)
-        stopped = worker_of_the_parent(
-            pool, parent, lambda: sim_stats(sim_url)["submits_accepted"] >= 6
-        )
-        stopped.send_signal(signal.SIGTERM)  # what systemctl stop sends
-        code = stopped.wait(timeout=90)
-        run = night_ended(api, parent, 400)
-        states = flow_run_states(api, parent)
-        all_runners_ended(api, earlier)
-        stats = sim_stats(sim_url)
-
-    names = [(state["type"], state["name"]) for state in states]
-    assert code == 0, worker_logs(pool)[-3000:]
-    assert run["state_type"] == "COMPLETED", (names, worker_logs(pool)[-4000:])
-    # Stopped by its worker, not lost: never marked Lost, run again at once.
-    interrupted = names.index(("CRASHED", "Interrupted"))
-    assert names[interrupted + 1] == ("SCHEDULED", "Rerun"), names
-    assert ("CRASHED", "Lost") not in names, names
-    done = pl.read_parquet(out / "manifest.parquet")
-    assert done["row"].to_list() == list(range(1, STOPPED_ROWS + 1))
-    assert set(done["status"]) == {"succeeded"}
-    # Every task the API charged is in a journal; the rerun polled those, paid none twice.
-    assert stats["duplicate_submits"] == 0, stats
-    assert stats["submits_accepted"] == STOPPED_ROWS == journaled(out), stats

@@ -6,16 +6,19 @@ runner flow runs of the ``catalog-shard`` deployment (deployed from the reposito
 simulator key that runs in its own process. The server runs on PostgreSQL when it is
 installed (as the README's production section says), else on SQLite.
 
-The tests share one pool (a server, PostgreSQL and two workers cost about 25 CPU-seconds
-to start), each night against a simulator of its own; the lost worker's test, which kills a
-worker, comes last. The lost parent's test (``test_lost_parent.py``) has a pool of its own,
-so that it runs beside these.
+The tests share one pool (a server, PostgreSQL, two workers and the deployments: 40-50
+CPU-seconds of the suite, its server's 2-3 a minute while it is up), each night against a
+simulator of its own: a night spread over both workers and one cancelled, a worker lost
+(killed with its processes), then a worker stopped (SIGTERM, as `systemctl stop`), which
+installs the automations, last. The lost parent's test (``test_lost_parent.py``) has a pool
+of its own, so that it runs beside these.
 
 Checked from the outside: every row done exactly once, the key's active tasks never above
 its tier, no shard's engine above the budget, the runners ended; and with a worker and its
 processes killed with SIGKILL mid-run, the night still ends by itself: the lost shard is
 taken over and resumed from its journal, the lost runner is marked crashed, and no
-acknowledged task is paid twice.
+acknowledged task is paid twice; with the worker of a night's parent stopped, the parent
+journals its submits in the air, runs again on the other worker and pays nothing twice.
 """
 
 from __future__ import annotations
@@ -32,6 +35,15 @@ from typing import Any
 import polars as pl
 import pytest
 from flow_helpers import PROMPTS, write_catalog
+from pool_nights import (
+    TIER_ACTIVE,
+    all_runners_ended,
+    flow_run,
+    night_parameters,
+    worker_logs,
+    worker_of_the_parent,
+    workers_running,
+)
 
 from benchmarks.pool_stops import journaled
 from benchmarks.prefect_pool import (
@@ -41,7 +53,9 @@ from benchmarks.prefect_pool import (
     api_get,
     descendants,
     flow_run_ids,
+    flow_run_states,
     lose_machine,
+    night_ended,
     prefect_pool,
     runner_runs,
     shared_key_toml,
@@ -51,12 +65,10 @@ from benchmarks.prefect_pool import (
 )
 from benchmarks.prefect_pool import run as run_command
 
-#: One worker runs the tests (tests/conftest.py: ONE_WORKER_MODULES), so the pool starts once;
-#: 350-364 s measured for the three on the shared 2-core machine.
-pytestmark = pytest.mark.slow(seconds=240)
+#: One worker runs the tests (tests/conftest.py: ONE_WORKER_MODULES), so the pool starts once.
+pytestmark = pytest.mark.slow(seconds=350)
 
 KEY = "sk-scale-out-test-5d2e8b"
-TIER_ACTIVE = 4
 ROWS = 20
 SHARD_SIZE = 5
 SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=0.3, p95_s=0.6)
@@ -99,10 +111,6 @@ def flow_command(manifest: Path, out: Path, sim_url: str, shard_size: int) -> li
         "--shard-deployment",
         SHARD_DEPLOYMENT,
     ]
-
-
-def worker_logs(pool: dict[str, Any]) -> str:
-    return "".join(p.read_text() for p in pool["logs"].glob("worker-*.log"))
 
 
 @pytest.fixture(scope="module")
@@ -276,10 +284,6 @@ def test_a_lost_worker_never_hangs_the_night(pool: dict[str, Any], tmp_path: Pat
     assert KEY not in output
 
 
-def flow_run(api: str, run_id: str) -> dict[str, Any]:
-    return api_get(api, f"/flow_runs/{run_id}")
-
-
 #: The cancelled night: a submit rate of one a second (the spec's ``submits_per_minute``,
 #: split between the runners) makes it long enough to be cancelled while its runners run,
 #: however slowly they start, at the cost of few rows.
@@ -361,3 +365,59 @@ def cancel_against(pool: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     assert stats["submits_accepted"] == submitted  # nothing runs
     assert submitted < CANCEL_ROWS  # part of the night's rows
     return stats
+
+
+#: The night whose parent's worker is stopped: the parent has submits in the air when it is
+#: (each answered 1.5 s after the API charged it).
+STOPPED_ROWS = 48
+STOPPED_SIM_TOML = (
+    shared_key_toml(KEY, TIER_ACTIVE, median_s=1.0, p95_s=2.0)
+    + "\n[faults]\nsubmit_answer_delay_s = 1.5\n"
+)
+
+
+@pytest.mark.timeout(600)
+def test_a_stopped_worker_stops_the_night_first_and_it_runs_again(
+    pool: dict[str, Any], tmp_path: Path
+) -> None:
+    """`systemctl stop` of the `klein-batch worker` running a night's parent, its submits in
+    the air: the worker stops the parent first, which journals every task the API charged
+    and ends Crashed named Interrupted; automations.yaml runs it again on the other worker,
+    which polls those tasks, pays for nothing twice and merges the night. (`prefect worker
+    start` SIGKILLs its flow runs when stopped: 4-8 rows paid twice per stop, measured with
+    `python -m benchmarks.pool_stops stop-worker DIR --bare`.)"""
+    api = pool["api"]
+    workers_running(pool)
+    run_command([str(BIN / "python"), "-m", "flows.automations"], pool["client"])
+    earlier = flow_run_ids(api)
+    manifest = write_catalog(
+        tmp_path / "catalog.csv",
+        [(f"s{n:02d}", PROMPTS[n % len(PROMPTS)], f"SKU{n}") for n in range(1, STOPPED_ROWS + 1)],
+    )
+    out = tmp_path / "out"
+    with simulator(tmp_path / "sim", STOPPED_SIM_TOML, pool["base"]) as sim_url:
+        parameters = night_parameters(manifest, out, sim_url, per_minute=30, parallel=2)
+        parent = start_night(pool, parameters)
+        stopped = worker_of_the_parent(
+            pool, parent, lambda: sim_stats(sim_url)["submits_accepted"] >= 6
+        )
+        stopped.send_signal(signal.SIGTERM)  # what systemctl stop sends
+        code = stopped.wait(timeout=90)
+        run = night_ended(api, parent, 400)
+        states = flow_run_states(api, parent)
+        all_runners_ended(api, earlier)
+        stats = sim_stats(sim_url)
+
+    names = [(state["type"], state["name"]) for state in states]
+    assert code == 0, worker_logs(pool)[-3000:]
+    assert run["state_type"] == "COMPLETED", (names, worker_logs(pool)[-4000:])
+    # Stopped by its worker, not lost: never marked Lost, run again at once.
+    interrupted = names.index(("CRASHED", "Interrupted"))
+    assert names[interrupted + 1] == ("SCHEDULED", "Rerun"), names
+    assert ("CRASHED", "Lost") not in names, names
+    done = pl.read_parquet(out / "manifest.parquet")
+    assert done["row"].to_list() == list(range(1, STOPPED_ROWS + 1))
+    assert set(done["status"]) == {"succeeded"}
+    # Every task the API charged is in a journal; the rerun polled those, paid none twice.
+    assert stats["duplicate_submits"] == 0, stats
+    assert stats["submits_accepted"] == STOPPED_ROWS == journaled(out), stats
