@@ -46,7 +46,7 @@ POLLING_ON_DEMAND = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=40)
 @pytest.mark.serial  # shares of the CPU would decide the 2% / 90% bounds
 @pytest.mark.parametrize("delivery", ["webhooks", pytest.param("polling", marks=POLLING_ON_DEMAND)])
 async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery: str) -> None:
