@@ -10,8 +10,9 @@ analytics.
 
 Tests marked ``serial`` assert a bound on timing that other workers competing for the two
 cores would decide instead of the code; ``--part parallel`` leaves them out and ``--part
-serial`` runs only them, which is how ``.ci/run`` runs them: after the parallel part, on
-two workers (one core each; together they use less than one).
+serial`` runs only them, which is how ``.ci/run`` runs them: on two workers (one core each;
+together they use less than one), beside the parallel part where the machine lets it
+give that part only the CPU they leave (``.ci/idle-group``), else after it.
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ def pytest_collection(session: pytest.Session) -> Any:
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     """``--part serial`` skips the test files that mark no test serial instead of importing
     every module of the suite (polars, Prefect, moto) to deselect a thousand tests: 2 s of
-    the serial part's wall time, with the machine to itself."""
+    the serial part's wall time on an idle machine."""
     if config.getoption("--part") != "serial" or not collection_path.name.startswith("test_"):
         return None
     if collection_path.suffix != ".py":
