@@ -1,5 +1,5 @@
 """Nights on a real pool (``benchmarks/prefect_pool.py``), watched from the outside: the
-helpers the scale-out and lost-parent tests share."""
+helpers the scale-out, lost-parent and server-restart tests share."""
 
 from __future__ import annotations
 

@@ -23,10 +23,10 @@ from typing import Any
 import polars as pl
 import pytest
 from flow_helpers import PROMPTS, write_catalog
+from pool_nights import TIER_ACTIVE, night_parameters
 
 from benchmarks.prefect_pool import (
     BIN,
-    SHARD_DEPLOYMENT,
     api_get,
     flow_run_ids,
     flow_run_states,
@@ -45,12 +45,11 @@ from benchmarks.prefect_pool import run as run_command
 pytestmark = pytest.mark.slow(seconds=330)
 
 KEY = "sk-server-restart-test-71d0"
-TIER_ACTIVE = 4
 SIM_TOML = shared_key_toml(KEY, TIER_ACTIVE, median_s=3.0, p95_s=5.0)
-#: 8 shards, a submit every 5 s per runner: about 80 s of work for three runners, so the
-#: server goes down while every runner is mid-shard and comes back with most rows left.
+#: 8 shards of 6 rows (``pool_nights``), a submit every 5 s per runner: about 80 s of work
+#: for three runners, so the server goes down while every runner is mid-shard and comes
+#: back with most rows left.
 ROWS = 48
-SHARD_SIZE = 6
 #: Longer than the 90 s without a heartbeat after which automations.yaml marks a run Lost,
 #: and than a claim's 55 s plus the Prefect client's own retries (about 62 s): a shorter
 #: outage is ridden out by those retries, and this test passed without the fix at 100 s.
@@ -61,24 +60,6 @@ DOWN_S = 130.0
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     with prefect_pool(tmp_path_factory.mktemp("pool"), KEY) as started:
         yield started
-
-
-def night_parameters(manifest: Path, out: Path, sim_url: str) -> dict[str, Any]:
-    return {
-        "manifest": str(manifest),
-        "spec": {
-            "out": str(out),
-            "api_url": sim_url,
-            "tier": "shared",
-            "tiers": {
-                "shared": {"name": "shared", "max_active": TIER_ACTIVE, "submits_per_minute": 12}
-            },
-        },
-        "shard_size": SHARD_SIZE,
-        "parallel_shards": 3,
-        "api_key_block": "freepik-api-key",
-        "shard_deployment": SHARD_DEPLOYMENT,
-    }
 
 
 def the_night_at_work(api: str, parent: str, earlier: frozenset[str]) -> None:
@@ -124,7 +105,9 @@ def test_a_night_ends_merged_when_its_prefect_server_is_down_past_the_heartbeat_
     )
     out = tmp_path / "nightly"
     with simulator(tmp_path / "sim", SIM_TOML, pool["base"]) as sim_url:
-        parent = start_night(pool, night_parameters(manifest, out, sim_url))
+        parent = start_night(
+            pool, night_parameters(manifest, out, sim_url, per_minute=12, parallel=3)
+        )
         the_night_at_work(api, parent, earlier)
         time.sleep(10)  # every runner mid-shard
         stopped = time.time()
