@@ -1426,14 +1426,19 @@ class Engine:
             self._listed_at = answered_at = time.monotonic()
             self.stats.lists += 1
             by_task = self._by_task
-            for task_id in listed.ended:
-                tracked = by_task.get(task_id)
-                if tracked is not None and not tracked.released and not tracked.done.done():
-                    self._listed(tracked)
+            # Our tasks in flight are asked about, not the list's every entry: a few dozen
+            # against every task the key kept.
+            ended = [
+                tracked
+                for task_id, tracked in by_task.items()
+                if not tracked.released and not tracked.done.done() and listed.has_ended(task_id)
+            ]
+            for tracked in ended:
+                self._listed(tracked)
             if self.slots.unnamed:
                 # Tasks whose submit answer was lost are ours but have no id: the tasks the
                 # list shows running that we cannot name bound how many of them still run.
-                running = sum(1 for task_id in listed.running if task_id not in by_task)
+                running = sum(1 for task_id in listed.running() if task_id not in by_task)
                 self.slots.unnamed_ended(running, asked)
 
     def _listing_live(self) -> bool:

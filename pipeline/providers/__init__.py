@@ -7,7 +7,7 @@ keeps the one retry loop and the one HTTP session, and a new dialect is a new mo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -44,11 +44,30 @@ class TaskState:
 
 @dataclass(frozen=True, slots=True)
 class TaskList:
-    """What one read of the key's task list said (``pipeline/task_list.py``)."""
+    """What one read of the key's task list said (``pipeline/task_list.py``).
+
+    The statuses are kept as listed and asked about by id: the engine wants a verdict on
+    its few tasks in flight, while the list holds every task of the key, so nothing is
+    done per entry beyond building the map (in C where the entries allow it).
+    """
 
     entries: int
-    ended: list[str]
-    running: list[str]
+    #: Each listed task's status as the list gave it, by task id.
+    statuses: Mapping[object, object]
+    #: The statuses that say a task has ended.
+    final: frozenset[str]
+
+    def has_ended(self, task_id: str) -> bool:
+        status = self.statuses.get(task_id)
+        return type(status) is str and status in self.final
+
+    def running(self) -> Iterator[str]:
+        """The ids of the listed tasks that have not ended (a status that is no string, or
+        none, counts as running)."""
+        final = self.final
+        for task_id, status in self.statuses.items():
+            if type(task_id) is str and not (type(status) is str and status in final):
+                yield task_id
 
 
 class Provider(Protocol):
@@ -87,7 +106,7 @@ class Provider(Protocol):
         ...
 
     def read_list(self, body: Any) -> TaskList:
-        """A task list's answer: the ids of the tasks it says have ended and of the others."""
+        """A task list's answer: each listed task's status, by id."""
         ...
 
     def error_message(self, status: int, body: Any) -> str: ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 from pipeline.contract import (
@@ -25,6 +26,20 @@ from pipeline.rows import ImageRequest
 
 #: The statuses a task ends in (a moderated one ends FAILED, or COMPLETED with has_nsfw).
 _ENDED = frozenset({KleinStatus.COMPLETED.value, KleinStatus.FAILED.value})
+_TASK_ID = itemgetter("task_id")
+_STATUS = itemgetter("status")
+
+
+def _statuses_one_by_one(data: list[Any]) -> dict[object, object]:
+    """The task list's statuses by id, skipping entries that are no object or have no
+    string id; an entry without a status is listed with none (running)."""
+    statuses: dict[object, object] = {}
+    for entry in data:
+        if isinstance(entry, dict):
+            task_id = entry.get("task_id")
+            if type(task_id) is str:
+                statuses[task_id] = entry.get("status")
+    return statuses
 
 
 class KleinProvider:
@@ -108,20 +123,15 @@ class KleinProvider:
         data = body.get("data") if isinstance(body, dict) else None
         if not isinstance(data, list):
             raise ProtocolError("task list has no data array")
-        # Read once per task that ends, over every task the key kept: the loop is written
-        # for speed (the list's entries a second are what bounds how long it is used).
-        ended: list[str] = []
-        running: list[str] = []
-        end, run = ended.append, running.append
-        for entry in data:
-            try:
-                task_id = entry["task_id"]
-                status = entry.get("status")
-            except (TypeError, KeyError, AttributeError):
-                continue  # not an object, or one without a task id: not a task of ours
-            if type(task_id) is str:
-                (end if type(status) is str and status in _ENDED else run)(task_id)
-        return TaskList(len(data), ended, running)
+        # Read once per task that ends, over every task the key kept: the map is built by
+        # C loops (``map``, ``zip``, ``dict``) while every entry is an object with both
+        # fields, which is what the API sends; an odd entry anywhere sends the whole list
+        # through the entry-by-entry reader, which skips what is no task.
+        try:
+            statuses = dict(zip(map(_TASK_ID, data), map(_STATUS, data), strict=True))
+        except (TypeError, KeyError):
+            statuses = _statuses_one_by_one(data)
+        return TaskList(len(data), statuses, _ENDED)
 
     def parse_webhook(self, body: Any) -> tuple[str, TaskState]:
         """A webhook body is the poll answer's ``data`` object, without the wrapper."""

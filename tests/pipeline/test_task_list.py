@@ -54,10 +54,32 @@ def test_a_list_is_read_whatever_odd_entries_it_holds() -> None:
         }
     )
     assert listed.entries == 11
-    assert listed.ended == ["a", "c", "d"]
-    assert listed.running == ["b", "e", "f"]
+    assert [task_id for task_id in "abcdefgh" if listed.has_ended(task_id)] == ["a", "c", "d"]
+    assert sorted(listed.running()) == ["b", "e", "f"]
     with pytest.raises(ProtocolError):
         provider.read_list({"data": {"task_id": "a"}})
+
+
+def test_a_well_formed_list_reads_the_same_as_an_odd_one() -> None:
+    """Every entry an object with an id and a status (what the API sends) is read by the
+    quick path; its verdicts are those of the entry-by-entry reader, ids that are no
+    string included (listed, never taken for ours)."""
+    provider = KleinProvider("http://127.0.0.1:9", "sk-test")
+    entries = [
+        {"task_id": "a", "status": "COMPLETED"},
+        {"task_id": "b", "status": "IN_PROGRESS"},
+        {"task_id": "c", "status": "FAILED", "extra": {"k": 1}},
+        {"task_id": "d", "status": None},
+        {"task_id": 7, "status": "COMPLETED"},
+        {"task_id": "e", "status": "CREATED"},
+    ]
+    quick = provider.read_list({"data": entries})
+    odd = provider.read_list({"data": [*entries, "not a task"]})
+    for listed in (quick, odd):
+        assert [t for t in "abcdef" if listed.has_ended(t)] == ["a", "c"]
+        assert sorted(listed.running()) == ["b", "d", "e"]
+        assert not listed.has_ended("7")
+    assert (quick.entries, odd.entries) == (6, 7)
 
 
 def test_a_short_list_of_slow_endings_is_asked_about_once_per_ending() -> None:
