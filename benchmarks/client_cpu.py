@@ -13,6 +13,8 @@ entries in ``benchmarks/notes.md`` come from here)::
 
 ``--sample`` counts where klein-batch's CPU goes by sampling its stack on the CPU clock
 (``benchmarks/cpu_sampler.py``): cProfile's own cost distorts the shares, this does not.
+naive-async's last run is sampled too (into ``<FILE stem>.naive-async.json`` beside it),
+and the two are printed side by side by kind (imports, the task list, the journal ...).
 
 ``klein-batch-no-thumbnails`` is the same klein-batch with report.html's thumbnails off
 (the engine decodes nothing, the page makes none): what the thumbnails cost.
@@ -29,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.cpu_sampler import report
+from benchmarks.cpu_sampler import report, side_by_side
 from benchmarks.harness import REPO, Simulator
 from benchmarks.run import command_for, contender_env, scenarios, write_manifest
 
@@ -42,6 +44,15 @@ _NO_THUMBNAILS = (
 )
 #: Run first when ``--sample`` is given.
 _SAMPLED = "import benchmarks.cpu_sampler\nbenchmarks.cpu_sampler.start({path!r})\n"
+#: naive-async run under the sampler: its own code is ``benchmarks/contenders``.
+_NAIVE_SAMPLED = (
+    "import os, runpy, sys\n"
+    "import benchmarks.cpu_sampler as sampler\n"
+    "sampler.OWN = (os.sep + 'contenders' + os.sep,)\n"
+    "sampler.start({path!r})\n"
+    "sys.argv[0] = {module!r}\n"
+    "runpy.run_module({module!r}, run_name='__main__')\n"
+)
 _PROFILED = (
     "import cProfile, time\n"
     "profile = cProfile.Profile(time.process_time)\n"
@@ -66,6 +77,18 @@ def klein_command(
     code += "from pipeline.cli import main\n"
     code += _PROFILED.format(path=str(profile)) if profile is not None else "main()\n"
     return [sys.executable, "-c", code, *command[1:]]
+
+
+def naive_sampled(command: list[str], sample: Path) -> list[str]:
+    """naive-async's ``python -m MODULE ARGS`` as ``python -c``, sampled into ``sample``."""
+    at = command.index("-m")
+    module = command[at + 1]
+    code = _NAIVE_SAMPLED.format(path=str(sample), module=module)
+    return [command[0], "-c", code, *command[at + 2 :]]
+
+
+def naive_sample_path(sample: Path) -> Path:
+    return sample.with_name(f"{sample.stem}.naive-async.json")
 
 
 def cpu_of(command: list[str], env: dict[str, str], cpus: list[int]) -> float:
@@ -116,6 +139,8 @@ def main() -> None:
                         profile = args.profile if contender == "klein-batch" else None
                         sample = args.sample if contender == "klein-batch" else None
                         command = klein_command(command, contender, profile, sample)
+                    elif args.sample is not None:
+                        command = naive_sampled(command, naive_sample_path(args.sample))
                     cpu = cpu_of(command, contender_env(root / "prefect-home", key), [1])
                 images = sum(1 for _ in (out / "images").glob("*"))
                 per_1000[contender].append(cpu / max(1, images) * 1000)
@@ -128,6 +153,8 @@ def main() -> None:
         print(f"{contender}: " + " ".join(f"{figure:.2f}" for figure in figures))
     if args.sample is not None and args.sample.exists():
         print(report(args.sample))
+        naive = naive_sample_path(args.sample)
+        print(side_by_side([naive, args.sample] if naive.exists() else [args.sample]))
 
 
 if __name__ == "__main__":

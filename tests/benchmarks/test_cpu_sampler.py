@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.cpu_sampler import report
+from benchmarks.cpu_sampler import REST, kind_of, report, side_by_side
 from benchmarks.harness import REPO
 
 _PROGRAM = """
@@ -39,3 +39,26 @@ def test_samples_land_where_the_cpu_went(tmp_path: Path) -> None:
     assert innermost.get("<string>:burn", 0) >= 0.8 * counts["samples"]
     assert "<string>:wait" not in innermost
     assert "samples" in report(out) and "<string>:burn" in report(out)
+    # Whole stacks, outermost first: burn() under the program's module.
+    burnt = sum(n for stack, n in counts["stacks"] if stack.endswith("<string>:burn"))
+    assert burnt == innermost["<string>:burn"]
+    assert all(stack.startswith("<string>:<module>") for stack, _ in counts["stacks"])
+    table = side_by_side([out, out])
+    assert f"| {REST} | {counts['samples']} (100%) | {counts['samples']} (100%) |" in table
+
+
+def test_each_sample_is_put_in_one_kind_by_any_frame_of_its_stack() -> None:
+    run = "<string>:<module>;cli.py:main;run.py:_run_until_done;events.py:_run"
+    assert kind_of(f"{run};engine.py:_outcome_of;ledger.py:record_ack;ledger.py:_commit") == (
+        "journal"
+    )
+    # The 1/8-scale decode verifies the row and makes its thumbnail: a thumbnail's cost.
+    decode = f"{run};engine.py:_fetch_and_store;verify.py:inspect_image;ImageFile.py:load"
+    assert kind_of(decode) == "thumbnails"
+    assert kind_of(f"{run};engine.py:_fetch_and_store;verify.py:jpeg_size") == "verification"
+    # An import met anywhere is an import, whoever asked for it.
+    lazy = f"{run};ledger.py:record_ack;<frozen importlib._bootstrap>:_find_and_load"
+    assert kind_of(lazy) == "imports"
+    assert kind_of(f"{run};engine.py:_watch_list;engine.py:_read_json") == "task list"
+    assert kind_of(f"{run};naive_async.py:generate;common.py:store") == "image files"
+    assert kind_of(f"{run};client_reqrep.py:start") == REST
