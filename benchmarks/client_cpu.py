@@ -8,6 +8,7 @@ klein-batch run (cProfile on the CPU clock around ``pipeline.cli.main``: the pro
 entries in ``benchmarks/notes.md`` come from here)::
 
     python -m benchmarks.client_cpu --scenario scale --rows 2000 --rounds 2
+    python -m benchmarks.client_cpu --scenario standard --rows 200 1600 --rounds 2
     python -m benchmarks.client_cpu --contenders klein-batch --profile /tmp/kb.prof
     python -m benchmarks.client_cpu --contenders klein-batch --sample /tmp/kb.json
 
@@ -15,6 +16,11 @@ entries in ``benchmarks/notes.md`` come from here)::
 (``benchmarks/cpu_sampler.py``): cProfile's own cost distorts the shares, this does not.
 naive-async's last run is sampled too (into ``<FILE stem>.naive-async.json`` beside it),
 and the two are printed side by side by kind (imports, the task list, the journal ...).
+
+With two run sizes or more (``--rows 200 1600``) each contender's runs also give a line:
+the CPU a run costs whatever its size (imports, start-up, report.html's 200 thumbnails)
+and the CPU per 1,000 images past it. One size's ratio mixes the two, so a short run
+shows klein-batch's larger start-up and a long one its per-image path.
 
 ``klein-batch-no-thumbnails`` is the same klein-batch with report.html's thumbnails off
 (the engine decodes nothing, the page makes none): what the thumbnails cost.
@@ -26,6 +32,7 @@ import argparse
 import os
 import secrets
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -33,7 +40,7 @@ from pathlib import Path
 
 from benchmarks.cpu_sampler import report, side_by_side
 from benchmarks.harness import REPO, Simulator
-from benchmarks.run import command_for, contender_env, scenarios, write_manifest
+from benchmarks.run import Scenario, command_for, contender_env, scenarios, write_manifest
 
 CONTENDERS = ("naive-async", "klein-batch", "klein-batch-no-thumbnails")
 #: Run before ``pipeline.cli.main`` for ``klein-batch-no-thumbnails``.
@@ -106,7 +113,14 @@ def cpu_of(command: list[str], env: dict[str, str], cpus: list[int]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="scale", help="a suite scenario (default scale)")
-    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument(
+        "--rows",
+        type=int,
+        nargs="+",
+        default=[2000],
+        help="rows per run; two sizes or more also give each contender's CPU a run and "
+        "per 1,000 images (a line through its runs)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=list(CONTENDERS))
     parser.add_argument(
@@ -119,42 +133,70 @@ def main() -> None:
     )
     args = parser.parse_args()
     scenario = {s.name: s for s in scenarios(False)}[args.scenario]
-    per_1000: dict[str, list[float]] = {name: [] for name in args.contenders}
+    #: (rows asked, images made, CPU seconds) of each run, by contender.
+    runs: dict[str, list[tuple[int, int, float]]] = {name: [] for name in args.contenders}
     with tempfile.TemporaryDirectory(prefix="client-cpu-") as tmp:
         root = Path(tmp)
-        manifest = root / "manifest.csv"
-        write_manifest(manifest, args.rows)
         for round_no in range(args.rounds):
-            for contender in args.contenders:
-                key = "bench-" + secrets.token_hex(12)
-                workdir = root / f"{contender}-{round_no}"
-                workdir.mkdir()
-                out = workdir / "out"
-                with Simulator(scenario.sim, workdir, key, [0]) as sim:
-                    suite_name = "naive-async" if contender == "naive-async" else "klein-batch"
-                    command = command_for(
-                        suite_name, manifest, sim.url, out, scenario.sim, args.rows
+            for rows in args.rows:
+                manifest = root / f"manifest-{rows}.csv"
+                if not manifest.exists():
+                    write_manifest(manifest, rows)
+                for contender in args.contenders:
+                    images, cpu = one_run(args, scenario, root, manifest, rows, contender, round_no)
+                    runs[contender].append((rows, images, cpu))
+                    print(
+                        f"{contender}: {images} images, {cpu / max(1, images) * 1000:.2f} "
+                        f"CPU s/1000, load {os.getloadavg()[0]:.1f}",
+                        flush=True,
                     )
-                    if suite_name == "klein-batch":
-                        profile = args.profile if contender == "klein-batch" else None
-                        sample = args.sample if contender == "klein-batch" else None
-                        command = klein_command(command, contender, profile, sample)
-                    elif args.sample is not None:
-                        command = naive_sampled(command, naive_sample_path(args.sample))
-                    cpu = cpu_of(command, contender_env(root / "prefect-home", key), [1])
-                images = sum(1 for _ in (out / "images").glob("*"))
-                per_1000[contender].append(cpu / max(1, images) * 1000)
-                print(
-                    f"{contender}: {images} images, {per_1000[contender][-1]:.2f} CPU s/1000, "
-                    f"load {os.getloadavg()[0]:.1f}",
-                    flush=True,
-                )
-    for contender, figures in per_1000.items():
-        print(f"{contender}: " + " ".join(f"{figure:.2f}" for figure in figures))
+    for contender, done in runs.items():
+        for rows in args.rows:
+            figures = [cpu / max(1, images) * 1000 for r, images, cpu in done if r == rows]
+            print(f"{contender} ({rows} rows): " + " ".join(f"{f:.2f}" for f in figures))
+    if len(set(args.rows)) > 1:
+        for contender, done in runs.items():
+            fixed, per_1000 = fixed_and_marginal([(images, cpu) for _, images, cpu in done])
+            print(f"{contender}: {fixed:.2f} CPU s a run, {per_1000:.2f} CPU s per 1,000 images")
     if args.sample is not None and args.sample.exists():
         print(report(args.sample))
         naive = naive_sample_path(args.sample)
         print(side_by_side([naive, args.sample] if naive.exists() else [args.sample]))
+
+
+def one_run(
+    args: argparse.Namespace,
+    scenario: Scenario,
+    root: Path,
+    manifest: Path,
+    rows: int,
+    contender: str,
+    round_no: int,
+) -> tuple[int, float]:
+    """One contender's run of ``manifest`` against a fresh simulator: (images, CPU s)."""
+    key = "bench-" + secrets.token_hex(12)
+    workdir = root / f"{contender}-{rows}-{round_no}"
+    workdir.mkdir()
+    out = workdir / "out"
+    with Simulator(scenario.sim, workdir, key, [0]) as sim:
+        suite_name = "naive-async" if contender == "naive-async" else "klein-batch"
+        command = command_for(suite_name, manifest, sim.url, out, scenario.sim, rows)
+        if suite_name == "klein-batch":
+            profile = args.profile if contender == "klein-batch" else None
+            sample = args.sample if contender == "klein-batch" else None
+            command = klein_command(command, contender, profile, sample)
+        elif args.sample is not None:
+            command = naive_sampled(command, naive_sample_path(args.sample))
+        cpu = cpu_of(command, contender_env(root / "prefect-home", key), [1])
+    return sum(1 for _ in (out / "images").glob("*")), cpu
+
+
+def fixed_and_marginal(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """CPU seconds a run costs before its first image and per 1,000 images after it: the
+    least-squares line through (images, CPU seconds) of runs of two sizes or more. A
+    ratio of whole runs at one size mixes the two, so it depends on the size chosen."""
+    fit = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    return fit.intercept, fit.slope * 1000
 
 
 if __name__ == "__main__":
