@@ -40,8 +40,8 @@ OWN = (f"{os.sep}pipeline{os.sep}", f"{os.sep}flows{os.sep}")
 #: What a sample was spent on: the first kind with a frame (``file.py:function``, any
 #: depth) starting with one of its prefixes. Imports first (an import inside a function is
 #: an import), thumbnails before verification (the 1/8-scale decode verifies a row and
-#: makes its thumbnail). The naive client (``benchmarks/contenders``) writes its images in
-#: ``common.py:store``.
+#: makes its thumbnail), the slot controller before submits (a submit waits in it). The
+#: naive client (``benchmarks/contenders``) writes its images in ``common.py:store``.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("imports", ("<frozen importlib._bootstrap>:_find_and_load",)),
     (
@@ -52,10 +52,10 @@ KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("journal", ("ledger.py:", "remote_journal.py:")),
     ("image files", ("storage.py:", "common.py:store")),
     ("task list", ("engine.py:_watch_list",)),
+    ("slot controller", ("limits.py:",)),
     ("submits", ("engine.py:_submit", "engine.py:_send", "engine.py:_post_submit")),
     ("polls", ("engine.py:_poll", "engine.py:_schedule_polls")),
     ("downloads", ("engine.py:_download",)),
-    ("slot controller", ("limits.py:",)),
     ("manifest in", ("manifest.py:", "product_exports.py:")),
     (
         "outputs at the end",

@@ -60,5 +60,10 @@ def test_each_sample_is_put_in_one_kind_by_any_frame_of_its_stack() -> None:
     lazy = f"{run};ledger.py:record_ack;<frozen importlib._bootstrap>:_find_and_load"
     assert kind_of(lazy) == "imports"
     assert kind_of(f"{run};engine.py:_watch_list;engine.py:_read_json") == "task list"
+    # A submit waiting for a slot: the slot controller's time, not the request's.
+    assert kind_of(f"{run};engine.py:_send;limits.py:acquire;limits.py:_acquire") == (
+        "slot controller"
+    )
+    assert kind_of(f"{run};engine.py:_post_submit;client.py:_request") == "submits"
     assert kind_of(f"{run};naive_async.py:generate;common.py:store") == "image files"
     assert kind_of(f"{run};client_reqrep.py:start") == REST
