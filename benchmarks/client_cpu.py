@@ -22,8 +22,10 @@ the CPU a run costs whatever its size (imports, start-up, report.html's 200 thum
 and the CPU per 1,000 images past it. One size's ratio mixes the two, so a short run
 shows klein-batch's larger start-up and a long one its per-image path.
 
-``klein-batch-no-thumbnails`` is the same klein-batch with report.html's thumbnails off
-(the engine decodes nothing, the page makes none): what the thumbnails cost.
+``klein-batch-probes`` is klein-batch with ``--no-task-list`` (polls and probes alone):
+what reading the task list costs. ``klein-batch-no-thumbnails`` is the same klein-batch
+with report.html's thumbnails off (the engine decodes nothing, the page makes none): what
+the thumbnails cost.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from benchmarks.cpu_sampler import report, side_by_side
 from benchmarks.harness import REPO, Simulator
 from benchmarks.run import Scenario, command_for, contender_env, scenarios, write_manifest
 
-CONTENDERS = ("naive-async", "klein-batch", "klein-batch-no-thumbnails")
+CONTENDERS = ("naive-async", "klein-batch", "klein-batch-no-thumbnails", "klein-batch-probes")
 #: Run before ``pipeline.cli.main`` for ``klein-batch-no-thumbnails``.
 _NO_THUMBNAILS = (
     "import pipeline.engine as engine, pipeline.html_report as page\n"
@@ -131,11 +133,18 @@ def main() -> None:
         type=Path,
         help="sample klein-batch's stack on the CPU clock into this file (its last run)",
     )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        help="where the runs write (default: the system's temporary folder); on this "
+        "machine's /tmp a file's creation costs 0.03-1.2 ms of CPU depending on the files "
+        "deleted there lately (benchmarks/notes.md, session 28), /dev/shm keeps that out",
+    )
     args = parser.parse_args()
     scenario = {s.name: s for s in scenarios(False)}[args.scenario]
     #: (rows asked, images made, CPU seconds) of each run, by contender.
     runs: dict[str, list[tuple[int, int, float]]] = {name: [] for name in args.contenders}
-    with tempfile.TemporaryDirectory(prefix="client-cpu-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="client-cpu-", dir=args.work_dir) as tmp:
         root = Path(tmp)
         for round_no in range(args.rounds):
             for rows in args.rows:
@@ -179,9 +188,11 @@ def one_run(
     workdir.mkdir()
     out = workdir / "out"
     with Simulator(scenario.sim, workdir, key, [0]) as sim:
-        suite_name = "naive-async" if contender == "naive-async" else "klein-batch"
+        suite_name = (
+            contender if contender in ("naive-async", "klein-batch-probes") else "klein-batch"
+        )
         command = command_for(suite_name, manifest, sim.url, out, scenario.sim, rows)
-        if suite_name == "klein-batch":
+        if suite_name != "naive-async":
             profile = args.profile if contender == "klein-batch" else None
             sample = args.sample if contender == "klein-batch" else None
             command = klein_command(command, contender, profile, sample)
