@@ -82,16 +82,18 @@ def start(path: str, interval_s: float = 0.001) -> None:
         if frame is None:
             return
         total += 1
-        innermost[_name(frame)] += 1
+        # One walk of the stack, innermost frame first, gives all three counts.
+        names: list[str] = []
+        ours: str | None = None
         current: FrameType | None = frame
-        while current is not None and not any(p in current.f_code.co_filename for p in OWN):
-            current = current.f_back
-        own["(no frame of ours)" if current is None else _name(current)] += 1
-        names = []
-        current = frame
         while current is not None:
-            names.append(_name(current))
+            name = _name(current)
+            names.append(name)
+            if ours is None and any(p in current.f_code.co_filename for p in OWN):
+                ours = name
             current = current.f_back
+        innermost[names[0]] += 1
+        own["(no frame of ours)" if ours is None else ours] += 1
         stacks[";".join(reversed(names))] += 1
 
     def write() -> None:
