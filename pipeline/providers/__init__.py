@@ -58,16 +58,17 @@ class TaskList:
     final: frozenset[str]
 
     def has_ended(self, task_id: str) -> bool:
-        status = self.statuses.get(task_id)
-        return type(status) is str and status in self.final
+        return self._is_final(self.statuses.get(task_id))
 
     def running(self) -> Iterator[str]:
         """The ids of the listed tasks that have not ended (a status that is no string, or
         none, counts as running)."""
-        final = self.final
         for task_id, status in self.statuses.items():
-            if type(task_id) is str and not (type(status) is str and status in final):
+            if type(task_id) is str and not self._is_final(status):
                 yield task_id
+
+    def _is_final(self, status: object) -> bool:
+        return type(status) is str and status in self.final
 
 
 class Provider(Protocol):
