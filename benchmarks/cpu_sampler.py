@@ -79,21 +79,24 @@ def start(path: str, interval_s: float = 0.001) -> None:
 
     def sample(signum: int, frame: FrameType | None) -> None:
         nonlocal total
-        # A tick that fell due as the program ended runs its handler in ``write``, the
-        # sampler's own exit code: that is not the program's CPU (nor a stack of it).
-        if frame is None or frame.f_code.co_filename == __file__:
-            return
-        total += 1
         # One walk of the stack, innermost frame first, gives all three counts.
         names: list[str] = []
         ours: str | None = None
         current: FrameType | None = frame
         while current is not None:
+            if current.f_code.co_filename == __file__:
+                # The sampler's own code: a tick that fell due as the program ended runs
+                # this handler in ``write``, one that fell due in this handler runs it
+                # again inside it. Neither is the program's CPU (nor a stack of it).
+                return
             name = _name(current)
             names.append(name)
             if ours is None and any(p in current.f_code.co_filename for p in OWN):
                 ours = name
             current = current.f_back
+        if not names:
+            return
+        total += 1
         innermost[names[0]] += 1
         own["(no frame of ours)" if ours is None else ours] += 1
         stacks[";".join(reversed(names))] += 1

@@ -26,13 +26,17 @@ def wait():
 burn()
 wait()
 
-# A tick handled in the sampler's own code (as the program exits, at the latest) is not the
-# program's CPU: a frame of code compiled under the sampler's file stands for that code.
+# Ticks handled in the sampler's own code are not the program's CPU: one that falls due as
+# the program exits (the handler runs in the sampler's exit code), one that falls due in
+# the handler (it runs again inside itself). A function compiled under the sampler's file
+# stands for that code: the handler is given its frame, and a frame called from it.
 import signal
+handler = signal.getsignal(signal.SIGPROF)
 own = {}
-exec(compile("import sys; frame = sys._getframe()", sampler.__file__, "exec"), own)
+exec(compile("import sys\\ndef inner(call): call(sys._getframe())", sampler.__file__, "exec"), own)
 for _ in range(100):
-    signal.getsignal(signal.SIGPROF)(signal.SIGPROF, own["frame"])
+    own["inner"](lambda frame: handler(signal.SIGPROF, frame))
+    own["inner"](lambda _: handler(signal.SIGPROF, sys._getframe()))
 """
 
 
