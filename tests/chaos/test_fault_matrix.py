@@ -106,12 +106,12 @@ def test_fault_keeps_every_row_and_pays_once(name: str, catalog: Path, tmp_path:
     counts = done.group_by("status").len().to_dict(as_series=False)
     by_status = dict(zip(counts["status"], counts["len"], strict=True))
     assert summary.total_rows == ROWS
-    assert by_status.get("rejected", 0) == REJECTED
+    assert by_status.get("rejected", 0) == REJECTED, by_status
     assert by_status.get("skipped", 0) == 0, done.filter(pl.col("status") == "skipped").head()
     # No acknowledged task is submitted twice: the only duplicates the server saw are
     # submits whose answer was lost on the way back.
     assert stats["duplicate_submits"] <= summary.ambiguous_submits, (stats, summary)
-    assert stats["submits_accepted"] == ROWS - REJECTED + stats["duplicate_submits"]
+    assert stats["submits_accepted"] == ROWS - REJECTED + stats["duplicate_submits"], stats
     injected = sum(stats["faults"].values())
     if all_succeed:
         assert by_status.get("succeeded", 0) == ROWS - REJECTED, _reasons(done)["reason"].to_list()
@@ -121,10 +121,11 @@ def test_fault_keeps_every_row_and_pays_once(name: str, catalog: Path, tmp_path:
     if name == "moderation":
         assert by_status["moderated"] == stats["tasks_moderated"] > 0
     if name == "expired-result-urls":
-        assert stats["downloads_expired"] > 0
+        assert stats["downloads_expired"] > 0, stats
         expired = done.filter(pl.col("status") == "failed")
-        assert expired.height > 0
-        assert all("expired" in reason for reason in expired["reason"].to_list())
+        assert expired.height > 0, by_status
+        reasons = expired["reason"].to_list()
+        assert all("expired" in reason for reason in reasons), sorted(set(reasons))
     if name == "429-bursts":
         assert stats["rate_limited"] > 0
         assert stats["max_active"] <= 32
