@@ -75,10 +75,8 @@ def start(path: str, interval_s: float = 0.001) -> None:
     innermost: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
     stacks: collections.Counter[str] = collections.Counter()
-    total = 0
 
     def sample(signum: int, frame: FrameType | None) -> None:
-        nonlocal total
         # One walk of the stack, innermost frame first, gives all three counts.
         names: list[str] = []
         ours: str | None = None
@@ -96,7 +94,6 @@ def start(path: str, interval_s: float = 0.001) -> None:
             current = current.f_back
         if not names:
             return
-        total += 1
         innermost[names[0]] += 1
         own["(no frame of ours)" if ours is None else ours] += 1
         stacks[";".join(reversed(names))] += 1
@@ -104,7 +101,7 @@ def start(path: str, interval_s: float = 0.001) -> None:
     def write() -> None:
         signal.setitimer(signal.ITIMER_PROF, 0.0, 0.0)
         counts = {
-            "samples": total,
+            "samples": sum(innermost.values()),
             "own": own.most_common(),
             "innermost": innermost.most_common(),
             "stacks": stacks.most_common(),
