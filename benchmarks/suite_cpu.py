@@ -4,8 +4,9 @@ two cores, so its wall time falls only with its CPU)::
     python -m benchmarks.suite_cpu /tmp/acct -- -n 4 --part parallel
 
 runs pytest with the arguments after ``--`` and prints the CPU-seconds of every process it
-started, grouped (pytest's own workers, ``klein-batch`` runs, Prefect servers, workers,
-flow runs, PostgreSQL, the simulator, ...), with how many processes of each kind. Python
+started (and how many of them the kernel spent for it: system time), grouped (pytest's own
+workers, ``klein-batch`` runs, Prefect servers, workers, flow runs, PostgreSQL, the
+simulator, ...), with how many processes of each kind. Python
 processes report their own CPU as they exit (a ``sitecustomize`` on ``PYTHONPATH``);
 every process it started (its environment says so) is also sampled from ``/proc`` every
 0.2 s, which counts the ones killed (SIGKILL) and those that are not Python, to within
@@ -37,7 +38,10 @@ def _klein_cpu_record():
     times = os.times()
     path = os.path.join(os.environ["KLEIN_CPU_DIR"], "%d.json" % os.getpid())
     with open(path, "w") as handle:
-        json.dump({"argv": list(sys.orig_argv), "cpu": times.user + times.system}, handle)
+        json.dump(
+            {"argv": list(sys.orig_argv), "cpu": times.user + times.system, "sys": times.system},
+            handle,
+        )
 
 if os.environ.get("KLEIN_CPU_DIR"):
     atexit.register(_klein_cpu_record)
@@ -99,13 +103,13 @@ def machine_busy() -> float:
 
 
 def sample(
-    seen: dict[int, tuple[str, float]],
+    seen: dict[int, tuple[str, float, float]],
     busy: list[tuple[float, float]],
     stop: threading.Event,
     mark: bytes,
 ) -> None:
-    """The command line and CPU so far of every process whose environment holds ``mark``
-    (what the measured pytest started, reparented ones too; not what else runs meanwhile,
+    """The command line, CPU and system CPU so far of every process whose environment holds
+    ``mark`` (what the measured pytest started, reparented ones too; not what else runs meanwhile,
     such as another test run's simulators), and the machine's busy CPU-seconds, every
     0.2 s, until ``stop``."""
     me = os.getpid()
@@ -121,12 +125,13 @@ def sample(
                     continue
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
                 cpu = (int(fields[11]) + int(fields[12])) / TICK
-                command = seen.get(int(entry.name), ("", 0.0))[0] or (
+                system = int(fields[12]) / TICK
+                command = seen.get(int(entry.name), ("", 0.0, 0.0))[0] or (
                     (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 )
             except (OSError, IndexError, ValueError):
                 continue
-            seen[int(entry.name)] = (command, cpu)
+            seen[int(entry.name)] = (command, cpu, system)
         stop.wait(0.2)
 
 
@@ -165,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
     }
     already = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
-    seen: dict[int, tuple[str, float]] = {}
+    seen: dict[int, tuple[str, float, float]] = {}
     busy: list[tuple[float, float]] = []
     stop = threading.Event()
     mark = f"KLEIN_CPU_DIR={records}".encode()
@@ -179,33 +184,40 @@ def main(argv: list[str] | None = None) -> int:
     after = yardstick()
     stop.set()
     sampler.join()
-    cpu: dict[int, tuple[str, float]] = {
+    #: pid -> (command, CPU-seconds, of them in the kernel)
+    cpu: dict[int, tuple[str, float, float]] = {
         pid: found for pid, found in seen.items() if pid not in already
     }
     for record in records.glob("[0-9]*.json"):
         data = json.loads(record.read_text())
-        cpu[int(record.stem)] = (" ".join(data["argv"]), data["cpu"])
+        cpu[int(record.stem)] = (" ".join(data["argv"]), data["cpu"], data["sys"])
     listing = [
-        {"pid": pid, "cpu": round(c, 2), "command": cmd[:300]} for pid, (cmd, c) in cpu.items()
+        {"pid": pid, "cpu": round(c, 2), "sys": round(k, 2), "command": cmd[:300]}
+        for pid, (cmd, c, k) in cpu.items()
     ]
     (options.folder / "processes.json").write_text(json.dumps(listing, indent=0))
     tests = [json.loads(line) for path in records.glob("tests-*.jsonl") for line in path.open()]
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
-    for command, seconds in cpu.values():
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0])
+    for command, seconds, system in cpu.values():
         total = totals[kind_of(command)]
         total[0] += seconds
-        total[1] += 1
+        total[1] += system
+        total[2] += 1
     everything = sum(t[0] for t in totals.values())
-    print(f"\npytest exit {code}; wall {wall:.0f} s; CPU {everything:.0f} s, {len(cpu)} processes")
+    kernel = sum(t[1] for t in totals.values())
+    print(
+        f"\npytest exit {code}; wall {wall:.0f} s; CPU {everything:.0f} s "
+        f"({kernel:.0f} of them system), {len(cpu)} processes"
+    )
     print(
         f"yardstick ({YARDSTICK_TURNS:,} turns of a Python loop): {before:.2f} CPU s before, "
         f"{after:.2f} after; CPU {2 * everything / (before + after):,.0f} yardsticks"
     )
-    print(f"{'kind':<42} {'CPU s':>8} {'share':>6} {'procs':>6} {'s each':>7}")
-    for kind, (seconds, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+    print(f"{'kind':<42} {'CPU s':>8} {'system':>7} {'share':>6} {'procs':>6} {'s each':>7}")
+    for kind, (seconds, system, count) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
         print(
-            f"{kind:<42} {seconds:>8.0f} {seconds / everything:>6.1%} {count:>6} "
-            f"{seconds / count:>7.1f}"
+            f"{kind:<42} {seconds:>8.0f} {system:>7.0f} {seconds / everything:>6.1%} "
+            f"{count:>6.0f} {seconds / count:>7.1f}"
         )
     in_tests = sum(test[1] for test in tests)
     print(f"\n{in_tests:.0f} CPU s in the tests' own processes; the 25 largest:")
