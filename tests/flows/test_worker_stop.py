@@ -143,3 +143,82 @@ def test_flow_runs_that_do_not_stop_are_killed_after_the_drain_time(
     time.sleep(0.5)
     assert not supervisor.alive(run)
     assert said[-1] == "flow runs still running after 2 s: killing them"
+
+
+#: ``klein-batch worker`` around a stand-in for the Prefect worker: ``supervise`` with the
+#: stand-in's command line, its exit code the process's.
+SUPERVISOR = textwrap.dedent(
+    """
+    import sys
+    from flows.worker import supervise
+    sys.exit(supervise([], command=[sys.executable, "-c", sys.argv[1], sys.argv[2]]))
+    """
+)
+#: The stand-in: says it started, exits 3 after a while, or 0 at once on ``WORKER_STOP``
+#: (the way the real one stops); a SIGTERM of its own is ignored, as the real one's is.
+STAND_IN = textwrap.dedent(
+    """
+    import signal, sys, time
+    signal.signal(signal.SIGTERM, lambda *a: None)
+    signal.signal(signal.SIGUSR1, lambda *a: sys.exit(0))
+    open(sys.argv[1], "w").write("")
+    time.sleep(3.0)
+    sys.exit(3)
+    """
+)
+
+
+@contextlib.contextmanager
+def supervisor_of_a_stand_in(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    started = tmp_path / "started"
+    process = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISOR, STAND_IN, str(started)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert time.monotonic() < deadline, "the stand-in did not start"
+            time.sleep(0.05)
+        time.sleep(0.3)  # the supervisor is in its wait
+        yield process
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        process.wait(timeout=10)
+        for pid in supervisor.children(process.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def wakeups(pid: int) -> int:
+    """How many times ``pid`` went to sleep (its voluntary context switches)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("voluntary_ctxt_switches:")[1].split()[0])
+
+
+def test_the_supervisor_sleeps_until_its_worker_exits(tmp_path: Path) -> None:
+    """No polling while the worker runs (``Popen.wait`` with a timeout woke every 50 ms,
+    30 times in these 1.5 s, all night on a real worker), and the worker's end is seen
+    at once, its exit code passed on."""
+    with supervisor_of_a_stand_in(tmp_path) as process:
+        before = wakeups(process.pid)
+        time.sleep(1.5)
+        woke = wakeups(process.pid) - before
+        assert woke <= 5, f"the supervisor woke {woke} times in 1.5 s"
+        ended = time.monotonic()
+        assert process.wait(timeout=10) == 3
+        assert time.monotonic() - ended < 3.0
+
+
+def test_a_stop_signal_wakes_the_supervisor_at_once(tmp_path: Path) -> None:
+    """SIGTERM during the wait: the worker is frozen, its (no) flow runs stopped, then it
+    is told to stop and does, well before its own end."""
+    with supervisor_of_a_stand_in(tmp_path) as process:
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert time.monotonic() - signalled < 1.5
+        assert process.stdout is not None
+        assert "stopping the worker" in process.stdout.read()
