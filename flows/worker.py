@@ -93,7 +93,7 @@ def supervise(
 def _wait(worker: subprocess.Popen[bytes], stops: list[float]) -> None:
     """Sleep until ``worker`` exits or a stop signal arrives (``stops`` grows).
 
-    ``Popen.wait`` with a timeout polls in steps of 50 ms: twenty wake-ups a second all
+    ``Popen.wait`` with a timeout polls in steps of up to 50 ms: thirty wake-ups a second all
     night, 0.2 CPU-seconds a minute (an idle pool: more than the Prefect worker it waits
     for). Here one ``select`` sleeps until the worker's pidfd says it exited or Python's
     own signal handler writes the signal's number to the wake-up pipe, which it does

@@ -200,7 +200,7 @@ def wakeups(pid: int) -> int:
 
 def test_the_supervisor_sleeps_until_its_worker_exits(tmp_path: Path) -> None:
     """No polling while the worker runs (``Popen.wait`` with a timeout woke every 50 ms,
-    30 times in these 1.5 s, all night on a real worker), and the worker's end is seen
+    45 times in these 1.5 s, all night on a real worker), and the worker's end is seen
     at once, its exit code passed on."""
     with supervisor_of_a_stand_in(tmp_path) as process:
         before = wakeups(process.pid)
