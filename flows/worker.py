@@ -100,16 +100,16 @@ def _wait(worker: subprocess.Popen[bytes], stops: list[float]) -> None:
     whenever the signal comes, so none slips in between the check and the sleep. Polling
     remains where pidfds are missing (Linux before 5.3, other systems)."""
     try:
-        pidfd = os.pidfd_open(worker.pid)
+        pidfd: int | None = os.pidfd_open(worker.pid)
     except (AttributeError, OSError):
         pidfd = None
     read, write = os.pipe()
-    try:
-        os.set_blocking(read, False)
-        os.set_blocking(write, False)
-        previous = signal.set_wakeup_fd(write) if pidfd is not None else None
-    except ValueError:  # not the main thread: no wake-up pipe
-        previous = None
+    os.set_blocking(read, False)
+    os.set_blocking(write, False)
+    previous: int | None = None  # the wake-up fd before ours, once ours is set
+    if pidfd is not None:
+        with contextlib.suppress(ValueError):  # not the main thread: no wake-up pipe
+            previous = signal.set_wakeup_fd(write)
     try:
         while worker.poll() is None and not stops:
             if previous is None:
