@@ -131,6 +131,10 @@ def runners_ended(api: str, earlier: frozenset[str]) -> dict[str, dict[str, Any]
         time.sleep(1)
 
 
+#: The module's pool (its set-up counts here: about 100 s on a busy machine), a night, then
+#: one cancelled: more than the suite's 300 s default on a slow hour. With room to spare, a
+#: night that does not end says which of its runs did not, not pytest-timeout's stack.
+@pytest.mark.timeout(600)
 def test_shards_spread_over_two_workers_sharing_one_key(
     pool: dict[str, Any], tmp_path: Path
 ) -> None:
@@ -351,14 +355,21 @@ def cancel_against(pool: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
     else:
         raise AssertionError(f"no runner started: {[(r['name'], r['state_type']) for r in runs]}")
     run_command([str(BIN / "prefect"), "flow-run", "cancel", parent], pool["client"])
-    deadline = time.monotonic() + 240
+    # Every run of the night was Cancelled within 10 s of the command when this passed.
+    deadline = time.monotonic() + 150
     while time.monotonic() < deadline:
         runs = night()
         if all(run["state_type"] == "CANCELLED" for run in runs):
             break
         time.sleep(1)
     else:
-        raise AssertionError([(run["name"], run["state_type"]) for run in runs])
+        left = [
+            (run["name"], run["id"], run["state_type"], run["state_name"], run["end_time"])
+            for run in runs
+        ]
+        raise AssertionError(
+            f"the night's runs 150 s after the cancel: {left}\n{worker_logs(pool)[-6000:]}"
+        )
     submitted = sim_stats(pool["sim_url"])["submits_accepted"]
     time.sleep(3)
     stats = sim_stats(pool["sim_url"])
