@@ -124,14 +124,13 @@ def sample(
                     foreign.add(int(entry.name))
                     continue
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                cpu = (int(fields[11]) + int(fields[12])) / TICK
-                system = int(fields[12]) / TICK
+                user, system = int(fields[11]) / TICK, int(fields[12]) / TICK
                 command = seen.get(int(entry.name), ("", 0.0, 0.0))[0] or (
                     (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                 )
             except (OSError, IndexError, ValueError):
                 continue
-            seen[int(entry.name)] = (command, cpu, system)
+            seen[int(entry.name)] = (command, user + system, system)
         stop.wait(0.2)
 
 
