@@ -39,7 +39,11 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   (``benchmarks/sharing.py``);
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
-  one per submit on its way;
+  one per submit on its way; a submit sent after the cut and refused within that task
+  duration cuts nothing more but brings the window down to what we hold (by a cut's step
+  at most each time), so a finish then sends only its own refill (with the window above, every
+  finish sent one submit more, refused: two jobs and an app read 4.5% 429s in one window
+  of twelve, ``benchmarks/notes.md`` "Session 34");
 - the engine polls our tasks early and often (``engine.CONTENDED_*``): our own
   finished-but-unnoticed tasks count against our window, and the other clients take the
   slots we leave idle meanwhile.
@@ -198,6 +202,8 @@ class Permit:
     settled: bool = False
     #: Our tasks that may have been busy when it was sent (the probe's reason to exist).
     busy_at_send: int = 0
+    #: When it left (monotonic): a 429 to a submit sent after a cut says more than one to a
+    #: submit already in the air then.
     sent_at: float = 0.0
     #: Once accepted: when (monotonic), and the last moment the task was known running.
     acked_at: float = 0.0
@@ -371,7 +377,7 @@ class SlotController:
                 if self._busy_upper_bound() < self.effective_limit:
                     self._held += 1
                     self._in_air += 1
-                    return Permit(speculative=False)
+                    return Permit(speculative=False, sent_at=now)
                 if self._may_probe(now):
                     self._probes_out += 1
                     busy = self._busy_upper_bound()
@@ -482,6 +488,15 @@ class SlotController:
                 self._last_cut = now
                 self._effective = max(1.0, share * self._cut_factor(share))
                 self._grow_credit = 0.0
+            elif permit.sent_at > self._last_cut:
+                # Sent after the cut, and refused: no second cut, but the window comes down
+                # to what we hold. Above it, each of our finishes would send its refill and
+                # one submit more into the full key, refused, a 429 per finish until the
+                # next cut. By a cut's step at most: a newcomer whose every submit is
+                # refused would otherwise fall to a window of one at once, and grow back
+                # from there. (Submits already in the air at the cut tell nothing new.)
+                floor = max(float(self._held), self._effective * self._backoff)
+                self._effective = max(1.0, min(self._effective, floor))
             # The key is full right now: the next submit waits for one of our tasks to
             # finish, or a share of a task's duration, instead of asking again at once.
             self._paused_until = now + self._latency_s / 2

@@ -77,6 +77,28 @@ async def test_contention_cuts_to_our_share_once_per_task_duration_and_stops_pro
         await asyncio.wait_for(slots.acquire(), 0.2)
 
 
+async def test_a_429_after_the_cut_brings_the_window_to_what_we_hold_not_below() -> None:
+    # Beside another client the key is full: once ours have been cut, each of our finishes
+    # frees a slot that only our refill should take. A window above what we hold would send
+    # one submit more at every finish, and each would be refused until the next cut. (A
+    # submit still in the air at the cut does not count: the test above.)
+    slots = SlotController(10, expected_latency_s=10.0, contention_hold_s=60.0)
+    permits = [await slots.acquire() for _ in range(6)]
+    for permit in permits[1:]:
+        slots.accepted(permit)
+    slots.refused(permits[0])  # the key is full with 5 of ours: window 6 x 0.9 ** 1.5
+    assert slots.effective_limit == 5 and slots.held == 5
+    slots.finished(permits[1])  # one of ours ends; its refill goes ...
+    refill = await asyncio.wait_for(slots.acquire(), 5)
+    slots.refused(refill)  # ... but someone else took that slot first: the key is full
+    assert slots.refused_contention == 2
+    assert slots.effective_limit == 4 and slots.held == 4  # what we hold, not below it
+    slots.finished(permits[2])  # the next of ours ends: its refill, and nothing more
+    slots.accepted(await asyncio.wait_for(slots.acquire(), 5))
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(slots.acquire(), 0.2)
+
+
 async def test_one_submit_at_a_time_just_after_the_key_was_full() -> None:
     slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=60.0)
     slots.refused(await slots.acquire())  # contention seen; window cut to 1 x 0.8 -> 1
