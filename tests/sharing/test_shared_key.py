@@ -4,7 +4,7 @@ The scenario is ``benchmarks/sharing.py``'s: each job is its own process, as two
 jobs would be, and so is the simulator; the app (a request every two seconds or so,
 sometimes two at once, never polled) grabs slots at random moments. After a warm-up (the
 jobs start together, the first to submit fills the key and the other joins a full one,
-and the controller has to even that out: 10 s) the simulator's counters are read over 25 s,
+and the controller has to even that out: 20 s) the simulator's counters are read over 25 s,
 some 500 submits: 429s must stay under 2% of the jobs' submits, the key's slots must be
 at least 90% busy, and each job must get at least half the images the other gets. Both
 jobs are then stopped with SIGINT, as Ctrl-C would, and must exit promptly (130) without a
@@ -33,11 +33,14 @@ import pytest
 
 from benchmarks.sharing import SLOTS, Figures, measure, simulator
 
-#: Shorter than the benchmark's 15 s + 40 s: the test holds the machine alone (it is
-#: serial) and these 25 s measured 0.98-1.17% 429s, 96.5-97.3% busy and fairness 0.74-0.94
-#: over four runs (``python -m benchmarks.sharing --jobs 2 --delivery webhooks --repeat 4
-#: --warmup 10 --window 25``), against bounds of 2%, 90% and 0.5.
-WARMUP_S, WINDOW_S = 10.0, 25.0
+#: The warm-up covers the start: a job joining a key the other filled first waits up to
+#: 9 s for its first slot, and the two jobs hold 13-19 of the 24 slots for up to 12 s
+#: after the first job's deep cut while the newcomer's window grows (traced beside the
+#: suite's parallel part, benchmarks/notes.md "Session 34"). After a 10 s warm-up, 3 of
+#: 19 such windows read 89.4-90.8% busy; after 20 s, 9 of 9 read 93.5-96.9%, and the test
+#: itself passed 8 of 8 there. The window is shorter than the benchmark's 40 s; the
+#: bounds are 2% 429s, 90% busy and fairness 0.5.
+WARMUP_S, WINDOW_S = 20.0, 25.0
 DEBUG = [os.environ["DBG"]] if os.environ.get("DBG") else []
 
 POLLING_ON_DEMAND = pytest.mark.skipif(
@@ -46,7 +49,7 @@ POLLING_ON_DEMAND = pytest.mark.skipif(
 )
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow(seconds=50)
 @pytest.mark.serial  # shares of the CPU would decide the 2% / 90% bounds
 @pytest.mark.parametrize("delivery", ["webhooks", pytest.param("polling", marks=POLLING_ON_DEMAND)])
 async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery: str) -> None:
