@@ -99,6 +99,24 @@ async def test_a_429_after_the_cut_brings_the_window_to_what_we_hold_not_below()
         await asyncio.wait_for(slots.acquire(), 0.2)
 
 
+async def test_a_job_holding_little_lowers_its_window_a_cut_s_step_at_a_time() -> None:
+    # A job joining a key another job fills has nearly all its submits refused: dropping
+    # its window to what it holds at the first refusal after the cut would leave it at one
+    # slot, to grow back from there, when the other job's cut makes room.
+    slots = SlotController(24, expected_latency_s=10.0, contention_hold_s=60.0)
+    permits = [await slots.acquire() for _ in range(12)]
+    for permit in permits[:2]:
+        slots.accepted(permit)
+    slots.refused(permits[2])  # the key is full: 12 x 0.9 (we held 12, the others 12)
+    for permit in permits[3:]:
+        slots.refused(permit)  # in the air at the cut: the same full moment, no change
+    assert slots.effective_limit == 10 and slots.held == 2
+    slots.finished(permits[0])
+    late = await asyncio.wait_for(slots.acquire(), 5)
+    slots.refused(late)  # sent after the cut, refused: one step down (10.8 x 0.9), not to 1
+    assert slots.effective_limit == 9 and slots.held == 1
+
+
 async def test_one_submit_at_a_time_just_after_the_key_was_full() -> None:
     slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=60.0)
     slots.refused(await slots.acquire())  # contention seen; window cut to 1 x 0.8 -> 1
