@@ -40,10 +40,10 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way; a submit sent after the cut and refused within that task
-  duration cuts nothing more but brings the window down to what we hold (by a cut's step
-  at most each time), so a finish then sends only its own refill (with the window above, every
-  finish sent one submit more, refused: two jobs and an app read 4.5% 429s in one window
-  of twelve, ``benchmarks/notes.md`` "Session 34");
+  duration cuts nothing more but brings the window down toward what we hold (a cut's step
+  at most each time), so a finish then sends only its own refill (with the window above,
+  every finish sent one submit more, refused: two jobs and an app read 4.5% 429s in one
+  window of twelve, ``benchmarks/notes.md`` "Session 34");
 - the engine polls our tasks early and often (``engine.CONTENDED_*``): our own
   finished-but-unnoticed tasks count against our window, and the other clients take the
   slots we leave idle meanwhile.
