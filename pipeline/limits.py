@@ -33,10 +33,11 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   when the first gives one up, and plain AIMD would take minutes to even the split.
   Meanwhile a window far below what the others held grows up to ``MAX_GROWTH_BOOST``
   times faster once the key has had room for ``BOOST_AFTER_QUIET`` task durations, so the
-  room a deep cut leaves does not idle. An interactive app holding a slot or two when the
-  key fills looks the same as a second job, so beside an app the job gives up room the
-  app does not use: the app gets nearly every request, the key is 67-85% busy
-  (``benchmarks/sharing.py``);
+  room a deep cut leaves does not idle, and a job that joined a key already full grows by a
+  slot per accepted submit (TCP's slow start) until its first 429 after it (``_slow_start``).
+  An interactive app holding a slot or two when the key fills looks the same as a second
+  job, so beside an app the job gives up room the app does not use: the app gets nearly
+  every request, the key is 67-85% busy (``benchmarks/sharing.py``);
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way; a submit sent after the cut and refused within that task
@@ -94,6 +95,11 @@ MAX_CUT = 0.5
 MAX_GROWTH_BOOST = 4.0
 #: Task durations without a contention 429 before such a window grows faster.
 BOOST_AFTER_QUIET = 3.0
+#: ... and before a job that joined a full key grows a slot per accepted submit.
+SLOW_START_AFTER_QUIET = 1.0
+#: Submits a task duration while a full key holds none of our tasks (after the first
+#: contention 429); with some of ours running, the pause after a 429 is half a duration.
+TRIES_WHILE_SHUT_OUT = 8.0
 #: How long one full sum of expected finishes serves later calls, extrapolated along its
 #: rate: this share of the median task time, at most ``SUM_REUSE_MAX_S``. A task younger
 #: than that has almost no chance of having ended (about 1e-8 at the ``standard`` shape,
@@ -260,6 +266,10 @@ class SlotController:
         self._others = 0.0  # slots the others held when a 429 last said the key was full
         self._last_contention = -math.inf
         self._paused_until = 0.0
+        # Joining a key another client filled (no task of ours ran when contention began)
+        # and not yet refused since the slow start grew the window (``_slow_start``).
+        self._joining = False
+        self._slow_grown = False
         self.refused_probes = 0
         self.refused_contention = 0
         # The learned task-time distribution (log median, sigma), once the engine has one.
@@ -431,7 +441,11 @@ class SlotController:
         # Grow only while the window is what holds us back (RFC 7661): a window that runs
         # ahead of what we hold would make the next cut meaningless.
         if self._effective < self.limit and self._held >= self.effective_limit - 1:
-            self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
+            if self._slow_start():
+                self._grow_credit = 1.0
+                self._slow_grown = True
+            else:
+                self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
                 self._grow_credit = 0.0
                 self._effective = min(float(self.limit), self._effective + 1.0)
@@ -474,6 +488,11 @@ class SlotController:
             # the key is full anyway: someone else is using it.
             self.refused_contention += 1
             now = time.monotonic()
+            if now >= self._contended_until:
+                # Contention begins: joining if the key was full before we held any of it.
+                self._joining, self._slow_grown = not self._live, False
+            elif self._slow_grown:
+                self._joining = False  # the slow start's first 429: AIMD from here
             self._contended_until = now + (
                 self._hold_s if self._hold_s is not None else max(5.0, 20.0 * self._latency_s)
             )
@@ -499,7 +518,14 @@ class SlotController:
                 self._effective = max(1.0, min(self._effective, floor))
             # The key is full right now: the next submit waits for one of our tasks to
             # finish, or a share of a task's duration, instead of asking again at once.
-            self._paused_until = now + self._latency_s / 2
+            # With none of ours running nothing of ours will end that pause, and a slot
+            # the others free is theirs again within milliseconds when they learn of
+            # finishes by webhook: each try is a draw of about the same odds however it is
+            # spaced, so trying more often costs no more 429s before the first slot, and
+            # gets it sooner (at two tries a duration a job joining such a key waited up
+            # to 19 s; benchmarks/notes.md "Session 35").
+            shut_out = not self._live and self._in_air == 0
+            self._paused_until = now + self._latency_s / (TRIES_WHILE_SHUT_OUT if shut_out else 2)
         self._schedule_probe()
         self._changed.set()
 
@@ -708,6 +734,28 @@ class SlotController:
         ):
             return 1.0
         return min(MAX_GROWTH_BOOST, self._others / self._effective - 1.0)
+
+    def _slow_start(self) -> bool:
+        """Whether the window grows a slot per accepted submit (TCP's slow start: in traces
+        it doubled within a task duration) rather than by AIMD's step.
+
+        For a job that joined a key already full: it starts from a window of one beside a
+        job that held nearly all of it, and the room that job's deep cut (``_cut_factor``)
+        gives up idled for 6-11 s at the boosted AIMD pace (two jobs held 12-16 of 24
+        slots; ``benchmarks/notes.md`` "Session 35"). As TCP's, it ends at the first 429
+        after it has grown the window. Only for the job that joined: four jobs at an even
+        split each hold less than half of what the others do too, and a slow start after
+        every quiet task duration took their 429s from 4% of submits to 9-17%. And only
+        while the others held more than twice our window at the last contention 429 and
+        none has come for ``SLOW_START_AFTER_QUIET`` task durations.
+        """
+        quiet_s = time.monotonic() - self._last_contention
+        return (
+            self._joining
+            and self.contended
+            and self._others > 2.0 * self._effective
+            and quiet_s >= SLOW_START_AFTER_QUIET * self._latency_s
+        )
 
     def _may_probe(self, now: float) -> bool:
         if not self._probing_enabled or now < self._contended_until:

@@ -117,6 +117,32 @@ async def test_a_job_holding_little_lowers_its_window_a_cut_s_step_at_a_time() -
     assert slots.effective_limit == 9 and slots.held == 1
 
 
+async def test_a_job_shut_out_of_a_full_key_tries_again_sooner() -> None:
+    # A job joining a key another job keeps full with webhooks gets a slot only by landing
+    # a submit between one of the other's tasks ending and its refill: a draw per try, so
+    # with none of ours running (nothing of ours can end the pause) it tries several times
+    # a task duration. A job with tasks running keeps the half-duration pause.
+    async def after_the_key_was_full(accepted: int) -> SlotController:
+        slots = SlotController(24, expected_latency_s=2.0, contention_hold_s=60.0)
+        permits = [await slots.acquire() for _ in range(12)]
+        for permit in permits[:accepted]:
+            slots.accepted(permit)
+        for permit in permits[accepted:]:
+            slots.refused(permit)  # the first cuts the window to 10; all say "full"
+        assert slots.effective_limit == 10 and slots.held == accepted
+        return slots
+
+    shut_out = await after_the_key_was_full(0)
+    refused_at = time.monotonic()
+    await asyncio.wait_for(shut_out.acquire(), 1.5)
+    waited = time.monotonic() - refused_at
+    assert 0.2 <= waited < 0.6, waited  # an eighth of the 2 s duration (at 1e996c2: 1 s)
+
+    holding = await after_the_key_was_full(2)
+    with pytest.raises(TimeoutError):  # half the duration, though the window has room
+        await asyncio.wait_for(holding.acquire(), 0.6)
+
+
 async def test_one_submit_at_a_time_just_after_the_key_was_full() -> None:
     slots = SlotController(10, expected_latency_s=0.01, contention_hold_s=60.0)
     slots.refused(await slots.acquire())  # contention seen; window cut to 1 x 0.8 -> 1
@@ -209,6 +235,39 @@ async def test_a_small_window_beside_large_others_grows_faster_once_the_key_had_
     even_split = await grown_after_refusal(4, latency_s=0.001)
     assert newcomer * 3 <= even_split, (newcomer, even_split)
     assert newcomer_amid_429s == even_split
+
+
+async def test_a_job_joining_a_full_key_grows_a_slot_per_accept_once_quiet() -> None:
+    # A job whose first submit finds the key full (another job holds all of it, then cuts
+    # deep) grows a slot per accepted submit (TCP's slow start), where a job that held a
+    # share when the key filled grows by AIMD's step (up to 4x faster beside others holding
+    # far more) even then: four jobs at an even split each hold less than half of the
+    # others, and slow starts there took the 429s from 4% to 9-17% of submits. And only
+    # after a task duration without a 429.
+    async def refused(limit: int, latency_s: float, *, holding: int) -> SlotController:
+        slots = SlotController(limit, expected_latency_s=latency_s, contention_hold_s=60.0)
+        for _ in range(holding):
+            slots.accepted(await slots.acquire())
+        slots.refused(await slots.acquire())  # the key is full
+        assert slots.contended and slots.effective_limit == 1
+        await asyncio.sleep(0.05)  # quiet for 50 task durations of 1 ms, or none of 10 s
+        for _ in range(holding):
+            slots.finished()  # ends the pause after the 429
+        return slots
+
+    newcomer = await refused(24, 0.001, holding=0)
+    for window in (2, 3, 4, 5):  # at 1e996c2 (four times AIMD's pace) 11 accepts for these
+        newcomer.accepted(await asyncio.wait_for(newcomer.acquire(), 5))
+        assert newcomer.effective_limit == window
+    newcomer.refused(await asyncio.wait_for(newcomer.acquire(), 5))  # it outgrew the room
+    assert newcomer.effective_limit == 4 and newcomer.held == 4  # 5 x 0.9
+    await asyncio.sleep(0.05)
+    newcomer.finished()
+    newcomer.accepted(await asyncio.wait_for(newcomer.acquire(), 5))
+    assert newcomer.effective_limit == 4  # AIMD's step from here on, a fraction of a slot
+    amid_429s = await accepted_submits_to_grow(await refused(24, 10.0, holding=0), 2)
+    holder = await accepted_submits_to_grow(await refused(24, 0.001, holding=1), 2)
+    assert amid_429s >= 10 and holder >= 5, (amid_429s, holder)  # here 13 and 6
 
 
 async def test_a_learned_distribution_sends_probes_when_several_tasks_likely_ended() -> None:
