@@ -523,7 +523,7 @@ class SlotController:
             # finishes by webhook: each try is a draw of about the same odds however it is
             # spaced, so trying more often costs no more 429s before the first slot, and
             # gets it sooner (at two tries a duration a job joining such a key waited up
-            # to 19 s; benchmarks/notes.md "Session 35").
+            # to 18.5 s; benchmarks/notes.md "Session 35").
             shut_out = not self._live and self._in_air == 0
             self._paused_until = now + self._latency_s / (TRIES_WHILE_SHUT_OUT if shut_out else 2)
         self._schedule_probe()
@@ -741,8 +741,9 @@ class SlotController:
 
         For a job that joined a key already full: it starts from a window of one beside a
         job that held nearly all of it, and the room that job's deep cut (``_cut_factor``)
-        gives up idled for 6-11 s at the boosted AIMD pace (two jobs held 12-16 of 24
-        slots; ``benchmarks/notes.md`` "Session 35"). As TCP's, it ends at the first 429
+        gives up idled for 6-11 s at the boosted AIMD pace once the job got its first slot
+        within a second or two (two jobs held 12-16 of 24 slots; ``benchmarks/notes.md``
+        "Session 35"). As TCP's, it ends at the first 429
         after it has grown the window. Only for the job that joined: four jobs at an even
         split each hold less than half of what the others do too, and a slow start after
         every quiet task duration took their 429s from 4% of submits to 9-17%. And only
