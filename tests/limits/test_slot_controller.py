@@ -216,18 +216,27 @@ async def accepted_submits_to_grow(slots: SlotController, by: int) -> int:
     return count
 
 
+async def quiet_after_a_full_key(limit: int, latency_s: float, *, holding: int) -> SlotController:
+    """A controller holding ``holding`` tasks whose next submit found the key full, 50 ms
+    later (50 task durations of 1 ms, or none of 10 s), with its tasks ended."""
+    slots = SlotController(limit, expected_latency_s=latency_s, contention_hold_s=60.0)
+    for _ in range(holding):
+        slots.accepted(await slots.acquire())
+    slots.refused(await slots.acquire())  # the key is full
+    assert slots.contended and slots.effective_limit == 1
+    await asyncio.sleep(0.05)
+    for _ in range(holding):
+        slots.finished()  # ends the pause after the 429
+    return slots
+
+
 async def test_a_small_window_beside_large_others_grows_faster_once_the_key_had_room() -> None:
     # Each job holds 2 slots when the key fills. Beside 22 slots held by others (a newcomer
     # next to an incumbent that just cut deep) the window grows up to four times faster
     # than beside 2 (an even split: plain AIMD), but only after three task durations
     # without a 429: where 429s keep coming the key has no room to grow into.
     async def grown_after_refusal(limit: int, latency_s: float) -> int:
-        slots = SlotController(limit, expected_latency_s=latency_s, contention_hold_s=60.0)
-        slots.accepted(await slots.acquire())
-        slots.refused(await slots.acquire())  # share 2 -> window 1.8
-        assert slots.contended and slots.effective_limit == 1
-        await asyncio.sleep(0.05)  # quiet for 50 task durations of 1 ms, or none of 10 s
-        slots.finished()  # ends the pause after the 429
+        slots = await quiet_after_a_full_key(limit, latency_s, holding=1)  # window 1.8
         return await accepted_submits_to_grow(slots, 2)
 
     newcomer = await grown_after_refusal(24, latency_s=0.001)
@@ -244,18 +253,7 @@ async def test_a_job_joining_a_full_key_grows_a_slot_per_accept_once_quiet() -> 
     # far more) even then: four jobs at an even split each hold less than half of the
     # others, and slow starts there took the 429s from 4% to 9-17% of submits. And only
     # after a task duration without a 429.
-    async def refused(limit: int, latency_s: float, *, holding: int) -> SlotController:
-        slots = SlotController(limit, expected_latency_s=latency_s, contention_hold_s=60.0)
-        for _ in range(holding):
-            slots.accepted(await slots.acquire())
-        slots.refused(await slots.acquire())  # the key is full
-        assert slots.contended and slots.effective_limit == 1
-        await asyncio.sleep(0.05)  # quiet for 50 task durations of 1 ms, or none of 10 s
-        for _ in range(holding):
-            slots.finished()  # ends the pause after the 429
-        return slots
-
-    newcomer = await refused(24, 0.001, holding=0)
+    newcomer = await quiet_after_a_full_key(24, 0.001, holding=0)
     for window in (2, 3, 4, 5):  # at 1e996c2 (four times AIMD's pace) 11 accepts for these
         newcomer.accepted(await asyncio.wait_for(newcomer.acquire(), 5))
         assert newcomer.effective_limit == window
@@ -265,8 +263,8 @@ async def test_a_job_joining_a_full_key_grows_a_slot_per_accept_once_quiet() -> 
     newcomer.finished()
     newcomer.accepted(await asyncio.wait_for(newcomer.acquire(), 5))
     assert newcomer.effective_limit == 4  # AIMD's step from here on, a fraction of a slot
-    amid_429s = await accepted_submits_to_grow(await refused(24, 10.0, holding=0), 2)
-    holder = await accepted_submits_to_grow(await refused(24, 0.001, holding=1), 2)
+    amid_429s = await accepted_submits_to_grow(await quiet_after_a_full_key(24, 10.0, holding=0), 2)
+    holder = await accepted_submits_to_grow(await quiet_after_a_full_key(24, 0.001, holding=1), 2)
     assert amid_429s >= 10 and holder >= 5, (amid_429s, holder)  # here 13 and 6
 
 
