@@ -743,12 +743,12 @@ class SlotController:
         job that held nearly all of it, and the room that job's deep cut (``_cut_factor``)
         gives up idled for 6-11 s at the boosted AIMD pace once the job got its first slot
         within a second or two (two jobs held 12-16 of 24 slots; ``benchmarks/notes.md``
-        "Session 35"). As TCP's, it ends at the first 429
-        after it has grown the window. Only for the job that joined: four jobs at an even
-        split each hold less than half of what the others do too, and a slow start after
-        every quiet task duration took their 429s from 4% of submits to 9-17%. And only
-        while the others held more than twice our window at the last contention 429 and
-        none has come for ``SLOW_START_AFTER_QUIET`` task durations.
+        "Session 35"). As TCP's, it ends at the first 429 after it has grown the window.
+        Only for the job that joined: four jobs at an even split each hold less than half
+        of what the others do too, and a slow start after every quiet task duration took
+        their 429s from 4% of submits to 9-17%. And only while the others held more than
+        twice our window at the last contention 429 and none has come for
+        ``SLOW_START_AFTER_QUIET`` task durations.
         """
         quiet_s = time.monotonic() - self._last_contention
         return (
