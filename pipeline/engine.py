@@ -395,6 +395,7 @@ class Engine:
                 submits_per_minute=settings.submits_per_minute,
                 # Webhooks tell us when slots free: no need to probe for them.
                 probing=settings.webhook_url is None and settings.limit_is_the_keys,
+                prompt_finishes=settings.webhook_url is not None,
             )
             shared.rate = SubmitRateLimiter(settings.submits_per_minute)
             shared.first_poll = QuantileTracker(

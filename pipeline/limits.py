@@ -28,16 +28,22 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   ``increase_every`` x window accepted submits, and only while it is what holds us back
   (RFC 7661: a window running ahead of what we hold would make the next cut meaningless);
 - a job holding more of the full key than all the others together cuts deeper: ``backoff``
-  to the power of its share over theirs, at most by half. With webhooks a job refills its
-  own slots within milliseconds, so a second job starting on a full key gets a slot only
-  when the first gives one up, and plain AIMD would take minutes to even the split.
-  Meanwhile a window far below what the others held grows up to ``MAX_GROWTH_BOOST``
-  times faster once the key has had room for ``BOOST_AFTER_QUIET`` task durations, so the
-  room a deep cut leaves does not idle, and a job that joined a key already full grows by a
-  slot per accepted submit (TCP's slow start) until its first 429 after it (``_slow_start``).
-  An interactive app holding a slot or two when the key fills looks the same as a second
-  job, so beside an app the job gives up room the app does not use: the app gets nearly
-  every request, the key is 67-85% busy (``benchmarks/sharing.py``);
+  to the power of its share over theirs, at most by half and not below half the key. With
+  webhooks a job refills its own slots within milliseconds, so a second job starting on a
+  full key gets a slot only when the first gives one up, and plain AIMD would take minutes
+  to even the split. Meanwhile a window far below what the others held grows up to
+  ``MAX_GROWTH_BOOST`` times faster once the key has had room for ``BOOST_AFTER_QUIET``
+  task durations, so the room a deep cut leaves does not idle, and a job that joined a key
+  already full grows by a slot per accepted submit (TCP's slow start) until its first 429
+  after it has grown, once the others no longer hold several times its share
+  (``_slow_start``);
+- others holding a slot or two when the key fills (``SMALL_OTHERS``) get only the plain
+  cut: an interactive app looks like that, and so does a job with its first slot, which
+  shows itself within seconds by holding more. Cut by half for an app, the job idled half
+  the key while AIMD grew back (one job and the app: 66-73% busy, now 85-94%). With
+  webhooks the job then grows back to that many slots below the tier and stays there
+  (``_ceiling``): it refills its slots within milliseconds, so at the full tier it would
+  starve the app without ever being refused itself;
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way; a submit sent after the cut and refused within that task
@@ -91,6 +97,13 @@ from pipeline.errors import ConfigError
 
 #: The deepest single cut (TCP Reno's), for a job holding nearly the whole shared key.
 MAX_CUT = 0.5
+#: Slots the others may hold when the key fills and still be taken for an interactive app
+#: (a request or two) rather than a job that wants a share: they get only the plain cut,
+#: and with webhooks that many slots stay free for them (``_cut``, ``_ceiling``).
+SMALL_OTHERS = 2
+#: A joining job's slow start pauses at a 429, rather than ends, while the others held
+#: more than this many times its share (``refused``).
+SLOW_START_UNTIL = 4.0
 #: The most a window far below the others' holdings grows faster than plain AIMD.
 MAX_GROWTH_BOOST = 4.0
 #: Task durations without a contention 429 before such a window grows faster.
@@ -233,6 +246,7 @@ class SlotController:
         submits_per_minute: int | None = None,
         max_outstanding: int | None = None,
         probing: bool = True,
+        prompt_finishes: bool = False,
         backoff: float = 0.9,
         increase_every: float = 3.5,
         contention_hold_s: float | None = None,
@@ -258,6 +272,7 @@ class SlotController:
         self._turn = RankedTurn()
         self._unranked = itertools.count(1 << 62)
         self._probing_enabled = probing
+        self._prompt_finishes = prompt_finishes
         self._backoff = backoff
         self._increase_every = max(increase_every, 0.1)
         self._hold_s = contention_hold_s
@@ -270,6 +285,7 @@ class SlotController:
         # and not yet refused since the slow start grew the window (``_slow_start``).
         self._joining = False
         self._slow_grown = False
+        self._others_peak = 0.0  # the most the others held at a 429 since contention began
         self.refused_probes = 0
         self.refused_contention = 0
         # The learned task-time distribution (log median, sigma), once the engine has one.
@@ -440,7 +456,8 @@ class SlotController:
             self._schedule_probe()
         # Grow only while the window is what holds us back (RFC 7661): a window that runs
         # ahead of what we hold would make the next cut meaningless.
-        if self._effective < self.limit and self._held >= self.effective_limit - 1:
+        ceiling = self._ceiling()
+        if self._effective < ceiling and self._held >= self.effective_limit - 1:
             if self._slow_start():
                 self._grow_credit = 1.0
                 self._slow_grown = True
@@ -448,7 +465,7 @@ class SlotController:
                 self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
                 self._grow_credit = 0.0
-                self._effective = min(float(self.limit), self._effective + 1.0)
+                self._effective = min(ceiling, self._effective + 1.0)
         self._changed.set()
 
     def refused(self, permit: Permit) -> None:
@@ -488,11 +505,7 @@ class SlotController:
             # the key is full anyway: someone else is using it.
             self.refused_contention += 1
             now = time.monotonic()
-            if now >= self._contended_until:
-                # Contention begins: joining if the key was full before we held any of it.
-                self._joining, self._slow_grown = not self._live, False
-            elif self._slow_grown:
-                self._joining = False  # the slow start's first 429: AIMD from here
+            begins = now >= self._contended_until
             self._contended_until = now + (
                 self._hold_s if self._hold_s is not None else max(5.0, 20.0 * self._latency_s)
             )
@@ -502,10 +515,20 @@ class SlotController:
             # same full moment.
             share = min(self._effective, float(self._held + 1))
             self._others = max(0.0, self.limit - share)
+            if begins:
+                # Contention begins: joining if the key was full before we held any of it.
+                self._joining, self._slow_grown = not self._live, False
+                self._others_peak = self._others
+            elif self._slow_grown:
+                # The slow start's first 429 since it grew: AIMD from here, unless the
+                # others still hold far more than we do (it resumes after a quiet spell).
+                self._joining = self._others > SLOW_START_UNTIL * share
+                self._slow_grown = False
+            self._others_peak = max(self._others_peak, self._others)
             self._last_contention = now
             if now - self._last_cut >= self._latency_s:
                 self._last_cut = now
-                self._effective = max(1.0, share * self._cut_factor(share))
+                self._effective = max(1.0, self._cut(share))
                 self._grow_credit = 0.0
             elif permit.sent_at > self._last_cut:
                 # Sent after the cut, and refused: no second cut, but the window comes down
@@ -702,24 +725,54 @@ class SlotController:
         self._held += 1
         self._changed.set()
 
-    def _cut_factor(self, share: float) -> float:
-        """The multiplicative cut, deeper the more of the full key we hold than the others.
+    def _ceiling(self) -> float:
+        """How far the window grows back: the tier, or ``SMALL_OTHERS`` slots below it once
+        a client holding no more than that was seen on the key, where finishes are known
+        at once (webhooks).
+
+        Such a job refills each slot within milliseconds, so while it holds the whole key
+        an app's request is refused, and the job, refused nothing itself, never learns that
+        it starves the app: one job beside the app took 10 of the app's 36 requests
+        (``benchmarks/notes.md`` "Session 36"). So the room stays free for the rest of the
+        run, or until a job-sized client is seen (it gets its share through the cuts). A
+        polling job notices its finishes late and leaves such gaps by itself. Only on keys
+        of 12 slots or more: two slots of a smaller one are too large a part of it.
+        """
+        room = min(SMALL_OTHERS, self.limit // 12)
+        if (
+            not self._prompt_finishes
+            or self._last_contention == -math.inf
+            or int(self._others_peak) > SMALL_OTHERS
+        ):
+            room = 0
+        return float(self.limit - room)
+
+    def _cut(self, share: float) -> float:
+        """The window after a multiplicative cut from ``share``: deeper the more of the full
+        key we hold than the others.
 
         Holding more than everyone else together is above any fair share (two jobs or ten),
-        so the cut is ``backoff`` raised to that ratio: an even split keeps the plain 10%,
-        a job on 20 of 24 slots gives up 40% at once, and a newcomer gets room in seconds
-        rather than minutes of plain AIMD.
+        so the cut is ``backoff`` raised to that ratio, at most by half and not below half
+        the key: an even split keeps the plain 10%, a job on 20 of 24 slots comes down to 12
+        at once, and a newcomer gets room in seconds rather than minutes of plain AIMD. Not
+        when the others hold a slot or two (``SMALL_OTHERS``): an interactive app looks like
+        that, and so does a job with its first slot. Halved for the app, a job idled half
+        the key for the tens of seconds AIMD takes to grow back (one job beside the app:
+        66-73% busy); a joining job shows itself within seconds by holding more (its slow
+        start resumes after the first cut's 429, ``SLOW_START_UNTIL``), and the deep cut
+        comes then.
         """
-        if self._others <= 0.0:
-            return MAX_CUT
-        return max(MAX_CUT, self._backoff ** max(1.0, share / self._others))
+        if int(self._others) <= SMALL_OTHERS:
+            return share * self._backoff
+        factor = max(MAX_CUT, self._backoff ** max(1.0, share / self._others))
+        return max(share * factor, min(share * self._backoff, self.limit * MAX_CUT))
 
     def _growth_boost(self) -> float:
         """Faster growth for a small window beside others that held far more, once the key
         has had room for us a while.
 
         A job that joins a full key starts from a window of one beside a job holding nearly
-        all of it; after that job's deep cut (``_cut_factor``) the room it gave up would idle
+        all of it; after that job's deep cut (``_cut``) the room it gave up would idle
         for tens of seconds at plain AIMD's pace. Two signs are asked for: the others held
         more than twice our window at the last contention 429, and no 429 has come for
         ``BOOST_AFTER_QUIET`` task durations. At an even split of many jobs each window is
@@ -740,7 +793,7 @@ class SlotController:
         it doubled within a task duration) rather than by AIMD's step.
 
         For a job that joined a key already full: it starts from a window of one beside a
-        job that held nearly all of it, and the room that job's deep cut (``_cut_factor``)
+        job that held nearly all of it, and the room that job's deep cut (``_cut``)
         gives up idled for 6-11 s at the boosted AIMD pace once the job got its first slot
         within a second or two (two jobs held 12-16 of 24 slots; ``benchmarks/notes.md``
         "Session 35"). As TCP's, it ends at the first 429 after it has grown the window.

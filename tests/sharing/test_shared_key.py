@@ -1,4 +1,4 @@
-"""Two pipeline jobs and an interactive app on one simulator key.
+"""Pipeline jobs and an interactive app on one simulator key.
 
 The scenario is ``benchmarks/sharing.py``'s: each job is its own process, as two scheduled
 jobs would be, and so is the simulator; the app (a request every two seconds or so,
@@ -16,7 +16,13 @@ Tasks take about a second (median 1 s, p95 2 s): what a job loses to the key bei
 is the time between a task finishing on the server and the job noticing, so the scenario
 keeps that small against a task's duration even on a loaded CI machine.
 
-The jobs run twice over: with webhooks (what production integrations are told to use; the
+One job beside the app (webhooks) must keep the key at least 85% busy and leave the app
+at least half its requests: at the moment the key fills, the app's request or two looks
+like a second job's first slot, and a job that halved its window for it kept the key
+66-73% busy; one that grew back to the whole key took 10 of the app's 36 requests
+(benchmarks/notes.md "Session 36").
+
+The two jobs run twice over: with webhooks (what production integrations are told to use; the
 server tells a job the moment a task ends) in every CI run, and polling on demand
 (KLEIN_SHARING=1). Polling notices a finished task some 30 ms late at ~15 polls per image,
 which leaves the 2% / 90% bounds a thinner margin (RESULTS.md, "Sharing a key").
@@ -27,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -54,8 +61,29 @@ POLLING_ON_DEMAND = pytest.mark.skipif(
 @pytest.mark.serial  # shares of the CPU would decide the 2% / 90% bounds
 @pytest.mark.parametrize("delivery", ["webhooks", pytest.param("polling", marks=POLLING_ON_DEMAND)])
 async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery: str) -> None:
-    figures = await _scenario(tmp_path / "first", delivery)
-    missed = _statistical_misses(figures)
+    await _decided(tmp_path, delivery, jobs=2, warmup_s=WARMUP_S, bounds=_statistical_misses)
+
+
+@pytest.mark.slow(seconds=45)
+@pytest.mark.serial  # shares of the CPU would decide the 85% bound
+async def test_one_job_beside_an_app_keeps_the_key_busy_and_leaves_the_app_room(
+    tmp_path: Path,
+) -> None:
+    # 15 s: one job has no newcomer to make room for; the app's first request comes
+    # within seconds.
+    await _decided(tmp_path, "webhooks", jobs=1, warmup_s=15.0, bounds=_app_misses)
+
+
+async def _decided(
+    tmp_path: Path,
+    delivery: str,
+    *,
+    jobs: int,
+    warmup_s: float,
+    bounds: Callable[[Figures], list[str]],
+) -> None:
+    figures = await _scenario(tmp_path / "first", delivery, jobs, warmup_s)
+    missed = bounds(figures)
     if missed:
         # The 2% / 90% / one-half bounds are statistics over 25 s on a machine that is
         # also running other things: one scenario more decides, with the same bounds.
@@ -65,12 +93,12 @@ async def test_two_jobs_and_an_app_share_a_key_politely(tmp_path: Path, delivery
             f"first scenario missed {missed}: {figures.line()}; running it once more",
             stacklevel=1,
         )
-        figures = await _scenario(tmp_path / "second", delivery)
-        missed = _statistical_misses(figures)
+        figures = await _scenario(tmp_path / "second", delivery, jobs, warmup_s)
+        missed = bounds(figures)
     assert not missed, f"{missed}: {figures.line()}"
 
 
-async def _scenario(workdir: Path, delivery: str) -> Figures:
+async def _scenario(workdir: Path, delivery: str, jobs: int, warmup_s: float) -> Figures:
     """One scenario, with the checks no rerun may excuse: prompt exits, no traceback, the
     key's limit, and (webhooks) the server telling the jobs."""
     await asyncio.to_thread(workdir.mkdir)
@@ -78,9 +106,9 @@ async def _scenario(workdir: Path, delivery: str) -> Figures:
         figures = await measure(
             sim,
             workdir,
-            jobs=2,
+            jobs=jobs,
             delivery=delivery,
-            warmup_s=WARMUP_S,
+            warmup_s=warmup_s,
             window_s=WINDOW_S,
             debug=DEBUG,
         )
@@ -106,4 +134,16 @@ def _statistical_misses(figures: Figures) -> list[str]:
         missed.append("occupancy < 90%")
     if not figures.fairness >= 0.5:
         missed.append("one job got less than half the other's images")
+    return missed
+
+
+def _app_misses(figures: Figures) -> list[str]:
+    """The bounds of one job beside the app, each one that was missed."""
+    missed = []
+    if not figures.occupancy >= 0.85:
+        missed.append("occupancy < 85%")
+    if not figures.app_accepted >= figures.app_refused:
+        missed.append("the app got less than half its requests")
+    if not figures.refused_429 < 0.02 * figures.submits:
+        missed.append("429s >= 2% of submits")
     return missed
