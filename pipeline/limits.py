@@ -28,22 +28,21 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   ``increase_every`` x window accepted submits, and only while it is what holds us back
   (RFC 7661: a window running ahead of what we hold would make the next cut meaningless);
 - a job holding more of the full key than all the others together cuts deeper: ``backoff``
-  to the power of its share over theirs, at most by half and not below half the key. With
-  webhooks a job refills its own slots within milliseconds, so a second job starting on a
-  full key gets a slot only when the first gives one up, and plain AIMD would take minutes
-  to even the split. Meanwhile a window far below what the others held grows up to
-  ``MAX_GROWTH_BOOST`` times faster once the key has had room for ``BOOST_AFTER_QUIET``
-  task durations, so the room a deep cut leaves does not idle, and a job that joined a key
-  already full grows by a slot per accepted submit (TCP's slow start) until its first 429
-  after it has grown, once the others no longer hold several times its share
-  (``_slow_start``);
-- others holding a slot or two when the key fills (``SMALL_OTHERS``) get only the plain
-  cut: an interactive app looks like that, and so does a job with its first slot, which
-  shows itself within seconds by holding more. Cut by half for an app, the job idled half
-  the key while AIMD grew back (one job and the app: 66-73% busy, now 85-94%). With
-  webhooks the job then grows back to that many slots below the tier and stays there
-  (``_ceiling``): it refills its slots within milliseconds, so at the full tier it would
-  starve the app without ever being refused itself;
+  to the power of its share over theirs, at most by half and not below half the key
+  (``_cut``). With webhooks a job refills its
+  own slots within milliseconds, so a second job starting on a full key gets a slot only
+  when the first gives one up, and plain AIMD would take minutes to even the split.
+  Meanwhile a window far below what the others held grows up to ``MAX_GROWTH_BOOST``
+  times faster once the key has had room for ``BOOST_AFTER_QUIET`` task durations, so the
+  room a deep cut leaves does not idle, and a job that joined a key already full grows by a
+  slot per accepted submit (TCP's slow start) until its first 429 after it (``_slow_start``).
+  An interactive app holding a slot or two when the key fills looks the same as a second
+  job's first slot, so the job cuts as deep for it; a job claims that room within a task
+  duration or two, an app does not, so after ``ROOM_BACK_AFTER_QUIET`` task durations
+  without a 429 the job takes it back a slot per accepted submit, and others holding a
+  slot or two then get the plain cut (one job beside the app: 79-89% busy, 66-73% before;
+  ``benchmarks/sharing.py``). With webhooks it then stops two slots below the tier while
+  the contention lasts (``_ceiling``), or it would starve the app unseen;
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way; a submit sent after the cut and refused within that task
@@ -97,13 +96,12 @@ from pipeline.errors import ConfigError
 
 #: The deepest single cut (TCP Reno's), for a job holding nearly the whole shared key.
 MAX_CUT = 0.5
+#: Task durations without a contention 429 after a deep cut before the job takes the room
+#: it gave up back, a slot per accepted submit: nobody claimed it (``_taking_room_back``).
+ROOM_BACK_AFTER_QUIET = 4.0
 #: Slots the others may hold when the key fills and still be taken for an interactive app
-#: (a request or two) rather than a job that wants a share: they get only the plain cut,
-#: and with webhooks that many slots stay free for them (``_cut``, ``_ceiling``).
+#: (a request or two) once a deep cut's room went unclaimed: they get the plain cut.
 SMALL_OTHERS = 2
-#: A joining job's slow start pauses at a 429, rather than ends, while the others held
-#: more than this many times its share (``refused``).
-SLOW_START_UNTIL = 4.0
 #: The most a window far below the others' holdings grows faster than plain AIMD.
 MAX_GROWTH_BOOST = 4.0
 #: Task durations without a contention 429 before such a window grows faster.
@@ -285,7 +283,13 @@ class SlotController:
         # and not yet refused since the slow start grew the window (``_slow_start``).
         self._joining = False
         self._slow_grown = False
-        self._others_peak = 0.0  # the most the others held at a 429 since contention began
+        # The last cut was deep; since contention began, the room a deep cut gave up went
+        # unclaimed for ``ROOM_BACK_AFTER_QUIET`` task durations; the slots the others held
+        # for sure at the last contention 429 (every slot not counted as ours).
+        self._deep_cut = False
+        self._room_unclaimed = False
+        self._others_seen = 0
+        self._others_peak = 0  # the most ``_others_seen`` since contention began
         self.refused_probes = 0
         self.refused_contention = 0
         # The learned task-time distribution (log median, sigma), once the engine has one.
@@ -461,6 +465,9 @@ class SlotController:
             if self._slow_start():
                 self._grow_credit = 1.0
                 self._slow_grown = True
+            elif self._taking_room_back():
+                self._grow_credit = 1.0
+                self._room_unclaimed = True
             else:
                 self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
@@ -505,7 +512,13 @@ class SlotController:
             # the key is full anyway: someone else is using it.
             self.refused_contention += 1
             now = time.monotonic()
-            begins = now >= self._contended_until
+            if now >= self._contended_until:
+                # Contention begins: joining if the key was full before we held any of it.
+                self._joining, self._slow_grown = not self._live, False
+                self._room_unclaimed = False
+                self._others_peak = 0
+            elif self._slow_grown:
+                self._joining = False  # the slow start's first 429: AIMD from here
             self._contended_until = now + (
                 self._hold_s if self._hold_s is not None else max(5.0, 20.0 * self._latency_s)
             )
@@ -515,20 +528,14 @@ class SlotController:
             # same full moment.
             share = min(self._effective, float(self._held + 1))
             self._others = max(0.0, self.limit - share)
-            if begins:
-                # Contention begins: joining if the key was full before we held any of it.
-                self._joining, self._slow_grown = not self._live, False
-                self._others_peak = self._others
-            elif self._slow_grown:
-                # The slow start's first 429 since it grew: AIMD from here, unless the
-                # others still hold far more than we do (it resumes after a quiet spell).
-                self._joining = self._others > SLOW_START_UNTIL * share
-                self._slow_grown = False
-            self._others_peak = max(self._others_peak, self._others)
+            self._others_seen = max(0, self.limit - self._held)
+            self._others_peak = max(self._others_peak, self._others_seen)
             self._last_contention = now
             if now - self._last_cut >= self._latency_s:
                 self._last_cut = now
-                self._effective = max(1.0, self._cut(share))
+                window = self._cut(share)
+                self._deep_cut = window < share * self._backoff
+                self._effective = max(1.0, window)
                 self._grow_credit = 0.0
             elif permit.sent_at > self._last_cut:
                 # Sent after the cut, and refused: no second cut, but the window comes down
@@ -725,28 +732,6 @@ class SlotController:
         self._held += 1
         self._changed.set()
 
-    def _ceiling(self) -> float:
-        """How far the window grows back: the tier, or ``SMALL_OTHERS`` slots below it once
-        a client holding no more than that was seen on the key, where finishes are known
-        at once (webhooks).
-
-        Such a job refills each slot within milliseconds, so while it holds the whole key
-        an app's request is refused, and the job, refused nothing itself, never learns that
-        it starves the app: one job beside the app took 10 of the app's 36 requests
-        (``benchmarks/notes.md`` "Session 36"). So the room stays free for the rest of the
-        run, or until a job-sized client is seen (it gets its share through the cuts). A
-        polling job notices its finishes late and leaves such gaps by itself. Only on keys
-        of 12 slots or more: two slots of a smaller one are too large a part of it.
-        """
-        room = min(SMALL_OTHERS, self.limit // 12)
-        if (
-            not self._prompt_finishes
-            or self._last_contention == -math.inf
-            or int(self._others_peak) > SMALL_OTHERS
-        ):
-            room = 0
-        return float(self.limit - room)
-
     def _cut(self, share: float) -> float:
         """The window after a multiplicative cut from ``share``: deeper the more of the full
         key we hold than the others.
@@ -754,18 +739,57 @@ class SlotController:
         Holding more than everyone else together is above any fair share (two jobs or ten),
         so the cut is ``backoff`` raised to that ratio, at most by half and not below half
         the key: an even split keeps the plain 10%, a job on 20 of 24 slots comes down to 12
-        at once, and a newcomer gets room in seconds rather than minutes of plain AIMD. Not
-        when the others hold a slot or two (``SMALL_OTHERS``): an interactive app looks like
-        that, and so does a job with its first slot. Halved for the app, a job idled half
-        the key for the tens of seconds AIMD takes to grow back (one job beside the app:
-        66-73% busy); a joining job shows itself within seconds by holding more (its slow
-        start resumes after the first cut's 429, ``SLOW_START_UNTIL``), and the deep cut
-        comes then.
+        at once, and a newcomer gets room in seconds rather than minutes of plain AIMD. An
+        interactive app holding a slot or two when the key fills looks the same as a job's
+        first slot, so it gets the deep cut too, until the room went unclaimed once in this
+        contention (``_taking_room_back``): from then on, others holding no more than
+        ``SMALL_OTHERS`` slots get the plain cut.
         """
-        if int(self._others) <= SMALL_OTHERS:
+        if self._room_unclaimed and self._others_seen <= SMALL_OTHERS:
             return share * self._backoff
-        factor = max(MAX_CUT, self._backoff ** max(1.0, share / self._others))
+        factor = MAX_CUT
+        if self._others > 0.0:
+            factor = max(MAX_CUT, self._backoff ** max(1.0, share / self._others))
         return max(share * factor, min(share * self._backoff, self.limit * MAX_CUT))
+
+    def _ceiling(self) -> float:
+        """How far the window grows: the tier, or ``SMALL_OTHERS`` slots below it while the
+        key is shared with what looks like an interactive app, where finishes are known at
+        once (webhooks).
+
+        Such a job refills each slot within milliseconds, so at the full tier an app's
+        request is refused whenever it comes, and the job, refused nothing itself, never
+        learns that it starves the app (one job beside the app: 4-11 of its 36 requests
+        taken; ``benchmarks/notes.md`` "Session 36"). An app here is what the others were
+        at every 429 of this contention: no more than ``SMALL_OTHERS`` slots, and the room
+        a deep cut gave up went unclaimed. Only while the contention lasts: a job that
+        joins later and gets no more than those slots looks the same, and would otherwise
+        stay there; when the contention has passed the window grows back to the tier, and
+        the next 429 tells again. A polling job leaves such gaps by itself (it notices its
+        finishes late), and two slots of a key of fewer than 12 are too much of it.
+        """
+        if (
+            self._prompt_finishes
+            and self._room_unclaimed
+            and self._others_peak <= SMALL_OTHERS
+            and self.contended
+        ):
+            return float(self.limit - min(SMALL_OTHERS, self.limit // 12))
+        return float(self.limit)
+
+    def _taking_room_back(self) -> bool:
+        """Whether the window grows a slot per accepted submit back into the room its last
+        cut, a deep one, gave up: no 429 has come for ``ROOM_BACK_AFTER_QUIET`` task
+        durations since, so nobody claimed it.
+
+        A job that joins takes the room within a task duration or two (``_slow_start``), and
+        the key is then full: the first submit of ours past our share is refused, which
+        ends this. Beside an interactive app that held a slot or two, the room stays
+        empty: the job kept half the key idle for the tens of seconds AIMD took to grow
+        back (one job beside the app: 66-73% busy; ``benchmarks/notes.md`` "Session 36").
+        """
+        quiet_s = time.monotonic() - self._last_contention
+        return self._deep_cut and quiet_s >= ROOM_BACK_AFTER_QUIET * self._latency_s
 
     def _growth_boost(self) -> float:
         """Faster growth for a small window beside others that held far more, once the key

@@ -17,10 +17,10 @@ is the time between a task finishing on the server and the job noticing, so the 
 keeps that small against a task's duration even on a loaded CI machine.
 
 One job beside the app (webhooks) must keep the key at least 85% busy and leave the app
-at least half its requests: at the moment the key fills, the app's request or two looks
-like a second job's first slot, and a job that halved its window for it kept the key
-66-73% busy; one that grew back to the whole key took 10 of the app's 36 requests
-(benchmarks/notes.md "Session 36").
+at least a third of its requests: at the moment the key fills, the app's request or two
+looks like a second job's first slot, and a job that halved its window for it and grew
+back at AIMD's pace kept the key 66-73% busy; one that took the room back up to the whole
+key took 4-11 of the app's 36 requests (benchmarks/notes.md "Session 36").
 
 The two jobs run twice over: with webhooks (what production integrations are told to use; the
 server tells a job the moment a task ends) in every CI run, and polling on demand
@@ -142,8 +142,8 @@ def _app_misses(figures: Figures) -> list[str]:
     missed = []
     if not figures.occupancy >= 0.85:
         missed.append("occupancy < 85%")
-    if not figures.app_accepted >= figures.app_refused:
-        missed.append("the app got less than half its requests")
+    if not 2 * figures.app_accepted >= figures.app_refused:
+        missed.append("the app got less than a third of its requests")
     if not figures.refused_429 < 0.02 * figures.submits:
         missed.append("429s >= 2% of submits")
     return missed
