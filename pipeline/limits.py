@@ -29,9 +29,9 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   (RFC 7661: a window running ahead of what we hold would make the next cut meaningless);
 - a job holding more of the full key than all the others together cuts deeper: ``backoff``
   to the power of its share over theirs, at most by half and not below half the key
-  (``_cut``). With webhooks a job refills its
-  own slots within milliseconds, so a second job starting on a full key gets a slot only
-  when the first gives one up, and plain AIMD would take minutes to even the split.
+  (``_cut``). With webhooks a job refills its own slots within milliseconds, so a second
+  job starting on a full key gets a slot only when the first gives one up, and plain AIMD
+  would take minutes to even the split.
   Meanwhile a window far below what the others held grows up to ``MAX_GROWTH_BOOST``
   times faster once the key has had room for ``BOOST_AFTER_QUIET`` task durations, so the
   room a deep cut leaves does not idle, and a job that joined a key already full grows by a
@@ -40,9 +40,10 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   job's first slot, so the job cuts as deep for it; a job claims that room within a task
   duration or two, an app does not, so after ``ROOM_BACK_AFTER_QUIET`` task durations
   without a 429 the job takes it back a slot per accepted submit, and others holding a
-  slot or two then get the plain cut (one job beside the app: 79-89% busy, 66-73% before;
-  ``benchmarks/sharing.py``). With webhooks it then stops two slots below the tier while
-  the contention lasts (``_ceiling``), or it would starve the app unseen;
+  slot or two then get the plain cut (one job beside the app: 79-84% busy polling, 89-93%
+  with webhooks, 66-73% before; ``benchmarks/sharing.py``). With webhooks it then stops
+  two slots below the tier while the contention lasts (``_ceiling``), or it would starve
+  the app unseen;
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way; a submit sent after the cut and refused within that task
