@@ -42,8 +42,7 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   without a 429 the job takes it back a slot per accepted submit, and others holding a
   slot or two then get the plain cut (one job beside the app: 79-84% busy polling, 89-93%
   with webhooks, 66-73% before; ``benchmarks/sharing.py``). With webhooks it then stops
-  two slots below the tier while the contention lasts (``_ceiling``), or it would starve
-  the app unseen;
+  two slots below the tier (``_ceiling``), or it would starve the app unseen;
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
   one per submit on its way; a submit sent after the cut and refused within that task
@@ -284,13 +283,13 @@ class SlotController:
         # and not yet refused since the slow start grew the window (``_slow_start``).
         self._joining = False
         self._slow_grown = False
-        # The last cut was deep; since contention began, the room a deep cut gave up went
-        # unclaimed for ``ROOM_BACK_AFTER_QUIET`` task durations; the slots the others held
-        # for sure at the last contention 429 (every slot not counted as ours).
+        # The last cut was deep; the room a deep cut gave up went unclaimed for
+        # ``ROOM_BACK_AFTER_QUIET`` task durations and no 429 since showed the others on
+        # more than ``SMALL_OTHERS`` slots (an app shares the key); the slots the others
+        # held for sure at the last contention 429 (every slot not counted as ours).
         self._deep_cut = False
-        self._room_unclaimed = False
+        self._app_seen = False
         self._others_seen = 0
-        self._others_peak = 0  # the most ``_others_seen`` since contention began
         self.refused_probes = 0
         self.refused_contention = 0
         # The learned task-time distribution (log median, sigma), once the engine has one.
@@ -468,7 +467,7 @@ class SlotController:
                 self._slow_grown = True
             elif self._taking_room_back():
                 self._grow_credit = 1.0
-                self._room_unclaimed = True
+                self._app_seen = self._app_seen or self._others_seen <= SMALL_OTHERS
             else:
                 self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
             if self._grow_credit >= 1.0:
@@ -516,8 +515,6 @@ class SlotController:
             if now >= self._contended_until:
                 # Contention begins: joining if the key was full before we held any of it.
                 self._joining, self._slow_grown = not self._live, False
-                self._room_unclaimed = False
-                self._others_peak = 0
             elif self._slow_grown:
                 self._joining = False  # the slow start's first 429: AIMD from here
             self._contended_until = now + (
@@ -530,7 +527,8 @@ class SlotController:
             share = min(self._effective, float(self._held + 1))
             self._others = max(0.0, self.limit - share)
             self._others_seen = max(0, self.limit - self._held)
-            self._others_peak = max(self._others_peak, self._others_seen)
+            if self._others_seen > SMALL_OTHERS:
+                self._app_seen = False  # more than an app: a job wants a share
             self._last_contention = now
             if now - self._last_cut >= self._latency_s:
                 self._last_cut = now
@@ -742,11 +740,11 @@ class SlotController:
         the key: an even split keeps the plain 10%, a job on 20 of 24 slots comes down to 12
         at once, and a newcomer gets room in seconds rather than minutes of plain AIMD. An
         interactive app holding a slot or two when the key fills looks the same as a job's
-        first slot, so it gets the deep cut too, until the room went unclaimed once in this
-        contention (``_taking_room_back``): from then on, others holding no more than
-        ``SMALL_OTHERS`` slots get the plain cut.
+        first slot, so it gets the deep cut too, until the room went unclaimed once
+        (``_taking_room_back``): from then on, until a 429 shows the others on more, others
+        holding no more than ``SMALL_OTHERS`` slots get the plain cut.
         """
-        if self._room_unclaimed and self._others_seen <= SMALL_OTHERS:
+        if self._app_seen and self._others_seen <= SMALL_OTHERS:
             return share * self._backoff
         factor = MAX_CUT
         if self._others > 0.0:
@@ -754,27 +752,23 @@ class SlotController:
         return max(share * factor, min(share * self._backoff, self.limit * MAX_CUT))
 
     def _ceiling(self) -> float:
-        """How far the window grows: the tier, or ``SMALL_OTHERS`` slots below it while the
-        key is shared with what looks like an interactive app, where finishes are known at
-        once (webhooks).
+        """How far the window grows: the tier, or ``SMALL_OTHERS`` slots below it once an
+        interactive app was seen on the key, where finishes are known at once (webhooks).
 
         Such a job refills each slot within milliseconds, so at the full tier an app's
         request is refused whenever it comes, and the job, refused nothing itself, never
         learns that it starves the app (one job beside the app: 4-11 of its 36 requests
-        taken; ``benchmarks/notes.md`` "Session 36"). An app here is what the others were
-        at every 429 of this contention: no more than ``SMALL_OTHERS`` slots, and the room
-        a deep cut gave up went unclaimed. Only while the contention lasts: a job that
-        joins later and gets no more than those slots looks the same, and would otherwise
-        stay there; when the contention has passed the window grows back to the tier, and
-        the next 429 tells again. A polling job leaves such gaps by itself (it notices its
-        finishes late), and two slots of a key of fewer than 12 are too much of it.
+        taken, and 0 of 22 once the room was left only while 429s kept coming: with the
+        room, none came, and the room went). An app is what took none of the room a deep
+        cut gave up and held no more than ``SMALL_OTHERS`` slots at every 429 since; the
+        room stays for the rest of the run, or until a 429 shows the others on more (a job:
+        it gets its share through the cuts; a job joining later with a slot or two looks
+        like the app until one of its tries lands between one of our tasks ending and our
+        refill, as a job joining a full key does). A polling job leaves such gaps by
+        itself (it notices its finishes late), and two slots of a key of fewer than 12 are
+        too much of it.
         """
-        if (
-            self._prompt_finishes
-            and self._room_unclaimed
-            and self._others_peak <= SMALL_OTHERS
-            and self.contended
-        ):
+        if self._prompt_finishes and self._app_seen:
             return float(self.limit - min(SMALL_OTHERS, self.limit // 12))
         return float(self.limit)
 

@@ -248,21 +248,25 @@ async def test_the_room_a_deep_cut_gave_up_is_taken_back_once_nobody_claims_it()
 async def test_with_webhooks_beside_an_app_the_window_stops_two_slots_below_the_tier() -> None:
     # With webhooks a job refills each slot within milliseconds, so an app's request finds
     # the key full whenever the job holds all of it, and the job, refused nothing, never
-    # learns that it starves the app (one job and the app: 4-11 of 36 app requests taken).
-    # While the contention lasts and the others looked like an app, the room taken back
-    # stops two slots below the tier. Polling leaves the app room by itself (its finishes
-    # are noticed late); once the contention has passed, the window grows to the tier.
+    # learns that it starves the app (one job and the app: 4-11 of 36 app requests taken;
+    # 0 of 22 when the room lasted only while 429s came: with the room, none came). Once
+    # the others took none of a deep cut's room and held no more than two slots, the room
+    # taken back stops two slots below the tier, for the rest of the run or until a 429
+    # shows the others on more. Polling leaves the app room by itself (its finishes are
+    # noticed late).
     webhooks = {"probing": False, "prompt_finishes": True}
-    assert (
-        await grown_with(await after_an_app_s_request(contention_hold_s=60.0, **webhooks), 100)
-        == 22
-    )
-    assert await grown_with(await after_an_app_s_request(contention_hold_s=60.0), 100) == 24
-    passing = await after_an_app_s_request(contention_hold_s=0.2, **webhooks)
-    assert await grown_with(passing, 20) == 22
+    app = await after_an_app_s_request(contention_hold_s=0.2, **webhooks)
+    assert await grown_with(app, 20) == 22
     await asyncio.sleep(0.2)
-    assert not passing.contended
-    assert await grown_with(passing, 400) == 24  # AIMD's step again, to the tier
+    assert not app.contended
+    assert await grown_with(app, 400) == 22  # the contention has passed; the app has not
+    for _ in range(3):
+        app.finished()
+    app.refused(await asyncio.wait_for(app.acquire(), 5))  # the others hold 5: a job
+    assert app.effective_limit == 12
+    await asyncio.sleep(0.05)
+    assert await grown_with(app, 100) == 24  # its room unclaimed, taken back to the tier
+    assert await grown_with(await after_an_app_s_request(contention_hold_s=60.0), 100) == 24
     small_key = SlotController(8, expected_latency_s=0.01, contention_hold_s=60.0, **webhooks)
     for _ in range(7):
         small_key.accepted(await small_key.acquire())
