@@ -100,8 +100,10 @@ MAX_CUT = 0.5
 #: it gave up back, a slot per accepted submit: nobody claimed it (``_taking_room_back``).
 ROOM_BACK_AFTER_QUIET = 4.0
 #: Slots the others may hold when the key fills and still be taken for an interactive app
-#: (a request or two) once a deep cut's room went unclaimed: they get the plain cut.
-SMALL_OTHERS = 2
+#: (a request or two, overlapping) once a deep cut's room went unclaimed: they get the
+#: plain cut. At two, an app's three overlapping tasks read as a job, and the deep cut it
+#: got took a polling job beside the app down to 62% busy in one run (80-83% at three).
+SMALL_OTHERS = 3
 #: The most a window far below the others' holdings grows faster than plain AIMD.
 MAX_GROWTH_BOOST = 4.0
 #: Task durations without a contention 429 before such a window grows faster.
@@ -752,8 +754,9 @@ class SlotController:
         return max(share * factor, min(share * self._backoff, self.limit * MAX_CUT))
 
     def _ceiling(self) -> float:
-        """How far the window grows: the tier, or ``SMALL_OTHERS`` slots below it once an
-        interactive app was seen on the key, where finishes are known at once (webhooks).
+        """How far the window grows: the tier, or a twelfth of it below (at most
+        ``SMALL_OTHERS`` slots: two of the ``standard`` tier's 24) once an interactive app
+        was seen on the key, where finishes are known at once (webhooks).
 
         Such a job refills each slot within milliseconds, so at the full tier an app's
         request is refused whenever it comes, and the job, refused nothing itself, never
