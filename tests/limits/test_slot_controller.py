@@ -250,7 +250,7 @@ async def test_with_webhooks_beside_an_app_the_window_stops_two_slots_below_the_
     # the key full whenever the job holds all of it, and the job, refused nothing, never
     # learns that it starves the app (one job and the app: 4-11 of 36 app requests taken;
     # 0 of 22 when the room lasted only while 429s came: with the room, none came). Once
-    # the others took none of a deep cut's room and held no more than two slots, the room
+    # the others took none of a deep cut's room and held no more than three slots, the room
     # taken back stops two slots below the tier, for the rest of the run or until a 429
     # shows the others on more. Polling leaves the app room by itself (its finishes are
     # noticed late).
