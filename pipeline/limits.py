@@ -786,8 +786,11 @@ class SlotController:
         empty: the job kept half the key idle for the tens of seconds AIMD took to grow
         back (one job beside the app: 66-73% busy; ``benchmarks/notes.md`` "Session 36").
         """
-        quiet_s = time.monotonic() - self._last_contention
-        return self._deep_cut and quiet_s >= ROOM_BACK_AFTER_QUIET * self._latency_s
+        return self._deep_cut and self._quiet_for(ROOM_BACK_AFTER_QUIET)
+
+    def _quiet_for(self, durations: float) -> bool:
+        """Whether no contention 429 has come for ``durations`` task durations."""
+        return time.monotonic() - self._last_contention >= durations * self._latency_s
 
     def _growth_boost(self) -> float:
         """Faster growth for a small window beside others that held far more, once the key
@@ -801,11 +804,10 @@ class SlotController:
         small beside the others together too, but there 429s come often enough that the
         boost seldom applies.
         """
-        quiet = time.monotonic() - self._last_contention
         if (
             not self.contended
             or self._others <= 2.0 * self._effective
-            or quiet < BOOST_AFTER_QUIET * self._latency_s
+            or not self._quiet_for(BOOST_AFTER_QUIET)
         ):
             return 1.0
         return min(MAX_GROWTH_BOOST, self._others / self._effective - 1.0)
@@ -825,12 +827,11 @@ class SlotController:
         twice our window at the last contention 429 and none has come for
         ``SLOW_START_AFTER_QUIET`` task durations.
         """
-        quiet_s = time.monotonic() - self._last_contention
         return (
             self._joining
             and self.contended
             and self._others > 2.0 * self._effective
-            and quiet_s >= SLOW_START_AFTER_QUIET * self._latency_s
+            and self._quiet_for(SLOW_START_AFTER_QUIET)
         )
 
     def _may_probe(self, now: float) -> bool:
