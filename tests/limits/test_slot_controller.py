@@ -230,8 +230,8 @@ async def test_the_room_a_deep_cut_gave_up_is_taken_back_once_nobody_claims_it()
     # task duration or two; an app does not, and AIMD took tens of seconds to grow back
     # (one job beside the app: 66-73% busy). After four task durations without a 429 the
     # window grows a slot per accepted submit (c98388d: AIMD's step, 12 after these 11);
-    # from then on in this contention, others holding a slot or two get the plain cut, and
-    # more than that the deep one again.
+    # from then on, others holding up to three slots get the plain cut, and a 429 showing
+    # them on more gets the deep one again.
     slots = await after_an_app_s_request(contention_hold_s=60.0)
     assert await grown_with(slots, 11) == 23 and slots.held == 22
     slots.refused(await asyncio.wait_for(slots.acquire(), 5))  # the others hold 2
