@@ -462,20 +462,26 @@ class SlotController:
             self._schedule_probe()
         # Grow only while the window is what holds us back (RFC 7661): a window that runs
         # ahead of what we hold would make the next cut meaningless.
-        ceiling = self._ceiling()
-        if self._effective < ceiling and self._held >= self.effective_limit - 1:
-            if self._slow_start():
-                self._grow_credit = 1.0
-                self._slow_grown = True
-            elif self._taking_room_back():
-                self._grow_credit = 1.0
-                self._app_seen = self._app_seen or self._others_seen <= SMALL_OTHERS
-            else:
-                self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
-            if self._grow_credit >= 1.0:
-                self._grow_credit = 0.0
-                self._effective = min(ceiling, self._effective + 1.0)
+        # The ceiling is asked for only below the tier: a lone job's accepts never need it.
+        if self._effective < self.limit and self._held >= self.effective_limit - 1:
+            ceiling = self._ceiling()
+            if self._effective < ceiling:
+                self._grow(ceiling)
         self._changed.set()
+
+    def _grow(self, ceiling: float) -> None:
+        """One accepted submit's growth of a window below ``ceiling``."""
+        if self._slow_start():
+            self._grow_credit = 1.0
+            self._slow_grown = True
+        elif self._taking_room_back():
+            self._grow_credit = 1.0
+            self._app_seen = self._app_seen or self._others_seen <= SMALL_OTHERS
+        else:
+            self._grow_credit += self._growth_boost() / (self._increase_every * self._effective)
+        if self._grow_credit >= 1.0:
+            self._grow_credit = 0.0
+            self._effective = min(ceiling, self._effective + 1.0)
 
     def refused(self, permit: Permit) -> None:
         """A 429: a probe that came too early, or another client holding our slots."""
