@@ -958,11 +958,14 @@ class QuantileTracker:
         self.q = q
         self._log = math.log(max(initial_s, 1e-3))
         self._step = step
+        #: Answers observed: while none, ``value`` is the starting guess, not a measurement.
+        self.answers = 0
 
     @property
     def value(self) -> float:
         return math.exp(self._log)
 
     def observe(self, done: bool) -> None:
+        self.answers += 1
         self._log += self._step * (self.q - (1.0 if done else 0.0))
         self._log = min(max(self._log, math.log(0.005)), math.log(3600.0))
