@@ -494,6 +494,14 @@ class Engine:
         return len(self._by_task)
 
     @property
+    def longest_running_s(self) -> float:
+        """How long the oldest task not yet ended has been followed by this run (0 if none):
+        at a run's end, what the wait is for."""
+        now = time.monotonic()
+        ages = [now - t.started for t in self._by_task.values() if not t.done.done()]
+        return max(ages, default=0.0)
+
+    @property
     def api_unreachable_for(self) -> float | None:
         """Seconds the API has not answered, while it does not; None while it does."""
         return self._gates.closed_for()

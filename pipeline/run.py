@@ -1053,16 +1053,24 @@ class _Run:
         rate = max(0, fresh) / elapsed if elapsed > 0 else 0.0
         total = self.total if self.total is not None else max(self.seen, done)
         eta = (total - done) / rate if rate > 0 and total >= done else None
+        in_flight = self.engine.in_flight if self.engine else 0
+        last_running = None
+        if self.engine is not None and self.total is not None and 0 < total - done <= in_flight:
+            # Every row left is a task in flight: the run ends when the slowest of them does,
+            # which the rate of the rows before says nothing of.
+            eta = None
+            last_running = self.engine.longest_running_s
         return ProgressSnapshot(
             total=total,
             counts=dict(self.counts),
-            in_flight=self.engine.in_flight if self.engine else 0,
+            in_flight=in_flight,
             images_per_s=rate,
             credits=round(self.credits, 2),
             elapsed_s=elapsed,
             eta_s=eta,
             stopped="budget" if self.budget is not None and self.budget.stopped else None,
             api_unreachable_s=self.engine.api_unreachable_for if self.engine else None,
+            last_running_s=last_running,
         )
 
     async def _report_progress(self) -> None:

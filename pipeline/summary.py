@@ -82,6 +82,14 @@ class ProgressSnapshot:
     stopped: str | None = None
     #: Seconds the API has not answered while it does not (rows wait); None while it does.
     api_unreachable_s: float | None = None
+    #: Once every row left is a task in flight: how long the oldest of them has run. The
+    #: rate's ETA says nothing then (under a heavy tail it said 5 s for a last task that
+    #: took 90 s), so the display says what the run waits for instead. None before.
+    last_running_s: float | None = None
+
+    @property
+    def left(self) -> int:
+        return max(0, self.total - self.done)
 
     @property
     def done(self) -> int:

@@ -66,6 +66,19 @@ def test_plain_lines_every_interval_and_one_at_the_end() -> None:
     assert not ANSI.search(stream.getvalue())
 
 
+def test_at_the_end_the_line_says_what_the_run_waits_for_not_the_rate_s_eta() -> None:
+    """Once every row left is a task in flight, the rate's ETA (3 rows at 2.5 img/s: 1 s)
+    says nothing of a tail task that may run a minute more: the line says how many are
+    left and how long the oldest has run."""
+    waiting = snap(done=97, elapsed=40.0)
+    waiting.eta_s, waiting.last_running_s = None, 45.2
+    assert "ETA ? (last 3 tasks, running up to 45s)" in format_line(waiting)
+    last = snap(done=99, elapsed=90.0)
+    last.eta_s, last.last_running_s = None, 81.0
+    assert "ETA ? (the last task, running 1m21s)" in format_line(last)
+    assert "ETA 26s" in format_line(snap(done=35, elapsed=12.0))  # before the end: the rate
+
+
 def test_final_line_not_repeated_when_already_printed() -> None:
     stream = io.StringIO()
     with ProgressDisplay(stream=stream, mode="plain", interval_s=5.0) as display:

@@ -232,7 +232,7 @@ def test_a_rerun_that_only_collects_a_killed_runs_tasks_asks_about_them_calmly(
         before = sim.stats()
         started = time.monotonic()
         rerun = subprocess.run(
-            run_command(manifest, out, sim.url),
+            run_command(manifest, out, sim.url, progress="plain"),
             capture_output=True,
             text=True,
             env=cli_env(FREEPIK_API_KEY=SIM_KEY),
@@ -252,3 +252,7 @@ def test_a_rerun_that_only_collects_a_killed_runs_tasks_asks_about_them_calmly(
     # for its image; the list comes about once a second (the drain's spacing). Before: 169
     # requests in 7.2 s, the list asked every 40 ms from the median's first guess.
     assert lists + polls <= 3 * rows + 2 * seconds + 4, f"{lists} lists, {polls} polls"
+    # Its progress says what it waits for (a line every 5 s), not an ETA from a rate.
+    assert re.search(r"ETA \? \((the last task|last \d+ tasks), running", rerun.stdout), (
+        rerun.stdout
+    )
