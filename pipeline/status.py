@@ -73,6 +73,13 @@ class RunStatus:
     def done(self) -> int:
         return sum(self.counts.get(str(status), 0) for status in RowStatus)
 
+    @property
+    def waits_for_its_last_tasks(self) -> bool:
+        """Every row left is a task in flight (the run's own progress line says so too)."""
+        if self.total is None or self.pending or not self.in_flight:
+            return False
+        return self.total - self.done <= self.in_flight
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["done"] = self.done
@@ -93,7 +100,11 @@ class RunStatus:
             + f" · in flight {self.in_flight:,} · not started {self.pending:,}",
         ]
         rate = f"  rate      {self.images_per_s:.2f} images/s"
-        if self.state == "running":
+        if self.state == "running" and self.waits_for_its_last_tasks:
+            # The run ends when the slowest of them does: no rate tells when.
+            tasks = "the last task" if self.in_flight == 1 else f"the last {self.in_flight:,} tasks"
+            rate += f" · ETA ? (waiting for {tasks}, in flight)"
+        elif self.state == "running":
             rate += f" · ETA {format_duration(self.eta_s)}"
         lines.append(rate)
         credits = (
@@ -270,7 +281,7 @@ def flow_status(
         api_outages=max((s.api_outages for s in shards), default=0),
         notices=list(dict.fromkeys(n for shard in shards for n in shard.notices)),
     )
-    if state == "running" and rate > 0:
+    if state == "running" and rate > 0 and not status.waits_for_its_last_tasks:
         status.eta_s = max(0, total - done) / rate
     return status
 
@@ -367,7 +378,7 @@ def status_from_ledger(path: Path, dest: str, *, now: float | None = None) -> Ru
         api_outages=int(info.get("api_outages") or 0),
         notices=[str(notice) for notice in info.get("notices") or ()],
     )
-    if state == "running" and rate > 0:
+    if state == "running" and rate > 0 and not status.waits_for_its_last_tasks:
         total_rows = status.total if status.total is not None else None
         if total_rows is not None:
             status.eta_s = max(0, total_rows - status.done) / rate

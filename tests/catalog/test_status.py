@@ -16,7 +16,7 @@ from catalog_helpers import clean_env, run
 from pipeline.contract import KLEIN_MODEL
 from pipeline.errors import ConfigError
 from pipeline.sim import SimConfig, SimServer
-from pipeline.status import read_status, render_json
+from pipeline.status import RunStatus, read_status, render_json
 
 KLEIN_BATCH = str(Path(sys.executable).parent / "klein-batch")
 SLOW_SIM = """
@@ -223,3 +223,15 @@ def test_a_run_killed_before_its_report_is_not_finished(
     monkeypatch.undo()
     run(manifest, out, sim)  # the rerun writes it
     assert (out / "report.html").exists() and read_status(out).state == "finished"
+
+
+def test_a_run_waiting_for_its_last_tasks_shows_no_eta_from_its_rate() -> None:
+    """The journal says 3 rows are left and all 3 are tasks in flight: the run ends when the
+    slowest ends, which the rate (0.5 images/s: "6s") does not tell."""
+    status = RunStatus(
+        dest="out/night", run_id="r1", manifest="m.csv", state="running", started_at=0.0,
+        total=100, counts={"succeeded": 97}, in_flight=3, images_per_s=0.5, eta_s=6.0,
+    )  # fmt: skip
+    assert "ETA ? (waiting for the last 3 tasks, in flight)" in status.render()
+    status.in_flight, status.pending = 2, 1  # a row not yet submitted: the rate still says
+    assert "ETA 6s" in status.render()
