@@ -256,6 +256,31 @@ def id_notice(file_name: str, columns: list[str]) -> str | None:
     )
 
 
+#: Columns a shop export, a PIM dump or a data team's table holds its product photos in (as
+#: ``_loose`` spells them), which the pipeline does not send as references unless told.
+_REFERENCE_LIKE: Final = frozenset(
+    {"image", "images", "imageurl", "imageurls", "imagesrc", "imagelink", "imagepath"}
+    | {"imagefile", "mainimage", "productimage", "productimageurl", "variantimage", "picture"}
+    | {"pictureurl", "photo", "photourl", "productphoto", "reference", "referenceimage"}
+    | {"referenceurl", "refimage", "sourceimage", "packshot"}
+)
+
+
+def reference_notice(file_name: str, columns: list[str]) -> str | None:
+    """A manifest that sends no reference but has a column that looks like the product's
+    photo: every image would be made from its prompt alone, the photo unseen, for a whole
+    night, while the run looked as it should; said once, with how to use it."""
+    found = [name for name in columns if _loose(name) in _REFERENCE_LIKE]
+    if not found:
+        return None
+    return (
+        f"{file_name}: no reference image column, so every image is made from its prompt "
+        f"alone; column {found[0]!r} looks like product photos: name it 'input_image' "
+        f"('input_image_2' .. '_4' for more), or pass --reference-column {found[0]!r}, to "
+        "send them as references"
+    )
+
+
 def _normalise_columns(
     found: list[str],
     file_name: str,
@@ -325,6 +350,8 @@ def _normalise_columns(
     notices = [size_notice(file_name, carried)]
     if "id" not in names and "id" not in roles:
         notices.append(id_notice(file_name, carried))
+    if not any(field in names or field in roles for field in contract.REFERENCE_FIELDS):
+        notices.append(reference_notice(file_name, carried))
     return _Columns(source=list(found), names=names, extra=extra, notices=[n for n in notices if n])
 
 
@@ -342,15 +369,20 @@ def _input_columns(columns: _Columns) -> list[tuple[str, str]]:
     return pairs
 
 
-def _check_types(schema: pl.Schema, file_name: str) -> None:
-    """Refuse known columns whose type cannot hold what the contract asks for.
+def _check_types(schema: pl.Schema, file_name: str, roles: Mapping[str, str] | None = None) -> None:
+    """Refuse known columns whose type cannot hold what the contract asks for, and columns
+    ``roles`` takes a known column from (``--reference-column``) alike.
 
     A whole column of the wrong type is a file problem, not a row problem: reporting it
     once beats rejecting every row with the same message.
     """
-    for name, dtype in schema.items():
+    taken = {role: source for role, source in (roles or {}).items() if source in schema}
+    for name, dtype in [*schema.items(), *((role, schema[s]) for role, s in taken.items())]:
         if name not in KNOWN_COLUMNS:
             continue
+        shown = name
+        if name in taken:
+            shown = f"{taken[name]!r} (taken as {name})"
         textual = dtype in (pl.String, pl.Categorical, pl.Null) or isinstance(dtype, pl.Enum)
         if name in ("seed", "safety_tolerance"):
             ok = textual or dtype.is_numeric()
@@ -361,11 +393,18 @@ def _check_types(schema: pl.Schema, file_name: str) -> None:
         elif name in contract.REFERENCE_FIELDS:
             ok = textual or dtype == pl.Binary
             expected = "text (a path, URL, data: URI or base64) or binary image bytes"
+            if isinstance(dtype, pl.List | pl.Array):
+                expected += (
+                    ", one image a cell (a row's several images go in columns input_image, "
+                    "input_image_2 .. input_image_4)"
+                )
         else:
             ok = textual
             expected = "text"
         if not ok:
-            raise ManifestError(f"{file_name}: column {name} has type {dtype}; expected {expected}")
+            raise ManifestError(
+                f"{file_name}: column {shown} has type {dtype}; expected {expected}"
+            )
 
 
 class ArrowStream(Protocol):
@@ -656,7 +695,7 @@ class ManifestReader:
         self.products: list[int] | None = None
         if schema is not None:
             renamed = pl.Schema(dict(zip(self._columns.names, schema.values(), strict=True)))
-            _check_types(renamed, self.name)
+            _check_types(renamed, self.name, self.roles)
         #: Each column's Arrow type in a Parquet file or an Arrow table (by batch column):
         #: the output manifest writes the input's columns back with them, not with the
         #: types polars reads them as (``string``, not ``large_string``). Empty for CSV

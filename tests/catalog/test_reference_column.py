@@ -168,3 +168,48 @@ def test_validate_and_run_agree_on_urls_and_both_can_allow_an_internal_server(
     assert made["status"].to_list() == ["succeeded"]
     assert len(made["reference_digests"][0]) == 1
     assert cdn.requests == 1
+
+
+def test_a_list_column_taken_as_the_reference_is_refused_by_name_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    """A PIM dump's photos as a list per product, taken with ``--reference-column``: the
+    column's type was checked only under a known name, so the run crashed casting the list
+    to text ("internal error ... a bug"). It is refused as a file problem, naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = tmp_path / "pim.parquet"
+    photos = pa.array([["https://cdn.example.com/a.jpg"], []], pa.list_(pa.string()))
+    pq.write_table(
+        pa.table({"id": [1, 2], "prompt": ["a mug", "a bag"], "images": photos}), manifest
+    )
+    for command in ("validate", "run"):
+        args = [command, str(manifest), "--reference-column", "images"]
+        if command == "run":
+            args += ["--sim", "--out", str(tmp_path / "out")]
+        done = klein(*args)
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "Traceback" not in done.stderr and "internal error" not in done.stderr
+        assert "column 'images' (taken as input_image) has type List(String)" in done.stderr
+        assert "input_image_2 .. input_image_4" in done.stderr
+
+
+def test_a_manifest_without_references_but_with_a_photo_column_says_so(
+    tmp_path: Path, sim: SimServer
+) -> None:
+    """A data team's table with its product photos in ``image_url``: every image would be
+    made from its prompt alone, the photos unseen, and the run look as it should. A note
+    says so, and how to send them; none once the column is read as the reference."""
+    manifest = tmp_path / "table.csv"
+    manifest.write_text("id,prompt,image_url\nm1,a mug,https://cdn.example.com/m1.jpg\n")
+    summary = run(manifest, tmp_path / "out", sim)
+    assert summary.counts["succeeded"] == 1
+    (note,) = [n for n in summary.notices if "image_url" in n]
+    assert "every image is made from its prompt alone" in note
+    assert "--reference-column 'image_url'" in note
+    checked = klein("validate", str(manifest))
+    assert "note: table.csv: no reference image column" in checked.stdout
+    with_it = tmp_path / "with.csv"
+    with_it.write_text("id,prompt,input_image,image_url\nm1,a mug,,https://x.test/m1.jpg\n")
+    assert not [n for n in run(with_it, tmp_path / "out2", sim).notices if "image_url" in n]
