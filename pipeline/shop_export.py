@@ -128,7 +128,7 @@ def _alt_texts(done: pl.DataFrame, alt_template: str | None) -> list[str]:
         return [p[:_ALT_MAX] for p in prompts]
     template = PromptTemplate.parse(alt_template, source="--alt-template")
     template.check_columns(done.columns, (), "manifest.parquet")
-    filled, _ = template.fill(done)
+    filled, _ = template.fill(done, "manifest.parquet")
     # A row whose required hole is empty gets its prompt rather than no alt text.
     return [
         (text if text else prompt)[:_ALT_MAX]

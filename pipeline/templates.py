@@ -138,9 +138,12 @@ class PromptTemplate:
                 f"{column!r} and no variation axis has that name{hint}; columns: {shown}"
             )
 
-    def fill(self, batch: pl.DataFrame) -> tuple[pl.Series, dict[str, pl.Series]]:
+    def fill(
+        self, batch: pl.DataFrame, source_name: str = "the manifest"
+    ) -> tuple[pl.Series, dict[str, pl.Series]]:
         """The filled prompt of every row, and per required hole a mask of rows where it is
-        empty.
+        empty (``source_name`` names the manifest in the message for a column no template
+        can use).
 
         A row with any empty required hole gets a null prompt; the caller rejects it by the
         masks. Optional holes that are empty leave no double spaces or stray commas behind.
@@ -153,6 +156,13 @@ class PromptTemplate:
                 pieces.append(pl.lit(part))
                 continue
             cell = _as_text(batch, part.column)
+            if cell is None:
+                raise ManifestError(
+                    f"{self.source} uses {{{part.column}}}, but {source_name} column "
+                    f"{part.column!r} has type {batch.schema[part.column]}; a template takes "
+                    "text, numbers or lists of them: put what the prompt needs in a column "
+                    "of its own"
+                )
             if part.as_text:
                 cell = cell.map_elements(html_to_text, return_dtype=pl.String, skip_nulls=True)
             empty = cell.is_null() | (cell == "")
@@ -295,15 +305,32 @@ def markup_warning(where: str, prompt: str) -> str | None:
     )
 
 
-def _as_text(batch: pl.DataFrame, column: str) -> pl.Expr:
-    """A cell as the text a person would type: trimmed, whole floats without ``.0``."""
+def _plain(dtype: pl.DataType) -> bool:
+    """A type whose values a person would write as they are: text, numbers, true/false."""
+    return (
+        dtype in (pl.String, pl.Categorical, pl.Boolean, pl.Null)
+        or isinstance(dtype, pl.Enum)
+        or dtype.is_numeric()
+    )
+
+
+def _as_text(batch: pl.DataFrame, column: str) -> pl.Expr | None:
+    """A cell as the text a person would type: trimmed, whole floats without ``.0``, a list
+    (a PIM's tags or materials) as its items joined by ", ". None for what no prompt can
+    hold as it is (binary data, a record of fields, lists of lists)."""
     dtype = batch.schema[column]
     expr = pl.col(column)
-    if dtype == pl.Binary:
-        raise ManifestError(
-            f"column {column!r} holds binary data; a prompt template can only use text or "
-            "number columns"
+    if isinstance(dtype, pl.Array):
+        expr, dtype = expr.arr.to_list(), pl.List(dtype.inner)
+    if isinstance(dtype, pl.List):
+        if not _plain(dtype.inner):
+            return None
+        items = expr.cast(pl.List(pl.String)).list.eval(
+            pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != "")
         )
+        return items.list.join(", ")
+    if not _plain(dtype):
+        return None
     if dtype.is_float():
         whole = expr.is_finite() & (expr == expr.floor()) & (expr.abs() < 2**53)
         expr = (

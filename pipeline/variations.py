@@ -364,7 +364,7 @@ class Catalog:
         self, frame: pl.DataFrame, variation: Variation, source_name: str
     ) -> tuple[pl.DataFrame, list[Rejection]]:
         assert self.template is not None
-        prompt, missing = self.template.fill(frame)
+        prompt, missing = self.template.fill(frame, source_name)
         frame = frame.with_columns(prompt.alias("prompt"))
         bad: pl.Series | None = None
         for mask in missing.values():

@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from catalog_helpers import output, run
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, ManifestError
 from pipeline.manifest import Defaults, ManifestReader
 from pipeline.sim import SimServer
 from pipeline.templates import PromptTemplate, html_to_text, markup_in
@@ -98,6 +100,41 @@ def test_literal_braces_and_typed_columns(tmp_path: Path) -> None:
         "{set} of 3 cups, 2 l",
         "{set} of 4 jars, 2.5 l",
     ]
+
+
+def test_a_pim_s_list_columns_fill_a_hole_and_records_are_refused_by_name(
+    tmp_path: Path,
+) -> None:
+    """A PIM dump in Parquet holds tags as lists and attributes as records: a list fills a
+    hole as a person would write it; a record (or bytes) stops the run naming the file, the
+    column, its type and the template, where it crashed as an internal error before."""
+    tags = pa.array([["red", " ceramic ", ""], [], None], pa.list_(pa.string()))
+    attributes = pa.array([{"c": "r"}, {"c": "x"}, None], pa.struct([("c", pa.string())]))
+    table = pa.table({"id": ["a", "b", "c"], "title": ["mug", "bag", "jar"], "tags": tags})
+    pq.write_table(table.append_column("attributes", attributes), tmp_path / "pim.parquet")
+    reader = ManifestReader(tmp_path / "pim.parquet", require_prompt=False)
+    catalog = Catalog.build(prompt_template="{title} in {tags}")
+    assert catalog is not None
+    catalog.check(reader)
+    rows, rejections = next(catalog.iter_rows(reader, Defaults()))
+    assert [row.request.prompt for row in rows] == ["mug in red, ceramic"]
+    assert [r.reason.split(": ")[0] for r in rejections] == [
+        "pim.parquet row 2, column tags",  # an empty list is an empty cell
+        "pim.parquet row 3, column tags",
+    ]
+    catalog = Catalog.build(prompt_template="{title} {attributes}")
+    assert catalog is not None
+    with pytest.raises(ManifestError) as refused:
+        next(
+            catalog.iter_rows(
+                ManifestReader(tmp_path / "pim.parquet", require_prompt=False), Defaults()
+            )
+        )
+    assert str(refused.value) == (
+        "--prompt-template uses {attributes}, but pim.parquet column 'attributes' has type "
+        "Struct({'c': String}); a template takes text, numbers or lists of them: put what "
+        "the prompt needs in a column of its own"
+    )
 
 
 def test_a_template_can_build_on_the_prompt_column(tmp_path: Path) -> None:
