@@ -52,7 +52,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel, Field
 
-from flows import artifacts, leases
+from flows import artifacts, leases, user_errors
 from flows.budget import (
     DEFAULT_LIMIT_NAME,
     Share,
@@ -90,6 +90,7 @@ from pipeline.storage import DATE_HOLE, dated, open_sink
 from pipeline.summary import RunSummary
 
 log = logging.getLogger(__name__)
+user_errors.install()
 _T = TypeVar("_T")
 
 # Before the engine runs a night: losing the deployment's concurrency lease (a Prefect

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from flow_helpers import journal_submits, signal_when
 
@@ -93,6 +95,40 @@ def test_flow_command_names_a_bad_option_without_a_traceback(tmp_path: Path) -> 
         assert done.returncode == 2, (args, done.stderr)
         assert message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_a_manifest_mistake_in_the_flow_is_one_line_not_a_traceback(
+    tmp_path: Path, prefect_server: str
+) -> None:
+    """Found in the manifest once the flow runs (it reads the manifest in a task): Prefect
+    logged the task's and the flow's exception with a page of frames each (four
+    tracebacks for a missing prompt column), where `klein-batch run` says one line. The
+    run's logs keep the exception's words; the process exits 2 saying them."""
+    pim = tmp_path / "pim.parquet"
+    photos = pa.array([["https://cdn.example.com/a.jpg"]], pa.list_(pa.string()))
+    pq.write_table(pa.table({"id": [1], "prompt": ["a mug"], "images": photos}), pim)
+    for manifest, args, message in (
+        (tmp_path / "no-prompt.csv", [], "no-prompt.csv: no 'prompt' column; found 'id', 'title'"),
+        (
+            pim,
+            ["--reference-column", "images"],
+            "pim.parquet: column 'images' (taken as input_image)",
+        ),
+    ):
+        if manifest.suffix == ".csv":
+            manifest.write_text("id,title\n1,mug\n", encoding="utf-8")
+        done = subprocess.run(
+            [str(KLEIN_BATCH), "flow", str(manifest), "--sim", "--out", str(tmp_path / "o"), *args],
+            env=_env(tmp_path / "prefect", prefect_server),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output[-3000:]
+        assert f"error: {message}" in done.stderr, output[-3000:]
+        assert "Traceback" not in output, output[-3000:]
+        assert "Finished in state Failed" in output  # Prefect's own record of it stays
 
 
 def test_flow_command_takes_templates_variations_and_a_dry_run_from_a_shared_config(
