@@ -497,9 +497,12 @@ class Engine:
     def longest_running_s(self) -> float:
         """How long the oldest task not yet ended has been followed by this run (0 if none):
         at a run's end, what the wait is for."""
+        return max(self._running_ages(), default=0.0)
+
+    def _running_ages(self) -> list[float]:
+        """How long each task not yet ended has been followed by this run."""
         now = time.monotonic()
-        ages = [now - t.started for t in self._by_task.values() if not t.done.done()]
-        return max(ages, default=0.0)
+        return [now - t.started for t in self._by_task.values() if not t.done.done()]
 
     @property
     def api_unreachable_for(self) -> float | None:
@@ -1350,9 +1353,7 @@ class Engine:
 
     def _youngest_left(self) -> float:
         """How long the youngest task still in flight has been followed by this run."""
-        now = time.monotonic()
-        ages = [now - t.started for t in self._by_task.values() if not t.done.done()]
-        return min(ages, default=0.0)
+        return min(self._running_ages(), default=0.0)
 
     def _ended(self, tracked: _Tracked, state: TaskState) -> None:
         """The API says the task ended: its slot is given back now, then its row goes on.
