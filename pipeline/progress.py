@@ -72,6 +72,8 @@ def format_eta(snapshot: ProgressSnapshot) -> str:
         return format_duration(snapshot.eta_s)
     left = snapshot.left
     tasks = "the last task" if left == 1 else f"last {left} tasks"
+    if snapshot.last_running_s < 1.0:  # just submitted (a run of a key's worth or less)
+        return f"? ({tasks} in flight)"
     running = "running" if left == 1 else "running up to"
     return f"? ({tasks}, {running} {format_duration(snapshot.last_running_s)})"
 

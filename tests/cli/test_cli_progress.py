@@ -77,6 +77,9 @@ def test_at_the_end_the_line_says_what_the_run_waits_for_not_the_rate_s_eta() ->
     last.eta_s, last.last_running_s = None, 81.0
     assert "ETA ? (the last task, running 1m21s)" in format_line(last)
     assert "ETA 26s" in format_line(snap(done=35, elapsed=12.0))  # before the end: the rate
+    just = snap(done=80, elapsed=0.5)
+    just.eta_s, just.last_running_s = None, 0.4  # a run of a key's worth, just submitted
+    assert "ETA ? (last 20 tasks in flight)" in format_line(just)
 
 
 def test_final_line_not_repeated_when_already_printed() -> None:
