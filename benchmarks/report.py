@@ -252,8 +252,8 @@ def _sharing(sharing: dict[str, Any]) -> list[str]:
         "`benchmarks/sharing.json`.",
         "",
         "| jobs | delivery | 429s of jobs' submits | busy | images per job | fairness "
-        "| app accepted / refused | polls/image |",
-        "|---:|---|---:|---:|---|---:|---:|---:|",
+        "| app accepted / refused | polls/image | lists/image |",
+        "|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for run in sharing["runs"]:
         per_job = run["per_job"]
@@ -262,7 +262,8 @@ def _sharing(sharing: dict[str, Any]) -> list[str]:
             f"| {run['jobs']} | {run['delivery']} "
             f"| {run['refused_429'] / max(run['submits'], 1):.2%} ({run['refused_429']}) "
             f"| {run['occupancy']:.3f} | {', '.join(map(str, per_job))} | {fairness:.2f} "
-            f"| {run['app_accepted']} / {run['app_refused']} | {run['polls_per_image']:.1f} |"
+            f"| {run['app_accepted']} / {run['app_refused']} | {run['polls_per_image']:.1f} "
+            f"| {_num(run.get('lists_per_image'), 2)} |"
         )
     return [*lines, ""]
 

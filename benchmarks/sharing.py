@@ -98,6 +98,8 @@ class Figures:
     peak_active: int
     polls_per_image: float
     webhooks_sent: int
+    #: Reads of the task list per image (the jobs' together; with polling only).
+    lists_per_image: float = 0.0
     exit_codes: list[int | None] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
@@ -116,7 +118,8 @@ class Figures:
             f"{self.refused_429} ({self.refused_share:.2%}), occupancy {self.occupancy:.1%}, "
             f"images per job {self.per_job}, app {self.app_accepted} accepted / "
             f"{self.app_refused} refused, peak active {self.peak_active}, "
-            f"polls per image {self.polls_per_image:.1f}"
+            f"polls per image {self.polls_per_image:.1f}, lists per image "
+            f"{self.lists_per_image:.2f}"
         )
 
 
@@ -216,6 +219,7 @@ async def measure(
         peak_active=int(end["max_active"]),
         polls_per_image=(end["polls"] - start["polls"]) / max(sum(per_job), 1),
         webhooks_sent=int(end["webhooks_sent"] - start["webhooks_sent"]),
+        lists_per_image=(end["list_calls"] - start["list_calls"]) / max(sum(per_job), 1),
         exit_codes=[proc.returncode for proc, _ in procs],
         errors=[progress.with_suffix(".err").read_text(encoding="utf-8") for _, progress in procs],
     )
