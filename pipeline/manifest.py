@@ -239,6 +239,9 @@ _ID_LIKE: Final = frozenset(
     {"productid", "itemid", "sku", "variantsku", "handle", "productcode", "articleid"}
     | {"articlenumber", "articleno", "itemnumber", "itemno", "productnumber", "gtin", "ean"}
     | {"upc", "mpn", "styleid", "key", "uuid", "guid"}
+    # PrestaShop's and many European PIMs' product code ("Reference #", "Référence"): an
+    # id, not a reference image.
+    | {"reference", "référence"}
 )
 
 
@@ -261,7 +264,7 @@ def id_notice(file_name: str, columns: list[str]) -> str | None:
 _REFERENCE_LIKE: Final = frozenset(
     {"image", "images", "imageurl", "imageurls", "imagesrc", "imagelink", "imagepath"}
     | {"imagefile", "mainimage", "productimage", "productimageurl", "variantimage", "picture"}
-    | {"pictureurl", "photo", "photourl", "productphoto", "reference", "referenceimage"}
+    | {"pictureurl", "photo", "photourl", "productphoto", "referenceimage"}
     | {"referenceurl", "refimage", "sourceimage", "packshot"}
 )
 

@@ -364,3 +364,20 @@ def test_known_columns_however_spelled_and_size_columns_named(tmp_path: Path) ->
         ManifestReader(both)
     # WooCommerce's product dimensions are not a size request: nothing to say.
     assert ManifestReader(write(tmp_path / "w.csv", "prompt,Width (cm)\nmug,9\n")).notices == []
+
+
+def test_a_european_shop_s_reference_is_an_id_and_a_photo_column_a_reference(
+    tmp_path: Path,
+) -> None:
+    """PrestaShop's "Reference #" (a "Référence" in French) is the product's code: the
+    note says it looks like an id, never that it looks like a photo. A photo column in a
+    manifest that sends no reference is named with how to send it."""
+    [note] = ManifestReader(write(tmp_path / "ps.csv", "Reference #,prompt\nR-1,mug\n")).notices
+    assert "column 'Reference #' looks like an id" in note
+    [note] = ManifestReader(write(tmp_path / "fr.csv", "Référence,prompt\nR-1,tasse\n")).notices
+    assert "column 'Référence' looks like an id" in note
+    [note] = ManifestReader(write(tmp_path / "p.csv", "id,prompt,Photo URL\n1,mug,x.jpg\n")).notices
+    assert "column 'Photo URL' looks like product photos" in note
+    assert "--reference-column 'Photo URL'" in note
+    sent = write(tmp_path / "s.csv", "id,prompt,input_image,Photo URL\n1,mug,a.png,x.jpg\n")
+    assert ManifestReader(sent).notices == []  # a reference is sent: nothing to say
