@@ -143,8 +143,9 @@ MEDIAN_START = 0.4
 DRAIN_REPOLL_S = 1.0
 DRAIN_MIN_S = 0.1
 DRAIN_MEDIAN_SHARE = 0.4
-#: ...or this share of the youngest task left's age, once longer: a task found running
-#: after 10 s is asked about once a second, not at a median's pace it has outlived.
+#: ...or, when every task left is an earlier run's (a rerun after a kill), this share of the
+#: youngest one's age, once longer: a task found running after 10 s is asked about once a
+#: second, not at the pace of a median learned from other tasks or not at all.
 DRAIN_AGE_SHARE = 0.1
 #: A finished task waiting this long for its download means downloads lag behind the key:
 #: submits then wait while ``download_concurrency`` or more wait (``_room_for_backlog``).
@@ -497,12 +498,9 @@ class Engine:
     def longest_running_s(self) -> float:
         """How long the oldest task not yet ended has been followed by this run (0 if none):
         at a run's end, what the wait is for."""
-        return max(self._running_ages(), default=0.0)
-
-    def _running_ages(self) -> list[float]:
-        """How long each task not yet ended has been followed by this run."""
         now = time.monotonic()
-        return [now - t.started for t in self._by_task.values() if not t.done.done()]
+        ages = [now - t.started for t in self._by_task.values() if not t.done.done()]
+        return max(ages, default=0.0)
 
     @property
     def api_unreachable_for(self) -> float | None:
@@ -1333,27 +1331,38 @@ class Engine:
         return base * max(1, len(self._by_task))
 
     def _drain_base(self) -> float:
-        """The drain spacing for one task left: a share of the learned median, or of the
-        youngest task left's age once that is longer (``DRAIN_AGE_SHARE``).
+        """The drain spacing for one task left: a share of the learned median; when every
+        task left is an earlier run's, a share of the youngest one's age once that is longer
+        (``DRAIN_AGE_SHARE``), and the longest spacing while no answer taught the median.
 
-        The age matters where the median does not describe the tasks left: a rerun that
-        collects a killed run's tasks learned its median from a few tasks of its own or
-        none (its starting guess, under half a second), and asked about tasks running a
-        minute or more several times a second until the last ended (on the production
-        latency shape: 754 task lists in a 117 s rerun for 16 tasks). With no answer at all,
-        the longest spacing."""
-        if not self._median.answers:
-            return DRAIN_REPOLL_S
-        base = max(
-            DRAIN_MEDIAN_SHARE * self._median.value,
-            DRAIN_AGE_SHARE * self._youngest_left(),
-            DRAIN_MIN_S,
-        )
+        A rerun that collects a killed run's tasks learns nothing of *their* time: its
+        median is its starting guess (under half a second) or learned from a few tasks of
+        its own, and it asked about tasks running a minute or more several times a second
+        until the last ended (on the production latency shape: 754 task lists in a 117 s
+        rerun for 16 tasks). This run's own tasks keep the median's spacing: under a long
+        tail with a short median (50 ms, tasks up to 3 s) the age's tenth noticed the last
+        one 0.3 s late, where the median's share and ``_likely_ended_in`` take 0.01-0.13 s.
+        """
+        base = max(DRAIN_MEDIAN_SHARE * self._median.value, DRAIN_MIN_S)
+        earlier = self._earlier_runs_left()
+        if earlier is not None:
+            if not self._median.answers:
+                return DRAIN_REPOLL_S
+            base = max(base, DRAIN_AGE_SHARE * earlier)
         return min(base, DRAIN_REPOLL_S)
 
-    def _youngest_left(self) -> float:
-        """How long the youngest task still in flight has been followed by this run."""
-        return min(self._running_ages(), default=0.0)
+    def _earlier_runs_left(self) -> float | None:
+        """When every task not yet ended is an earlier run's (resumed), how long the
+        youngest of them has been followed by this run; None while any is this run's own."""
+        now = time.monotonic()
+        youngest = math.inf
+        for tracked in self._by_task.values():
+            if tracked.done.done():
+                continue
+            if tracked.job.task_id is None:  # submitted by this run: the median describes it
+                return None
+            youngest = min(youngest, now - tracked.started)
+        return youngest if youngest < math.inf else None
 
     def _ended(self, tracked: _Tracked, state: TaskState) -> None:
         """The API says the task ended: its slot is given back now, then its row goes on.
@@ -1421,14 +1430,10 @@ class Engine:
             # The pace tasks are replaced at; with no accept for a while, the median's guess.
             endings = self.slots.pace or held / max(self._median.value, 1e-3)
             tail_s = self._drain_base() if self._in_tail() else None
-            if tail_s is not None:
-                # The tasks left have run at least this long: unless the median was learned
-                # from tasks like them, it overstates how fast they end (``_drain_base``).
-                youngest = self._youngest_left()
-                if not self._median.answers:
-                    endings = task_list.PER_ENDING / tail_s
-                elif youngest > 0.0:
-                    endings = min(endings, held / youngest)
+            if tail_s is not None and self._earlier_runs_left() is not None:
+                # Only an earlier run's tasks are left: the median, learned from this run's
+                # own or not at all, overstates how fast they end; the drain's spacing.
+                endings = task_list.PER_ENDING / tail_s
             step = task_list.plan(endings, entries, tail_s=tail_s, failures=failures)
             if step.useful:
                 wait = answered_at + step.wait_s - time.monotonic()
