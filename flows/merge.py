@@ -258,6 +258,7 @@ def combine(
     for shard in shard_summaries:
         summary.credits += float(shard.get("credits", 0.0))
         summary.committed_credits += float(shard.get("committed_credits", 0.0))
+        summary.credits_acked_earlier += float(shard.get("credits_acked_earlier", 0.0))
         summary.stopped = summary.stopped or shard.get("stopped")
         summary.notices = summary.notices or list(shard.get("notices") or [])
         summary.submits += int(shard.get("submits", 0))
@@ -276,6 +277,7 @@ def combine(
     # when each ran once; more when a lost shard's first run had already ended rows.
     summary.credits = round(max(summary.credits, stats.fresh_credits), 2)
     summary.committed_credits = round(summary.committed_credits, 2)
+    summary.credits_acked_earlier = round(summary.credits_acked_earlier, 2)
     summary.errors = dict(errors)
     return summary
 

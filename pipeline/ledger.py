@@ -992,6 +992,18 @@ class Ledger:
         ).fetchone()
         return round(float(row[0]), 6)
 
+    def credits_acked_earlier(self) -> float:
+        """The part of ``credits`` for tasks an earlier run submitted (and was charged
+        for) that this run finished: a rerun after a kill collects them, it pays nothing
+        again, and its summary says so beside a "submits 0"."""
+        run_id = self._require_run()
+        row = self._conn.execute(
+            "SELECT COALESCE(SUM(COALESCE(credits, 0)), 0) FROM tasks "
+            "WHERE finished_run = :run AND (ack_run IS NULL OR ack_run != :run)",
+            {"run": run_id},
+        ).fetchone()
+        return round(float(row[0]), 6)
+
     # --- the destination as a whole (budgets, ``klein-batch status``) ------------------------
 
     def destination_credits(self) -> float:

@@ -52,6 +52,16 @@ async def write_run_json(sink: Sink, summary: RunSummary) -> str:
     return await sink.put(RUN_JSON_RELPATH, text.encode("utf-8"), "application/json")
 
 
+def _earlier(summary: RunSummary) -> str:
+    """Said beside a rerun's credits: the tasks an earlier run paid for, collected here."""
+    if summary.credits_acked_earlier <= 0:
+        return ""
+    return (
+        f" ({summary.credits_acked_earlier:,.2f} of it for tasks an earlier run submitted:"
+        " collected, not paid again)"
+    )
+
+
 def _seconds(value: float | None) -> str:
     if value is None:
         return "n/a"
@@ -84,7 +94,7 @@ def format_summary(summary: RunSummary) -> str:
         f"{summary.total_rows:,} rows: " + ", ".join(parts),
         f"time {_seconds(summary.elapsed_s)}, {summary.images_per_s:.2f} images/s; "
         f"latency p50 {_seconds(summary.latency_p50_s)}, p95 {_seconds(summary.latency_p95_s)}",
-        f"credits {summary.credits:,.2f}; submits {summary.submits:,}, "
+        f"credits {summary.credits:,.2f}{_earlier(summary)}; submits {summary.submits:,}, "
         f"retries {summary.retries:,}, rate-limited (429) {summary.rate_limited:,}",
     ]
     if summary.stopped:

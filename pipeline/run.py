@@ -1165,6 +1165,7 @@ class _Run:
             self.ledger.iter_latencies()
         )
         summary.credits = round(self.ledger.credits(), 2)
+        summary.credits_acked_earlier = round(self.ledger.credits_acked_earlier(), 2)
         summary.committed_credits = self.ledger.destination_credits()
         summary.ambiguous_submits = self.ledger.ambiguous_submits()
         summary.resumed_rows = self.resumed

@@ -141,6 +141,9 @@ class RunSummary:
     #: Credits every run into this output spent so far, plus tasks still in flight: what a
     #: budget counts (a flow's shards report it so unused budget can go to other shards).
     committed_credits: float = 0.0
+    #: Of ``credits``, what tasks an earlier run submitted and this one finished cost
+    #: (charged to that run's submit: collected here, not paid again).
+    credits_acked_earlier: float = 0.0
     submits: int = 0
     retries: int = 0
     rate_limited: int = 0

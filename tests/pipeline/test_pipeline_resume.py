@@ -157,6 +157,14 @@ def test_kill_9_mid_run_then_rerun_finishes_without_paying_twice(
     assert any(status is None for _, status in before.values())
     # A killed run wrote no output manifest for this run; the rerun writes the whole of it.
     _, progress = rerun_and_check(manifest, out, sim_process, before, progress="plain")
+    # Its credits include the tasks the killed run paid for and it collected: said so, since
+    # they stand beside its own submits (a rerun of in-flight tasks only: "submits 0").
+    report = json.loads((out / "run.json").read_text())
+    in_flight_at_kill = sum(1 for _, status in before.values() if status is None)
+    finished_here = ROWS - sum(1 for _, status in before.values() if status is not None)
+    each = report["credits"] / finished_here  # every image is the same size: one price
+    assert report["credits_acked_earlier"] == pytest.approx(each * in_flight_at_kill, abs=0.01)
+    assert "of it for tasks an earlier run submitted: collected, not paid again" in progress
     rates = [float(rate) for rate in re.findall(r"(-?[0-9.]+) img/s", progress)]
     assert rates, progress
     assert min(rates) >= 0, progress  # resumed in-flight rows are not "done before"
