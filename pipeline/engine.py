@@ -1327,13 +1327,14 @@ class Engine:
         if self._settings.webhook_url or self._listing_live():
             base = DRAIN_REPOLL_S  # endings arrive without polls, which only back them up
         else:
-            base = self._drain_base()
+            base = self._drain_base(self._earlier_runs_left())
         return base * max(1, len(self._by_task))
 
-    def _drain_base(self) -> float:
+    def _drain_base(self, earlier: float | None) -> float:
         """The drain spacing for one task left: a share of the learned median; when every
         task left is an earlier run's, a share of the youngest one's age once that is longer
         (``DRAIN_AGE_SHARE``), and the longest spacing while no answer taught the median.
+        ``earlier``: ``_earlier_runs_left()``, which the caller asks once.
 
         A rerun that collects a killed run's tasks learns nothing of *their* time: its
         median is its starting guess (under half a second) or learned from a few tasks of
@@ -1344,7 +1345,6 @@ class Engine:
         one 0.3 s late, where the median's share and ``_likely_ended_in`` take 0.01-0.13 s.
         """
         base = max(DRAIN_MEDIAN_SHARE * self._median.value, DRAIN_MIN_S)
-        earlier = self._earlier_runs_left()
         if earlier is not None:
             if not self._median.answers:
                 return DRAIN_REPOLL_S
@@ -1429,11 +1429,15 @@ class Engine:
                 continue
             # The pace tasks are replaced at; with no accept for a while, the median's guess.
             endings = self.slots.pace or held / max(self._median.value, 1e-3)
-            tail_s = self._drain_base() if self._in_tail() else None
-            if tail_s is not None and self._earlier_runs_left() is not None:
-                # Only an earlier run's tasks are left: the median, learned from this run's
-                # own or not at all, overstates how fast they end; the drain's spacing.
-                endings = task_list.PER_ENDING / tail_s
+            tail_s = None
+            if self._in_tail():
+                earlier = self._earlier_runs_left()
+                tail_s = self._drain_base(earlier)
+                if earlier is not None:
+                    # Only an earlier run's tasks are left: the median, learned from this
+                    # run's own or not at all, overstates how fast they end; the drain's
+                    # spacing.
+                    endings = task_list.PER_ENDING / tail_s
             step = task_list.plan(endings, entries, tail_s=tail_s, failures=failures)
             if step.useful:
                 wait = answered_at + step.wait_s - time.monotonic()
