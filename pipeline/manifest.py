@@ -217,9 +217,15 @@ def known_column(name: str) -> str | None:
     return _KNOWN_LOOSE.get(_loose(name))
 
 
+def _named_like(columns: list[str], kind: frozenset[str]) -> list[str]:
+    """The columns whose name (as ``_loose`` spells it) is one of ``kind``: what the
+    notices below name."""
+    return [name for name in columns if _loose(name) in kind]
+
+
 def size_notice(file_name: str, columns: list[str]) -> str | None:
     """Columns that look like a size request the pipeline does not read, named once."""
-    found = [name for name in columns if _loose(name) in _SIZE_LIKE]
+    found = _named_like(columns, _SIZE_LIKE)
     if not found:
         return None
     shown = ", ".join(repr(name) for name in found)
@@ -249,7 +255,7 @@ def id_notice(file_name: str, columns: list[str]) -> str | None:
     """A manifest without an ``id`` column but with a column that looks like one: its rows
     are keyed by their request, so two products asking for the same image are made once
     (the second rejected as a repeat) and a changed prompt is a new row; said once."""
-    found = [name for name in columns if _loose(name) in _ID_LIKE]
+    found = _named_like(columns, _ID_LIKE)
     if not found:
         return None
     return (
@@ -273,7 +279,7 @@ def reference_notice(file_name: str, columns: list[str]) -> str | None:
     """A manifest that sends no reference but has a column that looks like the product's
     photo: every image would be made from its prompt alone, the photo unseen, for a whole
     night, while the run looked as it should; said once, with how to use it."""
-    found = [name for name in columns if _loose(name) in _REFERENCE_LIKE]
+    found = _named_like(columns, _REFERENCE_LIKE)
     if not found:
         return None
     return (
