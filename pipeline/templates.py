@@ -325,9 +325,8 @@ def _as_text(batch: pl.DataFrame, column: str) -> pl.Expr | None:
     if isinstance(dtype, pl.List):
         if not _plain(dtype.inner):
             return None
-        items = expr.cast(pl.List(pl.String)).list.eval(
-            pl.element().str.strip_chars().filter(pl.element().str.strip_chars() != "")
-        )
+        item = pl.element().str.strip_chars()
+        items = expr.cast(pl.List(pl.String)).list.eval(item.filter(item != ""))
         return items.list.join(", ")
     if not _plain(dtype):
         return None
