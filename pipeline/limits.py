@@ -40,8 +40,8 @@ be finished, and it grows until the key is full, which the next 429 says. Meanwh
   job's first slot, so the job cuts as deep for it; a job claims that room within a task
   duration or two, an app does not, so after ``ROOM_BACK_AFTER_QUIET`` task durations
   without a 429 the job takes it back a slot per accepted submit, and others holding up
-  to three slots then get the plain cut (one job beside the app: 80-83% busy polling,
-  86-91% with webhooks, 66-73% before; ``benchmarks/sharing.py``). With webhooks it then
+  to three slots then get the plain cut (one job beside the app: 70-83% busy polling,
+  86-94% with webhooks, 66-73% before; ``benchmarks/sharing.py``). With webhooks it then
   stops a few slots below the tier (``_ceiling``), or it would starve the app unseen;
 - for a task duration after a cut, one submit at a time, and a pause of half a task after
   a 429 (ended early by one of our own tasks finishing), so a full key costs one 429, not
